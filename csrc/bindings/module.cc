@@ -1,0 +1,9 @@
+// The pyllm._core extension module: each area registers its own bindings (one register_* per file).
+#include <pybind11/pybind11.h>
+
+#include "bindings/register.h"
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "pyllm C++ core: quantization formats, CPU kernels, the Llama forward pass";
+  pyllm::bindings::register_info(m);
+}

@@ -1,0 +1,10 @@
+// Declarations of the per-area binding registration functions called by module.cc.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+namespace pyllm::bindings {
+
+void register_info(pybind11::module_& m);  // bind_info.cc: version and build facts
+
+}  // namespace pyllm::bindings

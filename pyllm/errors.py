@@ -1,0 +1,61 @@
+"""The pyllm error family.
+
+Every error that bad input can cause is a subclass of :class:`PyllmError`, so callers (and the
+CLI, which prints one ``error: ...`` line) can catch the whole family at once.
+"""
+
+from __future__ import annotations
+
+
+class PyllmError(Exception):
+    """Base class of every error pyllm raises on purpose."""
+
+
+class GGUFError(PyllmError):
+    """A GGUF file is malformed, truncated or uses something this version cannot read."""
+
+
+class QuantError(PyllmError):
+    """Bad input to a quantize/dequantize/matmul entry point (unknown type, wrong size)."""
+
+
+class ModelError(PyllmError):
+    """A model cannot be loaded or run (unsupported architecture, missing tensor, bad shape)."""
+
+
+class ContextError(PyllmError):
+    """A request does not fit the context window or the KV cache."""
+
+
+class TokenizerError(PyllmError):
+    """Vocabulary metadata is inconsistent, or text/ids cannot be tokenized/detokenized."""
+
+
+class ChatTemplateError(PyllmError):
+    """A chat template failed to render or tried to do something the sandbox forbids."""
+
+
+class SamplingError(PyllmError):
+    """Invalid sampling parameters."""
+
+
+class DownloadError(PyllmError):
+    """The default model could not be fetched or verified."""
+
+
+class ConvertError(PyllmError):
+    """A checkpoint cannot be converted to GGUF."""
+
+
+__all__ = [
+    "PyllmError",
+    "GGUFError",
+    "QuantError",
+    "ModelError",
+    "ContextError",
+    "TokenizerError",
+    "ChatTemplateError",
+    "SamplingError",
+    "DownloadError",
+    "ConvertError",
+]
