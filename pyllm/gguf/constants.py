@@ -47,6 +47,21 @@ SCALAR_DTYPES: dict[ValueType, str] = {
     ValueType.FLOAT64: "<f8",
 }
 
+# struct format (little-endian, standard sizes) of each fixed-size scalar value type
+STRUCT_FORMATS: dict[ValueType, str] = {
+    ValueType.UINT8: "<B",
+    ValueType.INT8: "<b",
+    ValueType.UINT16: "<H",
+    ValueType.INT16: "<h",
+    ValueType.UINT32: "<I",
+    ValueType.INT32: "<i",
+    ValueType.FLOAT32: "<f",
+    ValueType.BOOL: "<B",
+    ValueType.UINT64: "<Q",
+    ValueType.INT64: "<q",
+    ValueType.FLOAT64: "<d",
+}
+
 
 class GGMLType(IntEnum):
     """ggml tensor types as stored in GGUF tensor infos."""

@@ -1,0 +1,7 @@
+"""``python -m pyllm`` runs the command line."""
+
+import sys
+
+from pyllm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,76 @@
+"""The ``pyllm`` command line.
+
+Each subcommand lives in its own module with ``add_parser(subparsers)`` and ``run(args) -> int``.
+Errors from the PyllmError family become one ``error: ...`` line on stderr and exit code 1; bad
+flags exit with 2; nothing ever shows a traceback unless ``PYLLM_DEBUG=1`` is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+from typing import NoReturn
+
+from pyllm import __version__
+from pyllm.errors import PyllmError
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse with a one-line error message and exit code 2 for usage errors."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _subcommands() -> list[ModuleType]:
+    from pyllm.cli import info, pull
+
+    return [info, pull]
+
+
+def build_parser() -> CliParser:
+    parser = CliParser(
+        prog="pyllm",
+        description="Run LLaMA-family GGUF language models.",
+    )
+    parser.add_argument("--version", action="version", version=f"pyllm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CliParser)
+    for module in _subcommands():
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except PyllmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # stdout closed early (e.g. piped into `head`): not an error for the user.
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        return 0
+    except Exception as e:  # last line of defence: a bug must still not dump a traceback
+        if os.environ.get("PYLLM_DEBUG"):
+            raise
+        print(f"error: internal error ({type(e).__name__}: {e}); set PYLLM_DEBUG=1 for details",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,391 @@
+"""Memory-mapped GGUF reader with complete validation.
+
+The whole file is mapped read-only with ``numpy.memmap``; metadata is parsed with bounds checks
+on every read, and tensor data is exposed as zero-copy views. Every way a file can be malformed
+raises :class:`~pyllm.errors.GGUFError` naming what is wrong and where. Counts and lengths read
+from the header are checked against the bytes actually left in the file *before* anything is
+allocated for them, so a hostile header cannot make the reader allocate more than the file size.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pyllm.errors import GGUFError
+from pyllm.gguf.constants import (
+    DEFAULT_ALIGNMENT,
+    GGUF_MAGIC,
+    MAX_DIMS,
+    PLAIN_DTYPES,
+    SCALAR_DTYPES,
+    STRUCT_FORMATS,
+    SUPPORTED_VERSIONS,
+    TYPE_INFO,
+    GGMLType,
+    ValueType,
+)
+
+# Smallest number of bytes one encoded item can take; used to reject counts that cannot fit.
+_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, smallest value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dim, type, offset
+_MIN_ARRAY_BYTES = 4 + 8  # element type + count
+_MAX_DIM = 1 << 62  # dimensions are u64 on disk but int64 in ggml; anything larger is bogus
+_MAX_NESTING = 8  # nested arrays deeper than this are not something a real file does
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a GGUF file and a zero-copy view of its data."""
+
+    name: str
+    type: GGMLType
+    dims: tuple[int, ...]  # ggml order: dims[0] is the innermost (contiguous) dimension
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+    raw: np.ndarray = field(repr=False)  # flat uint8 view of the tensor's bytes
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """numpy order (outermost first): the reverse of ``dims``."""
+        return tuple(reversed(self.dims))
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.dims:
+            n *= d
+        return n
+
+    @property
+    def data(self) -> np.ndarray:
+        """Typed view for plain types (numpy shape), else uint8 rows of packed blocks."""
+        dtype = PLAIN_DTYPES.get(self.type)
+        if dtype is not None:
+            return self.raw.view(dtype).reshape(self.shape)
+        info = TYPE_INFO[self.type]
+        row_bytes = self.dims[0] // info.block_size * info.type_size
+        return self.raw.reshape(*self.shape[:-1], row_bytes)
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads over the mapped file."""
+
+    def __init__(self, buf: np.ndarray, path: str) -> None:
+        self.buf = buf
+        self.size = int(buf.shape[0])
+        self.pos = 0
+        self.path = path
+
+    def fail(self, what: str, at: int | None = None) -> GGUFError:
+        return GGUFError(f"{self.path}: at byte {self.pos if at is None else at}: {what}")
+
+    def remaining(self) -> int:
+        return self.size - self.pos
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or n > self.remaining():
+            raise self.fail(
+                f"{what} needs {n} bytes but only {self.remaining()} remain "
+                f"(file is {self.size} bytes; truncated or corrupt)"
+            )
+
+    def unpack(self, fmt: str, what: str) -> int | float:
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return value
+
+    def u32(self, what: str) -> int:
+        return int(self.unpack("<I", what))
+
+    def u64(self, what: str) -> int:
+        return int(self.unpack("<Q", what))
+
+    def string(self, what: str) -> str:
+        start = self.pos
+        length = self.u64(f"length of {what}")
+        self.need(length, f"{what} (declared length {length})")
+        raw = bytes(self.buf[self.pos : self.pos + length])
+        self.pos += length
+        # Vocabularies occasionally hold byte sequences that are not valid UTF-8; surrogateescape
+        # keeps them lossless (the writer encodes them back to the same bytes).
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            if what.startswith("key"):
+                raise self.fail(f"{what} is not valid UTF-8", at=start) from None
+            return raw.decode("utf-8", errors="surrogateescape")
+
+    def array_view(self, dtype: str, count: int, what: str) -> np.ndarray:
+        itemsize = np.dtype(dtype).itemsize
+        if count > self.remaining() // itemsize:
+            raise self.fail(
+                f"{what}: {count} elements of {itemsize} bytes do not fit in the "
+                f"{self.remaining()} bytes left"
+            )
+        view = self.buf[self.pos : self.pos + count * itemsize].view(dtype)
+        self.pos += count * itemsize
+        return view
+
+
+def _value_type(raw: int, cur: _Cursor, where: str) -> ValueType:
+    try:
+        return ValueType(raw)
+    except ValueError:
+        raise cur.fail(f"{where}: unknown metadata value type {raw}", at=cur.pos - 4) from None
+
+
+class GGUFReader:
+    """Reads and validates a GGUF v2/v3 file.
+
+    Attributes:
+        path: the file path.
+        version: GGUF version (2 or 3).
+        metadata: key -> value. Scalars are Python ``int``/``float``/``bool``, strings ``str``,
+            arrays of strings ``list[str]``, numeric arrays read-only numpy arrays (zero-copy),
+            arrays of arrays Python lists.
+        value_types: key -> (value type, element type or None for non-arrays), for round trips.
+        tensors: list of :class:`TensorInfo` in file order.
+        alignment: data alignment in bytes.
+        data_offset: absolute offset of the tensor data section.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        try:
+            size = os.path.getsize(self.path)
+        except OSError as e:
+            raise GGUFError(f"{self.path}: cannot open: {e.strerror or e}") from None
+        if size < 4:
+            raise GGUFError(f"{self.path}: file is {size} bytes, too short to be GGUF")
+        try:
+            self._map: np.ndarray = np.memmap(self.path, dtype=np.uint8, mode="r")
+        except (OSError, ValueError) as e:
+            raise GGUFError(f"{self.path}: cannot map file: {e}") from None
+        self.metadata: dict[str, Any] = {}
+        self.value_types: dict[str, tuple[ValueType, ValueType | None]] = {}
+        self.tensors: list[TensorInfo] = []
+        self._by_name: dict[str, TensorInfo] = {}
+        self._parse()
+
+    # ---- public helpers -----------------------------------------------------------------------
+
+    def tensor(self, name: str) -> TensorInfo:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise GGUFError(f"{self.path}: no tensor named {name!r}") from None
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self._by_name
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    def __iter__(self) -> Iterator[TensorInfo]:
+        return iter(self.tensors)
+
+    @property
+    def file_size(self) -> int:
+        return int(self._map.shape[0])
+
+    def close(self) -> None:
+        """Drop this reader's references to the mapping (views handed out stay valid)."""
+        self.tensors = []
+        self._by_name = {}
+
+    def __enter__(self) -> GGUFReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- parsing ------------------------------------------------------------------------------
+
+    def _parse(self) -> None:
+        cur = _Cursor(self._map, self.path)
+        magic = bytes(self._map[:4])
+        if magic != GGUF_MAGIC:
+            raise cur.fail(f"bad magic {magic!r}, expected {GGUF_MAGIC!r} (not a GGUF file)", at=0)
+        cur.pos = 4
+        version = cur.u32("version")
+        if version not in SUPPORTED_VERSIONS:
+            swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+            if swapped in SUPPORTED_VERSIONS:
+                raise cur.fail("big-endian GGUF files are not supported", at=4)
+            raise cur.fail(
+                f"unsupported GGUF version {version} (supported: "
+                f"{', '.join(map(str, SUPPORTED_VERSIONS))})",
+                at=4,
+            )
+        self.version = version
+        n_tensors = cur.u64("tensor count")
+        n_kv = cur.u64("metadata key/value count")
+        if n_kv > cur.remaining() // _MIN_KV_BYTES:
+            raise cur.fail(f"metadata count {n_kv} cannot fit in the {cur.remaining()} bytes left")
+        if n_tensors > cur.remaining() // _MIN_TENSOR_INFO_BYTES:
+            raise cur.fail(
+                f"tensor count {n_tensors} cannot fit in the {cur.remaining()} bytes left")
+
+        for i in range(n_kv):
+            self._read_kv(cur, i)
+
+        alignment = self._alignment(cur)
+        self.alignment = alignment
+
+        infos = [self._read_tensor_info(cur, i) for i in range(n_tensors)]
+        data_offset = -(-cur.pos // alignment) * alignment
+        self.data_offset = data_offset
+        self._place_tensors(cur, infos, data_offset)
+
+    def _read_kv(self, cur: _Cursor, index: int) -> None:
+        start = cur.pos
+        key = cur.string(f"key of metadata entry {index}")
+        if not key:
+            raise cur.fail(f"metadata entry {index} has an empty key", at=start)
+        if key in self.metadata:
+            raise cur.fail(f"duplicate metadata key {key!r}", at=start)
+        vtype = _value_type(cur.u32(f"value type of {key!r}"), cur, f"key {key!r}")
+        elem_type: ValueType | None = None
+        if vtype == ValueType.ARRAY:
+            value, elem_type = self._read_array(cur, key, depth=0)
+        else:
+            value = self._read_scalar(cur, vtype, key)
+        self.metadata[key] = value
+        self.value_types[key] = (vtype, elem_type)
+
+    def _read_scalar(self, cur: _Cursor, vtype: ValueType, where: str) -> Any:
+        if vtype == ValueType.STRING:
+            return cur.string(f"string value of {where!r}")
+        value = cur.unpack(STRUCT_FORMATS[vtype], f"{vtype.name} value of {where!r}")
+        if vtype == ValueType.BOOL:
+            return bool(value)
+        if vtype == ValueType.FLOAT32:
+            # shortest decimal that round-trips through float32 (1e-05, not 9.99999974e-06)
+            return float(str(np.float32(value)))
+        return value
+
+    def _read_array(self, cur: _Cursor, key: str, depth: int) -> tuple[Any, ValueType]:
+        if depth > _MAX_NESTING:
+            raise cur.fail(f"{key!r}: arrays nested deeper than {_MAX_NESTING} levels")
+        elem_type = _value_type(cur.u32(f"array element type of {key!r}"), cur, f"key {key!r}")
+        count = cur.u64(f"array length of {key!r}")
+        if elem_type == ValueType.STRING:
+            if count > cur.remaining() // 8:
+                raise cur.fail(
+                    f"{key!r}: array of {count} strings cannot fit in the {cur.remaining()} "
+                    "bytes left"
+                )
+            return [cur.string(f"element {i} of {key!r}") for i in range(count)], elem_type
+        if elem_type == ValueType.ARRAY:
+            if count > cur.remaining() // _MIN_ARRAY_BYTES:
+                raise cur.fail(
+                    f"{key!r}: array of {count} arrays cannot fit in the {cur.remaining()} "
+                    "bytes left"
+                )
+            return [self._read_array(cur, key, depth + 1)[0] for _ in range(count)], elem_type
+        view = cur.array_view(SCALAR_DTYPES[elem_type], count, f"array {key!r}")
+        if elem_type == ValueType.BOOL:
+            return view.astype(bool), elem_type
+        return view, elem_type
+
+    def _alignment(self, cur: _Cursor) -> int:
+        if "general.alignment" not in self.metadata:
+            return DEFAULT_ALIGNMENT
+        value = self.metadata["general.alignment"]
+        vtype = self.value_types["general.alignment"][0]
+        if vtype not in (ValueType.UINT32, ValueType.UINT64, ValueType.INT32, ValueType.UINT16):
+            raise cur.fail(f"general.alignment must be an unsigned integer, got {vtype.name}")
+        if value <= 0 or value & (value - 1):
+            raise cur.fail(f"general.alignment {value} is not a positive power of two")
+        if value > 1 << 20:
+            raise cur.fail(f"general.alignment {value} is unreasonably large")
+        return int(value)
+
+    def _read_tensor_info(
+        self, cur: _Cursor, index: int
+    ) -> tuple[str, GGMLType, tuple[int, ...], int, int]:
+        start = cur.pos
+        name = cur.string(f"name of tensor {index}")
+        if not name:
+            raise cur.fail(f"tensor {index} has an empty name", at=start)
+        where = f"tensor {name!r}"
+        n_dims = cur.u32(f"n_dims of {where}")
+        if n_dims == 0 or n_dims > MAX_DIMS:
+            raise cur.fail(f"{where}: n_dims is {n_dims}, must be 1..{MAX_DIMS}")
+        dims = tuple(cur.u64(f"dimension {d} of {where}") for d in range(n_dims))
+        for d, ne in enumerate(dims):
+            if ne == 0:
+                raise cur.fail(f"{where}: dimension {d} is zero")
+            if ne >= _MAX_DIM:
+                raise cur.fail(f"{where}: dimension {d} is {ne}, negative or absurdly large")
+        raw_type = cur.u32(f"type of {where}")
+        try:
+            ggml_type = GGMLType(raw_type)
+        except ValueError:
+            raise cur.fail(f"{where}: unknown ggml type {raw_type}", at=cur.pos - 4) from None
+        offset = cur.u64(f"data offset of {where}")
+
+        n_elements = 1
+        for ne in dims:
+            n_elements *= ne
+            if n_elements >= _MAX_DIM:
+                raise cur.fail(f"{where}: element count overflows (dims {list(dims)})")
+        info = TYPE_INFO[ggml_type]
+        if dims[0] % info.block_size:
+            raise cur.fail(
+                f"{where}: row length {dims[0]} is not a whole number of {ggml_type.name} "
+                f"blocks of {info.block_size}"
+            )
+        nbytes = n_elements // info.block_size * info.type_size
+        return name, ggml_type, dims, offset, nbytes
+
+    def _place_tensors(
+        self,
+        cur: _Cursor,
+        infos: list[tuple[str, GGMLType, tuple[int, ...], int, int]],
+        data_offset: int,
+    ) -> None:
+        size = cur.size
+        if infos and data_offset > size:
+            raise cur.fail(f"tensor data section starts at {data_offset}, past the end of the file")
+        spans: list[tuple[int, int, str]] = []
+        for name, ggml_type, dims, rel, nbytes in infos:
+            if name in self._by_name:
+                raise GGUFError(f"{self.path}: duplicate tensor name {name!r}")
+            if rel % self.alignment:
+                raise GGUFError(
+                    f"{self.path}: tensor {name!r}: data offset {rel} is not a multiple of the "
+                    f"alignment {self.alignment}"
+                )
+            start = data_offset + rel
+            end = start + nbytes
+            if end > size:
+                raise GGUFError(
+                    f"{self.path}: tensor {name!r}: data [{start}, {end}) runs past the end of the "
+                    f"file ({size} bytes)"
+                )
+            spans.append((start, end, name))
+            tensor = TensorInfo(
+                name=name,
+                type=ggml_type,
+                dims=dims,
+                offset=start,
+                nbytes=nbytes,
+                raw=self._map[start:end],
+            )
+            self.tensors.append(tensor)
+            self._by_name[name] = tensor
+        spans.sort()
+        for (_s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:], strict=False):
+            if s1 < e0:
+                raise GGUFError(
+                    f"{self.path}: tensors {n0!r} and {n1!r} overlap (bytes {s1}..{e0})"
+                )

