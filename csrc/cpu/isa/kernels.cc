@@ -1,0 +1,456 @@
+// The matmul kernels of one ISA (this file is compiled once per ISA; see simd.h) and that ISA's
+// kernel table.
+//
+// Accuracy design: activations stay F32 on every path. Weights are dequantized (in registers or
+// into a small panel) exactly as the reference dequantizer does, and products are accumulated in
+// F32 with FMA, so results differ from a float64 product of the dequantized weights only by F32
+// rounding of the sums (~1e-6 relative in practice). This is deliberately more accurate than
+// ggml, which rounds the activations to 8 bits (Q8_0/Q8_K) and so adds ~0.003 KL to a forward.
+//
+//  * matvec (decode, few tokens): one pass over the weight rows, blocks decoded in registers and
+//    dotted with up to 4 tokens at once. On x86 the hottest types (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K)
+//    have fused decoders (nibbles -> int8 lanes -> F32 lanes with SSE/AVX integer ops); the other
+//    types decode a block into a stack buffer first.
+//  * matmat (prefill, many tokens): decode a panel of R = 2*VN rows x KC columns into F32,
+//    transposed so that one vector holds R rows of one column; a register-tiled micro-kernel then
+//    broadcasts activations and accumulates MT tokens x R rows. Every weight is decoded once per
+//    panel and reused by every token; the cost is F32 FMA throughput (see matmul.h for the
+//    measured trade against an error-compensated int8 path).
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu/isa/decode.h"
+#include "cpu/isa/simd.h"
+#include "cpu/kernel_table.h"
+
+// GCC 12 reports its own AVX-512 intrinsic headers (`__Y` may be used uninitialized) when they
+// are inlined into templates; the warning is a known false positive, so it is silenced here.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace pyllm {
+namespace PYLLM_ISA {
+namespace {
+
+constexpr int kTokGroup = 4;  // tokens a matvec pass dots with each decoded block
+
+// ---------------------------------------------------------------------------------------------
+// Generic matvec: decode one block into a buffer, dot it with each token's activation slice.
+
+template <QType T>
+void matvec_generic(const MatArgs& a, int64_t r0, int64_t r1) {
+  using F = Fmt<T>;
+  using Block = typename F::Block;
+  constexpr int B = F::B;
+  static_assert(B % VN == 0, "block must hold whole vectors");
+  const int64_t nb = a.k / B;
+  alignas(64) float buf[B];
+  for (int64_t t0 = 0; t0 < a.n_tokens; t0 += kTokGroup) {
+    const int nt = static_cast<int>(std::min<int64_t>(kTokGroup, a.n_tokens - t0));
+    for (int64_t r = r0; r < r1; ++r) {
+      const Block* row = reinterpret_cast<const Block*>(a.w + r * a.row_bytes);
+      vf acc[kTokGroup] = {vzero(), vzero(), vzero(), vzero()};
+      for (int64_t b = 0; b < nb; ++b) {
+        F::decode(row + b, buf);
+        for (int t = 0; t < nt; ++t) {
+          const float* x = a.x + (t0 + t) * a.ldx + b * B;
+          for (int i = 0; i < B; i += VN) acc[t] = vfma(vload(buf + i), vload(x + i), acc[t]);
+        }
+      }
+      for (int t = 0; t < nt; ++t) a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]);
+    }
+  }
+}
+
+// Float weight types: vector loads straight from the row, scalar tail for k % VN.
+template <QType T>
+float load_one(const void* row, int64_t i) {
+  if constexpr (T == QType::F32) return static_cast<const float*>(row)[i];
+  if constexpr (T == QType::F16) return f16_to_f32(static_cast<const f16_t*>(row)[i]);
+  return bf16_to_f32(static_cast<const bf16_t*>(row)[i]);
+}
+
+template <QType T>
+vf load_vec(const void* row, int64_t i) {
+  if constexpr (T == QType::F32) return vload(static_cast<const float*>(row) + i);
+  if constexpr (T == QType::F16) return vload_f16(static_cast<const f16_t*>(row) + i);
+  return vload_bf16(static_cast<const bf16_t*>(row) + i);
+}
+
+template <QType T>
+void matvec_float(const MatArgs& a, int64_t r0, int64_t r1) {
+  const int64_t kv = a.k / VN * VN;
+  for (int64_t t0 = 0; t0 < a.n_tokens; t0 += kTokGroup) {
+    const int nt = static_cast<int>(std::min<int64_t>(kTokGroup, a.n_tokens - t0));
+    for (int64_t r = r0; r < r1; ++r) {
+      const void* row = a.w + r * a.row_bytes;
+      vf acc[kTokGroup] = {vzero(), vzero(), vzero(), vzero()};
+      for (int64_t i = 0; i < kv; i += VN) {
+        const vf w = load_vec<T>(row, i);
+        for (int t = 0; t < nt; ++t) acc[t] = vfma(w, vload(a.x + (t0 + t) * a.ldx + i), acc[t]);
+      }
+      for (int t = 0; t < nt; ++t) {
+        float s = vsum(acc[t]);
+        const float* x = a.x + (t0 + t) * a.ldx;
+        for (int64_t i = kv; i < a.k; ++i) s += load_one<T>(row, i) * x[i];
+        a.y[(t0 + t) * a.ldy + r] = s;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused x86 decoders: 16 int8 quants in an SSE register -> W16 (16 floats in 1 or 2 vectors).
+#if defined(PYLLM_X86_SIMD)
+
+struct W16 {
+  vf v[16 / VN];
+};
+
+inline W16 widen(__m128i q) {
+  W16 w;
+#if defined(PYLLM_ISA_AVX512)
+  w.v[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+#else
+  w.v[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+  w.v[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(q, q)));
+#endif
+  return w;
+}
+
+inline vf madd(const W16& w, const float* x, vf acc) {
+  for (int i = 0; i < 16 / VN; ++i) acc = vfma(w.v[i], vload(x + i * VN), acc);
+  return acc;
+}
+
+inline __m128i load16(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+
+// Per-thread sums of each 32-element slice of the activations (for the min/offset terms of
+// Q4_1 and Q4_K: sum_i (d*q_i + m) x_i = d * sum_i q_i x_i + m * sum_i x_i).
+const float* block_sums(const MatArgs& a, int64_t t0, int nt) {
+  thread_local std::vector<float> sums;
+  const int64_t nb = a.k / 32;
+  sums.resize(static_cast<size_t>(nb * nt));
+  for (int t = 0; t < nt; ++t) {
+    const float* x = a.x + (t0 + t) * a.ldx;
+    for (int64_t b = 0; b < nb; ++b) {
+      vf s = vzero();
+      for (int i = 0; i < 32; i += VN) s = vadd(s, vload(x + 32 * b + i));
+      sums[t * nb + b] = vsum(s);
+    }
+  }
+  return sums.data();
+}
+
+// Runs kernel<NT>(a, r0, r1, t0) over all tokens in groups of at most kTokGroup.
+template <template <int> class K>
+void by_token_groups(const MatArgs& a, int64_t r0, int64_t r1) {
+  for (int64_t t0 = 0; t0 < a.n_tokens; t0 += kTokGroup) {
+    switch (std::min<int64_t>(kTokGroup, a.n_tokens - t0)) {
+      case 1: K<1>::run(a, r0, r1, t0); break;
+      case 2: K<2>::run(a, r0, r1, t0); break;
+      case 3: K<3>::run(a, r0, r1, t0); break;
+      default: K<4>::run(a, r0, r1, t0); break;
+    }
+  }
+}
+
+template <int NT>
+struct MvQ4_0 {
+  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+    const int64_t nb = a.k / 32;
+    const __m128i m4 = _mm_set1_epi8(0x0F), m8 = _mm_set1_epi8(8);
+    for (int64_t r = r0; r < r1; ++r) {
+      const BlockQ4_0* row = reinterpret_cast<const BlockQ4_0*>(a.w + r * a.row_bytes);
+      vf acc[NT];
+      for (int t = 0; t < NT; ++t) acc[t] = vzero();
+      for (int64_t b = 0; b < nb; ++b) {
+        const __m128i qs = load16(row[b].qs);
+        const W16 lo = widen(_mm_sub_epi8(_mm_and_si128(qs, m4), m8));
+        const W16 hi = widen(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(qs, 4), m4), m8));
+        const vf d = vset1(half_to_float(row[b].d));
+        for (int t = 0; t < NT; ++t) {
+          const float* x = a.x + (t0 + t) * a.ldx + 32 * b;
+          acc[t] = vfma(madd(hi, x + 16, madd(lo, x, vzero())), d, acc[t]);
+        }
+      }
+      for (int t = 0; t < NT; ++t) a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]);
+    }
+  }
+};
+
+template <int NT>
+struct MvQ4_1 {
+  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+    const int64_t nb = a.k / 32;
+    const float* xs = block_sums(a, t0, NT);
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    for (int64_t r = r0; r < r1; ++r) {
+      const BlockQ4_1* row = reinterpret_cast<const BlockQ4_1*>(a.w + r * a.row_bytes);
+      vf acc[NT];
+      float off[NT];
+      for (int t = 0; t < NT; ++t) acc[t] = vzero(), off[t] = 0.0f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const __m128i qs = load16(row[b].qs);
+        const W16 lo = widen(_mm_and_si128(qs, m4));
+        const W16 hi = widen(_mm_and_si128(_mm_srli_epi16(qs, 4), m4));
+        const vf d = vset1(half_to_float(row[b].d));
+        const float m = half_to_float(row[b].m);
+        for (int t = 0; t < NT; ++t) {
+          const float* x = a.x + (t0 + t) * a.ldx + 32 * b;
+          acc[t] = vfma(madd(hi, x + 16, madd(lo, x, vzero())), d, acc[t]);
+          off[t] += m * xs[t * nb + b];
+        }
+      }
+      for (int t = 0; t < NT; ++t) a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]) + off[t];
+    }
+  }
+};
+
+template <int NT>
+struct MvQ8_0 {
+  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+    const int64_t nb = a.k / 32;
+    for (int64_t r = r0; r < r1; ++r) {
+      const BlockQ8_0* row = reinterpret_cast<const BlockQ8_0*>(a.w + r * a.row_bytes);
+      vf acc[NT];
+      for (int t = 0; t < NT; ++t) acc[t] = vzero();
+      for (int64_t b = 0; b < nb; ++b) {
+        const W16 lo = widen(load16(row[b].qs));
+        const W16 hi = widen(load16(row[b].qs + 16));
+        const vf d = vset1(half_to_float(row[b].d));
+        for (int t = 0; t < NT; ++t) {
+          const float* x = a.x + (t0 + t) * a.ldx + 32 * b;
+          acc[t] = vfma(madd(hi, x + 16, madd(lo, x, vzero())), d, acc[t]);
+        }
+      }
+      for (int t = 0; t < NT; ++t) a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]);
+    }
+  }
+};
+
+template <int NT>
+struct MvQ4_K {
+  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+    const int64_t nb = a.k / QK_K;
+    const int64_t n32 = a.k / 32;
+    const float* xs = block_sums(a, t0, NT);
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    for (int64_t r = r0; r < r1; ++r) {
+      const BlockQ4_K* row = reinterpret_cast<const BlockQ4_K*>(a.w + r * a.row_bytes);
+      vf acc[NT];
+      float off[NT];
+      for (int t = 0; t < NT; ++t) acc[t] = vzero(), off[t] = 0.0f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const BlockQ4_K& blk = row[b];
+        const float d = half_to_float(blk.d), dmin = half_to_float(blk.dmin);
+        for (int j = 0; j < 4; ++j) {
+          const __m128i qa = load16(blk.qs + 32 * j), qb = load16(blk.qs + 32 * j + 16);
+          uint8_t sc0, mn0, sc1, mn1;
+          get_scale_min_k4(2 * j, blk.scales, &sc0, &mn0);
+          get_scale_min_k4(2 * j + 1, blk.scales, &sc1, &mn1);
+          const W16 l0 = widen(_mm_and_si128(qa, m4)), l1 = widen(_mm_and_si128(qb, m4));
+          const W16 h0 = widen(_mm_and_si128(_mm_srli_epi16(qa, 4), m4));
+          const W16 h1 = widen(_mm_and_si128(_mm_srli_epi16(qb, 4), m4));
+          const vf d0 = vset1(d * sc0), d1 = vset1(d * sc1);
+          const float m0 = dmin * mn0, m1 = dmin * mn1;
+          const int64_t sb = b * 8 + 2 * j;  // 32-element sub-block index
+          for (int t = 0; t < NT; ++t) {
+            const float* x = a.x + (t0 + t) * a.ldx + 32 * sb;
+            acc[t] = vfma(madd(l1, x + 16, madd(l0, x, vzero())), d0, acc[t]);
+            acc[t] = vfma(madd(h1, x + 48, madd(h0, x + 32, vzero())), d1, acc[t]);
+            off[t] += m0 * xs[t * n32 + sb] + m1 * xs[t * n32 + sb + 1];
+          }
+        }
+      }
+      for (int t = 0; t < NT; ++t) a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]) - off[t];
+    }
+  }
+};
+
+template <int NT>
+struct MvQ6_K {
+  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+    const int64_t nb = a.k / QK_K;
+    const __m128i m4 = _mm_set1_epi8(0x0F), m30 = _mm_set1_epi8(0x30), m32 = _mm_set1_epi8(32);
+    for (int64_t r = r0; r < r1; ++r) {
+      const BlockQ6_K* row = reinterpret_cast<const BlockQ6_K*>(a.w + r * a.row_bytes);
+      vf acc[NT];
+      for (int t = 0; t < NT; ++t) acc[t] = vzero();
+      for (int64_t b = 0; b < nb; ++b) {
+        const BlockQ6_K& blk = row[b];
+        const float d = half_to_float(blk.d);
+        for (int n = 0; n < 2; ++n) {
+          const uint8_t* ql = blk.ql + 64 * n;
+          const uint8_t* qh = blk.qh + 32 * n;
+          const int8_t* sc = blk.scales + 8 * n;
+          for (int l = 0; l < 32; l += 16) {
+            const __m128i la = load16(ql + l), lb = load16(ql + l + 32), h = load16(qh + l);
+            __m128i q[4];
+            q[0] = _mm_or_si128(_mm_and_si128(la, m4), _mm_and_si128(_mm_slli_epi16(h, 4), m30));
+            q[1] = _mm_or_si128(_mm_and_si128(lb, m4), _mm_and_si128(_mm_slli_epi16(h, 2), m30));
+            q[2] = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(la, 4), m4), _mm_and_si128(h, m30));
+            q[3] = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(lb, 4), m4),
+                                _mm_and_si128(_mm_srli_epi16(h, 2), m30));
+            for (int g = 0; g < 4; ++g) {
+              const W16 w = widen(_mm_sub_epi8(q[g], m32));
+              const vf s = vset1(d * static_cast<float>(sc[l / 16 + 2 * g]));
+              for (int t = 0; t < NT; ++t) {
+                const float* x = a.x + (t0 + t) * a.ldx + b * QK_K + 128 * n + 32 * g + l;
+                acc[t] = vfma(madd(w, x, vzero()), s, acc[t]);
+              }
+            }
+          }
+        }
+      }
+      for (int t = 0; t < NT; ++t) a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]);
+    }
+  }
+};
+
+#endif  // PYLLM_X86_SIMD
+
+// ---------------------------------------------------------------------------------------------
+// matmat: F32 panel + register-tiled micro-kernel.
+
+constexpr int R = 2 * VN;  // rows per panel (two vectors)
+constexpr int KC = 512;    // panel depth: 512 x R floats = 32 KiB on AVX-512, L1/L2 resident
+#if defined(PYLLM_ISA_AVX512)
+constexpr int MT = 12;  // tokens per micro-tile: 24 accumulators + 2 weights of 32 registers
+#elif defined(PYLLM_ISA_AVX2)
+constexpr int MT = 6;  // 12 accumulators + 2 weights + 1 broadcast of 16 registers
+#elif defined(PYLLM_ISA_NEON)
+constexpr int MT = 8;
+#else
+constexpr int MT = 4;
+#endif
+
+// Decodes elements [k0, k0 + kc) of one weight row into out (k0, kc multiples of the block).
+template <QType T>
+void decode_run(const uint8_t* row, int64_t k0, int64_t kc, float* out) {
+  using F = Fmt<T>;
+  using Block = typename F::Block;
+  const Block* blk = reinterpret_cast<const Block*>(row) + k0 / F::B;
+  for (int64_t b = 0; b < kc / F::B; ++b) F::decode(blk + b, out + b * F::B);
+}
+
+template <int NT>
+void micro(const float* P, int64_t kc, const float* x, int64_t ldx, float* y, int64_t ldy,
+           int nr, bool accumulate) {
+  vf c0[NT], c1[NT];
+  for (int t = 0; t < NT; ++t) c0[t] = vzero(), c1[t] = vzero();
+  for (int64_t kk = 0; kk < kc; ++kk) {
+    const vf w0 = vload(P + kk * R), w1 = vload(P + kk * R + VN);
+    for (int t = 0; t < NT; ++t) {
+      const vf xb = vset1(x[t * ldx + kk]);
+      c0[t] = vfma(w0, xb, c0[t]);
+      c1[t] = vfma(w1, xb, c1[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    float* yt = y + t * ldy;
+    if (nr == R) {
+      if (accumulate) {
+        vstore(yt, vadd(vload(yt), c0[t]));
+        vstore(yt + VN, vadd(vload(yt + VN), c1[t]));
+      } else {
+        vstore(yt, c0[t]);
+        vstore(yt + VN, c1[t]);
+      }
+    } else {
+      alignas(64) float tmp[R];
+      vstore(tmp, c0[t]);
+      vstore(tmp + VN, c1[t]);
+      for (int r = 0; r < nr; ++r) yt[r] = accumulate ? yt[r] + tmp[r] : tmp[r];
+    }
+  }
+}
+
+template <int N>
+void micro_upto(int nt, const float* P, int64_t kc, const float* x, int64_t ldx, float* y,
+                int64_t ldy, int nr, bool acc) {
+  if constexpr (N > 0) {
+    if (nt == N) return micro<N>(P, kc, x, ldx, y, ldy, nr, acc);
+    micro_upto<N - 1>(nt, P, kc, x, ldx, y, ldy, nr, acc);
+  }
+}
+
+template <QType T>
+void matmat(const MatArgs& a, int64_t r0, int64_t r1) {
+  thread_local std::vector<float> panel_store, run_store;
+  panel_store.resize(static_cast<size_t>(KC) * R + 16);
+  run_store.resize(KC);
+  float* P = panel_store.data();
+  float* run = run_store.data();
+  for (int64_t o0 = r0; o0 < r1; o0 += R) {
+    const int nr = static_cast<int>(std::min<int64_t>(R, r1 - o0));
+    for (int64_t k0 = 0; k0 < a.k; k0 += KC) {
+      const int64_t kc = std::min<int64_t>(KC, a.k - k0);
+      for (int r = 0; r < R; ++r) {
+        if (r < nr) {
+          decode_run<T>(a.w + (o0 + r) * a.row_bytes, k0, kc, run);
+          for (int64_t i = 0; i < kc; ++i) P[i * R + r] = run[i];
+        } else {
+          for (int64_t i = 0; i < kc; ++i) P[i * R + r] = 0.0f;
+        }
+      }
+      for (int64_t t0 = 0; t0 < a.n_tokens; t0 += MT) {
+        const int nt = static_cast<int>(std::min<int64_t>(MT, a.n_tokens - t0));
+        micro_upto<MT>(nt, P, kc, a.x + t0 * a.ldx + k0, a.ldx, a.y + t0 * a.ldy + o0, a.ldy,
+                       nr, k0 > 0);
+      }
+    }
+  }
+}
+
+KernelTable make_table() {
+  KernelTable t{};
+#if defined(PYLLM_ISA_AVX512)
+  t.isa = Isa::Avx512;
+#elif defined(PYLLM_ISA_AVX2)
+  t.isa = Isa::Avx2;
+#elif defined(PYLLM_ISA_NEON)
+  t.isa = Isa::Neon;
+#else
+  t.isa = Isa::Scalar;
+#endif
+  t.matmat_rows = R;
+#define PYLLM_SET(QT, MV)                                     \
+  t.matvec[static_cast<int>(QType::QT)] = MV;                 \
+  t.matmat[static_cast<int>(QType::QT)] = &matmat<QType::QT>;
+  PYLLM_SET(F32, &matvec_float<QType::F32>)
+  PYLLM_SET(F16, &matvec_float<QType::F16>)
+  PYLLM_SET(BF16, &matvec_float<QType::BF16>)
+  PYLLM_SET(Q5_0, &matvec_generic<QType::Q5_0>)
+  PYLLM_SET(Q5_1, &matvec_generic<QType::Q5_1>)
+  PYLLM_SET(Q2_K, &matvec_generic<QType::Q2_K>)
+  PYLLM_SET(Q3_K, &matvec_generic<QType::Q3_K>)
+  PYLLM_SET(Q5_K, &matvec_generic<QType::Q5_K>)
+#if defined(PYLLM_X86_SIMD)
+  PYLLM_SET(Q4_0, &by_token_groups<MvQ4_0>)
+  PYLLM_SET(Q4_1, &by_token_groups<MvQ4_1>)
+  PYLLM_SET(Q8_0, &by_token_groups<MvQ8_0>)
+  PYLLM_SET(Q4_K, &by_token_groups<MvQ4_K>)
+  PYLLM_SET(Q6_K, &by_token_groups<MvQ6_K>)
+#else
+  PYLLM_SET(Q4_0, &matvec_generic<QType::Q4_0>)
+  PYLLM_SET(Q4_1, &matvec_generic<QType::Q4_1>)
+  PYLLM_SET(Q8_0, &matvec_generic<QType::Q8_0>)
+  PYLLM_SET(Q4_K, &matvec_generic<QType::Q4_K>)
+  PYLLM_SET(Q6_K, &matvec_generic<QType::Q6_K>)
+#endif
+#undef PYLLM_SET
+  return t;
+}
+
+}  // namespace
+
+const KernelTable& kernel_table() {
+  static const KernelTable table = make_table();
+  return table;
+}
+
+}  // namespace PYLLM_ISA
+}  // namespace pyllm

@@ -1,0 +1,54 @@
+// The per-ISA kernel function table (internal to the CPU backend).
+//
+// csrc/cpu/isa/*.cc are compiled once per ISA with PYLLM_ISA=<scalar|avx2|avx512|neon>; each
+// compilation puts its symbols in namespace pyllm::<isa> and defines that namespace's
+// kernel_table(). matmul.cc picks the table of active_isa() and splits rows across threads.
+#pragma once
+
+#include <cstdint>
+
+#include "pyllm/cpu.h"
+#include "pyllm/qtype.h"
+
+namespace pyllm {
+
+// One matmul problem: Y[t][o] = sum_i W[o][i] * X[t][i] for t < n_tokens, o < n_out.
+struct MatArgs {
+  const uint8_t* w;   // n_out rows of row_bytes each, the GGUF layout of the weight type
+  int64_t row_bytes;  // bytes of one weight row (k elements)
+  int64_t k;          // elements per row (a multiple of the type's block size)
+  const float* x;     // n_tokens rows, row stride ldx floats
+  int64_t ldx;
+  int64_t n_tokens;
+  float* y;  // n_tokens rows, row stride ldy floats
+  int64_t ldy;
+};
+
+// Computes the output columns o in [r0, r1) for all tokens. Kernels for the same problem may run
+// concurrently on disjoint row ranges; they keep their scratch on the stack or thread_local.
+using RowsFn = void (*)(const MatArgs& a, int64_t r0, int64_t r1);
+
+constexpr int kMaxTypeId = 32;  // table size, indexed by the ggml type id (QType)
+
+struct KernelTable {
+  Isa isa;
+  // Decode-shaped kernel (few tokens): streams each weight once, dequantizes in registers.
+  RowsFn matvec[kMaxTypeId];
+  // Prefill-shaped kernel (many tokens): dequantizes a panel of rows once and reuses it
+  // for every token. Best with row ranges that are multiples of matmat_rows.
+  RowsFn matmat[kMaxTypeId];
+  int matmat_rows;
+};
+
+namespace scalar { const KernelTable& kernel_table(); }
+#ifdef PYLLM_HAVE_ISA_AVX2
+namespace avx2 { const KernelTable& kernel_table(); }
+#endif
+#ifdef PYLLM_HAVE_ISA_AVX512
+namespace avx512 { const KernelTable& kernel_table(); }
+#endif
+#ifdef PYLLM_HAVE_ISA_NEON
+namespace neon { const KernelTable& kernel_table(); }
+#endif
+
+}  // namespace pyllm

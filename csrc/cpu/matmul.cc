@@ -1,0 +1,150 @@
+// Owns the matmul entry points: argument checks, the choice between the matvec and matmat
+// kernels, the ISA table of active_isa(), and the split of output rows across threads.
+#include "pyllm/matmul.h"
+
+#include <stdexcept>
+#include <string>
+
+#include "cpu/kernel_table.h"
+#include "pyllm/cpu.h"
+
+namespace pyllm {
+namespace {
+
+struct Layout {
+  int64_t block;  // elements per block
+  int64_t bytes;  // bytes per block
+};
+
+// Block geometry of the weight types matmul handles (from the block structs of qtype.h).
+bool weight_layout(QType t, Layout* out) {
+  switch (t) {
+    case QType::F32: *out = {1, 4}; return true;
+    case QType::F16: *out = {1, 2}; return true;
+    case QType::BF16: *out = {1, 2}; return true;
+    case QType::Q4_0: *out = {QK4_0, sizeof(BlockQ4_0)}; return true;
+    case QType::Q4_1: *out = {QK4_1, sizeof(BlockQ4_1)}; return true;
+    case QType::Q5_0: *out = {QK5_0, sizeof(BlockQ5_0)}; return true;
+    case QType::Q5_1: *out = {QK5_1, sizeof(BlockQ5_1)}; return true;
+    case QType::Q8_0: *out = {QK8_0, sizeof(BlockQ8_0)}; return true;
+    case QType::Q2_K: *out = {QK_K, sizeof(BlockQ2_K)}; return true;
+    case QType::Q3_K: *out = {QK_K, sizeof(BlockQ3_K)}; return true;
+    case QType::Q4_K: *out = {QK_K, sizeof(BlockQ4_K)}; return true;
+    case QType::Q5_K: *out = {QK_K, sizeof(BlockQ5_K)}; return true;
+    case QType::Q6_K: *out = {QK_K, sizeof(BlockQ6_K)}; return true;
+    default: return false;
+  }
+}
+
+const KernelTable& table_for(Isa isa) {
+  switch (isa) {
+#ifdef PYLLM_HAVE_ISA_AVX512
+    case Isa::Avx512: return avx512::kernel_table();
+#endif
+#ifdef PYLLM_HAVE_ISA_AVX2
+    case Isa::Avx2: return avx2::kernel_table();
+#endif
+#ifdef PYLLM_HAVE_ISA_NEON
+    case Isa::Neon: return neon::kernel_table();
+#endif
+    default: return scalar::kernel_table();
+  }
+}
+
+MatArgs to_args(const MatmulParams& p, int64_t row_bytes) {
+  MatArgs a;
+  a.w = static_cast<const uint8_t*>(p.w);
+  a.row_bytes = row_bytes;
+  a.k = p.k;
+  a.x = p.x;
+  a.ldx = p.ldx > 0 ? p.ldx : p.k;
+  a.n_tokens = p.n_tokens;
+  a.y = p.y;
+  a.ldy = p.ldy > 0 ? p.ldy : p.n_out;
+  return a;
+}
+
+// The kernel for p and the row granularity its ranges should respect.
+RowsFn pick(const MatmulParams& p, int64_t* grain) {
+  const KernelTable& t = table_for(active_isa());
+  const int id = static_cast<int>(p.wtype);
+  if (p.n_tokens >= kMatmatMinTokens) {
+    *grain = t.matmat_rows;
+    return t.matmat[id];
+  }
+  *grain = 4;
+  return t.matvec[id];
+}
+
+int64_t row_bytes_of(QType t, int64_t k) {
+  Layout l{};
+  weight_layout(t, &l);
+  return k / l.block * l.bytes;
+}
+
+}  // namespace
+
+bool matmul_supports(QType wtype) {
+  Layout l{};
+  return weight_layout(wtype, &l);
+}
+
+void check_matmul(const MatmulParams& p) {
+  Layout l{};
+  if (!weight_layout(p.wtype, &l)) {
+    throw std::invalid_argument("matmul: unsupported weight type id " +
+                                std::to_string(static_cast<uint32_t>(p.wtype)));
+  }
+  if (p.n_out < 0 || p.k < 0 || p.n_tokens < 0) {
+    throw std::invalid_argument("matmul: negative size");
+  }
+  if (p.k % l.block != 0) {
+    throw std::invalid_argument("matmul: k = " + std::to_string(p.k) +
+                                " is not a multiple of the block size " + std::to_string(l.block));
+  }
+  if ((p.ldx != 0 && p.ldx < p.k) || (p.ldy != 0 && p.ldy < p.n_out) || p.ldx < 0 || p.ldy < 0) {
+    throw std::invalid_argument("matmul: row stride shorter than the row");
+  }
+  const bool empty = p.n_out == 0 || p.n_tokens == 0;
+  if (!empty && (p.y == nullptr || (p.k > 0 && (p.w == nullptr || p.x == nullptr)))) {
+    throw std::invalid_argument("matmul: null buffer");
+  }
+}
+
+void matmul_part(const MatmulParams& p, int ith, int nth) {
+  if (p.n_out == 0 || p.n_tokens == 0) return;
+  const MatArgs a = to_args(p, row_bytes_of(p.wtype, p.k));
+  if (p.k == 0) {
+    int64_t b, e;
+    split_range(p.n_tokens, 1, ith, nth, &b, &e);
+    for (int64_t t = b; t < e; ++t) {
+      for (int64_t o = 0; o < p.n_out; ++o) a.y[t * a.ldy + o] = 0.0f;
+    }
+    return;
+  }
+  int64_t grain = 1;
+  const RowsFn fn = pick(p, &grain);
+  int64_t b, e;
+  split_range(p.n_out, grain, ith, nth, &b, &e);
+  if (b < e) fn(a, b, e);
+}
+
+void matmul(const MatmulParams& p, ThreadPool& pool) {
+  check_matmul(p);
+  if (p.n_out == 0 || p.n_tokens == 0) return;
+  // Small problems are not worth waking the workers for.
+  const double work = static_cast<double>(p.n_out) * static_cast<double>(p.k) *
+                      static_cast<double>(p.n_tokens);
+  if (work < 32768.0 || pool.n_threads() == 1) {
+    matmul_part(p, 0, 1);
+    return;
+  }
+  pool.run([&](int ith, int nth) { matmul_part(p, ith, nth); });
+}
+
+void matmul(QType wtype, const void* w, int64_t n_out, int64_t k, const float* x, int64_t n_tokens,
+            float* y, ThreadPool& pool) {
+  matmul(MatmulParams{wtype, w, n_out, k, x, 0, n_tokens, y, 0}, pool);
+}
+
+}  // namespace pyllm

@@ -1,0 +1,76 @@
+// Quantized matrix x matrix / matrix x vector products: the one compute entry point the forward
+// pass uses for every weight multiplication.
+//
+//   Y[t][o] = sum_i W[o][i] * X[t][i]      t < n_tokens, o < n_out, i < k
+//
+// Layouts
+//   W  n_out rows in the GGUF layout of `wtype` (row o starts at o * row_size(wtype, k) bytes);
+//      exactly what a GGUF tensor with dims (k, n_out) holds, so a memory-mapped tensor is used
+//      in place. Weight types: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K; k must
+//      be a multiple of the type's block size (32 or 256; any k for the float types).
+//   X  n_tokens rows of k floats, row-major, row stride ldx (>= k).
+//   Y  n_tokens rows of n_out floats, row-major, row stride ldy (>= n_out); overwritten. Y must
+//      not overlap X or W.
+//
+// Accuracy
+//   Activations are never rounded: every ISA dequantizes the weights exactly as the reference
+//   dequantizer does and accumulates in F32 (FMA). The result equals a float64 product of the
+//   dequantized weights up to F32 summation rounding: |err| <= ~1e-5 * sum_i |W[o][i] X[t][i]|
+//   (tests/test_kernels.py checks every type x ISA against float64 numpy at that bound). ggml's
+//   default instead rounds activations to 8 bits per 32 (Q8_0/Q8_K) for int8 dot products.
+//   Trade measured on the dev box (Zen4): an error-compensated int8 variant (two int8 terms per
+//   activation) costs two VNNI dot products plus per-block rescaling per 32 weights, which is
+//   about the same instruction count as the F32 FMA path, so the F32 path is kept.
+//
+// Kernel choice and threads
+//   n_tokens < kMatmatMinTokens: the matvec kernel (memory-bound: one pass over W, blocks
+//   decoded in registers, up to 4 tokens per pass). Otherwise the matmat kernel (compute-bound:
+//   a panel of rows is decoded once into F32 and reused for every token). The kernels of
+//   active_isa() (cpu.h; PYLLM_FORCE_ISA) are used. Rows are split into contiguous ranges, one
+//   per thread of the pool. No allocation per call except a per-thread scratch panel kept
+//   thread_local.
+//
+// Errors: std::invalid_argument for unsupported types, k not a multiple of the block size,
+// negative sizes or strides smaller than the row length.
+#pragma once
+
+#include <cstdint>
+
+#include "pyllm/qtype.h"
+#include "pyllm/threadpool.h"
+
+namespace pyllm {
+
+// Below this many tokens the matvec kernel is used (see above).
+constexpr int64_t kMatmatMinTokens = 8;
+
+struct MatmulParams {
+  QType wtype;
+  const void* w;     // n_out rows, GGUF layout
+  int64_t n_out;
+  int64_t k;
+  const float* x;    // n_tokens x k, row stride ldx
+  int64_t ldx;       // 0 means k
+  int64_t n_tokens;
+  float* y;          // n_tokens x n_out, row stride ldy
+  int64_t ldy;       // 0 means n_out
+};
+
+// The whole product on `pool` (the calling thread takes part). Called from inside a job of the
+// same pool it runs single-threaded on the caller; use matmul_part there instead.
+void matmul(QType wtype, const void* w, int64_t n_out, int64_t k, const float* x, int64_t n_tokens,
+            float* y, ThreadPool& pool);
+void matmul(const MatmulParams& p, ThreadPool& pool);
+
+// Inside an already-running parallel region (e.g. one pool.run() for a whole forward pass):
+// thread ith of nth computes its share of the rows of Y and returns WITHOUT a barrier. All nth
+// threads must call it with the same parameters; call pool.barrier() before anyone reads Y.
+void matmul_part(const MatmulParams& p, int ith, int nth);
+
+// Throws std::invalid_argument when p is not a valid problem (see above); matmul() calls it.
+void check_matmul(const MatmulParams& p);
+
+// The weight types matmul supports.
+bool matmul_supports(QType wtype);
+
+}  // namespace pyllm

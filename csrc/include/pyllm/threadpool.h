@@ -1,0 +1,71 @@
+// A persistent thread pool for the CPU kernels and the forward pass.
+//
+// Workers are created once (no thread creation per call) and wait for jobs with a short spin
+// followed by a sleep, so back-to-back kernel calls during decoding hand over in about a
+// microsecond while an idle pool costs no CPU. The calling thread always takes part as thread 0.
+//
+// Two ways to use it:
+//   * pool.run(fn): runs fn(ith, nth) on every thread and returns when all are done; inside fn,
+//     pool.barrier() synchronizes the nth threads (one barrier per dependent step), which lets a
+//     whole forward pass run as ONE parallel region (see ParallelCtx in matmul.h).
+//   * pool.parallel_for(n, grain, fn): splits [0, n) into nth contiguous ranges (multiples of
+//     grain) and runs fn(begin, end) on each.
+// An exception thrown by fn on any thread is rethrown by run()/parallel_for() on the caller (the
+// first one wins); with barriers inside fn, the job must not throw on one thread only.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+
+namespace pyllm {
+
+class ThreadPool {
+ public:
+  // n_threads <= 0 means default_thread_count().
+  explicit ThreadPool(int n_threads = 0);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int n_threads() const;
+
+  // Runs fn(ith, nth) on all threads (the caller is ith = 0). Concurrent run() calls from
+  // different threads are serialized. Called from inside a job of this same pool it runs
+  // fn(0, 1) inline on the calling thread (no deadlock, no parallelism).
+  void run(const std::function<void(int ith, int nth)>& fn);
+
+  // Waits until all nth threads of the running job have reached it. Only valid inside run().
+  void barrier();
+
+  // Runs fn(begin, end) over nth contiguous sub-ranges of [0, n); range boundaries are multiples
+  // of grain (except the end). Ranges may be empty when n is small; fn is not called for those.
+  void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Physical cores of this machine (what the default pool uses), at least 1.
+int default_thread_count();
+
+// The process-wide pool the C ABI and the bindings use; created on first use with
+// default_thread_count() threads, or with what set_default_pool_threads() asked for.
+ThreadPool& default_pool();
+
+// Replaces the default pool by one with n threads (n <= 0: default_thread_count()). Must not be
+// called while another thread is using the default pool.
+void set_default_pool_threads(int n);
+
+// The [begin, end) share of thread ith among nth over n items in multiples of grain.
+inline void split_range(int64_t n, int64_t grain, int ith, int nth, int64_t* begin, int64_t* end) {
+  if (grain < 1) grain = 1;
+  const int64_t chunks = (n + grain - 1) / grain;
+  const int64_t c0 = chunks * ith / nth;
+  const int64_t c1 = chunks * (ith + 1) / nth;
+  *begin = c0 * grain < n ? c0 * grain : n;
+  *end = c1 * grain < n ? c1 * grain : n;
+}
+
+}  // namespace pyllm

@@ -1,0 +1,193 @@
+// C++ tests of the matmul kernels: every weight type x every available ISA against a float64
+// product of the dequantized weights, on odd shapes (rows not a multiple of the thread count or
+// of the panel height, several token counts on both sides of the matvec/matmat switch), through
+// the thread pool and through matmul_part inside one parallel region. Exit status 0 = pass.
+//
+// The dequantized weights come from the scalar matmul itself with X = identity (exact: every
+// product is w * 1 and every other term is w * 0), so this program needs nothing but the kernels;
+// tests/test_kernels.py checks the same kernels against the gguf package's dequantizer.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <stdexcept>
+#include <vector>
+
+#include "pyllm/cpu.h"
+#include "pyllm/fp16.h"
+#include "pyllm/matmul.h"
+#include "pyllm/qtype.h"
+#include "pyllm/threadpool.h"
+
+using namespace pyllm;
+
+namespace {
+
+int g_failures = 0;
+
+#define CHECK(cond, ...)                                   \
+  do {                                                     \
+    if (!(cond)) {                                         \
+      std::printf("FAIL %s:%d: ", __FILE__, __LINE__);     \
+      std::printf(__VA_ARGS__);                            \
+      std::printf("\n");                                   \
+      ++g_failures;                                        \
+    }                                                      \
+  } while (0)
+
+struct TypeCase {
+  QType type;
+  const char* name;
+  int block;
+  int bytes;
+  std::vector<int> half_offsets;  // byte offsets of the f16 scale fields inside a block
+};
+
+const std::vector<TypeCase>& cases() {
+  static const std::vector<TypeCase> c = {
+      {QType::F32, "F32", 1, 4, {}},
+      {QType::F16, "F16", 1, 2, {0}},
+      {QType::BF16, "BF16", 1, 2, {}},
+      {QType::Q4_0, "Q4_0", 32, sizeof(BlockQ4_0), {0}},
+      {QType::Q4_1, "Q4_1", 32, sizeof(BlockQ4_1), {0, 2}},
+      {QType::Q5_0, "Q5_0", 32, sizeof(BlockQ5_0), {0}},
+      {QType::Q5_1, "Q5_1", 32, sizeof(BlockQ5_1), {0, 2}},
+      {QType::Q8_0, "Q8_0", 32, sizeof(BlockQ8_0), {0}},
+      {QType::Q2_K, "Q2_K", 256, sizeof(BlockQ2_K), {offsetof(BlockQ2_K, d), offsetof(BlockQ2_K, dmin)}},
+      {QType::Q3_K, "Q3_K", 256, sizeof(BlockQ3_K), {offsetof(BlockQ3_K, d)}},
+      {QType::Q4_K, "Q4_K", 256, sizeof(BlockQ4_K), {offsetof(BlockQ4_K, d), offsetof(BlockQ4_K, dmin)}},
+      {QType::Q5_K, "Q5_K", 256, sizeof(BlockQ5_K), {offsetof(BlockQ5_K, d), offsetof(BlockQ5_K, dmin)}},
+      {QType::Q6_K, "Q6_K", 256, sizeof(BlockQ6_K), {offsetof(BlockQ6_K, d)}},
+  };
+  return c;
+}
+
+// Random weight bytes whose scales are finite and of moderate size.
+std::vector<uint8_t> random_weights(const TypeCase& tc, int64_t n_out, int64_t k, std::mt19937& rng) {
+  const int64_t n_blocks = n_out * (k / tc.block);
+  std::vector<uint8_t> w(static_cast<size_t>(n_blocks * tc.bytes));
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::uniform_real_distribution<float> val(-1.0f, 1.0f);
+  for (auto& b : w) b = static_cast<uint8_t>(byte(rng));
+  for (int64_t i = 0; i < n_blocks; ++i) {
+    uint8_t* blk = w.data() + i * tc.bytes;
+    if (tc.type == QType::F32) {
+      const float f = val(rng);
+      std::memcpy(blk, &f, 4);
+    } else if (tc.type == QType::BF16) {
+      const bf16_t h = f32_to_bf16(val(rng));
+      std::memcpy(blk, &h, 2);
+    }
+    for (int off : tc.half_offsets) {
+      const f16_t h = f32_to_f16(val(rng) * (tc.block == 1 ? 1.0f : 0.05f));
+      std::memcpy(blk + off, &h, 2);
+    }
+  }
+  return w;
+}
+
+// Dequantized weights (n_out x k, float64) via the scalar kernel and identity activations.
+std::vector<double> dequantized(const TypeCase& tc, const std::vector<uint8_t>& w, int64_t n_out,
+                                int64_t k, ThreadPool& pool) {
+  set_active_isa(Isa::Scalar);
+  std::vector<float> eye(static_cast<size_t>(k * k), 0.0f);
+  for (int64_t i = 0; i < k; ++i) eye[i * k + i] = 1.0f;
+  std::vector<float> y(static_cast<size_t>(k * n_out));
+  matmul(tc.type, w.data(), n_out, k, eye.data(), k, y.data(), pool);  // y[i][o] = W[o][i]
+  std::vector<double> out(static_cast<size_t>(n_out * k));
+  for (int64_t o = 0; o < n_out; ++o) {
+    for (int64_t i = 0; i < k; ++i) out[o * k + i] = y[i * n_out + o];
+  }
+  return out;
+}
+
+void check_type(const TypeCase& tc, ThreadPool& pool, std::mt19937& rng) {
+  const int64_t k = tc.block == 256 ? 512 : (tc.block == 32 ? 96 : 75);  // 75: odd float k
+  const int64_t n_out = 37;  // not a multiple of 2, 3, 4 threads or of the panel height
+  const std::vector<uint8_t> w = random_weights(tc, n_out, k, rng);
+  const std::vector<double> wd = dequantized(tc, w, n_out, k, pool);
+  for (double v : wd) CHECK(std::isfinite(v), "%s: non-finite dequantized weight", tc.name);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (int64_t n_tokens : {1, 2, 5, 7, 8, 13, 40}) {
+    std::vector<float> x(static_cast<size_t>(n_tokens * k));
+    for (auto& v : x) v = nd(rng);
+    for (Isa isa : available_isas()) {
+      set_active_isa(isa);
+      std::vector<float> y(static_cast<size_t>(n_tokens * n_out), NAN);
+      matmul(tc.type, w.data(), n_out, k, x.data(), n_tokens, y.data(), pool);
+      double worst = 0.0;
+      for (int64_t t = 0; t < n_tokens; ++t) {
+        for (int64_t o = 0; o < n_out; ++o) {
+          double ref = 0.0, mag = 0.0;
+          for (int64_t i = 0; i < k; ++i) {
+            ref += wd[o * k + i] * x[t * k + i];
+            mag += std::fabs(wd[o * k + i] * x[t * k + i]);
+          }
+          const double err = std::fabs(y[t * n_out + o] - ref) / (mag > 0 ? mag : 1.0);
+          if (!(err <= worst)) worst = err;  // NaN-propagating max
+        }
+      }
+      CHECK(worst <= 1e-5, "%s isa=%s n_tokens=%lld: relative error %.3g > 1e-5", tc.name,
+            isa_name(isa), static_cast<long long>(n_tokens), worst);
+    }
+  }
+}
+
+void check_part_in_region(ThreadPool& pool, std::mt19937& rng) {
+  // Two dependent matmuls inside ONE pool.run: matmul_part + barrier, as a forward pass does.
+  const TypeCase& tc = cases()[3];  // Q4_0
+  const int64_t k = 64, n_mid = 64, n_tokens = 3;
+  const std::vector<uint8_t> w1 = random_weights(tc, n_mid, k, rng);
+  const std::vector<uint8_t> w2 = random_weights(tc, 5, n_mid, rng);
+  std::vector<float> x(n_tokens * k), mid(n_tokens * n_mid), y(n_tokens * 5), y_ref(n_tokens * 5);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (auto& v : x) v = nd(rng);
+  MatmulParams p1{tc.type, w1.data(), n_mid, k, x.data(), 0, n_tokens, mid.data(), 0};
+  MatmulParams p2{tc.type, w2.data(), 5, n_mid, mid.data(), 0, n_tokens, y.data(), 0};
+  pool.run([&](int ith, int nth) {
+    matmul_part(p1, ith, nth);
+    pool.barrier();
+    matmul_part(p2, ith, nth);
+  });
+  ThreadPool single(1);
+  std::vector<float> mid_ref(n_tokens * n_mid);
+  matmul(tc.type, w1.data(), n_mid, k, x.data(), n_tokens, mid_ref.data(), single);
+  matmul(tc.type, w2.data(), 5, n_mid, mid_ref.data(), n_tokens, y_ref.data(), single);
+  for (size_t i = 0; i < y.size(); ++i) {
+    CHECK(std::fabs(y[i] - y_ref[i]) <= 1e-5f * (1.0f + std::fabs(y_ref[i])),
+          "matmul_part in a region differs at %zu: %g vs %g", i, y[i], y_ref[i]);
+  }
+}
+
+void check_errors(ThreadPool& pool) {
+  float x[64] = {}, y[64] = {};
+  uint8_t w[1024] = {};
+  auto throws = [&](QType t, int64_t n_out, int64_t k) {
+    try {
+      matmul(t, w, n_out, k, x, 1, y, pool);
+    } catch (const std::invalid_argument&) {
+      return true;
+    }
+    return false;
+  };
+  CHECK(throws(QType::Q4_0, 1, 33), "k not a multiple of 32 must throw");
+  CHECK(throws(QType::Q4_K, 1, 32), "k not a multiple of 256 must throw");
+  CHECK(throws(QType::Q8_K, 1, 256), "activation-only type must throw");
+  CHECK(throws(static_cast<QType>(99), 1, 32), "unknown type must throw");
+  CHECK(throws(QType::F32, -1, 4), "negative size must throw");
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 rng(1234);
+  for (int threads : {1, 3}) {
+    ThreadPool pool(threads);
+    for (const TypeCase& tc : cases()) check_type(tc, pool, rng);
+    check_part_in_region(pool, rng);
+    check_errors(pool);
+  }
+  std::printf("%s (%d failures)\n", g_failures ? "FAILED" : "OK", g_failures);
+  return g_failures ? 1 : 0;
+}
