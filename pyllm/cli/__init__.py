@@ -28,9 +28,9 @@ class CliParser(argparse.ArgumentParser):
 
 
 def _subcommands() -> list[ModuleType]:
-    from pyllm.cli import info, pull
+    from pyllm.cli import chat, info, pull, run
 
-    return [info, pull]
+    return [run, chat, info, pull]
 
 
 def build_parser() -> CliParser:

@@ -1,0 +1,115 @@
+// The Llama-family model (hyper-parameters + weight views), its KV cache and the inference
+// context that runs the forward pass.
+//
+// C++ never opens files: Python parses and validates the GGUF, then hands over pointers into the
+// memory map (kept alive by the Python side). Model re-checks every size it is given.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "pyllm/qtype.h"
+#include "pyllm/threadpool.h"
+
+namespace pyllm {
+
+enum class RopeScaling { None = 0, Linear = 1, Yarn = 2, Dynamic = 3 };
+
+struct HParams {
+  int n_vocab = 0;
+  int n_embd = 0;
+  int n_layer = 0;
+  int n_head = 0;
+  int n_head_kv = 0;
+  int head_dim = 0;     // may differ from n_embd / n_head
+  int n_ff = 0;
+  int n_rot = 0;        // rotary dimensions per head (<= head_dim)
+  int n_ctx_train = 0;
+  float rms_eps = 1e-5f;
+  float rope_base = 10000.0f;
+  bool rope_neox = false;  // NeoX-style halves (qwen2) vs adjacent pairs (llama GGUFs)
+  RopeScaling rope_scaling = RopeScaling::None;
+  float rope_factor = 1.0f;   // scaling factor (linear / yarn / dynamic)
+  int rope_orig_ctx = 0;      // original training context (yarn / dynamic)
+  float yarn_beta_fast = 32.0f;
+  float yarn_beta_slow = 1.0f;
+  float yarn_attn_factor = 1.0f;
+  float yarn_ext_factor = -1.0f;  // < 0: derive (1 for yarn)
+};
+
+// A weight tensor inside the mapped file: rows of `cols` elements each (ggml ne0 = cols).
+struct WeightView {
+  QType type = QType::F32;
+  const void* data = nullptr;
+  int64_t cols = 0;
+  int64_t rows = 0;
+  int64_t nbytes = 0;
+  bool present() const { return data != nullptr; }
+};
+
+struct LayerWeights {
+  WeightView attn_norm, wq, wk, wv, wo, bq, bk, bv, ffn_norm, w_gate, w_up, w_down;
+};
+
+struct ModelWeights {
+  WeightView tok_embd, output_norm, output;  // output absent -> tied to tok_embd
+  WeightView rope_freqs;                     // optional Llama-3.1 frequency factors (n_rot/2)
+  std::vector<LayerWeights> layers;
+};
+
+class Model {
+ public:
+  // Validates every shape against hp (throws std::invalid_argument with the tensor's name).
+  Model(const HParams& hp, ModelWeights weights);
+  const HParams& hparams() const { return hp_; }
+  const ModelWeights& weights() const { return w_; }
+
+ private:
+  HParams hp_;
+  ModelWeights w_;
+};
+
+enum class KVType { F16 = 0, Q8_0 = 1 };
+
+struct ContextParams {
+  int n_ctx = 2048;
+  int n_batch = 512;    // tokens per forward chunk
+  int n_threads = 0;    // <= 0: physical cores
+  KVType kv_type = KVType::F16;
+};
+
+class Context {
+ public:
+  Context(std::shared_ptr<const Model> model, const ContextParams& params);
+  ~Context();
+  Context(const Context&) = delete;
+  Context& operator=(const Context&) = delete;
+
+  // Runs tokens[0..n) at positions n_past()..n_past()+n, appending to the KV cache in chunks of
+  // n_batch. logits: nullptr, or room for n_vocab floats (last token only) or n * n_vocab floats
+  // (all_logits). Throws std::out_of_range when the tokens do not fit in n_ctx, and
+  // std::invalid_argument for token ids outside the vocabulary (nothing is modified then).
+  void decode(const int32_t* tokens, int64_t n, float* logits, bool all_logits);
+
+  int n_past() const { return n_past_; }
+  // Forget cached positions >= n (keep a shared prefix); n must be <= n_past().
+  void truncate(int n);
+  int n_ctx() const { return params_.n_ctx; }
+  int n_threads() const;
+  const Model& model() const { return *model_; }
+
+  // State for save/load: the cached K/V of positions [0, n_past) plus n_past.
+  std::vector<uint8_t> save_state() const;
+  void load_state(const uint8_t* data, int64_t size);
+
+ private:
+  struct Impl;
+  std::shared_ptr<const Model> model_;
+  ContextParams params_;
+  int n_past_ = 0;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace pyllm

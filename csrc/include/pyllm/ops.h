@@ -1,0 +1,54 @@
+// Element-wise and attention operators of the forward pass, with one implementation per ISA.
+//
+// These are the non-matmul parts of a transformer layer (norms, RoPE, softmax attention over the
+// KV cache, SwiGLU). csrc/cpu/isa/ops.cc is compiled once per ISA; ops() returns the table of the
+// active ISA (PYLLM_FORCE_ISA applies), so the same code runs vectorized for AVX2 / AVX-512 / NEON.
+#pragma once
+
+#include <cstdint>
+
+#include "pyllm/cpu.h"
+#include "pyllm/qtype.h"
+
+namespace pyllm {
+
+// One attention problem: n_q query rows (one token's heads of one KV group, or several tokens)
+// attending over n_kv cached positions of one KV head.
+struct AttentionArgs {
+  const float* q;       // [n_q][head_dim] query rows
+  int64_t q_stride;     // floats between consecutive query rows
+  const f16_t* k;       // [n_kv] rows of head_dim halves, k_stride halves apart
+  const f16_t* v;       // same layout as k
+  int64_t kv_stride;    // halves between consecutive positions
+  float* out;           // [n_q][head_dim], out_stride floats apart
+  int64_t out_stride;
+  int n_q;
+  int head_dim;
+  // Causal limit: query row r sees positions [0, n_visible[r]) (n_visible[r] <= n_kv).
+  const int* n_visible;
+  float scale;          // usually 1/sqrt(head_dim)
+  float* scratch;       // >= n_kv floats (scores)
+};
+
+struct OpsTable {
+  // y = x / rms(x) * w   (n floats; w may be null for no weight)
+  void (*rms_norm)(const float* x, const float* w, float* y, int64_t n, float eps);
+  // x[i] = silu(gate[i]) * up[i], written to out
+  void (*swiglu)(const float* gate, const float* up, float* out, int64_t n);
+  // y += x
+  void (*add)(float* y, const float* x, int64_t n);
+  // Rotate n_heads heads of head_dim floats (stride head_dim) in place by (cos, sin) pairs of
+  // n_rot/2 angles. neox: pairs (i, i + n_rot/2); else adjacent pairs (2i, 2i+1).
+  void (*rope)(float* x, int n_heads, int head_dim, int n_rot, const float* cos_sin, bool neox);
+  // Causal softmax attention for one KV head (see AttentionArgs).
+  void (*attention)(const AttentionArgs& a);
+  // f32 -> f16 row (round to nearest even) for writing the KV cache
+  void (*f32_to_f16)(const float* x, f16_t* y, int64_t n);
+};
+
+// The table for the active ISA.
+const OpsTable& ops();
+// The table for a specific ISA (must be available); for tests.
+const OpsTable& ops_for(Isa isa);
+
+}  // namespace pyllm

@@ -1,0 +1,290 @@
+// Context: the KV cache and the Llama forward pass over it.
+//
+// One decode() call runs a chunk of tokens through every layer:
+//   x = embed(tokens)                                   [n][n_embd]
+//   per layer:  h = rms_norm(x) * attn_norm
+//               q,k,v = h Wq, h Wk, h Wv (+ biases)     [n][n_head*hd], [n][n_kv*hd] x2
+//               rope(q), rope(k); K/V cache[pos] = k, v (f16)
+//               a = softmax(q K^T / sqrt(hd)) V         causal, per head, GQA groups share K/V
+//               x += a Wo
+//               h = rms_norm(x) * ffn_norm
+//               x += (silu(h Wgate) * (h Wup)) Wdown
+//   logits = rms_norm(x) * output_norm  Wout
+// Weights are read straight from the memory map through the matmul kernels; activations stay
+// F32 throughout (the accuracy bar is set by the exact model, not by llama.cpp's int8 path).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "model/rope.h"
+#include "pyllm/fp16.h"
+#include "pyllm/matmul.h"
+#include "pyllm/model.h"
+#include "pyllm/ops.h"
+#include "pyllm/quant.h"
+
+namespace pyllm {
+
+namespace {
+
+// Scratch activations for a chunk of up to n_batch tokens.
+struct Buffers {
+  std::vector<float> x, xb, q, k, v, att, gate, up;
+  std::vector<float> rope;
+  std::vector<float> scores;  // per-thread attention scratch: n_threads * n_ctx
+  void resize(const HParams& hp, int n_batch, int n_ctx, int n_threads) {
+    const size_t n = static_cast<size_t>(n_batch);
+    x.resize(n * hp.n_embd);
+    xb.resize(n * std::max<int64_t>(hp.n_embd, int64_t(hp.n_head) * hp.head_dim));
+    q.resize(n * hp.n_head * hp.head_dim);
+    k.resize(n * hp.n_head_kv * hp.head_dim);
+    v.resize(n * hp.n_head_kv * hp.head_dim);
+    att.resize(n * hp.n_head * hp.head_dim);
+    gate.resize(n * hp.n_ff);
+    up.resize(n * hp.n_ff);
+    scores.resize(static_cast<size_t>(n_threads) * n_ctx);
+  }
+};
+
+void add_bias(float* y, const WeightView& b, int64_t n_tokens, int64_t dim) {
+  if (!b.present()) return;
+  const float* bias = static_cast<const float*>(b.data);
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    float* row = y + t * dim;
+    for (int64_t i = 0; i < dim; ++i) row[i] += bias[i];
+  }
+}
+
+}  // namespace
+
+struct Context::Impl {
+  const HParams& hp;
+  ThreadPool pool;
+  RopeTable rope;
+  Buffers buf;
+  int n_batch;
+  int n_ctx;
+  int64_t kv_dim;
+  // K and V cache: per layer [n_ctx][n_head_kv * head_dim] halves.
+  std::vector<std::vector<f16_t>> k_cache, v_cache;
+
+  Impl(const Model& m, const ContextParams& p)
+      : hp(m.hparams()),
+        pool(p.n_threads),
+        rope(m.hparams(), m.weights().rope_freqs.present()
+                              ? static_cast<const float*>(m.weights().rope_freqs.data)
+                              : nullptr),
+        n_batch(p.n_batch),
+        n_ctx(p.n_ctx),
+        kv_dim(int64_t(m.hparams().n_head_kv) * m.hparams().head_dim) {
+    buf.resize(hp, n_batch, n_ctx, pool.n_threads());
+    k_cache.assign(hp.n_layer, std::vector<f16_t>(static_cast<size_t>(n_ctx) * kv_dim));
+    v_cache.assign(hp.n_layer, std::vector<f16_t>(static_cast<size_t>(n_ctx) * kv_dim));
+  }
+
+  void mm(const WeightView& w, const float* x, int64_t n_tokens, float* y) {
+    matmul(w.type, w.data, w.rows, w.cols, x, n_tokens, y, pool);
+  }
+
+  // Runs tokens at positions pos0.. (n <= n_batch); writes the final hidden states to buf.x.
+  void forward_chunk(const Model& model, const int32_t* tokens, int n, int pos0, int seq_len) {
+    const ModelWeights& w = model.weights();
+    const OpsTable& op = ops();
+    const int64_t d = hp.n_embd, hd = hp.head_dim;
+    const int64_t q_dim = int64_t(hp.n_head) * hd;
+    const int group = hp.n_head / hp.n_head_kv;
+    float* x = buf.x.data();
+    float* xb = buf.xb.data();
+
+    // token embeddings: dequantize one row per token
+    const TypeTraits& et = type_traits(w.tok_embd.type);
+    const int64_t erow = row_size(w.tok_embd.type, d);
+    for (int t = 0; t < n; ++t) {
+      const uint8_t* row = static_cast<const uint8_t*>(w.tok_embd.data) + erow * tokens[t];
+      et.to_float(row, x + t * d, d);
+    }
+    rope.fill(pos0, n, seq_len, buf.rope);
+    const float attn_scale = 1.0f / std::sqrt(static_cast<float>(hd));
+
+    std::vector<int> visible(n);
+    for (int t = 0; t < n; ++t) visible[t] = pos0 + t + 1;
+
+    for (int il = 0; il < hp.n_layer; ++il) {
+      const LayerWeights& L = w.layers[il];
+      const float* attn_norm = static_cast<const float*>(L.attn_norm.data);
+      pool.parallel_for(n, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) op.rms_norm(x + t * d, attn_norm, xb + t * d, d, hp.rms_eps);
+      });
+      mm(L.wq, xb, n, buf.q.data());
+      mm(L.wk, xb, n, buf.k.data());
+      mm(L.wv, xb, n, buf.v.data());
+      add_bias(buf.q.data(), L.bq, n, q_dim);
+      add_bias(buf.k.data(), L.bk, n, kv_dim);
+      add_bias(buf.v.data(), L.bv, n, kv_dim);
+
+      f16_t* kc = k_cache[il].data();
+      f16_t* vc = v_cache[il].data();
+      pool.parallel_for(n, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const float* cs = buf.rope.data() + t * hp.n_rot;
+          op.rope(buf.q.data() + t * q_dim, hp.n_head, hd, hp.n_rot, cs, hp.rope_neox);
+          op.rope(buf.k.data() + t * kv_dim, hp.n_head_kv, hd, hp.n_rot, cs, hp.rope_neox);
+          op.f32_to_f16(buf.k.data() + t * kv_dim, kc + (pos0 + t) * kv_dim, kv_dim);
+          op.f32_to_f16(buf.v.data() + t * kv_dim, vc + (pos0 + t) * kv_dim, kv_dim);
+        }
+      });
+
+      // Attention: one work item per (head, token); consecutive items of one head share K/V.
+      const int64_t items = int64_t(hp.n_head) * n;
+      pool.run([&](int ith, int nth) {
+        int64_t i0, i1;
+        split_range(items, 1, ith, nth, &i0, &i1);
+        float* scratch = buf.scores.data() + static_cast<size_t>(ith) * n_ctx;
+        while (i0 < i1) {
+          const int h = static_cast<int>(i0 / n);
+          const int t = static_cast<int>(i0 % n);
+          const int cnt = static_cast<int>(std::min<int64_t>(i1 - i0, n - t));
+          const int g = h / group;
+          AttentionArgs a;
+          a.q = buf.q.data() + t * q_dim + h * hd;
+          a.q_stride = q_dim;
+          a.k = kc + g * hd;
+          a.v = vc + g * hd;
+          a.kv_stride = kv_dim;
+          a.out = buf.att.data() + t * q_dim + h * hd;
+          a.out_stride = q_dim;
+          a.n_q = cnt;
+          a.head_dim = static_cast<int>(hd);
+          a.n_visible = visible.data() + t;
+          a.scale = attn_scale;
+          a.scratch = scratch;
+          op.attention(a);
+          i0 += cnt;
+        }
+      });
+
+      mm(L.wo, buf.att.data(), n, xb);
+      op.add(x, xb, int64_t(n) * d);
+
+      const float* ffn_norm = static_cast<const float*>(L.ffn_norm.data);
+      pool.parallel_for(n, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) op.rms_norm(x + t * d, ffn_norm, xb + t * d, d, hp.rms_eps);
+      });
+      mm(L.w_gate, xb, n, buf.gate.data());
+      mm(L.w_up, xb, n, buf.up.data());
+      const int64_t nff = int64_t(n) * hp.n_ff;
+      pool.parallel_for(nff, 1024, [&](int64_t i0, int64_t i1) {
+        op.swiglu(buf.gate.data() + i0, buf.up.data() + i0, buf.gate.data() + i0, i1 - i0);
+      });
+      mm(L.w_down, buf.gate.data(), n, xb);
+      op.add(x, xb, int64_t(n) * d);
+    }
+  }
+
+  // Final norm + output projection of rows [first, first + count) of buf.x into out.
+  void output(const Model& model, int first, int count, float* out) {
+    const ModelWeights& w = model.weights();
+    const OpsTable& op = ops();
+    const int64_t d = hp.n_embd;
+    const float* norm = static_cast<const float*>(w.output_norm.data);
+    float* xb = buf.xb.data();
+    for (int t = 0; t < count; ++t) op.rms_norm(buf.x.data() + (first + t) * d, norm, xb + t * d, d, hp.rms_eps);
+    const WeightView& out_w = w.output.present() ? w.output : w.tok_embd;
+    mm(out_w, xb, count, out);
+  }
+};
+
+Context::Context(std::shared_ptr<const Model> model, const ContextParams& params)
+    : model_(std::move(model)), params_(params) {
+  if (!model_) throw std::invalid_argument("Context needs a model");
+  if (params_.n_ctx <= 0 || params_.n_ctx > (1 << 24)) throw std::invalid_argument("n_ctx must be in 1..16777216");
+  if (params_.n_batch <= 0) throw std::invalid_argument("n_batch must be positive");
+  params_.n_batch = std::min(params_.n_batch, params_.n_ctx);
+  if (params_.kv_type != KVType::F16) throw std::invalid_argument("only the F16 KV cache is implemented");
+  impl_ = std::make_unique<Impl>(*model_, params_);
+}
+
+Context::~Context() = default;
+
+int Context::n_threads() const { return impl_->pool.n_threads(); }
+
+void Context::truncate(int n) {
+  if (n < 0 || n > n_past_) throw std::out_of_range("truncate: position out of range");
+  n_past_ = n;
+}
+
+void Context::decode(const int32_t* tokens, int64_t n, float* logits, bool all_logits) {
+  const HParams& hp = model_->hparams();
+  if (n <= 0) throw std::invalid_argument("decode: no tokens");
+  if (n > params_.n_ctx - n_past_) {
+    throw std::out_of_range("context is full: " + std::to_string(n_past_) + " cached + " +
+                            std::to_string(n) + " new tokens > n_ctx " +
+                            std::to_string(params_.n_ctx));
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (tokens[i] < 0 || tokens[i] >= hp.n_vocab) {
+      throw std::invalid_argument("token id " + std::to_string(tokens[i]) +
+                                  " is outside the vocabulary (n_vocab " +
+                                  std::to_string(hp.n_vocab) + ")");
+    }
+  }
+  const int end = n_past_ + static_cast<int>(n);
+  for (int64_t done = 0; done < n;) {
+    const int chunk = static_cast<int>(std::min<int64_t>(params_.n_batch, n - done));
+    impl_->forward_chunk(*model_, tokens + done, chunk, n_past_, end);
+    if (logits && all_logits) {
+      impl_->output(*model_, 0, chunk, logits + done * hp.n_vocab);
+    } else if (logits && done + chunk == n) {
+      impl_->output(*model_, chunk - 1, 1, logits);
+    }
+    n_past_ += chunk;
+    done += chunk;
+  }
+}
+
+std::vector<uint8_t> Context::save_state() const {
+  const HParams& hp = model_->hparams();
+  const int64_t per_layer = int64_t(n_past_) * impl_->kv_dim * sizeof(f16_t);
+  const int32_t header[4] = {0x504c4c4d /* "MLLP" */, n_past_, hp.n_layer,
+                             static_cast<int32_t>(impl_->kv_dim)};
+  std::vector<uint8_t> out(sizeof header + 2 * per_layer * hp.n_layer);
+  uint8_t* p = out.data();
+  std::memcpy(p, header, sizeof header);
+  p += sizeof header;
+  for (int il = 0; il < hp.n_layer; ++il) {
+    std::memcpy(p, impl_->k_cache[il].data(), per_layer);
+    p += per_layer;
+    std::memcpy(p, impl_->v_cache[il].data(), per_layer);
+    p += per_layer;
+  }
+  return out;
+}
+
+void Context::load_state(const uint8_t* data, int64_t size) {
+  const HParams& hp = model_->hparams();
+  int32_t header[4];
+  if (size < static_cast<int64_t>(sizeof header)) throw std::invalid_argument("state is too short");
+  std::memcpy(header, data, sizeof header);
+  if (header[0] != 0x504c4c4d || header[2] != hp.n_layer || header[3] != impl_->kv_dim) {
+    throw std::invalid_argument("state was saved from a different model");
+  }
+  const int n = header[1];
+  if (n < 0 || n > params_.n_ctx) throw std::invalid_argument("state does not fit in this context");
+  const int64_t per_layer = int64_t(n) * impl_->kv_dim * sizeof(f16_t);
+  if (size != static_cast<int64_t>(sizeof header) + 2 * per_layer * hp.n_layer) {
+    throw std::invalid_argument("state size does not match its header");
+  }
+  const uint8_t* p = data + sizeof header;
+  for (int il = 0; il < hp.n_layer; ++il) {
+    std::memcpy(impl_->k_cache[il].data(), p, per_layer);
+    p += per_layer;
+    std::memcpy(impl_->v_cache[il].data(), p, per_layer);
+    p += per_layer;
+  }
+  n_past_ = n;
+}
+
+}  // namespace pyllm

@@ -1,0 +1,174 @@
+"""Architectures: GGUF metadata -> hyper-parameters, and the tensors each layer needs.
+
+Supported: ``llama`` (Llama 1/2/3/3.x, CodeLlama, Mistral, Yi, DeepSeek, SmolLM2, ...), ``qwen2``
+(q/k/v biases, NeoX-style RoPE) and ``internlm2`` (converted to the llama tensor names by GGUF
+converters). Everything is validated here, in Python, before any pointer reaches C++.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pyllm.errors import ModelError
+from pyllm.gguf import GGMLType, GGUFReader, TensorInfo
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "internlm2")
+NEOX_ARCHS = frozenset({"qwen2"})
+
+# Weight types the kernels compute with.
+WEIGHT_TYPES = frozenset({
+    GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0,
+    GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K,
+    GGMLType.Q6_K,
+})
+
+ROPE_SCALING = {"none": 0, "linear": 1, "yarn": 2, "dynamic": 3}
+
+LAYER_TENSORS = ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
+                 "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight",
+                 "ffn_down.weight")
+OPTIONAL_LAYER_TENSORS = ("attn_q.bias", "attn_k.bias", "attn_v.bias")
+
+
+@dataclass(frozen=True)
+class HParams:
+    arch: str
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    n_rot: int
+    n_ctx_train: int
+    rms_eps: float
+    rope_base: float
+    rope_neox: bool
+    rope_scaling: int = 0
+    rope_factor: float = 1.0
+    rope_orig_ctx: int = 0
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_attn_factor: float = 1.0
+    yarn_ext_factor: float = -1.0
+
+    def core_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("arch")
+        return d
+
+
+def _int(md: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = md.get(key, default)
+    if value is None:
+        raise ModelError(f"missing metadata key {key}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise ModelError(f"metadata {key} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _float(md: dict[str, Any], key: str, default: float) -> float:
+    value = md.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ModelError(f"metadata {key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def read_hparams(reader: GGUFReader) -> HParams:
+    md = reader.metadata
+    arch = md.get("general.architecture")
+    if not isinstance(arch, str) or not arch:
+        raise ModelError(f"{reader.path}: no general.architecture in the file")
+    if arch not in SUPPORTED_ARCHS:
+        raise ModelError(f"unsupported architecture {arch!r} (supported: "
+                         f"{', '.join(SUPPORTED_ARCHS)})")
+    p = arch + "."
+    if not reader.has_tensor("token_embd.weight"):
+        raise ModelError("missing tensor token_embd.weight")
+    emb = reader.tensor("token_embd.weight")
+    if len(emb.dims) != 2:
+        raise ModelError("token_embd.weight must be 2-D")
+    n_embd = _int(md, p + "embedding_length")
+    n_head = _int(md, p + "attention.head_count")
+    n_head_kv = _int(md, p + "attention.head_count_kv", n_head)
+    if n_head <= 0 or n_head_kv <= 0 or n_head % n_head_kv:
+        raise ModelError(f"bad head counts: {n_head} heads, {n_head_kv} KV heads")
+    head_dim = _int(md, p + "attention.key_length", n_embd // n_head if n_embd % n_head == 0 else 0)
+    if head_dim <= 0:
+        raise ModelError("head size is not given and n_embd is not divisible by n_head")
+    n_rot = _int(md, p + "rope.dimension_count", head_dim)
+
+    scaling_name = md.get(p + "rope.scaling.type", "none")
+    factor = _float(md, p + "rope.scaling.factor", 1.0)
+    if scaling_name == "none" and p + "rope.scale_linear" in md:  # older files
+        scaling_name, factor = "linear", _float(md, p + "rope.scale_linear", 1.0)
+    if scaling_name not in ROPE_SCALING:
+        raise ModelError(f"unsupported rope scaling type {scaling_name!r}")
+    if scaling_name != "none" and factor <= 0:
+        raise ModelError(f"rope scaling factor must be > 0, got {factor}")
+    if scaling_name != "none" and factor == 1.0:
+        scaling_name = "none"
+
+    n_ctx_train = _int(md, p + "context_length", 2048)
+    hp = HParams(
+        arch=arch,
+        n_vocab=int(emb.dims[1]),
+        n_embd=n_embd,
+        n_layer=_int(md, p + "block_count"),
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim=head_dim,
+        n_ff=_int(md, p + "feed_forward_length"),
+        n_rot=n_rot,
+        n_ctx_train=n_ctx_train,
+        rms_eps=_float(md, p + "attention.layer_norm_rms_epsilon", 1e-5),
+        rope_base=_float(md, p + "rope.freq_base", 10000.0),
+        rope_neox=arch in NEOX_ARCHS,
+        rope_scaling=ROPE_SCALING[scaling_name],
+        rope_factor=factor,
+        rope_orig_ctx=_int(md, p + "rope.scaling.original_context_length", n_ctx_train),
+        yarn_beta_fast=_float(md, p + "rope.scaling.yarn_beta_fast", 32.0),
+        yarn_beta_slow=_float(md, p + "rope.scaling.yarn_beta_slow", 1.0),
+        yarn_attn_factor=_float(md, p + "rope.scaling.attn_factor", 1.0),
+        yarn_ext_factor=_float(md, p + "rope.scaling.yarn_ext_factor", -1.0),
+    )
+    if hp.n_layer <= 0 or hp.n_layer > 4096:
+        raise ModelError(f"bad block count {hp.n_layer}")
+    if hp.n_rot <= 0 or hp.n_rot > hp.head_dim or hp.n_rot % 2:
+        raise ModelError(f"bad rope dimension count {hp.n_rot} for head size {hp.head_dim}")
+    return hp
+
+
+def _spec(t: TensorInfo) -> tuple[int, Any, int, int]:
+    """(type id, flat byte view, cols, rows) as the C++ Model expects; 1-D tensors are one row."""
+    if t.type not in WEIGHT_TYPES:
+        raise ModelError(f"tensor {t.name}: type {t.type.name} is not supported for computation")
+    if len(t.dims) > 2:
+        raise ModelError(f"tensor {t.name}: expected at most 2 dimensions, got {list(t.dims)}")
+    rows = t.dims[1] if len(t.dims) == 2 else 1
+    return int(t.type), t.raw, int(t.dims[0]), int(rows)
+
+
+def collect_tensors(reader: GGUFReader, hp: HParams) -> dict[str, tuple[int, Any, int, int]]:
+    """The weights the forward pass reads, by GGUF name; raises ModelError for missing ones."""
+    out: dict[str, tuple[int, Any, int, int]] = {}
+
+    def take(name: str, required: bool = True) -> None:
+        if reader.has_tensor(name):
+            out[name] = _spec(reader.tensor(name))
+        elif required:
+            raise ModelError(f"missing tensor {name}")
+
+    take("token_embd.weight")
+    take("output_norm.weight")
+    take("output.weight", required=False)
+    take("rope_freqs.weight", required=False)
+    for i in range(hp.n_layer):
+        for suffix in LAYER_TENSORS:
+            take(f"blk.{i}.{suffix}")
+        for suffix in OPTIONAL_LAYER_TENSORS:
+            take(f"blk.{i}.{suffix}", required=False)
+    return out

@@ -1,0 +1,66 @@
+"""``pyllm run``: continue a prompt and stream the text to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from pyllm.cli.common import add_model_args, add_sampling_args, load_llm, sampling_from_args
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("run", help="generate a continuation of a prompt",
+                       description="Continue PROMPT with the model and stream the text to stdout.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-p", "--prompt", help="the prompt text")
+    src.add_argument("-f", "--file", metavar="PROMPT_FILE", help="read the prompt from a file")
+    p.add_argument("-n", "--n-predict", type=int, default=128, metavar="N",
+                   help="tokens to generate (-1 = until end of text or full context; 128)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when TEXT is generated (repeatable; not printed)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print load info and speed (prompt and generation tokens/s) to stderr")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.set_defaults(run=run, parser=p)
+
+
+def run(args: argparse.Namespace) -> int:
+    parser: argparse.ArgumentParser = args.parser
+    if args.n_predict < -1:
+        parser.error(f"-n must be -1 or >= 0, got {args.n_predict}")
+    sampling = sampling_from_args(parser, args)
+    if args.file is not None:
+        try:
+            prompt = Path(args.file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            parser.error(f"cannot read prompt file {args.file}: {e}")
+    else:
+        prompt = args.prompt
+    from pyllm.completions import make_generation
+    from pyllm.generate import prompt_tokens
+
+    llm = load_llm(args, verbose=args.verbose)
+    max_tokens = None if args.n_predict == -1 else args.n_predict
+    gen = make_generation(llm, prompt_tokens(llm, prompt), max_tokens=max_tokens, stop=args.stop,
+                          **sampling)
+    out = sys.stdout
+    out.write(prompt)
+    out.flush()
+    for piece in gen:
+        if piece.text:
+            out.write(piece.text)
+            out.flush()
+    out.write("\n")
+    out.flush()
+    if args.verbose:
+        n_gen = len(gen.tokens)
+        pp = gen.n_prompt_evaluated / gen.t_prompt if gen.t_prompt > 0 else 0.0
+        tg = n_gen / gen.t_generate if gen.t_generate > 0 else 0.0
+        print(f"prompt: {gen.n_prompt_evaluated} tokens in {gen.t_prompt * 1000:.1f} ms "
+              f"({pp:.1f} tokens/s)\n"
+              f"generation: {n_gen} tokens in {gen.t_generate * 1000:.1f} ms ({tg:.1f} tokens/s), "
+              f"finish: {gen.finish_reason}", file=sys.stderr)
+    return 0

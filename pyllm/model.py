@@ -1,0 +1,283 @@
+"""The LLM object: load a GGUF model, evaluate tokens, get logits, manage the KV cache.
+
+Weights stay memory-mapped: loading parses the header and hands zero-copy views to C++, so it is
+near-instant and memory grows only with what the forward pass touches. Every forward call is one
+call into C++ with the GIL released.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pyllm.arch import HParams, collect_tensors, read_hparams
+from pyllm.errors import ContextError, ModelError, PyllmError
+from pyllm.gguf import GGUFReader
+from pyllm.models import resolve_model_path
+
+if TYPE_CHECKING:
+    from pyllm.tokenizer import Tokenizer
+
+KV_TYPES = {"f16": 0, "q8_0": 1}
+
+
+@dataclass(frozen=True)
+class LLMState:
+    """A snapshot of the context: cached tokens and their K/V entries."""
+
+    tokens: tuple[int, ...]
+    kv: bytes
+    last_logits: np.ndarray | None
+
+
+def _core() -> Any:
+    try:
+        from pyllm import _core
+    except ImportError as e:  # pragma: no cover - only when the extension was not built
+        raise ModelError(f"the pyllm C++ extension is not available: {e}") from None
+    return _core
+
+
+class LLM:
+    """A loaded model plus one inference context (KV cache of ``n_ctx`` positions).
+
+    Not thread-safe: use one LLM per thread (two LLMs in two threads run independently).
+    """
+
+    def __init__(self, model_path: str | os.PathLike[str] | None = None, *, n_ctx: int = 2048,
+                 n_threads: int | None = None, n_batch: int = 512, seed: int = -1,
+                 kv_type: str = "f16", verbose: bool = False) -> None:
+        for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ContextError(f"{name} must be a positive integer, got {value!r}")
+        if n_threads is not None and (not isinstance(n_threads, int) or n_threads <= 0):
+            raise ContextError(f"n_threads must be a positive integer, got {n_threads!r}")
+        if kv_type not in KV_TYPES:
+            raise ContextError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
+        self.model_path = Path(resolve_model_path(model_path, quiet=not verbose))
+        self.verbose = verbose
+        self.seed = seed
+        self._lock = threading.Lock()
+        self._reader = GGUFReader(self.model_path)
+        self.metadata = self._reader.metadata
+        self.hparams: HParams = read_hparams(self._reader)
+        tensors = collect_tensors(self._reader, self.hparams)
+        core = _core()
+        try:
+            self._model = core.Model(self.hparams.core_dict(), tensors)
+            self._ctx = core.Context(self._model, n_ctx=n_ctx, n_batch=n_batch,
+                                     n_threads=n_threads or 0, kv_type=KV_TYPES[kv_type])
+        except ValueError as e:
+            raise ModelError(f"{self.model_path}: {e}") from None
+        self.n_ctx = n_ctx
+        self.n_batch = n_batch
+        self._tokens: list[int] = []
+        self._last_logits: np.ndarray | None = None
+        self._tokenizer: Tokenizer | None = None
+        if verbose:
+            hp = self.hparams
+            print(f"pyllm: {hp.arch} {hp.n_layer} layers, n_embd {hp.n_embd}, {hp.n_head} heads "
+                  f"({hp.n_head_kv} KV), vocab {hp.n_vocab}, n_ctx {n_ctx}, "
+                  f"{self._ctx.n_threads} threads")
+
+    # ---- properties ---------------------------------------------------------------------------
+
+    @property
+    def n_vocab(self) -> int:
+        return self.hparams.n_vocab
+
+    @property
+    def n_threads(self) -> int:
+        return int(self._ctx.n_threads)
+
+    @property
+    def tokens(self) -> list[int]:
+        """Tokens whose K/V entries are cached (the context so far)."""
+        return list(self._tokens)
+
+    @property
+    def n_past(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            from pyllm.tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.from_metadata(self.metadata)
+        return self._tokenizer
+
+    # ---- tokenization hooks -------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True,
+                 parse_special: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens: Sequence[int], skip_special: bool = False) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special=skip_special)
+
+    # ---- evaluation ---------------------------------------------------------------------------
+
+    def _check_tokens(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+        arr = np.asarray(tokens)
+        if arr.ndim != 1:
+            raise ModelError("tokens must be a 1-D sequence of ints")
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise ModelError(f"tokens must be integers, got {arr.dtype}")
+        if arr.size and (arr.min() < 0 or arr.max() >= self.n_vocab):
+            bad = int(arr[(arr < 0) | (arr >= self.n_vocab)][0])
+            raise ModelError(f"token id {bad} is outside the vocabulary (n_vocab {self.n_vocab})")
+        return arr.astype(np.int32, copy=False)
+
+    def _decode(self, arr: np.ndarray, logits: str) -> np.ndarray | None:
+        if self._ctx is None:
+            raise ModelError("this LLM has been closed")
+        if len(self._tokens) + arr.size > self.n_ctx:
+            raise ContextError(f"{len(self._tokens)} cached + {arr.size} new tokens exceed the "
+                               f"context size n_ctx={self.n_ctx}")
+        with self._lock:
+            try:
+                out = self._ctx.decode(arr, logits)
+            except IndexError as e:
+                raise ContextError(str(e)) from None
+            except ValueError as e:
+                raise ModelError(str(e)) from None
+        self._tokens.extend(int(t) for t in arr)
+        return out
+
+    def eval(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Append tokens to the context; returns the logits after the last one (n_vocab,)."""
+        arr = self._check_tokens(tokens)
+        if arr.size == 0:
+            raise ModelError("eval needs at least one token")
+        out = self._decode(arr, "last")
+        assert out is not None
+        self._last_logits = out
+        return out
+
+    def eval_prompt(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Make the context hold exactly ``tokens``, reusing the longest cached common prefix;
+        returns the logits after the last token."""
+        arr = self._check_tokens(tokens)
+        if arr.size == 0:
+            raise ModelError("the prompt is empty")
+        keep = 0
+        for cached, new in zip(self._tokens, arr.tolist(), strict=False):
+            if cached != new:
+                break
+            keep += 1
+        keep = min(keep, arr.size - 1)  # always evaluate at least one token to get its logits
+        self._truncate(keep)
+        return self.eval(arr[keep:])
+
+    def logits(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Teacher-forced logits for every position: float32 array (n_tokens, n_vocab).
+
+        Starts from an empty context (the result does not depend on earlier calls).
+        """
+        arr = self._check_tokens(tokens)
+        if arr.size == 0:
+            return np.zeros((0, self.n_vocab), dtype=np.float32)
+        self.reset()
+        out = self._decode(arr, "all")
+        assert out is not None
+        self._last_logits = out[-1].copy()
+        return out
+
+    def _truncate(self, n: int) -> None:
+        if self._ctx is not None and n < len(self._tokens):
+            self._ctx.truncate(n)
+            del self._tokens[n:]
+            self._last_logits = None
+
+    def reset(self) -> None:
+        """Forget the context (the KV cache is reused, not reallocated)."""
+        self._truncate(0)
+
+    # ---- generation -------------------------------------------------------------------------
+
+    def stream(self, prompt: str | Sequence[int], max_tokens: int | None = 128,
+               stop: str | Sequence[str] | None = None, **sampling: Any) -> Iterator[str]:
+        """Generate a continuation of ``prompt`` and yield text pieces as they become final.
+
+        ``sampling`` takes the :class:`pyllm.sampling.SamplingParams` fields (temperature, top_k,
+        top_p, min_p, typical_p, tfs_z, repeat_penalty, repeat_last_n, presence_penalty,
+        frequency_penalty, mirostat, mirostat_tau, mirostat_eta, logit_bias, seed).
+        """
+        from pyllm.completions import make_generation
+        from pyllm.generate import prompt_tokens
+
+        gen = make_generation(self, prompt_tokens(self, prompt), max_tokens=max_tokens,
+                              stop=stop, **sampling)
+        for piece in gen:
+            if piece.text:
+                yield piece.text
+
+    def generate(self, prompt: str | Sequence[int], max_tokens: int | None = 128,
+                 stop: str | Sequence[str] | None = None, **sampling: Any) -> str:
+        """The whole continuation of ``prompt`` as one string (see :meth:`stream`)."""
+        return "".join(self.stream(prompt, max_tokens, stop, **sampling))
+
+    def chat(self, messages: Sequence[dict[str, Any]], max_tokens: int | None = None,
+             chat_format: str | None = None, stream: bool = False,
+             **sampling: Any) -> str | Iterator[str]:
+        """The assistant's reply to ``messages`` (dicts with ``role`` and ``content``), using
+        the model's chat template or the named built-in ``chat_format``."""
+        from pyllm.completions import make_generation
+        from pyllm.generate import chat_prompt
+
+        tokens, stops = chat_prompt(self, messages, chat_format)
+        gen = make_generation(self, tokens, max_tokens=max_tokens, stop=sampling.pop("stop", None),
+                              extra_stop=stops, **sampling)
+        pieces = (p.text for p in gen if p.text)
+        return pieces if stream else "".join(pieces)
+
+    def create_completion(self, prompt: str | Sequence[int], **kwargs: Any) -> Any:
+        """llama-cpp-python compatible: OpenAI-shaped dict, or chunk iterator with stream=True."""
+        from pyllm.completions import create_completion
+
+        return create_completion(self, prompt, **kwargs)
+
+    def create_chat_completion(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Any:
+        """llama-cpp-python compatible chat completion (OpenAI ``chat.completion`` dicts)."""
+        from pyllm.completions import create_chat_completion
+
+        return create_chat_completion(self, messages, **kwargs)
+
+    __call__ = create_completion
+
+    # ---- state --------------------------------------------------------------------------------
+
+    def save_state(self) -> LLMState:
+        last = None if self._last_logits is None else self._last_logits.copy()
+        return LLMState(tuple(self._tokens), bytes(self._ctx.save_state()), last)
+
+    def load_state(self, state: LLMState) -> None:
+        if not isinstance(state, LLMState):
+            raise PyllmError("load_state expects an LLMState from save_state()")
+        try:
+            self._ctx.load_state(state.kv)
+        except ValueError as e:
+            raise ContextError(f"cannot load state: {e}") from None
+        self._tokens = list(state.tokens)
+        self._last_logits = None if state.last_logits is None else state.last_logits.copy()
+
+    # ---- lifetime -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the context and the mapping (the object is unusable afterwards)."""
+        self._ctx = None
+        self._model = None
+        self._reader.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
