@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import struct
 import zipfile
 from collections.abc import Callable, Mapping
@@ -356,8 +357,15 @@ class _TorchBinShard(_Shard):
         try:
             sd = torch.load(str(path), map_location="cpu", weights_only=True,
                             mmap=zipfile.is_zipfile(path))
-        except Exception as e:  # UnpicklingError for refused globals, RuntimeError for junk
-            raise ConvertError(f"{path.name}: refused or unreadable checkpoint: {e}") from None
+        except pickle.UnpicklingError as e:
+            # torch's text suggests weights_only=False, which is exactly what must not happen;
+            # keep only the line naming what the pickle tried to reach
+            why = next((ln.strip() for ln in str(e).splitlines()
+                        if "GLOBAL" in ln or "Unsupported" in ln), "not a weights-only pickle")
+            raise ConvertError(f"{path.name}: refused: the pickle references something other "
+                               f"than tensors ({why})") from None
+        except Exception as e:  # RuntimeError/EOFError/... for junk
+            raise ConvertError(f"{path.name}: unreadable checkpoint: {e}") from None
         if not isinstance(sd, dict) or not all(
                 isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
             raise ConvertError(f"{path.name}: expected a dict of name -> tensor")

@@ -24,7 +24,7 @@ hv = head_dim (v), F = n_ff, V = n_vocab, R = rope dimension count.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,12 +78,16 @@ class RefParams:
 
     @classmethod
     def from_reader(cls, r: GGUFReader) -> RefParams:
-        arch = r.get("general.architecture")
+        return cls.from_metadata(r.metadata, int(r.tensor("token_embd.weight").shape[0]))
+
+    @classmethod
+    def from_metadata(cls, md: Mapping[str, Any], n_vocab: int) -> RefParams:
+        arch = md.get("general.architecture")
         if arch not in SUPPORTED_ARCHS:
             raise ModelError(f"reference forward: unsupported architecture {arch!r}")
 
         def kv(key: str, default: Any = None) -> Any:
-            value = r.get(f"{arch}.{key}", default)
+            value = md.get(f"{arch}.{key}", default)
             if value is None:
                 raise ModelError(f"reference forward: missing {arch}.{key}")
             return value
@@ -95,7 +99,7 @@ class RefParams:
         n_ctx_train = int(kv("context_length", 2048))
         scaling_type = str(kv("rope.scaling.type", "none"))
         factor = float(kv("rope.scaling.factor", 1.0))
-        legacy_linear = r.get(f"{arch}.rope.scale_linear")  # older files: linear factor only
+        legacy_linear = md.get(f"{arch}.rope.scale_linear")  # older files: linear factor only
         if scaling_type == "none" and legacy_linear is not None and float(legacy_linear) != 1.0:
             scaling_type, factor = "linear", float(legacy_linear)
         if scaling_type not in ("none", "linear", "yarn", "dynamic"):
@@ -104,7 +108,7 @@ class RefParams:
             raise ModelError(f"n_head {n_head} is not a multiple of n_head_kv {n_head_kv}")
         return cls(
             arch=arch,
-            n_vocab=int(r.tensor("token_embd.weight").shape[0]),
+            n_vocab=n_vocab,
             n_embd=n_embd,
             n_layer=int(kv("block_count")),
             n_head=n_head,
