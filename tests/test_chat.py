@@ -103,7 +103,7 @@ EXPECTED = {
         "Human: Who are you?\n\nAssistant: "
     ),
     "billa": (
-        "<s>\nYou are a helpful assistant.\n"
+        "<s>You are a helpful assistant.\n"
         "Human: Hello\nAssistant: Hi there!\n"
         "Human: Who are you?\nAssistant: "
     ),
@@ -194,6 +194,7 @@ def test_list_formats_has_every_required_format() -> None:
             "<s>[INST] <<SYS>>\nYou are a helpful assistant. 你是一个乐于助人的助手。\n<</SYS>>\n\n"
             "Hello [/INST]",
         ),
+        ("billa", "<s>\nHuman: Hello\nAssistant: "),
         ("llama-2", "<s>[INST] Hello [/INST]"),
         ("chatml", "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"),
     ],
@@ -460,6 +461,14 @@ def test_template_features_used_by_real_templates() -> None:
     gen = "{% if add_generation_prompt %}G{% endif %}"
     assert render(TURNS, gen) == "G"
     assert render(TURNS, gen, add_generation_prompt=False) == ""
+
+
+def test_generation_tag_is_accepted() -> None:
+    tmpl = (
+        "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}"
+        "[{{ m.content }}]{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}"
+    )
+    assert render(TURNS, tmpl) == "Hello[Hi there!]Who are you?"
 
 
 def test_compiled_template_object() -> None:

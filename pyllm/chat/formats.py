@@ -157,6 +157,9 @@ class ChatFormat:
         Rendering then matches fastllm's own prompt building exactly::
 
             pre_prompt + (user_role + q + bot_role + a + history_sep)* + user_role + q + bot_role
+
+        fastllm has no system role: a system message's text goes right after ``pre_prompt``,
+        shaped by ``system_prefix``/``system_suffix`` if given in ``extra``.
         """
         return cls(
             pre_prompt=parse_fastllm(pre_prompt),
@@ -213,32 +216,39 @@ def render_format_parts(
     def text(s: str) -> str:
         return s.strip() if fmt.strip_content else s
 
+    f = {name: _normalised(getattr(fmt, name)) for name in _PIECE_FIELDS}
     system_block: tuple[Piece, ...] = ()
     if system is not None:
-        system_block = (*fmt.system_prefix, text(system), *fmt.system_suffix)  # type: ignore[misc]
+        system_block = (*f["system_prefix"], text(system), *f["system_suffix"])
 
-    out.add(fmt.pre_prompt)
+    out.add(f["pre_prompt"])
     if not fmt.system_in_first_user:
         out.add(system_block)
     for i, m in enumerate(msgs):
         last = i == len(msgs) - 1
         if m["role"] == "user":
-            out.add(fmt.user_role)
+            out.add(f["user_role"])
             if i == 0 and fmt.system_in_first_user:
                 out.add(system_block)
-            out.add((text(m["content"]), *fmt.user_suffix))
+            out.add((text(m["content"]), *f["user_suffix"]))
             if not last or add_generation_prompt:
-                out.add(fmt.bot_role)
+                out.add(f["bot_role"])
         else:
-            sep = fmt.history_sep
+            sep = f["history_sep"]
             if last:
                 # A BOS closing the separator opens the next turn; there is none.
                 while sep and sep[-1] == BOS:
                     sep = sep[:-1]
-            out.add((*fmt.reply_prefix, text(m["content"]), *sep))
+            out.add((*f["reply_prefix"], text(m["content"]), *sep))
             if last and add_generation_prompt:
-                out.add(fmt.bot_role)  # as Jinja templates do: open another reply
+                out.add(f["bot_role"])  # as Jinja templates do: open another reply
     return out.parts
+
+
+def _normalised(value: PieceLike) -> tuple[Piece, ...]:
+    # ChatFormat.__post_init__ already turned every piece field into a tuple of pieces; this
+    # only narrows the declared (constructor-friendly) type.
+    return value if isinstance(value, tuple) else _pieces(value, "field")
 
 
 class _PartBuilder:
@@ -385,7 +395,8 @@ BUILTIN_FORMATS: dict[str, ChatFormat] = {
     "deepseek-coder": ChatFormat(
         # deepseek-coder-instruct's own template: the default system prompt (note: it has no
         # final period) ends with a newline; turns are "### Instruction:\n" / "### Response:\n"
-        # and a finished reply is closed by "\n<|EOT|>\n".
+        # and a finished reply is closed by "\n<|EOT|>\n". A caller's system prompt gets the same
+        # newline (the published template omits it, gluing the text to "### Instruction:").
         pre_prompt=BOS,
         default_system=(
             "You are an AI programming assistant, utilizing the Deepseek Coder model, developed "
@@ -436,7 +447,9 @@ BUILTIN_FORMATS: dict[str, ChatFormat] = {
         description="XVERSE-Chat (7B, 13B, 65B)",
     ),
     "billa": ChatFormat(
-        pre_prompt=(BOS, "\n"),
+        # BiLLa: "Human: q\nAssistant: a\n..." after a (usually empty) system line.
+        pre_prompt=BOS,
+        default_system="",
         system_suffix="\n",
         user_role="Human: ",
         user_suffix="\n",

@@ -25,7 +25,10 @@ from functools import lru_cache
 from typing import Any
 
 import jinja2
+from jinja2 import nodes
 from jinja2.exceptions import SecurityError
+from jinja2.ext import Extension
+from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment, modifies_known_mutable
 
 from pyllm.errors import ChatTemplateError
@@ -85,6 +88,17 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
         return super().call_binop(context, op, left, right)
 
 
+class _GenerationTag(Extension):
+    """``{% generation %}...{% endgeneration %}``: Hugging Face marks the assistant's tokens
+    with it (for training masks); for rendering it is a no-op wrapper around its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Parser) -> list[nodes.Node]:
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 def _tojson(
     value: Any,
     indent: int | None = None,
@@ -119,7 +133,7 @@ def _environment() -> _StrictSandbox:
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=False,
-        extensions=["jinja2.ext.loopcontrols"],
+        extensions=["jinja2.ext.loopcontrols", _GenerationTag],
         autoescape=False,
     )
     env.filters["tojson"] = _tojson
@@ -243,8 +257,9 @@ def validate_messages(
     """Check the shape of a conversation and return plain-dict copies of its messages.
 
     Each message must be a mapping with a ``role`` from ``roles`` and a ``str`` ``content``.
-    Templates also accept extra keys (``tool_calls``, ``name``, ...) and, for an assistant
-    message that carries ``tool_calls``, a ``None`` content.
+    Extra keys (``tool_calls``, ``name``, ...) are passed through to templates and ignored by
+    formats; for templates, an assistant message that carries ``tool_calls`` may have ``None``
+    content.
     """
     allowed = frozenset(roles)
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
