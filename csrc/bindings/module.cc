@@ -6,4 +6,5 @@
 PYBIND11_MODULE(_core, m) {
   m.doc() = "pyllm C++ core: quantization formats, CPU kernels, the Llama forward pass";
   pyllm::bindings::register_info(m);
+  pyllm::bindings::register_kernels(m);
 }

@@ -6,5 +6,6 @@
 namespace pyllm::bindings {
 
 void register_info(pybind11::module_& m);  // bind_info.cc: version and build facts
+void register_kernels(pybind11::module_& m);  // bind_kernels.cc: matmul, thread count (tests/benchmarks)
 
 }  // namespace pyllm::bindings

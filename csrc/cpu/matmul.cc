@@ -84,6 +84,11 @@ int64_t row_bytes_of(QType t, int64_t k) {
 
 }  // namespace
 
+int64_t matmul_row_bytes(QType wtype, int64_t k) {
+  check_matmul(MatmulParams{wtype, nullptr, 0, k, nullptr, 0, 0, nullptr, 0});
+  return row_bytes_of(wtype, k);
+}
+
 bool matmul_supports(QType wtype) {
   Layout l{};
   return weight_layout(wtype, &l);

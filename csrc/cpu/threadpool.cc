@@ -197,15 +197,17 @@ int default_thread_count() {
 
 namespace {
 std::mutex g_default_mu;
-std::unique_ptr<ThreadPool> g_default_pool;
+std::shared_ptr<ThreadPool> g_default_pool;
 int g_default_threads = 0;
 }  // namespace
 
-ThreadPool& default_pool() {
+std::shared_ptr<ThreadPool> default_pool_shared() {
   std::lock_guard<std::mutex> lk(g_default_mu);
-  if (!g_default_pool) g_default_pool.reset(new ThreadPool(g_default_threads));
-  return *g_default_pool;
+  if (!g_default_pool) g_default_pool = std::make_shared<ThreadPool>(g_default_threads);
+  return g_default_pool;
 }
+
+ThreadPool& default_pool() { return *default_pool_shared(); }
 
 void set_default_pool_threads(int n) {
   std::lock_guard<std::mutex> lk(g_default_mu);

@@ -73,4 +73,7 @@ void check_matmul(const MatmulParams& p);
 // The weight types matmul supports.
 bool matmul_supports(QType wtype);
 
+// Bytes of one weight row of k elements; throws std::invalid_argument like check_matmul.
+int64_t matmul_row_bytes(QType wtype, int64_t k);
+
 }  // namespace pyllm

@@ -54,8 +54,13 @@ int default_thread_count();
 // default_thread_count() threads, or with what set_default_pool_threads() asked for.
 ThreadPool& default_pool();
 
-// Replaces the default pool by one with n threads (n <= 0: default_thread_count()). Must not be
-// called while another thread is using the default pool.
+// The same pool, co-owned: a caller holding it is safe against a concurrent resize (the old
+// pool lives until its last holder lets go). The bindings and the C ABI use this one.
+std::shared_ptr<ThreadPool> default_pool_shared();
+
+// Replaces the default pool by one with n threads (n <= 0: default_thread_count()); no-op when
+// the size is unchanged. Holders of default_pool_shared() keep the old pool; a plain
+// default_pool() reference must not be held across this call.
 void set_default_pool_threads(int n);
 
 // The [begin, end) share of thread ith among nth over n items in multiples of grain.

@@ -1,0 +1,88 @@
+// Python bindings of the CPU kernels, for tests and benchmarks: matmul over raw GGUF weight
+// bytes and the size of the default thread pool. The forward pass calls the kernels from C++.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+#include "bindings/register.h"
+#include "pyllm/matmul.h"
+#include "pyllm/threadpool.h"
+
+namespace py = pybind11;
+
+namespace pyllm::bindings {
+namespace {
+
+[[noreturn]] void raise_quant_error(const std::string& msg) {
+  py::object cls = py::module_::import("pyllm.errors").attr("QuantError");
+  PyErr_SetString(cls.ptr(), msg.c_str());
+  throw py::error_already_set();
+}
+
+py::array_t<float> py_matmul(uint32_t qtype, const py::array& w, int64_t n_out, int64_t k,
+                             const py::array& x_in) {
+  const QType type = static_cast<QType>(qtype);
+  int64_t row_bytes = 0;
+  try {
+    if (n_out < 0) throw std::invalid_argument("matmul: n_out must be >= 0");
+    row_bytes = matmul_row_bytes(type, k);
+  } catch (const std::invalid_argument& e) {
+    raise_quant_error(e.what());
+  }
+  if (!py::isinstance<py::array_t<uint8_t>>(w) || !(w.flags() & py::array::c_style)) {
+    raise_quant_error("matmul: weights must be a C-contiguous uint8 array");
+  }
+  if (row_bytes > 0 && n_out > INT64_MAX / row_bytes) raise_quant_error("matmul: size overflow");
+  if (static_cast<int64_t>(w.nbytes()) != n_out * row_bytes) {
+    raise_quant_error("matmul: weights hold " + std::to_string(w.nbytes()) + " bytes, expected " +
+                      std::to_string(n_out * row_bytes) + " for " + std::to_string(n_out) +
+                      " rows of " + std::to_string(k) + " elements");
+  }
+  if (!py::isinstance<py::array_t<float>>(x_in)) {
+    raise_quant_error("matmul: activations must be a float32 array");
+  }
+  const bool vector = x_in.ndim() == 1;
+  if (!vector && x_in.ndim() != 2) raise_quant_error("matmul: activations must be 1-D or 2-D");
+  const int64_t n_tokens = vector ? 1 : x_in.shape(0);
+  const int64_t xk = x_in.shape(vector ? 0 : 1);
+  if (xk != k) {
+    raise_quant_error("matmul: activations have " + std::to_string(xk) + " columns, expected k = " +
+                      std::to_string(k));
+  }
+  // A C-contiguous view (copies only if the caller passed a strided array).
+  auto x = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(x_in);
+  py::array_t<float> y = vector ? py::array_t<float>({n_out})
+                                : py::array_t<float>({n_tokens, n_out});
+  const void* wp = w.data();
+  const float* xp = x.data();
+  float* yp = y.mutable_data();
+  try {
+    py::gil_scoped_release nogil;
+    const std::shared_ptr<ThreadPool> pool = default_pool_shared();
+    matmul(type, wp, n_out, k, xp, n_tokens, yp, *pool);
+  } catch (const std::invalid_argument& e) {
+    raise_quant_error(e.what());
+  }
+  return y;
+}
+
+}  // namespace
+
+void register_kernels(py::module_& m) {
+  m.def("matmul", &py_matmul, py::arg("qtype"), py::arg("w"), py::arg("n_out"), py::arg("k"),
+        py::arg("x"),
+        "Y = X @ W.T for raw GGUF weight bytes w (n_out rows of k elements of type qtype, a ggml "
+        "type id) and float32 activations x of shape (n_tokens, k) or (k,). Runs the kernels of "
+        "the active ISA on the default thread pool with the GIL released. Raises "
+        "pyllm.errors.QuantError on bad types or sizes.");
+  m.def("set_num_threads", [](int n) { set_default_pool_threads(n); }, py::arg("n"),
+        "Resize the default thread pool (n <= 0: physical cores).");
+  m.def("get_num_threads", [] { return default_pool().n_threads(); },
+        "Threads of the default pool.");
+}
+
+}  // namespace pyllm::bindings

@@ -1,0 +1,170 @@
+"""The matmul kernels (pyllm._core.matmul) for every weight type on every ISA of this machine.
+
+Reference: a float64 numpy product of the weights dequantized by the gguf package. Threshold:
+every kernel accumulates in F32 from exactly dequantized weights and unrounded F32 activations,
+so per output |y - ref| <= RTOL * sum_i |w_i x_i| with RTOL = 1e-5 (F32 summation rounding,
+k <= 512 here; the measured worst case is ~1e-6). Each ISA is also compared with the scalar path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+core = pytest.importorskip("pyllm._core")
+
+from pyllm.errors import QuantError  # noqa: E402
+
+RTOL = 1e-5
+ISAS = list(core.available_isas())
+
+# name -> (ggml id, elements per block, bytes per block, byte offsets of the f16 scale fields)
+TYPES: dict[str, tuple[int, int, int, tuple[int, ...]]] = {
+    "F32": (0, 1, 4, ()),
+    "F16": (1, 1, 2, (0,)),
+    "BF16": (30, 1, 2, ()),
+    "Q4_0": (2, 32, 18, (0,)),
+    "Q4_1": (3, 32, 20, (0, 2)),
+    "Q5_0": (6, 32, 22, (0,)),
+    "Q5_1": (7, 32, 24, (0, 2)),
+    "Q8_0": (8, 32, 34, (0,)),
+    "Q2_K": (10, 256, 84, (80, 82)),
+    "Q3_K": (11, 256, 110, (108,)),
+    "Q4_K": (12, 256, 144, (0, 2)),
+    "Q5_K": (13, 256, 176, (0, 2)),
+    "Q6_K": (14, 256, 210, (208,)),
+}
+
+
+def random_weights(name: str, n_out: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Random raw blocks (n_out, row_bytes) whose f16 scales are finite and moderate."""
+    _, block, size, halves = TYPES[name]
+    if name == "F32":
+        return rng.uniform(-1, 1, (n_out, k)).astype(np.float32).view(np.uint8)
+    if name == "BF16":
+        bits = rng.uniform(-1, 1, (n_out, k)).astype(np.float32).view(np.uint32) >> 16
+        return bits.astype(np.uint16).view(np.uint8)
+    raw = rng.integers(0, 256, (n_out * (k // block), size), dtype=np.uint8)
+    scale = 1.0 if block == 1 else 0.05
+    for off in halves:
+        h = (rng.uniform(-1, 1, raw.shape[0]) * scale).astype(np.float16)
+        raw[:, off : off + 2] = h.view(np.uint8).reshape(-1, 2)
+    return raw.reshape(n_out, -1)
+
+
+def dequantize(name: str, w: np.ndarray) -> np.ndarray:
+    qtype = gguf.GGMLQuantizationType[name]
+    return np.asarray(gguf.quants.dequantize(w, qtype), dtype=np.float64)
+
+
+@pytest.fixture()
+def isa_guard() -> Iterator[None]:
+    before = core.active_isa()
+    yield
+    core.set_active_isa(before)
+
+
+def check_close(y: np.ndarray, wd: np.ndarray, x: np.ndarray, what: str) -> None:
+    ref = x.astype(np.float64) @ wd.T
+    mag = np.abs(x.astype(np.float64)) @ np.abs(wd).T
+    err = np.abs(y.astype(np.float64) - ref) / np.maximum(mag, 1e-30)
+    assert np.all(np.isfinite(y)), what
+    assert err.max() <= RTOL, f"{what}: worst relative error {err.max():.3g}"
+
+
+@pytest.mark.parametrize("name", list(TYPES))
+def test_matmul_every_isa_matches_float64(name: str, isa_guard: None) -> None:
+    _, block, _, _ = TYPES[name]
+    k = {1: 75, 32: 96, 256: 512}[block]  # 75: k not a multiple of any vector width
+    n_out = 37  # not a multiple of the thread count, the panel height or 4
+    rng = np.random.default_rng(TYPES[name][0])
+    w = random_weights(name, n_out, k, rng)
+    wd = dequantize(name, w)
+    assert wd.shape == (n_out, k)
+    for n_tokens in (1, 2, 7, 512):
+        x = rng.standard_normal((n_tokens, k)).astype(np.float32)
+        results = {}
+        for isa in ISAS:
+            core.set_active_isa(isa)
+            y = core.matmul(TYPES[name][0], w, n_out, k, x)
+            assert y.shape == (n_tokens, n_out) and y.dtype == np.float32
+            check_close(y, wd, x, f"{name} isa={isa} n_tokens={n_tokens}")
+            results[isa] = y
+        for isa, y in results.items():  # every ISA against the scalar reference path
+            diff = np.abs(y - results["scalar"]) / np.maximum(np.abs(x) @ np.abs(wd).T, 1e-30)
+            assert diff.max() <= 2 * RTOL, f"{name} {isa} vs scalar n_tokens={n_tokens}"
+
+
+def test_matvec_1d_and_thread_counts(isa_guard: None) -> None:
+    rng = np.random.default_rng(5)
+    w = random_weights("Q4_K", 45, 256, rng)
+    wd = dequantize("Q4_K", w)
+    x = rng.standard_normal(256).astype(np.float32)
+    before = core.get_num_threads()
+    try:
+        for threads in (1, 3, 4):
+            core.set_num_threads(threads)
+            assert core.get_num_threads() == threads
+            y = core.matmul(12, w, 45, 256, x)
+            assert y.shape == (45,)
+            check_close(y[None, :], wd, x[None, :], f"threads={threads}")
+    finally:
+        core.set_num_threads(before)
+
+
+def test_real_model_tensors(smollm2_path, isa_guard: None) -> None:  # type: ignore[no-untyped-def]
+    """A real Q4_1 and the Q8_0 embedding of SmolLM2 against gguf's dequantizer."""
+    reader = gguf.GGUFReader(str(smollm2_path))
+    by_name = {t.name: t for t in reader.tensors}
+    rng = np.random.default_rng(0)
+    for name, rows in (("blk.0.attn_q.weight", None), ("token_embd.weight", 300)):
+        t = by_name[name]
+        raw = np.asarray(t.data)
+        if rows is not None:
+            raw = raw[:rows]
+        qname = gguf.GGMLQuantizationType(t.tensor_type).name
+        wd = dequantize(qname, raw)
+        n_out, k = wd.shape
+        x = rng.standard_normal((3, k)).astype(np.float32)
+        for isa in ISAS:
+            core.set_active_isa(isa)
+            y = core.matmul(int(t.tensor_type), np.ascontiguousarray(raw), n_out, k, x)
+            check_close(y, wd, x, f"{name} {qname} isa={isa}")
+
+
+@pytest.mark.parametrize(
+    ("qtype", "n_out", "k", "w_bytes", "x_shape", "x_dtype"),
+    [
+        (99, 1, 32, 18, (1, 32), np.float32),  # unknown type id
+        (15, 1, 256, 292, (1, 256), np.float32),  # Q8_K: activation-only type
+        (2, 1, 33, 18, (1, 33), np.float32),  # k not a multiple of the block
+        (12, 1, 32, 144, (1, 32), np.float32),  # k not a multiple of 256
+        (2, 2, 32, 18, (1, 32), np.float32),  # weights too short for n_out rows
+        (2, 1, 32, 18, (1, 64), np.float32),  # activations of the wrong width
+        (2, 1, 32, 18, (1, 2, 32), np.float32),  # 3-D activations
+        (2, 1, 32, 18, (1, 32), np.float64),  # wrong activation dtype
+        (2, -1, 32, 18, (1, 32), np.float32),  # negative size
+    ],
+)
+def test_bad_input_raises_quant_error(
+    qtype: int, n_out: int, k: int, w_bytes: int, x_shape: tuple[int, ...], x_dtype: type
+) -> None:
+    w = np.zeros(w_bytes, dtype=np.uint8)
+    x = np.zeros(x_shape, dtype=x_dtype)
+    with pytest.raises(QuantError):
+        core.matmul(qtype, w, n_out, k, x)
+
+
+def test_wrong_weight_dtype_raises() -> None:
+    with pytest.raises(QuantError):
+        core.matmul(0, np.zeros(4, dtype=np.float32), 1, 4, np.zeros((1, 4), np.float32))
+
+
+def test_empty_problems() -> None:
+    w = np.zeros((0, 18), dtype=np.uint8)
+    assert core.matmul(2, w, 0, 32, np.zeros((3, 32), np.float32)).shape == (3, 0)
+    y = core.matmul(0, np.zeros(0, np.uint8), 4, 0, np.zeros((2, 0), np.float32))
+    assert y.shape == (2, 4) and not y.any()
