@@ -410,18 +410,19 @@ def test_register_format_rejects_bad_arguments() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _smollm2_template(path: Path) -> str:
+@pytest.fixture(scope="module")
+def smollm2_template(smollm2_path: Path) -> str:
     from pyllm.gguf import GGUFReader
 
-    with GGUFReader(path) as reader:
+    with GGUFReader(smollm2_path) as reader:
         template = reader.metadata["tokenizer.chat_template"]
     assert isinstance(template, str)
     return template
 
 
 @pytest.mark.model
-def test_smollm2_gguf_template_renders_chatml(smollm2_path: Path) -> None:
-    template = _smollm2_template(smollm2_path)
+def test_smollm2_gguf_template_renders_chatml(smollm2_template: str) -> None:
+    template = smollm2_template
     assert render(CONVERSATION, template) == EXPECTED["chatml"]
     # Without a system message, SmolLM2's template supplies its own.
     assert render(TURNS[:1], template) == (
@@ -430,6 +431,21 @@ def test_smollm2_gguf_template_renders_chatml(smollm2_path: Path) -> None:
     )
     assert guess_format(template) == "chatml"
     assert stop_strings(template) == ["<|im_end|>"]
+
+
+@pytest.mark.model
+def test_smollm2_render_ids_with_its_tokenizer(smollm2_path: Path, smollm2_template: str) -> None:
+    from pyllm.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(smollm2_path)
+    template = smollm2_template
+    ids = render_ids(CONVERSATION, template, tok)
+    # Every ChatML marker became its single special token, and nothing was lost or added.
+    im_start, im_end = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")
+    assert im_start is not None and im_end is not None
+    assert ids.count(im_start) == 5 and ids.count(im_end) == 4
+    assert ids[0] == im_start
+    assert tok.decode(ids) == EXPECTED["chatml"]
 
 
 def test_template_features_used_by_real_templates() -> None:
