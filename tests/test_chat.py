@@ -585,6 +585,7 @@ def test_sandbox_is_immutable(template: str) -> None:
         "{{ ['a'] * 100000000 }}",
         "{{ 10 ** 100000000 }}",
         "{% for i in range(1000000000) %}{% endfor %}",
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
     ],
 )
 def test_sandbox_bounds_resource_use(template: str) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import operator
 from collections.abc import Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -42,6 +43,11 @@ TEMPLATE_ROLES = FORMAT_ROLES | {"tool", "ipython"}
 MAX_OUTPUT_CHARS = 16 << 20
 MAX_SEQUENCE_PRODUCT = 1 << 20  # longest str/list that ``*`` may build
 MAX_POWER_BITS = 4096  # largest int that ``**`` may build
+MAX_RANGE_ITEMS = 1 << 20  # total items all range() calls of one render may produce
+
+# range() items left to the render running in this context (nested loops share one budget,
+# so range(100000) inside range(100000) fails fast instead of spinning for hours).
+_range_budget: ContextVar[int] = ContextVar("pyllm_chat_range_budget", default=MAX_RANGE_ITEMS)
 
 
 class _TemplateRaised(Exception):
@@ -119,6 +125,17 @@ def _tojson(
         raise ChatTemplateError(f"chat template: tojson failed: {e}") from e
 
 
+def _budgeted_range(*args: int) -> range:
+    rng = range(*args)
+    left = _range_budget.get() - len(rng)
+    if left < 0:
+        raise SecurityError(
+            f"chat template loops too much (more than {MAX_RANGE_ITEMS} range items in total)"
+        )
+    _range_budget.set(left)
+    return rng
+
+
 def _raise_exception(message: Any = "") -> None:
     raise _TemplateRaised(str(message))
 
@@ -137,6 +154,7 @@ def _environment() -> _StrictSandbox:
         autoescape=False,
     )
     env.filters["tojson"] = _tojson
+    env.globals["range"] = _budgeted_range
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env
@@ -187,7 +205,11 @@ class ChatTemplate:
             eos_token=eos_token,
             tools=None if tools is None else [dict(t) for t in tools],
         )
-        return _run(self._template.generate(context))
+        token = _range_budget.set(MAX_RANGE_ITEMS)
+        try:
+            return _run(self._template.generate(context))
+        finally:
+            _range_budget.reset(token)
 
 
 def _run(chunks: Iterable[str]) -> str:
