@@ -20,6 +20,7 @@ from pyllm.errors import (
     SamplingError,
     TokenizerError,
 )
+from pyllm.tokenizer import Tokenizer
 
 try:
     __version__ = version("pyllm")
@@ -37,5 +38,6 @@ __all__ = [
     "PyllmError",
     "QuantError",
     "SamplingError",
+    "Tokenizer",
     "TokenizerError",
 ]

@@ -1,0 +1,29 @@
+"""Tokenizers for LLaMA-family vocabularies (pure Python, exact against llama.cpp).
+
+- ``vocab.py``: GGUF ``tokenizer.ggml.*`` metadata -> validated :class:`Vocab`.
+- ``spm.py``: SentencePiece-style BPE (``model == "llama"``).
+- ``bpe.py``: byte-level BPE (``model == "gpt2"``); ``pretokenize.py``: its regex splitters.
+- ``detok.py``: streaming decoder, decode-time space clean-up.
+- ``tokenizer.py``: :class:`Tokenizer`, the public entry point.
+- ``convert.py``: ``tokenizer.model`` / ``tokenizer.json`` -> GGUF tokenizer metadata.
+"""
+
+from __future__ import annotations
+
+from pyllm.tokenizer.convert import hf_tokenizer_metadata, sentencepiece_metadata
+from pyllm.tokenizer.detok import StreamDecoder
+from pyllm.tokenizer.pretokenize import get_pretokenizer, pretokenizer_names
+from pyllm.tokenizer.tokenizer import Tokenizer
+from pyllm.tokenizer.vocab import TokenType, Vocab, vocab_from_metadata
+
+__all__ = [
+    "StreamDecoder",
+    "TokenType",
+    "Tokenizer",
+    "Vocab",
+    "get_pretokenizer",
+    "hf_tokenizer_metadata",
+    "pretokenizer_names",
+    "sentencepiece_metadata",
+    "vocab_from_metadata",
+]

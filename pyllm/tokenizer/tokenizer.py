@@ -1,0 +1,312 @@
+"""The public :class:`Tokenizer`: special tokens, BOS/EOS, and dispatch to SPM or BPE.
+
+Encoding follows llama.cpp's ``llama_vocab::tokenize``: first the text is partitioned around
+special tokens (user-defined tokens always; control and unknown tokens only with
+``parse_special=True``), longest token text first; each remaining raw-text fragment is encoded by
+the vocabulary's algorithm.  For SentencePiece vocabularies a fragment at the start of the text or
+right after a special token gets the leading space (``add_space_prefix``).
+
+Decoding renders each id's piece (control tokens as their text unless skipped, byte tokens as
+their byte, "▁" as a space, byte-level BPE characters as their bytes) and joins the bytes.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pyllm.errors import TokenizerError
+from pyllm.tokenizer.bpe import BpeModel, token_text_to_bytes
+from pyllm.tokenizer.detok import StreamDecoder, clean_up_spaces
+from pyllm.tokenizer.spm import SPACE, SpmModel
+from pyllm.tokenizer.vocab import TokenType, Vocab, vocab_from_metadata
+
+_SPECIAL_TYPES = (TokenType.CONTROL, TokenType.UNKNOWN)
+
+
+class Tokenizer:
+    """Exact llama.cpp-compatible tokenizer for SentencePiece (``llama``) and byte-level BPE
+    (``gpt2``) vocabularies stored as GGUF ``tokenizer.ggml.*`` metadata.
+
+    Build with :meth:`from_gguf`, :meth:`from_metadata`, :meth:`from_sentencepiece_model` or
+    :meth:`from_hf_json`.
+    """
+
+    def __init__(self, vocab: Vocab) -> None:
+        self.vocab = vocab
+        self._model: SpmModel | BpeModel = (
+            SpmModel(vocab) if vocab.model == "llama" else BpeModel(vocab)
+        )
+        n = vocab.n_vocab
+        # Pieces are computed on first use: building 128k of them up front costs more than most
+        # programs will ever decode.
+        self._pieces: list[bytes | None] = [None] * n  # control tokens rendered
+        self._pieces_plain: list[bytes | None] = [None] * n  # control tokens rendered as ""
+
+    # ---- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any]) -> Tokenizer:
+        """From a GGUF metadata mapping (``tokenizer.ggml.*`` keys)."""
+        return cls(vocab_from_metadata(metadata))
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """From a GGUF file (a full model or a vocab-only file; tensor data is never read)."""
+        from pyllm.gguf import GGUFReader
+
+        reader = GGUFReader(path)
+        try:
+            return cls.from_metadata(reader.metadata)
+        finally:
+            reader.close()
+
+    @classmethod
+    def from_sentencepiece_model(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """From a SentencePiece ``tokenizer.model`` file (see :func:`sentencepiece_metadata`)."""
+        from pyllm.tokenizer.convert import sentencepiece_metadata
+
+        return cls.from_metadata(sentencepiece_metadata(path))
+
+    @classmethod
+    def from_hf_json(cls, path: str | os.PathLike[str], pre: str | None = None) -> Tokenizer:
+        """From a Hugging Face ``tokenizer.json`` (see :func:`hf_tokenizer_metadata`)."""
+        from pyllm.tokenizer.convert import hf_tokenizer_metadata
+
+        return cls.from_metadata(hf_tokenizer_metadata(path, pre=pre))
+
+    # ---- properties ----------------------------------------------------------------------------
+
+    @property
+    def model(self) -> str:
+        """``"llama"`` (SentencePiece-style) or ``"gpt2"`` (byte-level BPE)."""
+        return self.vocab.model
+
+    @property
+    def pre(self) -> str | None:
+        """Canonical pre-tokenizer name for BPE vocabularies, else None."""
+        return self.vocab.pre.name if self.vocab.pre is not None else None
+
+    @property
+    def n_vocab(self) -> int:
+        return self.vocab.n_vocab
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.vocab.special_ids.get("bos")
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.vocab.special_ids.get("eos")
+
+    @property
+    def unk_id(self) -> int | None:
+        return self.vocab.special_ids.get("unk")
+
+    @property
+    def pad_id(self) -> int | None:
+        return self.vocab.special_ids.get("pad")
+
+    @property
+    def eot_ids(self) -> tuple[int, ...]:
+        """Ids that end generation: EOS, EOT/EOM and end-of-turn control tokens such as
+        ``<|im_end|>``, ``<|eot_id|>``, ``<|end|>``, ``<end_of_turn>`` (sorted)."""
+        return tuple(sorted(self.vocab.eog_ids))
+
+    @property
+    def add_bos(self) -> bool:
+        return self.vocab.add_bos
+
+    @property
+    def add_eos(self) -> bool:
+        return self.vocab.add_eos
+
+    def is_eog(self, token_id: int) -> bool:
+        return token_id in self.vocab.eog_ids
+
+    def is_control(self, token_id: int) -> bool:
+        return self.vocab.types[self._check_id(token_id)] == TokenType.CONTROL
+
+    def token_type(self, token_id: int) -> TokenType:
+        return TokenType(self.vocab.types[self._check_id(token_id)])
+
+    def id_to_token(self, token_id: int) -> str:
+        """The token's stored text (e.g. ``"▁Hello"`` or ``"ĠHello"``)."""
+        return self.vocab.tokens[self._check_id(token_id)]
+
+    def token_to_id(self, text: str) -> int | None:
+        """The id whose stored text is exactly ``text``, or None."""
+        return self.vocab.token_to_id.get(text)
+
+    # ---- encoding ------------------------------------------------------------------------------
+
+    def encode(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Token ids of ``text``.
+
+        Args:
+            add_special: add BOS/EOS where the vocabulary asks for them (``add_bos_token`` /
+                ``add_eos_token``).
+            parse_special: recognise control tokens written in the text (``"<|im_start|>"``
+                becomes one token).  User-defined tokens are always recognised.
+        """
+        if not isinstance(text, str):
+            raise TokenizerError(f"encode() takes a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise TokenizerError(
+                f"text is not valid Unicode (lone surrogate at {e.start})"
+            ) from None
+        vocab = self.vocab
+        out: list[int] = []
+        if add_special and vocab.add_bos:
+            out.append(vocab.special_ids["bos"])
+        fragments = self._partition(text, parse_special) if text else []
+        if isinstance(self._model, SpmModel):
+            prev_special = True
+            for frag in fragments:
+                if isinstance(frag, int):
+                    out.append(frag)
+                    prev_special = True
+                    continue
+                if vocab.add_space_prefix and prev_special:
+                    frag = " " + frag
+                self._model.encode(frag.replace(" ", SPACE), out)
+                prev_special = False
+        else:
+            for frag in fragments:
+                if isinstance(frag, int):
+                    out.append(frag)
+                else:
+                    self._model.encode(frag, out)
+        if add_special and vocab.add_eos:
+            out.append(vocab.special_ids["eos"])
+        return out
+
+    def _partition(self, text: str, parse_special: bool) -> list[str | int]:
+        """Cut special tokens out of ``text``: a list of raw-text fragments and token ids."""
+        vocab = self.vocab
+        tokens, types = vocab.tokens, vocab.types
+        fragments: list[str | int] = [text]
+        for tid in vocab.special_tokens:
+            if not parse_special and types[tid] in _SPECIAL_TYPES:
+                continue
+            tok = tokens[tid]
+            if tok not in text:  # cheap C-level scan that rejects almost every token
+                continue
+            split: list[str | int] = []
+            for frag in fragments:
+                if isinstance(frag, int) or tok not in frag:
+                    split.append(frag)
+                    continue
+                parts = frag.split(tok)
+                for i, part in enumerate(parts):
+                    if i:
+                        split.append(tid)
+                    if part:
+                        split.append(part)
+            fragments = split
+        return fragments
+
+    # ---- decoding ------------------------------------------------------------------------------
+
+    def _check_id(self, token_id: Any) -> int:
+        try:
+            tid = operator.index(token_id)
+        except TypeError:
+            raise TokenizerError(
+                f"token id must be an integer, got {type(token_id).__name__}"
+            ) from None
+        if not 0 <= tid < self.vocab.n_vocab:
+            raise TokenizerError(
+                f"token id {tid} is out of range for a {self.vocab.n_vocab}-token vocabulary"
+            )
+        return tid
+
+    def _make_piece(self, tid: int, special: bool) -> bytes:
+        vocab = self.vocab
+        ttype = vocab.types[tid]
+        text = vocab.tokens[tid]
+        if ttype in _SPECIAL_TYPES:
+            return text.encode("utf-8") if special else b""
+        if ttype == TokenType.USER_DEFINED:
+            return text.encode("utf-8")
+        if ttype == TokenType.NORMAL:
+            if vocab.model == "llama":
+                return text.replace(SPACE, " ").encode("utf-8")
+            return token_text_to_bytes(text)
+        if ttype == TokenType.BYTE and vocab.model == "llama":
+            return bytes([int(text[3:5], 16)])  # validated as <0xNN> when the vocab was built
+        # Unused/undefined tokens (and byte tokens in a BPE vocabulary) render as nothing.
+        return b""
+
+    def token_to_bytes(self, token_id: int, special: bool = True) -> bytes:
+        """The bytes ``token_id`` contributes to decoded text (control tokens: their text when
+        ``special``, else nothing)."""
+        tid = self._check_id(token_id)
+        cache = self._pieces if special else self._pieces_plain
+        piece = cache[tid]
+        if piece is None:
+            piece = cache[tid] = self._make_piece(tid, special)
+        return piece
+
+    def token_to_piece(self, token_id: int, special: bool = True) -> str:
+        """:meth:`token_to_bytes` as text (an incomplete UTF-8 sequence becomes U+FFFD)."""
+        return self.token_to_bytes(token_id, special).decode("utf-8", errors="replace")
+
+    def decode(
+        self,
+        ids: Iterable[int],
+        skip_special: bool = False,
+        clean_spaces: bool | None = None,
+        strip_leading_space: bool | None = None,
+    ) -> str:
+        """Text of ``ids``.
+
+        Args:
+            skip_special: drop control and unknown tokens (BOS, EOS, ``<|im_end|>``, ...).
+            clean_spaces: apply the " ," -> "," clean-up; default: the vocabulary's setting
+                (on for GPT-2/Llama 3-style BPE, off for SentencePiece, SmolLM, Qwen2).
+            strip_leading_space: drop one leading space of the first token, undoing the space
+                SentencePiece adds when encoding; default: the vocabulary's ``add_space_prefix``.
+                Pass False when decoding a continuation of earlier text.
+        """
+        special = not skip_special
+        cache = self._pieces if special else self._pieces_plain
+        chunks: list[bytes] = []
+        for token_id in ids:
+            tid = self._check_id(token_id)
+            piece = cache[tid]
+            if piece is None:
+                piece = cache[tid] = self._make_piece(tid, special)
+            if piece or not skip_special:
+                chunks.append(piece)
+        if strip_leading_space is None:
+            strip_leading_space = self.vocab.add_space_prefix
+        # As llama.cpp: the strip applies to the first token only (skipped tokens do not count).
+        if strip_leading_space and chunks and chunks[0][:1] == b" ":
+            chunks[0] = chunks[0][1:]
+        text = b"".join(chunks).decode("utf-8", errors="replace")
+        if clean_spaces if clean_spaces is not None else self.vocab.clean_spaces:
+            text = clean_up_spaces(text)
+        return text
+
+    def decoder(
+        self, skip_special: bool = True, strip_leading_space: bool = False
+    ) -> StreamDecoder:
+        """An incremental decoder for streaming generated tokens (``feed(id) -> str``,
+        ``flush() -> str``).  It never returns part of a UTF-8 character.
+
+        ``strip_leading_space=True`` drops the SentencePiece leading space of the first non-empty
+        piece (for decoding a text from its start); the default keeps it, which is right for
+        tokens generated after a prompt.
+        """
+        return StreamDecoder(
+            lambda t: self.token_to_bytes(t, not skip_special), strip_leading_space
+        )
+
+    def __repr__(self) -> str:
+        kind = "SentencePiece" if self.model == "llama" else f"BPE/{self.pre}"
+        return f"Tokenizer({kind}, n_vocab={self.n_vocab}, bos={self.bos_id}, eos={self.eos_id})"

@@ -1,0 +1,309 @@
+"""Vocabulary: GGUF ``tokenizer.ggml.*`` metadata turned into a validated, immutable table.
+
+This module owns everything about the *vocabulary* (token texts, scores, types, merges, special
+ids and the flags that steer tokenization) and none of the algorithms: ``spm.py`` and ``bpe.py``
+read a :class:`Vocab`, they never look at metadata themselves.  Everything a malformed file could
+get wrong is checked here once, so the encoders can index without bounds checks.
+
+Semantics follow llama.cpp's vocabulary loader (the reference the vocab suites were made with):
+per-model defaults for special ids and flags, then the metadata overrides them; end-of-generation
+tokens are also recognised by their text (``<|im_end|>``, ``<|eot_id|>``, ...) because many
+converted files do not name them.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyllm.errors import TokenizerError
+from pyllm.tokenizer.pretokenize import PreTokenizer, get_pretokenizer
+
+KEY = "tokenizer.ggml."
+
+
+class TokenType(enum.IntEnum):
+    """GGUF ``tokenizer.ggml.token_type`` values (same numbering as SentencePiece's pieces)."""
+
+    UNDEFINED = 0
+    NORMAL = 1
+    UNKNOWN = 2
+    CONTROL = 3
+    USER_DEFINED = 4
+    UNUSED = 5
+    BYTE = 6
+
+
+# Texts that end a turn or the whole generation, recognised by name because converters rarely
+# record them in metadata.  Tokens found this way are forced to CONTROL type (as llama.cpp does),
+# so they are only parsed from text with parse_special=True.
+EOG_TEXTS = frozenset(
+    {
+        "<|eot_id|>",
+        "<|im_end|>",
+        "<|end|>",
+        "<end_of_turn>",
+        "<|endoftext|>",
+        "<|eom_id|>",
+        "<EOT>",
+        "_<EOT>",
+        "<|end_of_text|>",
+        "<｜end▁of▁sentence｜>",
+    }
+)
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>\Z")
+
+# Per-model defaults before metadata overrides them (llama.cpp's choices for "llama"; for "gpt2"
+# llama.cpp defaults BOS/EOS to id 11, an artefact of one early model -- we use "none" instead).
+_SPM_DEFAULT_IDS = {"bos": 1, "eos": 2, "unk": 0}
+
+_ID_KEYS = {
+    "bos": "bos_token_id",
+    "eos": "eos_token_id",
+    "unk": "unknown_token_id",
+    "sep": "seperator_token_id",  # sic: the GGUF spec's spelling
+    "pad": "padding_token_id",
+    "eot": "eot_token_id",
+    "eom": "eom_token_id",
+    "mask": "mask_token_id",
+}
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """A validated vocabulary.  Build with :func:`vocab_from_metadata`."""
+
+    model: str  # "llama" (SentencePiece-style) or "gpt2" (byte-level BPE)
+    tokens: list[str]
+    scores: list[float]
+    types: list[int]  # TokenType values, after llama.cpp's EOG-name fix-up
+    token_to_id: dict[str, int]
+    merges: dict[tuple[str, str], int]  # (left, right) -> rank; empty for "llama"
+    pre: PreTokenizer | None  # None for "llama"
+    special_ids: dict[str, int]  # "bos", "eos", "unk", "pad", ... -> id (absent when none)
+    eog_ids: frozenset[int]
+    add_bos: bool
+    add_eos: bool
+    add_space_prefix: bool
+    clean_spaces: bool
+    ignore_merges: bool
+    byte_to_id: list[int | None]  # SPM byte fallback: byte value -> <0xNN> token id
+    special_tokens: list[int] = field(default_factory=list)  # partition order: longest first
+
+    @property
+    def n_vocab(self) -> int:
+        return len(self.tokens)
+
+
+def _get_str(md: Mapping[str, Any], key: str, default: str | None = None) -> str | None:
+    value = md.get(key, default)
+    if value is not None and not isinstance(value, str):
+        raise TokenizerError(f"{key} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _get_bool(md: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = md.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise TokenizerError(f"{key} must be a bool, got {value!r}")
+
+
+def _number_list(md: Mapping[str, Any], key: str, n: int, kind: type) -> list[Any] | None:
+    raw = md.get(key)
+    if raw is None:
+        return None
+    if isinstance(raw, (str, bytes)) or not hasattr(raw, "__len__"):
+        raise TokenizerError(f"{key} must be an array, got {type(raw).__name__}")
+    if len(raw) != n:
+        raise TokenizerError(f"{key} has {len(raw)} entries but tokenizer.ggml.tokens has {n}")
+    try:
+        values = [kind(v) for v in (raw.tolist() if hasattr(raw, "tolist") else raw)]
+    except (TypeError, ValueError) as e:
+        raise TokenizerError(f"{key} holds a non-numeric entry: {e}") from None
+    return values
+
+
+def _token_list(md: Mapping[str, Any]) -> list[str]:
+    raw = md.get(KEY + "tokens")
+    if raw is None:
+        raise TokenizerError("metadata has no tokenizer.ggml.tokens array")
+    if not isinstance(raw, Sequence) or isinstance(raw, (str, bytes)):
+        raise TokenizerError(
+            f"tokenizer.ggml.tokens must be an array of strings, got {type(raw).__name__}"
+        )
+    if len(raw) == 0:
+        raise TokenizerError("tokenizer.ggml.tokens is empty")
+    tokens: list[str] = []
+    for i, tok in enumerate(raw):
+        if not isinstance(tok, str):
+            raise TokenizerError(
+                f"tokenizer.ggml.tokens[{i}] is {type(tok).__name__}, not a string"
+            )
+        # llama.cpp renames empty tokens rather than failing; an empty key would otherwise make
+        # every text match it.
+        tokens.append(tok if tok else f"[EMPTY_{i}]")
+    return tokens
+
+
+def _parse_merges(md: Mapping[str, Any]) -> dict[tuple[str, str], int]:
+    raw = md.get(KEY + "merges")
+    if raw is None:
+        raise TokenizerError("BPE vocabulary (model gpt2) has no tokenizer.ggml.merges array")
+    if not isinstance(raw, Sequence) or isinstance(raw, (str, bytes)):
+        raise TokenizerError("tokenizer.ggml.merges must be an array of strings")
+    ranks: dict[tuple[str, str], int] = {}
+    for i, merge in enumerate(raw):
+        if not isinstance(merge, str):
+            raise TokenizerError(f"tokenizer.ggml.merges[{i}] is not a string")
+        # The separator is the first space after position 0: a merge's left part may itself be
+        # a space in vocabularies that do not byte-encode it.
+        pos = merge.find(" ", 1)
+        if pos < 0 or pos == len(merge) - 1:
+            raise TokenizerError(f"tokenizer.ggml.merges[{i}] = {merge!r} is not 'left right'")
+        ranks.setdefault((merge[:pos], merge[pos + 1 :]), i)
+    return ranks
+
+
+def _special_ids(md: Mapping[str, Any], model: str, n: int) -> dict[str, int]:
+    ids: dict[str, int] = dict(_SPM_DEFAULT_IDS) if model == "llama" else {}
+    for name, key in _ID_KEYS.items():
+        value = md.get(KEY + key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TokenizerError(f"{KEY}{key} must be an integer, got {value!r}")
+        # -1 (0xFFFFFFFF read as signed) is how some converters say "none".
+        if value in (-1, 0xFFFFFFFF):
+            ids.pop(name, None)
+            continue
+        if not 0 <= value < n:
+            raise TokenizerError(f"{KEY}{key} = {value} is out of range for a {n}-token vocabulary")
+        ids[name] = value
+    # Defaults that do not exist in a small vocabulary are dropped rather than kept dangling.
+    return {k: v for k, v in ids.items() if v < n}
+
+
+def vocab_from_metadata(md: Mapping[str, Any]) -> Vocab:
+    """Validate GGUF tokenizer metadata and build a :class:`Vocab`.
+
+    Raises:
+        TokenizerError: missing or inconsistent arrays, ids out of range, bad byte tokens,
+            an unknown model or pre-tokenizer type.
+    """
+    model = _get_str(md, KEY + "model")
+    if model is None:
+        raise TokenizerError("metadata has no tokenizer.ggml.model")
+    if model not in ("llama", "gpt2"):
+        raise TokenizerError(
+            f"unsupported tokenizer model {model!r} (supported: 'llama' SentencePiece, 'gpt2' BPE)"
+        )
+    tokens = _token_list(md)
+    n = len(tokens)
+    scores = _number_list(md, KEY + "scores", n, float) or [0.0] * n
+    types = _number_list(md, KEY + "token_type", n, int) or [int(TokenType.NORMAL)] * n
+    for i, t in enumerate(types):
+        if not 0 <= t <= 6:
+            raise TokenizerError(f"tokenizer.ggml.token_type[{i}] = {t} is not a known token type")
+
+    token_to_id: dict[str, int] = {}
+    for i, tok in enumerate(tokens):
+        if tok in token_to_id:
+            raise TokenizerError(
+                f"token {tok!r} appears twice in tokenizer.ggml.tokens "
+                f"(ids {token_to_id[tok]} and {i})"
+            )
+        token_to_id[tok] = i
+
+    byte_to_id: list[int | None] = [None] * 256
+    for i, t in enumerate(types):
+        if t != TokenType.BYTE:
+            continue
+        m = _BYTE_TOKEN.match(tokens[i])
+        if m is None:
+            raise TokenizerError(f"byte token {i} is {tokens[i]!r}, expected the form <0xNN>")
+        if model == "llama":
+            byte_to_id[int(m.group(1), 16)] = i
+
+    pre_name = _get_str(md, KEY + "pre")
+    merges: dict[tuple[str, str], int] = {}
+    pre: PreTokenizer | None = None
+    if model == "gpt2":
+        merges = _parse_merges(md)
+        pre = get_pretokenizer(pre_name or "default")
+        add_space_prefix, clean_spaces, ignore_merges = False, pre.clean_spaces, pre.ignore_merges
+        add_bos, add_eos = pre.add_bos, False
+    else:
+        add_space_prefix, clean_spaces, ignore_merges = True, False, False
+        add_bos, add_eos = True, False
+
+    add_space_prefix = _get_bool(md, KEY + "add_space_prefix", add_space_prefix)
+    add_bos = _get_bool(md, KEY + "add_bos_token", add_bos)
+    add_eos = _get_bool(md, KEY + "add_eos_token", add_eos)
+
+    special = _special_ids(md, model, n)
+    if add_bos and "bos" not in special:
+        raise TokenizerError(
+            "tokenizer.ggml.add_bos_token is set but the vocabulary has no BOS token"
+        )
+    if add_eos and "eos" not in special:
+        raise TokenizerError(
+            "tokenizer.ggml.add_eos_token is set but the vocabulary has no EOS token"
+        )
+
+    # End-of-generation set: EOS, named EOT/EOM, and control-looking names (forced to CONTROL).
+    eog: set[int] = set()
+    for name in EOG_TEXTS:
+        tid = token_to_id.get(name)
+        if tid is not None:
+            eog.add(tid)
+            types[tid] = int(TokenType.CONTROL)
+    if "eot" not in special:
+        for name in (
+            "<|eot_id|>",
+            "<|im_end|>",
+            "<|end|>",
+            "<end_of_turn>",
+            "<|endoftext|>",
+            "<EOT>",
+        ):
+            if name in token_to_id:
+                special["eot"] = token_to_id[name]
+                break
+    for name in ("eos", "eot", "eom"):
+        if name in special:
+            eog.add(special[name])
+
+    # Tokens cut out of raw text before the model's own algorithm runs, longest text first so
+    # that "<|im_start|>" wins over a shorter token that is its prefix.
+    partition = [
+        i
+        for i, t in enumerate(types)
+        if t in (TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNKNOWN)
+    ]
+    partition.sort(key=lambda i: (-len(tokens[i].encode("utf-8")), i))
+
+    return Vocab(
+        model=model,
+        tokens=tokens,
+        scores=scores,
+        types=types,
+        token_to_id=token_to_id,
+        merges=merges,
+        pre=pre,
+        special_ids=special,
+        eog_ids=frozenset(eog),
+        add_bos=add_bos,
+        add_eos=add_eos,
+        add_space_prefix=add_space_prefix,
+        clean_spaces=clean_spaces,
+        ignore_merges=ignore_merges,
+        byte_to_id=byte_to_id,
+        special_tokens=partition,
+    )

@@ -1,0 +1,432 @@
+"""Tokenizers: llama.cpp vocab suites (exact), round trips, SmolLM2's vocabulary, streaming
+decode, malformed metadata, pre-tokenizers and the tokenizer.model / tokenizer.json loaders."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import pyllm
+from pyllm.errors import PyllmError, TokenizerError
+from pyllm.tokenizer import (
+    Tokenizer,
+    TokenType,
+    get_pretokenizer,
+    hf_tokenizer_metadata,
+    pretokenizer_names,
+)
+from pyllm.tokenizer.bpe import bytes_to_token_text
+
+SUITES = ["llama-spm", "llama-bpe", "gpt-2"]
+_SEPARATOR = "\n__ggml_vocab_test__\n"
+
+
+def read_suite(vocab_dir: Path, name: str) -> list[tuple[str, list[int]]]:
+    """``.inp`` holds texts each followed by a separator line; ``.out`` one line of ids per text."""
+    inp = (vocab_dir / f"ggml-vocab-{name}.gguf.inp").read_text(encoding="utf-8")
+    out = (vocab_dir / f"ggml-vocab-{name}.gguf.out").read_text(encoding="utf-8")
+    texts = inp.split(_SEPARATOR)
+    assert texts[-1] == "", "the .inp file ends with a separator"
+    lines = out.split("\n")
+    assert lines[-1] == ""
+    cases = [
+        (t, [int(v) for v in line.split()]) for t, line in zip(texts[:-1], lines[:-1], strict=True)
+    ]
+    assert len(cases) > 40
+    return cases
+
+
+_LOADED: dict[str, Tokenizer] = {}
+
+
+@pytest.fixture(params=SUITES)
+def suite(
+    request: pytest.FixtureRequest, vocab_dir: Path
+) -> tuple[Tokenizer, list[tuple[str, list[int]]]]:
+    name = request.param
+    if name not in _LOADED:
+        _LOADED[name] = Tokenizer.from_gguf(vocab_dir / f"ggml-vocab-{name}.gguf")
+    return _LOADED[name], read_suite(vocab_dir, name)
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_path: Path) -> Tokenizer:
+    return Tokenizer.from_gguf(smollm2_path)
+
+
+# ---- llama.cpp vocab suites -----------------------------------------------------------------
+
+
+def test_suite_encodes_exactly(suite: tuple[Tokenizer, list[tuple[str, list[int]]]]) -> None:
+    tok, cases = suite
+    for text, expected in cases:
+        assert tok.encode(text, add_special=False, parse_special=False) == expected, repr(text)
+
+
+def test_suite_round_trip(suite: tuple[Tokenizer, list[tuple[str, list[int]]]]) -> None:
+    # Every suite text survives encode -> decode when the GPT-2 style " ," clean-up is off
+    # (byte-level BPE and SPM byte fallback cover every byte).
+    tok, cases = suite
+    for text, _ in cases:
+        assert tok.decode(tok.encode(text, add_special=False), clean_spaces=False) == text
+
+
+def test_suite_every_id_maps_back(suite: tuple[Tokenizer, list[tuple[str, list[int]]]]) -> None:
+    tok, _ = suite
+    spm = tok.model == "llama"
+    for tid in range(tok.n_vocab):
+        ttype = tok.token_type(tid)
+        piece = tok.token_to_bytes(tid)
+        if ttype == TokenType.NORMAL and spm:
+            text = piece.decode("utf-8").replace(" ", "\u2581")
+        elif ttype == TokenType.NORMAL:
+            text = bytes_to_token_text(piece)
+        elif ttype == TokenType.BYTE:
+            assert len(piece) == 1
+            text = f"<0x{piece[0]:02X}>"
+        else:
+            text = piece.decode("utf-8")
+            assert tok.token_to_bytes(tid, special=False) == b""
+        assert tok.token_to_id(text) == tid, (tid, piece)
+
+
+def test_suite_special_tokens(suite: tuple[Tokenizer, list[tuple[str, list[int]]]]) -> None:
+    tok, _ = suite
+    body = tok.encode("Hello world", add_special=False)
+    with_special = tok.encode("Hello world")
+    if tok.add_bos:
+        assert with_special == [tok.bos_id, *body]
+    else:
+        assert with_special == body
+    assert tok.eos_id is not None and tok.eos_id in tok.eot_ids
+    # A control token is one token only when special parsing is on.
+    ctrl = tok.id_to_token(tok.eos_id)
+    assert tok.encode(ctrl, add_special=False, parse_special=True) == [tok.eos_id]
+    plain = tok.encode(ctrl, add_special=False)
+    assert tok.eos_id not in plain and len(plain) > 1
+    assert tok.decode(plain, clean_spaces=False) == ctrl
+
+
+def test_known_vocab_flags(vocab_dir: Path) -> None:
+    spm = Tokenizer.from_gguf(vocab_dir / "ggml-vocab-llama-spm.gguf")
+    assert (spm.model, spm.bos_id, spm.eos_id, spm.unk_id, spm.add_bos) == ("llama", 1, 2, 0, True)
+    assert spm.encode("Hello world") == [1, 15043, 3186]
+    assert spm.encode("<s>Hello</s>", add_special=False, parse_special=True) == [1, 15043, 2]
+    # llama.cpp semantics: text after a special token gets the SentencePiece space prefix again.
+    assert spm.decode([1, 15043, 2]) == "<s> Hello</s>"
+    assert spm.decode([1, 15043, 2], skip_special=True) == "Hello"
+    assert spm.decode([15043], strip_leading_space=False) == " Hello"
+    gpt2 = _LOADED.get("gpt-2") or Tokenizer.from_gguf(vocab_dir / "ggml-vocab-gpt-2.gguf")
+    # GPT-2 keeps llama.cpp's decode-time clean-up of spaces before punctuation.
+    ids = gpt2.encode("Hello , world ! It 's")
+    assert gpt2.decode(ids) == "Hello, world! It's"
+    assert gpt2.decode(ids, clean_spaces=False) == "Hello , world ! It 's"
+
+
+# ---- SmolLM2 (the default model) ------------------------------------------------------------
+
+
+def test_smollm2_vocab(smol: Tokenizer) -> None:
+    assert smol.model == "gpt2" and smol.pre == "smollm" and smol.n_vocab == 49152
+    assert (smol.bos_id, smol.eos_id, smol.unk_id, smol.pad_id) == (1, 2, 0, 2)
+    assert not smol.add_bos and not smol.add_eos
+    assert set(smol.eot_ids) >= {0, 2}  # <|endoftext|>, <|im_end|>
+    assert smol.is_control(1) and smol.is_eog(2) and not smol.is_eog(1)
+    # Reference ids checked against Hugging Face `tokenizers` run on the same vocabulary.
+    assert smol.encode("Hello world") == [19556, 905]
+    assert smol.encode("  \n\n\t 3333 33 abc\xa0def \u2028x") == [
+        256, 14436, 216, 35, 35, 35, 35, 216, 35, 35, 43239, 15442, 1604, 216, 321, 118, 104,
+    ]  # fmt: skip
+
+
+def test_smollm2_parse_special(smol: Tokenizer) -> None:
+    text = "<|im_start|>user\nHi there<|im_end|>\n"
+    special = smol.encode(text, parse_special=True)
+    assert special[0] == 1 and special.count(1) == 1 and 2 in special
+    assert special == [1, *smol.encode("user\nHi there"), 2, *smol.encode("\n")]
+    plain = smol.encode(text)
+    assert 1 not in plain and 2 not in plain
+    assert len(plain) > len(special)
+    assert smol.decode(plain) == text
+    assert smol.decode(special) == text
+    assert smol.decode(special, skip_special=True) == "user\nHi there\n"
+
+
+def test_smollm2_round_trip(smol: Tokenizer) -> None:
+    text = "Ünïcödé ✓ 😀 \u4e2d\u6587 tabs\tand  spaces, y'all!\n\n  1234567 x"
+    assert smol.decode(smol.encode(text)) == text
+
+
+# ---- streaming decoder ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["llama-spm", "gpt-2"])
+def test_stream_decoder_never_splits_characters(name: str, vocab_dir: Path) -> None:
+    tok = _LOADED.get(name) or Tokenizer.from_gguf(vocab_dir / f"ggml-vocab-{name}.gguf")
+    text = "emoji 😀🚀 then 中文 and é — ok"
+    ids = tok.encode(text, add_special=False)
+    # The emoji are several tokens each (byte fallback / byte-level pieces).
+    assert len(ids) > len(text.split())
+    dec = tok.decoder(strip_leading_space=tok.model == "llama")
+    parts = [dec.feed(t) for t in ids]
+    parts.append(dec.flush())
+    assert all("\ufffd" not in p for p in parts)
+    assert "".join(parts) == text
+    assert any(p == "" for p in parts)  # something was held back mid-character
+    # Continuation mode keeps SentencePiece's leading space (" then" after a prompt).
+    cont = tok.decoder()
+    streamed = "".join(cont.feed(t) for t in tok.encode(" then", add_special=False)) + cont.flush()
+    assert streamed == (" then" if tok.model == "gpt2" else "  then")
+
+
+def test_stream_decoder_invalid_bytes(vocab_dir: Path) -> None:
+    tok = _LOADED.get("llama-spm") or Tokenizer.from_gguf(vocab_dir / "ggml-vocab-llama-spm.gguf")
+    lead = tok.token_to_id("<0xE2>")
+    assert lead is not None
+    dec = tok.decoder()
+    assert dec.feed(lead) == ""
+    assert dec.flush() == "\ufffd"
+    assert tok.decoder(skip_special=True).feed(1) == ""
+    assert tok.decoder(skip_special=False).feed(1) == "<s>"
+
+
+# ---- malformed metadata and bad input -------------------------------------------------------
+
+
+def tiny_spm() -> dict[str, Any]:
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), "\u2581", "a", "b"]
+    tokens += ["\u2581a", "ab", "<tool>"]
+    types = [2, 3, 3, *([6] * 256), 1, 1, 1, 1, 1, 4]
+    return {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": np.arange(len(tokens), dtype=np.float32) * -1.0,
+        "tokenizer.ggml.token_type": np.asarray(types, dtype=np.int32),
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+    }
+
+
+def tiny_bpe() -> dict[str, Any]:
+    tokens = [bytes_to_token_text(bytes([b])) for b in range(256)] + ["Ġa", "ab", "<|end|>"]
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": np.asarray([1] * 258 + [3], dtype=np.int32),
+        "tokenizer.ggml.merges": ["Ġ a", "a b"],
+        "tokenizer.ggml.eos_token_id": 258,
+    }
+
+
+def test_tiny_vocabularies_work() -> None:
+    spm = Tokenizer.from_metadata(tiny_spm())
+    # "▁ab": "▁a" (score -262) beats "ab" (-263), and "▁ab" is no token.
+    assert spm.encode("a ab") == [1, 262, 262, 261]
+    # User-defined tokens are matched even without parse_special.
+    assert spm.encode("a<tool>a", add_special=False) == [262, 264, 262]
+    assert spm.decode(spm.encode("a\u00e9", add_special=False)) == "a\u00e9"  # byte fallback
+    bpe = Tokenizer.from_metadata(tiny_bpe())
+    assert bpe.encode("ab a") == [257, 256]  # "ab", "Ġa"
+    assert bpe.eot_ids == (258,)
+    assert bpe.encode("x<|end|>", parse_special=True) == [ord("x"), 258]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda md: md.pop("tokenizer.ggml.tokens"), "no tokenizer.ggml.tokens"),
+        (lambda md: md.update({"tokenizer.ggml.tokens": []}), "empty"),
+        (lambda md: md.update({"tokenizer.ggml.tokens": "abc"}), "array of strings"),
+        (lambda md: md["tokenizer.ggml.tokens"].__setitem__(5, 7), "not a string"),
+        (lambda md: md.update({"tokenizer.ggml.model": "bert"}), "unsupported tokenizer model"),
+        (lambda md: md.pop("tokenizer.ggml.model"), "no tokenizer.ggml.model"),
+        (lambda md: md.update({"tokenizer.ggml.scores": np.zeros(3, np.float32)}), "has 3 entries"),
+        (
+            lambda md: md.update({"tokenizer.ggml.token_type": np.ones(9, np.int32)}),
+            "has 9 entries",
+        ),
+        (lambda md: md["tokenizer.ggml.token_type"].__setitem__(4, 9), "not a known token type"),
+        (lambda md: md.update({"tokenizer.ggml.bos_token_id": 10**6}), "out of range"),
+        (lambda md: md.update({"tokenizer.ggml.eos_token_id": "2"}), "must be an integer"),
+        (lambda md: md["tokenizer.ggml.tokens"].__setitem__(3, "<0xZZ>"), "expected the form"),
+        (lambda md: md["tokenizer.ggml.tokens"].__setitem__(4, "<s>"), "appears twice"),
+        (lambda md: md.update({"tokenizer.ggml.add_bos_token": "yes"}), "must be a bool"),
+    ],
+)
+def test_malformed_spm_metadata(edit: Any, message: str) -> None:
+    md = tiny_spm()
+    md["tokenizer.ggml.token_type"] = md["tokenizer.ggml.token_type"].copy()
+    edit(md)
+    with pytest.raises(TokenizerError, match=message):
+        Tokenizer.from_metadata(md)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda md: md.pop("tokenizer.ggml.merges"), "no tokenizer.ggml.merges"),
+        (lambda md: md.update({"tokenizer.ggml.merges": ["ab"]}), "is not 'left right'"),
+        (lambda md: md.update({"tokenizer.ggml.merges": [3]}), "not a string"),
+        (lambda md: md.update({"tokenizer.ggml.pre": "no-such-pre"}), "unknown pre-tokenizer"),
+        (lambda md: md.update({"tokenizer.ggml.add_bos_token": True}), "no BOS token"),
+    ],
+)
+def test_malformed_bpe_metadata(edit: Any, message: str) -> None:
+    md = tiny_bpe()
+    edit(md)
+    with pytest.raises(TokenizerError, match=message):
+        Tokenizer.from_metadata(md)
+
+
+def test_bad_input() -> None:
+    tok = Tokenizer.from_metadata(tiny_bpe())
+    with pytest.raises(TokenizerError):
+        tok.encode(b"bytes")  # type: ignore[arg-type]
+    with pytest.raises(TokenizerError):
+        tok.encode("lone \ud800 surrogate")
+    for bad in (-1, tok.n_vocab, 10**12):
+        with pytest.raises(TokenizerError):
+            tok.decode([bad])
+        with pytest.raises(TokenizerError):
+            tok.token_to_piece(bad)
+    with pytest.raises(TokenizerError):
+        tok.decode([1.5])  # type: ignore[list-item]
+    assert tok.decode(np.asarray([ord("a")], dtype=np.int32)) == "a"
+
+
+def test_from_gguf_vocab_only(tmp_path: Path) -> None:
+    from pyllm.gguf import GGUFWriter
+
+    good = tmp_path / "vocab.gguf"
+    w = GGUFWriter(good)
+    w.add_kv("general.architecture", "llama")
+    for key, value in tiny_spm().items():
+        w.add_kv(key, value)
+    w.write()
+    tok = Tokenizer.from_gguf(good)
+    assert tok.encode("a ab") == Tokenizer.from_metadata(tiny_spm()).encode("a ab")
+
+    bad = tmp_path / "bad.gguf"
+    w = GGUFWriter(bad)
+    md = tiny_spm()
+    md["tokenizer.ggml.scores"] = md["tokenizer.ggml.scores"][:-1]
+    for key, value in md.items():
+        w.add_kv(key, value)
+    w.write()
+    with pytest.raises(TokenizerError, match="entries"):
+        Tokenizer.from_gguf(bad)
+    with pytest.raises(PyllmError):
+        Tokenizer.from_gguf(tmp_path / "missing.gguf")
+
+
+# ---- pre-tokenizers -------------------------------------------------------------------------
+
+
+def test_pretokenizers_cover_text() -> None:
+    text = "Hello, y'all! How're YOU 😁 ?我想在apple工作1314151天～\n\n  \t x  \r\n"
+    text += " 3.14 ÄÖÜ\u00a0end  "
+    names = pretokenizer_names()
+    for required in ("default", "llama-bpe", "smollm", "gpt-2", "qwen2", "deepseek-llm",
+                     "deepseek-coder", "starcoder", "refact"):  # fmt: skip
+        assert required in names
+    for name in names:
+        pieces = get_pretokenizer(name).split(text)
+        assert "".join(pieces) == text and all(pieces), name
+
+
+def test_pretokenizer_splits() -> None:
+    assert get_pretokenizer("gpt-2").split("Hello world's 12345  x") == [
+        "Hello", " world", "'s", " 12345", " ", " x"
+    ]  # fmt: skip
+    assert get_pretokenizer("llama-bpe").split("I'M 12345!\n\nok") == [
+        "I", "'M", " ", "123", "45", "!\n\n", "ok"
+    ]  # fmt: skip
+    assert get_pretokenizer("smollm").split("x 123") == ["x", " ", "1", "2", "3"]
+    assert get_pretokenizer("qwen2").split("a 12") == ["a", " ", "1", "2"]
+    assert get_pretokenizer("refact").name == "starcoder"
+
+
+# ---- converters: tokenizer.model and tokenizer.json -----------------------------------------
+
+
+def test_from_sentencepiece_model(tmp_path: Path) -> None:
+    spm = pytest.importorskip("sentencepiece")
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "café", "naïve"]
+    words += ["über", "straße", "tokenizer"]
+    rng = np.random.default_rng(0)
+    lines = [" ".join(rng.choice(words, 10)) for _ in range(500)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, vocab_size=300, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        user_defined_symbols=["<tool>"], minloglevel=2,
+    )  # fmt: skip
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(buf.getvalue())
+    ref = spm.SentencePieceProcessor(model_file=str(path))
+    tok = Tokenizer.from_sentencepiece_model(path)
+    assert tok.n_vocab == ref.get_piece_size()
+    assert tok.token_type(tok.token_to_id("<tool>")) == TokenType.USER_DEFINED
+    assert tok.token_type(tok.token_to_id("<0x41>")) == TokenType.BYTE
+    for text in [
+        "the quick brown fox",
+        " leading",
+        "two  spaces ",
+        "café über",
+        "😀 中文 x",
+        "\n\t",
+    ]:
+        ids = tok.encode(text, add_special=False)
+        assert ids == ref.encode(text), text
+        assert tok.decode(ids) == ref.decode(ids) == text
+    assert tok.encode("fox")[0] == ref.bos_id()
+    with pytest.raises(TokenizerError):
+        Tokenizer.from_sentencepiece_model(tmp_path / "missing.model")
+    (tmp_path / "junk.model").write_bytes(b"\x0a\xff\xff")
+    with pytest.raises(TokenizerError):
+        Tokenizer.from_sentencepiece_model(tmp_path / "junk.model")
+
+
+def test_from_hf_json_matches_gguf(tmp_path: Path, vocab_dir: Path) -> None:
+    ref = _LOADED.get("gpt-2") or Tokenizer.from_gguf(vocab_dir / "ggml-vocab-gpt-2.gguf")
+    vocab = ref.vocab
+    data = {
+        "model": {
+            "type": "BPE",
+            "vocab": {t: i for i, t in enumerate(vocab.tokens) if vocab.types[i] == 1},
+            "merges": [[a, b] for (a, b), _ in sorted(vocab.merges.items(), key=lambda kv: kv[1])],
+        },
+        "added_tokens": [{"id": 50256, "content": "<|endoftext|>", "special": True}],
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+        "decoder": {"type": "ByteLevel"},
+    }
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|endoftext|>", "eos_token": {"content": "<|endoftext|>"}}),
+        encoding="utf-8",
+    )
+    md = hf_tokenizer_metadata(tmp_path)  # a folder works too (the converter passes one)
+    assert md["tokenizer.ggml.pre"] == "gpt-2" and md["tokenizer.ggml.eos_token_id"] == 50256
+    tok = Tokenizer.from_hf_json(tmp_path / "tokenizer.json")
+    assert tok.is_control(50256) and tok.eos_id == 50256
+    for text, expected in read_suite(vocab_dir, "gpt-2"):
+        assert tok.encode(text, add_special=False) == expected
+
+    data["pre_tokenizer"] = {"type": "Whitespace"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(TokenizerError, match="pre="):
+        hf_tokenizer_metadata(tmp_path / "tokenizer.json")
+    assert Tokenizer.from_hf_json(tmp_path / "tokenizer.json", pre="gpt-2").pre == "gpt-2"
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "WordPiece"}}', encoding="utf-8")
+    with pytest.raises(TokenizerError, match="only BPE"):
+        hf_tokenizer_metadata(tmp_path / "tokenizer.json")
+
+
+def test_exported_from_package() -> None:
+    assert pyllm.Tokenizer is Tokenizer
