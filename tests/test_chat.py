@@ -586,6 +586,8 @@ def test_sandbox_is_immutable(template: str) -> None:
         "{{ 10 ** 100000000 }}",
         "{% for i in range(1000000000) %}{% endfor %}",
         "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        "{% set ns = namespace(s='x' * 1000000) %}"
+        "{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
     ],
 )
 def test_sandbox_bounds_resource_use(template: str) -> None:

@@ -55,9 +55,9 @@ class _TemplateRaised(Exception):
 
 
 class _StrictSandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox; unsafe attribute access fails loudly, ``*`` and ``**`` are bounded."""
+    """The immutable sandbox; unsafe attribute access fails loudly, ``+ * **`` are bounded."""
 
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"+", "*", "**"})
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
         # jinja2's default returns an Undefined that renders as "" and only fails when used
@@ -72,6 +72,14 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
         )
 
     def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
+        if op == "+":
+            if (
+                isinstance(left, (str, list, tuple))
+                and isinstance(right, (str, list, tuple))
+                and len(left) + len(right) > MAX_OUTPUT_CHARS
+            ):
+                raise SecurityError("chat template tried to build an oversized value")
+            return operator.add(left, right)
         if op == "*":
             for seq, n in ((left, right), (right, left)):
                 if (
