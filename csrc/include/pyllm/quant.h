@@ -91,7 +91,7 @@ void quantize_row_q5_K(const float* x, BlockQ5_K* y, int64_t n);
 void dequantize_row_q6_K(const BlockQ6_K* x, float* y, int64_t n);
 void quantize_row_q6_K(const float* x, BlockQ6_K* y, int64_t n);
 void dequantize_row_q8_K(const BlockQ8_K* x, float* y, int64_t n);
-void quantize_row_q8_K(const float* x, BlockQ8_K* y, int64_t n);   // d = -max/128 form, + bsums
+void quantize_row_q8_K(const float* x, BlockQ8_K* y, int64_t n);   // d = max / -127 (float), + bsums
 
 // Unpack the 6-bit scale and min of sub-block j (0..7) of a Q4_K / Q5_K block's scales[12].
 inline void get_scale_min_k4(int j, const uint8_t* q, uint8_t* scale, uint8_t* min) {

@@ -1,0 +1,143 @@
+// The type-traits table (one row per tensor type) and the checked size / quantize / dequantize
+// helpers every caller (bindings, C ABI, model loader) goes through.
+//
+// Sizes come from untrusted files, so every byte count is computed with explicit overflow checks
+// and every mismatch is reported as std::invalid_argument naming the type and the numbers.
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#include "pyllm/quant.h"
+
+namespace pyllm {
+
+namespace {
+
+// Adapts a typed reference routine to the table's untyped signature.
+template <typename Block, void (*Fn)(const Block*, float*, int64_t)>
+void to_float_adapter(const void* src, float* dst, int64_t n) {
+  Fn(static_cast<const Block*>(src), dst, n);
+}
+
+template <typename Block, void (*Fn)(const float*, Block*, int64_t)>
+void from_float_adapter(const float* src, void* dst, int64_t n) {
+  Fn(src, static_cast<Block*>(dst), n);
+}
+
+#define PYLLM_TRAITS(TYPE, BLOCK, BS, QUANTIZED, WEIGHT, SUFFIX, DOT)                       \
+  TypeTraits {                                                                              \
+    QType::TYPE, #TYPE, BS, static_cast<int64_t>(sizeof(BLOCK)), QUANTIZED, WEIGHT,         \
+        &to_float_adapter<BLOCK, &dequantize_row_##SUFFIX>,                                 \
+        &from_float_adapter<BLOCK, &quantize_row_##SUFFIX>, QType::DOT                      \
+  }
+
+const TypeTraits kTraits[] = {
+    PYLLM_TRAITS(F32, float, 1, false, true, f32, F32),
+    PYLLM_TRAITS(F16, f16_t, 1, false, true, f16, F16),
+    PYLLM_TRAITS(Q4_0, BlockQ4_0, QK4_0, true, true, q4_0, Q8_0),
+    PYLLM_TRAITS(Q4_1, BlockQ4_1, QK4_1, true, true, q4_1, Q8_1),
+    PYLLM_TRAITS(Q5_0, BlockQ5_0, QK5_0, true, true, q5_0, Q8_0),
+    PYLLM_TRAITS(Q5_1, BlockQ5_1, QK5_1, true, true, q5_1, Q8_1),
+    PYLLM_TRAITS(Q8_0, BlockQ8_0, QK8_0, true, true, q8_0, Q8_0),
+    PYLLM_TRAITS(Q8_1, BlockQ8_1, QK8_1, true, false, q8_1, F32),
+    PYLLM_TRAITS(Q2_K, BlockQ2_K, QK_K, true, true, q2_K, Q8_K),
+    PYLLM_TRAITS(Q3_K, BlockQ3_K, QK_K, true, true, q3_K, Q8_K),
+    PYLLM_TRAITS(Q4_K, BlockQ4_K, QK_K, true, true, q4_K, Q8_K),
+    PYLLM_TRAITS(Q5_K, BlockQ5_K, QK_K, true, true, q5_K, Q8_K),
+    PYLLM_TRAITS(Q6_K, BlockQ6_K, QK_K, true, true, q6_K, Q8_K),
+    PYLLM_TRAITS(Q8_K, BlockQ8_K, QK_K, true, false, q8_K, F32),
+    PYLLM_TRAITS(BF16, bf16_t, 1, false, true, bf16, BF16),
+};
+
+#undef PYLLM_TRAITS
+
+static_assert(sizeof(kTraits) / sizeof(kTraits[0]) == sizeof(kAllQTypes) / sizeof(kAllQTypes[0]),
+              "kAllQTypes and the traits table must list the same types");
+
+// Dense lookup by id: ids are small (< 64), unknown ids map to nullptr.
+constexpr uint32_t kMaxId = 64;
+
+struct IdIndex {
+  const TypeTraits* by_id[kMaxId] = {};
+  IdIndex() {
+    for (const TypeTraits& t : kTraits) by_id[static_cast<uint32_t>(t.type)] = &t;
+  }
+};
+
+const IdIndex& id_index() {
+  static const IdIndex index;
+  return index;
+}
+
+[[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(msg); }
+
+int64_t checked_mul(int64_t a, int64_t b, const char* what, const TypeTraits& t) {
+  if (a != 0 && b > std::numeric_limits<int64_t>::max() / a) {
+    fail(std::string(t.name) + ": " + what + " overflows (" + std::to_string(a) + " x " +
+         std::to_string(b) + ")");
+  }
+  return a * b;
+}
+
+}  // namespace
+
+const TypeTraits* find_type_traits(uint32_t id) noexcept {
+  return id < kMaxId ? id_index().by_id[id] : nullptr;
+}
+
+const TypeTraits* find_type_traits_by_name(const char* name) noexcept {
+  if (name == nullptr) return nullptr;
+  for (const TypeTraits& t : kTraits) {
+    if (std::strcmp(t.name, name) == 0) return &t;
+  }
+  return nullptr;
+}
+
+const TypeTraits& type_traits(QType type) {
+  const TypeTraits* t = find_type_traits(static_cast<uint32_t>(type));
+  if (t == nullptr) fail("unknown tensor type id " + std::to_string(static_cast<uint32_t>(type)));
+  return *t;
+}
+
+int64_t row_size(QType type, int64_t n) {
+  const TypeTraits& t = type_traits(type);
+  if (n < 0) fail(std::string(t.name) + ": negative element count " + std::to_string(n));
+  if (n % t.block_size != 0) {
+    fail(std::string(t.name) + ": " + std::to_string(n) + " elements is not a multiple of the block size " +
+         std::to_string(t.block_size));
+  }
+  return checked_mul(n / t.block_size, t.type_size, "byte count", t);
+}
+
+int64_t tensor_size(QType type, int64_t n_rows, int64_t n_per_row) {
+  const TypeTraits& t = type_traits(type);
+  if (n_rows < 0) fail(std::string(t.name) + ": negative row count " + std::to_string(n_rows));
+  return checked_mul(n_rows, row_size(type, n_per_row), "tensor byte count", t);
+}
+
+void dequantize(QType type, const void* src, int64_t src_bytes, float* dst, int64_t n) {
+  const TypeTraits& t = type_traits(type);
+  const int64_t need = row_size(type, n);
+  if (src_bytes != need) {
+    fail(std::string(t.name) + ": " + std::to_string(n) + " elements need " + std::to_string(need) +
+         " bytes, got " + std::to_string(src_bytes));
+  }
+  if (n == 0) return;
+  if (src == nullptr || dst == nullptr) fail(std::string(t.name) + ": null buffer");
+  t.to_float(src, dst, n);
+}
+
+void quantize(QType type, const float* src, int64_t n, void* dst, int64_t dst_bytes) {
+  const TypeTraits& t = type_traits(type);
+  const int64_t need = row_size(type, n);
+  if (dst_bytes != need) {
+    fail(std::string(t.name) + ": " + std::to_string(n) + " elements need " + std::to_string(need) +
+         " bytes of output, got " + std::to_string(dst_bytes));
+  }
+  if (n == 0) return;
+  if (src == nullptr || dst == nullptr) fail(std::string(t.name) + ": null buffer");
+  t.from_float(src, dst, n);
+}
+
+}  // namespace pyllm
