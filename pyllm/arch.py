@@ -29,7 +29,8 @@ ROPE_SCALING = {"none": 0, "linear": 1, "yarn": 2, "dynamic": 3}
 LAYER_TENSORS = ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
                  "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight",
                  "ffn_down.weight")
-OPTIONAL_LAYER_TENSORS = ("attn_q.bias", "attn_k.bias", "attn_v.bias")
+OPTIONAL_LAYER_TENSORS = ("attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias",
+                          "ffn_gate.bias", "ffn_up.bias", "ffn_down.bias")
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,8 @@ def read_hparams(reader: GGUFReader) -> HParams:
         rope_orig_ctx=_int(md, p + "rope.scaling.original_context_length", n_ctx_train),
         yarn_beta_fast=_float(md, p + "rope.scaling.yarn_beta_fast", 32.0),
         yarn_beta_slow=_float(md, p + "rope.scaling.yarn_beta_slow", 1.0),
-        yarn_attn_factor=_float(md, p + "rope.scaling.attn_factor", 1.0),
+        # multiplier of the 1 + 0.1 ln(factor) YaRN magnitude scale (pyllm.convert writes it)
+        yarn_attn_factor=_float(md, p + "rope.scaling.yarn_attn_factor", 1.0),
         yarn_ext_factor=_float(md, p + "rope.scaling.yarn_ext_factor", -1.0),
     )
     if hp.n_layer <= 0 or hp.n_layer > 4096:

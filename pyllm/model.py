@@ -24,7 +24,7 @@ from pyllm.models import resolve_model_path
 if TYPE_CHECKING:
     from pyllm.tokenizer import Tokenizer
 
-KV_TYPES = {"f16": 0, "q8_0": 1}
+KV_TYPES = {"f16": 0, "q8_0": 1, "f32": 2}
 
 
 @dataclass(frozen=True)

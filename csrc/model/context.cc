@@ -45,7 +45,7 @@ struct Buffers {
     att.resize(n * hp.n_head * hp.head_dim);
     gate.resize(n * hp.n_ff);
     up.resize(n * hp.n_ff);
-    scores.resize(static_cast<size_t>(n_threads) * n_ctx);
+    scores.resize(static_cast<size_t>(n_threads) * (n_ctx + 2 * hp.head_dim));
   }
 };
 
@@ -68,8 +68,11 @@ struct Context::Impl {
   int n_batch;
   int n_ctx;
   int64_t kv_dim;
-  // K and V cache: per layer [n_ctx][n_head_kv * head_dim] halves.
-  std::vector<std::vector<f16_t>> k_cache, v_cache;
+  QType kv_type;  // element type of the cache rows
+  int64_t kv_row_bytes;   // bytes of one position's K (or V) row, all KV heads
+  int64_t kv_head_bytes;  // bytes of one KV head within a row
+  // K and V cache: per layer [n_ctx][n_head_kv * head_dim] in F16 halves or Q8_0 blocks.
+  std::vector<std::vector<uint8_t>> k_cache, v_cache;
 
   Impl(const Model& m, const ContextParams& p)
       : hp(m.hparams()),
@@ -79,10 +82,25 @@ struct Context::Impl {
                               : nullptr),
         n_batch(p.n_batch),
         n_ctx(p.n_ctx),
-        kv_dim(int64_t(m.hparams().n_head_kv) * m.hparams().head_dim) {
+        kv_dim(int64_t(m.hparams().n_head_kv) * m.hparams().head_dim),
+        kv_type(p.kv_type == KVType::Q8_0  ? QType::Q8_0
+                : p.kv_type == KVType::F32 ? QType::F32
+                                           : QType::F16) {
+    kv_row_bytes = row_size(kv_type, kv_dim);
+    kv_head_bytes = row_size(kv_type, hp.head_dim);
     buf.resize(hp, n_batch, n_ctx, pool.n_threads());
-    k_cache.assign(hp.n_layer, std::vector<f16_t>(static_cast<size_t>(n_ctx) * kv_dim));
-    v_cache.assign(hp.n_layer, std::vector<f16_t>(static_cast<size_t>(n_ctx) * kv_dim));
+    k_cache.assign(hp.n_layer, std::vector<uint8_t>(static_cast<size_t>(n_ctx) * kv_row_bytes));
+    v_cache.assign(hp.n_layer, std::vector<uint8_t>(static_cast<size_t>(n_ctx) * kv_row_bytes));
+  }
+
+  void store_kv(const OpsTable& op, const float* src, uint8_t* dst) {
+    if (kv_type == QType::Q8_0) {
+      quantize_row_q8_0(src, reinterpret_cast<BlockQ8_0*>(dst), kv_dim);
+    } else if (kv_type == QType::F32) {
+      std::memcpy(dst, src, sizeof(float) * kv_dim);
+    } else {
+      op.f32_to_f16(src, reinterpret_cast<f16_t*>(dst), kv_dim);
+    }
   }
 
   void mm(const WeightView& w, const float* x, int64_t n_tokens, float* y) {
@@ -125,15 +143,15 @@ struct Context::Impl {
       add_bias(buf.k.data(), L.bk, n, kv_dim);
       add_bias(buf.v.data(), L.bv, n, kv_dim);
 
-      f16_t* kc = k_cache[il].data();
-      f16_t* vc = v_cache[il].data();
+      uint8_t* kc = k_cache[il].data();
+      uint8_t* vc = v_cache[il].data();
       pool.parallel_for(n, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
           const float* cs = buf.rope.data() + t * hp.n_rot;
           op.rope(buf.q.data() + t * q_dim, hp.n_head, hd, hp.n_rot, cs, hp.rope_neox);
           op.rope(buf.k.data() + t * kv_dim, hp.n_head_kv, hd, hp.n_rot, cs, hp.rope_neox);
-          op.f32_to_f16(buf.k.data() + t * kv_dim, kc + (pos0 + t) * kv_dim, kv_dim);
-          op.f32_to_f16(buf.v.data() + t * kv_dim, vc + (pos0 + t) * kv_dim, kv_dim);
+          store_kv(op, buf.k.data() + t * kv_dim, kc + (pos0 + t) * kv_row_bytes);
+          store_kv(op, buf.v.data() + t * kv_dim, vc + (pos0 + t) * kv_row_bytes);
         }
       });
 
@@ -142,7 +160,7 @@ struct Context::Impl {
       pool.run([&](int ith, int nth) {
         int64_t i0, i1;
         split_range(items, 1, ith, nth, &i0, &i1);
-        float* scratch = buf.scores.data() + static_cast<size_t>(ith) * n_ctx;
+        float* scratch = buf.scores.data() + static_cast<size_t>(ith) * (n_ctx + 2 * hd);
         while (i0 < i1) {
           const int h = static_cast<int>(i0 / n);
           const int t = static_cast<int>(i0 % n);
@@ -151,9 +169,10 @@ struct Context::Impl {
           AttentionArgs a;
           a.q = buf.q.data() + t * q_dim + h * hd;
           a.q_stride = q_dim;
-          a.k = kc + g * hd;
-          a.v = vc + g * hd;
-          a.kv_stride = kv_dim;
+          a.k = kc + g * kv_head_bytes;
+          a.v = vc + g * kv_head_bytes;
+          a.kv_row_bytes = kv_row_bytes;
+          a.kv_type = kv_type;
           a.out = buf.att.data() + t * q_dim + h * hd;
           a.out_stride = q_dim;
           a.n_q = cnt;
@@ -167,6 +186,7 @@ struct Context::Impl {
       });
 
       mm(L.wo, buf.att.data(), n, xb);
+      add_bias(xb, L.bo, n, d);
       op.add(x, xb, int64_t(n) * d);
 
       const float* ffn_norm = static_cast<const float*>(L.ffn_norm.data);
@@ -175,11 +195,14 @@ struct Context::Impl {
       });
       mm(L.w_gate, xb, n, buf.gate.data());
       mm(L.w_up, xb, n, buf.up.data());
+      add_bias(buf.gate.data(), L.b_gate, n, hp.n_ff);
+      add_bias(buf.up.data(), L.b_up, n, hp.n_ff);
       const int64_t nff = int64_t(n) * hp.n_ff;
       pool.parallel_for(nff, 1024, [&](int64_t i0, int64_t i1) {
         op.swiglu(buf.gate.data() + i0, buf.up.data() + i0, buf.gate.data() + i0, i1 - i0);
       });
       mm(L.w_down, buf.gate.data(), n, xb);
+      add_bias(xb, L.b_down, n, d);
       op.add(x, xb, int64_t(n) * d);
     }
   }
@@ -203,7 +226,9 @@ Context::Context(std::shared_ptr<const Model> model, const ContextParams& params
   if (params_.n_ctx <= 0 || params_.n_ctx > (1 << 24)) throw std::invalid_argument("n_ctx must be in 1..16777216");
   if (params_.n_batch <= 0) throw std::invalid_argument("n_batch must be positive");
   params_.n_batch = std::min(params_.n_batch, params_.n_ctx);
-  if (params_.kv_type != KVType::F16) throw std::invalid_argument("only the F16 KV cache is implemented");
+  if (params_.kv_type == KVType::Q8_0 && model_->hparams().head_dim % QK8_0) {
+    throw std::invalid_argument("a Q8_0 KV cache needs a head size that is a multiple of 32");
+  }
   impl_ = std::make_unique<Impl>(*model_, params_);
 }
 
@@ -247,9 +272,10 @@ void Context::decode(const int32_t* tokens, int64_t n, float* logits, bool all_l
 
 std::vector<uint8_t> Context::save_state() const {
   const HParams& hp = model_->hparams();
-  const int64_t per_layer = int64_t(n_past_) * impl_->kv_dim * sizeof(f16_t);
-  const int32_t header[4] = {0x504c4c4d /* "MLLP" */, n_past_, hp.n_layer,
-                             static_cast<int32_t>(impl_->kv_dim)};
+  const int64_t per_layer = int64_t(n_past_) * impl_->kv_row_bytes;
+  const int32_t header[5] = {0x504c4c4d /* "MLLP" */, n_past_, hp.n_layer,
+                             static_cast<int32_t>(impl_->kv_dim),
+                             static_cast<int32_t>(impl_->kv_type)};
   std::vector<uint8_t> out(sizeof header + 2 * per_layer * hp.n_layer);
   uint8_t* p = out.data();
   std::memcpy(p, header, sizeof header);
@@ -265,15 +291,18 @@ std::vector<uint8_t> Context::save_state() const {
 
 void Context::load_state(const uint8_t* data, int64_t size) {
   const HParams& hp = model_->hparams();
-  int32_t header[4];
+  int32_t header[5];
   if (size < static_cast<int64_t>(sizeof header)) throw std::invalid_argument("state is too short");
   std::memcpy(header, data, sizeof header);
   if (header[0] != 0x504c4c4d || header[2] != hp.n_layer || header[3] != impl_->kv_dim) {
     throw std::invalid_argument("state was saved from a different model");
   }
+  if (header[4] != static_cast<int32_t>(impl_->kv_type)) {
+    throw std::invalid_argument("state was saved with a different KV cache type");
+  }
   const int n = header[1];
   if (n < 0 || n > params_.n_ctx) throw std::invalid_argument("state does not fit in this context");
-  const int64_t per_layer = int64_t(n) * impl_->kv_dim * sizeof(f16_t);
+  const int64_t per_layer = int64_t(n) * impl_->kv_row_bytes;
   if (size != static_cast<int64_t>(sizeof header) + 2 * per_layer * hp.n_layer) {
     throw std::invalid_argument("state size does not match its header");
   }

@@ -66,6 +66,10 @@ Model::Model(const HParams& hp, ModelWeights weights) : hp_(hp), w_(std::move(we
     check_weight(l.bq, p + "attn_q.bias", q_dim, 1, false, true);
     check_weight(l.bk, p + "attn_k.bias", kv_dim, 1, false, true);
     check_weight(l.bv, p + "attn_v.bias", kv_dim, 1, false, true);
+    check_weight(l.bo, p + "attn_output.bias", d, 1, false, true);
+    check_weight(l.b_gate, p + "ffn_gate.bias", hp.n_ff, 1, false, true);
+    check_weight(l.b_up, p + "ffn_up.bias", hp.n_ff, 1, false, true);
+    check_weight(l.b_down, p + "ffn_down.bias", d, 1, false, true);
     check_weight(l.ffn_norm, p + "ffn_norm.weight", d, 1, true, true);
     check_weight(l.w_gate, p + "ffn_gate.weight", d, hp.n_ff, true);
     check_weight(l.w_up, p + "ffn_up.weight", d, hp.n_ff, true);

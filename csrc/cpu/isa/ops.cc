@@ -1,14 +1,13 @@
 // Element-wise and attention operators (see pyllm/ops.h), written once and compiled per ISA.
 //
-// The loops are shaped for the compiler's vectorizer instead of intrinsics: reductions keep
-// kLanes independent partial sums (so no -ffast-math is needed to vectorize them), and halves are
-// converted through _Float16 where the target converts them in hardware (F16C / AVX-512 / NEON).
-// The result is plain C++ that becomes AVX2, AVX-512 or NEON code depending on the flags this
-// file is compiled with.
+// Dot products and AXPYs use the float-vector vocabulary of cpu/isa/simd.h (shared with the
+// matmul kernels); the simple element-wise loops are left to the compiler's vectorizer, with
+// reductions kept in kLanes independent partial sums so no -ffast-math is needed.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 
+#include "cpu/isa/simd.h"
 #include "pyllm/fp16.h"
 #include "pyllm/ops.h"
 
@@ -26,30 +25,47 @@ constexpr int kLanes = 16;
 #define PYLLM_HW_F16 1
 #endif
 
-inline float half_to_float(f16_t h) {
-#ifdef PYLLM_HW_F16
-  _Float16 v;
-  std::memcpy(&v, &h, sizeof v);
-  return static_cast<float>(v);
-#else
-  return f16_to_f32(h);
-#endif
-}
-
-inline void halves_to_floats(const f16_t* src, float* dst, int n) {
-  for (int i = 0; i < n; ++i) dst[i] = half_to_float(src[i]);
-}
-
 inline float dot(const float* a, const float* b, int n) {
-  float acc[kLanes] = {};
+  vf acc0 = vzero(), acc1 = vzero();
   int i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) acc[j] += a[i + j] * b[i + j];
+  for (; i + 2 * VN <= n; i += 2 * VN) {
+    acc0 = vfma(vload(a + i), vload(b + i), acc0);
+    acc1 = vfma(vload(a + i + VN), vload(b + i + VN), acc1);
   }
-  float s = 0.0f;
+  for (; i + VN <= n; i += VN) acc0 = vfma(vload(a + i), vload(b + i), acc0);
+  float s = vsum(vadd(acc0, acc1));
   for (; i < n; ++i) s += a[i] * b[i];
-  for (int j = 0; j < kLanes; ++j) s += acc[j];
   return s;
+}
+
+// out += p * x
+inline void axpy(float p, const float* x, float* out, int n) {
+  const vf vp = vset1(p);
+  int i = 0;
+  for (; i + VN <= n; i += VN) vstore(out + i, vfma(vp, vload(x + i), vload(out + i)));
+  for (; i < n; ++i) out[i] += p * x[i];
+}
+
+// Row t of one KV head as floats.
+inline void load_kv_row(const AttentionArgs& a, const uint8_t* base, int t, float* dst) {
+  const uint8_t* row = base + t * a.kv_row_bytes;
+  const int hd = a.head_dim;
+  if (a.kv_type == QType::F32) {
+    std::memcpy(dst, row, sizeof(float) * hd);
+    return;
+  }
+  if (a.kv_type == QType::Q8_0) {
+    const BlockQ8_0* b = reinterpret_cast<const BlockQ8_0*>(row);
+    for (int j = 0; j < hd / QK8_0; ++j) {
+      const float d = half_to_float(b[j].d);
+      for (int i = 0; i < QK8_0; ++i) dst[j * QK8_0 + i] = d * b[j].qs[i];
+    }
+    return;
+  }
+  const f16_t* h = reinterpret_cast<const f16_t*>(row);
+  int i = 0;
+  for (; i + VN <= hd; i += VN) vstore(dst + i, vload_f16(h + i));
+  for (; i < hd; ++i) dst[i] = half_to_float(h[i]);
 }
 
 void rms_norm(const float* x, const float* w, float* y, int64_t n, float eps) {
@@ -104,28 +120,20 @@ void rope(float* x, int n_heads, int head_dim, int n_rot, const float* cos_sin, 
 
 void attention(const AttentionArgs& a) {
   const int hd = a.head_dim;
-  // Each query row is processed with a full pass over its visible keys: scores, softmax in f32
-  // with the max subtracted, then the weighted sum of values. Rows of a GQA group share the
-  // same K/V rows, which stay in L1/L2 between rows.
-  float kbuf[512];
-  float* krow = hd <= 512 ? kbuf : nullptr;
+  // Each query row makes one pass over its visible keys (scores), a softmax in F32 with the
+  // maximum subtracted, and one pass over the values. Rows of a GQA group and consecutive tokens
+  // share the same K/V rows, which stay in cache between rows.
+  float* row = a.scratch;          // one dequantized K or V row
+  float* acc = a.scratch + hd;     // output accumulator
+  float* scores = a.scratch + 2 * hd;
   for (int r = 0; r < a.n_q; ++r) {
     const float* q = a.q + r * a.q_stride;
     float* out = a.out + r * a.out_stride;
     const int n = a.n_visible[r];
-    float* scores = a.scratch;
     float max_score = -INFINITY;
     for (int t = 0; t < n; ++t) {
-      const f16_t* k = a.k + t * a.kv_stride;
-      float s;
-      if (krow) {
-        halves_to_floats(k, krow, hd);
-        s = dot(q, krow, hd);
-      } else {
-        s = 0.0f;
-        for (int i = 0; i < hd; ++i) s += q[i] * half_to_float(k[i]);
-      }
-      s *= a.scale;
+      load_kv_row(a, a.k, t, row);
+      const float s = dot(q, row, hd) * a.scale;
       scores[t] = s;
       max_score = std::max(max_score, s);
     }
@@ -135,13 +143,13 @@ void attention(const AttentionArgs& a) {
       scores[t] = e;
       sum += e;
     }
-    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-    for (int i = 0; i < hd; ++i) out[i] = 0.0f;
+    for (int i = 0; i < hd; ++i) acc[i] = 0.0f;
     for (int t = 0; t < n; ++t) {
-      const f16_t* v = a.v + t * a.kv_stride;
-      const float p = scores[t] * inv;
-      for (int i = 0; i < hd; ++i) out[i] += p * half_to_float(v[i]);
+      load_kv_row(a, a.v, t, row);
+      axpy(scores[t], row, acc, hd);
     }
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    for (int i = 0; i < hd; ++i) out[i] = acc[i] * inv;
   }
 }
 

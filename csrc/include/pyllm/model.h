@@ -50,7 +50,8 @@ struct WeightView {
 };
 
 struct LayerWeights {
-  WeightView attn_norm, wq, wk, wv, wo, bq, bk, bv, ffn_norm, w_gate, w_up, w_down;
+  WeightView attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down;
+  WeightView bq, bk, bv, bo, b_gate, b_up, b_down;  // optional biases (F32 vectors)
 };
 
 struct ModelWeights {
@@ -71,7 +72,7 @@ class Model {
   ModelWeights w_;
 };
 
-enum class KVType { F16 = 0, Q8_0 = 1 };
+enum class KVType { F16 = 0, Q8_0 = 1, F32 = 2 };
 
 struct ContextParams {
   int n_ctx = 2048;

@@ -13,21 +13,22 @@
 namespace pyllm {
 
 // One attention problem: n_q query rows (one token's heads of one KV group, or several tokens)
-// attending over n_kv cached positions of one KV head.
+// attending over cached positions of one KV head.
 struct AttentionArgs {
-  const float* q;       // [n_q][head_dim] query rows
-  int64_t q_stride;     // floats between consecutive query rows
-  const f16_t* k;       // [n_kv] rows of head_dim halves, k_stride halves apart
-  const f16_t* v;       // same layout as k
-  int64_t kv_stride;    // halves between consecutive positions
-  float* out;           // [n_q][head_dim], out_stride floats apart
+  const float* q;        // [n_q][head_dim] query rows
+  int64_t q_stride;      // floats between consecutive query rows
+  const uint8_t* k;      // this KV head's slice of cache row 0 (F16 halves or Q8_0 blocks)
+  const uint8_t* v;      // same layout as k
+  int64_t kv_row_bytes;  // bytes between consecutive positions
+  QType kv_type;         // F16, F32 or Q8_0 (head_dim a multiple of 32) cache rows
+  float* out;            // [n_q][head_dim], out_stride floats apart
   int64_t out_stride;
   int n_q;
   int head_dim;
-  // Causal limit: query row r sees positions [0, n_visible[r]) (n_visible[r] <= n_kv).
+  // Causal limit: query row r sees positions [0, n_visible[r]).
   const int* n_visible;
-  float scale;          // usually 1/sqrt(head_dim)
-  float* scratch;       // >= n_kv floats (scores)
+  float scale;           // usually 1/sqrt(head_dim)
+  float* scratch;        // >= max(n_visible) + 2 * head_dim floats
 };
 
 struct OpsTable {

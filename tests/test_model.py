@@ -1,0 +1,260 @@
+"""The C++ forward pass and the LLM object against the numpy reference forward."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pyllm.errors import ContextError, ModelError
+from pyllm.gguf import GGMLType, GGUFReader, GGUFWriter
+from pyllm.model import LLM
+from tests.reference.llama_ref import LlamaRef
+from tests.tiny_models import TinySpec, write_tiny
+
+pytest.importorskip("gguf")  # the reference dequantizes with the gguf package
+
+TOKENS = [1, 17, 99, 3, 42, 42, 7, 150, 88, 5, 61, 120, 9, 33, 0, 77, 64, 31, 2, 140,
+          11, 23, 56, 78, 90, 101, 112, 130, 145, 159, 4, 8]
+
+# Logits are O(1..10). With the F32 KV cache only F32 summation order separates us from the
+# float64 reference; the default F16 (and the Q8_0) cache add their rounding on top.
+ATOL_EXACT = 2e-4
+# (max, mean) absolute error of the lossy caches; Q8_0 steps are ~20x coarser than F16's, and
+# measured errors scale accordingly (f16: 0.016 / 0.0012, q8_0: 0.32 / 0.028 on head_dim_32).
+ATOL_KV = {"f16": (3e-2, 3e-3), "q8_0": (0.6, 0.06)}
+
+VARIANTS = {
+    "gqa": TinySpec(),
+    "mha": TinySpec(n_head_kv=4),
+    "mqa": TinySpec(n_head_kv=1),
+    "tied": TinySpec(tied=True),
+    "head_dim_32": TinySpec(head_dim=32),
+    "partial_rotary": TinySpec(n_rot=8),
+    "qwen2_biases": TinySpec(arch="qwen2", biases=True),
+    "internlm2": TinySpec(arch="internlm2"),
+    "rope_base": TinySpec(rope_base=500000.0),
+    "rope_linear": TinySpec(rope_scaling={"type": "linear", "factor": 4.0}),
+    "rope_yarn": TinySpec(rope_scaling={"type": "yarn", "factor": 4.0,
+                                        "original_context_length": 16}),
+    "rope_dynamic": TinySpec(rope_scaling={"type": "dynamic", "factor": 2.0,
+                                           "original_context_length": 16}),
+    "rope_freqs": TinySpec(rope_freqs=True),
+    "f16_weights": TinySpec(wtype=GGMLType.F16),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+def tiny(tiny_dir: Path, name: str) -> Path:
+    path = tiny_dir / f"{name}.gguf"
+    if not path.exists():
+        write_tiny(path, VARIANTS[name])
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_logits_match_reference(tiny_dir: Path, name: str) -> None:
+    path = tiny(tiny_dir, name)
+    expected = LlamaRef(str(path)).forward(TOKENS)
+    with LLM(path, n_ctx=64, n_threads=2, kv_type="f32") as llm:
+        got = llm.logits(TOKENS)
+    assert got.shape == (len(TOKENS), 160) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=ATOL_EXACT, rtol=0)
+
+
+@pytest.mark.parametrize(("name", "kv_type"), [("gqa", "f16"), ("qwen2_biases", "f16"),
+                                               ("rope_yarn", "f16"), ("head_dim_32", "f16"),
+                                               ("head_dim_32", "q8_0")])
+def test_kv_cache_types(tiny_dir: Path, name: str, kv_type: str) -> None:
+    path = tiny(tiny_dir, name)
+    expected = LlamaRef(str(path)).forward(TOKENS)
+    with LLM(path, n_ctx=64, kv_type=kv_type) as llm:
+        got = llm.logits(TOKENS)
+    err = np.abs(got - expected)
+    max_err, mean_err = ATOL_KV[kv_type]
+    assert err.max() < max_err and err.mean() < mean_err, (err.max(), err.mean())
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
+
+
+def test_q8_kv_cache_needs_whole_blocks(tiny_dir: Path) -> None:
+    with pytest.raises(ModelError, match="multiple of 32"):
+        LLM(tiny(tiny_dir, "gqa"), kv_type="q8_0")
+
+
+def test_incremental_decode_matches_batch(tiny_dir: Path) -> None:
+    path = tiny(tiny_dir, "gqa")
+    with LLM(path, n_ctx=64, kv_type="f32") as llm:
+        full = llm.logits(TOKENS)
+        llm.reset()
+        for i, t in enumerate(TOKENS):
+            last = llm.eval([t])
+            np.testing.assert_allclose(last, full[i], atol=1e-4, rtol=0)
+        assert llm.n_past == len(TOKENS)
+
+
+@pytest.mark.parametrize("n_batch", [1, 5, 7])
+def test_chunked_prefill_matches(tiny_dir: Path, n_batch: int) -> None:
+    path = tiny(tiny_dir, "gqa")
+    with LLM(path, n_ctx=64, kv_type="f32") as a, LLM(path, n_ctx=64, n_batch=n_batch, kv_type="f32") as b:
+        np.testing.assert_allclose(b.logits(TOKENS), a.logits(TOKENS), atol=1e-4, rtol=0)
+
+
+def test_thread_counts_agree(tiny_dir: Path) -> None:
+    path = tiny(tiny_dir, "gqa")
+    with LLM(path, n_ctx=64, n_threads=1, kv_type="f32") as a, LLM(path, n_ctx=64, n_threads=2, kv_type="f32") as b:
+        assert a.n_threads == 1 and b.n_threads == 2
+        np.testing.assert_allclose(b.logits(TOKENS), a.logits(TOKENS), atol=1e-5, rtol=0)
+
+
+def test_prefix_reuse(tiny_dir: Path) -> None:
+    path = tiny(tiny_dir, "gqa")
+    with LLM(path, n_ctx=64, kv_type="f32") as llm:
+        full = llm.logits(TOKENS)
+        llm.reset()
+        llm.eval_prompt(TOKENS[:20])
+        assert llm.n_past == 20
+        other = TOKENS[:12] + [3, 4, 5]
+        got = llm.eval_prompt(other)
+        assert llm.tokens == other
+        fresh = llm.logits(other)[-1]
+        np.testing.assert_allclose(got, fresh, atol=1e-4, rtol=0)
+        # the same prompt again re-evaluates only its last token
+        llm.reset()
+        llm.eval_prompt(TOKENS)
+        again = llm.eval_prompt(TOKENS)
+        np.testing.assert_allclose(again, full[-1], atol=1e-4, rtol=0)
+
+
+def test_save_and_load_state(tiny_dir: Path) -> None:
+    path = tiny(tiny_dir, "gqa")
+    with LLM(path, n_ctx=64) as llm:
+        llm.eval(TOKENS[:10])
+        state = llm.save_state()
+        a = llm.eval(TOKENS[10:14])
+        llm.reset()
+        llm.eval([5, 6, 7])
+        llm.load_state(state)
+        assert llm.tokens == TOKENS[:10]
+        b = llm.eval(TOKENS[10:14])
+        np.testing.assert_array_equal(a, b)
+
+
+def test_state_from_other_model_rejected(tiny_dir: Path) -> None:
+    with LLM(tiny(tiny_dir, "gqa"), n_ctx=64) as a, LLM(tiny(tiny_dir, "mha"), n_ctx=64) as b:
+        a.eval([1, 2, 3])
+        with pytest.raises(ContextError):
+            b.load_state(a.save_state())
+
+
+def test_context_overflow_is_an_error(tiny_dir: Path) -> None:
+    with LLM(tiny(tiny_dir, "gqa"), n_ctx=16) as llm:
+        llm.eval(TOKENS[:10])
+        with pytest.raises(ContextError, match="n_ctx=16"):
+            llm.eval(TOKENS[:7])
+        assert llm.n_past == 10  # nothing was modified
+        llm.eval(TOKENS[:6])
+        with pytest.raises(ContextError):
+            llm.logits(TOKENS[:17])
+
+
+@pytest.mark.parametrize("bad", [[-1], [160], [1, 2, 10**9], [[1, 2]], [1.5]])
+def test_bad_tokens(tiny_dir: Path, bad: list[object]) -> None:
+    with LLM(tiny(tiny_dir, "gqa"), n_ctx=16) as llm, pytest.raises(ModelError):
+        llm.eval(bad)  # type: ignore[arg-type]
+
+
+def test_two_models_in_two_threads(tiny_dir: Path) -> None:
+    paths = [tiny(tiny_dir, "gqa"), tiny(tiny_dir, "qwen2_biases")]
+    expected = []
+    for p in paths:
+        with LLM(p, n_ctx=64, n_threads=1) as llm:
+            expected.append(llm.logits(TOKENS))
+    results: dict[int, list[np.ndarray]] = {0: [], 1: []}
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            with LLM(paths[i], n_ctx=64, n_threads=1) as llm:
+                for _ in range(5):
+                    results[i].append(llm.logits(TOKENS))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in range(2):
+        for r in results[i]:
+            np.testing.assert_allclose(r, expected[i], atol=1e-5, rtol=0)
+
+
+def test_unsupported_architecture(tmp_path: Path) -> None:
+    path = tmp_path / "gptx.gguf"
+    w = GGUFWriter(path)
+    w.add_kv("general.architecture", "gptx")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write()
+    with pytest.raises(ModelError, match="unsupported architecture 'gptx'"):
+        LLM(path)
+
+
+def test_missing_tensor(tmp_path: Path, tiny_dir: Path) -> None:
+    src = GGUFReader(tiny(tiny_dir, "gqa"))
+    path = tmp_path / "missing.gguf"
+    w = GGUFWriter(path)
+    w.add_metadata(src.metadata, src.value_types)
+    for t in src.tensors:
+        if t.name != "blk.1.ffn_up.weight":
+            w.add_tensor(t.name, t.raw, t.type, t.dims)
+    w.write()
+    with pytest.raises(ModelError, match="blk.1.ffn_up.weight"):
+        LLM(path)
+
+
+def test_wrong_shape_rejected(tmp_path: Path, tiny_dir: Path) -> None:
+    src = GGUFReader(tiny(tiny_dir, "gqa"))
+    path = tmp_path / "shape.gguf"
+    w = GGUFWriter(path)
+    w.add_metadata(src.metadata, src.value_types)
+    for t in src.tensors:
+        if t.name == "blk.0.attn_k.weight":
+            w.add_tensor(t.name, np.zeros((8, 64), np.float32))
+        else:
+            w.add_tensor(t.name, t.raw, t.type, t.dims)
+    w.write()
+    with pytest.raises(ModelError, match="attn_k"):
+        LLM(path)
+
+
+def test_bad_constructor_arguments(tiny_dir: Path) -> None:
+    path = tiny(tiny_dir, "gqa")
+    for kwargs in ({"n_ctx": 0}, {"n_batch": -1}, {"n_threads": 0}, {"kv_type": "f8"}):
+        with pytest.raises(ContextError):
+            LLM(path, **kwargs)  # type: ignore[arg-type]
+
+
+def test_closed_llm(tiny_dir: Path) -> None:
+    llm = LLM(tiny(tiny_dir, "gqa"), n_ctx=16)
+    llm.close()
+    with pytest.raises(ModelError, match="closed"):
+        llm.eval([1])
+
+
+@pytest.mark.slow
+def test_smollm2_matches_reference(smollm2_path: Path) -> None:
+    tokens = [1, 504, 3458, 282, 4649, 314, 253, 1345]
+    expected = LlamaRef(str(smollm2_path), dtype=np.float32).forward(tokens)
+    with LLM(smollm2_path, n_ctx=64) as llm:
+        got = llm.logits(tokens)
+    assert got.shape == (len(tokens), 49152)
+    assert np.abs(got - expected).max() < 2e-2
+    assert (got.argmax(-1) == expected.argmax(-1)).all()
