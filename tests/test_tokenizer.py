@@ -162,6 +162,16 @@ def test_smollm2_round_trip(smol: Tokenizer) -> None:
     assert smol.decode(smol.encode(text)) == text
 
 
+def test_long_pre_tokens_stay_fast(smol: Tokenizer, vocab_dir: Path) -> None:
+    # One pre-token / SentencePiece chunk of 20k characters goes through the heap merge
+    # (n log n), not the quadratic short-word path.
+    spm = _LOADED.get("llama-spm") or Tokenizer.from_gguf(vocab_dir / "ggml-vocab-llama-spm.gguf")
+    for tok in (smol, spm):
+        for text in ("a" * 20000, "€" * 5000):
+            ids = tok.encode(text, add_special=False)
+            assert len(ids) <= len(text) and tok.decode(ids) == text
+
+
 # ---- streaming decoder ----------------------------------------------------------------------
 
 
@@ -400,7 +410,7 @@ def test_from_hf_json_matches_gguf(tmp_path: Path, vocab_dir: Path) -> None:
         "model": {
             "type": "BPE",
             "vocab": {t: i for i, t in enumerate(vocab.tokens) if vocab.types[i] == 1},
-            "merges": [[a, b] for (a, b), _ in sorted(vocab.merges.items(), key=lambda kv: kv[1])],
+            "merges": [[a, b] for a, b in vocab.merges],
         },
         "added_tokens": [{"id": 50256, "content": "<|endoftext|>", "special": True}],
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},

@@ -12,6 +12,7 @@ string: English text repeats its words, and a cache hit is one dict lookup.
 from __future__ import annotations
 
 import heapq
+from itertools import pairwise
 
 from pyllm.tokenizer.vocab import Vocab
 
@@ -43,6 +44,10 @@ _LATIN1_TO_ALPHABET = {b: c for b, c in enumerate(BYTE_TO_CHAR)}
 # Bound on the pre-token cache; past it the cache is dropped and refilled (cheap and simple,
 # and a stream of unique pre-tokens cannot grow memory without limit).
 _CACHE_LIMIT = 200_000
+# Pre-tokens up to this many bytes merge with the list scan, longer ones with the heap (the scan
+# is quadratic, and one pre-token can be a megabyte of letters).
+_SHORT = 48
+_INF = 1 << 62
 
 
 def bytes_to_token_text(data: bytes) -> str:
@@ -64,15 +69,41 @@ def token_text_to_bytes(text: str) -> bytes:
 
 
 class BpeModel:
-    """Encodes text with a byte-level BPE vocabulary (no special-token handling here)."""
+    """Encodes text with a byte-level BPE vocabulary (no special-token handling here).
+
+    Merging runs on integer symbol ids rather than strings: each merge ``left right`` becomes
+    ``pair key -> rank * stride + merged id`` with ``key = left id * stride + right id``, so a
+    lookup hashes one int instead of building and hashing a new string.  Strings that occur in
+    merges but are not tokens get ids past the vocabulary (``_extra``), which keeps the mapping
+    between symbol texts and ids one to one -- the property the exactness argument needs.
+    """
 
     def __init__(self, vocab: Vocab) -> None:
         assert vocab.pre is not None
         self._pre = vocab.pre
-        self._ranks = vocab.merges
         self._token_to_id = vocab.token_to_id
         self._ignore_merges = vocab.ignore_merges
+        self._n_vocab = vocab.n_vocab
         self._cache: dict[str, tuple[int, ...]] = {}
+
+        extra: dict[str, int] = {}
+
+        def intern(text: str) -> int:
+            tid = vocab.token_to_id.get(text)
+            if tid is None:
+                tid = extra.setdefault(text, vocab.n_vocab + len(extra))
+            return tid
+
+        self._byte_id = [intern(c) for c in BYTE_TO_CHAR]
+        triples = [(intern(a), intern(b), intern(a + b)) for a, b in vocab.merges]
+        # Ids stay below the stride even after interning; leave room for every merge result.
+        stride = vocab.n_vocab + len(extra) + 1
+        pairs: dict[int, int] = {}
+        for rank, (a, b, m) in enumerate(triples):
+            pairs.setdefault(a * stride + b, rank * stride + m)
+        self._stride = stride
+        self._pairs = pairs
+        self._extra = {i: t for t, i in extra.items()}
 
     def encode(self, text: str, out: list[int]) -> None:
         """Append the ids of ``text`` (one raw-text fragment) to ``out``."""
@@ -82,65 +113,103 @@ class BpeModel:
         for word in self._pre.split(text):
             ids = cache.get(word)
             if ids is None:
-                ids = self._encode_word(bytes_to_token_text(word.encode("utf-8")))
+                ids = self._encode_word(word)
                 cache[word] = ids
             out.extend(ids)
 
     def _encode_word(self, word: str) -> tuple[int, ...]:
-        token_to_id = self._token_to_id
-        whole = token_to_id.get(word)
-        if whole is not None and (self._ignore_merges or len(word) == 1):
-            return (whole,)
-        return tuple(self._ids_of(self._merge(list(word))))
+        raw = word.encode("utf-8")
+        if self._ignore_merges:
+            whole = self._token_to_id.get(bytes_to_token_text(raw))
+            if whole is not None:
+                return (whole,)
+        byte_id = self._byte_id
+        sym = [byte_id[b] for b in raw]
+        if len(sym) > _SHORT:
+            sym = self._merge(sym)
+        elif len(sym) > 1:
+            self._merge_short(sym)
+        n_vocab = self._n_vocab
+        if all(s < n_vocab for s in sym):
+            return tuple(sym)
+        return tuple(self._with_fallback(sym))
 
-    def _merge(self, sym: list[str]) -> list[str]:
-        """Apply merges to the symbols of one pre-token; returns the final symbols in order."""
-        ranks = self._ranks
+    def _merge_short(self, sym: list[int]) -> None:
+        """:meth:`_merge` for short pre-tokens, in place: keep the rank of every adjacent pair in
+        a list and merge at its minimum (``index`` finds the leftmost), re-ranking only the two
+        pairs that touch the merged symbol.  Quadratic, but all of it runs in C-level list
+        operations, which beats a heap for the few symbols of a word."""
+        pairs, stride, inf = self._pairs, self._stride, _INF
+        ranks = [pairs.get(a * stride + b, inf) for a, b in pairwise(sym)]
+        while ranks:
+            best = min(ranks)
+            if best == inf:
+                return
+            i = ranks.index(best)
+            merged = best % stride
+            sym[i] = merged
+            del sym[i + 1]
+            del ranks[i]
+            if i < len(ranks):
+                ranks[i] = pairs.get(merged * stride + sym[i + 1], inf)
+            if i:
+                ranks[i - 1] = pairs.get(sym[i - 1] * stride + merged, inf)
+
+    def _merge(self, sym: list[int]) -> list[int]:
+        """Apply merges to one pre-token's symbol ids; returns the final ids in order.
+
+        Always the lowest-rank adjacent pair next, the leftmost on ties (llama.cpp's order).
+        Heap entries are not removed when a neighbour changes; an entry whose two positions no
+        longer hold the ids it was made for is stale and skipped.
+        """
+        pairs, stride = self._pairs, self._stride
         n = len(sym)
         nxt = [*range(1, n), -1]
         prv = list(range(-1, n - 1))
-        heap: list[tuple[int, int, int, str]] = []
+        heap: list[tuple[int, int, int, int, int]] = []
         for i in range(n - 1):
-            rank = ranks.get((sym[i], sym[i + 1]))
-            if rank is not None:
-                heap.append((rank, i, i + 1, sym[i] + sym[i + 1]))
+            hit = pairs.get(sym[i] * stride + sym[i + 1])
+            if hit is not None:
+                heap.append((hit, i, i + 1, sym[i], sym[i + 1]))
+        if not heap:
+            return sym
         heapq.heapify(heap)
+        pop, push = heapq.heappop, heapq.heappush
         while heap:
-            _, left, right, merged = heapq.heappop(heap)
-            a, b = sym[left], sym[right]
-            # Entries are never removed when a neighbour changes; an entry whose two symbols no
-            # longer spell the pair it was made for is stale.
-            if not a or not b or a + b != merged:
+            hit, left, right, a, b = pop(heap)
+            if sym[left] != a or sym[right] != b:
                 continue
+            merged = hit % stride
             sym[left] = merged
-            sym[right] = ""
+            sym[right] = -1
             after = nxt[right]
             nxt[left] = after
             if after >= 0:
                 prv[after] = left
+                c = sym[after]
+                hit = pairs.get(merged * stride + c)
+                if hit is not None:
+                    push(heap, (hit, left, after, merged, c))
             before = prv[left]
             if before >= 0:
-                rank = ranks.get((sym[before], merged))
-                if rank is not None:
-                    heapq.heappush(heap, (rank, before, left, sym[before] + merged))
-            if after >= 0:
-                rank = ranks.get((merged, sym[after]))
-                if rank is not None:
-                    heapq.heappush(heap, (rank, left, after, merged + sym[after]))
-        return [s for s in sym if s]
+                c = sym[before]
+                hit = pairs.get(c * stride + merged)
+                if hit is not None:
+                    push(heap, (hit, before, left, c, merged))
+        return [s for s in sym if s >= 0]
 
-    def _ids_of(self, symbols: list[str]) -> list[int]:
+    def _with_fallback(self, sym: list[int]) -> list[int]:
         token_to_id = self._token_to_id
         ids: list[int] = []
-        for s in symbols:
-            tid = token_to_id.get(s)
-            if tid is not None:
-                ids.append(tid)
+        for s in sym:
+            if s < self._n_vocab:
+                ids.append(s)
                 continue
-            # A symbol that is not a token can only be a single alphabet character missing from
-            # the vocabulary; llama.cpp then looks each of its UTF-8 bytes up as a one-character
-            # token, which can only succeed for ASCII.  Anything else is dropped, as there.
-            for byte in s.encode("utf-8"):
+            # A symbol that is not a token (a merge result missing from the vocabulary, or an
+            # alphabet character the vocabulary lacks): llama.cpp then looks each of its UTF-8
+            # bytes up as a one-character token, which can only succeed for ASCII.  Anything
+            # else is dropped, as there.
+            for byte in self._extra[s].encode("utf-8"):
                 if byte < 0x80:
                     tid = token_to_id.get(chr(byte))
                     if tid is not None:

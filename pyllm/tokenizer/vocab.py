@@ -82,7 +82,7 @@ class Vocab:
     scores: list[float]
     types: list[int]  # TokenType values, after llama.cpp's EOG-name fix-up
     token_to_id: dict[str, int]
-    merges: dict[tuple[str, str], int]  # (left, right) -> rank; empty for "llama"
+    merges: list[tuple[str, str]]  # (left, right) in rank order; empty for "llama"
     pre: PreTokenizer | None  # None for "llama"
     special_ids: dict[str, int]  # "bos", "eos", "unk", "pad", ... -> id (absent when none)
     eog_ids: frozenset[int]
@@ -152,13 +152,13 @@ def _token_list(md: Mapping[str, Any]) -> list[str]:
     return tokens
 
 
-def _parse_merges(md: Mapping[str, Any]) -> dict[tuple[str, str], int]:
+def _parse_merges(md: Mapping[str, Any]) -> list[tuple[str, str]]:
     raw = md.get(KEY + "merges")
     if raw is None:
         raise TokenizerError("BPE vocabulary (model gpt2) has no tokenizer.ggml.merges array")
     if not isinstance(raw, Sequence) or isinstance(raw, (str, bytes)):
         raise TokenizerError("tokenizer.ggml.merges must be an array of strings")
-    ranks: dict[tuple[str, str], int] = {}
+    merges: list[tuple[str, str]] = []
     for i, merge in enumerate(raw):
         if not isinstance(merge, str):
             raise TokenizerError(f"tokenizer.ggml.merges[{i}] is not a string")
@@ -167,8 +167,8 @@ def _parse_merges(md: Mapping[str, Any]) -> dict[tuple[str, str], int]:
         pos = merge.find(" ", 1)
         if pos < 0 or pos == len(merge) - 1:
             raise TokenizerError(f"tokenizer.ggml.merges[{i}] = {merge!r} is not 'left right'")
-        ranks.setdefault((merge[:pos], merge[pos + 1 :]), i)
-    return ranks
+        merges.append((merge[:pos], merge[pos + 1 :]))
+    return merges
 
 
 def _special_ids(md: Mapping[str, Any], model: str, n: int) -> dict[str, int]:
@@ -232,7 +232,7 @@ def vocab_from_metadata(md: Mapping[str, Any]) -> Vocab:
             byte_to_id[int(m.group(1), 16)] = i
 
     pre_name = _get_str(md, KEY + "pre")
-    merges: dict[tuple[str, str], int] = {}
+    merges: list[tuple[str, str]] = []
     pre: PreTokenizer | None = None
     if model == "gpt2":
         merges = _parse_merges(md)
