@@ -101,13 +101,15 @@ def test_incremental_decode_matches_batch(tiny_dir: Path) -> None:
 @pytest.mark.parametrize("n_batch", [1, 5, 7])
 def test_chunked_prefill_matches(tiny_dir: Path, n_batch: int) -> None:
     path = tiny(tiny_dir, "gqa")
-    with LLM(path, n_ctx=64, kv_type="f32") as a, LLM(path, n_ctx=64, n_batch=n_batch, kv_type="f32") as b:
+    with LLM(path, n_ctx=64, kv_type="f32") as a, \
+            LLM(path, n_ctx=64, n_batch=n_batch, kv_type="f32") as b:
         np.testing.assert_allclose(b.logits(TOKENS), a.logits(TOKENS), atol=1e-4, rtol=0)
 
 
 def test_thread_counts_agree(tiny_dir: Path) -> None:
     path = tiny(tiny_dir, "gqa")
-    with LLM(path, n_ctx=64, n_threads=1, kv_type="f32") as a, LLM(path, n_ctx=64, n_threads=2, kv_type="f32") as b:
+    with LLM(path, n_ctx=64, n_threads=1, kv_type="f32") as a, \
+            LLM(path, n_ctx=64, n_threads=2, kv_type="f32") as b:
         assert a.n_threads == 1 and b.n_threads == 2
         np.testing.assert_allclose(b.logits(TOKENS), a.logits(TOKENS), atol=1e-5, rtol=0)
 
