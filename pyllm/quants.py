@@ -1,0 +1,217 @@
+"""Quantization formats: decode and encode tensors of every GGUF weight type pyllm computes with.
+
+The work is done by the C++ reference routines in :mod:`pyllm._core` (GIL released, split over
+the kernel thread pool); this module resolves type names, checks shapes and sizes, and shapes the
+results. Dequantization is bit-exact with the ``gguf`` package; quantization of F16, BF16, Q4_0,
+Q4_1, Q5_0, Q5_1 and Q8_0 reproduces its bytes, and the k-quants (Q2_K..Q6_K) use llama.cpp's kind
+of scale search. Q8_1 and Q8_K (the activation formats of the dot kernels) are supported too.
+
+Example::
+
+    raw = quants.quantize("Q4_K", weights)          # float32 (..., k) -> uint8 (..., k/256*144)
+    back = quants.dequantize("Q4_K", raw, weights.shape)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import numpy as np
+
+from pyllm.errors import QuantError
+from pyllm.gguf.constants import GGMLType
+
+QTypeLike = GGMLType | int | str
+
+# Types the C++ table implements (checked against pyllm._core.quant_type_ids() by the tests).
+SUPPORTED_TYPES: tuple[GGMLType, ...] = (
+    GGMLType.F32,
+    GGMLType.F16,
+    GGMLType.Q4_0,
+    GGMLType.Q4_1,
+    GGMLType.Q5_0,
+    GGMLType.Q5_1,
+    GGMLType.Q8_0,
+    GGMLType.Q8_1,
+    GGMLType.Q2_K,
+    GGMLType.Q3_K,
+    GGMLType.Q4_K,
+    GGMLType.Q5_K,
+    GGMLType.Q6_K,
+    GGMLType.Q8_K,
+    GGMLType.BF16,
+)
+
+# Element counts above this are refused outright (no real tensor is near it; it keeps every
+# byte count far from int64 overflow in the C++ checks).
+_MAX_ELEMENTS = 1 << 56
+
+
+@dataclass(frozen=True)
+class QuantTypeInfo:
+    """Facts about one tensor type, as the C++ traits table states them."""
+
+    type: GGMLType
+    name: str
+    block_size: int  # elements per block (1 for F32/F16/BF16)
+    type_size: int  # bytes per block
+    is_quantized: bool  # block-quantized (not a plain float type)
+    is_weight: bool  # may be a weight type in a GGUF file (False for Q8_1/Q8_K)
+    vec_dot_type: GGMLType  # activation format its dot kernels take
+
+    def row_bytes(self, n: int) -> int:
+        """Bytes of ``n`` elements; ``n`` must be a whole number of blocks."""
+        if n < 0 or n % self.block_size:
+            raise QuantError(
+                f"{self.name}: {n} elements is not a whole number of "
+                f"{self.block_size}-element blocks"
+            )
+        return n // self.block_size * self.type_size
+
+
+def _core() -> Any:
+    try:
+        from pyllm import _core
+    except ImportError as e:  # pragma: no cover - only without a built extension
+        raise QuantError(f"pyllm's compiled extension is not available: {e}") from e
+    return _core
+
+
+def resolve_type(qtype: QTypeLike) -> GGMLType:
+    """The supported :class:`GGMLType` named by a GGMLType, its integer id or its name ("q4_k")."""
+    if isinstance(qtype, GGMLType):
+        t = qtype
+    elif isinstance(qtype, str):
+        try:
+            t = GGMLType[qtype.strip().upper()]
+        except KeyError:
+            raise QuantError(f"unknown tensor type name {qtype!r}") from None
+    elif isinstance(qtype, (int, np.integer)) and not isinstance(qtype, bool):
+        try:
+            t = GGMLType(int(qtype))
+        except ValueError:
+            raise QuantError(f"unknown tensor type id {int(qtype)}") from None
+    else:
+        raise QuantError(f"tensor type must be a GGMLType, int or str, not {type(qtype).__name__}")
+    if t not in SUPPORTED_TYPES:
+        supported = ", ".join(s.name for s in SUPPORTED_TYPES)
+        raise QuantError(f"tensor type {t.name} is not supported (supported: {supported})")
+    return t
+
+
+@cache
+def _info(t: GGMLType) -> QuantTypeInfo:
+    d = _core().type_traits(int(t))
+    return QuantTypeInfo(
+        type=t,
+        name=str(d["name"]),
+        block_size=int(d["block_size"]),
+        type_size=int(d["type_size"]),
+        is_quantized=bool(d["is_quantized"]),
+        is_weight=bool(d["is_weight"]),
+        vec_dot_type=GGMLType(int(d["vec_dot_type"])),
+    )
+
+
+def type_info(qtype: QTypeLike) -> QuantTypeInfo:
+    """Block size, bytes per block and the other traits of a supported type."""
+    return _info(resolve_type(qtype))
+
+
+def _check_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
+        dims: tuple[Any, ...] = (shape,)
+    else:
+        try:
+            dims = tuple(shape)  # type: ignore[arg-type]
+        except TypeError:
+            raise QuantError(f"shape must be an int or a sequence of ints, not {shape!r}") from None
+    out = []
+    for d in dims:
+        if not isinstance(d, (int, np.integer)) or isinstance(d, bool) or d < 0:
+            raise QuantError(f"shape {shape!r} must hold non-negative integers")
+        out.append(int(d))
+    if math.prod(out) > _MAX_ELEMENTS:
+        raise QuantError(f"shape {tuple(out)} is too large")
+    return tuple(out)
+
+
+def byte_shape(qtype: QTypeLike, shape: int | Sequence[int]) -> tuple[int, ...]:
+    """Shape of the raw bytes of a tensor of ``shape`` (numpy order): the last dim becomes bytes."""
+    info = type_info(qtype)
+    dims = _check_shape(shape)
+    if not dims:
+        if info.block_size != 1:
+            raise QuantError(f"{info.name}: a scalar is not a whole number of blocks")
+        return (info.type_size,)
+    return (*dims[:-1], info.row_bytes(dims[-1]))
+
+
+def _as_bytes(data: Any) -> np.ndarray:
+    """A C-contiguous array over the caller's bytes; no copy for contiguous arrays and buffers."""
+    if isinstance(data, np.ndarray):
+        return data if data.flags.c_contiguous else np.ascontiguousarray(data)
+    try:
+        return np.frombuffer(data, dtype=np.uint8)
+    except (TypeError, ValueError, BufferError) as e:
+        raise QuantError(f"data must be a numpy array or a contiguous buffer: {e}") from None
+
+
+def dequantize(qtype: QTypeLike, data: Any, shape: int | Sequence[int]) -> np.ndarray:
+    """Decode raw tensor bytes of type ``qtype`` into a float32 array of ``shape`` (numpy order).
+
+    ``data`` is a numpy array (any dtype; its bytes are used, e.g. a GGUF memmap view) or any
+    buffer holding exactly the tensor's bytes. Contiguous inputs are read in place.
+    """
+    info = type_info(qtype)
+    dims = _check_shape(shape)
+    n = math.prod(dims)
+    if dims and dims[-1] % info.block_size:
+        raise QuantError(
+            f"{info.name}: last dimension {dims[-1]} is not a multiple of the block size "
+            f"{info.block_size}"
+        )
+    need = info.row_bytes(n)
+    buf = _as_bytes(data)
+    if buf.nbytes != need:
+        raise QuantError(
+            f"{info.name}: shape {dims} needs {need} bytes of data, got {buf.nbytes}"
+        )
+    out: np.ndarray = _core().dequantize(int(info.type), buf, n)
+    return out.reshape(dims)
+
+
+def quantize(qtype: QTypeLike, array: Any) -> np.ndarray:
+    """Encode a float array as type ``qtype``; returns the raw bytes as uint8 (..., row_bytes).
+
+    The last dimension must be a multiple of the type's block size. Non-float32 real input is
+    converted to float32 first.
+    """
+    info = type_info(qtype)
+    a = np.asarray(array)
+    if a.dtype != np.float32:
+        if a.dtype.kind not in "fiub":
+            raise QuantError(f"quantize: input must be a real-valued array, not {a.dtype}")
+        a = a.astype(np.float32)
+    if a.ndim == 0:
+        raise QuantError("quantize: input must have at least one dimension")
+    a = np.ascontiguousarray(a)
+    out_shape = byte_shape(info.type, a.shape)
+    out: np.ndarray = _core().quantize(int(info.type), a)
+    return out.reshape(out_shape)
+
+
+__all__ = [
+    "QTypeLike",
+    "QuantTypeInfo",
+    "SUPPORTED_TYPES",
+    "byte_shape",
+    "dequantize",
+    "quantize",
+    "resolve_type",
+    "type_info",
+]

@@ -1,0 +1,411 @@
+"""Quantization formats (pyllm.quants over the C++ reference routines).
+
+References: the ``gguf`` package (numpy) for every dequantization and for quantizing F16, BF16,
+Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0, which must all match bit for bit; llama.cpp for the k-quants,
+whose quantizers the gguf package lacks.
+
+K-quant round-trip RMSE on Gaussian data, ``default_rng(20261123).standard_normal((64, 4096))``
+in float32 (262144 values, each row quantized as one tensor row):
+
+    type   llama.cpp   pyllm      ratio
+    Q2_K   0.296141    0.296141   1.00000
+    Q3_K   0.150615    0.150615   1.00000
+    Q4_K   0.071187    0.071187   1.00000
+    Q5_K   0.036092    0.036092   1.00000
+    Q6_K   0.017698    0.017698   1.00000
+
+llama.cpp was measured with ggml-quants.c of the llama.cpp vendored in llama-cpp-python 0.3.36
+(ggml 0.25.3, commit 0c1e570), built as a small shared library and driven through ctypes:
+``quantize_q{2..6}_K(src, dst, nrows=64, n_per_row=4096, imatrix=NULL)`` (the path
+llama_model_quantize takes without an importance matrix) and ``dequantize_row_q*_K``. pyllm's
+quantizers produced byte-identical blocks there, hence the equal figures. The test asserts
+pyllm's RMSE <= llama.cpp's figure x 1.02 and does not need llama.cpp at run time.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+gguf_quants = pytest.importorskip("gguf.quants")
+
+from pyllm import quants  # noqa: E402
+from pyllm.errors import QuantError  # noqa: E402
+from pyllm.gguf.constants import TYPE_INFO, GGMLType  # noqa: E402
+
+_core = pytest.importorskip("pyllm._core")
+
+GQT = gguf.GGMLQuantizationType
+
+# Weight types: both directions are checked against gguf where gguf implements them.
+WEIGHT_TYPES = [
+    GGMLType.F32, GGMLType.F16, GGMLType.BF16,
+    GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
+    GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K,
+]  # fmt: skip
+EXACT_QUANTIZE_TYPES = [
+    GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1,
+    GGMLType.Q8_0,
+]  # fmt: skip
+K_TYPES = [GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K]
+
+# llama.cpp's round-trip RMSE on GAUSS (see the module docstring).
+LLAMA_CPP_RMSE = {
+    GGMLType.Q2_K: 0.296141,
+    GGMLType.Q3_K: 0.150615,
+    GGMLType.Q4_K: 0.071187,
+    GGMLType.Q5_K: 0.036092,
+    GGMLType.Q6_K: 0.017698,
+}
+GAUSS = np.random.default_rng(20261123).standard_normal((64, 4096)).astype(np.float32)
+
+# Byte offsets of the f16 scale fields in each block layout (random bytes there could be NaN/inf).
+F16_FIELDS = {
+    GGMLType.Q4_0: (0,), GGMLType.Q4_1: (0, 2), GGMLType.Q5_0: (0,), GGMLType.Q5_1: (0, 2),
+    GGMLType.Q8_0: (0,), GGMLType.Q2_K: (80, 82), GGMLType.Q3_K: (108,),
+    GGMLType.Q4_K: (0, 2), GGMLType.Q5_K: (0, 2), GGMLType.Q6_K: (208,),
+}  # fmt: skip
+
+
+def gguf_dequantize(t: GGMLType, raw: np.ndarray) -> np.ndarray:
+    return np.asarray(gguf_quants.dequantize(raw, GQT(int(t))), dtype=np.float32)
+
+
+def gguf_quantize_bytes(t: GGMLType, x: np.ndarray) -> np.ndarray:
+    q = np.asarray(gguf_quants.quantize(x, GQT(int(t))))
+    return q.view(np.uint8).reshape(*x.shape[:-1], -1)
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+def random_blocks(t: GGMLType, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
+    """Random raw blocks whose float fields are finite (sane scales, as real tensors have)."""
+    info = quants.type_info(t)
+    raw = rng.integers(0, 256, size=(n_blocks, info.type_size), dtype=np.uint8)
+    if t == GGMLType.F32:
+        return (rng.standard_normal((n_blocks, 1)) * 10).astype(np.float32).view(np.uint8)
+    if t == GGMLType.F16:
+        return (rng.standard_normal((n_blocks, 1)) * 10).astype(np.float16).view(np.uint8)
+    if t == GGMLType.BF16:
+        f = (rng.standard_normal((n_blocks, 1)) * 10).astype(np.float32)
+        return (f.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    for off in F16_FIELDS[t]:
+        scale = (rng.standard_normal((n_blocks, 1)) * 0.05).astype(np.float16)
+        raw[:, off : off + 2] = scale.view(np.uint8)
+    return raw
+
+
+# ---- the type table --------------------------------------------------------------------------
+
+
+def test_type_table_matches_gguf() -> None:
+    assert [int(t) for t in quants.SUPPORTED_TYPES] == list(_core.quant_type_ids())
+    for t in quants.SUPPORTED_TYPES:
+        info = quants.type_info(t)
+        assert info.name == t.name and info.type == t
+        if t == GGMLType.Q8_1:
+            # ggml's block_q8_1 holds d and s as f16 (36 bytes); gguf's size table still says 40
+            # from when they were float32. Q8_1 is an activation type and never stored in files.
+            assert (info.block_size, info.type_size) == (32, 36)
+            continue
+        assert (info.block_size, info.type_size) == gguf.GGML_QUANT_SIZES[GQT(int(t))]
+        table = TYPE_INFO[t]
+        assert (info.block_size, info.type_size) == (table.block_size, table.type_size)
+        assert info.is_quantized == (info.block_size > 1)
+        assert info.is_weight == (t not in (GGMLType.Q8_1, GGMLType.Q8_K))
+    dot = {t: quants.type_info(t).vec_dot_type for t in WEIGHT_TYPES}
+    assert dot[GGMLType.F32] == GGMLType.F32
+    assert dot[GGMLType.Q4_0] == dot[GGMLType.Q5_0] == dot[GGMLType.Q8_0] == GGMLType.Q8_0
+    assert dot[GGMLType.Q4_1] == dot[GGMLType.Q5_1] == GGMLType.Q8_1
+    assert all(dot[t] == GGMLType.Q8_K for t in K_TYPES)
+
+
+def test_type_names_ids_and_enums_resolve() -> None:
+    assert quants.type_info("q4_k").type == GGMLType.Q4_K
+    assert quants.type_info(" Q8_0 ").type == GGMLType.Q8_0
+    assert quants.type_info(12).type == GGMLType.Q4_K
+    assert quants.type_info(np.uint32(30)).type == GGMLType.BF16
+    assert quants.type_info(GQT.Q6_K).type == GGMLType.Q6_K  # gguf's enum is an int too
+    assert quants.byte_shape("Q4_K", (3, 512)) == (3, 288)
+    assert quants.type_info("Q4_0").row_bytes(64) == 36
+
+
+# ---- dequantize: bit-exact with gguf ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("t", WEIGHT_TYPES, ids=lambda t: t.name)
+def test_dequantize_random_blocks_bit_exact(t: GGMLType) -> None:
+    rng = np.random.default_rng(int(t) + 1)
+    info = quants.type_info(t)
+    n_blocks = max(64, 8192 // info.block_size)
+    raw = random_blocks(t, n_blocks, rng).reshape(8, -1)
+    shape = (8, raw.shape[1] // info.type_size * info.block_size)
+    ours = quants.dequantize(t, raw, shape)
+    ref = gguf_dequantize(t, raw)
+    assert ours.dtype == np.float32 and ours.shape == shape == ref.shape
+    assert np.array_equal(bits(ours), bits(ref))
+
+
+@pytest.mark.parametrize("t", WEIGHT_TYPES, ids=lambda t: t.name)
+def test_dequantize_arbitrary_bytes_matches_gguf_nan_aware(t: GGMLType) -> None:
+    # Fully random bytes, NaN/inf scale patterns included: never a crash, same values as gguf.
+    info = quants.type_info(t)
+    raw = np.random.default_rng(100 + int(t)).integers(0, 256, (256, info.type_size), np.uint8)
+    ours = quants.dequantize(t, raw, (256 * info.block_size,))
+    with np.errstate(all="ignore"):
+        ref = gguf_dequantize(t, raw).reshape(-1)
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_dequantize_smollm2_tensors_bit_exact(smollm2_path: Path) -> None:
+    from pyllm.gguf import GGUFReader
+
+    reader = GGUFReader(smollm2_path)
+    by_name = {t.name: t for t in reader.tensors}
+    wanted = ["token_embd.weight", "blk.0.attn_q.weight", "blk.0.ffn_down.weight",
+              "blk.29.attn_v.weight", "blk.0.attn_norm.weight", "output_norm.weight"]  # fmt: skip
+    seen = set()
+    for name in wanted:
+        info = by_name[name]
+        data = info.data
+        shape = info.shape
+        if name == "token_embd.weight":  # 49152 rows: a slice of the memmap keeps this fast
+            data, shape = data[:2048], (2048, *shape[1:])
+        ours = quants.dequantize(info.type, data, shape)
+        raw = np.asarray(data).view(np.uint8).reshape(*shape[:-1], -1)
+        ref = gguf_dequantize(info.type, raw).reshape(shape)
+        assert np.array_equal(bits(ours), bits(ref)), name
+        seen.add(info.type)
+    assert seen == {GGMLType.Q8_0, GGMLType.Q4_1, GGMLType.F32}
+
+
+# ---- quantize: bit-exact with gguf for the legacy and float types -----------------------------
+
+
+def awkward_rows() -> np.ndarray:
+    """Gaussian rows at many scales plus blocks that exercise the edge cases of each rounding."""
+    rng = np.random.default_rng(7)
+    rows = [rng.standard_normal(256) * s for s in (1e-6, 1e-3, 0.02, 1.0, 30.0, 3000.0)]
+    special = np.zeros(256)
+    special[32:64] = 5.0  # constant block: max == min
+    special[64:96] = np.tile([2.0, -2.0], 16)  # +max and -max tie (the first one wins)
+    special[96:128] = np.linspace(-1, 1, 32)
+    special[128:160] = rng.standard_normal(32) * 1e-8  # f16-subnormal scales
+    special[160:192] = np.where(rng.random(32) < 0.5, -0.0, 0.0)
+    special[192:224] = rng.integers(-8, 8, 32) * 0.25  # values exactly on quantization levels
+    special[224:256] = rng.standard_normal(32) * 1e5  # scale overflows f16 (inf) as in gguf
+    rows.append(special)
+    return np.stack(rows).astype(np.float32)
+
+
+@pytest.mark.parametrize("t", EXACT_QUANTIZE_TYPES, ids=lambda t: t.name)
+def test_quantize_bit_exact_with_gguf(t: GGMLType) -> None:
+    rng = np.random.default_rng(int(t))
+    x = np.concatenate([awkward_rows(), rng.standard_normal((8, 256)).astype(np.float32)])
+    with np.errstate(all="ignore"):
+        ref = gguf_quantize_bytes(t, x)
+    ours = quants.quantize(t, x)
+    assert ours.dtype == np.uint8 and ours.shape == ref.shape
+    if t in (GGMLType.Q4_1, GGMLType.Q5_1):
+        # A block whose minimum is both +0.0 and -0.0 gets either sign from numpy's min() (it
+        # depends on numpy's SIMD reduction order); both decode to the same values, so only the
+        # sign bit of the stored min (bit 7 of byte 3) is exempt in such blocks.
+        blocks = x.reshape(-1, 32)
+        zero = blocks == 0
+        mixed = (blocks.min(axis=1) == 0) & (zero & np.signbit(blocks)).any(1) & (
+            zero & ~np.signbit(blocks)
+        ).any(1)
+        assert mixed.any()  # awkward_rows() has such a block
+        ours, ref = ours.reshape(len(mixed), -1).copy(), ref.reshape(len(mixed), -1).copy()
+        ours[mixed, 3] &= 0x7F
+        ref[mixed, 3] &= 0x7F
+    assert np.array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("t", [GGMLType.F16, GGMLType.BF16], ids=lambda t: t.name)
+def test_float_conversions_bit_exact_on_special_values(t: GGMLType) -> None:
+    # Every 4099th float32 bit pattern: NaNs, infs, subnormals, halfway cases, overflow.
+    x = np.arange(0, 2**32, 4099, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    with np.errstate(all="ignore"):
+        ref = gguf_quantize_bytes(t, x)
+    ours = quants.quantize(t, x)
+    assert np.array_equal(ours, ref)
+    every_half = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.uint8)
+    ref_back = gguf_dequantize(t, every_half.reshape(1, -1)).reshape(-1)
+    assert np.array_equal(bits(quants.dequantize(t, every_half, 2**16)), bits(ref_back))
+
+
+# ---- k-quants: llama.cpp-grade scale search ----------------------------------------------------
+
+
+@pytest.mark.parametrize("t", K_TYPES, ids=lambda t: t.name)
+def test_kquant_rmse_no_worse_than_llama_cpp(t: GGMLType) -> None:
+    q = quants.quantize(t, GAUSS)
+    back = quants.dequantize(t, q, GAUSS.shape)
+    rmse = float(np.sqrt(np.mean((back.astype(np.float64) - GAUSS) ** 2)))
+    assert rmse <= LLAMA_CPP_RMSE[t] * 1.02, (t.name, rmse)
+    # gguf decodes our blocks to the same values (the layout is right, not just self-consistent).
+    assert np.array_equal(bits(gguf_dequantize(t, q)), bits(back))
+
+
+@pytest.mark.parametrize("t", K_TYPES, ids=lambda t: t.name)
+def test_kquant_edge_blocks(t: GGMLType) -> None:
+    x = np.zeros((4, 256), np.float32)
+    x[1] = 3.5  # constant
+    x[2, ::7] = -1e-3  # sparse, all negative
+    x[3] = np.linspace(0, 100, 256)  # all positive, wide range
+    back = quants.dequantize(t, quants.quantize(t, x), x.shape)
+    assert np.all(np.isfinite(back))
+    assert np.array_equal(back[0], np.zeros(256, np.float32))
+    rel = np.abs(back[1:] - x[1:]).max(axis=1) / np.abs(x[1:]).max(axis=1)
+    assert np.all(rel < {GGMLType.Q2_K: 0.5, GGMLType.Q3_K: 0.4}.get(t, 0.15)), rel
+
+
+# ---- round trips and the activation types ------------------------------------------------------
+
+# Round-trip RMSE bounds on N(0, 1) data (measured values are ~10-20 % lower; F32 is exact).
+ROUNDTRIP_RMSE = {
+    GGMLType.F32: 0.0, GGMLType.F16: 3e-4, GGMLType.BF16: 2e-3,
+    GGMLType.Q4_0: 0.1, GGMLType.Q4_1: 0.09, GGMLType.Q5_0: 0.05, GGMLType.Q5_1: 0.045,
+    GGMLType.Q8_0: 0.0065, GGMLType.Q8_1: 0.0065, GGMLType.Q8_K: 0.01,
+    **{t: LLAMA_CPP_RMSE[t] * 1.02 for t in K_TYPES},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("t", quants.SUPPORTED_TYPES, ids=lambda t: t.name)
+def test_round_trip(t: GGMLType) -> None:
+    x = GAUSS[:8]
+    q = quants.quantize(t, x)
+    assert q.shape == quants.byte_shape(t, x.shape)
+    back = quants.dequantize(t, q, x.shape)
+    rmse = float(np.sqrt(np.mean((back.astype(np.float64) - x) ** 2)))
+    assert rmse <= ROUNDTRIP_RMSE[t], (t.name, rmse)
+    # Big inputs are split across threads by whole blocks: the bytes must not depend on that.
+    rows = np.concatenate([quants.quantize(t, GAUSS[i : i + 1]) for i in range(8)])
+    assert np.array_equal(rows, q)
+
+
+def test_q8_1_and_q8_k_side_fields() -> None:
+    x = GAUSS[:2]
+    q81 = quants.quantize("Q8_1", x).reshape(-1, 36)
+    d = q81[:, 0:2].copy().view(np.float16).astype(np.float32).reshape(-1)
+    s = q81[:, 2:4].copy().view(np.float16).astype(np.float32).reshape(-1)
+    qs = q81[:, 4:].view(np.int8).astype(np.int32)
+    q80 = quants.quantize("Q8_0", x).reshape(-1, 34)
+    assert np.array_equal(q80[:, 0:2], q81[:, 0:2]) and np.array_equal(q80[:, 2:], q81[:, 4:])
+    d32 = np.abs(x.reshape(-1, 32)).max(axis=1) / np.float32(127)
+    expect_s = (qs.sum(axis=1).astype(np.float32) * d32).astype(np.float16).astype(np.float32)
+    assert np.array_equal(s, expect_s) and np.all(d > 0)
+
+    q8k = quants.quantize("Q8_K", x).reshape(-1, 292)
+    dk = q8k[:, 0:4].copy().view(np.float32).reshape(-1)
+    qk = q8k[:, 4:260].view(np.int8).astype(np.int32)
+    bsums = q8k[:, 260:].copy().view(np.int16)
+    assert np.array_equal(bsums, qk.reshape(-1, 16, 16).sum(axis=2))
+    assert np.all(np.abs(qk) <= 127) and np.all(np.abs(qk).max(axis=1) == 127)
+    blocks = x.reshape(-1, 256)
+    assert np.allclose(dk, np.abs(blocks).max(axis=1) / 127 * np.sign(dk), rtol=1e-6)
+
+
+# ---- inputs: buffers, memmaps, empties, threads ------------------------------------------------
+
+
+def test_accepts_buffers_memmaps_and_strided_input(tmp_path: Path) -> None:
+    x = GAUSS[:4, :512]
+    q = quants.quantize("Q4_0", x)
+    expect = quants.dequantize("Q4_0", q, x.shape)
+    for data in (q.tobytes(), bytearray(q.tobytes()), memoryview(q.tobytes()), q.reshape(-1)):
+        assert np.array_equal(quants.dequantize("Q4_0", data, x.shape), expect)
+    path = tmp_path / "w.bin"
+    q.tofile(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r", shape=q.shape)  # read-only, not copied
+    assert np.array_equal(quants.dequantize(GGMLType.Q4_0, mm, x.shape), expect)
+    del mm
+    strided = np.asfortranarray(GAUSS[:4, :512])
+    assert np.array_equal(quants.quantize("Q4_0", strided), q)
+    assert np.array_equal(quants.quantize("Q4_0", x.astype(np.float64)), q)
+
+
+def test_empty_tensors() -> None:
+    assert quants.quantize("Q4_K", np.zeros((0, 256), np.float32)).shape == (0, 144)
+    assert quants.dequantize("Q4_K", b"", (0, 256)).shape == (0, 256)
+    assert quants.dequantize("F16", b"", (0,)).shape == (0,)
+
+
+def test_concurrent_calls_release_the_gil_and_agree() -> None:
+    expect = quants.quantize("Q4_K", GAUSS[:16])
+    results: list[np.ndarray] = []
+
+    def work() -> None:
+        results.append(quants.quantize("Q4_K", GAUSS[:16]))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(results) == 4 and all(np.array_equal(r, expect) for r in results)
+
+
+# ---- bad input: always QuantError --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "qtype", [99, -1, 2**40, "Q9_X", "", GGMLType.IQ2_XXS, "iq4_nl", 16, True, 2.0, None]
+)
+def test_unknown_or_unsupported_types_raise(qtype: object) -> None:
+    with pytest.raises(QuantError):
+        quants.type_info(qtype)  # type: ignore[arg-type]
+    with pytest.raises(QuantError):
+        quants.quantize(qtype, np.zeros(256, np.float32))  # type: ignore[arg-type]
+    with pytest.raises(QuantError):
+        quants.dequantize(qtype, np.zeros(144, np.uint8), 256)  # type: ignore[arg-type]
+
+
+def test_wrong_sizes_raise() -> None:
+    q = quants.quantize("Q4_K", GAUSS[:2, :512])
+    with pytest.raises(QuantError, match="bytes"):
+        quants.dequantize("Q4_K", q.reshape(-1)[:-1], (2, 512))
+    with pytest.raises(QuantError, match="bytes"):
+        quants.dequantize("Q4_K", q, (2, 768))
+    with pytest.raises(QuantError, match="multiple of the block size"):
+        quants.dequantize("Q4_K", q, (4, 256 + 128, 1)[:2])
+    with pytest.raises(QuantError, match="block"):
+        quants.quantize("Q4_0", np.zeros((2, 33), np.float32))
+    with pytest.raises(QuantError):
+        quants.quantize("Q4_0", np.float32(1.0))
+    with pytest.raises(QuantError):
+        quants.quantize("Q4_0", np.zeros(32, np.complex64))
+    with pytest.raises(QuantError):
+        quants.quantize("Q4_0", np.array(["a"] * 32))
+    for shape in [(-1, 32), (2, "32"), 3.5, (2**40, 2**40)]:
+        with pytest.raises(QuantError):
+            quants.dequantize("Q8_0", q, shape)  # type: ignore[arg-type]
+    with pytest.raises(QuantError):
+        quants.dequantize("Q8_0", object(), (32,))
+
+
+def test_extension_rechecks_sizes() -> None:
+    # The C++ side validates on its own (defence in depth) and raises the same typed error.
+    with pytest.raises(QuantError, match="bytes"):
+        _core.dequantize(12, b"\0" * 143, 256)
+    with pytest.raises(QuantError, match="multiple of the block size"):
+        _core.dequantize(12, b"\0" * 144, 255)
+    with pytest.raises(QuantError):
+        _core.dequantize(12, b"\0" * 144, -256)
+    with pytest.raises(QuantError, match="multiple of the block size"):
+        _core.quantize(2, np.zeros(40, np.float32))
+    with pytest.raises(QuantError, match="float32"):
+        _core.quantize(2, np.zeros(32, np.float64))
+    with pytest.raises(QuantError, match="contiguous"):
+        _core.quantize(2, np.zeros((32, 2), np.float32)[:, 0])
+    with pytest.raises(QuantError, match="contiguous"):
+        _core.dequantize(8, np.zeros((34, 2), np.uint8)[:, 0], 32)
+    with pytest.raises(QuantError, match="unknown"):
+        _core.type_traits(16)
