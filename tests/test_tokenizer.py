@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -360,6 +361,62 @@ def test_pretokenizer_splits() -> None:
     assert get_pretokenizer("smollm").split("x 123") == ["x", " ", "1", "2", "3"]
     assert get_pretokenizer("qwen2").split("a 12") == ["a", " ", "1", "2"]
     assert get_pretokenizer("refact").name == "starcoder"
+
+
+# ---- SentencePiece library as an independent reference --------------------------------------
+
+
+def _pb_varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # negative int32s go on the wire sign-extended to 64 bits
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _pb_field(number: int, wire: int, payload: bytes) -> bytes:
+    key = _pb_varint(number << 3 | wire)
+    return key + (_pb_varint(len(payload)) + payload if wire == 2 else payload)
+
+
+def sentencepiece_proto(tok: Tokenizer) -> bytes:
+    """A SentencePiece ModelProto (BPE, byte fallback, no normalization) of a GGUF vocabulary."""
+    v = tok.vocab
+    out = bytearray()
+    for text, score, ttype in zip(v.tokens, v.scores, v.types, strict=True):
+        piece = _pb_field(1, 2, text.encode()) + _pb_field(2, 5, struct.pack("<f", score))
+        out += _pb_field(1, 2, piece + _pb_field(3, 0, _pb_varint(ttype)))
+    trainer = b"".join(
+        _pb_field(num, 0, _pb_varint(val))
+        for num, val in ((3, 2), (35, 1), (40, 0), (41, 1), (42, 2), (43, -1))
+    )  # model_type=BPE, byte_fallback, unk/bos/eos/pad ids
+    norm = _pb_field(1, 2, b"identity") + b"".join(
+        _pb_field(num, 0, _pb_varint(val)) for num, val in ((3, 1), (4, 0), (5, 1))
+    )  # add_dummy_prefix, keep extra whitespace, escape whitespace
+    return bytes(out + _pb_field(2, 2, trainer) + _pb_field(3, 2, norm))
+
+
+def random_text(tok: Tokenizer, n_chars: int, seed: int = 7) -> str:
+    """Zipf-weighted words from the vocabulary with punctuation, digits, newlines, non-ASCII."""
+    words = [t.lstrip("\u2581Ġ") for t in tok.vocab.tokens if t[1:].isalpha() and t[0] in "\u2581Ġ"]
+    words += ["naïve", "東京", "😀", "Ωmega", "x\u0301", "\u00a0", "\t"]
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, len(words) + 1)
+    chosen = rng.choice(len(words), size=n_chars // 5, p=weights / weights.sum())
+    seps = rng.choice([" ", " ", " ", ", ", ". ", "\n", "  ", "'s ", " 42 "], size=len(chosen))
+    return "".join(words[i] + sep for i, sep in zip(chosen, seps, strict=True))[:n_chars]
+
+
+def test_spm_matches_sentencepiece_library(vocab_dir: Path) -> None:
+    spm = pytest.importorskip("sentencepiece")
+    tok = _LOADED.get("llama-spm") or Tokenizer.from_gguf(vocab_dir / "ggml-vocab-llama-spm.gguf")
+    ref = spm.SentencePieceProcessor(model_proto=sentencepiece_proto(tok))
+    text = random_text(tok, 100_000)
+    assert tok.encode(text, add_special=False) == ref.encode(text)
+    for line in text.split("\n")[:200]:
+        assert tok.encode(line, add_special=False) == ref.encode(line)
 
 
 # ---- converters: tokenizer.model and tokenizer.json -----------------------------------------

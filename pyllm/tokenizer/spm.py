@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import heapq
 import re
+from itertools import pairwise
 
 from pyllm.errors import TokenizerError
 from pyllm.tokenizer.vocab import Vocab
@@ -27,6 +28,8 @@ SPACE = "\u2581"
 _CHUNK = re.compile(f"{SPACE}*[^{SPACE}]+|{SPACE}+")
 _CROSSES = re.compile(f"[^{SPACE}]{SPACE}")
 _CACHE_LIMIT = 200_000
+_SHORT = 48  # chunks up to this many characters use the list scan, longer ones the heap
+_INF = float("inf")
 
 
 class SpmModel:
@@ -38,6 +41,7 @@ class SpmModel:
         self._byte_to_id = vocab.byte_to_id
         self._unk = vocab.special_ids.get("unk")
         self._chunked = not any(_CROSSES.search(t) for t in vocab.tokens)
+        self._neg_scores = [-s for s in vocab.scores]
         self._cache: dict[str, tuple[int, ...]] = {}
 
     def encode(self, text: str, out: list[int]) -> None:
@@ -55,11 +59,41 @@ class SpmModel:
                 cache[chunk] = ids
             out.extend(ids)
 
+    def _merge_short(self, sym: list[str]) -> None:
+        """The merge loop for short chunks, in place: the negated score of every adjacent pair
+        lives in a list, the next merge is at its minimum (``index`` finds the leftmost), and
+        only the two pairs touching the merged symbol are looked up again.  Quadratic, but in
+        C-level list operations, which beats a heap for the few characters of a word."""
+        token_to_id, neg, inf = self._token_to_id, self._neg_scores, _INF
+        ranks = []
+        for a, b in pairwise(sym):
+            tid = token_to_id.get(a + b)
+            ranks.append(inf if tid is None else neg[tid])
+        while ranks:
+            best = min(ranks)
+            if best == inf:
+                return
+            i = ranks.index(best)
+            merged = sym[i] + sym[i + 1]
+            sym[i] = merged
+            del sym[i + 1]
+            del ranks[i]
+            if i < len(ranks):
+                tid = token_to_id.get(merged + sym[i + 1])
+                ranks[i] = inf if tid is None else neg[tid]
+            if i:
+                tid = token_to_id.get(sym[i - 1] + merged)
+                ranks[i - 1] = inf if tid is None else neg[tid]
+
     def _encode_chunk(self, text: str) -> tuple[int, ...]:
         token_to_id = self._token_to_id
         whole = token_to_id.get(text)
         if whole is not None and len(text) == 1:
             return (whole,)
+        if len(text) <= _SHORT:
+            sym = list(text)
+            self._merge_short(sym)
+            return self._ids_of(sym)
         scores = self._scores
         sym = list(text)
         n = len(sym)
@@ -96,6 +130,10 @@ class SpmModel:
                 tid = token_to_id.get(pair)
                 if tid is not None:
                     heapq.heappush(heap, (-scores[tid], left, after, len(pair)))
+        return self._ids_of(sym)
+
+    def _ids_of(self, sym: list[str]) -> tuple[int, ...]:
+        token_to_id = self._token_to_id
         ids: list[int] = []
         for s in sym:
             if not s:
