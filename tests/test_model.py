@@ -260,3 +260,20 @@ def test_smollm2_matches_reference(smollm2_path: Path) -> None:
     assert got.shape == (len(tokens), 49152)
     assert np.abs(got - expected).max() < 2e-2
     assert (got.argmax(-1) == expected.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("wtype", ["BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K",
+                                   "Q4_K", "Q5_K", "Q6_K"])
+def test_quantized_weights_match_reference(tmp_path: Path, wtype: str) -> None:
+    """Every weight type through the whole forward (k-quants need rows of 256)."""
+    spec = TinySpec(n_embd=256, n_head=4, n_head_kv=2, n_ff=256, n_layer=1,
+                    wtype=GGMLType[wtype])
+    path = write_tiny(tmp_path / f"{wtype}.gguf", spec)
+    assert {t.type.name for t in GGUFReader(path).tensors if len(t.dims) == 2} == {wtype}
+    expected = LlamaRef(str(path)).forward(TOKENS[:12])
+    with LLM(path, n_ctx=32, kv_type="f32") as llm:
+        got = llm.logits(TOKENS[:12])
+        llm.reset()
+        last = llm.eval(TOKENS[:12])
+    np.testing.assert_allclose(got, expected, atol=1e-3 * np.abs(expected).max(), rtol=0)
+    np.testing.assert_allclose(last, expected[-1], atol=1e-3 * np.abs(expected).max(), rtol=0)

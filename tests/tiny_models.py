@@ -37,6 +37,10 @@ def _quantize(arr: np.ndarray, wtype: GGMLType) -> np.ndarray:
         return arr.astype(np.float32)
     if wtype == GGMLType.F16:
         return arr.astype(np.float16)
+    if wtype == GGMLType.BF16:
+        from pyllm import quants
+
+        return quants.quantize(wtype, arr.astype(np.float32)).view(np.uint16)
     from pyllm import quants
 
     return quants.quantize(wtype, arr.astype(np.float32))
@@ -73,8 +77,7 @@ def write_tiny(path: Path, spec: TinySpec | None = None) -> Path:
     def add(name: str, arr: np.ndarray, quantize: bool) -> None:
         if quantize and arr.ndim == 2:
             data = _quantize(arr, s.wtype)
-            w.add_tensor(name, data, s.wtype if s.wtype not in (GGMLType.F32, GGMLType.F16)
-                         else None, dims=(arr.shape[1], arr.shape[0]))
+            w.add_tensor(name, data, s.wtype, dims=(arr.shape[1], arr.shape[0]))
         else:
             w.add_tensor(name, arr.astype(np.float32))
 
