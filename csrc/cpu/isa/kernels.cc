@@ -32,6 +32,11 @@
 
 namespace pyllm {
 namespace PYLLM_ISA {
+
+#if defined(PYLLM_ISA_AVX512)
+void install_vnni_matvec(KernelTable& t);  // matvec_vnni.cc
+#endif
+
 namespace {
 
 constexpr int kTokGroup = 4;  // tokens a matvec pass dots with each decoded block
@@ -442,6 +447,9 @@ KernelTable make_table() {
   PYLLM_SET(Q6_K, &matvec_generic<QType::Q6_K>)
 #endif
 #undef PYLLM_SET
+#if defined(PYLLM_ISA_AVX512)
+  install_vnni_matvec(t);
+#endif
   return t;
 }
 

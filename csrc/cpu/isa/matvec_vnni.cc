@@ -1,0 +1,318 @@
+// AVX-512 VNNI matvec kernels for the hottest decode types (Q4_0, Q8_0, Q4_K) that keep 16-bit
+// activation precision while using int8 dot-product instructions.
+//
+// Why: the F32 decode path (kernels.cc) spends ~16 vector instructions per 32 weights on
+// widening nibbles to floats, which caps a core at ~4 weights/cycle, below the memory wall for
+// 4-bit types. ggml reaches the wall by rounding activations to int8 (Q8_0 / Q8_K), which costs
+// ~0.003 KL on a forward pass. Here every activation block of 32 is instead quantized to int16,
+//   xi = round(x * 32767 / amax_block),   |x - dx * xi| <= dx / 2,   dx = amax_block / 32767,
+// (256x finer than int8) and split exactly into xi = 256 * hi + lo with hi signed and lo
+// unsigned bytes, so two VPDPBUSD (u8 x s8) per 64 weights give the exact integer dot product
+// sum(q * xi); the weights are not rounded at all. Per-lane integer corrections for the weight
+// offsets (Q4_0's -8, Q8_0's sign) are precomputed from the activations, so the only float work
+// per 64 weights is one convert and one FMA. Error bound vs the exact product of the dequantized
+// weights: sum_blocks (dx_b / 2) * sum_{i in b} |w_i| plus F32 rounding (tests check this bound).
+//
+// Activations are prepared once per call per thread (cheap: k elements vs n_out * k weights),
+// which keeps matmul_part free of barriers.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu/isa/decode.h"
+#include "cpu/isa/simd.h"
+#include "cpu/kernel_table.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive in its headers
+#endif
+
+namespace pyllm {
+namespace PYLLM_ISA {
+
+#if defined(PYLLM_ISA_AVX512)
+
+namespace {
+
+// One token's activations in split-int16 form, for groups of 64 elements (two blocks of 32).
+struct SplitAct {
+  std::vector<int8_t> hi;   // 64 per group, in the weight register's byte order
+  std::vector<uint8_t> lo;  // 64 per group, same order
+  std::vector<float> dx;    // 16 lane scales per group (the dx of the block each lane covers)
+  std::vector<int32_t> hc;  // 16 lane corrections per group: f_hi * sum(hi) + f_lo * sum(lo)
+                            // over the lane's 4 elements (weight offsets, see each kernel)
+  std::vector<float> xsum;  // exact F32 sum of each block of 32 (for the min terms)
+};
+
+// Byte order of a 64-element group inside the weight register.
+enum class Order {
+  kNatural,      // element e at byte e                (Q8_0 pairs, Q4_K chunks)
+  kNibbleSplit,  // [A0-15, B0-15, A16-31, B16-31]     (Q4_0 pairs: [qa, qb, qa>>4, qb>>4])
+};
+
+// Quantizes 32 floats to int16 steps of amax/32767; writes hi/lo bytes (16 + 16 at two places
+// when split) and returns dx.
+inline float split_block(const float* x, int8_t* hi0, uint8_t* lo0, int8_t* hi1, uint8_t* lo1,
+                         float* sum) {
+  const __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+  *sum = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+  const float id = amax > 0.0f ? 32767.0f / amax : 0.0f;
+  const __m512 vid = _mm512_set1_ps(id);
+  const __m512i ia = _mm512_cvtps_epi32(_mm512_mul_ps(a, vid));  // round to nearest even
+  const __m512i ib = _mm512_cvtps_epi32(_mm512_mul_ps(b, vid));
+  const __m512i m255 = _mm512_set1_epi32(255);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(hi0), _mm512_cvtepi32_epi8(_mm512_srai_epi32(ia, 8)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(hi1), _mm512_cvtepi32_epi8(_mm512_srai_epi32(ib, 8)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(lo0), _mm512_cvtepi32_epi8(_mm512_and_si512(ia, m255)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(lo1), _mm512_cvtepi32_epi8(_mm512_and_si512(ib, m255)));
+  return amax / 32767.0f;
+}
+
+void prepare(const float* x, int64_t k, Order order, int32_t f_hi, int32_t f_lo, SplitAct& s) {
+  const int64_t nb = k / 32, ng = nb / 2;
+  s.hi.resize(static_cast<size_t>(ng * 64));
+  s.lo.resize(static_cast<size_t>(ng * 64));
+  s.dx.resize(static_cast<size_t>(ng * 16));
+  s.hc.resize(static_cast<size_t>(ng * 16));
+  s.xsum.resize(static_cast<size_t>(nb));
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t g = 0; g < ng; ++g) {
+    int8_t* hi = s.hi.data() + 64 * g;
+    uint8_t* lo = s.lo.data() + 64 * g;
+    const float* xg = x + 64 * g;
+    float dxa, dxb;
+    if (order == Order::kNatural) {
+      dxa = split_block(xg, hi, lo, hi + 16, lo + 16, &s.xsum[2 * g]);
+      dxb = split_block(xg + 32, hi + 32, lo + 32, hi + 48, lo + 48, &s.xsum[2 * g + 1]);
+      const __m512 lanes = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(dxa), _mm512_set1_ps(dxb));
+      _mm512_storeu_ps(s.dx.data() + 16 * g, lanes);
+    } else {
+      dxa = split_block(xg, hi, lo, hi + 32, lo + 32, &s.xsum[2 * g]);
+      dxb = split_block(xg + 32, hi + 16, lo + 16, hi + 48, lo + 48, &s.xsum[2 * g + 1]);
+      const __m512 lanes = _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(dxa), _mm512_set1_ps(dxb));
+      _mm512_storeu_ps(s.dx.data() + 16 * g, lanes);
+    }
+    // Sums of each lane's 4 hi / lo bytes (VPDPBUSD against ones), times the type's factors.
+    const __m512i hsum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(hi));
+    const __m512i lsum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(lo), ones);
+    const __m512i hc = _mm512_add_epi32(_mm512_mullo_epi32(hsum, _mm512_set1_epi32(f_hi)),
+                                        _mm512_mullo_epi32(lsum, _mm512_set1_epi32(f_lo)));
+    _mm512_storeu_si512(s.hc.data() + 16 * g, hc);
+  }
+  if (nb & 1) {  // odd tail block: only its sum is needed (it is computed in F32)
+    const float* xt = x + 32 * (nb - 1);
+    float t = 0.0f;
+    for (int i = 0; i < 32; ++i) t += xt[i];
+    s.xsum[nb - 1] = t;
+  }
+}
+
+std::vector<SplitAct>& token_scratch(int nt) {
+  thread_local std::vector<SplitAct> scratch;
+  if (static_cast<int>(scratch.size()) < nt) scratch.resize(static_cast<size_t>(nt));
+  return scratch;
+}
+
+// Exact integer lane sums of w * xi for one token: 256 * sum(wu * hi) + sum(lo * ws) + hc.
+inline __m512i lane_dot(__m512i wu, __m512i ws, const int8_t* hi, const uint8_t* lo,
+                        const int32_t* hc) {
+  const __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, _mm512_loadu_si512(hi));
+  const __m512i p2 = _mm512_dpbusd_epi32(_mm512_loadu_si512(hc), _mm512_loadu_si512(lo), ws);
+  return _mm512_add_epi32(_mm512_slli_epi32(p1, 8), p2);
+}
+
+// The f16 scales of two blocks spread over the lanes given by pattern (4 instructions).
+inline __m512 two_half_scales(f16_t a, f16_t b, const __m512i& pattern) {
+  const __m128i h = _mm_insert_epi16(_mm_cvtsi32_si128(a), b, 1);
+  return _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(_mm_cvtph_ps(h)));
+}
+
+template <int NT>
+struct MvQ4_0 {
+  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+    const int64_t nb = a.k / 32, ng = nb / 2;
+    std::vector<SplitAct>& s = token_scratch(NT);
+    for (int t = 0; t < NT; ++t) {
+      // sum (q - 8) xi = 256 sum q hi + sum q lo - 8 * 256 sum hi - 8 sum lo
+      prepare(a.x + (t0 + t) * a.ldx, a.k, Order::kNibbleSplit, -8 * 256, -8, s[t]);
+    }
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i pattern = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+    alignas(64) float tail[32];
+    for (int64_t r = r0; r < r1; ++r) {
+      const BlockQ4_0* row = reinterpret_cast<const BlockQ4_0*>(a.w + r * a.row_bytes);
+      __m512 acc[NT];
+      for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+      for (int64_t g = 0; g < ng; ++g) {
+        const BlockQ4_0& A = row[2 * g];
+        const BlockQ4_0& B = row[2 * g + 1];
+        const __m256i q2 = _mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(A.qs))),
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(B.qs)), 1);
+        const __m512i wu = _mm512_and_si512(
+            _mm512_inserti64x4(_mm512_castsi256_si512(q2), _mm256_srli_epi16(q2, 4), 1), m4);
+        const __m512 wd = two_half_scales(A.d, B.d, pattern);
+        for (int t = 0; t < NT; ++t) {
+          const __m512i l = lane_dot(wu, wu, s[t].hi.data() + 64 * g, s[t].lo.data() + 64 * g,
+                                     s[t].hc.data() + 16 * g);
+          acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l),
+                                   _mm512_mul_ps(wd, _mm512_loadu_ps(s[t].dx.data() + 16 * g)),
+                                   acc[t]);
+        }
+      }
+      float extra[NT] = {};
+      if (nb & 1) {
+        Fmt<QType::Q4_0>::decode(row + nb - 1, tail);
+        for (int t = 0; t < NT; ++t) {
+          const float* x = a.x + (t0 + t) * a.ldx + 32 * (nb - 1);
+          extra[t] = vsum(vfma(vload(tail + 16), vload(x + 16), vmul(vload(tail), vload(x))));
+        }
+      }
+      for (int t = 0; t < NT; ++t) a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]) + extra[t];
+    }
+  }
+};
+
+template <int NT>
+struct MvQ8_0 {
+  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+    const int64_t nb = a.k / 32, ng = nb / 2;
+    std::vector<SplitAct>& s = token_scratch(NT);
+    for (int t = 0; t < NT; ++t) {
+      // sum w xi = 256 sum (w + 128) hi + sum w lo - 128 * 256 sum hi
+      prepare(a.x + (t0 + t) * a.ldx, a.k, Order::kNatural, -128 * 256, 0, s[t]);
+    }
+    const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+    const __m512i pattern = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    alignas(64) float tail[32];
+    for (int64_t r = r0; r < r1; ++r) {
+      const BlockQ8_0* row = reinterpret_cast<const BlockQ8_0*>(a.w + r * a.row_bytes);
+      __m512 acc[NT];
+      for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+      for (int64_t g = 0; g < ng; ++g) {
+        const BlockQ8_0& A = row[2 * g];
+        const BlockQ8_0& B = row[2 * g + 1];
+        const __m512i ws = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(A.qs))),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(B.qs)), 1);
+        const __m512i wu = _mm512_xor_si512(ws, sign);  // w + 128 as unsigned
+        const __m512 wd = two_half_scales(A.d, B.d, pattern);
+        for (int t = 0; t < NT; ++t) {
+          const __m512i l = lane_dot(wu, ws, s[t].hi.data() + 64 * g, s[t].lo.data() + 64 * g,
+                                     s[t].hc.data() + 16 * g);
+          acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l),
+                                   _mm512_mul_ps(wd, _mm512_loadu_ps(s[t].dx.data() + 16 * g)),
+                                   acc[t]);
+        }
+      }
+      float extra[NT] = {};
+      if (nb & 1) {
+        Fmt<QType::Q8_0>::decode(row + nb - 1, tail);
+        for (int t = 0; t < NT; ++t) {
+          const float* x = a.x + (t0 + t) * a.ldx + 32 * (nb - 1);
+          extra[t] = vsum(vfma(vload(tail + 16), vload(x + 16), vmul(vload(tail), vload(x))));
+        }
+      }
+      for (int t = 0; t < NT; ++t) a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]) + extra[t];
+    }
+  }
+};
+
+// The 8 six-bit scales (low 8 bytes of *sc) and 8 mins (*mn) of a Q4_K / Q5_K block, as the
+// format packs them in 12 bytes: bytes 0-3 hold scales 0-3 (+ 2 high bits of scales 4-7),
+// bytes 4-7 mins 0-3 (+ 2 high bits of mins 4-7), bytes 8-11 the low nibbles of scales/mins 4-7.
+inline void unpack_k4_scales(const uint8_t* packed, uint64_t* sc, uint64_t* mn) {
+  uint32_t w[3];
+  std::memcpy(w, packed, 12);
+  const uint32_t low6 = 0x3f3f3f3fu, nib = 0x0f0f0f0fu, top2 = 0x03030303u;
+  const uint32_t sc_lo = w[0] & low6, mn_lo = w[1] & low6;
+  const uint32_t sc_hi = (w[2] & nib) | (((w[0] >> 6) & top2) << 4);
+  const uint32_t mn_hi = ((w[2] >> 4) & nib) | (((w[1] >> 6) & top2) << 4);
+  *sc = sc_lo | (static_cast<uint64_t>(sc_hi) << 32);
+  *mn = mn_lo | (static_cast<uint64_t>(mn_hi) << 32);
+}
+
+// 8 bytes -> 8 floats times f.
+inline __m256 bytes8_times(uint64_t bytes, float f) {
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(bytes)));
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(f));
+}
+
+template <int NT>
+struct MvQ4_K {
+  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+    const int64_t nsb = a.k / QK_K;
+    std::vector<SplitAct>& s = token_scratch(NT);
+    // sum q xi = 256 sum q hi + sum q lo (q in 0..15 is a valid s8 operand; no corrections)
+    for (int t = 0; t < NT; ++t) prepare(a.x + (t0 + t) * a.ldx, a.k, Order::kNatural, 0, 0, s[t]);
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    __m512i pattern[4];  // chunk j covers sub-blocks 2j (lanes 0-7) and 2j+1 (lanes 8-15)
+    for (int j = 0; j < 4; ++j) {
+      pattern[j] = _mm512_inserti64x4(_mm512_set1_epi32(2 * j), _mm256_set1_epi32(2 * j + 1), 1);
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      const BlockQ4_K* row = reinterpret_cast<const BlockQ4_K*>(a.w + r * a.row_bytes);
+      __m512 acc[NT];
+      __m256 off[NT];
+      for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps(), off[t] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nsb; ++b) {
+        const BlockQ4_K& blk = row[b];
+        uint64_t sc, mn;
+        unpack_k4_scales(blk.scales, &sc, &mn);
+        const __m512 scales = _mm512_castps256_ps512(bytes8_times(sc, half_to_float(blk.d)));
+        const __m256 mins = bytes8_times(mn, half_to_float(blk.dmin));
+        for (int t = 0; t < NT; ++t) {
+          off[t] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(s[t].xsum.data() + 8 * b), off[t]);
+        }
+        for (int j = 0; j < 4; ++j) {
+          const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qs + 32 * j));
+          const __m512i wq = _mm512_and_si512(
+              _mm512_inserti64x4(_mm512_castsi256_si512(c), _mm256_srli_epi16(c, 4), 1), m4);
+          const __m512 wd = _mm512_permutexvar_ps(pattern[j], scales);
+          const int64_t g = 4 * b + j;  // 64-element group
+          for (int t = 0; t < NT; ++t) {
+            const __m512i l = lane_dot(wq, wq, s[t].hi.data() + 64 * g, s[t].lo.data() + 64 * g,
+                                       s[t].hc.data() + 16 * g);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l),
+                                     _mm512_mul_ps(wd, _mm512_loadu_ps(s[t].dx.data() + 16 * g)),
+                                     acc[t]);
+          }
+        }
+      }
+      for (int t = 0; t < NT; ++t) {
+        const __m256 o = off[t];
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(o), _mm256_extractf128_ps(o, 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]) - _mm_cvtss_f32(h);
+      }
+    }
+  }
+};
+
+template <template <int> class K>
+void by_groups(const MatArgs& a, int64_t r0, int64_t r1) {
+  for (int64_t t0 = 0; t0 < a.n_tokens; t0 += 4) {
+    switch (std::min<int64_t>(4, a.n_tokens - t0)) {
+      case 1: K<1>::run(a, r0, r1, t0); break;
+      case 2: K<2>::run(a, r0, r1, t0); break;
+      case 3: K<3>::run(a, r0, r1, t0); break;
+      default: K<4>::run(a, r0, r1, t0); break;
+    }
+  }
+}
+
+}  // namespace
+
+// Installs these kernels as the matvec entries of the AVX-512 table.
+void install_vnni_matvec(KernelTable& t) {
+  t.matvec[static_cast<int>(QType::Q4_0)] = &by_groups<MvQ4_0>;
+  t.matvec[static_cast<int>(QType::Q8_0)] = &by_groups<MvQ8_0>;
+  t.matvec[static_cast<int>(QType::Q4_K)] = &by_groups<MvQ4_K>;
+}
+
+#endif  // PYLLM_ISA_AVX512
+
+}  // namespace PYLLM_ISA
+}  // namespace pyllm
