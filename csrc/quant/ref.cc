@@ -25,13 +25,19 @@ inline uint8_t trunc_clamp(float v, int hi) {
   return static_cast<uint8_t>(static_cast<int>(v));
 }
 
-// roundf (half away from zero) clamped to int8, NaN -> 0.
+// Round half away from zero (C roundf; the gguf package's np_roundf), saturated to int8, NaN -> 0.
+// Computed as trunc + (fraction >= 0.5), both exact in float32, so it needs no libm call and
+// vectorizes at the baseline ISA.
 inline int8_t round_i8(float v) {
-  const float r = std::round(v);
-  if (!(r == r)) return 0;
-  if (r > 127.0f) return 127;
-  if (r < -128.0f) return -128;
-  return static_cast<int8_t>(static_cast<int>(r));
+  const float a = std::fabs(v);
+  if (!(a < 128.0f)) {
+    if (a != a) return 0;
+    return v > 0.0f ? int8_t{127} : int8_t{-128};
+  }
+  const int t = static_cast<int>(a);
+  const int r = t + (a - static_cast<float>(t) >= 0.5f ? 1 : 0);
+  if (v < 0.0f) return static_cast<int8_t>(-r);
+  return static_cast<int8_t>(r > 127 ? 127 : r);
 }
 
 // The element of largest magnitude, keeping its sign; the first one wins a tie (numpy argmax).
