@@ -258,6 +258,7 @@ def test_tiny_vocabularies_work() -> None:
         (lambda md: md.update({"tokenizer.ggml.model": "bert"}), "unsupported tokenizer model"),
         (lambda md: md.pop("tokenizer.ggml.model"), "no tokenizer.ggml.model"),
         (lambda md: md.update({"tokenizer.ggml.scores": np.zeros(3, np.float32)}), "has 3 entries"),
+        (lambda md: md["tokenizer.ggml.scores"].__setitem__(7, np.nan), "NaN"),
         (
             lambda md: md.update({"tokenizer.ggml.token_type": np.ones(9, np.int32)}),
             "has 9 entries",
@@ -493,6 +494,53 @@ def test_from_hf_json_matches_gguf(tmp_path: Path, vocab_dir: Path) -> None:
     (tmp_path / "tokenizer.json").write_text('{"model": {"type": "WordPiece"}}', encoding="utf-8")
     with pytest.raises(TokenizerError, match="only BPE"):
         hf_tokenizer_metadata(tmp_path / "tokenizer.json")
+
+
+def test_from_hf_json_sentencepiece_style(tmp_path: Path, vocab_dir: Path) -> None:
+    # A Llama-2 style tokenizer.json (byte fallback, "▁" spaces) built from the llama-spm vocab,
+    # with merges made the way HF's SentencePiece extractor makes them: every split of a piece
+    # into two pieces, ordered by the merged piece's score.
+    ref = _LOADED.get("llama-spm") or Tokenizer.from_gguf(vocab_dir / "ggml-vocab-llama-spm.gguf")
+    v = ref.vocab
+    normal = [
+        i for i in range(v.n_vocab) if v.types[i] == TokenType.NORMAL and len(v.tokens[i]) > 1
+    ]
+    merges = [
+        [v.tokens[i][:k], v.tokens[i][k:]]
+        for i in sorted(normal, key=lambda i: (-v.scores[i], i))
+        for k in range(1, len(v.tokens[i]))
+        if v.tokens[i][:k] in v.token_to_id and v.tokens[i][k:] in v.token_to_id
+    ]
+    specials = [{"id": i, "content": v.tokens[i], "special": True} for i in range(3)]
+    data = {
+        "added_tokens": specials,
+        "normalizer": {
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "Prepend", "prepend": "\u2581"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+            ],
+        },
+        "pre_tokenizer": None,
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>"}}, {"Sequence": {"id": "A"}}],
+        },
+        "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}]},
+        "model": {
+            "type": "BPE",
+            "byte_fallback": True,
+            "unk_token": "<unk>",
+            "vocab": {t: i for i, t in enumerate(v.tokens)},
+            "merges": merges,
+        },
+    }
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    tok = Tokenizer.from_hf_json(tmp_path / "tokenizer.json")
+    assert (tok.model, tok.bos_id, tok.unk_id, tok.add_bos) == ("llama", 1, 0, True)
+    assert tok.token_type(0) == TokenType.UNKNOWN and tok.token_type(3) == TokenType.BYTE
+    for text, expected in read_suite(vocab_dir, "llama-spm"):
+        assert tok.encode(text) == [1, *expected]
 
 
 def test_exported_from_package() -> None:

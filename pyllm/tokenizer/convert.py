@@ -247,7 +247,7 @@ def hf_tokenizer_metadata(path: str | os.PathLike[str], pre: str | None = None) 
     Byte-level BPE (a ``ByteLevel`` pre-tokenizer or decoder) becomes ``model = "gpt2"`` with the
     pre-tokenizer recognised from the split regex (``pre`` overrides it, and is required when the
     split is not one we recognise); SentencePiece-style BPE (``▁`` for spaces, byte fallback)
-    becomes ``model = "llama"`` with scores ``-id`` (merge priority follows vocabulary order).
+    becomes ``model = "llama"`` with scores derived from the merge ranks (same merge priority).
     Added tokens become CONTROL when marked special or shaped like ``<|...|>``, else
     USER_DEFINED.  BOS/EOS and their add flags come from ``tokenizer_config.json`` next to the
     file when it exists.
@@ -284,6 +284,7 @@ def hf_tokenizer_metadata(path: str | os.PathLike[str], pre: str | None = None) 
 
     steps = _walk(data.get("pre_tokenizer")) + _walk(data.get("decoder"))
     byte_level = any(s.get("type") == "ByteLevel" for s in steps)
+    unk_text = model.get("unk_token")
     tokens: list[str] = []
     types: list[int] = []
     for i in range(n):
@@ -291,6 +292,9 @@ def hf_tokenizer_metadata(path: str | os.PathLike[str], pre: str | None = None) 
         if text is None:  # holes in the id space become unused padding tokens
             tokens.append(f"[PAD{i}]")
             types.append(int(TokenType.UNUSED))
+        elif text == unk_text:
+            tokens.append(text)
+            types.append(int(TokenType.UNKNOWN))
         elif i in special_added:
             if special_added[i]:
                 tokens.append(text)
@@ -309,16 +313,15 @@ def hf_tokenizer_metadata(path: str | os.PathLike[str], pre: str | None = None) 
         "tokenizer.ggml.tokens": tokens,
         "tokenizer.ggml.token_type": np.asarray(types, dtype=np.int32),
     }
+    merges: list[str] = []
+    for m in model.get("merges") or []:
+        if isinstance(m, str) and " " in m[1:]:
+            merges.append(m)
+        elif isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m):
+            merges.append(f"{m[0]} {m[1]}")
+        else:
+            raise TokenizerError(f"{path}: malformed merge {m!r}")
     if byte_level:
-        raw_merges = model.get("merges") or []
-        merges: list[str] = []
-        for m in raw_merges:
-            if isinstance(m, str):
-                merges.append(m)
-            elif isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m):
-                merges.append(f"{m[0]} {m[1]}")
-            else:
-                raise TokenizerError(f"{path}: malformed merge {m!r}")
         name = pre or _infer_pre(data.get("pre_tokenizer"))
         if name is None:
             raise TokenizerError(
@@ -343,7 +346,17 @@ def hf_tokenizer_metadata(path: str | os.PathLike[str], pre: str | None = None) 
             and s.get("add_prefix_space", True)
             for s in norm
         )
-        scores = [0.0 if t != TokenType.NORMAL else -float(i) for i, t in enumerate(types)]
+        # SentencePiece-style merging goes by the score of the merged token.  The merge list is
+        # ordered by that score, so a token's score is minus the rank of its first merge;
+        # tokens no merge produces get a very low score (single characters never need one).
+        first_rank: dict[str, int] = {}
+        for rank, m in enumerate(merges):
+            pos = m.find(" ", 1)
+            first_rank.setdefault(m[:pos] + m[pos + 1 :], rank)
+        scores = [
+            -float(first_rank.get(text, 1e9)) if ttype == TokenType.NORMAL else 0.0
+            for text, ttype in zip(tokens, types, strict=True)
+        ]
         md.update(
             {
                 "tokenizer.ggml.model": "llama",
@@ -352,9 +365,8 @@ def hf_tokenizer_metadata(path: str | os.PathLike[str], pre: str | None = None) 
                 "tokenizer.ggml.add_space_prefix": prefix,
             }
         )
-        unk = model.get("unk_token")
-        if isinstance(unk, str) and unk in vocab:
-            md["tokenizer.ggml.unknown_token_id"] = vocab[unk]
+        if isinstance(unk_text, str) and unk_text in tokens:
+            md["tokenizer.ggml.unknown_token_id"] = tokens.index(unk_text)
 
     _apply_post_processor(md, data.get("post_processor"), tokens)
     _apply_tokenizer_config(md, path.parent / "tokenizer_config.json", tokens)

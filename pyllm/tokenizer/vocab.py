@@ -207,6 +207,9 @@ def vocab_from_metadata(md: Mapping[str, Any]) -> Vocab:
     tokens = _token_list(md)
     n = len(tokens)
     scores = _number_list(md, KEY + "scores", n, float) or [0.0] * n
+    for i, s in enumerate(scores):
+        if s != s:  # NaN would make the merge order meaningless
+            raise TokenizerError(f"tokenizer.ggml.scores[{i}] is NaN")
     types = _number_list(md, KEY + "token_type", n, int) or [int(TokenType.NORMAL)] * n
     for i, t in enumerate(types):
         if not 0 <= t <= 6:
