@@ -163,6 +163,7 @@ def test_dequantize_arbitrary_bytes_matches_gguf_nan_aware(t: GGMLType) -> None:
     np.testing.assert_array_equal(ours, ref)
 
 
+@pytest.mark.model
 def test_dequantize_smollm2_tensors_bit_exact(smollm2_path: Path) -> None:
     from pyllm.gguf import GGUFReader
 
@@ -201,6 +202,16 @@ def awkward_rows() -> np.ndarray:
     special[192:224] = rng.integers(-8, 8, 32) * 0.25  # values exactly on quantization levels
     special[224:256] = rng.standard_normal(32) * 1e5  # scale overflows f16 (inf) as in gguf
     rows.append(special)
+    more = rng.standard_normal(256)
+    more[0:32] = -0.0  # all-zero block led by -0.0: the scale's sign comes from the first element
+    more[32:64] = 0.0
+    more[32] = -0.0
+    more[64:96] = np.tile([-3.0, 3.0], 16)  # tie led by the negative value
+    more[96:128] = 0.0
+    more[100] = 0.7  # a single non-zero value
+    more[128:160] = rng.standard_normal(32) * 6e4  # near the top of the f16 range
+    more[160:192] = rng.standard_normal(32) * 1e-30  # scale underflows f16 to zero
+    rows.append(more)
     return np.stack(rows).astype(np.float32)
 
 

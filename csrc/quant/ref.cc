@@ -42,9 +42,9 @@ inline int8_t round_i8(float v) {
 
 // The element of largest magnitude, keeping its sign; the first one wins a tie (numpy argmax).
 inline float signed_absmax(const float* x, int n) {
-  float amax = 0.0f;
-  float max = 0.0f;
-  for (int j = 0; j < n; ++j) {
+  float amax = std::fabs(x[0]);
+  float max = x[0];  // an all-zero block keeps x[0], so its sign (+0 / -0) is x[0]'s, as in numpy
+  for (int j = 1; j < n; ++j) {
     const float a = std::fabs(x[j]);
     if (a > amax) {
       amax = a;
