@@ -140,6 +140,10 @@ def test_smollm2_vocab(smol: Tokenizer) -> None:
     assert smol.is_control(1) and smol.is_eog(2) and not smol.is_eog(1)
     # Reference ids checked against Hugging Face `tokenizers` run on the same vocabulary.
     assert smol.encode("Hello world") == [19556, 905]
+    assert smol.encode("Hello, y'all! How are you 😁 ?我想在apple工作1314151天～") == [
+        19556, 28, 329, 23, 449, 17, 1073, 359, 346, 40303, 219, 9148, 19805, 235, 177, 221, 128,
+        32632, 21949, 36149, 115, 40994, 33, 35, 33, 36, 33, 37, 33, 18614, 119, 186, 138, 248,
+    ]  # fmt: skip
     assert smol.encode("  \n\n\t 3333 33 abc\xa0def \u2028x") == [
         256, 14436, 216, 35, 35, 35, 35, 216, 35, 35, 43239, 15442, 1604, 216, 321, 118, 104,
     ]  # fmt: skip
