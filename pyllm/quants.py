@@ -154,6 +154,8 @@ def byte_shape(qtype: QTypeLike, shape: int | Sequence[int]) -> tuple[int, ...]:
 def _as_bytes(data: Any) -> np.ndarray:
     """A C-contiguous array over the caller's bytes; no copy for contiguous arrays and buffers."""
     if isinstance(data, np.ndarray):
+        if data.dtype.hasobject:
+            raise QuantError("data must hold raw bytes, not Python objects")
         return data if data.flags.c_contiguous else np.ascontiguousarray(data)
     try:
         return np.frombuffer(data, dtype=np.uint8)

@@ -400,6 +400,10 @@ def test_wrong_sizes_raise() -> None:
             quants.dequantize("Q8_0", q, shape)  # type: ignore[arg-type]
     with pytest.raises(QuantError):
         quants.dequantize("Q8_0", object(), (32,))
+    with pytest.raises(QuantError):
+        quants.dequantize("Q8_0", np.array([None] * 34, dtype=object), (32,))
+    with pytest.raises(QuantError):
+        quants.dequantize("Q8_0", "x" * 34, (32,))
 
 
 def test_extension_rechecks_sizes() -> None:
