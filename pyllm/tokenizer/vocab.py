@@ -224,15 +224,16 @@ def vocab_from_metadata(md: Mapping[str, Any]) -> Vocab:
             )
         token_to_id[tok] = i
 
+    # SentencePiece byte-fallback tokens must spell their byte.  (Byte-level BPE vocabularies
+    # do not use BYTE tokens -- they render as nothing there, as in llama.cpp.)
     byte_to_id: list[int | None] = [None] * 256
     for i, t in enumerate(types):
-        if t != TokenType.BYTE:
+        if t != TokenType.BYTE or model != "llama":
             continue
         m = _BYTE_TOKEN.match(tokens[i])
         if m is None:
             raise TokenizerError(f"byte token {i} is {tokens[i]!r}, expected the form <0xNN>")
-        if model == "llama":
-            byte_to_id[int(m.group(1), 16)] = i
+        byte_to_id[int(m.group(1), 16)] = i
 
     pre_name = _get_str(md, KEY + "pre")
     merges: list[tuple[str, str]] = []
