@@ -103,8 +103,41 @@ struct Context::Impl {
     }
   }
 
+  static MatmulParams mparams(const WeightView& w, const float* x, int64_t n_tokens, float* y) {
+    MatmulParams p{};
+    p.wtype = w.type;
+    p.w = w.data;
+    p.n_out = w.rows;
+    p.k = w.cols;
+    p.x = x;
+    p.ldx = 0;
+    p.n_tokens = n_tokens;
+    p.y = y;
+    p.ldy = 0;
+    return p;
+  }
+
   void mm(const WeightView& w, const float* x, int64_t n_tokens, float* y) {
-    matmul(w.type, w.data, w.rows, w.cols, x, n_tokens, y, pool);
+    matmul(mparams(w, x, n_tokens, y), pool);
+  }
+
+  // Several independent products of the same input in one parallel region: one hand-over and
+  // one join instead of one per matrix (q/k/v, gate/up).
+  void mm_group(std::initializer_list<MatmulParams> ps) {
+    for (const MatmulParams& p : ps) check_matmul(p);
+    pool.run([&](int ith, int nth) {
+      for (const MatmulParams& p : ps) matmul_part(p, ith, nth);
+    });
+  }
+
+  // Element-wise work over n_items: inline when small (waking the pool costs more than it saves).
+  template <typename Fn>
+  void for_items(int64_t n_items, int64_t work_per_item, Fn&& fn) {
+    if (n_items * work_per_item < (1 << 15) || pool.n_threads() == 1) {
+      fn(int64_t(0), n_items);
+    } else {
+      pool.parallel_for(n_items, 1, fn);
+    }
   }
 
   // Runs tokens at positions pos0.. (n <= n_batch); writes the final hidden states to buf.x.
@@ -133,19 +166,18 @@ struct Context::Impl {
     for (int il = 0; il < hp.n_layer; ++il) {
       const LayerWeights& L = w.layers[il];
       const float* attn_norm = static_cast<const float*>(L.attn_norm.data);
-      pool.parallel_for(n, 1, [&](int64_t t0, int64_t t1) {
+      for_items(n, d, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) op.rms_norm(x + t * d, attn_norm, xb + t * d, d, hp.rms_eps);
       });
-      mm(L.wq, xb, n, buf.q.data());
-      mm(L.wk, xb, n, buf.k.data());
-      mm(L.wv, xb, n, buf.v.data());
+      mm_group({mparams(L.wq, xb, n, buf.q.data()), mparams(L.wk, xb, n, buf.k.data()),
+                mparams(L.wv, xb, n, buf.v.data())});
       add_bias(buf.q.data(), L.bq, n, q_dim);
       add_bias(buf.k.data(), L.bk, n, kv_dim);
       add_bias(buf.v.data(), L.bv, n, kv_dim);
 
       uint8_t* kc = k_cache[il].data();
       uint8_t* vc = v_cache[il].data();
-      pool.parallel_for(n, 1, [&](int64_t t0, int64_t t1) {
+      for_items(n, q_dim + 2 * kv_dim, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
           const float* cs = buf.rope.data() + t * hp.n_rot;
           op.rope(buf.q.data() + t * q_dim, hp.n_head, hd, hp.n_rot, cs, hp.rope_neox);
@@ -190,15 +222,14 @@ struct Context::Impl {
       op.add(x, xb, int64_t(n) * d);
 
       const float* ffn_norm = static_cast<const float*>(L.ffn_norm.data);
-      pool.parallel_for(n, 1, [&](int64_t t0, int64_t t1) {
+      for_items(n, d, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) op.rms_norm(x + t * d, ffn_norm, xb + t * d, d, hp.rms_eps);
       });
-      mm(L.w_gate, xb, n, buf.gate.data());
-      mm(L.w_up, xb, n, buf.up.data());
+      mm_group({mparams(L.w_gate, xb, n, buf.gate.data()), mparams(L.w_up, xb, n, buf.up.data())});
       add_bias(buf.gate.data(), L.b_gate, n, hp.n_ff);
       add_bias(buf.up.data(), L.b_up, n, hp.n_ff);
       const int64_t nff = int64_t(n) * hp.n_ff;
-      pool.parallel_for(nff, 1024, [&](int64_t i0, int64_t i1) {
+      for_items(nff, 1, [&](int64_t i0, int64_t i1) {
         op.swiglu(buf.gate.data() + i0, buf.up.data() + i0, buf.gate.data() + i0, i1 - i0);
       });
       mm(L.w_down, buf.gate.data(), n, xb);
