@@ -28,9 +28,9 @@ class CliParser(argparse.ArgumentParser):
 
 
 def _subcommands() -> list[ModuleType]:
-    from pyllm.cli import chat, info, pull, run
+    from pyllm.cli import bench, chat, info, pull, run
 
-    return [run, chat, info, pull]
+    return [run, chat, info, pull, bench]
 
 
 def build_parser() -> CliParser:

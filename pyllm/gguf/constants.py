@@ -115,7 +115,7 @@ TYPE_INFO: dict[GGMLType, TypeInfo] = {
     GGMLType.Q5_0: TypeInfo(32, 22),
     GGMLType.Q5_1: TypeInfo(32, 24),
     GGMLType.Q8_0: TypeInfo(32, 34),
-    GGMLType.Q8_1: TypeInfo(32, 40),
+    GGMLType.Q8_1: TypeInfo(32, 36),  # d + s (f16 each) + 32 int8 (the gguf package says 40)
     GGMLType.Q2_K: TypeInfo(256, 84),
     GGMLType.Q3_K: TypeInfo(256, 110),
     GGMLType.Q4_K: TypeInfo(256, 144),

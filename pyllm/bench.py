@@ -1,0 +1,119 @@
+"""Throughput measurement like llama-bench: prompt processing (pp) and text generation (tg).
+
+pp N: evaluate N tokens in one call from an empty context. tg N: generate N tokens one at a time
+after a one-token context (greedy argmax of the logits, so sampling cost stays out of it). Each
+test runs once as a warm-up (excluded), then ``reps`` timed times; results are mean +/- stdev of
+tokens/s. Load time and the process's peak RSS are reported too.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pyllm.model import LLM
+
+
+@dataclass
+class BenchResult:
+    model: str
+    size_bytes: int
+    n_params: int
+    test: str  # "pp512" / "tg128"
+    threads: int
+    tokens_per_s: float
+    stdev: float
+    reps: int
+    load_s: float
+    peak_rss_mib: float
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def peak_rss_mib() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
+
+
+def _tokens(n: int, n_vocab: int, seed: int) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed).integers(0, n_vocab, n)]
+
+
+def _time_pp(llm: LLM, tokens: list[int]) -> float:
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(tokens)
+    return time.perf_counter() - t0
+
+
+def _time_tg(llm: LLM, first: int, n: int) -> float:
+    llm.reset()
+    logits = llm.eval([first])
+    t0 = time.perf_counter()
+    for _ in range(n):
+        logits = llm.eval([int(np.argmax(logits))])
+    return time.perf_counter() - t0
+
+
+def bench_model(path: str | os.PathLike[str] | None, n_prompt: int, n_gen: int,
+                threads: int | None, reps: int) -> list[BenchResult]:
+    t0 = time.perf_counter()
+    llm = LLM(path, n_ctx=max(n_prompt, n_gen + 1, 16), n_threads=threads,
+              n_batch=max(n_prompt, 1))
+    load_s = time.perf_counter() - t0
+    reader = llm._reader  # noqa: SLF001 - size facts of the file we just loaded
+    size = sum(t.nbytes for t in reader.tensors)
+    n_params = sum(t.n_elements for t in reader.tensors)
+    name = Path(llm.model_path).name
+    results: list[BenchResult] = []
+    try:
+        tests: list[tuple[str, int]] = []
+        if n_prompt > 0:
+            tests.append((f"pp{n_prompt}", n_prompt))
+        if n_gen > 0:
+            tests.append((f"tg{n_gen}", n_gen))
+        for label, n in tests:
+            times = []
+            for rep in range(reps + 1):  # the first run warms caches and is not counted
+                if label.startswith("pp"):
+                    dt = _time_pp(llm, _tokens(n, llm.n_vocab, rep))
+                else:
+                    dt = _time_tg(llm, _tokens(1, llm.n_vocab, rep)[0], n)
+                if rep:
+                    times.append(n / dt)
+            results.append(BenchResult(
+                model=name, size_bytes=size, n_params=n_params, test=label,
+                threads=llm.n_threads, tokens_per_s=statistics.fmean(times),
+                stdev=statistics.stdev(times) if len(times) > 1 else 0.0, reps=reps,
+                load_s=load_s, peak_rss_mib=peak_rss_mib()))
+    finally:
+        llm.close()
+    return results
+
+
+def format_results(results: list[BenchResult], fmt: str) -> str:
+    if fmt == "json":
+        import json
+
+        return json.dumps([r.as_dict() for r in results], indent=2)
+    if fmt == "csv":
+        fields = list(results[0].as_dict()) if results else []
+        lines = [",".join(fields)]
+        lines += [",".join(str(r.as_dict()[f]) for f in fields) for r in results]
+        return "\n".join(lines)
+    rows = ["| model | size | params | threads | test | t/s | load s | peak RSS MiB |",
+            "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for r in results:
+        rows.append(f"| {r.model} | {r.size_bytes / (1 << 20):.1f} MiB | "
+                    f"{r.n_params / 1e6:.1f} M | {r.threads} | {r.test} | "
+                    f"{r.tokens_per_s:.2f} ± {r.stdev:.2f} | {r.load_s:.3f} | "
+                    f"{r.peak_rss_mib:.0f} |")
+    return "\n".join(rows)
