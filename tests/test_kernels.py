@@ -5,9 +5,10 @@ per output element:
   * F32-math kernels (every type and ISA, except below): weights dequantized exactly, activations
     unrounded, F32 accumulation: |y - ref| <= RTOL * sum_i |w_i x_i| with RTOL = 1e-5 (measured
     worst case ~1e-6 at k <= 512).
-  * AVX-512 matvec (n_tokens < 8) of Q4_0, Q8_0, Q4_K: activations are rounded to int16 steps
-    per block of 32 (csrc/cpu/isa/matvec_vnni.cc), adding at most half a step per element:
-    + sum_b (amax_b / 32767 / 2) * sum_{i in b} |w_i|   (256x finer than ggml's int8 Q8_0/Q8_K).
+  * AVX-512 VNNI kernels: matvec (n_tokens < 8) of Q4_0, Q8_0, Q4_K (csrc/cpu/isa/matvec_vnni.cc)
+    and matmat (n_tokens >= 8) of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K (matmat_vnni.cc):
+    activations are rounded to int16 steps per block of 32, adding at most half a step per
+    element: + sum_b (amax_b / 32767 / 2) * sum_{i in b} |w_i|   (256x finer than ggml's int8).
 Each ISA is also compared with the scalar path at twice those bounds.
 """
 
@@ -72,7 +73,8 @@ def isa_guard() -> Iterator[None]:
     core.set_active_isa(before)
 
 
-INT16_MATVEC = {"Q4_0", "Q8_0", "Q4_K"}  # AVX-512 VNNI matvec types (see the module doc)
+INT16_MATVEC = {"Q4_0", "Q8_0", "Q4_K"}  # AVX-512 VNNI kernels (see the module doc)
+INT16_MATMAT = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K"}
 
 
 def allowed_error(wd: np.ndarray, x: np.ndarray, int16: bool) -> np.ndarray:
@@ -88,7 +90,9 @@ def allowed_error(wd: np.ndarray, x: np.ndarray, int16: bool) -> np.ndarray:
 
 
 def uses_int16(name: str, isa: str, n_tokens: int) -> bool:
-    return isa == "avx512" and n_tokens < 8 and name in INT16_MATVEC
+    if isa != "avx512":
+        return False
+    return name in (INT16_MATVEC if n_tokens < 8 else INT16_MATMAT)
 
 
 def check_close(
@@ -109,7 +113,7 @@ def test_matmul_every_isa_matches_float64(name: str, isa_guard: None) -> None:
     w = random_weights(name, n_out, k, rng)
     wd = dequantize(name, w)
     assert wd.shape == (n_out, k)
-    for n_tokens in (1, 2, 7, 512):
+    for n_tokens in (1, 2, 7, 8, 13, 512):
         x = rng.standard_normal((n_tokens, k)).astype(np.float32)
         results = {}
         for isa in ISAS:

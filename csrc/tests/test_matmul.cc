@@ -64,10 +64,12 @@ const std::vector<TypeCase>& cases() {
   return c;
 }
 
-// Whether matmul takes the int16-activation VNNI matvec for this case (see matvec_vnni.cc).
+// Whether matmul takes an int16-activation VNNI kernel here (matvec_vnni.cc, matmat_vnni.cc).
 bool uses_int16_activations(Isa isa, QType t, int64_t n_tokens) {
-  return isa == Isa::Avx512 && n_tokens < kMatmatMinTokens &&
-         (t == QType::Q4_0 || t == QType::Q8_0 || t == QType::Q4_K);
+  if (isa != Isa::Avx512) return false;
+  if (n_tokens < kMatmatMinTokens) return t == QType::Q4_0 || t == QType::Q8_0 || t == QType::Q4_K;
+  return t == QType::Q4_0 || t == QType::Q4_1 || t == QType::Q5_0 || t == QType::Q5_1 ||
+         t == QType::Q8_0 || t == QType::Q4_K || t == QType::Q5_K;  // matmat_vnni.cc
 }
 
 // Random weight bytes whose scales are finite and of moderate size.

@@ -1,0 +1,327 @@
+// AVX-512 VNNI matmat (prefill) kernels for the block types whose weights are an integer times a
+// per-32 scale plus a per-32 offset: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K.
+//
+// Why: the F32 panel kernel (kernels.cc) is bound by F32 FMA throughput (16 multiply-adds per
+// instruction). Here a panel of 32 rows is decoded once into int16 weights u (w = s * u + o per
+// group of 32), activations are rounded once per call to int16 steps per block of 32 (the same
+// 16-bit scheme as matvec_vnni.cc: dx = amax / 32767, 256x finer than ggml's int8), and
+// VPDPWSSD does 32 exact integer multiply-adds per instruction. After each group of 32 the exact
+// int32 sums are scaled by s * dx in F32, and the offset term o * sum(x) uses the exact F32 sum of
+// the unrounded activations. Error bound: the same half-step-per-element bound as the matvec
+// VNNI kernels (see matmul.h); tests check it per type.
+//
+// Register tile: 32 rows (two vectors of 16 lanes, one row per lane) x 6 tokens, 12 int32 and 12
+// F32 accumulators; every weight pair load is reused by 6 tokens and every activation broadcast
+// by 32 rows. Activations are prepared per call by each thread (k * n_tokens elements, small next
+// to the n_out * k * n_tokens multiply-adds), which keeps matmul_part barrier-free.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu/isa/decode.h"
+#include "cpu/isa/simd.h"
+#include "cpu/kernel_table.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive in its headers
+#endif
+
+namespace pyllm {
+namespace PYLLM_ISA {
+
+#if defined(PYLLM_ISA_AVX512)
+
+namespace {
+
+constexpr int R = 32;    // rows per panel
+constexpr int KC = 512;  // panel depth (16 groups of 32)
+constexpr int MT = 6;    // tokens per register tile
+
+// Integer decoders: one group of 32 weights -> u[32] (int16), scale s, offset o, w = s * u + o.
+template <QType T>
+struct IntFmt;
+
+template <>
+struct IntFmt<QType::Q4_0> {
+  using Block = BlockQ4_0;
+  static constexpr int B = 32;
+  static constexpr bool kOffset = false;
+  static void decode(const Block* b, int16_t* u, float* s, float* o) {
+    for (int j = 0; j < 16; ++j) {
+      u[j] = static_cast<int16_t>((b->qs[j] & 0x0F) - 8);
+      u[j + 16] = static_cast<int16_t>((b->qs[j] >> 4) - 8);
+    }
+    s[0] = half_to_float(b->d);
+    o[0] = 0.0f;
+  }
+};
+
+template <>
+struct IntFmt<QType::Q4_1> {
+  using Block = BlockQ4_1;
+  static constexpr int B = 32;
+  static constexpr bool kOffset = true;
+  static void decode(const Block* b, int16_t* u, float* s, float* o) {
+    for (int j = 0; j < 16; ++j) {
+      u[j] = static_cast<int16_t>(b->qs[j] & 0x0F);
+      u[j + 16] = static_cast<int16_t>(b->qs[j] >> 4);
+    }
+    s[0] = half_to_float(b->d);
+    o[0] = half_to_float(b->m);
+  }
+};
+
+template <class Block>
+void q5_values(const Block* b, int bias, int16_t* u) {
+  uint32_t qh;
+  std::memcpy(&qh, b->qh, 4);
+  for (int j = 0; j < 16; ++j) {
+    u[j] = static_cast<int16_t>(((b->qs[j] & 0x0F) | (((qh >> j) << 4) & 0x10)) - bias);
+    u[j + 16] = static_cast<int16_t>(((b->qs[j] >> 4) | ((qh >> (j + 12)) & 0x10)) - bias);
+  }
+}
+
+template <>
+struct IntFmt<QType::Q5_0> {
+  using Block = BlockQ5_0;
+  static constexpr int B = 32;
+  static constexpr bool kOffset = false;
+  static void decode(const Block* b, int16_t* u, float* s, float* o) {
+    q5_values(b, 16, u);
+    s[0] = half_to_float(b->d);
+    o[0] = 0.0f;
+  }
+};
+
+template <>
+struct IntFmt<QType::Q5_1> {
+  using Block = BlockQ5_1;
+  static constexpr int B = 32;
+  static constexpr bool kOffset = true;
+  static void decode(const Block* b, int16_t* u, float* s, float* o) {
+    q5_values(b, 0, u);
+    s[0] = half_to_float(b->d);
+    o[0] = half_to_float(b->m);
+  }
+};
+
+template <>
+struct IntFmt<QType::Q8_0> {
+  using Block = BlockQ8_0;
+  static constexpr int B = 32;
+  static constexpr bool kOffset = false;
+  static void decode(const Block* b, int16_t* u, float* s, float* o) {
+    for (int j = 0; j < 32; ++j) u[j] = b->qs[j];
+    s[0] = half_to_float(b->d);
+    o[0] = 0.0f;
+  }
+};
+
+template <>
+struct IntFmt<QType::Q4_K> {
+  using Block = BlockQ4_K;
+  static constexpr int B = QK_K;
+  static constexpr bool kOffset = true;
+  static void decode(const Block* b, int16_t* u, float* s, float* o) {
+    const float d = half_to_float(b->d), dmin = half_to_float(b->dmin);
+    for (int j = 0; j < 8; ++j) {
+      uint8_t sc, mn;
+      get_scale_min_k4(j, b->scales, &sc, &mn);
+      s[j] = d * sc;
+      o[j] = -dmin * mn;
+      const uint8_t* q = b->qs + 32 * (j / 2);
+      const int shift = 4 * (j & 1);
+      for (int l = 0; l < 32; ++l) u[32 * j + l] = static_cast<int16_t>((q[l] >> shift) & 0x0F);
+    }
+  }
+};
+
+template <>
+struct IntFmt<QType::Q5_K> {
+  using Block = BlockQ5_K;
+  static constexpr int B = QK_K;
+  static constexpr bool kOffset = true;
+  static void decode(const Block* b, int16_t* u, float* s, float* o) {
+    const float d = half_to_float(b->d), dmin = half_to_float(b->dmin);
+    for (int j = 0; j < 8; ++j) {
+      uint8_t sc, mn;
+      get_scale_min_k4(j, b->scales, &sc, &mn);
+      s[j] = d * sc;
+      o[j] = -dmin * mn;
+      const uint8_t* q = b->qs + 32 * (j / 2);
+      const int shift = 4 * (j & 1);
+      for (int l = 0; l < 32; ++l) {
+        const int high = (b->qh[l] >> j) & 1;
+        u[32 * j + l] = static_cast<int16_t>(((q[l] >> shift) & 0x0F) | (high << 4));
+      }
+    }
+  }
+};
+
+// All tokens' activations as int16 steps per block of 32 (one thread's copy).
+struct Acts {
+  std::vector<int16_t> q;   // n_tokens x k
+  std::vector<float> dx;    // n_tokens x k/32
+  std::vector<float> xsum;  // n_tokens x k/32, exact F32 sums
+};
+
+void prepare(const MatArgs& a, Acts& s) {
+  const int64_t nb = a.k / 32;
+  s.q.resize(static_cast<size_t>(a.n_tokens * a.k));
+  s.dx.resize(static_cast<size_t>(a.n_tokens * nb));
+  s.xsum.resize(static_cast<size_t>(a.n_tokens * nb));
+  for (int64_t t = 0; t < a.n_tokens; ++t) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* x = a.x + t * a.ldx + 32 * b;
+      const __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const __m512 id = _mm512_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
+      const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id));
+      const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+      int16_t* q = s.q.data() + t * a.k + 32 * b;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm512_cvtepi32_epi16(i0));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 16), _mm512_cvtepi32_epi16(i1));
+      s.dx[t * nb + b] = amax / 32767.0f;
+      s.xsum[t * nb + b] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+    }
+  }
+}
+
+template <int NT, bool kOff>
+void micro(const int16_t* P, const float* S, const float* O, int ngroups, const int16_t* xq,
+           int64_t ldq, const float* dx, const float* xs, int64_t ldg, float* y, int64_t ldy,
+           int nr, bool accumulate) {
+  __m512 f0[NT], f1[NT];
+  for (int t = 0; t < NT; ++t) f0[t] = _mm512_setzero_ps(), f1[t] = _mm512_setzero_ps();
+  for (int g = 0; g < ngroups; ++g) {
+    __m512i i0[NT], i1[NT];
+    for (int t = 0; t < NT; ++t) i0[t] = _mm512_setzero_si512(), i1[t] = _mm512_setzero_si512();
+    const int16_t* pg = P + g * 32 * R;
+    const int16_t* xg = xq + 32 * g;
+    // Fully unrolled: with a rolled loop GCC 12 copies every accumulator each iteration.
+#pragma GCC unroll 16
+    for (int p = 0; p < 16; ++p) {
+      const __m512i w0 = _mm512_loadu_si512(pg + p * 2 * R);
+      const __m512i w1 = _mm512_loadu_si512(pg + p * 2 * R + 32);
+      for (int t = 0; t < NT; ++t) {
+        int32_t pair;
+        std::memcpy(&pair, xg + t * ldq + 2 * p, 4);
+        const __m512i xb = _mm512_set1_epi32(pair);
+        i0[t] = _mm512_dpwssd_epi32(i0[t], w0, xb);
+        i1[t] = _mm512_dpwssd_epi32(i1[t], w1, xb);
+      }
+    }
+    const __m512 s0 = _mm512_loadu_ps(S + g * R), s1 = _mm512_loadu_ps(S + g * R + 16);
+    for (int t = 0; t < NT; ++t) {
+      const __m512 d = _mm512_set1_ps(dx[t * ldg + g]);
+      f0[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0[t]), _mm512_mul_ps(s0, d), f0[t]);
+      f1[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1[t]), _mm512_mul_ps(s1, d), f1[t]);
+    }
+    if constexpr (kOff) {
+      const __m512 o0 = _mm512_loadu_ps(O + g * R), o1 = _mm512_loadu_ps(O + g * R + 16);
+      for (int t = 0; t < NT; ++t) {
+        const __m512 sx = _mm512_set1_ps(xs[t * ldg + g]);
+        f0[t] = _mm512_fmadd_ps(o0, sx, f0[t]);
+        f1[t] = _mm512_fmadd_ps(o1, sx, f1[t]);
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    float* yt = y + t * ldy;
+    if (nr == R) {
+      if (accumulate) {
+        f0[t] = _mm512_add_ps(f0[t], _mm512_loadu_ps(yt));
+        f1[t] = _mm512_add_ps(f1[t], _mm512_loadu_ps(yt + 16));
+      }
+      _mm512_storeu_ps(yt, f0[t]);
+      _mm512_storeu_ps(yt + 16, f1[t]);
+    } else {
+      alignas(64) float tmp[R];
+      _mm512_storeu_ps(tmp, f0[t]);
+      _mm512_storeu_ps(tmp + 16, f1[t]);
+      for (int r = 0; r < nr; ++r) yt[r] = accumulate ? yt[r] + tmp[r] : tmp[r];
+    }
+  }
+}
+
+template <int N, bool kOff>
+void micro_upto(int nt, const int16_t* P, const float* S, const float* O, int ngroups,
+                const int16_t* xq, int64_t ldq, const float* dx, const float* xs, int64_t ldg,
+                float* y, int64_t ldy, int nr, bool acc) {
+  if constexpr (N > 0) {
+    if (nt == N) return micro<N, kOff>(P, S, O, ngroups, xq, ldq, dx, xs, ldg, y, ldy, nr, acc);
+    micro_upto<N - 1, kOff>(nt, P, S, O, ngroups, xq, ldq, dx, xs, ldg, y, ldy, nr, acc);
+  }
+}
+
+template <QType T>
+void matmat16(const MatArgs& a, int64_t r0, int64_t r1) {
+  using F = IntFmt<T>;
+  using Block = typename F::Block;
+  constexpr int G = F::B / 32;  // groups per block
+  thread_local Acts acts;
+  thread_local std::vector<int16_t> panel;
+  thread_local std::vector<float> scales, offsets;
+  prepare(a, acts);
+  panel.resize(static_cast<size_t>(KC) * R);
+  scales.resize(static_cast<size_t>(KC / 32) * R);
+  offsets.resize(static_cast<size_t>(KC / 32) * R);
+  const int64_t nb32 = a.k / 32;
+  alignas(64) int16_t u[F::B];
+  float s[G], o[G];
+  for (int64_t o0 = r0; o0 < r1; o0 += R) {
+    const int nr = static_cast<int>(std::min<int64_t>(R, r1 - o0));
+    for (int64_t k0 = 0; k0 < a.k; k0 += KC) {
+      const int64_t kc = std::min<int64_t>(KC, a.k - k0);
+      const int ngroups = static_cast<int>(kc / 32);
+      int32_t* pairs = reinterpret_cast<int32_t*>(panel.data());  // [kc/2][R] int16 pairs
+      for (int r = 0; r < R; ++r) {
+        if (r >= nr) {
+          for (int64_t p = 0; p < kc / 2; ++p) pairs[p * R + r] = 0;
+          for (int g = 0; g < ngroups; ++g) scales[g * R + r] = 0.0f, offsets[g * R + r] = 0.0f;
+          continue;
+        }
+        const Block* row = reinterpret_cast<const Block*>(a.w + (o0 + r) * a.row_bytes);
+        for (int64_t b = 0; b < kc / F::B; ++b) {
+          F::decode(row + k0 / F::B + b, u, s, o);
+          for (int g = 0; g < G; ++g) {
+            const int gi = static_cast<int>(b * G + g);
+            scales[gi * R + r] = s[g];
+            offsets[gi * R + r] = o[g];
+            for (int p = 0; p < 16; ++p) {
+              int32_t pr;
+              std::memcpy(&pr, u + 32 * g + 2 * p, 4);
+              pairs[(gi * 16 + p) * R + r] = pr;
+            }
+          }
+        }
+      }
+      for (int64_t t0 = 0; t0 < a.n_tokens; t0 += MT) {
+        const int nt = static_cast<int>(std::min<int64_t>(MT, a.n_tokens - t0));
+        micro_upto<MT, F::kOffset>(nt, panel.data(), scales.data(), offsets.data(), ngroups,
+                                   acts.q.data() + t0 * a.k + k0, a.k,
+                                   acts.dx.data() + t0 * nb32 + k0 / 32,
+                                   acts.xsum.data() + t0 * nb32 + k0 / 32, nb32,
+                                   a.y + t0 * a.ldy + o0, a.ldy, nr, k0 > 0);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// Installs these kernels as the matmat entries of the AVX-512 table.
+void install_vnni_matmat(KernelTable& t) {
+  t.matmat[static_cast<int>(QType::Q4_0)] = &matmat16<QType::Q4_0>;
+  t.matmat[static_cast<int>(QType::Q4_1)] = &matmat16<QType::Q4_1>;
+  t.matmat[static_cast<int>(QType::Q5_0)] = &matmat16<QType::Q5_0>;
+  t.matmat[static_cast<int>(QType::Q5_1)] = &matmat16<QType::Q5_1>;
+  t.matmat[static_cast<int>(QType::Q8_0)] = &matmat16<QType::Q8_0>;
+  t.matmat[static_cast<int>(QType::Q4_K)] = &matmat16<QType::Q4_K>;
+  t.matmat[static_cast<int>(QType::Q5_K)] = &matmat16<QType::Q5_K>;
+}
+
+#endif  // PYLLM_ISA_AVX512
+
+}  // namespace PYLLM_ISA
+}  // namespace pyllm
