@@ -6,7 +6,8 @@
 PYBIND11_MODULE(_core, m) {
   m.doc() = "pyllm C++ core: quantization formats, CPU kernels, the Llama forward pass";
   pyllm::bindings::register_info(m);
-  pyllm::bindings::register_quant(m);
   pyllm::bindings::register_model(m);
+  pyllm::bindings::register_quant(m);
+  pyllm::bindings::register_sampler(m);
   pyllm::bindings::register_kernels(m);
 }

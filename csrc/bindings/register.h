@@ -5,9 +5,10 @@
 
 namespace pyllm::bindings {
 
-void register_info(pybind11::module_& m);
-void register_model(pybind11::module_& m);  // bind_model.cc: Model, Context  // bind_info.cc: version and build facts
+void register_info(pybind11::module_& m);   // bind_info.cc: version and build facts
+void register_model(pybind11::module_& m);  // bind_model.cc: Model, Context
 void register_quant(pybind11::module_& m);  // bind_quant.cc: type traits, quantize, dequantize
 void register_kernels(pybind11::module_& m);  // bind_kernels.cc: matmul, thread count (tests/benchmarks)
+void register_sampler(pybind11::module_& m);  // bind_sampler.cc: sampler chain, raw logprobs
 
 }  // namespace pyllm::bindings

@@ -1,0 +1,582 @@
+// The sampler chain (see pyllm/sampler.h): parameter validation, penalty history, the filters
+// (top-k, tail-free, typical, top-p, min-p), temperature, mirostat v1/v2, the draw, and raw
+// log-probabilities for OpenAI-style logprobs.
+//
+// Semantics follow llama.cpp's sampling (common/sampling + llama-sampling) with min_keep = 1:
+// every filter keeps at least one token, as llama.cpp's samplers intend.
+#include "pyllm/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+
+namespace pyllm {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int kMirostatM = 100;  // tokens used to estimate the Zipf exponent (llama.cpp's m)
+
+// Candidate order: higher logit first, equal logits by lower id, so every sort, selection and
+// greedy choice is deterministic (llama.cpp leaves tie order to std::sort).
+inline bool better(const Candidate& a, const Candidate& b) {
+  return a.logit > b.logit || (a.logit == b.logit && a.id < b.id);
+}
+
+bool finite(float x) { return std::isfinite(x); }
+
+// Orders v progressively (smallest-by-`less` first) in widening chunks and calls stop(i) for
+// each position in order; returns i + 1 for the first i where stop is true, else v.size().
+// Filters that keep a probability-mass prefix (top-p, typical) usually stop within a few hundred
+// tokens, so this avoids sorting a 150k vocabulary.
+template <class T, class Less, class Stop>
+size_t widening_prefix(std::vector<T>& v, Less less, Stop stop) {
+  size_t done = 0;
+  size_t chunk = 128;
+  const size_t n = v.size();
+  while (done < n) {
+    const size_t end = std::min(n, done + chunk);
+    if (end < n) std::nth_element(v.begin() + done, v.begin() + end, v.end(), less);
+    std::sort(v.begin() + done, v.begin() + end, less);
+    for (size_t i = done; i < end; ++i) {
+      if (stop(i)) return i + 1;
+    }
+    done = end;
+    chunk *= 4;
+  }
+  return n;
+}
+
+// Largest value of a row; 16 independent lanes so the compiler vectorizes the loop.
+float row_max(const float* x, size_t n) {
+  constexpr size_t kLanes = 16;
+  float m[kLanes];
+  for (float& v : m) v = -kInf;
+  size_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (size_t j = 0; j < kLanes; ++j) m[j] = x[i + j] > m[j] ? x[i + j] : m[j];
+  }
+  float r = -kInf;
+  for (; i < n; ++i) r = x[i] > r ? x[i] : r;
+  for (float v : m) r = v > r ? v : r;
+  return r;
+}
+
+// Top `k` (id, value) of a float row, best first, ties by lower id, with a bounded heap. Blocks
+// whose maximum cannot enter the heap are skipped after one vectorized pass over them, so the
+// common case costs about one max-reduction of the row.
+void top_k_of_row(const float* x, size_t n, size_t k, std::vector<Candidate>& out) {
+  k = std::min(k, n);
+  out.resize(k);
+  if (k == 0) return;
+  for (size_t i = 0; i < k; ++i) out[i] = Candidate{static_cast<int32_t>(i), x[i], 0.0f};
+  // With `better` as the heap order, the front is the worst kept candidate.
+  std::make_heap(out.begin(), out.end(), better);
+  constexpr size_t kBlock = 64;
+  for (size_t b = k; b < n; b += kBlock) {
+    const size_t e = std::min(n, b + kBlock);
+    if (!(row_max(x + b, e - b) > out.front().logit)) continue;
+    for (size_t i = b; i < e; ++i) {
+      // A later index never wins a tie, so strictly greater is the right test.
+      if (x[i] > out.front().logit) {
+        std::pop_heap(out.begin(), out.end(), better);
+        out.back() = Candidate{static_cast<int32_t>(i), x[i], 0.0f};
+        std::push_heap(out.begin(), out.end(), better);
+      }
+    }
+  }
+  std::sort_heap(out.begin(), out.end(), better);
+}
+
+// Rejects NaN and +inf (an overflowed forward pass must not be sampled as if it meant
+// something); -inf is allowed (a masked token).
+void check_row(const float* x, size_t n) {
+  constexpr size_t kLanes = 16;
+  int32_t bad[kLanes] = {};  // int lanes: the compare-and-or loop vectorizes
+  size_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (size_t j = 0; j < kLanes; ++j) bad[j] |= !(x[i + j] < kInf);
+  }
+  int32_t any = 0;
+  for (; i < n; ++i) any |= !(x[i] < kInf);
+  for (int32_t v : bad) any |= v;
+  if (any) throw SamplingError("logits contain NaN or +inf");
+}
+
+}  // namespace
+
+void validate_sampler_params(const SamplerParams& p, int32_t n_vocab) {
+  auto fail = [](const std::string& msg) { throw SamplingError(msg); };
+  if (n_vocab <= 0) fail("n_vocab must be > 0, got " + std::to_string(n_vocab));
+  if (!(p.temperature >= 0.0f) || !finite(p.temperature))
+    fail("temperature must be a finite number >= 0");
+  if (p.top_k < 0) fail("top_k must be >= 0 (0 = off)");
+  if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) fail("top_p must be in (0, 1]");
+  if (!(p.min_p >= 0.0f && p.min_p <= 1.0f)) fail("min_p must be in [0, 1]");
+  if (!(p.typical_p > 0.0f && p.typical_p <= 1.0f)) fail("typical_p must be in (0, 1]");
+  if (!(p.tfs_z > 0.0f && p.tfs_z <= 1.0f)) fail("tfs_z must be in (0, 1]");
+  if (!(p.repeat_penalty > 0.0f) || !finite(p.repeat_penalty))
+    fail("repeat_penalty must be a finite number > 0");
+  if (p.repeat_last_n < -1) fail("repeat_last_n must be >= -1 (-1 = whole history)");
+  if (!finite(p.presence_penalty)) fail("presence_penalty must be finite");
+  if (!finite(p.frequency_penalty)) fail("frequency_penalty must be finite");
+  if (p.mirostat < 0 || p.mirostat > 2) fail("mirostat must be 0, 1 or 2");
+  if (!(p.mirostat_tau > 0.0f) || !finite(p.mirostat_tau))
+    fail("mirostat_tau must be a finite number > 0");
+  if (!(p.mirostat_eta > 0.0f) || !finite(p.mirostat_eta))
+    fail("mirostat_eta must be a finite number > 0");
+  for (const auto& [id, bias] : p.logit_bias) {
+    if (id < 0 || id >= n_vocab)
+      fail("logit_bias token " + std::to_string(id) + " is outside the vocabulary (n_vocab " +
+           std::to_string(n_vocab) + ")");
+    if (!(finite(bias) || bias == -kInf))
+      fail("logit_bias for token " + std::to_string(id) + " must be finite or -inf");
+  }
+  if (p.seed < -1 || p.seed > static_cast<int64_t>(UINT32_MAX))
+    fail("seed must be -1 (random) or in [0, 4294967295]");
+}
+
+Sampler::Sampler(SamplerParams params, int32_t n_vocab)
+    : params_(std::move(params)), n_vocab_(n_vocab) {
+  validate_sampler_params(params_, n_vocab_);
+  work_.resize(static_cast<size_t>(n_vocab_));
+  if (penalties_active()) {
+    counts_.assign(static_cast<size_t>(n_vocab_), 0);
+    seen_stamp_.assign(static_cast<size_t>(n_vocab_), 0);
+    if (params_.repeat_last_n > 0) history_.resize(static_cast<size_t>(params_.repeat_last_n));
+  }
+  reset();
+}
+
+bool Sampler::penalties_active() const {
+  return params_.repeat_last_n != 0 &&
+         !(params_.repeat_penalty == 1.0f && params_.presence_penalty == 0.0f &&
+           params_.frequency_penalty == 0.0f);
+}
+
+void Sampler::reset() {
+  if (penalties_active()) {
+    std::fill(counts_.begin(), counts_.end(), 0);
+    if (params_.repeat_last_n < 0) history_.clear();
+  }
+  history_head_ = 0;
+  history_len_ = 0;
+  mu_ = 2.0f * params_.mirostat_tau;
+  seed_cur_ = params_.seed < 0 ? std::random_device{}() : static_cast<uint32_t>(params_.seed);
+  rng_.seed(seed_cur_);
+}
+
+void Sampler::accept(int32_t token) {
+  if (token < 0 || token >= n_vocab_)
+    throw SamplingError("accepted token " + std::to_string(token) +
+                        " is outside the vocabulary (n_vocab " + std::to_string(n_vocab_) + ")");
+  if (!penalties_active()) return;
+  if (params_.repeat_last_n < 0) {
+    history_.push_back(token);
+    ++history_len_;
+  } else {
+    // Ring buffer: the oldest token sits at history_head_.
+    const size_t w = history_.size();
+    if (history_len_ == w) {
+      --counts_[static_cast<size_t>(history_[history_head_])];
+      history_[history_head_] = token;
+      history_head_ = (history_head_ + 1) % w;
+    } else {
+      history_[(history_head_ + history_len_) % w] = token;
+      ++history_len_;
+    }
+  }
+  ++counts_[static_cast<size_t>(token)];
+}
+
+void Sampler::prepare(const float* logits, size_t n) {
+  if (n != static_cast<size_t>(n_vocab_))
+    throw SamplingError("logits have " + std::to_string(n) + " entries, the sampler expects " +
+                        std::to_string(n_vocab_) + " (n_vocab)");
+  check_row(logits, n);
+  std::memcpy(work_.data(), logits, n * sizeof(float));
+  for (const auto& [id, bias] : params_.logit_bias) work_[static_cast<size_t>(id)] += bias;
+  if (!penalties_active() || history_len_ == 0) return;
+
+  // Each distinct token of the window once: divide a positive logit by the penalty, multiply a
+  // non-positive one (so a penalty > 1 always makes the token less likely), then subtract the
+  // OpenAI frequency (per occurrence) and presence (once) penalties.
+  if (++stamp_ == 0) {
+    std::fill(seen_stamp_.begin(), seen_stamp_.end(), 0);
+    stamp_ = 1;
+  }
+  const float rp = params_.repeat_penalty;
+  const size_t w = history_.size();
+  for (size_t j = 0; j < history_len_; ++j) {
+    const int32_t t = history_[(history_head_ + j) % w];
+    const auto ti = static_cast<size_t>(t);
+    if (seen_stamp_[ti] == stamp_) continue;
+    seen_stamp_[ti] = stamp_;
+    const int32_t c = counts_[ti];
+    float& l = work_[ti];
+    l = l <= 0.0f ? l * rp : l / rp;
+    l -= static_cast<float>(c) * params_.frequency_penalty + params_.presence_penalty;
+  }
+}
+
+void Sampler::fill_all_candidates() {
+  const size_t n = work_.size();
+  cands_.resize(n);
+  for (size_t i = 0; i < n; ++i) cands_[i] = Candidate{static_cast<int32_t>(i), work_[i], 0.0f};
+  sorted_ = false;
+}
+
+void Sampler::select_top_k(size_t k) {
+  top_k_of_row(work_.data(), work_.size(), k, cands_);
+  sorted_ = true;
+}
+
+void Sampler::sort_candidates() {
+  if (!sorted_) std::sort(cands_.begin(), cands_.end(), better);
+  sorted_ = true;
+}
+
+void Sampler::truncate_top_k(size_t k) {
+  k = std::max<size_t>(k, 1);
+  if (k >= cands_.size()) {
+    sort_candidates();
+    return;
+  }
+  if (!sorted_) std::partial_sort(cands_.begin(), cands_.begin() + k, cands_.end(), better);
+  cands_.resize(k);
+  sorted_ = true;
+}
+
+void Sampler::softmax() {
+  float mx = -kInf;
+  if (sorted_ && !cands_.empty()) {
+    mx = cands_[0].logit;
+  } else {
+    for (const Candidate& c : cands_) mx = std::max(mx, c.logit);
+  }
+  if (cands_.empty() || mx == -kInf)
+    throw SamplingError("no token can be sampled: every logit is -inf (all tokens banned)");
+  if (mx == kInf) {
+    // A tiny temperature can overflow the scaled logits: the +inf ones share all the mass.
+    float cnt = 0.0f;
+    for (const Candidate& c : cands_) cnt += c.logit == kInf ? 1.0f : 0.0f;
+    for (Candidate& c : cands_) c.p = c.logit == kInf ? 1.0f / cnt : 0.0f;
+    return;
+  }
+  double sum = 0.0;
+  for (Candidate& c : cands_) {
+    c.p = std::exp(c.logit - mx);
+    sum += c.p;
+  }
+  const float inv = static_cast<float>(1.0 / sum);
+  for (Candidate& c : cands_) c.p *= inv;
+}
+
+void Sampler::apply_tail_free(float z) {
+  const size_t n = cands_.size();
+  if (n <= 2) return;
+  sort_candidates();
+  softmax();
+  // Second differences of the sorted probabilities, absolute and normalized; cut where their
+  // running sum passes z (the "tail" starts where the curve flattens).
+  std::vector<float>& d2 = scratch_f_;
+  d2.resize(n - 2);
+  for (size_t i = 0; i + 2 < n; ++i) {
+    const float d1a = cands_[i].p - cands_[i + 1].p;
+    const float d1b = cands_[i + 1].p - cands_[i + 2].p;
+    d2[i] = std::fabs(d1a - d1b);
+  }
+  float sum = 0.0f;
+  for (float v : d2) sum += v;
+  if (sum > 1e-6f) {
+    for (float& v : d2) v /= sum;
+  } else {
+    for (float& v : d2) v = 1.0f / static_cast<float>(d2.size());
+  }
+  float cum = 0.0f;
+  size_t last = n;
+  for (size_t i = 0; i < d2.size(); ++i) {
+    cum += d2[i];
+    if (cum > z && i >= 1) {  // i >= min_keep
+      last = i;
+      break;
+    }
+  }
+  cands_.resize(last);
+}
+
+void Sampler::apply_typical(float p) {
+  softmax();
+  // Entropy of the candidates; 0 * log 0 is taken as 0 (banned tokens carry no mass).
+  double entropy = 0.0;
+  for (const Candidate& c : cands_) {
+    if (c.p > 0.0f) entropy -= static_cast<double>(c.p) * std::log(c.p);
+  }
+  const size_t n = cands_.size();
+  std::vector<float>& score = scratch_f_;
+  score.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    const float p_i = cands_[i].p;
+    score[i] = p_i > 0.0f ? std::fabs(-std::log(p_i) - static_cast<float>(entropy)) : kInf;
+  }
+  // Keep the tokens whose surprise is closest to the entropy until their mass exceeds p.
+  std::vector<size_t>& idx = scratch_i_;
+  idx.resize(n);
+  std::iota(idx.begin(), idx.end(), size_t{0});
+  auto less = [&](size_t a, size_t b) {
+    return score[a] < score[b] || (score[a] == score[b] && better(cands_[a], cands_[b]));
+  };
+  double cum = 0.0;
+  const size_t last = widening_prefix(idx, less, [&](size_t i) {
+    cum += cands_[idx[i]].p;
+    return cum > p;  // min_keep - 1 = 0: the first token always counts
+  });
+  scratch_c_.resize(last);
+  for (size_t i = 0; i < last; ++i) scratch_c_[i] = cands_[idx[i]];
+  cands_.swap(scratch_c_);
+  sorted_ = false;  // now in typicality order, not probability order
+}
+
+void Sampler::apply_top_p(float p) {
+  softmax();
+  double cum = 0.0;
+  auto stop = [&](size_t i) {
+    cum += cands_[i].p;
+    return cum >= p;
+  };
+  size_t last = cands_.size();
+  if (sorted_) {
+    for (size_t i = 0; i < cands_.size(); ++i) {
+      if (stop(i)) {
+        last = i + 1;
+        break;
+      }
+    }
+  } else {
+    last = widening_prefix(cands_, better, stop);
+  }
+  cands_.resize(last);
+  sorted_ = true;  // the kept prefix is in order
+}
+
+void Sampler::apply_min_p(float p) {
+  // p_i >= p * p_max  <=>  logit_i >= logit_max + log(p): no exponentials needed.
+  if (cands_.empty()) return;
+  if (sorted_) {
+    const float thr = cands_[0].logit + std::log(p);
+    size_t i = 1;  // the best token always stays
+    while (i < cands_.size() && cands_[i].logit >= thr) ++i;
+    cands_.resize(i);
+    return;
+  }
+  float mx = -kInf;
+  for (const Candidate& c : cands_) mx = std::max(mx, c.logit);
+  const float thr = mx + std::log(p);
+  size_t out = 0;
+  for (size_t i = 0; i < cands_.size(); ++i) {
+    if (cands_[i].logit >= thr) cands_[out++] = cands_[i];
+  }
+  cands_.resize(out);
+}
+
+void Sampler::apply_temperature(float t) {
+  if (t == 1.0f) return;
+  for (Candidate& c : cands_) c.logit /= t;
+}
+
+void Sampler::mirostat_v1() {
+  const float t = params_.temperature;
+  const size_t n = work_.size();
+  // s_hat only needs ratios of neighbouring probabilities, i.e. logit differences of the top m
+  // tokens, so the full softmax llama.cpp computes is not needed: select the top m, estimate the
+  // Zipf exponent, derive k, then select the top k.
+  select_top_k(std::min<size_t>(kMirostatM, n));
+  apply_temperature(t);
+  double sum_tb = 0.0;
+  double sum_tt = 0.0;
+  for (size_t i = 0; i + 1 < static_cast<size_t>(kMirostatM) && i + 1 < cands_.size(); ++i) {
+    const float next = cands_[i + 1].logit;
+    if (next == -kInf) break;  // the rest have probability 0
+    const double ti = std::log(static_cast<double>(i + 2) / static_cast<double>(i + 1));
+    const double bi = static_cast<double>(cands_[i].logit) - next;  // log(p_i / p_{i+1})
+    sum_tb += ti * bi;
+    sum_tt += ti * ti;
+  }
+  double k = 1.0;
+  if (sum_tt > 0.0) {
+    const double s_hat = sum_tb / sum_tt;
+    const double eps = s_hat - 1.0;
+    const double nv = static_cast<double>(n_vocab_);
+    // eps / (1 - N^-eps) -> 1 / ln N as eps -> 0
+    const double frac = std::fabs(eps) < 1e-7 ? 1.0 / std::log(nv)
+                                              : eps / (1.0 - std::pow(nv, -eps));
+    k = std::pow(frac * std::pow(2.0, static_cast<double>(mu_)), 1.0 / s_hat);
+  }
+  size_t kk = n;
+  if (k < static_cast<double>(n)) kk = std::max<size_t>(1, static_cast<size_t>(k));  // NaN -> n
+  if (kk > cands_.size()) {
+    select_top_k(kk);
+    apply_temperature(t);
+  } else {
+    cands_.resize(kk);
+  }
+  softmax();
+}
+
+void Sampler::mirostat_v2() {
+  const float t = params_.temperature;
+  // Keep tokens whose surprise -log2 p is at most mu: p >= 2^-mu, i.e. in logits
+  // l >= max + log Z - mu ln 2, computed over the whole (temperature-scaled) vocabulary.
+  const size_t n = work_.size();
+  float mx = -kInf;
+  for (size_t i = 0; i < n; ++i) {
+    work_[i] /= t;
+    mx = std::max(mx, work_[i]);
+  }
+  if (mx == -kInf)
+    throw SamplingError("no token can be sampled: every logit is -inf (all tokens banned)");
+  if (mx == kInf) {
+    fill_all_candidates();
+    softmax();
+    return;
+  }
+  double z = 0.0;
+  for (size_t i = 0; i < n; ++i) z += std::exp(work_[i] - mx);
+  const double thr = mx + std::log(z) - static_cast<double>(mu_) * std::log(2.0);
+  cands_.clear();
+  Candidate best{-1, -kInf, 0.0f};
+  for (size_t i = 0; i < n; ++i) {
+    const Candidate c{static_cast<int32_t>(i), work_[i], 0.0f};
+    if (static_cast<double>(c.logit) >= thr) cands_.push_back(c);
+    if (better(c, best)) best = c;
+  }
+  if (cands_.empty()) cands_.push_back(best);  // always keep the most probable token
+  sorted_ = false;
+  softmax();
+}
+
+void Sampler::build_distribution() {
+  const SamplerParams& p = params_;
+  if (p.temperature == 0.0f) {
+    // Vectorized max, then the first index holding it: ties keep the lowest id.
+    const float mx = row_max(work_.data(), work_.size());
+    const size_t best = static_cast<size_t>(
+        std::find(work_.begin(), work_.end(), mx) - work_.begin());
+    if (work_[best] == -kInf)
+      throw SamplingError("no token can be sampled: every logit is -inf (all tokens banned)");
+    cands_.assign(1, Candidate{static_cast<int32_t>(best), work_[best], 1.0f});
+    sorted_ = true;
+    return;
+  }
+  if (p.mirostat == 1) {
+    mirostat_v1();
+    return;
+  }
+  if (p.mirostat == 2) {
+    mirostat_v2();
+    return;
+  }
+  const size_t n = work_.size();
+  if (p.top_k > 0 && static_cast<size_t>(p.top_k) < n) {
+    select_top_k(static_cast<size_t>(p.top_k));
+  } else {
+    fill_all_candidates();
+  }
+  if (p.tfs_z < 1.0f) apply_tail_free(p.tfs_z);
+  if (p.typical_p < 1.0f) apply_typical(p.typical_p);
+  if (p.top_p < 1.0f) apply_top_p(p.top_p);
+  if (p.min_p > 0.0f) apply_min_p(p.min_p);
+  apply_temperature(p.temperature);
+  softmax();
+}
+
+int32_t Sampler::draw_index() {
+  double total = 0.0;
+  for (const Candidate& c : cands_) total += c.p;
+  // One 32-bit draw mapped to [0, 1): portable, unlike std::*_distribution whose algorithms
+  // differ between standard libraries (same seed must give the same text everywhere).
+  const double u = static_cast<double>(rng_()) * (1.0 / 4294967296.0);
+  const double target = u * total;
+  double cum = 0.0;
+  for (size_t i = 0; i < cands_.size(); ++i) {
+    cum += cands_[i].p;
+    if (target < cum) return static_cast<int32_t>(i);
+  }
+  for (size_t i = cands_.size(); i-- > 0;) {  // rounding at the very end of the range
+    if (cands_[i].p > 0.0f) return static_cast<int32_t>(i);
+  }
+  return 0;
+}
+
+void Sampler::after_draw(size_t idx) {
+  if (params_.temperature == 0.0f || params_.mirostat == 0) return;
+  // Move mu against the error between the observed surprise and the target tau.
+  const float surprise = -std::log2(cands_[idx].p);
+  mu_ -= params_.mirostat_eta * (surprise - params_.mirostat_tau);
+}
+
+int32_t Sampler::sample(const float* logits, size_t n) {
+  prepare(logits, n);
+  build_distribution();
+  const auto idx = static_cast<size_t>(draw_index());
+  after_draw(idx);
+  return cands_[idx].id;
+}
+
+SampleInfo Sampler::sample_with_info(const float* logits, size_t n, size_t top_n) {
+  SampleInfo info;
+  prepare(logits, n);
+  build_distribution();
+  const auto idx = static_cast<size_t>(draw_index());
+  after_draw(idx);
+  info.token = cands_[idx].id;
+  info.sampled_logprob = std::log(cands_[idx].p);
+  const size_t m = std::min(top_n, cands_.size());
+  if (m > 0) {
+    auto by_p = [](const Candidate& a, const Candidate& b) {
+      return a.p > b.p || (a.p == b.p && a.id < b.id);
+    };
+    scratch_c_ = cands_;
+    std::partial_sort(scratch_c_.begin(), scratch_c_.begin() + m, scratch_c_.end(), by_p);
+    for (size_t i = 0; i < m; ++i)
+      info.sampled_top.emplace_back(scratch_c_[i].id, std::log(scratch_c_[i].p));
+  }
+  auto raw = raw_logprobs(logits, n, info.token, top_n);
+  info.logprob = raw.first;
+  info.top = std::move(raw.second);
+  return info;
+}
+
+std::vector<Candidate> Sampler::candidates(const float* logits, size_t n) {
+  prepare(logits, n);
+  build_distribution();
+  std::vector<Candidate> out = cands_;
+  std::sort(out.begin(), out.end(), [](const Candidate& a, const Candidate& b) {
+    return a.p > b.p || (a.p == b.p && a.id < b.id);
+  });
+  return out;
+}
+
+std::pair<float, TopLogprobs> raw_logprobs(const float* logits, size_t n, int32_t token,
+                                           size_t top_n) {
+  if (n == 0) throw SamplingError("logits are empty");
+  if (token >= 0 && static_cast<size_t>(token) >= n)
+    throw SamplingError("token " + std::to_string(token) + " is outside the logits row");
+  check_row(logits, n);
+  const float mx = row_max(logits, n);
+  if (mx == -kInf) throw SamplingError("every logit is -inf");
+  double z = 0.0;
+  for (size_t i = 0; i < n; ++i) z += std::exp(logits[i] - mx);
+  const float lse = mx + static_cast<float>(std::log(z));
+  std::pair<float, TopLogprobs> out;
+  out.first = token >= 0 ? logits[token] - lse : 0.0f;
+  if (top_n > 0) {
+    std::vector<Candidate> top;
+    top_k_of_row(logits, n, top_n, top);
+    for (const Candidate& c : top) out.second.emplace_back(c.id, c.logit - lse);
+  }
+  return out;
+}
+
+}  // namespace pyllm
