@@ -1,5 +1,5 @@
-// AVX-512 VNNI matvec kernels for the hottest decode types (Q4_0, Q8_0, Q4_K) that keep 16-bit
-// activation precision while using int8 dot-product instructions.
+// AVX-512 VNNI matvec kernels for the hottest decode types (Q4_0, Q4_1, Q8_0, Q4_K) that keep
+// 16-bit activation precision while using int8 dot-product instructions.
 //
 // Why: the F32 decode path (kernels.cc) spends ~16 vector instructions per 32 weights on
 // widening nibbles to floats, which caps a core at ~4 weights/cycle, below the memory wall for
@@ -175,6 +175,60 @@ struct MvQ4_0 {
 };
 
 template <int NT>
+struct MvQ4_1 {
+  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+    const int64_t nb = a.k / 32, ng = nb / 2;
+    std::vector<SplitAct>& s = token_scratch(NT);
+    // sum (d q + m) x = d * sum q x + m * sum x; q in 0..15 needs no integer correction.
+    for (int t = 0; t < NT; ++t) {
+      prepare(a.x + (t0 + t) * a.ldx, a.k, Order::kNibbleSplit, 0, 0, s[t]);
+    }
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i pattern = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+    alignas(64) float tail[32];
+    for (int64_t r = r0; r < r1; ++r) {
+      const BlockQ4_1* row = reinterpret_cast<const BlockQ4_1*>(a.w + r * a.row_bytes);
+      __m512 acc[NT];
+      __m128 off[NT];
+      for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps(), off[t] = _mm_setzero_ps();
+      for (int64_t g = 0; g < ng; ++g) {
+        const BlockQ4_1& A = row[2 * g];
+        const BlockQ4_1& B = row[2 * g + 1];
+        const __m256i q2 = _mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(A.qs))),
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(B.qs)), 1);
+        const __m512i wu = _mm512_and_si512(
+            _mm512_inserti64x4(_mm512_castsi256_si512(q2), _mm256_srli_epi16(q2, 4), 1), m4);
+        const __m512 wd = two_half_scales(A.d, B.d, pattern);
+        const __m128 mins = _mm_cvtph_ps(_mm_insert_epi16(_mm_cvtsi32_si128(A.m), B.m, 1));
+        for (int t = 0; t < NT; ++t) {
+          const __m512i l = lane_dot(wu, wu, s[t].hi.data() + 64 * g, s[t].lo.data() + 64 * g,
+                                     s[t].hc.data() + 16 * g);
+          acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l),
+                                   _mm512_mul_ps(wd, _mm512_loadu_ps(s[t].dx.data() + 16 * g)),
+                                   acc[t]);
+          const __m128 xs = _mm_castpd_ps(_mm_load_sd(
+              reinterpret_cast<const double*>(s[t].xsum.data() + 2 * g)));  // xsum of A, B
+          off[t] = _mm_fmadd_ps(mins, xs, off[t]);
+        }
+      }
+      float extra[NT] = {};
+      if (nb & 1) {
+        Fmt<QType::Q4_1>::decode(row + nb - 1, tail);
+        for (int t = 0; t < NT; ++t) {
+          const float* x = a.x + (t0 + t) * a.ldx + 32 * (nb - 1);
+          extra[t] = vsum(vfma(vload(tail + 16), vload(x + 16), vmul(vload(tail), vload(x))));
+        }
+      }
+      for (int t = 0; t < NT; ++t) {
+        const __m128 o = _mm_add_ss(off[t], _mm_movehdup_ps(off[t]));  // lanes 2, 3 are zero
+        a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]) + _mm_cvtss_f32(o) + extra[t];
+      }
+    }
+  }
+};
+
+template <int NT>
 struct MvQ8_0 {
   static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
     const int64_t nb = a.k / 32, ng = nb / 2;
@@ -308,6 +362,7 @@ void by_groups(const MatArgs& a, int64_t r0, int64_t r1) {
 // Installs these kernels as the matvec entries of the AVX-512 table.
 void install_vnni_matvec(KernelTable& t) {
   t.matvec[static_cast<int>(QType::Q4_0)] = &by_groups<MvQ4_0>;
+  t.matvec[static_cast<int>(QType::Q4_1)] = &by_groups<MvQ4_1>;
   t.matvec[static_cast<int>(QType::Q8_0)] = &by_groups<MvQ8_0>;
   t.matvec[static_cast<int>(QType::Q4_K)] = &by_groups<MvQ4_K>;
 }
