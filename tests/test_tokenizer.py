@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,9 @@ from pyllm.tokenizer import (
     pretokenizer_names,
 )
 from pyllm.tokenizer.bpe import bytes_to_token_text
+from pyllm.tokenizer.convert import sentencepiece_model_from_vocab
+from pyllm.tokenizer.spm import SpmModel, _library_processor
+from pyllm.tokenizer.vocab import vocab_from_metadata
 
 SUITES = ["llama-spm", "llama-bpe", "gpt-2"]
 _SEPARATOR = "\n__ggml_vocab_test__\n"
@@ -371,38 +373,6 @@ def test_pretokenizer_splits() -> None:
 # ---- SentencePiece library as an independent reference --------------------------------------
 
 
-def _pb_varint(n: int) -> bytes:
-    n &= (1 << 64) - 1  # negative int32s go on the wire sign-extended to 64 bits
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _pb_field(number: int, wire: int, payload: bytes) -> bytes:
-    key = _pb_varint(number << 3 | wire)
-    return key + (_pb_varint(len(payload)) + payload if wire == 2 else payload)
-
-
-def sentencepiece_proto(tok: Tokenizer) -> bytes:
-    """A SentencePiece ModelProto (BPE, byte fallback, no normalization) of a GGUF vocabulary."""
-    v = tok.vocab
-    out = bytearray()
-    for text, score, ttype in zip(v.tokens, v.scores, v.types, strict=True):
-        piece = _pb_field(1, 2, text.encode()) + _pb_field(2, 5, struct.pack("<f", score))
-        out += _pb_field(1, 2, piece + _pb_field(3, 0, _pb_varint(ttype)))
-    trainer = b"".join(
-        _pb_field(num, 0, _pb_varint(val))
-        for num, val in ((3, 2), (35, 1), (40, 0), (41, 1), (42, 2), (43, -1))
-    )  # model_type=BPE, byte_fallback, unk/bos/eos/pad ids
-    norm = _pb_field(1, 2, b"identity") + b"".join(
-        _pb_field(num, 0, _pb_varint(val)) for num, val in ((3, 1), (4, 0), (5, 1))
-    )  # add_dummy_prefix, keep extra whitespace, escape whitespace
-    return bytes(out + _pb_field(2, 2, trainer) + _pb_field(3, 2, norm))
-
-
 def random_text(tok: Tokenizer, n_chars: int, seed: int = 7) -> str:
     """Zipf-weighted words from the vocabulary with punctuation, digits, newlines, non-ASCII."""
     words = [t.lstrip("\u2581Ġ") for t in tok.vocab.tokens if t[1:].isalpha() and t[0] in "\u2581Ġ"]
@@ -417,11 +387,34 @@ def random_text(tok: Tokenizer, n_chars: int, seed: int = 7) -> str:
 def test_spm_matches_sentencepiece_library(vocab_dir: Path) -> None:
     spm = pytest.importorskip("sentencepiece")
     tok = _LOADED.get("llama-spm") or Tokenizer.from_gguf(vocab_dir / "ggml-vocab-llama-spm.gguf")
-    ref = spm.SentencePieceProcessor(model_proto=sentencepiece_proto(tok))
+    ref = spm.SentencePieceProcessor(model_proto=sentencepiece_model_from_vocab(tok.vocab))
     text = random_text(tok, 100_000)
     assert tok.encode(text, add_special=False) == ref.encode(text)
     for line in text.split("\n")[:200]:
         assert tok.encode(line, add_special=False) == ref.encode(line)
+    # The library fast path and the pure-Python merge agree (fresh caches for both).
+    fast, slow = Tokenizer(tok.vocab), Tokenizer(tok.vocab)
+    slow._model = SpmModel(tok.vocab, use_library=False)
+    other = random_text(tok, 50_000, seed=11)
+    assert fast.encode(other) == slow.encode(other)
+    assert isinstance(fast._model, SpmModel) and fast._model._library is not None
+
+
+def test_spm_library_only_where_exact() -> None:
+    pytest.importorskip("sentencepiece")
+    assert _library_processor(vocab_from_metadata(tiny_spm())) is not None
+    md = tiny_spm()
+    md["tokenizer.ggml.token_type"] = md["tokenizer.ggml.token_type"].copy()
+    md["tokenizer.ggml.token_type"][263] = TokenType.UNUSED  # "ab"
+    assert _library_processor(vocab_from_metadata(md)) is None
+    md = tiny_spm()
+    md["tokenizer.ggml.token_type"] = md["tokenizer.ggml.token_type"].copy()
+    md["tokenizer.ggml.token_type"][263] = TokenType.CONTROL  # "ab" = "a" + "b"
+    vocab = vocab_from_metadata(md)
+    assert _library_processor(vocab) is None
+    # llama.cpp merges into the control piece (SentencePiece would not); so do we.
+    tok = Tokenizer(vocab)
+    assert tok.encode("bab", add_special=False) == [259, 261, 263]  # ▁ b ab
 
 
 # ---- converters: tokenizer.model and tokenizer.json -----------------------------------------

@@ -5,12 +5,17 @@
 - ``bpe.py``: byte-level BPE (``model == "gpt2"``); ``pretokenize.py``: its regex splitters.
 - ``detok.py``: streaming decoder, decode-time space clean-up.
 - ``tokenizer.py``: :class:`Tokenizer`, the public entry point.
-- ``convert.py``: ``tokenizer.model`` / ``tokenizer.json`` -> GGUF tokenizer metadata.
+- ``convert.py``: ``tokenizer.model`` / ``tokenizer.json`` -> GGUF tokenizer metadata, and a
+  GGUF SentencePiece vocabulary -> ``tokenizer.model`` bytes.
 """
 
 from __future__ import annotations
 
-from pyllm.tokenizer.convert import hf_tokenizer_metadata, sentencepiece_metadata
+from pyllm.tokenizer.convert import (
+    hf_tokenizer_metadata,
+    sentencepiece_metadata,
+    sentencepiece_model_from_vocab,
+)
 from pyllm.tokenizer.detok import StreamDecoder
 from pyllm.tokenizer.pretokenize import get_pretokenizer, pretokenizer_names
 from pyllm.tokenizer.tokenizer import Tokenizer
@@ -25,5 +30,6 @@ __all__ = [
     "hf_tokenizer_metadata",
     "pretokenizer_names",
     "sentencepiece_metadata",
+    "sentencepiece_model_from_vocab",
     "vocab_from_metadata",
 ]

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from pyllm.errors import TokenizerError
-from pyllm.tokenizer.vocab import TokenType
+from pyllm.tokenizer.vocab import TokenType, Vocab
 
 # ---- SentencePiece model (protobuf wire format) ----------------------------------------------
 
@@ -151,6 +151,45 @@ def sentencepiece_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         if 0 <= ids[name] < len(tokens):
             md["tokenizer.ggml." + key] = ids[name]
     return md
+
+
+def _put_varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # negative int32s go on the wire sign-extended to 64 bits
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _put(number: int, value: int | float | bytes) -> bytes:
+    if isinstance(value, bytes):
+        return _put_varint(number << 3 | 2) + _put_varint(len(value)) + value
+    if isinstance(value, float):
+        return _put_varint(number << 3 | 5) + struct.pack("<f", value)
+    return _put_varint(number << 3) + _put_varint(value)
+
+
+def sentencepiece_model_from_vocab(vocab: Vocab, add_dummy_prefix: bool | None = None) -> bytes:
+    """A SentencePiece ``ModelProto`` (BPE, byte fallback, no normalization) for a GGUF
+    SentencePiece-style vocabulary: the inverse of :func:`sentencepiece_metadata`, used to run
+    the ``sentencepiece`` library on a GGUF vocabulary."""
+    if vocab.model != "llama":
+        raise TokenizerError("only SentencePiece-style (model 'llama') vocabularies convert")
+    out = bytearray()
+    for text, score, ttype in zip(vocab.tokens, vocab.scores, vocab.types, strict=True):
+        # SentencePiece has no UNDEFINED type; such pieces are kept out of its merges as UNUSED.
+        ptype = ttype if ttype != TokenType.UNDEFINED else int(TokenType.UNUSED)
+        out += _put(1, _put(1, text.encode("utf-8")) + _put(2, float(score)) + _put(3, ptype))
+    ids = vocab.special_ids
+    trainer = _put(3, 2) + _put(35, 1)  # model_type = BPE, byte_fallback
+    for field, name in ((40, "unk"), (41, "bos"), (42, "eos"), (43, "pad")):
+        trainer += _put(field, ids.get(name, -1))
+    prefix = vocab.add_space_prefix if add_dummy_prefix is None else add_dummy_prefix
+    # name = identity, add_dummy_prefix, remove_extra_whitespaces = false, escape_whitespaces
+    normalizer = _put(1, b"identity") + _put(3, int(prefix)) + _put(4, 0) + _put(5, 1)
+    return bytes(out + _put(2, trainer) + _put(3, normalizer))
 
 
 # ---- Hugging Face tokenizer.json -----------------------------------------------------------
