@@ -1,5 +1,5 @@
-// AVX-512 VNNI matvec kernels for the hottest decode types (Q4_0, Q4_1, Q8_0, Q4_K) that keep
-// 16-bit activation precision while using int8 dot-product instructions.
+// AVX-512 VNNI matvec kernels for the hottest decode types (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) that
+// keep 16-bit activation precision while using int8 dot-product instructions.
 //
 // Why: the F32 decode path (kernels.cc) spends ~16 vector instructions per 32 weights on
 // widening nibbles to floats, which caps a core at ~4 weights/cycle, below the memory wall for
@@ -345,6 +345,65 @@ struct MvQ4_K {
   }
 };
 
+template <int NT>
+struct MvQ6_K {
+  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+    const int64_t nsb = a.k / QK_K;
+    std::vector<SplitAct>& s = token_scratch(NT);
+    // w = d * sc * (u - 32), u in 0..63: sum (u - 32) xi = 256 sum u hi + sum u lo
+    //                                                      - 32 * 256 sum hi - 32 sum lo
+    for (int t = 0; t < NT; ++t) {
+      prepare(a.x + (t0 + t) * a.ldx, a.k, Order::kNatural, -32 * 256, -32, s[t]);
+    }
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
+    // The 2 high bits of element e (and e + 32) of a 64-element chunk come from qh[e mod 32]
+    // at bit pairs (0, 2) for the low-nibble chunk and (4, 6) for the high-nibble chunk.
+    const __m512i shl = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+    const __m512i shr = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
+    __m512i pattern[4];  // chunk c covers the 16-element sub-blocks 4c .. 4c + 3
+    for (int c = 0; c < 4; ++c) {
+      pattern[c] = _mm512_set_epi32(4 * c + 3, 4 * c + 3, 4 * c + 3, 4 * c + 3, 4 * c + 2,
+                                    4 * c + 2, 4 * c + 2, 4 * c + 2, 4 * c + 1, 4 * c + 1,
+                                    4 * c + 1, 4 * c + 1, 4 * c, 4 * c, 4 * c, 4 * c);
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      const BlockQ6_K* row = reinterpret_cast<const BlockQ6_K*>(a.w + r * a.row_bytes);
+      __m512 acc[NT];
+      for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+      for (int64_t b = 0; b < nsb; ++b) {
+        const BlockQ6_K& blk = row[b];
+        const __m512 sc = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.scales)))),
+            _mm512_set1_ps(half_to_float(blk.d)));
+        for (int n = 0; n < 2; ++n) {
+          const __m512i ql = _mm512_loadu_si512(blk.ql + 64 * n);
+          const __m512i qh = _mm512_broadcast_i64x4(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qh + 32 * n)));
+          __m512i u[2];
+          u[0] = _mm512_or_si512(_mm512_and_si512(ql, m4),
+                                 _mm512_and_si512(_mm512_sllv_epi16(qh, shl), m30));
+          u[1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4),
+                                 _mm512_and_si512(_mm512_srlv_epi16(qh, shr), m30));
+          for (int h = 0; h < 2; ++h) {
+            const int c = 2 * n + h;       // chunk within the super-block
+            const int64_t g = 4 * b + c;   // 64-element group of the row
+            const __m512 wd = _mm512_permutexvar_ps(pattern[c], sc);
+            for (int t = 0; t < NT; ++t) {
+              const __m512i l = lane_dot(u[h], u[h], s[t].hi.data() + 64 * g,
+                                         s[t].lo.data() + 64 * g, s[t].hc.data() + 16 * g);
+              acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l),
+                                       _mm512_mul_ps(wd, _mm512_loadu_ps(s[t].dx.data() + 16 * g)),
+                                       acc[t]);
+            }
+          }
+        }
+      }
+      for (int t = 0; t < NT; ++t) a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]);
+    }
+  }
+};
+
 template <template <int> class K>
 void by_groups(const MatArgs& a, int64_t r0, int64_t r1) {
   for (int64_t t0 = 0; t0 < a.n_tokens; t0 += 4) {
@@ -365,6 +424,7 @@ void install_vnni_matvec(KernelTable& t) {
   t.matvec[static_cast<int>(QType::Q4_1)] = &by_groups<MvQ4_1>;
   t.matvec[static_cast<int>(QType::Q8_0)] = &by_groups<MvQ8_0>;
   t.matvec[static_cast<int>(QType::Q4_K)] = &by_groups<MvQ4_K>;
+  t.matvec[static_cast<int>(QType::Q6_K)] = &by_groups<MvQ6_K>;
 }
 
 #endif  // PYLLM_ISA_AVX512
