@@ -111,6 +111,5 @@ if __name__ == "__main__":  # quick figure without pytest-benchmark
             n = len(tokenizer.encode(sample, add_special=False))
             walls.append(time.perf_counter() - t0)
             cpus.append(time.process_time() - c0)
-        print(
-            f"{label}: {n} tokens, best of 3 cold runs: {min(walls):.3f} s wall, {min(cpus):.3f} s CPU"
-        )
+        best = f"{min(walls):.3f} s wall, {min(cpus):.3f} s CPU"
+        print(f"{label}: {n} tokens, best of 3 cold runs: {best}")

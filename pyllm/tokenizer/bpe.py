@@ -12,7 +12,7 @@ string: English text repeats its words, and a cache hit is one dict lookup.
 from __future__ import annotations
 
 import heapq
-from itertools import pairwise
+from itertools import chain, pairwise
 
 from pyllm.tokenizer.vocab import Vocab
 
@@ -110,12 +110,12 @@ class BpeModel:
         cache = self._cache
         if len(cache) > _CACHE_LIMIT:
             cache.clear()
-        for word in self._pre.split(text):
-            ids = cache.get(word)
-            if ids is None:
-                ids = self._encode_word(word)
-                cache[word] = ids
-            out.extend(ids)
+        words = self._pre.split(text)
+        for word in set(words):
+            if word not in cache:
+                cache[word] = self._encode_word(word)
+        # Concatenate the cached ids at C speed (no Python-level loop per pre-token).
+        out.extend(chain.from_iterable(map(cache.__getitem__, words)))
 
     def _encode_word(self, word: str) -> tuple[int, ...]:
         raw = word.encode("utf-8")
@@ -129,8 +129,7 @@ class BpeModel:
             sym = self._merge(sym)
         elif len(sym) > 1:
             self._merge_short(sym)
-        n_vocab = self._n_vocab
-        if all(s < n_vocab for s in sym):
+        if max(sym) < self._n_vocab:
             return tuple(sym)
         return tuple(self._with_fallback(sym))
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import heapq
 import re
-from itertools import pairwise
+from itertools import chain, pairwise
 from typing import Any
 
 from pyllm.errors import TokenizerError
@@ -104,8 +104,7 @@ class SpmModel:
         else:
             for chunk in missing:
                 cache[chunk] = self._encode_chunk(chunk)
-        for chunk in chunks:
-            out.extend(cache[chunk])
+        out.extend(chain.from_iterable(map(cache.__getitem__, chunks)))
 
     def _merge_short(self, sym: list[str]) -> None:
         """The merge loop for short chunks, in place: the negated score of every adjacent pair
