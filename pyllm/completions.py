@@ -51,7 +51,10 @@ def make_generation(llm: LLM, tokens: list[int], *, max_tokens: int | None,
                     logprobs: int | None = None, **sampling: Any) -> Generation:
     from pyllm.sampling import SamplingParams
 
-    params = SamplingParams.from_kwargs(**sampling_kwargs(sampling))
+    kwargs = sampling_kwargs(sampling)
+    if "seed" not in kwargs and llm.seed >= 0:
+        kwargs["seed"] = llm.seed  # the LLM's seed is the default of every generation
+    params = SamplingParams.from_kwargs(**kwargs)
     if max_tokens is not None and max_tokens <= 0:
         max_tokens = None  # llama-cpp-python: <= 0 means "until the context is full"
     return Generation(llm, tokens, params, max_tokens, _stop_list(stop) + list(extra_stop),

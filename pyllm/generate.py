@@ -162,7 +162,8 @@ class Generation:
                 self.finish_reason = "stop"
                 return
             yield Piece(text, token, lp)
-            if llm.n_past >= llm.n_ctx:
+            if len(self.prompt_tokens) + len(self.tokens) >= llm.n_ctx:
+                # prompt + output fill the context: stop rather than overrun it
                 self.finish_reason = "length"
                 break
             logits = llm.eval([token])

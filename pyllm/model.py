@@ -61,8 +61,10 @@ class LLM:
         if kv_type not in KV_TYPES:
             raise ContextError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
         self.model_path = Path(resolve_model_path(model_path, quiet=not verbose))
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < -1:
+            raise ContextError(f"seed must be an integer >= -1 (-1 = random), got {seed!r}")
         self.verbose = verbose
-        self.seed = seed
+        self.seed = seed  # default seed of generate/stream/chat/create_* (-1: a random one)
         self._lock = threading.Lock()
         self._reader = GGUFReader(self.model_path)
         self.metadata = self._reader.metadata

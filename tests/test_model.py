@@ -277,3 +277,32 @@ def test_quantized_weights_match_reference(tmp_path: Path, wtype: str) -> None:
         last = llm.eval(TOKENS[:12])
     np.testing.assert_allclose(got, expected, atol=1e-3 * np.abs(expected).max(), rtol=0)
     np.testing.assert_allclose(last, expected[-1], atol=1e-3 * np.abs(expected).max(), rtol=0)
+
+
+def test_batched_sequences_match_separate_runs(tiny_dir: Path) -> None:
+    """Continuous batching: several sequences in one forward equal each run on its own."""
+    from pyllm import _core
+
+    path = tiny(tiny_dir, "gqa")
+    seqs = [TOKENS[:9], TOKENS[5:19], TOKENS[11:14]]
+    with LLM(path, n_ctx=64, kv_type="f32") as llm:
+        expected = [llm.logits(s) for s in seqs]
+        ctx = _core.Context(llm._model, n_ctx=32, n_batch=64, kv_type=2, n_seq=3)
+    # step 1: every prompt but its last token, all sequences mixed in one call
+    toks = [t for s in seqs for t in s[:-1]]
+    ids = [i for i, s in enumerate(seqs) for _ in s[:-1]]
+    want = [0] * len(toks)
+    assert ctx.decode_batch(np.array(toks), np.array(ids), np.array(want)).shape == (0, 160)
+    # step 2: the last token of each, logits for all three
+    out = ctx.decode_batch(np.array([s[-1] for s in seqs]), np.arange(3), np.ones(3))
+    for i, s in enumerate(seqs):
+        assert ctx.seq_n_past(i) == len(s)
+        np.testing.assert_allclose(out[i], expected[i][-1], atol=1e-4, rtol=0)
+    # freeing one slot and reusing it does not disturb the others
+    ctx.seq_truncate(1, 0)
+    out = ctx.decode_batch(np.array(seqs[2][:1] + [7]), np.array([1, 0]), np.ones(2))
+    np.testing.assert_allclose(out[0], expected[2][0], atol=1e-4, rtol=0)
+    with pytest.raises(IndexError):
+        ctx.decode_batch(np.array([1] * 40), np.zeros(40), np.zeros(40))
+    with pytest.raises(ValueError):
+        ctx.decode_batch(np.array([1]), np.array([3]), np.array([1]))

@@ -119,17 +119,20 @@ void register_model(py::module_& m) {
       .def_property_readonly("n_layer", [](const PyModel& m) { return m.model->hparams().n_layer; });
 
   py::class_<Context>(m, "Context", "KV cache + forward pass; not thread-safe (one per thread).")
-      .def(py::init([](const PyModel& model, int n_ctx, int n_batch, int n_threads, int kv_type) {
+      .def(py::init([](const PyModel& model, int n_ctx, int n_batch, int n_threads, int kv_type,
+                       int n_seq) {
              ContextParams p;
              p.n_ctx = n_ctx;
              p.n_batch = n_batch;
              p.n_threads = n_threads;
+             p.n_seq = n_seq;
              if (kv_type < 0 || kv_type > 2) throw std::invalid_argument("unknown KV cache type");
              p.kv_type = static_cast<KVType>(kv_type);
              return std::make_unique<Context>(model.model, p);
            }),
            py::arg("model"), py::arg("n_ctx") = 2048, py::arg("n_batch") = 512,
-           py::arg("n_threads") = 0, py::arg("kv_type") = 0, py::keep_alive<1, 2>())
+           py::arg("n_threads") = 0, py::arg("kv_type") = 0, py::arg("n_seq") = 1,
+           py::keep_alive<1, 2>())
       .def(
           "decode",
           [](Context& ctx, py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens,
@@ -156,6 +159,37 @@ void register_model(py::module_& m) {
           py::arg("tokens"), py::arg("logits") = "last",
           "Evaluate tokens after the cached ones; returns logits of the last token ('last'), of "
           "every token ('all', shape (n, n_vocab)) or None ('none').")
+      .def(
+          "decode_batch",
+          [](Context& ctx, py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens,
+             py::array_t<int32_t, py::array::c_style | py::array::forcecast> seq,
+             py::array_t<uint8_t, py::array::c_style | py::array::forcecast> want) {
+            if (tokens.ndim() != 1 || seq.ndim() != 1 || want.ndim() != 1 ||
+                seq.shape(0) != tokens.shape(0) || want.shape(0) != tokens.shape(0)) {
+              throw std::invalid_argument("tokens, seq and want_logits must be 1-D, same length");
+            }
+            const int64_t n = tokens.shape(0);
+            int64_t rows = 0;
+            const uint8_t* w = want.data();
+            for (int64_t i = 0; i < n; ++i) rows += w[i] ? 1 : 0;
+            const int64_t n_vocab = ctx.model().hparams().n_vocab;
+            py::array_t<float> out({rows, n_vocab});
+            float* dst = out.mutable_data();
+            const int32_t* t = tokens.data();
+            const int32_t* s = seq.data();
+            {
+              py::gil_scoped_release release;
+              ctx.decode_batch(t, s, n, w, dst);
+            }
+            return out;
+          },
+          py::arg("tokens"), py::arg("seq"), py::arg("want_logits"),
+          "Continuous batching: token i joins sequence seq[i]; one forward for all of them. "
+          "Returns logits (rows, n_vocab) for the tokens with want_logits[i] set, in order.")
+      .def_property_readonly("n_seq", &Context::n_seq)
+      .def("seq_n_past", &Context::seq_n_past, py::arg("seq"))
+      .def("seq_truncate", &Context::seq_truncate, py::arg("seq"), py::arg("n"),
+           "Forget positions >= n of one sequence (0 frees the slot).")
       .def_property_readonly("n_past", &Context::n_past)
       .def_property_readonly("n_ctx", &Context::n_ctx)
       .def_property_readonly("n_threads", &Context::n_threads)

@@ -66,7 +66,8 @@ struct Context::Impl {
   RopeTable rope;
   Buffers buf;
   int n_batch;
-  int n_ctx;
+  int n_ctx;  // per sequence
+  int n_seq;
   int64_t kv_dim;
   QType kv_type;  // element type of the cache rows
   int64_t kv_row_bytes;   // bytes of one position's K (or V) row, all KV heads
@@ -82,6 +83,7 @@ struct Context::Impl {
                               : nullptr),
         n_batch(p.n_batch),
         n_ctx(p.n_ctx),
+        n_seq(p.n_seq),
         kv_dim(int64_t(m.hparams().n_head_kv) * m.hparams().head_dim),
         kv_type(p.kv_type == KVType::Q8_0  ? QType::Q8_0
                 : p.kv_type == KVType::F32 ? QType::F32
@@ -89,8 +91,9 @@ struct Context::Impl {
     kv_row_bytes = row_size(kv_type, kv_dim);
     kv_head_bytes = row_size(kv_type, hp.head_dim);
     buf.resize(hp, n_batch, n_ctx, pool.n_threads());
-    k_cache.assign(hp.n_layer, std::vector<uint8_t>(static_cast<size_t>(n_ctx) * kv_row_bytes));
-    v_cache.assign(hp.n_layer, std::vector<uint8_t>(static_cast<size_t>(n_ctx) * kv_row_bytes));
+    const size_t rows = static_cast<size_t>(n_ctx) * n_seq;
+    k_cache.assign(hp.n_layer, std::vector<uint8_t>(rows * kv_row_bytes));
+    v_cache.assign(hp.n_layer, std::vector<uint8_t>(rows * kv_row_bytes));
   }
 
   void store_kv(const OpsTable& op, const float* src, uint8_t* dst) {
@@ -140,8 +143,10 @@ struct Context::Impl {
     }
   }
 
-  // Runs tokens at positions pos0.. (n <= n_batch); writes the final hidden states to buf.x.
-  void forward_chunk(const Model& model, const int32_t* tokens, int n, int pos0, int seq_len) {
+  // Runs token t at position pos[t] of sequence seq[t] (n <= n_batch); writes the final hidden
+  // states to buf.x. All of a chunk's K/V rows are stored before attention reads them.
+  void forward_chunk(const Model& model, const int32_t* tokens, const int* pos, const int* seq,
+                     int n, int seq_len) {
     const ModelWeights& w = model.weights();
     const OpsTable& op = ops();
     const int64_t d = hp.n_embd, hd = hp.head_dim;
@@ -157,11 +162,15 @@ struct Context::Impl {
       const uint8_t* row = static_cast<const uint8_t*>(w.tok_embd.data) + erow * tokens[t];
       et.to_float(row, x + t * d, d);
     }
-    rope.fill(pos0, n, seq_len, buf.rope);
+    rope.fill_positions(pos, n, seq_len, buf.rope);
     const float attn_scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
     std::vector<int> visible(n);
-    for (int t = 0; t < n; ++t) visible[t] = pos0 + t + 1;
+    std::vector<int64_t> kv_row(n);  // cache row of each token: its sequence's region + position
+    for (int t = 0; t < n; ++t) {
+      visible[t] = pos[t] + 1;
+      kv_row[t] = int64_t(seq[t]) * n_ctx + pos[t];
+    }
 
     for (int il = 0; il < hp.n_layer; ++il) {
       const LayerWeights& L = w.layers[il];
@@ -182,12 +191,13 @@ struct Context::Impl {
           const float* cs = buf.rope.data() + t * hp.n_rot;
           op.rope(buf.q.data() + t * q_dim, hp.n_head, hd, hp.n_rot, cs, hp.rope_neox);
           op.rope(buf.k.data() + t * kv_dim, hp.n_head_kv, hd, hp.n_rot, cs, hp.rope_neox);
-          store_kv(op, buf.k.data() + t * kv_dim, kc + (pos0 + t) * kv_row_bytes);
-          store_kv(op, buf.v.data() + t * kv_dim, vc + (pos0 + t) * kv_row_bytes);
+          store_kv(op, buf.k.data() + t * kv_dim, kc + kv_row[t] * kv_row_bytes);
+          store_kv(op, buf.v.data() + t * kv_dim, vc + kv_row[t] * kv_row_bytes);
         }
       });
 
-      // Attention: one work item per (head, token); consecutive items of one head share K/V.
+      // Attention: one work item per (head, token); consecutive items of one head and one
+      // sequence share K/V rows and are handed to the kernel together.
       const int64_t items = int64_t(hp.n_head) * n;
       pool.run([&](int ith, int nth) {
         int64_t i0, i1;
@@ -196,13 +206,20 @@ struct Context::Impl {
         while (i0 < i1) {
           const int h = static_cast<int>(i0 / n);
           const int t = static_cast<int>(i0 % n);
-          const int cnt = static_cast<int>(std::min<int64_t>(i1 - i0, n - t));
+          int cnt = static_cast<int>(std::min<int64_t>(i1 - i0, n - t));
+          for (int j = 1; j < cnt; ++j) {
+            if (seq[t + j] != seq[t]) {
+              cnt = j;
+              break;
+            }
+          }
           const int g = h / group;
+          const int64_t region = int64_t(seq[t]) * n_ctx * kv_row_bytes;
           AttentionArgs a;
           a.q = buf.q.data() + t * q_dim + h * hd;
           a.q_stride = q_dim;
-          a.k = kc + g * kv_head_bytes;
-          a.v = vc + g * kv_head_bytes;
+          a.k = kc + region + g * kv_head_bytes;
+          a.v = vc + region + g * kv_head_bytes;
           a.kv_row_bytes = kv_row_bytes;
           a.kv_type = kv_type;
           a.out = buf.att.data() + t * q_dim + h * hd;
@@ -238,14 +255,16 @@ struct Context::Impl {
     }
   }
 
-  // Final norm + output projection of rows [first, first + count) of buf.x into out.
-  void output(const Model& model, int first, int count, float* out) {
+  // Final norm + output projection of rows[0..count) of buf.x into out (count rows).
+  void output(const Model& model, const int* rows, int count, float* out) {
     const ModelWeights& w = model.weights();
     const OpsTable& op = ops();
     const int64_t d = hp.n_embd;
     const float* norm = static_cast<const float*>(w.output_norm.data);
     float* xb = buf.xb.data();
-    for (int t = 0; t < count; ++t) op.rms_norm(buf.x.data() + (first + t) * d, norm, xb + t * d, d, hp.rms_eps);
+    for (int t = 0; t < count; ++t) {
+      op.rms_norm(buf.x.data() + rows[t] * d, norm, xb + t * d, d, hp.rms_eps);
+    }
     const WeightView& out_w = w.output.present() ? w.output : w.tok_embd;
     mm(out_w, xb, count, out);
   }
@@ -254,12 +273,16 @@ struct Context::Impl {
 Context::Context(std::shared_ptr<const Model> model, const ContextParams& params)
     : model_(std::move(model)), params_(params) {
   if (!model_) throw std::invalid_argument("Context needs a model");
-  if (params_.n_ctx <= 0 || params_.n_ctx > (1 << 24)) throw std::invalid_argument("n_ctx must be in 1..16777216");
+  if (params_.n_ctx <= 0 || params_.n_ctx > (1 << 24)) {
+    throw std::invalid_argument("n_ctx must be in 1..16777216");
+  }
+  if (params_.n_seq <= 0 || params_.n_seq > 1024) throw std::invalid_argument("n_seq must be in 1..1024");
   if (params_.n_batch <= 0) throw std::invalid_argument("n_batch must be positive");
-  params_.n_batch = std::min(params_.n_batch, params_.n_ctx);
+  params_.n_batch = std::min<int64_t>(params_.n_batch, int64_t(params_.n_ctx) * params_.n_seq);
   if (params_.kv_type == KVType::Q8_0 && model_->hparams().head_dim % QK8_0) {
     throw std::invalid_argument("a Q8_0 KV cache needs a head size that is a multiple of 32");
   }
+  n_past_.assign(params_.n_seq, 0);
   impl_ = std::make_unique<Impl>(*model_, params_);
 }
 
@@ -267,44 +290,79 @@ Context::~Context() = default;
 
 int Context::n_threads() const { return impl_->pool.n_threads(); }
 
-void Context::truncate(int n) {
-  if (n < 0 || n > n_past_) throw std::out_of_range("truncate: position out of range");
-  n_past_ = n;
+int Context::seq_n_past(int seq) const {
+  if (seq < 0 || seq >= params_.n_seq) throw std::out_of_range("sequence id out of range");
+  return n_past_[seq];
+}
+
+void Context::seq_truncate(int seq, int n) {
+  if (seq < 0 || seq >= params_.n_seq) throw std::out_of_range("sequence id out of range");
+  if (n < 0 || n > n_past_[seq]) throw std::out_of_range("truncate: position out of range");
+  n_past_[seq] = n;
 }
 
 void Context::decode(const int32_t* tokens, int64_t n, float* logits, bool all_logits) {
+  if (n <= 0) throw std::invalid_argument("decode: no tokens");
+  std::vector<int32_t> seq(n, 0);
+  std::vector<uint8_t> want(n, all_logits ? 1 : 0);
+  if (!all_logits) want[n - 1] = logits ? 1 : 0;
+  if (!logits) std::fill(want.begin(), want.end(), 0);
+  decode_batch(tokens, seq.data(), n, want.data(), logits);
+}
+
+int64_t Context::decode_batch(const int32_t* tokens, const int32_t* seq, int64_t n,
+                              const uint8_t* want_logits, float* logits) {
   const HParams& hp = model_->hparams();
   if (n <= 0) throw std::invalid_argument("decode: no tokens");
-  if (n > params_.n_ctx - n_past_) {
-    throw std::out_of_range("context is full: " + std::to_string(n_past_) + " cached + " +
-                            std::to_string(n) + " new tokens > n_ctx " +
-                            std::to_string(params_.n_ctx));
-  }
+  // Validate everything and assign positions before touching any state.
+  std::vector<int> added(params_.n_seq, 0);
+  std::vector<int> pos(n);
   for (int64_t i = 0; i < n; ++i) {
     if (tokens[i] < 0 || tokens[i] >= hp.n_vocab) {
       throw std::invalid_argument("token id " + std::to_string(tokens[i]) +
                                   " is outside the vocabulary (n_vocab " +
                                   std::to_string(hp.n_vocab) + ")");
     }
+    if (seq[i] < 0 || seq[i] >= params_.n_seq) {
+      throw std::invalid_argument("sequence id " + std::to_string(seq[i]) + " out of range");
+    }
+    pos[i] = n_past_[seq[i]] + added[seq[i]]++;
   }
-  const int end = n_past_ + static_cast<int>(n);
+  for (int s = 0; s < params_.n_seq; ++s) {
+    if (added[s] > params_.n_ctx - n_past_[s]) {
+      throw std::out_of_range("context is full: " + std::to_string(n_past_[s]) + " cached + " +
+                              std::to_string(added[s]) + " new tokens > n_ctx " +
+                              std::to_string(params_.n_ctx));
+    }
+  }
+  int seq_len = 0;
+  for (int64_t i = 0; i < n; ++i) seq_len = std::max(seq_len, pos[i] + 1);
+
+  int64_t rows_out = 0;
+  std::vector<int> rows;
   for (int64_t done = 0; done < n;) {
     const int chunk = static_cast<int>(std::min<int64_t>(params_.n_batch, n - done));
-    impl_->forward_chunk(*model_, tokens + done, chunk, n_past_, end);
-    if (logits && all_logits) {
-      impl_->output(*model_, 0, chunk, logits + done * hp.n_vocab);
-    } else if (logits && done + chunk == n) {
-      impl_->output(*model_, chunk - 1, 1, logits);
+    impl_->forward_chunk(*model_, tokens + done, pos.data() + done, seq + done, chunk, seq_len);
+    rows.clear();
+    for (int t = 0; t < chunk; ++t) {
+      if (want_logits && want_logits[done + t]) rows.push_back(t);
     }
-    n_past_ += chunk;
+    if (!rows.empty() && logits) {
+      // output() scores at most n_batch rows at a time through the scratch buffers
+      impl_->output(*model_, rows.data(), static_cast<int>(rows.size()),
+                    logits + rows_out * hp.n_vocab);
+      rows_out += static_cast<int64_t>(rows.size());
+    }
     done += chunk;
   }
+  for (int s = 0; s < params_.n_seq; ++s) n_past_[s] += added[s];
+  return rows_out;
 }
 
 std::vector<uint8_t> Context::save_state() const {
   const HParams& hp = model_->hparams();
-  const int64_t per_layer = int64_t(n_past_) * impl_->kv_row_bytes;
-  const int32_t header[5] = {0x504c4c4d /* "MLLP" */, n_past_, hp.n_layer,
+  const int64_t per_layer = int64_t(n_past_[0]) * impl_->kv_row_bytes;
+  const int32_t header[5] = {0x504c4c4d /* "MLLP" */, n_past_[0], hp.n_layer,
                              static_cast<int32_t>(impl_->kv_dim),
                              static_cast<int32_t>(impl_->kv_type)};
   std::vector<uint8_t> out(sizeof header + 2 * per_layer * hp.n_layer);
@@ -344,7 +402,7 @@ void Context::load_state(const uint8_t* data, int64_t size) {
     std::memcpy(impl_->v_cache[il].data(), p, per_layer);
     p += per_layer;
   }
-  n_past_ = n;
+  n_past_[0] = n;
 }
 
 }  // namespace pyllm

@@ -35,6 +35,13 @@ double RopeTable::effective_base(int seq_len) const {
 }
 
 void RopeTable::fill(int pos0, int n, int seq_len, std::vector<float>& out) const {
+  std::vector<int> pos(n);
+  for (int t = 0; t < n; ++t) pos[t] = pos0 + t;
+  fill_positions(pos.data(), n, seq_len, out);
+}
+
+void RopeTable::fill_positions(const int* positions, int n, int seq_len,
+                               std::vector<float>& out) const {
   const int half = hp_.n_rot / 2;
   out.resize(static_cast<size_t>(n) * 2 * half);
   const double base = effective_base(seq_len);
@@ -57,7 +64,7 @@ void RopeTable::fill(int pos0, int n, int seq_len, std::vector<float>& out) cons
   }
 
   for (int t = 0; t < n; ++t) {
-    const double pos = pos0 + t;
+    const double pos = positions[t];
     float* row = out.data() + static_cast<size_t>(t) * 2 * half;
     for (int i = 0; i < half; ++i) {
       double inv_freq = std::pow(base, -2.0 * i / hp_.n_rot);

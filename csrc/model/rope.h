@@ -15,6 +15,8 @@ class RopeTable {
   // (cos, sin) pairs for positions pos0..pos0+n-1: out[t][2i], out[t][2i+1], n_rot/2 pairs each.
   // seq_len is the sequence length the dynamic-NTK base is computed for.
   void fill(int pos0, int n, int seq_len, std::vector<float>& out) const;
+  // Same for arbitrary positions pos[0..n) (tokens of several sequences in one batch).
+  void fill_positions(const int* pos, int n, int seq_len, std::vector<float>& out) const;
 
   double effective_base(int seq_len) const;
 

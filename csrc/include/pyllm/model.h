@@ -79,6 +79,7 @@ struct ContextParams {
   int n_batch = 512;    // tokens per forward chunk
   int n_threads = 0;    // <= 0: physical cores
   KVType kv_type = KVType::F16;
+  int n_seq = 1;        // independent sequences (slots), each with its own n_ctx KV region
 };
 
 class Context {
@@ -94,9 +95,19 @@ class Context {
   // std::invalid_argument for token ids outside the vocabulary (nothing is modified then).
   void decode(const int32_t* tokens, int64_t n, float* logits, bool all_logits);
 
-  int n_past() const { return n_past_; }
+  int n_past() const { return n_past_[0]; }
   // Forget cached positions >= n (keep a shared prefix); n must be <= n_past().
-  void truncate(int n);
+  void truncate(int n) { seq_truncate(0, n); }
+
+  // Continuous batching: token i goes to sequence seq[i] at that sequence's next position, all
+  // tokens run through ONE forward (each weight is read once for every sequence of the step).
+  // For each i with want_logits[i] != 0, a row of n_vocab logits is written to `logits`, in
+  // order. Returns the number of rows written. Throws like decode() (nothing is modified then).
+  int64_t decode_batch(const int32_t* tokens, const int32_t* seq, int64_t n,
+                       const uint8_t* want_logits, float* logits);
+  int n_seq() const { return params_.n_seq; }
+  int seq_n_past(int seq) const;
+  void seq_truncate(int seq, int n);
   int n_ctx() const { return params_.n_ctx; }
   int n_threads() const;
   const Model& model() const { return *model_; }
@@ -109,7 +120,7 @@ class Context {
   struct Impl;
   std::shared_ptr<const Model> model_;
   ContextParams params_;
-  int n_past_ = 0;
+  std::vector<int> n_past_;  // per sequence
   std::unique_ptr<Impl> impl_;
 };
 
