@@ -254,6 +254,15 @@ def test_tiny_vocabularies_work() -> None:
     assert bpe.encode("x<|end|>", parse_special=True) == [ord("x"), 258]
 
 
+def test_phi3_special_tokens_strip_following_whitespace() -> None:
+    plain = Tokenizer.from_metadata(tiny_spm())
+    phi3 = Tokenizer.from_metadata({**tiny_spm(), "general.name": "Phi-3 Mini 4k Instruct"})
+    assert plain.encode("a<tool> \n a", add_special=False)[:2] == [262, 264]
+    assert len(plain.encode("a<tool> \n a", add_special=False)) > 3
+    assert phi3.encode("a<tool> \n a", add_special=False) == [262, 264, 262]
+    assert phi3.encode("<s> a", add_special=False, parse_special=True) == [1, 259, 262]  # not <s>
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [

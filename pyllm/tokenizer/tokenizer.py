@@ -24,6 +24,7 @@ from pyllm.tokenizer.spm import SPACE, SpmModel
 from pyllm.tokenizer.vocab import TokenType, Vocab, vocab_from_metadata
 
 _SPECIAL_TYPES = (TokenType.CONTROL, TokenType.UNKNOWN)
+_C_SPACE = " \t\n\v\f\r"  # C isspace(), what llama.cpp strips next to special tokens
 
 
 class Tokenizer:
@@ -196,15 +197,21 @@ class Tokenizer:
             tok = tokens[tid]
             if tok not in text:  # cheap C-level scan that rejects almost every token
                 continue
+            lstrip, rstrip = tid in vocab.lstrip_ids, tid in vocab.rstrip_ids
             split: list[str | int] = []
             for frag in fragments:
                 if isinstance(frag, int) or tok not in frag:
                     split.append(frag)
                     continue
                 parts = frag.split(tok)
+                last = len(parts) - 1
                 for i, part in enumerate(parts):
                     if i:
                         split.append(tid)
+                        if rstrip:
+                            part = part.lstrip(_C_SPACE)
+                    if lstrip and i < last:
+                        part = part.rstrip(_C_SPACE)
                     if part:
                         split.append(part)
             fragments = split

@@ -93,6 +93,10 @@ class Vocab:
     ignore_merges: bool
     byte_to_id: list[int | None]  # SPM byte fallback: byte value -> <0xNN> token id
     special_tokens: list[int] = field(default_factory=list)  # partition order: longest first
+    # Special tokens that swallow the whitespace before (lstrip) / after (rstrip) them when cut
+    # out of text.  GGUF has no field for this; llama.cpp sets it for a few models by name.
+    lstrip_ids: frozenset[int] = frozenset()
+    rstrip_ids: frozenset[int] = frozenset()
 
     @property
     def n_vocab(self) -> int:
@@ -293,6 +297,8 @@ def vocab_from_metadata(md: Mapping[str, Any]) -> Vocab:
     ]
     partition.sort(key=lambda i: (-len(tokens[i].encode("utf-8")), i))
 
+    lstrip, rstrip = _strip_attributes(md, pre_name, token_to_id, partition)
+
     return Vocab(
         model=model,
         tokens=tokens,
@@ -310,4 +316,27 @@ def vocab_from_metadata(md: Mapping[str, Any]) -> Vocab:
         ignore_merges=ignore_merges,
         byte_to_id=byte_to_id,
         special_tokens=partition,
+        lstrip_ids=lstrip,
+        rstrip_ids=rstrip,
     )
+
+
+def _strip_attributes(
+    md: Mapping[str, Any], pre_name: str | None, token_to_id: dict[str, int], partition: list[int]
+) -> tuple[frozenset[int], frozenset[int]]:
+    """llama.cpp's per-model whitespace-stripping attributes, keyed on names as it does: Phi-3's
+    special tokens eat the whitespace after them (its template puts "\n" after "<|user|>" that
+    the model never saw), Jina v2's "<mask>" the whitespace before it."""
+    name = md.get("general.name")
+    name = name.lower() if isinstance(name, str) else ""
+    lstrip: set[int] = set()
+    rstrip: set[int] = set()
+    if pre_name in ("jina-v2-de", "jina-v2-es", "jina-v2-code") and "<mask>" in token_to_id:
+        lstrip.add(token_to_id["<mask>"])
+    elif "phi-3" in name or "phi3" in name:
+        rstrip.update(partition)
+        if "</s>" in token_to_id:
+            rstrip.add(token_to_id["</s>"])
+        for text in ("<unk>", "<s>", "<|endoftext|>"):
+            rstrip.discard(token_to_id.get(text, -1))
+    return frozenset(lstrip), frozenset(rstrip)
