@@ -31,11 +31,18 @@ namespace PYLLM_ISA {
 
 #if defined(PYLLM_ISA_AVX512)
 
+#ifndef PYLLM_NV
+#define PYLLM_NV 4
+#endif
+
 namespace {
 
-constexpr int R = 32;    // rows per panel
-constexpr int KC = 512;  // panel depth (16 groups of 32)
-constexpr int MT = 6;    // tokens per register tile
+// Vectors of 16 rows per register tile. Measured on Zen4 (Q4_0, 512 tokens): 2 vectors x 6
+// tokens ~1.2x faster than 4 x 3.
+constexpr int NV = 2;
+constexpr int R = 16 * NV;         // rows per panel
+constexpr int KC = 512;            // panel depth (16 groups of 32)
+constexpr int MT = 12 / NV;        // tokens per register tile (2 * NV * MT = 24 accumulators)
 
 // Integer decoders: one group of 32 weights -> u[32] (int16), scale s, offset o, w = s * u + o.
 template <QType T>
@@ -191,54 +198,54 @@ template <int NT, bool kOff>
 void micro(const int16_t* P, const float* S, const float* O, int ngroups, const int16_t* xq,
            int64_t ldq, const float* dx, const float* xs, int64_t ldg, float* y, int64_t ldy,
            int nr, bool accumulate) {
-  __m512 f0[NT], f1[NT];
-  for (int t = 0; t < NT; ++t) f0[t] = _mm512_setzero_ps(), f1[t] = _mm512_setzero_ps();
+  __m512 f[NV][NT];
+  for (int v = 0; v < NV; ++v) {
+    for (int t = 0; t < NT; ++t) f[v][t] = _mm512_setzero_ps();
+  }
   for (int g = 0; g < ngroups; ++g) {
-    __m512i i0[NT], i1[NT];
-    for (int t = 0; t < NT; ++t) i0[t] = _mm512_setzero_si512(), i1[t] = _mm512_setzero_si512();
+    __m512i i[NV][NT];
+    for (int v = 0; v < NV; ++v) {
+      for (int t = 0; t < NT; ++t) i[v][t] = _mm512_setzero_si512();
+    }
     const int16_t* pg = P + g * 32 * R;
     const int16_t* xg = xq + 32 * g;
     // Fully unrolled: with a rolled loop GCC 12 copies every accumulator each iteration.
 #pragma GCC unroll 16
     for (int p = 0; p < 16; ++p) {
-      const __m512i w0 = _mm512_loadu_si512(pg + p * 2 * R);
-      const __m512i w1 = _mm512_loadu_si512(pg + p * 2 * R + 32);
+      __m512i w[NV];
+      for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(pg + p * 2 * R + 32 * v);
       for (int t = 0; t < NT; ++t) {
         int32_t pair;
         std::memcpy(&pair, xg + t * ldq + 2 * p, 4);
         const __m512i xb = _mm512_set1_epi32(pair);
-        i0[t] = _mm512_dpwssd_epi32(i0[t], w0, xb);
-        i1[t] = _mm512_dpwssd_epi32(i1[t], w1, xb);
+        for (int v = 0; v < NV; ++v) i[v][t] = _mm512_dpwssd_epi32(i[v][t], w[v], xb);
       }
     }
-    const __m512 s0 = _mm512_loadu_ps(S + g * R), s1 = _mm512_loadu_ps(S + g * R + 16);
-    for (int t = 0; t < NT; ++t) {
-      const __m512 d = _mm512_set1_ps(dx[t * ldg + g]);
-      f0[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0[t]), _mm512_mul_ps(s0, d), f0[t]);
-      f1[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1[t]), _mm512_mul_ps(s1, d), f1[t]);
-    }
-    if constexpr (kOff) {
-      const __m512 o0 = _mm512_loadu_ps(O + g * R), o1 = _mm512_loadu_ps(O + g * R + 16);
+    for (int v = 0; v < NV; ++v) {
+      const __m512 sv = _mm512_loadu_ps(S + g * R + 16 * v);
       for (int t = 0; t < NT; ++t) {
-        const __m512 sx = _mm512_set1_ps(xs[t * ldg + g]);
-        f0[t] = _mm512_fmadd_ps(o0, sx, f0[t]);
-        f1[t] = _mm512_fmadd_ps(o1, sx, f1[t]);
+        const __m512 d = _mm512_set1_ps(dx[t * ldg + g]);
+        f[v][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i[v][t]), _mm512_mul_ps(sv, d), f[v][t]);
+      }
+      if constexpr (kOff) {
+        const __m512 ov = _mm512_loadu_ps(O + g * R + 16 * v);
+        for (int t = 0; t < NT; ++t) {
+          f[v][t] = _mm512_fmadd_ps(ov, _mm512_set1_ps(xs[t * ldg + g]), f[v][t]);
+        }
       }
     }
   }
   for (int t = 0; t < NT; ++t) {
     float* yt = y + t * ldy;
     if (nr == R) {
-      if (accumulate) {
-        f0[t] = _mm512_add_ps(f0[t], _mm512_loadu_ps(yt));
-        f1[t] = _mm512_add_ps(f1[t], _mm512_loadu_ps(yt + 16));
+      for (int v = 0; v < NV; ++v) {
+        __m512 r = f[v][t];
+        if (accumulate) r = _mm512_add_ps(r, _mm512_loadu_ps(yt + 16 * v));
+        _mm512_storeu_ps(yt + 16 * v, r);
       }
-      _mm512_storeu_ps(yt, f0[t]);
-      _mm512_storeu_ps(yt + 16, f1[t]);
     } else {
       alignas(64) float tmp[R];
-      _mm512_storeu_ps(tmp, f0[t]);
-      _mm512_storeu_ps(tmp + 16, f1[t]);
+      for (int v = 0; v < NV; ++v) _mm512_storeu_ps(tmp + 16 * v, f[v][t]);
       for (int r = 0; r < nr; ++r) yt[r] = accumulate ? yt[r] + tmp[r] : tmp[r];
     }
   }
