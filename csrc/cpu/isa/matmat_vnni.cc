@@ -31,18 +31,14 @@ namespace PYLLM_ISA {
 
 #if defined(PYLLM_ISA_AVX512)
 
-#ifndef PYLLM_NV
-#define PYLLM_NV 4
-#endif
-
 namespace {
 
 // Vectors of 16 rows per register tile. Measured on Zen4 (Q4_0, 512 tokens): 2 vectors x 6
 // tokens ~1.2x faster than 4 x 3.
 constexpr int NV = 2;
-constexpr int R = 16 * NV;         // rows per panel
-constexpr int KC = 512;            // panel depth (16 groups of 32)
-constexpr int MT = 12 / NV;        // tokens per register tile (2 * NV * MT = 24 accumulators)
+constexpr int R = 16 * NV;   // rows per panel
+constexpr int KC = 512;      // panel depth (16 groups of 32)
+constexpr int MT = 12 / NV;  // tokens per register tile (2 * NV * MT = 24 accumulators)
 
 // Integer decoders: one group of 32 weights -> u[32] (int16), scale s, offset o, w = s * u + o.
 template <QType T>
