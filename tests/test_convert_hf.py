@@ -403,3 +403,38 @@ def test_llama3_factors_match_transformers() -> None:
     base = 500000.0 ** (-np.arange(0, 64, 2) / 64)
     ours = base / llama3_rope_factors(500000.0, 64, 8.0, 1.0, 4.0, 8192)
     np.testing.assert_allclose(ours, hf.double().numpy(), rtol=1e-6)
+
+
+def test_tokenizer_is_converted_and_padded(saved: dict[str, tuple[Any, Path]],
+                                           tmp_path: Path) -> None:
+    from pyllm.tokenizer import Tokenizer, TokenType
+    from pyllm.tokenizer.bpe import bytes_to_token_text
+
+    src = _copy_with_config(saved["llama_gqa"][1], tmp_path / "src")
+    vocab = {bytes_to_token_text(bytes([b])): b for b in range(256)}
+    vocab.update({"Ġt": 256, "he": 257, "Ġthe": 258})
+    data = {
+        "model": {"type": "BPE", "vocab": vocab, "merges": ["Ġ t", "h e", "Ġt he"]},
+        "added_tokens": [{"id": 259, "content": "<|endoftext|>", "special": True}],
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+        "decoder": {"type": "ByteLevel"},
+    }
+    (src / "tokenizer.json").write_text(json.dumps(data))
+    (src / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|endoftext|>", "chat_template": "{{ messages[0].content }}"}))
+    out = convert_hf(src, tmp_path / "m.gguf", "f16", progress=False)
+    md = GGUFReader(out).metadata
+    assert md["tokenizer.ggml.model"] == "gpt2" and md["tokenizer.ggml.pre"] == "gpt-2"
+    assert len(md["tokenizer.ggml.tokens"]) == VOCAB  # 260 tokens padded to 320 rows
+    assert md["tokenizer.ggml.tokens"][VOCAB - 1] == f"[PAD{VOCAB - 1}]"
+    assert md["tokenizer.ggml.token_type"][300] == TokenType.UNUSED
+    assert md["tokenizer.ggml.eos_token_id"] == 259
+    assert md["tokenizer.chat_template"] == "{{ messages[0].content }}"
+    tok = Tokenizer.from_gguf(out)
+    ids = tok.encode("a the", add_special=False)
+    assert ids == [ord("a"), 258] and tok.decode(ids) == "a the"
+    # more tokens than embedding rows cannot be right
+    vocab.update({f"x{i}": 260 + i for i in range(VOCAB)})
+    (src / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ConvertError, match="embedding rows"):
+        convert_hf(src, tmp_path / "m2.gguf", "f16", progress=False)
