@@ -308,3 +308,13 @@ def test_bad_messages_name_the_problem(tmp_path: Path) -> None:
         path.write_bytes(MALFORMED[name])
         with pytest.raises(GGUFError, match=text):
             GGUFReader(path)
+
+
+def test_version_2_is_read(tmp_path: Path) -> None:
+    c = f32_tensor_file()
+    c.version = 2
+    path = tmp_path / "v2.gguf"
+    path.write_bytes(c.build())
+    r = GGUFReader(path)
+    assert r.version == 2
+    np.testing.assert_array_equal(r.tensor("w").data, np.arange(8, dtype=np.float32))
