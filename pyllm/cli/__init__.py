@@ -28,9 +28,9 @@ class CliParser(argparse.ArgumentParser):
 
 
 def _subcommands() -> list[ModuleType]:
-    from pyllm.cli import bench, chat, info, pull, run
+    from pyllm.cli import bench, chat, convert, info, perplexity, pull, quantize, run
 
-    return [run, chat, info, pull, bench]
+    return [run, chat, info, pull, bench, convert, quantize, perplexity]
 
 
 def build_parser() -> CliParser:

@@ -1,0 +1,59 @@
+"""``pyllm convert``: a Hugging Face model folder -> one GGUF file (f32, f16, bf16 or q8_0)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("convert", help="convert a Hugging Face model folder to GGUF",
+                       description="Convert SRC (a Hugging Face folder: config.json, *.safetensors "
+                       "or pytorch_model*.bin, tokenizer files) to one GGUF file.")
+    p.add_argument("src", metavar="SRC", help="model folder")
+    p.add_argument("-o", "--outfile", required=True, metavar="OUT.gguf",
+                   help="GGUF file to write (written atomically)")
+    p.add_argument("--outtype", choices=OUTTYPES, default="f16", type=str.lower,
+                   help="tensor type of the weight matrices (default f16; norms stay f32)")
+    p.add_argument("--config", action="append", default=[], metavar="JSON",
+                   help="extra JSON config merged over config.json (repeatable; later files "
+                   "win), e.g. rope_theta or rope_scaling overrides")
+    p.add_argument("--name", help="general.name to store (default: the folder name)")
+    p.add_argument("--tokenizer-pre", metavar="NAME",
+                   help="pre-tokenizer name for a BPE tokenizer.json that is not recognised")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run, parser=p)
+
+
+def merge_configs(paths: list[str], parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The JSON objects in ``paths`` merged in order (later keys win; nested objects replaced)."""
+    merged: dict[str, Any] = {}
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            parser.error(f"cannot read config {path}: {e}")
+        except json.JSONDecodeError as e:
+            parser.error(f"config {path} is not valid JSON: {e}")
+        if not isinstance(data, dict):
+            parser.error(f"config {path} must hold a JSON object, not {type(data).__name__}")
+        merged.update(data)
+    return merged
+
+
+def run(args: argparse.Namespace) -> int:
+    from pyllm.convert import convert_hf
+
+    parser: argparse.ArgumentParser = args.parser
+    extra = merge_configs(args.config, parser)
+    out = convert_hf(args.src, args.outfile, args.outtype, name=args.name,
+                     extra_config=extra or None, tokenizer_pre=args.tokenizer_pre,
+                     progress=not args.quiet)
+    size = Path(out).stat().st_size
+    sys.stdout.write(f"wrote {out} ({args.outtype}, {size / 2**20:.2f} MiB)\n")
+    return 0

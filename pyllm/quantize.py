@@ -1,0 +1,520 @@
+"""Model quantization: rewrite a GGUF file with its weight matrices in another type.
+
+``quantize_file(src, dst, "Q4_K_M")`` reads ``src`` (memory-mapped), picks a type for every tensor
+(:func:`plan_types`), converts the tensors on a thread pool (the C++ quantizers release the GIL)
+and streams them into ``dst`` through :class:`~pyllm.gguf.GGUFWriter`'s lazy tensors, so at most a
+few tensors are held in memory at a time. The output appears atomically; all metadata is copied,
+``general.file_type`` is set to llama.cpp's ``LLAMA_FTYPE`` number and
+``general.quantization_version`` to 2.
+
+File types (``LLAMA_FTYPE`` id, bulk type of the weight matrices)::
+
+    F32 0 F32    F16 1 F16    BF16 32 BF16    Q8_0 7 Q8_0
+    Q4_0 2 Q4_0  Q4_1 3 Q4_1  Q5_0 8 Q5_0     Q5_1 9 Q5_1
+    Q2_K 10 Q2_K    Q3_K_S 11 Q3_K  Q3_K_M 12 Q3_K  Q3_K_L 13 Q3_K
+    Q4_K_S 14 Q4_K  Q4_K_M 15 Q4_K  Q5_K_S 16 Q5_K  Q5_K_M 17 Q5_K  Q6_K 18 Q6_K
+    (aliases as llama-quantize: Q3_K = Q3_K_M, Q4_K = Q4_K_M, Q5_K = Q5_K_M)
+
+Which tensors are converted (as llama.cpp's quantizer decides): tensors with at least 2 dims,
+except ``*_norm.weight``, ``ffn_gate_inp.weight`` (MoE router), ``pos_embd``/``token_types``,
+``ssm_conv1d`` and ``attn_rel_b``. Everything else (1-D norms, biases, rope factors) is copied
+unchanged. A converted tensor gets the bulk type, then, for the block-quantized file types only
+(not F32/F16/BF16), the per-tensor rules of llama.cpp's ``llama_tensor_get_type`` apply. With
+``more(i, n) = i < n/8 or i >= 7n/8 or (i - n/8) % 3 == 2`` ("use more bits": the first and last
+eighth of the layers and every third layer in between), ``i`` counting the attn_v (resp.
+ffn_down) tensors in layer order, ``n`` their count (resp. the block count), ``gqa`` = n_head /
+n_head_kv:
+
+=================  ==========================================================================
+tensor             rule
+=================  ==========================================================================
+output.weight      Q6_K, except Q8_0 stays Q8_0; Q8_0 when the row length is not a multiple of
+                   the bulk type's block (and for falcon). Without output.weight (tied
+                   embeddings) token_embd.weight takes this rule instead.
+token_embd.weight  the bulk type (the IQ mixes, which pyllm lacks, would change it)
+attn_v.weight      Q2_K: Q4_K if gqa >= 4 else Q3_K; Q3_K_M: Q5_K for i < 2 else Q4_K;
+                   Q3_K_L: Q5_K; Q4_K_M / Q5_K_M: Q6_K if more(i, n); Q4_K_S: Q5_K for i < 4.
+                   Then 70B llama (80 layers): Q3_K/Q4_K -> Q5_K; 8 experts: Q8_0.
+attn_k.weight      8 experts: Q8_0
+ffn_down           Q2_K: Q3_K; Q3_K_M: Q5_K if i < n/16, else Q4_K (falcon: Q4_K only if
+                   more(i, n), else Q3_K); Q3_K_L: Q5_K (falcon Q4_K); Q4_K_M: Q6_K if
+                   more(i, n) (falcon: Q6_K if i < n/16, Q5_K if more, else Q4_K);
+                   Q5_K_M: Q6_K if more(i, n); Q4_K_S: Q5_K if i < n/8 (not falcon)
+attn_output        Q2_K: Q3_K; Q3_K_M: Q4_K; Q3_K_L: Q5_K (falcon: Q3_K_L -> Q4_K only);
+                   8 experts: Q5_K for Q2_K, Q3_K_S, Q3_K_M, Q4_K_S, Q4_K_M
+=================  ==========================================================================
+
+Row lengths that are not a multiple of the chosen type's block fall back as llama.cpp does:
+Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0 (llama.cpp takes IQ4_NL, which pyllm
+does not implement; it has Q4_0's size, 4.5 bits per weight, so file sizes agree), and F16 when
+even 32 does not divide the row (llama.cpp refuses legacy types on such rows; we fall back).
+
+Requantizing (a tensor already in a block-quantized type that must change type) is refused unless
+``allow_requantize`` is set; then it is dequantized to float32 and quantized again, which loses
+more precision than quantizing from F16/F32.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pyllm.errors import QuantError
+from pyllm.gguf import GGUFReader, GGUFWriter
+from pyllm.gguf.constants import TYPE_INFO, GGMLType, ValueType
+
+T = GGMLType
+
+
+@dataclass(frozen=True)
+class FileType:
+    """One target of ``pyllm quantize``: its name, llama.cpp ftype id and bulk tensor type."""
+
+    name: str
+    ftype: int  # LLAMA_FTYPE_* number stored as general.file_type
+    bulk: GGMLType
+
+    @property
+    def is_mix(self) -> bool:
+        """Block-quantized targets get llama.cpp's per-tensor rules; float targets do not."""
+        return TYPE_INFO[self.bulk].block_size > 1
+
+
+FILE_TYPES: dict[str, FileType] = {
+    ft.name: ft
+    for ft in (
+        FileType("F32", 0, T.F32),
+        FileType("F16", 1, T.F16),
+        FileType("BF16", 32, T.BF16),
+        FileType("Q8_0", 7, T.Q8_0),
+        FileType("Q4_0", 2, T.Q4_0),
+        FileType("Q4_1", 3, T.Q4_1),
+        FileType("Q5_0", 8, T.Q5_0),
+        FileType("Q5_1", 9, T.Q5_1),
+        FileType("Q2_K", 10, T.Q2_K),
+        FileType("Q3_K_S", 11, T.Q3_K),
+        FileType("Q3_K_M", 12, T.Q3_K),
+        FileType("Q3_K_L", 13, T.Q3_K),
+        FileType("Q4_K_S", 14, T.Q4_K),
+        FileType("Q4_K_M", 15, T.Q4_K),
+        FileType("Q5_K_S", 16, T.Q5_K),
+        FileType("Q5_K_M", 17, T.Q5_K),
+        FileType("Q6_K", 18, T.Q6_K),
+    )
+}
+_ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
+
+QUANTIZATION_VERSION = 2
+
+# Fallbacks for rows that are not a whole number of the chosen type's blocks (see docstring).
+_FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+
+# Substrings / names of >= 2-D tensors that llama.cpp never quantizes.
+_KEEP_SUBSTRINGS = ("_norm.weight", "ffn_gate_inp.weight", "ssm_conv1d.weight", "attn_rel_b.weight")
+_KEEP_NAMES = ("position_embd.weight", "token_types.weight")
+
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.")
+
+
+def resolve_file_type(ftype: str | int | FileType) -> FileType:
+    """A :class:`FileType` from its name ("q4_k_m"), an alias ("Q4_K") or its LLAMA_FTYPE id."""
+    if isinstance(ftype, FileType):
+        return ftype
+    if isinstance(ftype, (int, np.integer)) and not isinstance(ftype, bool):
+        for ft in FILE_TYPES.values():
+            if ft.ftype == int(ftype):
+                return ft
+        raise QuantError(f"unknown or unsupported file type id {int(ftype)}")
+    if isinstance(ftype, str):
+        key = ftype.strip().upper()
+        key = _ALIASES.get(key, key)
+        if key in FILE_TYPES:
+            return FILE_TYPES[key]
+        raise QuantError(f"unknown file type {ftype!r} (choose from {', '.join(FILE_TYPES)})")
+    raise QuantError(f"file type must be a name or an id, not {type(ftype).__name__}")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the mix rules need to know about a model."""
+
+    arch: str = "llama"
+    n_layer: int = 0
+    n_gqa: int = 1  # n_head / n_head_kv
+    n_expert: int = 0
+    has_output: bool = True
+
+    @property
+    def is_70b(self) -> bool:
+        # llama.cpp keys this rule on its "70B" model-size class: llama with 80 layers.
+        return self.arch == "llama" and self.n_layer == 80
+
+    @classmethod
+    def from_reader(cls, reader: GGUFReader) -> ModelFacts:
+        md = reader.metadata
+        arch = str(md.get("general.architecture", "llama"))
+
+        def num(key: str, default: int) -> int:
+            v = md.get(f"{arch}.{key}", default)
+            if isinstance(v, np.ndarray):  # per-layer arrays: the first layer is representative
+                v = int(v.flat[0]) if v.size else default
+            return int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) \
+                else default
+
+        n_head = num("attention.head_count", 1)
+        n_head_kv = num("attention.head_count_kv", n_head) or n_head
+        layer_ids = [int(m.group(1)) for t in reader.tensors if (m := _LAYER_RE.match(t.name))]
+        n_layer = num("block_count", max(layer_ids) + 1 if layer_ids else 0)
+        return cls(
+            arch=arch,
+            n_layer=n_layer,
+            n_gqa=max(1, n_head // max(1, n_head_kv)),
+            n_expert=num("expert_count", 0),
+            has_output=any(t.name == "output.weight" for t in reader.tensors),
+        )
+
+
+def _more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def should_quantize(name: str, dims: tuple[int, ...]) -> bool:
+    """Whether the quantizer converts this tensor at all (else it is copied unchanged)."""
+    if len(dims) < 2:
+        return False
+    if any(s in name for s in _KEEP_SUBSTRINGS):
+        return False
+    return name not in _KEEP_NAMES
+
+
+def _layer_order(name: str) -> tuple[int, str]:
+    # llama.cpp walks the tensors sorted by layer number, then name; its per-kind counters
+    # (i_attention_wv, i_ffn_down) follow that order.
+    m = _LAYER_RE.match(name)
+    return (int(m.group(1)) if m else -1, name)
+
+
+def mix_type(name: str, ft: FileType, facts: ModelFacts, i_layer: int, n_layer: int,
+             bulk: GGMLType | None = None) -> GGMLType:
+    """The type llama.cpp's rules give tensor ``name`` before the row-length fallback.
+
+    ``i_layer``/``n_layer`` are the attn_v counter and count for attn_v tensors, the ffn_down
+    counter and the block count for ffn_down tensors (unused for other tensors).
+    """
+    new = ft.bulk if bulk is None else bulk
+    f = ft.name
+    falcon = facts.arch == "falcon"
+    if name == "output.weight" or (not facts.has_output and name == "token_embd.weight"):
+        if falcon:
+            return T.Q8_0
+        return new if new == T.Q8_0 else T.Q6_K
+    if name == "token_embd.weight":
+        return new
+    if "attn_v.weight" in name:
+        if f == "Q2_K":
+            new = T.Q4_K if facts.n_gqa >= 4 else T.Q3_K
+        elif f == "Q3_K_M":
+            new = T.Q5_K if i_layer < 2 else T.Q4_K
+        elif f == "Q3_K_L":
+            new = T.Q5_K
+        elif f in ("Q4_K_M", "Q5_K_M") and _more_bits(i_layer, n_layer):
+            new = T.Q6_K
+        elif f == "Q4_K_S" and i_layer < 4:
+            new = T.Q5_K
+        if facts.is_70b and new in (T.Q3_K, T.Q4_K):
+            new = T.Q5_K
+        if facts.n_expert == 8:
+            new = T.Q8_0
+        return new
+    if "attn_k.weight" in name:
+        return T.Q8_0 if facts.n_expert == 8 else new
+    if "ffn_down" in name:
+        i, n = i_layer, n_layer
+        if f == "Q2_K":
+            new = T.Q3_K
+        elif f == "Q3_K_M":
+            if i < n // 16:
+                new = T.Q5_K
+            elif not falcon or _more_bits(i, n):
+                new = T.Q4_K
+            else:
+                new = T.Q3_K
+        elif f == "Q3_K_L":
+            new = T.Q4_K if falcon else T.Q5_K
+        elif f == "Q4_K_M":
+            if falcon:
+                new = T.Q6_K if i < n // 16 else T.Q5_K if _more_bits(i, n) else T.Q4_K
+            elif _more_bits(i, n):
+                new = T.Q6_K
+        elif f == "Q5_K_M" and _more_bits(i, n):
+            new = T.Q6_K
+        elif f == "Q4_K_S" and not falcon and i < n // 8:
+            new = T.Q5_K
+        return new
+    if "attn_output.weight" in name:
+        if falcon:
+            return T.Q4_K if f == "Q3_K_L" else new
+        if facts.n_expert == 8:
+            if f in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M"):
+                new = T.Q5_K
+            return new
+        return {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K}.get(f, new)
+    return new
+
+
+def _fit_row(t: GGMLType, row: int) -> GGMLType:
+    """``t``, or its fallback when ``row`` is not a whole number of ``t``'s blocks."""
+    if row % TYPE_INFO[t].block_size == 0:
+        return t
+    t = _FALLBACK.get(t, T.F16)
+    return t if row % TYPE_INFO[t].block_size == 0 else T.F16
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    dims: tuple[int, ...]  # ggml order
+    src_type: GGMLType
+    dst_type: GGMLType
+    fallback: bool = False  # the mix's type did not fit the row length
+
+    @property
+    def convert(self) -> bool:
+        return self.src_type != self.dst_type
+
+    @property
+    def dst_nbytes(self) -> int:
+        info = TYPE_INFO[self.dst_type]
+        n = int(np.prod(self.dims, dtype=np.int64))
+        return n // info.block_size * info.type_size
+
+
+def plan_types(reader: GGUFReader, ftype: str | int | FileType) -> list[TensorPlan]:
+    """The type every tensor of ``reader`` gets in a ``ftype`` file, in the file's order."""
+    ft = resolve_file_type(ftype)
+    facts = ModelFacts.from_reader(reader)
+    attn_v = sorted((t.name for t in reader.tensors
+                     if "attn_v.weight" in t.name and should_quantize(t.name, t.dims)),
+                    key=_layer_order)
+    ffn_down = sorted((t.name for t in reader.tensors
+                       if "ffn_down" in t.name and should_quantize(t.name, t.dims)),
+                      key=_layer_order)
+    i_attn_v = {name: i for i, name in enumerate(attn_v)}
+    i_ffn_down = {name: i for i, name in enumerate(ffn_down)}
+    plans = []
+    for t in reader.tensors:
+        if not should_quantize(t.name, t.dims):
+            plans.append(TensorPlan(t.name, t.dims, t.type, t.type))
+            continue
+        new = ft.bulk
+        if ft.is_mix:
+            if t.name in i_attn_v:
+                i, n = i_attn_v[t.name], len(attn_v)
+            elif t.name in i_ffn_down:
+                i, n = i_ffn_down[t.name], facts.n_layer
+                if facts.n_expert > 1 and (m := _LAYER_RE.match(t.name)):
+                    i = int(m.group(1))  # expert tensors: the layer comes from the name
+            else:
+                i, n = 0, 0
+            new = mix_type(t.name, ft, facts, i, n)
+        fitted = _fit_row(new, t.dims[0])
+        plans.append(TensorPlan(t.name, t.dims, t.type, fitted, fallback=fitted != new))
+    return plans
+
+
+@dataclass
+class QuantizeResult:
+    """What :func:`quantize_file` did."""
+
+    src: str
+    dst: str
+    file_type: FileType
+    src_file_bytes: int
+    dst_file_bytes: int
+    src_tensor_bytes: int
+    dst_tensor_bytes: int
+    seconds: float
+    plans: list[TensorPlan] = field(default_factory=list)
+
+    @property
+    def n_converted(self) -> int:
+        return sum(p.convert for p in self.plans)
+
+    @property
+    def n_fallback(self) -> int:
+        return sum(p.fallback for p in self.plans)
+
+    def type_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for p in self.plans:
+            out[p.dst_type.name] = out.get(p.dst_type.name, 0) + 1
+        return dict(sorted(out.items()))
+
+
+def _to_f32(t: Any) -> np.ndarray:
+    """Float32 copy of a tensor's values (numpy shape)."""
+    from pyllm import quants
+
+    if t.type == T.F32:
+        return np.asarray(t.data, dtype=np.float32)
+    try:
+        return quants.dequantize(t.type, t.raw, t.shape)
+    except QuantError as e:
+        raise QuantError(f"{t.name}: cannot convert from {t.type.name}: {e}") from None
+
+
+def _convert(t: Any, dst: GGMLType) -> np.ndarray:
+    from pyllm import quants
+
+    values = _to_f32(t)
+    if not np.all(np.isfinite(values)):
+        raise QuantError(f"{t.name}: the tensor holds NaN or infinite values")
+    return quants.quantize(dst, values)
+
+
+class _Pipeline:
+    """Converts tensors on a thread pool, at most ``window`` ahead of the writer.
+
+    The writer asks for tensor i (in file order) through :meth:`source`; that submits the next
+    jobs up to i + window and waits for job i, so memory holds about ``window`` tensors.
+    """
+
+    def __init__(self, jobs: list[Callable[[], np.ndarray] | None], threads: int,
+                 on_done: Callable[[int], None]) -> None:
+        self.jobs = jobs
+        self.window = threads + 1
+        self.pool = cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pyllm-quant")
+        self.futures: dict[int, cf.Future[np.ndarray]] = {}
+        self.next_submit = 0
+        self.on_done = on_done
+        self.lock = threading.Lock()
+
+    def _fill(self, upto: int) -> None:
+        while self.next_submit < min(upto, len(self.jobs)):
+            job = self.jobs[self.next_submit]
+            if job is not None:
+                self.futures[self.next_submit] = self.pool.submit(job)
+            self.next_submit += 1
+
+    def source(self, i: int, copy: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
+        def produce() -> np.ndarray:
+            self._fill(i + self.window)
+            fut = self.futures.pop(i, None)
+            out = fut.result() if fut is not None else copy()
+            self.on_done(i)
+            return out
+
+        return produce
+
+    def close(self) -> None:
+        for fut in self.futures.values():
+            fut.cancel()
+        self.pool.shutdown(wait=True)
+
+
+def _progress(total: int, enabled: bool, plans: list[TensorPlan]) -> Callable[[int], None]:
+    if not enabled:
+        return lambda i: None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is not None:
+        bar = tqdm(total=total, unit="tensor", desc="quantizing", file=sys.stderr)
+
+        def step(i: int) -> None:
+            bar.update(1)
+            if i + 1 == total:
+                bar.close()
+
+        return step
+
+    width = len(str(total))
+
+    def line(i: int) -> None:
+        p = plans[i]
+        what = f"{p.src_type.name} -> {p.dst_type.name}" if p.convert else p.src_type.name
+        print(f"[{i + 1:{width}}/{total}] {p.name:<32} {what}", file=sys.stderr, flush=True)
+
+    return line
+
+
+def quantize_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
+                  ftype: str | int | FileType, threads: int | None = None,
+                  allow_requantize: bool = False, progress: bool = True) -> QuantizeResult:
+    """Write ``dst``: the model ``src`` with its tensors converted to file type ``ftype``.
+
+    ``threads`` worker threads convert tensors concurrently (default: the CPU count). Raises
+    :class:`~pyllm.errors.QuantError` for an unknown type, a refused requantization or data that
+    cannot be converted; ``dst`` is then left untouched.
+    """
+    ft = resolve_file_type(ftype)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads <= 0):
+        raise QuantError(f"threads must be a positive integer, got {threads!r}")
+    n_threads = threads or max(1, os.cpu_count() or 1)
+    if os.path.abspath(os.fspath(src)) == os.path.abspath(os.fspath(dst)):
+        raise QuantError("the output must be a different file from the input")
+    t0 = time.perf_counter()
+    reader = GGUFReader(src)
+    try:
+        plans = plan_types(reader, ft)
+        if not allow_requantize:
+            for p in plans:
+                if p.convert and TYPE_INFO[p.src_type].block_size > 1:
+                    raise QuantError(
+                        f"{p.name} is already quantized ({p.src_type.name}); requantizing to "
+                        f"{p.dst_type.name} loses precision, allow it with --allow-requantize "
+                        "(allow_requantize=True) or start from an F16/F32 file")
+        writer = GGUFWriter(dst, alignment=reader.alignment)
+        skip = {"general.file_type", "general.quantization_version", "general.alignment"}
+        writer.add_metadata({k: v for k, v in reader.metadata.items() if k not in skip},
+                            reader.value_types)
+        writer.add_kv("general.quantization_version", QUANTIZATION_VERSION, ValueType.UINT32)
+        writer.add_kv("general.file_type", ft.ftype, ValueType.UINT32)
+        tensors = {t.name: t for t in reader.tensors}
+        jobs: list[Callable[[], np.ndarray] | None] = []
+        for p in plans:
+            t = tensors[p.name]
+            jobs.append((lambda t=t, d=p.dst_type: _convert(t, d)) if p.convert else None)
+        pipe = _Pipeline(jobs, n_threads, _progress(len(plans), progress, plans))
+        try:
+            for i, p in enumerate(plans):
+                t = tensors[p.name]
+                writer.add_tensor(p.name, pipe.source(i, lambda t=t: t.raw), p.dst_type, p.dims)
+            writer.write()
+        finally:
+            pipe.close()
+        result = QuantizeResult(
+            src=os.fspath(src), dst=os.fspath(dst), file_type=ft,
+            src_file_bytes=reader.file_size, dst_file_bytes=os.path.getsize(dst),
+            src_tensor_bytes=sum(t.nbytes for t in reader.tensors),
+            dst_tensor_bytes=sum(p.dst_nbytes for p in plans),
+            seconds=time.perf_counter() - t0, plans=plans)
+    finally:
+        reader.close()
+    return result
+
+
+__all__ = [
+    "FILE_TYPES",
+    "FileType",
+    "ModelFacts",
+    "QUANTIZATION_VERSION",
+    "QuantizeResult",
+    "TensorPlan",
+    "mix_type",
+    "plan_types",
+    "quantize_file",
+    "resolve_file_type",
+    "should_quantize",
+]
