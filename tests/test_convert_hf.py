@@ -438,3 +438,26 @@ def test_tokenizer_is_converted_and_padded(saved: dict[str, tuple[Any, Path]],
     (src / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(ConvertError, match="embedding rows"):
         convert_hf(src, tmp_path / "m2.gguf", "f16", progress=False)
+
+
+def test_q8_0_output(saved: dict[str, tuple[Any, Path]], tmp_path: Path) -> None:
+    pytest.importorskip("pyllm._core")
+    from gguf.quants import GGMLQuantizationType, dequantize, quantize
+
+    _, src = saved["llama_gqa"]
+    out = convert_hf(src, tmp_path / "m.gguf", "q8_0", progress=False)
+    r = GGUFReader(out)
+    assert r.metadata["general.file_type"] == 7
+    assert r.tensor("blk.0.ffn_down.weight").type == GGMLType.Q8_0
+    assert r.tensor("blk.0.ffn_norm.weight").type == GGMLType.F32
+    model = make_model(*CASES["llama_gqa"])
+    q8 = GGMLQuantizationType.Q8_0
+    # bytes as the gguf package (llama.cpp's algorithm) quantizes the same rows
+    up = model.model.layers[0].mlp.up_proj.weight.detach().numpy()
+    np.testing.assert_array_equal(r.tensor("blk.0.ffn_up.weight").data, quantize(up, q8))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.from_numpy(dequantize(quantize(p.numpy(), q8), q8)))
+    toks = tokens()
+    assert np.abs(LlamaRef(str(out)).forward(toks) - hf_logits(model, toks)).max() < 1e-4

@@ -462,14 +462,14 @@ def tokenizer_metadata(src: Path, n_vocab: int, pre: str | None = None) -> dict[
 
 def _encoder(outtype: str) -> Callable[[str, np.ndarray], tuple[np.ndarray, GGMLType]]:
     """float32 tensor -> (bytes-ready array, GGML type) for the chosen output type."""
+    quantize: Callable[[GGMLType, np.ndarray], np.ndarray] | None = None
     if outtype == "q8_0":
         try:
-            from pyllm.quants import quantize  # type: ignore[import-not-found]
-        except ImportError:
-            raise ConvertError("outtype q8_0 needs pyllm.quants, which this build lacks; "
+            import pyllm._core  # noqa: F401  (pyllm.quants computes in the extension)
+            from pyllm.quants import quantize
+        except ImportError as e:
+            raise ConvertError(f"outtype q8_0 needs the compiled extension ({e}); "
                                "convert to f16 and quantize afterwards") from None
-    else:
-        quantize = None
 
     def encode(name: str, a: np.ndarray) -> tuple[np.ndarray, GGMLType]:
         if outtype == "f32" or keeps_f32(name, a.ndim):
@@ -481,7 +481,7 @@ def _encoder(outtype: str) -> Callable[[str, np.ndarray], tuple[np.ndarray, GGML
         if a.shape[-1] % 32:  # Q8_0 rows come in blocks of 32; odd rows stay f16 (llama.cpp too)
             return a.astype(np.float16), GGMLType.F16
         assert quantize is not None
-        return np.asarray(quantize(a, GGMLType.Q8_0)), GGMLType.Q8_0
+        return np.asarray(quantize(GGMLType.Q8_0, a)), GGMLType.Q8_0
 
     return encode
 
@@ -534,7 +534,8 @@ def convert_hf(
     """Convert a Hugging Face Llama / Mistral / Qwen2 / InternLM2 folder to one GGUF file.
 
     ``outtype`` is ``f32``, ``f16``, ``bf16`` (1-D tensors stay F32, as in llama.cpp) or
-    ``q8_0`` (needs :mod:`pyllm.quants`). ``extra_config`` overrides ``config.json`` keys;
+    ``q8_0`` (via :mod:`pyllm.quants`, needs the extension). ``extra_config`` overrides
+    ``config.json`` keys;
     ``tokenizer_pre`` names the pre-tokenizer (``tokenizer.ggml.pre``) of a byte-level BPE
     ``tokenizer.json`` whose split pattern is not recognised.
     Tensors are read, transformed and written one at a time; the file appears atomically.
