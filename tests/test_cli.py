@@ -7,6 +7,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import tracemalloc
 from pathlib import Path
 
@@ -23,9 +24,11 @@ def run_cli(*args: str, env: dict[str, str] | None = None, limit_as: int | None 
         if limit_as:
             resource.setrlimit(resource.RLIMIT_AS, (limit_as, limit_as))
 
+    # cwd outside the checkout: `python -m` puts cwd first on sys.path, and the source tree has
+    # no compiled extension unless it is an editable install
     return subprocess.run([sys.executable, "-m", "pyllm", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})},
-                          preexec_fn=limits)
+                          preexec_fn=limits, cwd=tempfile.gettempdir())
 
 
 def test_version_importable() -> None:
