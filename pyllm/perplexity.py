@@ -26,6 +26,8 @@ import math
 import os
 import tempfile
 import time
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -213,7 +215,7 @@ class KLBase:
                 data = {k: z[k] for k in z.files}
         except FileNotFoundError:
             raise PerplexityError(f"{p}: no such KL base file") from None
-        except (OSError, ValueError, EOFError) as e:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
             raise PerplexityError(f"{p}: not a KL base file ({e})") from None
         try:
             if str(data["format"]) != KL_FORMAT:

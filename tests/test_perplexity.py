@@ -1,0 +1,166 @@
+"""pyllm.perplexity and ``pyllm perplexity``: llama.cpp-style chunked perplexity (checked against a
+direct computation), SmolLM2 on English text, and KL divergence against a saved base."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pyllm import perplexity as pp
+from pyllm.cli import main as cli_main
+from pyllm.model import LLM
+from pyllm.quantize import quantize_file
+from tests.tiny_models import TinySpec, write_tiny
+
+DATA = Path(__file__).resolve().parent / "data"
+N_CTX = 32
+TOKENS = np.random.default_rng(3).integers(0, 160, 4 * N_CTX + 5)  # 4 chunks + a dropped tail
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("ppl")
+    f32 = write_tiny(d / "f32.gguf", TinySpec(n_embd=64, n_ff=128, n_layer=2))
+    q4 = d / "q4_0.gguf"
+    quantize_file(f32, q4, "Q4_0", progress=False)
+    return {"f32": f32, "q4_0": q4, "dir": d}
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def direct_scores(llm: LLM, tokens: np.ndarray, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
+    """Log-probs of every scored position (second half of each full chunk; no BOS in a tiny
+    model's vocabulary, so chunks are evaluated as they are) and their next-token NLL."""
+    rows, nll = [], []
+    for c in range(len(tokens) // n_ctx):
+        chunk = tokens[c * n_ctx:(c + 1) * n_ctx]
+        lp = log_softmax(llm.logits(chunk))
+        for j in range(n_ctx // 2, n_ctx - 1):
+            rows.append(lp[j])
+            nll.append(-lp[j, chunk[j + 1]])
+    return np.array(rows), np.array(nll)
+
+
+def test_perplexity_matches_a_direct_computation(tiny: dict[str, Path]) -> None:
+    llm = LLM(tiny["f32"], n_ctx=N_CTX, n_threads=2)
+    seen: list[tuple[int, float]] = []
+    res = pp.perplexity(llm, TOKENS, N_CTX, on_chunk=lambda c, v: seen.append((c, v)))
+    _, nll = direct_scores(llm, TOKENS, N_CTX)
+    assert res.n_chunks == 4 and res.n_scored == 4 * (N_CTX // 2 - 1) == nll.size
+    assert res.ppl == pytest.approx(math.exp(nll.mean()), rel=1e-9)
+    assert res.ppl_err == pytest.approx(res.ppl * nll.std() / math.sqrt(nll.size - 1), rel=1e-6)
+    assert [c for c, _ in seen] == [0, 1, 2, 3] and seen[-1][1] == pytest.approx(res.ppl)
+    assert res.running[0] == pytest.approx(math.exp(nll[: N_CTX // 2 - 1].mean()), rel=1e-9)
+    with pytest.raises(pp.PerplexityError, match="fewer than one chunk"):
+        pp.perplexity(llm, TOKENS[: N_CTX - 1], N_CTX)
+    with pytest.raises(pp.PerplexityError, match="n_ctx"):
+        pp.perplexity(llm, TOKENS, 2 * N_CTX)
+    with pytest.raises(pp.PerplexityError):
+        pp.perplexity(llm, [1, 2, 999], 4)
+
+
+def test_kl_against_own_base_is_zero(tiny: dict[str, Path]) -> None:
+    llm = LLM(tiny["f32"], n_ctx=N_CTX, n_threads=2)
+    path = tiny["dir"] / "self.kl"
+    res = pp.save_kl_base(llm, TOKENS, N_CTX, path, top_k=8)
+    base = pp.KLBase.load(path)
+    assert base.top_k == 8 and base.n_ctx == N_CTX and base.tokens.size == 4 * N_CTX
+    kl = pp.kl_divergence(llm, base, TOKENS)
+    assert kl.kl_mean < 1e-6 and kl.kl_max < 1e-5
+    assert kl.top1 == 1.0
+    assert kl.ppl == pytest.approx(res.ppl, rel=1e-6) == pytest.approx(kl.ppl_base, rel=1e-6)
+    assert abs(kl.ln_ratio) < 1e-6
+
+
+def test_kl_of_q4_0_against_f32_base(tiny: dict[str, Path]) -> None:
+    f32 = LLM(tiny["f32"], n_ctx=N_CTX, n_threads=2)
+    q4 = LLM(tiny["q4_0"], n_ctx=N_CTX, n_threads=2)
+    lp_f, nll_f = direct_scores(f32, TOKENS, N_CTX)
+    lp_q, nll_q = direct_scores(q4, TOKENS, N_CTX)
+    full_kl = (np.exp(lp_f) * (lp_f - lp_q)).sum(axis=-1)  # over the whole vocabulary
+    # with k = n_vocab the stored base is the full distribution: KL is exact
+    pp.save_kl_base(f32, TOKENS, N_CTX, tiny["dir"] / "full.kl", top_k=f32.n_vocab)
+    kl = pp.kl_divergence(q4, pp.KLBase.load(tiny["dir"] / "full.kl"))
+    assert kl.kl_mean == pytest.approx(full_kl.mean(), rel=1e-4)
+    assert kl.kl_mean > 1e-4
+    assert kl.top1 == pytest.approx((lp_q.argmax(-1) == lp_f.argmax(-1)).mean())
+    assert kl.ppl == pytest.approx(math.exp(nll_q.mean()), rel=1e-6)
+    assert kl.ppl_base == pytest.approx(math.exp(nll_f.mean()), rel=1e-5)
+    assert kl.ppl_ratio == pytest.approx(math.exp(nll_q.mean() - nll_f.mean()), rel=1e-5)
+    # top-k with a tail bucket: a lower bound of the full KL that stays close to it
+    pp.save_kl_base(f32, TOKENS, N_CTX, tiny["dir"] / "k16.kl", top_k=16)
+    kl16 = pp.kl_divergence(q4, pp.KLBase.load(tiny["dir"] / "k16.kl"))
+    assert 0.5 * kl.kl_mean < kl16.kl_mean <= kl.kl_mean * (1 + 1e-6)
+
+
+def test_mismatched_or_broken_base_is_refused(tiny: dict[str, Path], tmp_path: Path) -> None:
+    llm = LLM(tiny["f32"], n_ctx=N_CTX, n_threads=2)
+    path = tmp_path / "b.kl"
+    pp.save_kl_base(llm, TOKENS, N_CTX, path, top_k=4)
+    base = pp.KLBase.load(path)
+    other = TOKENS.copy()
+    other[40] = (other[40] + 1) % 160
+    with pytest.raises(pp.PerplexityError, match="tokens differ"):
+        pp.kl_divergence(llm, base, other)
+    small = LLM(write_tiny(tmp_path / "v128.gguf", TinySpec(n_vocab=128)), n_ctx=N_CTX)
+    with pytest.raises(pp.PerplexityError, match="vocabulary"):
+        pp.kl_divergence(small, base)
+    short = LLM(tiny["f32"], n_ctx=N_CTX // 2)
+    with pytest.raises(pp.PerplexityError, match="n_ctx"):
+        pp.kl_divergence(short, base)
+    for junk in (b"", b"not a zip", path.read_bytes()[:100]):
+        (tmp_path / "junk.kl").write_bytes(junk)
+        with pytest.raises(pp.PerplexityError):
+            pp.KLBase.load(tmp_path / "junk.kl")
+    with pytest.raises(pp.PerplexityError, match="no such"):
+        pp.KLBase.load(tmp_path / "missing.kl")
+    np.savez(tmp_path / "shape.npz", **{**np.load(path), "tail_p": np.zeros(3)})
+    with pytest.raises(pp.PerplexityError, match="do not match"):
+        pp.KLBase.load(tmp_path / "shape.npz")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")) == []
+
+
+def test_smollm2_perplexity_and_kl_cli(smollm2_path: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    text = DATA / "english.txt"
+    base = tmp_path / "smol.kl"
+    assert cli_main(["perplexity", "-m", str(smollm2_path), "-f", str(text), "-c", "128",
+                     "-t", "2", "--kl-divergence-base", str(base)]) == 0
+    out = capsys.readouterr().out
+    m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", out)
+    assert m, out
+    ppl, err = float(m.group(1)), float(m.group(2))
+    # measured 28.87 +/- 4.56 (5 chunks of 128, 315 tokens scored; a 135M model on plain prose)
+    assert 15 < ppl < 50 and 0 < err < ppl / 3
+    assert re.search(r"\[1\][0-9.]+,\[2\][0-9.]+,\[3\][0-9.]+,\[4\][0-9.]+,\[5\]" + m.group(1),
+                     out)
+    assert base.is_file()
+    # another text against this base: refused before any evaluation
+    other = tmp_path / "other.txt"
+    other.write_text(text.read_text(encoding="utf-8")[200:], encoding="utf-8")
+    assert cli_main(["perplexity", "-m", str(smollm2_path), "-f", str(other),
+                     "--kl-divergence", str(base)]) == 1
+    assert "differ" in capsys.readouterr().err
+    assert cli_main(["perplexity", "-m", str(smollm2_path), "-c", "64",
+                     "--kl-divergence", str(base)]) == 1
+    assert "saved with -c 128" in capsys.readouterr().err
+
+
+def test_cli_usage_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    for argv in (["perplexity"], ["perplexity", "-f", "x.txt", "--kl-divergence", "a",
+                                  "--kl-divergence-base", "b"],
+                 ["perplexity", "-f", str(tmp_path / "missing.txt")],
+                 ["perplexity", "-f", "x.txt", "--kl-top-k", "8"],
+                 ["perplexity", "-f", "x.txt", "-c", "0"]):
+        with pytest.raises(SystemExit) as e:
+            cli_main(argv)
+        assert e.value.code == 2, argv
+        assert capsys.readouterr().err.startswith("error:")
