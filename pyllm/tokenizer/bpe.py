@@ -12,7 +12,11 @@ string: English text repeats its words, and a cache hit is one dict lookup.
 from __future__ import annotations
 
 import heapq
+import operator
+from collections.abc import Iterable
 from itertools import chain, pairwise
+
+import numpy as np
 
 from pyllm.tokenizer.vocab import Vocab
 
@@ -94,15 +98,27 @@ class BpeModel:
                 tid = extra.setdefault(text, vocab.n_vocab + len(extra))
             return tid
 
+        def ids(texts: Iterable[str]) -> list[int]:
+            # C-level lookups first; strings that are not tokens (rare) get interned.
+            found = list(map(vocab.token_to_id.get, texts))
+            if None in found:
+                found = [intern(t) if i is None else i for t, i in zip(texts, found, strict=True)]
+            return found  # type: ignore[return-value]
+
         self._byte_id = [intern(c) for c in BYTE_TO_CHAR]
-        triples = [(intern(a), intern(b), intern(a + b)) for a, b in vocab.merges]
+        lefts = list(map(operator.itemgetter(0), vocab.merges))
+        rights = list(map(operator.itemgetter(1), vocab.merges))
+        left_ids, right_ids = ids(lefts), ids(rights)
+        merged_ids = ids(list(map(operator.add, lefts, rights)))
         # Ids stay below the stride even after interning; leave room for every merge result.
         stride = vocab.n_vocab + len(extra) + 1
-        pairs: dict[int, int] = {}
-        for rank, (a, b, m) in enumerate(triples):
-            pairs.setdefault(a * stride + b, rank * stride + m)
+        keys = np.asarray(left_ids, dtype=np.int64) * stride + np.asarray(right_ids, dtype=np.int64)
+        values = np.arange(len(lefts), dtype=np.int64) * stride + np.asarray(merged_ids, np.int64)
+        # A pair listed twice keeps its first (lowest) rank: build from the end so it wins.
+        self._pairs: dict[int, int] = dict(
+            zip(keys[::-1].tolist(), values[::-1].tolist(), strict=True)
+        )
         self._stride = stride
-        self._pairs = pairs
         self._extra = {i: t for t, i in extra.items()}
 
     def encode(self, text: str, out: list[int]) -> None:

@@ -17,7 +17,10 @@ import enum
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
+
+import numpy as np
 
 from pyllm.errors import TokenizerError
 from pyllm.tokenizer.pretokenize import PreTokenizer, get_pretokenizer
@@ -119,7 +122,8 @@ def _get_bool(md: Mapping[str, Any], key: str, default: bool) -> bool:
     raise TokenizerError(f"{key} must be a bool, got {value!r}")
 
 
-def _number_list(md: Mapping[str, Any], key: str, n: int, kind: type) -> list[Any] | None:
+def _number_array(md: Mapping[str, Any], key: str, n: int, dtype: type) -> np.ndarray | None:
+    """A numeric metadata array as a fresh numpy array (never a view of the file)."""
     raw = md.get(key)
     if raw is None:
         return None
@@ -127,11 +131,14 @@ def _number_list(md: Mapping[str, Any], key: str, n: int, kind: type) -> list[An
         raise TokenizerError(f"{key} must be an array, got {type(raw).__name__}")
     if len(raw) != n:
         raise TokenizerError(f"{key} has {len(raw)} entries but tokenizer.ggml.tokens has {n}")
-    try:
-        values = [kind(v) for v in (raw.tolist() if hasattr(raw, "tolist") else raw)]
-    except (TypeError, ValueError) as e:
-        raise TokenizerError(f"{key} holds a non-numeric entry: {e}") from None
-    return values
+    arr = np.asarray(raw)
+    if (
+        arr.ndim != 1
+        or arr.dtype.kind not in ("i", "u", "f", "b")
+        or (dtype is np.int64 and arr.dtype.kind == "f")
+    ):
+        raise TokenizerError(f"{key} must be a flat array of numbers, got {arr.dtype} {arr.shape}")
+    return np.array(arr, dtype=dtype)
 
 
 def _token_list(md: Mapping[str, Any]) -> list[str]:
@@ -144,15 +151,17 @@ def _token_list(md: Mapping[str, Any]) -> list[str]:
         )
     if len(raw) == 0:
         raise TokenizerError("tokenizer.ggml.tokens is empty")
-    tokens: list[str] = []
-    for i, tok in enumerate(raw):
-        if not isinstance(tok, str):
-            raise TokenizerError(
-                f"tokenizer.ggml.tokens[{i}] is {type(tok).__name__}, not a string"
-            )
+    # Checks run as C-level passes (map/set/in): vocabularies have up to ~256k entries.
+    tokens = list(raw)
+    if set(map(type, tokens)) != {str}:
+        i = next(i for i, t in enumerate(tokens) if not isinstance(t, str))
+        raise TokenizerError(
+            f"tokenizer.ggml.tokens[{i}] is {type(tokens[i]).__name__}, not a string"
+        )
+    if "" in tokens:
         # llama.cpp renames empty tokens rather than failing; an empty key would otherwise make
         # every text match it.
-        tokens.append(tok if tok else f"[EMPTY_{i}]")
+        tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
     return tokens
 
 
@@ -162,17 +171,30 @@ def _parse_merges(md: Mapping[str, Any]) -> list[tuple[str, str]]:
         raise TokenizerError("BPE vocabulary (model gpt2) has no tokenizer.ggml.merges array")
     if not isinstance(raw, Sequence) or isinstance(raw, (str, bytes)):
         raise TokenizerError("tokenizer.ggml.merges must be an array of strings")
-    merges: list[tuple[str, str]] = []
-    for i, merge in enumerate(raw):
-        if not isinstance(merge, str):
-            raise TokenizerError(f"tokenizer.ggml.merges[{i}] is not a string")
-        # The separator is the first space after position 0: a merge's left part may itself be
-        # a space in vocabularies that do not byte-encode it.
-        pos = merge.find(" ", 1)
-        if pos < 0 or pos == len(merge) - 1:
-            raise TokenizerError(f"tokenizer.ggml.merges[{i}] = {merge!r} is not 'left right'")
-        merges.append((merge[:pos], merge[pos + 1 :]))
-    return merges
+    raw = list(raw)
+    if raw and set(map(type, raw)) != {str}:
+        i = next(i for i, m in enumerate(raw) if not isinstance(m, str))
+        raise TokenizerError(f"tokenizer.ggml.merges[{i}] is not a string")
+    if not raw:
+        return []
+    # Fast path, all C-level passes: when every merge has exactly one space and no newline
+    # (always so for byte-level vocabularies), one join/replace/split yields left, right, left,
+    # right, ...  Otherwise split each at its first space after position 0, as llama.cpp does
+    # (a left part may itself be a space where spaces are not byte-encoded).
+    joined = "\n".join(raw)
+    if set(map(str.count, raw, repeat(" "))) == {1} and joined.count("\n") == len(raw) - 1:
+        flat = joined.replace(" ", "\n").split("\n")
+        lefts, rights = flat[0::2], flat[1::2]
+        if "" not in lefts and "" not in rights:
+            return list(zip(lefts, rights, strict=True))
+    return [_split_merge(i, m) for i, m in enumerate(raw)]
+
+
+def _split_merge(i: int, merge: str) -> tuple[str, str]:
+    pos = merge.find(" ", 1)
+    if pos < 0 or pos == len(merge) - 1:
+        raise TokenizerError(f"tokenizer.ggml.merges[{i}] = {merge!r} is not 'left right'")
+    return merge[:pos], merge[pos + 1 :]
 
 
 def _special_ids(md: Mapping[str, Any], model: str, n: int) -> dict[str, int]:
@@ -210,30 +232,34 @@ def vocab_from_metadata(md: Mapping[str, Any]) -> Vocab:
         )
     tokens = _token_list(md)
     n = len(tokens)
-    scores = _number_list(md, KEY + "scores", n, float) or [0.0] * n
-    for i, s in enumerate(scores):
-        if s != s:  # NaN would make the merge order meaningless
-            raise TokenizerError(f"tokenizer.ggml.scores[{i}] is NaN")
-    types = _number_list(md, KEY + "token_type", n, int) or [int(TokenType.NORMAL)] * n
-    for i, t in enumerate(types):
-        if not 0 <= t <= 6:
-            raise TokenizerError(f"tokenizer.ggml.token_type[{i}] = {t} is not a known token type")
+    score_arr = _number_array(md, KEY + "scores", n, np.float64)
+    if score_arr is not None and np.isnan(score_arr).any():  # NaN makes merge order meaningless
+        raise TokenizerError(f"tokenizer.ggml.scores[{int(np.isnan(score_arr).argmax())}] is NaN")
+    type_arr = _number_array(md, KEY + "token_type", n, np.int64)
+    if type_arr is not None and ((type_arr < 0) | (type_arr > 6)).any():
+        i = int(((type_arr < 0) | (type_arr > 6)).argmax())
+        raise TokenizerError(
+            f"tokenizer.ggml.token_type[{i}] = {type_arr[i]} is not a known token type"
+        )
+    scores: list[float] = score_arr.tolist() if score_arr is not None else [0.0] * n
+    types: list[int] = type_arr.tolist() if type_arr is not None else [int(TokenType.NORMAL)] * n
 
-    token_to_id: dict[str, int] = {}
-    for i, tok in enumerate(tokens):
-        if tok in token_to_id:
-            raise TokenizerError(
-                f"token {tok!r} appears twice in tokenizer.ggml.tokens "
-                f"(ids {token_to_id[tok]} and {i})"
-            )
-        token_to_id[tok] = i
+    token_to_id = dict(zip(tokens, range(n), strict=True))
+    if len(token_to_id) != n:
+        seen: dict[str, int] = {}
+        for i, tok in enumerate(tokens):
+            if tok in seen:
+                raise TokenizerError(
+                    f"token {tok!r} appears twice in tokenizer.ggml.tokens "
+                    f"(ids {seen[tok]} and {i})"
+                )
+            seen[tok] = i
 
     # SentencePiece byte-fallback tokens must spell their byte.  (Byte-level BPE vocabularies
     # do not use BYTE tokens -- they render as nothing there, as in llama.cpp.)
     byte_to_id: list[int | None] = [None] * 256
-    for i, t in enumerate(types):
-        if t != TokenType.BYTE or model != "llama":
-            continue
+    byte_type = int(TokenType.BYTE)
+    for i in [i for i, t in enumerate(types) if t == byte_type] if model == "llama" else []:
         m = _BYTE_TOKEN.match(tokens[i])
         if m is None:
             raise TokenizerError(f"byte token {i} is {tokens[i]!r}, expected the form <0xNN>")
@@ -290,11 +316,8 @@ def vocab_from_metadata(md: Mapping[str, Any]) -> Vocab:
 
     # Tokens cut out of raw text before the model's own algorithm runs, longest text first so
     # that "<|im_start|>" wins over a shorter token that is its prefix.
-    partition = [
-        i
-        for i, t in enumerate(types)
-        if t in (TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNKNOWN)
-    ]
+    special_types = {int(TokenType.CONTROL), int(TokenType.USER_DEFINED), int(TokenType.UNKNOWN)}
+    partition = [i for i, t in enumerate(types) if t in special_types]
     partition.sort(key=lambda i: (-len(tokens[i].encode("utf-8")), i))
 
     lstrip, rstrip = _strip_attributes(md, pre_name, token_to_id, partition)
