@@ -14,6 +14,8 @@ Each ISA is also compared with the scalar path at twice those bounds.
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -200,3 +202,29 @@ def test_empty_problems() -> None:
     assert core.matmul(2, w, 0, 32, np.zeros((3, 32), np.float32)).shape == (3, 0)
     y = core.matmul(0, np.zeros(0, np.uint8), 4, 0, np.zeros((2, 0), np.float32))
     assert y.shape == (2, 4) and not y.any()
+
+
+def test_misaligned_weights_are_accepted() -> None:
+    rng = np.random.default_rng(9)
+    w = random_weights("Q4_0", 6, 64, rng).reshape(-1)
+    buf = np.zeros(w.size + 1, dtype=np.uint8)
+    odd = buf[1:]  # C-contiguous but at an odd address
+    odd[:] = w
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    assert np.array_equal(core.matmul(2, odd, 6, 64, x), core.matmul(2, w, 6, 64, x))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_forked_child_gets_a_working_pool() -> None:
+    """After fork() the inherited pool has no workers; the child must not deadlock."""
+    rng = np.random.default_rng(10)
+    w = random_weights("Q8_0", 64, 256, rng)
+    x = rng.standard_normal((16, 256)).astype(np.float32)
+    expected = core.matmul(8, w, 64, 256, x)  # creates the default pool in the parent
+    pid = os.fork()
+    if pid == 0:  # child: a hang is turned into a failure by SIGALRM
+        signal.alarm(30)
+        ok = np.array_equal(core.matmul(8, w, 64, 256, x), expected)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -2,8 +2,10 @@
 // kernels, the ISA table of active_isa(), and the split of output rows across threads.
 #include "pyllm/matmul.h"
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "cpu/kernel_table.h"
 #include "pyllm/cpu.h"
@@ -64,16 +66,23 @@ MatArgs to_args(const MatmulParams& p, int64_t row_bytes) {
   return a;
 }
 
-// The kernel for p and the row granularity its ranges should respect.
+// The kernel for p and the row granularity of the thread split. The grain does not depend on
+// the ISA (32 is a multiple of every table's matmat_rows), so threads that see different
+// active ISAs during a concurrent set_active_isa still split the rows identically.
 RowsFn pick(const MatmulParams& p, int64_t* grain) {
   const KernelTable& t = table_for(active_isa());
   const int id = static_cast<int>(p.wtype);
   if (p.n_tokens >= kMatmatMinTokens) {
-    *grain = t.matmat_rows;
+    *grain = 32;
     return t.matmat[id];
   }
   *grain = 4;
   return t.matvec[id];
+}
+
+template <class T>
+bool aligned_for(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % alignof(T) == 0;
 }
 
 int64_t row_bytes_of(QType t, int64_t k) {
@@ -114,6 +123,12 @@ void check_matmul(const MatmulParams& p) {
   if (!empty && (p.y == nullptr || (p.k > 0 && (p.w == nullptr || p.x == nullptr)))) {
     throw std::invalid_argument("matmul: null buffer");
   }
+  if (!aligned_for<float>(p.x) || !aligned_for<float>(p.y)) {
+    throw std::invalid_argument("matmul: activations and outputs must be 4-byte aligned floats");
+  }
+  if (p.k > (int64_t{1} << 40) || p.n_out > (int64_t{1} << 40) || p.n_tokens > (int64_t{1} << 40)) {
+    throw std::invalid_argument("matmul: size out of range");
+  }
 }
 
 void matmul_part(const MatmulParams& p, int ith, int nth) {
@@ -134,9 +149,19 @@ void matmul_part(const MatmulParams& p, int ith, int nth) {
   if (b < e) fn(a, b, e);
 }
 
-void matmul(const MatmulParams& p, ThreadPool& pool) {
-  check_matmul(p);
-  if (p.n_out == 0 || p.n_tokens == 0) return;
+void matmul(const MatmulParams& p_in, ThreadPool& pool) {
+  check_matmul(p_in);
+  if (p_in.n_out == 0 || p_in.n_tokens == 0) return;
+  MatmulParams p = p_in;
+  // Block structs hold f16 fields (2-byte alignment) and F32 rows floats; a weight buffer at an
+  // odd address (e.g. a byte slice from Python or C) is copied once rather than read misaligned.
+  std::vector<uint8_t> aligned_copy;
+  const bool w_ok = p.wtype == QType::F32 ? aligned_for<float>(p.w) : aligned_for<uint16_t>(p.w);
+  if (!w_ok && p.k > 0) {
+    const int64_t bytes = p.n_out * row_bytes_of(p.wtype, p.k);
+    aligned_copy.assign(static_cast<const uint8_t*>(p.w), static_cast<const uint8_t*>(p.w) + bytes);
+    p.w = aligned_copy.data();
+  }
   // Small problems are not worth waking the workers for.
   const double work = static_cast<double>(p.n_out) * static_cast<double>(p.k) *
                       static_cast<double>(p.n_tokens);

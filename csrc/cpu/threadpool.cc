@@ -13,8 +13,13 @@
 #include <condition_variable>
 #include <exception>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <vector>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
 
 #include "pyllm/cpu.h"
 
@@ -201,7 +206,21 @@ std::shared_ptr<ThreadPool> g_default_pool;
 int g_default_threads = 0;
 }  // namespace
 
+#if defined(__unix__) || defined(__APPLE__)
+// After fork() the child has only the forking thread: the inherited pool's workers do not exist
+// there, so the child forgets (deliberately leaks) it and creates a fresh one on first use.
+void forget_pool_in_child() {
+  new (&g_default_mu) std::mutex();  // the parent may have held it at fork time
+  new std::shared_ptr<ThreadPool>(std::move(g_default_pool));  // leaked, never destroyed
+  g_default_pool.reset();
+}
+std::once_flag g_atfork_once;
+#endif
+
 std::shared_ptr<ThreadPool> default_pool_shared() {
+#if defined(__unix__) || defined(__APPLE__)
+  std::call_once(g_atfork_once, [] { pthread_atfork(nullptr, nullptr, forget_pool_in_child); });
+#endif
   std::lock_guard<std::mutex> lk(g_default_mu);
   if (!g_default_pool) g_default_pool = std::make_shared<ThreadPool>(g_default_threads);
   return g_default_pool;

@@ -74,6 +74,9 @@ void matmul(const MatmulParams& p, ThreadPool& pool);
 // Inside an already-running parallel region (e.g. one pool.run() for a whole forward pass):
 // thread ith of nth computes its share of the rows of Y and returns WITHOUT a barrier. All nth
 // threads must call it with the same parameters; call pool.barrier() before anyone reads Y.
+// p must pass check_matmul (checked once by the caller, e.g. at model load) and W must be
+// 2-byte aligned (4 for F32), as GGUF tensor data always is; matmul() also accepts odd
+// addresses (it copies such weights once).
 void matmul_part(const MatmulParams& p, int ith, int nth);
 
 // Throws std::invalid_argument when p is not a valid problem (see above); matmul() calls it.
