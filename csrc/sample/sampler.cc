@@ -20,32 +20,112 @@ constexpr int kMirostatM = 100;  // tokens used to estimate the Zipf exponent (l
 
 // Candidate order: higher logit first, equal logits by lower id, so every sort, selection and
 // greedy choice is deterministic (llama.cpp leaves tie order to std::sort).
-inline bool better(const Candidate& a, const Candidate& b) {
+// A lambda object, not a function, so std algorithms inline it.
+constexpr auto better = [](const Candidate& a, const Candidate& b) {
   return a.logit > b.logit || (a.logit == b.logit && a.id < b.id);
-}
+};
 
 bool finite(float x) { return std::isfinite(x); }
 
-// Orders v progressively (smallest-by-`less` first) in widening chunks and calls stop(i) for
-// each position in order; returns i + 1 for the first i where stop is true, else v.size().
-// Filters that keep a probability-mass prefix (top-p, typical) usually stop within a few hundred
-// tokens, so this avoids sorting a 150k vocabulary.
-template <class T, class Less, class Stop>
-size_t widening_prefix(std::vector<T>& v, Less less, Stop stop) {
-  size_t done = 0;
-  size_t chunk = 128;
-  const size_t n = v.size();
-  while (done < n) {
-    const size_t end = std::min(n, done + chunk);
-    if (end < n) std::nth_element(v.begin() + done, v.begin() + end, v.end(), less);
-    std::sort(v.begin() + done, v.begin() + end, less);
-    for (size_t i = done; i < end; ++i) {
-      if (stop(i)) return i + 1;
+// Weighted quickselect. Reorders v[0, n) so that v[0, r) holds the r first elements in `less`
+// order (themselves in no particular order), where r is the smallest count whose mass reaches p
+// (sum > p when `strict`, >= otherwise); returns r, or n when the whole range does not reach p.
+// This is the cut a scan of the fully sorted array would find, in expected O(n) instead of a
+// full sort: top-p / typical-p on an unfiltered 150k vocabulary may keep thousands of tokens.
+template <class T, class Less, class Mass>
+size_t mass_prefix(std::vector<T>& v, size_t n, Less less, Mass mass, double p, bool strict) {
+  auto reached = [&](double m) { return strict ? m > p : m >= p; };
+  size_t lo = 0;
+  size_t hi = n;
+  double acc = 0.0;  // mass of v[0, lo), all of which is kept
+  while (hi - lo > 32) {
+    // Median of three as the pivot, parked at lo during the partition.
+    size_t a = lo, b = lo + (hi - lo) / 2, c = hi - 1;
+    if (less(v[b], v[a])) std::swap(a, b);
+    if (less(v[c], v[b])) std::swap(b, c);
+    if (less(v[b], v[a])) std::swap(a, b);
+    std::swap(v[lo], v[b]);
+    const T pivot = v[lo];
+    const auto split = std::partition(v.begin() + lo + 1, v.begin() + hi,
+                                      [&](const T& x) { return less(x, pivot); });
+    const auto q = static_cast<size_t>(split - v.begin()) - 1;
+    std::swap(v[lo], v[q]);  // v[lo, q) precede the pivot, now at q
+    double left = 0.0;
+    for (size_t i = lo; i < q; ++i) left += mass(v[i]);
+    if (reached(acc + left)) {
+      hi = q;
+      continue;
     }
-    done = end;
-    chunk *= 4;
+    acc += left + mass(v[q]);
+    if (reached(acc)) return q + 1;
+    lo = q + 1;
   }
-  return n;
+  std::sort(v.begin() + lo, v.begin() + hi, less);
+  for (size_t i = lo; i < hi; ++i) {
+    acc += mass(v[i]);
+    if (reached(acc)) return i + 1;
+  }
+  return hi;  // hi < n only when rounding lost the crossing found above
+}
+
+// exp(x) for x <= 0 written so the compiler vectorizes it (the libm call does not): round
+// x / ln2 to k with the 1.5 * 2^23 trick, reduce r = x - k ln2 (Cody-Waite, two parts), a
+// degree-6 polynomial for e^r on |r| <= ln2 / 2, and scale by 2^k through the exponent bits.
+// Relative error ~2e-7; below -87 the result is 0 (float would go subnormal).
+// GCC only if-converts (and so vectorizes) the float selects below without trapping-math; the
+// selects never trap on the values they see.
+#if defined(__GNUC__) && !defined(__clang__)
+#define PYLLM_VECTOR_SELECTS __attribute__((optimize("no-trapping-math")))
+#else
+#define PYLLM_VECTOR_SELECTS
+#endif
+
+PYLLM_VECTOR_SELECTS inline float exp_nonpositive(float x) {
+  const float magic = 12582912.0f;
+  x = x < -87.0f ? -87.0f : x;
+  const float kf_m = x * 1.44269504088896341f + magic;
+  const float kf = kf_m - magic;
+  int32_t kbits;
+  std::memcpy(&kbits, &kf_m, 4);
+  const int32_t k = kbits - 0x4B400000;  // the integer rounded into the mantissa
+  const float r = (x - kf * 0.693145751953125f) - kf * 1.428606765330187045e-06f;
+  float q = 1.0f / 720.0f;
+  q = q * r + 1.0f / 120.0f;
+  q = q * r + 1.0f / 24.0f;
+  q = q * r + 1.0f / 6.0f;
+  q = q * r + 0.5f;
+  q = q * r + 1.0f;
+  q = q * r + 1.0f;
+  int32_t qbits;
+  std::memcpy(&qbits, &q, 4);
+  qbits += k * (1 << 23);
+  std::memcpy(&q, &qbits, 4);
+  return x <= -87.0f ? 0.0f : q;
+}
+
+// out[i] = exp(x[i] - mx) (x[i] <= mx; -inf gives 0); returns the sum. 16 float lanes (the
+// compiler does not reorder a single float sum), added up in double per block.
+PYLLM_VECTOR_SELECTS double exp_shifted(const float* x, float mx, float* out, size_t n) {
+  constexpr size_t kLanes = 16;
+  double total = 0.0;
+  size_t i = 0;
+  while (i + kLanes <= n) {
+    float part[kLanes] = {};
+    const size_t end = std::min(n - n % kLanes, i + 1024);
+    for (; i < end; i += kLanes) {
+      for (size_t j = 0; j < kLanes; ++j) {
+        const float v = exp_nonpositive(x[i + j] - mx);
+        out[i + j] = v;
+        part[j] += v;
+      }
+    }
+    for (float v : part) total += v;
+  }
+  for (; i < n; ++i) {
+    out[i] = exp_nonpositive(x[i] - mx);
+    total += out[i];
+  }
+  return total;
 }
 
 // Largest value of a row; 16 independent lanes so the compiler vectorizes the loop.
@@ -264,13 +344,14 @@ void Sampler::softmax() {
     for (Candidate& c : cands_) c.p = c.logit == kInf ? 1.0f / cnt : 0.0f;
     return;
   }
-  double sum = 0.0;
-  for (Candidate& c : cands_) {
-    c.p = std::exp(c.logit - mx);
-    sum += c.p;
-  }
+  // Gather the logits into a flat array so the exponentials run vectorized.
+  const size_t n = cands_.size();
+  std::vector<float>& e = scratch_e_;
+  e.resize(2 * n);
+  for (size_t i = 0; i < n; ++i) e[i] = cands_[i].logit;
+  const double sum = exp_shifted(e.data(), mx, e.data() + n, n);
   const float inv = static_cast<float>(1.0 / sum);
-  for (Candidate& c : cands_) c.p *= inv;
+  for (size_t i = 0; i < n; ++i) cands_[i].p = e[n + i] * inv;
 }
 
 void Sampler::apply_tail_free(float z) {
@@ -327,11 +408,9 @@ void Sampler::apply_typical(float p) {
   auto less = [&](size_t a, size_t b) {
     return score[a] < score[b] || (score[a] == score[b] && better(cands_[a], cands_[b]));
   };
-  double cum = 0.0;
-  const size_t last = widening_prefix(idx, less, [&](size_t i) {
-    cum += cands_[idx[i]].p;
-    return cum > p;  // min_keep - 1 = 0: the first token always counts
-  });
+  // min_keep - 1 = 0: the first token always counts
+  const size_t last = mass_prefix(
+      idx, n, less, [&](size_t i) { return static_cast<double>(cands_[i].p); }, p, true);
   scratch_c_.resize(last);
   for (size_t i = 0; i < last; ++i) scratch_c_[i] = cands_[idx[i]];
   cands_.swap(scratch_c_);
@@ -340,24 +419,28 @@ void Sampler::apply_typical(float p) {
 
 void Sampler::apply_top_p(float p) {
   softmax();
-  double cum = 0.0;
-  auto stop = [&](size_t i) {
-    cum += cands_[i].p;
-    return cum >= p;
-  };
-  size_t last = cands_.size();
   if (sorted_) {
+    double cum = 0.0;
+    size_t last = cands_.size();
     for (size_t i = 0; i < cands_.size(); ++i) {
-      if (stop(i)) {
+      cum += cands_[i].p;
+      if (cum >= p) {
         last = i + 1;
         break;
       }
     }
-  } else {
-    last = widening_prefix(cands_, better, stop);
+    cands_.resize(last);
+    return;
   }
+  const size_t last = mass_prefix(
+      cands_, cands_.size(), better,
+      [](const Candidate& c) { return static_cast<double>(c.p); }, p, false);
   cands_.resize(last);
-  sorted_ = true;  // the kept prefix is in order
+  // The kept set is the right one but unordered; small sets are cheap to order for min-p.
+  if (last <= 4096) {
+    std::sort(cands_.begin(), cands_.end(), better);
+    sorted_ = true;
+  }
 }
 
 void Sampler::apply_min_p(float p) {
@@ -416,7 +499,13 @@ void Sampler::mirostat_v1() {
   size_t kk = n;
   if (k < static_cast<double>(n)) kk = std::max<size_t>(1, static_cast<size_t>(k));  // NaN -> n
   if (kk > cands_.size()) {
-    select_top_k(kk);
+    // A large k (mu high, flat distribution): an unordered O(n) selection is enough to draw.
+    fill_all_candidates();
+    if (kk < n) {
+      std::nth_element(cands_.begin(), cands_.begin() + static_cast<std::ptrdiff_t>(kk),
+                       cands_.end(), better);
+      cands_.resize(kk);
+    }
     apply_temperature(t);
   } else {
     cands_.resize(kk);
@@ -429,11 +518,8 @@ void Sampler::mirostat_v2() {
   // Keep tokens whose surprise -log2 p is at most mu: p >= 2^-mu, i.e. in logits
   // l >= max + log Z - mu ln 2, computed over the whole (temperature-scaled) vocabulary.
   const size_t n = work_.size();
-  float mx = -kInf;
-  for (size_t i = 0; i < n; ++i) {
-    work_[i] /= t;
-    mx = std::max(mx, work_[i]);
-  }
+  for (size_t i = 0; i < n; ++i) work_[i] /= t;
+  const float mx = row_max(work_.data(), n);
   if (mx == -kInf)
     throw SamplingError("no token can be sampled: every logit is -inf (all tokens banned)");
   if (mx == kInf) {
@@ -441,19 +527,28 @@ void Sampler::mirostat_v2() {
     softmax();
     return;
   }
-  double z = 0.0;
-  for (size_t i = 0; i < n; ++i) z += std::exp(work_[i] - mx);
+  // e_i = exp(l_i - max) once; the survivors' probabilities reuse them.
+  std::vector<float>& e = scratch_f_;
+  e.resize(n);
+  const double z = exp_shifted(work_.data(), mx, e.data(), n);
   const double thr = mx + std::log(z) - static_cast<double>(mu_) * std::log(2.0);
   cands_.clear();
-  Candidate best{-1, -kInf, 0.0f};
+  double kept = 0.0;
   for (size_t i = 0; i < n; ++i) {
-    const Candidate c{static_cast<int32_t>(i), work_[i], 0.0f};
-    if (static_cast<double>(c.logit) >= thr) cands_.push_back(c);
-    if (better(c, best)) best = c;
+    if (static_cast<double>(work_[i]) >= thr) {
+      cands_.push_back(Candidate{static_cast<int32_t>(i), work_[i], e[i]});
+      kept += e[i];
+    }
   }
-  if (cands_.empty()) cands_.push_back(best);  // always keep the most probable token
+  if (cands_.empty()) {  // always keep the most probable token (the lowest id among equals)
+    const auto best = static_cast<size_t>(std::find(work_.begin(), work_.end(), mx) -
+                                          work_.begin());
+    cands_.push_back(Candidate{static_cast<int32_t>(best), mx, 1.0f});
+    kept = 1.0;
+  }
+  const auto inv = static_cast<float>(1.0 / kept);
+  for (Candidate& c : cands_) c.p *= inv;
   sorted_ = false;
-  softmax();
 }
 
 void Sampler::build_distribution() {
@@ -566,8 +661,8 @@ std::pair<float, TopLogprobs> raw_logprobs(const float* logits, size_t n, int32_
   check_row(logits, n);
   const float mx = row_max(logits, n);
   if (mx == -kInf) throw SamplingError("every logit is -inf");
-  double z = 0.0;
-  for (size_t i = 0; i < n; ++i) z += std::exp(logits[i] - mx);
+  std::vector<float> e(n);
+  const double z = exp_shifted(logits, mx, e.data(), n);
   const float lse = mx + static_cast<float>(std::log(z));
   std::pair<float, TopLogprobs> out;
   out.first = token >= 0 ? logits[token] - lse : 0.0f;

@@ -139,6 +139,7 @@ class Sampler {
   std::vector<float> scratch_f_;
   std::vector<size_t> scratch_i_;
   std::vector<Candidate> scratch_c_;
+  std::vector<float> scratch_e_;  // softmax: gathered logits, then their exponentials
 };
 
 // log_softmax of raw logits: the log-probability of `token` (ignored when < 0) and the top_n
