@@ -38,6 +38,7 @@ _CROSSES = re.compile(f"[^{SPACE}]{SPACE}")
 _CACHE_LIMIT = 200_000
 _SHORT = 48  # chunks up to this many characters use the list scan, longer ones the heap
 _INF = float("inf")
+_FLOAT_MAX = 1.7976931348623157e308
 
 
 def _library_processor(vocab: Vocab) -> Any | None:
@@ -81,7 +82,8 @@ class SpmModel:
         self._byte_to_id = vocab.byte_to_id
         self._unk = vocab.special_ids.get("unk")
         self._chunked = not any(_CROSSES.search(t) for t in vocab.tokens)
-        self._neg_scores = [-s for s in vocab.scores]
+        # A -inf score must stay distinguishable from the "no such token" sentinel.
+        self._neg_scores = [min(-s, _FLOAT_MAX) for s in vocab.scores]
         self._cache: dict[str, tuple[int, ...]] = {}
 
     def encode(self, text: str, out: list[int]) -> None:
