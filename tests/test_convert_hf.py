@@ -461,3 +461,27 @@ def test_q8_0_output(saved: dict[str, tuple[Any, Path]], tmp_path: Path) -> None
                 p.copy_(torch.from_numpy(dequantize(quantize(p.numpy(), q8), q8)))
     toks = tokens()
     assert np.abs(LlamaRef(str(out)).forward(toks) - hf_logits(model, toks)).max() < 1e-4
+
+
+@pytest.mark.parametrize("case", ["llama_gqa", "llama_tied_mqa", "qwen2"])
+def test_transformers_reads_our_gguf(saved: dict[str, tuple[Any, Path]], tmp_path: Path,
+                                     case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers' own GGUF loader (llama.cpp conventions: names, metadata keys, q/k
+    permutation) reads the converted file back to the original model."""
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, src = saved[case]
+    (tmp_path / "g").mkdir()
+    convert_hf(src, tmp_path / "g" / "m.gguf", "f32", progress=False)
+    back = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "g"), gguf_file="m.gguf", dtype=torch.float32)
+    toks = tokens()
+    np.testing.assert_allclose(hf_logits(back, toks), hf_logits(model, toks), rtol=0, atol=1e-5)
+
+
+def test_sliding_window_is_reported(saved: dict[str, tuple[Any, Path]], tmp_path: Path,
+                                    caplog: pytest.LogCaptureFixture) -> None:
+    src = _copy_with_config(saved["mistral_head_dim"][1], tmp_path / "src", sliding_window=32)
+    with caplog.at_level("WARNING", logger="pyllm.convert"):
+        convert_hf(src, tmp_path / "m.gguf", "f16", progress=False)
+    assert "32-token sliding window" in caplog.text

@@ -123,9 +123,13 @@ class HFConfig:
             raise ConvertError(f"head_dim {head_dim} must be even for RoPE")
         if cfg.get("partial_rotary_factor", 1.0) not in (None, 1, 1.0):
             raise ConvertError("partial_rotary_factor != 1 is not supported")
-        if arch == "qwen2" and cfg.get("use_sliding_window"):
-            log.warning("use_sliding_window is set; the GGUF model attends to the full context "
-                        "(as llama.cpp does)")
+        window = cfg.get("sliding_window")
+        uses_window = bool(cfg.get("use_sliding_window")) if arch == "qwen2" else (
+            isinstance(window, int) and window < cfg.get("max_position_embeddings", 0))
+        if uses_window:
+            # GGUF llama/qwen2 have no sliding-window key; llama.cpp attends to everything too
+            log.warning("config.json sets a %s-token sliding window; the GGUF model attends to "
+                        "the full context, so outputs differ beyond the window", window)
 
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         if any(isinstance(v, dict) for v in rope.values()):
