@@ -164,3 +164,67 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
             cli_main(argv)
         assert e.value.code == 2, argv
         assert capsys.readouterr().err.startswith("error:")
+
+
+def _tiny_hf_folder(dst: Path) -> Path:
+    """A random tiny HF Llama (rows of 256 so Q4_K_M uses k-quants) with a byte-level BPE
+    tokenizer.json that covers any text."""
+    import json
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from pyllm.tokenizer.bpe import bytes_to_token_text
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=320, max_position_embeddings=512, bos_token_id=259,
+        eos_token_id=259, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(dst)
+    vocab = {bytes_to_token_text(bytes([b])): b for b in range(256)}
+    vocab.update({"Ġt": 256, "he": 257, "Ġthe": 258})
+    (dst / "tokenizer.json").write_text(json.dumps({
+        "model": {"type": "BPE", "vocab": vocab, "merges": ["Ġ t", "h e", "Ġt he"]},
+        "added_tokens": [{"id": 259, "content": "<|endoftext|>", "special": True}],
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+        "decoder": {"type": "ByteLevel"}}))
+    (dst / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}))
+    return dst
+
+
+def test_hf_folder_to_f16_to_q4_k_m_to_perplexity(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from pyllm.gguf import GGUFReader
+
+    src = _tiny_hf_folder(tmp_path / "hf")
+    (tmp_path / "a.json").write_text('{"rms_norm_eps": 1e-4, "max_position_embeddings": 384}')
+    (tmp_path / "b.json").write_text('{"rms_norm_eps": 1e-5}')
+    f16, q4, base = tmp_path / "f16.gguf", tmp_path / "q4_k_m.gguf", tmp_path / "f16.kl"
+    assert cli_main(["convert", str(src), "-o", str(f16), "--outtype", "f16", "--quiet",
+                     "--config", str(tmp_path / "a.json"), "--config", str(tmp_path / "b.json")]
+                    ) == 0
+    with GGUFReader(f16) as r:  # configs merged in order, later keys win
+        assert r.metadata["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-5)
+        assert r.metadata["llama.context_length"] == 384
+    assert cli_main(["quantize", str(f16), str(q4), "Q4_K_M", "--quiet"]) == 0
+    with GGUFReader(q4) as r:
+        assert r.metadata["general.file_type"] == 15
+        # 4 layers: "more bits" are layers 2 (every third after n/8 = 0) and 3 (>= 7n/8)
+        assert [r.tensor(f"blk.{i}.attn_v.weight").type.name for i in range(4)] == \
+            ["Q4_K", "Q4_K", "Q6_K", "Q6_K"]
+    text = str(DATA / "english.txt")
+    capsys.readouterr()
+    assert cli_main(["perplexity", "-m", str(f16), "-f", text, "-c", "256", "-t", "2",
+                     "--kl-divergence-base", str(base)]) == 0
+    out = capsys.readouterr().out
+    ppl_f16 = float(re.search(r"PPL = ([0-9.]+)", out).group(1))  # type: ignore[union-attr]
+    assert cli_main(["perplexity", "-m", str(q4), "-t", "2", "--kl-divergence", str(base)]) == 0
+    out = capsys.readouterr().out
+    ppl_q = float(re.search(r"PPL\(model\): +([0-9.]+)", out).group(1))  # type: ignore[union-attr]
+    kl = float(re.search(r"mean KL divergence: +([0-9.]+)", out).group(1))  # type: ignore[union-attr]
+    top1 = float(re.search(r"top-1 agreement: +([0-9.]+)", out).group(1))  # type: ignore[union-attr]
+    # measured: F16 343.61 +/- 3.24, Q4_K_M 343.98, KL 5.9e-4, top-1 76 % (a random model over a
+    # 320-token byte vocabulary is about uniform: PPL near the vocabulary size)
+    assert 250 < ppl_f16 < 450 and abs(ppl_q / ppl_f16 - 1) < 0.02
+    assert 0 < kl < 0.01 and top1 > 50
