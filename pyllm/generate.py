@@ -127,8 +127,7 @@ class Generation:
     def _run(self) -> Iterator[Piece]:
         llm = self.llm
         # As llama.cpp: the prompt counts as history for the repetition penalties.
-        for t in self.prompt_tokens:
-            self.sampler.accept(t)
+        self.sampler.accept_many(self.prompt_tokens)
         t0 = time.perf_counter()
         before = llm.tokens
         logits = llm.eval_prompt(self.prompt_tokens)

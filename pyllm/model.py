@@ -8,6 +8,7 @@ call into C++ with the GIL released.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -86,7 +87,7 @@ class LLM:
             hp = self.hparams
             print(f"pyllm: {hp.arch} {hp.n_layer} layers, n_embd {hp.n_embd}, {hp.n_head} heads "
                   f"({hp.n_head_kv} KV), vocab {hp.n_vocab}, n_ctx {n_ctx}, "
-                  f"{self._ctx.n_threads} threads")
+                  f"{self._ctx.n_threads} threads", file=sys.stderr)
 
     # ---- properties ---------------------------------------------------------------------------
 
