@@ -33,11 +33,11 @@ bool finite(float x) { return std::isfinite(x); }
 // This is the cut a scan of the fully sorted array would find, in expected O(n) instead of a
 // full sort: top-p / typical-p on an unfiltered 150k vocabulary may keep thousands of tokens.
 template <class T, class Less, class Mass>
-size_t mass_prefix(std::vector<T>& v, size_t n, Less less, Mass mass, double p, bool strict) {
+size_t mass_prefix(std::vector<T>& v, size_t n, Less less, Mass mass, double p, bool strict,
+                   size_t lo = 0, double acc = 0.0) {
+  // (lo, acc: v[0, lo) is already known to be kept, with mass acc)
   auto reached = [&](double m) { return strict ? m > p : m >= p; };
-  size_t lo = 0;
   size_t hi = n;
-  double acc = 0.0;  // mass of v[0, lo), all of which is kept
   while (hi - lo > 32) {
     // Median of three as the pivot, parked at lo during the partition.
     size_t a = lo, b = lo + (hi - lo) / 2, c = hi - 1;
@@ -432,9 +432,35 @@ void Sampler::apply_top_p(float p) {
     cands_.resize(last);
     return;
   }
-  const size_t last = mass_prefix(
-      cands_, cands_.size(), better,
-      [](const Candidate& c) { return static_cast<double>(c.p); }, p, false);
+  // Histogram of the mass by distance below the best logit (buckets follow `better` order), so
+  // one pass finds the bucket where the cumulative mass crosses p; everything above it is kept
+  // unordered and only that bucket goes through the quickselect.
+  const size_t n = cands_.size();
+  float mx = -kInf;
+  for (const Candidate& c : cands_) mx = std::max(mx, c.logit);
+  constexpr int kBuckets = 512;
+  constexpr float kRange = 32.0f;  // nats below the best; beyond that, the last bucket
+  const float scale = kBuckets / kRange;
+  auto bucket = [&](const Candidate& c) {
+    const float d = (mx - c.logit) * scale;  // -inf logits give +inf
+    return d < static_cast<float>(kBuckets) ? static_cast<int>(d) : kBuckets;
+  };
+  double hist[kBuckets + 1] = {};
+  for (const Candidate& c : cands_) hist[bucket(c)] += c.p;
+  double acc = 0.0;
+  int cut = 0;
+  while (cut <= kBuckets && !(acc + hist[cut] >= p)) acc += hist[cut++];
+  size_t last = n;
+  if (cut <= kBuckets) {
+    const auto above = std::partition(cands_.begin(), cands_.end(),
+                                      [&](const Candidate& c) { return bucket(c) < cut; });
+    const auto within = std::partition(above, cands_.end(),
+                                       [&](const Candidate& c) { return bucket(c) == cut; });
+    last = mass_prefix(
+        cands_, static_cast<size_t>(within - cands_.begin()), better,
+        [](const Candidate& c) { return static_cast<double>(c.p); }, p, false,
+        static_cast<size_t>(above - cands_.begin()), acc);
+  }
   cands_.resize(last);
   // The kept set is the right one but unordered; small sets are cheap to order for min-p.
   if (last <= 4096) {
