@@ -485,3 +485,23 @@ def test_sliding_window_is_reported(saved: dict[str, tuple[Any, Path]], tmp_path
     with caplog.at_level("WARNING", logger="pyllm.convert"):
         convert_hf(src, tmp_path / "m.gguf", "f16", progress=False)
     assert "32-token sliding window" in caplog.text
+
+
+@pytest.mark.parametrize("outtype", ["f16", "bf16"])
+def test_conversion_streams(tmp_path: Path, outtype: str) -> None:
+    """Tensors are read, converted and written one at a time: the peak of Python/numpy
+    allocations stays a small fraction of the model."""
+    import tracemalloc
+
+    model = make_model("Llama", {"hidden_size": 256, "intermediate_size": 512,
+                                 "num_hidden_layers": 6, "vocab_size": 1024})
+    model.save_pretrained(tmp_path / "src", max_shard_size="4MB")
+    total = sum(p.numel() * 4 for p in model.parameters())
+    del model
+    tracemalloc.start()
+    try:
+        convert_hf(tmp_path / "src", tmp_path / "m.gguf", outtype, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < total / 3, (peak, total)

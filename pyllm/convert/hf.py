@@ -264,12 +264,19 @@ def model_metadata(cfg: HFConfig, n_vocab: int, name: str, outtype: str) -> dict
 
 
 def f32_to_bf16(a: np.ndarray) -> np.ndarray:
-    """float32 -> bf16 bits (uint16), round to nearest even, NaNs kept quiet (as ggml does)."""
+    """float32 -> bf16 bits (uint16), round to nearest even, NaNs kept quiet (as ggml does).
+
+    Works in place on one uint32 temporary: this runs on whole embedding matrices."""
     u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
-    is_nan = (u & 0x7FFFFFFF) > 0x7F800000
-    # u + 0x7fff + lsb only wraps for NaN bit patterns, which the where() below replaces
-    rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    return np.where(is_nan, ((u >> 16) | 0x40).astype(np.uint16), rounded)
+    r = (u >> 16) & 1  # the lowest kept bit decides ties
+    r += 0x7FFF
+    r += u  # only wraps for NaN bit patterns, which are replaced below
+    r >>= 16
+    out = r.astype(np.uint16)
+    del r
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    out[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
+    return out
 
 
 
