@@ -3,8 +3,10 @@ decode, malformed metadata, pre-tokenizers and the tokenizer.model / tokenizer.j
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from pyllm.tokenizer import (
     hf_tokenizer_metadata,
     pretokenizer_names,
 )
-from pyllm.tokenizer.bpe import bytes_to_token_text
+from pyllm.tokenizer.bpe import BYTE_TO_CHAR, bytes_to_token_text
 from pyllm.tokenizer.convert import sentencepiece_model_from_vocab
 from pyllm.tokenizer.spm import SpmModel, _library_processor
 from pyllm.tokenizer.vocab import vocab_from_metadata
@@ -309,6 +311,56 @@ def test_malformed_bpe_metadata(edit: Any, message: str) -> None:
     edit(md)
     with pytest.raises(TokenizerError, match=message):
         Tokenizer.from_metadata(md)
+
+
+def test_mutated_metadata_only_raises_tokenizer_error() -> None:
+    rng = random.Random(1)
+    weird: list[Any] = [None, 0, -1, 1.5, float("nan"), True, "x", "", b"b", [], [1, 2], ["a"]]
+    weird += [
+        {"a": 1},
+        np.zeros(3),
+        np.zeros((2, 2)),
+        2**40,
+        -(2**40),
+        "<0xZZ>",
+        [None],
+        [1.5] * 300,
+    ]
+    keys = ["tokenizer.ggml.unknown_token_id", "tokenizer.ggml.add_space_prefix", "general.name"]
+    for _ in range(400):
+        md = rng.choice([tiny_spm, tiny_bpe])()
+        md = {k: v.copy() if isinstance(v, (list, np.ndarray)) else v for k, v in md.items()}
+        for _ in range(rng.randint(1, 3)):
+            key = rng.choice([*md, *keys])
+            value = md.get(key)
+            if rng.random() < 0.5 or not isinstance(value, (list, np.ndarray)) or not len(value):
+                md[key] = rng.choice(weird)
+            else:
+                with contextlib.suppress(TypeError, ValueError, OverflowError):  # numpy refuses
+                    value[rng.randrange(len(value))] = rng.choice(weird)
+        try:
+            tok = Tokenizer.from_metadata(md)
+            tok.encode("a ab<tool> x\n<|end|>é😀", parse_special=rng.random() < 0.5)
+            tok.decode(range(min(tok.n_vocab, 300)))
+        except TokenizerError:
+            pass
+
+
+def test_random_text_round_trips(smol: Tokenizer, vocab_dir: Path) -> None:
+    rng = random.Random(2)
+    ranges = [(0x20, 0x7F), (0x0, 0x20), (0xA0, 0x800), (0x3000, 0x3100), (0x4E00, 0x4F00)]
+    ranges += [(0x1F600, 0x1F650), (0xE000, 0xE010), (0x10FFF0, 0x110000)]
+    spm = _LOADED.get("llama-spm") or Tokenizer.from_gguf(vocab_dir / "ggml-vocab-llama-spm.gguf")
+    # SmolLM2's vocabulary lacks a few byte symbols (0x04, 0x06, ..., 0xF5-0xFF): as in
+    # llama.cpp, such bytes are dropped, so only representable characters round-trip.
+    missing = {b for b, c in enumerate(BYTE_TO_CHAR) if smol.token_to_id(c) is None}
+    assert smol.encode("a\x04b") == smol.encode("a") + smol.encode("b")
+    for _ in range(300):
+        text = "".join(chr(rng.randrange(*rng.choice(ranges))) for _ in range(rng.randint(1, 40)))
+        text = "".join(ch for ch in text if not missing.intersection(ch.encode()))
+        assert smol.decode(smol.encode(text)) == text
+        text = text.replace("\u2581", "_")  # a literal "▁" decodes as a space in SentencePiece
+        assert spm.decode(spm.encode(text, add_special=False)) == text
 
 
 def test_bad_input() -> None:
