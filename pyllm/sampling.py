@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
@@ -67,6 +67,36 @@ def _bias_key(key: Any) -> int:
     return int(key)
 
 
+class LogitBias(Mapping[int, float]):
+    """Read-only token id -> bias mapping (hashable, picklable, deep-copyable)."""
+
+    __slots__ = ("_d",)
+
+    def __init__(self, items: Mapping[int, float] | None = None) -> None:
+        self._d: dict[int, float] = dict(items or {})
+
+    def __getitem__(self, key: int) -> float:
+        return self._d[key]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._d.items()))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self._d) == dict(other)
+
+    def __repr__(self) -> str:
+        return repr(self._d)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (LogitBias, (self._d,))
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Sampling settings; defaults are llama.cpp's. Invalid values raise SamplingError."""
@@ -84,7 +114,7 @@ class SamplingParams:
     mirostat: int = 0
     mirostat_tau: float = 5.0
     mirostat_eta: float = 0.1
-    logit_bias: Mapping[int, float] = field(default_factory=dict, hash=False)
+    logit_bias: Mapping[int, float] = field(default_factory=LogitBias)
     seed: int = -1
 
     def __post_init__(self) -> None:
@@ -144,7 +174,7 @@ class SamplingParams:
             if tok in clean:
                 raise SamplingError(f"logit_bias gives token {tok} twice")
             clean[tok] = b
-        put("logit_bias", MappingProxyType(clean))
+        put("logit_bias", LogitBias(clean))
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> SamplingParams:
@@ -320,4 +350,4 @@ def raw_logprobs(logits: Any, token: int = -1, top_n: int = 0
     return float(lp), [(int(i), float(v)) for i, v in top]
 
 
-__all__ = ["ALIASES", "SampleResult", "Sampler", "SamplingParams", "raw_logprobs"]
+__all__ = ["ALIASES", "LogitBias", "SampleResult", "Sampler", "SamplingParams", "raw_logprobs"]

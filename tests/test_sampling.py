@@ -3,7 +3,10 @@ penalties, reproducibility and parameter validation."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
+import pickle
 import time
 
 import numpy as np
@@ -450,6 +453,12 @@ def test_defaults_are_llama_cpp() -> None:
     assert hash(p) == hash(SamplingParams())
     with pytest.raises(AttributeError):
         p.top_k = 3  # type: ignore[misc]
+    q = SamplingParams(logit_bias={"7": -math.inf, 3: 2})
+    with pytest.raises(TypeError):
+        q.logit_bias[3] = 1.0  # type: ignore[index]
+    assert pickle.loads(pickle.dumps(q)) == q and hash(copy.deepcopy(q)) == hash(q)
+    assert dataclasses.asdict(q)["logit_bias"] == {7: -math.inf, 3: 2.0}
+    assert dataclasses.replace(q, top_k=3).logit_bias == q.logit_bias
 
 
 @pytest.mark.parametrize("kw,word", [
