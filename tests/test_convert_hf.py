@@ -505,3 +505,23 @@ def test_conversion_streams(tmp_path: Path, outtype: str) -> None:
     finally:
         tracemalloc.stop()
     assert peak < total / 3, (peak, total)
+
+
+def test_legacy_config_spelling() -> None:
+    """transformers 4.x wrote rope_theta at the top and rope_scaling with "type"."""
+    from pyllm.convert.hf import HFConfig, rope_metadata
+
+    cfg = HFConfig.from_dict({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 4096,
+        "rope_theta": 1e6, "rope_scaling": {"type": "linear", "factor": 2.0},
+    })
+    md, freqs = rope_metadata(cfg)
+    assert freqs is None and cfg.n_head_kv == 4 and cfg.head_dim == 16
+    assert md == {"llama.rope.freq_base": 1e6, "llama.rope.dimension_count": 16,
+                  "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0}
+    yarn = HFConfig.from_dict({**cfg.raw, "rope_scaling": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}})
+    md, _ = rope_metadata(yarn)
+    assert md["llama.rope.scaling.original_context_length"] == 1024
+    assert md["llama.rope.scaling.yarn_attn_factor"] == pytest.approx(1.0)

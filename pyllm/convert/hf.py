@@ -367,9 +367,9 @@ def plan_tensors(cfg: HFConfig, ckpt: Checkpoint) -> list[PlannedTensor]:
     add("token_embd.weight", expected["token_embd.weight"], plain(by_gguf["token_embd.weight"]))
     for i in range(cfg.n_layer):
         b = f"blk.{i}."
-        if cfg.arch == "internlm2":
-            _plan_internlm2_qkv(cfg, ckpt, by_gguf, b, expected, add)
-        missing = [n for n in _REQUIRED_PER_BLOCK if b + n not in by_gguf]
+        split = _plan_internlm2_qkv(cfg, ckpt, by_gguf, b, expected, add) \
+            if cfg.arch == "internlm2" else set()
+        missing = [n for n in _REQUIRED_PER_BLOCK if b + n not in by_gguf and b + n not in split]
         if missing:
             raise ConvertError(f"block {i} lacks {', '.join(missing)}")
         for suffix in ("attn_norm.weight", "attn_q.weight", "attn_q.bias", "attn_k.weight",
@@ -377,7 +377,7 @@ def plan_tensors(cfg: HFConfig, ckpt: Checkpoint) -> list[PlannedTensor]:
                        "attn_output.bias", "ffn_norm.weight", "ffn_gate.weight", "ffn_gate.bias",
                        "ffn_up.weight", "ffn_up.bias", "ffn_down.weight", "ffn_down.bias"):
             g = b + suffix
-            if g not in by_gguf or by_gguf[g] == "":
+            if g not in by_gguf:
                 continue
             heads = None
             if permute and suffix.startswith("attn_q."):
@@ -396,8 +396,10 @@ def plan_tensors(cfg: HFConfig, ckpt: Checkpoint) -> list[PlannedTensor]:
 def _plan_internlm2_qkv(cfg: HFConfig, ckpt: Checkpoint, by_gguf: dict[str, str], b: str,
                         expected: dict[str, tuple[int, ...]],
                         add: Callable[[str, tuple[int, ...], Callable[[], np.ndarray]], None],
-                        ) -> None:
-    """Split the fused wqkv of one block into q/k/v (q and k permuted like llama)."""
+                        ) -> set[str]:
+    """Split the fused wqkv of one block into q/k/v (q and k permuted like llama); returns the
+    names planned."""
+    done: set[str] = set()
     for kind in ("weight", "bias"):
         fused = by_gguf.pop(f"{b}attn_qkv.{kind}", None)
         if fused is None:
@@ -413,7 +415,8 @@ def _plan_internlm2_qkv(cfg: HFConfig, ckpt: Checkpoint, by_gguf: dict[str, str]
                 return np.ascontiguousarray(parts[2])
             name = f"{b}attn_{part}.{kind}"
             add(name, expected[name], load)
-            by_gguf[name] = ""  # present, already planned
+            done.add(name)
+    return done
 
 
 # ------------------------------------------------------------------------------------------------
