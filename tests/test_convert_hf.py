@@ -288,11 +288,20 @@ def _internlm2_folder(model: Any, dst: Path) -> None:
         v = sd[p + "self_attn.v_proj.weight"].reshape(Hkv, 1, hd, -1)
         out[o + "attention.wqkv.weight"] = np.concatenate([q, k, v], 1).reshape(-1, q.shape[-1])
         out[o + "attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
+        if cfg.attention_bias:
+            qb = sd[p + "self_attn.q_proj.bias"].reshape(Hkv, g, hd)
+            kb = sd[p + "self_attn.k_proj.bias"].reshape(Hkv, 1, hd)
+            vb = sd[p + "self_attn.v_proj.bias"].reshape(Hkv, 1, hd)
+            out[o + "attention.wqkv.bias"] = np.concatenate([qb, kb, vb], 1).reshape(-1)
+            out[o + "attention.wo.bias"] = sd[p + "self_attn.o_proj.bias"]
         out[o + "attention_norm.weight"] = sd[p + "input_layernorm.weight"]
         out[o + "ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
         out[o + "feed_forward.w1.weight"] = sd[p + "mlp.gate_proj.weight"]
         out[o + "feed_forward.w3.weight"] = sd[p + "mlp.up_proj.weight"]
         out[o + "feed_forward.w2.weight"] = sd[p + "mlp.down_proj.weight"]
+        for hf, ilm in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+            if p + f"mlp.{hf}.bias" in sd:
+                out[o + f"feed_forward.{ilm}.bias"] = sd[p + f"mlp.{hf}.bias"]
     dst.mkdir()
     save_file({k: np.ascontiguousarray(v) for k, v in out.items()}, str(dst / "model.safetensors"))
     config = {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size",
@@ -300,12 +309,15 @@ def _internlm2_folder(model: Any, dst: Path) -> None:
                                             "num_key_value_heads", "max_position_embeddings",
                                             "rms_norm_eps", "vocab_size")}
     config.update(architectures=["InternLM2ForCausalLM"], model_type="internlm2",
-                  rope_theta=10000.0, bias=False, tie_word_embeddings=False)
+                  rope_theta=cfg.rope_parameters["rope_theta"], bias=cfg.attention_bias,
+                  tie_word_embeddings=False)
     (dst / "config.json").write_text(json.dumps(config))
 
 
-def test_internlm2_fused_qkv(saved: dict[str, tuple[Any, Path]], tmp_path: Path) -> None:
-    model, _ = saved["llama_gqa"]
+@pytest.mark.parametrize("case", ["llama_gqa", "llama_mha_3layers", "llama_bias_theta"])
+def test_internlm2_fused_qkv(saved: dict[str, tuple[Any, Path]], tmp_path: Path,
+                             case: str) -> None:
+    model, _ = saved[case]
     _internlm2_folder(model, tmp_path / "ilm")
     out = convert_hf(tmp_path / "ilm", tmp_path / "m.gguf", "f32", progress=False)
     assert GGUFReader(out).metadata["general.architecture"] == "internlm2"
