@@ -7,6 +7,16 @@
 - ``tokenizer.py``: :class:`Tokenizer`, the public entry point.
 - ``convert.py``: ``tokenizer.model`` / ``tokenizer.json`` -> GGUF tokenizer metadata, and a
   GGUF SentencePiece vocabulary -> ``tokenizer.model`` bytes.
+
+Usage::
+
+    tok = pyllm.Tokenizer.from_gguf("model.gguf")      # vocab-only files work too
+    ids = tok.encode("<|im_start|>user\nHi<|im_end|>", parse_special=True)
+    text = tok.decode(ids, skip_special=True)
+    stream = tok.decoder()                              # for generated tokens
+    for t in ids:
+        print(stream.feed(t), end="")                   # never half a UTF-8 character
+    print(stream.flush())
 """
 
 from __future__ import annotations
