@@ -1,5 +1,5 @@
-// AVX-512 VNNI matvec kernels for the hottest decode types (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) that
-// keep 16-bit activation precision while using int8 dot-product instructions.
+// AVX-512 VNNI matvec kernels for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K that keep
+// 16-bit activation precision while using int8 dot-product instructions.
 //
 // Why: the F32 decode path (kernels.cc) spends ~16 vector instructions per 32 weights on
 // widening nibbles to floats, which caps a core at ~4 weights/cycle, below the memory wall for
@@ -128,104 +128,81 @@ inline __m512 two_half_scales(f16_t a, f16_t b, const __m512i& pattern) {
   return _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(_mm_cvtph_ps(h)));
 }
 
-template <int NT>
-struct MvQ4_0 {
-  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
-    const int64_t nb = a.k / 32, ng = nb / 2;
-    std::vector<SplitAct>& s = token_scratch(NT);
-    for (int t = 0; t < NT; ++t) {
-      // sum (q - 8) xi = 256 sum q hi + sum q lo - 8 * 256 sum hi - 8 sum lo
-      prepare(a.x + (t0 + t) * a.ldx, a.k, Order::kNibbleSplit, -8 * 256, -8, s[t]);
-    }
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
-    const __m512i pattern = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
-    alignas(64) float tail[32];
-    for (int64_t r = r0; r < r1; ++r) {
-      const BlockQ4_0* row = reinterpret_cast<const BlockQ4_0*>(a.w + r * a.row_bytes);
-      __m512 acc[NT];
-      for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
-      for (int64_t g = 0; g < ng; ++g) {
-        const BlockQ4_0& A = row[2 * g];
-        const BlockQ4_0& B = row[2 * g + 1];
-        const __m256i q2 = _mm256_inserti128_si256(
-            _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(A.qs))),
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(B.qs)), 1);
-        const __m512i wu = _mm512_and_si512(
-            _mm512_inserti64x4(_mm512_castsi256_si512(q2), _mm256_srli_epi16(q2, 4), 1), m4);
-        const __m512 wd = two_half_scales(A.d, B.d, pattern);
-        for (int t = 0; t < NT; ++t) {
-          const __m512i l = lane_dot(wu, wu, s[t].hi.data() + 64 * g, s[t].lo.data() + 64 * g,
-                                     s[t].hc.data() + 16 * g);
-          acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l),
-                                   _mm512_mul_ps(wd, _mm512_loadu_ps(s[t].dx.data() + 16 * g)),
-                                   acc[t]);
-        }
-      }
-      float extra[NT] = {};
-      if (nb & 1) {
-        Fmt<QType::Q4_0>::decode(row + nb - 1, tail);
-        for (int t = 0; t < NT; ++t) {
-          const float* x = a.x + (t0 + t) * a.ldx + 32 * (nb - 1);
-          extra[t] = vsum(vfma(vload(tail + 16), vload(x + 16), vmul(vload(tail), vload(x))));
-        }
-      }
-      for (int t = 0; t < NT; ++t) a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]) + extra[t];
-    }
-  }
-};
-
-template <int NT>
-struct MvQ4_1 {
-  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
-    const int64_t nb = a.k / 32, ng = nb / 2;
-    std::vector<SplitAct>& s = token_scratch(NT);
-    // sum (d q + m) x = d * sum q x + m * sum x; q in 0..15 needs no integer correction.
-    for (int t = 0; t < NT; ++t) {
-      prepare(a.x + (t0 + t) * a.ldx, a.k, Order::kNibbleSplit, 0, 0, s[t]);
-    }
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
-    const __m512i pattern = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
-    alignas(64) float tail[32];
-    for (int64_t r = r0; r < r1; ++r) {
-      const BlockQ4_1* row = reinterpret_cast<const BlockQ4_1*>(a.w + r * a.row_bytes);
-      __m512 acc[NT];
-      __m128 off[NT];
-      for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps(), off[t] = _mm_setzero_ps();
-      for (int64_t g = 0; g < ng; ++g) {
-        const BlockQ4_1& A = row[2 * g];
-        const BlockQ4_1& B = row[2 * g + 1];
-        const __m256i q2 = _mm256_inserti128_si256(
-            _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(A.qs))),
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(B.qs)), 1);
-        const __m512i wu = _mm512_and_si512(
-            _mm512_inserti64x4(_mm512_castsi256_si512(q2), _mm256_srli_epi16(q2, 4), 1), m4);
-        const __m512 wd = two_half_scales(A.d, B.d, pattern);
-        const __m128 mins = _mm_cvtph_ps(_mm_insert_epi16(_mm_cvtsi32_si128(A.m), B.m, 1));
-        for (int t = 0; t < NT; ++t) {
-          const __m512i l = lane_dot(wu, wu, s[t].hi.data() + 64 * g, s[t].lo.data() + 64 * g,
-                                     s[t].hc.data() + 16 * g);
-          acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l),
-                                   _mm512_mul_ps(wd, _mm512_loadu_ps(s[t].dx.data() + 16 * g)),
-                                   acc[t]);
-          const __m128 xs = _mm_castpd_ps(_mm_load_sd(
-              reinterpret_cast<const double*>(s[t].xsum.data() + 2 * g)));  // xsum of A, B
-          off[t] = _mm_fmadd_ps(mins, xs, off[t]);
-        }
-      }
-      float extra[NT] = {};
-      if (nb & 1) {
-        Fmt<QType::Q4_1>::decode(row + nb - 1, tail);
-        for (int t = 0; t < NT; ++t) {
-          const float* x = a.x + (t0 + t) * a.ldx + 32 * (nb - 1);
-          extra[t] = vsum(vfma(vload(tail + 16), vload(x + 16), vmul(vload(tail), vload(x))));
-        }
-      }
+// The legacy 4/5-bit types, two blocks (A, B) per 64-lane register in the order
+// [A0-15, B0-15, A16-31, B16-31] (low nibbles of A.qs, of B.qs, then the high nibbles).
+//   Q4_0: w = d (u - 8)   Q4_1: w = d u + m   Q5_0: w = d (u - 16)   Q5_1: w = d u + m
+// with u the 4-bit nibble, plus for Q5 the fifth bit from qh (bit e of qh for element e).
+// The offsets are exact integer lane corrections: sum (u - c) xi = 256 sum u hi + sum u lo
+// - 256 c sum hi - c sum lo; the mins use the exact F32 block sums of x.
+template <class Block, bool kHigh, bool kMin, int kOffset>
+struct MvLegacy {
+  template <int NT>
+  struct K {
+    static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+      const int64_t nb = a.k / 32, ng = nb / 2;
+      std::vector<SplitAct>& s = token_scratch(NT);
       for (int t = 0; t < NT; ++t) {
-        const __m128 o = _mm_add_ss(off[t], _mm_movehdup_ps(off[t]));  // lanes 2, 3 are zero
-        a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]) + _mm_cvtss_f32(o) + extra[t];
+        prepare(a.x + (t0 + t) * a.ldx, a.k, Order::kNibbleSplit, -256 * kOffset, -kOffset,
+                s[t]);
+      }
+      const __m512i m4 = _mm512_set1_epi8(0x0F), bit4 = _mm512_set1_epi8(0x10);
+      const __m512i pattern = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+      alignas(64) float tail[32];
+      for (int64_t r = r0; r < r1; ++r) {
+        const Block* row = reinterpret_cast<const Block*>(a.w + r * a.row_bytes);
+        __m512 acc[NT];
+        __m128 off[NT];
+        for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps(), off[t] = _mm_setzero_ps();
+        for (int64_t g = 0; g < ng; ++g) {
+          const Block& A = row[2 * g];
+          const Block& B = row[2 * g + 1];
+          const __m256i q2 = _mm256_inserti128_si256(
+              _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(A.qs))),
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(B.qs)), 1);
+          __m512i wu = _mm512_and_si512(
+              _mm512_inserti64x4(_mm512_castsi256_si512(q2), _mm256_srli_epi16(q2, 4), 1), m4);
+          if constexpr (kHigh) {
+            uint32_t ha, hb;
+            std::memcpy(&ha, A.qh, 4);
+            std::memcpy(&hb, B.qh, 4);
+            const uint64_t bits = (ha & 0xFFFFu) | (static_cast<uint64_t>(hb & 0xFFFFu) << 16) |
+                                  (static_cast<uint64_t>(ha >> 16) << 32) |
+                                  (static_cast<uint64_t>(hb >> 16) << 48);
+            wu = _mm512_or_si512(wu, _mm512_maskz_mov_epi8(bits, bit4));
+          }
+          const __m512 wd = two_half_scales(A.d, B.d, pattern);
+          __m128 mins = _mm_setzero_ps();
+          if constexpr (kMin) mins = _mm_cvtph_ps(_mm_insert_epi16(_mm_cvtsi32_si128(A.m), B.m, 1));
+          for (int t = 0; t < NT; ++t) {
+            const __m512i l = lane_dot(wu, wu, s[t].hi.data() + 64 * g, s[t].lo.data() + 64 * g,
+                                       s[t].hc.data() + 16 * g);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l),
+                                     _mm512_mul_ps(wd, _mm512_loadu_ps(s[t].dx.data() + 16 * g)),
+                                     acc[t]);
+            if constexpr (kMin) {
+              const __m128 xs = _mm_castpd_ps(_mm_load_sd(
+                  reinterpret_cast<const double*>(s[t].xsum.data() + 2 * g)));  // A, B sums
+              off[t] = _mm_fmadd_ps(mins, xs, off[t]);
+            }
+          }
+        }
+        float extra[NT] = {};
+        if (nb & 1) {  // odd block count: the last block in F32
+          Fmt<kQType>::decode(row + nb - 1, tail);
+          for (int t = 0; t < NT; ++t) {
+            const float* x = a.x + (t0 + t) * a.ldx + 32 * (nb - 1);
+            extra[t] = vsum(vfma(vload(tail + 16), vload(x + 16), vmul(vload(tail), vload(x))));
+          }
+        }
+        for (int t = 0; t < NT; ++t) {
+          const __m128 o = _mm_add_ss(off[t], _mm_movehdup_ps(off[t]));  // lanes 2, 3 are zero
+          a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]) + _mm_cvtss_f32(o) + extra[t];
+        }
       }
     }
-  }
+  };
+  static constexpr QType kQType =
+      kHigh ? (kMin ? QType::Q5_1 : QType::Q5_0) : (kMin ? QType::Q4_1 : QType::Q4_0);
 };
 
 template <int NT>
@@ -293,36 +270,54 @@ inline __m256 bytes8_times(uint64_t bytes, float f) {
   return _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(f));
 }
 
+// Q4_K and Q5_K: w = d sc_j u - dmin m_j per sub-block j of 32, u the nibble (plus, for Q5_K,
+// the fifth bit: bit j of qh[l] for element l of sub-block j). A 64-lane register holds chunk
+// c = sub-blocks 2c (low nibbles of qs[32c..]) and 2c + 1 (high nibbles), in natural order.
+template <class Block, bool kHigh>
+struct MvK4 {
 template <int NT>
-struct MvQ4_K {
+struct K {
   static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
     const int64_t nsb = a.k / QK_K;
     std::vector<SplitAct>& s = token_scratch(NT);
     // sum q xi = 256 sum q hi + sum q lo (q in 0..15 is a valid s8 operand; no corrections)
     for (int t = 0; t < NT; ++t) prepare(a.x + (t0 + t) * a.ldx, a.k, Order::kNatural, 0, 0, s[t]);
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i m4 = _mm512_set1_epi8(0x0F), bit4 = _mm512_set1_epi8(0x10);
+    __m512i bit_sel[4];  // chunk j: qh bit 2j for its first 32 elements, bit 2j + 1 after
+    for (int j = 0; j < 4; ++j) {
+      bit_sel[j] = _mm512_inserti64x4(_mm512_set1_epi8(static_cast<char>(1 << (2 * j))),
+                                      _mm256_set1_epi8(static_cast<char>(1 << (2 * j + 1))), 1);
+    }
     __m512i pattern[4];  // chunk j covers sub-blocks 2j (lanes 0-7) and 2j+1 (lanes 8-15)
     for (int j = 0; j < 4; ++j) {
       pattern[j] = _mm512_inserti64x4(_mm512_set1_epi32(2 * j), _mm256_set1_epi32(2 * j + 1), 1);
     }
     for (int64_t r = r0; r < r1; ++r) {
-      const BlockQ4_K* row = reinterpret_cast<const BlockQ4_K*>(a.w + r * a.row_bytes);
+      const Block* row = reinterpret_cast<const Block*>(a.w + r * a.row_bytes);
       __m512 acc[NT];
       __m256 off[NT];
       for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps(), off[t] = _mm256_setzero_ps();
       for (int64_t b = 0; b < nsb; ++b) {
-        const BlockQ4_K& blk = row[b];
+        const Block& blk = row[b];
         uint64_t sc, mn;
         unpack_k4_scales(blk.scales, &sc, &mn);
         const __m512 scales = _mm512_castps256_ps512(bytes8_times(sc, half_to_float(blk.d)));
         const __m256 mins = bytes8_times(mn, half_to_float(blk.dmin));
+        __m512i qh = _mm512_setzero_si512();
+        if constexpr (kHigh) {
+          qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qh)));
+        }
         for (int t = 0; t < NT; ++t) {
           off[t] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(s[t].xsum.data() + 8 * b), off[t]);
         }
         for (int j = 0; j < 4; ++j) {
           const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qs + 32 * j));
-          const __m512i wq = _mm512_and_si512(
+          __m512i wq = _mm512_and_si512(
               _mm512_inserti64x4(_mm512_castsi256_si512(c), _mm256_srli_epi16(c, 4), 1), m4);
+          if constexpr (kHigh) {
+            const __mmask64 hb = _mm512_test_epi8_mask(qh, bit_sel[j]);
+            wq = _mm512_mask_add_epi8(wq, hb, wq, bit4);
+          }
           const __m512 wd = _mm512_permutexvar_ps(pattern[j], scales);
           const int64_t g = 4 * b + j;  // 64-element group
           for (int t = 0; t < NT; ++t) {
@@ -343,6 +338,7 @@ struct MvQ4_K {
       }
     }
   }
+};
 };
 
 template <int NT>
@@ -420,10 +416,13 @@ void by_groups(const MatArgs& a, int64_t r0, int64_t r1) {
 
 // Installs these kernels as the matvec entries of the AVX-512 table.
 void install_vnni_matvec(KernelTable& t) {
-  t.matvec[static_cast<int>(QType::Q4_0)] = &by_groups<MvQ4_0>;
-  t.matvec[static_cast<int>(QType::Q4_1)] = &by_groups<MvQ4_1>;
+  t.matvec[static_cast<int>(QType::Q4_0)] = &by_groups<MvLegacy<BlockQ4_0, false, false, 8>::K>;
+  t.matvec[static_cast<int>(QType::Q4_1)] = &by_groups<MvLegacy<BlockQ4_1, false, true, 0>::K>;
+  t.matvec[static_cast<int>(QType::Q5_0)] = &by_groups<MvLegacy<BlockQ5_0, true, false, 16>::K>;
+  t.matvec[static_cast<int>(QType::Q5_1)] = &by_groups<MvLegacy<BlockQ5_1, true, true, 0>::K>;
   t.matvec[static_cast<int>(QType::Q8_0)] = &by_groups<MvQ8_0>;
-  t.matvec[static_cast<int>(QType::Q4_K)] = &by_groups<MvQ4_K>;
+  t.matvec[static_cast<int>(QType::Q4_K)] = &by_groups<MvK4<BlockQ4_K, false>::K>;
+  t.matvec[static_cast<int>(QType::Q5_K)] = &by_groups<MvK4<BlockQ5_K, true>::K>;
   t.matvec[static_cast<int>(QType::Q6_K)] = &by_groups<MvQ6_K>;
 }
 
