@@ -89,7 +89,9 @@ class SpmModel:
     def encode(self, text: str, out: list[int]) -> None:
         """Append the ids of ``text`` (escaped, one raw-text fragment) to ``out``."""
         if not self._chunked:
-            out.extend(self._encode_chunk(text))
+            # One merge run over the whole fragment: in C++ when the library is exact here.
+            library = self._get_library() if len(text) > 64 else None
+            out.extend(library.encode(text) if library is not None else self._encode_chunk(text))
             return
         cache = self._cache
         if len(cache) > _CACHE_LIMIT:
@@ -97,16 +99,20 @@ class SpmModel:
         chunks = _CHUNK.findall(text)
         missing = [c for c in set(chunks) if c not in cache]
         # Below a handful of chunks the library call costs more than it saves.
-        if len(missing) > 8 and self._use_library and self._library is None:
-            self._library = _library_processor(self._vocab)
-            self._use_library = self._library is not None
-        if len(missing) > 8 and self._library is not None:
-            for chunk, ids in zip(missing, self._library.encode(missing), strict=True):
+        library = self._get_library() if len(missing) > 8 else None
+        if library is not None:
+            for chunk, ids in zip(missing, library.encode(missing), strict=True):
                 cache[chunk] = tuple(ids)
         else:
             for chunk in missing:
                 cache[chunk] = self._encode_chunk(chunk)
         out.extend(chain.from_iterable(map(cache.__getitem__, chunks)))
+
+    def _get_library(self) -> Any | None:
+        if self._library is None and self._use_library:
+            self._library = _library_processor(self._vocab)
+            self._use_library = self._library is not None
+        return self._library
 
     def _merge_short(self, sym: list[str]) -> None:
         """The merge loop for short chunks, in place: the negated score of every adjacent pair
