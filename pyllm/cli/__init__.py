@@ -28,9 +28,9 @@ class CliParser(argparse.ArgumentParser):
 
 
 def _subcommands() -> list[ModuleType]:
-    from pyllm.cli import bench, chat, convert, info, perplexity, pull, quantize, run
+    from pyllm.cli import bench, chat, convert, info, perplexity, pull, quantize, run, serve
 
-    return [run, chat, info, pull, bench, convert, quantize, perplexity]
+    return [run, chat, info, pull, bench, convert, quantize, perplexity, serve]
 
 
 def build_parser() -> CliParser:

@@ -1,0 +1,642 @@
+"""The FastAPI application: OpenAI-compatible endpoints over the batching engine.
+
+``create_app(config, engine=...)`` serves an engine that is already built (tests, embedding in
+another program); ``create_app(config, loader=...)`` starts answering at once and builds the
+engine on a thread (``/health`` says 503 "loading" meanwhile), which is what ``pyllm serve``
+does.
+
+Request bodies are read and parsed here rather than by FastAPI's automatic body handling so that
+every failure has the OpenAI error shape and the right status: a body over the size limit is 413
+(checked while reading, not only from Content-Length), bad JSON or fields 400, a prompt that does
+not fit 400, a full queue 503. Compute never runs on the event loop: tokenization goes to the
+thread pool, generation to the engine thread, whose events come back through
+``loop.call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import json
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pyllm.errors import ChatTemplateError, ContextError, PyllmError, SamplingError, TokenizerError
+from pyllm.server.engine import (
+    DoneEvent,
+    Engine,
+    EngineStoppedError,
+    ErrorEvent,
+    Event,
+    Handle,
+    QueueFullError,
+    TokenEvent,
+)
+from pyllm.server.engine import (
+    Request as EngineRequest,
+)
+from pyllm.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    UnsupportedFieldError,
+    error_body,
+)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass
+class ServerConfig:
+    model_id: str = "pyllm"
+    api_key: str | None = None
+    cors_origins: list[str] = field(default_factory=list)
+    chat_format: str | None = None
+    max_body_bytes: int = 1 << 20  # 1 MiB: far more than any prompt that fits a context
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = error_body(message, type_, param, code)
+
+
+def _json_error(status: int, message: str, type_: str, param: str | None = None,
+                code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code), status_code=status)
+
+
+class _State:
+    """What the handlers share: the engine once loaded, the load error, HTTP counters."""
+
+    def __init__(self, config: ServerConfig, engine: Engine | None) -> None:
+        self.config = config
+        self.engine = engine
+        self.load_error: str | None = None
+        self.http = Counter[tuple[str, int]]()
+        self.started = time.time()
+
+    def need_engine(self) -> Engine:
+        if self.engine is not None:
+            return self.engine
+        if self.load_error is not None:
+            raise ApiError(500, f"the model failed to load: {self.load_error}", "server_error")
+        raise ApiError(503, "the model is still loading", "server_error", code="loading")
+
+
+class _Guard:
+    """Outermost ASGI layer: API key check and HTTP counters.
+
+    With an API key set, everything needs it but ``/health`` and the chat page ``GET /``: the
+    page is a static file holding no data (its own API calls send the key typed into it), and a
+    browser cannot attach a header to a plain navigation, so guarding it would make the page
+    unusable on a protected server.
+
+    Written as plain ASGI rather than an ``@app.middleware`` so that streaming responses and
+    disconnect detection pass through untouched.
+    """
+
+    PUBLIC = frozenset({"/health", "/"})
+
+    def __init__(self, app: ASGIApp, state: _State) -> None:
+        self.app = app
+        self.state = state
+        key = state.config.api_key
+        self.expected = f"Bearer {key}".encode() if key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        status = 500
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if (self.expected is not None and path not in self.PUBLIC
+                    and scope.get("method") != "OPTIONS" and not self._authorized(scope)):
+                resp = _json_error(401, "invalid or missing API key (send 'Authorization: "
+                                   "Bearer KEY')", "authentication_error",
+                                   code="invalid_api_key")
+                await resp(scope, receive, counting_send)
+                return
+            await self.app(scope, receive, counting_send)
+        finally:
+            route = path if path in _ROUTES else "other"
+            self.state.http[(route, status)] += 1
+
+    def _authorized(self, scope: Scope) -> bool:
+        assert self.expected is not None
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                return hmac.compare_digest(value, self.expected)
+            if name == b"x-api-key":
+                return hmac.compare_digest(b"Bearer " + value, self.expected)
+        return False
+
+
+_ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
+           "/tokenize", "/detokenize")
+
+
+# ---- body parsing -----------------------------------------------------------------------------
+
+
+async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ApiError(413, f"request body is {length} bytes; the limit is {limit}",
+                       code="body_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes",
+                           code="body_too_large")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"invalid JSON body: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "invalid JSON body: nested too deeply", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _parse(model: type[M], body: dict[str, Any]) -> M:
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        loc = [str(p) for p in err.get("loc", ())]
+        param = ".".join(loc) or None
+        if err.get("type") == "extra_forbidden":
+            msg = f"Unrecognized request argument supplied: {param}"
+        else:
+            msg = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
+        raise ApiError(400, msg, param=param) from None
+
+
+def _sampling(req: CompletionRequest | ChatCompletionRequest) -> Any:
+    try:
+        req.check_supported()
+        return req.sampling_params()
+    except UnsupportedFieldError as e:
+        raise ApiError(400, str(e), param=e.param, code="unsupported") from None
+    except SamplingError as e:
+        raise ApiError(400, str(e)) from None
+
+
+# ---- engine bridge ----------------------------------------------------------------------------
+
+
+class _Events:
+    """Events of one request, moved from the engine thread onto the event loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def push(self, event: Event) -> None:  # engine thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+
+def _submit(engine: Engine, events: _Events, prompt: list[int], params: Any,
+            max_tokens: int | None, stop: list[str], logprobs: int | None) -> Handle:
+    try:
+        return engine.submit(EngineRequest(prompt, params, events.push, max_tokens, stop,
+                                           logprobs))
+    except QueueFullError as e:
+        raise ApiError(503, str(e), "server_error", code="queue_full") from None
+    except EngineStoppedError as e:
+        raise ApiError(503, str(e), "server_error", code="shutting_down") from None
+    except ContextError as e:
+        msg = str(e)
+        code = "context_length_exceeded" if "exceed" in msg or "holds" in msg else None
+        raise ApiError(400, msg, param="max_tokens" if "max_tokens" in msg else "prompt",
+                       code=code) from None
+    except SamplingError as e:
+        msg = str(e)
+        raise ApiError(400, msg, param="logit_bias" if "logit_bias" in msg else None) from None
+
+
+async def _wait_disconnect(request: Request) -> None:
+    # The body has been read, so the next ASGI message is the disconnect (or nothing).
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _collect(request: Request, events: _Events, handle: Handle
+                   ) -> tuple[list[TokenEvent], DoneEvent] | None:
+    """All events of a non-streamed request; None if the client went away first (the request
+    is then cancelled, freeing its slot)."""
+
+    async def gather() -> tuple[list[TokenEvent], DoneEvent]:
+        pieces: list[TokenEvent] = []
+        while True:
+            ev = await events.queue.get()
+            if isinstance(ev, TokenEvent):
+                pieces.append(ev)
+            elif isinstance(ev, DoneEvent):
+                return pieces, ev
+            else:
+                raise ApiError(500, ev.message, "server_error")
+
+    work = asyncio.ensure_future(gather())
+    watch = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
+        return None
+    finally:
+        handle.cancel()  # no-op when finished
+        for task in (work, watch):
+            task.cancel()
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _stream(events: _Events, handle: Handle,
+                  chunk: Callable[[TokenEvent], dict[str, Any] | None],
+                  final: Callable[[DoneEvent], list[dict[str, Any]]],
+                  first: dict[str, Any] | None = None) -> AsyncIterator[str]:
+    """Server-sent events ending in ``data: [DONE]``. Closing this generator (the client
+    disconnected, the server is stopping) cancels the request."""
+    try:
+        if first is not None:
+            yield _sse(first)
+        while True:
+            ev = await events.queue.get()
+            if isinstance(ev, TokenEvent):
+                out = chunk(ev)
+                if out is not None:
+                    yield _sse(out)
+            elif isinstance(ev, DoneEvent):
+                for obj in final(ev):
+                    yield _sse(obj)
+                break
+            elif isinstance(ev, ErrorEvent):
+                yield _sse(error_body(ev.message, "server_error"))
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        handle.cancel()
+
+
+def _sse_response(gen: AsyncIterator[str]) -> Response:
+    return StreamingResponse(gen, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _usage(done: DoneEvent) -> dict[str, int]:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens}
+
+
+# ---- logprobs in the two OpenAI shapes -------------------------------------------------------
+
+
+def _completion_logprobs(engine: Engine, pieces: list[TokenEvent], offset: int
+                         ) -> dict[str, Any]:
+    piece = engine.tokenizer.token_to_piece
+    tokens, lps, tops, offsets = [], [], [], []
+    pos = offset
+    for p in pieces:
+        if p.logprob is None:
+            continue
+        tokens.append(piece(p.logprob.token))
+        lps.append(p.logprob.logprob)
+        tops.append({piece(t): lp for t, lp in p.logprob.top_logprobs})
+        offsets.append(pos)
+        pos += len(p.text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _chat_logprobs(engine: Engine, pieces: list[TokenEvent]) -> list[dict[str, Any]]:
+    piece = engine.tokenizer.token_to_piece
+    out = []
+    for p in pieces:
+        if p.logprob is None:
+            continue
+        text = piece(p.logprob.token)
+        out.append({"token": text, "logprob": p.logprob.logprob, "bytes": list(text.encode()),
+                    "top_logprobs": [{"token": piece(t), "logprob": lp,
+                                      "bytes": list(piece(t).encode())}
+                                     for t, lp in p.logprob.top_logprobs]})
+    return out
+
+
+# ---- the application --------------------------------------------------------------------------
+
+
+def create_app(config: ServerConfig | None = None, *, engine: Engine | None = None,
+               loader: Callable[[], Engine] | None = None) -> ASGIApp:
+    """The ASGI application. Give either a ready ``engine`` (the caller stops it) or a
+    ``loader`` run on a thread at startup (its engine is stopped, in-flight work cancelled, at
+    shutdown)."""
+    from contextlib import asynccontextmanager
+
+    config = config or ServerConfig()
+    if (engine is None) == (loader is None):
+        raise ValueError("give exactly one of engine= or loader=")
+    state = _State(config, engine)
+
+    def load() -> None:
+        assert loader is not None
+        try:
+            state.engine = loader()
+        except PyllmError as e:
+            state.load_error = str(e)
+        except Exception as e:  # report, never take the process down
+            state.load_error = f"{type(e).__name__}: {e}"
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if loader is not None:
+            threading.Thread(target=load, name="pyllm-load", daemon=True).start()
+        yield
+        if loader is not None and state.engine is not None:  # a given engine is the caller's
+            await run_in_threadpool(state.engine.stop)
+
+    app = FastAPI(title="pyllm", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.pyllm = state
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _json_error(exc.status_code, str(exc.detail), type_)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        return _json_error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+    async def guarded(fn: Callable[[], Awaitable[Response]]) -> Response:
+        # PyllmError from tokenizer/chat templates = bad input, not a server fault
+        try:
+            return await fn()
+        except (ChatTemplateError, TokenizerError) as e:
+            raise ApiError(400, str(e)) from None
+
+    # ---- simple endpoints ---------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.engine is None:
+            if state.load_error is not None:
+                return JSONResponse({"status": "error", "message": state.load_error}, 500)
+            return JSONResponse({"status": "loading"}, 503)
+        eng = state.engine
+        if not eng.running:
+            return JSONResponse({"status": "stopped"}, 503)
+        return JSONResponse({"status": "ok", "slots_idle": eng.n_parallel - eng.active,
+                             "slots_processing": eng.active, "queue": eng.queue_depth})
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        eng = state.need_engine()
+        return JSONResponse({"object": "list", "data": [{
+            "id": config.model_id, "object": "model", "created": int(state.started),
+            "owned_by": "pyllm",
+            "meta": {"n_ctx_slot": eng.n_ctx, "n_parallel": eng.n_parallel,
+                     "n_vocab": eng.n_vocab}}]})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return PlainTextResponse(_metrics_text(state),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/")
+    async def index() -> Response:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8")
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        req = _parse(TokenizeRequest, await _read_json(request, config.max_body_bytes))
+        eng = state.need_engine()
+
+        async def run() -> Response:
+            tok = eng.tokenizer
+            ids = await run_in_threadpool(functools.partial(
+                tok.encode, req.content, add_special=req.add_special,
+                parse_special=req.parse_special))
+            if req.with_pieces:
+                return JSONResponse({"tokens": [{"id": int(t), "piece": tok.token_to_piece(t)}
+                                                for t in ids]})
+            return JSONResponse({"tokens": [int(t) for t in ids]})
+        return await guarded(run)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        req = _parse(DetokenizeRequest, await _read_json(request, config.max_body_bytes))
+        eng = state.need_engine()
+        bad = [t for t in req.tokens if not 0 <= t < eng.n_vocab]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary "
+                                f"(n_vocab {eng.n_vocab})", param="tokens")
+
+        async def run() -> Response:
+            text = await run_in_threadpool(eng.tokenizer.decode, req.tokens)
+            return JSONResponse({"content": text})
+        return await guarded(run)
+
+    # ---- completions --------------------------------------------------------------------------
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = _parse(CompletionRequest, await _read_json(request, config.max_body_bytes))
+        params = _sampling(req)
+        eng = state.need_engine()
+
+        async def run() -> Response:
+            from pyllm.generate import prompt_tokens
+
+            prompt = req.prompt
+            if isinstance(prompt, list):
+                tokens = [int(t) for t in prompt]
+            else:
+                tokens = await run_in_threadpool(prompt_tokens, eng.llm, prompt)
+            echo = ""
+            if req.echo:
+                echo = prompt if isinstance(prompt, str) else await run_in_threadpool(
+                    eng.tokenizer.decode, tokens)
+            events = _Events()
+            handle = _submit(eng, events, tokens, params, req.max_tokens, req.stop_list(),
+                             req.logprobs)
+            cid = f"cmpl-{uuid.uuid4().hex}"
+            head = {"id": cid, "object": "text_completion", "created": int(time.time()),
+                    "model": config.model_id}
+            if req.stream:
+                def chunk(ev: TokenEvent) -> dict[str, Any] | None:
+                    lp = (_completion_logprobs(eng, [ev], 0) if req.logprobs is not None
+                          else None)
+                    if not ev.text and lp is None:
+                        return None
+                    return {**head, "choices": [{"text": ev.text, "index": 0, "logprobs": lp,
+                                                 "finish_reason": None}]}
+
+                def final(done: DoneEvent) -> list[dict[str, Any]]:
+                    last = {**head, "choices": [{"text": "", "index": 0, "logprobs": None,
+                                                 "finish_reason": done.finish_reason}]}
+                    out = [last]
+                    if req.include_usage:
+                        out.append({**head, "choices": [], "usage": _usage(done)})
+                    return out
+
+                first = ({**head, "choices": [{"text": echo, "index": 0, "logprobs": None,
+                                               "finish_reason": None}]} if echo else None)
+                return _sse_response(_stream(events, handle, chunk, final, first))
+            got = await _collect(request, events, handle)
+            if got is None:
+                return Response(status_code=499)  # nobody is listening any more
+            pieces, done = got
+            text = echo + "".join(p.text for p in pieces)
+            return JSONResponse({**head, "choices": [{
+                "text": text, "index": 0,
+                "logprobs": _completion_logprobs(eng, pieces, len(echo))
+                if req.logprobs is not None else None,
+                "finish_reason": done.finish_reason}], "usage": _usage(done)})
+        return await guarded(run)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = _parse(ChatCompletionRequest, await _read_json(request, config.max_body_bytes))
+        params = _sampling(req)
+        eng = state.need_engine()
+
+        async def run() -> Response:
+            from pyllm.generate import chat_prompt
+
+            messages = [m.as_dict() for m in req.messages]
+            tokens, format_stops = await run_in_threadpool(chat_prompt, eng.llm, messages,
+                                                           config.chat_format)
+            n_lp = (req.top_logprobs or 0) if req.logprobs else None
+            events = _Events()
+            handle = _submit(eng, events, tokens, params, req.token_limit(),
+                             req.stop_list() + format_stops, n_lp)
+            cid = f"chatcmpl-{uuid.uuid4().hex}"
+            head = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
+                    "model": config.model_id}
+            if req.stream:
+                def chunk(ev: TokenEvent) -> dict[str, Any] | None:
+                    lp = {"content": _chat_logprobs(eng, [ev])} if req.logprobs else None
+                    if not ev.text and lp is None:
+                        return None
+                    return {**head, "choices": [{"index": 0, "delta": {"content": ev.text},
+                                                 "logprobs": lp, "finish_reason": None}]}
+
+                def final(done: DoneEvent) -> list[dict[str, Any]]:
+                    out = [{**head, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                                 "finish_reason": done.finish_reason}]}]
+                    if req.include_usage:
+                        out.append({**head, "choices": [], "usage": _usage(done)})
+                    return out
+
+                first = {**head, "choices": [{"index": 0,
+                                              "delta": {"role": "assistant", "content": ""},
+                                              "logprobs": None, "finish_reason": None}]}
+                return _sse_response(_stream(events, handle, chunk, final, first))
+            got = await _collect(request, events, handle)
+            if got is None:
+                return Response(status_code=499)
+            pieces, done = got
+            text = "".join(p.text for p in pieces)
+            return JSONResponse({**head, "object": "chat.completion", "choices": [{
+                "index": 0, "message": {"role": "assistant", "content": text},
+                "logprobs": {"content": _chat_logprobs(eng, pieces)} if req.logprobs else None,
+                "finish_reason": done.finish_reason}], "usage": _usage(done)})
+        return await guarded(run)
+
+    asgi: ASGIApp = app
+    if config.cors_origins:
+        asgi = CORSMiddleware(asgi, allow_origins=config.cors_origins, allow_methods=["*"],
+                              allow_headers=["*"])
+    return _Guard(asgi, state)
+
+
+def _metrics_text(state: _State) -> str:
+    """Prometheus text exposition format (version 0.0.4)."""
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP {name} {help_}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            lines.append(f"{name}{labels} {value:g}" if isinstance(value, float)
+                         else f"{name}{labels} {value}")
+
+    metric("pyllm_http_requests_total", "counter", "HTTP requests by route and status.",
+           [(f'{{route="{r}",status="{s}"}}', n) for (r, s), n in sorted(state.http.items())])
+    eng = state.engine
+    metric("pyllm_model_loaded", "gauge", "1 once the model is loaded and serving.",
+           [("", 1 if eng is not None else 0)])
+    if eng is not None:
+        st = eng.stats
+        metric("pyllm_requests_total", "counter", "Generation requests accepted.",
+               [("", st.requests_total)])
+        metric("pyllm_requests_rejected_total", "counter", "Requests refused: queue full.",
+               [("", st.requests_rejected)])
+        metric("pyllm_requests_finished_total", "counter", "Requests finished, by reason.",
+               [(f'{{reason="{r}"}}', n) for r, n in sorted(st.finished.items())])
+        metric("pyllm_prompt_tokens_total", "counter", "Prompt tokens received.",
+               [("", st.prompt_tokens_total)])
+        metric("pyllm_prompt_tokens_evaluated_total", "counter",
+               "Prompt tokens evaluated (the rest came from a slot's cache).",
+               [("", st.prompt_tokens_evaluated)])
+        metric("pyllm_completion_tokens_total", "counter", "Tokens generated.",
+               [("", st.completion_tokens_total)])
+        metric("pyllm_queue_depth", "gauge", "Requests waiting for a slot.",
+               [("", eng.queue_depth)])
+        metric("pyllm_slots_busy", "gauge", "Slots generating or evaluating a prompt.",
+               [("", eng.active)])
+        metric("pyllm_slots_total", "gauge", "Slots (--parallel).", [("", eng.n_parallel)])
+        metric("pyllm_tokens_per_second", "gauge",
+               "Generated tokens per second over the last 10 s, all slots together.",
+               [("", float(eng.tokens_per_second()))])
+        metric("pyllm_steps_total", "counter", "Batched forward steps.", [("", st.steps_total)])
+        metric("pyllm_step_seconds_total", "counter", "Seconds spent in batched forward steps.",
+               [("", float(st.step_seconds_total))])
+    return "\n".join(lines) + "\n"

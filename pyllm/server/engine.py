@@ -1,0 +1,456 @@
+"""The batching engine: slots, the scheduler thread and continuous batching.
+
+One ``_core.Context`` holds ``n_parallel`` independent KV regions (slots). A single scheduler
+thread owns that context; every step it builds ONE ``decode_batch`` call out of
+
+* the next token of every running sequence (one logits row each), and
+* prompt chunks of newly admitted sequences (logits only for a prompt's last token),
+
+so the weights are read once per step however many requests are in flight. New requests join
+between steps; a cancelled one (client gone, server stopping) leaves its slot at the start of
+the next step, also in the middle of its prompt, because prompts are fed in chunks.
+
+Per request the engine does what :class:`pyllm.generate.Generation` does for one sequence
+(sampler with the prompt as penalty history, stop tokens, stop strings with hold-back,
+``max_tokens``, the context limit), reusing its pieces (``StopMatcher``, the tokenizer's stream
+decoder, ``Sampler``); the loop itself differs because one forward serves many sequences.
+
+A finished slot keeps its KV entries: the next request is put in the free slot sharing the
+longest prefix with its prompt and only the rest is evaluated (multi-turn chat re-sends the whole
+conversation, so most of it is usually cached).
+
+Results leave through the request's ``on_event`` callback, called on the scheduler thread; it
+must be quick and must not raise (the HTTP layer hands events to its event loop).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pyllm.errors import ContextError, ModelError, PyllmError
+from pyllm.generate import StopMatcher, stop_token_ids
+
+if TYPE_CHECKING:
+    from pyllm.model import LLM
+    from pyllm.sampling import SampleResult, SamplingParams
+
+
+class QueueFullError(PyllmError):
+    """Every slot is busy and the waiting queue is at its limit (HTTP 503)."""
+
+
+class EngineStoppedError(PyllmError):
+    """The engine is shutting down and takes no new work (HTTP 503)."""
+
+
+# ---- events sent to a request's on_event callback ------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token and the text it releases ('' while held back by the detokenizer or
+    a possible stop string). ``logprob`` is set when the request asked for logprobs."""
+
+    text: str
+    token: int | None
+    logprob: SampleResult | None = None
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    """The request ended: ``finish_reason`` is "stop", "length" or "cancelled"."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    message: str
+
+
+Event = TokenEvent | DoneEvent | ErrorEvent
+
+
+@dataclass
+class Request:
+    """What the engine needs for one generation. ``max_tokens`` None = until the slot's context
+    is full; ``logprobs`` None = off, else how many top alternatives to report per token."""
+
+    prompt: list[int]
+    params: SamplingParams
+    on_event: Callable[[Event], None]
+    max_tokens: int | None = None
+    stop: Sequence[str] = ()
+    logprobs: int | None = None
+
+
+class Handle:
+    """Returned by :meth:`Engine.submit`; :meth:`cancel` frees the slot within one step."""
+
+    def __init__(self, job: _Job, engine: Engine) -> None:
+        self._job = job
+        self._engine = engine
+
+    @property
+    def id(self) -> int:
+        return self._job.id
+
+    def cancel(self) -> None:
+        self._engine._cancel(self._job)
+
+
+@dataclass
+class _Job:
+    id: int
+    req: Request
+    sampler: Any
+    matcher: StopMatcher
+    decoder: Any
+    t_submit: float
+    tokens: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    done: bool = False
+
+
+@dataclass
+class _Slot:
+    id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose K/V the slot holds
+    job: _Job | None = None
+    todo: list[int] = field(default_factory=list)  # prompt tokens not yet evaluated
+    next_token: int | None = None  # sampled, to be fed in the next step
+
+
+@dataclass
+class EngineStats:
+    requests_total: int = 0
+    requests_rejected: int = 0
+    finished: dict[str, int] = field(default_factory=lambda: collections.Counter())
+    prompt_tokens_total: int = 0  # prompt tokens in requests
+    prompt_tokens_evaluated: int = 0  # of those, the ones not found in a slot's cache
+    completion_tokens_total: int = 0
+    steps_total: int = 0
+    step_seconds_total: float = 0.0
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Engine:
+    """Continuous batching over ``n_parallel`` slots of ``n_ctx`` tokens each.
+
+    Thread-safe: :meth:`submit` and :meth:`Handle.cancel` may be called from any thread; all
+    compute happens on the engine's own thread (the forward releases the GIL).
+    """
+
+    def __init__(self, llm: LLM, *, n_parallel: int = 4, n_ctx: int = 2048,
+                 n_batch: int | None = None, kv_type: str = "f16", max_queue: int = 64,
+                 rate_window_s: float = 10.0) -> None:
+        from pyllm.model import KV_TYPES
+
+        for name, value in (("n_parallel", n_parallel), ("n_ctx", n_ctx),
+                            ("max_queue", max_queue)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ContextError(f"{name} must be a positive integer, got {value!r}")
+        if kv_type not in KV_TYPES:
+            raise ContextError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
+        self.llm = llm
+        self.n_parallel = n_parallel
+        self.n_ctx = n_ctx
+        # tokens per step: running sequences take one each, prompt chunks share the rest
+        self.n_batch = n_batch or llm.n_batch
+        self.max_queue = max_queue
+        self.n_vocab = llm.n_vocab
+        from pyllm import _core
+
+        try:
+            self._ctx = _core.Context(llm._model, n_ctx=n_ctx, n_batch=self.n_batch,
+                                      n_threads=llm.n_threads, kv_type=KV_TYPES[kv_type],
+                                      n_seq=n_parallel)
+        except ValueError as e:
+            raise ModelError(f"cannot create the batched context: {e}") from None
+        self.tokenizer = llm.tokenizer
+        self.stop_ids = frozenset(stop_token_ids(llm))
+        self.stats = EngineStats()
+        self._slots = [_Slot(i) for i in range(n_parallel)]
+        self._pending: collections.deque[_Job] = collections.deque()
+        self._cv = threading.Condition()
+        self._ids = itertools.count(1)
+        self._stopping = False
+        self._rate: collections.deque[tuple[float, int]] = collections.deque()
+        self._rate_window = rate_window_s
+        self._thread = threading.Thread(target=self._run, name="pyllm-engine", daemon=True)
+        self._thread.start()
+
+    # ---- public API ---------------------------------------------------------------------------
+
+    def submit(self, req: Request) -> Handle:
+        """Queue a request. Raises ContextError when the prompt (+ max_tokens) cannot fit a slot,
+        QueueFullError when the queue is full, EngineStoppedError after :meth:`stop`."""
+        from pyllm.sampling import Sampler
+
+        n = len(req.prompt)
+        if n == 0:
+            raise ContextError("the prompt is empty (no tokens)")
+        if n >= self.n_ctx:
+            raise ContextError(f"the prompt has {n} tokens; a slot's context holds {self.n_ctx} "
+                               f"(n_ctx), leaving no room to generate")
+        if req.max_tokens is not None and n + req.max_tokens > self.n_ctx:
+            raise ContextError(f"the prompt ({n} tokens) + max_tokens ({req.max_tokens}) exceed "
+                               f"the context size of a slot ({self.n_ctx})")
+        bad = [t for t in req.prompt if not 0 <= t < self.n_vocab]
+        if bad:
+            raise ContextError(f"token id {bad[0]} is outside the vocabulary "
+                               f"(n_vocab {self.n_vocab})")
+        sampler = Sampler(req.params, self.n_vocab)  # validates logit_bias against the vocab
+        # As llama.cpp (and Generation): the prompt is history for the repetition penalties.
+        sampler.accept_many(req.prompt)
+        job = _Job(next(self._ids), req, sampler, StopMatcher(req.stop),
+                   self.tokenizer.decoder(skip_special=True), time.monotonic())
+        with self._cv:
+            if self._stopping:
+                raise EngineStoppedError("the server is shutting down")
+            busy = sum(s.job is not None for s in self._slots)
+            if len(self._pending) >= self.max_queue and busy >= self.n_parallel:
+                self.stats.requests_rejected += 1
+                raise QueueFullError(f"all {self.n_parallel} slots are busy and "
+                                     f"{len(self._pending)} requests are waiting")
+            self._pending.append(job)
+            self.stats.requests_total += 1
+            self.stats.prompt_tokens_total += n
+            self._cv.notify()
+        return Handle(job, self)
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Cancel everything queued or running and end the scheduler thread."""
+        with self._cv:
+            self._stopping = True
+            for job in self._pending:
+                job.cancelled = True
+            for slot in self._slots:
+                if slot.job is not None:
+                    slot.job.cancelled = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def active(self) -> int:
+        return sum(s.job is not None for s in self._slots)
+
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second over the last ``rate_window_s`` seconds."""
+        now = time.monotonic()
+        with self._cv:
+            while self._rate and self._rate[0][0] < now - self._rate_window:
+                self._rate.popleft()
+            n = sum(k for _, k in self._rate)
+        return n / self._rate_window
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    # ---- scheduler ----------------------------------------------------------------------------
+
+    def _cancel(self, job: _Job) -> None:
+        with self._cv:
+            job.cancelled = True
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while (not self._stopping and not self._pending
+                       and all(s.job is None for s in self._slots)):
+                    self._cv.wait()
+                self._drop_cancelled()
+                if self._stopping and not self._pending and self.active == 0:
+                    return
+                self._admit()
+            try:
+                self._step()
+            except Exception as e:  # a bug must fail the requests involved, never the server
+                self._fail_all(f"internal error in the engine: {type(e).__name__}: {e}")
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self._pending if j.cancelled]:
+            self._pending.remove(job)
+            self._finish(job, "cancelled")
+        for slot in self._slots:
+            if slot.job is not None and slot.job.cancelled:
+                self._release(slot, "cancelled")
+
+    def _admit(self) -> None:
+        """Move waiting jobs into free slots: the slot sharing the longest prefix with the
+        prompt, so that the cached part is not evaluated again."""
+        while self._pending:
+            free = [s for s in self._slots if s.job is None]
+            if not free:
+                return
+            job = self._pending.popleft()
+            if job.req.max_tokens == 0:
+                self._finish(job, "length")
+                continue
+            prompt = job.req.prompt
+            slot = max(free, key=lambda s: _common_prefix(s.cached, prompt))
+            keep = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)
+            if keep < len(slot.cached):
+                self._ctx.seq_truncate(slot.id, keep)
+                del slot.cached[keep:]
+            slot.job = job
+            slot.todo = prompt[keep:]
+            slot.next_token = None
+            self.stats.prompt_tokens_evaluated += len(slot.todo)
+
+    def _step(self) -> None:
+        tokens: list[int] = []
+        seqs: list[int] = []
+        want: list[int] = []
+        owners: list[_Slot] = []  # slot of each logits row
+        fed: list[tuple[_Slot, list[int]]] = []
+        budget = self.n_batch
+        for slot in self._slots:  # running sequences first: one token each, never starved
+            if slot.job is not None and slot.next_token is not None:
+                tokens.append(slot.next_token)
+                seqs.append(slot.id)
+                want.append(1)
+                owners.append(slot)
+                fed.append((slot, [slot.next_token]))
+                budget -= 1
+        for slot in self._slots:  # prompt chunks share what is left of the step
+            if slot.job is None or not slot.todo or budget <= 0:
+                continue
+            chunk = slot.todo[:budget]
+            last = len(chunk) == len(slot.todo)
+            tokens.extend(chunk)
+            seqs.extend([slot.id] * len(chunk))
+            want.extend([0] * (len(chunk) - 1) + [1 if last else 0])
+            if last:
+                owners.append(slot)
+            fed.append((slot, chunk))
+            budget -= len(chunk)
+        if not tokens:
+            return
+        t0 = time.perf_counter()
+        try:
+            logits = self._ctx.decode_batch(np.asarray(tokens, dtype=np.int32),
+                                            np.asarray(seqs, dtype=np.int32),
+                                            np.asarray(want, dtype=np.uint8))
+        except (IndexError, ValueError) as e:
+            # validated before, so this is a bug; the slots involved are in an unknown state
+            for slot, _ in fed:
+                if slot.job is not None:
+                    self._release(slot, None, error=f"decode failed: {e}")
+                self._ctx.seq_truncate(slot.id, 0)
+                slot.cached.clear()
+            return
+        dt = time.perf_counter() - t0
+        with self._cv:
+            self.stats.steps_total += 1
+            self.stats.step_seconds_total += dt
+        for slot, chunk in fed:
+            slot.cached.extend(chunk)
+            if slot.next_token is None:  # a prompt chunk
+                del slot.todo[:len(chunk)]
+            else:  # the sampled token is in the cache now
+                slot.next_token = None
+        generated = 0
+        for row, slot in zip(logits, owners, strict=True):
+            if slot.job is not None and not slot.job.cancelled:
+                generated += self._on_logits(slot, row)
+        if generated:
+            with self._cv:
+                self._rate.append((time.monotonic(), generated))
+
+    def _on_logits(self, slot: _Slot, row: np.ndarray) -> int:
+        """Sample the slot's next token and emit it; returns 1 if a token was generated."""
+        job = slot.job
+        assert job is not None
+        req = job.req
+        lp: SampleResult | None = None
+        if req.logprobs is not None:
+            lp = job.sampler.sample_with_logprobs(row, req.logprobs)
+            token = lp.token
+        else:
+            token = job.sampler.sample(row)
+        if token in self.stop_ids:
+            self._flush(job)
+            self._release(slot, "stop")
+            return 0
+        job.sampler.accept(token)
+        job.tokens.append(token)
+        self.stats.completion_tokens_total += 1
+        text, stopped = job.matcher.push(job.decoder.feed(token))
+        self._emit(job, TokenEvent(text, token, lp))
+        if stopped:
+            self._release(slot, "stop")
+        elif req.max_tokens is not None and len(job.tokens) >= req.max_tokens:
+            self._flush(job)
+            self._release(slot, "length")
+        elif len(slot.cached) + 1 >= self.n_ctx:
+            # prompt + output fill the slot: stop rather than overrun it
+            self._flush(job)
+            self._release(slot, "length")
+        else:
+            slot.next_token = token
+        return 1
+
+    def _flush(self, job: _Job) -> None:
+        rest, stopped = job.matcher.push(job.decoder.flush())
+        rest += "" if stopped else job.matcher.flush()
+        if rest:
+            self._emit(job, TokenEvent(rest, None))
+
+    def _release(self, slot: _Slot, reason: str | None, error: str | None = None) -> None:
+        job = slot.job
+        slot.job = None
+        slot.todo = []
+        slot.next_token = None
+        if job is not None:
+            self._finish(job, reason, error)
+
+    def _finish(self, job: _Job, reason: str | None, error: str | None = None) -> None:
+        if job.done:
+            return
+        job.done = True
+        if error is not None:
+            self._emit(job, ErrorEvent(error))
+            reason = "error"
+        else:
+            assert reason is not None
+            self._emit(job, DoneEvent(reason, len(job.req.prompt), len(job.tokens)))
+        self.stats.finished[reason] += 1
+
+    def _emit(self, job: _Job, event: Event) -> None:
+        try:
+            job.req.on_event(event)
+        except Exception:  # a consumer that went away must not stop the others
+            job.cancelled = True
+
+    def _fail_all(self, message: str) -> None:
+        with self._cv:
+            for slot in self._slots:
+                if slot.job is not None:
+                    self._release(slot, None, error=message)
+                self._ctx.seq_truncate(slot.id, 0)
+                slot.cached.clear()

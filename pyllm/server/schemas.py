@@ -1,0 +1,200 @@
+"""Request bodies of the HTTP API (pydantic models) and their mapping to engine settings.
+
+Fields follow the OpenAI API plus llama.cpp's extra sampling fields (``top_k``, ``min_p``,
+``typical_p``, ``tfs_z``, ``repeat_penalty``, ``repeat_last_n``, ``mirostat`` /
+``mirostat_mode``, ``mirostat_tau``, ``mirostat_eta``, ``seed``). Omitted sampling fields take
+llama.cpp's defaults (:class:`pyllm.sampling.SamplingParams`), e.g. temperature 0.8.
+
+Unknown fields are rejected with 400, as the OpenAI API does ("Unrecognized request argument"),
+so a typo never silently falls back to a default. A few OpenAI fields that change nothing here
+are accepted and ignored (``user``, ``store``, ``metadata``, ``service_tier``,
+``parallel_tool_calls``); fields that would change the result in a way this server does not
+implement are rejected with a message saying so (``n`` > 1, ``best_of`` > 1, ``suffix``, tools,
+JSON response formats).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pyllm.sampling import SamplingParams
+
+MAX_STOP = 16  # OpenAI allows 4; llama.cpp any number. Each costs a scan per token.
+
+
+class UnsupportedFieldError(ValueError):
+    """A known OpenAI field with a value this server does not implement."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    """Sampling fields shared by completions and chat completions."""
+
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    typical_p: float | None = None
+    tfs_z: float | None = None
+    repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    mirostat: int | None = Field(None, alias="mirostat_mode")
+    mirostat_tau: float | None = None
+    mirostat_eta: float | None = None
+    seed: int | None = None
+    logit_bias: dict[str, float] | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    # accepted and ignored: they do not change the output
+    user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    service_tier: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings")
+        return v
+
+    def check_supported(self) -> None:
+        if self.n != 1:
+            raise UnsupportedFieldError("n", "only n=1 is supported (send several requests; "
+                                             "they are batched together)")
+
+    def sampling_params(self) -> SamplingParams:
+        """SamplingParams from the fields that were given (raises SamplingError)."""
+        names = ("temperature", "top_p", "top_k", "min_p", "typical_p", "tfs_z",
+                 "repeat_penalty", "repeat_last_n", "presence_penalty", "frequency_penalty",
+                 "mirostat", "mirostat_tau", "mirostat_eta", "seed", "logit_bias")
+        return SamplingParams.from_kwargs(**{k: getattr(self, k) for k in names})
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_Sampling):
+    """POST /v1/completions (a single prompt: text, or token ids)."""
+
+    model: str | None = None
+    prompt: str | list[int] | list[str]
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, p: str | list[int] | list[str]) -> str | list[int]:
+        if isinstance(p, list) and not p:
+            raise ValueError("the prompt is empty")
+        if isinstance(p, list) and isinstance(p[0], str):
+            if len(p) != 1:
+                raise ValueError("only one prompt per request is supported (send several "
+                                 "requests; they are batched together)")
+            return str(p[0])
+        return p
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.suffix:
+            raise UnsupportedFieldError("suffix", "suffix (fill-in-the-middle) is not supported")
+        if self.best_of not in (None, 1):
+            raise UnsupportedFieldError("best_of", "only best_of=1 is supported")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    # Clients send extra keys on messages (name, tool_call_id, refusal...): kept out of the
+    # prompt unless the template uses them, so extra keys are allowed here.
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": content or ""}
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(_Sampling):
+    """POST /v1/chat/completions."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    parallel_tool_calls: bool | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.tools:
+            raise UnsupportedFieldError("tools", "tool calling is not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise UnsupportedFieldError("top_logprobs", "top_logprobs needs logprobs=true")
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None \
+            else self.max_tokens
+
+
+class TokenizeRequest(_Strict):
+    """POST /tokenize (llama.cpp server shape)."""
+
+    content: str
+    add_special: bool = False
+    parse_special: bool = True
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    """POST /detokenize."""
+
+    tokens: list[int]
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """The OpenAI error shape."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
