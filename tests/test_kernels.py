@@ -5,8 +5,8 @@ per output element:
   * F32-math kernels (every type and ISA, except below): weights dequantized exactly, activations
     unrounded, F32 accumulation: |y - ref| <= RTOL * sum_i |w_i x_i| with RTOL = 1e-5 (measured
     worst case ~1e-6 at k <= 512).
-  * AVX-512 VNNI kernels: matvec (n_tokens < 8, matvec_vnni.cc) of Q4_0, Q4_1, Q5_0, Q5_1,
-    Q8_0, Q4_K, Q5_K, Q6_K and matmat (n_tokens >= 8, matmat_vnni.cc) of the same minus Q6_K:
+  * AVX-512 VNNI kernels: matvec (n_tokens < 8, matvec_vnni.cc) of every block type and
+    matmat (n_tokens >= 8, matmat_vnni.cc) of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K:
     activations are rounded to int16 steps per block of 32, adding at most half a step per
     element: + sum_b (amax_b / 32767 / 2) * sum_{i in b} |w_i|   (256x finer than ggml's int8).
 Each ISA is also compared with the scalar path at twice those bounds.
@@ -76,7 +76,7 @@ def isa_guard() -> Iterator[None]:
 
 
 # AVX-512 VNNI kernels (see the module doc)
-INT16_MATVEC = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"}
+INT16_MATVEC = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 INT16_MATMAT = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K"}
 
 

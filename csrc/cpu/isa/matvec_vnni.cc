@@ -1,5 +1,5 @@
-// AVX-512 VNNI matvec kernels for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K that keep
-// 16-bit activation precision while using int8 dot-product instructions.
+// AVX-512 VNNI matvec kernels for every block type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K .. Q6_K)
+// that keep 16-bit activation precision while using int8 dot-product instructions.
 //
 // Why: the F32 decode path (kernels.cc) spends ~16 vector instructions per 32 weights on
 // widening nibbles to floats, which caps a core at ~4 weights/cycle, below the memory wall for
@@ -17,6 +17,7 @@
 // which keeps matmul_part free of barriers.
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/isa/decode.h"
@@ -400,6 +401,114 @@ struct MvQ6_K {
   }
 };
 
+// Q2_K and Q3_K: 2-bit quants, 16 sub-blocks of 16. Element 128h + 32j + l (h = half, j =
+// shift step 0..3, l = 0..31) is bits 2j, 2j+1 of qs[32h + l]; Q3_K adds a third bit
+// (hmask[l] bit 4h + j, the value is then (q | bit << 2) - 4, scale d * (sc6 - 32)); Q2_K has
+// w = d * (sc & 15) * q - dmin * (sc >> 4). A 64-lane register holds j = 2c', 2c' + 1 of one
+// half: the same 32 qs bytes shifted by 4c' and 4c' + 2. Its 16-lane groups are sub-blocks
+// 4c .. 4c + 3 (c = 2h + c'), the same lane pattern as Q6_K.
+template <bool kQ3>
+struct MvK2 {
+  template <int NT>
+  struct K {
+    static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+      using Block = typename std::conditional<kQ3, BlockQ3_K, BlockQ2_K>::type;
+      const int64_t nsb = a.k / QK_K;
+      std::vector<SplitAct>& s = token_scratch(NT);
+      thread_local std::vector<float> xsum16;  // Q2_K mins: exact sums of 16 activations
+      if (!kQ3) xsum16.resize(static_cast<size_t>(NT * (a.k / 16)));
+      for (int t = 0; t < NT; ++t) {
+        const float* x = a.x + (t0 + t) * a.ldx;
+        // Q3_K: sum (u - 4) xi = 256 sum u hi + sum u lo - 4 * 256 sum hi - 4 sum lo
+        prepare(x, a.k, Order::kNatural, kQ3 ? -4 * 256 : 0, kQ3 ? -4 : 0, s[t]);
+        if (!kQ3) {
+          for (int64_t i = 0; i < a.k / 16; ++i) {
+            xsum16[t * (a.k / 16) + i] = _mm512_reduce_add_ps(_mm512_loadu_ps(x + 16 * i));
+          }
+        }
+      }
+      const __m512i m3 = _mm512_set1_epi8(3), bit2 = _mm512_set1_epi8(4);
+      __m512i shifts[2], hsel[4], pattern[4];
+      for (int c = 0; c < 2; ++c) {
+        shifts[c] = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<short>(4 * c)),
+                                       _mm256_set1_epi16(static_cast<short>(4 * c + 2)), 1);
+      }
+      for (int c = 0; c < 4; ++c) {  // chunk c = 2h + c': hmask bits 4h + 2c', 4h + 2c' + 1
+        const int b0 = 4 * (c / 2) + 2 * (c % 2);
+        hsel[c] = _mm512_inserti64x4(_mm512_set1_epi8(static_cast<char>(1 << b0)),
+                                     _mm256_set1_epi8(static_cast<char>(1 << (b0 + 1))), 1);
+        pattern[c] = _mm512_set_epi32(4 * c + 3, 4 * c + 3, 4 * c + 3, 4 * c + 3, 4 * c + 2,
+                                      4 * c + 2, 4 * c + 2, 4 * c + 2, 4 * c + 1, 4 * c + 1,
+                                      4 * c + 1, 4 * c + 1, 4 * c, 4 * c, 4 * c, 4 * c);
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        const Block* row = reinterpret_cast<const Block*>(a.w + r * a.row_bytes);
+        __m512 acc[NT], off[NT];
+        for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps(), off[t] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nsb; ++b) {
+          const Block& blk = row[b];
+          __m512 sc, mn = _mm512_setzero_ps();
+          __m512i hm = _mm512_setzero_si512();
+          if constexpr (kQ3) {
+            // 16 six-bit scales: low nibbles from bytes 0-7 (scales 0-7 low, 8-15 high
+            // nibble), top 2 bits from bytes 8-11 (bit pair j / 4 of byte 8 + j % 4).
+            uint64_t lo8;
+            uint32_t top;
+            std::memcpy(&lo8, blk.scales, 8);
+            std::memcpy(&top, blk.scales + 8, 4);
+            const uint64_t nib = 0x0F0F0F0F0F0F0F0Full, two = 0x03030303u;
+            const uint64_t top01 = ((top & two) | (static_cast<uint64_t>((top >> 2) & two) << 32));
+            const uint64_t top23 = (((top >> 4) & two) |
+                                    (static_cast<uint64_t>((top >> 6) & two) << 32));
+            const uint64_t s0 = (lo8 & nib) | (top01 << 4);
+            const uint64_t s1 = ((lo8 >> 4) & nib) | (top23 << 4);
+            const __m512i v = _mm512_cvtepu8_epi32(_mm_set_epi64x(static_cast<long long>(s1),
+                                                                  static_cast<long long>(s0)));
+            sc = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(v, _mm512_set1_epi32(32))),
+                               _mm512_set1_ps(half_to_float(blk.d)));
+            hm = _mm512_broadcast_i64x4(
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.hmask)));
+          } else {
+            const __m512i raw = _mm512_cvtepu8_epi32(
+                _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.scales)));
+            sc = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(raw, _mm512_set1_epi32(15))),
+                               _mm512_set1_ps(half_to_float(blk.d)));
+            mn = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(raw, 4)),
+                               _mm512_set1_ps(half_to_float(blk.dmin)));
+            for (int t = 0; t < NT; ++t) {
+              const float* xs = xsum16.data() + t * (a.k / 16) + 16 * b;
+              off[t] = _mm512_fmadd_ps(mn, _mm512_loadu_ps(xs), off[t]);
+            }
+          }
+          for (int h = 0; h < 2; ++h) {
+            const __m512i q = _mm512_broadcast_i64x4(
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qs + 32 * h)));
+            for (int cp = 0; cp < 2; ++cp) {
+              const int c = 2 * h + cp;
+              __m512i u = _mm512_and_si512(_mm512_srlv_epi16(q, shifts[cp]), m3);
+              if constexpr (kQ3) {
+                u = _mm512_mask_add_epi8(u, _mm512_test_epi8_mask(hm, hsel[c]), u, bit2);
+              }
+              const int64_t g = 4 * b + c;
+              const __m512 wd = _mm512_permutexvar_ps(pattern[c], sc);
+              for (int t = 0; t < NT; ++t) {
+                const __m512i l = lane_dot(u, u, s[t].hi.data() + 64 * g, s[t].lo.data() + 64 * g,
+                                           s[t].hc.data() + 16 * g);
+                acc[t] = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(l),
+                    _mm512_mul_ps(wd, _mm512_loadu_ps(s[t].dx.data() + 16 * g)), acc[t]);
+              }
+            }
+          }
+        }
+        for (int t = 0; t < NT; ++t) {
+          a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]) - (kQ3 ? 0.0f : vsum(off[t]));
+        }
+      }
+    }
+  };
+};
+
 template <template <int> class K>
 void by_groups(const MatArgs& a, int64_t r0, int64_t r1) {
   for (int64_t t0 = 0; t0 < a.n_tokens; t0 += 4) {
@@ -424,6 +533,8 @@ void install_vnni_matvec(KernelTable& t) {
   t.matvec[static_cast<int>(QType::Q4_K)] = &by_groups<MvK4<BlockQ4_K, false>::K>;
   t.matvec[static_cast<int>(QType::Q5_K)] = &by_groups<MvK4<BlockQ5_K, true>::K>;
   t.matvec[static_cast<int>(QType::Q6_K)] = &by_groups<MvQ6_K>;
+  t.matvec[static_cast<int>(QType::Q2_K)] = &by_groups<MvK2<false>::K>;
+  t.matvec[static_cast<int>(QType::Q3_K)] = &by_groups<MvK2<true>::K>;
 }
 
 #endif  // PYLLM_ISA_AVX512
