@@ -275,8 +275,12 @@ def test_quantized_weights_match_reference(tmp_path: Path, wtype: str) -> None:
         got = llm.logits(TOKENS[:12])
         llm.reset()
         last = llm.eval(TOKENS[:12])
-    np.testing.assert_allclose(got, expected, atol=1e-3 * np.abs(expected).max(), rtol=0)
-    np.testing.assert_allclose(last, expected[-1], atol=1e-3 * np.abs(expected).max(), rtol=0)
+    # The AVX-512 VNNI kernels round activations to int16 steps (amax / 32767 per block of 32);
+    # through a layer that is ~1e-3 of the largest logit here (F32-math ISAs: ~4e-6). The real
+    # accuracy bar is tests/test_kl.py.
+    tol = 3e-3 * np.abs(expected).max()
+    np.testing.assert_allclose(got, expected, atol=tol, rtol=0)
+    np.testing.assert_allclose(last, expected[-1], atol=tol, rtol=0)
 
 
 def test_batched_sequences_match_separate_runs(tiny_dir: Path) -> None:
