@@ -176,6 +176,40 @@ def test_engine_stop_string_and_zero_tokens(llm: LLM, engine: Engine) -> None:
     assert events == [DoneEvent("length", len(llm.tokenize("Hi")), 0)]
 
 
+def test_engine_cancel_mid_prompt(llm: LLM) -> None:
+    """A long prompt is fed in chunks of n_batch; cancelling during it frees the slot at the
+    next step, before the rest of the prompt is evaluated."""
+    eng = Engine(llm, n_parallel=1, n_ctx=512, n_batch=16)
+    try:
+        events: list[Any] = []
+        done = threading.Event()
+
+        def on_event(ev: Any) -> None:
+            events.append(ev)
+            if isinstance(ev, DoneEvent):
+                done.set()
+
+        prompt = llm.tokenize("one two three four five six seven " * 40)[:400]
+        handle = eng.submit(Request(prompt, SamplingParams(temperature=0), on_event,
+                                    max_tokens=4))
+        while eng.stats.steps_total == 0:
+            time.sleep(0.002)
+        handle.cancel()
+        assert done.wait(10)
+        assert events == [DoneEvent("cancelled", len(prompt), 0)]
+        assert eng.active == 0 and eng.stats.steps_total < len(prompt) // 16
+        # the slot is usable again and the next request sees only what it was fed
+        done.clear()
+        events.clear()
+        eng.submit(Request(llm.tokenize("Hello"), SamplingParams(temperature=0), on_event,
+                           max_tokens=3))
+        assert done.wait(30)
+        assert "".join(e.text for e in events if isinstance(e, TokenEvent)) == \
+            _greedy(llm, "Hello", 3)
+    finally:
+        eng.stop()
+
+
 # ---- OpenAI client ------------------------------------------------------------------------------
 
 
@@ -463,8 +497,9 @@ def test_health_is_503_while_loading(llm: LLM) -> None:
 
 
 def _engine_rate(engine: Engine, llm: LLM, prompts: list[str], n: int,
-                 bias: dict[int, float]) -> float:
-    """Generated tokens per second of ``prompts`` run together on the engine (greedy)."""
+                 bias: dict[int, float]) -> tuple[float, float]:
+    """Run ``prompts`` together on the engine (greedy, n tokens each); generated tokens per
+    wall-clock second and per CPU second of this process."""
     done = threading.Event()
     left = [len(prompts)]
     counts = [0]
@@ -478,28 +513,34 @@ def _engine_rate(engine: Engine, llm: LLM, prompts: list[str], n: int,
                 done.set()
 
     params = SamplingParams(temperature=0, logit_bias=bias)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for p in prompts:
         engine.submit(Request(llm.tokenize(p), params, on_event, max_tokens=n))
     assert done.wait(120)
-    dt = time.perf_counter() - t0
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
     assert counts[0] == n * len(prompts)
-    return counts[0] / dt
+    return counts[0] / dt, counts[0] / dc
 
 
 def test_throughput_four_streams_vs_one(client: Any, engine: Engine, llm: LLM) -> None:
     """Aggregate generation speed of 4 concurrent streams vs 1, on the engine and through
     HTTP; recorded in tests/artifacts/server_throughput.json (or $PYLLM_ARTIFACTS).
 
-    The machine is shared, so each measurement is repeated alternately and the best kept."""
-    n = 16
+    The machine is shared and its load swings within seconds, so 1-stream and 4-stream runs
+    alternate and the median of the adjacent pairs' ratios is the result."""
+    import statistics
+
+    n = 12
     # greedy, with EOS / end-of-turn banned through logit_bias: every stream makes n tokens
     bias = {t: -100.0 for t in engine.stop_ids}
     _wait_idle(engine)
-    one, four = [], []
-    for _ in range(2):
-        one.append(_engine_rate(engine, llm, PROMPTS[1:2], n, bias))
-        four.append(_engine_rate(engine, llm, PROMPTS[:4], n, bias))
+    pairs = []
+    for _ in range(3):
+        one = _engine_rate(engine, llm, PROMPTS[1:2], n, bias)
+        four = _engine_rate(engine, llm, PROMPTS[:4], n, bias)
+        pairs.append((one, four))
+    speedup = statistics.median(f[0] / o[0] for o, f in pairs)
+    cpu_speedup = statistics.median(f[1] / o[1] for o, f in pairs)
 
     def http_stream(prompt: str) -> int:
         stream = client.completions.create(model="m", prompt=prompt, max_tokens=n,
@@ -516,20 +557,20 @@ def test_throughput_four_streams_vs_one(client: Any, engine: Engine, llm: LLM) -
     http_four = total / (time.perf_counter() - t0)
     assert total == 4 * n
     record = {
-        "engine_1_stream_tok_s": round(max(one), 2), "engine_4_streams_tok_s": round(max(four), 2),
-        "engine_speedup": round(max(four) / max(one), 2),
+        "engine_speedup_wall": round(speedup, 2), "engine_speedup_cpu": round(cpu_speedup, 2),
+        "engine_pairs_tok_s": [[round(o[0], 2), round(f[0], 2)] for o, f in pairs],
         "http_1_stream_tok_s": round(http_one, 2), "http_4_streams_tok_s": round(http_four, 2),
         "http_speedup": round(http_four / http_one, 2),
         "tokens_per_stream": n, "loadavg_1min": round(os.getloadavg()[0], 2),
         "cpus": os.cpu_count(), "threads": llm.n_threads,
-        "runs": {"engine_1": [round(x, 2) for x in one], "engine_4": [round(x, 2) for x in four]},
     }
     out = Path(os.environ.get("PYLLM_ARTIFACTS", ROOT / "tests" / "artifacts"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "server_throughput.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nserver throughput: {record}")
-    # The target is >= 2x (met on an idle machine); the bound leaves room for a loaded one.
-    assert max(four) > 1.5 * max(one), record
+    # The target is >= 2x (met when the machine is not oversubscribed); the bound leaves room
+    # for a loaded one.
+    assert speedup > 1.5, record
 
 
 # ---- the CLI as a subprocess ----------------------------------------------------------------

@@ -279,15 +279,15 @@ class Engine:
 
     def _run(self) -> None:
         while True:
-            with self._cv:
-                while (not self._stopping and not self._pending
-                       and all(s.job is None for s in self._slots)):
-                    self._cv.wait()
-                self._drop_cancelled()
-                if self._stopping and not self._pending and self.active == 0:
-                    return
-                self._admit()
             try:
+                with self._cv:
+                    while (not self._stopping and not self._pending
+                           and all(s.job is None for s in self._slots)):
+                        self._cv.wait()
+                    self._drop_cancelled()
+                    if self._stopping and not self._pending and self.active == 0:
+                        return
+                    self._admit()
                 self._step()
             except Exception as e:  # a bug must fail the requests involved, never the server
                 self._fail_all(f"internal error in the engine: {type(e).__name__}: {e}")
@@ -312,7 +312,8 @@ class Engine:
                 self._finish(job, "length")
                 continue
             prompt = job.req.prompt
-            slot = max(free, key=lambda s: _common_prefix(s.cached, prompt))
+            # longest shared prefix; on a tie the slot with the least cached (least to lose)
+            slot = max(free, key=lambda s: (_common_prefix(s.cached, prompt), -len(s.cached)))
             keep = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)
             if keep < len(slot.cached):
                 self._ctx.seq_truncate(slot.id, keep)
@@ -376,8 +377,12 @@ class Engine:
                 slot.next_token = None
         generated = 0
         for row, slot in zip(logits, owners, strict=True):
-            if slot.job is not None and not slot.job.cancelled:
+            if slot.job is None or slot.job.cancelled:
+                continue
+            try:
                 generated += self._on_logits(slot, row)
+            except Exception as e:  # fail this request only; the slot's cache stays valid
+                self._release(slot, None, error=f"sampling failed: {type(e).__name__}: {e}")
         if generated:
             with self._cv:
                 self._rate.append((time.monotonic(), generated))
