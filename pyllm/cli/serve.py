@@ -27,7 +27,8 @@ def add_parser(sub: Any) -> None:
                    help="address to bind (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     g.add_argument("--api-key", metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on every endpoint but /health")
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health and "
+                   "the chat page (which asks for the key)")
     g.add_argument("--parallel", "-np", type=positive_int, default=4, metavar="N",
                    help="sequences decoded together, each with its own -c context (default 4)")
     g.add_argument("--queue", type=positive_int, default=64, metavar="N",
