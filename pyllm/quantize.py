@@ -15,9 +15,10 @@ File types (``LLAMA_FTYPE`` id, bulk type of the weight matrices)::
     Q4_K_S 14 Q4_K  Q4_K_M 15 Q4_K  Q5_K_S 16 Q5_K  Q5_K_M 17 Q5_K  Q6_K 18 Q6_K
     (aliases as llama-quantize: Q3_K = Q3_K_M, Q4_K = Q4_K_M, Q5_K = Q5_K_M)
 
-Which tensors are converted (as llama.cpp's quantizer decides): tensors with at least 2 dims,
-except ``*_norm.weight``, ``ffn_gate_inp.weight`` (MoE router), ``pos_embd``/``token_types``,
-``ssm_conv1d`` and ``attn_rel_b``. Everything else (1-D norms, biases, rope factors) is copied
+Which tensors are converted (as llama.cpp's quantizer decides): tensors with at least 2 dims whose
+name ends in ``weight``, except ``*_norm.weight``, ``ffn_gate_inp.weight`` (MoE router),
+``position_embd``/``token_types``, ``ssm_conv1d``, ``attn_rel_b`` and a few small tensors of
+other architectures. Everything else (1-D norms, biases, rope factors) is copied
 unchanged. A converted tensor gets the bulk type, then, for the block-quantized file types only
 (not F32/F16/BF16), the per-tensor rules of llama.cpp's ``llama_tensor_get_type`` apply. With
 ``more(i, n) = i < n/8 or i >= 7n/8 or (i - n/8) % 3 == 2`` ("use more bits": the first and last
@@ -32,7 +33,8 @@ output.weight      Q6_K, except Q8_0 stays Q8_0; Q8_0 when the row length is not
                    the bulk type's block (and for falcon). Without output.weight (tied
                    embeddings) token_embd.weight takes this rule instead.
 token_embd.weight  the bulk type (the IQ mixes, which pyllm lacks, would change it)
-attn_v.weight      Q2_K: Q4_K if gqa >= 4 else Q3_K; Q3_K_M: Q5_K for i < 2 else Q4_K;
+attn_v.weight      (fused attn_qkv and MLA attn_kv_b count as attn_v, as in llama.cpp)
+                   Q2_K: Q4_K if gqa >= 4 else Q3_K; Q3_K_M: Q5_K for i < 2 else Q4_K;
                    Q3_K_L: Q5_K; Q4_K_M / Q5_K_M: Q6_K if more(i, n); Q4_K_S: Q5_K for i < 4.
                    Then 70B llama (80 layers): Q3_K/Q4_K -> Q5_K; 8 experts: Q8_0.
 attn_k.weight      8 experts: Q8_0
@@ -45,9 +47,8 @@ attn_output        Q2_K: Q3_K; Q3_K_M: Q4_K; Q3_K_L: Q5_K (falcon: Q3_K_L -> Q4_
 =================  ==========================================================================
 
 Row lengths that are not a multiple of the chosen type's block fall back as llama.cpp does:
-Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0 (llama.cpp takes IQ4_NL, which pyllm
-does not implement; it has Q4_0's size, 4.5 bits per weight, so file sizes agree), and F16 when
-even 32 does not divide the row (llama.cpp refuses legacy types on such rows; we fall back).
+Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0 (some llama.cpp versions took
+IQ4_NL, which has Q4_0's size), and F16 when the row is not a multiple of 32 either.
 
 Requantizing (a tensor already in a block-quantized type that must change type) is refused unless
 ``allow_requantize`` is set; then it is dequantized to float32 and quantized again, which loses
@@ -118,8 +119,11 @@ QUANTIZATION_VERSION = 2
 # Fallbacks for rows that are not a whole number of the chosen type's blocks (see docstring).
 _FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
 
-# Substrings / names of >= 2-D tensors that llama.cpp never quantizes.
-_KEEP_SUBSTRINGS = ("_norm.weight", "ffn_gate_inp.weight", "ssm_conv1d.weight", "attn_rel_b.weight")
+# Substrings / names of >= 2-D tensors that llama.cpp never quantizes (the llama-family ones and
+# a few small tensors of other architectures).
+_KEEP_SUBSTRINGS = ("_norm.weight", "ffn_gate_inp.weight", "ssm_conv1d", "shortconv.conv.weight",
+                    "attn_rel_b.weight", "altup", "laurel", "per_layer_model_proj",
+                    "time_mix_first.weight", "time_mix_lerp_fused.weight")
 _KEEP_NAMES = ("position_embd.weight", "token_types.weight")
 
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
@@ -183,13 +187,30 @@ class ModelFacts:
         )
 
 
+def category(name: str) -> str:
+    """llama.cpp's broad tensor category, tested in its order: output, token_embd, attn_v (which
+    takes fused attn_qkv and MLA attn_kv_b too), attn_k, attn_q, attn_output, ffn_up, ffn_gate,
+    ffn_down, other."""
+    if name == "output.weight":
+        return "output"
+    if name in ("token_embd.weight", "per_layer_token_embd.weight"):
+        return "token_embd"
+    for key, cat in (("attn_qkv.weight", "attn_v"), ("attn_kv_b.weight", "attn_v"),
+                     ("attn_v.weight", "attn_v"), ("attn_k.weight", "attn_k"),
+                     ("attn_q.weight", "attn_q"), ("attn_output.weight", "attn_output"),
+                     ("ffn_up", "ffn_up"), ("ffn_gate", "ffn_gate"), ("ffn_down", "ffn_down")):
+        if key in name:
+            return cat
+    return "other"
+
+
 def _more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
 def should_quantize(name: str, dims: tuple[int, ...]) -> bool:
     """Whether the quantizer converts this tensor at all (else it is copied unchanged)."""
-    if len(dims) < 2:
+    if len(dims) < 2 or not name.endswith("weight"):
         return False
     if any(s in name for s in _KEEP_SUBSTRINGS):
         return False
@@ -213,13 +234,14 @@ def mix_type(name: str, ft: FileType, facts: ModelFacts, i_layer: int, n_layer: 
     new = ft.bulk if bulk is None else bulk
     f = ft.name
     falcon = facts.arch == "falcon"
-    if name == "output.weight" or (not facts.has_output and name == "token_embd.weight"):
+    cat = category(name)
+    if cat == "output" or (not facts.has_output and cat == "token_embd"):
         if falcon:
             return T.Q8_0
         return new if new == T.Q8_0 else T.Q6_K
-    if name == "token_embd.weight":
+    if cat == "token_embd":
         return new
-    if "attn_v.weight" in name:
+    if cat == "attn_v":
         if f == "Q2_K":
             new = T.Q4_K if facts.n_gqa >= 4 else T.Q3_K
         elif f == "Q3_K_M":
@@ -235,9 +257,9 @@ def mix_type(name: str, ft: FileType, facts: ModelFacts, i_layer: int, n_layer: 
         if facts.n_expert == 8:
             new = T.Q8_0
         return new
-    if "attn_k.weight" in name:
+    if cat == "attn_k":
         return T.Q8_0 if facts.n_expert == 8 else new
-    if "ffn_down" in name:
+    if cat == "ffn_down":
         i, n = i_layer, n_layer
         if f == "Q2_K":
             new = T.Q3_K
@@ -260,7 +282,7 @@ def mix_type(name: str, ft: FileType, facts: ModelFacts, i_layer: int, n_layer: 
         elif f == "Q4_K_S" and not falcon and i < n // 8:
             new = T.Q5_K
         return new
-    if "attn_output.weight" in name:
+    if cat == "attn_output":
         if falcon:
             return T.Q4_K if f == "Q3_K_L" else new
         if facts.n_expert == 8:
@@ -303,10 +325,10 @@ def plan_types(reader: GGUFReader, ftype: str | int | FileType) -> list[TensorPl
     ft = resolve_file_type(ftype)
     facts = ModelFacts.from_reader(reader)
     attn_v = sorted((t.name for t in reader.tensors
-                     if "attn_v.weight" in t.name and should_quantize(t.name, t.dims)),
+                     if category(t.name) == "attn_v" and should_quantize(t.name, t.dims)),
                     key=_layer_order)
     ffn_down = sorted((t.name for t in reader.tensors
-                       if "ffn_down" in t.name and should_quantize(t.name, t.dims)),
+                       if category(t.name) == "ffn_down" and should_quantize(t.name, t.dims)),
                       key=_layer_order)
     i_attn_v = {name: i for i, name in enumerate(attn_v)}
     i_ffn_down = {name: i for i, name in enumerate(ffn_down)}
@@ -509,6 +531,7 @@ __all__ = [
     "FILE_TYPES",
     "FileType",
     "ModelFacts",
+    "category",
     "QUANTIZATION_VERSION",
     "QuantizeResult",
     "TensorPlan",
