@@ -455,22 +455,24 @@ def test_cors_off_by_default_and_opt_in(engine: Engine, base_url: str) -> None:
 
 
 def test_queue_full_is_503(llm: LLM) -> None:
-    eng = Engine(llm, n_parallel=1, n_ctx=64, max_queue=1)
+    """1 slot + a queue of 1: a third request is refused with 503 while both are held open;
+    closing them frees everything."""
+    eng = Engine(llm, n_parallel=1, n_ctx=256, max_queue=1)
+    body = {"prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "stream": True}
     try:
-        with serve(create_app(ServerConfig(), engine=eng)) as url, \
-                ThreadPoolExecutor(2) as pool:
-            body = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0}
-            first = pool.submit(httpx.post, f"{url}/v1/completions", json=body, timeout=60)
-            while eng.active == 0:
-                time.sleep(0.01)
-            second = pool.submit(httpx.post, f"{url}/v1/completions", json=body, timeout=60)
-            while eng.queue_depth == 0:
-                time.sleep(0.01)
-            r = httpx.post(f"{url}/v1/completions", json=body)
-            assert r.status_code == 503
-            assert r.json()["error"]["code"] == "queue_full"
-            assert first.result().status_code == 200
-            assert second.result().status_code == 200
+        with serve(create_app(ServerConfig(), engine=eng)) as url, httpx.Client(timeout=30) as c:
+            with c.stream("POST", f"{url}/v1/completions", json=body) as first, \
+                    c.stream("POST", f"{url}/v1/completions", json=body) as second:
+                assert first.status_code == second.status_code == 200
+                deadline = time.monotonic() + 10
+                while not (eng.active == 1 and eng.queue_depth == 1):  # admission is async
+                    assert time.monotonic() < deadline
+                    time.sleep(0.005)
+                r = httpx.post(f"{url}/v1/completions", json=body)
+                assert r.status_code == 503
+                assert r.json()["error"]["code"] == "queue_full"
+            _wait_idle(eng, 10)
+            assert eng.stats.finished["cancelled"] == 2 and eng.stats.requests_rejected == 1
     finally:
         eng.stop()
 
