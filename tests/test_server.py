@@ -331,9 +331,10 @@ def test_sampling_fields_and_seed(client: Any) -> None:
 
 def test_disconnect_mid_stream_frees_the_slot(base_url: str, engine: Engine) -> None:
     cancelled = engine.stats.finished["cancelled"]
+    no_eos = {str(t): -100 for t in engine.stop_ids}  # it must still be running at hang-up
     with httpx.stream("POST", f"{base_url}/v1/completions", timeout=30,
                       json={"prompt": "Once upon a time", "max_tokens": 200, "stream": True,
-                            "temperature": 0}) as r:
+                            "temperature": 0, "logit_bias": no_eos}) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line.startswith("data: {"):
@@ -349,7 +350,8 @@ def test_disconnect_non_streaming_request(base_url: str, engine: Engine) -> None
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{base_url}/v1/chat/completions", timeout=1.0,
                    json={"messages": [{"role": "user", "content": "Tell me a long story"}],
-                         "max_tokens": 200, "temperature": 0})
+                         "max_tokens": 200, "temperature": 0,
+                         "logit_bias": {str(t): -100 for t in engine.stop_ids}})
     _wait_idle(engine, 5)
     assert engine.stats.finished["cancelled"] == cancelled + 1
 
