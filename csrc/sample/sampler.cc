@@ -68,6 +68,32 @@ size_t mass_prefix(std::vector<T>& v, size_t n, Less less, Mass mass, double p, 
   return hi;  // hi < n only when rounding lost the crossing found above
 }
 
+// mass_prefix with a first pass that buckets the elements by key(x) (>= 0 and non-decreasing
+// in `less` order; NaN / beyond `range` go to the last bucket) and sums each bucket's mass:
+// the bucket where the cumulative mass reaches p is found in one pass, everything before it is
+// kept unordered, and only that bucket goes through the quickselect.
+template <class T, class Key, class Less, class Mass>
+size_t bucketed_mass_prefix(std::vector<T>& v, Key key, float range, Less less, Mass mass,
+                            double p, bool strict) {
+  constexpr int kBuckets = 512;
+  const float scale = static_cast<float>(kBuckets) / range;
+  auto bucket = [&](const T& x) {
+    const float d = key(x) * scale;
+    return d < static_cast<float>(kBuckets) ? static_cast<int>(d) : kBuckets;
+  };
+  auto reached = [&](double m) { return strict ? m > p : m >= p; };
+  double hist[kBuckets + 1] = {};
+  for (const T& x : v) hist[bucket(x)] += mass(x);
+  double acc = 0.0;
+  int cut = 0;
+  while (cut <= kBuckets && !reached(acc + hist[cut])) acc += hist[cut++];
+  if (cut > kBuckets) return v.size();  // the whole set does not reach p: keep everything
+  const auto above = std::partition(v.begin(), v.end(), [&](const T& x) { return bucket(x) < cut; });
+  const auto within = std::partition(above, v.end(), [&](const T& x) { return bucket(x) == cut; });
+  return mass_prefix(v, static_cast<size_t>(within - v.begin()), less, mass, p, strict,
+                     static_cast<size_t>(above - v.begin()), acc);
+}
+
 // exp(x) for x <= 0 written so the compiler vectorizes it (the libm call does not): round
 // x / ln2 to k with the 1.5 * 2^23 trick, reduce r = x - k ln2 (Cody-Waite, two parts), a
 // degree-6 polynomial for e^r on |r| <= ln2 / 2, and scale by 2^k through the exponent bits.
@@ -389,18 +415,27 @@ void Sampler::apply_tail_free(float z) {
 
 void Sampler::apply_typical(float p) {
   softmax();
-  // Entropy of the candidates; 0 * log 0 is taken as 0 (banned tokens carry no mass).
-  double entropy = 0.0;
-  for (const Candidate& c : cands_) {
-    if (c.p > 0.0f) entropy -= static_cast<double>(c.p) * std::log(c.p);
-  }
+  // Surprise -log p_i = (max - l_i) + log Z, and log Z = -log p_max: no logarithm per token.
   const size_t n = cands_.size();
+  float mx = -kInf;
+  float p_max = 0.0f;
+  for (const Candidate& c : cands_) {
+    if (c.logit > mx) {
+      mx = c.logit;
+      p_max = c.p;
+    }
+  }
+  const float log_z = -std::log(p_max);
   std::vector<float>& score = scratch_f_;
   score.resize(n);
+  // Entropy of the candidates; 0 * log 0 is taken as 0 (banned tokens carry no mass).
+  double entropy = 0.0;
   for (size_t i = 0; i < n; ++i) {
-    const float p_i = cands_[i].p;
-    score[i] = p_i > 0.0f ? std::fabs(-std::log(p_i) - static_cast<float>(entropy)) : kInf;
+    score[i] = (mx - cands_[i].logit) + log_z;  // the surprise for now; +inf when banned
+    if (cands_[i].p > 0.0f) entropy += static_cast<double>(cands_[i].p) * score[i];
   }
+  const auto h = static_cast<float>(entropy);
+  for (size_t i = 0; i < n; ++i) score[i] = std::fabs(score[i] - h);
   // Keep the tokens whose surprise is closest to the entropy until their mass exceeds p.
   std::vector<size_t>& idx = scratch_i_;
   idx.resize(n);
@@ -409,8 +444,9 @@ void Sampler::apply_typical(float p) {
     return score[a] < score[b] || (score[a] == score[b] && better(cands_[a], cands_[b]));
   };
   // min_keep - 1 = 0: the first token always counts
-  const size_t last = mass_prefix(
-      idx, n, less, [&](size_t i) { return static_cast<double>(cands_[i].p); }, p, true);
+  const size_t last = bucketed_mass_prefix(
+      idx, [&](size_t i) { return score[i]; }, 32.0f, less,
+      [&](size_t i) { return static_cast<double>(cands_[i].p); }, p, true);
   scratch_c_.resize(last);
   for (size_t i = 0; i < last; ++i) scratch_c_[i] = cands_[idx[i]];
   cands_.swap(scratch_c_);
@@ -432,35 +468,12 @@ void Sampler::apply_top_p(float p) {
     cands_.resize(last);
     return;
   }
-  // Histogram of the mass by distance below the best logit (buckets follow `better` order), so
-  // one pass finds the bucket where the cumulative mass crosses p; everything above it is kept
-  // unordered and only that bucket goes through the quickselect.
-  const size_t n = cands_.size();
+  // Bucketed by distance below the best logit, which follows `better` order.
   float mx = -kInf;
   for (const Candidate& c : cands_) mx = std::max(mx, c.logit);
-  constexpr int kBuckets = 512;
-  constexpr float kRange = 32.0f;  // nats below the best; beyond that, the last bucket
-  const float scale = kBuckets / kRange;
-  auto bucket = [&](const Candidate& c) {
-    const float d = (mx - c.logit) * scale;  // -inf logits give +inf
-    return d < static_cast<float>(kBuckets) ? static_cast<int>(d) : kBuckets;
-  };
-  double hist[kBuckets + 1] = {};
-  for (const Candidate& c : cands_) hist[bucket(c)] += c.p;
-  double acc = 0.0;
-  int cut = 0;
-  while (cut <= kBuckets && !(acc + hist[cut] >= p)) acc += hist[cut++];
-  size_t last = n;
-  if (cut <= kBuckets) {
-    const auto above = std::partition(cands_.begin(), cands_.end(),
-                                      [&](const Candidate& c) { return bucket(c) < cut; });
-    const auto within = std::partition(above, cands_.end(),
-                                       [&](const Candidate& c) { return bucket(c) == cut; });
-    last = mass_prefix(
-        cands_, static_cast<size_t>(within - cands_.begin()), better,
-        [](const Candidate& c) { return static_cast<double>(c.p); }, p, false,
-        static_cast<size_t>(above - cands_.begin()), acc);
-  }
+  const size_t last = bucketed_mass_prefix(
+      cands_, [mx](const Candidate& c) { return mx - c.logit; }, 32.0f, better,
+      [](const Candidate& c) { return static_cast<double>(c.p); }, p, false);
   cands_.resize(last);
   // The kept set is the right one but unordered; small sets are cheap to order for min-p.
   if (last <= 4096) {

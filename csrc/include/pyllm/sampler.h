@@ -10,8 +10,14 @@
 // Every filter keeps at least one token.
 //
 // The Sampler is not thread-safe; one per generation stream. It owns scratch buffers so a call
-// allocates nothing once warm, and it never sorts the whole vocabulary in the common
-// configurations (top-k selection by a bounded heap, top-p by widening partial sorts).
+// allocates nothing once warm, and it never sorts the whole vocabulary except for tail-free
+// sampling without top-k: top-k is a bounded-heap selection, top-p / typical-p a mass histogram
+// plus a weighted quickselect of one bucket (expected O(n)), softmax exponentials are vectorized.
+//
+// Differences from llama.cpp, on purpose: ties are broken by the lower token id everywhere
+// (llama.cpp leaves them to std::sort), min_keep is 1, the penalties also apply under mirostat
+// (as in llama.cpp before the sampler chain rework), and the RNG stream differs (one 32-bit
+// mt19937 draw per token mapped to [0, 1), portable across standard libraries).
 #pragma once
 
 #include <cstddef>
