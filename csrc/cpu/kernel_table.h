@@ -38,6 +38,9 @@ struct KernelTable {
   // for every token. Best with row ranges that are multiples of matmat_rows.
   RowsFn matmat[kMaxTypeId];
   int matmat_rows;
+  // From this many tokens on, matmat beats matvec (measured per ISA on Zen4; the crossover is
+  // where decoding a panel once stops costing more than decoding each block per 4 tokens).
+  int matmat_min_tokens;
 };
 
 namespace scalar { const KernelTable& kernel_table(); }

@@ -72,7 +72,7 @@ MatArgs to_args(const MatmulParams& p, int64_t row_bytes) {
 RowsFn pick(const MatmulParams& p, int64_t* grain) {
   const KernelTable& t = table_for(active_isa());
   const int id = static_cast<int>(p.wtype);
-  if (p.n_tokens >= kMatmatMinTokens) {
+  if (p.n_tokens >= t.matmat_min_tokens) {
     *grain = 32;
     return t.matmat[id];
   }
@@ -97,6 +97,8 @@ int64_t matmul_row_bytes(QType wtype, int64_t k) {
   check_matmul(MatmulParams{wtype, nullptr, 0, k, nullptr, 0, 0, nullptr, 0});
   return row_bytes_of(wtype, k);
 }
+
+int64_t matmat_min_tokens() { return table_for(active_isa()).matmat_min_tokens; }
 
 bool matmul_supports(QType wtype) {
   Layout l{};

@@ -67,7 +67,7 @@ const std::vector<TypeCase>& cases() {
 // Whether matmul takes an int16-activation VNNI kernel here (matvec_vnni.cc, matmat_vnni.cc).
 bool uses_int16_activations(Isa isa, QType t, int64_t n_tokens) {
   if (isa != Isa::Avx512) return false;
-  if (n_tokens < kMatmatMinTokens) {
+  if (n_tokens < matmat_min_tokens()) {  // the caller has made isa the active ISA
     return t != QType::F32 && t != QType::F16 && t != QType::BF16;  // every block type
   }
   return t == QType::Q4_0 || t == QType::Q4_1 || t == QType::Q5_0 || t == QType::Q5_1 ||
@@ -120,7 +120,7 @@ void check_type(const TypeCase& tc, ThreadPool& pool, std::mt19937& rng) {
   const std::vector<double> wd = dequantized(tc, w, n_out, k, pool);
   for (double v : wd) CHECK(std::isfinite(v), "%s: non-finite dequantized weight", tc.name);
   std::normal_distribution<float> nd(0.0f, 1.0f);
-  for (int64_t n_tokens : {1, 2, 5, 7, 8, 13, 40}) {
+  for (int64_t n_tokens : {1, 2, 5, 7, 13, 16, 40}) {
     std::vector<float> x(static_cast<size_t>(n_tokens * k));
     for (auto& v : x) v = nd(rng);
     for (Isa isa : available_isas()) {

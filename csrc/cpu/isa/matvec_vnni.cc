@@ -525,6 +525,9 @@ void by_groups(const MatArgs& a, int64_t r0, int64_t r1) {
 
 // Installs these kernels as the matvec entries of the AVX-512 table.
 void install_vnni_matvec(KernelTable& t) {
+  // Measured (Q4_K, 1024 x 2048): VNNI matvec ~0.07 ms per token in groups of 4 vs matmat
+  // 1.7 ms at 8 tokens and 2.4 ms at 32 tokens.
+  t.matmat_min_tokens = 32;
   t.matvec[static_cast<int>(QType::Q4_0)] = &by_groups<MvLegacy<BlockQ4_0, false, false, 8>::K>;
   t.matvec[static_cast<int>(QType::Q4_1)] = &by_groups<MvLegacy<BlockQ4_1, false, true, 0>::K>;
   t.matvec[static_cast<int>(QType::Q5_0)] = &by_groups<MvLegacy<BlockQ5_0, true, false, 16>::K>;

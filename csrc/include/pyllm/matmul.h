@@ -32,7 +32,7 @@
 //   PYLLM_FORCE_ISA=avx2 (or scalar) gives the F32-math kernels everywhere.
 
 // Kernel choice and threads
-//   n_tokens < kMatmatMinTokens: the matvec kernel (memory-bound: one pass over W, blocks
+//   n_tokens < matmat_min_tokens() (16; 32 with the AVX-512 VNNI kernels): the matvec kernel (memory-bound: one pass over W, blocks
 //   decoded in registers, up to 4 tokens per pass). Otherwise the matmat kernel (compute-bound:
 //   a panel of rows is decoded once into F32 and reused for every token). The kernels of
 //   active_isa() (cpu.h; PYLLM_FORCE_ISA) are used. Rows are split into contiguous ranges, one
@@ -50,8 +50,8 @@
 
 namespace pyllm {
 
-// Below this many tokens the matvec kernel is used (see above).
-constexpr int64_t kMatmatMinTokens = 8;
+// From this many tokens on, the active ISA's matmat kernel is used (see above).
+int64_t matmat_min_tokens();
 
 struct MatmulParams {
   QType wtype;
