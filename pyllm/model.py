@@ -203,6 +203,46 @@ class LLM:
         """Forget the context (the KV cache is reused, not reallocated)."""
         self._truncate(0)
 
+    # ---- embeddings -------------------------------------------------------------------------
+
+    def embed(self, text_or_tokens: str | Sequence[int], normalize: bool = True) -> np.ndarray:
+        """Mean-pooled final hidden states of a text (float32, n_embd), L2-normalized by default.
+
+        Uses the context's KV cache, so the cached conversation is forgotten.
+        """
+        if isinstance(text_or_tokens, str):
+            tokens = self.tokenize(text_or_tokens, add_special=True)
+        else:
+            tokens = list(text_or_tokens)
+        arr = self._check_tokens(tokens)
+        if arr.size == 0:
+            raise ModelError("cannot embed an empty input")
+        if arr.size > self.n_ctx:
+            raise ContextError(f"the input has {arr.size} tokens; the context holds {self.n_ctx}")
+        if self._ctx is None:
+            raise ModelError("this LLM has been closed")
+        self._tokens.clear()
+        self._last_logits = None
+        with self._lock:
+            vec = np.asarray(self._ctx.embed(arr, 0))
+        if normalize:
+            norm = float(np.linalg.norm(vec))
+            if norm > 0:
+                vec = vec / norm
+        return vec.astype(np.float32, copy=False)
+
+    def create_embedding(self, input: str | Sequence[str]) -> dict[str, Any]:  # noqa: A002
+        """llama-cpp-python / OpenAI-shaped embeddings of one text or a list of texts."""
+        texts = [input] if isinstance(input, str) else list(input)
+        data, n_tokens = [], 0
+        for i, text in enumerate(texts):
+            tokens = self.tokenize(text, add_special=True)
+            n_tokens += len(tokens)
+            data.append({"object": "embedding", "index": i,
+                         "embedding": self.embed(tokens).tolist()})
+        return {"object": "list", "data": data, "model": str(self.model_path),
+                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+
     # ---- generation -------------------------------------------------------------------------
 
     def stream(self, prompt: str | Sequence[int], max_tokens: int | None = 128,

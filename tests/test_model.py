@@ -310,3 +310,20 @@ def test_batched_sequences_match_separate_runs(tiny_dir: Path) -> None:
         ctx.decode_batch(np.array([1] * 40), np.zeros(40), np.zeros(40))
     with pytest.raises(ValueError):
         ctx.decode_batch(np.array([1]), np.array([3]), np.array([1]))
+
+
+def test_embeddings_are_mean_pooled_final_states(tiny_dir: Path) -> None:
+    path = tiny(tiny_dir, "gqa")
+    trace: dict[str, np.ndarray] = {}
+    LlamaRef(str(path)).forward(TOKENS, trace=trace)
+    expected = trace["result_norm"].mean(axis=0)
+    with LLM(path, n_ctx=64, n_batch=7, kv_type="f32") as llm:
+        llm.eval([1, 2, 3])
+        raw = llm.embed(TOKENS, normalize=False)
+        np.testing.assert_allclose(raw, expected, atol=1e-4, rtol=0)
+        unit = llm.embed(TOKENS)
+        np.testing.assert_allclose(unit, expected / np.linalg.norm(expected), atol=1e-5)
+        assert llm.n_past == 0  # the cache was reused for the embedding
+        np.testing.assert_allclose(llm.eval(TOKENS[:3]), llm.logits(TOKENS[:3])[-1], atol=1e-4)
+        with pytest.raises(ContextError):
+            llm.embed(list(range(65)))

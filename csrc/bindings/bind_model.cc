@@ -186,6 +186,23 @@ void register_model(py::module_& m) {
           py::arg("tokens"), py::arg("seq"), py::arg("want_logits"),
           "Continuous batching: token i joins sequence seq[i]; one forward for all of them. "
           "Returns logits (rows, n_vocab) for the tokens with want_logits[i] set, in order.")
+      .def(
+          "embed",
+          [](Context& ctx, py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens,
+             int seq) {
+            if (tokens.ndim() != 1) throw std::invalid_argument("tokens must be a 1-D array");
+            py::array_t<float> out(ctx.model().hparams().n_embd);
+            float* dst = out.mutable_data();
+            const int32_t* src = tokens.data();
+            const int64_t n = tokens.shape(0);
+            {
+              py::gil_scoped_release release;
+              ctx.embed(src, n, seq, dst);
+            }
+            return out;
+          },
+          py::arg("tokens"), py::arg("seq") = 0,
+          "Mean over tokens of the final-normed hidden states (n_embd,); empties sequence seq.")
       .def_property_readonly("n_seq", &Context::n_seq)
       .def("seq_n_past", &Context::seq_n_past, py::arg("seq"))
       .def("seq_truncate", &Context::seq_truncate, py::arg("seq"), py::arg("n"),

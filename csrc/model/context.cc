@@ -359,6 +359,42 @@ int64_t Context::decode_batch(const int32_t* tokens, const int32_t* seq, int64_t
   return rows_out;
 }
 
+void Context::embed(const int32_t* tokens, int64_t n, int seq, float* out) {
+  const HParams& hp = model_->hparams();
+  if (n <= 0) throw std::invalid_argument("embed: no tokens");
+  if (seq < 0 || seq >= params_.n_seq) throw std::out_of_range("sequence id out of range");
+  if (n > params_.n_ctx) {
+    throw std::out_of_range("embed: " + std::to_string(n) + " tokens > n_ctx " +
+                            std::to_string(params_.n_ctx));
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (tokens[i] < 0 || tokens[i] >= hp.n_vocab) {
+      throw std::invalid_argument("token id " + std::to_string(tokens[i]) +
+                                  " is outside the vocabulary");
+    }
+  }
+  const int64_t d = hp.n_embd;
+  const OpsTable& op = ops();
+  const float* norm = static_cast<const float*>(model_->weights().output_norm.data);
+  std::vector<double> acc(d, 0.0);
+  std::vector<float> row(d);
+  n_past_[seq] = 0;
+  for (int64_t done = 0; done < n;) {
+    const int chunk = static_cast<int>(std::min<int64_t>(params_.n_batch, n - done));
+    std::vector<int> pos(chunk), seqs(chunk, seq);
+    for (int t = 0; t < chunk; ++t) pos[t] = static_cast<int>(done + t);
+    impl_->forward_chunk(*model_, tokens + done, pos.data(), seqs.data(), chunk,
+                         static_cast<int>(n));
+    for (int t = 0; t < chunk; ++t) {
+      op.rms_norm(impl_->buf.x.data() + t * d, norm, row.data(), d, hp.rms_eps);
+      for (int64_t i = 0; i < d; ++i) acc[i] += row[i];
+    }
+    done += chunk;
+  }
+  for (int64_t i = 0; i < d; ++i) out[i] = static_cast<float>(acc[i] / static_cast<double>(n));
+  n_past_[seq] = 0;
+}
+
 std::vector<uint8_t> Context::save_state() const {
   const HParams& hp = model_->hparams();
   const int64_t per_layer = int64_t(n_past_[0]) * impl_->kv_row_bytes;

@@ -105,6 +105,10 @@ class Context {
   // order. Returns the number of rows written. Throws like decode() (nothing is modified then).
   int64_t decode_batch(const int32_t* tokens, const int32_t* seq, int64_t n,
                        const uint8_t* want_logits, float* logits);
+  // Embedding of a text: runs tokens at positions 0..n of sequence `seq` and writes the mean over
+  // tokens of the final-normed hidden states (n_embd floats). The sequence is left empty, so use
+  // a free slot. Throws std::out_of_range when n > n_ctx.
+  void embed(const int32_t* tokens, int64_t n, int seq, float* out);
   int n_seq() const { return params_.n_seq; }
   int seq_n_past(int seq) const;
   void seq_truncate(int seq, int n);
