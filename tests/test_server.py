@@ -268,6 +268,7 @@ def test_models_tokenize_detokenize_health_metrics(client: Any, base_url: str,
                                                    llm: LLM) -> None:
     models = client.models.list()
     assert [m.id for m in models.data] == ["smollm2"]
+    assert client.completions.create(model="m", prompt="Hi", max_tokens=1).usage
     ids = httpx.post(f"{base_url}/tokenize", json={"content": "Hello world"}).json()["tokens"]
     assert ids == llm.tokenize("Hello world", add_special=False)
     pieces = httpx.post(f"{base_url}/tokenize",
@@ -324,6 +325,43 @@ def test_sampling_fields_and_seed(client: Any) -> None:
                                        max_tokens=4, seed=7,
                                        extra_body={"mirostat": 2, "mirostat_tau": 3.0})
     assert r.usage.completion_tokens <= 4
+
+
+def test_openai_embeddings(client: Any, base_url: str, llm: LLM, engine: Engine) -> None:
+    """Mean-pooled, L2-normalized embeddings; the openai package asks for base64 by default,
+    httpx for floats; both equal the extension's embed() on its own context, and embeddings
+    computed while a generation runs leave that generation's greedy text unchanged."""
+    import numpy as np
+
+    from pyllm import _core
+
+    if not engine.supports_embeddings:
+        pytest.skip("this build of the extension has no Context.embed")
+    texts = ["The cat sat on the mat.", "A cat was sitting on a rug.",
+             "Stock markets fell sharply today."]
+    expected_text = _greedy(llm, PROMPTS[3], 10)
+    with ThreadPoolExecutor(1) as pool:
+        gen = pool.submit(lambda: client.completions.create(
+            model="m", prompt=PROMPTS[3], max_tokens=10, temperature=0).choices[0].text)
+        r = client.embeddings.create(model="m", input=texts)
+        assert gen.result() == expected_text
+    v = np.array([d.embedding for d in r.data])
+    assert v.shape == (3, engine.n_embd) and [d.index for d in r.data] == [0, 1, 2]
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    sim = v @ v.T
+    assert sim[0, 1] > sim[0, 2] and sim[0, 1] > sim[1, 2]  # the two cat sentences are closest
+    assert r.usage.prompt_tokens == sum(len(llm.tokenize(t)) for t in texts)
+    ctx = _core.Context(llm._model, n_ctx=64, n_seq=1)
+    ref = ctx.embed(np.array(llm.tokenize(texts[0]), dtype=np.int32), 0)
+    np.testing.assert_allclose(v[0], ref / np.linalg.norm(ref), atol=1e-6)
+    floats = httpx.post(f"{base_url}/v1/embeddings",
+                        json={"input": llm.tokenize(texts[0]), "encoding_format": "float"})
+    np.testing.assert_allclose(floats.json()["data"][0]["embedding"], v[0], atol=1e-6)
+    for bad in ({"input": []}, {"input": "x", "dimensions": 3}, {"input": [[1, 10**9]]},
+                {"input": "word " * 300}, {"input": "x", "encoding_format": "int8"}):
+        r2 = httpx.post(f"{base_url}/v1/embeddings", json=bad)
+        assert r2.status_code == 400, (bad, r2.text)
+        assert r2.json()["error"]["type"] == "invalid_request_error"
 
 
 # ---- reliability --------------------------------------------------------------------------------

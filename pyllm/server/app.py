@@ -16,6 +16,7 @@ thread pool, generation to the engine thread, whose events come back through
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import hmac
 import json
@@ -60,6 +61,7 @@ from pyllm.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     TokenizeRequest,
     UnsupportedFieldError,
     error_body,
@@ -166,7 +168,7 @@ class _Guard:
 
 
 _ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
-           "/tokenize", "/detokenize")
+           "/v1/embeddings", "/tokenize", "/detokenize")
 
 
 # ---- body parsing -----------------------------------------------------------------------------
@@ -262,6 +264,19 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
+async def _until_disconnect(request: Request, awaitable: Awaitable[Any]) -> Any:
+    """The result of ``awaitable``, or None when the client disconnects first (then the
+    awaitable is cancelled)."""
+    work = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        return work.result() if work.done() else None
+    finally:
+        for task in (work, watch):
+            task.cancel()
+
+
 async def _collect(request: Request, events: _Events, handle: Handle
                    ) -> tuple[list[TokenEvent], DoneEvent] | None:
     """All events of a non-streamed request; None if the client went away first (the request
@@ -278,17 +293,12 @@ async def _collect(request: Request, events: _Events, handle: Handle
             else:
                 raise ApiError(500, ev.message, "server_error")
 
-    work = asyncio.ensure_future(gather())
-    watch = asyncio.ensure_future(_wait_disconnect(request))
     try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        if work.done():
-            return work.result()
-        return None
+        result: tuple[list[TokenEvent], DoneEvent] | None = await _until_disconnect(
+            request, gather())
+        return result
     finally:
         handle.cancel()  # no-op when finished
-        for task in (work, watch):
-            task.cancel()
 
 
 def _sse(obj: Any) -> str:
@@ -483,6 +493,58 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
             return JSONResponse({"content": text})
         return await guarded(run)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        req = _parse(EmbeddingRequest, await _read_json(request, config.max_body_bytes))
+        eng = state.need_engine()
+        if not eng.supports_embeddings:
+            raise ApiError(501, "embeddings need a newer build of the pyllm extension "
+                                "(Context.embed)", "server_error", code="not_supported")
+        if req.dimensions is not None and req.dimensions != eng.n_embd:
+            raise ApiError(400, f"this model's embeddings have {eng.n_embd} dimensions",
+                           param="dimensions")
+
+        async def run() -> Response:
+            from pyllm.generate import prompt_tokens
+
+            loop = asyncio.get_running_loop()
+            token_lists = [await run_in_threadpool(prompt_tokens, eng.llm, x)
+                           if isinstance(x, str) else x for x in req.inputs()]
+            futures: list[asyncio.Future[Any]] = []
+            handles: list[Handle] = []
+            try:
+                for toks in token_lists:
+                    fut: asyncio.Future[Any] = loop.create_future()
+
+                    def done(vec: Any, err: str | None, fut: asyncio.Future[Any] = fut) -> None:
+                        loop.call_soon_threadsafe(
+                            lambda: fut.done() or fut.set_result((vec, err)))
+                    try:
+                        handles.append(eng.submit_embedding(toks, done))
+                    except PyllmError as e:
+                        code = "queue_full" if isinstance(e, QueueFullError) else None
+                        status = 503 if isinstance(e, QueueFullError | EngineStoppedError) \
+                            else 400
+                        raise ApiError(status, str(e), param="input", code=code) from None
+                    futures.append(fut)
+                results = await _until_disconnect(request, asyncio.gather(*futures))
+            finally:
+                for h in handles:
+                    h.cancel()
+            if results is None:
+                return Response(status_code=499)
+            data = []
+            for i, (vec, err) in enumerate(results):
+                if vec is None:
+                    raise ApiError(500, err or "embedding failed", "server_error")
+                emb: Any = (base64.b64encode(vec.astype("<f4").tobytes()).decode()
+                            if req.encoding_format == "base64" else vec.tolist())
+                data.append({"object": "embedding", "index": i, "embedding": emb})
+            n = sum(len(t) for t in token_lists)
+            return JSONResponse({"object": "list", "data": data, "model": config.model_id,
+                                 "usage": {"prompt_tokens": n, "total_tokens": n}})
+        return await guarded(run)
+
     # ---- completions --------------------------------------------------------------------------
 
     @app.post("/v1/completions")
@@ -628,6 +690,10 @@ def _metrics_text(state: _State) -> str:
                [("", st.prompt_tokens_evaluated)])
         metric("pyllm_completion_tokens_total", "counter", "Tokens generated.",
                [("", st.completion_tokens_total)])
+        metric("pyllm_embeddings_total", "counter", "Embeddings computed.",
+               [("", st.embeddings_total)])
+        metric("pyllm_embedding_tokens_total", "counter", "Tokens embedded.",
+               [("", st.embedding_tokens_total)])
         metric("pyllm_queue_depth", "gauge", "Requests waiting for a slot.",
                [("", eng.queue_depth)])
         metric("pyllm_slots_busy", "gauge", "Slots generating or evaluating a prompt.",

@@ -15,6 +15,9 @@ Per request the engine does what :class:`pyllm.generate.Generation` does for one
 ``max_tokens``, the context limit), reusing its pieces (``StopMatcher``, the tokenizer's stream
 decoder, ``Sampler``); the loop itself differs because one forward serves many sequences.
 
+Embeddings (``submit_embedding``) run between two steps in a free slot, one per step, so
+running generations are delayed by at most one embedding forward.
+
 A finished slot keeps its KV entries: the next request is put in the free slot sharing the
 longest prefix with its prompt and only the rest is evaluated (multi-turn chat re-sends the whole
 conversation, so most of it is usually cached).
@@ -26,6 +29,7 @@ must be quick and must not raise (the HTTP layer hands events to its event loop)
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import threading
 import time
@@ -95,9 +99,10 @@ class Request:
 
 
 class Handle:
-    """Returned by :meth:`Engine.submit`; :meth:`cancel` frees the slot within one step."""
+    """Returned by :meth:`Engine.submit` / :meth:`Engine.submit_embedding`; :meth:`cancel`
+    frees the slot within one step."""
 
-    def __init__(self, job: _Job, engine: Engine) -> None:
+    def __init__(self, job: _Job | _EmbedJob, engine: Engine) -> None:
         self._job = job
         self._engine = engine
 
@@ -123,10 +128,19 @@ class _Job:
 
 
 @dataclass
+class _EmbedJob:
+    id: int
+    tokens: list[int]
+    on_done: Callable[[np.ndarray | None, str | None], None]
+    cancelled: bool = False
+
+
+@dataclass
 class _Slot:
     id: int
     cached: list[int] = field(default_factory=list)  # tokens whose K/V the slot holds
     job: _Job | None = None
+    embedding: bool = False  # lent to an embedding between two steps
     todo: list[int] = field(default_factory=list)  # prompt tokens not yet evaluated
     next_token: int | None = None  # sampled, to be fed in the next step
 
@@ -139,6 +153,8 @@ class EngineStats:
     prompt_tokens_total: int = 0  # prompt tokens in requests
     prompt_tokens_evaluated: int = 0  # of those, the ones not found in a slot's cache
     completion_tokens_total: int = 0
+    embeddings_total: int = 0
+    embedding_tokens_total: int = 0
     steps_total: int = 0
     step_seconds_total: float = 0.0
 
@@ -190,6 +206,7 @@ class Engine:
         self.stats = EngineStats()
         self._slots = [_Slot(i) for i in range(n_parallel)]
         self._pending: collections.deque[_Job] = collections.deque()
+        self._embeds: collections.deque[_EmbedJob] = collections.deque()
         self._cv = threading.Condition()
         self._ids = itertools.count(1)
         self._stopping = False
@@ -226,16 +243,55 @@ class Engine:
         with self._cv:
             if self._stopping:
                 raise EngineStoppedError("the server is shutting down")
-            busy = sum(s.job is not None for s in self._slots)
-            if len(self._pending) >= self.max_queue and busy >= self.n_parallel:
-                self.stats.requests_rejected += 1
-                raise QueueFullError(f"all {self.n_parallel} slots are busy and "
-                                     f"{len(self._pending)} requests are waiting")
+            self._check_queue()
             self._pending.append(job)
             self.stats.requests_total += 1
             self.stats.prompt_tokens_total += n
             self._cv.notify()
         return Handle(job, self)
+
+    @property
+    def supports_embeddings(self) -> bool:
+        """Whether the extension has the embeddings entry (``Context.embed``)."""
+        return hasattr(self._ctx, "embed")
+
+    @property
+    def n_embd(self) -> int:
+        return int(self.llm._model.n_embd)
+
+    def submit_embedding(self, tokens: Sequence[int],
+                         on_done: Callable[[np.ndarray | None, str | None], None]) -> Handle:
+        """Queue an embedding: ``on_done(vector, None)`` with the L2-normalized mean of the
+        final-normed hidden states, or ``on_done(None, reason)`` ("cancelled" or an error).
+        It runs between two steps in a free slot (whose cache it empties)."""
+        if not self.supports_embeddings:
+            raise ModelError("this build of the pyllm extension has no embeddings entry")
+        toks = [int(t) for t in tokens]
+        if not toks:
+            raise ContextError("the input is empty (no tokens)")
+        if len(toks) > self.n_ctx:
+            raise ContextError(f"the input has {len(toks)} tokens; a slot's context holds "
+                               f"{self.n_ctx} (n_ctx)")
+        bad = [t for t in toks if not 0 <= t < self.n_vocab]
+        if bad:
+            raise ContextError(f"token id {bad[0]} is outside the vocabulary "
+                               f"(n_vocab {self.n_vocab})")
+        job = _EmbedJob(next(self._ids), toks, on_done)
+        with self._cv:
+            if self._stopping:
+                raise EngineStoppedError("the server is shutting down")
+            self._check_queue()
+            self._embeds.append(job)
+            self.stats.requests_total += 1
+            self._cv.notify()
+        return Handle(job, self)
+
+    def _check_queue(self) -> None:
+        waiting = len(self._pending) + len(self._embeds)
+        if waiting >= self.max_queue and self.active >= self.n_parallel:
+            self.stats.requests_rejected += 1
+            raise QueueFullError(f"all {self.n_parallel} slots are busy and {waiting} "
+                                 f"requests are waiting")
 
     def stop(self, timeout: float | None = 10.0) -> None:
         """Cancel everything queued or running and end the scheduler thread."""
@@ -243,6 +299,8 @@ class Engine:
             self._stopping = True
             for job in self._pending:
                 job.cancelled = True
+            for ejob in self._embeds:
+                ejob.cancelled = True
             for slot in self._slots:
                 if slot.job is not None:
                     slot.job.cancelled = True
@@ -251,11 +309,11 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._embeds)
 
     @property
     def active(self) -> int:
-        return sum(s.job is not None for s in self._slots)
+        return sum(s.job is not None or s.embedding for s in self._slots)
 
     def tokens_per_second(self) -> float:
         """Generated tokens per second over the last ``rate_window_s`` seconds."""
@@ -272,7 +330,7 @@ class Engine:
 
     # ---- scheduler ----------------------------------------------------------------------------
 
-    def _cancel(self, job: _Job) -> None:
+    def _cancel(self, job: _Job | _EmbedJob) -> None:
         with self._cv:
             job.cancelled = True
             self._cv.notify()
@@ -281,13 +339,17 @@ class Engine:
         while True:
             try:
                 with self._cv:
-                    while (not self._stopping and not self._pending
+                    while (not self._stopping and not self._pending and not self._embeds
                            and all(s.job is None for s in self._slots)):
                         self._cv.wait()
                     self._drop_cancelled()
-                    if self._stopping and not self._pending and self.active == 0:
+                    if (self._stopping and not self._pending and not self._embeds
+                            and self.active == 0):
                         return
+                    embed = self._take_embedding()
                     self._admit()
+                if embed is not None:
+                    self._embed(*embed)
                 self._step()
             except Exception as e:  # a bug must fail the requests involved, never the server
                 self._fail_all(f"internal error in the engine: {type(e).__name__}: {e}")
@@ -296,15 +358,51 @@ class Engine:
         for job in [j for j in self._pending if j.cancelled]:
             self._pending.remove(job)
             self._finish(job, "cancelled")
+        for ejob in [j for j in self._embeds if j.cancelled]:
+            self._embeds.remove(ejob)
+            self._deliver(ejob, None, "cancelled")
         for slot in self._slots:
             if slot.job is not None and slot.job.cancelled:
                 self._release(slot, "cancelled")
+
+    def _take_embedding(self) -> tuple[_EmbedJob, _Slot] | None:
+        """The next embedding and the free slot it may use (the one with the least cached, as
+        the embedding empties it); one per step so running generations keep going."""
+        free = [s for s in self._slots if s.job is None and not s.embedding]
+        if not self._embeds or not free:
+            return None
+        slot = min(free, key=lambda s: len(s.cached))
+        slot.embedding = True
+        return self._embeds.popleft(), slot
+
+    def _embed(self, job: _EmbedJob, slot: _Slot) -> None:
+        vec: np.ndarray | None = None
+        err: str | None = None
+        try:
+            vec = np.asarray(self._ctx.embed(np.asarray(job.tokens, dtype=np.int32), slot.id),
+                             dtype=np.float32)
+            norm = float(np.linalg.norm(vec))
+            if norm > 0:
+                vec = vec / norm
+        except Exception as e:  # validated before, so a bug: fail this request only
+            err = f"embedding failed: {type(e).__name__}: {e}"
+        finally:
+            slot.cached = []  # embed() leaves the sequence empty
+            slot.embedding = False
+        with self._cv:
+            self.stats.embeddings_total += 1
+            self.stats.embedding_tokens_total += len(job.tokens)
+        self._deliver(job, vec, err)
+
+    def _deliver(self, job: _EmbedJob, vec: np.ndarray | None, err: str | None) -> None:
+        with contextlib.suppress(Exception):  # the consumer went away: nothing else to do
+            job.on_done(vec, err)
 
     def _admit(self) -> None:
         """Move waiting jobs into free slots: the slot sharing the longest prefix with the
         prompt, so that the cached part is not evaluated again."""
         while self._pending:
-            free = [s for s in self._slots if s.job is None]
+            free = [s for s in self._slots if s.job is None and not s.embedding]
             if not free:
                 return
             job = self._pending.popleft()

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pyllm.sampling import SamplingParams
 
 MAX_STOP = 16  # OpenAI allows 4; llama.cpp any number. Each costs a scan per token.
+MAX_EMBED_INPUTS = 256  # as the body limit, a bound on the work one request can queue
 
 
 class UnsupportedFieldError(ValueError):
@@ -177,6 +178,35 @@ class ChatCompletionRequest(_Sampling):
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None \
             else self.max_tokens
+
+
+class EmbeddingRequest(_Strict):
+    """POST /v1/embeddings: one input or a list (texts, or token-id lists)."""
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _inputs(cls, v: str | list[str] | list[int] | list[list[int]]
+                ) -> str | list[str] | list[int] | list[list[int]]:
+        if isinstance(v, list) and not v:
+            raise ValueError("input is empty")
+        if isinstance(v, list) and len(v) > MAX_EMBED_INPUTS:
+            raise ValueError(f"at most {MAX_EMBED_INPUTS} inputs per request")
+        return v
+
+    def inputs(self) -> list[str | list[int]]:
+        """Each input: a text or a list of token ids."""
+        v = self.input
+        if isinstance(v, str):
+            return [v]
+        if isinstance(v[0], int):
+            return [[int(t) for t in v]]  # type: ignore[union-attr]
+        return list(v)  # type: ignore[arg-type]
 
 
 class TokenizeRequest(_Strict):
