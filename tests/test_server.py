@@ -494,6 +494,17 @@ def test_cors_off_by_default_and_opt_in(engine: Engine, base_url: str) -> None:
         assert r.headers["access-control-allow-origin"] == "http://example.com"
 
 
+def test_chat_format_option(engine: Engine, llm: LLM) -> None:
+    """--chat-format renders with the named built-in format instead of the model's template."""
+    messages = [{"role": "user", "content": "Hello!"}]
+    expected = llm.chat(messages, max_tokens=5, temperature=0, chat_format="llama-2")
+    with serve(create_app(ServerConfig(chat_format="llama-2"), engine=engine)) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                       json={"messages": messages, "max_tokens": 5, "temperature": 0})
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["message"]["content"] == expected
+
+
 def test_queue_full_is_503(llm: LLM) -> None:
     """1 slot + a queue of 1: a third request is refused with 503 while both are held open;
     closing them frees everything."""
