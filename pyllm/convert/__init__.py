@@ -1,10 +1,52 @@
-"""Checkpoint converters: Hugging Face folders -> GGUF.
+"""Checkpoint converters: Hugging Face folders and Meta checkpoints -> GGUF.
 
-``convert_hf(src_dir, out_path, outtype="f16")`` is the entry point; see :mod:`pyllm.convert.hf`.
+``convert(src, out, outtype="f16", configs=(...))`` detects the kind of folder and dispatches:
+a Meta / LLaMA2-Accessory folder (``params.json`` + ``consolidated.*.pth``) goes to
+:func:`convert_meta`, a Hugging Face folder (``config.json``) to :func:`convert_hf`.
+``configs`` are JSON files (or dicts) merged in order over the folder's own config, later keys
+winning; they may carry fastllm-style overrides (see :mod:`pyllm.convert.overrides`).
 """
 
 from __future__ import annotations
 
-from pyllm.convert.hf import HFConfig, convert_hf
+import os
+from collections.abc import Iterable
+from pathlib import Path
 
-__all__ = ["HFConfig", "convert_hf"]
+from pyllm.convert.hf import HFConfig, convert_hf
+from pyllm.convert.meta import convert_meta, is_meta_folder
+from pyllm.convert.overrides import ConfigSource, merge_configs
+from pyllm.errors import ConvertError
+
+
+def convert(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    outtype: str = "f16",
+    configs: Iterable[ConfigSource] = (),
+    *,
+    name: str | None = None,
+    tokenizer_pre: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Convert a checkpoint folder to one GGUF file; returns the output path.
+
+    ``outtype``: ``f32``, ``f16``, ``bf16`` or ``q8_0``. ``configs``: JSON files or mappings
+    merged in order over ``params.json`` / ``config.json``. ``tokenizer_pre`` applies to
+    Hugging Face byte-level BPE tokenizers only.
+    """
+    folder = Path(src)
+    if not folder.is_dir():
+        raise ConvertError(f"{folder}: not a directory")
+    extra = merge_configs(configs)
+    if is_meta_folder(folder):
+        return convert_meta(folder, out, outtype, extra_config=extra, name=name,
+                            progress=progress)
+    if (folder / "config.json").is_file():
+        return convert_hf(folder, out, outtype, name=name, extra_config=extra,
+                          tokenizer_pre=tokenizer_pre, progress=progress)
+    raise ConvertError(f"{folder}: neither a Hugging Face folder (config.json) nor a Meta "
+                       "checkpoint (params.json + consolidated.*.pth)")
+
+
+__all__ = ["HFConfig", "convert", "convert_hf", "convert_meta"]

@@ -144,6 +144,9 @@ class _TorchBinShard(_Shard):
         return t.detach().to(self._torch.float32).contiguous().numpy()
 
 
+TorchBinShard = _TorchBinShard  # public name: the Meta converter opens its shards with it
+
+
 def _bf16_to_f32(u16: np.ndarray) -> np.ndarray:
     return (u16.astype(np.uint32) << 16).view(np.float32)
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from pyllm.convert.checkpoint import Checkpoint
+from pyllm.convert.overrides import fastllm_metadata, merge_config
 from pyllm.convert.tensor_map import (
     HF_ARCHS,
     PERMUTED_QK_ARCHS,
@@ -424,6 +425,25 @@ def _plan_internlm2_qkv(cfg: HFConfig, ckpt: Checkpoint, by_gguf: dict[str, str]
 # ------------------------------------------------------------------------------------------------
 
 
+def pad_vocab(md: dict[str, Any], n_vocab: int) -> None:
+    """Pad ``tokenizer.ggml.*`` in place to ``n_vocab`` entries with unused ``[PAD<i>]`` tokens
+    (checkpoints often round the embedding rows up); more tokens than rows is an error."""
+    from pyllm.tokenizer import TokenType
+
+    tokens = list(md["tokenizer.ggml.tokens"])
+    if len(tokens) > n_vocab:
+        raise ConvertError(f"the tokenizer has {len(tokens)} tokens but the model only "
+                           f"{n_vocab} embedding rows")
+    if len(tokens) < n_vocab:
+        n_pad = n_vocab - len(tokens)
+        md["tokenizer.ggml.tokens"] = tokens + [f"[PAD{i}]" for i in range(len(tokens), n_vocab)]
+        for key, fill in (("tokenizer.ggml.token_type", int(TokenType.UNUSED)),
+                          ("tokenizer.ggml.scores", 0.0)):
+            if key in md:
+                old = np.asarray(md[key])
+                md[key] = np.concatenate([old, np.full(n_pad, fill, dtype=old.dtype)])
+
+
 def tokenizer_metadata(src: Path, n_vocab: int, pre: str | None = None) -> dict[str, Any]:
     """``tokenizer.*`` entries for the folder's ``tokenizer.model`` / ``tokenizer.json`` (via
     :func:`pyllm.tokenizer.hf_tokenizer_metadata`) and ``tokenizer_config.json``'s chat template.
@@ -433,7 +453,7 @@ def tokenizer_metadata(src: Path, n_vocab: int, pre: str | None = None) -> dict[
     the byte-level pre-tokenizer when it cannot be recognised from ``tokenizer.json``.
     """
     from pyllm.errors import TokenizerError
-    from pyllm.tokenizer import TokenType, hf_tokenizer_metadata
+    from pyllm.tokenizer import hf_tokenizer_metadata
 
     md: dict[str, Any] = {}
     if (src / "tokenizer.json").is_file() or (src / "tokenizer.model").is_file():
@@ -441,19 +461,7 @@ def tokenizer_metadata(src: Path, n_vocab: int, pre: str | None = None) -> dict[
             md = dict(hf_tokenizer_metadata(src, pre))
         except TokenizerError as e:
             raise ConvertError(f"tokenizer: {e}") from None
-        tokens = list(md["tokenizer.ggml.tokens"])
-        if len(tokens) > n_vocab:
-            raise ConvertError(f"the tokenizer has {len(tokens)} tokens but the model only "
-                               f"{n_vocab} embedding rows")
-        if len(tokens) < n_vocab:
-            n_pad = n_vocab - len(tokens)
-            md["tokenizer.ggml.tokens"] = tokens + [f"[PAD{i}]" for i in range(len(tokens),
-                                                                              n_vocab)]
-            for key, fill in (("tokenizer.ggml.token_type", int(TokenType.UNUSED)),
-                              ("tokenizer.ggml.scores", 0.0)):
-                if key in md:
-                    old = np.asarray(md[key])
-                    md[key] = np.concatenate([old, np.full(n_pad, fill, dtype=old.dtype)])
+        pad_vocab(md, n_vocab)
     else:
         log.warning("no tokenizer.json / tokenizer.model: the GGUF has no vocabulary")
     tc = src / "tokenizer_config.json"
@@ -531,7 +539,7 @@ def load_config(src: Path, extra: Mapping[str, Any] | None = None) -> HFConfig:
     if not isinstance(raw, dict):
         raise ConvertError(f"{path}: expected a JSON object")
     if extra:
-        raw.update(extra)  # later keys override earlier ones
+        raw = merge_config(raw, extra)  # later keys override earlier ones
     return HFConfig.from_dict(raw)
 
 
@@ -561,7 +569,7 @@ def convert_hf(
     outtype = outtype.lower()
     if outtype not in FILE_TYPES:
         raise ConvertError(f"outtype must be one of {', '.join(FILE_TYPES)}, got {outtype!r}")
-    encode = _encoder(outtype)
+    _encoder(outtype)  # fail before any reading when the output type cannot be produced
     cfg = load_config(src, extra_config)
     ckpt = Checkpoint(src)
     planned = plan_tensors(cfg, ckpt)
@@ -583,13 +591,25 @@ def convert_hf(
             value = cfg.raw.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < n_vocab:
                 md.setdefault(f"tokenizer.ggml.{key}", value)
+    if extra_config:  # fastllm-style overrides given on top of config.json
+        md.update(fastllm_metadata(extra_config, md))
 
-    out = Path(out_path)
+    try:
+        return write_gguf(Path(out_path), md, planned, outtype, progress)
+    finally:
+        ckpt.forget()
+
+
+def write_gguf(out: Path, md: Mapping[str, Any], planned: list[PlannedTensor], outtype: str,
+               progress: bool) -> Path:
+    """Write metadata and the planned tensors (loaded, checked and encoded one at a time, as
+    the writer asks for them) to ``out``; the file appears atomically, or not at all."""
+    encode = _encoder(outtype)
     writer = GGUFWriter(out)
+    bar = _progress(planned, progress)
     try:
         for key, value in md.items():
             writer.add_kv(key, value)  # ints -> UINT32, floats -> FLOAT32, str -> STRING
-        bar = _progress(planned, progress)
         for t in planned:
             def source(t: PlannedTensor = t) -> np.ndarray:
                 arr = t.load()
@@ -602,10 +622,9 @@ def convert_hf(
             writer.add_tensor(t.name, source, _out_type(outtype, t.name, t.shape),
                               tuple(reversed(t.shape)))
         writer.write()
-        if bar is not None:
-            bar.close()
     except GGUFError as e:
         raise ConvertError(f"writing {out}: {e}") from None
     finally:
-        ckpt.forget()
+        if bar is not None:
+            bar.close()
     return out
