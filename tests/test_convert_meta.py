@@ -37,24 +37,26 @@ COLUMN_PARALLEL = ("attention.wq", "attention.wk", "attention.wv", "feed_forward
                    "feed_forward.w3")
 
 
-def meta_weights(seed: int = 0, bias: bool = False) -> dict[str, Any]:
+def meta_weights(seed: int = 0, bias: bool = False, params: dict[str, Any] = PARAMS,
+                 n_vocab: int = VOCAB) -> dict[str, Any]:
     """Random weights under Meta's names, large enough for every part to matter."""
     g = torch.Generator().manual_seed(seed)
-    D, hd = PARAMS["dim"], PARAMS["dim"] // PARAMS["n_heads"]
-    q, kv = PARAMS["n_heads"] * hd, PARAMS["n_kv_heads"] * hd
+    D, hd = params["dim"], params["dim"] // params["n_heads"]
+    q, kv = params["n_heads"] * hd, params["n_kv_heads"] * hd
+    n_ff = feed_forward_length(D, params["multiple_of"], params["ffn_dim_multiplier"])
 
     def rnd(*shape: int, scale: float = 0.25) -> Any:
         return torch.randn(*shape, generator=g) * scale
 
-    sd = {"tok_embeddings.weight": rnd(VOCAB, D, scale=1.0),
+    sd = {"tok_embeddings.weight": rnd(n_vocab, D, scale=1.0),
           "norm.weight": torch.rand(D, generator=g) + 0.5,
-          "output.weight": rnd(VOCAB, D)}
-    for i in range(PARAMS["n_layers"]):
+          "output.weight": rnd(n_vocab, D)}
+    for i in range(params["n_layers"]):
         p = f"layers.{i}."
         for name, shape in (("attention.wq", (q, D)), ("attention.wk", (kv, D)),
                             ("attention.wv", (kv, D)), ("attention.wo", (D, q)),
-                            ("feed_forward.w1", (N_FF, D)), ("feed_forward.w3", (N_FF, D)),
-                            ("feed_forward.w2", (D, N_FF))):
+                            ("feed_forward.w1", (n_ff, D)), ("feed_forward.w3", (n_ff, D)),
+                            ("feed_forward.w2", (D, n_ff))):
             sd[p + name + ".weight"] = rnd(*shape)
             if bias:
                 sd[p + name + ".bias"] = rnd(shape[0], scale=0.1)
@@ -102,8 +104,26 @@ def write_meta(folder: Path, shards: list[dict[str, Any]], params: dict[str, Any
     return folder
 
 
+def llama31_scaling(freqs: Any, factor: float = 8.0, low: float = 1.0, high: float = 4.0,
+                    old_ctx: int = 8192) -> Any:
+    """Meta's Llama 3.1 ``apply_scaling``: long wavelengths slowed by ``factor``, short ones
+    kept, a smooth blend between."""
+    out = []
+    for f in freqs.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < old_ctx / high:
+            out.append(f)
+        elif wavelen > old_ctx / low:
+            out.append(f / factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append((1 - smooth) * f / factor + smooth * f)
+    return torch.tensor(out, dtype=torch.float64)
+
+
 def meta_forward(sd: dict[str, Any], toks: np.ndarray, theta: float = PARAMS["rope_theta"],
-                 linear: float = 1.0, half_split_rope: bool = False) -> np.ndarray:
+                 linear: float = 1.0, half_split_rope: bool = False,
+                 scaled_rope: bool = False) -> np.ndarray:
     """Meta's llama forward (float64): RMSNorm, RoPE on complex pairs (x[2i], x[2i+1]),
     repeat_kv for GQA, SwiGLU. ``half_split_rope`` rotates (x[i], x[i + hd/2]) instead, to
     show the layout matters."""
@@ -111,6 +131,8 @@ def meta_forward(sd: dict[str, Any], toks: np.ndarray, theta: float = PARAMS["ro
     D, H, Hkv, L = PARAMS["dim"], PARAMS["n_heads"], PARAMS["n_kv_heads"], PARAMS["n_layers"]
     hd, T, eps = D // H, len(toks), PARAMS["norm_eps"]
     freqs = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)  # (hd/2,)
+    if scaled_rope:
+        freqs = llama31_scaling(freqs)
     ang = torch.outer(torch.arange(T, dtype=torch.float64) / linear, freqs)  # (T, hd/2)
     cis = torch.polar(torch.ones_like(ang), ang)[:, None, :]  # (T, 1, hd/2)
 
@@ -235,9 +257,11 @@ def test_accessory_layout_bf16_biases(tmp_path: Path, spm_model: bytes) -> None:
     sd = {k: v.to(torch.bfloat16) for k, v in meta_weights(seed=3, bias=True).items()}
     params = {**PARAMS, "max_seq_len": 512}
     src = write_meta(tmp_path / "acc", split_model_parallel(sd, 2, False), params,
-                     accessory=True, tokenizer=spm_model)
+                     accessory=True)
+    (tmp_path / "tokenizer.model").write_bytes(spm_model)  # one level up, as Meta ships it
     out = convert_meta(src, tmp_path / "acc.gguf", "f32", progress=False)
     assert GGUFReader(out).metadata["llama.context_length"] == 512
+    assert len(GGUFReader(out).metadata["tokenizer.ggml.tokens"]) == VOCAB
     assert "blk.1.attn_q.bias" in {t.name for t in GGUFReader(out).tensors}
     got = LlamaRef(str(out)).forward(TOKENS)
     assert np.abs(got - meta_forward(sd, TOKENS)).max() < 1e-4
@@ -264,6 +288,19 @@ def test_configs_override_in_order(tmp_path: Path, spm_model: bytes) -> None:
     assert md["llama.rope.freq_base"] == pytest.approx(50000.0)
     assert md["llama.rope.scaling.type"] == "dynamic"
     assert md["llama.rope.scaling.factor"] == pytest.approx(8.0)
+
+
+def test_llama31_scaled_rope(base: tuple[Any, Path], tmp_path: Path) -> None:
+    """Llama 3.1's params.json: ``use_scaled_rope`` -> llama.cpp's rope_freqs factors."""
+    sd = base[0]
+    src = write_meta(tmp_path / "m", [sd], {**PARAMS, "rope_theta": 500000.0,
+                                            "use_scaled_rope": True})
+    out = convert_meta(src, tmp_path / "m.gguf", "f32", progress=False)
+    names = [t.name for t in GGUFReader(out).tensors]
+    assert "rope_freqs.weight" in names
+    want = meta_forward(sd, TOKENS, theta=500000.0, scaled_rope=True)
+    assert np.abs(LlamaRef(str(out)).forward(TOKENS) - want).max() < 1e-4
+    assert np.abs(meta_forward(sd, TOKENS, theta=500000.0) - want).max() > 1e-2
 
 
 FASTLLM = {
@@ -340,6 +377,25 @@ def test_fastllm_overrides_are_checked(base: tuple[Any, Path], tmp_path: Path,
         assert not (tmp_path / "x.gguf").exists()
 
 
+def test_conversion_streams(tmp_path: Path) -> None:
+    """Slices are joined one tensor at a time from memory-mapped shards: the peak of
+    Python/numpy allocations stays a small fraction of the model."""
+    import tracemalloc
+
+    params = {**PARAMS, "dim": 256, "n_layers": 6, "n_heads": 8, "n_kv_heads": 4}
+    sd = meta_weights(params=params, n_vocab=1024)
+    total = sum(t.numel() * 4 for t in sd.values())
+    src = write_meta(tmp_path / "big", split_model_parallel(sd, 2, False), params)
+    del sd
+    tracemalloc.start()
+    try:
+        convert_meta(src, tmp_path / "big.gguf", "f16", progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < total / 3, (peak, total)
+
+
 class _Evil:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
@@ -378,9 +434,17 @@ def test_bad_folders_are_refused(base: tuple[Any, Path], tmp_path: Path) -> None
     bad = [dict(s) for s in shards]
     bad[1]["layers.0.attention.wq.weight"] = bad[1]["layers.0.attention.wq.weight"][:, :8]
     cases.append((write_meta(tmp_path / "join", bad), "do not join"))
+    # replicas that differ: shards of two different models
+    mixed = [dict(s) for s in shards]
+    mixed[1]["norm.weight"] = mixed[1]["norm.weight"] + 1
+    cases.append((write_meta(tmp_path / "mixed", mixed), "differs between shards"))
     # an unknown tensor
     cases.append((write_meta(tmp_path / "lora", [{**sd, "layers.0.attention.wq_lora_a.weight":
                                                   torch.zeros(2, 2)}]), "LoRA"))
+    # Llama 3's tiktoken vocabulary is named tokenizer.model too
+    tik = write_meta(tmp_path / "tik", [sd])
+    (tik / "tokenizer.model").write_bytes(b"IQ== 0\nIg== 1\n")
+    cases.append((tik, "tiktoken"))
     # neither kind of folder
     (tmp_path / "empty").mkdir()
     cases.append((tmp_path / "empty", "neither"))

@@ -239,7 +239,12 @@ class MetaCheckpoint:
         key = self._keys[name]
         axis = _merge_axis(name, self._slices(name), self._dim)
         if axis is None:
-            return self.shards[0].load(key)
+            first = self.shards[0].load(key)
+            # 1-D replicas are tiny: check them, it catches shards of different models
+            if first.ndim == 1 and any(not np.array_equal(s.load(key), first)
+                                       for s in self.shards[1:]):
+                raise ConvertError(f"{name}: replicated tensor differs between shards")
+            return first
         return np.concatenate([s.load(key) for s in self.shards], axis=axis)
 
 
@@ -344,12 +349,26 @@ def convert_meta(
         try:
             md.update(sentencepiece_metadata(tok_path))
         except TokenizerError as e:
+            if _is_tiktoken(tok_path):
+                raise ConvertError(f"{tok_path}: a tiktoken BPE vocabulary (Llama 3) is not "
+                                   "supported here; convert the Hugging Face release of the "
+                                   "model instead") from None
             raise ConvertError(f"tokenizer: {e}") from None
         pad_vocab(md, n_vocab)
     else:
         log.warning("no tokenizer.model: the GGUF has no vocabulary")
     md.update(fastllm_metadata(overrides, md))
     return write_gguf(Path(out_path), md, planned, outtype, progress)
+
+
+def _is_tiktoken(path: Path) -> bool:
+    """Llama 3's tokenizer.model: text lines of ``<base64 token> <rank>``."""
+    try:
+        with open(path, "rb") as fh:
+            line = fh.readline(4096)
+    except OSError:
+        return False
+    return re.fullmatch(rb"[A-Za-z0-9+/]+=* \d+\r?\n?", line) is not None
 
 
 def is_meta_folder(src: Path) -> bool:
