@@ -438,6 +438,10 @@ def test_bad_folders_are_refused(base: tuple[Any, Path], tmp_path: Path) -> None
     mixed = [dict(s) for s in shards]
     mixed[1]["norm.weight"] = mixed[1]["norm.weight"] + 1
     cases.append((write_meta(tmp_path / "mixed", mixed), "differs between shards"))
+    # no output projection (Meta never ties it to the embeddings)
+    cases.append((write_meta(tmp_path / "noout", [{k: v for k, v in sd.items()
+                                                   if k != "output.weight"}]),
+                  "no output.weight"))
     # an unknown tensor
     cases.append((write_meta(tmp_path / "lora", [{**sd, "layers.0.attention.wq_lora_a.weight":
                                                   torch.zeros(2, 2)}]), "LoRA"))

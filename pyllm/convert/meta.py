@@ -256,10 +256,9 @@ def plan_meta_tensors(cfg: HFConfig, ckpt: MetaCheckpoint) -> list[PlannedTensor
         g = _gguf_name(name, cfg.n_layer)
         if g is not None:
             by_gguf[g] = name
-    for g in ("token_embd.weight", "output_norm.weight", "output.weight"):
+    for meta_name, g in _GLOBAL.items():
         if g not in by_gguf:
-            raise ConvertError(f"the checkpoint has no {g.split('.')[0]} tensor "
-                               f"({ {v: k for k, v in _GLOBAL.items()}[g]})")
+            raise ConvertError(f"the checkpoint has no {meta_name} tensor")
     emb = ckpt.shape(by_gguf["token_embd.weight"])
     if len(emb) != 2:
         raise ConvertError(f"tok_embeddings has shape {list(emb)}")
