@@ -390,6 +390,10 @@ def test_disconnect_non_streaming_request(base_url: str, engine: Engine) -> None
                    json={"messages": [{"role": "user", "content": "Tell me a long story"}],
                          "max_tokens": 200, "temperature": 0,
                          "logit_bias": {str(t): -100 for t in engine.stop_ids}})
+    deadline = time.monotonic() + 10  # under load the request may only now be submitted
+    while engine.stats.finished["cancelled"] == cancelled:
+        assert time.monotonic() < deadline, "the abandoned request was not cancelled"
+        time.sleep(0.01)
     _wait_idle(engine, 5)
     assert engine.stats.finished["cancelled"] == cancelled + 1
 
@@ -629,13 +633,14 @@ def test_throughput_four_streams_vs_one(client: Any, engine: Engine, llm: LLM) -
 # ---- the CLI as a subprocess ----------------------------------------------------------------
 
 
-def test_cli_serve_and_sigterm(smollm2_path: Path) -> None:
-    """`pyllm serve` comes up, answers the openai client, and on SIGTERM lets a running stream
-    finish before exiting 0."""
+def test_cli_serve_and_sigterm(smollm2_path: Path, engine: Engine) -> None:
+    """`pyllm serve` comes up and answers the openai client; on SIGTERM a short running stream
+    finishes, a long one is cancelled at --shutdown-timeout with a 'shutting down' error, and
+    the process exits cleanly."""
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pyllm", "serve", "-m", str(smollm2_path), "--port", str(port),
-         "-c", "128", "--parallel", "2", "--alias", "tiny", "--shutdown-timeout", "20"],
+         "-c", "600", "--parallel", "2", "--alias", "tiny", "--shutdown-timeout", "4"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -649,16 +654,24 @@ def test_cli_serve_and_sigterm(smollm2_path: Path) -> None:
             time.sleep(0.1)
         c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         assert c.models.list().data[0].id == "tiny"
-        stream = c.chat.completions.create(model="tiny", stream=True, max_tokens=12,
-                                           temperature=0,
-                                           messages=[{"role": "user", "content": "Hi"}])
-        first = next(iter(stream))
-        assert first.choices[0].delta.role == "assistant"
+        no_eos = {str(t): -100 for t in engine.stop_ids}
+        long = iter(c.completions.create(model="tiny", prompt="Once upon a time", stream=True,
+                                         max_tokens=500, temperature=0, logit_bias=no_eos))
+        next(long)
+        short = iter(c.chat.completions.create(model="tiny", stream=True, max_tokens=6,
+                                               temperature=0,
+                                               messages=[{"role": "user", "content": "Hi"}]))
+        assert next(short).choices[0].delta.role == "assistant"
+        t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        rest = list(stream)  # the running generation completes
+        rest = list(short)  # the short generation completes
         assert rest[-1].choices[0].finish_reason in ("stop", "length")
+        with pytest.raises(openai.APIError, match="shutting down"):
+            for chunk in long:  # cancelled at the timeout with an error event, not cut off
+                assert chunk.choices[0].finish_reason is None
         # uvicorn re-raises the captured SIGTERM after its graceful shutdown
         assert proc.wait(30) in (0, -signal.SIGTERM)
+        assert time.monotonic() - t0 < 4 + 10
         output = proc.stdout.read() if proc.stdout else ""
         assert "Traceback" not in output and "listening on" in output
     finally:

@@ -2,13 +2,15 @@
 
 The server starts listening at once and loads the model on a thread (``/health`` answers 503
 until it is ready). SIGTERM / Ctrl-C stop accepting connections, let running generations finish
-for up to ``--shutdown-timeout`` seconds, then cancel what is left.
+for up to ``--shutdown-timeout`` seconds, then cancel what is left (those clients get a
+"shutting down" error).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from pyllm.server.app import ServerConfig, create_app
+        from pyllm.server.app import ServerConfig, cancel_all, create_app
     except ImportError as e:
         raise PyllmError(f"the server needs extra packages ({e.name} is missing): "
                          f"pip install 'pyllm[server]'") from None
@@ -89,9 +91,25 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(config, loader=load)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"pyllm: warning: listening on {args.host} without --api-key", file=sys.stderr)
+
+    class Server(uvicorn.Server):
+        """On SIGTERM / Ctrl-C uvicorn stops accepting and waits for open requests; after
+        --shutdown-timeout the engine cancels what is left, so those requests end with a
+        'shutting down' error rather than uvicorn cutting their connections."""
+
+        timer: threading.Timer | None = None
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            if self.timer is None:
+                self.timer = threading.Timer(args.shutdown_timeout, cancel_all, (app,))
+                self.timer.daemon = True
+                self.timer.start()
+
+    # uvicorn's own limit is only the backstop, should the cancelled requests not end
     uv = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                        timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)
-    server = uvicorn.Server(uv)
+                        timeout_graceful_shutdown=args.shutdown_timeout + 10, access_log=False)
+    server = Server(uv)
     print(f"pyllm: listening on http://{args.host}:{args.port} (loading the model)",
           file=sys.stderr, flush=True)
     server.run()

@@ -526,11 +526,11 @@ class Engine:
 
     def _release(self, slot: _Slot, reason: str | None, error: str | None = None) -> None:
         job = slot.job
+        if job is not None:  # counted before the slot looks free, so stats and idleness agree
+            self._finish(job, reason, error)
         slot.job = None
         slot.todo = []
         slot.next_token = None
-        if job is not None:
-            self._finish(job, reason, error)
 
     def _finish(self, job: _Job, reason: str | None, error: str | None = None) -> None:
         if job.done:
