@@ -30,6 +30,7 @@
 // are inlined into templates; the warning is a known false positive, so it is silenced here.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 namespace pyllm {
