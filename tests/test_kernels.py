@@ -231,3 +231,10 @@ def test_forked_child_gets_a_working_pool() -> None:
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_absurd_thread_count_is_rejected() -> None:
+    before = core.get_num_threads()
+    with pytest.raises(ValueError):
+        core.set_num_threads(10**6)
+    assert core.get_num_threads() == before

@@ -14,6 +14,9 @@
 #include <exception>
 #include <mutex>
 #include <new>
+#include <stdexcept>
+#include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -115,14 +118,24 @@ struct ThreadPool::Impl {
 };
 
 ThreadPool::ThreadPool(int n_threads) : impl_(new Impl) {
+  if (n_threads > kMaxThreads) {
+    throw std::invalid_argument("thread pool: " + std::to_string(n_threads) +
+                                " threads requested, at most " + std::to_string(kMaxThreads));
+  }
   impl_->nth = n_threads > 0 ? n_threads : default_thread_count();
   impl_->workers.reserve(impl_->nth - 1);
-  for (int i = 1; i < impl_->nth; ++i) {
-    impl_->workers.emplace_back([this, i] { impl_->worker_main(i); });
+  try {
+    for (int i = 1; i < impl_->nth; ++i) {
+      impl_->workers.emplace_back([this, i] { impl_->worker_main(i); });
+    }
+  } catch (const std::system_error& e) {
+    // The OS refused a thread: stop the ones already started (never leave joinable threads).
+    shutdown();
+    throw std::runtime_error(std::string("thread pool: cannot start threads: ") + e.what());
   }
 }
 
-ThreadPool::~ThreadPool() {
+void ThreadPool::shutdown() {
   impl_->stop.store(true);
   impl_->job_gen.fetch_add(1);
   {
@@ -130,7 +143,10 @@ ThreadPool::~ThreadPool() {
   }
   impl_->job_waiter.cv.notify_all();
   for (std::thread& t : impl_->workers) t.join();
+  impl_->workers.clear();
 }
+
+ThreadPool::~ThreadPool() { shutdown(); }
 
 int ThreadPool::n_threads() const { return impl_->nth; }
 
@@ -229,6 +245,11 @@ std::shared_ptr<ThreadPool> default_pool_shared() {
 ThreadPool& default_pool() { return *default_pool_shared(); }
 
 void set_default_pool_threads(int n) {
+  if (n > ThreadPool::kMaxThreads) {
+    throw std::invalid_argument("set_default_pool_threads: " + std::to_string(n) +
+                                " threads requested, at most " +
+                                std::to_string(ThreadPool::kMaxThreads));
+  }
   std::lock_guard<std::mutex> lk(g_default_mu);
   const int want = n > 0 ? n : default_thread_count();
   if (g_default_pool && g_default_pool->n_threads() == want) return;

@@ -109,6 +109,13 @@ int main() {
   set_default_pool_threads(2);  // the held pool stays alive
   held->run([](int, int) {});
   CHECK(default_pool().n_threads() == 2, "default pool resize while held");
+  bool rejected = false;
+  try {
+    ThreadPool too_many(ThreadPool::kMaxThreads + 1);
+  } catch (const std::invalid_argument&) {
+    rejected = true;
+  }
+  CHECK(rejected, "absurd thread count accepted");
   std::printf("%s (%d failures)\n", g_failures ? "FAILED" : "OK", g_failures);
   return g_failures ? 1 : 0;
 }

@@ -22,7 +22,10 @@ namespace pyllm {
 
 class ThreadPool {
  public:
-  // n_threads <= 0 means default_thread_count().
+  static constexpr int kMaxThreads = 1024;
+
+  // n_threads <= 0 means default_thread_count(). Throws std::invalid_argument above kMaxThreads
+  // and std::runtime_error if the OS refuses to start the threads.
   explicit ThreadPool(int n_threads = 0);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
@@ -43,6 +46,8 @@ class ThreadPool {
   void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
  private:
+  void shutdown();  // stops and joins the workers
+
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
