@@ -32,15 +32,19 @@
 //   PYLLM_FORCE_ISA=avx2 (or scalar) gives the F32-math kernels everywhere.
 
 // Kernel choice and threads
-//   n_tokens < matmat_min_tokens() (16; 32 with the AVX-512 VNNI kernels): the matvec kernel (memory-bound: one pass over W, blocks
-//   decoded in registers, up to 4 tokens per pass). Otherwise the matmat kernel (compute-bound:
-//   a panel of rows is decoded once into F32 and reused for every token). The kernels of
-//   active_isa() (cpu.h; PYLLM_FORCE_ISA) are used. Rows are split into contiguous ranges, one
-//   per thread of the pool. No allocation per call except a per-thread scratch panel kept
-//   thread_local.
+//   n_tokens < matmat_min_tokens() (16; 32 with the AVX-512 VNNI kernels): the matvec kernel
+//   (memory-bound: one pass over W, blocks decoded in registers, up to 4 tokens per pass).
+//   Otherwise the matmat kernel (compute-bound: a panel of 32 rows is decoded once, into F32 or
+//   int16, and reused for every token). The kernels of active_isa() (cpu.h; PYLLM_FORCE_ISA)
+//   are used. Rows are split into contiguous ranges, one per thread of the pool. The kernels
+//   keep their scratch (panels, prepared activations) thread_local: no allocation per call once
+//   warm, no shared state, so concurrent matmuls on different pools are safe. The VNNI kernels
+//   prepare the activations on every thread (k * n_tokens elements, small next to the
+//   n_out * k * n_tokens work), which is what lets matmul_part run without a barrier.
 //
 // Errors: std::invalid_argument for unsupported types, k not a multiple of the block size,
-// negative sizes or strides smaller than the row length.
+// negative or absurd sizes, strides smaller than the row length, null or misaligned float
+// buffers. Nothing else throws except std::bad_alloc.
 #pragma once
 
 #include <cstdint>
