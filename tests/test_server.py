@@ -264,6 +264,32 @@ def test_openai_chat_and_chat_stream(client: Any, llm: LLM) -> None:
     assert any(c.choices[0].logprobs and c.choices[0].logprobs.content for c in chunks)
 
 
+def test_n_choices(client: Any, llm: LLM) -> None:
+    """n > 1: that many choices decoded together; greedy ones agree, seeded ones repeat."""
+    r = client.completions.create(model="m", prompt=PROMPTS[0], max_tokens=4, temperature=0,
+                                  n=2)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert {c.text for c in r.choices} == {_greedy(llm, PROMPTS[0], 4)}
+    assert r.usage.prompt_tokens == len(llm.tokenize(PROMPTS[0]))
+    assert r.usage.completion_tokens == 8
+    seeded = [[c.text for c in client.completions.create(
+        model="m", prompt="Once upon a time", max_tokens=5, temperature=1.0, seed=5,
+        n=3).choices] for _ in range(2)]
+    assert seeded[0] == seeded[1] and len(set(seeded[0])) > 1
+    stream = client.chat.completions.create(model="m", n=2, max_tokens=4, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            messages=[{"role": "user", "content": "Hi"}])
+    texts = ["", ""]
+    finals: list[int] = []
+    for c in stream:
+        for ch in c.choices:
+            texts[ch.index] += ch.delta.content or ""
+            if ch.finish_reason:
+                finals.append(ch.index)
+    assert sorted(finals) == [0, 1] and texts[0] == texts[1] and texts[0]
+    assert c.usage.completion_tokens <= 8
+
+
 def test_models_tokenize_detokenize_health_metrics(client: Any, base_url: str,
                                                    llm: LLM) -> None:
     models = client.models.list()
@@ -410,7 +436,9 @@ def test_disconnect_non_streaming_request(base_url: str, engine: Engine) -> None
     ({"prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"prompt": "x", "top_p": 2.0}, 400, None),
     ({"prompt": "x", "mirostat": 3}, 400, None),
-    ({"prompt": "x", "n": 2}, 400, "n"),
+    ({"prompt": "x", "n": 9}, 400, "n"),
+    ({"prompt": "x", "n": 0}, 400, "n"),
+    ({"prompt": "x", "best_of": 3}, 400, "best_of"),
     ({"prompt": "x", "logit_bias": {"abc": 1}}, 400, None),
     ({"prompt": "x", "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
     ({"prompt": [1, 2, 10**9]}, 400, "prompt"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import functools
 import hmac
 import json
@@ -44,6 +45,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pyllm.errors import ChatTemplateError, ContextError, PyllmError, SamplingError, TokenizerError
+from pyllm.sampling import SamplingParams
 from pyllm.server.engine import (
     DoneEvent,
     Engine,
@@ -226,22 +228,58 @@ def _sampling(req: CompletionRequest | ChatCompletionRequest) -> Any:
 # ---- engine bridge ----------------------------------------------------------------------------
 
 
-class _Events:
-    """Events of one request, moved from the engine thread onto the event loop."""
+class _Choices:
+    """The ``n`` engine requests (choices) of one HTTP request. Their events are moved from the
+    engine thread onto the event loop, tagged with the choice index."""
 
-    def __init__(self) -> None:
+    def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, n: int,
+                 max_tokens: int | None, stop: list[str], logprobs: int | None) -> None:
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self.n = n
+        self.handles: list[Handle] = []
+        try:
+            for i in range(n):
+                # with a fixed seed the choices still differ, and the request stays repeatable
+                p = params if i == 0 or params.seed < 0 else dataclasses.replace(
+                    params, seed=(params.seed + i) % 2**32)
+                req = EngineRequest(prompt, p, self._push(i), max_tokens, stop, logprobs)
+                self.handles.append(_submit(engine, req))
+        except BaseException:
+            self.cancel()
+            raise
 
-    def push(self, event: Event) -> None:  # engine thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+    def _push(self, index: int) -> Callable[[Event], None]:
+        def push(event: Event) -> None:  # engine thread
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+        return push
+
+    def cancel(self) -> None:
+        for h in self.handles:
+            h.cancel()  # no-op for a finished one
+
+    async def events(self) -> AsyncIterator[tuple[int, TokenEvent | DoneEvent]]:
+        """(choice index, event) until every choice is done. An engine error or a cancellation
+        by the server (the client is still here, so it is shutting down) raises ApiError."""
+        left = self.n
+        while left:
+            index, ev = await self.queue.get()
+            if isinstance(ev, ErrorEvent):
+                raise ApiError(500, ev.message, "server_error")
+            if isinstance(ev, DoneEvent):
+                if ev.finish_reason == "cancelled":
+                    raise ApiError(503, _CANCELLED, "server_error", code="shutting_down")
+                left -= 1
+            yield index, ev
 
 
-def _submit(engine: Engine, events: _Events, prompt: list[int], params: Any,
-            max_tokens: int | None, stop: list[str], logprobs: int | None) -> Handle:
+# A request cancelled while its client is still connected was cancelled by the server.
+_CANCELLED = "the request was cancelled: the server is shutting down"
+
+
+def _submit(engine: Engine, req: EngineRequest) -> Handle:
     try:
-        return engine.submit(EngineRequest(prompt, params, events.push, max_tokens, stop,
-                                           logprobs))
+        return engine.submit(req)
     except QueueFullError as e:
         raise ApiError(503, str(e), "server_error", code="queue_full") from None
     except EngineStoppedError as e:
@@ -277,68 +315,62 @@ async def _until_disconnect(request: Request, awaitable: Awaitable[Any]) -> Any:
             task.cancel()
 
 
-async def _collect(request: Request, events: _Events, handle: Handle
-                   ) -> tuple[list[TokenEvent], DoneEvent] | None:
-    """All events of a non-streamed request; None if the client went away first (the request
-    is then cancelled, freeing its slot)."""
+_Result = list[tuple[list[TokenEvent], DoneEvent]]
 
-    async def gather() -> tuple[list[TokenEvent], DoneEvent]:
-        pieces: list[TokenEvent] = []
-        while True:
-            ev = await events.queue.get()
+
+async def _collect(request: Request, choices: _Choices) -> _Result | None:
+    """Every choice's tokens and end; None if the client went away first (the requests are
+    then cancelled, freeing their slots)."""
+
+    async def gather() -> _Result:
+        pieces: list[list[TokenEvent]] = [[] for _ in range(choices.n)]
+        ends: dict[int, DoneEvent] = {}
+        async for index, ev in choices.events():
             if isinstance(ev, TokenEvent):
-                pieces.append(ev)
-            elif isinstance(ev, DoneEvent):
-                if ev.finish_reason == "cancelled":  # by the server: it is shutting down
-                    raise ApiError(503, _CANCELLED, "server_error", code="shutting_down")
-                return pieces, ev
+                pieces[index].append(ev)
             else:
-                raise ApiError(500, ev.message, "server_error")
+                ends[index] = ev
+        return [(pieces[i], ends[i]) for i in range(choices.n)]
 
     try:
-        result: tuple[list[TokenEvent], DoneEvent] | None = await _until_disconnect(
-            request, gather())
+        result: _Result | None = await _until_disconnect(request, gather())
         return result
     finally:
-        handle.cancel()  # no-op when finished
-
-
-# A request cancelled while its client is still connected was cancelled by the server.
-_CANCELLED = "the request was cancelled: the server is shutting down"
+        choices.cancel()
 
 
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _stream(events: _Events, handle: Handle,
-                  chunk: Callable[[TokenEvent], dict[str, Any] | None],
-                  final: Callable[[DoneEvent], list[dict[str, Any]]],
-                  first: dict[str, Any] | None = None) -> AsyncIterator[str]:
-    """Server-sent events ending in ``data: [DONE]``. Closing this generator (the client
-    disconnected, the server is stopping) cancels the request."""
+async def _stream(choices: _Choices, first: list[dict[str, Any]],
+                  chunk: Callable[[int, TokenEvent], dict[str, Any] | None],
+                  final: Callable[[int, DoneEvent], dict[str, Any]],
+                  tail: Callable[[list[DoneEvent]], list[dict[str, Any]]]) -> AsyncIterator[str]:
+    """Server-sent events ending in ``data: [DONE]``: ``first``, a chunk per token, a final
+    chunk per choice, then ``tail`` (the usage chunk). Closing this generator (the client
+    disconnected) cancels the requests."""
     try:
-        if first is not None:
-            yield _sse(first)
-        while True:
-            ev = await events.queue.get()
-            if isinstance(ev, TokenEvent):
-                out = chunk(ev)
-                if out is not None:
-                    yield _sse(out)
-            elif isinstance(ev, DoneEvent):
-                if ev.finish_reason == "cancelled":  # by the server: it is shutting down
-                    yield _sse(error_body(_CANCELLED, "server_error", code="shutting_down"))
-                    break
-                for obj in final(ev):
-                    yield _sse(obj)
-                break
-            elif isinstance(ev, ErrorEvent):
-                yield _sse(error_body(ev.message, "server_error"))
-                break
+        for obj in first:
+            yield _sse(obj)
+        ends: list[DoneEvent] = []
+        try:
+            async for index, ev in choices.events():
+                if isinstance(ev, TokenEvent):
+                    out = chunk(index, ev)
+                    if out is not None:
+                        yield _sse(out)
+                else:
+                    ends.append(ev)
+                    yield _sse(final(index, ev))
+        except ApiError as e:
+            yield _sse(e.body)
+        else:
+            for obj in tail(ends):
+                yield _sse(obj)
         yield "data: [DONE]\n\n"
     finally:
-        handle.cancel()
+        choices.cancel()
 
 
 def _sse_response(gen: AsyncIterator[str]) -> Response:
@@ -346,9 +378,12 @@ def _sse_response(gen: AsyncIterator[str]) -> Response:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _usage(done: DoneEvent) -> dict[str, int]:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
+def _usage(ends: list[DoneEvent]) -> dict[str, int]:
+    """The prompt counts once however many choices were generated from it."""
+    n_prompt = ends[0].prompt_tokens if ends else 0
+    n_out = sum(e.completion_tokens for e in ends)
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_out,
+            "total_tokens": n_prompt + n_out}
 
 
 # ---- logprobs in the two OpenAI shapes -------------------------------------------------------
@@ -574,42 +609,41 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
             if req.echo:
                 echo = prompt if isinstance(prompt, str) else await run_in_threadpool(
                     eng.tokenizer.decode, tokens)
-            events = _Events()
-            handle = _submit(eng, events, tokens, params, req.max_tokens, req.stop_list(),
-                             req.logprobs)
-            cid = f"cmpl-{uuid.uuid4().hex}"
-            head = {"id": cid, "object": "text_completion", "created": int(time.time()),
-                    "model": config.model_id}
+            choices = _Choices(eng, tokens, params, req.n, req.max_tokens, req.stop_list(),
+                               req.logprobs)
+            head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                    "created": int(time.time()), "model": config.model_id}
+
+            def choice(index: int, text: str, lp: Any, finish: str | None) -> dict[str, Any]:
+                return {"text": text, "index": index, "logprobs": lp, "finish_reason": finish}
+
             if req.stream:
-                def chunk(ev: TokenEvent) -> dict[str, Any] | None:
+                def chunk(index: int, ev: TokenEvent) -> dict[str, Any] | None:
                     lp = (_completion_logprobs(eng, [ev], 0) if req.logprobs is not None
                           else None)
                     if not ev.text and lp is None:
                         return None
-                    return {**head, "choices": [{"text": ev.text, "index": 0, "logprobs": lp,
-                                                 "finish_reason": None}]}
+                    return {**head, "choices": [choice(index, ev.text, lp, None)]}
 
-                def final(done: DoneEvent) -> list[dict[str, Any]]:
-                    last = {**head, "choices": [{"text": "", "index": 0, "logprobs": None,
-                                                 "finish_reason": done.finish_reason}]}
-                    out = [last]
-                    if req.include_usage:
-                        out.append({**head, "choices": [], "usage": _usage(done)})
-                    return out
+                def final(index: int, done: DoneEvent) -> dict[str, Any]:
+                    return {**head, "choices": [choice(index, "", None, done.finish_reason)]}
 
-                first = ({**head, "choices": [{"text": echo, "index": 0, "logprobs": None,
-                                               "finish_reason": None}]} if echo else None)
-                return _sse_response(_stream(events, handle, chunk, final, first))
-            got = await _collect(request, events, handle)
+                def tail(ends: list[DoneEvent]) -> list[dict[str, Any]]:
+                    return ([{**head, "choices": [], "usage": _usage(ends)}]
+                            if req.include_usage else [])
+
+                first = ([{**head, "choices": [choice(i, echo, None, None)]}
+                          for i in range(req.n)] if echo else [])
+                return _sse_response(_stream(choices, first, chunk, final, tail))
+            got = await _collect(request, choices)
             if got is None:
                 return Response(status_code=499)  # nobody is listening any more
-            pieces, done = got
-            text = echo + "".join(p.text for p in pieces)
-            return JSONResponse({**head, "choices": [{
-                "text": text, "index": 0,
-                "logprobs": _completion_logprobs(eng, pieces, len(echo))
-                if req.logprobs is not None else None,
-                "finish_reason": done.finish_reason}], "usage": _usage(done)})
+            return JSONResponse({**head, "choices": [
+                choice(i, echo + "".join(p.text for p in pieces),
+                       _completion_logprobs(eng, pieces, len(echo))
+                       if req.logprobs is not None else None, done.finish_reason)
+                for i, (pieces, done) in enumerate(got)],
+                "usage": _usage([done for _, done in got])})
         return await guarded(run)
 
     @app.post("/v1/chat/completions")
@@ -625,40 +659,42 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
             tokens, format_stops = await run_in_threadpool(chat_prompt, eng.llm, messages,
                                                            config.chat_format)
             n_lp = (req.top_logprobs or 0) if req.logprobs else None
-            events = _Events()
-            handle = _submit(eng, events, tokens, params, req.token_limit(),
-                             req.stop_list() + format_stops, n_lp)
-            cid = f"chatcmpl-{uuid.uuid4().hex}"
-            head = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
-                    "model": config.model_id}
+            choices = _Choices(eng, tokens, params, req.n, req.token_limit(),
+                               req.stop_list() + format_stops, n_lp)
+            head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+                    "created": int(time.time()), "model": config.model_id}
+
+            def delta(index: int, d: dict[str, Any], lp: Any,
+                      finish: str | None) -> dict[str, Any]:
+                return {**head, "choices": [{"index": index, "delta": d, "logprobs": lp,
+                                             "finish_reason": finish}]}
+
             if req.stream:
-                def chunk(ev: TokenEvent) -> dict[str, Any] | None:
+                def chunk(index: int, ev: TokenEvent) -> dict[str, Any] | None:
                     lp = {"content": _chat_logprobs(eng, [ev])} if req.logprobs else None
                     if not ev.text and lp is None:
                         return None
-                    return {**head, "choices": [{"index": 0, "delta": {"content": ev.text},
-                                                 "logprobs": lp, "finish_reason": None}]}
+                    return delta(index, {"content": ev.text}, lp, None)
 
-                def final(done: DoneEvent) -> list[dict[str, Any]]:
-                    out = [{**head, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                                 "finish_reason": done.finish_reason}]}]
-                    if req.include_usage:
-                        out.append({**head, "choices": [], "usage": _usage(done)})
-                    return out
+                def final(index: int, done: DoneEvent) -> dict[str, Any]:
+                    return delta(index, {}, None, done.finish_reason)
 
-                first = {**head, "choices": [{"index": 0,
-                                              "delta": {"role": "assistant", "content": ""},
-                                              "logprobs": None, "finish_reason": None}]}
-                return _sse_response(_stream(events, handle, chunk, final, first))
-            got = await _collect(request, events, handle)
+                def tail(ends: list[DoneEvent]) -> list[dict[str, Any]]:
+                    return ([{**head, "choices": [], "usage": _usage(ends)}]
+                            if req.include_usage else [])
+
+                first = [delta(i, {"role": "assistant", "content": ""}, None, None)
+                         for i in range(req.n)]
+                return _sse_response(_stream(choices, first, chunk, final, tail))
+            got = await _collect(request, choices)
             if got is None:
                 return Response(status_code=499)
-            pieces, done = got
-            text = "".join(p.text for p in pieces)
             return JSONResponse({**head, "object": "chat.completion", "choices": [{
-                "index": 0, "message": {"role": "assistant", "content": text},
+                "index": i,
+                "message": {"role": "assistant", "content": "".join(p.text for p in pieces)},
                 "logprobs": {"content": _chat_logprobs(eng, pieces)} if req.logprobs else None,
-                "finish_reason": done.finish_reason}], "usage": _usage(done)})
+                "finish_reason": done.finish_reason} for i, (pieces, done) in enumerate(got)],
+                "usage": _usage([done for _, done in got])})
         return await guarded(run)
 
     asgi: ASGIApp = app

@@ -9,8 +9,9 @@ Unknown fields are rejected with 400, as the OpenAI API does ("Unrecognized requ
 so a typo never silently falls back to a default. A few OpenAI fields that change nothing here
 are accepted and ignored (``user``, ``store``, ``metadata``, ``service_tier``,
 ``parallel_tool_calls``); fields that would change the result in a way this server does not
-implement are rejected with a message saying so (``n`` > 1, ``best_of`` > 1, ``suffix``, tools,
-JSON response formats).
+implement are rejected with a message saying so (``best_of`` > 1, ``suffix``, tools, JSON
+response formats). ``n`` > 1 runs n requests from the same prompt together (with a fixed ``seed``,
+choice i uses seed + i).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pyllm.sampling import SamplingParams
 
 MAX_STOP = 16  # OpenAI allows 4; llama.cpp any number. Each costs a scan per token.
+MAX_N = 8  # choices per request
 MAX_EMBED_INPUTS = 256  # as the body limit, a bound on the work one request can queue
 
 
@@ -62,7 +64,7 @@ class _Sampling(_Strict):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_N)  # choices: n requests decoded together
     # accepted and ignored: they do not change the output
     user: str | None = None
     store: bool | None = None
@@ -77,9 +79,7 @@ class _Sampling(_Strict):
         return v
 
     def check_supported(self) -> None:
-        if self.n != 1:
-            raise UnsupportedFieldError("n", "only n=1 is supported (send several requests; "
-                                             "they are batched together)")
+        """Raise UnsupportedFieldError for a known field this server does not implement."""
 
     def sampling_params(self) -> SamplingParams:
         """SamplingParams from the fields that were given (raises SamplingError)."""
