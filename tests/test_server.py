@@ -318,6 +318,22 @@ def test_models_tokenize_detokenize_health_metrics(client: Any, base_url: str,
     assert values['pyllm_http_requests_total{route="/tokenize",status="200"}'] == 2
 
 
+def test_chat_page_is_self_contained(base_url: str) -> None:
+    """GET / serves the chat page with every knob, and it loads nothing from elsewhere."""
+    import re
+
+    r = httpx.get(f"{base_url}/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    page = r.text
+    for knob in ("system", "temperature", "top_k", "top_p", "min_p", "typical_p", "tfs_z",
+                 "repeat_penalty", "repeat_last_n", "presence_penalty", "frequency_penalty",
+                 "mirostat", "mirostat_tau", "mirostat_eta", "seed", "max_tokens",
+                 "stop_strings", "stop", "send"):
+        assert f'id="{knob}"' in page, knob
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    assert "@import" not in page and "url(" not in page
+
+
 def test_sixteen_concurrent_clients(client: Any, llm: LLM, engine: Engine) -> None:
     """16 clients at once (4 slots, 12 waiting): every one succeeds with its greedy text."""
     expected = {p: _greedy(llm, p, 4) for p in PROMPTS}
