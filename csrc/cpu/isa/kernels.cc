@@ -36,6 +36,9 @@
 namespace pyllm {
 namespace PYLLM_ISA {
 
+#if defined(PYLLM_ISA_AVX2)
+void install_avx2_int_matvec(KernelTable& t);  // matvec_avx2.cc
+#endif
 #if defined(PYLLM_ISA_AVX512)
 void install_vnni_matvec(KernelTable& t);  // matvec_vnni.cc
 void install_vnni_matmat(KernelTable& t);  // matmat_vnni.cc
@@ -452,6 +455,9 @@ KernelTable make_table() {
   PYLLM_SET(Q6_K, &matvec_generic<QType::Q6_K>)
 #endif
 #undef PYLLM_SET
+#if defined(PYLLM_ISA_AVX2)
+  install_avx2_int_matvec(t);
+#endif
 #if defined(PYLLM_ISA_AVX512)
   install_vnni_matvec(t);
   install_vnni_matmat(t);

@@ -18,10 +18,11 @@
 //     reference dequantizer does, activations are used unrounded, products are accumulated in F32
 //     with FMA: |err| <= ~1e-5 * sum_i |W[o][i] X[t][i]| (measured worst ~1e-6 at k = 512).
 //   * AVX-512 VNNI kernels (csrc/cpu/isa/matvec_vnni.cc: matvec of every block type;
-//     matmat_vnni.cc: matmat of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K): each activation
-//     block of 32 is rounded to int16 steps (dx = amax / 32767, 256x finer than int8; matvec
-//     splits them exactly into two int8 terms for VPDPBUSD, matmat uses VPDPWSSD); weights are
-//     not rounded; the integer dot products are exact.
+//     matmat_vnni.cc: matmat of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K) and the AVX2 int
+//     kernels (matvec_avx2.cc: matvec of Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K): each
+//     activation block of 32 is rounded to int16 steps (dx = amax / 32767, 256x finer than int8;
+//     matvec splits them exactly into two int8 terms for VPDPBUSD / VPMADDUBSW, matmat uses
+//     VPDPWSSD); weights are not rounded; the integer dot products are exact.
 //     Extra error <= sum_blocks (dx_b / 2) * sum_{i in b} |W[o][i]|, i.e. ~2^-16 relative to the
 //     block maximum; its KL contribution is ~65000x below ggml's int8 rounding.
 //   tests/test_kernels.py checks every type x ISA x token count against a float64 numpy product
@@ -29,7 +30,7 @@
 //   Trade measured on the dev box (Zen4, 1 core, CPU time): F32-math matvec ~6.6 GB/s on Q4_0
 //   (L2-resident 256 x 2048) vs ~12.6 GB/s with the int16-split VNNI kernel, Q4_K 6.4 -> 14.4;
 //   matmat 5632 x 2048 x 512 tokens Q4_0 ~70 GOP/s F32 panel vs ~125 GOP/s int16 VNNI panel.
-//   PYLLM_FORCE_ISA=avx2 (or scalar) gives the F32-math kernels everywhere.
+//   PYLLM_FORCE_ISA=scalar gives the F32-math kernels everywhere.
 
 // Kernel choice and threads
 //   n_tokens < matmat_min_tokens() (16; 32 with the AVX-512 VNNI kernels): the matvec kernel

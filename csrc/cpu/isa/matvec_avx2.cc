@@ -1,0 +1,275 @@
+// AVX2 matvec kernels with the int16-split activations of matvec_vnni.cc, for CPUs without
+// AVX-512 VNNI: Q4_0, Q4_1, Q5_0, Q5_1 (one block of 32 per register), Q4_K, Q5_K (one
+// sub-block of 32 per register) and Q6_K.
+//
+// Same scheme and error bound as matvec_vnni.cc (each activation block of 32 rounded to int16
+// steps, split exactly into xi = 256 * hi + lo), with VPMADDUBSW + VPMADDWD instead of
+// VPDPBUSD. VPMADDUBSW saturates pairs at 16 bits, so both products must stay below 2^15 / 2:
+// u * hi <= 63 * 128 and lo * u <= 255 * 63 hold for weights of at most 6 bits; Q8_0 (8-bit)
+// therefore keeps the F32 kernel on AVX2.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu/isa/decode.h"
+#include "cpu/isa/simd.h"
+#include "cpu/kernel_table.h"
+
+namespace pyllm {
+namespace PYLLM_ISA {
+
+#if defined(PYLLM_ISA_AVX2)
+
+namespace {
+
+// One token: per block of 32 (natural order) hi[32], lo[32], dx, 8 lane corrections, xsum.
+struct SplitAct {
+  std::vector<int8_t> hi;
+  std::vector<uint8_t> lo;
+  std::vector<float> dx;
+  std::vector<int32_t> hc;  // 8 per block: f_hi * sum(hi) + f_lo * sum(lo) over the lane's 4
+  std::vector<float> xsum;
+};
+
+void prepare(const float* x, int64_t k, int32_t f_hi, int32_t f_lo, SplitAct& s) {
+  const int64_t nb = k / 32;
+  s.hi.resize(static_cast<size_t>(k));
+  s.lo.resize(static_cast<size_t>(k));
+  s.dx.resize(static_cast<size_t>(nb));
+  s.hc.resize(static_cast<size_t>(nb * 8));
+  s.xsum.resize(static_cast<size_t>(nb));
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + 32 * b;
+    __m256 v[4], amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(xb + 8 * i);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+      sum = _mm256_add_ps(sum, v[i]);
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float mx = _mm_cvtss_f32(m);
+    s.xsum[b] = vsum(sum);
+    s.dx[b] = mx / 32767.0f;
+    const __m256 id = _mm256_set1_ps(mx > 0.0f ? 32767.0f / mx : 0.0f);
+    alignas(32) int32_t xi[32];
+    for (int i = 0; i < 4; ++i) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(xi + 8 * i),
+                         _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id)));
+    }
+    int8_t* hi = s.hi.data() + 32 * b;
+    uint8_t* lo = s.lo.data() + 32 * b;
+    for (int i = 0; i < 32; ++i) {
+      hi[i] = static_cast<int8_t>(xi[i] >> 8);
+      lo[i] = static_cast<uint8_t>(xi[i] & 255);
+    }
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi));
+    const __m256i l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo));
+    const __m256i hs = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, h), ones16);
+    const __m256i ls = _mm256_madd_epi16(_mm256_maddubs_epi16(l, ones8), ones16);
+    const __m256i hc = _mm256_add_epi32(_mm256_mullo_epi32(hs, _mm256_set1_epi32(f_hi)),
+                                        _mm256_mullo_epi32(ls, _mm256_set1_epi32(f_lo)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.hc.data() + 8 * b), hc);
+  }
+}
+
+std::vector<SplitAct>& token_scratch(int nt) {
+  thread_local std::vector<SplitAct> scratch;
+  if (static_cast<int>(scratch.size()) < nt) scratch.resize(static_cast<size_t>(nt));
+  return scratch;
+}
+
+// Exact lane sums of u * xi over one block of 32 (u unsigned, at most 6 bits): 8 int32 lanes.
+inline __m256i lane_dot(__m256i u, const SplitAct& s, int64_t b) {
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.hi.data() + 32 * b));
+  const __m256i l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.lo.data() + 32 * b));
+  const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u, h), ones16);
+  const __m256i p2 = _mm256_madd_epi16(_mm256_maddubs_epi16(l, u), ones16);
+  const __m256i hc = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.hc.data() + 8 * b));
+  return _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(p1, 8), p2), hc);
+}
+
+// 32 bits -> 32 bytes: 0x10 where the bit is set (byte i <- bit i).
+inline __m256i bits_to_0x10(uint32_t bits) {
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(static_cast<int>(bits)),
+      _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0));
+  const __m256i sel = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ULL));
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, sel), sel);
+  return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+}
+
+inline float hsum8(__m256 v) { return vsum(v); }
+
+// Q4_0, Q4_1, Q5_0, Q5_1: u in the natural order [qs & 15, qs >> 4] (| fifth bit << 4).
+template <class Block, bool kHigh, bool kMin, int kOffset>
+struct MvLegacy {
+  template <int NT>
+  struct K {
+    static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+      const int64_t nb = a.k / 32;
+      std::vector<SplitAct>& s = token_scratch(NT);
+      for (int t = 0; t < NT; ++t) {
+        prepare(a.x + (t0 + t) * a.ldx, a.k, -256 * kOffset, -kOffset, s[t]);
+      }
+      const __m128i m4 = _mm_set1_epi8(0x0F);
+      for (int64_t r = r0; r < r1; ++r) {
+        const Block* row = reinterpret_cast<const Block*>(a.w + r * a.row_bytes);
+        __m256 acc[NT];
+        float off[NT];
+        for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps(), off[t] = 0.0f;
+        for (int64_t b = 0; b < nb; ++b) {
+          const Block& blk = row[b];
+          const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.qs));
+          __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), m4),
+                                       _mm_and_si128(qs, m4));
+          if constexpr (kHigh) {
+            uint32_t qh;
+            std::memcpy(&qh, blk.qh, 4);
+            u = _mm256_or_si256(u, bits_to_0x10(qh));
+          }
+          const float d = half_to_float(blk.d);
+          float m = 0.0f;
+          if constexpr (kMin) m = half_to_float(blk.m);
+          for (int t = 0; t < NT; ++t) {
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lane_dot(u, s[t], b)),
+                                     _mm256_set1_ps(d * s[t].dx[b]), acc[t]);
+            if constexpr (kMin) off[t] += m * s[t].xsum[b];
+          }
+        }
+        for (int t = 0; t < NT; ++t) a.y[(t0 + t) * a.ldy + r] = hsum8(acc[t]) + off[t];
+      }
+    }
+  };
+};
+
+// Q4_K, Q5_K: sub-block j of 32 = nibble (j & 1) of qs[32 (j / 2) ..] (| bit j of qh << 4).
+template <class Block, bool kHigh>
+struct MvK4 {
+  template <int NT>
+  struct K {
+    static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+      const int64_t nsb = a.k / QK_K;
+      std::vector<SplitAct>& s = token_scratch(NT);
+      for (int t = 0; t < NT; ++t) prepare(a.x + (t0 + t) * a.ldx, a.k, 0, 0, s[t]);
+      const __m256i m4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
+      for (int64_t r = r0; r < r1; ++r) {
+        const Block* row = reinterpret_cast<const Block*>(a.w + r * a.row_bytes);
+        __m256 acc[NT];
+        float off[NT];
+        for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps(), off[t] = 0.0f;
+        for (int64_t b = 0; b < nsb; ++b) {
+          const Block& blk = row[b];
+          const float d = half_to_float(blk.d), dmin = half_to_float(blk.dmin);
+          __m256i qh = _mm256_setzero_si256();
+          if constexpr (kHigh) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qh));
+          for (int j = 0; j < 8; ++j) {
+            const __m256i c =
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qs + 32 * (j / 2)));
+            __m256i u = (j & 1) ? _mm256_and_si256(_mm256_srli_epi16(c, 4), m4)
+                                : _mm256_and_si256(c, m4);
+            if constexpr (kHigh) {
+              const __m256i sel = _mm256_set1_epi8(static_cast<char>(1 << j));
+              u = _mm256_or_si256(
+                  u, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, sel), sel), bit4));
+            }
+            uint8_t sc, mn;
+            get_scale_min_k4(j, blk.scales, &sc, &mn);
+            const float ds = d * sc, dm = dmin * mn;
+            const int64_t sb = 8 * b + j;
+            for (int t = 0; t < NT; ++t) {
+              acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lane_dot(u, s[t], sb)),
+                                       _mm256_set1_ps(ds * s[t].dx[sb]), acc[t]);
+              off[t] += dm * s[t].xsum[sb];
+            }
+          }
+        }
+        for (int t = 0; t < NT; ++t) a.y[(t0 + t) * a.ldy + r] = hsum8(acc[t]) - off[t];
+      }
+    }
+  };
+};
+
+// Q6_K: u = ql nibble | 2 bits of qh << 4, w = d * sc * (u - 32); a register holds 32 elements
+// (two sub-blocks of 16, lanes 0-3 and 4-7).
+template <int NT>
+struct MvQ6_K {
+  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+    const int64_t nsb = a.k / QK_K;
+    std::vector<SplitAct>& s = token_scratch(NT);
+    for (int t = 0; t < NT; ++t) prepare(a.x + (t0 + t) * a.ldx, a.k, -32 * 256, -32, s[t]);
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3);
+    for (int64_t r = r0; r < r1; ++r) {
+      const BlockQ6_K* row = reinterpret_cast<const BlockQ6_K*>(a.w + r * a.row_bytes);
+      __m256 acc[NT];
+      for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nsb; ++b) {
+        const BlockQ6_K& blk = row[b];
+        const float d = half_to_float(blk.d);
+        for (int n = 0; n < 2; ++n) {
+          const __m256i la =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.ql + 64 * n));
+          const __m256i lb =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.ql + 64 * n + 32));
+          const __m256i h =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qh + 32 * n));
+          // Element groups of 32 in the order they appear: l, l + 32, l + 64, l + 96.
+          __m256i u[4];
+          u[0] = _mm256_or_si256(_mm256_and_si256(la, m4),
+                                 _mm256_slli_epi16(_mm256_and_si256(h, m3), 4));
+          u[1] = _mm256_or_si256(_mm256_and_si256(lb, m4),
+                                 _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m3), 4));
+          u[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(la, 4), m4),
+                                 _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m3), 4));
+          u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lb, 4), m4),
+                                 _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m3), 4));
+          const int8_t* sc = blk.scales + 8 * n;
+          for (int g = 0; g < 4; ++g) {
+            const __m256 scale = _mm256_blend_ps(_mm256_set1_ps(d * sc[2 * g]),
+                                                 _mm256_set1_ps(d * sc[2 * g + 1]), 0xF0);
+            const int64_t blk32 = 8 * b + 4 * n + g;  // activation block of these 32 elements
+            for (int t = 0; t < NT; ++t) {
+              acc[t] = _mm256_fmadd_ps(
+                  _mm256_cvtepi32_ps(lane_dot(u[g], s[t], blk32)),
+                  _mm256_mul_ps(scale, _mm256_set1_ps(s[t].dx[blk32])), acc[t]);
+            }
+          }
+        }
+      }
+      for (int t = 0; t < NT; ++t) a.y[(t0 + t) * a.ldy + r] = hsum8(acc[t]);
+    }
+  }
+};
+
+template <template <int> class K>
+void by_groups(const MatArgs& a, int64_t r0, int64_t r1) {
+  for (int64_t t0 = 0; t0 < a.n_tokens; t0 += 4) {
+    switch (std::min<int64_t>(4, a.n_tokens - t0)) {
+      case 1: K<1>::run(a, r0, r1, t0); break;
+      case 2: K<2>::run(a, r0, r1, t0); break;
+      case 3: K<3>::run(a, r0, r1, t0); break;
+      default: K<4>::run(a, r0, r1, t0); break;
+    }
+  }
+}
+
+}  // namespace
+
+void install_avx2_int_matvec(KernelTable& t) {
+  t.matvec[static_cast<int>(QType::Q4_0)] = &by_groups<MvLegacy<BlockQ4_0, false, false, 8>::K>;
+  t.matvec[static_cast<int>(QType::Q4_1)] = &by_groups<MvLegacy<BlockQ4_1, false, true, 0>::K>;
+  t.matvec[static_cast<int>(QType::Q5_0)] = &by_groups<MvLegacy<BlockQ5_0, true, false, 16>::K>;
+  t.matvec[static_cast<int>(QType::Q5_1)] = &by_groups<MvLegacy<BlockQ5_1, true, true, 0>::K>;
+  t.matvec[static_cast<int>(QType::Q4_K)] = &by_groups<MvK4<BlockQ4_K, false>::K>;
+  t.matvec[static_cast<int>(QType::Q5_K)] = &by_groups<MvK4<BlockQ5_K, true>::K>;
+  t.matvec[static_cast<int>(QType::Q6_K)] = &by_groups<MvQ6_K>;
+}
+
+#endif  // PYLLM_ISA_AVX2
+
+}  // namespace PYLLM_ISA
+}  // namespace pyllm
