@@ -147,6 +147,27 @@ struct MvLegacy {
   };
 };
 
+// The 8 scales (d * sc_j) and mins (dmin * m_j) of a Q4_K / Q5_K block as floats. Bytes 0-3
+// of the packed 12 hold scales 0-3 (+ top bits of scales 4-7), bytes 4-7 mins 0-3 (+ top bits of
+// mins 4-7), bytes 8-11 the low nibbles of scales / mins 4-7.
+template <class Block>
+inline void k4_scales(const Block& blk, float* ds, float* dm) {
+  uint32_t w[3];
+  std::memcpy(w, blk.scales, 12);
+  const uint32_t low6 = 0x3f3f3f3fu, nib = 0x0f0f0f0fu, top2 = 0x03030303u;
+  const uint64_t sc = (w[0] & low6) |
+                      (static_cast<uint64_t>((w[2] & nib) | (((w[0] >> 6) & top2) << 4)) << 32);
+  const uint64_t mn = (w[1] & low6) |
+                      (static_cast<uint64_t>(((w[2] >> 4) & nib) | (((w[1] >> 6) & top2) << 4))
+                       << 32);
+  const __m256 vs = _mm256_cvtepi32_ps(
+      _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(sc))));
+  const __m256 vm = _mm256_cvtepi32_ps(
+      _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(mn))));
+  _mm256_store_ps(ds, _mm256_mul_ps(vs, _mm256_set1_ps(half_to_float(blk.d))));
+  _mm256_store_ps(dm, _mm256_mul_ps(vm, _mm256_set1_ps(half_to_float(blk.dmin))));
+}
+
 // Q4_K, Q5_K: sub-block j of 32 = nibble (j & 1) of qs[32 (j / 2) ..] (| bit j of qh << 4).
 template <class Block, bool kHigh>
 struct MvK4 {
@@ -159,14 +180,18 @@ struct MvK4 {
       const __m256i m4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
       for (int64_t r = r0; r < r1; ++r) {
         const Block* row = reinterpret_cast<const Block*>(a.w + r * a.row_bytes);
-        __m256 acc[NT];
-        float off[NT];
-        for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps(), off[t] = 0.0f;
+        __m256 acc[NT], offv[NT];
+        for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps(), offv[t] = _mm256_setzero_ps();
         for (int64_t b = 0; b < nsb; ++b) {
           const Block& blk = row[b];
-          const float d = half_to_float(blk.d), dmin = half_to_float(blk.dmin);
+          alignas(32) float ds[8], dm[8];
+          k4_scales(blk, ds, dm);
           __m256i qh = _mm256_setzero_si256();
           if constexpr (kHigh) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qh));
+          for (int t = 0; t < NT; ++t) {
+            offv[t] = _mm256_fmadd_ps(_mm256_load_ps(dm),
+                                      _mm256_loadu_ps(s[t].xsum.data() + 8 * b), offv[t]);
+          }
           for (int j = 0; j < 8; ++j) {
             const __m256i c =
                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qs + 32 * (j / 2)));
@@ -177,18 +202,14 @@ struct MvK4 {
               u = _mm256_or_si256(
                   u, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, sel), sel), bit4));
             }
-            uint8_t sc, mn;
-            get_scale_min_k4(j, blk.scales, &sc, &mn);
-            const float ds = d * sc, dm = dmin * mn;
             const int64_t sb = 8 * b + j;
             for (int t = 0; t < NT; ++t) {
               acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lane_dot(u, s[t], sb)),
-                                       _mm256_set1_ps(ds * s[t].dx[sb]), acc[t]);
-              off[t] += dm * s[t].xsum[sb];
+                                       _mm256_set1_ps(ds[j] * s[t].dx[sb]), acc[t]);
             }
           }
         }
-        for (int t = 0; t < NT; ++t) a.y[(t0 + t) * a.ldy + r] = hsum8(acc[t]) - off[t];
+        for (int t = 0; t < NT; ++t) a.y[(t0 + t) * a.ldy + r] = hsum8(acc[t]) - hsum8(offv[t]);
       }
     }
   };
