@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import functools
 import hmac
 import json
@@ -31,35 +30,34 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import (
-    FileResponse,
-    JSONResponse,
-    PlainTextResponse,
-    Response,
-    StreamingResponse,
-)
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pyllm.errors import ChatTemplateError, ContextError, PyllmError, SamplingError, TokenizerError
-from pyllm.sampling import SamplingParams
+from pyllm.errors import ChatTemplateError, PyllmError, SamplingError, TokenizerError
+from pyllm.server.bridge import (
+    Choices,
+    chat_logprobs,
+    collect,
+    completion_logprobs,
+    sse_events,
+    sse_response,
+    until_disconnect,
+    usage,
+)
 from pyllm.server.engine import (
     DoneEvent,
     Engine,
     EngineStoppedError,
-    ErrorEvent,
-    Event,
     Handle,
     QueueFullError,
     TokenEvent,
 )
-from pyllm.server.engine import (
-    Request as EngineRequest,
-)
 from pyllm.server.schemas import (
+    ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -80,14 +78,6 @@ class ServerConfig:
     cors_origins: list[str] = field(default_factory=list)
     chat_format: str | None = None
     max_body_bytes: int = 1 << 20  # 1 MiB: far more than any prompt that fits a context
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = error_body(message, type_, param, code)
 
 
 def _json_error(status: int, message: str, type_: str, param: str | None = None,
@@ -223,200 +213,6 @@ def _sampling(req: CompletionRequest | ChatCompletionRequest) -> Any:
         raise ApiError(400, str(e), param=e.param, code="unsupported") from None
     except SamplingError as e:
         raise ApiError(400, str(e)) from None
-
-
-# ---- engine bridge ----------------------------------------------------------------------------
-
-
-class _Choices:
-    """The ``n`` engine requests (choices) of one HTTP request. Their events are moved from the
-    engine thread onto the event loop, tagged with the choice index."""
-
-    def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, n: int,
-                 max_tokens: int | None, stop: list[str], logprobs: int | None) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-        self.n = n
-        self.handles: list[Handle] = []
-        try:
-            for i in range(n):
-                # with a fixed seed the choices still differ, and the request stays repeatable
-                p = params if i == 0 or params.seed < 0 else dataclasses.replace(
-                    params, seed=(params.seed + i) % 2**32)
-                req = EngineRequest(prompt, p, self._push(i), max_tokens, stop, logprobs)
-                self.handles.append(_submit(engine, req))
-        except BaseException:
-            self.cancel()
-            raise
-
-    def _push(self, index: int) -> Callable[[Event], None]:
-        def push(event: Event) -> None:  # engine thread
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
-        return push
-
-    def cancel(self) -> None:
-        for h in self.handles:
-            h.cancel()  # no-op for a finished one
-
-    async def events(self) -> AsyncIterator[tuple[int, TokenEvent | DoneEvent]]:
-        """(choice index, event) until every choice is done. An engine error or a cancellation
-        by the server (the client is still here, so it is shutting down) raises ApiError."""
-        left = self.n
-        while left:
-            index, ev = await self.queue.get()
-            if isinstance(ev, ErrorEvent):
-                raise ApiError(500, ev.message, "server_error")
-            if isinstance(ev, DoneEvent):
-                if ev.finish_reason == "cancelled":
-                    raise ApiError(503, _CANCELLED, "server_error", code="shutting_down")
-                left -= 1
-            yield index, ev
-
-
-# A request cancelled while its client is still connected was cancelled by the server.
-_CANCELLED = "the request was cancelled: the server is shutting down"
-
-
-def _submit(engine: Engine, req: EngineRequest) -> Handle:
-    try:
-        return engine.submit(req)
-    except QueueFullError as e:
-        raise ApiError(503, str(e), "server_error", code="queue_full") from None
-    except EngineStoppedError as e:
-        raise ApiError(503, str(e), "server_error", code="shutting_down") from None
-    except ContextError as e:
-        msg = str(e)
-        code = "context_length_exceeded" if "exceed" in msg or "holds" in msg else None
-        raise ApiError(400, msg, param="max_tokens" if "max_tokens" in msg else "prompt",
-                       code=code) from None
-    except SamplingError as e:
-        msg = str(e)
-        raise ApiError(400, msg, param="logit_bias" if "logit_bias" in msg else None) from None
-
-
-async def _wait_disconnect(request: Request) -> None:
-    # The body has been read, so the next ASGI message is the disconnect (or nothing).
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _until_disconnect(request: Request, awaitable: Awaitable[Any]) -> Any:
-    """The result of ``awaitable``, or None when the client disconnects first (then the
-    awaitable is cancelled)."""
-    work = asyncio.ensure_future(awaitable)
-    watch = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        return work.result() if work.done() else None
-    finally:
-        for task in (work, watch):
-            task.cancel()
-
-
-_Result = list[tuple[list[TokenEvent], DoneEvent]]
-
-
-async def _collect(request: Request, choices: _Choices) -> _Result | None:
-    """Every choice's tokens and end; None if the client went away first (the requests are
-    then cancelled, freeing their slots)."""
-
-    async def gather() -> _Result:
-        pieces: list[list[TokenEvent]] = [[] for _ in range(choices.n)]
-        ends: dict[int, DoneEvent] = {}
-        async for index, ev in choices.events():
-            if isinstance(ev, TokenEvent):
-                pieces[index].append(ev)
-            else:
-                ends[index] = ev
-        return [(pieces[i], ends[i]) for i in range(choices.n)]
-
-    try:
-        result: _Result | None = await _until_disconnect(request, gather())
-        return result
-    finally:
-        choices.cancel()
-
-
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-async def _stream(choices: _Choices, first: list[dict[str, Any]],
-                  chunk: Callable[[int, TokenEvent], dict[str, Any] | None],
-                  final: Callable[[int, DoneEvent], dict[str, Any]],
-                  tail: Callable[[list[DoneEvent]], list[dict[str, Any]]]) -> AsyncIterator[str]:
-    """Server-sent events ending in ``data: [DONE]``: ``first``, a chunk per token, a final
-    chunk per choice, then ``tail`` (the usage chunk). Closing this generator (the client
-    disconnected) cancels the requests."""
-    try:
-        for obj in first:
-            yield _sse(obj)
-        ends: list[DoneEvent] = []
-        try:
-            async for index, ev in choices.events():
-                if isinstance(ev, TokenEvent):
-                    out = chunk(index, ev)
-                    if out is not None:
-                        yield _sse(out)
-                else:
-                    ends.append(ev)
-                    yield _sse(final(index, ev))
-        except ApiError as e:
-            yield _sse(e.body)
-        else:
-            for obj in tail(ends):
-                yield _sse(obj)
-        yield "data: [DONE]\n\n"
-    finally:
-        choices.cancel()
-
-
-def _sse_response(gen: AsyncIterator[str]) -> Response:
-    return StreamingResponse(gen, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def _usage(ends: list[DoneEvent]) -> dict[str, int]:
-    """The prompt counts once however many choices were generated from it."""
-    n_prompt = ends[0].prompt_tokens if ends else 0
-    n_out = sum(e.completion_tokens for e in ends)
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_out,
-            "total_tokens": n_prompt + n_out}
-
-
-# ---- logprobs in the two OpenAI shapes -------------------------------------------------------
-
-
-def _completion_logprobs(engine: Engine, pieces: list[TokenEvent], offset: int
-                         ) -> dict[str, Any]:
-    piece = engine.tokenizer.token_to_piece
-    tokens, lps, tops, offsets = [], [], [], []
-    pos = offset
-    for p in pieces:
-        if p.logprob is None:
-            continue
-        tokens.append(piece(p.logprob.token))
-        lps.append(p.logprob.logprob)
-        tops.append({piece(t): lp for t, lp in p.logprob.top_logprobs})
-        offsets.append(pos)
-        pos += len(p.text)
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
-
-
-def _chat_logprobs(engine: Engine, pieces: list[TokenEvent]) -> list[dict[str, Any]]:
-    piece = engine.tokenizer.token_to_piece
-    out = []
-    for p in pieces:
-        if p.logprob is None:
-            continue
-        text = piece(p.logprob.token)
-        out.append({"token": text, "logprob": p.logprob.logprob, "bytes": list(text.encode()),
-                    "top_logprobs": [{"token": piece(t), "logprob": lp,
-                                      "bytes": list(piece(t).encode())}
-                                     for t, lp in p.logprob.top_logprobs]})
-    return out
 
 
 # ---- the application --------------------------------------------------------------------------
@@ -571,7 +367,7 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
                             else 400
                         raise ApiError(status, str(e), param="input", code=code) from None
                     futures.append(fut)
-                results = await _until_disconnect(request, asyncio.gather(*futures))
+                results = await until_disconnect(request, asyncio.gather(*futures))
             finally:
                 for h in handles:
                     h.cancel()
@@ -609,7 +405,7 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
             if req.echo:
                 echo = prompt if isinstance(prompt, str) else await run_in_threadpool(
                     eng.tokenizer.decode, tokens)
-            choices = _Choices(eng, tokens, params, req.n, req.max_tokens, req.stop_list(),
+            choices = Choices(eng, tokens, params, req.n, req.max_tokens, req.stop_list(),
                                req.logprobs)
             head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                     "created": int(time.time()), "model": config.model_id}
@@ -619,7 +415,7 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
 
             if req.stream:
                 def chunk(index: int, ev: TokenEvent) -> dict[str, Any] | None:
-                    lp = (_completion_logprobs(eng, [ev], 0) if req.logprobs is not None
+                    lp = (completion_logprobs(eng, [ev], 0) if req.logprobs is not None
                           else None)
                     if not ev.text and lp is None:
                         return None
@@ -629,21 +425,21 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
                     return {**head, "choices": [choice(index, "", None, done.finish_reason)]}
 
                 def tail(ends: list[DoneEvent]) -> list[dict[str, Any]]:
-                    return ([{**head, "choices": [], "usage": _usage(ends)}]
+                    return ([{**head, "choices": [], "usage": usage(ends)}]
                             if req.include_usage else [])
 
                 first = ([{**head, "choices": [choice(i, echo, None, None)]}
                           for i in range(req.n)] if echo else [])
-                return _sse_response(_stream(choices, first, chunk, final, tail))
-            got = await _collect(request, choices)
+                return sse_response(sse_events(choices, first, chunk, final, tail))
+            got = await collect(request, choices)
             if got is None:
                 return Response(status_code=499)  # nobody is listening any more
             return JSONResponse({**head, "choices": [
                 choice(i, echo + "".join(p.text for p in pieces),
-                       _completion_logprobs(eng, pieces, len(echo))
+                       completion_logprobs(eng, pieces, len(echo))
                        if req.logprobs is not None else None, done.finish_reason)
                 for i, (pieces, done) in enumerate(got)],
-                "usage": _usage([done for _, done in got])})
+                "usage": usage([done for _, done in got])})
         return await guarded(run)
 
     @app.post("/v1/chat/completions")
@@ -659,7 +455,7 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
             tokens, format_stops = await run_in_threadpool(chat_prompt, eng.llm, messages,
                                                            config.chat_format)
             n_lp = (req.top_logprobs or 0) if req.logprobs else None
-            choices = _Choices(eng, tokens, params, req.n, req.token_limit(),
+            choices = Choices(eng, tokens, params, req.n, req.token_limit(),
                                req.stop_list() + format_stops, n_lp)
             head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
                     "created": int(time.time()), "model": config.model_id}
@@ -671,7 +467,7 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
 
             if req.stream:
                 def chunk(index: int, ev: TokenEvent) -> dict[str, Any] | None:
-                    lp = {"content": _chat_logprobs(eng, [ev])} if req.logprobs else None
+                    lp = {"content": chat_logprobs(eng, [ev])} if req.logprobs else None
                     if not ev.text and lp is None:
                         return None
                     return delta(index, {"content": ev.text}, lp, None)
@@ -680,21 +476,21 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
                     return delta(index, {}, None, done.finish_reason)
 
                 def tail(ends: list[DoneEvent]) -> list[dict[str, Any]]:
-                    return ([{**head, "choices": [], "usage": _usage(ends)}]
+                    return ([{**head, "choices": [], "usage": usage(ends)}]
                             if req.include_usage else [])
 
                 first = [delta(i, {"role": "assistant", "content": ""}, None, None)
                          for i in range(req.n)]
-                return _sse_response(_stream(choices, first, chunk, final, tail))
-            got = await _collect(request, choices)
+                return sse_response(sse_events(choices, first, chunk, final, tail))
+            got = await collect(request, choices)
             if got is None:
                 return Response(status_code=499)
             return JSONResponse({**head, "object": "chat.completion", "choices": [{
                 "index": i,
                 "message": {"role": "assistant", "content": "".join(p.text for p in pieces)},
-                "logprobs": {"content": _chat_logprobs(eng, pieces)} if req.logprobs else None,
+                "logprobs": {"content": chat_logprobs(eng, pieces)} if req.logprobs else None,
                 "finish_reason": done.finish_reason} for i, (pieces, done) in enumerate(got)],
-                "usage": _usage([done for _, done in got])})
+                "usage": usage([done for _, done in got])})
         return await guarded(run)
 
     asgi: ASGIApp = app

@@ -228,3 +228,11 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
                code: str | None = None) -> dict[str, Any]:
     """The OpenAI error shape."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = error_body(message, type_, param, code)
