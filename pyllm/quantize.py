@@ -50,6 +50,11 @@ Row lengths that are not a multiple of the chosen type's block fall back as llam
 Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0 (some llama.cpp versions took
 IQ4_NL, which has Q4_0's size), and F16 when the row is not a multiple of 32 either.
 
+Checked against llama.cpp's quantizer (llama-cpp-python 0.3.36, tests/test_quantize.py runs it
+where installed): for every file type the per-tensor types, the tensor bytes (k-quants included)
+and so the file sizes are identical, on a tiny llama and on SmolLM2-135M (tied embeddings, rows
+of 576 that take the fallbacks).
+
 Requantizing (a tensor already in a block-quantized type that must change type) is refused unless
 ``allow_requantize`` is set; then it is dequantized to float32 and quantized again, which loses
 more precision than quantizing from F16/F32.
