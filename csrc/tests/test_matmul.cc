@@ -67,9 +67,8 @@ const std::vector<TypeCase>& cases() {
 // Whether matmul takes an int16-activation VNNI kernel here (matvec_vnni.cc, matmat_vnni.cc).
 bool uses_int16_activations(Isa isa, QType t, int64_t n_tokens) {
   if (isa == Isa::Avx2) {  // matvec_avx2.cc
-    return n_tokens < matmat_min_tokens() &&
-           (t == QType::Q4_0 || t == QType::Q4_1 || t == QType::Q5_0 || t == QType::Q5_1 ||
-            t == QType::Q4_K || t == QType::Q5_K || t == QType::Q6_K);
+    return n_tokens < matmat_min_tokens() && t != QType::F32 && t != QType::F16 &&
+           t != QType::BF16 && t != QType::Q8_0;
   }
   if (isa != Isa::Avx512) return false;
   if (n_tokens < matmat_min_tokens()) {  // the caller has made isa the active ISA

@@ -1,6 +1,6 @@
 // AVX2 matvec kernels with the int16-split activations of matvec_vnni.cc, for CPUs without
 // AVX-512 VNNI: Q4_0, Q4_1, Q5_0, Q5_1 (one block of 32 per register), Q4_K, Q5_K (one
-// sub-block of 32 per register) and Q6_K.
+// sub-block of 32 per register), Q2_K, Q3_K and Q6_K (two sub-blocks of 16 per register).
 //
 // Same scheme and error bound as matvec_vnni.cc (each activation block of 32 rounded to int16
 // steps, split exactly into xi = 256 * hi + lo), with VPMADDUBSW + VPMADDWD instead of
@@ -9,6 +9,7 @@
 // therefore keeps the F32 kernel on AVX2.
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/isa/decode.h"
@@ -266,6 +267,86 @@ struct MvQ6_K {
   }
 };
 
+// Q2_K and Q3_K: element 128h + 32j + l is bits 2j, 2j+1 of qs[32h + l] (Q3_K: | bit 4h + j
+// of hmask[l] << 2, minus 4); sub-blocks of 16 (lanes 0-3 / 4-7 of a register) have their own
+// scale; Q2_K also a min. See MvK2 in matvec_vnni.cc for the layout.
+template <bool kQ3>
+struct MvK2 {
+  template <int NT>
+  struct K {
+    static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+      using Block = typename std::conditional<kQ3, BlockQ3_K, BlockQ2_K>::type;
+      const int64_t nsb = a.k / QK_K;
+      std::vector<SplitAct>& s = token_scratch(NT);
+      thread_local std::vector<float> xsum16;  // Q2_K mins: exact sums of 16 activations
+      if (!kQ3) xsum16.resize(static_cast<size_t>(NT * (a.k / 16)));
+      for (int t = 0; t < NT; ++t) {
+        const float* x = a.x + (t0 + t) * a.ldx;
+        prepare(x, a.k, kQ3 ? -4 * 256 : 0, kQ3 ? -4 : 0, s[t]);
+        if (!kQ3) {
+          for (int64_t i = 0; i < a.k / 16; ++i) {
+            xsum16[t * (a.k / 16) + i] =
+                vsum(_mm256_add_ps(_mm256_loadu_ps(x + 16 * i), _mm256_loadu_ps(x + 16 * i + 8)));
+          }
+        }
+      }
+      const __m256i m3 = _mm256_set1_epi8(3), bit2 = _mm256_set1_epi8(4);
+      for (int64_t r = r0; r < r1; ++r) {
+        const Block* row = reinterpret_cast<const Block*>(a.w + r * a.row_bytes);
+        __m256 acc[NT], offv[NT];
+        for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps(), offv[t] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nsb; ++b) {
+          const Block& blk = row[b];
+          alignas(32) float sc[16];
+          __m256i hm = _mm256_setzero_si256();
+          if constexpr (kQ3) {
+            int8_t s16[16];
+            q3k_scales(blk.scales, s16);
+            const float d = half_to_float(blk.d);
+            for (int i = 0; i < 16; ++i) sc[i] = d * static_cast<float>(s16[i]);
+            hm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.hmask));
+          } else {
+            const float d = half_to_float(blk.d), dmin = half_to_float(blk.dmin);
+            alignas(32) float mn[16];
+            for (int i = 0; i < 16; ++i) {
+              sc[i] = d * static_cast<float>(blk.scales[i] & 15);
+              mn[i] = dmin * static_cast<float>(blk.scales[i] >> 4);
+            }
+            for (int t = 0; t < NT; ++t) {
+              const float* xs = xsum16.data() + t * (a.k / 16) + 16 * b;
+              offv[t] = _mm256_fmadd_ps(_mm256_load_ps(mn), _mm256_loadu_ps(xs), offv[t]);
+              offv[t] = _mm256_fmadd_ps(_mm256_load_ps(mn + 8), _mm256_loadu_ps(xs + 8), offv[t]);
+            }
+          }
+          for (int h = 0; h < 2; ++h) {
+            const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qs + 32 * h));
+            for (int j = 0; j < 4; ++j) {
+              __m256i u = _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), m3);
+              if constexpr (kQ3) {
+                const __m256i sel = _mm256_set1_epi8(static_cast<char>(1 << (4 * h + j)));
+                u = _mm256_or_si256(
+                    u, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hm, sel), sel), bit2));
+              }
+              const int is = 8 * h + 2 * j;
+              const __m256 scale =
+                  _mm256_blend_ps(_mm256_set1_ps(sc[is]), _mm256_set1_ps(sc[is + 1]), 0xF0);
+              const int64_t blk32 = 8 * b + 4 * h + j;
+              for (int t = 0; t < NT; ++t) {
+                acc[t] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(lane_dot(u, s[t], blk32)),
+                    _mm256_mul_ps(scale, _mm256_set1_ps(s[t].dx[blk32])), acc[t]);
+              }
+            }
+          }
+        }
+        for (int t = 0; t < NT; ++t) {
+          a.y[(t0 + t) * a.ldy + r] = hsum8(acc[t]) - (kQ3 ? 0.0f : hsum8(offv[t]));
+        }
+      }
+    }
+  };
+};
+
 template <template <int> class K>
 void by_groups(const MatArgs& a, int64_t r0, int64_t r1) {
   for (int64_t t0 = 0; t0 < a.n_tokens; t0 += 4) {
@@ -288,6 +369,8 @@ void install_avx2_int_matvec(KernelTable& t) {
   t.matvec[static_cast<int>(QType::Q4_K)] = &by_groups<MvK4<BlockQ4_K, false>::K>;
   t.matvec[static_cast<int>(QType::Q5_K)] = &by_groups<MvK4<BlockQ5_K, true>::K>;
   t.matvec[static_cast<int>(QType::Q6_K)] = &by_groups<MvQ6_K>;
+  t.matvec[static_cast<int>(QType::Q2_K)] = &by_groups<MvK2<false>::K>;
+  t.matvec[static_cast<int>(QType::Q3_K)] = &by_groups<MvK2<true>::K>;
 }
 
 #endif  // PYLLM_ISA_AVX2
