@@ -172,3 +172,35 @@ def test_chat_page_streams_uses_knobs_and_stops(browser: Any, base_url: str, llm
         (out / "server_chat_page.png").unlink()
     assert d.save_screenshot(str(out / "server_chat_page.png"))
     assert (out / "server_chat_page.png").stat().st_size > 10_000
+
+
+def test_chat_page_with_api_key(browser: Any, engine: Engine) -> None:
+    """On a server with --api-key the page loads, asks for the key, then works with it."""
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(ServerConfig(model_id="keyed", api_key="k3y"), engine=engine),
+        host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        d = browser
+        d.get(f"http://127.0.0.1:{port}/")
+        wait = WebDriverWait(d, 60, poll_frequency=0.05)
+        wait.until(lambda drv: "API key needed" in drv.find_element(By.ID, "model").text)
+        _set(d, "api_key", "k3y")
+        d.find_element(By.ID, "input").click()  # leaving the field fires 'change'
+        wait.until(lambda drv: "keyed" in drv.find_element(By.ID, "model").text)
+        _set(d, "max_tokens", "4")
+        _set(d, "input", "Hello")
+        d.find_element(By.ID, "send").click()
+        wait.until(lambda drv: drv.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+                   and _last_assistant(drv).get_attribute("data-finish"))
+        assert _last_assistant(d).get_attribute("data-finish") in ("stop", "length")
+        assert not d.find_elements(By.CSS_SELECTOR, ".msg.error")
+    finally:
+        server.should_exit = True
+        thread.join(10)
