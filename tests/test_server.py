@@ -37,6 +37,8 @@ from pyllm.sampling import SamplingParams  # noqa: E402
 from pyllm.server.app import ServerConfig, create_app  # noqa: E402
 from pyllm.server.engine import DoneEvent, Engine, Request, TokenEvent  # noqa: E402
 
+pytestmark = pytest.mark.model  # every test serves SmolLM2
+
 ROOT = Path(__file__).resolve().parents[1]
 N_CTX = 256  # per slot
 

@@ -36,10 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 BROWSER = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
 DRIVER = shutil.which("chromedriver")
 
-pytestmark = pytest.mark.skipif(
-    BROWSER is None or DRIVER is None,
-    reason="needs Debian's chromium and chromium-driver "
-           "(apt-get install -y chromium chromium-driver)")
+pytestmark = [
+    pytest.mark.model,
+    pytest.mark.skipif(BROWSER is None or DRIVER is None,
+                       reason="needs Debian's chromium and chromium-driver "
+                              "(apt-get install -y chromium chromium-driver)"),
+]
 
 
 def _free_port() -> int:
