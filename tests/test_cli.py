@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import pyllm
-from pyllm.cli import main
+from pyllm.cli import build_parser, main
 from tests.test_gguf import MALFORMED
 
 
@@ -105,6 +105,7 @@ def test_malformed_info_in_process(tmp_path: Path, name: str,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / f"{name}.gguf"
     path.write_bytes(MALFORMED[name])
+    build_parser()  # import every subcommand first: module imports are not the file's doing
     tracemalloc.start()
     try:
         rc = main(["info", str(path)])
