@@ -118,7 +118,8 @@ std::vector<double> dequantized(const TypeCase& tc, const std::vector<uint8_t>& 
 }
 
 void check_type(const TypeCase& tc, ThreadPool& pool, std::mt19937& rng) {
-  const int64_t k = tc.block == 256 ? 512 : (tc.block == 32 ? 96 : 75);  // 75: odd float k
+  // 224 = 7 blocks of 32: one group of 4 plus 3 tail blocks (and 3 pairs plus 1); 75: odd float k
+  const int64_t k = tc.block == 256 ? 512 : (tc.block == 32 ? 224 : 75);
   const int64_t n_out = 37;  // not a multiple of 2, 3, 4 threads or of the panel height
   const std::vector<uint8_t> w = random_weights(tc, n_out, k, rng);
   const std::vector<double> wd = dequantized(tc, w, n_out, k, pool);

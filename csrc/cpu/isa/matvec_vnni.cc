@@ -49,7 +49,9 @@ struct SplitAct {
 // Byte order of a 64-element group inside the weight register.
 enum class Order {
   kNatural,      // element e at byte e                (Q8_0 pairs, Q4_K chunks)
-  kNibbleSplit,  // [A0-15, B0-15, A16-31, B16-31]     (Q4_0 pairs: [qa, qb, qa>>4, qb>>4])
+  kNibbleSplit,  // [A0-15, B0-15, A16-31, B16-31]     (pairs of 32-blocks: [qa, qb, qa>>4, qb>>4])
+  kQuad,         // groups 2q, 2q+1 = [A0-15, B0-15, C0-15, D0-15], [A16-31, ..., D16-31] for the
+                 // blocks A..D = 4q..4q+3 (4 blocks of nibbles: low nibbles, then high nibbles)
 };
 
 // Quantizes 32 floats to int16 steps of amax/32767; writes hi/lo bytes (16 + 16 at two places
@@ -72,19 +74,38 @@ inline float split_block(const float* x, int8_t* hi0, uint8_t* lo0, int8_t* hi1,
 }
 
 void prepare(const float* x, int64_t k, Order order, int32_t f_hi, int32_t f_lo, SplitAct& s) {
-  const int64_t nb = k / 32, ng = nb / 2;
+  const int64_t nb = k / 32;
+  const int64_t ng = order == Order::kQuad ? nb / 4 * 2 : nb / 2;
   s.hi.resize(static_cast<size_t>(ng * 64));
   s.lo.resize(static_cast<size_t>(ng * 64));
   s.dx.resize(static_cast<size_t>(ng * 16));
   s.hc.resize(static_cast<size_t>(ng * 16));
   s.xsum.resize(static_cast<size_t>(nb));
   const __m512i ones = _mm512_set1_epi8(1);
+  if (order == Order::kQuad) {
+    for (int64_t q = 0; q < ng / 2; ++q) {
+      int8_t* hi = s.hi.data() + 128 * q;
+      uint8_t* lo = s.lo.data() + 128 * q;
+      float d4[4];
+      for (int i = 0; i < 4; ++i) {
+        d4[i] = split_block(x + 128 * q + 32 * i, hi + 16 * i, lo + 16 * i, hi + 64 + 16 * i,
+                            lo + 64 + 16 * i, &s.xsum[4 * q + i]);
+      }
+      const __m512 lanes = _mm512_permutexvar_ps(
+          _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+          _mm512_castps128_ps512(_mm_loadu_ps(d4)));
+      _mm512_storeu_ps(s.dx.data() + 32 * q, lanes);
+      _mm512_storeu_ps(s.dx.data() + 32 * q + 16, lanes);
+    }
+  }
   for (int64_t g = 0; g < ng; ++g) {
     int8_t* hi = s.hi.data() + 64 * g;
     uint8_t* lo = s.lo.data() + 64 * g;
     const float* xg = x + 64 * g;
     float dxa, dxb;
-    if (order == Order::kNatural) {
+    if (order == Order::kQuad) {
+      // filled above
+    } else if (order == Order::kNatural) {
       dxa = split_block(xg, hi, lo, hi + 16, lo + 16, &s.xsum[2 * g]);
       dxb = split_block(xg + 32, hi + 32, lo + 32, hi + 48, lo + 48, &s.xsum[2 * g + 1]);
       const __m512 lanes = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(dxa), _mm512_set1_ps(dxb));
@@ -102,11 +123,12 @@ void prepare(const float* x, int64_t k, Order order, int32_t f_hi, int32_t f_lo,
                                         _mm512_mullo_epi32(lsum, _mm512_set1_epi32(f_lo)));
     _mm512_storeu_si512(s.hc.data() + 16 * g, hc);
   }
-  if (nb & 1) {  // odd tail block: only its sum is needed (it is computed in F32)
-    const float* xt = x + 32 * (nb - 1);
+  // Tail blocks outside the groups: only their sums are needed (they are computed in F32).
+  for (int64_t b = 2 * ng; b < nb; ++b) {
+    const float* xt = x + 32 * b;
     float t = 0.0f;
     for (int i = 0; i < 32; ++i) t += xt[i];
-    s.xsum[nb - 1] = t;
+    s.xsum[b] = t;
   }
 }
 
@@ -130,81 +152,103 @@ inline __m512 two_half_scales(f16_t a, f16_t b, const __m512i& pattern) {
   return _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(_mm_cvtph_ps(h)));
 }
 
-// The legacy 4/5-bit types, two blocks (A, B) per 64-lane register in the order
-// [A0-15, B0-15, A16-31, B16-31] (low nibbles of A.qs, of B.qs, then the high nibbles).
+// The legacy 4/5-bit types, four blocks A..D per two 64-lane registers (Order::kQuad): the
+// low nibbles [A0-15, B0-15, C0-15, D0-15] and the high nibbles [A16-31, ..., D16-31]; both
+// registers share one lane pattern of block scales, so the scale work is done once per 128.
 //   Q4_0: w = d (u - 8)   Q4_1: w = d u + m   Q5_0: w = d (u - 16)   Q5_1: w = d u + m
 // with u the 4-bit nibble, plus for Q5 the fifth bit from qh (bit e of qh for element e).
 // The offsets are exact integer lane corrections: sum (u - c) xi = 256 sum u hi + sum u lo
-// - 256 c sum hi - c sum lo; the mins use the exact F32 block sums of x.
+// - 256 c sum hi - c sum lo; the mins use the exact F32 block sums of x. Blocks past the last
+// multiple of 4 are computed in F32.
 template <class Block, bool kHigh, bool kMin, int kOffset>
 struct MvLegacy {
+  static constexpr QType kQType =
+      kHigh ? (kMin ? QType::Q5_1 : QType::Q5_0) : (kMin ? QType::Q4_1 : QType::Q4_0);
+
+  // The four f16 fields (d or m) of blocks A..D -> 4 floats.
+  static __m128 four_halves(const Block* b, bool mins) {
+    f16_t h[4];
+    for (int i = 0; i < 4; ++i) {
+      if constexpr (kMin) {
+        h[i] = mins ? b[i].m : b[i].d;
+      } else {
+        h[i] = b[i].d;
+      }
+    }
+    uint64_t packed;
+    std::memcpy(&packed, h, 8);
+    return _mm_cvtph_ps(_mm_cvtsi64_si128(static_cast<long long>(packed)));
+  }
+
   template <int NT>
   struct K {
     static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
-      const int64_t nb = a.k / 32, ng = nb / 2;
+      const int64_t nb = a.k / 32, nq = nb / 4;
       std::vector<SplitAct>& s = token_scratch(NT);
       for (int t = 0; t < NT; ++t) {
-        prepare(a.x + (t0 + t) * a.ldx, a.k, Order::kNibbleSplit, -256 * kOffset, -kOffset,
-                s[t]);
+        prepare(a.x + (t0 + t) * a.ldx, a.k, Order::kQuad, -256 * kOffset, -kOffset, s[t]);
       }
       const __m512i m4 = _mm512_set1_epi8(0x0F), bit4 = _mm512_set1_epi8(0x10);
-      const __m512i pattern = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+      const __m512i pattern = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
       alignas(64) float tail[32];
       for (int64_t r = r0; r < r1; ++r) {
         const Block* row = reinterpret_cast<const Block*>(a.w + r * a.row_bytes);
         __m512 acc[NT];
         __m128 off[NT];
         for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps(), off[t] = _mm_setzero_ps();
-        for (int64_t g = 0; g < ng; ++g) {
-          const Block& A = row[2 * g];
-          const Block& B = row[2 * g + 1];
-          const __m256i q2 = _mm256_inserti128_si256(
-              _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(A.qs))),
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(B.qs)), 1);
-          __m512i wu = _mm512_and_si512(
-              _mm512_inserti64x4(_mm512_castsi256_si512(q2), _mm256_srli_epi16(q2, 4), 1), m4);
+        for (int64_t q = 0; q < nq; ++q) {
+          const Block* bq = row + 4 * q;
+          __m512i z = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bq[0].qs)));
+          z = _mm512_inserti32x4(z, _mm_loadu_si128(reinterpret_cast<const __m128i*>(bq[1].qs)), 1);
+          z = _mm512_inserti32x4(z, _mm_loadu_si128(reinterpret_cast<const __m128i*>(bq[2].qs)), 2);
+          z = _mm512_inserti32x4(z, _mm_loadu_si128(reinterpret_cast<const __m128i*>(bq[3].qs)), 3);
+          __m512i ul = _mm512_and_si512(z, m4);
+          __m512i uh = _mm512_and_si512(_mm512_srli_epi16(z, 4), m4);
           if constexpr (kHigh) {
-            uint32_t ha, hb;
-            std::memcpy(&ha, A.qh, 4);
-            std::memcpy(&hb, B.qh, 4);
-            const uint64_t bits = (ha & 0xFFFFu) | (static_cast<uint64_t>(hb & 0xFFFFu) << 16) |
-                                  (static_cast<uint64_t>(ha >> 16) << 32) |
-                                  (static_cast<uint64_t>(hb >> 16) << 48);
-            wu = _mm512_or_si512(wu, _mm512_maskz_mov_epi8(bits, bit4));
+            uint64_t lo_bits = 0, hi_bits = 0;
+            for (int i = 0; i < 4; ++i) {
+              uint32_t qh;
+              std::memcpy(&qh, bq[i].qh, 4);
+              lo_bits |= static_cast<uint64_t>(qh & 0xFFFFu) << (16 * i);
+              hi_bits |= static_cast<uint64_t>(qh >> 16) << (16 * i);
+            }
+            ul = _mm512_or_si512(ul, _mm512_maskz_mov_epi8(lo_bits, bit4));
+            uh = _mm512_or_si512(uh, _mm512_maskz_mov_epi8(hi_bits, bit4));
           }
-          const __m512 wd = two_half_scales(A.d, B.d, pattern);
+          const __m512 wd =
+              _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(four_halves(bq, false)));
           __m128 mins = _mm_setzero_ps();
-          if constexpr (kMin) mins = _mm_cvtph_ps(_mm_insert_epi16(_mm_cvtsi32_si128(A.m), B.m, 1));
+          if constexpr (kMin) mins = four_halves(bq, true);
+          const int64_t g = 2 * q;
           for (int t = 0; t < NT; ++t) {
-            const __m512i l = lane_dot(wu, wu, s[t].hi.data() + 64 * g, s[t].lo.data() + 64 * g,
-                                       s[t].hc.data() + 16 * g);
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l),
-                                     _mm512_mul_ps(wd, _mm512_loadu_ps(s[t].dx.data() + 16 * g)),
-                                     acc[t]);
+            const __m512 scale = _mm512_mul_ps(wd, _mm512_loadu_ps(s[t].dx.data() + 16 * g));
+            const __m512i ll = lane_dot(ul, ul, s[t].hi.data() + 64 * g, s[t].lo.data() + 64 * g,
+                                        s[t].hc.data() + 16 * g);
+            const __m512i lh = lane_dot(uh, uh, s[t].hi.data() + 64 * g + 64,
+                                        s[t].lo.data() + 64 * g + 64, s[t].hc.data() + 16 * g + 16);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ll), scale, acc[t]);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lh), scale, acc[t]);
             if constexpr (kMin) {
-              const __m128 xs = _mm_castpd_ps(_mm_load_sd(
-                  reinterpret_cast<const double*>(s[t].xsum.data() + 2 * g)));  // A, B sums
-              off[t] = _mm_fmadd_ps(mins, xs, off[t]);
+              off[t] = _mm_fmadd_ps(mins, _mm_loadu_ps(s[t].xsum.data() + 4 * q), off[t]);
             }
           }
         }
         float extra[NT] = {};
-        if (nb & 1) {  // odd block count: the last block in F32
-          Fmt<kQType>::decode(row + nb - 1, tail);
+        for (int64_t b = 4 * nq; b < nb; ++b) {  // the last nb % 4 blocks in F32
+          Fmt<kQType>::decode(row + b, tail);
           for (int t = 0; t < NT; ++t) {
-            const float* x = a.x + (t0 + t) * a.ldx + 32 * (nb - 1);
-            extra[t] = vsum(vfma(vload(tail + 16), vload(x + 16), vmul(vload(tail), vload(x))));
+            const float* x = a.x + (t0 + t) * a.ldx + 32 * b;
+            extra[t] += vsum(vfma(vload(tail + 16), vload(x + 16), vmul(vload(tail), vload(x))));
           }
         }
         for (int t = 0; t < NT; ++t) {
-          const __m128 o = _mm_add_ss(off[t], _mm_movehdup_ps(off[t]));  // lanes 2, 3 are zero
+          __m128 o = _mm_add_ps(off[t], _mm_movehl_ps(off[t], off[t]));
+          o = _mm_add_ss(o, _mm_movehdup_ps(o));
           a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]) + _mm_cvtss_f32(o) + extra[t];
         }
       }
     }
   };
-  static constexpr QType kQType =
-      kHigh ? (kMin ? QType::Q5_1 : QType::Q5_0) : (kMin ? QType::Q4_1 : QType::Q4_0);
 };
 
 template <int NT>
