@@ -155,15 +155,27 @@ def test_smollm2_perplexity_and_kl_cli(smollm2_path: Path, tmp_path: Path,
 
 
 def test_cli_usage_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    bad_json, list_json = tmp_path / "bad.json", tmp_path / "list.json"
+    bad_json.write_text("{")
+    list_json.write_text("[1]")
     for argv in (["perplexity"], ["perplexity", "-f", "x.txt", "--kl-divergence", "a",
                                   "--kl-divergence-base", "b"],
                  ["perplexity", "-f", str(tmp_path / "missing.txt")],
                  ["perplexity", "-f", "x.txt", "--kl-top-k", "8"],
-                 ["perplexity", "-f", "x.txt", "-c", "0"]):
+                 ["perplexity", "-f", "x.txt", "-c", "0"],
+                 ["convert", str(tmp_path), "-o", "x.gguf", "--config", str(tmp_path / "no.json")],
+                 ["convert", str(tmp_path), "-o", "x.gguf", "--config", str(bad_json)],
+                 ["convert", str(tmp_path), "-o", "x.gguf", "--config", str(list_json)],
+                 ["convert", str(tmp_path), "-o", "x.gguf", "--outtype", "q4_0"],
+                 ["convert", str(tmp_path)]):
         with pytest.raises(SystemExit) as e:
             cli_main(argv)
         assert e.value.code == 2, argv
         assert capsys.readouterr().err.startswith("error:")
+    # a folder that is not a model: a ConvertError, one line, exit 1, no output file
+    assert cli_main(["convert", str(tmp_path), "-o", str(tmp_path / "x.gguf")]) == 1
+    assert "config.json" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def _tiny_hf_folder(dst: Path) -> Path:
