@@ -456,3 +456,23 @@ def test_bad_folders_are_refused(base: tuple[Any, Path], tmp_path: Path) -> None
         with pytest.raises(ConvertError, match=match):
             convert(src, tmp_path / "out.gguf", "f32", progress=False)
         assert not (tmp_path / "out.gguf").exists()
+
+
+def test_cli_converts_a_meta_folder(tmp_path: Path, spm_model: bytes) -> None:
+    """`pyllm convert` on a 2-shard Meta folder with two configs, then runs the result."""
+    from pyllm.cli import main
+    from pyllm.model import LLM
+
+    sd = meta_weights(seed=7)
+    src = write_meta(tmp_path / "m", split_model_parallel(sd, 2, vocab_parallel=False),
+                     tokenizer=spm_model)
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"rope_theta": 50000.0}))
+    b.write_text(json.dumps({"rope_theta": 20000.0}))
+    out = tmp_path / "m.gguf"
+    assert main(["convert", str(src), "-o", str(out), "--outtype", "f32", "--quiet",
+                 "--config", str(a), "--config", str(b)]) == 0
+    assert GGUFReader(out).metadata["llama.rope.freq_base"] == pytest.approx(20000.0)
+    want = meta_forward(sd, TOKENS, theta=20000.0)
+    with LLM(out, n_ctx=64, kv_type="f32") as llm:
+        assert np.abs(llm.logits(TOKENS) - want).max() < 1e-3

@@ -1,4 +1,5 @@
-"""``pyllm convert``: a Hugging Face model folder -> one GGUF file (f32, f16, bf16 or q8_0)."""
+"""``pyllm convert``: a Hugging Face or Meta checkpoint folder -> one GGUF file (f32, f16, bf16
+or q8_0)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,18 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("convert", help="convert a Hugging Face model folder to GGUF",
-                       description="Convert SRC (a Hugging Face folder: config.json, *.safetensors "
-                       "or pytorch_model*.bin, tokenizer files) to one GGUF file.")
+    p = sub.add_parser("convert", help="convert a Hugging Face or Meta checkpoint to GGUF",
+                       description="Convert SRC to one GGUF file: a Hugging Face folder "
+                       "(config.json, *.safetensors or pytorch_model*.bin, tokenizer files) or a "
+                       "Meta folder (params.json, consolidated.*.pth shards, tokenizer.model).")
     p.add_argument("src", metavar="SRC", help="model folder")
     p.add_argument("-o", "--outfile", required=True, metavar="OUT.gguf",
                    help="GGUF file to write (written atomically)")
     p.add_argument("--outtype", choices=OUTTYPES, default="f16", type=str.lower,
                    help="tensor type of the weight matrices (default f16; norms stay f32)")
     p.add_argument("--config", action="append", default=[], metavar="JSON",
-                   help="extra JSON config merged over config.json (repeatable; later files "
-                   "win), e.g. rope_theta or rope_scaling overrides")
+                   help="extra JSON config merged over config.json / params.json (repeatable; "
+                   "later files win): rope_theta, rope_scaling, fastllm-style chat roles, ...")
     p.add_argument("--name", help="general.name to store (default: the folder name)")
     p.add_argument("--tokenizer-pre", metavar="NAME",
                    help="pre-tokenizer name for a BPE tokenizer.json that is not recognised")
@@ -30,9 +32,9 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run, parser=p)
 
 
-def merge_configs(paths: list[str], parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """The JSON objects in ``paths`` merged in order (later keys win; nested objects replaced)."""
-    merged: dict[str, Any] = {}
+def read_configs(paths: list[str], parser: argparse.ArgumentParser) -> list[dict[str, Any]]:
+    """The JSON objects in ``paths``, in order; an unreadable one is a usage error."""
+    configs: list[dict[str, Any]] = []
     for path in paths:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -42,18 +44,18 @@ def merge_configs(paths: list[str], parser: argparse.ArgumentParser) -> dict[str
             parser.error(f"config {path} is not valid JSON: {e}")
         if not isinstance(data, dict):
             parser.error(f"config {path} must hold a JSON object, not {type(data).__name__}")
-        merged.update(data)
-    return merged
+        configs.append(data)
+    return configs
 
 
 def run(args: argparse.Namespace) -> int:
-    from pyllm.convert import convert_hf
+    from pyllm.convert import convert
 
     parser: argparse.ArgumentParser = args.parser
-    extra = merge_configs(args.config, parser)
-    out = convert_hf(args.src, args.outfile, args.outtype, name=args.name,
-                     extra_config=extra or None, tokenizer_pre=args.tokenizer_pre,
-                     progress=not args.quiet)
+    # merged in order by the converter (later keys win; fastllm's dotted keys update one field)
+    configs = read_configs(args.config, parser)
+    out = convert(args.src, args.outfile, args.outtype, configs, name=args.name,
+                  tokenizer_pre=args.tokenizer_pre, progress=not args.quiet)
     size = Path(out).stat().st_size
     sys.stdout.write(f"wrote {out} ({args.outtype}, {size / 2**20:.2f} MiB)\n")
     return 0
