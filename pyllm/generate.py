@@ -165,7 +165,7 @@ class Generation:
                 # prompt + output fill the context: stop rather than overrun it
                 self.finish_reason = "length"
                 break
-            logits = llm.eval([token])
+            logits = llm.eval_token(token)
         rest, stopped = self.matcher.push(self.decoder.flush())
         rest += "" if stopped else self.matcher.flush()
         if rest:

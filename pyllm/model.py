@@ -151,7 +151,7 @@ class LLM:
                 raise ContextError(str(e)) from None
             except ValueError as e:
                 raise ModelError(str(e)) from None
-        self._tokens.extend(int(t) for t in arr)
+        self._tokens.extend(arr.tolist())
         return out
 
     def eval(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -160,6 +160,15 @@ class LLM:
         if arr.size == 0:
             raise ModelError("eval needs at least one token")
         out = self._decode(arr, "last")
+        assert out is not None
+        self._last_logits = out
+        return out
+
+    def eval_token(self, token: int) -> np.ndarray:
+        """:meth:`eval` of one token, without the array checks (the decode loop's hot path)."""
+        if not 0 <= token < self.hparams.n_vocab:
+            raise ModelError(f"token id {token} is outside the vocabulary (n_vocab {self.n_vocab})")
+        out = self._decode(np.array((token,), dtype=np.int32), "last")
         assert out is not None
         self._last_logits = out
         return out
