@@ -1,5 +1,5 @@
 // AVX-512 VNNI matmat (prefill) kernels for the block types whose weights are an integer times a
-// per-32 scale plus a per-32 offset: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K.
+// per-32 scale plus a per-32 offset: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K.
 //
 // Why: the F32 panel kernel (kernels.cc) is bound by F32 FMA throughput (16 multiply-adds per
 // instruction). Here a panel of 32 rows is decoded once into int16 weights u (w = s * u + o per
@@ -158,6 +158,31 @@ struct IntFmt<QType::Q5_K> {
         const int high = (b->qh[l] >> j) & 1;
         u[32 * j + l] = static_cast<int16_t>(((q[l] >> shift) & 0x0F) | (high << 4));
       }
+    }
+  }
+};
+
+// Q3_K: the 6-bit sub-block scale (minus 32, |sc| <= 32) is folded into the integer weight,
+// u = sc * q with q in -4..3 (|u| <= 128), so a group of 32 keeps one F32 scale d. Group g of a
+// block is elements 32g .. 32g + 31 = sub-blocks 2g, 2g + 1 (see decode.h for the bit layout).
+template <>
+struct IntFmt<QType::Q3_K> {
+  using Block = BlockQ3_K;
+  static constexpr int B = QK_K;
+  static constexpr bool kOffset = false;
+  static void decode(const Block* b, int16_t* u, float* s, float* o) {
+    int8_t sc[16];
+    q3k_scales(b->scales, sc);
+    const float d = half_to_float(b->d);
+    for (int g = 0; g < 8; ++g) {
+      const int h = g / 4, shift = 2 * (g % 4);
+      const uint8_t bit = static_cast<uint8_t>(1u << g);  // hmask bit 4h + g % 4 == g
+      for (int l = 0; l < 32; ++l) {
+        const int q = ((b->qs[32 * h + l] >> shift) & 3) - ((b->hmask[l] & bit) ? 0 : 4);
+        u[32 * g + l] = static_cast<int16_t>(sc[2 * g + (l >= 16)] * q);
+      }
+      s[g] = d;
+      o[g] = 0.0f;
     }
   }
 };
@@ -323,6 +348,7 @@ void install_vnni_matmat(KernelTable& t) {
   t.matmat[static_cast<int>(QType::Q8_0)] = &matmat16<QType::Q8_0>;
   t.matmat[static_cast<int>(QType::Q4_K)] = &matmat16<QType::Q4_K>;
   t.matmat[static_cast<int>(QType::Q5_K)] = &matmat16<QType::Q5_K>;
+  t.matmat[static_cast<int>(QType::Q3_K)] = &matmat16<QType::Q3_K>;
 }
 
 #endif  // PYLLM_ISA_AVX512
