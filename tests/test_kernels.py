@@ -6,7 +6,7 @@ per output element:
     unrounded, F32 accumulation: |y - ref| <= RTOL * sum_i |w_i x_i| with RTOL = 1e-5 (measured
     worst case ~1e-6 at k <= 512).
   * AVX-512 VNNI kernels: matvec (n_tokens < 32, matvec_vnni.cc) of every block type and
-    matmat (n_tokens >= 32, matmat_vnni.cc) of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K; and
+    matmat (n_tokens >= 32, matmat_vnni.cc) of every block type except Q2_K; and
     the AVX2 matvec (n_tokens < 16, matvec_avx2.cc) of every block type except Q8_0:
     activations are rounded to int16 steps per block of 32, adding at most half a step per
     element: + sum_b (amax_b / 32767 / 2) * sum_{i in b} |w_i|   (256x finer than ggml's int8).
@@ -78,7 +78,7 @@ def isa_guard() -> Iterator[None]:
 
 # AVX-512 VNNI kernels (see the module doc)
 INT16_MATVEC = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
-INT16_MATMAT = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K"}
+INT16_MATMAT = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 INT16_MATVEC_AVX2 = INT16_MATVEC - {"Q8_0"}  # matvec_avx2.cc
 # matvec below this many tokens, matmat from it on (csrc/include/pyllm/matmul.h)
 MATMAT_MIN_TOKENS = {"scalar": 16, "avx2": 16, "avx512": 32, "neon": 16}

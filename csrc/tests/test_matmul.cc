@@ -75,7 +75,8 @@ bool uses_int16_activations(Isa isa, QType t, int64_t n_tokens) {
     return t != QType::F32 && t != QType::F16 && t != QType::BF16;  // every block type
   }
   return t == QType::Q4_0 || t == QType::Q4_1 || t == QType::Q5_0 || t == QType::Q5_1 ||
-         t == QType::Q8_0 || t == QType::Q3_K || t == QType::Q4_K || t == QType::Q5_K;
+         t == QType::Q8_0 || t == QType::Q3_K || t == QType::Q4_K || t == QType::Q5_K ||
+         t == QType::Q6_K;  // matmat_vnni.cc
 }
 
 // Random weight bytes whose scales are finite and of moderate size.

@@ -1,5 +1,6 @@
 // AVX-512 VNNI matmat (prefill) kernels for the block types whose weights are an integer times a
-// per-32 scale plus a per-32 offset: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K.
+// per-32 scale plus a per-32 offset: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, and Q6_K
+// (two scales per 32).
 //
 // Why: the F32 panel kernel (kernels.cc) is bound by F32 FMA throughput (16 multiply-adds per
 // instruction). Here a panel of 32 rows is decoded once into int16 weights u (w = s * u + o per
@@ -50,6 +51,7 @@ struct IntFmt<QType::Q4_0> {
   using Block = BlockQ4_0;
   static constexpr int B = 32;
   static constexpr bool kOffset = false;
+  static constexpr int kSubs = 1;  // scales per group of 32
   static void decode(const Block* b, int16_t* u, float* s, float* o) {
     for (int j = 0; j < 16; ++j) {
       u[j] = static_cast<int16_t>((b->qs[j] & 0x0F) - 8);
@@ -65,6 +67,7 @@ struct IntFmt<QType::Q4_1> {
   using Block = BlockQ4_1;
   static constexpr int B = 32;
   static constexpr bool kOffset = true;
+  static constexpr int kSubs = 1;  // scales per group of 32
   static void decode(const Block* b, int16_t* u, float* s, float* o) {
     for (int j = 0; j < 16; ++j) {
       u[j] = static_cast<int16_t>(b->qs[j] & 0x0F);
@@ -90,6 +93,7 @@ struct IntFmt<QType::Q5_0> {
   using Block = BlockQ5_0;
   static constexpr int B = 32;
   static constexpr bool kOffset = false;
+  static constexpr int kSubs = 1;  // scales per group of 32
   static void decode(const Block* b, int16_t* u, float* s, float* o) {
     q5_values(b, 16, u);
     s[0] = half_to_float(b->d);
@@ -102,6 +106,7 @@ struct IntFmt<QType::Q5_1> {
   using Block = BlockQ5_1;
   static constexpr int B = 32;
   static constexpr bool kOffset = true;
+  static constexpr int kSubs = 1;  // scales per group of 32
   static void decode(const Block* b, int16_t* u, float* s, float* o) {
     q5_values(b, 0, u);
     s[0] = half_to_float(b->d);
@@ -114,6 +119,7 @@ struct IntFmt<QType::Q8_0> {
   using Block = BlockQ8_0;
   static constexpr int B = 32;
   static constexpr bool kOffset = false;
+  static constexpr int kSubs = 1;  // scales per group of 32
   static void decode(const Block* b, int16_t* u, float* s, float* o) {
     for (int j = 0; j < 32; ++j) u[j] = b->qs[j];
     s[0] = half_to_float(b->d);
@@ -126,6 +132,7 @@ struct IntFmt<QType::Q4_K> {
   using Block = BlockQ4_K;
   static constexpr int B = QK_K;
   static constexpr bool kOffset = true;
+  static constexpr int kSubs = 1;  // scales per group of 32
   static void decode(const Block* b, int16_t* u, float* s, float* o) {
     const float d = half_to_float(b->d), dmin = half_to_float(b->dmin);
     for (int j = 0; j < 8; ++j) {
@@ -145,6 +152,7 @@ struct IntFmt<QType::Q5_K> {
   using Block = BlockQ5_K;
   static constexpr int B = QK_K;
   static constexpr bool kOffset = true;
+  static constexpr int kSubs = 1;  // scales per group of 32
   static void decode(const Block* b, int16_t* u, float* s, float* o) {
     const float d = half_to_float(b->d), dmin = half_to_float(b->dmin);
     for (int j = 0; j < 8; ++j) {
@@ -170,6 +178,7 @@ struct IntFmt<QType::Q3_K> {
   using Block = BlockQ3_K;
   static constexpr int B = QK_K;
   static constexpr bool kOffset = false;
+  static constexpr int kSubs = 1;  // scales per group of 32
   static void decode(const Block* b, int16_t* u, float* s, float* o) {
     int8_t sc[16];
     q3k_scales(b->scales, sc);
@@ -184,6 +193,33 @@ struct IntFmt<QType::Q3_K> {
       s[g] = d;
       o[g] = 0.0f;
     }
+  }
+};
+
+// Q6_K: u = q - 32 (|u| <= 32) with the signed 8-bit scale of each sub-block of 16 kept as an
+// F32 scale d * sc, i.e. two scales per group of 32 (kSubs = 2: the micro-kernel rescales after
+// every 8 pairs). Folding sc into u would need |u| up to 4096 and could overflow int32 lanes.
+template <>
+struct IntFmt<QType::Q6_K> {
+  using Block = BlockQ6_K;
+  static constexpr int B = QK_K;
+  static constexpr bool kOffset = false;
+  static constexpr int kSubs = 2;
+  static void decode(const Block* b, int16_t* u, float* s, float* o) {
+    const float d = half_to_float(b->d);
+    for (int n = 0; n < 2; ++n) {
+      const uint8_t* ql = b->ql + 64 * n;
+      const uint8_t* qh = b->qh + 32 * n;
+      int16_t* un = u + 128 * n;
+      for (int l = 0; l < 32; ++l) {
+        un[l] = static_cast<int16_t>(((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) - 32);
+        un[l + 32] = static_cast<int16_t>(((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32);
+        un[l + 64] = static_cast<int16_t>(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+        un[l + 96] = static_cast<int16_t>(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+      }
+    }
+    for (int j = 0; j < 16; ++j) s[j] = d * static_cast<float>(b->scales[j]);
+    for (int g = 0; g < 8; ++g) o[g] = 0.0f;
   }
 };
 
@@ -216,40 +252,46 @@ void prepare(const MatArgs& a, Acts& s) {
   }
 }
 
-template <int NT, bool kOff>
+template <int NT, bool kOff, int kSubs>
 void micro(const int16_t* P, const float* S, const float* O, int ngroups, const int16_t* xq,
            int64_t ldq, const float* dx, const float* xs, int64_t ldg, float* y, int64_t ldy,
            int nr, bool accumulate) {
+  constexpr int PP = 16 / kSubs;  // k pairs per scale
   __m512 f[NV][NT];
   for (int v = 0; v < NV; ++v) {
     for (int t = 0; t < NT; ++t) f[v][t] = _mm512_setzero_ps();
   }
   for (int g = 0; g < ngroups; ++g) {
-    __m512i i[NV][NT];
-    for (int v = 0; v < NV; ++v) {
-      for (int t = 0; t < NT; ++t) i[v][t] = _mm512_setzero_si512();
-    }
     const int16_t* pg = P + g * 32 * R;
     const int16_t* xg = xq + 32 * g;
-    // Fully unrolled: with a rolled loop GCC 12 copies every accumulator each iteration.
+    for (int h = 0; h < kSubs; ++h) {
+      __m512i i[NV][NT];
+      for (int v = 0; v < NV; ++v) {
+        for (int t = 0; t < NT; ++t) i[v][t] = _mm512_setzero_si512();
+      }
+      // Fully unrolled: with a rolled loop GCC 12 copies every accumulator each iteration.
 #pragma GCC unroll 16
-    for (int p = 0; p < 16; ++p) {
-      __m512i w[NV];
-      for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(pg + p * 2 * R + 32 * v);
-      for (int t = 0; t < NT; ++t) {
-        int32_t pair;
-        std::memcpy(&pair, xg + t * ldq + 2 * p, 4);
-        const __m512i xb = _mm512_set1_epi32(pair);
-        for (int v = 0; v < NV; ++v) i[v][t] = _mm512_dpwssd_epi32(i[v][t], w[v], xb);
+      for (int pi = 0; pi < PP; ++pi) {
+        const int p = h * PP + pi;
+        __m512i w[NV];
+        for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(pg + p * 2 * R + 32 * v);
+        for (int t = 0; t < NT; ++t) {
+          int32_t pair;
+          std::memcpy(&pair, xg + t * ldq + 2 * p, 4);
+          const __m512i xb = _mm512_set1_epi32(pair);
+          for (int v = 0; v < NV; ++v) i[v][t] = _mm512_dpwssd_epi32(i[v][t], w[v], xb);
+        }
+      }
+      for (int v = 0; v < NV; ++v) {
+        const __m512 sv = _mm512_loadu_ps(S + (g * kSubs + h) * R + 16 * v);
+        for (int t = 0; t < NT; ++t) {
+          const __m512 d = _mm512_set1_ps(dx[t * ldg + g]);
+          f[v][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i[v][t]), _mm512_mul_ps(sv, d), f[v][t]);
+        }
       }
     }
-    for (int v = 0; v < NV; ++v) {
-      const __m512 sv = _mm512_loadu_ps(S + g * R + 16 * v);
-      for (int t = 0; t < NT; ++t) {
-        const __m512 d = _mm512_set1_ps(dx[t * ldg + g]);
-        f[v][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i[v][t]), _mm512_mul_ps(sv, d), f[v][t]);
-      }
-      if constexpr (kOff) {
+    if constexpr (kOff) {
+      for (int v = 0; v < NV; ++v) {
         const __m512 ov = _mm512_loadu_ps(O + g * R + 16 * v);
         for (int t = 0; t < NT; ++t) {
           f[v][t] = _mm512_fmadd_ps(ov, _mm512_set1_ps(xs[t * ldg + g]), f[v][t]);
@@ -273,13 +315,15 @@ void micro(const int16_t* P, const float* S, const float* O, int ngroups, const 
   }
 }
 
-template <int N, bool kOff>
+template <int N, bool kOff, int kSubs>
 void micro_upto(int nt, const int16_t* P, const float* S, const float* O, int ngroups,
                 const int16_t* xq, int64_t ldq, const float* dx, const float* xs, int64_t ldg,
                 float* y, int64_t ldy, int nr, bool acc) {
   if constexpr (N > 0) {
-    if (nt == N) return micro<N, kOff>(P, S, O, ngroups, xq, ldq, dx, xs, ldg, y, ldy, nr, acc);
-    micro_upto<N - 1, kOff>(nt, P, S, O, ngroups, xq, ldq, dx, xs, ldg, y, ldy, nr, acc);
+    if (nt == N) {
+      return micro<N, kOff, kSubs>(P, S, O, ngroups, xq, ldq, dx, xs, ldg, y, ldy, nr, acc);
+    }
+    micro_upto<N - 1, kOff, kSubs>(nt, P, S, O, ngroups, xq, ldq, dx, xs, ldg, y, ldy, nr, acc);
   }
 }
 
@@ -293,11 +337,11 @@ void matmat16(const MatArgs& a, int64_t r0, int64_t r1) {
   thread_local std::vector<float> scales, offsets;
   prepare(a, acts);
   panel.resize(static_cast<size_t>(KC) * R);
-  scales.resize(static_cast<size_t>(KC / 32) * R);
+  scales.resize(static_cast<size_t>(KC / 32) * F::kSubs * R);
   offsets.resize(static_cast<size_t>(KC / 32) * R);
   const int64_t nb32 = a.k / 32;
   alignas(64) int16_t u[F::B];
-  float s[G], o[G];
+  float s[G * F::kSubs], o[G];
   for (int64_t o0 = r0; o0 < r1; o0 += R) {
     const int nr = static_cast<int>(std::min<int64_t>(R, r1 - o0));
     for (int64_t k0 = 0; k0 < a.k; k0 += KC) {
@@ -307,7 +351,10 @@ void matmat16(const MatArgs& a, int64_t r0, int64_t r1) {
       for (int r = 0; r < R; ++r) {
         if (r >= nr) {
           for (int64_t p = 0; p < kc / 2; ++p) pairs[p * R + r] = 0;
-          for (int g = 0; g < ngroups; ++g) scales[g * R + r] = 0.0f, offsets[g * R + r] = 0.0f;
+          for (int g = 0; g < ngroups; ++g) {
+            offsets[g * R + r] = 0.0f;
+            for (int h = 0; h < F::kSubs; ++h) scales[(g * F::kSubs + h) * R + r] = 0.0f;
+          }
           continue;
         }
         const Block* row = reinterpret_cast<const Block*>(a.w + (o0 + r) * a.row_bytes);
@@ -315,7 +362,9 @@ void matmat16(const MatArgs& a, int64_t r0, int64_t r1) {
           F::decode(row + k0 / F::B + b, u, s, o);
           for (int g = 0; g < G; ++g) {
             const int gi = static_cast<int>(b * G + g);
-            scales[gi * R + r] = s[g];
+            for (int h = 0; h < F::kSubs; ++h) {
+              scales[(gi * F::kSubs + h) * R + r] = s[g * F::kSubs + h];
+            }
             offsets[gi * R + r] = o[g];
             for (int p = 0; p < 16; ++p) {
               int32_t pr;
@@ -327,7 +376,7 @@ void matmat16(const MatArgs& a, int64_t r0, int64_t r1) {
       }
       for (int64_t t0 = 0; t0 < a.n_tokens; t0 += MT) {
         const int nt = static_cast<int>(std::min<int64_t>(MT, a.n_tokens - t0));
-        micro_upto<MT, F::kOffset>(nt, panel.data(), scales.data(), offsets.data(), ngroups,
+        micro_upto<MT, F::kOffset, F::kSubs>(nt, panel.data(), scales.data(), offsets.data(), ngroups,
                                    acts.q.data() + t0 * a.k + k0, a.k,
                                    acts.dx.data() + t0 * nb32 + k0 / 32,
                                    acts.xsum.data() + t0 * nb32 + k0 / 32, nb32,
@@ -349,6 +398,7 @@ void install_vnni_matmat(KernelTable& t) {
   t.matmat[static_cast<int>(QType::Q4_K)] = &matmat16<QType::Q4_K>;
   t.matmat[static_cast<int>(QType::Q5_K)] = &matmat16<QType::Q5_K>;
   t.matmat[static_cast<int>(QType::Q3_K)] = &matmat16<QType::Q3_K>;
+  t.matmat[static_cast<int>(QType::Q6_K)] = &matmat16<QType::Q6_K>;
 }
 
 #endif  // PYLLM_ISA_AVX512

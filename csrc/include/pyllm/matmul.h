@@ -18,7 +18,7 @@
 //     reference dequantizer does, activations are used unrounded, products are accumulated in F32
 //     with FMA: |err| <= ~1e-5 * sum_i |W[o][i] X[t][i]| (measured worst ~1e-6 at k = 512).
 //   * AVX-512 VNNI kernels (csrc/cpu/isa/matvec_vnni.cc: matvec of every block type;
-//     matmat_vnni.cc: matmat of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K) and the AVX2 int
+//     matmat_vnni.cc: matmat of every block type except Q2_K) and the AVX2 int
 //     kernels (matvec_avx2.cc: matvec of every block type except Q8_0): each
 //     activation block of 32 is rounded to int16 steps (dx = amax / 32767, 256x finer than int8;
 //     matvec splits them exactly into two int8 terms for VPDPBUSD / VPMADDUBSW, matmat uses
