@@ -8,10 +8,10 @@
 // weights only by F32 rounding of the sums (~1e-6 relative in practice). ggml instead rounds the
 // activations to 8 bits (Q8_0/Q8_K), which adds ~0.003 KL to a forward pass.
 //
-//  * matvec (decode, few tokens): one pass over the weight rows, blocks decoded in registers and
-//    dotted with up to 4 tokens at once. On x86 the hottest types (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K)
-//    have fused decoders (nibbles -> int8 lanes -> F32 lanes with SSE/AVX integer ops); the other
-//    types decode a block into a stack buffer first.
+//  * matvec (decode, few tokens): one pass over the weight rows, each block decoded into a stack
+//    buffer and dotted with up to 4 tokens at once; Q8_0 on x86 has a fused decoder (int8 lanes
+//    -> F32 lanes). On x86 the table then takes the int16-split kernels of matvec_avx2.cc /
+//    matvec_vnni.cc for the block types they cover (they are 1.5-10x faster).
 //  * matmat (prefill, many tokens): decode a panel of R = 2*VN rows x KC columns into F32,
 //    transposed so that one vector holds R rows of one column; a register-tiled micro-kernel then
 //    broadcasts activations and accumulates MT tokens x R rows. Every weight is decoded once per
@@ -139,23 +139,6 @@ inline vf madd(const W16& w, const float* x, vf acc) {
 
 inline __m128i load16(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
 
-// Per-thread sums of each 32-element slice of the activations (for the min/offset terms of
-// Q4_1 and Q4_K: sum_i (d*q_i + m) x_i = d * sum_i q_i x_i + m * sum_i x_i).
-const float* block_sums(const MatArgs& a, int64_t t0, int nt) {
-  thread_local std::vector<float> sums;
-  const int64_t nb = a.k / 32;
-  sums.resize(static_cast<size_t>(nb * nt));
-  for (int t = 0; t < nt; ++t) {
-    const float* x = a.x + (t0 + t) * a.ldx;
-    for (int64_t b = 0; b < nb; ++b) {
-      vf s = vzero();
-      for (int i = 0; i < 32; i += VN) s = vadd(s, vload(x + 32 * b + i));
-      sums[t * nb + b] = vsum(s);
-    }
-  }
-  return sums.data();
-}
-
 // Runs kernel<NT>(a, r0, r1, t0) over all tokens in groups of at most kTokGroup.
 template <template <int> class K>
 void by_token_groups(const MatArgs& a, int64_t r0, int64_t r1) {
@@ -168,58 +151,6 @@ void by_token_groups(const MatArgs& a, int64_t r0, int64_t r1) {
     }
   }
 }
-
-template <int NT>
-struct MvQ4_0 {
-  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
-    const int64_t nb = a.k / 32;
-    const __m128i m4 = _mm_set1_epi8(0x0F), m8 = _mm_set1_epi8(8);
-    for (int64_t r = r0; r < r1; ++r) {
-      const BlockQ4_0* row = reinterpret_cast<const BlockQ4_0*>(a.w + r * a.row_bytes);
-      vf acc[NT];
-      for (int t = 0; t < NT; ++t) acc[t] = vzero();
-      for (int64_t b = 0; b < nb; ++b) {
-        const __m128i qs = load16(row[b].qs);
-        const W16 lo = widen(_mm_sub_epi8(_mm_and_si128(qs, m4), m8));
-        const W16 hi = widen(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(qs, 4), m4), m8));
-        const vf d = vset1(half_to_float(row[b].d));
-        for (int t = 0; t < NT; ++t) {
-          const float* x = a.x + (t0 + t) * a.ldx + 32 * b;
-          acc[t] = vfma(madd(hi, x + 16, madd(lo, x, vzero())), d, acc[t]);
-        }
-      }
-      for (int t = 0; t < NT; ++t) a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]);
-    }
-  }
-};
-
-template <int NT>
-struct MvQ4_1 {
-  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
-    const int64_t nb = a.k / 32;
-    const float* xs = block_sums(a, t0, NT);
-    const __m128i m4 = _mm_set1_epi8(0x0F);
-    for (int64_t r = r0; r < r1; ++r) {
-      const BlockQ4_1* row = reinterpret_cast<const BlockQ4_1*>(a.w + r * a.row_bytes);
-      vf acc[NT];
-      float off[NT];
-      for (int t = 0; t < NT; ++t) acc[t] = vzero(), off[t] = 0.0f;
-      for (int64_t b = 0; b < nb; ++b) {
-        const __m128i qs = load16(row[b].qs);
-        const W16 lo = widen(_mm_and_si128(qs, m4));
-        const W16 hi = widen(_mm_and_si128(_mm_srli_epi16(qs, 4), m4));
-        const vf d = vset1(half_to_float(row[b].d));
-        const float m = half_to_float(row[b].m);
-        for (int t = 0; t < NT; ++t) {
-          const float* x = a.x + (t0 + t) * a.ldx + 32 * b;
-          acc[t] = vfma(madd(hi, x + 16, madd(lo, x, vzero())), d, acc[t]);
-          off[t] += m * xs[t * nb + b];
-        }
-      }
-      for (int t = 0; t < NT; ++t) a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]) + off[t];
-    }
-  }
-};
 
 template <int NT>
 struct MvQ8_0 {
@@ -236,85 +167,6 @@ struct MvQ8_0 {
         for (int t = 0; t < NT; ++t) {
           const float* x = a.x + (t0 + t) * a.ldx + 32 * b;
           acc[t] = vfma(madd(hi, x + 16, madd(lo, x, vzero())), d, acc[t]);
-        }
-      }
-      for (int t = 0; t < NT; ++t) a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]);
-    }
-  }
-};
-
-template <int NT>
-struct MvQ4_K {
-  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
-    const int64_t nb = a.k / QK_K;
-    const int64_t n32 = a.k / 32;
-    const float* xs = block_sums(a, t0, NT);
-    const __m128i m4 = _mm_set1_epi8(0x0F);
-    for (int64_t r = r0; r < r1; ++r) {
-      const BlockQ4_K* row = reinterpret_cast<const BlockQ4_K*>(a.w + r * a.row_bytes);
-      vf acc[NT];
-      float off[NT];
-      for (int t = 0; t < NT; ++t) acc[t] = vzero(), off[t] = 0.0f;
-      for (int64_t b = 0; b < nb; ++b) {
-        const BlockQ4_K& blk = row[b];
-        const float d = half_to_float(blk.d), dmin = half_to_float(blk.dmin);
-        for (int j = 0; j < 4; ++j) {
-          const __m128i qa = load16(blk.qs + 32 * j), qb = load16(blk.qs + 32 * j + 16);
-          uint8_t sc0, mn0, sc1, mn1;
-          get_scale_min_k4(2 * j, blk.scales, &sc0, &mn0);
-          get_scale_min_k4(2 * j + 1, blk.scales, &sc1, &mn1);
-          const W16 l0 = widen(_mm_and_si128(qa, m4)), l1 = widen(_mm_and_si128(qb, m4));
-          const W16 h0 = widen(_mm_and_si128(_mm_srli_epi16(qa, 4), m4));
-          const W16 h1 = widen(_mm_and_si128(_mm_srli_epi16(qb, 4), m4));
-          const vf d0 = vset1(d * sc0), d1 = vset1(d * sc1);
-          const float m0 = dmin * mn0, m1 = dmin * mn1;
-          const int64_t sb = b * 8 + 2 * j;  // 32-element sub-block index
-          for (int t = 0; t < NT; ++t) {
-            const float* x = a.x + (t0 + t) * a.ldx + 32 * sb;
-            acc[t] = vfma(madd(l1, x + 16, madd(l0, x, vzero())), d0, acc[t]);
-            acc[t] = vfma(madd(h1, x + 48, madd(h0, x + 32, vzero())), d1, acc[t]);
-            off[t] += m0 * xs[t * n32 + sb] + m1 * xs[t * n32 + sb + 1];
-          }
-        }
-      }
-      for (int t = 0; t < NT; ++t) a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]) - off[t];
-    }
-  }
-};
-
-template <int NT>
-struct MvQ6_K {
-  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
-    const int64_t nb = a.k / QK_K;
-    const __m128i m4 = _mm_set1_epi8(0x0F), m30 = _mm_set1_epi8(0x30), m32 = _mm_set1_epi8(32);
-    for (int64_t r = r0; r < r1; ++r) {
-      const BlockQ6_K* row = reinterpret_cast<const BlockQ6_K*>(a.w + r * a.row_bytes);
-      vf acc[NT];
-      for (int t = 0; t < NT; ++t) acc[t] = vzero();
-      for (int64_t b = 0; b < nb; ++b) {
-        const BlockQ6_K& blk = row[b];
-        const float d = half_to_float(blk.d);
-        for (int n = 0; n < 2; ++n) {
-          const uint8_t* ql = blk.ql + 64 * n;
-          const uint8_t* qh = blk.qh + 32 * n;
-          const int8_t* sc = blk.scales + 8 * n;
-          for (int l = 0; l < 32; l += 16) {
-            const __m128i la = load16(ql + l), lb = load16(ql + l + 32), h = load16(qh + l);
-            __m128i q[4];
-            q[0] = _mm_or_si128(_mm_and_si128(la, m4), _mm_and_si128(_mm_slli_epi16(h, 4), m30));
-            q[1] = _mm_or_si128(_mm_and_si128(lb, m4), _mm_and_si128(_mm_slli_epi16(h, 2), m30));
-            q[2] = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(la, 4), m4), _mm_and_si128(h, m30));
-            q[3] = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(lb, 4), m4),
-                                _mm_and_si128(_mm_srli_epi16(h, 2), m30));
-            for (int g = 0; g < 4; ++g) {
-              const W16 w = widen(_mm_sub_epi8(q[g], m32));
-              const vf s = vset1(d * static_cast<float>(sc[l / 16 + 2 * g]));
-              for (int t = 0; t < NT; ++t) {
-                const float* x = a.x + (t0 + t) * a.ldx + b * QK_K + 128 * n + 32 * g + l;
-                acc[t] = vfma(madd(w, x, vzero()), s, acc[t]);
-              }
-            }
-          }
         }
       }
       for (int t = 0; t < NT; ++t) a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]);
@@ -441,18 +293,14 @@ KernelTable make_table() {
   PYLLM_SET(Q2_K, &matvec_generic<QType::Q2_K>)
   PYLLM_SET(Q3_K, &matvec_generic<QType::Q3_K>)
   PYLLM_SET(Q5_K, &matvec_generic<QType::Q5_K>)
-#if defined(PYLLM_X86_SIMD)
-  PYLLM_SET(Q4_0, &by_token_groups<MvQ4_0>)
-  PYLLM_SET(Q4_1, &by_token_groups<MvQ4_1>)
-  PYLLM_SET(Q8_0, &by_token_groups<MvQ8_0>)
-  PYLLM_SET(Q4_K, &by_token_groups<MvQ4_K>)
-  PYLLM_SET(Q6_K, &by_token_groups<MvQ6_K>)
-#else
   PYLLM_SET(Q4_0, &matvec_generic<QType::Q4_0>)
   PYLLM_SET(Q4_1, &matvec_generic<QType::Q4_1>)
-  PYLLM_SET(Q8_0, &matvec_generic<QType::Q8_0>)
   PYLLM_SET(Q4_K, &matvec_generic<QType::Q4_K>)
   PYLLM_SET(Q6_K, &matvec_generic<QType::Q6_K>)
+#if defined(PYLLM_X86_SIMD)
+  PYLLM_SET(Q8_0, &by_token_groups<MvQ8_0>)  // AVX2 keeps it (8-bit weights saturate VPMADDUBSW)
+#else
+  PYLLM_SET(Q8_0, &matvec_generic<QType::Q8_0>)
 #endif
 #undef PYLLM_SET
 #if defined(PYLLM_ISA_AVX2)
