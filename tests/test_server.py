@@ -514,7 +514,11 @@ def test_api_key(engine: Engine) -> None:
     app = create_app(ServerConfig(api_key="s3cret"), engine=engine)
     with serve(app) as url:
         assert httpx.get(f"{url}/health").status_code == 200
-        assert httpx.get(f"{url}/").status_code == 200  # the static page; its calls need the key
+        assert httpx.get(f"{url}/").status_code == 401  # the page too, unless the key is given
+        assert httpx.get(f"{url}/?api_key=wrong").status_code == 401
+        assert httpx.get(f"{url}/?api_key=s3cret").status_code == 200
+        assert httpx.get(f"{url}/", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(f"{url}/v1/models?api_key=s3cret").status_code == 401  # page only
         for path in ("/v1/models", "/metrics"):
             r = httpx.get(f"{url}{path}")
             assert r.status_code == 401, path

@@ -177,7 +177,8 @@ def test_chat_page_streams_uses_knobs_and_stops(browser: Any, base_url: str, llm
 
 
 def test_chat_page_with_api_key(browser: Any, engine: Engine) -> None:
-    """On a server with --api-key the page loads, asks for the key, then works with it."""
+    """On a server with --api-key the page is opened with ?api_key=KEY and works with it; a
+    wrong key typed into the page is reported."""
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(
         create_app(ServerConfig(model_id="keyed", api_key="k3y"), engine=engine),
@@ -190,11 +191,15 @@ def test_chat_page_with_api_key(browser: Any, engine: Engine) -> None:
             assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
             time.sleep(0.02)
         d = browser
-        d.get(f"http://127.0.0.1:{port}/")
+        d.get(f"http://127.0.0.1:{port}/?api_key=k3y")
         wait = WebDriverWait(d, 60, poll_frequency=0.05)
+        wait.until(lambda drv: "keyed" in drv.find_element(By.ID, "model").text)
+        assert "api_key" not in d.current_url  # taken out of the address bar
+        _set(d, "api_key", "wrong")
+        d.find_element(By.ID, "input").click()  # leaving the field fires 'change'
         wait.until(lambda drv: "API key needed" in drv.find_element(By.ID, "model").text)
         _set(d, "api_key", "k3y")
-        d.find_element(By.ID, "input").click()  # leaving the field fires 'change'
+        d.find_element(By.ID, "input").click()
         wait.until(lambda drv: "keyed" in drv.find_element(By.ID, "model").text)
         _set(d, "max_tokens", "4")
         _set(d, "input", "Hello")

@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
@@ -106,16 +107,15 @@ class _State:
 class _Guard:
     """Outermost ASGI layer: API key check and HTTP counters.
 
-    With an API key set, everything needs it but ``/health`` and the chat page ``GET /``: the
-    page is a static file holding no data (its own API calls send the key typed into it), and a
-    browser cannot attach a header to a plain navigation, so guarding it would make the page
-    unusable on a protected server.
+    With an API key set, everything but ``/health`` needs it. A browser cannot attach a header to
+    a plain navigation, so the chat page ``GET /`` also takes the key as ``?api_key=KEY`` (the
+    page then sends it as a header on its own API calls).
 
     Written as plain ASGI rather than an ``@app.middleware`` so that streaming responses and
     disconnect detection pass through untouched.
     """
 
-    PUBLIC = frozenset({"/health", "/"})
+    PUBLIC = frozenset({"/health"})
 
     def __init__(self, app: ASGIApp, state: _State) -> None:
         self.app = app
@@ -151,6 +151,11 @@ class _Guard:
 
     def _authorized(self, scope: Scope) -> bool:
         assert self.expected is not None
+        if scope.get("path") == "/" and scope.get("method") in ("GET", "HEAD"):
+            for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1")):
+                if key == "api_key":
+                    return hmac.compare_digest(b"Bearer " + value.encode("latin-1"),
+                                               self.expected)
         for name, value in scope.get("headers", []):
             if name == b"authorization":
                 return hmac.compare_digest(value, self.expected)
