@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -687,7 +688,9 @@ def test_cli_serve_and_sigterm(smollm2_path: Path, engine: Engine) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "pyllm", "serve", "-m", str(smollm2_path), "--port", str(port),
          "-c", "600", "--parallel", "2", "--alias", "tiny", "--shutdown-timeout", "4"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # outside the checkout: `python -m` puts cwd first on sys.path, and the source tree has
+        # no compiled extension unless it is an editable install
+        cwd=tempfile.gettempdir(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
