@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pyllm.errors import ContextError, PyllmError
+from pyllm.model import common_prefix
 
 if TYPE_CHECKING:
     from pyllm.model import LLM
@@ -131,8 +132,9 @@ class Generation:
         t0 = time.perf_counter()
         before = llm.tokens
         logits = llm.eval_prompt(self.prompt_tokens)
-        self.n_prompt_evaluated = len(self.prompt_tokens) - _common_prefix(before,
-                                                                           self.prompt_tokens)
+        # eval_prompt reuses the cached prefix but always evaluates the last prompt token
+        reused = min(common_prefix(before, self.prompt_tokens), len(self.prompt_tokens) - 1)
+        self.n_prompt_evaluated = len(self.prompt_tokens) - reused
         self.t_prompt = time.perf_counter() - t0
         t0 = time.perf_counter()
         try:
@@ -170,15 +172,6 @@ class Generation:
         rest += "" if stopped else self.matcher.flush()
         if rest:
             yield Piece(rest, None)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return min(n, len(b) - 1)
 
 
 def stop_token_ids(llm: LLM) -> set[int]:

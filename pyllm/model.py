@@ -37,6 +37,16 @@ class LLMState:
     last_logits: np.ndarray | None
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def _core() -> Any:
     try:
         from pyllm import _core
@@ -179,12 +189,8 @@ class LLM:
         arr = self._check_tokens(tokens)
         if arr.size == 0:
             raise ModelError("the prompt is empty")
-        keep = 0
-        for cached, new in zip(self._tokens, arr.tolist(), strict=False):
-            if cached != new:
-                break
-            keep += 1
-        keep = min(keep, arr.size - 1)  # always evaluate at least one token to get its logits
+        # always evaluate at least one token to get its logits
+        keep = min(common_prefix(self._tokens, arr.tolist()), arr.size - 1)
         self._truncate(keep)
         return self.eval(arr[keep:])
 

@@ -41,6 +41,7 @@ import numpy as np
 
 from pyllm.errors import ContextError, ModelError, PyllmError
 from pyllm.generate import StopMatcher, stop_token_ids
+from pyllm.model import common_prefix
 
 if TYPE_CHECKING:
     from pyllm.model import LLM
@@ -157,15 +158,6 @@ class EngineStats:
     embedding_tokens_total: int = 0
     steps_total: int = 0
     step_seconds_total: float = 0.0
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class Engine:
@@ -411,8 +403,8 @@ class Engine:
                 continue
             prompt = job.req.prompt
             # longest shared prefix; on a tie the slot with the least cached (least to lose)
-            slot = max(free, key=lambda s: (_common_prefix(s.cached, prompt), -len(s.cached)))
-            keep = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)
+            slot = max(free, key=lambda s: (common_prefix(s.cached, prompt), -len(s.cached)))
+            keep = min(common_prefix(slot.cached, prompt), len(prompt) - 1)
             if keep < len(slot.cached):
                 self._ctx.seq_truncate(slot.id, keep)
                 del slot.cached[keep:]
