@@ -687,7 +687,7 @@ def test_cli_serve_and_sigterm(smollm2_path: Path, engine: Engine) -> None:
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pyllm", "serve", "-m", str(smollm2_path), "--port", str(port),
-         "-c", "600", "--parallel", "2", "--alias", "tiny", "--shutdown-timeout", "4"],
+         "-c", "4096", "--parallel", "2", "--alias", "tiny", "--shutdown-timeout", "4"],
         # outside the checkout: `python -m` puts cwd first on sys.path, and the source tree has
         # no compiled extension unless it is an editable install
         cwd=tempfile.gettempdir(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -704,8 +704,9 @@ def test_cli_serve_and_sigterm(smollm2_path: Path, engine: Engine) -> None:
         c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         assert c.models.list().data[0].id == "tiny"
         no_eos = {str(t): -100 for t in engine.stop_ids}
+        # long enough to outlast --shutdown-timeout even on a quiet machine (~200 tokens/s)
         long = iter(c.completions.create(model="tiny", prompt="Once upon a time", stream=True,
-                                         max_tokens=500, temperature=0, logit_bias=no_eos))
+                                         max_tokens=4000, temperature=0, logit_bias=no_eos))
         next(long)
         short = iter(c.chat.completions.create(model="tiny", stream=True, max_tokens=6,
                                                temperature=0,
