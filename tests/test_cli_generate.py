@@ -93,7 +93,7 @@ class Tmux:
         subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True)
 
     def screen(self) -> str:
-        return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name, "-S", "-200"],
+        return subprocess.run(["tmux", "capture-pane", "-p", "-J", "-t", self.name, "-S", "-200"],
                               capture_output=True, text=True, check=True).stdout
 
     def wait_for(self, predicate, timeout: float = 90) -> str:  # type: ignore[no-untyped-def]
