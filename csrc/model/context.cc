@@ -35,6 +35,11 @@ struct Buffers {
   std::vector<float> x, xb, q, k, v, att, gate, up;
   std::vector<float> rope;
   std::vector<float> scores;  // per-thread attention scratch: n_threads * n_ctx
+  // Per-call bookkeeping, kept here so a decode step allocates nothing once warmed up.
+  std::vector<int> visible, pos, added, rows;
+  std::vector<int64_t> kv_row;
+  std::vector<int32_t> seq;
+  std::vector<uint8_t> want;
   void resize(const HParams& hp, int n_batch, int n_ctx, int n_threads) {
     const size_t n = static_cast<size_t>(n_batch);
     x.resize(n * hp.n_embd);
@@ -165,8 +170,10 @@ struct Context::Impl {
     rope.fill_positions(pos, n, seq_len, buf.rope);
     const float attn_scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
-    std::vector<int> visible(n);
-    std::vector<int64_t> kv_row(n);  // cache row of each token: its sequence's region + position
+    std::vector<int>& visible = buf.visible;
+    std::vector<int64_t>& kv_row = buf.kv_row;  // cache row of each token: region + position
+    visible.resize(n);
+    kv_row.resize(n);
     for (int t = 0; t < n; ++t) {
       visible[t] = pos[t] + 1;
       kv_row[t] = int64_t(seq[t]) * n_ctx + pos[t];
@@ -303,8 +310,10 @@ void Context::seq_truncate(int seq, int n) {
 
 void Context::decode(const int32_t* tokens, int64_t n, float* logits, bool all_logits) {
   if (n <= 0) throw std::invalid_argument("decode: no tokens");
-  std::vector<int32_t> seq(n, 0);
-  std::vector<uint8_t> want(n, all_logits ? 1 : 0);
+  std::vector<int32_t>& seq = impl_->buf.seq;
+  std::vector<uint8_t>& want = impl_->buf.want;
+  seq.assign(n, 0);
+  want.assign(n, all_logits ? 1 : 0);
   if (!all_logits) want[n - 1] = logits ? 1 : 0;
   if (!logits) std::fill(want.begin(), want.end(), 0);
   decode_batch(tokens, seq.data(), n, want.data(), logits);
@@ -315,8 +324,10 @@ int64_t Context::decode_batch(const int32_t* tokens, const int32_t* seq, int64_t
   const HParams& hp = model_->hparams();
   if (n <= 0) throw std::invalid_argument("decode: no tokens");
   // Validate everything and assign positions before touching any state.
-  std::vector<int> added(params_.n_seq, 0);
-  std::vector<int> pos(n);
+  std::vector<int>& added = impl_->buf.added;
+  std::vector<int>& pos = impl_->buf.pos;
+  added.assign(params_.n_seq, 0);
+  pos.resize(n);
   for (int64_t i = 0; i < n; ++i) {
     if (tokens[i] < 0 || tokens[i] >= hp.n_vocab) {
       throw std::invalid_argument("token id " + std::to_string(tokens[i]) +
@@ -339,7 +350,7 @@ int64_t Context::decode_batch(const int32_t* tokens, const int32_t* seq, int64_t
   for (int64_t i = 0; i < n; ++i) seq_len = std::max(seq_len, pos[i] + 1);
 
   int64_t rows_out = 0;
-  std::vector<int> rows;
+  std::vector<int>& rows = impl_->buf.rows;
   for (int64_t done = 0; done < n;) {
     const int chunk = static_cast<int>(std::min<int64_t>(params_.n_batch, n - done));
     impl_->forward_chunk(*model_, tokens + done, pos.data() + done, seq + done, chunk, seq_len);
