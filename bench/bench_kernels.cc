@@ -3,6 +3,7 @@
 //
 //   bench_kernels [--types Q4_0,Q4_K,...] [--isa avx512,...] [--threads N] [--rows 5632]
 //                 [--k 2048] [--tokens 512] [--min-time 0.3] [--no-matmat] [--no-matvec]
+//                 [--rows16]   (weights repacked into the interleaved layout models load into)
 //
 // Weights are random blocks with finite scales; timings are the median of repeated runs lasting
 // at least --min-time seconds in total. The matrix is 2048 x 5632 by default (TinyLlama's FFN),
@@ -16,7 +17,10 @@
 #include <random>
 #include <string>
 #include <ctime>
+#include <memory>
 #include <vector>
+
+#include <sys/mman.h>
 
 #include "pyllm/cpu.h"
 #include "pyllm/fp16.h"
@@ -129,7 +133,7 @@ int main(int argc, char** argv) {
   int n_threads = default_thread_count();
   int64_t rows = 5632, k = 2048, tokens = 512;
   double min_time = 0.3;
-  bool do_matvec = true, do_matmat = true;
+  bool do_matvec = true, do_matmat = true, rows16 = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -148,9 +152,10 @@ int main(int argc, char** argv) {
     else if (a == "--min-time") min_time = std::atof(next().c_str());
     else if (a == "--no-matvec") do_matvec = false;
     else if (a == "--no-matmat") do_matmat = false;
+    else if (a == "--rows16") rows16 = true;
     else {
       std::fprintf(stderr, "usage: %s [--types A,B] [--isa a,b] [--threads N] [--rows R] [--k K] "
-                   "[--tokens T] [--min-time S] [--no-matvec] [--no-matmat]\n", argv[0]);
+                   "[--tokens T] [--min-time S] [--no-matvec] [--no-matmat] [--rows16]\n", argv[0]);
       return 2;
     }
   }
@@ -171,7 +176,7 @@ int main(int argc, char** argv) {
   std::printf("matrix %lld x %lld (rows x k), matmat tokens %lld\n", static_cast<long long>(rows),
               static_cast<long long>(k), static_cast<long long>(tokens));
   std::printf("wall = median wall time; cpu = process CPU time per thread (unloaded estimate)\n");
-  std::printf("%-5s %-7s %3s %9s %9s %9s %9s %9s %9s\n", "type", "isa", "thr", "mv_us",
+  std::printf("%-9s %-7s %3s %9s %9s %9s %9s %9s %9s\n", "type", "isa", "thr", "mv_us",
               "mv_GB/s", "cpuGB/s", "mm_ms", "mm_GOP/s", "cpuGOP/s");
   std::vector<float> x(static_cast<size_t>(tokens * k));
   std::mt19937 rng(7);
@@ -181,6 +186,23 @@ int main(int argc, char** argv) {
   for (const TypeGeom& g : types) {
     if (k % g.block != 0) continue;
     const std::vector<uint8_t> w = random_weights(g, rows, k);
+    std::unique_ptr<uint8_t, void (*)(void*)> packed(nullptr, std::free);
+    MatmulParams base{g.type, nullptr, rows, k, x.data(), 0, 1, y.data(), 0};
+    std::string name = g.name;
+    if (rows16) {  // the interleaved layout the model loads its matrices into
+      if (!repack_supported(g.type) || rows % kRepackRows != 0) continue;
+      // In 2 MiB transparent huge pages, as the model allocates its rows16 arena.
+      const size_t n = static_cast<size_t>(repacked_size(g.type, rows, k));
+      const size_t huge = size_t{1} << 21;
+      packed.reset(static_cast<uint8_t*>(std::aligned_alloc(huge, (n + huge - 1) / huge * huge)));
+#ifdef MADV_HUGEPAGE
+      madvise(packed.get(), (n + huge - 1) / huge * huge, MADV_HUGEPAGE);
+#endif
+      repack_rows16(g.type, w.data(), k, 0, rows / kRepackRows, packed.get());
+      base.layout = WeightLayout::Rows16;
+      name += "/r16";
+    }
+    base.w = rows16 ? static_cast<const void*>(packed.get()) : w.data();
     for (Isa isa : isas) {
       if (!isa_available(isa)) continue;
       set_active_isa(isa);
@@ -188,17 +210,17 @@ int main(int argc, char** argv) {
         ThreadPool pool(nt);
         Timing mv{NAN, NAN}, mm{NAN, NAN};
         if (do_matvec) {
-          mv = time_it([&] { matmul(g.type, w.data(), rows, k, x.data(), 1, y.data(), pool); },
-                       min_time, nt);
+          mv = time_it([&] { matmul(base, pool); }, min_time, nt);
         }
         if (do_matmat) {
-          mm = time_it([&] { matmul(g.type, w.data(), rows, k, x.data(), tokens, y.data(), pool); },
-                       min_time, nt);
+          MatmulParams p = base;
+          p.n_tokens = tokens;
+          mm = time_it([&] { matmul(p, pool); }, min_time, nt);
         }
         const double bytes = static_cast<double>(w.size());
         const double ops = 2.0 * static_cast<double>(rows) * static_cast<double>(k) *
                            static_cast<double>(tokens);
-        std::printf("%-5s %-7s %3d %9.1f %9.2f %9.2f %9.2f %9.1f %9.1f\n", g.name, isa_name(isa),
+        std::printf("%-9s %-7s %3d %9.1f %9.2f %9.2f %9.2f %9.1f %9.1f\n", name.c_str(), isa_name(isa),
                     nt, mv.wall * 1e6, bytes / mv.wall / 1e9, bytes / mv.cpu / 1e9,
                     mm.wall * 1e3, ops / mm.wall / 1e9, ops / mm.cpu / 1e9);
         std::fflush(stdout);

@@ -63,7 +63,7 @@ class LLM:
 
     def __init__(self, model_path: str | os.PathLike[str] | None = None, *, n_ctx: int = 2048,
                  n_threads: int | None = None, n_batch: int = 512, seed: int = -1,
-                 kv_type: str = "f16", verbose: bool = False) -> None:
+                 kv_type: str = "f16", repack: bool = True, verbose: bool = False) -> None:
         for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ContextError(f"{name} must be a positive integer, got {value!r}")
@@ -83,7 +83,10 @@ class LLM:
         tensors = collect_tensors(self._reader, self.hparams)
         core = _core()
         try:
-            self._model = core.Model(self.hparams.core_dict(), tensors)
+            # The tensors are views of the reader's read-only file mapping, so the pages of
+            # the matrices copied into the rows16 layout can be handed back to the page cache.
+            self._model = core.Model(self.hparams.core_dict(), tensors, repack=bool(repack),
+                                     release_source=True, n_threads=n_threads or 0)
             self._ctx = core.Context(self._model, n_ctx=n_ctx, n_batch=n_batch,
                                      n_threads=n_threads or 0, kv_type=KV_TYPES[kv_type])
         except ValueError as e:

@@ -7,9 +7,11 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "bindings/register.h"
 #include "pyllm/matmul.h"
+#include "pyllm/repack.h"
 #include "pyllm/threadpool.h"
 
 namespace py = pybind11;
@@ -24,7 +26,7 @@ namespace {
 }
 
 py::array_t<float> py_matmul(uint32_t qtype, const py::array& w, int64_t n_out, int64_t k,
-                             const py::array& x_in) {
+                             const py::array& x_in, bool rows16) {
   const QType type = static_cast<QType>(qtype);
   int64_t row_bytes = 0;
   try {
@@ -62,8 +64,16 @@ py::array_t<float> py_matmul(uint32_t qtype, const py::array& w, int64_t n_out, 
   float* yp = y.mutable_data();
   try {
     py::gil_scoped_release nogil;
+    MatmulParams p{type, wp, n_out, k, xp, 0, n_tokens, yp, 0};
+    std::vector<uint8_t> packed;  // rows16: the weights repacked here, as the model does at load
+    if (rows16) {
+      packed.resize(static_cast<size_t>(repacked_size(type, n_out, k)));
+      repack_rows16(type, wp, k, 0, n_out / kRepackRows, packed.data());
+      p.w = packed.data();
+      p.layout = WeightLayout::Rows16;
+    }
     const std::shared_ptr<ThreadPool> pool = default_pool_shared();
-    matmul(type, wp, n_out, k, xp, n_tokens, yp, *pool);
+    matmul(p, *pool);
   } catch (const std::invalid_argument& e) {
     raise_quant_error(e.what());
   }
@@ -74,11 +84,41 @@ py::array_t<float> py_matmul(uint32_t qtype, const py::array& w, int64_t n_out, 
 
 void register_kernels(py::module_& m) {
   m.def("matmul", &py_matmul, py::arg("qtype"), py::arg("w"), py::arg("n_out"), py::arg("k"),
-        py::arg("x"),
+        py::arg("x"), py::arg("rows16") = false,
         "Y = X @ W.T for raw GGUF weight bytes w (n_out rows of k elements of type qtype, a ggml "
         "type id) and float32 activations x of shape (n_tokens, k) or (k,). Runs the kernels of "
-        "the active ISA on the default thread pool with the GIL released. Raises "
+        "the active ISA on the default thread pool with the GIL released. rows16=True first "
+        "repacks w into the interleaved layout the model uses for its matrices (Q4_0, Q8_0, "
+        "Q4_K, Q6_K; n_out a multiple of 16) and runs the rows16 path. Raises "
         "pyllm.errors.QuantError on bad types or sizes.");
+  m.def(
+      "repack_roundtrip",
+      [](uint32_t qtype, const py::array_t<uint8_t, py::array::c_style>& w, int64_t n_out,
+         int64_t k) {
+        const QType type = static_cast<QType>(qtype);
+        std::vector<uint8_t> packed;
+        py::array_t<uint8_t> out(w.size());
+        try {
+          const int64_t row_bytes = matmul_row_bytes(type, k);
+          if (static_cast<int64_t>(w.size()) != n_out * row_bytes) {
+            throw std::invalid_argument("repack: weights do not match n_out x k");
+          }
+          packed.resize(static_cast<size_t>(repacked_size(type, n_out, k)));
+          repack_rows16(type, w.data(), k, 0, n_out / kRepackRows, packed.data());
+          for (int64_t g = 0; g < n_out / kRepackRows; ++g) {
+            unpack_rows16_group(type, packed.data(), k, g,
+                                out.mutable_data() + g * kRepackRows * row_bytes);
+          }
+        } catch (const std::invalid_argument& e) {
+          raise_quant_error(e.what());
+        }
+        return py::make_tuple(py::array_t<uint8_t>(static_cast<py::ssize_t>(packed.size()),
+                                                   packed.data()),
+                              out);
+      },
+      py::arg("qtype"), py::arg("w"), py::arg("n_out"), py::arg("k"),
+      "(rows16 bytes, GGUF bytes unpacked from them) of GGUF weights w (tests: the layout is a "
+      "lossless permutation).");
   m.def("set_num_threads", [](int n) { set_default_pool_threads(n); }, py::arg("n"),
         "Resize the default thread pool (n <= 0: physical cores).");
   m.def("get_num_threads", [] { return default_pool().n_threads(); },

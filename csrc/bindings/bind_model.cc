@@ -68,7 +68,8 @@ HParams hparams_from(const py::dict& d) {
   return hp;
 }
 
-PyModel make_model(const py::dict& hparams, const py::dict& tensors) {
+PyModel make_model(const py::dict& hparams, const py::dict& tensors, bool repack,
+                   bool release_source, int n_threads) {
   HParams hp = hparams_from(hparams);
   ModelWeights w;
   auto get = [&](const std::string& name) -> WeightView {
@@ -102,7 +103,14 @@ PyModel make_model(const py::dict& hparams, const py::dict& tensors) {
     l.w_down = get(p + "ffn_down.weight");
   }
   PyModel m;
-  m.model = std::make_shared<const Model>(hp, std::move(w));
+  ModelOptions opt;
+  opt.repack = repack;
+  opt.release_source = release_source;
+  opt.n_threads = n_threads;
+  {
+    py::gil_scoped_release nogil;  // repacking is a pass over the weights
+    m.model = std::make_shared<const Model>(hp, std::move(w), opt);
+  }
   m.keep_alive = tensors;
   return m;
 }
@@ -112,8 +120,13 @@ PyModel make_model(const py::dict& hparams, const py::dict& tensors) {
 void register_model(py::module_& m) {
   py::class_<PyModel>(m, "Model", "Llama-family weights (views into the memory-mapped GGUF).")
       .def(py::init(&make_model), py::arg("hparams"), py::arg("tensors"),
+           py::arg("repack") = false, py::arg("release_source") = false, py::arg("n_threads") = 0,
            "hparams: dict of HParams fields; tensors: name -> (ggml type id, flat uint8 buffer, "
-           "cols, rows).")
+           "cols, rows). repack: copy the matrices into the rows16 layout where the CPU has "
+           "kernels for it (faster decode). release_source: drop the repacked tensors' pages "
+           "from this process afterwards; ONLY for buffers of a read-only file mapping.")
+      .def_property_readonly("repacked_bytes",
+                             [](const PyModel& m) { return m.model->repacked_bytes(); })
       .def_property_readonly("n_vocab", [](const PyModel& m) { return m.model->hparams().n_vocab; })
       .def_property_readonly("n_embd", [](const PyModel& m) { return m.model->hparams().n_embd; })
       .def_property_readonly("n_layer", [](const PyModel& m) { return m.model->hparams().n_layer; });

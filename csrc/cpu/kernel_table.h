@@ -15,6 +15,7 @@ namespace pyllm {
 // One matmul problem: Y[t][o] = sum_i W[o][i] * X[t][i] for t < n_tokens, o < n_out.
 struct MatArgs {
   const uint8_t* w;   // n_out rows of row_bytes each, the GGUF layout of the weight type
+                      // (matvec_r16: the rows16 layout of the whole tensor instead)
   int64_t row_bytes;  // bytes of one weight row (k elements)
   int64_t k;          // elements per row (a multiple of the type's block size)
   const float* x;     // n_tokens rows, row stride ldx floats
@@ -38,6 +39,9 @@ struct KernelTable {
   // for every token. Best with row ranges that are multiples of matmat_rows.
   RowsFn matmat[kMaxTypeId];
   int matmat_rows;
+  // Decode-shaped kernels over the rows16 layout (pyllm/repack.h), row ranges in multiples of
+  // 16; null where the ISA has none (matmul then unpacks groups for the kernels above).
+  RowsFn matvec_r16[kMaxTypeId];
   // From this many tokens on, matmat beats matvec (measured per ISA on Zen4; the crossover is
   // where decoding a panel once stops costing more than decoding each block per 4 tokens).
   int matmat_min_tokens;

@@ -2,6 +2,7 @@
 // kernels, the ISA table of active_isa(), and the split of output rows across threads.
 #include "pyllm/matmul.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -9,6 +10,7 @@
 
 #include "cpu/kernel_table.h"
 #include "pyllm/cpu.h"
+#include "pyllm/repack.h"
 
 namespace pyllm {
 namespace {
@@ -91,6 +93,44 @@ int64_t row_bytes_of(QType t, int64_t k) {
   return k / l.block * l.bytes;
 }
 
+// Rows16 weights: the ISA's rows16 kernel for decode-sized problems; otherwise the thread's
+// rows are unpacked to GGUF rows in thread-local scratch, piece by piece, and handed to the
+// usual kernel (one copy of the rows, small next to a matmat's per-token work).
+void rows16_part(const MatmulParams& p, const MatArgs& a, int ith, int nth) {
+  const KernelTable& t = table_for(active_isa());
+  const int id = static_cast<int>(p.wtype);
+  int64_t b, e;
+  if (p.n_tokens < t.matmat_min_tokens && t.matvec_r16[id] != nullptr) {
+    split_range(p.n_out, kRepackRows, ith, nth, &b, &e);
+    if (b < e) t.matvec_r16[id](a, b, e);
+    return;
+  }
+  int64_t grain = 1;
+  const RowsFn fn = pick(p, &grain);
+  split_range(p.n_out, std::max<int64_t>(kRepackRows, grain), ith, nth, &b, &e);
+  // Pieces of up to 1024 rows: the kernels prepare the activations once per call, which a
+  // many-token call must not repeat for every 16 rows (that halved prefill speed).
+  const int64_t chunk = std::min<int64_t>(1024, e - b);
+  thread_local std::vector<uint8_t> rows;
+  if (chunk > 0) rows.resize(static_cast<size_t>(chunk * a.row_bytes));
+  for (int64_t r = b; r < e; r += chunk) {
+    const int64_t n = std::min(chunk, e - r);
+    for (int64_t g = 0; g < n / kRepackRows; ++g) {
+      unpack_rows16_group(p.wtype, p.w, p.k, r / kRepackRows + g,
+                          rows.data() + g * kRepackRows * a.row_bytes);
+    }
+    MatArgs sub = a;
+    sub.w = rows.data();
+    sub.y = a.y + r;
+    fn(sub, 0, n);
+  }
+}
+
+int64_t weight_bytes(const MatmulParams& p) {
+  return p.layout == WeightLayout::Rows16 ? repacked_size(p.wtype, p.n_out, p.k)
+                                          : p.n_out * row_bytes_of(p.wtype, p.k);
+}
+
 }  // namespace
 
 int64_t matmul_row_bytes(QType wtype, int64_t k) {
@@ -99,6 +139,12 @@ int64_t matmul_row_bytes(QType wtype, int64_t k) {
 }
 
 int64_t matmat_min_tokens() { return table_for(active_isa()).matmat_min_tokens; }
+
+bool matmul_has_rows16_kernel(QType wtype) {
+  const uint32_t id = static_cast<uint32_t>(wtype);
+  return id < static_cast<uint32_t>(kMaxTypeId) && repack_supported(wtype) &&
+         table_for(active_isa()).matvec_r16[id] != nullptr;
+}
 
 bool matmul_supports(QType wtype) {
   Layout l{};
@@ -113,6 +159,17 @@ void check_matmul(const MatmulParams& p) {
   }
   if (p.n_out < 0 || p.k < 0 || p.n_tokens < 0) {
     throw std::invalid_argument("matmul: negative size");
+  }
+  if (p.layout == WeightLayout::Rows16) {
+    if (!repack_supported(p.wtype)) {
+      throw std::invalid_argument("matmul: no rows16 layout for weight type id " +
+                                  std::to_string(static_cast<uint32_t>(p.wtype)));
+    }
+    if (p.n_out % kRepackRows != 0) {
+      throw std::invalid_argument("matmul: rows16 weights need n_out to be a multiple of 16");
+    }
+  } else if (p.layout != WeightLayout::Gguf) {
+    throw std::invalid_argument("matmul: unknown weight layout");
   }
   if (p.k % l.block != 0) {
     throw std::invalid_argument("matmul: k = " + std::to_string(p.k) +
@@ -144,6 +201,10 @@ void matmul_part(const MatmulParams& p, int ith, int nth) {
     }
     return;
   }
+  if (p.layout == WeightLayout::Rows16) {
+    rows16_part(p, a, ith, nth);
+    return;
+  }
   int64_t grain = 1;
   const RowsFn fn = pick(p, &grain);
   int64_t b, e;
@@ -160,7 +221,7 @@ void matmul(const MatmulParams& p_in, ThreadPool& pool) {
   std::vector<uint8_t> aligned_copy;
   const bool w_ok = p.wtype == QType::F32 ? aligned_for<float>(p.w) : aligned_for<uint16_t>(p.w);
   if (!w_ok && p.k > 0) {
-    const int64_t bytes = p.n_out * row_bytes_of(p.wtype, p.k);
+    const int64_t bytes = weight_bytes(p);
     aligned_copy.assign(static_cast<const uint8_t*>(p.w), static_cast<const uint8_t*>(p.w) + bytes);
     p.w = aligned_copy.data();
   }

@@ -122,6 +122,7 @@ struct Context::Impl {
     p.n_tokens = n_tokens;
     p.y = y;
     p.ldy = 0;
+    p.layout = w.layout;
     return p;
   }
 

@@ -1,11 +1,22 @@
 // Model: checks the hyper-parameters and every weight view against each other before any
-// forward pass may read them (defence in depth behind the Python-side GGUF validation).
+// forward pass may read them (defence in depth behind the Python-side GGUF validation), and
+// owns the rows16 copies of the matrices it repacks at load.
+#include <cstdlib>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <utility>
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/mman.h>
+#include <unistd.h>
+#define PYLLM_HAVE_MADVISE 1
+#endif
+
+#include "pyllm/matmul.h"
 #include "pyllm/model.h"
 #include "pyllm/quant.h"
+#include "pyllm/threadpool.h"
 
 namespace pyllm {
 namespace {
@@ -33,7 +44,8 @@ void check_weight(const WeightView& w, const std::string& name, int64_t cols, in
 
 }  // namespace
 
-Model::Model(const HParams& hp, ModelWeights weights) : hp_(hp), w_(std::move(weights)) {
+Model::Model(const HParams& hp, ModelWeights weights, const ModelOptions& options)
+    : hp_(hp), w_(std::move(weights)) {
   if (hp.n_vocab <= 0 || hp.n_embd <= 0 || hp.n_layer <= 0 || hp.n_head <= 0 ||
       hp.n_head_kv <= 0 || hp.head_dim <= 0 || hp.n_ff <= 0) {
     fail("hyper-parameters must be positive");
@@ -74,6 +86,76 @@ Model::Model(const HParams& hp, ModelWeights weights) : hp_(hp), w_(std::move(we
     check_weight(l.w_gate, p + "ffn_gate.weight", d, hp.n_ff, true);
     check_weight(l.w_up, p + "ffn_up.weight", d, hp.n_ff, true);
     check_weight(l.w_down, p + "ffn_down.weight", hp.n_ff, d, true);
+  }
+  if (options.repack) repack(options);
+}
+
+Model::~Model() {
+  for (void* p : owned_) std::free(p);
+}
+
+namespace {
+
+// Drops the whole pages inside [p, p + n) from this process's mapping (see ModelOptions).
+void release_pages(const void* p, int64_t n) {
+#ifdef PYLLM_HAVE_MADVISE
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + page - 1) / page * page;
+  const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(n)) / page * page;
+  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);  // advisory: ignore errors
+#else
+  (void)p;
+  (void)n;
+#endif
+}
+
+}  // namespace
+
+void Model::repack(const ModelOptions& options) {
+  std::vector<WeightView*> todo;
+  auto consider = [&](WeightView& w) {
+    if (w.present() && w.layout == WeightLayout::Gguf && w.rows % kRepackRows == 0 &&
+        matmul_has_rows16_kernel(w.type)) {
+      todo.push_back(&w);
+    }
+  };
+  for (LayerWeights& l : w_.layers) {
+    for (WeightView* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) consider(*w);
+  }
+  // A tied output (no output.weight) is also the embedding table, which is read by rows: it
+  // stays in the GGUF layout.
+  consider(w_.output);
+  if (todo.empty()) return;
+  // One arena for all copies, in 2 MiB transparent huge pages where the kernel allows: a
+  // fraction of the page faults and zeroing work at load, and fewer TLB misses while streaming.
+  std::vector<int64_t> offset;
+  int64_t total = 0;
+  for (WeightView* w : todo) {
+    offset.push_back(total);
+    total += (repacked_size(w->type, w->rows, w->cols) + 63) / 64 * 64;
+  }
+  constexpr int64_t kHuge = int64_t{1} << 21;
+  uint8_t* arena = static_cast<uint8_t*>(
+      std::aligned_alloc(static_cast<size_t>(kHuge), static_cast<size_t>((total + kHuge - 1) / kHuge * kHuge)));
+  if (arena == nullptr) throw std::bad_alloc();
+  owned_.push_back(arena);
+#if defined(PYLLM_HAVE_MADVISE) && defined(MADV_HUGEPAGE)
+  madvise(arena, static_cast<size_t>((total + kHuge - 1) / kHuge * kHuge), MADV_HUGEPAGE);
+#endif
+  ThreadPool pool(options.n_threads);
+  for (size_t i = 0; i < todo.size(); ++i) {
+    WeightView* w = todo[i];
+    const int64_t bytes = repacked_size(w->type, w->rows, w->cols);
+    uint8_t* dst = arena + offset[i];
+    const WeightView src = *w;
+    pool.parallel_for(src.rows / kRepackRows, 1, [&](int64_t g0, int64_t g1) {
+      repack_rows16(src.type, src.data, src.cols, g0, g1, dst);
+    });
+    if (options.release_source) release_pages(src.data, src.nbytes);
+    w->data = dst;
+    w->nbytes = bytes;
+    w->layout = WeightLayout::Rows16;
+    repacked_bytes_ += bytes;
   }
 }
 

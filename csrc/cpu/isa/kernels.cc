@@ -42,6 +42,7 @@ void install_avx2_int_matvec(KernelTable& t);  // matvec_avx2.cc
 #if defined(PYLLM_ISA_AVX512)
 void install_vnni_matvec(KernelTable& t);  // matvec_vnni.cc
 void install_vnni_matmat(KernelTable& t);  // matmat_vnni.cc
+void install_r16_matvec(KernelTable& t);   // matvec_r16.cc
 #endif
 
 namespace {
@@ -309,6 +310,7 @@ KernelTable make_table() {
 #if defined(PYLLM_ISA_AVX512)
   install_vnni_matvec(t);
   install_vnni_matmat(t);
+  install_r16_matvec(t);
 #endif
   return t;
 }

@@ -25,6 +25,9 @@
 //     VPDPWSSD); weights are not rounded; the integer dot products are exact.
 //     Extra error <= sum_blocks (dx_b / 2) * sum_{i in b} |W[o][i]|, i.e. ~2^-16 relative to the
 //     block maximum; its KL contribution is ~65000x below ggml's int8 rounding.
+//   * Rows16 weights (pyllm/repack.h) on AVX-512 VNNI: the matvec kernels of matvec_r16.cc
+//     (Q4_0, Q8_0, Q4_K, Q6_K) round activations exactly like the int16-split kernels above, so
+//     the same bound holds; they differ from the GGUF-layout kernels only in F32 summation order.
 //   tests/test_kernels.py checks every type x ISA x token count against a float64 numpy product
 //   of the gguf package's dequantized weights at exactly these bounds.
 //   Trade measured on the dev box (Zen4, 1 core, CPU time): F32-math matvec ~6.6 GB/s on Q4_0
@@ -51,6 +54,7 @@
 #include <cstdint>
 
 #include "pyllm/qtype.h"
+#include "pyllm/repack.h"
 #include "pyllm/threadpool.h"
 
 namespace pyllm {
@@ -68,6 +72,10 @@ struct MatmulParams {
   int64_t n_tokens;
   float* y;          // n_tokens x n_out, row stride ldy
   int64_t ldy;       // 0 means n_out
+  // Rows16: w holds the whole tensor in the interleaved layout of pyllm/repack.h (types with
+  // repack_supported(), n_out a multiple of 16). Same results within the same bounds; decode is
+  // faster where the ISA has rows16 kernels (AVX-512 VNNI), other paths unpack 16 rows at a time.
+  WeightLayout layout = WeightLayout::Gguf;
 };
 
 // The whole product on `pool` (the calling thread takes part). Called from inside a job of the
@@ -89,6 +97,9 @@ void check_matmul(const MatmulParams& p);
 
 // The weight types matmul supports.
 bool matmul_supports(QType wtype);
+
+// Whether the active ISA has rows16 decode kernels for wtype (repacking pays off).
+bool matmul_has_rows16_kernel(QType wtype);
 
 // Bytes of one weight row of k elements; throws std::invalid_argument like check_matmul.
 int64_t matmul_row_bytes(QType wtype, int64_t k);

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "pyllm/qtype.h"
+#include "pyllm/repack.h"
 #include "pyllm/threadpool.h"
 
 namespace pyllm {
@@ -46,6 +47,7 @@ struct WeightView {
   int64_t cols = 0;
   int64_t rows = 0;
   int64_t nbytes = 0;
+  WeightLayout layout = WeightLayout::Gguf;  // Rows16 once the model has repacked it
   bool present() const { return data != nullptr; }
 };
 
@@ -60,16 +62,38 @@ struct ModelWeights {
   std::vector<LayerWeights> layers;
 };
 
+struct ModelOptions {
+  // Copy the layer matrices and output.weight into the rows16 layout (pyllm/repack.h) where the
+  // active ISA has rows16 decode kernels (AVX-512 VNNI; Q4_0, Q8_0, Q4_K, Q6_K). Costs one pass
+  // over those weights at load; decode then streams them at the memory wall.
+  bool repack = true;
+  // After repacking a tensor, drop its source pages from this process (madvise DONTNEED). Only
+  // for weights in a read-only file mapping: the pages then return to the page cache, so peak
+  // and steady RSS stay ~1x the model instead of 2x. Never for anonymous memory.
+  bool release_source = false;
+  int n_threads = 0;  // repacking threads (<= 0: physical cores)
+};
+
 class Model {
  public:
-  // Validates every shape against hp (throws std::invalid_argument with the tensor's name).
-  Model(const HParams& hp, ModelWeights weights);
+  // Validates every shape against hp (throws std::invalid_argument with the tensor's name),
+  // then repacks as options say.
+  Model(const HParams& hp, ModelWeights weights, const ModelOptions& options = {});
+  ~Model();
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
   const HParams& hparams() const { return hp_; }
   const ModelWeights& weights() const { return w_; }
+  // Bytes of weights held in rows16 copies (0 when nothing was repacked).
+  int64_t repacked_bytes() const { return repacked_bytes_; }
 
  private:
+  void repack(const ModelOptions& options);
+
   HParams hp_;
   ModelWeights w_;
+  std::vector<void*> owned_;  // the arena of rows16 copies (std::free)
+  int64_t repacked_bytes_ = 0;
 };
 
 enum class KVType { F16 = 0, Q8_0 = 1, F32 = 2 };

@@ -1,0 +1,357 @@
+// AVX-512 VNNI matvec kernels over the rows16 weight layout (pyllm/repack.h) for Q4_0, Q8_0,
+// Q4_K and Q6_K: one row per 32-bit lane, 16 rows per register.
+//
+// Activations are rounded exactly as in matvec_vnni.cc: each block of 32 to int16 steps of
+// dx = amax / 32767 and split into xi = 256 * hi + lo (hi signed, lo unsigned bytes), so two
+// VPDPBUSD give the exact integer dot product of the weights' integer codes with xi; the
+// accuracy bound of matmul.h is unchanged. What changes is the data movement: a VPDPBUSD takes
+// one 64-byte register of weight codes (4 codes of each of 16 rows) against 4 activations
+// broadcast from memory, the 16 per-row integer sums of a (sub-)block come out in the lanes of
+// one register, and the block scales of the 16 rows are one contiguous vector. Per 512 weights
+// of Q4_0 that is 16 VPDPBUSD, 12 unpacking and ~7 rescaling instructions, against ~70 for the
+// GGUF-layout kernel, which puts decode at the memory wall instead of under it.
+//
+// Integer ranges (per lane, before the conversion to float): Q4_0 / Q4_K |256 * sum(u hi)|
+// <= 256 * 32 * 15 * 128 < 2^24; Q8_0 256 * sum((w + 128) hi) < 2^29; Q6_K per sub-block of 16
+// 256 * 16 * 63 * 128 < 2^25; offsets (-8, -128, -32 times sums of xi) stay below 2^28.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu/isa/simd.h"
+#include "cpu/kernel_table.h"
+#include "pyllm/repack.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positives in its headers
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+
+namespace pyllm {
+namespace PYLLM_ISA {
+
+#if defined(PYLLM_ISA_AVX512)
+
+namespace {
+
+// One token's activations, in natural element order.
+struct Act {
+  std::vector<int8_t> hi;     // k
+  std::vector<uint8_t> lo;    // k
+  std::vector<float> dx;      // per block of 32
+  std::vector<float> xsum;    // exact F32 sum per block of 32 (Q4_K mins)
+  std::vector<int32_t> s16;   // sum of xi per 16 elements (offset corrections)
+  std::vector<int32_t> shi;   // sum of hi per 32 elements (Q8_0's sign correction)
+};
+
+void prepare(const float* x, int64_t k, Act& s) {
+  const int64_t nb = k / 32;
+  s.hi.resize(static_cast<size_t>(k));
+  s.lo.resize(static_cast<size_t>(k));
+  s.dx.resize(static_cast<size_t>(nb));
+  s.xsum.resize(static_cast<size_t>(nb));
+  s.s16.resize(static_cast<size_t>(2 * nb));
+  s.shi.resize(static_cast<size_t>(nb));
+  const __m512i m255 = _mm512_set1_epi32(255);
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m512 va = _mm512_loadu_ps(x + 32 * b), vb = _mm512_loadu_ps(x + 32 * b + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(va), _mm512_abs_ps(vb)));
+    s.xsum[b] = _mm512_reduce_add_ps(_mm512_add_ps(va, vb));
+    const float id = amax > 0.0f ? 32767.0f / amax : 0.0f;
+    s.dx[b] = amax / 32767.0f;
+    const __m512 vid = _mm512_set1_ps(id);
+    const __m512i ia = _mm512_cvtps_epi32(_mm512_mul_ps(va, vid));  // round to nearest even
+    const __m512i ib = _mm512_cvtps_epi32(_mm512_mul_ps(vb, vid));
+    const __m512i ha = _mm512_srai_epi32(ia, 8), hb = _mm512_srai_epi32(ib, 8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(s.hi.data() + 32 * b), _mm512_cvtepi32_epi8(ha));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(s.hi.data() + 32 * b + 16),
+                     _mm512_cvtepi32_epi8(hb));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(s.lo.data() + 32 * b),
+                     _mm512_cvtepi32_epi8(_mm512_and_si512(ia, m255)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(s.lo.data() + 32 * b + 16),
+                     _mm512_cvtepi32_epi8(_mm512_and_si512(ib, m255)));
+    s.s16[2 * b] = _mm512_reduce_add_epi32(ia);
+    s.s16[2 * b + 1] = _mm512_reduce_add_epi32(ib);
+    s.shi[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(ha, hb));
+  }
+}
+
+Act* token_scratch() {
+  thread_local Act scratch[4];
+  return scratch;
+}
+
+// Four activation bytes, broadcast to every lane.
+inline __m512i bcast4(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+inline __m512i load64(const uint8_t* p) { return _mm512_loadu_si512(p); }
+
+
+// The per-token pointers a kernel reads.
+template <int NT>
+struct Tokens {
+  const int8_t* hi[NT];
+  const uint8_t* lo[NT];
+  const float* dx[NT];
+  const float* xsum[NT];
+  const int32_t* s16[NT];
+  const int32_t* shi[NT];
+
+  Tokens(const MatArgs& a, int64_t t0) {
+    Act* s = token_scratch();
+    for (int t = 0; t < NT; ++t) {
+      prepare(a.x + (t0 + t) * a.ldx, a.k, s[t]);
+      hi[t] = s[t].hi.data();
+      lo[t] = s[t].lo.data();
+      dx[t] = s[t].dx.data();
+      xsum[t] = s[t].xsum.data();
+      s16[t] = s[t].s16.data();
+      shi[t] = s[t].shi.data();
+    }
+  }
+
+  // ih += w * hi, il += lo * w for the 4 elements at e: codes w in 0..127 (unsigned and signed
+  // operand at once).
+  void dot(__m512i w, int64_t e, __m512i* ih, __m512i* il) const {
+    for (int t = 0; t < NT; ++t) {
+      ih[t] = _mm512_dpbusd_epi32(ih[t], w, bcast4(hi[t] + e));
+      il[t] = _mm512_dpbusd_epi32(il[t], bcast4(lo[t] + e), w);
+    }
+  }
+};
+
+inline __m512i lanes_total(__m512i ih, __m512i il, int32_t offset) {
+  return _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(ih, 8), il),
+                          _mm512_set1_epi32(offset));
+}
+
+inline __m512 f16x16(const uint8_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+inline __m512 u8x16(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+inline __m512 s8x16(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+template <int NT>
+void store(const MatArgs& a, int64_t t0, int64_t row, const __m512* acc) {
+  for (int t = 0; t < NT; ++t) _mm512_storeu_ps(a.y + (t0 + t) * a.ldy + row, acc[t]);
+}
+
+// Q4_0: w = d (u - 8). Group block: d[16] f16, then 4 chunks of 16 rows x 4 code bytes.
+template <int NT>
+struct R16Q4_0 {
+  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+    const int64_t nb = a.k / 32, gbb = 32 + 256;
+    const Tokens<NT> tk(a, t0);
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    for (int64_t g = r0 / 16; g < r1 / 16; ++g) {
+      const uint8_t* p = a.w + g * nb * gbb;
+      __m512 acc[NT];
+      for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b, p += gbb) {
+        const __m512 d = f16x16(p);
+        __m512i ih[NT], il[NT];
+        for (int t = 0; t < NT; ++t) ih[t] = il[t] = _mm512_setzero_si512();
+        for (int c = 0; c < 4; ++c) {
+          const __m512i z = load64(p + 32 + 64 * c);
+          tk.dot(_mm512_and_si512(z, m4), 32 * b + 4 * c, ih, il);
+          tk.dot(_mm512_and_si512(_mm512_srli_epi16(z, 4), m4), 32 * b + 16 + 4 * c, ih, il);
+        }
+        for (int t = 0; t < NT; ++t) {
+          const int32_t off = -8 * (tk.s16[t][2 * b] + tk.s16[t][2 * b + 1]);
+          acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes_total(ih[t], il[t], off)),
+                                   _mm512_mul_ps(d, _mm512_set1_ps(tk.dx[t][b])), acc[t]);
+        }
+      }
+      store<NT>(a, t0, 16 * g, acc);
+    }
+  }
+};
+
+// Q8_0: w = d q, q signed. hi is dotted with q + 128 (unsigned) and corrected by -128 sum(hi).
+template <int NT>
+struct R16Q8_0 {
+  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+    const int64_t nb = a.k / 32, gbb = 32 + 512;
+    const Tokens<NT> tk(a, t0);
+    const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+    for (int64_t g = r0 / 16; g < r1 / 16; ++g) {
+      const uint8_t* p = a.w + g * nb * gbb;
+      __m512 acc[NT];
+      for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b, p += gbb) {
+        const __m512 d = f16x16(p);
+        __m512i ih[NT], il[NT];
+        for (int t = 0; t < NT; ++t) ih[t] = il[t] = _mm512_setzero_si512();
+        for (int c = 0; c < 8; ++c) {
+          const __m512i q = load64(p + 32 + 64 * c);
+          const __m512i qu = _mm512_xor_si512(q, sign);
+          const int64_t e = 32 * b + 4 * c;
+          for (int t = 0; t < NT; ++t) {
+            ih[t] = _mm512_dpbusd_epi32(ih[t], qu, bcast4(tk.hi[t] + e));
+            il[t] = _mm512_dpbusd_epi32(il[t], bcast4(tk.lo[t] + e), q);
+          }
+        }
+        for (int t = 0; t < NT; ++t) {
+          const int32_t off = -32768 * tk.shi[t][b];
+          acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes_total(ih[t], il[t], off)),
+                                   _mm512_mul_ps(d, _mm512_set1_ps(tk.dx[t][b])), acc[t]);
+        }
+      }
+      store<NT>(a, t0, 16 * g, acc);
+    }
+  }
+};
+
+// Q4_K: w = d sc_j u - dmin m_j for sub-block j of 32. Group block: d[16], dmin[16] f16,
+// sc[8][16], m[8][16] bytes, then 32 chunks; chunk 8 c2 + c holds bytes qs[32 c2 + 4 c ..],
+// whose low nibbles are elements 64 c2 + 4 c .. of sub-block 2 c2 and high nibbles sub-block
+// 2 c2 + 1.
+template <int NT>
+struct R16Q4_K {
+  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+    const int64_t nsb = a.k / QK_K, gbb = 64 + 256 + 2048;
+    const Tokens<NT> tk(a, t0);
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    for (int64_t g = r0 / 16; g < r1 / 16; ++g) {
+      const uint8_t* p = a.w + g * nsb * gbb;
+      __m512 acc[NT];
+      for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+      for (int64_t sb = 0; sb < nsb; ++sb, p += gbb) {
+        const uint8_t* body = p + 320;
+        __m512 sacc[NT], macc[NT];
+        for (int t = 0; t < NT; ++t) sacc[t] = macc[t] = _mm512_setzero_ps();
+        for (int j = 0; j < 8; ++j) {
+          const int64_t e0 = QK_K * sb + 32 * j;  // first element of sub-block j
+          const uint8_t* chunks = body + 64 * 8 * (j / 2);
+          __m512i ih[NT], il[NT];
+          for (int t = 0; t < NT; ++t) ih[t] = il[t] = _mm512_setzero_si512();
+          for (int c = 0; c < 8; ++c) {
+            __m512i z = load64(chunks + 64 * c);
+            if (j & 1) z = _mm512_srli_epi16(z, 4);
+            tk.dot(_mm512_and_si512(z, m4), e0 + 4 * c, ih, il);
+          }
+          const __m512 sc = u8x16(p + 64 + 16 * j), mn = u8x16(p + 192 + 16 * j);
+          const int64_t blk = e0 / 32;
+          for (int t = 0; t < NT; ++t) {
+            sacc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes_total(ih[t], il[t], 0)),
+                                      _mm512_mul_ps(sc, _mm512_set1_ps(tk.dx[t][blk])), sacc[t]);
+            macc[t] = _mm512_fmadd_ps(mn, _mm512_set1_ps(tk.xsum[t][blk]), macc[t]);
+          }
+        }
+        const __m512 d = f16x16(p), dmin = f16x16(p + 32);
+        for (int t = 0; t < NT; ++t) {
+          acc[t] = _mm512_fmadd_ps(sacc[t], d, acc[t]);
+          acc[t] = _mm512_fnmadd_ps(macc[t], dmin, acc[t]);
+        }
+      }
+      store<NT>(a, t0, 16 * g, acc);
+    }
+  }
+};
+
+// Q6_K: w = d sc_j (q - 32) for sub-block j of 16, q = 4 low bits from ql | 2 high bits from qh.
+// Group block: d[16] f16, sc[16][16] int8, then for each half h and c < 8 the chunks
+// A = ql[64 h + 4 c ..], B = ql[64 h + 32 + 4 c ..], H = qh[32 h + 4 c ..]; for l = 4 c .. 4 c + 3:
+//   element 128 h + l      = A & 15 | (H & 3) << 4          (sub-block 8 h + c / 4)
+//   element 128 h + 32 + l = B & 15 | (H >> 2 & 3) << 4     (sub-block 8 h + 2 + c / 4)
+//   element 128 h + 64 + l = A >> 4 | (H >> 4 & 3) << 4     (sub-block 8 h + 4 + c / 4)
+//   element 128 h + 96 + l = B >> 4 | (H >> 6) << 4         (sub-block 8 h + 6 + c / 4)
+// Four sub-blocks are accumulated at once, so at most 2 tokens per pass fit the registers.
+template <int NT>
+struct R16Q6_K {
+  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+    const int64_t nsb = a.k / QK_K, gbb = 32 + 256 + 3072;
+    const Tokens<NT> tk(a, t0);
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
+    for (int64_t g = r0 / 16; g < r1 / 16; ++g) {
+      const uint8_t* p = a.w + g * nsb * gbb;
+      __m512 acc[NT];
+      for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+      for (int64_t sb = 0; sb < nsb; ++sb, p += gbb) {
+        const uint8_t* body = p + 288;
+        __m512 sacc[NT];
+        for (int t = 0; t < NT; ++t) sacc[t] = _mm512_setzero_ps();
+        for (int h = 0; h < 2; ++h) {
+          for (int cc = 0; cc < 2; ++cc) {
+            __m512i ih[4][NT], il[4][NT];  // sub-blocks 8 h + 2 m + cc, m < 4
+            for (int m = 0; m < 4; ++m) {
+              for (int t = 0; t < NT; ++t) ih[m][t] = il[m][t] = _mm512_setzero_si512();
+            }
+            for (int ci = 0; ci < 4; ++ci) {
+              const int c = 4 * cc + ci;
+              const uint8_t* ch = body + 64 * (24 * h + 3 * c);
+              const __m512i A = load64(ch), B = load64(ch + 64), H = load64(ch + 128);
+              // (low & 0x0F) | (high & 0x30), one ternary-logic op for the or-and
+              const __m512i q0 = _mm512_ternarylogic_epi32(_mm512_and_si512(A, m4),
+                                                           _mm512_slli_epi16(H, 4), m30, 0xF8);
+              const __m512i q1 = _mm512_ternarylogic_epi32(_mm512_and_si512(B, m4),
+                                                           _mm512_slli_epi16(H, 2), m30, 0xF8);
+              const __m512i q2 = _mm512_ternarylogic_epi32(
+                  _mm512_and_si512(_mm512_srli_epi16(A, 4), m4), H, m30, 0xF8);
+              const __m512i q3 = _mm512_ternarylogic_epi32(
+                  _mm512_and_si512(_mm512_srli_epi16(B, 4), m4), _mm512_srli_epi16(H, 2), m30,
+                  0xF8);
+              const int64_t e = QK_K * sb + 128 * h + 4 * c;
+              tk.dot(q0, e, ih[0], il[0]);
+              tk.dot(q1, e + 32, ih[1], il[1]);
+              tk.dot(q2, e + 64, ih[2], il[2]);
+              tk.dot(q3, e + 96, ih[3], il[3]);
+            }
+            for (int m = 0; m < 4; ++m) {
+              const int j = 8 * h + 2 * m + cc;
+              const __m512 sc = s8x16(p + 32 + 16 * j);
+              const int64_t s16 = (QK_K * sb) / 16 + j;
+              for (int t = 0; t < NT; ++t) {
+                const int32_t off = -32 * tk.s16[t][s16];
+                sacc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes_total(ih[m][t], il[m][t], off)),
+                                          _mm512_mul_ps(sc, _mm512_set1_ps(tk.dx[t][s16 / 2])),
+                                          sacc[t]);
+              }
+            }
+          }
+        }
+        const __m512 d = f16x16(p);
+        for (int t = 0; t < NT; ++t) acc[t] = _mm512_fmadd_ps(sacc[t], d, acc[t]);
+      }
+      store<NT>(a, t0, 16 * g, acc);
+    }
+  }
+};
+
+// Tokens in passes of up to kMax (each pass streams the weights once).
+template <template <int> class K, int kMax = 4>
+void by_groups(const MatArgs& a, int64_t r0, int64_t r1) {
+  for (int64_t t0 = 0; t0 < a.n_tokens; t0 += kMax) {
+    switch (std::min<int64_t>(kMax, a.n_tokens - t0)) {
+      case 1: K<1>::run(a, r0, r1, t0); break;
+      case 2: K<2>::run(a, r0, r1, t0); break;
+      case 3: K<3>::run(a, r0, r1, t0); break;
+      default: K<4>::run(a, r0, r1, t0); break;
+    }
+  }
+}
+
+}  // namespace
+
+// Installs the rows16 kernels in the AVX-512 table (row ranges must be multiples of 16).
+void install_r16_matvec(KernelTable& t) {
+  t.matvec_r16[static_cast<int>(QType::Q4_0)] = &by_groups<R16Q4_0>;
+  t.matvec_r16[static_cast<int>(QType::Q8_0)] = &by_groups<R16Q8_0>;
+  t.matvec_r16[static_cast<int>(QType::Q4_K)] = &by_groups<R16Q4_K>;
+  t.matvec_r16[static_cast<int>(QType::Q6_K)] = &by_groups<R16Q6_K, 2>;
+}
+
+#endif  // PYLLM_ISA_AVX512
+
+}  // namespace PYLLM_ISA
+}  // namespace pyllm
