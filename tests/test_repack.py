@@ -28,7 +28,7 @@ from tests.test_kernels import (
 )
 from tests.tiny_models import TinySpec, write_tiny
 
-REPACKED = ["Q4_0", "Q8_0", "Q4_K", "Q6_K"]
+REPACKED = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"]
 
 
 def _has_rows16_kernels() -> bool:
@@ -44,7 +44,7 @@ def test_layout_is_a_lossless_permutation(name: str) -> None:
         packed, back = core.repack_roundtrip(qtype, w, n_out, k)
         assert np.array_equal(back, w)
         assert not np.array_equal(packed[: w.size], w)  # it really moved bytes
-        # Q4_0 / Q8_0 / Q6_K keep their size; Q4_K stores its 6-bit scales unpacked (+2.8 %).
+        # Q4_0 / Q4_1 / Q8_0 / Q6_K keep their size; Q4_K stores its 6-bit scales unpacked (+2.8 %).
         expected = w.size if name != "Q4_K" else w.size // 144 * 148
         assert packed.size == expected
 
@@ -101,7 +101,7 @@ def test_rows16_thread_counts_and_uneven_splits(isa_guard: None) -> None:  # noq
 @pytest.mark.parametrize(
     ("qtype", "n_out", "k", "w_bytes"),
     [
-        (3, 16, 32, 16 * 20),  # Q4_1 has no rows16 layout
+        (6, 16, 32, 16 * 22),  # Q5_0 has no rows16 layout
         (2, 17, 32, 17 * 18),  # n_out not a multiple of 16
         (2, 8, 32, 8 * 18),  # fewer rows than a group
     ],
@@ -115,10 +115,23 @@ def test_rows16_bad_input_raises(qtype: int, n_out: int, k: int, w_bytes: int) -
         core.repack_roundtrip(qtype, w, n_out, k)
 
 
-@pytest.mark.parametrize("wtype", [GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K])
-def test_model_repacks_and_gives_the_same_logits(tmp_path: Path, wtype: GGMLType) -> None:
+@pytest.mark.parametrize(
+    ("wtype", "tied"),
+    [
+        (GGMLType.Q4_0, False),
+        (GGMLType.Q4_1, True),  # tied output: its rows16 copy, lookups from the GGUF rows
+        (GGMLType.Q8_0, False),
+        (GGMLType.Q8_0, True),
+        (GGMLType.Q4_K, False),
+        (GGMLType.Q6_K, True),
+    ],
+)
+def test_model_repacks_and_gives_the_same_logits(
+    tmp_path: Path, wtype: GGMLType, tied: bool
+) -> None:
     # 256-wide rows for the k-quants; every matrix has a multiple of 16 rows
-    spec = TinySpec(n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_vocab=272, wtype=wtype, seed=3)
+    spec = TinySpec(n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_vocab=272, wtype=wtype,
+                    tied=tied, seed=3)
     path = write_tiny(tmp_path / "m.gguf", spec)
     tokens = list(np.random.default_rng(0).integers(0, spec.n_vocab, 40))
     out = {}

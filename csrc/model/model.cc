@@ -122,8 +122,13 @@ void Model::repack(const ModelOptions& options) {
   for (LayerWeights& l : w_.layers) {
     for (WeightView* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) consider(*w);
   }
-  // A tied output (no output.weight) is also the embedding table, which is read by rows: it
-  // stays in the GGUF layout.
+  // A tied output (no output.weight) is also the embedding table, which is read by rows: the
+  // output matmul gets its own rows16 copy and the lookups keep reading the GGUF rows (with
+  // release_source only the rows of tokens actually seen come back into memory).
+  if (!w_.output.present() && w_.tok_embd.rows % kRepackRows == 0 &&
+      matmul_has_rows16_kernel(w_.tok_embd.type)) {
+    w_.output = w_.tok_embd;
+  }
   consider(w_.output);
   if (todo.empty()) return;
   // One arena for all copies, in 2 MiB transparent huge pages where the kernel allows: a

@@ -26,6 +26,9 @@ inline bool geometry(QType t, Geometry* g) {
     case QType::Q4_0:
       *g = {QK4_0, sizeof(BlockQ4_0), 32, offsetof(BlockQ4_0, qs), QK4_0 / 2};
       return true;
+    case QType::Q4_1:
+      *g = {QK4_1, sizeof(BlockQ4_1), 64, offsetof(BlockQ4_1, qs), QK4_1 / 2};
+      return true;
     case QType::Q8_0:
       *g = {QK8_0, sizeof(BlockQ8_0), 32, offsetof(BlockQ8_0, qs), QK8_0};
       return true;
@@ -77,6 +80,10 @@ inline void put_header(QType t, const uint8_t* blk, int r, uint8_t* hdr) {
     case QType::Q8_0:
       std::memcpy(hdr + 2 * r, blk, 2);  // d is the first field of both
       break;
+    case QType::Q4_1:
+      std::memcpy(hdr + 2 * r, blk + offsetof(BlockQ4_1, d), 2);
+      std::memcpy(hdr + 32 + 2 * r, blk + offsetof(BlockQ4_1, m), 2);
+      break;
     case QType::Q4_K: {
       std::memcpy(hdr + 2 * r, blk + offsetof(BlockQ4_K, d), 2);
       std::memcpy(hdr + 32 + 2 * r, blk + offsetof(BlockQ4_K, dmin), 2);
@@ -102,6 +109,10 @@ inline void get_header(QType t, const uint8_t* hdr, int r, uint8_t* blk) {
     case QType::Q4_0:
     case QType::Q8_0:
       std::memcpy(blk, hdr + 2 * r, 2);
+      break;
+    case QType::Q4_1:
+      std::memcpy(blk + offsetof(BlockQ4_1, d), hdr + 2 * r, 2);
+      std::memcpy(blk + offsetof(BlockQ4_1, m), hdr + 32 + 2 * r, 2);
       break;
     case QType::Q4_K: {
       std::memcpy(blk + offsetof(BlockQ4_K, d), hdr + 2 * r, 2);
@@ -220,6 +231,7 @@ void repack_rows16(QType type, const void* src, int64_t k, int64_t g0, int64_t g
   checked_geometry(type);
   switch (type) {
     case QType::Q4_0: repack_t<QType::Q4_0>(src, k, g0, g1, dst); break;
+    case QType::Q4_1: repack_t<QType::Q4_1>(src, k, g0, g1, dst); break;
     case QType::Q8_0: repack_t<QType::Q8_0>(src, k, g0, g1, dst); break;
     case QType::Q4_K: repack_t<QType::Q4_K>(src, k, g0, g1, dst); break;
     default: repack_t<QType::Q6_K>(src, k, g0, g1, dst); break;
@@ -230,6 +242,7 @@ void unpack_rows16_group(QType type, const void* src, int64_t k, int64_t grp, vo
   checked_geometry(type);
   switch (type) {
     case QType::Q4_0: unpack_t<QType::Q4_0>(src, k, grp, dst); break;
+    case QType::Q4_1: unpack_t<QType::Q4_1>(src, k, grp, dst); break;
     case QType::Q8_0: unpack_t<QType::Q8_0>(src, k, grp, dst); break;
     case QType::Q4_K: unpack_t<QType::Q4_K>(src, k, grp, dst); break;
     default: unpack_t<QType::Q6_K>(src, k, grp, dst); break;

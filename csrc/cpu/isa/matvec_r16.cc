@@ -1,5 +1,5 @@
-// AVX-512 VNNI matvec kernels over the rows16 weight layout (pyllm/repack.h) for Q4_0, Q8_0,
-// Q4_K and Q6_K: one row per 32-bit lane, 16 rows per register.
+// AVX-512 VNNI matvec kernels over the rows16 weight layout (pyllm/repack.h) for Q4_0, Q4_1,
+// Q8_0, Q4_K and Q6_K: one row per 32-bit lane, 16 rows per register.
 //
 // Activations are rounded exactly as in matvec_vnni.cc: each block of 32 to int16 steps of
 // dx = amax / 32767 and split into xi = 256 * hi + lo (hi signed, lo unsigned bytes), so two
@@ -177,6 +177,38 @@ struct R16Q4_0 {
   }
 };
 
+// Q4_1: w = d u + m. Group block: d[16], m[16] f16, then 4 chunks as Q4_0; the min term uses
+// the exact F32 block sums of x.
+template <int NT>
+struct R16Q4_1 {
+  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+    const int64_t nb = a.k / 32, gbb = 64 + 256;
+    const Tokens<NT> tk(a, t0);
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    for (int64_t g = r0 / 16; g < r1 / 16; ++g) {
+      const uint8_t* p = a.w + g * nb * gbb;
+      __m512 acc[NT];
+      for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b, p += gbb) {
+        const __m512 d = f16x16(p), mn = f16x16(p + 32);
+        __m512i ih[NT], il[NT];
+        for (int t = 0; t < NT; ++t) ih[t] = il[t] = _mm512_setzero_si512();
+        for (int c = 0; c < 4; ++c) {
+          const __m512i z = load64(p + 64 + 64 * c);
+          tk.dot(_mm512_and_si512(z, m4), 32 * b + 4 * c, ih, il);
+          tk.dot(_mm512_and_si512(_mm512_srli_epi16(z, 4), m4), 32 * b + 16 + 4 * c, ih, il);
+        }
+        for (int t = 0; t < NT; ++t) {
+          acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes_total(ih[t], il[t], 0)),
+                                   _mm512_mul_ps(d, _mm512_set1_ps(tk.dx[t][b])), acc[t]);
+          acc[t] = _mm512_fmadd_ps(mn, _mm512_set1_ps(tk.xsum[t][b]), acc[t]);
+        }
+      }
+      store<NT>(a, t0, 16 * g, acc);
+    }
+  }
+};
+
 // Q8_0: w = d q, q signed. hi is dotted with q + 128 (unsigned) and corrected by -128 sum(hi).
 template <int NT>
 struct R16Q8_0 {
@@ -214,8 +246,8 @@ struct R16Q8_0 {
 
 // Q4_K: w = d sc_j u - dmin m_j for sub-block j of 32. Group block: d[16], dmin[16] f16,
 // sc[8][16], m[8][16] bytes, then 32 chunks; chunk 8 c2 + c holds bytes qs[32 c2 + 4 c ..],
-// whose low nibbles are elements 64 c2 + 4 c .. of sub-block 2 c2 and high nibbles sub-block
-// 2 c2 + 1.
+// whose low nibbles are elements 64 c2 + 4 c .. of sub-block 2 c2 and high nibbles those of
+// sub-block 2 c2 + 1: both sub-blocks of a chunk are accumulated from one load.
 template <int NT>
 struct R16Q4_K {
   static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
@@ -227,31 +259,31 @@ struct R16Q4_K {
       __m512 acc[NT];
       for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
       for (int64_t sb = 0; sb < nsb; ++sb, p += gbb) {
-        const uint8_t* body = p + 320;
-        __m512 sacc[NT], macc[NT];
-        for (int t = 0; t < NT; ++t) sacc[t] = macc[t] = _mm512_setzero_ps();
-        for (int j = 0; j < 8; ++j) {
-          const int64_t e0 = QK_K * sb + 32 * j;  // first element of sub-block j
-          const uint8_t* chunks = body + 64 * 8 * (j / 2);
-          __m512i ih[NT], il[NT];
-          for (int t = 0; t < NT; ++t) ih[t] = il[t] = _mm512_setzero_si512();
-          for (int c = 0; c < 8; ++c) {
-            __m512i z = load64(chunks + 64 * c);
-            if (j & 1) z = _mm512_srli_epi16(z, 4);
-            tk.dot(_mm512_and_si512(z, m4), e0 + 4 * c, ih, il);
-          }
-          const __m512 sc = u8x16(p + 64 + 16 * j), mn = u8x16(p + 192 + 16 * j);
-          const int64_t blk = e0 / 32;
-          for (int t = 0; t < NT; ++t) {
-            sacc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes_total(ih[t], il[t], 0)),
-                                      _mm512_mul_ps(sc, _mm512_set1_ps(tk.dx[t][blk])), sacc[t]);
-            macc[t] = _mm512_fmadd_ps(mn, _mm512_set1_ps(tk.xsum[t][blk]), macc[t]);
-          }
-        }
         const __m512 d = f16x16(p), dmin = f16x16(p + 32);
-        for (int t = 0; t < NT; ++t) {
-          acc[t] = _mm512_fmadd_ps(sacc[t], d, acc[t]);
-          acc[t] = _mm512_fnmadd_ps(macc[t], dmin, acc[t]);
+        for (int c2 = 0; c2 < 4; ++c2) {
+          const uint8_t* chunks = p + 320 + 64 * 8 * c2;
+          const int64_t e0 = QK_K * sb + 64 * c2;  // first element of sub-block 2 c2
+          __m512i ih0[NT], il0[NT], ih1[NT], il1[NT];
+          for (int t = 0; t < NT; ++t) {
+            ih0[t] = il0[t] = ih1[t] = il1[t] = _mm512_setzero_si512();
+          }
+          for (int c = 0; c < 8; ++c) {
+            const __m512i z = load64(chunks + 64 * c);
+            tk.dot(_mm512_and_si512(z, m4), e0 + 4 * c, ih0, il0);
+            tk.dot(_mm512_and_si512(_mm512_srli_epi16(z, 4), m4), e0 + 32 + 4 * c, ih1, il1);
+          }
+          for (int h = 0; h < 2; ++h) {
+            const int j = 2 * c2 + h;
+            const __m512 scale = _mm512_mul_ps(d, u8x16(p + 64 + 16 * j));
+            const __m512 mins = _mm512_mul_ps(dmin, u8x16(p + 192 + 16 * j));
+            const int64_t blk = e0 / 32 + h;
+            for (int t = 0; t < NT; ++t) {
+              const __m512i tot = h ? lanes_total(ih1[t], il1[t], 0) : lanes_total(ih0[t], il0[t], 0);
+              acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot),
+                                       _mm512_mul_ps(scale, _mm512_set1_ps(tk.dx[t][blk])), acc[t]);
+              acc[t] = _mm512_fnmadd_ps(mins, _mm512_set1_ps(tk.xsum[t][blk]), acc[t]);
+            }
+          }
         }
       }
       store<NT>(a, t0, 16 * g, acc);
@@ -346,6 +378,7 @@ void by_groups(const MatArgs& a, int64_t r0, int64_t r1) {
 // Installs the rows16 kernels in the AVX-512 table (row ranges must be multiples of 16).
 void install_r16_matvec(KernelTable& t) {
   t.matvec_r16[static_cast<int>(QType::Q4_0)] = &by_groups<R16Q4_0>;
+  t.matvec_r16[static_cast<int>(QType::Q4_1)] = &by_groups<R16Q4_1>;
   t.matvec_r16[static_cast<int>(QType::Q8_0)] = &by_groups<R16Q8_0>;
   t.matvec_r16[static_cast<int>(QType::Q4_K)] = &by_groups<R16Q4_K>;
   t.matvec_r16[static_cast<int>(QType::Q6_K)] = &by_groups<R16Q6_K, 2>;

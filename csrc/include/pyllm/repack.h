@@ -14,6 +14,7 @@
 // each of the 16 rows r:
 //   header  per-row fields, field by field, row-minor (all 16 rows of field 1, then field 2):
 //           Q4_0, Q8_0: d (f16)                                          32 bytes
+//           Q4_1:       d, m (f16)                                       64 bytes
 //           Q4_K:       d, dmin (f16), then the 8 six-bit scales and the
 //                       8 six-bit mins unpacked to one byte each,
 //                       sub-block-major ([j][r])                         64 + 256 bytes
@@ -22,7 +23,7 @@
 //           of the body. Chunks are in block order, except Q6_K: for each half h < 2 and
 //           c < 8 the chunks ql[64 h + 4 c], ql[64 h + 32 + 4 c], qh[32 h + 4 c] (the order
 //           its kernel consumes them).
-// Q4_0, Q8_0 and Q6_K keep their size exactly; Q4_K grows by 2.8 % (unpacked scales, which
+// Q4_0, Q4_1, Q8_0 and Q6_K keep their size exactly; Q4_K grows by 2.8 % (unpacked scales, which
 // would otherwise cost ~10 scalar instructions per row and super-block in the kernel).
 #pragma once
 
