@@ -19,6 +19,7 @@
 #include "pyllm/fp16.h"
 #include "pyllm/matmul.h"
 #include "pyllm/qtype.h"
+#include "pyllm/repack.h"
 #include "pyllm/threadpool.h"
 
 using namespace pyllm;
@@ -188,6 +189,46 @@ void check_part_in_region(ThreadPool& pool, std::mt19937& rng) {
   }
 }
 
+// The rows16 layout (pyllm/repack.h): a lossless permutation, and matmul over it (rows16
+// kernels, or the unpacking fallback) equal to the GGUF-layout result up to F32 summation order.
+// The packed buffer is sized exactly, so sanitizer builds catch any read past it.
+void check_rows16(const TypeCase& tc, ThreadPool& pool, std::mt19937& rng) {
+  const int64_t k = tc.block == 256 ? 512 : 224, n_out = 48;
+  const std::vector<uint8_t> w = random_weights(tc, n_out, k, rng);
+  std::vector<uint8_t> packed(static_cast<size_t>(repacked_size(tc.type, n_out, k)));
+  repack_rows16(tc.type, w.data(), k, 0, n_out / kRepackRows, packed.data());
+  std::vector<uint8_t> back(w.size());
+  const size_t group_bytes = w.size() / (n_out / kRepackRows);
+  for (int64_t g = 0; g < n_out / kRepackRows; ++g) {
+    unpack_rows16_group(tc.type, packed.data(), k, g, back.data() + g * group_bytes);
+  }
+  CHECK(back == w, "%s: rows16 unpack does not restore the GGUF bytes", tc.name);
+  const std::vector<double> wd = dequantized(tc, w, n_out, k, pool);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (int64_t n_tokens : {1, 2, 3, 5, 40}) {
+    std::vector<float> x(static_cast<size_t>(n_tokens * k));
+    for (auto& v : x) v = nd(rng);
+    for (Isa isa : available_isas()) {
+      set_active_isa(isa);
+      std::vector<float> y(static_cast<size_t>(n_tokens * n_out), NAN), y16 = y;
+      matmul(tc.type, w.data(), n_out, k, x.data(), n_tokens, y.data(), pool);
+      MatmulParams p{tc.type, packed.data(), n_out, k, x.data(), 0, n_tokens, y16.data(), 0};
+      p.layout = WeightLayout::Rows16;
+      matmul(p, pool);
+      for (int64_t t = 0; t < n_tokens; ++t) {
+        for (int64_t o = 0; o < n_out; ++o) {
+          double mag = 0.0;
+          for (int64_t i = 0; i < k; ++i) mag += std::fabs(wd[o * k + i] * x[t * k + i]);
+          const double diff = std::fabs(double(y16[t * n_out + o]) - y[t * n_out + o]);
+          CHECK(diff <= 2e-5 * mag, "%s rows16 isa=%s n_tokens=%lld out %lld: %g vs %g", tc.name,
+                isa_name(isa), static_cast<long long>(n_tokens), static_cast<long long>(o),
+                y16[t * n_out + o], y[t * n_out + o]);
+        }
+      }
+    }
+  }
+}
+
 void check_errors(ThreadPool& pool) {
   float x[64] = {}, y[64] = {};
   uint8_t w[1024] = {};
@@ -213,6 +254,9 @@ int main() {
   for (int threads : {1, 3}) {
     ThreadPool pool(threads);
     for (const TypeCase& tc : cases()) check_type(tc, pool, rng);
+    for (const TypeCase& tc : cases()) {
+      if (repack_supported(tc.type)) check_rows16(tc, pool, rng);
+    }
     check_part_in_region(pool, rng);
     check_errors(pool);
   }
