@@ -7,8 +7,9 @@
 llama.cpp is measured with its own `llama-bench` binary when --llama-bench is given (a build of
 llama.cpp, e.g. the one vendored in the llama-cpp-python sdist), else through the `llama_cpp`
 Python package (llama-cpp-python, which builds llama.cpp when pip installs it). pyllm is measured
-with `pyllm.bench`. Both run one after the other in this process tree, so they see the same
-machine state; the table shows tokens/s and the ratio pyllm / llama.cpp.
+with `pyllm.bench`. The two alternate, one repetition each per round (-r rounds), so that a
+shared machine's swings in load and memory bandwidth hit both alike; the table shows the median
+tokens/s of each and the median of the per-round ratios pyllm / llama.cpp.
 
 A tool for people, not part of the test suite.
 """
@@ -88,27 +89,34 @@ def main() -> int:
     rows = []
     for model in args.model:
         for threads in args.threads or [2]:
-            ours = {r.test[:2]: r.tokens_per_s for r in
-                    bench_model(model, args.n_prompt, args.n_gen, threads, args.repetitions)}
-            if args.llama_bench:
-                theirs = llamacpp_bench_binary(args.llama_bench, model, threads, args.n_prompt,
-                                               args.n_gen, args.repetitions)
-            else:
-                theirs = llamacpp_bench_python(model, threads, args.n_prompt, args.n_gen,
-                                               args.repetitions)
+            rounds: list[tuple[dict[str, float], dict[str, float]]] = []
+            for _ in range(max(1, args.repetitions)):
+                ours = {r.test[:2]: r.tokens_per_s for r in
+                        bench_model(model, args.n_prompt, args.n_gen, threads, 1)}
+                if args.llama_bench:
+                    theirs = llamacpp_bench_binary(args.llama_bench, model, threads,
+                                                   args.n_prompt, args.n_gen, 1)
+                else:
+                    theirs = llamacpp_bench_python(model, threads, args.n_prompt, args.n_gen, 1)
+                rounds.append((ours, theirs))
             for kind, n in (("pp", args.n_prompt), ("tg", args.n_gen)):
-                if kind in ours and kind in theirs:
+                both = [(o[kind], t[kind]) for o, t in rounds if kind in o and kind in t]
+                if both:
                     rows.append({"model": Path(model).name, "threads": threads,
-                                 "test": f"{kind}{n}", "pyllm": ours[kind],
-                                 "llama.cpp": theirs[kind], "ratio": ours[kind] / theirs[kind]})
+                                 "test": f"{kind}{n}",
+                                 "pyllm": statistics.median(o for o, _ in both),
+                                 "llama.cpp": statistics.median(t for _, t in both),
+                                 "ratio": statistics.median(o / t for o, t in both),
+                                 "ratios": [round(o / t, 2) for o, t in both]})
     if args.output == "json":
         print(json.dumps(rows, indent=2))
     else:
-        print("| model | threads | test | pyllm t/s | llama.cpp t/s | ratio |")
-        print("| --- | ---: | --- | ---: | ---: | ---: |")
+        print("| model | threads | test | pyllm t/s | llama.cpp t/s | ratio | per round |")
+        print("| --- | ---: | --- | ---: | ---: | ---: | --- |")
         for r in rows:
             print(f"| {r['model']} | {r['threads']} | {r['test']} | {r['pyllm']:.2f} | "
-                  f"{r['llama.cpp']:.2f} | {r['ratio']:.2f} |")
+                  f"{r['llama.cpp']:.2f} | {r['ratio']:.2f} | "
+                  f"{' '.join(str(x) for x in r['ratios'])} |")
     return 0
 
 

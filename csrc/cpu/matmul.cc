@@ -108,9 +108,11 @@ void rows16_part(const MatmulParams& p, const MatArgs& a, int ith, int nth) {
   int64_t grain = 1;
   const RowsFn fn = pick(p, &grain);
   split_range(p.n_out, std::max<int64_t>(kRepackRows, grain), ith, nth, &b, &e);
-  // Pieces of up to 1024 rows: the kernels prepare the activations once per call, which a
-  // many-token call must not repeat for every 16 rows (that halved prefill speed).
-  const int64_t chunk = std::min<int64_t>(1024, e - b);
+  // Pieces of up to 8 MiB of rows (a whole thread's share of most matrices): the kernels
+  // prepare the activations once per call, which a many-token call must not repeat for every
+  // 16 rows (that halved prefill speed; 1024-row pieces still cost ~8 %).
+  const int64_t budget = std::max<int64_t>(kRepackRows, (int64_t{8} << 20) / a.row_bytes);
+  const int64_t chunk = std::min<int64_t>(budget / kRepackRows * kRepackRows, e - b);
   thread_local std::vector<uint8_t> rows;
   if (chunk > 0) rows.resize(static_cast<size_t>(chunk * a.row_bytes));
   for (int64_t r = b; r < e; r += chunk) {
