@@ -11,6 +11,7 @@
 
 #include "bindings/register.h"
 #include "pyllm/matmul.h"
+#include "pyllm/ops.h"
 #include "pyllm/repack.h"
 #include "pyllm/threadpool.h"
 
@@ -119,6 +120,19 @@ void register_kernels(py::module_& m) {
       py::arg("qtype"), py::arg("w"), py::arg("n_out"), py::arg("k"),
       "(rows16 bytes, GGUF bytes unpacked from them) of GGUF weights w (tests: the layout is a "
       "lossless permutation).");
+  m.def(
+      "swiglu",
+      [](const py::array_t<float, py::array::c_style | py::array::forcecast>& gate,
+         const py::array_t<float, py::array::c_style | py::array::forcecast>& up) {
+        if (gate.ndim() != 1 || up.ndim() != 1 || gate.size() != up.size()) {
+          raise_quant_error("swiglu: gate and up must be 1-D arrays of the same length");
+        }
+        py::array_t<float> out(gate.size());
+        ops().swiglu(gate.data(), up.data(), out.mutable_data(), gate.size());
+        return out;
+      },
+      py::arg("gate"), py::arg("up"),
+      "silu(gate) * up with the active ISA's element-wise kernel (tests: its vectorized exp).");
   m.def("set_num_threads", [](int n) { set_default_pool_threads(n); }, py::arg("n"),
         "Resize the default thread pool (n <= 0: physical cores).");
   m.def("get_num_threads", [] { return default_pool().n_threads(); },

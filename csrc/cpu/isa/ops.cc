@@ -86,7 +86,16 @@ void rms_norm(const float* x, const float* w, float* y, int64_t n, float eps) {
 }
 
 void swiglu(const float* gate, const float* up, float* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+  for (; i + VN <= n; i += VN) {
+    const vf g = vload(gate + i);
+    const vf e = vexp(vmul(g, vset1(-1.0f)));
+    float ev[VN], gv[VN];  // the division stays scalar-exact: g / (1 + e) * up
+    vstore(ev, e);
+    vstore(gv, g);
+    for (int j = 0; j < VN; ++j) out[i + j] = gv[j] / (1.0f + ev[j]) * up[i + j];
+  }
+  for (; i < n; ++i) {
     const float g = gate[i];
     out[i] = g / (1.0f + std::exp(-g)) * up[i];
   }
@@ -138,7 +147,14 @@ void attention(const AttentionArgs& a) {
       max_score = std::max(max_score, s);
     }
     float sum = 0.0f;
-    for (int t = 0; t < n; ++t) {
+    int t = 0;
+    const vf vmax = vset1(max_score);
+    for (; t + VN <= n; t += VN) {
+      const vf e = vexp(vadd(vload(scores + t), vmul(vmax, vset1(-1.0f))));
+      vstore(scores + t, e);
+      sum += vsum(e);
+    }
+    for (; t < n; ++t) {
       const float e = std::exp(scores[t] - max_score);
       scores[t] = e;
       sum += e;
