@@ -122,8 +122,8 @@ inline vf vload_bf16(const bf16_t* p) {
 #endif
 
 // e^x for every lane. x86: Cephes-style range reduction x = n ln2 + r, |r| <= ln2 / 2, and a
-// degree-6 polynomial for e^r (relative error ~2 ulp, measured against double exp in
-// tests/test_ops_exp via the forward's softmax); inputs are clamped to [-87.3, 88.7], where
+// degree-6 polynomial for e^r (relative error ~2 ulp; tests/test_ops.py checks SwiGLU, which
+// uses it, against float64 on every ISA); inputs are clamped to [-87.3, 88.7], where
 // expf under/overflows, with NaN kept (max/min take their second operand when one is NaN). The
 // softmax and SwiGLU used libm's scalar expf per element, which at a few thousand positions
 // of context cost as much as the whole decode step of a small model. Other ISAs: std::exp.
