@@ -30,6 +30,7 @@ VARIANTS = {
     "gqa": TinySpec(),
     "mha": TinySpec(n_head_kv=4),
     "mqa": TinySpec(n_head_kv=1),
+    "mqa_8_heads": TinySpec(n_head=8, n_head_kv=1),  # a GQA group wider than kAttentionRows
     "tied": TinySpec(tied=True),
     "head_dim_32": TinySpec(head_dim=32),
     "partial_rotary": TinySpec(n_rot=8),
@@ -87,8 +88,10 @@ def test_q8_kv_cache_needs_whole_blocks(tiny_dir: Path) -> None:
         LLM(tiny(tiny_dir, "gqa"), kv_type="q8_0")
 
 
-def test_incremental_decode_matches_batch(tiny_dir: Path) -> None:
-    path = tiny(tiny_dir, "gqa")
+@pytest.mark.parametrize("variant", ["gqa", "mha", "mqa", "mqa_8_heads"])
+def test_incremental_decode_matches_batch(tiny_dir: Path, variant: str) -> None:
+    # decode hands the heads of a GQA group to the attention kernel together (one K/V load)
+    path = tiny(tiny_dir, variant)
     with LLM(path, n_ctx=64, kv_type="f32") as llm:
         full = llm.logits(TOKENS)
         llm.reset()

@@ -50,7 +50,7 @@ struct Buffers {
     att.resize(n * hp.n_head * hp.head_dim);
     gate.resize(n * hp.n_ff);
     up.resize(n * hp.n_ff);
-    scores.resize(static_cast<size_t>(n_threads) * (n_ctx + 2 * hp.head_dim));
+    scores.resize(static_cast<size_t>(n_threads * attention_scratch_floats(n_ctx, hp.head_dim)));
   }
 };
 
@@ -204,37 +204,51 @@ struct Context::Impl {
         }
       });
 
-      // Attention: one work item per (head, token); consecutive items of one head and one
-      // sequence share K/V rows and are handed to the kernel together.
+      // Attention: one work item per (head, token). Handed to the kernel together, so that it
+      // loads each K/V row once for them: consecutive tokens of one head and one sequence
+      // (prompts), or, for a single token (decode), consecutive heads of one GQA group, which
+      // read the same K/V head (query rows hd apart in the q row).
       const int64_t items = int64_t(hp.n_head) * n;
       pool.run([&](int ith, int nth) {
         int64_t i0, i1;
         split_range(items, 1, ith, nth, &i0, &i1);
-        float* scratch = buf.scores.data() + static_cast<size_t>(ith) * (n_ctx + 2 * hd);
+        float* scratch =
+            buf.scores.data() + static_cast<size_t>(ith * attention_scratch_floats(n_ctx, hd));
+        int same_visible[kAttentionRows];
         while (i0 < i1) {
           const int h = static_cast<int>(i0 / n);
           const int t = static_cast<int>(i0 % n);
-          int cnt = static_cast<int>(std::min<int64_t>(i1 - i0, n - t));
-          for (int j = 1; j < cnt; ++j) {
-            if (seq[t + j] != seq[t]) {
-              cnt = j;
-              break;
-            }
-          }
           const int g = h / group;
-          const int64_t region = int64_t(seq[t]) * n_ctx * kv_row_bytes;
           AttentionArgs a;
           a.q = buf.q.data() + t * q_dim + h * hd;
-          a.q_stride = q_dim;
+          a.out = buf.att.data() + t * q_dim + h * hd;
+          int cnt;
+          if (n == 1) {  // heads h .. of group g, up to the range's end and one kernel block
+            cnt = static_cast<int>(std::min<int64_t>({i1 - i0, int64_t(group) * (g + 1) - h,
+                                                      int64_t(kAttentionRows)}));
+            for (int r = 0; r < cnt; ++r) same_visible[r] = visible[0];
+            a.q_stride = hd;
+            a.out_stride = hd;
+            a.n_visible = same_visible;
+          } else {
+            cnt = static_cast<int>(std::min<int64_t>(i1 - i0, n - t));
+            for (int j = 1; j < cnt; ++j) {
+              if (seq[t + j] != seq[t]) {
+                cnt = j;
+                break;
+              }
+            }
+            a.q_stride = q_dim;
+            a.out_stride = q_dim;
+            a.n_visible = visible.data() + t;
+          }
+          const int64_t region = int64_t(seq[t]) * n_ctx * kv_row_bytes;
           a.k = kc + region + g * kv_head_bytes;
           a.v = vc + region + g * kv_head_bytes;
           a.kv_row_bytes = kv_row_bytes;
           a.kv_type = kv_type;
-          a.out = buf.att.data() + t * q_dim + h * hd;
-          a.out_stride = q_dim;
           a.n_q = cnt;
           a.head_dim = static_cast<int>(hd);
-          a.n_visible = visible.data() + t;
           a.scale = attn_scale;
           a.scratch = scratch;
           op.attention(a);

@@ -129,43 +129,59 @@ void rope(float* x, int n_heads, int head_dim, int n_rot, const float* cos_sin, 
 
 void attention(const AttentionArgs& a) {
   const int hd = a.head_dim;
-  // Each query row makes one pass over its visible keys (scores), a softmax in F32 with the
-  // maximum subtracted, and one pass over the values. Rows of a GQA group and consecutive tokens
-  // share the same K/V rows, which stay in cache between rows.
-  float* row = a.scratch;          // one dequantized K or V row
-  float* acc = a.scratch + hd;     // output accumulator
-  float* scores = a.scratch + 2 * hd;
-  for (int r = 0; r < a.n_q; ++r) {
-    const float* q = a.q + r * a.q_stride;
-    float* out = a.out + r * a.out_stride;
-    const int n = a.n_visible[r];
-    float max_score = -INFINITY;
-    for (int t = 0; t < n; ++t) {
+  // Query rows go in blocks of kAttentionRows: one pass over the visible keys loads each K row
+  // once for the block (scores), a softmax per row in F32 with the row's maximum subtracted,
+  // and one pass over the values. Per row the arithmetic and its order are those of a
+  // row-at-a-time kernel; the block only shares the loading of K/V rows (GQA heads of one
+  // decode token, or consecutive tokens of one head in a prompt).
+  float* row = a.scratch;  // one dequantized K or V row
+  for (int r0 = 0; r0 < a.n_q; r0 += kAttentionRows) {
+    const int nr = std::min(kAttentionRows, a.n_q - r0);
+    int nmax = 0;
+    for (int r = 0; r < nr; ++r) nmax = std::max(nmax, a.n_visible[r0 + r]);
+    float* acc = row + hd;                       // [nr][hd] output accumulators
+    float* scores = acc + kAttentionRows * hd;   // [nr][nmax]
+    float max_score[kAttentionRows], sum[kAttentionRows];
+    for (int r = 0; r < nr; ++r) max_score[r] = -INFINITY;
+    for (int t = 0; t < nmax; ++t) {
       load_kv_row(a, a.k, t, row);
-      const float s = dot(q, row, hd) * a.scale;
-      scores[t] = s;
-      max_score = std::max(max_score, s);
+      for (int r = 0; r < nr; ++r) {
+        if (t >= a.n_visible[r0 + r]) continue;
+        const float s = dot(a.q + (r0 + r) * a.q_stride, row, hd) * a.scale;
+        scores[r * nmax + t] = s;
+        max_score[r] = std::max(max_score[r], s);
+      }
     }
-    float sum = 0.0f;
-    int t = 0;
-    const vf vmax = vset1(max_score);
-    for (; t + VN <= n; t += VN) {
-      const vf e = vexp(vadd(vload(scores + t), vmul(vmax, vset1(-1.0f))));
-      vstore(scores + t, e);
-      sum += vsum(e);
+    for (int r = 0; r < nr; ++r) {
+      float* sc = scores + r * nmax;
+      const int n = a.n_visible[r0 + r];
+      float total = 0.0f;
+      int t = 0;
+      const vf vmax = vset1(max_score[r]);
+      for (; t + VN <= n; t += VN) {
+        const vf e = vexp(vadd(vload(sc + t), vmul(vmax, vset1(-1.0f))));
+        vstore(sc + t, e);
+        total += vsum(e);
+      }
+      for (; t < n; ++t) {
+        const float e = std::exp(sc[t] - max_score[r]);
+        sc[t] = e;
+        total += e;
+      }
+      sum[r] = total;
+      for (int i = 0; i < hd; ++i) acc[r * hd + i] = 0.0f;
     }
-    for (; t < n; ++t) {
-      const float e = std::exp(scores[t] - max_score);
-      scores[t] = e;
-      sum += e;
-    }
-    for (int i = 0; i < hd; ++i) acc[i] = 0.0f;
-    for (int t = 0; t < n; ++t) {
+    for (int t = 0; t < nmax; ++t) {
       load_kv_row(a, a.v, t, row);
-      axpy(scores[t], row, acc, hd);
+      for (int r = 0; r < nr; ++r) {
+        if (t < a.n_visible[r0 + r]) axpy(scores[r * nmax + t], row, acc + r * hd, hd);
+      }
     }
-    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-    for (int i = 0; i < hd; ++i) out[i] = acc[i] * inv;
+    for (int r = 0; r < nr; ++r) {
+      float* out = a.out + (r0 + r) * a.out_stride;
+      const float inv = sum[r] > 0.0f ? 1.0f / sum[r] : 0.0f;
+      for (int i = 0; i < hd; ++i) out[i] = acc[r * hd + i] * inv;
+    }
   }
 }
 

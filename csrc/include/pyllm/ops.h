@@ -28,8 +28,15 @@ struct AttentionArgs {
   // Causal limit: query row r sees positions [0, n_visible[r]).
   const int* n_visible;
   float scale;           // usually 1/sqrt(head_dim)
-  float* scratch;        // >= max(n_visible) + 2 * head_dim floats
+  float* scratch;        // >= attention_scratch_floats(max(n_visible), head_dim) floats
 };
+
+// Query rows the attention kernel handles together: each K/V row is loaded (converted from
+// f16 / Q8_0) once per block of rows, e.g. once for all query heads of a GQA group in decode.
+constexpr int kAttentionRows = 4;
+constexpr int64_t attention_scratch_floats(int64_t n_ctx, int64_t head_dim) {
+  return kAttentionRows * (n_ctx + head_dim) + head_dim;
+}
 
 struct OpsTable {
   // y = x / rms(x) * w   (n floats; w may be null for no weight)
