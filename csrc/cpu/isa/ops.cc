@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "cpu/fast_exp.h"
 #include "cpu/isa/simd.h"
 #include "pyllm/fp16.h"
 #include "pyllm/ops.h"
@@ -85,20 +86,8 @@ void rms_norm(const float* x, const float* w, float* y, int64_t n, float eps) {
   }
 }
 
-void swiglu(const float* gate, const float* up, float* out, int64_t n) {
-  int64_t i = 0;
-  for (; i + VN <= n; i += VN) {
-    const vf g = vload(gate + i);
-    const vf e = vexp(vmul(g, vset1(-1.0f)));
-    float ev[VN], gv[VN];  // the division stays scalar-exact: g / (1 + e) * up
-    vstore(ev, e);
-    vstore(gv, g);
-    for (int j = 0; j < VN; ++j) out[i + j] = gv[j] / (1.0f + ev[j]) * up[i + j];
-  }
-  for (; i < n; ++i) {
-    const float g = gate[i];
-    out[i] = g / (1.0f + std::exp(-g)) * up[i];
-  }
+PYLLM_VECTOR_SELECTS void swiglu(const float* gate, const float* up, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = silu(gate[i]) * up[i];
 }
 
 void add(float* y, const float* x, int64_t n) {
@@ -154,21 +143,7 @@ void attention(const AttentionArgs& a) {
     }
     for (int r = 0; r < nr; ++r) {
       float* sc = scores + r * nmax;
-      const int n = a.n_visible[r0 + r];
-      float total = 0.0f;
-      int t = 0;
-      const vf vmax = vset1(max_score[r]);
-      for (; t + VN <= n; t += VN) {
-        const vf e = vexp(vadd(vload(sc + t), vmul(vmax, vset1(-1.0f))));
-        vstore(sc + t, e);
-        total += vsum(e);
-      }
-      for (; t < n; ++t) {
-        const float e = std::exp(sc[t] - max_score[r]);
-        sc[t] = e;
-        total += e;
-      }
-      sum[r] = total;
+      sum[r] = static_cast<float>(exp_shifted(sc, max_score[r], sc, a.n_visible[r0 + r]));
       for (int i = 0; i < hd; ++i) acc[r * hd + i] = 0.0f;
     }
     for (int t = 0; t < nmax; ++t) {

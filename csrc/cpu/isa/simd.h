@@ -5,7 +5,6 @@
 // Included only by csrc/cpu/isa/*.cc, which the build compiles once per ISA with PYLLM_ISA_<NAME>.
 #pragma once
 
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -118,63 +117,6 @@ inline vf vload_bf16(const bf16_t* p) {
   vf r;
   for (int i = 0; i < VN; ++i) r.v[i] = bf16_to_f32(p[i]);
   return r;
-}
-#endif
-
-// e^x for every lane. x86: Cephes-style range reduction x = n ln2 + r, |r| <= ln2 / 2, and a
-// degree-6 polynomial for e^r (relative error ~2 ulp; tests/test_ops.py checks SwiGLU, which
-// uses it, against float64 on every ISA); inputs are clamped to [-87.3, 88.7], where
-// expf under/overflows, with NaN kept (max/min take their second operand when one is NaN). The
-// softmax and SwiGLU used libm's scalar expf per element, which at a few thousand positions
-// of context cost as much as the whole decode step of a small model. Other ISAs: std::exp.
-#if defined(PYLLM_X86_SIMD)
-#if defined(PYLLM_ISA_AVX512)
-inline vf vexp(vf x) {
-  const vf lo = vset1(-87.3f), hi = vset1(88.7f);
-  x = _mm512_min_ps(hi, _mm512_max_ps(lo, x));
-  const vf n = _mm512_roundscale_ps(vmul(x, vset1(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  vf r = vfma(n, vset1(-0.693359375f), x);
-  r = vfma(n, vset1(2.12194440e-4f), r);
-  vf p = vset1(1.9875691500e-4f);
-  p = vfma(p, r, vset1(1.3981999507e-3f));
-  p = vfma(p, r, vset1(8.3334519073e-3f));
-  p = vfma(p, r, vset1(4.1665795894e-2f));
-  p = vfma(p, r, vset1(1.6666665459e-1f));
-  p = vfma(p, r, vset1(5.0000001201e-1f));
-  const vf y = vadd(vfma(p, vmul(r, r), r), vset1(1.0f));
-  return _mm512_scalef_ps(y, n);  // y * 2^n, exact
-}
-#else
-inline vf vexp(vf x) {
-  const vf lo = vset1(-87.3f), hi = vset1(88.7f);
-  x = _mm256_min_ps(hi, _mm256_max_ps(lo, x));
-  const vf n = _mm256_round_ps(vmul(x, vset1(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  vf r = vfma(n, vset1(-0.693359375f), x);
-  r = vfma(n, vset1(2.12194440e-4f), r);
-  vf p = vset1(1.9875691500e-4f);
-  p = vfma(p, r, vset1(1.3981999507e-3f));
-  p = vfma(p, r, vset1(8.3334519073e-3f));
-  p = vfma(p, r, vset1(4.1665795894e-2f));
-  p = vfma(p, r, vset1(1.6666665459e-1f));
-  p = vfma(p, r, vset1(5.0000001201e-1f));
-  const vf y = vadd(vfma(p, vmul(r, r), r), vset1(1.0f));
-  // 2^n as float bits: (n + 127) << 23; n is in [-126, 128] after the clamp, so split it in
-  // two halves to stay within the normal exponent range at both ends.
-  const __m256i ni = _mm256_cvtps_epi32(n);
-  const __m256i n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
-  const vf s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, _mm256_set1_epi32(127)), 23));
-  const vf s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, _mm256_set1_epi32(127)), 23));
-  return vmul(vmul(y, s1), s2);
-}
-#endif
-#else
-inline vf vexp(vf x) {
-  float t[VN];
-  vstore(t, x);
-  for (int i = 0; i < VN; ++i) t[i] = std::exp(t[i]);
-  return vload(t);
 }
 #endif
 
