@@ -146,67 +146,44 @@ void store(const MatArgs& a, int64_t t0, int64_t row, const __m512* acc) {
   for (int t = 0; t < NT; ++t) _mm512_storeu_ps(a.y + (t0 + t) * a.ldy + row, acc[t]);
 }
 
-// Q4_0: w = d (u - 8). Group block: d[16] f16, then 4 chunks of 16 rows x 4 code bytes.
-template <int NT>
-struct R16Q4_0 {
-  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
-    const int64_t nb = a.k / 32, gbb = 32 + 256;
-    const Tokens<NT> tk(a, t0);
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
-    for (int64_t g = r0 / 16; g < r1 / 16; ++g) {
-      const uint8_t* p = a.w + g * nb * gbb;
-      __m512 acc[NT];
-      for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
-      for (int64_t b = 0; b < nb; ++b, p += gbb) {
-        const __m512 d = f16x16(p);
-        __m512i ih[NT], il[NT];
-        for (int t = 0; t < NT; ++t) ih[t] = il[t] = _mm512_setzero_si512();
-        for (int c = 0; c < 4; ++c) {
-          const __m512i z = load64(p + 32 + 64 * c);
-          tk.dot(_mm512_and_si512(z, m4), 32 * b + 4 * c, ih, il);
-          tk.dot(_mm512_and_si512(_mm512_srli_epi16(z, 4), m4), 32 * b + 16 + 4 * c, ih, il);
+// Q4_0: w = d (u - 8), group block d[16] f16 then 4 chunks of 16 rows x 4 code bytes.
+// Q4_1: w = d u + m, group block d[16], m[16] f16 then the same chunks; the min term uses the
+// exact F32 block sums of x.
+template <bool kMin>
+struct R16Q4 {
+  template <int NT>
+  struct K {
+    static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+      constexpr int64_t hdr = kMin ? 64 : 32;
+      const int64_t nb = a.k / 32, gbb = hdr + 256;
+      const Tokens<NT> tk(a, t0);
+      const __m512i m4 = _mm512_set1_epi8(0x0F);
+      for (int64_t g = r0 / 16; g < r1 / 16; ++g) {
+        const uint8_t* p = a.w + g * nb * gbb;
+        __m512 acc[NT];
+        for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; ++b, p += gbb) {
+          const __m512 d = f16x16(p);
+          __m512i ih[NT], il[NT];
+          for (int t = 0; t < NT; ++t) ih[t] = il[t] = _mm512_setzero_si512();
+          for (int c = 0; c < 4; ++c) {
+            const __m512i z = load64(p + hdr + 64 * c);
+            tk.dot(_mm512_and_si512(z, m4), 32 * b + 4 * c, ih, il);
+            tk.dot(_mm512_and_si512(_mm512_srli_epi16(z, 4), m4), 32 * b + 16 + 4 * c, ih, il);
+          }
+          for (int t = 0; t < NT; ++t) {
+            const int32_t off = kMin ? 0 : -8 * (tk.s16[t][2 * b] + tk.s16[t][2 * b + 1]);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes_total(ih[t], il[t], off)),
+                                     _mm512_mul_ps(d, _mm512_set1_ps(tk.dx[t][b])), acc[t]);
+            if constexpr (kMin) {
+              acc[t] = _mm512_fmadd_ps(f16x16(p + 32), _mm512_set1_ps(tk.xsum[t][b]), acc[t]);
+            }
+          }
         }
-        for (int t = 0; t < NT; ++t) {
-          const int32_t off = -8 * (tk.s16[t][2 * b] + tk.s16[t][2 * b + 1]);
-          acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes_total(ih[t], il[t], off)),
-                                   _mm512_mul_ps(d, _mm512_set1_ps(tk.dx[t][b])), acc[t]);
-        }
+        store<NT>(a, t0, 16 * g, acc);
       }
-      store<NT>(a, t0, 16 * g, acc);
     }
-  }
-};
-
-// Q4_1: w = d u + m. Group block: d[16], m[16] f16, then 4 chunks as Q4_0; the min term uses
-// the exact F32 block sums of x.
-template <int NT>
-struct R16Q4_1 {
-  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
-    const int64_t nb = a.k / 32, gbb = 64 + 256;
-    const Tokens<NT> tk(a, t0);
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
-    for (int64_t g = r0 / 16; g < r1 / 16; ++g) {
-      const uint8_t* p = a.w + g * nb * gbb;
-      __m512 acc[NT];
-      for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
-      for (int64_t b = 0; b < nb; ++b, p += gbb) {
-        const __m512 d = f16x16(p), mn = f16x16(p + 32);
-        __m512i ih[NT], il[NT];
-        for (int t = 0; t < NT; ++t) ih[t] = il[t] = _mm512_setzero_si512();
-        for (int c = 0; c < 4; ++c) {
-          const __m512i z = load64(p + 64 + 64 * c);
-          tk.dot(_mm512_and_si512(z, m4), 32 * b + 4 * c, ih, il);
-          tk.dot(_mm512_and_si512(_mm512_srli_epi16(z, 4), m4), 32 * b + 16 + 4 * c, ih, il);
-        }
-        for (int t = 0; t < NT; ++t) {
-          acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes_total(ih[t], il[t], 0)),
-                                   _mm512_mul_ps(d, _mm512_set1_ps(tk.dx[t][b])), acc[t]);
-          acc[t] = _mm512_fmadd_ps(mn, _mm512_set1_ps(tk.xsum[t][b]), acc[t]);
-        }
-      }
-      store<NT>(a, t0, 16 * g, acc);
-    }
-  }
+  };
 };
 
 // Q8_0: w = d q, q signed. hi is dotted with q + 128 (unsigned) and corrected by -128 sum(hi).
@@ -377,8 +354,8 @@ void by_groups(const MatArgs& a, int64_t r0, int64_t r1) {
 
 // Installs the rows16 kernels in the AVX-512 table (row ranges must be multiples of 16).
 void install_r16_matvec(KernelTable& t) {
-  t.matvec_r16[static_cast<int>(QType::Q4_0)] = &by_groups<R16Q4_0>;
-  t.matvec_r16[static_cast<int>(QType::Q4_1)] = &by_groups<R16Q4_1>;
+  t.matvec_r16[static_cast<int>(QType::Q4_0)] = &by_groups<R16Q4<false>::K>;
+  t.matvec_r16[static_cast<int>(QType::Q4_1)] = &by_groups<R16Q4<true>::K>;
   t.matvec_r16[static_cast<int>(QType::Q8_0)] = &by_groups<R16Q8_0>;
   t.matvec_r16[static_cast<int>(QType::Q4_K)] = &by_groups<R16Q4_K>;
   t.matvec_r16[static_cast<int>(QType::Q6_K)] = &by_groups<R16Q6_K, 2>;
