@@ -42,6 +42,9 @@ struct KernelTable {
   // Decode-shaped kernels over the rows16 layout (pyllm/repack.h), row ranges in multiples of
   // 16; null where the ISA has none (matmul then unpacks groups for the kernels above).
   RowsFn matvec_r16[kMaxTypeId];
+  // Prefill-shaped kernels over the rows16 layout (row ranges in multiples of 16); null where
+  // the ISA has none (matmul then unpacks groups to GGUF rows for matmat).
+  RowsFn matmat_r16[kMaxTypeId];
   // From this many tokens on, matmat beats matvec (measured per ISA on Zen4; the crossover is
   // where decoding a panel once stops costing more than decoding each block per 4 tokens).
   int matmat_min_tokens;

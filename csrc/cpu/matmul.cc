@@ -93,7 +93,7 @@ int64_t row_bytes_of(QType t, int64_t k) {
   return k / l.block * l.bytes;
 }
 
-// Rows16 weights: the ISA's rows16 kernel for decode-sized problems; otherwise the thread's
+// Rows16 weights: the ISA's rows16 kernels where it has them; otherwise the thread's
 // rows are unpacked to GGUF rows in thread-local scratch, piece by piece, and handed to the
 // usual kernel (one copy of the rows, small next to a matmat's per-token work).
 void rows16_part(const MatmulParams& p, const MatArgs& a, int ith, int nth) {
@@ -103,6 +103,11 @@ void rows16_part(const MatmulParams& p, const MatArgs& a, int ith, int nth) {
   if (p.n_tokens < t.matmat_min_tokens && t.matvec_r16[id] != nullptr) {
     split_range(p.n_out, kRepackRows, ith, nth, &b, &e);
     if (b < e) t.matvec_r16[id](a, b, e);
+    return;
+  }
+  if (p.n_tokens >= t.matmat_min_tokens && t.matmat_r16[id] != nullptr) {
+    split_range(p.n_out, 32, ith, nth, &b, &e);  // 32-row panels; the last may have 16
+    if (b < e) t.matmat_r16[id](a, b, e);
     return;
   }
   int64_t grain = 1;

@@ -37,7 +37,8 @@ struct Buffers {
   std::vector<float> scores;  // per-thread attention scratch: n_threads * n_ctx
   // Per-call bookkeeping, kept here so a decode step allocates nothing once warmed up.
   std::vector<int> visible, pos, added, rows;
-  std::vector<int64_t> kv_row;
+  std::vector<int> runs;  // first token of each run of consecutive tokens of one sequence
+  std::vector<int64_t> kv_row, run_cost;
   std::vector<int32_t> seq;
   std::vector<uint8_t> want;
   void resize(const HParams& hp, int n_batch, int n_ctx, int n_threads) {
@@ -179,6 +180,20 @@ struct Context::Impl {
       visible[t] = pos[t] + 1;
       kv_row[t] = int64_t(seq[t]) * n_ctx + pos[t];
     }
+    std::vector<int>& runs = buf.runs;
+    runs.clear();
+    for (int t = 0; t < n; ++t) {
+      if (t == 0 || seq[t] != seq[t - 1]) runs.push_back(t);
+    }
+    // cost of one grid of each run (group rows per token, each its visible keys)
+    std::vector<int64_t>& run_cost = buf.run_cost;
+    run_cost.assign(runs.size(), 0);
+    int64_t run_cost_total = 0;
+    for (size_t ri = 0; ri < runs.size(); ++ri) {
+      const int end = ri + 1 < runs.size() ? runs[ri + 1] : n;
+      for (int t = runs[ri]; t < end; ++t) run_cost[ri] += int64_t(group) * visible[t];
+      run_cost_total += run_cost[ri] * hp.n_head_kv;
+    }
 
     for (int il = 0; il < hp.n_layer; ++il) {
       const LayerWeights& L = w.layers[il];
@@ -204,55 +219,53 @@ struct Context::Impl {
         }
       });
 
-      // Attention: one work item per (head, token). Handed to the kernel together, so that it
-      // loads each K/V row once for them: consecutive tokens of one head and one sequence
-      // (prompts), or, for a single token (decode), consecutive heads of one GQA group, which
-      // read the same K/V head (query rows hd apart in the q row).
-      const int64_t items = int64_t(hp.n_head) * n;
+      // Attention: a run of consecutive tokens of one sequence and the query heads of one KV
+      // group form one grid of rows (see AttentionArgs), which the kernel takes in blocks that
+      // load each K/V row once: the heads of a GQA group for a decode token, heads and tokens
+      // for a prompt. Threads get contiguous row ranges of equal cost (a row costs its number
+      // of visible keys, so causal prompts split evenly too).
       pool.run([&](int ith, int nth) {
-        int64_t i0, i1;
-        split_range(items, 1, ith, nth, &i0, &i1);
+        const int64_t c0 = run_cost_total * ith / nth, c1 = run_cost_total * (ith + 1) / nth;
         float* scratch =
             buf.scores.data() + static_cast<size_t>(ith * attention_scratch_floats(n_ctx, hd));
-        int same_visible[kAttentionRows];
-        while (i0 < i1) {
-          const int h = static_cast<int>(i0 / n);
-          const int t = static_cast<int>(i0 % n);
-          const int g = h / group;
-          AttentionArgs a;
-          a.q = buf.q.data() + t * q_dim + h * hd;
-          a.out = buf.att.data() + t * q_dim + h * hd;
-          int cnt;
-          if (n == 1) {  // heads h .. of group g, up to the range's end and one kernel block
-            cnt = static_cast<int>(std::min<int64_t>({i1 - i0, int64_t(group) * (g + 1) - h,
-                                                      int64_t(kAttentionRows)}));
-            for (int r = 0; r < cnt; ++r) same_visible[r] = visible[0];
-            a.q_stride = hd;
-            a.out_stride = hd;
-            a.n_visible = same_visible;
-          } else {
-            cnt = static_cast<int>(std::min<int64_t>(i1 - i0, n - t));
-            for (int j = 1; j < cnt; ++j) {
-              if (seq[t + j] != seq[t]) {
-                cnt = j;
-                break;
-              }
+        int64_t cum = 0;  // cost of the rows before the current grid
+        for (size_t ri = 0; ri < runs.size() && cum < c1; ++ri) {
+          const int t = runs[ri];
+          const int len = (ri + 1 < runs.size() ? runs[ri + 1] : n) - t;
+          const int64_t region = int64_t(seq[t]) * n_ctx * kv_row_bytes;
+          for (int g = 0; g < hp.n_head_kv && cum < c1; ++g) {
+            if (cum + run_cost[ri] <= c0) {  // the whole grid precedes this thread's range
+              cum += run_cost[ri];
+              continue;
             }
+            // rows whose cost starts in [c0, c1) (row l: token t + l / group)
+            int lo = -1, hi = 0;
+            for (int l = 0; l < len * group; ++l) {
+              if (cum >= c0 && cum < c1) {
+                if (lo < 0) lo = l;
+                hi = l + 1;
+              }
+              cum += visible[t + l / group];
+            }
+            if (lo < 0) continue;
+            AttentionArgs a;
+            a.q = buf.q.data() + t * q_dim + int64_t(g) * group * hd;
+            a.out = buf.att.data() + t * q_dim + int64_t(g) * group * hd;
             a.q_stride = q_dim;
             a.out_stride = q_dim;
+            a.n_heads = group;
+            a.first_row = lo;
+            a.n_q = hi - lo;
             a.n_visible = visible.data() + t;
+            a.k = kc + region + g * kv_head_bytes;
+            a.v = vc + region + g * kv_head_bytes;
+            a.kv_row_bytes = kv_row_bytes;
+            a.kv_type = kv_type;
+            a.head_dim = static_cast<int>(hd);
+            a.scale = attn_scale;
+            a.scratch = scratch;
+            op.attention(a);
           }
-          const int64_t region = int64_t(seq[t]) * n_ctx * kv_row_bytes;
-          a.k = kc + region + g * kv_head_bytes;
-          a.v = vc + region + g * kv_head_bytes;
-          a.kv_row_bytes = kv_row_bytes;
-          a.kv_type = kv_type;
-          a.n_q = cnt;
-          a.head_dim = static_cast<int>(hd);
-          a.scale = attn_scale;
-          a.scratch = scratch;
-          op.attention(a);
-          i0 += cnt;
         }
       });
 

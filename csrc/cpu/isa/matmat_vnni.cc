@@ -22,6 +22,7 @@
 #include "cpu/isa/decode.h"
 #include "cpu/isa/simd.h"
 #include "cpu/kernel_table.h"
+#include "pyllm/repack.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positives in its headers
@@ -327,11 +328,194 @@ void micro_upto(int nt, const int16_t* P, const float* S, const float* O, int ng
   }
 }
 
+// Panel packing: R rows x kc weights of a k-chunk into the micro-kernel's operands, i.e.
+// pairs[kc/2][R] (two int16 codes per int32), scales[kc/32 * kSubs][R] and offsets[kc/32][R].
+// Rows past nr are zero.
+
+// From GGUF rows: the scalar decoders above, one row at a time.
 template <QType T>
+struct GgufPanel {
+  static void pack(const MatArgs& a, int64_t o0, int nr, int64_t k0, int64_t kc, int32_t* pairs,
+                   float* scales, float* offsets) {
+    using F = IntFmt<T>;
+    using Block = typename F::Block;
+    constexpr int G = F::B / 32;  // groups per block
+    alignas(64) int16_t u[F::B];
+    float s[G * F::kSubs], o[G];
+    const int ngroups = static_cast<int>(kc / 32);
+    for (int r = 0; r < R; ++r) {
+      if (r >= nr) {
+        for (int64_t p = 0; p < kc / 2; ++p) pairs[p * R + r] = 0;
+        for (int g = 0; g < ngroups; ++g) {
+          offsets[g * R + r] = 0.0f;
+          for (int h = 0; h < F::kSubs; ++h) scales[(g * F::kSubs + h) * R + r] = 0.0f;
+        }
+        continue;
+      }
+      const Block* row = reinterpret_cast<const Block*>(a.w + (o0 + r) * a.row_bytes);
+      for (int64_t b = 0; b < kc / F::B; ++b) {
+        F::decode(row + k0 / F::B + b, u, s, o);
+        for (int g = 0; g < G; ++g) {
+          const int gi = static_cast<int>(b * G + g);
+          for (int h = 0; h < F::kSubs; ++h) {
+            scales[(gi * F::kSubs + h) * R + r] = s[g * F::kSubs + h];
+          }
+          offsets[gi * R + r] = o[g];
+          for (int p = 0; p < 16; ++p) {
+            int32_t pr;
+            std::memcpy(&pr, u + 32 * g + 2 * p, 4);
+            pairs[(gi * 16 + p) * R + r] = pr;
+          }
+        }
+      }
+    }
+  }
+};
+
+// From the rows16 layout (pyllm/repack.h): a 64-byte body chunk holds 4 code bytes of each of
+// 16 rows, one row per 32-bit lane, so a few shuffles per chunk give the pair vectors of 16
+// rows directly (the scalar GGUF decode above cost ~13 % of a 1.1B prefill). Codes, scales and
+// offsets are exactly those of GgufPanel, so both layouts give identical results.
+inline __m512i bytes_ctl(int b0, int b1, int b2, int b3) {
+  // per 32-bit lane: bytes b0, b1, b2, b3 of the lane (-1: zero), for the 4 lanes of 128 bits
+  __m128i c = _mm_setzero_si128();
+  alignas(16) int8_t v[16];
+  for (int i = 0; i < 4; ++i) {
+    const int b[4] = {b0, b1, b2, b3};
+    for (int j = 0; j < 4; ++j) v[4 * i + j] = static_cast<int8_t>(b[j] < 0 ? -128 : 4 * i + b[j]);
+  }
+  c = _mm_load_si128(reinterpret_cast<const __m128i*>(v));
+  return _mm512_broadcast_i32x4(c);
+}
+
+struct PairCtl {
+  __m512i lo01 = bytes_ctl(0, -1, 1, -1), lo23 = bytes_ctl(2, -1, 3, -1);  // zero-extend
+  __m512i hi01 = bytes_ctl(-1, 0, -1, 1), hi23 = bytes_ctl(-1, 2, -1, 3);  // into high bytes
+};
+
+// 16 rows x 4 unsigned codes (bytes < 128) -> pairs p, p + 1 of the rows' 16 lanes, minus bias.
+inline void put_unsigned(const PairCtl& c, __m512i z, int16_t bias, int32_t* pairs, int gi, int p,
+                         int half) {
+  const __m512i vb = _mm512_set1_epi16(bias);
+  int32_t* d = pairs + (gi * 16 + p) * R + 16 * half;
+  _mm512_storeu_si512(d, _mm512_sub_epi16(_mm512_shuffle_epi8(z, c.lo01), vb));
+  _mm512_storeu_si512(d + R, _mm512_sub_epi16(_mm512_shuffle_epi8(z, c.lo23), vb));
+}
+
+// 16 rows x 4 signed bytes -> pairs p, p + 1 (sign-extended through the high byte).
+inline void put_signed(const PairCtl& c, __m512i z, int32_t* pairs, int gi, int p, int half) {
+  int32_t* d = pairs + (gi * 16 + p) * R + 16 * half;
+  _mm512_storeu_si512(d, _mm512_srai_epi16(_mm512_shuffle_epi8(z, c.hi01), 8));
+  _mm512_storeu_si512(d + R, _mm512_srai_epi16(_mm512_shuffle_epi8(z, c.hi23), 8));
+}
+
+inline __m512 f16x16(const uint8_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512 u8x16(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(
+      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m512 s8x16(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline void put16(float* dst, int idx, int half, __m512 v) {
+  _mm512_storeu_ps(dst + idx * R + 16 * half, v);
+}
+
+template <QType T>
+struct R16Panel {
+  static void pack(const MatArgs& a, int64_t o0, int nr, int64_t k0, int64_t kc, int32_t* pairs,
+                   float* scales, float* offsets) {
+    using F = IntFmt<T>;
+    static const PairCtl ctl;
+    const int64_t nb = a.k / F::B, gbb = repack_group_block_bytes(T);
+    const int ngroups = static_cast<int>(kc / 32);
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
+    for (int half = 0; half < 2; ++half) {
+      if (16 * half >= nr) {  // rows past the matrix (a 16-row tail panel)
+        for (int64_t p = 0; p < kc / 2; ++p) {
+          _mm512_storeu_si512(pairs + p * R + 16 * half, _mm512_setzero_si512());
+        }
+        for (int g = 0; g < ngroups; ++g) {
+          put16(offsets, g, half, _mm512_setzero_ps());
+          for (int h = 0; h < F::kSubs; ++h) put16(scales, g * F::kSubs + h, half, _mm512_setzero_ps());
+        }
+        continue;
+      }
+      const uint8_t* grp = a.w + (o0 + 16 * half) / 16 * nb * gbb;
+      for (int64_t b = 0; b < kc / F::B; ++b) {
+        const uint8_t* p = grp + (k0 / F::B + b) * gbb;
+        const int g0 = static_cast<int>(b * (F::B / 32));  // first group of the block
+        if constexpr (T == QType::Q4_0 || T == QType::Q4_1) {
+          const int hdr = T == QType::Q4_1 ? 64 : 32;
+          put16(scales, g0, half, f16x16(p));
+          put16(offsets, g0, half, T == QType::Q4_1 ? f16x16(p + 32) : _mm512_setzero_ps());
+          const int16_t bias = T == QType::Q4_0 ? 8 : 0;
+          for (int c = 0; c < 4; ++c) {
+            const __m512i z = _mm512_loadu_si512(p + hdr + 64 * c);
+            put_unsigned(ctl, _mm512_and_si512(z, m4), bias, pairs, g0, 2 * c, half);
+            put_unsigned(ctl, _mm512_and_si512(_mm512_srli_epi16(z, 4), m4), bias, pairs, g0,
+                         8 + 2 * c, half);
+          }
+        } else if constexpr (T == QType::Q8_0) {
+          put16(scales, g0, half, f16x16(p));
+          put16(offsets, g0, half, _mm512_setzero_ps());
+          for (int c = 0; c < 8; ++c) {
+            put_signed(ctl, _mm512_loadu_si512(p + 32 + 64 * c), pairs, g0, 2 * c, half);
+          }
+        } else if constexpr (T == QType::Q4_K) {
+          const __m512 d = f16x16(p), dmin = f16x16(p + 32);
+          for (int j = 0; j < 8; ++j) {
+            put16(scales, g0 + j, half, _mm512_mul_ps(d, u8x16(p + 64 + 16 * j)));
+            // -(dmin * mn), as the GGUF decoder's -dmin * mn (negation is exact)
+            put16(offsets, g0 + j, half,
+                  _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(dmin, u8x16(p + 192 + 16 * j))));
+          }
+          const uint8_t* body = p + 64 + 256;
+          for (int c = 0; c < 32; ++c) {  // qs[4c..4c+3]: sub-blocks 2 (c / 8) and 2 (c / 8) + 1
+            const __m512i z = _mm512_loadu_si512(body + 64 * c);
+            const int j = 2 * (c / 8), pp = 2 * (c % 8);
+            put_unsigned(ctl, _mm512_and_si512(z, m4), 0, pairs, g0 + j, pp, half);
+            put_unsigned(ctl, _mm512_and_si512(_mm512_srli_epi16(z, 4), m4), 0, pairs, g0 + j + 1,
+                         pp, half);
+          }
+        } else if constexpr (T == QType::Q6_K) {
+          const __m512 d = f16x16(p);
+          for (int j = 0; j < 16; ++j) put16(scales, 2 * g0 + j, half, _mm512_mul_ps(d, s8x16(p + 32 + 16 * j)));
+          for (int g = 0; g < 8; ++g) put16(offsets, g0 + g, half, _mm512_setzero_ps());
+          const uint8_t* body = p + 32 + 256;
+          for (int hh = 0; hh < 2; ++hh) {
+            for (int c = 0; c < 8; ++c) {
+              const uint8_t* ch = body + 64 * (24 * hh + 3 * c);
+              const __m512i A = _mm512_loadu_si512(ch), B = _mm512_loadu_si512(ch + 64),
+                            H = _mm512_loadu_si512(ch + 128);
+              // (low & 0x0F) | (high & 0x30): codes 0..63 of elements 128 hh + 32 m + 4 c ..
+              const __m512i q0 = _mm512_ternarylogic_epi32(_mm512_and_si512(A, m4),
+                                                           _mm512_slli_epi16(H, 4), m30, 0xF8);
+              const __m512i q1 = _mm512_ternarylogic_epi32(_mm512_and_si512(B, m4),
+                                                           _mm512_slli_epi16(H, 2), m30, 0xF8);
+              const __m512i q2 = _mm512_ternarylogic_epi32(
+                  _mm512_and_si512(_mm512_srli_epi16(A, 4), m4), H, m30, 0xF8);
+              const __m512i q3 = _mm512_ternarylogic_epi32(
+                  _mm512_and_si512(_mm512_srli_epi16(B, 4), m4), _mm512_srli_epi16(H, 2), m30,
+                  0xF8);
+              put_unsigned(ctl, q0, 32, pairs, g0 + 4 * hh, 2 * c, half);
+              put_unsigned(ctl, q1, 32, pairs, g0 + 4 * hh + 1, 2 * c, half);
+              put_unsigned(ctl, q2, 32, pairs, g0 + 4 * hh + 2, 2 * c, half);
+              put_unsigned(ctl, q3, 32, pairs, g0 + 4 * hh + 3, 2 * c, half);
+            }
+          }
+        }
+      }
+    }
+  }
+};
+
+template <QType T, template <QType> class Panel>
 void matmat16(const MatArgs& a, int64_t r0, int64_t r1) {
   using F = IntFmt<T>;
-  using Block = typename F::Block;
-  constexpr int G = F::B / 32;  // groups per block
   thread_local Acts acts;
   thread_local std::vector<int16_t> panel;
   thread_local std::vector<float> scales, offsets;
@@ -340,8 +524,6 @@ void matmat16(const MatArgs& a, int64_t r0, int64_t r1) {
   scales.resize(static_cast<size_t>(KC / 32) * F::kSubs * R);
   offsets.resize(static_cast<size_t>(KC / 32) * R);
   const int64_t nb32 = a.k / 32;
-  alignas(64) int16_t u[F::B];
-  float s[G * F::kSubs], o[G];
   // k-chunks outside, panels inside: one chunk of every token's activations (n_tokens x KC
   // int16, 512 KiB at 512 tokens) stays in L2 while all panels of the range use it; panels
   // outside made every panel stream all k of all tokens from L3 (369 MB per 5632 x 2048 x 512
@@ -351,33 +533,8 @@ void matmat16(const MatArgs& a, int64_t r0, int64_t r1) {
     for (int64_t o0 = r0; o0 < r1; o0 += R) {
       const int nr = static_cast<int>(std::min<int64_t>(R, r1 - o0));
       const int ngroups = static_cast<int>(kc / 32);
-      int32_t* pairs = reinterpret_cast<int32_t*>(panel.data());  // [kc/2][R] int16 pairs
-      for (int r = 0; r < R; ++r) {
-        if (r >= nr) {
-          for (int64_t p = 0; p < kc / 2; ++p) pairs[p * R + r] = 0;
-          for (int g = 0; g < ngroups; ++g) {
-            offsets[g * R + r] = 0.0f;
-            for (int h = 0; h < F::kSubs; ++h) scales[(g * F::kSubs + h) * R + r] = 0.0f;
-          }
-          continue;
-        }
-        const Block* row = reinterpret_cast<const Block*>(a.w + (o0 + r) * a.row_bytes);
-        for (int64_t b = 0; b < kc / F::B; ++b) {
-          F::decode(row + k0 / F::B + b, u, s, o);
-          for (int g = 0; g < G; ++g) {
-            const int gi = static_cast<int>(b * G + g);
-            for (int h = 0; h < F::kSubs; ++h) {
-              scales[(gi * F::kSubs + h) * R + r] = s[g * F::kSubs + h];
-            }
-            offsets[gi * R + r] = o[g];
-            for (int p = 0; p < 16; ++p) {
-              int32_t pr;
-              std::memcpy(&pr, u + 32 * g + 2 * p, 4);
-              pairs[(gi * 16 + p) * R + r] = pr;
-            }
-          }
-        }
-      }
+      Panel<T>::pack(a, o0, nr, k0, kc, reinterpret_cast<int32_t*>(panel.data()), scales.data(),
+                     offsets.data());
       for (int64_t t0 = 0; t0 < a.n_tokens; t0 += MT) {
         const int nt = static_cast<int>(std::min<int64_t>(MT, a.n_tokens - t0));
         micro_upto<MT, F::kOffset, F::kSubs>(nt, panel.data(), scales.data(), offsets.data(), ngroups,
@@ -394,15 +551,21 @@ void matmat16(const MatArgs& a, int64_t r0, int64_t r1) {
 
 // Installs these kernels as the matmat entries of the AVX-512 table.
 void install_vnni_matmat(KernelTable& t) {
-  t.matmat[static_cast<int>(QType::Q4_0)] = &matmat16<QType::Q4_0>;
-  t.matmat[static_cast<int>(QType::Q4_1)] = &matmat16<QType::Q4_1>;
-  t.matmat[static_cast<int>(QType::Q5_0)] = &matmat16<QType::Q5_0>;
-  t.matmat[static_cast<int>(QType::Q5_1)] = &matmat16<QType::Q5_1>;
-  t.matmat[static_cast<int>(QType::Q8_0)] = &matmat16<QType::Q8_0>;
-  t.matmat[static_cast<int>(QType::Q4_K)] = &matmat16<QType::Q4_K>;
-  t.matmat[static_cast<int>(QType::Q5_K)] = &matmat16<QType::Q5_K>;
-  t.matmat[static_cast<int>(QType::Q3_K)] = &matmat16<QType::Q3_K>;
-  t.matmat[static_cast<int>(QType::Q6_K)] = &matmat16<QType::Q6_K>;
+  t.matmat[static_cast<int>(QType::Q4_0)] = &matmat16<QType::Q4_0, GgufPanel>;
+  t.matmat[static_cast<int>(QType::Q4_1)] = &matmat16<QType::Q4_1, GgufPanel>;
+  t.matmat[static_cast<int>(QType::Q5_0)] = &matmat16<QType::Q5_0, GgufPanel>;
+  t.matmat[static_cast<int>(QType::Q5_1)] = &matmat16<QType::Q5_1, GgufPanel>;
+  t.matmat[static_cast<int>(QType::Q8_0)] = &matmat16<QType::Q8_0, GgufPanel>;
+  t.matmat[static_cast<int>(QType::Q4_K)] = &matmat16<QType::Q4_K, GgufPanel>;
+  t.matmat[static_cast<int>(QType::Q5_K)] = &matmat16<QType::Q5_K, GgufPanel>;
+  t.matmat[static_cast<int>(QType::Q3_K)] = &matmat16<QType::Q3_K, GgufPanel>;
+  t.matmat[static_cast<int>(QType::Q6_K)] = &matmat16<QType::Q6_K, GgufPanel>;
+  // the rows16 layout of every type it exists for (pyllm/repack.h)
+  t.matmat_r16[static_cast<int>(QType::Q4_0)] = &matmat16<QType::Q4_0, R16Panel>;
+  t.matmat_r16[static_cast<int>(QType::Q4_1)] = &matmat16<QType::Q4_1, R16Panel>;
+  t.matmat_r16[static_cast<int>(QType::Q8_0)] = &matmat16<QType::Q8_0, R16Panel>;
+  t.matmat_r16[static_cast<int>(QType::Q4_K)] = &matmat16<QType::Q4_K, R16Panel>;
+  t.matmat_r16[static_cast<int>(QType::Q6_K)] = &matmat16<QType::Q6_K, R16Panel>;
 }
 
 #endif  // PYLLM_ISA_AVX512

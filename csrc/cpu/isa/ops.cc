@@ -121,13 +121,21 @@ void attention(const AttentionArgs& a) {
   // Query rows go in blocks of kAttentionRows: one pass over the visible keys loads each K row
   // once for the block (scores), a softmax per row in F32 with the row's maximum subtracted,
   // and one pass over the values. Per row the arithmetic and its order are those of a
-  // row-at-a-time kernel; the block only shares the loading of K/V rows (GQA heads of one
-  // decode token, or consecutive tokens of one head in a prompt).
+  // row-at-a-time kernel; the block only shares the loading of K/V rows.
   float* row = a.scratch;  // one dequantized K or V row
   for (int r0 = 0; r0 < a.n_q; r0 += kAttentionRows) {
     const int nr = std::min(kAttentionRows, a.n_q - r0);
+    const float* q[kAttentionRows];
+    float* out[kAttentionRows];
+    int vis[kAttentionRows];
     int nmax = 0;
-    for (int r = 0; r < nr; ++r) nmax = std::max(nmax, a.n_visible[r0 + r]);
+    for (int r = 0; r < nr; ++r) {
+      const int l = a.first_row + r0 + r, tok = l / a.n_heads, head = l % a.n_heads;
+      q[r] = a.q + tok * a.q_stride + head * hd;
+      out[r] = a.out + tok * a.out_stride + head * hd;
+      vis[r] = a.n_visible[tok];
+      nmax = std::max(nmax, vis[r]);
+    }
     float* acc = row + hd;                       // [nr][hd] output accumulators
     float* scores = acc + kAttentionRows * hd;   // [nr][nmax]
     float max_score[kAttentionRows], sum[kAttentionRows];
@@ -135,27 +143,26 @@ void attention(const AttentionArgs& a) {
     for (int t = 0; t < nmax; ++t) {
       load_kv_row(a, a.k, t, row);
       for (int r = 0; r < nr; ++r) {
-        if (t >= a.n_visible[r0 + r]) continue;
-        const float s = dot(a.q + (r0 + r) * a.q_stride, row, hd) * a.scale;
+        if (t >= vis[r]) continue;
+        const float s = dot(q[r], row, hd) * a.scale;
         scores[r * nmax + t] = s;
         max_score[r] = std::max(max_score[r], s);
       }
     }
     for (int r = 0; r < nr; ++r) {
       float* sc = scores + r * nmax;
-      sum[r] = static_cast<float>(exp_shifted(sc, max_score[r], sc, a.n_visible[r0 + r]));
+      sum[r] = static_cast<float>(exp_shifted(sc, max_score[r], sc, vis[r]));
       for (int i = 0; i < hd; ++i) acc[r * hd + i] = 0.0f;
     }
     for (int t = 0; t < nmax; ++t) {
       load_kv_row(a, a.v, t, row);
       for (int r = 0; r < nr; ++r) {
-        if (t < a.n_visible[r0 + r]) axpy(scores[r * nmax + t], row, acc + r * hd, hd);
+        if (t < vis[r]) axpy(scores[r * nmax + t], row, acc + r * hd, hd);
       }
     }
     for (int r = 0; r < nr; ++r) {
-      float* out = a.out + (r0 + r) * a.out_stride;
       const float inv = sum[r] > 0.0f ? 1.0f / sum[r] : 0.0f;
-      for (int i = 0; i < hd; ++i) out[i] = acc[r * hd + i] * inv;
+      for (int i = 0; i < hd; ++i) out[r][i] = acc[r * hd + i] * inv;
     }
   }
 }

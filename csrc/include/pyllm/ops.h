@@ -12,28 +12,33 @@
 
 namespace pyllm {
 
-// One attention problem: n_q query rows (one token's heads of one KV group, or several tokens)
-// attending over cached positions of one KV head.
+// One attention problem: query rows of one KV head, laid out as a grid of n_tok tokens x
+// n_heads query heads that share the KV head (the heads of one GQA group are head_dim floats
+// apart in a token's q row). The kernel handles the n_q rows starting at linear index first_row
+// (row l = token l / n_heads, head l % n_heads), so threads can split one grid anywhere.
 struct AttentionArgs {
-  const float* q;        // [n_q][head_dim] query rows
-  int64_t q_stride;      // floats between consecutive query rows
+  const float* q;        // head 0 of token 0 of the grid
+  int64_t q_stride;      // floats between consecutive tokens' query rows
   const uint8_t* k;      // this KV head's slice of cache row 0 (F16 halves or Q8_0 blocks)
   const uint8_t* v;      // same layout as k
   int64_t kv_row_bytes;  // bytes between consecutive positions
   QType kv_type;         // F16, F32 or Q8_0 (head_dim a multiple of 32) cache rows
-  float* out;            // [n_q][head_dim], out_stride floats apart
+  float* out;            // laid out like q, with out_stride floats between tokens
   int64_t out_stride;
-  int n_q;
+  int n_heads;           // query heads per token in the grid (>= 1)
+  int first_row;         // first linear row index to compute
+  int n_q;               // rows to compute
   int head_dim;
-  // Causal limit: query row r sees positions [0, n_visible[r]).
+  // Causal limit per token of the grid: its rows see positions [0, n_visible[token]).
   const int* n_visible;
   float scale;           // usually 1/sqrt(head_dim)
   float* scratch;        // >= attention_scratch_floats(max(n_visible), head_dim) floats
 };
 
 // Query rows the attention kernel handles together: each K/V row is loaded (converted from
-// f16 / Q8_0) once per block of rows, e.g. once for all query heads of a GQA group in decode.
-constexpr int kAttentionRows = 4;
+// f16 / Q8_0) once per block of rows, e.g. once for all query heads of a GQA group in decode,
+// or for several heads and tokens of a prompt.
+constexpr int kAttentionRows = 8;
 constexpr int64_t attention_scratch_floats(int64_t n_ctx, int64_t head_dim) {
   return kAttentionRows * (n_ctx + head_dim) + head_dim;
 }
