@@ -116,8 +116,110 @@ void rope(float* x, int n_heads, int head_dim, int n_rot, const float* cos_sin, 
   }
 }
 
+#if defined(PYLLM_ISA_AVX512)
+// Sums of 16 vectors: lane j of the result is the sum of the 16 lanes of v[j] (a fixed tree, so
+// a key's score does not depend on which other keys share its tile).
+inline __m512 reduce16(__m512* v) {
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; ++i) {
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  const __m512 d0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88),
+                                  _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+  const __m512 d1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88),
+                                  _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x88), _mm512_shuffle_f32x4(d0, d1, 0xDD));
+}
+
+// Tile of kAttentionKeys K or V rows t0.. as floats, [16][hd]; rows past n are zero.
+inline void load_kv_tile(const AttentionArgs& a, const uint8_t* base, int t0, int n, float* tile) {
+  const int hd = a.head_dim;
+  for (int j = 0; j < n; ++j) load_kv_row(a, base, t0 + j, tile + j * hd);
+  for (int j = n; j < kAttentionKeys; ++j) std::memset(tile + j * hd, 0, sizeof(float) * hd);
+}
+
+// Attention with keys in tiles of 16: the scores of a query row against a tile are 16
+// independent dot products whose lane sums come out together (reduce16), instead of one
+// horizontal sum per key; values are accumulated per tile with the row's accumulators loaded
+// once. Per row, the order of the value accumulation is that of the generic kernel below.
+void attention_tiled(const AttentionArgs& a) {
+  const int hd = a.head_dim;
+  constexpr int KT = kAttentionKeys;
+  float* tile = a.scratch;  // [KT][hd]
+  for (int r0 = 0; r0 < a.n_q; r0 += kAttentionRows) {
+    const int nr = std::min(kAttentionRows, a.n_q - r0);
+    const float* q[kAttentionRows];
+    float* out[kAttentionRows];
+    int vis[kAttentionRows];
+    int nmax = 0;
+    for (int r = 0; r < nr; ++r) {
+      const int l = a.first_row + r0 + r, tok = l / a.n_heads, head = l % a.n_heads;
+      q[r] = a.q + tok * a.q_stride + head * hd;
+      out[r] = a.out + tok * a.out_stride + head * hd;
+      vis[r] = a.n_visible[tok];
+      nmax = std::max(nmax, vis[r]);
+    }
+    const int ldsc = (nmax + KT - 1) / KT * KT;
+    float* acc = tile + KT * hd;                // [nr][hd]
+    float* scores = acc + kAttentionRows * hd;  // [nr][ldsc]
+    const __m512 scale = _mm512_set1_ps(a.scale);
+    for (int t0 = 0; t0 < nmax; t0 += KT) {
+      load_kv_tile(a, a.k, t0, std::min(KT, nmax - t0), tile);
+      for (int r = 0; r < nr; ++r) {
+        if (t0 >= vis[r]) continue;
+        __m512 dots[KT];
+        for (int j = 0; j < KT; ++j) dots[j] = _mm512_setzero_ps();
+        for (int d = 0; d < hd; d += 16) {
+          const __m512 qv = _mm512_loadu_ps(q[r] + d);
+          for (int j = 0; j < KT; ++j) {
+            dots[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(tile + j * hd + d), dots[j]);
+          }
+        }
+        _mm512_storeu_ps(scores + r * ldsc + t0, _mm512_mul_ps(reduce16(dots), scale));
+      }
+    }
+    float sum[kAttentionRows];
+    for (int r = 0; r < nr; ++r) {
+      float* sc = scores + r * ldsc;
+      float mx = -INFINITY;
+      for (int t = 0; t < vis[r]; ++t) mx = std::max(mx, sc[t]);
+      sum[r] = static_cast<float>(exp_shifted(sc, mx, sc, vis[r]));
+      std::memset(acc + r * hd, 0, sizeof(float) * hd);
+    }
+    for (int t0 = 0; t0 < nmax; t0 += KT) {
+      load_kv_tile(a, a.v, t0, std::min(KT, nmax - t0), tile);
+      for (int r = 0; r < nr; ++r) {
+        const int n = std::min(KT, vis[r] - t0);
+        if (n <= 0) continue;
+        const float* p = scores + r * ldsc + t0;
+        for (int d = 0; d < hd; d += 16) {
+          __m512 o = _mm512_loadu_ps(acc + r * hd + d);
+          for (int j = 0; j < n; ++j) {
+            o = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_loadu_ps(tile + j * hd + d), o);
+          }
+          _mm512_storeu_ps(acc + r * hd + d, o);
+        }
+      }
+    }
+    for (int r = 0; r < nr; ++r) {
+      const float inv = sum[r] > 0.0f ? 1.0f / sum[r] : 0.0f;
+      for (int i = 0; i < hd; ++i) out[r][i] = acc[r * hd + i] * inv;
+    }
+  }
+}
+#endif
+
 void attention(const AttentionArgs& a) {
   const int hd = a.head_dim;
+#if defined(PYLLM_ISA_AVX512)
+  if (hd % 16 == 0) return attention_tiled(a);
+#endif
   // Query rows go in blocks of kAttentionRows: one pass over the visible keys loads each K row
   // once for the block (scores), a softmax per row in F32 with the row's maximum subtracted,
   // and one pass over the values. Per row the arithmetic and its order are those of a

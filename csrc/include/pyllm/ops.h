@@ -39,8 +39,11 @@ struct AttentionArgs {
 // f16 / Q8_0) once per block of rows, e.g. once for all query heads of a GQA group in decode,
 // or for several heads and tokens of a prompt.
 constexpr int kAttentionRows = 8;
+// Keys the AVX-512 kernel converts and scores together (a tile of K or V rows).
+constexpr int kAttentionKeys = 16;
 constexpr int64_t attention_scratch_floats(int64_t n_ctx, int64_t head_dim) {
-  return kAttentionRows * (n_ctx + head_dim) + head_dim;
+  // scores [rows][n_ctx rounded up to a tile], accumulators [rows][head_dim], one K/V tile
+  return kAttentionRows * (n_ctx + kAttentionKeys + head_dim) + kAttentionKeys * head_dim;
 }
 
 struct OpsTable {
