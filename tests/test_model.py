@@ -30,9 +30,11 @@ VARIANTS = {
     "gqa": TinySpec(),
     "mha": TinySpec(n_head_kv=4),
     "mqa": TinySpec(n_head_kv=1),
-    "mqa_8_heads": TinySpec(n_head=8, n_head_kv=1),  # a GQA group wider than kAttentionRows
+    "mqa_8_heads": TinySpec(n_head=8, n_head_kv=1),  # a GQA group as wide as kAttentionRows
+    "mqa_12_heads": TinySpec(n_head=12, n_head_kv=1, head_dim=16),  # wider than a row block
     "tied": TinySpec(tied=True),
     "head_dim_32": TinySpec(head_dim=32),
+    "head_dim_24": TinySpec(head_dim=24),  # not a multiple of the AVX-512 attention's 16 lanes
     "partial_rotary": TinySpec(n_rot=8),
     "qwen2_biases": TinySpec(arch="qwen2", biases=True),
     "internlm2": TinySpec(arch="internlm2"),
@@ -88,7 +90,9 @@ def test_q8_kv_cache_needs_whole_blocks(tiny_dir: Path) -> None:
         LLM(tiny(tiny_dir, "gqa"), kv_type="q8_0")
 
 
-@pytest.mark.parametrize("variant", ["gqa", "mha", "mqa", "mqa_8_heads"])
+@pytest.mark.parametrize(
+    "variant", ["gqa", "mha", "mqa", "mqa_8_heads", "mqa_12_heads", "head_dim_24"]
+)
 def test_incremental_decode_matches_batch(tiny_dir: Path, variant: str) -> None:
     # decode hands the heads of a GQA group to the attention kernel together (one K/V load)
     path = tiny(tiny_dir, variant)
