@@ -177,11 +177,24 @@ def sentencepiece_model_from_vocab(vocab: Vocab, add_dummy_prefix: bool | None =
     the ``sentencepiece`` library on a GGUF vocabulary."""
     if vocab.model != "llama":
         raise TokenizerError("only SentencePiece-style (model 'llama') vocabularies convert")
-    out = bytearray()
+    # The pieces, written inline (this runs at every load of such a model: the generic _put
+    # took ~0.35 s for 32,000 pieces). Tags: piece 1 (bytes), score 2 (float), type 3 (varint).
+    small = [bytes((i,)) for i in range(0x80)]  # one-byte varints
+
+    def varint(n: int) -> bytes:
+        return small[n] if 0 <= n < 0x80 else _put_varint(n)
+
+    pack_score = struct.Struct("<f").pack
+    unused = int(TokenType.UNUSED)
+    parts = []
     for text, score, ttype in zip(vocab.tokens, vocab.scores, vocab.types, strict=True):
         # SentencePiece has no UNDEFINED type; such pieces are kept out of its merges as UNUSED.
-        ptype = ttype if ttype != TokenType.UNDEFINED else int(TokenType.UNUSED)
-        out += _put(1, _put(1, text.encode("utf-8")) + _put(2, float(score)) + _put(3, ptype))
+        ptype = int(ttype) if ttype != TokenType.UNDEFINED else unused
+        raw = text.encode("utf-8")
+        piece = (b"\x0a" + varint(len(raw)) + raw + b"\x15" + pack_score(score)
+                 + b"\x18" + varint(ptype))
+        parts.append(b"\x0a" + varint(len(piece)) + piece)
+    out = b"".join(parts)
     ids = vocab.special_ids
     trainer = _put(3, 2) + _put(35, 1)  # model_type = BPE, byte_fallback
     for field, name in ((40, "unk"), (41, "bos"), (42, "eos"), (43, "pad")):
@@ -189,7 +202,7 @@ def sentencepiece_model_from_vocab(vocab: Vocab, add_dummy_prefix: bool | None =
     prefix = vocab.add_space_prefix if add_dummy_prefix is None else add_dummy_prefix
     # name = identity, add_dummy_prefix, remove_extra_whitespaces = false, escape_whitespaces
     normalizer = _put(1, b"identity") + _put(3, int(prefix)) + _put(4, 0) + _put(5, 1)
-    return bytes(out + _put(2, trainer) + _put(3, normalizer))
+    return out + _put(2, trainer) + _put(3, normalizer)
 
 
 # ---- Hugging Face tokenizer.json -----------------------------------------------------------

@@ -11,6 +11,9 @@
 // the unrounded activations. Error bound: the same half-step-per-element bound as the matvec
 // VNNI kernels (see matmul.h); tests check it per type.
 //
+// The panel comes from GGUF rows (scalar decoders, any type) or from the rows16 layout the model
+// repacks its matrices into (vectorized, Q4_0/Q4_1/Q8_0/Q4_K/Q6_K); both give identical panels.
+//
 // Register tile: 32 rows (two vectors of 16 lanes, one row per lane) x 6 tokens, 12 int32 and 12
 // F32 accumulators; every weight pair load is reused by 6 tokens and every activation broadcast
 // by 32 rows. Activations are prepared per call by each thread (k * n_tokens elements, small next
