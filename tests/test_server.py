@@ -682,7 +682,7 @@ def test_throughput_four_streams_vs_one(base_url: str, engine: Engine, llm: LLM)
     print(f"\nserver throughput: {record}")
     # Speed is a measurement, not a pass/fail criterion (no timed assertions in tests): the
     # figures are recorded above and tracked in the performance issue. Measured on the 2-core
-    # box with the rows16 layout: engine 1.85-3.0x, HTTP 2.4-4.7x (4 streams vs 1).
+    # box (pyllm/server/README.md): engine 1.93-2.43x, HTTP 1.87-3.5x (4 streams vs 1).
     assert all(o[0] > 0 and f[0] > 0 for o, f in pairs)
 
 
