@@ -238,14 +238,21 @@ struct Context::Impl {
               cum += run_cost[ri];
               continue;
             }
-            // rows whose cost starts in [c0, c1) (row l: token t + l / group)
+            // rows whose cost starts in [c0, c1) (row l: token t + l / group); only a grid
+            // across a range boundary is walked row by row
             int lo = -1, hi = 0;
-            for (int l = 0; l < len * group; ++l) {
-              if (cum >= c0 && cum < c1) {
-                if (lo < 0) lo = l;
-                hi = l + 1;
+            if (cum >= c0 && cum + run_cost[ri] <= c1) {
+              lo = 0;
+              hi = len * group;
+              cum += run_cost[ri];
+            } else {
+              for (int l = 0; l < len * group && cum < c1; ++l) {
+                if (cum >= c0) {
+                  if (lo < 0) lo = l;
+                  hi = l + 1;
+                }
+                cum += visible[t + l / group];
               }
-              cum += visible[t + l / group];
             }
             if (lo < 0) continue;
             AttentionArgs a;

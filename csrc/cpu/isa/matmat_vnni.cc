@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "cpu/isa/decode.h"
+#include "cpu/isa/rows16_simd.h"
 #include "cpu/isa/simd.h"
 #include "cpu/kernel_table.h"
 #include "pyllm/repack.h"
@@ -381,14 +382,12 @@ struct GgufPanel {
 // offsets are exactly those of GgufPanel, so both layouts give identical results.
 inline __m512i bytes_ctl(int b0, int b1, int b2, int b3) {
   // per 32-bit lane: bytes b0, b1, b2, b3 of the lane (-1: zero), for the 4 lanes of 128 bits
-  __m128i c = _mm_setzero_si128();
   alignas(16) int8_t v[16];
   for (int i = 0; i < 4; ++i) {
     const int b[4] = {b0, b1, b2, b3};
     for (int j = 0; j < 4; ++j) v[4 * i + j] = static_cast<int8_t>(b[j] < 0 ? -128 : 4 * i + b[j]);
   }
-  c = _mm_load_si128(reinterpret_cast<const __m128i*>(v));
-  return _mm512_broadcast_i32x4(c);
+  return _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(v)));
 }
 
 struct PairCtl {
@@ -412,17 +411,6 @@ inline void put_signed(const PairCtl& c, __m512i z, int32_t* pairs, int gi, int 
   _mm512_storeu_si512(d + R, _mm512_srai_epi16(_mm512_shuffle_epi8(z, c.hi23), 8));
 }
 
-inline __m512 f16x16(const uint8_t* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-inline __m512 u8x16(const uint8_t* p) {
-  return _mm512_cvtepi32_ps(
-      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-inline __m512 s8x16(const uint8_t* p) {
-  return _mm512_cvtepi32_ps(
-      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
 inline void put16(float* dst, int idx, int half, __m512 v) {
   _mm512_storeu_ps(dst + idx * R + 16 * half, v);
 }
@@ -435,7 +423,7 @@ struct R16Panel {
     static const PairCtl ctl;
     const int64_t nb = a.k / F::B, gbb = repack_group_block_bytes(T);
     const int ngroups = static_cast<int>(kc / 32);
-    const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
     for (int half = 0; half < 2; ++half) {
       if (16 * half >= nr) {  // rows past the matrix (a 16-row tail panel)
         for (int64_t p = 0; p < kc / 2; ++p) {
@@ -494,20 +482,11 @@ struct R16Panel {
               const uint8_t* ch = body + 64 * (24 * hh + 3 * c);
               const __m512i A = _mm512_loadu_si512(ch), B = _mm512_loadu_si512(ch + 64),
                             H = _mm512_loadu_si512(ch + 128);
-              // (low & 0x0F) | (high & 0x30): codes 0..63 of elements 128 hh + 32 m + 4 c ..
-              const __m512i q0 = _mm512_ternarylogic_epi32(_mm512_and_si512(A, m4),
-                                                           _mm512_slli_epi16(H, 4), m30, 0xF8);
-              const __m512i q1 = _mm512_ternarylogic_epi32(_mm512_and_si512(B, m4),
-                                                           _mm512_slli_epi16(H, 2), m30, 0xF8);
-              const __m512i q2 = _mm512_ternarylogic_epi32(
-                  _mm512_and_si512(_mm512_srli_epi16(A, 4), m4), H, m30, 0xF8);
-              const __m512i q3 = _mm512_ternarylogic_epi32(
-                  _mm512_and_si512(_mm512_srli_epi16(B, 4), m4), _mm512_srli_epi16(H, 2), m30,
-                  0xF8);
-              put_unsigned(ctl, q0, 32, pairs, g0 + 4 * hh, 2 * c, half);
-              put_unsigned(ctl, q1, 32, pairs, g0 + 4 * hh + 1, 2 * c, half);
-              put_unsigned(ctl, q2, 32, pairs, g0 + 4 * hh + 2, 2 * c, half);
-              put_unsigned(ctl, q3, 32, pairs, g0 + 4 * hh + 3, 2 * c, half);
+              __m512i q[4];  // codes 0..63 of elements 128 hh + 32 m + 4 c ..
+              q6k_codes(A, B, H, q);
+              for (int m = 0; m < 4; ++m) {
+                put_unsigned(ctl, q[m], 32, pairs, g0 + 4 * hh + m, 2 * c, half);
+              }
             }
           }
         }

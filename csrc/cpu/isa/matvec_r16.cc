@@ -18,6 +18,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/isa/rows16_simd.h"
 #include "cpu/isa/simd.h"
 #include "cpu/kernel_table.h"
 #include "pyllm/repack.h"
@@ -136,18 +137,6 @@ struct Tokens {
 inline __m512i lanes_total(__m512i ih, __m512i il, int32_t offset) {
   return _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(ih, 8), il),
                           _mm512_set1_epi32(offset));
-}
-
-inline __m512 f16x16(const uint8_t* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
-inline __m512 u8x16(const uint8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-
-inline __m512 s8x16(const uint8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
 template <int NT>
@@ -291,7 +280,6 @@ struct R16Q6_K {
   static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
     const int64_t nsb = a.k / QK_K, gbb = 32 + 256 + 3072;
     const Tokens<NT> tk(a, t0);
-    const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
     for (int64_t g = r0 / 16; g < r1 / 16; ++g) {
       const uint8_t* p = a.w + g * nsb * gbb;
       __m512 acc[NT];
@@ -310,21 +298,10 @@ struct R16Q6_K {
               const int c = 4 * cc + ci;
               const uint8_t* ch = body + 64 * (24 * h + 3 * c);
               const __m512i A = load64(ch), B = load64(ch + 64), H = load64(ch + 128);
-              // (low & 0x0F) | (high & 0x30), one ternary-logic op for the or-and
-              const __m512i q0 = _mm512_ternarylogic_epi32(_mm512_and_si512(A, m4),
-                                                           _mm512_slli_epi16(H, 4), m30, 0xF8);
-              const __m512i q1 = _mm512_ternarylogic_epi32(_mm512_and_si512(B, m4),
-                                                           _mm512_slli_epi16(H, 2), m30, 0xF8);
-              const __m512i q2 = _mm512_ternarylogic_epi32(
-                  _mm512_and_si512(_mm512_srli_epi16(A, 4), m4), H, m30, 0xF8);
-              const __m512i q3 = _mm512_ternarylogic_epi32(
-                  _mm512_and_si512(_mm512_srli_epi16(B, 4), m4), _mm512_srli_epi16(H, 2), m30,
-                  0xF8);
+              __m512i q[4];
+              q6k_codes(A, B, H, q);
               const int64_t e = QK_K * sb + 128 * h + 4 * c;
-              tk.dot(q0, e, ih[0], il[0]);
-              tk.dot(q1, e + 32, ih[1], il[1]);
-              tk.dot(q2, e + 64, ih[2], il[2]);
-              tk.dot(q3, e + 96, ih[3], il[3]);
+              for (int m = 0; m < 4; ++m) tk.dot(q[m], e + 32 * m, ih[m], il[m]);
             }
             for (int m = 0; m < 4; ++m) {
               const int j = 8 * h + 2 * m + cc;

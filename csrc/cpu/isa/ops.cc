@@ -116,6 +116,33 @@ void rope(float* x, int n_heads, int head_dim, int n_rot, const float* cos_sin, 
   }
 }
 
+// The query rows [r0, r0 + kAttentionRows) of a problem (clipped to n_q): their q and out
+// pointers and visible-key counts, from the (token, head) grid of AttentionArgs.
+struct RowBlock {
+  int nr, nmax = 0;
+  const float* q[kAttentionRows];
+  float* out[kAttentionRows];
+  int vis[kAttentionRows];
+
+  RowBlock(const AttentionArgs& a, int r0) : nr(std::min(kAttentionRows, a.n_q - r0)) {
+    for (int r = 0; r < nr; ++r) {
+      const int l = a.first_row + r0 + r, tok = l / a.n_heads, head = l % a.n_heads;
+      q[r] = a.q + tok * a.q_stride + head * a.head_dim;
+      out[r] = a.out + tok * a.out_stride + head * a.head_dim;
+      vis[r] = a.n_visible[tok];
+      nmax = std::max(nmax, vis[r]);
+    }
+  }
+
+  // out = acc / sum, row by row (acc [nr][hd])
+  void finish(const float* acc, const float* sum, int hd) const {
+    for (int r = 0; r < nr; ++r) {
+      const float inv = sum[r] > 0.0f ? 1.0f / sum[r] : 0.0f;
+      for (int i = 0; i < hd; ++i) out[r][i] = acc[r * hd + i] * inv;
+    }
+  }
+};
+
 #if defined(PYLLM_ISA_AVX512)
 // Sums of 16 vectors: lane j of the result is the sum of the 16 lanes of v[j] (a fixed tree, so
 // a key's score does not depend on which other keys share its tile).
@@ -153,18 +180,9 @@ void attention_tiled(const AttentionArgs& a) {
   constexpr int KT = kAttentionKeys;
   float* tile = a.scratch;  // [KT][hd]
   for (int r0 = 0; r0 < a.n_q; r0 += kAttentionRows) {
-    const int nr = std::min(kAttentionRows, a.n_q - r0);
-    const float* q[kAttentionRows];
-    float* out[kAttentionRows];
-    int vis[kAttentionRows];
-    int nmax = 0;
-    for (int r = 0; r < nr; ++r) {
-      const int l = a.first_row + r0 + r, tok = l / a.n_heads, head = l % a.n_heads;
-      q[r] = a.q + tok * a.q_stride + head * hd;
-      out[r] = a.out + tok * a.out_stride + head * hd;
-      vis[r] = a.n_visible[tok];
-      nmax = std::max(nmax, vis[r]);
-    }
+    const RowBlock blk(a, r0);
+    const int nr = blk.nr, nmax = blk.nmax;
+    const int* vis = blk.vis;
     const int ldsc = (nmax + KT - 1) / KT * KT;
     float* acc = tile + KT * hd;                // [nr][hd]
     float* scores = acc + kAttentionRows * hd;  // [nr][ldsc]
@@ -176,7 +194,7 @@ void attention_tiled(const AttentionArgs& a) {
         __m512 dots[KT];
         for (int j = 0; j < KT; ++j) dots[j] = _mm512_setzero_ps();
         for (int d = 0; d < hd; d += 16) {
-          const __m512 qv = _mm512_loadu_ps(q[r] + d);
+          const __m512 qv = _mm512_loadu_ps(blk.q[r] + d);
           for (int j = 0; j < KT; ++j) {
             dots[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(tile + j * hd + d), dots[j]);
           }
@@ -207,10 +225,7 @@ void attention_tiled(const AttentionArgs& a) {
         }
       }
     }
-    for (int r = 0; r < nr; ++r) {
-      const float inv = sum[r] > 0.0f ? 1.0f / sum[r] : 0.0f;
-      for (int i = 0; i < hd; ++i) out[r][i] = acc[r * hd + i] * inv;
-    }
+    blk.finish(acc, sum, hd);
   }
 }
 #endif
@@ -226,18 +241,9 @@ void attention(const AttentionArgs& a) {
   // row-at-a-time kernel; the block only shares the loading of K/V rows.
   float* row = a.scratch;  // one dequantized K or V row
   for (int r0 = 0; r0 < a.n_q; r0 += kAttentionRows) {
-    const int nr = std::min(kAttentionRows, a.n_q - r0);
-    const float* q[kAttentionRows];
-    float* out[kAttentionRows];
-    int vis[kAttentionRows];
-    int nmax = 0;
-    for (int r = 0; r < nr; ++r) {
-      const int l = a.first_row + r0 + r, tok = l / a.n_heads, head = l % a.n_heads;
-      q[r] = a.q + tok * a.q_stride + head * hd;
-      out[r] = a.out + tok * a.out_stride + head * hd;
-      vis[r] = a.n_visible[tok];
-      nmax = std::max(nmax, vis[r]);
-    }
+    const RowBlock blk(a, r0);
+    const int nr = blk.nr, nmax = blk.nmax;
+    const int* vis = blk.vis;
     float* acc = row + hd;                       // [nr][hd] output accumulators
     float* scores = acc + kAttentionRows * hd;   // [nr][nmax]
     float max_score[kAttentionRows], sum[kAttentionRows];
@@ -246,7 +252,7 @@ void attention(const AttentionArgs& a) {
       load_kv_row(a, a.k, t, row);
       for (int r = 0; r < nr; ++r) {
         if (t >= vis[r]) continue;
-        const float s = dot(q[r], row, hd) * a.scale;
+        const float s = dot(blk.q[r], row, hd) * a.scale;
         scores[r * nmax + t] = s;
         max_score[r] = std::max(max_score[r], s);
       }
@@ -262,10 +268,7 @@ void attention(const AttentionArgs& a) {
         if (t < vis[r]) axpy(scores[r * nmax + t], row, acc + r * hd, hd);
       }
     }
-    for (int r = 0; r < nr; ++r) {
-      const float inv = sum[r] > 0.0f ? 1.0f / sum[r] : 0.0f;
-      for (int i = 0; i < hd; ++i) out[r][i] = acc[r * hd + i] * inv;
-    }
+    blk.finish(acc, sum, hd);
   }
 }
 
