@@ -59,9 +59,11 @@ def test_smollm2_kl_and_top1_vs_transformers(smollm2_path: Path, hf_model) -> No
     assert top1 >= 0.985
 
 
-# llama.cpp's greedy text departs from the exact model's on most of these within 1-19 tokens
-# (its 8-bit activations flip near-ties); pyllm follows the exact model (checked for 32 tokens on
-# six prompts; see bench/greedy_vs_llamacpp.py).
+# pyllm's greedy replies are the exact model's. llama.cpp's part from them on near-ties (its
+# 8-bit activations and f16 attention): on the first prompt here after 1 token, while the second
+# agrees for 19-24 tokens. Over 40 ordinary
+# prompts pyllm agrees with llama.cpp as often as llama.cpp with flash attention on agrees with
+# itself with it off (bench/greedy_vs_llamacpp.py, results in bench/README.md).
 GREEDY_PROMPTS = ["To make a cup of tea, first", "The largest planet in our solar system is"]
 
 
