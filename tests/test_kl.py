@@ -61,9 +61,9 @@ def test_smollm2_kl_and_top1_vs_transformers(smollm2_path: Path, hf_model) -> No
 
 # pyllm's greedy replies are the exact model's. llama.cpp's part from them on near-ties (its
 # 8-bit activations and f16 attention): on the first prompt here after 1 token, while the second
-# agrees for 19-24 tokens. Over 40 ordinary
-# prompts pyllm agrees with llama.cpp as often as llama.cpp with flash attention on agrees with
-# itself with it off (bench/greedy_vs_llamacpp.py, results in bench/README.md).
+# agrees for 19-24 tokens. Over 40 ordinary prompts pyllm agrees with llama.cpp as often as
+# llama.cpp with flash attention on agrees with itself with it off (bench/greedy_vs_llamacpp.py,
+# results in bench/README.md).
 GREEDY_PROMPTS = ["To make a cup of tea, first", "The largest planet in our solar system is"]
 
 
