@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "pyllm/cpu.h"
+#include "pyllm/matmul.h"
 #include "pyllm/qtype.h"
 
 namespace pyllm {
@@ -23,6 +24,10 @@ struct MatArgs {
   int64_t n_tokens;
   float* y;  // n_tokens rows, row stride ldy floats
   int64_t ldy;
+  // matvec_r16 only: when set, [r0, r1) is the whole matrix and threads claim chunks of
+  // chunk_groups 16-row groups from queue->next[pass] (pyllm/matmul.h).
+  MatmulQueue* queue = nullptr;
+  int64_t chunk_groups = 0;
 };
 
 // Computes the output columns o in [r0, r1) for all tokens. Kernels for the same problem may run

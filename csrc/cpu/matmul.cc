@@ -101,6 +101,17 @@ void rows16_part(const MatmulParams& p, const MatArgs& a, int ith, int nth) {
   const int id = static_cast<int>(p.wtype);
   int64_t b, e;
   if (p.n_tokens < t.matmat_min_tokens && t.matvec_r16[id] != nullptr) {
+    // Shared work: chunks of >= 64 KiB, ~8 per thread. The kernels run passes of at least 2
+    // tokens, so up to 2 * kPasses tokens fit the queue's counters.
+    if (p.queue != nullptr && nth > 1 && p.n_tokens <= 2 * MatmulQueue::kPasses) {
+      MatArgs shared = a;
+      const int64_t groups = p.n_out / kRepackRows, group_bytes = kRepackRows * a.row_bytes;
+      shared.queue = p.queue;
+      shared.chunk_groups = std::max<int64_t>((int64_t{64} << 10) / group_bytes + 1,
+                                              groups / (8 * int64_t{nth}));
+      t.matvec_r16[id](shared, 0, p.n_out);
+      return;
+    }
     split_range(p.n_out, kRepackRows, ith, nth, &b, &e);
     if (b < e) t.matvec_r16[id](a, b, e);
     return;
@@ -239,6 +250,8 @@ void matmul(const MatmulParams& p_in, ThreadPool& pool) {
     matmul_part(p, 0, 1);
     return;
   }
+  MatmulQueue queue;
+  if (p.queue == nullptr) p.queue = &queue;
   pool.run([&](int ith, int nth) { matmul_part(p, ith, nth); });
 }
 

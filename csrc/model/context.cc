@@ -134,9 +134,19 @@ struct Context::Impl {
   // Several independent products of the same input in one parallel region: one hand-over and
   // one join instead of one per matrix (q/k/v, gate/up).
   void mm_group(std::initializer_list<MatmulParams> ps) {
-    for (const MatmulParams& p : ps) check_matmul(p);
+    constexpr size_t kMax = 4;
+    MatmulQueue queues[kMax];
+    MatmulParams shared[kMax];
+    size_t n = 0;
+    for (const MatmulParams& p : ps) {
+      if (n == kMax) throw std::logic_error("mm_group: too many products");
+      check_matmul(p);
+      shared[n] = p;
+      shared[n].queue = &queues[n];  // each product shares its rows among the threads
+      ++n;
+    }
     pool.run([&](int ith, int nth) {
-      for (const MatmulParams& p : ps) matmul_part(p, ith, nth);
+      for (size_t i = 0; i < n; ++i) matmul_part(shared[i], ith, nth);
     });
   }
 

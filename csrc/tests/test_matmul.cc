@@ -229,6 +229,37 @@ void check_rows16(const TypeCase& tc, ThreadPool& pool, std::mt19937& rng) {
   }
 }
 
+// Decode on rows16 weights with the rows shared through a MatmulQueue (threads claim chunks as
+// they go, several chunks per thread here) gives bit-identical results to one thread doing the
+// whole product: every row is computed by the same arithmetic whoever claims it.
+void check_rows16_shared(const TypeCase& tc, ThreadPool& pool, std::mt19937& rng) {
+  const int64_t k = 2048, n_out = 40 * kRepackRows;
+  const std::vector<uint8_t> w = random_weights(tc, n_out, k, rng);
+  std::vector<uint8_t> packed(static_cast<size_t>(repacked_size(tc.type, n_out, k)));
+  repack_rows16(tc.type, w.data(), k, 0, n_out / kRepackRows, packed.data());
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (int64_t n_tokens : {1, 4, 6, 16, 17}) {
+    std::vector<float> x(static_cast<size_t>(n_tokens * k));
+    for (auto& v : x) v = nd(rng);
+    for (Isa isa : available_isas()) {
+      set_active_isa(isa);
+      std::vector<float> y(static_cast<size_t>(n_tokens * n_out), NAN), y1 = y;
+      MatmulParams p{tc.type, packed.data(), n_out, k, x.data(), 0, n_tokens, y.data(), 0};
+      p.layout = WeightLayout::Rows16;
+      MatmulQueue queue;
+      p.queue = &queue;
+      pool.run([&](int ith, int nth) { matmul_part(p, ith, nth); });
+      MatmulParams one = p;
+      one.queue = nullptr;
+      one.y = y1.data();
+      matmul_part(one, 0, 1);
+      CHECK(std::memcmp(y.data(), y1.data(), y.size() * sizeof(float)) == 0,
+            "%s rows16 isa=%s n_tokens=%lld: shared rows differ from one thread's result",
+            tc.name, isa_name(isa), static_cast<long long>(n_tokens));
+    }
+  }
+}
+
 void check_errors(ThreadPool& pool) {
   float x[64] = {}, y[64] = {};
   uint8_t w[1024] = {};
@@ -256,6 +287,7 @@ int main() {
     for (const TypeCase& tc : cases()) check_type(tc, pool, rng);
     for (const TypeCase& tc : cases()) {
       if (repack_supported(tc.type)) check_rows16(tc, pool, rng);
+      if (repack_supported(tc.type)) check_rows16_shared(tc, pool, rng);
     }
     check_part_in_region(pool, rng);
     check_errors(pool);

@@ -15,6 +15,7 @@
 // <= 256 * 32 * 15 * 128 < 2^24; Q8_0 256 * sum((w + 128) hi) < 2^29; Q6_K per sub-block of 16
 // 256 * 16 * 63 * 128 < 2^25; offsets (-8, -128, -32 times sums of xi) stay below 2^28.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -100,6 +101,22 @@ inline void prefetch_ahead(const uint8_t* p) {
   _mm_prefetch(reinterpret_cast<const char*>(p + 2048), _MM_HINT_T0);
 }
 
+// Calls body(g) for each 16-row group one pass of a kernel works on: [r0, r1) / 16 in order,
+// or, with a queue counter (then [r0, r1) is the whole matrix), chunks of a.chunk_groups groups
+// claimed one after another until every group has been taken.
+template <class Body>
+inline void for_groups(const MatArgs& a, int64_t r0, int64_t r1, std::atomic<int64_t>* counter,
+                       Body&& body) {
+  const int64_t end = r1 / 16;
+  if (counter == nullptr) {
+    for (int64_t g = r0 / 16; g < end; ++g) body(g);
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(1, a.chunk_groups);
+  for (int64_t g0; (g0 = counter->fetch_add(chunk, std::memory_order_relaxed)) < end;) {
+    for (int64_t g = g0; g < std::min(g0 + chunk, end); ++g) body(g);
+  }
+}
 
 // The per-token pointers a kernel reads.
 template <int NT>
@@ -151,12 +168,13 @@ template <bool kMin>
 struct R16Q4 {
   template <int NT>
   struct K {
-    static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+    static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0,
+                    std::atomic<int64_t>* counter) {
       constexpr int64_t hdr = kMin ? 64 : 32;
       const int64_t nb = a.k / 32, gbb = hdr + 256;
       const Tokens<NT> tk(a, t0);
       const __m512i m4 = _mm512_set1_epi8(0x0F);
-      for (int64_t g = r0 / 16; g < r1 / 16; ++g) {
+      for_groups(a, r0, r1, counter, [&](int64_t g) {
         const uint8_t* p = a.w + g * nb * gbb;
         __m512 acc[NT];
         for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
@@ -179,7 +197,7 @@ struct R16Q4 {
           }
         }
         store<NT>(a, t0, 16 * g, acc);
-      }
+      });
     }
   };
 };
@@ -187,11 +205,12 @@ struct R16Q4 {
 // Q8_0: w = d q, q signed. hi is dotted with q + 128 (unsigned) and corrected by -128 sum(hi).
 template <int NT>
 struct R16Q8_0 {
-  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0,
+                  std::atomic<int64_t>* counter) {
     const int64_t nb = a.k / 32, gbb = 32 + 512;
     const Tokens<NT> tk(a, t0);
     const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
-    for (int64_t g = r0 / 16; g < r1 / 16; ++g) {
+    for_groups(a, r0, r1, counter, [&](int64_t g) {
       const uint8_t* p = a.w + g * nb * gbb;
       __m512 acc[NT];
       for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
@@ -215,7 +234,7 @@ struct R16Q8_0 {
         }
       }
       store<NT>(a, t0, 16 * g, acc);
-    }
+    });
   }
 };
 
@@ -225,11 +244,12 @@ struct R16Q8_0 {
 // sub-block 2 c2 + 1: both sub-blocks of a chunk are accumulated from one load.
 template <int NT>
 struct R16Q4_K {
-  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0,
+                  std::atomic<int64_t>* counter) {
     const int64_t nsb = a.k / QK_K, gbb = 64 + 256 + 2048;
     const Tokens<NT> tk(a, t0);
     const __m512i m4 = _mm512_set1_epi8(0x0F);
-    for (int64_t g = r0 / 16; g < r1 / 16; ++g) {
+    for_groups(a, r0, r1, counter, [&](int64_t g) {
       const uint8_t* p = a.w + g * nsb * gbb;
       __m512 acc[NT];
       for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
@@ -263,7 +283,7 @@ struct R16Q4_K {
         }
       }
       store<NT>(a, t0, 16 * g, acc);
-    }
+    });
   }
 };
 
@@ -277,10 +297,11 @@ struct R16Q4_K {
 // Four sub-blocks are accumulated at once, so at most 2 tokens per pass fit the registers.
 template <int NT>
 struct R16Q6_K {
-  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0,
+                  std::atomic<int64_t>* counter) {
     const int64_t nsb = a.k / QK_K, gbb = 32 + 256 + 3072;
     const Tokens<NT> tk(a, t0);
-    for (int64_t g = r0 / 16; g < r1 / 16; ++g) {
+    for_groups(a, r0, r1, counter, [&](int64_t g) {
       const uint8_t* p = a.w + g * nsb * gbb;
       __m512 acc[NT];
       for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
@@ -320,19 +341,21 @@ struct R16Q6_K {
         for (int t = 0; t < NT; ++t) acc[t] = _mm512_fmadd_ps(sacc[t], d, acc[t]);
       }
       store<NT>(a, t0, 16 * g, acc);
-    }
+    });
   }
 };
 
-// Tokens in passes of up to kMax (each pass streams the weights once).
+// Tokens in passes of up to kMax (each pass streams the weights once). With a queue, pass i
+// hands out its row chunks from queue->next[i] (the caller makes sure the passes fit).
 template <template <int> class K, int kMax = 4>
 void by_groups(const MatArgs& a, int64_t r0, int64_t r1) {
-  for (int64_t t0 = 0; t0 < a.n_tokens; t0 += kMax) {
+  for (int64_t t0 = 0, pass = 0; t0 < a.n_tokens; t0 += kMax, ++pass) {
+    std::atomic<int64_t>* counter = a.queue != nullptr ? &a.queue->next[pass] : nullptr;
     switch (std::min<int64_t>(kMax, a.n_tokens - t0)) {
-      case 1: K<1>::run(a, r0, r1, t0); break;
-      case 2: K<2>::run(a, r0, r1, t0); break;
-      case 3: K<3>::run(a, r0, r1, t0); break;
-      default: K<4>::run(a, r0, r1, t0); break;
+      case 1: K<1>::run(a, r0, r1, t0, counter); break;
+      case 2: K<2>::run(a, r0, r1, t0, counter); break;
+      case 3: K<3>::run(a, r0, r1, t0, counter); break;
+      default: K<4>::run(a, r0, r1, t0, counter); break;
     }
   }
 }
