@@ -5,6 +5,8 @@
 // kernel_table(). matmul.cc picks the table of active_isa() and splits rows across threads.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "pyllm/cpu.h"
@@ -24,11 +26,27 @@ struct MatArgs {
   int64_t n_tokens;
   float* y;  // n_tokens rows, row stride ldy floats
   int64_t ldy;
-  // matvec_r16 only: when set, [r0, r1) is the whole matrix and threads claim chunks of
-  // chunk_groups 16-row groups from queue->next[pass] (pyllm/matmul.h).
+  // matvec_r16 / matmat_r16 only: when set, [r0, r1) is the whole matrix and threads claim
+  // chunks of chunk_rows rows from queue->next[pass] (pyllm/matmul.h; see for_row_chunks).
   MatmulQueue* queue = nullptr;
-  int64_t chunk_groups = 0;
+  int64_t chunk_rows = 0;
 };
+
+// Calls body(b, e) for the rows a kernel's thread works on: [r0, r1) at once, or, when counter is
+// set (then [r0, r1) is the whole matrix), chunks of a.chunk_rows rows claimed one after another
+// until every row has been taken.
+template <class Body>
+inline void for_row_chunks(const MatArgs& a, int64_t r0, int64_t r1,
+                           std::atomic<int64_t>* counter, Body&& body) {
+  if (counter == nullptr) {
+    if (r0 < r1) body(r0, r1);
+    return;
+  }
+  const int64_t chunk = a.chunk_rows > 0 ? a.chunk_rows : r1 - r0;
+  for (int64_t b; (b = counter->fetch_add(chunk, std::memory_order_relaxed)) < r1;) {
+    body(b, std::min(b + chunk, r1));
+  }
+}
 
 // Computes the output columns o in [r0, r1) for all tokens. Kernels for the same problem may run
 // concurrently on disjoint row ranges; they keep their scratch on the stack or thread_local.

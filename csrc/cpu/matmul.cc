@@ -93,6 +93,17 @@ int64_t row_bytes_of(QType t, int64_t k) {
   return k / l.block * l.bytes;
 }
 
+// The arguments for threads that share the rows of a rows16 product through p.queue: chunks of
+// a multiple of `unit` rows, at least min_rows, about 8 per thread.
+MatArgs shared_rows(const MatArgs& a, const MatmulParams& p, int nth, int64_t unit,
+                    int64_t min_rows) {
+  MatArgs s = a;
+  s.queue = p.queue;
+  const int64_t rows = std::max<int64_t>(min_rows, p.n_out / (8 * int64_t{nth}));
+  s.chunk_rows = (rows + unit - 1) / unit * unit;
+  return s;
+}
+
 // Rows16 weights: the ISA's rows16 kernels where it has them; otherwise the thread's
 // rows are unpacked to GGUF rows in thread-local scratch, piece by piece, and handed to the
 // usual kernel (one copy of the rows, small next to a matmat's per-token work).
@@ -104,12 +115,8 @@ void rows16_part(const MatmulParams& p, const MatArgs& a, int ith, int nth) {
     // Shared work: chunks of >= 64 KiB, ~8 per thread. The kernels run passes of at least 2
     // tokens, so up to 2 * kPasses tokens fit the queue's counters.
     if (p.queue != nullptr && nth > 1 && p.n_tokens <= 2 * MatmulQueue::kPasses) {
-      MatArgs shared = a;
-      const int64_t groups = p.n_out / kRepackRows, group_bytes = kRepackRows * a.row_bytes;
-      shared.queue = p.queue;
-      shared.chunk_groups = std::max<int64_t>((int64_t{64} << 10) / group_bytes + 1,
-                                              groups / (8 * int64_t{nth}));
-      t.matvec_r16[id](shared, 0, p.n_out);
+      t.matvec_r16[id](shared_rows(a, p, nth, kRepackRows, (int64_t{64} << 10) / a.row_bytes),
+                       0, p.n_out);
       return;
     }
     split_range(p.n_out, kRepackRows, ith, nth, &b, &e);
@@ -117,6 +124,10 @@ void rows16_part(const MatmulParams& p, const MatArgs& a, int ith, int nth) {
     return;
   }
   if (p.n_tokens >= t.matmat_min_tokens && t.matmat_r16[id] != nullptr) {
+    if (p.queue != nullptr && nth > 1) {  // chunks of whole 32-row panels, >= 128 rows
+      t.matmat_r16[id](shared_rows(a, p, nth, 32, 128), 0, p.n_out);
+      return;
+    }
     split_range(p.n_out, 32, ith, nth, &b, &e);  // 32-row panels; the last may have 16
     if (b < e) t.matmat_r16[id](a, b, e);
     return;

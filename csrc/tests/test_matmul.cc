@@ -229,16 +229,17 @@ void check_rows16(const TypeCase& tc, ThreadPool& pool, std::mt19937& rng) {
   }
 }
 
-// Decode on rows16 weights with the rows shared through a MatmulQueue (threads claim chunks as
-// they go, several chunks per thread here) gives bit-identical results to one thread doing the
-// whole product: every row is computed by the same arithmetic whoever claims it.
+// Products on rows16 weights with the rows shared through a MatmulQueue (threads claim chunks as
+// they go, several chunks per thread here; decode and, from 32 tokens on AVX-512, prefill) give
+// bit-identical results to one thread doing the whole product: every row is computed by the same
+// arithmetic whoever claims it.
 void check_rows16_shared(const TypeCase& tc, ThreadPool& pool, std::mt19937& rng) {
   const int64_t k = 2048, n_out = 40 * kRepackRows;
   const std::vector<uint8_t> w = random_weights(tc, n_out, k, rng);
   std::vector<uint8_t> packed(static_cast<size_t>(repacked_size(tc.type, n_out, k)));
   repack_rows16(tc.type, w.data(), k, 0, n_out / kRepackRows, packed.data());
   std::normal_distribution<float> nd(0.0f, 1.0f);
-  for (int64_t n_tokens : {1, 4, 6, 16, 17}) {
+  for (int64_t n_tokens : {1, 4, 6, 16, 17, 40}) {
     std::vector<float> x(static_cast<size_t>(n_tokens * k));
     for (auto& v : x) v = nd(rng);
     for (Isa isa : available_isas()) {

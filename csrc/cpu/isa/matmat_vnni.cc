@@ -509,24 +509,29 @@ void matmat16(const MatArgs& a, int64_t r0, int64_t r1) {
   // k-chunks outside, panels inside: one chunk of every token's activations (n_tokens x KC
   // int16, 512 KiB at 512 tokens) stays in L2 while all panels of the range use it; panels
   // outside made every panel stream all k of all tokens from L3 (369 MB per 5632 x 2048 x 512
-  // product), which left prefill at the mercy of the shared L3's other users.
-  for (int64_t k0 = 0; k0 < a.k; k0 += KC) {
-    const int64_t kc = std::min<int64_t>(KC, a.k - k0);
-    for (int64_t o0 = r0; o0 < r1; o0 += R) {
-      const int nr = static_cast<int>(std::min<int64_t>(R, r1 - o0));
-      const int ngroups = static_cast<int>(kc / 32);
-      Panel<T>::pack(a, o0, nr, k0, kc, reinterpret_cast<int32_t*>(panel.data()), scales.data(),
-                     offsets.data());
-      for (int64_t t0 = 0; t0 < a.n_tokens; t0 += MT) {
-        const int nt = static_cast<int>(std::min<int64_t>(MT, a.n_tokens - t0));
-        micro_upto<MT, F::kOffset, F::kSubs>(nt, panel.data(), scales.data(), offsets.data(), ngroups,
-                                   acts.q.data() + t0 * a.k + k0, a.k,
-                                   acts.dx.data() + t0 * nb32 + k0 / 32,
-                                   acts.xsum.data() + t0 * nb32 + k0 / 32, nb32,
-                                   a.y + t0 * a.ldy + o0, a.ldy, nr, k0 > 0);
+  // product), which left prefill at the mercy of the shared L3's other users. Shared rows
+  // (a.queue) come in chunks of several panels, each taken through all k-chunks by one thread
+  // (y accumulates over k).
+  std::atomic<int64_t>* counter = a.queue != nullptr ? &a.queue->next[0] : nullptr;
+  for_row_chunks(a, r0, r1, counter, [&](int64_t c0, int64_t c1) {
+    for (int64_t k0 = 0; k0 < a.k; k0 += KC) {
+      const int64_t kc = std::min<int64_t>(KC, a.k - k0);
+      for (int64_t o0 = c0; o0 < c1; o0 += R) {
+        const int nr = static_cast<int>(std::min<int64_t>(R, c1 - o0));
+        const int ngroups = static_cast<int>(kc / 32);
+        Panel<T>::pack(a, o0, nr, k0, kc, reinterpret_cast<int32_t*>(panel.data()), scales.data(),
+                       offsets.data());
+        for (int64_t t0 = 0; t0 < a.n_tokens; t0 += MT) {
+          const int nt = static_cast<int>(std::min<int64_t>(MT, a.n_tokens - t0));
+          micro_upto<MT, F::kOffset, F::kSubs>(
+              nt, panel.data(), scales.data(), offsets.data(), ngroups,
+              acts.q.data() + t0 * a.k + k0, a.k, acts.dx.data() + t0 * nb32 + k0 / 32,
+              acts.xsum.data() + t0 * nb32 + k0 / 32, nb32, a.y + t0 * a.ldy + o0, a.ldy, nr,
+              k0 > 0);
+        }
       }
     }
-  }
+  });
 }
 
 }  // namespace

@@ -101,21 +101,13 @@ inline void prefetch_ahead(const uint8_t* p) {
   _mm_prefetch(reinterpret_cast<const char*>(p + 2048), _MM_HINT_T0);
 }
 
-// Calls body(g) for each 16-row group one pass of a kernel works on: [r0, r1) / 16 in order,
-// or, with a queue counter (then [r0, r1) is the whole matrix), chunks of a.chunk_groups groups
-// claimed one after another until every group has been taken.
+// Calls body(g) for each 16-row group this thread takes in one pass (see for_row_chunks).
 template <class Body>
 inline void for_groups(const MatArgs& a, int64_t r0, int64_t r1, std::atomic<int64_t>* counter,
                        Body&& body) {
-  const int64_t end = r1 / 16;
-  if (counter == nullptr) {
-    for (int64_t g = r0 / 16; g < end; ++g) body(g);
-    return;
-  }
-  const int64_t chunk = std::max<int64_t>(1, a.chunk_groups);
-  for (int64_t g0; (g0 = counter->fetch_add(chunk, std::memory_order_relaxed)) < end;) {
-    for (int64_t g = g0; g < std::min(g0 + chunk, end); ++g) body(g);
-  }
+  for_row_chunks(a, r0, r1, counter, [&](int64_t b, int64_t e) {
+    for (int64_t g = b / 16; g < e / 16; ++g) body(g);
+  });
 }
 
 // The per-token pointers a kernel reads.

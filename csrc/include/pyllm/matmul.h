@@ -41,8 +41,8 @@
 //   Otherwise the matmat kernel (compute-bound: a panel of 32 rows is decoded once, into F32 or
 //   int16, and reused for every token). The kernels of active_isa() (cpu.h; PYLLM_FORCE_ISA)
 //   are used. Rows are split into contiguous ranges, one per thread of the pool, except for
-//   decode on rows16 weights with a MatmulQueue (matmul() always makes one), where threads
-//   claim chunks of rows as they go (see MatmulQueue). The kernels keep their scratch (panels,
+//   rows16 weights with a MatmulQueue (matmul() always makes one), where threads claim chunks
+//   of rows as they go (see MatmulQueue). The kernels keep their scratch (panels,
 //   prepared activations) thread_local: no allocation per call once warm, no shared state
 //   beyond a queue's counters, so concurrent matmuls on different pools are safe. The VNNI kernels
 //   prepare the activations on every thread (k * n_tokens elements, small next to the
@@ -65,13 +65,14 @@ namespace pyllm {
 // From this many tokens on, the active ISA's matmat kernel is used (see above).
 int64_t matmat_min_tokens();
 
-// Work sharing for the decode (matvec) kernels on rows16 weights: threads that hold the same
+// Work sharing for the kernels on rows16 weights (decode and prefill): threads that hold the same
 // queue claim chunks of rows one after another instead of each taking a fixed share, so a
 // thread slowed down by whatever else runs on its core does not hold up the product (a fixed
 // split waits for the slowest thread; llama.cpp shares work the same way). Rows are computed
 // independently, so the results do not depend on who computed them. One fresh queue per product
 // and call; matmul() makes its own. Measured (2 threads, interleaved, this VM): 1.1B Q4_K_M
-// decode 28.6-39.9 -> 31.4-42.2 t/s, 7B Q4_K_M 4.6-6.6 -> 5.4-6.7 t/s.
+// decode 28.6-39.9 -> 31.4-42.2 t/s, 7B Q4_K_M 4.6-6.6 -> 5.4-6.7 t/s; 1.1B Q4_K_M pp512
+// 105-138 -> 124-143 t/s.
 struct MatmulQueue {
   static constexpr int kPasses = 8;  // token passes it can hand out (2 or 4 tokens per pass)
   std::atomic<int64_t> next[kPasses];
