@@ -93,13 +93,19 @@ int64_t row_bytes_of(QType t, int64_t k) {
   return k / l.block * l.bytes;
 }
 
-// The arguments for threads that share the rows of a rows16 product through p.queue: chunks of
-// a multiple of `unit` rows, at least min_rows, about 8 per thread.
+// The arguments for threads that share the rows of a rows16 product through p.queue: nth * m
+// chunks of about equal size (a multiple of `unit` rows), m <= 8 and each chunk at least
+// min_rows where the matrix allows. A whole number of chunks per thread keeps small matrices
+// split as evenly as a fixed split would (three chunks for two threads left one idle a third
+// of the time).
 MatArgs shared_rows(const MatArgs& a, const MatmulParams& p, int nth, int64_t unit,
                     int64_t min_rows) {
   MatArgs s = a;
   s.queue = p.queue;
-  const int64_t rows = std::max<int64_t>(min_rows, p.n_out / (8 * int64_t{nth}));
+  const int64_t per_thread = p.n_out / nth;
+  const int64_t m = std::clamp<int64_t>(per_thread / std::max<int64_t>(1, min_rows), 1, 8);
+  const int64_t chunks = m * nth;
+  const int64_t rows = (p.n_out + chunks - 1) / chunks;
   s.chunk_rows = (rows + unit - 1) / unit * unit;
   return s;
 }
@@ -112,7 +118,7 @@ void rows16_part(const MatmulParams& p, const MatArgs& a, int ith, int nth) {
   const int id = static_cast<int>(p.wtype);
   int64_t b, e;
   if (p.n_tokens < t.matmat_min_tokens && t.matvec_r16[id] != nullptr) {
-    // Shared work: chunks of >= 64 KiB, ~8 per thread. The kernels run passes of at least 2
+    // Shared work: chunks of >= 64 KiB where the matrix allows. The kernels run passes of >= 2
     // tokens, so up to 2 * kPasses tokens fit the queue's counters.
     if (p.queue != nullptr && nth > 1 && p.n_tokens <= 2 * MatmulQueue::kPasses) {
       t.matvec_r16[id](shared_rows(a, p, nth, kRepackRows, (int64_t{64} << 10) / a.row_bytes),
@@ -124,7 +130,7 @@ void rows16_part(const MatmulParams& p, const MatArgs& a, int ith, int nth) {
     return;
   }
   if (p.n_tokens >= t.matmat_min_tokens && t.matmat_r16[id] != nullptr) {
-    if (p.queue != nullptr && nth > 1) {  // chunks of whole 32-row panels, >= 128 rows
+    if (p.queue != nullptr && nth > 1) {  // chunks of whole 32-row panels
       t.matmat_r16[id](shared_rows(a, p, nth, 32, 128), 0, p.n_out);
       return;
     }
