@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Side-by-side throughput of pyllm and llama.cpp on the same GGUF files and thread counts.
 
-    python bench/compare_llamacpp.py -m model.gguf [-m other.gguf] -t 1 -t 2 [-p 512] [-n 128]
-        [--llama-bench /path/to/llama-bench] [-r 3] [-o md|json]
+    python bench/compare_llamacpp.py -m model.gguf [-m other.gguf:128:32] -t 1 -t 2 [-p 512]
+        [-n 128] [--llama-bench /path/to/llama-bench] [-r 3] [-o md|json]
+
+`-m FILE:P:N` gives one model its own prompt and generation lengths (e.g. shorter runs for a
+7B file) instead of -p / -n.
 
 llama.cpp is measured with its own `llama-bench` binary when --llama-bench is given (a build of
 llama.cpp, e.g. the one vendored in the llama-cpp-python sdist), else through the `llama_cpp`
@@ -73,6 +76,14 @@ def llamacpp_bench_python(model: str, threads: int, n_prompt: int, n_gen: int,
     return out
 
 
+def model_spec(spec: str, n_prompt: int, n_gen: int) -> tuple[str, int, int]:
+    """``FILE`` or ``FILE:P:N`` -> (file, prompt length, generation length)."""
+    parts = spec.rsplit(":", 2)
+    if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+        return parts[0], int(parts[1]), int(parts[2])
+    return spec, n_prompt, n_gen
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-m", "--model", action="append", required=True)
@@ -87,19 +98,20 @@ def main() -> int:
     from pyllm.bench import bench_model
 
     rows = []
-    for model in args.model:
+    for spec in args.model:
+        model, n_prompt, n_gen = model_spec(spec, args.n_prompt, args.n_gen)
         for threads in args.threads or [2]:
             rounds: list[tuple[dict[str, float], dict[str, float]]] = []
             for _ in range(max(1, args.repetitions)):
                 ours = {r.test[:2]: r.tokens_per_s for r in
-                        bench_model(model, args.n_prompt, args.n_gen, threads, 1)}
+                        bench_model(model, n_prompt, n_gen, threads, 1)}
                 if args.llama_bench:
                     theirs = llamacpp_bench_binary(args.llama_bench, model, threads,
-                                                   args.n_prompt, args.n_gen, 1)
+                                                   n_prompt, n_gen, 1)
                 else:
-                    theirs = llamacpp_bench_python(model, threads, args.n_prompt, args.n_gen, 1)
+                    theirs = llamacpp_bench_python(model, threads, n_prompt, n_gen, 1)
                 rounds.append((ours, theirs))
-            for kind, n in (("pp", args.n_prompt), ("tg", args.n_gen)):
+            for kind, n in (("pp", n_prompt), ("tg", n_gen)):
                 both = [(o[kind], t[kind]) for o, t in rounds if kind in o and kind in t]
                 if both:
                     rows.append({"model": Path(model).name, "threads": threads,
