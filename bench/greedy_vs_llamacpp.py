@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -78,18 +78,6 @@ CHAT_PROMPTS = [
 
 AGREE_TOKENS = 16
 
-Greedy = Callable[[list[int], int], list[int]]
-
-
-def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class Runtime:
     """One way to run the model: ``start`` evaluates a prompt from an empty context, ``step``
     one more token; ``argmax`` is the greedy choice after the last evaluated token."""
@@ -103,19 +91,16 @@ class Runtime:
     def argmax(self) -> int:
         raise NotImplementedError
 
-    def greedy(self, is_end: Callable[[int], bool]) -> Greedy:
+    def greedy(self, ids: list[int], n: int, is_end: Callable[[int], bool]) -> list[int]:
         """Greedy decoding of up to ``n`` tokens, stopping after an end-of-generation token."""
-        def run(ids: list[int], n: int) -> list[int]:
-            self.start(ids)
-            out: list[int] = []
-            while len(out) < n:
-                out.append(self.argmax())
-                if is_end(out[-1]):
-                    break
-                self.step(out[-1])
-            return out
-
-        return run
+        self.start(ids)
+        out: list[int] = []
+        while len(out) < n:
+            out.append(self.argmax())
+            if is_end(out[-1]):
+                break
+            self.step(out[-1])
+        return out
 
 
 class PyllmRuntime(Runtime):
@@ -197,7 +182,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from pyllm.generate import chat_prompt
-    from pyllm.model import LLM
+    from pyllm.model import LLM, common_prefix
 
     llm = LLM(args.model, n_ctx=512, n_threads=args.threads)
     model = str(llm.model_path)
@@ -208,7 +193,6 @@ def main() -> int:
     }
     if args.transformers:
         runtimes["exact"] = TransformersRuntime(model)
-    runners = {name: rt.greedy(llm.tokenizer.is_eog) for name, rt in runtimes.items()}
 
     cases: list[tuple[str, str, list[int]]] = []
     if args.prompt or args.set in ("completion", "both"):
@@ -220,7 +204,7 @@ def main() -> int:
             cases.append(("chat", p, list(ids)))
 
     pairs = [("pyllm", "llama.cpp"), ("pyllm", "llama.cpp fa"), ("llama.cpp fa", "llama.cpp")]
-    if "exact" in runners:
+    if "exact" in runtimes:
         pairs.append(("pyllm", "exact"))
     header = " | ".join(f"{a} ~ {b}" for a, b in pairs)
     counts: dict[tuple[str, str, str], int] = {}
@@ -229,8 +213,9 @@ def main() -> int:
           "the exact model's logit gap between pyllm's and llama.cpp's token where they part")
     print(f"set | {header} | margin | prompt")
     for kind, prompt, ids in cases:
-        outs = {name: run(ids, args.n) for name, run in runners.items()}
-        same = {pair: shared_prefix(outs[pair[0]], outs[pair[1]]) for pair in pairs}
+        outs = {name: rt.greedy(ids, args.n, llm.tokenizer.is_eog)
+                for name, rt in runtimes.items()}
+        same = {pair: common_prefix(outs[pair[0]], outs[pair[1]]) for pair in pairs}
         identical = {pair: outs[pair[0]] == outs[pair[1]] for pair in pairs}
         margin = ""
         cut = same[("pyllm", "llama.cpp")]
