@@ -55,8 +55,6 @@ def make_generation(llm: LLM, tokens: list[int], *, max_tokens: int | None,
     if "seed" not in kwargs and llm.seed >= 0:
         kwargs["seed"] = llm.seed  # the LLM's seed is the default of every generation
     params = SamplingParams.from_kwargs(**kwargs)
-    if max_tokens is not None and max_tokens <= 0:
-        max_tokens = None  # llama-cpp-python: <= 0 means "until the context is full"
     return Generation(llm, tokens, params, max_tokens, _stop_list(stop) + list(extra_stop),
                       stop_token_ids(llm), logprobs)
 

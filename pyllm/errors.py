@@ -47,6 +47,11 @@ class ConvertError(PyllmError):
     """A checkpoint cannot be converted to GGUF."""
 
 
+class PyllmWarning(UserWarning):
+    """Something works but probably not as the user wants (a context beyond the trained length,
+    more threads than CPUs). The CLI prints these as ``pyllm: warning: ...`` lines."""
+
+
 __all__ = [
     "PyllmError",
     "GGUFError",
@@ -58,4 +63,5 @@ __all__ = [
     "SamplingError",
     "DownloadError",
     "ConvertError",
+    "PyllmWarning",
 ]

@@ -8,6 +8,8 @@ until it is known not to be one, and a stop string itself is never emitted.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -15,12 +17,42 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pyllm.errors import ContextError, PyllmError
+from pyllm.errors import ContextError, PyllmError, SamplingError
 from pyllm.model import common_prefix
 
 if TYPE_CHECKING:
     from pyllm.model import LLM
     from pyllm.sampling import SamplingParams
+
+
+# Test hook: with PYLLM_TEST_HOLD_AFTER=N the first generation of the process stops after N
+# tokens, creates the file PYLLM_TEST_HOLD_FLAG (if set) and waits until interrupted (Ctrl-C),
+# so a test can interrupt a reply mid-way on any machine, however fast it decodes. Unset
+# (always, outside tests) it costs one comparison per token.
+_HOLD_AFTER = int(os.environ.get("PYLLM_TEST_HOLD_AFTER", "0") or 0) or None
+_held = threading.Event()
+
+
+def _hold() -> None:
+    _held.set()
+    flag = os.environ.get("PYLLM_TEST_HOLD_FLAG")
+    if flag:
+        with open(flag, "w"):
+            pass
+    threading.Event().wait()  # until a signal (KeyboardInterrupt) ends the wait
+
+UNTIL_DONE = -1  # max_tokens meaning "until an end token or a full context", as llama.cpp's -n
+
+
+def resolve_max_tokens(max_tokens: int | None) -> int | None:
+    """The one reading of a token limit (CLI ``-n``, Python ``max_tokens``, the server's field):
+    None or -1 = until done (returned as None), 0 = generate nothing, N > 0 = at most N."""
+    if max_tokens is None or (not isinstance(max_tokens, bool) and max_tokens == UNTIL_DONE):
+        return None
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise SamplingError(f"max_tokens must be -1 (until done), 0 (nothing) or a positive "
+                            f"count, got {max_tokens!r}")
+    return max_tokens
 
 
 class StopMatcher:
@@ -83,8 +115,7 @@ class Generation:
                  stop_tokens: Iterable[int] = (), logprobs: int | None = None) -> None:
         from pyllm.sampling import Sampler
 
-        if max_tokens is not None and (isinstance(max_tokens, bool) or max_tokens < 0):
-            raise PyllmError(f"max_tokens must be >= 0 or None, got {max_tokens!r}")
+        max_tokens = resolve_max_tokens(max_tokens)
         if not prompt_tokens:
             raise PyllmError("the prompt is empty (no tokens)")
         if len(prompt_tokens) >= llm.n_ctx:
@@ -129,6 +160,9 @@ class Generation:
         llm = self.llm
         # As llama.cpp: the prompt counts as history for the repetition penalties.
         self.sampler.accept_many(self.prompt_tokens)
+        if self.max_tokens == 0:  # nothing asked for: no forward pass either
+            self.finish_reason = "length"
+            return
         t0 = time.perf_counter()
         before = llm.tokens
         logits = llm.eval_prompt(self.prompt_tokens)
@@ -163,6 +197,8 @@ class Generation:
                 self.finish_reason = "stop"
                 return
             yield Piece(text, token, lp)
+            if _HOLD_AFTER is not None and len(self.tokens) == _HOLD_AFTER and not _held.is_set():
+                _hold()
             if len(self.prompt_tokens) + len(self.tokens) >= llm.n_ctx:
                 # prompt + output fill the context: stop rather than overrun it
                 self.finish_reason = "length"

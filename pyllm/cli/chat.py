@@ -15,7 +15,13 @@ import contextlib
 import sys
 from typing import Any
 
-from pyllm.cli.common import add_model_args, add_sampling_args, load_llm, sampling_from_args
+from pyllm.cli.common import (
+    add_model_args,
+    add_sampling_args,
+    load_llm,
+    sampling_from_args,
+    token_count,
+)
 
 HELP = "commands: /reset (forget the conversation), /exit (leave); Ctrl-C stops a reply"
 
@@ -35,7 +41,7 @@ def add_parser(sub: Any) -> None:
                    help="built-in chat format (default: the model's own template)")
     p.add_argument("-r", "--reverse-prompt", metavar="TEXT",
                    help="plain-completion mode: generate until TEXT, then read the next input")
-    p.add_argument("-n", "--n-predict", type=int, default=-1, metavar="N",
+    p.add_argument("-n", "--n-predict", type=token_count, default=-1, metavar="N",
                    help="maximum tokens per reply (-1 = until end of turn; default)")
     p.add_argument("--color", action="store_true", help="colour the prompt and the user's text")
     add_model_args(p)
@@ -81,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         if args.chat_format not in list_formats():
             parser.error(f"unknown chat format {args.chat_format!r} (known: "
                          f"{', '.join(list_formats())})")
-    max_tokens = None if args.n_predict < 0 else args.n_predict
+    max_tokens = args.n_predict
     with contextlib.suppress(ImportError):  # not on every platform
         import readline  # noqa: F401 - enables line editing and history in input()
     colors = Colors(args.color)

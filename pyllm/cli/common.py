@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from pyllm.errors import SamplingError
+from pyllm.footprint import MAX_COUNT
 
 # flag -> SamplingParams field
 _SAMPLING_FLAGS = {
@@ -31,8 +32,22 @@ def positive_int(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    if not 0 < value <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"expected a positive integer up to {MAX_COUNT}, "
+                                         f"got {value}")
+    return value
+
+
+def token_count(text: str) -> int:
+    """``-n``: tokens to generate, as llama.cpp counts them: -1 = until the end of the text or
+    a full context, 0 = none, N = at most N."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected -1 or a count >= 0, got {text!r}") from None
+    if not -1 <= value <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"expected -1 (until done) or a count from 0 to "
+                                         f"{MAX_COUNT}, got {value}")
     return value
 
 

@@ -7,7 +7,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pyllm.cli.common import add_model_args, add_sampling_args, load_llm, sampling_from_args
+from pyllm.cli.common import (
+    add_model_args,
+    add_sampling_args,
+    load_llm,
+    sampling_from_args,
+    token_count,
+)
+from pyllm.errors import PyllmError
 
 
 def add_parser(sub: Any) -> None:
@@ -16,8 +23,9 @@ def add_parser(sub: Any) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("-p", "--prompt", help="the prompt text")
     src.add_argument("-f", "--file", metavar="PROMPT_FILE", help="read the prompt from a file")
-    p.add_argument("-n", "--n-predict", type=int, default=128, metavar="N",
-                   help="tokens to generate (-1 = until end of text or full context; 128)")
+    p.add_argument("-n", "--n-predict", type=token_count, default=128, metavar="N",
+                   help="tokens to generate (-1 = until end of text or full context, "
+                   "0 = none; 128)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when TEXT is generated (repeatable; not printed)")
     p.add_argument("--verbose", action="store_true",
@@ -29,23 +37,21 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args.parser
-    if args.n_predict < -1:
-        parser.error(f"-n must be -1 or >= 0, got {args.n_predict}")
     sampling = sampling_from_args(parser, args)
     if args.file is not None:
         try:
             prompt = Path(args.file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            parser.error(f"cannot read prompt file {args.file}: {e}")
+            # the flag is well formed; the file is bad input (exit 1, not a usage error)
+            raise PyllmError(f"cannot read prompt file {args.file}: {e}") from None
     else:
         prompt = args.prompt
     from pyllm.completions import make_generation
     from pyllm.generate import prompt_tokens
 
     llm = load_llm(args, verbose=args.verbose)
-    max_tokens = None if args.n_predict == -1 else args.n_predict
-    gen = make_generation(llm, prompt_tokens(llm, prompt), max_tokens=max_tokens, stop=args.stop,
-                          **sampling)
+    gen = make_generation(llm, prompt_tokens(llm, prompt), max_tokens=args.n_predict,
+                          stop=args.stop, **sampling)
     out = sys.stdout
     out.write(prompt)
     out.flush()

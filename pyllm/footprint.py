@@ -1,0 +1,84 @@
+"""What an inference context will allocate, checked before it is allocated.
+
+A context holds the KV cache (K and V rows of every layer for ``n_ctx x n_seq`` positions) and
+scratch activations for a chunk of ``n_batch`` tokens. Asking for ten million positions must
+be refused with the sizes in the message, not discovered by the OOM killer; the estimate here
+follows ``Buffers::resize`` and the cache allocation in csrc/model/context.cc.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from pyllm.arch import HParams
+from pyllm.errors import ContextError, PyllmWarning
+from pyllm.gguf.constants import GGMLType, tensor_nbytes
+from pyllm.sysinfo import available_memory, format_bytes
+
+# kv_type name -> element type of a cache row (the names are pyllm.model.KV_TYPES's)
+KV_ELEMENT_TYPES = {"f16": GGMLType.F16, "q8_0": GGMLType.Q8_0, "f32": GGMLType.F32}
+DEFAULT_KV_TYPE = "f16"
+
+# Largest value the C++ side takes for a count (its parameters are 32-bit ints).
+MAX_COUNT = (1 << 31) - 1
+
+# The attention kernel's per-thread scratch (csrc/include/pyllm/ops.h): rows per block and
+# keys per tile.
+_ATTENTION_ROWS = 8
+_ATTENTION_KEYS = 16
+
+
+def kv_cache_bytes(hp: HParams, n_ctx: int, kv_type: str = DEFAULT_KV_TYPE, n_seq: int = 1) -> int:
+    """Bytes of the K and V caches of all layers for ``n_seq`` sequences of ``n_ctx``."""
+    row = tensor_nbytes(KV_ELEMENT_TYPES[kv_type], hp.n_head_kv * hp.head_dim)
+    return 2 * hp.n_layer * n_ctx * n_seq * row
+
+
+def scratch_bytes(hp: HParams, n_ctx: int, n_batch: int, n_threads: int) -> int:
+    """Bytes of the activations of one chunk of ``n_batch`` tokens, its logits, and the
+    attention kernel's per-thread scratch."""
+    q_dim = hp.n_head * hp.head_dim
+    kv_dim = hp.n_head_kv * hp.head_dim
+    per_token = (hp.n_embd + max(hp.n_embd, q_dim) + 2 * q_dim + 2 * kv_dim + 2 * hp.n_ff
+                 + hp.n_vocab)
+    attention = _ATTENTION_ROWS * (n_ctx + _ATTENTION_KEYS + hp.head_dim) + \
+        _ATTENTION_KEYS * hp.head_dim
+    return 4 * (n_batch * per_token + n_threads * attention)
+
+
+def context_bytes(hp: HParams, n_ctx: int, n_batch: int, n_threads: int,
+                  kv_type: str = DEFAULT_KV_TYPE, n_seq: int = 1) -> int:
+    return kv_cache_bytes(hp, n_ctx, kv_type, n_seq) + scratch_bytes(hp, n_ctx, n_batch, n_threads)
+
+
+def check_context_fits(hp: HParams, n_ctx: int, n_batch: int, n_threads: int,
+                       kv_type: str = DEFAULT_KV_TYPE, n_seq: int = 1,
+                       available: int | None = None) -> int:
+    """Raise ContextError when the context would not fit in the memory this process can still
+    get; returns the bytes it needs. ``available`` overrides the reading (tests)."""
+    need = context_bytes(hp, n_ctx, n_batch, n_threads, kv_type, n_seq)
+    room = available_memory() if available is None else available
+    if room is not None and need > room:
+        what = f"n_ctx={n_ctx}" + (f" x {n_seq} sequences" if n_seq > 1 else "")
+        kv = kv_cache_bytes(hp, n_ctx, kv_type, n_seq)
+        raise ContextError(
+            f"a context of {what} needs {format_bytes(need)} ({format_bytes(kv)} of {kv_type} "
+            f"KV cache) but only {format_bytes(room)} of memory is available; use a smaller "
+            f"context size (-c / n_ctx)" + (" or fewer parallel sequences" if n_seq > 1 else "")
+            + ("" if kv_type == "q8_0" else " or kv_type q8_0"))
+    return need
+
+
+def warn_if_beyond_training(hp: HParams, n_ctx: int) -> None:
+    """Warn when the context is longer than the model was trained for: positions past
+    ``n_ctx_train`` are extrapolated unless the file declares a RoPE scaling that covers them."""
+    if n_ctx <= hp.n_ctx_train:
+        return
+    factor = n_ctx / hp.n_ctx_train
+    if hp.rope_scaling != 0:
+        return  # the file's own scaling was chosen for the context it was extended to
+    warnings.warn(
+        f"n_ctx {n_ctx} exceeds the {hp.n_ctx_train} positions the model was trained on; "
+        f"beyond them output degrades unless the model is used with RoPE scaling of about "
+        f"{factor:.3g}x (linear or YaRN, rope.scaling.* in the GGUF)",
+        PyllmWarning, stacklevel=3)
