@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from pyllm.errors import ContextError, ModelError
 from pyllm.gguf import GGMLType, GGUFReader, GGUFWriter
 from pyllm.model import LLM
+from tests.reference import llama_ref
 from tests.reference.llama_ref import LlamaRef
 from tests.tiny_models import TinySpec, write_tiny
 
@@ -87,7 +90,7 @@ def test_kv_cache_types(tiny_dir: Path, name: str, kv_type: str) -> None:
 
 def test_q8_kv_cache_needs_whole_blocks(tiny_dir: Path) -> None:
     with pytest.raises(ModelError, match="multiple of 32"):
-        LLM(tiny(tiny_dir, "gqa"), kv_type="q8_0")
+        LLM(tiny(tiny_dir, "gqa"), n_ctx=64, kv_type="q8_0")
 
 
 @pytest.mark.parametrize(
@@ -345,3 +348,95 @@ def test_embeddings_are_mean_pooled_final_states(tiny_dir: Path) -> None:
         np.testing.assert_allclose(llm.eval(TOKENS[:3]), llm.logits(TOKENS[:3])[-1], atol=1e-4)
         with pytest.raises(ContextError):
             llm.embed(list(range(65)))
+
+
+# ---- RoPE scaling beyond 512 positions -------------------------------------------------------
+
+# Every scaling mode of pyllm/arch.py (ROPE_SCALING) plus Llama-3 style frequency factors
+# (rope_freqs.weight). The trained context is set above N_LONG so no warning fires; YaRN and
+# dynamic NTK scale relative to their original context of 256.
+ROPE_MODES = {
+    "none": TinySpec(ctx=2048),
+    "linear": TinySpec(ctx=2048, rope_scaling={"type": "linear", "factor": 4.0}),
+    "yarn": TinySpec(ctx=2048, rope_scaling={"type": "yarn", "factor": 4.0,
+                                             "original_context_length": 256}),
+    "dynamic": TinySpec(ctx=2048, rope_scaling={"type": "dynamic", "factor": 2.0,
+                                                "original_context_length": 256}),
+    "freq_factors": TinySpec(ctx=2048, rope_freqs=True),
+}
+ORIG_CTX = 256
+# Past the 512-token default chunk and the 1024-score blocks of the softmax (fast_exp.h).
+N_LONG = 1040
+LONG_TOKENS = [int(t) for t in np.random.default_rng(2).integers(0, 160, N_LONG)]
+# Logits are O(1..8); measured over all modes: batch vs reference <= 3.4e-5, decode vs batch
+# <= 3.8e-5 (matvec vs matmat summation order), prefill in separate calls vs batch 1.9e-6,
+# chunks in one call vs batch 0: a 4x margin over the largest.
+ATOL_LONG = 1.5e-4
+_REF_INV_FREQ = llama_ref.rope_inv_freq
+
+
+def _unscaled_inv_freq(p: Any, n_pos: int, freq_factors: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, float]:
+    """The reference's rope frequencies with scaling and frequency factors switched off."""
+    return _REF_INV_FREQ(dataclasses.replace(p, scaling_type="none"), n_pos, None)
+
+
+@pytest.fixture(scope="module")
+def rope_runs(tiny_dir: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Per mode: the reference, the reference without scaling, one batched forward of all
+    N_LONG tokens, chunks of 97 in one call, chunks of 97 in separate calls, decode, and the
+    batch and reference of the first ORIG_CTX tokens."""
+    out = {}
+    for name, spec in ROPE_MODES.items():
+        path = write_tiny(tiny_dir / f"rope_{name}.gguf", spec)
+        runs = {"ref": LlamaRef(str(path)).forward(LONG_TOKENS)}
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(llama_ref, "rope_inv_freq", _unscaled_inv_freq)
+            runs["unscaled_ref"] = LlamaRef(str(path)).forward(LONG_TOKENS)
+        with LLM(path, n_ctx=N_LONG, n_batch=N_LONG, n_threads=2, kv_type="f32") as llm:
+            runs["batch"] = llm.logits(LONG_TOKENS)
+            llm.reset()
+            runs["decode"] = np.stack([llm.eval([t]) for t in LONG_TOKENS])
+            llm.reset()
+            # prefill in separate calls: the logits after each call's last token
+            runs["calls"] = np.stack([llm.eval(LONG_TOKENS[i:i + 97])
+                                      for i in range(0, N_LONG, 97)])
+            llm.reset()
+            runs["batch_orig"] = llm.logits(LONG_TOKENS[:ORIG_CTX])
+        runs["ref_orig"] = LlamaRef(str(path)).forward(LONG_TOKENS[:ORIG_CTX])
+        with LLM(path, n_ctx=N_LONG, n_batch=97, n_threads=2, kv_type="f32") as llm:
+            runs["chunks"] = llm.logits(LONG_TOKENS)
+        out[name] = runs
+    return out
+
+
+@pytest.mark.parametrize("mode", sorted(ROPE_MODES))
+def test_rope_scaling_batch_matches_reference(rope_runs: dict[str, dict[str, np.ndarray]],
+                                              mode: str) -> None:
+    r = rope_runs[mode]
+    np.testing.assert_allclose(r["batch"], r["ref"], atol=ATOL_LONG, rtol=0)
+    np.testing.assert_allclose(r["chunks"], r["batch"], atol=ATOL_LONG, rtol=0)
+    if mode == "none":
+        np.testing.assert_array_equal(r["unscaled_ref"], r["ref"])
+    else:  # the scaling is applied: without it the logits are far off
+        assert np.abs(r["batch"] - r["unscaled_ref"]).max() > 1000 * ATOL_LONG
+
+
+@pytest.mark.parametrize("mode", sorted(set(ROPE_MODES) - {"dynamic"}))
+def test_rope_scaling_decode_matches_batch(rope_runs: dict[str, dict[str, np.ndarray]],
+                                           mode: str) -> None:
+    r = rope_runs[mode]
+    np.testing.assert_allclose(r["decode"], r["batch"], atol=ATOL_LONG, rtol=0)
+    ends = [min(i + 97, N_LONG) - 1 for i in range(0, N_LONG, 97)]
+    np.testing.assert_allclose(r["calls"], r["batch"][ends], atol=ATOL_LONG, rtol=0)
+
+
+def test_dynamic_ntk_decode(rope_runs: dict[str, dict[str, np.ndarray]]) -> None:
+    """Dynamic NTK grows the base with the sequence length once it passes the original context.
+    Up to that length decode and a batch agree; beyond it each decode step rotates its key with
+    the base of its own length and keeps it in the cache (as transformers' cache does), while a
+    single batch rotates every position with the base of its full length, so they differ."""
+    r = rope_runs["dynamic"]
+    np.testing.assert_allclose(r["decode"][:ORIG_CTX], r["batch_orig"], atol=ATOL_LONG, rtol=0)
+    np.testing.assert_allclose(r["batch_orig"], r["ref_orig"], atol=ATOL_LONG, rtol=0)
+    assert np.abs(r["decode"][ORIG_CTX:] - r["batch"][ORIG_CTX:]).max() > 1000 * ATOL_LONG

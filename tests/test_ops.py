@@ -48,3 +48,23 @@ def test_swiglu_keeps_nan_and_inf(isa_guard: None) -> None:  # noqa: F811
 def test_swiglu_rejects_mismatched_lengths() -> None:
     with pytest.raises(QuantError):
         core.swiglu(np.zeros(3, np.float32), np.zeros(4, np.float32))
+
+
+def test_swiglu_short_lengths_on_every_isa(isa_guard: None) -> None:  # noqa: F811
+    """Lengths 1..40: no whole vector, one vector plus a tail, two plus a tail (8 and 16 lanes);
+    every element of each is checked, so a skipped or doubled tail element cannot pass."""
+    rng = np.random.default_rng(3)
+    for isa in ISAS:
+        core.set_active_isa(isa)
+        for n in range(1, 41):
+            gate = (rng.standard_normal(n) * 4).astype(np.float32)
+            up = rng.standard_normal(n).astype(np.float32)
+            out = core.swiglu(gate, up)
+            assert out.shape == (n,)
+            ref = _silu_times(gate, up)
+            err = np.abs(out - ref) / np.maximum(np.abs(ref), 1e-30)
+            assert err.max() < 1e-6, f"{isa} n={n}: {err.max():.3g}"
+            # negative control: the last element left out (as a missing tail loop would)
+            broken = out.copy()
+            broken[-1] = 0.0
+            assert np.abs(broken - ref).max() > 1e-6 or abs(ref[-1]) < 1e-6

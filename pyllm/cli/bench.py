@@ -13,14 +13,16 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help="measure prompt and generation speed (tokens/s)",
                        description="Measure prompt processing (pp) and text generation (tg) "
                        "tokens/s, mean ± stdev over repetitions after a warm-up run.")
-    p.add_argument("-m", "--model", action="append", default=None,
-                   help="GGUF model (repeatable; default: the default model)")
+    # "extend" with nargs="+": both "-t 1 2" (as in the README) and "-t 1 -t 2" work
+    p.add_argument("-m", "--model", action="extend", nargs="+", default=None, metavar="MODEL",
+                   help="GGUF models (several, repeatable; default: the default model)")
     p.add_argument("-p", "--n-prompt", type=int, default=512, metavar="N",
                    help="prompt tokens (0 = skip; 512)")
     p.add_argument("-n", "--n-gen", type=int, default=128, metavar="N",
                    help="generated tokens (0 = skip; 128)")
-    p.add_argument("-t", "--threads", type=positive_int, action="append", default=None,
-                   metavar="N", help="threads (repeatable; default: physical cores)")
+    p.add_argument("-t", "--threads", type=positive_int, action="extend", nargs="+",
+                   default=None, metavar="N",
+                   help="thread counts (several, repeatable; default: physical cores)")
     p.add_argument("-r", "--repetitions", type=positive_int, default=5, metavar="N",
                    help="timed repetitions per test (5)")
     p.add_argument("-o", "--output", choices=("md", "json", "csv"), default="md",
