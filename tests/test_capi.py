@@ -11,12 +11,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+import cffi
+import gguf
 import numpy as np
 import pytest
 
-cffi = pytest.importorskip("cffi")
-gguf = pytest.importorskip("gguf")
-core = pytest.importorskip("pyllm._core")
+from pyllm import _core as core
 
 PKG_DIR = Path(core.__file__).resolve().parent
 LIB = PKG_DIR / "libpyllm_c.so"

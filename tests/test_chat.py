@@ -709,12 +709,51 @@ FAMILY_TEMPLATES = {
 }
 
 
+# CONVERSATION through each family template, with BOS "<B>" and EOS "<E>" so their places show.
+FAMILY_RENDERED = {
+    "llama-3": (
+        "<B><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful assistant.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHello<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nHi there!<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nWho are you?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    ),
+    "llama-2": (
+        "<<SYS>>\\nYou are a helpful assistant.\\n<</SYS>><B>[INST] Hello [/INST] Hi there! <E>"
+        "<B>[INST] Who are you? [/INST]"
+    ),
+    "mistral-instruct": (
+        "<B>You are a helpful assistant.<E>[INST] Hello [/INST]Hi there!<E>"
+        "[INST] Who are you? [/INST]"
+    ),
+    "internlm2": (
+        "<B><|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\nHi there!<|im_end|>\n"
+        "<|im_start|>user\nWho are you?<|im_end|>\n"
+    ),
+    "deepseek-coder": (
+        "### Response:\nYou are a helpful assistant.\n<|EOT|>\n### Instruction:\nHello\n"
+        "### Response:\nHi there!\n<|EOT|>\n### Instruction:\nWho are you?\n"
+    ),
+    "zephyr": (
+        "<|system|>\nYou are a helpful assistant.<E>\n<|user|>\nHello<E>\n"
+        "<|assistant|>\nHi there!<E>\n<|user|>\nWho are you?<E>\n"
+    ),
+    "vicuna": (
+        "ASSISTANT: You are a helpful assistant.USER: HelloASSISTANT: Hi there!"
+        "USER: Who are you?"
+    ),
+}
+
+
 @pytest.mark.parametrize("name", sorted(FAMILY_TEMPLATES))
 def test_guess_format(name: str) -> None:
     template = FAMILY_TEMPLATES[name]
     assert guess_format(template) == name
     assert stop_strings(template) == EXPECTED_STOPS[name]
-    render(CONVERSATION, template)  # each of them renders
+    # Recognising the family must not change how the template itself renders.
+    rendered = render(CONVERSATION, template, bos_token="<B>", eos_token="<E>")
+    assert rendered == FAMILY_RENDERED[name]
 
 
 def test_guess_format_unknown_and_names() -> None:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from pyllm.chat import render, stop_strings
 from pyllm.errors import ContextError, SamplingError
+from pyllm.generate import chat_prompt
 from pyllm.model import LLM
 
 pytestmark = pytest.mark.model
@@ -98,7 +100,18 @@ def test_chat_completion(llm: LLM) -> None:
 
 def test_named_chat_format(llm: LLM) -> None:
     msgs = [{"role": "user", "content": "Say hello."}]
-    assert llm.chat(msgs, chat_format="chatml", max_tokens=16, **GREEDY)
+    chatml = llm.tokenize(render(msgs, "chatml"), add_special=False, parse_special=True)
+    own, _ = chat_prompt(llm, msgs, None)  # SmolLM2's template adds a default system turn
+    assert chatml != own
+    reply = llm.chat(msgs, chat_format="chatml", max_tokens=16, **GREEDY)
+    # The context the model decoded starts with exactly the chatml prompt...
+    assert llm.tokens[: len(chatml)] == chatml
+    # ...and the reply is the greedy continuation of that prompt, stopped where chatml stops.
+    assert reply == llm.generate(chatml, max_tokens=16, stop=stop_strings("chatml"), **GREEDY)
+    # The model's own template gives another prompt and so another reply.
+    default = llm.chat(msgs, max_tokens=16, **GREEDY)
+    assert llm.tokens[: len(own)] == own
+    assert reply and default and reply != default
 
 
 def test_bad_sampling_values(llm: LLM) -> None:

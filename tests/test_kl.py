@@ -1,8 +1,12 @@
 """The real model against the exact model: SmolLM2-135M-Instruct Q4_1 through pyllm vs
 transformers on the same (dequantized) weights, over 512 tokens of ordinary English text.
 
-Bars from the forward issue: mean KL(transformers || pyllm) < 0.0015 and top-1 agreement >=
-98.5 % (llama.cpp scores 0.0030 / 96.7 % here because it rounds activations to 8 bits).
+Measured: mean KL(transformers || pyllm) 7.0e-7 (3e-7 on another machine), max 1.24e-5, top-1
+agreement 100 %, the same for 1 and 2 threads. The bars are 10x the measured KL (mean < 7e-6,
+max < 1.25e-4) and at most one top-1 flip in 512 (a near-tie). llama.cpp scores 0.0030 / 96.7 %
+here because it rounds activations to 8 bits; the old bar (mean < 1.5e-3) let through errors as
+gross as logits rounded to bfloat16 or scaled by 1 % (KL 3.3e-4 and 2.6e-4): the test checks
+that both of those fail the new bars.
 """
 
 from __future__ import annotations
@@ -10,8 +14,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import accelerate  # noqa: F401  (transformers needs it to load a GGUF checkpoint)
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from pyllm.model import LLM
 
@@ -22,9 +29,6 @@ TEXT = Path(__file__).with_name("data") / "english.txt"
 @pytest.fixture(scope="module")
 def hf_model(smollm2_path: Path):  # type: ignore[no-untyped-def]
     """transformers' model of the same GGUF (it dequantizes the weights itself)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return transformers.AutoModelForCausalLM.from_pretrained(
         str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32)
@@ -36,11 +40,27 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
+MAX_MEAN_KL = 7e-6
+MAX_KL = 1.25e-4
+MIN_TOP1 = (N_TOKENS - 1) / N_TOKENS
+
+
+def kl_stats(want: np.ndarray, ours: np.ndarray) -> tuple[float, float, float]:
+    """Mean and max KL(want || ours) over positions, and top-1 agreement."""
+    p_log = log_softmax(want)
+    q_log = log_softmax(ours)
+    kl = (np.exp(p_log) * (p_log - q_log)).sum(-1)
+    return float(kl.mean()), float(kl.max()), float((want.argmax(-1) == ours.argmax(-1)).mean())
+
+
+def within_bars(stats: tuple[float, float, float]) -> bool:
+    mean, worst, top1 = stats
+    return mean < MAX_MEAN_KL and worst < MAX_KL and top1 >= MIN_TOP1
+
+
 @pytest.mark.slow
 @pytest.mark.model
 def test_smollm2_kl_and_top1_vs_transformers(smollm2_path: Path, hf_model) -> None:  # type: ignore[no-untyped-def]
-    import torch
-
     with LLM(smollm2_path, n_ctx=N_TOKENS) as llm:
         tokens = llm.tokenize(TEXT.read_text(encoding="utf-8"), add_special=False)[:N_TOKENS]
         assert len(tokens) == N_TOKENS
@@ -49,14 +69,14 @@ def test_smollm2_kl_and_top1_vs_transformers(smollm2_path: Path, hf_model) -> No
     with torch.no_grad():
         want = hf_model(torch.tensor([tokens])).logits[0].double().numpy()
 
-    p_log = log_softmax(want)
-    q_log = log_softmax(ours)
-    kl = (np.exp(p_log) * (p_log - q_log)).sum(-1)
-    top1 = (want.argmax(-1) == ours.argmax(-1)).mean()
-    print(f"SmolLM2 Q4_1 vs transformers, {N_TOKENS} tokens: mean KL {kl.mean():.2e}, "
-          f"max KL {kl.max():.2e}, top-1 {100 * top1:.2f} %")
-    assert kl.mean() < 0.0015
-    assert top1 >= 0.985
+    stats = kl_stats(want, ours)
+    print(f"SmolLM2 Q4_1 vs transformers, {N_TOKENS} tokens: mean KL {stats[0]:.2e}, "
+          f"max KL {stats[1]:.2e}, top-1 {100 * stats[2]:.2f} %")
+    assert within_bars(stats), stats
+    # Negative controls: small but real numerical faults are caught by these bars.
+    bf16 = torch.from_numpy(ours).to(torch.bfloat16).float().numpy()  # a bf16 intermediate
+    assert not within_bars(kl_stats(want, bf16))
+    assert not within_bars(kl_stats(want, ours * 1.01))  # a scale off by 1 %
 
 
 # pyllm's greedy replies are the exact model's. llama.cpp's part from them on near-ties (its
@@ -72,8 +92,6 @@ GREEDY_PROMPTS = ["To make a cup of tea, first", "The largest planet in our sola
 @pytest.mark.parametrize("prompt", GREEDY_PROMPTS)
 def test_smollm2_greedy_equals_transformers(smollm2_path: Path, hf_model,  # type: ignore[no-untyped-def]
                                             prompt: str) -> None:
-    import torch
-
     with LLM(smollm2_path, n_ctx=128) as llm:
         ids = llm.tokenize(prompt)
         logits = llm.eval_prompt(ids)

@@ -24,20 +24,20 @@ pyllm's RMSE <= llama.cpp's figure x 1.02 and does not need llama.cpp at run tim
 
 from __future__ import annotations
 
+import hashlib
+import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
+import gguf
+import gguf.quants as gguf_quants
 import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf")
-gguf_quants = pytest.importorskip("gguf.quants")
-
-from pyllm import quants  # noqa: E402
-from pyllm.errors import QuantError  # noqa: E402
-from pyllm.gguf.constants import TYPE_INFO, GGMLType  # noqa: E402
-
-_core = pytest.importorskip("pyllm._core")
+from pyllm import _core, quants
+from pyllm.errors import QuantError
+from pyllm.gguf.constants import TYPE_INFO, GGMLType
 
 GQT = gguf.GGMLQuantizationType
 
@@ -349,7 +349,7 @@ def test_empty_tensors() -> None:
     assert quants.dequantize("F16", b"", (0,)).shape == (0,)
 
 
-def test_concurrent_calls_release_the_gil_and_agree() -> None:
+def test_concurrent_calls_agree() -> None:
     expect = quants.quantize("Q4_K", GAUSS[:16])
     results: list[np.ndarray] = []
 
@@ -362,6 +362,57 @@ def test_concurrent_calls_release_the_gil_and_agree() -> None:
     for th in threads:
         th.join()
     assert len(results) == 4 and all(np.array_equal(r, expect) for r in results)
+
+
+def other_thread_runs_during(call: Callable[[], object], max_calls: int = 1000) -> bool:
+    """Whether another Python thread gets to run while ``call`` runs in this one.
+
+    The switch interval is raised far beyond the test's length, so the interpreter never takes
+    the GIL away from this thread by itself: the watcher thread can only run when ``call`` lets
+    go of it. ``call`` is repeated until the watcher has run (or ``max_calls`` times, so the
+    answer does not hang on how soon the OS wakes the watcher); the watcher records whether
+    this thread was still inside its calls. No clock is read."""
+    go = threading.Event()
+    in_calls = [False]
+    saw: list[bool] = []
+
+    def watcher() -> None:
+        go.wait()
+        saw.append(in_calls[0])
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1000.0)
+    try:
+        thread = threading.Thread(target=watcher)
+        thread.start()
+        in_calls[0] = True
+        go.set()  # the watcher is runnable from here on, but needs the GIL
+        for _ in range(max_calls):
+            call()
+            if saw:
+                break
+        in_calls[0] = False
+        thread.join()  # blocks, so a watcher that never ran gets the GIL here
+    finally:
+        sys.setswitchinterval(old)
+    assert len(saw) == 1
+    return saw[0]
+
+
+def test_gil_probe_controls() -> None:
+    # hashlib drops the GIL for buffers of 2 KiB and more; sum over a range never does.
+    data = bytes(1 << 20)
+    assert other_thread_runs_during(lambda: hashlib.sha256(data).digest())
+    assert not other_thread_runs_during(lambda: sum(range(20_000)), max_calls=50)
+
+
+def test_quantize_and_dequantize_release_the_gil() -> None:
+    # Contiguous float32 input: the wrapper makes no numpy copy (which could drop the GIL on
+    # its own), so the only place these calls can let the watcher run is the C++ loop.
+    rows = np.ascontiguousarray(GAUSS[:16])
+    packed = quants.quantize("Q4_K", rows)
+    assert other_thread_runs_during(lambda: quants.quantize("Q4_K", rows))
+    assert other_thread_runs_during(lambda: quants.dequantize("Q4_K", packed, rows.shape))
 
 
 # ---- bad input: always QuantError --------------------------------------------------------------
