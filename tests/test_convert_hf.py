@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from pyllm.convert import convert_hf
 from pyllm.convert.hf import f32_to_bf16, llama3_rope_factors
@@ -21,9 +23,6 @@ from pyllm.convert.tensor_map import permute_qk
 from pyllm.errors import ConvertError
 from pyllm.gguf import GGMLType, GGUFReader
 from tests.reference import LlamaRef
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 N_TOKENS = 64
 VOCAB = 320
@@ -453,7 +452,6 @@ def test_tokenizer_is_converted_and_padded(saved: dict[str, tuple[Any, Path]],
 
 
 def test_q8_0_output(saved: dict[str, tuple[Any, Path]], tmp_path: Path) -> None:
-    pytest.importorskip("pyllm._core")
     from gguf.quants import GGMLQuantizationType, dequantize, quantize
 
     _, src = saved["llama_gqa"]
@@ -480,7 +478,7 @@ def test_transformers_reads_our_gguf(saved: dict[str, tuple[Any, Path]], tmp_pat
                                      case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """transformers' own GGUF loader (llama.cpp conventions: names, metadata keys, q/k
     permutation) reads the converted file back to the original model."""
-    pytest.importorskip("gguf")
+    import gguf  # noqa: F401
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, src = saved[case]
     (tmp_path / "g").mkdir()

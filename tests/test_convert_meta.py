@@ -16,14 +16,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from pyllm.convert import convert, convert_meta
 from pyllm.convert.meta import feed_forward_length
 from pyllm.errors import ConvertError
 from pyllm.gguf import GGMLType, GGUFReader
 from tests.reference import LlamaRef
-
-torch = pytest.importorskip("torch")
 
 PARAMS: dict[str, Any] = dict(
     dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, ffn_dim_multiplier=1.3,
@@ -169,7 +168,7 @@ def meta_forward(sd: dict[str, Any], toks: np.ndarray, theta: float = PARAMS["ro
 
 @pytest.fixture(scope="module")
 def spm_model() -> bytes:
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
     words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "Human", "Bot"]
     rng = np.random.default_rng(0)
     buf = io.BytesIO()
@@ -348,7 +347,7 @@ def test_fastllm_overrides_meta(base: tuple[Any, Path], tmp_path: Path, spm_mode
 
 
 def test_fastllm_overrides_hf(tmp_path: Path, spm_model: bytes) -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=1,
                                    vocab_size=VOCAB, max_position_embeddings=64)

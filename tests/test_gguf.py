@@ -5,14 +5,13 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 
 from pyllm.errors import GGUFError
 from pyllm.gguf import GGMLType, GGUFReader, GGUFWriter, ValueType
 from tests.gguf_craft import Crafted, TInfo, f32_tensor_file, gstr, kv_raw, kv_str, kv_u32
-
-gguf = pytest.importorskip("gguf")
 
 
 def _sample_writer(path: Path, alignment: int = 32) -> GGUFWriter:

@@ -9,13 +9,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch  # noqa: F401
+import transformers  # noqa: F401
 
 from pyllm.convert import convert_hf
 from pyllm.model import LLM
 from tests.test_convert_hf import CASES, hf_logits, make_model, round_matrices, tokens
-
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 
@@ -37,8 +38,6 @@ from pyllm.model import LLM
 from tests.reference import llama_ref
 from tests.reference.llama_ref import LlamaRef
 from tests.tiny_models import TinySpec, write_tiny
-
-gguf = pytest.importorskip("gguf")  # the reference dequantizes with the gguf package
 
 ISAS = list(core.available_isas())
 RTOL_RMS_NORM = 2e-6

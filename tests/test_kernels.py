@@ -19,13 +19,12 @@ import os
 import signal
 from collections.abc import Iterator
 
+import gguf
 import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf")
-core = pytest.importorskip("pyllm._core")
-
-from pyllm.errors import QuantError  # noqa: E402
+from pyllm import _core as core
+from pyllm.errors import QuantError
 
 RTOL = 1e-5
 ISAS = list(core.available_isas())

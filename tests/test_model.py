@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import gguf  # noqa: F401
 import numpy as np
 import pytest
 
@@ -16,8 +17,6 @@ from pyllm.model import LLM
 from tests.reference import llama_ref
 from tests.reference.llama_ref import LlamaRef
 from tests.tiny_models import TinySpec, write_tiny
-
-pytest.importorskip("gguf")  # the reference dequantizes with the gguf package
 
 TOKENS = [1, 17, 99, 3, 42, 42, 7, 150, 88, 5, 61, 120, 9, 33, 0, 77, 64, 31, 2, 140,
           11, 23, 56, 78, 90, 101, 112, 130, 145, 159, 4, 8]

@@ -189,8 +189,8 @@ ROPES = [
 @pytest.mark.parametrize("rope", ROPES, ids=lambda r: r["rope_type"] + str(len(r)))
 @pytest.mark.parametrize("seq_len", [100, 300])
 def test_rope_frequencies_match_transformers(rope: dict[str, Any], seq_len: int) -> None:
-    pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch  # noqa: F401
+    import transformers
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     hf_cfg = dict(hidden_size=256, num_attention_heads=4, intermediate_size=64,
@@ -220,9 +220,9 @@ def test_rope_frequencies_match_transformers(rope: dict[str, Any], seq_len: int)
 def test_smollm2_matches_transformers_gguf(smollm2_path: Path) -> None:
     """Reference on SmolLM2-135M Q4_1 == transformers loading the same GGUF (it dequantizes
     with the gguf package and un-permutes q/k itself), offline."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
+    import accelerate  # noqa: F401
+    import torch
+    import transformers
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # "<|im_start|>The capital of France is Paris. It is a city of light and art." as SmolLM2
     # token ids (from its tokenizer), so no tokenizer is needed here
