@@ -1,14 +1,20 @@
 """``pyllm serve``: the OpenAI-compatible HTTP server (needs ``pip install "pyllm[server]"``).
 
-The server starts listening at once and loads the model on a thread (``/health`` answers 503
-until it is ready). SIGTERM / Ctrl-C stop accepting connections, let running generations finish
-for up to ``--shutdown-timeout`` seconds, then cancel what is left (those clients get a
-"shutting down" error).
+What can be checked cheaply is checked before anything is announced: the model file can be
+opened, the address can be bound (the socket is bound here and handed to uvicorn, so a port in
+use is one ``error:`` line and ``--port 0`` reports the port it got). Then the server starts
+listening and loads the model on a thread (``/health`` answers 503 until it is ready); if the
+load fails, the server stops and the command ends with the load error (exit 1).
+
+SIGTERM / Ctrl-C stop accepting connections, let running generations finish for up to
+``--shutdown-timeout`` seconds, then cancel what is left (those clients get a "shutting down"
+error).
 """
 
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -16,6 +22,9 @@ from typing import Any
 
 from pyllm.cli.common import add_model_args, positive_int
 from pyllm.errors import PyllmError
+
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
 def add_parser(sub: Any) -> None:
@@ -42,6 +51,10 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--cors", nargs="+", metavar="ORIGIN", default=[],
                    help="allow cross-origin requests from these origins ('*' = any); "
                    "off by default")
+    g.add_argument("--allowed-hosts", nargs="+", metavar="NAME", default=[],
+                   help="Host header names accepted besides localhost, 127.0.0.1, ::1 and the "
+                   "--host address ('*' = any); other names get 403, which stops web pages "
+                   "from reaching the server by DNS rebinding")
     g.add_argument("--kv-type", choices=("f16", "q8_0", "f32"), default="f16",
                    help="KV cache type (default f16)")
     g.add_argument("--max-body", type=positive_int, default=1 << 20, metavar="BYTES",
@@ -51,14 +64,72 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run, parser=p)
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (not yet listening), or a PyllmError saying why not."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise PyllmError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    family, type_, proto, _, address = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        # as uvicorn does: a restart may reuse the port while old connections are in TIME_WAIT
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise PyllmError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _check_readable(path: Path) -> None:
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as e:
+        raise PyllmError(f"{path}: cannot open: {e.strerror or e}") from None
+
+
+def make_server(app: Any, shutdown_timeout: float) -> Any:
+    """The uvicorn server for ``app`` (made by :func:`pyllm.server.app.create_app`). On SIGTERM /
+    Ctrl-C uvicorn stops accepting and waits for open requests; after ``shutdown_timeout``
+    seconds the engine cancels what is left, so those requests end with a 'shutting down' error
+    rather than uvicorn cutting their connections."""
+    import uvicorn
+
+    from pyllm.server.app import cancel_all
+
+    class Server(uvicorn.Server):
+        timer: threading.Timer | None = None
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            if self.timer is None:
+                self.timer = threading.Timer(shutdown_timeout, cancel_all, (app,))
+                self.timer.daemon = True
+                self.timer.start()
+
+    # uvicorn's own limit is only the backstop, should the cancelled requests not end
+    return Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                 timeout_graceful_shutdown=shutdown_timeout + 10))
+
+
 def run(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args.parser
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in 0..65535, got {args.port}")
+    if args.shutdown_timeout < 0:
+        parser.error(f"--shutdown-timeout must be 0 or more, got {args.shutdown_timeout}")
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - only to say early that it is missing
 
-        from pyllm.server.app import ServerConfig, cancel_all, create_app
+        from pyllm.server.app import ServerConfig, create_app
     except ImportError as e:
         raise PyllmError(f"the server needs extra packages ({e.name} is missing): "
                          f"pip install 'pyllm[server]'") from None
@@ -69,9 +140,15 @@ def run(args: argparse.Namespace) -> int:
 
         get_format(args.chat_format)  # an unknown name fails now, not on the first request
     model_path = Path(resolve_model_path(args.model, quiet=False))
+    _check_readable(model_path)  # the rest of a bad model is found by the load below
+    allowed = list(args.allowed_hosts)
+    if args.host not in WILDCARD_HOSTS:
+        allowed.append(args.host)
     config = ServerConfig(model_id=args.alias or model_path.name, api_key=args.api_key,
                           cors_origins=list(args.cors), chat_format=args.chat_format,
-                          max_body_bytes=args.max_body)
+                          max_body_bytes=args.max_body, allowed_hosts=allowed)
+    failure: list[BaseException] = []  # the load error, once the server has stopped for it
+    server: Any = None
 
     def load() -> Any:
         from pyllm.model import LLM
@@ -82,35 +159,34 @@ def run(args: argparse.Namespace) -> int:
         llm = LLM(model_path, n_ctx=min(args.ctx_size, 64), n_threads=args.threads,
                   n_batch=args.batch_size)
         llm.tokenizer  # noqa: B018 - build the tokenizer now, not on the first request
-        engine = Engine(llm, n_parallel=args.parallel, n_ctx=args.ctx_size,
-                        n_batch=args.batch_size, kv_type=args.kv_type, max_queue=args.queue)
-        print(f"pyllm: serving {model_path.name}: {args.parallel} slots x {args.ctx_size} "
-              f"tokens, {llm.n_threads} threads", file=sys.stderr, flush=True)
-        return engine
+        return Engine(llm, n_parallel=args.parallel, n_ctx=args.ctx_size,
+                      n_batch=args.batch_size, kv_type=args.kv_type, max_queue=args.queue)
 
-    app = create_app(config, loader=load)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    def ready(engine: Any) -> None:
+        print(f"pyllm: serving {model_path.name}: {engine.n_parallel} slots x {engine.n_ctx} "
+              f"tokens, {engine.llm.n_threads} threads", file=sys.stderr, flush=True)
+
+    def load_or_stop() -> Any:
+        try:
+            return load()
+        except BaseException as e:
+            # a server that can never answer is no use: stop it, and exit with this error
+            failure.append(e)
+            server.should_exit = True
+            raise
+
+    app = create_app(config, loader=load_or_stop, on_ready=ready)
+    server = make_server(app, args.shutdown_timeout)
+    sock = bind_socket(args.host, args.port)
+    if args.host not in LOOPBACK_NAMES and not args.api_key:
         print(f"pyllm: warning: listening on {args.host} without --api-key", file=sys.stderr)
-
-    class Server(uvicorn.Server):
-        """On SIGTERM / Ctrl-C uvicorn stops accepting and waits for open requests; after
-        --shutdown-timeout the engine cancels what is left, so those requests end with a
-        'shutting down' error rather than uvicorn cutting their connections."""
-
-        timer: threading.Timer | None = None
-
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            super().handle_exit(sig, frame)
-            if self.timer is None:
-                self.timer = threading.Timer(args.shutdown_timeout, cancel_all, (app,))
-                self.timer.daemon = True
-                self.timer.start()
-
-    # uvicorn's own limit is only the backstop, should the cancelled requests not end
-    uv = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                        timeout_graceful_shutdown=args.shutdown_timeout + 10, access_log=False)
-    server = Server(uv)
-    print(f"pyllm: listening on http://{args.host}:{args.port} (loading the model)",
-          file=sys.stderr, flush=True)
-    server.run()
+    if args.host in WILDCARD_HOSTS and "*" not in allowed:
+        print("pyllm: note: only requests addressed to localhost, 127.0.0.1 or ::1 are "
+              "answered; name the others with --allowed-hosts NAME... ('*' = any)",
+              file=sys.stderr)
+    print(f"pyllm: listening on {_url(sock)} (loading the model)", file=sys.stderr, flush=True)
+    with sock:
+        server.run(sockets=[sock])
+    if failure:
+        raise failure[0]
     return 0

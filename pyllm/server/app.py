@@ -10,7 +10,15 @@ every failure has the OpenAI error shape and the right status: a body over the s
 (checked while reading, not only from Content-Length), bad JSON or fields 400, a prompt that does
 not fit 400, a full queue 503. Compute never runs on the event loop: tokenization goes to the
 thread pool, generation to the engine thread, whose events come back through
-``loop.call_soon_threadsafe``.
+``loop.call_soon_threadsafe``. A text far longer than a slot's context could hold is refused
+before it is tokenized (no token covers more bytes than the vocabulary's longest piece), and
+after a request with a large body the allocator's free memory is handed back to the OS.
+
+Browsers must not be able to drive a local server from any web page, so the outermost layer
+accepts only Host headers naming this machine's loopback names or the configured
+``allowed_hosts`` (a DNS-rebinding page sends its own host name), and POST bodies must be
+``application/json`` (which a cross-site page cannot send without a CORS preflight, refused
+unless ``cors_origins`` allows it).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import base64
 import functools
 import hmac
 import json
+import math
 import threading
 import time
 import uuid
@@ -67,9 +76,15 @@ from pyllm.server.schemas import (
     UnsupportedFieldError,
     error_body,
 )
+from pyllm.sysinfo import release_free_memory
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 M = TypeVar("M", bound=BaseModel)
+# Host names always accepted: this machine's loopback (with any port)
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+# after a request body larger than this, free memory goes back to the OS (its text, tokens and
+# the tokenizer's scratch were large enough to leave the allocator holding pages)
+LARGE_BODY_BYTES = 64 * 1024
 
 
 @dataclass
@@ -79,6 +94,8 @@ class ServerConfig:
     cors_origins: list[str] = field(default_factory=list)
     chat_format: str | None = None
     max_body_bytes: int = 1 << 20  # 1 MiB: far more than any prompt that fits a context
+    # Host header names accepted besides LOOPBACK_HOSTS (a port is ignored); "*" = any
+    allowed_hosts: list[str] = field(default_factory=list)
 
 
 def _json_error(status: int, message: str, type_: str, param: str | None = None,
@@ -95,6 +112,21 @@ class _State:
         self.load_error: str | None = None
         self.http = Counter[tuple[str, int]]()
         self.started = time.time()
+        self._token_bytes: int | None = None
+        self._token_bytes_lock = threading.Lock()
+
+    @property
+    def known_token_bytes(self) -> int | None:
+        """:meth:`token_bytes` once it has been computed, else None."""
+        return self._token_bytes
+
+    def token_bytes(self, engine: Engine) -> int:
+        """The most input bytes one token can cover: the longest vocabulary piece. Computed
+        once (about a second for a 50k vocabulary: call it off the event loop)."""
+        with self._token_bytes_lock:
+            if self._token_bytes is None:
+                self._token_bytes = max_token_bytes(engine.tokenizer)
+            return self._token_bytes
 
     def need_engine(self) -> Engine:
         if self.engine is not None:
@@ -104,8 +136,41 @@ class _State:
         raise ApiError(503, "the model is still loading", "server_error", code="loading")
 
 
+def max_token_bytes(tokenizer: Any) -> int:
+    """The byte length of the longest vocabulary piece: a text of B bytes needs at least
+    ceil(B / this) tokens. Uses ``Tokenizer.max_token_bytes`` where the tokenizer has it."""
+    known = getattr(tokenizer, "max_token_bytes", None)
+    if isinstance(known, int) and known > 0:
+        return known
+    # Every piece, special ones included: a larger maximum only makes the bound weaker.
+    return max((len(tokenizer.token_to_bytes(i)) for i in range(tokenizer.n_vocab)), default=1)
+
+
+def host_name(value: str) -> str:
+    """The name in a Host header value: no port, no IPv6 brackets, lower case, no final dot."""
+    v = value.strip().lower()
+    if v.startswith("["):
+        end = v.find("]")
+        name = v[1:end] if end > 0 else v[1:]
+    elif v.count(":") == 1:
+        name = v.partition(":")[0]
+    else:  # a plain name, or an IPv6 address without brackets
+        name = v
+    return name.rstrip(".")
+
+
+def _bearer_token(value: bytes) -> bytes | None:
+    """The credentials of an ``Authorization: Bearer TOKEN`` header; the scheme name is
+    case-insensitive (RFC 9110), so ``bearer`` and ``BEARER`` count too."""
+    scheme, _, token = value.strip().partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" else None
+
+
 class _Guard:
-    """Outermost ASGI layer: API key check and HTTP counters.
+    """Outermost ASGI layer: Host check, API key check, HTTP counters, memory given back.
+
+    Only Host names of this machine's loopback and ``allowed_hosts`` are served: a web page that
+    rebinds its own domain to 127.0.0.1 reaches the port, but its requests carry its domain.
 
     With an API key set, everything but ``/health`` needs it. A browser cannot attach a header to
     a plain navigation, so the chat page ``GET /`` also takes the key as ``?api_key=KEY`` (the
@@ -121,7 +186,10 @@ class _Guard:
         self.app = app
         self.state = state
         key = state.config.api_key
-        self.expected = f"Bearer {key}".encode() if key else None
+        self.expected = key.encode() if key else None
+        hosts = state.config.allowed_hosts
+        self.any_host = "*" in hosts
+        self.hosts = frozenset(LOOPBACK_HOSTS) | {host_name(h) for h in hosts}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -129,6 +197,7 @@ class _Guard:
             return
         path = scope.get("path", "")
         status = 500
+        received = 0
 
         async def counting_send(message: Message) -> None:
             nonlocal status
@@ -136,32 +205,65 @@ class _Guard:
                 status = message["status"]
             await send(message)
 
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+            return message
+
         try:
-            if (self.expected is not None and path not in self.PUBLIC
-                    and scope.get("method") != "OPTIONS" and not self._authorized(scope)):
-                resp = _json_error(401, "invalid or missing API key (send 'Authorization: "
-                                   "Bearer KEY')", "authentication_error",
-                                   code="invalid_api_key")
-                await resp(scope, receive, counting_send)
+            refusal = self._host_refusal(scope)
+            if refusal is None and (self.expected is not None and path not in self.PUBLIC
+                                    and scope.get("method") != "OPTIONS"
+                                    and not self._authorized(scope)):
+                refusal = _json_error(401, "invalid or missing API key (send 'Authorization: "
+                                      "Bearer KEY')", "authentication_error",
+                                      code="invalid_api_key")
+            if refusal is not None:
+                await refusal(scope, receive, counting_send)
                 return
-            await self.app(scope, receive, counting_send)
+            await self.app(scope, counting_receive, counting_send)
         finally:
             route = path if path in _ROUTES else "other"
             self.state.http[(route, status)] += 1
+            if received > LARGE_BODY_BYTES:
+                # malloc_trim walks the heap: not on the event loop
+                await run_in_threadpool(_give_back_memory)
+
+    def _host_refusal(self, scope: Scope) -> Response | None:
+        """None if the Host header names this server, else the error response."""
+        if self.any_host:
+            return None
+        host = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"),
+                    None)
+        if host is None:
+            return _json_error(400, "the request has no Host header", "invalid_request_error",
+                               code="host_not_allowed")
+        if host_name(host) in self.hosts:
+            return None
+        return _json_error(403, f"host {host!r} is not allowed: this server answers requests "
+                           f"for {', '.join(sorted(self.hosts))}; start it with "
+                           f"--allowed-hosts NAME to accept another name ('*' = any)",
+                           "permission_error", code="host_not_allowed")
 
     def _authorized(self, scope: Scope) -> bool:
         assert self.expected is not None
         if scope.get("path") == "/" and scope.get("method") in ("GET", "HEAD"):
             for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1")):
                 if key == "api_key":
-                    return hmac.compare_digest(b"Bearer " + value.encode("latin-1"),
-                                               self.expected)
+                    return hmac.compare_digest(value.encode("latin-1"), self.expected)
         for name, value in scope.get("headers", []):
             if name == b"authorization":
-                return hmac.compare_digest(value, self.expected)
+                token = _bearer_token(value)
+                return token is not None and hmac.compare_digest(token, self.expected)
             if name == b"x-api-key":
-                return hmac.compare_digest(b"Bearer " + value, self.expected)
+                return hmac.compare_digest(value, self.expected)
         return False
+
+
+def _give_back_memory() -> None:
+    release_free_memory()
 
 
 _ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
@@ -171,7 +273,21 @@ _ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/cha
 # ---- body parsing -----------------------------------------------------------------------------
 
 
+def _check_json_type(request: Request) -> None:
+    """POST bodies must say they are JSON: text/plain, forms and untyped bodies are what a page
+    on another site may send without asking (no CORS preflight), so they are refused."""
+    ctype = request.headers.get("content-type")
+    media = (ctype or "").partition(";")[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/")
+                                       and media.endswith("+json")):
+        return
+    got = f"got {ctype!r}" if ctype else "no Content-Type was sent"
+    raise ApiError(415, f"the request body must be JSON sent with 'Content-Type: "
+                        f"application/json' ({got})", code="unsupported_media_type")
+
+
 async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+    _check_json_type(request)
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise ApiError(413, f"request body is {length} bytes; the limit is {limit}",
@@ -220,14 +336,32 @@ def _sampling(req: CompletionRequest | ChatCompletionRequest) -> Any:
         raise ApiError(400, str(e)) from None
 
 
+async def _check_text_fits(state: _State, eng: Engine, text_bytes: int, limit: int,
+                           what: str, param: str) -> None:
+    """Refuse, without tokenizing, a text that cannot fit: B bytes are at least
+    ceil(B / longest piece) tokens. ``limit`` is the most tokens the text may have."""
+    per_token = state.known_token_bytes or await run_in_threadpool(state.token_bytes, eng)
+    at_least = math.ceil(text_bytes / per_token)
+    if at_least > limit:
+        raise ApiError(400, f"{what} is {text_bytes} bytes, so at least {at_least} tokens (no "
+                            f"token is longer than {per_token} bytes); a slot's context holds "
+                            f"{eng.n_ctx} tokens (n_ctx)", param=param,
+                       code="context_length_exceeded")
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 # ---- the application --------------------------------------------------------------------------
 
 
 def create_app(config: ServerConfig | None = None, *, engine: Engine | None = None,
-               loader: Callable[[], Engine] | None = None) -> ASGIApp:
+               loader: Callable[[], Engine] | None = None,
+               on_ready: Callable[[Engine], None] | None = None) -> ASGIApp:
     """The ASGI application. Give either a ready ``engine`` (the caller stops it) or a
     ``loader`` run on a thread at startup (its engine is stopped, in-flight work cancelled, at
-    shutdown)."""
+    shutdown); ``on_ready`` is called on that thread once the loaded engine serves requests."""
     from contextlib import asynccontextmanager
 
     config = config or ServerConfig()
@@ -238,7 +372,11 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
     def load() -> None:
         assert loader is not None
         try:
-            state.engine = loader()
+            engine = loader()
+            state.token_bytes(engine)  # here rather than on the first request
+            state.engine = engine
+            if on_ready is not None:
+                on_ready(engine)
         except PyllmError as e:
             state.load_error = str(e)
         except Exception as e:  # report, never take the process down
@@ -353,6 +491,10 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
             from pyllm.generate import prompt_tokens
 
             loop = asyncio.get_running_loop()
+            for x in req.inputs():
+                if isinstance(x, str):
+                    await _check_text_fits(state, eng, _utf8_len(x), eng.n_ctx, "an input",
+                                           "input")
             token_lists = [await run_in_threadpool(prompt_tokens, eng.llm, x)
                            if isinstance(x, str) else x for x in req.inputs()]
             futures: list[asyncio.Future[Any]] = []
@@ -405,12 +547,15 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
             if isinstance(prompt, list):
                 tokens = [int(t) for t in prompt]
             else:
+                # a slot must keep a position to generate into: n_ctx - 1 prompt tokens at most
+                await _check_text_fits(state, eng, _utf8_len(prompt), eng.n_ctx - 1,
+                                       "the prompt", "prompt")
                 tokens = await run_in_threadpool(prompt_tokens, eng.llm, prompt)
             echo = ""
             if req.echo:
                 echo = prompt if isinstance(prompt, str) else await run_in_threadpool(
                     eng.tokenizer.decode, tokens)
-            choices = Choices(eng, tokens, params, req.n, req.max_tokens, req.stop_list(),
+            choices = Choices(eng, tokens, params, req.n, req.token_limit(), req.stop_list(),
                                req.logprobs)
             head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                     "created": int(time.time()), "model": config.model_id}
@@ -457,6 +602,9 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
             from pyllm.generate import chat_prompt
 
             messages = [m.as_dict() for m in req.messages]
+            # the template only adds to the messages' text
+            await _check_text_fits(state, eng, sum(_utf8_len(m["content"]) for m in messages),
+                                   eng.n_ctx - 1, "the conversation", "messages")
             tokens, format_stops = await run_in_threadpool(chat_prompt, eng.llm, messages,
                                                            config.chat_format)
             n_lp = (req.top_logprobs or 0) if req.logprobs else None
@@ -532,7 +680,9 @@ def _metrics_text(state: _State) -> str:
            [("", 1 if eng is not None else 0)])
     if eng is not None:
         st = eng.stats
-        metric("pyllm_requests_total", "counter", "Generation requests accepted.",
+        metric("pyllm_requests_total", "counter",
+               "Generation requests accepted (one per choice; embeddings are counted by "
+               "pyllm_embeddings_total).",
                [("", st.requests_total)])
         metric("pyllm_requests_rejected_total", "counter", "Requests refused: queue full.",
                [("", st.requests_rejected)])

@@ -24,12 +24,20 @@ conversation, so most of it is usually cached).
 
 Results leave through the request's ``on_event`` callback, called on the scheduler thread; it
 must be quick and must not raise (the HTTP layer hands events to its event loop).
+
+``max_tokens`` follows llama.cpp's ``n_predict``: None or -1 = until an end-of-generation token or
+until the slot's context is full, 0 = generate nothing (finish reason "length"), N = at most N.
+
+Tests control the scheduler with :meth:`Engine.pause` / :meth:`Engine.resume` (hold it before
+its next step, or let it take exactly N more steps) instead of relying on how fast a machine
+decodes; unused, the hold costs one comparison per step.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import itertools
 import threading
 import time
@@ -40,7 +48,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pyllm.errors import ContextError, ModelError, PyllmError
-from pyllm.generate import StopMatcher, stop_token_ids
+from pyllm.footprint import MAX_COUNT, check_context_fits, warn_if_beyond_training
+from pyllm.generate import StopMatcher, resolve_max_tokens, stop_token_ids
 from pyllm.model import common_prefix
 
 if TYPE_CHECKING:
@@ -88,8 +97,9 @@ Event = TokenEvent | DoneEvent | ErrorEvent
 
 @dataclass
 class Request:
-    """What the engine needs for one generation. ``max_tokens`` None = until the slot's context
-    is full; ``logprobs`` None = off, else how many top alternatives to report per token."""
+    """What the engine needs for one generation. ``max_tokens`` None or -1 = until an
+    end-of-generation token or the slot's context is full, 0 = nothing; ``logprobs`` None = off,
+    else how many top alternatives to report per token."""
 
     prompt: list[int]
     params: SamplingParams
@@ -148,7 +158,7 @@ class _Slot:
 
 @dataclass
 class EngineStats:
-    requests_total: int = 0
+    requests_total: int = 0  # generations accepted (one per choice); embeddings are not counted
     requests_rejected: int = 0
     finished: dict[str, int] = field(default_factory=lambda: collections.Counter())
     prompt_tokens_total: int = 0  # prompt tokens in requests
@@ -174,15 +184,20 @@ class Engine:
 
         for name, value in (("n_parallel", n_parallel), ("n_ctx", n_ctx),
                             ("max_queue", max_queue)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ContextError(f"{name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_COUNT:
+                raise ContextError(f"{name} must be a positive integer (at most {MAX_COUNT}), "
+                                   f"got {value!r}")
         if kv_type not in KV_TYPES:
             raise ContextError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
         self.llm = llm
         self.n_parallel = n_parallel
         self.n_ctx = n_ctx
-        # tokens per step: running sequences take one each, prompt chunks share the rest
-        self.n_batch = n_batch or llm.n_batch
+        # tokens per step: running sequences take one each, prompt chunks share the rest (a
+        # step never holds more than all slots' contexts)
+        self.n_batch = min(n_batch or llm.n_batch, n_ctx * n_parallel)
+        # --parallel slots of -c positions each: refused with the sizes before allocating
+        check_context_fits(llm.hparams, n_ctx, self.n_batch, llm.n_threads, kv_type, n_parallel)
+        warn_if_beyond_training(llm.hparams, n_ctx)
         self.max_queue = max_queue
         self.n_vocab = llm.n_vocab
         from pyllm import _core
@@ -202,6 +217,9 @@ class Engine:
         self._cv = threading.Condition()
         self._ids = itertools.count(1)
         self._stopping = False
+        # test hook (pause/resume): None = run freely; else how many more steps may start
+        self._allowance: int | None = None
+        self._held = threading.Event()  # set while the scheduler waits for an allowance
         self._rate: collections.deque[tuple[float, int]] = collections.deque()
         self._rate_window = rate_window_s
         self._thread = threading.Thread(target=self._run, name="pyllm-engine", daemon=True)
@@ -215,6 +233,9 @@ class Engine:
         from pyllm.sampling import Sampler
 
         n = len(req.prompt)
+        limit = resolve_max_tokens(req.max_tokens)  # SamplingError below -1
+        if limit != req.max_tokens:
+            req = dataclasses.replace(req, max_tokens=limit)
         if n == 0:
             raise ContextError("the prompt is empty (no tokens)")
         if n >= self.n_ctx:
@@ -274,7 +295,6 @@ class Engine:
                 raise EngineStoppedError("the server is shutting down")
             self._check_queue()
             self._embeds.append(job)
-            self.stats.requests_total += 1
             self._cv.notify()
         return Handle(job, self)
 
@@ -298,6 +318,34 @@ class Engine:
                     slot.job.cancelled = True
             self._cv.notify()
         self._thread.join(timeout)
+
+    # ---- test hook: deterministic control of the scheduler ----------------------------------
+
+    def pause(self) -> None:
+        """Hold the scheduler before its next step (a step already running completes). For
+        tests: what happens between two steps no longer depends on the machine's speed."""
+        with self._cv:
+            self._allowance = 0
+
+    def resume(self, steps: int | None = None) -> None:
+        """Let the scheduler run freely (``steps`` None), or take exactly ``steps`` more steps
+        and then hold again."""
+        with self._cv:
+            self._held.clear()  # the scheduler sets it again when it next waits
+            self._allowance = steps
+            self._cv.notify()
+
+    def wait_held(self, timeout: float) -> bool:
+        """Wait until the paused scheduler is holding (with work waiting); False on timeout."""
+        return self._held.wait(timeout)
+
+    @property
+    def cancels_pending(self) -> int:
+        """Requests cancelled whose cancellation the scheduler has not processed yet."""
+        with self._cv:
+            return (sum(j.cancelled for j in self._pending)
+                    + sum(j.cancelled for j in self._embeds)
+                    + sum(s.job is not None and s.job.cancelled for s in self._slots))
 
     @property
     def queue_depth(self) -> int:
@@ -334,6 +382,7 @@ class Engine:
                     while (not self._stopping and not self._pending and not self._embeds
                            and all(s.job is None for s in self._slots)):
                         self._cv.wait()
+                    self._hold_if_paused()
                     self._drop_cancelled()
                     if (self._stopping and not self._pending and not self._embeds
                             and self.active == 0):
@@ -345,6 +394,15 @@ class Engine:
                 self._step()
             except Exception as e:  # a bug must fail the requests involved, never the server
                 self._fail_all(f"internal error in the engine: {type(e).__name__}: {e}")
+
+    def _hold_if_paused(self) -> None:
+        """The pause/resume test hook (called with the lock held): wait while no step is
+        allowed, count the step about to start."""
+        while self._allowance == 0 and not self._stopping:
+            self._held.set()
+            self._cv.wait()
+        if self._allowance is not None and self._allowance > 0:
+            self._allowance -= 1
 
     def _drop_cancelled(self) -> None:
         for job in [j for j in self._pending if j.cancelled]:

@@ -12,6 +12,11 @@ are accepted and ignored (``user``, ``store``, ``metadata``, ``service_tier``,
 implement are rejected with a message saying so (``best_of`` > 1, ``suffix``, tools, JSON
 response formats). ``n`` > 1 runs n requests from the same prompt together (with a fixed ``seed``,
 choice i uses seed + i).
+
+Token limits follow llama.cpp's ``n_predict``: ``max_tokens`` -1 = until an end-of-generation
+token or the slot's context is full (also what an absent or null limit means in chat, and null in
+completions, whose absent default is OpenAI's 16), 0 = generate nothing (empty text, finish reason
+"length"), anything below -1 = 400.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pyllm.generate import UNTIL_DONE, resolve_max_tokens
 from pyllm.sampling import SamplingParams
 
 MAX_STOP = 16  # OpenAI allows 4; llama.cpp any number. Each costs a scan per token.
@@ -103,7 +109,7 @@ class CompletionRequest(_Sampling):
 
     model: str | None = None
     prompt: str | list[int] | list[str]
-    max_tokens: int | None = Field(16, ge=0)
+    max_tokens: int | None = Field(16, ge=UNTIL_DONE)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
@@ -127,6 +133,9 @@ class CompletionRequest(_Sampling):
             raise UnsupportedFieldError("suffix", "suffix (fill-in-the-middle) is not supported")
         if self.best_of not in (None, 1):
             raise UnsupportedFieldError("best_of", "only best_of=1 is supported")
+
+    def token_limit(self) -> int | None:
+        return resolve_max_tokens(self.max_tokens)
 
 
 class TextPart(_Strict):
@@ -159,8 +168,8 @@ class ChatCompletionRequest(_Sampling):
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=UNTIL_DONE)
+    max_completion_tokens: int | None = Field(None, ge=UNTIL_DONE)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
@@ -176,8 +185,8 @@ class ChatCompletionRequest(_Sampling):
             raise UnsupportedFieldError("top_logprobs", "top_logprobs needs logprobs=true")
 
     def token_limit(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None \
-            else self.max_tokens
+        limit = self.max_completion_tokens
+        return resolve_max_tokens(self.max_tokens if limit is None else limit)
 
 
 class EmbeddingRequest(_Strict):
