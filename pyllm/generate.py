@@ -221,7 +221,9 @@ def stop_token_ids(llm: LLM) -> set[int]:
 
 def prompt_tokens(llm: LLM, prompt: str | Sequence[int]) -> list[int]:
     if isinstance(prompt, str):
-        return llm.tokenize(prompt, add_special=True, parse_special=False)
+        # a text longer in bytes than n_ctx tokens could cover is refused before tokenizing
+        return llm.tokenizer.encode(prompt, add_special=True, parse_special=False,
+                                    max_tokens=llm.n_ctx)
     return [int(t) for t in prompt]
 
 

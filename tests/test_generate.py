@@ -180,3 +180,11 @@ def test_context_estimate_matches_what_is_allocated(smollm2_path: Path) -> None:
     with pytest.raises(ContextError, match="q8_0"):
         check_context_fits(hp, 8192, 512, 2, available=estimate - 1)
     assert kv_cache_bytes(hp, 8192, "q8_0") * 32 == kv_cache_bytes(hp, 8192, "f16") * 17
+
+
+@pytest.mark.model
+def test_prompt_too_long_in_bytes_is_refused_before_tokenizing(llm: LLM) -> None:
+    # ten million letters would take the tokenizer seconds and GBs; n_ctx=48 tokens of at most
+    # max_token_bytes each cannot hold them, which is known from the length alone
+    with pytest.raises(ContextError, match="input too long for the context: 10000000 bytes"):
+        llm.generate("a" * 10**7, max_tokens=1)

@@ -41,7 +41,7 @@ from pyllm.errors import ContextError, SamplingError
 from pyllm.model import LLM
 from pyllm.sampling import SamplingParams
 from pyllm.server import app as app_module
-from pyllm.server.app import ServerConfig, cancel_all, create_app, max_token_bytes
+from pyllm.server.app import ServerConfig, cancel_all, create_app
 from pyllm.server.engine import DoneEvent, Engine, Request, TokenEvent
 
 pytestmark = pytest.mark.model  # every test serves SmolLM2
@@ -841,7 +841,7 @@ def test_text_longer_than_a_slot_can_hold_is_refused_before_tokenizing(
         base_url: str, llm: LLM, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     """B bytes are at least ceil(B / longest piece) tokens: a prompt beyond that is refused
     (context_length_exceeded) and the tokenizer never sees it; one within it is tokenized."""
-    per_token = max_token_bytes(llm.tokenizer)
+    per_token = llm.tokenizer.max_token_bytes
     assert per_token == max(len(llm.tokenizer.token_to_bytes(i)) for i in range(llm.n_vocab))
     calls: list[int] = []
     encode = llm.tokenizer.encode

@@ -24,7 +24,7 @@ from pyllm.tokenizer import (
 )
 from pyllm.tokenizer.bpe import BYTE_TO_CHAR, bytes_to_token_text
 from pyllm.tokenizer.convert import sentencepiece_model_from_vocab
-from pyllm.tokenizer.spm import SpmModel, _library_processor
+from pyllm.tokenizer.spm import SPACE, SpmModel, _library_processor
 from pyllm.tokenizer.vocab import vocab_from_metadata
 
 SUITES = ["llama-spm", "llama-bpe", "gpt-2"]
@@ -171,14 +171,210 @@ def test_smollm2_round_trip(smol: Tokenizer) -> None:
     assert smol.decode(smol.encode(text)) == text
 
 
-def test_long_pre_tokens_stay_fast(smol: Tokenizer, vocab_dir: Path) -> None:
-    # One pre-token / SentencePiece chunk of 20k characters goes through the heap merge
-    # (n log n), not the quadratic short-word path.
-    spm = _LOADED.get("llama-spm") or Tokenizer.from_gguf(vocab_dir / "ggml-vocab-llama-spm.gguf")
-    for tok in (smol, spm):
-        for text in ("a" * 20000, "€" * 5000):
+def _tokenizer(name: str, vocab_dir: Path, smol: Tokenizer) -> Tokenizer:
+    if name == "smollm2":
+        return smol
+    if name not in _LOADED:
+        _LOADED[name] = Tokenizer.from_gguf(vocab_dir / f"ggml-vocab-{name}.gguf")
+    return _LOADED[name]
+
+
+def _steps(tok: Tokenizer, text: str) -> int:
+    """Merge work (heap entries popped) that encoding ``text`` costs."""
+    model = tok._model
+    before = model.merge_steps[0]
+    assert tok.encode(text, add_special=False)
+    return model.merge_steps[0] - before
+
+
+def _plain(tok: Tokenizer, text: str) -> list[int]:
+    """``text`` (one pre-token / SentencePiece chunk) merged by the plain one-entry-per-symbol
+    heap, the algorithm merge_runs must reproduce."""
+    model = tok._model
+    if isinstance(model, SpmModel):
+        return list(model._merge_heap(text))
+    sym = model._merge_heap([model._byte_id[b] for b in text.encode("utf-8")])
+    return list(sym) if max(sym) < model._n_vocab else model._with_fallback(sym)
+
+
+def _fast(tok: Tokenizer, text: str) -> list[int]:
+    model = tok._model
+    if isinstance(model, SpmModel):
+        return list(model._encode_chunk(text))
+    return list(model._encode_word(text))
+
+
+_ALL = ["smollm2", "gpt-2", "llama-bpe", "llama-spm"]
+
+
+# Not llama-spm with spaces: Llama's whitespace pieces all score -1e9, and the exact order then
+# grows one token at a time from the left, which no halving reproduces (still linear: see
+# test_merge_work_grows_linearly).
+@pytest.mark.parametrize(
+    ("name", "unit"), [(n, u) for n in _ALL for u in (" ", "a") if (n, u) != ("llama-spm", " ")]
+)
+def test_runs_of_one_character_merge_in_bounded_work(
+    name: str, unit: str, smol: Tokenizer, vocab_dir: Path
+) -> None:
+    # Issue #15: " " * 10**6 took 7 s and "a" * 10**7 50 s and 2.8 GB.  A run of one character
+    # now costs a few heap steps per halving, independent of its length; the plain heap (the
+    # negative control, and what the old code ran) pays about one step per character.
+    tok = _tokenizer(name, vocab_dir, smol)
+    work = [_steps(tok, unit * n) for n in (10_000, 20_000, 1_000_000)]
+    assert work[1] <= work[0] + 16 and work[2] <= work[0] + 100, work
+    assert work[2] < 400, work
+    plain_before = tok._model.merge_steps[0]
+    assert _plain(tok, "a" * 20_000)  # a run that merges in every vocabulary here
+    assert tok._model.merge_steps[0] - plain_before >= 20_000 // 2
+
+
+@pytest.mark.parametrize("name", _ALL)
+def test_merge_work_grows_linearly(name: str, smol: Tokenizer, vocab_dir: Path) -> None:
+    # Doubling the input at most doubles the merge work (counted, not timed): random letters
+    # (one pre-token), the worst case for runs, and SentencePiece's whitespace run.
+    tok = _tokenizer(name, vocab_dir, smol)
+    rng = random.Random(7)
+    letters = "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=40_000))
+    for text in (letters, " " * 40_000):
+        half, full = _steps(tok, text[:20_000]), _steps(tok, text)
+        assert full <= 2 * half * 1.02 + 8, (half, full)
+        assert full <= 4 * len(text), full
+
+
+@pytest.mark.parametrize("name", ["smollm2", "llama-spm"])
+def test_merge_work_counter_sees_quadratic_work(
+    name: str, smol: Tokenizer, vocab_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Negative control for the test above: route long pre-tokens into the quadratic list scan
+    # (what a bounded-work bug would look like) and the same doubling check fails.
+    import pyllm.tokenizer.bpe
+    import pyllm.tokenizer.spm
+
+    tok = Tokenizer(_tokenizer(name, vocab_dir, smol).vocab)
+    monkeypatch.setattr(pyllm.tokenizer.bpe, "_SHORT", 10**9)
+    monkeypatch.setattr(pyllm.tokenizer.spm, "_SHORT", 10**9)
+    letters = "".join(random.Random(7).choices("abcdefghijklmnopqrstuvwxyz", k=4000))
+    half, full = _steps(tok, letters[:2000]), _steps(tok, letters)
+    assert full > 3.5 * half, (half, full)
+
+
+def test_long_run_memory_is_bounded(smol: Tokenizer, vocab_dir: Path) -> None:
+    # Peak Python memory of encoding a 1 MB run (tracemalloc: deterministic, no timing).  The
+    # plain heap needed about 220 bytes per input byte; runs now need a few copies of the text.
+    import tracemalloc
+
+    spm = _tokenizer("llama-spm", vocab_dir, smol)
+    for tok, text in ((smol, " " * 1_000_000), (smol, "a" * 1_000_000), (spm, "a" * 1_000_000)):
+        tok.encode("warm up", add_special=False)
+        tracemalloc.start()
+        try:
             ids = tok.encode(text, add_special=False)
-            assert len(ids) <= len(text) and tok.decode(ids) == text
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert tok.decode(ids) == text
+        assert peak < 12 * len(text), peak
+        # Long pre-tokens are not kept in the cache (they would hold the memory until it fills).
+        assert text not in tok._model._cache and text.replace(" ", SPACE) not in tok._model._cache
+
+
+_EXACT_TEXTS = {
+    "spaces": " " * 3000,
+    "one letter": "a" * 3001,
+    "two alternating": "ab" * 1500,
+    "three letters": "aab" * 1000,
+    "digits": "1" * 2999,
+    "many digits": "1234567890" * 300,
+    "CJK": "\u4e2d" * 1500,
+    "CJK mixed": "\u4e2d\u6587" * 700 + "\u4e2d",
+    "emoji": "\U0001f600" * 800,
+    "accented": "\u00e9" * 2000,
+    "devanagari": "\u0915" * 1500,
+    "mixed": "aaaa" * 200 + "b" * 301 + " " * 77 + "€" * 99 + "aab" * 50 + "\n" * 60,
+}
+
+
+@pytest.mark.parametrize("name", _ALL)
+@pytest.mark.parametrize("kind", sorted(_EXACT_TEXTS))
+def test_run_merge_equals_plain_algorithm(
+    name: str, kind: str, smol: Tokenizer, vocab_dir: Path
+) -> None:
+    # The run-length merge gives exactly the tokens of the plain heap (and, on the shorter
+    # inputs, of the quadratic list scan, a third independent implementation).
+    tok = _tokenizer(name, vocab_dir, smol)
+    model = tok._model
+    text = _EXACT_TEXTS[kind]
+    if tok.model == "llama":
+        text = text.replace(" ", SPACE)
+    for piece in (text, text[:49], text[:50], text[:51], text[:300], text[:301]):
+        fast = _fast(tok, piece)
+        assert fast == _plain(tok, piece), (kind, len(piece))
+        if len(piece) <= 301:
+            if isinstance(model, SpmModel):
+                sym = list(piece)
+                model._merge_short(sym)
+                assert fast == list(model._ids_of(sym))
+            else:
+                ids = [model._byte_id[b] for b in piece.encode("utf-8")]
+                model._merge_short(ids)
+                assert fast == (ids if max(ids) < model._n_vocab else model._with_fallback(ids))
+
+
+@pytest.mark.parametrize("name", _ALL)
+def test_run_merge_equals_plain_algorithm_fuzzed(
+    name: str, smol: Tokenizer, vocab_dir: Path
+) -> None:
+    # Random concatenations of runs and random strings (whole texts, not pre-tokens, so that
+    # runs meet every kind of neighbour).
+    tok = _tokenizer(name, vocab_dir, smol)
+    space = SPACE if tok.model == "llama" else " "
+    units = [space, "a", "ab", "€", "😀", "1", "\u4e2d", "e", "aab", space + "a", "ll", "=", "\n"]
+    rng = random.Random(name)
+    for trial in range(60):
+        parts = [rng.choice(units) * rng.randint(1, 90) for _ in range(rng.randint(2, 5))]
+        if trial % 3 == 0:
+            parts.append("".join(rng.choices("abcdefghij€😀\u4e2d" + space, k=200)))
+        text = "".join(parts) * 2
+        assert _fast(tok, text) == _plain(tok, text), text
+
+
+def test_max_token_bytes(smol: Tokenizer, vocab_dir: Path) -> None:
+    spm = _tokenizer("llama-spm", vocab_dir, smol)
+    for tok, expected in ((smol, 81), (spm, 27)):
+        pieces = [len(tok.token_to_bytes(t)) for t in range(tok.n_vocab)]
+        assert tok.max_token_bytes == max(pieces) == expected
+        tid = pieces.index(expected)
+        longest = tok.decode([tid], clean_spaces=False, strip_leading_space=False)
+        assert len(longest.encode("utf-8")) == expected
+
+
+@pytest.mark.parametrize("name", ["smollm2", "llama-spm"])
+def test_encode_max_tokens_refuses_before_tokenizing(
+    name: str, smol: Tokenizer, vocab_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tok = Tokenizer(_tokenizer(name, vocab_dir, smol).vocab)
+    width = tok.max_token_bytes
+    added = int(tok.add_bos) + int(tok.add_eos)
+    fits = "x" * (10 * width)
+    # At the bound the check lets the text through (it can still encode to more tokens: the
+    # bound only refuses what cannot fit whatever the merges do).
+    assert tok.encode(fits, max_tokens=10 + added) == tok.encode(fits)
+    # One more byte than max_tokens tokens can cover: refused without tokenizing.
+    calls: list[str] = []
+    real = tok._model.encode
+    monkeypatch.setattr(tok._model, "encode", lambda text, out: calls.append(text))
+    with pytest.raises(pyllm.errors.ContextError, match="too long for the context"):
+        tok.encode(fits + "x", max_tokens=10 + added)
+    with pytest.raises(pyllm.errors.ContextError, match="too long for the context"):
+        tok.encode("a" * 10**7, max_tokens=4096)
+    with pytest.raises(pyllm.errors.ContextError):
+        tok.encode("é" * (5 * width + 1), add_special=False, max_tokens=10)  # counts bytes
+    assert calls == []
+    monkeypatch.setattr(tok._model, "encode", real)
+    assert tok.encode(fits + "x", add_special=False, max_tokens=10 + 1)
+    for bad in (-1, 1.5, "10", True):
+        with pytest.raises(TokenizerError, match="max_tokens"):
+            tok.encode("hi", max_tokens=bad)  # type: ignore[arg-type]
 
 
 # ---- streaming decoder ----------------------------------------------------------------------

@@ -125,7 +125,7 @@ class _State:
         once (about a second for a 50k vocabulary: call it off the event loop)."""
         with self._token_bytes_lock:
             if self._token_bytes is None:
-                self._token_bytes = max_token_bytes(engine.tokenizer)
+                self._token_bytes = engine.tokenizer.max_token_bytes
             return self._token_bytes
 
     def need_engine(self) -> Engine:
@@ -134,16 +134,6 @@ class _State:
         if self.load_error is not None:
             raise ApiError(500, f"the model failed to load: {self.load_error}", "server_error")
         raise ApiError(503, "the model is still loading", "server_error", code="loading")
-
-
-def max_token_bytes(tokenizer: Any) -> int:
-    """The byte length of the longest vocabulary piece: a text of B bytes needs at least
-    ceil(B / this) tokens. Uses ``Tokenizer.max_token_bytes`` where the tokenizer has it."""
-    known = getattr(tokenizer, "max_token_bytes", None)
-    if isinstance(known, int) and known > 0:
-        return known
-    # Every piece, special ones included: a larger maximum only makes the bound weaker.
-    return max((len(tokenizer.token_to_bytes(i)) for i in range(tokenizer.n_vocab)), default=1)
 
 
 def host_name(value: str) -> str:

@@ -18,6 +18,7 @@ from itertools import chain, pairwise
 
 import numpy as np
 
+from pyllm.tokenizer.runmerge import merge_runs
 from pyllm.tokenizer.vocab import Vocab
 
 
@@ -48,10 +49,21 @@ _LATIN1_TO_ALPHABET = {b: c for b, c in enumerate(BYTE_TO_CHAR)}
 # Bound on the pre-token cache; past it the cache is dropped and refilled (cheap and simple,
 # and a stream of unique pre-tokens cannot grow memory without limit).
 _CACHE_LIMIT = 200_000
-# Pre-tokens up to this many bytes merge with the list scan, longer ones with the heap (the scan
-# is quadratic, and one pre-token can be a megabyte of letters).
+# Pre-tokens longer than this are encoded but not kept in the cache: a megabyte of letters is one
+# pre-token, and holding it (and its ids) until the cache fills would keep that memory forever.
+CACHE_WORD_LIMIT = 256
+# Pre-tokens up to this many bytes merge with the list scan, longer ones with the run-length heap
+# (the scan is quadratic, and one pre-token can be a megabyte of letters).
 _SHORT = 48
 _INF = 1 << 62
+
+
+class PairTable(dict[int, int]):
+    """``left * stride + right -> rank * stride + merged``; a pair that does not merge reads as
+    -1 (``table[key]``, for :func:`merge_runs`) or None (``table.get(key)``)."""
+
+    def __missing__(self, key: int) -> int:
+        return -1
 
 
 def bytes_to_token_text(data: bytes) -> str:
@@ -115,11 +127,12 @@ class BpeModel:
         keys = np.asarray(left_ids, dtype=np.int64) * stride + np.asarray(right_ids, dtype=np.int64)
         values = np.arange(len(lefts), dtype=np.int64) * stride + np.asarray(merged_ids, np.int64)
         # A pair listed twice keeps its first (lowest) rank: build from the end so it wins.
-        self._pairs: dict[int, int] = dict(
-            zip(keys[::-1].tolist(), values[::-1].tolist(), strict=True)
-        )
+        self._pairs = PairTable(zip(keys[::-1].tolist(), values[::-1].tolist(), strict=True))
         self._stride = stride
         self._extra = {i: t for t, i in extra.items()}
+        # Heap entries popped while merging long pre-tokens, summed over calls: the merge work,
+        # which tests read to check it grows linearly with the input.
+        self.merge_steps = [0]
 
     def encode(self, text: str, out: list[int]) -> None:
         """Append the ids of ``text`` (one raw-text fragment) to ``out``."""
@@ -127,11 +140,16 @@ class BpeModel:
         if len(cache) > _CACHE_LIMIT:
             cache.clear()
         words = self._pre.split(text)
+        long_words = []
         for word in set(words):
             if word not in cache:
                 cache[word] = self._encode_word(word)
+                if len(word) > CACHE_WORD_LIMIT:
+                    long_words.append(word)
         # Concatenate the cached ids at C speed (no Python-level loop per pre-token).
         out.extend(chain.from_iterable(map(cache.__getitem__, words)))
+        for word in long_words:
+            del cache[word]
 
     def _encode_word(self, word: str) -> tuple[int, ...]:
         raw = word.encode("utf-8")
@@ -140,26 +158,34 @@ class BpeModel:
             if whole is not None:
                 return (whole,)
         byte_id = self._byte_id
-        sym = [byte_id[b] for b in raw]
-        if len(sym) > _SHORT:
-            sym = self._merge(sym)
-        elif len(sym) > 1:
-            self._merge_short(sym)
+        if len(raw) > _SHORT:
+            sym = merge_runs(
+                map(byte_id.__getitem__, raw),
+                len(raw),
+                self._pairs,
+                self._stride,
+                self.merge_steps,
+            )
+        else:
+            sym = [byte_id[b] for b in raw]
+            if len(sym) > 1:
+                self._merge_short(sym)
         if max(sym) < self._n_vocab:
             return tuple(sym)
         return tuple(self._with_fallback(sym))
 
     def _merge_short(self, sym: list[int]) -> None:
-        """:meth:`_merge` for short pre-tokens, in place: keep the rank of every adjacent pair in
-        a list and merge at its minimum (``index`` finds the leftmost), re-ranking only the two
-        pairs that touch the merged symbol.  Quadratic, but all of it runs in C-level list
+        """:meth:`_merge_heap` for short pre-tokens, in place: keep the rank of every adjacent
+        pair in a list and merge at its minimum (``index`` finds the leftmost), re-ranking only
+        the two pairs that touch the merged symbol.  Quadratic, but all of it runs in C-level list
         operations, which beats a heap for the few symbols of a word."""
         pairs, stride, inf = self._pairs, self._stride, _INF
         ranks = [pairs.get(a * stride + b, inf) for a, b in pairwise(sym)]
+        first = len(ranks)
         while ranks:
             best = min(ranks)
             if best == inf:
-                return
+                break
             i = ranks.index(best)
             merged = best % stride
             sym[i] = merged
@@ -169,13 +195,18 @@ class BpeModel:
                 ranks[i] = pairs.get(merged * stride + sym[i + 1], inf)
             if i:
                 ranks[i - 1] = pairs.get(sym[i - 1] * stride + merged, inf)
+        # Work for the tests' linearity checks: the list elements the min() scans visited.
+        merges = first - len(ranks)
+        self.merge_steps[0] += merges * (2 * first - merges + 1) // 2
 
-    def _merge(self, sym: list[int]) -> list[int]:
+    def _merge_heap(self, sym: list[int]) -> list[int]:
         """Apply merges to one pre-token's symbol ids; returns the final ids in order.
 
-        Always the lowest-rank adjacent pair next, the leftmost on ties (llama.cpp's order).
-        Heap entries are not removed when a neighbour changes; an entry whose two positions no
-        longer hold the ids it was made for is stale and skipped.
+        The plain algorithm, one heap entry per symbol: what :func:`merge_runs` reproduces with
+        less work, kept as the reference the tests compare it with.  Always the lowest-rank
+        adjacent pair next, the leftmost on ties (llama.cpp's order).  Heap entries are not
+        removed when a neighbour changes; an entry whose two positions no longer hold the ids it
+        was made for is stale and skipped.
         """
         pairs, stride = self._pairs, self._stride
         n = len(sym)
@@ -192,6 +223,7 @@ class BpeModel:
         pop, push = heapq.heappop, heapq.heappush
         while heap:
             hit, left, right, a, b = pop(heap)
+            self.merge_steps[0] += 1
             if sym[left] != a or sym[right] != b:
                 continue
             merged = hit % stride

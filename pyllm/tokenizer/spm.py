@@ -29,6 +29,7 @@ from itertools import chain, pairwise
 from typing import Any
 
 from pyllm.errors import TokenizerError
+from pyllm.tokenizer.runmerge import merge_runs
 from pyllm.tokenizer.vocab import TokenType, Vocab
 
 SPACE = "\u2581"
@@ -36,9 +37,36 @@ SPACE = "\u2581"
 _CHUNK = re.compile(f"{SPACE}*[^{SPACE}]+|{SPACE}+")
 _CROSSES = re.compile(f"[^{SPACE}]{SPACE}")
 _CACHE_LIMIT = 200_000
-_SHORT = 48  # chunks up to this many characters use the list scan, longer ones the heap
+# Chunks longer than this are merged here (not by the library) and not kept in the cache: one
+# chunk can be a megabyte of one letter, and the cache would hold it until it fills.
+CACHE_WORD_LIMIT = 256
+_SHORT = 48  # chunks up to this many characters use the list scan, longer ones merge_runs
 _INF = float("inf")
 _FLOAT_MAX = 1.7976931348623157e308
+# Symbols of merge_runs: token ids, and ``_CHARS + code point`` for characters that are no token.
+_CODE_POINTS = 0x110000
+_PAIR_CACHE_LIMIT = 1_000_000
+
+
+class _PairTable(dict[int, int]):
+    """merge_runs' pair table for a SentencePiece vocabulary, filled on demand:
+    ``left * stride + right -> rank * stride + token`` when the two texts joined are a token
+    (rank: the token's place in best-score-first order, equal scores sharing one), else -1."""
+
+    def __init__(self, model: SpmModel, stride: int) -> None:
+        super().__init__()
+        self._model = model
+        self._stride = stride
+
+    def __missing__(self, key: int) -> int:
+        model = self._model
+        left, right = divmod(key, self._stride)
+        tid = model._token_to_id.get(model._symbol_text(left) + model._symbol_text(right))
+        value = -1 if tid is None else model._ranks()[tid] * self._stride + tid
+        if len(self) > _PAIR_CACHE_LIMIT:
+            self.clear()
+        self[key] = value
+        return value
 
 
 def _library_processor(vocab: Vocab) -> Any | None:
@@ -85,6 +113,13 @@ class SpmModel:
         # A -inf score must stay distinguishable from the "no such token" sentinel.
         self._neg_scores = [min(-s, _FLOAT_MAX) for s in vocab.scores]
         self._cache: dict[str, tuple[int, ...]] = {}
+        # For merge_runs, built on the first long chunk.
+        self._stride = vocab.n_vocab + _CODE_POINTS
+        self._rank: list[int] | None = None
+        self._pairs: _PairTable | None = None
+        # Heap entries popped while merging long chunks, summed over calls: the merge work,
+        # which tests read to check it grows linearly with the input.
+        self.merge_steps = [0]
 
     def encode(self, text: str, out: list[int]) -> None:
         """Append the ids of ``text`` (escaped, one raw-text fragment) to ``out``."""
@@ -98,6 +133,11 @@ class SpmModel:
             cache.clear()
         chunks = _CHUNK.findall(text)
         missing = [c for c in set(chunks) if c not in cache]
+        long_chunks = [c for c in missing if len(c) > CACHE_WORD_LIMIT]
+        if long_chunks:
+            missing = [c for c in missing if len(c) <= CACHE_WORD_LIMIT]
+            for chunk in long_chunks:
+                cache[chunk] = self._encode_chunk(chunk)
         # Below a handful of chunks the library call costs more than it saves.
         library = self._get_library() if len(missing) > 8 else None
         if library is not None:
@@ -107,6 +147,8 @@ class SpmModel:
             for chunk in missing:
                 cache[chunk] = self._encode_chunk(chunk)
         out.extend(chain.from_iterable(map(cache.__getitem__, chunks)))
+        for chunk in long_chunks:
+            del cache[chunk]
 
     def _get_library(self) -> Any | None:
         if self._library is None and self._use_library:
@@ -124,10 +166,11 @@ class SpmModel:
         for a, b in pairwise(sym):
             tid = token_to_id.get(a + b)
             ranks.append(inf if tid is None else neg[tid])
+        first = len(ranks)
         while ranks:
             best = min(ranks)
             if best == inf:
-                return
+                break
             i = ranks.index(best)
             merged = sym[i] + sym[i + 1]
             sym[i] = merged
@@ -139,6 +182,9 @@ class SpmModel:
             if i:
                 tid = token_to_id.get(sym[i - 1] + merged)
                 ranks[i - 1] = inf if tid is None else neg[tid]
+        # Work for the tests' linearity checks: the list elements the min() scans visited.
+        merges = first - len(ranks)
+        self.merge_steps[0] += merges * (2 * first - merges + 1) // 2
 
     def _encode_chunk(self, text: str) -> tuple[int, ...]:
         token_to_id = self._token_to_id
@@ -149,6 +195,41 @@ class SpmModel:
             sym = list(text)
             self._merge_short(sym)
             return self._ids_of(sym)
+        token_to_id, chars = self._token_to_id, self._stride - _CODE_POINTS
+        if self._pairs is None:
+            self._pairs = _PairTable(self, self._stride)
+        sym = merge_runs(
+            (token_to_id.get(ch, chars + ord(ch)) for ch in text),
+            len(text),
+            self._pairs,
+            self._stride,
+            self.merge_steps,
+        )
+        if max(sym) < chars:
+            return tuple(sym)
+        ids: list[int] = []
+        for s in sym:
+            if s < chars:
+                ids.append(s)
+            else:  # a character that is no token: byte fallback
+                ids.extend(self._byte_ids(chr(s - chars)))
+        return tuple(ids)
+
+    def _symbol_text(self, symbol: int) -> str:
+        chars = self._stride - _CODE_POINTS
+        return self._vocab.tokens[symbol] if symbol < chars else chr(symbol - chars)
+
+    def _ranks(self) -> list[int]:
+        """Each token's place in merge order: best score first, equal scores sharing a place."""
+        if self._rank is None:
+            order = {v: i for i, v in enumerate(sorted(set(self._scores), reverse=True))}
+            self._rank = [order[v] for v in self._scores]
+        return self._rank
+
+    def _merge_heap(self, text: str) -> tuple[int, ...]:
+        """The plain merge of a chunk, one heap entry per character: what :func:`merge_runs`
+        reproduces with less work, kept as the reference the tests compare it with."""
+        token_to_id = self._token_to_id
         scores = self._scores
         sym = list(text)
         n = len(sym)
@@ -164,6 +245,7 @@ class SpmModel:
         heapq.heapify(heap)
         while heap:
             _, left, right, size = heapq.heappop(heap)
+            self.merge_steps[0] += 1
             a, b = sym[left], sym[right]
             if not a or not b or len(a) + len(b) != size:
                 continue

@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pyllm.errors import TokenizerError
+from pyllm.errors import ContextError, TokenizerError
 from pyllm.tokenizer.bpe import BpeModel, token_text_to_bytes
 from pyllm.tokenizer.detok import StreamDecoder, clean_up_spaces
 from pyllm.tokenizer.spm import SPACE, SpmModel
@@ -45,6 +45,7 @@ class Tokenizer:
         # programs will ever decode.
         self._pieces: list[bytes | None] = [None] * n  # control tokens rendered
         self._pieces_plain: list[bytes | None] = [None] * n  # control tokens rendered as ""
+        self._max_token_bytes: int | None = None
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -124,6 +125,20 @@ class Tokenizer:
     def add_eos(self) -> bool:
         return self.vocab.add_eos
 
+    @property
+    def max_token_bytes(self) -> int:
+        """Bytes of text the longest token stands for (its piece as decoded, control tokens by
+        their text; at least 1).  No encoding of ``B`` bytes of text has fewer than
+        ``B / max_token_bytes`` tokens, which lets :meth:`encode` refuse text too long for a
+        context before spending time on it."""
+        if self._max_token_bytes is None:
+            # Every token covers its piece's bytes of the text (a SentencePiece leading space
+            # is one more byte to cover, so it only adds tokens); hand-made BPE vocabularies
+            # that lack part of the byte alphabet can drop bytes, the one exception.
+            longest = max(len(self._make_piece(t, True)) for t in range(self.vocab.n_vocab))
+            self._max_token_bytes = max(1, longest)
+        return self._max_token_bytes
+
     def is_eog(self, token_id: int) -> bool:
         return token_id in self.vocab.eog_ids
 
@@ -143,7 +158,14 @@ class Tokenizer:
 
     # ---- encoding ------------------------------------------------------------------------------
 
-    def encode(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+    def encode(
+        self,
+        text: str,
+        add_special: bool = True,
+        parse_special: bool = False,
+        *,
+        max_tokens: int | None = None,
+    ) -> list[int]:
         """Token ids of ``text``.
 
         Args:
@@ -151,16 +173,27 @@ class Tokenizer:
                 ``add_eos_token``).
             parse_special: recognise control tokens written in the text (``"<|im_start|>"``
                 becomes one token).  User-defined tokens are always recognised.
+            max_tokens: the room left in the context.  When the text's UTF-8 length alone proves
+                it needs more tokens than this (more than ``max_tokens * max_token_bytes``
+                bytes, counting the BOS/EOS this call adds), :class:`ContextError` is raised
+                before any tokenizing.  Text that passes can still come out longer than
+                ``max_tokens``; the caller checks the result.
+
+        Raises:
+            ContextError: the text cannot fit in ``max_tokens`` tokens.
+            TokenizerError: ``text`` is not a valid string, ``max_tokens`` is not a count.
         """
         if not isinstance(text, str):
             raise TokenizerError(f"encode() takes a str, got {type(text).__name__}")
         try:
-            text.encode("utf-8")
+            n_bytes = len(text.encode("utf-8"))
         except UnicodeEncodeError as e:
             raise TokenizerError(
                 f"text is not valid Unicode (lone surrogate at {e.start})"
             ) from None
         vocab = self.vocab
+        if max_tokens is not None:
+            self._check_fits(text, n_bytes, add_special, max_tokens)
         out: list[int] = []
         if add_special and vocab.add_bos:
             out.append(vocab.special_ids["bos"])
@@ -185,6 +218,23 @@ class Tokenizer:
         if add_special and vocab.add_eos:
             out.append(vocab.special_ids["eos"])
         return out
+
+    def _check_fits(self, text: str, n_bytes: int, add_special: bool, max_tokens: int) -> None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+            raise TokenizerError(f"max_tokens must be a count of tokens, got {max_tokens!r}")
+        vocab = self.vocab
+        added = int(add_special and vocab.add_bos) + int(add_special and vocab.add_eos)
+        if vocab.lstrip_ids or vocab.rstrip_ids:
+            # Special tokens that swallow whitespace leave it without a token: count only the
+            # rest, so that the bound stays a proof.
+            n_bytes = len(text.encode("utf-8")) - sum(map(text.count, _C_SPACE))
+        room = (max_tokens - added) * self.max_token_bytes
+        if n_bytes > room:
+            need = -(-n_bytes // self.max_token_bytes) + added
+            raise ContextError(
+                f"input too long for the context: {n_bytes} bytes of text need at least "
+                f"{need} tokens, but only {max_tokens} fit"
+            )
 
     def _partition(self, text: str, parse_special: bool) -> list[str | int]:
         """Cut special tokens out of ``text``: a list of raw-text fragments and token ids."""
