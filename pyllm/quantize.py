@@ -50,10 +50,15 @@ Row lengths that are not a multiple of the chosen type's block fall back as llam
 Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0 (some llama.cpp versions took
 IQ4_NL, which has Q4_0's size), and F16 when the row is not a multiple of 32 either.
 
-Checked against llama.cpp's quantizer (llama-cpp-python 0.3.36, tests/test_quantize.py runs it
-where installed): for every file type the per-tensor types, the tensor bytes (k-quants included)
-and so the file sizes are identical, on a tiny llama and on SmolLM2-135M (tied embeddings, rows
-of 576 that take the fallbacks).
+Checked against llama.cpp's quantizer (llama-cpp-python 0.3.36): for every file type the
+per-tensor types, the tensor bytes (k-quants included) and the file sizes are identical, on a
+tiny 8-layer llama and on a tiny tied-embedding llama whose rows (192, 320) take the fallbacks.
+tests/test_quantize.py compares with digests llama.cpp produced
+(tests/data/llamacpp_quant_figures.json; tests/data/make_llamacpp_quant_figures.py redoes them).
+
+Interrupting: Ctrl-C (exit 130 in the CLI) and SIGTERM (exit 143) remove the temp file; a
+SIGKILLed run's temp file is removed by the next write into the folder (see
+:mod:`pyllm.gguf.writer`).
 
 Requantizing (a tensor already in a block-quantized type that must change type) is refused unless
 ``allow_requantize`` is set; then it is dequantized to float32 and quantized again, which loses
@@ -74,9 +79,10 @@ from typing import Any
 
 import numpy as np
 
-from pyllm.errors import QuantError
+from pyllm.errors import GGUFError, QuantError
 from pyllm.gguf import GGUFReader, GGUFWriter
 from pyllm.gguf.constants import TYPE_INFO, GGMLType, ValueType
+from pyllm.gguf.writer import check_destination
 
 T = GGMLType
 
@@ -481,8 +487,12 @@ def quantize_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     """Write ``dst``: the model ``src`` with its tensors converted to file type ``ftype``.
 
     ``threads`` worker threads convert tensors concurrently (default: the CPU count). Raises
-    :class:`~pyllm.errors.QuantError` for an unknown type, a refused requantization or data that
-    cannot be converted; ``dst`` is then left untouched.
+    :class:`~pyllm.errors.QuantError` for an unknown type, a refused requantization, data that
+    cannot be converted or a destination that cannot be written (missing or unwritable folder,
+    a folder, the input itself: checked before any work); ``dst`` is then left untouched. The
+    temp file is removed on errors, Ctrl-C and SIGTERM (:class:`pyllm.gguf.writer.WriteTerminated`,
+    a ``SystemExit`` with code 143, where the program has no SIGTERM handler of its own); one
+    left by a SIGKILLed run is removed by the next write into the folder.
     """
     ft = resolve_file_type(ftype)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
@@ -491,6 +501,12 @@ def quantize_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     n_threads = threads or max(1, os.cpu_count() or 1)
     if os.path.abspath(os.fspath(src)) == os.path.abspath(os.fspath(dst)):
         raise QuantError("the output must be a different file from the input")
+    # Before any reading or converting: a missing folder or a folder as the output used to
+    # surface as an OSError only when the finished file was renamed into place.
+    try:
+        check_destination(dst, sources=[src])
+    except GGUFError as e:
+        raise QuantError(str(e)) from None
     t0 = time.perf_counter()
     reader = GGUFReader(src)
     try:

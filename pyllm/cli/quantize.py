@@ -19,7 +19,8 @@ def add_parser(sub: Any) -> None:
                        f"llama.cpp's quantizer does. Types: {names}.")
     p.add_argument("input", metavar="IN", help="source GGUF file (F32/F16/BF16, or any type "
                    "with --allow-requantize)")
-    p.add_argument("output", metavar="OUT", help="GGUF file to write (written atomically)")
+    p.add_argument("output", metavar="OUT", help="GGUF file to write (written atomically: "
+                   "Ctrl-C exits 130 and SIGTERM 143, both without leaving a partial file)")
     p.add_argument("type", metavar="TYPE", help=f"target type: {names}")
     p.add_argument("-t", "--threads", type=positive_int, default=None, metavar="N",
                    help="tensors converted in parallel (default: CPU count)")
@@ -35,6 +36,7 @@ def _mib(n: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from pyllm.errors import QuantError
+    from pyllm.gguf.writer import WriteTerminated
     from pyllm.quantize import quantize_file, resolve_file_type
 
     parser: argparse.ArgumentParser = args.parser
@@ -42,8 +44,14 @@ def run(args: argparse.Namespace) -> int:
         ft = resolve_file_type(args.type)
     except QuantError as e:
         parser.error(str(e))
-    result = quantize_file(args.input, args.output, ft, threads=args.threads,
-                           allow_requantize=args.allow_requantize, progress=not args.quiet)
+    try:
+        result = quantize_file(args.input, args.output, ft, threads=args.threads,
+                               allow_requantize=args.allow_requantize, progress=not args.quiet)
+    except WriteTerminated as e:
+        # SIGTERM mid-write: the temp file is gone (as after Ctrl-C, which exits 130); exit
+        # 143 = 128 + SIGTERM, what a shell reports for a process SIGTERM ended.
+        print("terminated: the partial output was removed", file=sys.stderr)
+        return int(e.code)  # type: ignore[arg-type]
     out = sys.stdout
     types = ", ".join(f"{k} x{v}" for k, v in result.type_counts().items())
     src_bpw = 8 * result.src_tensor_bytes / max(1, _n_weights(result))
