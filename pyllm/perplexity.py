@@ -21,10 +21,8 @@ against its own base.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
 import time
 import zipfile
 import zlib
@@ -34,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from pyllm.atomic import atomic_output
 from pyllm.errors import PyllmError
 
 KL_FORMAT = "pyllm-kl-base"
@@ -253,26 +252,12 @@ class KLBase:
             raise PerplexityError(f"{where}: KL base token ids are outside its vocabulary")
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write atomically (temp file in the same folder, then rename)."""
-        p = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(p))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
-        try:
-            umask = os.umask(0)  # mkstemp makes 0600; give what a plain open() would
-            os.umask(umask)
-            os.fchmod(fd, 0o666 & ~umask)
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, format=np.array(KL_FORMAT), version=np.array(KL_VERSION),
-                         n_ctx=np.array(self.n_ctx), n_vocab=np.array(self.n_vocab),
-                         tokens=self.tokens, top_ids=self.top_ids, top_logp=self.top_logp,
-                         tail_p=self.tail_p, tok_logp=self.tok_logp, model=np.array(self.model))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        """Write atomically (see :func:`pyllm.atomic.atomic_output`)."""
+        with atomic_output(path, error=PerplexityError) as f:
+            np.savez(f, format=np.array(KL_FORMAT), version=np.array(KL_VERSION),
+                     n_ctx=np.array(self.n_ctx), n_vocab=np.array(self.n_vocab),
+                     tokens=self.tokens, top_ids=self.top_ids, top_logp=self.top_logp,
+                     tail_p=self.tail_p, tok_logp=self.tok_logp, model=np.array(self.model))
 
 
 def _top_k(logp: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

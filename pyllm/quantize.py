@@ -79,10 +79,11 @@ from typing import Any
 
 import numpy as np
 
-from pyllm.errors import GGUFError, QuantError
+from pyllm.atomic import check_destination
+from pyllm.errors import QuantError
 from pyllm.gguf import GGUFReader, GGUFWriter
 from pyllm.gguf.constants import TYPE_INFO, GGMLType, ValueType
-from pyllm.gguf.writer import check_destination
+from pyllm.sysinfo import available_cpus
 
 T = GGMLType
 
@@ -490,7 +491,7 @@ def quantize_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     :class:`~pyllm.errors.QuantError` for an unknown type, a refused requantization, data that
     cannot be converted or a destination that cannot be written (missing or unwritable folder,
     a folder, the input itself: checked before any work); ``dst`` is then left untouched. The
-    temp file is removed on errors, Ctrl-C and SIGTERM (:class:`pyllm.gguf.writer.WriteTerminated`,
+    temp file is removed on errors, Ctrl-C and SIGTERM (:class:`pyllm.atomic.WriteTerminated`,
     a ``SystemExit`` with code 143, where the program has no SIGTERM handler of its own); one
     left by a SIGKILLed run is removed by the next write into the folder.
     """
@@ -498,15 +499,12 @@ def quantize_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads <= 0):
         raise QuantError(f"threads must be a positive integer, got {threads!r}")
-    n_threads = threads or max(1, os.cpu_count() or 1)
+    n_threads = min(threads or available_cpus(), available_cpus())
     if os.path.abspath(os.fspath(src)) == os.path.abspath(os.fspath(dst)):
         raise QuantError("the output must be a different file from the input")
     # Before any reading or converting: a missing folder or a folder as the output used to
     # surface as an OSError only when the finished file was renamed into place.
-    try:
-        check_destination(dst, sources=[src])
-    except GGUFError as e:
-        raise QuantError(str(e)) from None
+    check_destination(dst, sources=[src], error=QuantError)
     t0 = time.perf_counter()
     reader = GGUFReader(src)
     try:

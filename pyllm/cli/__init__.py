@@ -17,6 +17,7 @@ from types import ModuleType
 from typing import NoReturn, TextIO
 
 from pyllm import __version__
+from pyllm.atomic import WriteTerminated
 from pyllm.errors import PyllmError
 
 
@@ -67,6 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except WriteTerminated as e:
+        # SIGTERM while an output was written: its temp file is gone, as after Ctrl-C; exit
+        # 143 = 128 + SIGTERM, what a shell reports for a process SIGTERM ended
+        print("terminated: the partial output was removed", file=sys.stderr)
+        return int(e.code)  # type: ignore[arg-type]
     except BrokenPipeError:
         # stdout closed early (e.g. piped into `head`): not an error for the user.
         with contextlib.suppress(OSError):

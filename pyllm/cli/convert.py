@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pyllm.errors import ConvertError
+
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
@@ -32,18 +34,20 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run, parser=p)
 
 
-def read_configs(paths: list[str], parser: argparse.ArgumentParser) -> list[dict[str, Any]]:
-    """The JSON objects in ``paths``, in order; an unreadable one is a usage error."""
+def read_configs(paths: list[str]) -> list[dict[str, Any]]:
+    """The JSON objects in ``paths``, in order; an unreadable or malformed one is bad input
+    (ConvertError, exit 1), as a bad prompt file is: the flag itself was well formed."""
     configs: list[dict[str, Any]] = []
     for path in paths:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as e:
-            parser.error(f"cannot read config {path}: {e}")
+            raise ConvertError(f"cannot read config {path}: {e}") from None
         except json.JSONDecodeError as e:
-            parser.error(f"config {path} is not valid JSON: {e}")
+            raise ConvertError(f"config {path} is not valid JSON: {e}") from None
         if not isinstance(data, dict):
-            parser.error(f"config {path} must hold a JSON object, not {type(data).__name__}")
+            raise ConvertError(f"config {path} must hold a JSON object, not "
+                               f"{type(data).__name__}")
         configs.append(data)
     return configs
 
@@ -51,9 +55,8 @@ def read_configs(paths: list[str], parser: argparse.ArgumentParser) -> list[dict
 def run(args: argparse.Namespace) -> int:
     from pyllm.convert import convert
 
-    parser: argparse.ArgumentParser = args.parser
     # merged in order by the converter (later keys win; fastllm's dotted keys update one field)
-    configs = read_configs(args.config, parser)
+    configs = read_configs(args.config)
     out = convert(args.src, args.outfile, args.outtype, configs, name=args.name,
                   tokenizer_pre=args.tokenizer_pre, progress=not args.quiet)
     size = Path(out).stat().st_size

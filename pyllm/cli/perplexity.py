@@ -46,6 +46,7 @@ def _running(c: int, value: float) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pyllm import perplexity as pp
+    from pyllm.atomic import check_destination
     from pyllm.model import LLM
 
     parser: argparse.ArgumentParser = args.parser
@@ -58,7 +59,11 @@ def run(args: argparse.Namespace) -> int:
         try:
             text = Path(args.file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            parser.error(f"cannot read text file {args.file}: {e}")
+            # the flag is well formed; the file is bad input (exit 1, not a usage error)
+            raise pp.PerplexityError(f"cannot read text file {args.file}: {e}") from None
+    if args.kl_divergence_base:
+        # before scoring the whole text, not when the result is to be saved
+        check_destination(args.kl_divergence_base, error=pp.PerplexityError)
 
     base = pp.KLBase.load(args.kl_divergence) if args.kl_divergence else None
     if base is not None and args.ctx_size is not None and args.ctx_size != base.n_ctx:

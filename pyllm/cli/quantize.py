@@ -36,7 +36,6 @@ def _mib(n: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from pyllm.errors import QuantError
-    from pyllm.gguf.writer import WriteTerminated
     from pyllm.quantize import quantize_file, resolve_file_type
 
     parser: argparse.ArgumentParser = args.parser
@@ -44,14 +43,9 @@ def run(args: argparse.Namespace) -> int:
         ft = resolve_file_type(args.type)
     except QuantError as e:
         parser.error(str(e))
-    try:
-        result = quantize_file(args.input, args.output, ft, threads=args.threads,
-                               allow_requantize=args.allow_requantize, progress=not args.quiet)
-    except WriteTerminated as e:
-        # SIGTERM mid-write: the temp file is gone (as after Ctrl-C, which exits 130); exit
-        # 143 = 128 + SIGTERM, what a shell reports for a process SIGTERM ended.
-        print("terminated: the partial output was removed", file=sys.stderr)
-        return int(e.code)  # type: ignore[arg-type]
+    # SIGTERM mid-write ends in pyllm.cli.main (WriteTerminated: "terminated", exit 143)
+    result = quantize_file(args.input, args.output, ft, threads=args.threads,
+                           allow_requantize=args.allow_requantize, progress=not args.quiet)
     out = sys.stdout
     types = ", ".join(f"{k} x{v}" for k, v in result.type_counts().items())
     src_bpw = 8 * result.src_tensor_bytes / max(1, _n_weights(result))

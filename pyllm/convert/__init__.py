@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from pyllm.atomic import check_destination
 from pyllm.convert.hf import HFConfig, convert_hf
 from pyllm.convert.meta import convert_meta, is_meta_folder
 from pyllm.convert.overrides import ConfigSource, merge_configs
@@ -38,6 +39,7 @@ def convert(
     folder = Path(src)
     if not folder.is_dir():
         raise ConvertError(f"{folder}: not a directory")
+    check_destination(out, error=ConvertError)  # before minutes of converting, not after
     extra = merge_configs(configs)
     if is_meta_folder(folder):
         return convert_meta(folder, out, outtype, extra_config=extra, name=name,

@@ -3,37 +3,22 @@
 Tensors may be given as arrays or as callables that produce the array when the file is
 written, so converters can stream one tensor at a time instead of holding the whole model.
 
-The temp file sits next to the output as ``.OUT.gguf.pyllm-tmp-<pid>-<random>`` and holds an
-exclusive ``flock`` while it is written. It disappears however the write ends short of SIGKILL:
-an exception or Ctrl-C (KeyboardInterrupt) removes it, and so does SIGTERM, which
-:meth:`GGUFWriter.write` turns into :class:`WriteTerminated` (a ``SystemExit`` with code 143,
-128 + SIGTERM, the status a shell reports for a SIGTERM death) for the duration of the write
-when the program has not installed its own SIGTERM handler. A SIGKILLed writer leaves its temp
-file behind; the next write into that folder removes every pyllm temp file whose process is
-gone (its PID is not running and its lock is free), never one a live process is writing.
+The file goes through :func:`pyllm.atomic.atomic_output`: the destination is checked first, the
+temp file next to it disappears however the write ends short of SIGKILL (SIGTERM included, as
+:class:`pyllm.atomic.WriteTerminated`), and stale temp files of dead writers are removed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import re
-import secrets
-import signal
-import stat
 import struct
-import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; the PID check alone decides
-    fcntl = None  # type: ignore[assignment]
-
 import numpy as np
 
+from pyllm.atomic import atomic_output
 from pyllm.errors import GGUFError
 from pyllm.gguf.constants import (
     DEFAULT_ALIGNMENT,
@@ -234,34 +219,11 @@ class GGUFWriter:
         """Write the file atomically: everything goes to a temp file renamed over ``path``.
 
         Raises :class:`~pyllm.errors.GGUFError` if ``path`` cannot be written (see
-        :func:`check_destination`) and :class:`WriteTerminated` on SIGTERM (see the module
-        docstring); in every case but SIGKILL the temp file is gone afterwards.
+        :func:`pyllm.atomic.check_destination`) and :class:`pyllm.atomic.WriteTerminated` on
+        SIGTERM; in every case but SIGKILL the temp file is gone afterwards.
         """
-        check_destination(self.path)
-        directory = os.path.dirname(os.path.abspath(self.path))
-        remove_stale_temp_files(directory)
-        with _sigterm_exits():
-            tmp = os.path.join(directory, temp_name(self.path))
-            try:
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-                fd = os.open(tmp, flags, 0o666)  # the umask applies, as for a plain open()
-            except OSError as e:
-                raise GGUFError(f"cannot write {self.path}: {e.strerror}") from None
-            try:
-                if fcntl is not None:
-                    # held until the fd closes, so a later run can tell this file is in use
-                    # (a file system without flock leaves the PID check to decide)
-                    with contextlib.suppress(OSError):
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                with os.fdopen(fd, "wb") as f:
-                    self._write_to(f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+        with atomic_output(self.path, error=GGUFError) as f:
+            self._write_to(f)
 
     def _write_to(self, f: IO[bytes]) -> None:
         f.write(GGUF_MAGIC)
@@ -290,137 +252,6 @@ class GGUFWriter:
             # truncation of a file we wrote is detectable.
             if i + 1 < len(self._tensors):
                 _pad(f, self.alignment)
-
-
-# ---- destination checks, temp files, SIGTERM -----------------------------------------------------
-
-TEMP_MARK = ".pyllm-tmp-"
-# ".OUT.gguf.pyllm-tmp-<pid>-<hex>": the PID says whose it is, the random part keeps two writers
-# in one process (threads) apart.
-_TEMP_RE = re.compile(r"^\..+" + re.escape(TEMP_MARK) + r"(\d+)-[0-9a-f]+$")
-TERMINATED_EXIT_CODE = 128 + signal.SIGTERM  # 143
-
-
-class WriteTerminated(SystemExit):
-    """SIGTERM arrived during :meth:`GGUFWriter.write`; the temp file has been removed. A
-    ``SystemExit`` (code 143), so a program that does not catch it exits as SIGTERM asked."""
-
-    def __init__(self) -> None:
-        super().__init__(TERMINATED_EXIT_CODE)
-
-
-def temp_name(path: str | os.PathLike[str]) -> str:
-    """The hidden name this process gives the temp file of ``path`` (in the same folder)."""
-    base = os.path.basename(os.fspath(path))[:200]  # the additions must fit NAME_MAX (255)
-    return f".{base}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def check_destination(path: str | os.PathLike[str],
-                      sources: Iterable[str | os.PathLike[str]] = ()) -> None:
-    """Raise :class:`~pyllm.errors.GGUFError` unless a file can be written at ``path``: its
-    folder exists and is writable, ``path`` is not a folder or a device, and it is none of
-    ``sources`` (the files being read). Cheap, so callers run it before any real work."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.exists(directory):
-        raise GGUFError(f"cannot write {path}: the folder {directory} does not exist")
-    if not os.path.isdir(directory):
-        raise GGUFError(f"cannot write {path}: {directory} is not a folder")
-    if os.path.isdir(path):
-        raise GGUFError(f"cannot write {path}: it is a folder (give the output file's name)")
-    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
-        raise GGUFError(f"cannot write {path}: it exists and is not a regular file")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise GGUFError(f"cannot write {path}: the folder {directory} is not writable")
-    for src in sources:
-        if _same_file(path, os.fspath(src)):
-            raise GGUFError(f"cannot write {path}: it is the input file; choose another name")
-
-
-def _same_file(a: str, b: str) -> bool:
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)  # hard links
-    except OSError:
-        return False
-
-
-def remove_stale_temp_files(directory: str | os.PathLike[str]) -> list[str]:
-    """Remove the temp files that dead pyllm writers left in ``directory``; returns their paths.
-
-    A file counts as stale when its PID is not a running process and nobody holds its lock:
-    the PID alone could be another PID namespace's (a container sharing the folder), and the
-    lock alone would fail open on file systems without ``flock``.
-    """
-    removed: list[str] = []
-    try:
-        entries = list(os.scandir(directory))
-    except OSError:
-        return removed
-    for entry in entries:
-        m = _TEMP_RE.match(entry.name)
-        if m is None or not entry.is_file(follow_symlinks=False):
-            continue
-        pid = int(m.group(1))
-        if pid == os.getpid() or _pid_running(pid) or _locked(entry.path):
-            continue
-        with contextlib.suppress(OSError):
-            os.unlink(entry.path)
-            removed.append(entry.path)
-    return removed
-
-
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True  # someone else's live process (or a PID we cannot judge): keep the file
-    try:  # a zombie (killed, not yet reaped by its parent) writes nothing any more
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _locked(path: str) -> bool:
-    if fcntl is None:
-        return False
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return True  # cannot look: leave it alone
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)  # also drops the lock we may have taken
-    return False
-
-
-@contextlib.contextmanager
-def _sigterm_exits() -> Iterator[None]:
-    """While the temp file exists, SIGTERM raises :class:`WriteTerminated` in the main thread,
-    so the ``except BaseException`` of :meth:`GGUFWriter.write` removes the file, as it does for
-    Ctrl-C. Only where SIGTERM still has its default action (it would kill the process with
-    the file left behind): a program's own handler is left in charge."""
-    if threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut cleanup
-        raise WriteTerminated()
-
-    signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _test_gate() -> None:
