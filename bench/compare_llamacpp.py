@@ -49,7 +49,9 @@ def llamacpp_bench_python(model: str, threads: int, n_prompt: int, n_gen: int,
     import llama_cpp  # noqa: PLC0415 - optional
 
     llm = llama_cpp.Llama(model_path=model, n_ctx=max(n_prompt, n_gen) + 8, n_threads=threads,
-                          n_threads_batch=threads, n_batch=max(n_prompt, 1), verbose=False)
+                          n_threads_batch=threads, verbose=False,
+                          # llm.scores keeps n_batch rows: the tg loop reads row n_tokens - 1
+                          n_batch=max(n_prompt, n_gen + 1))
     rng = np.random.default_rng(0)
     out: dict[str, float] = {}
     if n_prompt:

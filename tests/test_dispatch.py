@@ -9,7 +9,7 @@ import tempfile
 
 import pytest
 
-core = pytest.importorskip("pyllm._core")
+from pyllm import _core as core
 
 AVX512_BITS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vnni", "avx512bf16")
 
@@ -49,3 +49,22 @@ def test_unknown_forced_isa_is_a_clear_error() -> None:
     assert proc.returncode != 0
     assert "unknown ISA 'bogus'" in proc.stderr
     assert "Segmentation" not in proc.stderr
+
+
+def test_default_threads_follow_the_affinity_mask() -> None:
+    """Pinned to one CPU (taskset), the default pool of the extension has one thread.
+
+    The C++ default used to be the machine's physical cores whatever the affinity mask, so a
+    pinned process ran several threads on one CPU; it agrees with pyllm.sysinfo now.
+    """
+    code = ("import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "import pyllm._core as c; from pyllm.sysinfo import available_cpus; "
+            "print(c.cpu_features()['available_cpus'], c.get_num_threads(), available_cpus())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tempfile.gettempdir(), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", "1", "1"]
+    # Unpinned, the extension's count of usable CPUs matches the Python one.
+    from pyllm.sysinfo import available_cpus
+    assert core.cpu_features()["available_cpus"] == available_cpus()
+    assert 1 <= core.get_num_threads() <= available_cpus()

@@ -50,8 +50,9 @@ void register_info(pybind11::module_& m) {
     d["avx512dq"] = f.avx512dq; d["avx512vnni"] = f.avx512vnni; d["avx512bf16"] = f.avx512bf16;
     d["neon"] = f.neon; d["neon_dotprod"] = f.neon_dotprod;
     d["physical_cores"] = f.physical_cores; d["logical_cores"] = f.logical_cores;
+    d["available_cpus"] = pyllm::available_cpus();  // affinity mask and cgroup quota, now
     return d;
-  }, "Detected CPU features and core counts.");
+  }, "Detected CPU features and core counts (available_cpus: those this process may use).");
 }
 
 }  // namespace pyllm::bindings

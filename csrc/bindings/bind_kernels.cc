@@ -134,7 +134,7 @@ void register_kernels(py::module_& m) {
       py::arg("gate"), py::arg("up"),
       "silu(gate) * up with the active ISA's element-wise kernel (tests: its vectorized exp).");
   m.def("set_num_threads", [](int n) { set_default_pool_threads(n); }, py::arg("n"),
-        "Resize the default thread pool (n <= 0: physical cores).");
+        "Resize the default thread pool (n <= 0: physical cores, at most the available CPUs).");
   m.def("get_num_threads", [] { return default_pool().n_threads(); },
         "Threads of the default pool.");
 }

@@ -2,7 +2,10 @@
 // the active kernel ISA, including the PYLLM_FORCE_ISA override used by tests.
 #include "pyllm/cpu.h"
 
+#include <algorithm>
 #include <atomic>
+#include <cerrno>
+#include <cmath>
 #include <cstdlib>
 #include <mutex>
 #include <set>
@@ -11,6 +14,10 @@
 #include <thread>
 #include <utility>
 #include <fstream>
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
 
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
 #define PYLLM_X86 1
@@ -48,6 +55,45 @@ int count_physical_cores(int logical) {
     if (key == "core id") cores.insert({phys, value});
   }
   return cores.empty() ? logical : static_cast<int>(cores.size());
+}
+
+// CPUs granted by a cgroup quota (v2 "cpu.max": "QUOTA PERIOD" or "max PERIOD"; v1
+// cfs_quota_us / cfs_period_us, -1 = none), rounded up; 0 when there is none.
+int cgroup_cpu_limit() {
+  double quota = -1, period = 0;
+  std::ifstream v2("/sys/fs/cgroup/cpu.max");
+  if (v2) {
+    std::string q;
+    if (!(v2 >> q >> period) || q == "max") return 0;
+    quota = std::atof(q.c_str());
+  } else {
+    std::ifstream q1("/sys/fs/cgroup/cpu/cpu.cfs_quota_us");
+    std::ifstream p1("/sys/fs/cgroup/cpu/cpu.cfs_period_us");
+    if (!(q1 >> quota) || !(p1 >> period)) return 0;
+  }
+  if (quota <= 0 || period <= 0) return 0;
+  return std::max(1, static_cast<int>(std::ceil(quota / period)));
+}
+
+// CPUs in this process's affinity mask, or 0 when unknown.
+int affinity_cpus() {
+#if defined(__linux__)
+  // A fixed cpu_set_t holds 1024 CPUs; larger machines need a bigger, dynamically sized set.
+  for (int n = 1024; n <= (1 << 16); n *= 2) {
+    cpu_set_t* set = CPU_ALLOC(n);
+    if (set == nullptr) return 0;
+    const size_t size = CPU_ALLOC_SIZE(n);
+    CPU_ZERO_S(size, set);
+    if (sched_getaffinity(0, size, set) == 0) {
+      const int count = CPU_COUNT_S(size, set);
+      CPU_FREE(set);
+      return count;
+    }
+    CPU_FREE(set);
+    if (errno != EINVAL) return 0;  // EINVAL: the set is too small for this kernel's CPUs
+  }
+#endif
+  return 0;
 }
 
 CpuFeatures detect() {
@@ -151,6 +197,14 @@ void init_isa() {
 }
 
 }  // namespace
+
+int available_cpus() {
+  int n = affinity_cpus();
+  if (n <= 0) n = static_cast<int>(std::thread::hardware_concurrency());
+  const int quota = cgroup_cpu_limit();
+  if (quota > 0) n = std::min(n, quota);
+  return std::max(1, n);
+}
 
 const CpuFeatures& cpu_features() {
   static const CpuFeatures features = detect();

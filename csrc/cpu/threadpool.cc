@@ -1,17 +1,28 @@
-// Owns the persistent thread pool: worker lifecycle, job hand-off, the spin-then-sleep barrier
-// and the process-wide default pool.
+// Owns the persistent thread pool: worker lifecycle, job hand-off, the waits (bounded spin, then
+// yield, then sleep) and the process-wide default pool.
 //
-// Hand-off protocol: run() publishes the job pointer, then bumps `job_gen_`; workers wait for
-// the generation to change, run their share and decrement `pending_`; the caller runs share 0
-// and waits for `pending_` to reach zero. Every wait spins briefly (a decode step is a few
-// hundred jobs of ~10-100 us, so a sleeping hand-off would cost more than the work) and then
-// sleeps on a condition variable (so an idle pool, or an oversubscribed machine, burns no CPU).
+// Hand-off protocol: run() publishes the job pointer and then a new `claim_` word (generation in
+// the high bits, next unclaimed share in the low bits, share 0 reserved for the caller). Any
+// thread that sees the new generation claims shares with one fetch_add each and runs them;
+// `done` counts finished shares and the caller returns when all nth are done. Shares are not
+// tied to threads: the caller, after its own share 0, takes every share nobody has claimed yet,
+// and so does a worker after finishing one. So when a worker is descheduled (a busy neighbour on
+// its core, more threads than CPUs) the threads that do run finish the job instead of waiting a
+// whole time slice for it. barrier() still works: no thread finishes a share of a job with
+// barriers before every share has reached the last barrier, i.e. before all shares are claimed,
+// so no thread ever holds two shares of such a job at once.
+//
+// Every wait spins briefly (a decode step is a few hundred jobs of ~10-100 us, so a sleeping
+// hand-off would cost more than the work), then yields the CPU (to whatever else is runnable on
+// this core, e.g. the peer thread we wait for), then sleeps (a futex on Linux; so an idle pool,
+// or an oversubscribed machine, burns no CPU).
 #include "pyllm/threadpool.h"
 
+#include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <condition_variable>
 #include <exception>
+#include <limits>
 #include <mutex>
 #include <new>
 #include <stdexcept>
@@ -22,6 +33,11 @@
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <pthread.h>
+#endif
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #include "pyllm/cpu.h"
@@ -38,38 +54,88 @@
 namespace pyllm {
 namespace {
 
-// How long a waiter spins before it sleeps.
-constexpr auto kSpinTime = std::chrono::microseconds(100);
+// A waiter first spins this many CPU-relax iterations (a pause is ~25-50 ns on the Zen4 dev box,
+// so ~25-50 us: longer than the gap between two kernels of a decode step, shorter than a
+// scheduler time slice) ...
+constexpr int kSpinIters = 1024;
+// ... then yields this many times (each ~2 us when nothing else wants the core; when something
+// does, e.g. the descheduled peer we wait for, it runs instead) and then sleeps.
+constexpr int kYields = 16;
 
-// A condition variable with a sleeper count, so that the notifier only takes the mutex when
-// somebody actually sleeps. Both sides use seq_cst: either the notifier sees sleepers > 0, or
-// the sleeper's predicate check (under the mutex) sees the new state.
+// Bits of the claim word that hold the next share (the rest is the job generation). A share
+// index only grows past nth by one failed claim per thread per job, far below 2^20.
+constexpr int kShareBits = 20;
+constexpr uint64_t kShareMask = (uint64_t{1} << kShareBits) - 1;
+
+// Spin, then yield, then sleep until ready() holds. notify_*() must be called after every
+// change that can make a sleeper's predicate true. A sleeper count spares the notifier the
+// system call when nobody sleeps; both sides use seq_cst: either the notifier sees sleepers > 0,
+// or the sleeper's predicate check sees the new state.
+//
+// On Linux the sleep is a futex on an epoch counter the notifier bumps: no lock anywhere, so a
+// thread stopped at any point (preempted, or stopped by a signal handler as in the tests) never
+// blocks another one. Elsewhere a mutex + condition variable.
 struct Waiter {
+  std::atomic<int> sleepers{0};
+#if defined(__linux__)
+  std::atomic<uint32_t> epoch{0};
+  static_assert(sizeof(std::atomic<uint32_t>) == 4 && std::atomic<uint32_t>::is_always_lock_free,
+                "the futex word must be a plain 32-bit integer");
+#else
   std::mutex mu;
   std::condition_variable cv;
-  std::atomic<int> sleepers{0};
+#endif
 
   template <class Pred>
   void wait(Pred ready) {
     if (ready()) return;
-    const auto deadline = std::chrono::steady_clock::now() + kSpinTime;
-    for (int i = 1;; ++i) {
+    for (int i = 0; i < kSpinIters; ++i) {
       PYLLM_CPU_RELAX();
       if (ready()) return;
-      if ((i & 63) == 0 && std::chrono::steady_clock::now() > deadline) break;
     }
+    for (int i = 0; i < kYields; ++i) {
+      std::this_thread::yield();
+      if (ready()) return;
+    }
+#if defined(__linux__)
+    sleepers.fetch_add(1);
+    for (;;) {
+      const uint32_t e = epoch.load();
+      if (ready()) break;
+      // Returns at once if a notify bumped the epoch after we read it (EAGAIN); spurious
+      // returns (EINTR) just loop.
+      syscall(SYS_futex, reinterpret_cast<uint32_t*>(&epoch), FUTEX_WAIT_PRIVATE, e, nullptr,
+              nullptr, 0);
+    }
+    sleepers.fetch_sub(1);
+#else
     std::unique_lock<std::mutex> lk(mu);
     sleepers.fetch_add(1);
     cv.wait(lk, ready);
     sleepers.fetch_sub(1);
+#endif
   }
 
-  void notify() {
+  void notify(int n) {
+#if defined(__linux__)
+    epoch.fetch_add(1);
+    if (sleepers.load() > 0) {
+      syscall(SYS_futex, reinterpret_cast<uint32_t*>(&epoch), FUTEX_WAKE_PRIVATE, n, nullptr,
+              nullptr, 0);
+    }
+#else
     if (sleepers.load() > 0) {
       { std::lock_guard<std::mutex> lk(mu); }
-      cv.notify_all();
+      if (n == 1) {
+        cv.notify_one();
+      } else {
+        cv.notify_all();
+      }
     }
+#endif
   }
+  void notify_one() { notify(1); }
+  void notify_all() { notify(std::numeric_limits<int>::max()); }
 };
 
 thread_local const void* t_current_pool = nullptr;
@@ -83,8 +149,9 @@ struct ThreadPool::Impl {
   std::mutex run_mu;  // serializes run() calls from different threads
 
   const std::function<void(int, int)>* job = nullptr;
-  std::atomic<uint64_t> job_gen{0};
-  std::atomic<int> pending{0};
+  // (generation << kShareBits) | next unclaimed share of the current job.
+  std::atomic<uint64_t> claim{0};
+  std::atomic<int> done{0};  // shares of the current job finished
   std::atomic<bool> stop{false};
   Waiter job_waiter, done_waiter, barrier_waiter;
 
@@ -94,7 +161,10 @@ struct ThreadPool::Impl {
   std::mutex err_mu;
   std::exception_ptr error;
 
+  static uint64_t generation(uint64_t word) { return word >> kShareBits; }
+
   void run_share(int ith) {
+    const void* outer = t_current_pool;
     t_current_pool = this;
     try {
       (*job)(ith, nth);
@@ -102,17 +172,29 @@ struct ThreadPool::Impl {
       std::lock_guard<std::mutex> lk(err_mu);
       if (!error) error = std::current_exception();
     }
-    t_current_pool = nullptr;
+    t_current_pool = outer;
   }
 
-  void worker_main(int ith) {
+  // Claims and runs shares of the current job until none is left; returns the generation it
+  // saw last. A claim that succeeds belongs to the job then published: run() cannot return (nor
+  // publish another job) before that share is done, so `job` is still valid.
+  uint64_t take_shares() {
+    for (;;) {
+      const uint64_t word = claim.fetch_add(1);
+      const int ith = static_cast<int>(word & kShareMask);
+      if (ith >= nth) return generation(word);
+      if (ith + 1 < nth) job_waiter.notify_one();  // more left: wake one more helper
+      run_share(ith);
+      if (done.fetch_add(1) + 1 == nth) done_waiter.notify_all();
+    }
+  }
+
+  void worker_main() {
     uint64_t seen = 0;
     for (;;) {
-      job_waiter.wait([&] { return job_gen.load() != seen || stop.load(); });
+      job_waiter.wait([&] { return generation(claim.load()) != seen || stop.load(); });
       if (stop.load()) return;
-      seen = job_gen.load();
-      run_share(ith);
-      if (pending.fetch_sub(1) == 1) done_waiter.notify();
+      seen = take_shares();
     }
   }
 };
@@ -126,7 +208,7 @@ ThreadPool::ThreadPool(int n_threads) : impl_(new Impl) {
   impl_->workers.reserve(impl_->nth - 1);
   try {
     for (int i = 1; i < impl_->nth; ++i) {
-      impl_->workers.emplace_back([this, i] { impl_->worker_main(i); });
+      impl_->workers.emplace_back([this] { impl_->worker_main(); });
     }
   } catch (const std::system_error& e) {
     // The OS refused a thread: stop the ones already started (never leave joinable threads).
@@ -137,11 +219,7 @@ ThreadPool::ThreadPool(int n_threads) : impl_(new Impl) {
 
 void ThreadPool::shutdown() {
   impl_->stop.store(true);
-  impl_->job_gen.fetch_add(1);
-  {
-    std::lock_guard<std::mutex> lk(impl_->job_waiter.mu);
-  }
-  impl_->job_waiter.cv.notify_all();
+  impl_->job_waiter.notify_all();
   for (std::thread& t : impl_->workers) t.join();
   impl_->workers.clear();
 }
@@ -168,11 +246,15 @@ void ThreadPool::run(const std::function<void(int, int)>& fn) {
   std::lock_guard<std::mutex> run_lock(p.run_mu);
   p.job = &fn;
   p.error = nullptr;
-  p.pending.store(p.nth - 1);
-  p.job_gen.fetch_add(1);
-  p.job_waiter.notify();
+  p.done.store(0);
+  const uint64_t gen = Impl::generation(p.claim.load()) + 1;
+  p.claim.store((gen << kShareBits) | 1);  // share 0 is the caller's
+  p.job_waiter.notify_one();  // each claimer wakes the next while shares are left
   p.run_share(0);
-  p.done_waiter.wait([&] { return p.pending.load() == 0; });
+  if (p.done.fetch_add(1) + 1 != p.nth) {
+    p.take_shares();  // whatever nobody has claimed yet (a descheduled worker's share)
+    p.done_waiter.wait([&] { return p.done.load() == p.nth; });
+  }
   p.job = nullptr;
   if (p.error) {
     std::exception_ptr e = p.error;
@@ -190,7 +272,7 @@ void ThreadPool::barrier() {
     // Last to arrive: reset the count before releasing, so nobody re-enters early.
     p.barrier_count.store(0);
     p.barrier_phase.store(phase + 1);
-    p.barrier_waiter.notify();
+    p.barrier_waiter.notify_all();
   } else {
     p.barrier_waiter.wait([&] { return p.barrier_phase.load() != phase; });
   }
@@ -212,7 +294,8 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain,
 }
 
 int default_thread_count() {
-  int n = cpu_features().physical_cores;
+  // More threads than the CPUs we may run on only take turns on them (taskset, containers).
+  const int n = std::min(cpu_features().physical_cores, available_cpus());
   return n > 0 ? n : 1;
 }
 

@@ -20,6 +20,11 @@ struct CpuFeatures {
 // Features of the machine we run on (detected once, cached).
 const CpuFeatures& cpu_features();
 
+// CPUs this process may run on: its affinity mask (sched_getaffinity; taskset, cpusets),
+// capped by a cgroup CPU quota (v2 cpu.max or v1 cfs_quota_us, rounded up); at least 1. Read
+// on every call (the mask can change at run time).
+int available_cpus();
+
 // Name used in PYLLM_FORCE_ISA and in reports: "scalar", "avx2", "avx512", "neon".
 const char* isa_name(Isa isa);
 

@@ -1,13 +1,14 @@
 // A persistent thread pool for the CPU kernels and the forward pass.
 //
-// Workers are created once (no thread creation per call) and wait for jobs with a short spin
-// followed by a sleep, so back-to-back kernel calls during decoding hand over in about a
-// microsecond while an idle pool costs no CPU. The calling thread always takes part as thread 0.
+// Workers are created once (no thread creation per call) and wait for jobs with a short bounded
+// spin, then a few yields, then a sleep, so back-to-back kernel calls during decoding hand over
+// in about a microsecond while an idle pool costs no CPU, and a thread waiting for a descheduled
+// peer gives the core away. The calling thread always takes part (as share 0, and it also runs
+// the shares no running worker has taken, so nobody waits a time slice for a descheduled one).
 //
 // Two ways to use it:
-//   * pool.run(fn): runs fn(ith, nth) on every thread and returns when all are done; inside fn,
-//     pool.barrier() synchronizes the nth threads (one barrier per dependent step), which lets a
-//     whole forward pass run as ONE parallel region (see ParallelCtx in matmul.h).
+//   * pool.run(fn): runs fn(ith, nth) for every share ith < nth and returns when all are done;
+//     inside fn, pool.barrier() synchronizes the nth shares (one barrier per dependent step).
 //   * pool.parallel_for(n, grain, fn): splits [0, n) into nth contiguous ranges (multiples of
 //     grain) and runs fn(begin, end) on each.
 // An exception thrown by fn on any thread is rethrown by run()/parallel_for() on the caller (the
@@ -33,12 +34,17 @@ class ThreadPool {
 
   int n_threads() const;
 
-  // Runs fn(ith, nth) on all threads (the caller is ith = 0). Concurrent run() calls from
+  // Runs fn(ith, nth) once for every ith in [0, nth) and returns when all are done. The caller
+  // runs ith = 0; the other shares go to whichever threads get to them first, so a thread may
+  // run several shares one after another (the caller takes those of workers that are not
+  // running), and a share may not assume which thread runs it. Concurrent run() calls from
   // different threads are serialized. Called from inside a job of this same pool it runs
   // fn(0, 1) inline on the calling thread (no deadlock, no parallelism).
   void run(const std::function<void(int ith, int nth)>& fn);
 
-  // Waits until all nth threads of the running job have reached it. Only valid inside run().
+  // Waits until all nth shares of the running job have reached it. Only valid inside run(). Each
+  // share runs on its own thread while any share waits at a barrier (a thread takes another
+  // share only after finishing one), so barriers cannot deadlock.
   void barrier();
 
   // Runs fn(begin, end) over nth contiguous sub-ranges of [0, n); range boundaries are multiples
@@ -52,7 +58,9 @@ class ThreadPool {
   std::unique_ptr<Impl> impl_;
 };
 
-// Physical cores of this machine (what the default pool uses), at least 1.
+// Physical cores of this machine, capped at available_cpus() (cpu.h: the affinity mask and a
+// cgroup CPU quota), at least 1: what the default pool uses. A pool may still be made larger
+// on purpose; it stays correct and makes progress (see run()), only slower.
 int default_thread_count();
 
 // The process-wide pool the C ABI and the bindings use; created on first use with
