@@ -1047,6 +1047,22 @@ def test_cli_serve_port_0_allowed_hosts_and_sigterm(smollm2_path: Path, engine: 
         cli.kill()
 
 
+def _load_failure(model: str, *flags: str) -> str:
+    """Run `pyllm serve` on a model whose load fails after the server started listening; check
+    that it exits 1 having printed the listening line and one error line; return that line."""
+    cli = _Cli("-m", model, "--port", "0", *flags)
+    try:
+        cli.wait_for_line(r"listening on http://127\.0\.0\.1:\d+")
+        rc, output = cli.finish()
+    finally:
+        cli.kill()
+    assert rc == 1, output
+    lines = output.splitlines()
+    assert lines[0].startswith("pyllm: listening on") and "Traceback" not in output
+    assert len(lines) == 2, output
+    return lines[1]
+
+
 def test_cli_serve_missing_or_malformed_model_is_one_error_line(tmp_path: Path) -> None:
     """A model that cannot load ends `pyllm serve` with one error line and exit 1: a missing
     file before anything is announced; a malformed one (found by the load on its thread) stops
@@ -1061,16 +1077,8 @@ def test_cli_serve_missing_or_malformed_model_is_one_error_line(tmp_path: Path) 
 
     bad = tmp_path / "bad.gguf"  # the magic and version of a GGUF, then an absurd tensor count
     bad.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + b"\xff" * 100)
-    cli = _Cli("-m", str(bad), "--port", "0")
-    try:
-        cli.wait_for_line(r"listening on http://127\.0\.0\.1:\d+")
-        rc, output = cli.finish()
-    finally:
-        cli.kill()
-    assert rc == 1, output
-    lines = output.splitlines()
-    assert lines[0].startswith("pyllm: listening on") and "Traceback" not in output
-    assert len(lines) == 2 and lines[1].startswith("error: ") and "bad.gguf" in lines[1], output
+    error = _load_failure(str(bad))
+    assert error.startswith("error: ") and "bad.gguf" in error
 
 
 def test_cli_serve_bad_flags_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -1101,18 +1109,9 @@ def test_cli_serve_port_in_use_is_one_error_line(smollm2_path: Path) -> None:
 def test_cli_serve_context_too_big_for_memory(smollm2_path: Path) -> None:
     """-c x --parallel slots that cannot fit in memory are refused with the sizes, before the
     cache is allocated (it used to allocate until the machine swapped)."""
-    cli = _Cli("-m", str(smollm2_path), "--port", "0", "-c", "1000000", "--parallel", "16")
-    try:
-        cli.wait_for_line(r"listening on http://127\.0\.0\.1:\d+")
-        rc, output = cli.finish()
-    finally:
-        cli.kill()
-    assert rc == 1, output
-    lines = output.splitlines()
-    assert len(lines) == 2 and "Traceback" not in output, output
-    assert lines[1].startswith("error: a context of n_ctx=1000000 x 16 sequences needs "
-                               "343.5 GiB"), output
-    assert "fewer parallel sequences" in lines[1]
+    error = _load_failure(str(smollm2_path), "-c", "1000000", "--parallel", "16")
+    assert error.startswith("error: a context of n_ctx=1000000 x 16 sequences needs 343.5 GiB")
+    assert "fewer parallel sequences" in error
 
 
 def test_engine_refuses_slots_beyond_memory(llm: LLM) -> None:
