@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 VOCAB_DIR = SHARED / "fixtures" / "vocab"
+# Under CI (.ci/run sets CI=true) a missing tool or fixture is a broken setup: fail, not skip.
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip on a developer's machine; fail under CI, which installs everything tests need."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI must provide it)", pytrace=False)
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
@@ -22,5 +32,5 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def vocab_dir() -> Path:
     if not VOCAB_DIR.is_dir():
-        pytest.skip(f"llama.cpp vocab fixtures not found at {VOCAB_DIR}")
+        skip_or_fail(f"llama.cpp vocab fixtures not found at {VOCAB_DIR}")
     return VOCAB_DIR

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import skip_or_fail
 from tests.test_cli import run_cli
 
 pytestmark = pytest.mark.model
@@ -185,9 +186,7 @@ HOLD_AFTER = 12
 @pytest.fixture()
 def chat_session(smollm2_path: Path) -> Iterator[Tmux]:
     if shutil.which("tmux") is None:
-        if os.environ.get("CI"):  # .ci/run installs tmux: its absence is a broken CI
-            pytest.fail("tmux is not installed")
-        pytest.skip("tmux is not installed")
+        skip_or_fail("tmux is not installed")
     t = Tmux([sys.executable, "-m", "pyllm", "chat", "-m", str(smollm2_path), "--temp", "0",
               "-n", "400", "--system", "You are a helpful assistant."])
     try:
@@ -219,9 +218,7 @@ def test_chat_in_terminal(chat_session: Tmux) -> None:
 
 def test_chat_ctrl_c_stops_the_reply(smollm2_path: Path, tmp_path: Path) -> None:
     if shutil.which("tmux") is None:
-        if os.environ.get("CI"):
-            pytest.fail("tmux is not installed")
-        pytest.skip("tmux is not installed")
+        skip_or_fail("tmux is not installed")
     # The first reply is held after HOLD_AFTER tokens, so Ctrl-C lands mid-reply however fast
     # the machine decodes.
     t = Tmux([sys.executable, "-m", "pyllm", "chat", "-m", str(smollm2_path), "--temp", "0",

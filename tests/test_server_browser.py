@@ -28,6 +28,7 @@ import uvicorn
 from pyllm.model import LLM
 from pyllm.server.app import ServerConfig, create_app
 from pyllm.server.engine import Engine
+from tests.conftest import skip_or_fail
 
 try:
     from selenium import webdriver
@@ -39,7 +40,6 @@ except ImportError:  # reported by the browser fixture: skip locally, fail under
 BROWSER = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
 DRIVER = shutil.which("chromedriver")
 HANG_GUARD = 60.0  # seconds: only turns a hang into a failure
-IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 pytestmark = pytest.mark.model
 
@@ -95,9 +95,7 @@ def base_url(engine: Engine) -> Iterator[str]:
 def browser() -> Iterator[Any]:
     missing = _missing()
     if missing is not None:
-        if IN_CI:  # CI installs them: their absence is a broken setup, not a reason to skip
-            pytest.fail(f"CI is set but the browser test {missing}", pytrace=False)
-        pytest.skip(missing)
+        skip_or_fail(f"the browser test {missing}")
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()

@@ -642,7 +642,7 @@ def random_text(tok: Tokenizer, n_chars: int, seed: int = 7) -> str:
 
 
 def test_spm_matches_sentencepiece_library(vocab_dir: Path) -> None:
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
     tok = _LOADED.get("llama-spm") or Tokenizer.from_gguf(vocab_dir / "ggml-vocab-llama-spm.gguf")
     ref = spm.SentencePieceProcessor(model_proto=sentencepiece_model_from_vocab(tok.vocab))
     text = random_text(tok, 100_000)
@@ -669,7 +669,6 @@ def test_spm_matches_sentencepiece_library(vocab_dir: Path) -> None:
 
 
 def test_spm_library_only_where_exact() -> None:
-    pytest.importorskip("sentencepiece")
     assert _library_processor(vocab_from_metadata(tiny_spm())) is not None
     md = tiny_spm()
     md["tokenizer.ggml.token_type"] = md["tokenizer.ggml.token_type"].copy()
@@ -689,7 +688,7 @@ def test_spm_library_only_where_exact() -> None:
 
 
 def test_from_sentencepiece_model(tmp_path: Path) -> None:
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
     words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "café", "naïve"]
     words += ["über", "straße", "tokenizer"]
     rng = np.random.default_rng(0)
