@@ -103,7 +103,8 @@ def test_markdown(capsys: pytest.CaptureFixture[str], models: list[Path]) -> Non
 
 @pytest.mark.parametrize("argv", [["-t", "0"], ["-t", "x"], ["-t"], ["-r", "0"], ["-o", "xml"],
                                   ["-p", "-1"], ["-p", "0", "-n", "0"], ["-n", "lots"],
-                                  ["--bogus"], ["-m"]])
+                                  ["--bogus"], ["-m"], ["-p", str(2**31)], ["-n", str(2**31)],
+                                  ["-t", str(2**31)]])
 def test_bad_flags_exit_2(capsys: pytest.CaptureFixture[str], models: list[Path],
                           argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:

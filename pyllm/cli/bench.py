@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from pyllm.cli.common import positive_int
+from pyllm.cli.common import count, positive_int
 
 
 def add_parser(sub: Any) -> None:
@@ -16,9 +16,9 @@ def add_parser(sub: Any) -> None:
     # "extend" with nargs="+": both "-t 1 2" (as in the README) and "-t 1 -t 2" work
     p.add_argument("-m", "--model", action="extend", nargs="+", default=None, metavar="MODEL",
                    help="GGUF models (several, repeatable; default: the default model)")
-    p.add_argument("-p", "--n-prompt", type=int, default=512, metavar="N",
+    p.add_argument("-p", "--n-prompt", type=count, default=512, metavar="N",
                    help="prompt tokens (0 = skip; 512)")
-    p.add_argument("-n", "--n-gen", type=int, default=128, metavar="N",
+    p.add_argument("-n", "--n-gen", type=count, default=128, metavar="N",
                    help="generated tokens (0 = skip; 128)")
     p.add_argument("-t", "--threads", type=positive_int, action="extend", nargs="+",
                    default=None, metavar="N",
@@ -32,8 +32,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args.parser
-    if args.n_prompt < 0 or args.n_gen < 0 or (args.n_prompt == 0 and args.n_gen == 0):
-        parser.error("-p and -n must be >= 0 and not both 0")
+    if args.n_prompt == 0 and args.n_gen == 0:
+        parser.error("-p and -n must not both be 0")
     from pyllm.bench import bench_model, format_results
 
     results = []

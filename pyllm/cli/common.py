@@ -38,6 +38,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def count(text: str) -> int:
+    """A count from 0 up to what the C++ side takes (its parameters are 32-bit)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0, got {text!r}") from None
+    if not 0 <= value <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"expected a count from 0 to {MAX_COUNT}, got {value}")
+    return value
+
+
 def token_count(text: str) -> int:
     """``-n``: tokens to generate, as llama.cpp counts them: -1 = until the end of the text or
     a full context, 0 = none, N = at most N."""
