@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -126,7 +127,8 @@ def test_readme_command_line(models: list[Path]) -> None:
     """The installed entry point, as the README writes it: `pyllm bench ... -t 1 2`."""
     proc = subprocess.run([sys.executable, "-m", "pyllm.cli", "bench", "-m", str(models[1]),
                            "-p", "4", "-n", "2", "-r", "1", "-t", "1", "2", "-o", "json"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120,
+                          cwd=tempfile.gettempdir())  # not the checkout: see tests/test_cli.py
     assert proc.returncode == 0, proc.stderr
     assert [r["threads"] for r in json.loads(proc.stdout)] == \
         [threads_used(1)] * 2 + [threads_used(2)] * 2

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -437,6 +438,11 @@ def small_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny(d / "f32.gguf", spec)
 
 
+# `python -m` puts the working folder first on sys.path: run outside the checkout, whose pyllm has
+# no compiled extension unless it is an editable install
+NOT_THE_CHECKOUT = tempfile.gettempdir()
+
+
 def _quantize_cmd(src: Path, dst: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pyllm", "quantize", str(src), str(dst), "Q4_0", "-t", "1",
             *extra]
@@ -445,7 +451,7 @@ def _quantize_cmd(src: Path, dst: Path, *extra: str) -> list[str]:
 def _run_cli(src: Path, dst: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != GATE_ENV}
     return subprocess.run(_quantize_cmd(src, dst, *extra), capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=env, timeout=300, cwd=NOT_THE_CHECKOUT)
 
 
 def _default_signals() -> None:
@@ -467,7 +473,7 @@ class GatedRun:
         self.proc = subprocess.Popen(_quantize_cmd(src, dst, "--quiet"), env=env,
                                      pass_fds=(ready_w, go_r), stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True,
-                                     preexec_fn=_default_signals)
+                                     preexec_fn=_default_signals, cwd=NOT_THE_CHECKOUT)
         os.close(ready_w)
         os.close(go_r)
         # b"" (EOF) if the child ended without reaching the gate
