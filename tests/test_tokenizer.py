@@ -7,6 +7,9 @@ import contextlib
 import io
 import json
 import random
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +17,17 @@ import numpy as np
 import pytest
 
 import pyllm
+from pyllm.convert.tokenizer_files import hf_tokenizer_metadata
 from pyllm.errors import PyllmError, TokenizerError
 from pyllm.tokenizer import (
     Tokenizer,
     TokenType,
     get_pretokenizer,
-    hf_tokenizer_metadata,
     pretokenizer_names,
 )
 from pyllm.tokenizer.bpe import BYTE_TO_CHAR, bytes_to_token_text
-from pyllm.tokenizer.convert import sentencepiece_model_from_vocab
 from pyllm.tokenizer.spm import SPACE, SpmModel, _library_processor
+from pyllm.tokenizer.spm_proto import sentencepiece_model_from_vocab
 from pyllm.tokenizer.vocab import vocab_from_metadata
 
 SUITES = ["llama-spm", "llama-bpe", "gpt-2"]
@@ -809,3 +812,19 @@ def test_from_hf_json_sentencepiece_style(tmp_path: Path, vocab_dir: Path) -> No
 
 def test_exported_from_package() -> None:
     assert pyllm.Tokenizer is Tokenizer
+
+
+def test_runtime_tokenizer_does_not_import_the_converter(vocab_dir: Path) -> None:
+    # Loading and running a SentencePiece GGUF vocabulary (which writes a ModelProto for the
+    # sentencepiece library) needs only the runtime side: pyllm.tokenizer.spm_proto.
+    code = (
+        "import sys\n"
+        "from pyllm.tokenizer import Tokenizer\n"
+        f"tok = Tokenizer.from_gguf({str(vocab_dir / 'ggml-vocab-llama-spm.gguf')!r})\n"
+        "assert tok.encode('Hello world')\n"
+        "print(sorted(m for m in sys.modules if m.startswith('pyllm.convert')))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=tempfile.gettempdir())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

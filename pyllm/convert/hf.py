@@ -446,14 +446,15 @@ def pad_vocab(md: dict[str, Any], n_vocab: int) -> None:
 
 def tokenizer_metadata(src: Path, n_vocab: int, pre: str | None = None) -> dict[str, Any]:
     """``tokenizer.*`` entries for the folder's ``tokenizer.model`` / ``tokenizer.json`` (via
-    :func:`pyllm.tokenizer.hf_tokenizer_metadata`) and ``tokenizer_config.json``'s chat template.
+    :func:`pyllm.convert.tokenizer_files.hf_tokenizer_metadata`) and ``tokenizer_config.json``'s
+    chat template.
 
     A vocabulary shorter than the embedding matrix is padded with unused ``[PAD<i>]`` tokens
     (checkpoints often round the embedding rows up); a longer one is an error. ``pre`` names
     the byte-level pre-tokenizer when it cannot be recognised from ``tokenizer.json``.
     """
+    from pyllm.convert.tokenizer_files import hf_tokenizer_metadata
     from pyllm.errors import TokenizerError
-    from pyllm.tokenizer import hf_tokenizer_metadata
 
     md: dict[str, Any] = {}
     if (src / "tokenizer.json").is_file() or (src / "tokenizer.model").is_file():

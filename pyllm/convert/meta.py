@@ -343,7 +343,7 @@ def convert_meta(
 
     tok_path = Path(tokenizer_path) if tokenizer_path is not None else _find_tokenizer(src)
     if tok_path is not None:
-        from pyllm.tokenizer import sentencepiece_metadata
+        from pyllm.convert.tokenizer_files import sentencepiece_metadata
 
         try:
             md.update(sentencepiece_metadata(tok_path))

@@ -21,11 +21,6 @@ Usage::
 
 from __future__ import annotations
 
-from pyllm.tokenizer.convert import (
-    hf_tokenizer_metadata,
-    sentencepiece_metadata,
-    sentencepiece_model_from_vocab,
-)
 from pyllm.tokenizer.detok import StreamDecoder
 from pyllm.tokenizer.pretokenize import get_pretokenizer, pretokenizer_names
 from pyllm.tokenizer.tokenizer import Tokenizer
@@ -37,9 +32,6 @@ __all__ = [
     "Tokenizer",
     "Vocab",
     "get_pretokenizer",
-    "hf_tokenizer_metadata",
     "pretokenizer_names",
-    "sentencepiece_metadata",
-    "sentencepiece_model_from_vocab",
     "vocab_from_metadata",
 ]

@@ -86,7 +86,7 @@ def _library_processor(vocab: Vocab) -> Any | None:
             text[:k] in token_to_id and text[k:] in token_to_id for k in range(1, len(text))
         ):
             return None  # llama.cpp could merge into this piece, SentencePiece would not
-    from pyllm.tokenizer.convert import sentencepiece_model_from_vocab
+    from pyllm.tokenizer.spm_proto import sentencepiece_model_from_vocab
 
     try:
         proto = sentencepiece_model_from_vocab(vocab, add_dummy_prefix=False)

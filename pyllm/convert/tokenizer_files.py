@@ -1,9 +1,7 @@
 """Tokenizer files of checkpoints -> GGUF ``tokenizer.ggml.*`` metadata (for the converter).
 
-- :func:`sentencepiece_metadata`: a SentencePiece ``tokenizer.model``.  The file is a protobuf
-  ``ModelProto``; it is decoded here with a small wire-format reader so that no protobuf package
-  is needed (``sentencepiece`` itself exposes neither user-defined piece types nor
-  ``add_dummy_prefix``).
+- :func:`sentencepiece_metadata`: a SentencePiece ``tokenizer.model`` (a protobuf ``ModelProto``,
+  decoded with :mod:`pyllm.tokenizer.spm_proto`).
 - :func:`hf_tokenizer_metadata`: a Hugging Face ``tokenizer.json`` (BPE models), plus the
   neighbouring ``tokenizer_config.json`` when present for BOS/EOS and their add flags.
 
@@ -23,64 +21,10 @@ from typing import Any
 import numpy as np
 
 from pyllm.errors import TokenizerError
-from pyllm.tokenizer.vocab import TokenType, Vocab
+from pyllm.tokenizer.spm_proto import as_int32, fields
+from pyllm.tokenizer.vocab import TokenType
 
-# ---- SentencePiece model (protobuf wire format) ----------------------------------------------
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise TokenizerError("truncated varint in SentencePiece model")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise TokenizerError("varint longer than 10 bytes in SentencePiece model")
-
-
-def _fields(buf: bytes) -> list[tuple[int, int | bytes]]:
-    """Decode one protobuf message into (field number, value) pairs: varints and fixed32 as int
-    (fixed32 kept raw for floats), length-delimited as bytes."""
-    out: list[tuple[int, int | bytes]] = []
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-            out.append((field, value))
-        elif wire == 1:
-            if pos + 8 > len(buf):
-                raise TokenizerError("truncated fixed64 in SentencePiece model")
-            out.append((field, buf[pos : pos + 8]))
-            pos += 8
-        elif wire == 2:
-            length, pos = _varint(buf, pos)
-            if pos + length > len(buf):
-                raise TokenizerError("truncated field in SentencePiece model")
-            out.append((field, buf[pos : pos + length]))
-            pos += length
-        elif wire == 5:
-            if pos + 4 > len(buf):
-                raise TokenizerError("truncated fixed32 in SentencePiece model")
-            out.append((field, buf[pos : pos + 4]))
-            pos += 4
-        else:
-            raise TokenizerError(f"unsupported protobuf wire type {wire} in SentencePiece model")
-    return out
-
-
-def _int32(value: int | bytes) -> int:
-    if not isinstance(value, int):
-        raise TokenizerError("SentencePiece model: expected an integer field")
-    value &= 0xFFFFFFFF  # negative int32s are sign-extended to 64 bits on the wire
-    return value - (1 << 32) if value >= 1 << 31 else value
-
+# ---- SentencePiece tokenizer.model ------------------------------------------------------------
 
 def sentencepiece_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """GGUF tokenizer metadata for a SentencePiece ``tokenizer.model``.
@@ -100,10 +44,10 @@ def sentencepiece_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     types: list[int] = []
     ids = {"unk": 0, "bos": 1, "eos": 2, "pad": -1}  # TrainerSpec defaults
     add_dummy_prefix = True
-    for field, value in _fields(buf):
+    for field, value in fields(buf):
         if field == 1 and isinstance(value, bytes):  # SentencePiece piece
             piece, score, ptype = None, 0.0, int(TokenType.NORMAL)
-            for f, v in _fields(value):
+            for f, v in fields(value):
                 if f == 1 and isinstance(v, bytes):
                     try:
                         piece = v.decode("utf-8")
@@ -122,11 +66,11 @@ def sentencepiece_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
             types.append(ptype)
         elif field == 2 and isinstance(value, bytes):  # TrainerSpec
             names = {40: "unk", 41: "bos", 42: "eos", 43: "pad"}
-            for f, v in _fields(value):
+            for f, v in fields(value):
                 if f in names:
-                    ids[names[f]] = _int32(v)
+                    ids[names[f]] = as_int32(v)
         elif field == 3 and isinstance(value, bytes):  # NormalizerSpec
-            for f, v in _fields(value):
+            for f, v in fields(value):
                 if f == 3 and isinstance(v, int):
                     add_dummy_prefix = bool(v)
     if not tokens:
@@ -151,58 +95,6 @@ def sentencepiece_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         if 0 <= ids[name] < len(tokens):
             md["tokenizer.ggml." + key] = ids[name]
     return md
-
-
-def _put_varint(n: int) -> bytes:
-    n &= (1 << 64) - 1  # negative int32s go on the wire sign-extended to 64 bits
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _put(number: int, value: int | float | bytes) -> bytes:
-    if isinstance(value, bytes):
-        return _put_varint(number << 3 | 2) + _put_varint(len(value)) + value
-    if isinstance(value, float):
-        return _put_varint(number << 3 | 5) + struct.pack("<f", value)
-    return _put_varint(number << 3) + _put_varint(value)
-
-
-def sentencepiece_model_from_vocab(vocab: Vocab, add_dummy_prefix: bool | None = None) -> bytes:
-    """A SentencePiece ``ModelProto`` (BPE, byte fallback, no normalization) for a GGUF
-    SentencePiece-style vocabulary: the inverse of :func:`sentencepiece_metadata`, used to run
-    the ``sentencepiece`` library on a GGUF vocabulary."""
-    if vocab.model != "llama":
-        raise TokenizerError("only SentencePiece-style (model 'llama') vocabularies convert")
-    # The pieces, written inline (this runs at every load of such a model: the generic _put
-    # took ~0.35 s for 32,000 pieces). Tags: piece 1 (bytes), score 2 (float), type 3 (varint).
-    small = [bytes((i,)) for i in range(0x80)]  # one-byte varints
-
-    def varint(n: int) -> bytes:
-        return small[n] if 0 <= n < 0x80 else _put_varint(n)
-
-    pack_score = struct.Struct("<f").pack
-    unused = int(TokenType.UNUSED)
-    parts = []
-    for text, score, ttype in zip(vocab.tokens, vocab.scores, vocab.types, strict=True):
-        # SentencePiece has no UNDEFINED type; such pieces are kept out of its merges as UNUSED.
-        ptype = int(ttype) if ttype != TokenType.UNDEFINED else unused
-        raw = text.encode("utf-8")
-        piece = (b"\x0a" + varint(len(raw)) + raw + b"\x15" + pack_score(score)
-                 + b"\x18" + varint(ptype))
-        parts.append(b"\x0a" + varint(len(piece)) + piece)
-    out = b"".join(parts)
-    ids = vocab.special_ids
-    trainer = _put(3, 2) + _put(35, 1)  # model_type = BPE, byte_fallback
-    for field, name in ((40, "unk"), (41, "bos"), (42, "eos"), (43, "pad")):
-        trainer += _put(field, ids.get(name, -1))
-    prefix = vocab.add_space_prefix if add_dummy_prefix is None else add_dummy_prefix
-    # name = identity, add_dummy_prefix, remove_extra_whitespaces = false, escape_whitespaces
-    normalizer = _put(1, b"identity") + _put(3, int(prefix)) + _put(4, 0) + _put(5, 1)
-    return out + _put(2, trainer) + _put(3, normalizer)
 
 
 # ---- Hugging Face tokenizer.json -----------------------------------------------------------
