@@ -1,12 +1,22 @@
 """pyllm: run LLaMA-family GGUF models from Python.
 
-Pure-Python parts (GGUF reading, tokenizers, chat templates) import without the compiled
-extension; compute goes through :mod:`pyllm._core`.
+The public API is here, as llama-cpp-python users look for it::
+
+    import pyllm
+    llm = pyllm.LLM("model.gguf")
+    print(llm.generate("Once upon a time", max_tokens=32, temperature=0))
+
+Only the error classes are imported with the package. Everything else is imported on first
+use (PEP 562 module ``__getattr__``), so ``import pyllm`` stays fast and does not load numpy or
+the compiled extension :mod:`pyllm._core`; the pure-Python parts (GGUF reading, tokenizers, chat
+templates) work without that extension.
 """
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
 
 from pyllm.errors import (
     ChatTemplateError,
@@ -15,18 +25,58 @@ from pyllm.errors import (
     DownloadError,
     GGUFError,
     ModelError,
+    OutputError,
     PyllmError,
     PyllmWarning,
     QuantError,
     SamplingError,
     TokenizerError,
 )
-from pyllm.tokenizer import Tokenizer
 
-try:
-    __version__ = version("pyllm")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
+if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
+    from pyllm.gguf import GGUFReader, GGUFWriter
+    from pyllm.model import LLM, LLMState
+    from pyllm.sampling import SamplingParams
+    from pyllm.tokenizer import Tokenizer
+
+# public name -> the module that defines it (imported on first access)
+_LAZY = {
+    "LLM": "pyllm.model",
+    "LLMState": "pyllm.model",
+    "SamplingParams": "pyllm.sampling",
+    "Tokenizer": "pyllm.tokenizer",
+    "GGUFReader": "pyllm.gguf",
+    "GGUFWriter": "pyllm.gguf",
+}
+
+
+def _version() -> str:
+    # importlib.metadata alone costs about as much as the rest of `import pyllm`: read on demand
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pyllm")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0.0.0+unknown"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        value: Any = _version()
+    elif name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif not name.startswith("__") and importlib.util.find_spec(f"pyllm.{name}") is not None:
+        # a submodule used as an attribute (`pyllm.tokenizer.X`, once imported with the package)
+        value = importlib.import_module(f"pyllm.{name}")
+    else:
+        raise AttributeError(f"module 'pyllm' has no attribute {name!r}")
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "__version__",
@@ -35,11 +85,17 @@ __all__ = [
     "ConvertError",
     "DownloadError",
     "GGUFError",
+    "GGUFReader",
+    "GGUFWriter",
+    "LLM",
+    "LLMState",
     "ModelError",
+    "OutputError",
     "PyllmError",
     "PyllmWarning",
     "QuantError",
     "SamplingError",
+    "SamplingParams",
     "Tokenizer",
     "TokenizerError",
 ]

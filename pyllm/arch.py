@@ -24,7 +24,9 @@ WEIGHT_TYPES = frozenset({
     GGMLType.Q6_K,
 })
 
-ROPE_SCALING = {"none": 0, "linear": 1, "yarn": 2, "dynamic": 3}
+# GGUF rope.scaling.type values; they are the member names of pyllm._core.RopeScaling, which
+# HParams.core_dict hands to C++ (tests/test_model.py checks that the two lists agree).
+ROPE_SCALING = ("none", "linear", "yarn", "dynamic")
 
 LAYER_TENSORS = ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
                  "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight",
@@ -48,7 +50,7 @@ class HParams:
     rms_eps: float
     rope_base: float
     rope_neox: bool
-    rope_scaling: int = 0
+    rope_scaling: str = "none"  # one of ROPE_SCALING
     rope_factor: float = 1.0
     rope_orig_ctx: int = 0
     yarn_beta_fast: float = 32.0
@@ -57,8 +59,13 @@ class HParams:
     yarn_ext_factor: float = -1.0
 
     def core_dict(self) -> dict[str, Any]:
+        """The fields as ``pyllm._core.Model`` takes them (enums as the bound C++ enums)."""
+        from pyllm._native import load_core
+
         d = asdict(self)
+        _core = load_core(ModelError)
         d.pop("arch")
+        d["rope_scaling"] = _core.RopeScaling.__members__[self.rope_scaling]
         return d
 
 
@@ -128,7 +135,7 @@ def read_hparams(reader: GGUFReader) -> HParams:
         rms_eps=_float(md, p + "attention.layer_norm_rms_epsilon", 1e-5),
         rope_base=_float(md, p + "rope.freq_base", 10000.0),
         rope_neox=arch in NEOX_ARCHS,
-        rope_scaling=ROPE_SCALING[scaling_name],
+        rope_scaling=scaling_name,
         rope_factor=factor,
         rope_orig_ctx=_int(md, p + "rope.scaling.original_context_length", n_ctx_train),
         yarn_beta_fast=_float(md, p + "rope.scaling.yarn_beta_fast", 32.0),

@@ -18,22 +18,7 @@ from pyllm.generate import Generation, Piece, chat_prompt, prompt_tokens, stop_t
 
 if TYPE_CHECKING:
     from pyllm.model import LLM
-
-# llama-cpp-python argument names that differ from SamplingParams field names
-_ALIASES = {"temp": "temperature", "mirostat_mode": "mirostat"}
-
-
-def sampling_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Rename llama-cpp-python aliases and drop None values (= use the default)."""
-    out: dict[str, Any] = {}
-    for key, value in kwargs.items():
-        if value is None:
-            continue
-        name = _ALIASES.get(key, key)
-        if name in out:
-            raise SamplingError(f"{key!r} given twice (also as {name!r})")
-        out[name] = value
-    return out
+    from pyllm.sampling import SamplingParams
 
 
 def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
@@ -46,15 +31,35 @@ def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
     return list(stop)
 
 
-def make_generation(llm: LLM, tokens: list[int], *, max_tokens: int | None,
-                    stop: str | Sequence[str] | None, extra_stop: Sequence[str] = (),
-                    logprobs: int | None = None, **sampling: Any) -> Generation:
+def generation_params(llm: LLM, sampling_params: SamplingParams | None,
+                      sampling: dict[str, Any]) -> SamplingParams:
+    """The SamplingParams of one call: ``sampling_params`` as given (it was checked when it was
+    built, e.g. once by the CLI from its flags; its seed is used as is), or built once from the
+    keyword arguments (field names or the aliases of :data:`pyllm.sampling.ALIASES`), where the
+    LLM's seed is the default."""
     from pyllm.sampling import SamplingParams
 
-    kwargs = sampling_kwargs(sampling)
-    if "seed" not in kwargs and llm.seed >= 0:
-        kwargs["seed"] = llm.seed  # the LLM's seed is the default of every generation
-    params = SamplingParams.from_kwargs(**kwargs)
+    if sampling_params is not None:
+        if not isinstance(sampling_params, SamplingParams):
+            raise SamplingError(f"sampling_params must be a SamplingParams, got "
+                                f"{type(sampling_params).__name__}")
+        if any(v is not None for v in sampling.values()):
+            raise SamplingError(f"give sampling_params or sampling keywords, not both (got "
+                                f"{', '.join(sorted(sampling))})")
+        return sampling_params
+    if llm.seed >= 0 and sampling.get("seed") is None:
+        # the LLM's seed is the default of every generation (no alias spells "seed")
+        sampling = {**sampling, "seed": llm.seed}
+    return SamplingParams.from_kwargs(**sampling)
+
+
+def make_generation(llm: LLM, tokens: list[int], *, max_tokens: int | None,
+                    stop: str | Sequence[str] | None, extra_stop: Sequence[str] = (),
+                    logprobs: int | None = None, sampling_params: SamplingParams | None = None,
+                    **sampling: Any) -> Generation:
+    """The generation of one call; sampling settings as :func:`generation_params` reads them
+    (``LLM.generate`` / ``stream`` / ``chat`` / ``create_*`` pass ``sampling_params`` through)."""
+    params = generation_params(llm, sampling_params, sampling)
     return Generation(llm, tokens, params, max_tokens, _stop_list(stop) + list(extra_stop),
                       stop_token_ids(llm), logprobs)
 

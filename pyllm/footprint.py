@@ -15,9 +15,18 @@ from pyllm.errors import ContextError, PyllmWarning
 from pyllm.gguf.constants import GGMLType, tensor_nbytes
 from pyllm.sysinfo import available_memory, format_bytes
 
-# kv_type name -> element type of a cache row (the names are pyllm.model.KV_TYPES's)
+# The kv_type values users may pass: name -> element type of a cache row. The names are the
+# member names of pyllm._core.KVType, what a context is created with (``KVType.__members__[name]``),
+# and the default is the C++ one (pyllm._core.DEFAULT_KV_TYPE); tests/test_model.py checks both.
 KV_ELEMENT_TYPES = {"f16": GGMLType.F16, "q8_0": GGMLType.Q8_0, "f32": GGMLType.F32}
 DEFAULT_KV_TYPE = "f16"
+
+
+def check_kv_type(kv_type: object) -> str:
+    """``kv_type`` if it names a KV cache type, else ContextError: the one check of the value."""
+    if not isinstance(kv_type, str) or kv_type not in KV_ELEMENT_TYPES:
+        raise ContextError(f"kv_type must be one of {sorted(KV_ELEMENT_TYPES)}, got {kv_type!r}")
+    return kv_type
 
 # Largest value the C++ side takes for a count (its parameters are 32-bit ints).
 MAX_COUNT = (1 << 31) - 1
@@ -75,7 +84,7 @@ def warn_if_beyond_training(hp: HParams, n_ctx: int) -> None:
     if n_ctx <= hp.n_ctx_train:
         return
     factor = n_ctx / hp.n_ctx_train
-    if hp.rope_scaling != 0:
+    if hp.rope_scaling != "none":
         return  # the file's own scaling was chosen for the context it was extended to
     warnings.warn(
         f"n_ctx {n_ctx} exceeds the {hp.n_ctx_train} positions the model was trained on; "

@@ -20,7 +20,14 @@ import numpy as np
 
 from pyllm.arch import HParams, collect_tensors, read_hparams
 from pyllm.errors import ContextError, ModelError, PyllmError, PyllmWarning
-from pyllm.footprint import MAX_COUNT, check_context_fits, warn_if_beyond_training
+from pyllm.footprint import (
+    DEFAULT_KV_TYPE,
+    KV_ELEMENT_TYPES,
+    MAX_COUNT,
+    check_context_fits,
+    check_kv_type,
+    warn_if_beyond_training,
+)
 from pyllm.gguf import GGUFReader
 from pyllm.models import resolve_model_path
 from pyllm.sysinfo import available_cpus
@@ -28,7 +35,8 @@ from pyllm.sysinfo import available_cpus
 if TYPE_CHECKING:
     from pyllm.tokenizer import Tokenizer
 
-KV_TYPES = {"f16": 0, "q8_0": 1, "f32": 2}
+# The kv_type names (pyllm.footprint holds them, with their element types).
+KV_TYPES = tuple(KV_ELEMENT_TYPES)
 
 
 @dataclass(frozen=True)
@@ -67,11 +75,9 @@ def cap_threads(n_threads: int | None) -> int | None:
 
 
 def _core() -> Any:
-    try:
-        from pyllm import _core
-    except ImportError as e:  # pragma: no cover - only when the extension was not built
-        raise ModelError(f"the pyllm C++ extension is not available: {e}") from None
-    return _core
+    from pyllm._native import load_core
+
+    return load_core(ModelError)  # the extension, or a ModelError saying how to build it
 
 
 class LLM:
@@ -82,7 +88,8 @@ class LLM:
 
     def __init__(self, model_path: str | os.PathLike[str] | None = None, *, n_ctx: int = 2048,
                  n_threads: int | None = None, n_batch: int = 512, seed: int = -1,
-                 kv_type: str = "f16", repack: bool = True, verbose: bool = False) -> None:
+                 kv_type: str = DEFAULT_KV_TYPE, repack: bool = True,
+                 verbose: bool = False) -> None:
         for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch)):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_COUNT:
                 raise ContextError(f"{name} must be a positive integer (at most {MAX_COUNT}), "
@@ -90,8 +97,7 @@ class LLM:
         if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int)
                                       or n_threads <= 0):
             raise ContextError(f"n_threads must be a positive integer, got {n_threads!r}")
-        if kv_type not in KV_TYPES:
-            raise ContextError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
+        check_kv_type(kv_type)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < -1:
             raise ContextError(f"seed must be an integer >= -1 (-1 = random), got {seed!r}")
         n_threads = cap_threads(n_threads)
@@ -116,7 +122,8 @@ class LLM:
                                n_threads or available_cpus(), kv_type)
             warn_if_beyond_training(self.hparams, n_ctx)
             self._ctx = core.Context(self._model, n_ctx=n_ctx, n_batch=n_batch,
-                                     n_threads=n_threads or 0, kv_type=KV_TYPES[kv_type])
+                                     n_threads=n_threads or 0,
+                                     kv_type=core.KVType.__members__[kv_type])
         except ValueError as e:
             self._reader.close()
             raise ModelError(f"{self.model_path}: {e}") from None

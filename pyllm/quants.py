@@ -74,11 +74,9 @@ class QuantTypeInfo:
 
 
 def _core() -> Any:
-    try:
-        from pyllm import _core
-    except ImportError as e:  # pragma: no cover - only without a built extension
-        raise QuantError(f"pyllm's compiled extension is not available: {e}") from e
-    return _core
+    from pyllm._native import load_core
+
+    return load_core(QuantError)  # the extension, or a QuantError saying how to build it
 
 
 def resolve_type(qtype: QTypeLike) -> GGMLType:

@@ -16,6 +16,12 @@ token. The chain, in llama.cpp's order:
 
 Every filter keeps at least one token. The penalties only see tokens passed to
 :meth:`Sampler.accept` (accept the prompt tokens too for llama.cpp's behaviour).
+
+This module is the one source of the sampling settings for every front end: the names and their
+other spellings (:data:`ALIASES`, :func:`field_name`), the defaults (the :class:`SamplingParams`
+field defaults, read through :data:`DEFAULTS` by the CLI help and the server) and the checks
+(``SamplingParams.__post_init__``; the C ABI checks again at its own boundary). The CLI and the
+server build one SamplingParams per call and hand that object on.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
@@ -33,8 +39,9 @@ from pyllm.errors import SamplingError
 
 _UINT32_MAX = 2**32 - 1
 
-# Other spellings of the parameters (llama-cpp-python / llama.cpp / the OpenAI API) accepted by
-# SamplingParams.from_kwargs.
+# Every other spelling of a field, in one table: llama-cpp-python's keywords (temp,
+# mirostat_mode), llama.cpp's C/common names (penalty_*, typ_p) and the llama.cpp command-line
+# flags the CLI uses (--typical, --tfs, --mirostat-lr, --mirostat-ent; dashes as underscores).
 ALIASES: Mapping[str, str] = MappingProxyType({
     "temp": "temperature",
     "mirostat_mode": "mirostat",
@@ -43,18 +50,35 @@ ALIASES: Mapping[str, str] = MappingProxyType({
     "penalty_present": "presence_penalty",
     "penalty_freq": "frequency_penalty",
     "typ_p": "typical_p",
+    "typical": "typical_p",
+    "tfs": "tfs_z",
+    "mirostat_lr": "mirostat_eta",
+    "mirostat_ent": "mirostat_tau",
 })
 
 
-def _number(name: str, value: Any) -> float:
+class InvalidSamplingParam(SamplingError):
+    """A SamplingError about one field; ``param`` names it (the server reports it as the
+    OpenAI error's ``param``)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _bad(param: str, message: str) -> InvalidSamplingParam:
+    return InvalidSamplingParam(param, message)
+
+
+def _number(name: str, value: Any, param: str | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise SamplingError(f"{name} must be a number, got {value!r}")
+        raise _bad(param or name, f"{name} must be a number, got {value!r}")
     return float(value)
 
 
-def _integer(name: str, value: Any) -> int:
+def _integer(name: str, value: Any, param: str | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise SamplingError(f"{name} must be an integer, got {value!r}")
+        raise _bad(param or name, f"{name} must be an integer, got {value!r}")
     return int(value)
 
 
@@ -63,7 +87,7 @@ def _bias_key(key: Any) -> int:
     if isinstance(key, str) and key.strip().lstrip("-").isdigit():
         return int(key)
     if isinstance(key, bool) or not isinstance(key, numbers.Integral):
-        raise SamplingError(f"logit_bias keys must be token ids (ints), got {key!r}")
+        raise _bad("logit_bias", f"logit_bias keys must be token ids (ints), got {key!r}")
     return int(key)
 
 
@@ -99,7 +123,8 @@ class LogitBias(Mapping[int, float]):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Sampling settings; defaults are llama.cpp's. Invalid values raise SamplingError."""
+    """Sampling settings; defaults are llama.cpp's (and defined only here: see DEFAULTS).
+    Invalid values raise SamplingError (an InvalidSamplingParam naming the field)."""
 
     temperature: float = 0.8
     top_k: int = 40
@@ -125,54 +150,57 @@ class SamplingParams:
                      "presence_penalty", "frequency_penalty", "mirostat_tau", "mirostat_eta"):
             v = _number(name, getattr(self, name))
             if not math.isfinite(v):
-                raise SamplingError(f"{name} must be finite, got {v}")
+                raise _bad(name, f"{name} must be finite, got {v}")
             put(name, v)
         for name in ("top_k", "repeat_last_n", "mirostat", "seed"):
             put(name, _integer(name, getattr(self, name)))
 
         if self.temperature < 0:
-            raise SamplingError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+            raise _bad("temperature",
+                       f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
-            raise SamplingError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+            raise _bad("top_k", f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise _bad("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:
-            raise SamplingError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise _bad("min_p", f"min_p must be in [0, 1], got {self.min_p}")
         if not 0 < self.typical_p <= 1:
-            raise SamplingError(f"typical_p must be in (0, 1], got {self.typical_p}")
+            raise _bad("typical_p", f"typical_p must be in (0, 1], got {self.typical_p}")
         if not 0 < self.tfs_z <= 1:
-            raise SamplingError(f"tfs_z must be in (0, 1], got {self.tfs_z}")
+            raise _bad("tfs_z", f"tfs_z must be in (0, 1], got {self.tfs_z}")
         if self.repeat_penalty <= 0:
-            raise SamplingError(f"repeat_penalty must be > 0 (1 = off), got {self.repeat_penalty}")
+            raise _bad("repeat_penalty",
+                       f"repeat_penalty must be > 0 (1 = off), got {self.repeat_penalty}")
         if self.repeat_last_n < -1:
-            raise SamplingError(
-                f"repeat_last_n must be >= -1 (-1 = whole history, 0 = off), "
-                f"got {self.repeat_last_n}")
+            raise _bad("repeat_last_n",
+                       f"repeat_last_n must be >= -1 (-1 = whole history, 0 = off), "
+                       f"got {self.repeat_last_n}")
         if self.mirostat not in (0, 1, 2):
-            raise SamplingError(f"mirostat must be 0 (off), 1 or 2, got {self.mirostat}")
+            raise _bad("mirostat", f"mirostat must be 0 (off), 1 or 2, got {self.mirostat}")
         if self.mirostat_tau <= 0:
-            raise SamplingError(f"mirostat_tau must be > 0, got {self.mirostat_tau}")
+            raise _bad("mirostat_tau", f"mirostat_tau must be > 0, got {self.mirostat_tau}")
         if self.mirostat_eta <= 0:
-            raise SamplingError(f"mirostat_eta must be > 0, got {self.mirostat_eta}")
+            raise _bad("mirostat_eta", f"mirostat_eta must be > 0, got {self.mirostat_eta}")
         if not -1 <= self.seed <= _UINT32_MAX:
-            raise SamplingError(f"seed must be -1 (random) or in [0, {_UINT32_MAX}], "
-                                f"got {self.seed}")
+            raise _bad("seed", f"seed must be -1 (random) or in [0, {_UINT32_MAX}], "
+                               f"got {self.seed}")
 
         bias = self.logit_bias
         if bias is None:
             bias = {}
         if not isinstance(bias, Mapping):
-            raise SamplingError("logit_bias must be a mapping of token id -> bias")
+            raise _bad("logit_bias", "logit_bias must be a mapping of token id -> bias")
         clean: dict[int, float] = {}
         for key, value in bias.items():
             tok = _bias_key(key)
             if tok < 0:
-                raise SamplingError(f"logit_bias token id must be >= 0, got {tok}")
-            b = _number(f"logit_bias[{tok}]", value)
+                raise _bad("logit_bias", f"logit_bias token id must be >= 0, got {tok}")
+            b = _number(f"logit_bias[{tok}]", value, "logit_bias")
             if math.isnan(b) or b == math.inf:
-                raise SamplingError(f"logit_bias[{tok}] must be finite or -inf (ban), got {b}")
+                raise _bad("logit_bias",
+                           f"logit_bias[{tok}] must be finite or -inf (ban), got {b}")
             if tok in clean:
-                raise SamplingError(f"logit_bias gives token {tok} twice")
+                raise _bad("logit_bias", f"logit_bias gives token {tok} twice")
             clean[tok] = b
         put("logit_bias", LogitBias(clean))
 
@@ -181,26 +209,27 @@ class SamplingParams:
         """Build from keyword arguments as a generation call receives them.
 
         Accepts the field names and the aliases in :data:`ALIASES` (``temp``,
-        ``mirostat_mode``, llama.cpp's ``penalty_*`` / ``typ_p``); ``None`` means "the default".
-        Unknown names raise SamplingError naming them.
+        ``mirostat_mode``, llama.cpp's ``penalty_*`` / ``typ_p``, the CLI's flag names);
+        ``None`` means "not given" (the default). Unknown names, or one field given under two
+        names, raise SamplingError.
         """
-        names = {f.name for f in fields(cls)}
         out: dict[str, Any] = {}
         spelled: dict[str, str] = {}
         unknown: list[str] = []
         for key, value in kwargs.items():
+            if value is None:
+                continue
             name = ALIASES.get(key, key)
-            if name not in names:
+            if name not in _FIELDS:
                 unknown.append(key)
                 continue
             if name in spelled:
-                raise SamplingError(f"{name!r} given twice (as {spelled[name]!r} and {key!r})")
+                raise _bad(name, f"{name!r} given twice (as {spelled[name]!r} and {key!r})")
             spelled[name] = key
-            if value is not None:
-                out[name] = value
+            out[name] = value
         if unknown:
             raise SamplingError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))} "
-                                f"(known: {', '.join(sorted(names | set(ALIASES)))})")
+                                f"(known: {', '.join(sorted(_FIELDS | set(ALIASES)))})")
         return cls(**out)
 
     @property
@@ -214,6 +243,23 @@ class SamplingParams:
                 setattr(p, f.name, getattr(self, f.name))
         p.logit_bias = sorted(self.logit_bias.items())
         return p
+
+
+_FIELDS = frozenset(f.name for f in fields(SamplingParams))
+
+# The defaults, read from the dataclass (their one definition) by the CLI help and the server.
+DEFAULTS: Mapping[str, Any] = MappingProxyType({
+    f.name: f.default if f.default_factory is MISSING else f.default_factory()
+    for f in fields(SamplingParams)})
+
+
+def field_name(name: str) -> str:
+    """The SamplingParams field a name (a field name or an alias) stands for; SamplingError
+    for a name that is neither."""
+    field_ = ALIASES.get(name, name)
+    if field_ not in _FIELDS:
+        raise SamplingError(f"unknown sampling parameter {name!r}")
+    return field_
 
 
 @dataclass(frozen=True)
@@ -235,11 +281,9 @@ class SampleResult:
 
 
 def _core() -> Any:
-    try:
-        from pyllm import _core
-    except ImportError as e:  # pragma: no cover - depends on the build
-        raise SamplingError(f"the pyllm C++ extension is not available: {e}") from None
-    return _core
+    from pyllm._native import load_core
+
+    return load_core(SamplingError)
 
 
 def _row(logits: Any) -> np.ndarray:
@@ -271,8 +315,8 @@ class Sampler:
             raise SamplingError(f"n_vocab must be in [1, 2^31), got {n_vocab}")
         for tok in params.logit_bias:
             if tok >= n_vocab:
-                raise SamplingError(
-                    f"logit_bias token {tok} is outside the vocabulary (n_vocab {n_vocab})")
+                raise _bad("logit_bias",
+                           f"logit_bias token {tok} is outside the vocabulary (n_vocab {n_vocab})")
         core = _core()
         self.params = params
         self.n_vocab = n_vocab
@@ -350,4 +394,5 @@ def raw_logprobs(logits: Any, token: int = -1, top_n: int = 0
     return float(lp), [(int(i), float(v)) for i, v in top]
 
 
-__all__ = ["ALIASES", "LogitBias", "SampleResult", "Sampler", "SamplingParams", "raw_logprobs"]
+__all__ = ["ALIASES", "DEFAULTS", "InvalidSamplingParam", "LogitBias", "SampleResult", "Sampler",
+           "SamplingParams", "field_name", "raw_logprobs"]

@@ -130,3 +130,37 @@ def test_malformed_info_subprocess_no_signal(tmp_path: Path, name: str) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "chat"])
+def test_sampling_flags_are_checked_once(smollm2_path: Path, command: str,
+                                         monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """The flags become one SamplingParams (the one check), handed on to the generation as it
+    is: no second build from keyword arguments."""
+    from pyllm.sampling import SamplingParams
+
+    built: list[SamplingParams] = []
+    post_init = SamplingParams.__post_init__
+
+    def counting(self: SamplingParams) -> None:
+        post_init(self)
+        built.append(self)
+
+    monkeypatch.setattr(SamplingParams, "__post_init__", counting)
+    lines = iter(["Hi"])
+
+    def fake_input(prompt: str = "") -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    args = ["-p", "Hello"] if command == "run" else []
+    rc = main([command, "-m", str(smollm2_path), "-c", "256", "-n", "3", "--temp", "0",
+               "--top-k", "7", "--mirostat-ent", "4.5", *args])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert len(built) == 1, built
+    assert (built[0].temperature, built[0].top_k, built[0].mirostat_tau) == (0.0, 7, 4.5)

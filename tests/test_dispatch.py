@@ -10,7 +10,11 @@ import tempfile
 import pytest
 
 from pyllm import _core as core
+from pyllm.arch import WEIGHT_TYPES
+from pyllm.gguf import GGMLType
 
+# The types with a rows16 layout (csrc/quant/repack.cc; tests/test_repack.py checks the layout).
+REPACK_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K)
 AVX512_BITS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vnni", "avx512bf16")
 
 
@@ -68,3 +72,35 @@ def test_default_threads_follow_the_affinity_mask() -> None:
     from pyllm.sysinfo import available_cpus
     assert core.cpu_features()["available_cpus"] == available_cpus()
     assert 1 <= core.get_num_threads() <= available_cpus()
+
+
+@pytest.mark.parametrize("isa", core.compiled_isas())
+def test_every_isa_table_covers_every_weight_type(isa: str) -> None:
+    """Each compiled ISA's table (csrc/cpu/isa/table_<isa>.cc) has a decode and a prefill kernel
+    for every type pyllm.arch accepts as a weight, and nothing for types it does not accept."""
+    table = core.kernel_table(isa)
+    assert set(table) == {int(t) for t in WEIGHT_TYPES}
+    for type_id, slots in table.items():
+        assert {"matvec", "matmat"} <= set(slots), (isa, type_id, slots)
+        # a rows16 kernel only where the rows16 layout exists (else the repack would be wasted)
+        if "matvec_r16" in slots or "matmat_r16" in slots:
+            assert int(type_id) in {int(t) for t in REPACK_TYPES}, (isa, type_id, slots)
+
+
+def test_rows16_kernels_where_documented() -> None:
+    """The AVX-512 table has rows16 decode and prefill kernels for every repackable type; the
+    portable and AVX2 tables have none (their rows16 weights are unpacked for the GGUF kernels)."""
+    for isa in core.compiled_isas():
+        r16 = {t for t, slots in core.kernel_table(isa).items() if "matvec_r16" in slots}
+        r16_mm = {t for t, slots in core.kernel_table(isa).items() if "matmat_r16" in slots}
+        expected = {int(t) for t in REPACK_TYPES} if isa == "avx512" else set()
+        assert r16 == expected and r16_mm == expected, isa
+
+
+def test_kernel_table_of_an_isa_not_built_is_refused() -> None:
+    absent = [i for i in ("avx2", "avx512", "neon") if i not in core.compiled_isas()]
+    for isa in absent:
+        with pytest.raises(ValueError, match="not in this build"):
+            core.kernel_table(isa)
+    with pytest.raises(ValueError, match="unknown ISA"):
+        core.kernel_table("sse9")

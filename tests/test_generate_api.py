@@ -11,6 +11,7 @@ from pyllm.chat import render, stop_strings
 from pyllm.errors import ContextError, SamplingError
 from pyllm.generate import chat_prompt
 from pyllm.model import LLM
+from pyllm.sampling import SamplingParams
 
 pytestmark = pytest.mark.model
 
@@ -134,3 +135,19 @@ def test_llm_seed_is_the_default(smollm2_path: Path) -> None:
     kw = {"max_tokens": 16, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
     with LLM(smollm2_path, n_ctx=64, seed=11) as a, LLM(smollm2_path, n_ctx=64, seed=11) as b:
         assert a.generate("A story:", **kw) == b.generate("A story:", **kw)
+
+
+def test_a_built_sampling_params_is_used_as_given(llm: LLM) -> None:
+    # what the CLI does: build (and check) SamplingParams once, then hand the object on
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=21)
+    kw = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": 21}
+    text = llm.generate("A story:", max_tokens=12, sampling_params=params)
+    assert text == llm.generate("A story:", max_tokens=12, **kw)
+    assert text != llm.generate("A story:", max_tokens=12, **{**kw, "seed": 22})  # control
+    msgs = [{"role": "user", "content": "Name a colour."}]
+    assert (llm.chat(msgs, max_tokens=8, sampling_params=SamplingParams(temperature=0))
+            == llm.chat(msgs, max_tokens=8, temperature=0))
+    with pytest.raises(SamplingError, match="not both"):
+        llm.generate("hi", max_tokens=2, sampling_params=params, temp=0.5)
+    with pytest.raises(SamplingError, match="must be a SamplingParams"):
+        llm.generate("hi", max_tokens=2, sampling_params={"temperature": 0})

@@ -253,6 +253,41 @@ def test_bad_constructor_arguments(tiny_dir: Path) -> None:
             LLM(path, **kwargs)  # type: ignore[arg-type]
 
 
+def test_kv_type_names_are_checked_once_in_python(tiny_dir: Path) -> None:
+    """A kv_type that is not a name (an int, an enum value) is a one-line ContextError too."""
+    path = tiny(tiny_dir, "gqa")
+    for bad in (1, None, [], "Q8_0", "q8_0 "):
+        with pytest.raises(ContextError, match=r"^kv_type must be one of \['f16', 'f32', 'q8_0'\]"):
+            LLM(path, kv_type=bad)  # type: ignore[arg-type]
+
+
+def test_python_names_are_the_bound_cpp_enums() -> None:
+    """kv_type and rope scaling cross into C++ as the bound enums, looked up by the names pyllm
+    accepts; both name lists and the default KV type are the C++ ones."""
+    from pyllm import _core
+    from pyllm.arch import ROPE_SCALING
+    from pyllm.footprint import DEFAULT_KV_TYPE, KV_ELEMENT_TYPES
+
+    assert tuple(_core.KVType.__members__) == tuple(KV_ELEMENT_TYPES)
+    assert _core.DEFAULT_KV_TYPE.name == DEFAULT_KV_TYPE
+    assert tuple(_core.RopeScaling.__members__) == ROPE_SCALING
+
+
+def test_context_takes_the_enum_not_an_int(tiny_dir: Path) -> None:
+    """The binding has no int range check to get wrong: only a KVType member converts."""
+    from pyllm import _core
+
+    with LLM(tiny(tiny_dir, "gqa"), n_ctx=16) as llm:
+        assert _core.Context(llm._model, n_ctx=16, kv_type=_core.KVType.f32).n_ctx == 16
+        with pytest.raises(TypeError):
+            _core.Context(llm._model, n_ctx=16, kv_type=1)
+        hp = dict(llm.hparams.core_dict())
+        assert hp["rope_scaling"] is _core.RopeScaling.none
+        hp["rope_scaling"] = 0
+        with pytest.raises(RuntimeError, match="RopeScaling|convert|cast"):
+            _core.Model(hp, {})
+
+
 def test_closed_llm(tiny_dir: Path) -> None:
     llm = LLM(tiny(tiny_dir, "gqa"), n_ctx=16)
     llm.close()
@@ -311,7 +346,7 @@ def test_batched_sequences_match_separate_runs(tiny_dir: Path) -> None:
     seqs = [TOKENS[:9], TOKENS[5:19], TOKENS[11:14]]
     with LLM(path, n_ctx=64, kv_type="f32") as llm:
         expected = [llm.logits(s) for s in seqs]
-        ctx = _core.Context(llm._model, n_ctx=32, n_batch=64, kv_type=2, n_seq=3)
+        ctx = _core.Context(llm._model, n_ctx=32, n_batch=64, kv_type=_core.KVType.f32, n_seq=3)
     # step 1: every prompt but its last token, all sequences mixed in one call
     toks = [t for s in seqs for t in s[:-1]]
     ids = [i for i, s in enumerate(seqs) for _ in s[:-1]]

@@ -517,3 +517,69 @@ def test_from_kwargs() -> None:
         SamplingParams.from_kwargs(temp=0.3, temperature=0.5)
     with pytest.raises(SamplingError, match="top_p"):
         SamplingParams.from_kwargs(top_p=3)
+
+
+# ---- one source of truth: names, defaults, checks (issue #16) -----------------------------------
+
+
+def test_one_alias_table_covers_every_front_end() -> None:
+    from pyllm.sampling import field_name
+
+    # llama-cpp-python's keywords, llama.cpp's C names and the CLI's flag names, in one table
+    p = SamplingParams.from_kwargs(temp=0.3, mirostat_mode=1, typ_p=0.9, tfs=0.8,
+                                   mirostat_lr=0.2, mirostat_ent=4.0, penalty_freq=0.5)
+    assert (p.temperature, p.mirostat, p.typical_p, p.tfs_z, p.mirostat_eta, p.mirostat_tau,
+            p.frequency_penalty) == (0.3, 1, 0.9, 0.8, 0.2, 4.0, 0.5)
+    assert SamplingParams.from_kwargs(typical=0.7).typical_p == 0.7
+    # None is "not given", so it never collides with another spelling of the same field
+    assert SamplingParams.from_kwargs(temp=None, temperature=0.5).temperature == 0.5
+    assert field_name("mirostat_ent") == "mirostat_tau" and field_name("top_k") == "top_k"
+    with pytest.raises(SamplingError, match="unknown"):
+        field_name("temperatur")
+
+
+def test_defaults_are_the_dataclass_defaults() -> None:
+    from pyllm.sampling import DEFAULTS
+
+    assert dict(DEFAULTS) == {f.name: getattr(SamplingParams(), f.name)
+                              for f in dataclasses.fields(SamplingParams)}
+    assert DEFAULTS["temperature"] == 0.8  # llama.cpp's
+
+
+def test_cli_help_reads_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from pyllm.cli import common
+    from pyllm.sampling import DEFAULTS, field_name
+
+    # a changed default shows up in every sampling flag's help: nothing is written out twice
+    changed = {name: f"<{name}>" for name in DEFAULTS}
+    monkeypatch.setattr(common, "DEFAULTS", changed)
+    parser = argparse.ArgumentParser()
+    common.add_sampling_args(parser)
+    helps = {a.dest: a.help for a in parser._actions if a.dest != "help"}
+    assert len(helps) == 14
+    for dest, text in helps.items():
+        assert text.endswith(f"(default <{field_name(dest)}>)"), (dest, text)
+        assert parser.get_default(dest) is None  # unset flags leave the field to SamplingParams
+
+
+def test_server_fields_default_to_sampling_params_and_check_there() -> None:
+    from pyllm.sampling import DEFAULTS
+    from pyllm.server.schemas import ApiError, ChatCompletionRequest, CompletionRequest
+
+    for fname in DEFAULTS:  # every field can be sent, under its own name
+        assert fname in CompletionRequest.model_fields, fname
+    assert CompletionRequest(prompt="x").sampling_params() == SamplingParams()
+    msgs = [{"role": "user", "content": "hi"}]
+    req = ChatCompletionRequest(messages=msgs, mirostat_mode=2, temperature=0.0)
+    assert req.sampling_params() == SamplingParams(mirostat=2, temperature=0.0)
+    # the values are checked by SamplingParams alone; its refusal names the field (a 400)
+    bad = CompletionRequest(prompt="x", temperature=-1)
+    with pytest.raises(ApiError) as e:
+        bad.sampling_params()
+    assert e.value.status == 400 and e.value.body["error"]["param"] == "temperature"
+    assert "temperature must be >= 0" in e.value.body["error"]["message"]
+    with pytest.raises(ApiError) as e:
+        CompletionRequest(prompt="x", logit_bias={"-3": 1.0}).sampling_params()
+    assert e.value.body["error"]["param"] == "logit_bias"

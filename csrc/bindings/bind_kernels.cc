@@ -9,7 +9,9 @@
 #include <string>
 #include <vector>
 
+#include "bindings/errors.h"
 #include "bindings/register.h"
+#include "pyllm/cpu.h"
 #include "pyllm/matmul.h"
 #include "pyllm/ops.h"
 #include "pyllm/repack.h"
@@ -19,12 +21,6 @@ namespace py = pybind11;
 
 namespace pyllm::bindings {
 namespace {
-
-[[noreturn]] void raise_quant_error(const std::string& msg) {
-  py::object cls = py::module_::import("pyllm.errors").attr("QuantError");
-  PyErr_SetString(cls.ptr(), msg.c_str());
-  throw py::error_already_set();
-}
 
 py::array_t<float> py_matmul(uint32_t qtype, const py::array& w, int64_t n_out, int64_t k,
                              const py::array& x_in, bool rows16) {
@@ -133,6 +129,24 @@ void register_kernels(py::module_& m) {
       },
       py::arg("gate"), py::arg("up"),
       "silu(gate) * up with the active ISA's element-wise kernel (tests: its vectorized exp).");
+  m.def(
+      "kernel_table",
+      [](const std::string& isa) {
+        py::dict out;
+        for (const MatmulKernels& k : matmul_kernels(parse_isa(isa))) {
+          py::list slots;
+          if (k.matvec) slots.append("matvec");
+          if (k.matmat) slots.append("matmat");
+          if (k.matvec_r16) slots.append("matvec_r16");
+          if (k.matmat_r16) slots.append("matmat_r16");
+          out[py::int_(static_cast<uint32_t>(k.type))] = py::tuple(slots);
+        }
+        return out;
+      },
+      py::arg("isa"),
+      "The kernels the table of a compiled ISA has: ggml type id -> tuple of slot names "
+      "('matvec', 'matmat', 'matvec_r16', 'matmat_r16'); the tables are "
+      "csrc/cpu/isa/table_<isa>.cc.");
   m.def("set_num_threads", [](int n) { set_default_pool_threads(n); }, py::arg("n"),
         "Resize the default thread pool (n <= 0: physical cores, at most the available CPUs).");
   m.def("get_num_threads", [] { return default_pool().n_threads(); },

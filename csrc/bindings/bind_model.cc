@@ -55,10 +55,7 @@ HParams hparams_from(const py::dict& d) {
   getf("rms_eps", hp.rms_eps);
   getf("rope_base", hp.rope_base);
   if (d.contains("rope_neox")) hp.rope_neox = d["rope_neox"].cast<bool>();
-  int scaling = 0;
-  geti("rope_scaling", scaling);
-  if (scaling < 0 || scaling > 3) throw std::invalid_argument("unknown rope scaling type");
-  hp.rope_scaling = static_cast<RopeScaling>(scaling);
+  if (d.contains("rope_scaling")) hp.rope_scaling = d["rope_scaling"].cast<RopeScaling>();
   getf("rope_factor", hp.rope_factor);
   geti("rope_orig_ctx", hp.rope_orig_ctx);
   getf("yarn_beta_fast", hp.yarn_beta_fast);
@@ -118,6 +115,19 @@ PyModel make_model(const py::dict& hparams, const py::dict& tensors, bool repack
 }  // namespace
 
 void register_model(py::module_& m) {
+  // The enums cross as themselves; their names are the spellings users and GGUF files use
+  // (pyllm.arch maps rope.scaling.type to RopeScaling, pyllm.footprint checks kv_type names).
+  py::enum_<RopeScaling>(m, "RopeScaling", "RoPE context extension (GGUF rope.scaling.type).")
+      .value("none", RopeScaling::None)
+      .value("linear", RopeScaling::Linear)
+      .value("yarn", RopeScaling::Yarn)
+      .value("dynamic", RopeScaling::Dynamic);
+  py::enum_<KVType>(m, "KVType", "Element type of the KV cache.")
+      .value("f16", KVType::F16)
+      .value("q8_0", KVType::Q8_0)
+      .value("f32", KVType::F32);
+  m.attr("DEFAULT_KV_TYPE") = ContextParams{}.kv_type;
+
   py::class_<PyModel>(m, "Model", "Llama-family weights (views into the memory-mapped GGUF).")
       .def(py::init(&make_model), py::arg("hparams"), py::arg("tensors"),
            py::arg("repack") = false, py::arg("release_source") = false, py::arg("n_threads") = 0,
@@ -132,19 +142,21 @@ void register_model(py::module_& m) {
       .def_property_readonly("n_layer", [](const PyModel& m) { return m.model->hparams().n_layer; });
 
   py::class_<Context>(m, "Context", "KV cache + forward pass; not thread-safe (one per thread).")
-      .def(py::init([](const PyModel& model, int n_ctx, int n_batch, int n_threads, int kv_type,
-                       int n_seq) {
+      .def(py::init([](const PyModel& model, int n_ctx, int n_batch, int n_threads,
+                       KVType kv_type, int n_seq) {
              ContextParams p;
              p.n_ctx = n_ctx;
              p.n_batch = n_batch;
              p.n_threads = n_threads;
              p.n_seq = n_seq;
-             if (kv_type < 0 || kv_type > 2) throw std::invalid_argument("unknown KV cache type");
-             p.kv_type = static_cast<KVType>(kv_type);
+             p.kv_type = kv_type;
              return std::make_unique<Context>(model.model, p);
            }),
-           py::arg("model"), py::arg("n_ctx") = 2048, py::arg("n_batch") = 512,
-           py::arg("n_threads") = 0, py::arg("kv_type") = 0, py::arg("n_seq") = 1,
+           // the defaults are ContextParams's (pyllm.model.LLM passes every value itself)
+           py::arg("model"), py::arg("n_ctx") = ContextParams{}.n_ctx,
+           py::arg("n_batch") = ContextParams{}.n_batch,
+           py::arg("n_threads") = ContextParams{}.n_threads,
+           py::arg("kv_type") = ContextParams{}.kv_type, py::arg("n_seq") = ContextParams{}.n_seq,
            py::keep_alive<1, 2>())
       .def(
           "decode",

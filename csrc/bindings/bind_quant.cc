@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "bindings/errors.h"
 #include "bindings/register.h"
 #include "pyllm/quant.h"
 #include "pyllm/threadpool.h"
@@ -22,12 +23,6 @@ namespace {
 // Below this many elements a call runs on the calling thread: handing work to the pool costs
 // more than converting a few thousand values.
 constexpr int64_t kParallelMinElements = int64_t{1} << 16;
-
-[[noreturn]] void raise_quant_error(const std::string& msg) {
-  py::object cls = py::module_::import("pyllm.errors").attr("QuantError");
-  PyErr_SetString(cls.ptr(), msg.c_str());
-  throw py::error_already_set();
-}
 
 const TypeTraits& traits_or_raise(uint32_t qtype) {
   const TypeTraits* t = find_type_traits(qtype);

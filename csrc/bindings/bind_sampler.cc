@@ -49,15 +49,6 @@ py::list top_to_list(const TopLogprobs& top) {
 }  // namespace
 
 void register_sampler(py::module_& m) {
-  py::register_local_exception_translator([](std::exception_ptr p) {
-    try {
-      if (p) std::rethrow_exception(p);
-    } catch (const SamplingError& e) {
-      py::object cls = py::module_::import("pyllm.errors").attr("SamplingError");
-      PyErr_SetString(cls.ptr(), e.what());
-    }
-  });
-
   py::class_<SamplerParams>(m, "SamplerParams",
                             "Raw sampler settings; pyllm.sampling.SamplingParams fills them.")
       .def(py::init<>())

@@ -1,12 +1,17 @@
 // The per-ISA kernel function table (internal to the CPU backend).
 //
-// csrc/cpu/isa/*.cc are compiled once per ISA with PYLLM_ISA=<scalar|avx2|avx512|neon>; each
-// compilation puts its symbols in namespace pyllm::<isa> and defines that namespace's
-// kernel_table(). matmul.cc picks the table of active_isa() and splits rows across threads.
+// The files under csrc/cpu/isa/ are compiled once per ISA with PYLLM_ISA=<scalar|avx2|avx512|neon>
+// (CMakeLists.txt lists which files each ISA gets); each compilation puts its symbols in namespace
+// pyllm::<isa>. Each ISA's table is written out in one file, one row per weight type:
+//   scalar, neon: csrc/cpu/isa/table_portable.cc
+//   avx2:         csrc/cpu/isa/table_avx2.cc
+//   avx512:       csrc/cpu/isa/table_avx512.cc
+// matmul.cc picks the table of active_isa() and splits rows across threads.
 #pragma once
 
 #include <algorithm>
 #include <atomic>
+#include <cstddef>
 #include <cstdint>
 
 #include "pyllm/cpu.h"
@@ -72,6 +77,33 @@ struct KernelTable {
   // where decoding a panel once stops costing more than decoding each block per 4 tokens).
   int matmat_min_tokens;
 };
+
+// One row of an ISA's table: the kernels that ISA runs for one weight type (nullptr: none).
+struct TypeKernels {
+  QType type;
+  RowsFn matvec;
+  RowsFn matmat;
+  RowsFn matvec_r16;
+  RowsFn matmat_r16;
+};
+
+// The lookup table (indexed by type id, for matmul's dispatch) holding the given rows.
+template <size_t N>
+KernelTable make_kernel_table(Isa isa, int matmat_rows, int matmat_min_tokens,
+                              const TypeKernels (&rows)[N]) {
+  KernelTable t{};
+  t.isa = isa;
+  t.matmat_rows = matmat_rows;
+  t.matmat_min_tokens = matmat_min_tokens;
+  for (const TypeKernels& r : rows) {
+    const int id = static_cast<int>(r.type);
+    t.matvec[id] = r.matvec;
+    t.matmat[id] = r.matmat;
+    t.matvec_r16[id] = r.matvec_r16;
+    t.matmat_r16[id] = r.matmat_r16;
+  }
+  return t;
+}
 
 namespace scalar { const KernelTable& kernel_table(); }
 #ifdef PYLLM_HAVE_ISA_AVX2

@@ -40,6 +40,23 @@ bool weight_layout(QType t, Layout* out) {
   }
 }
 
+// Whether isa's kernels are compiled into this build (table_for falls back to scalar otherwise).
+bool compiled(Isa isa) {
+  switch (isa) {
+    case Isa::Scalar: return true;
+#ifdef PYLLM_HAVE_ISA_AVX512
+    case Isa::Avx512: return true;
+#endif
+#ifdef PYLLM_HAVE_ISA_AVX2
+    case Isa::Avx2: return true;
+#endif
+#ifdef PYLLM_HAVE_ISA_NEON
+    case Isa::Neon: return true;
+#endif
+    default: return false;
+  }
+}
+
 const KernelTable& table_for(Isa isa) {
   switch (isa) {
 #ifdef PYLLM_HAVE_ISA_AVX512
@@ -179,6 +196,21 @@ bool matmul_has_rows16_kernel(QType wtype) {
   const uint32_t id = static_cast<uint32_t>(wtype);
   return id < static_cast<uint32_t>(kMaxTypeId) && repack_supported(wtype) &&
          table_for(active_isa()).matvec_r16[id] != nullptr;
+}
+
+std::vector<MatmulKernels> matmul_kernels(Isa isa) {
+  if (!compiled(isa)) {
+    throw std::invalid_argument(std::string("ISA ") + isa_name(isa) + " is not in this build");
+  }
+  const KernelTable& t = table_for(isa);
+  std::vector<MatmulKernels> out;
+  for (int id = 0; id < kMaxTypeId; ++id) {
+    const MatmulKernels k{static_cast<QType>(id), t.matvec[id] != nullptr,
+                          t.matmat[id] != nullptr, t.matvec_r16[id] != nullptr,
+                          t.matmat_r16[id] != nullptr};
+    if (k.matvec || k.matmat || k.matvec_r16 || k.matmat_r16) out.push_back(k);
+  }
+  return out;
 }
 
 bool matmul_supports(QType wtype) {

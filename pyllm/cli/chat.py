@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyllm.cli.common import (
     add_model_args,
@@ -22,6 +22,9 @@ from pyllm.cli.common import (
     sampling_from_args,
     token_count,
 )
+
+if TYPE_CHECKING:
+    from pyllm.sampling import SamplingParams
 
 HELP = "commands: /reset (forget the conversation), /exit (leave); Ctrl-C stops a reply"
 
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     return _chat_loop(llm, args, sampling, max_tokens, colors)
 
 
-def _chat_loop(llm: Any, args: argparse.Namespace, sampling: dict[str, Any],
+def _chat_loop(llm: Any, args: argparse.Namespace, sampling: SamplingParams,
                max_tokens: int | None, colors: Colors) -> int:
     def fresh() -> list[dict[str, str]]:
         return [{"role": "system", "content": args.system}] if args.system else []
@@ -118,11 +121,11 @@ def _chat_loop(llm: Any, args: argparse.Namespace, sampling: dict[str, Any],
             continue
         messages.append({"role": "user", "content": line})
         reply = _stream(llm.chat(messages, max_tokens=max_tokens, chat_format=args.chat_format,
-                                 stream=True, **sampling))
+                                 stream=True, sampling_params=sampling))
         messages.append({"role": "assistant", "content": reply})
 
 
-def _completion_loop(llm: Any, args: argparse.Namespace, sampling: dict[str, Any],
+def _completion_loop(llm: Any, args: argparse.Namespace, sampling: SamplingParams,
                      max_tokens: int | None, colors: Colors) -> int:
     rp: str = args.reverse_prompt
     transcript = args.system + "\n" if args.system else ""
@@ -137,5 +140,6 @@ def _completion_loop(llm: Any, args: argparse.Namespace, sampling: dict[str, Any
             print(f"{colors.info}(conversation reset){colors.reset}")
             continue
         transcript += f"{rp} {line}\n"
-        reply = _stream(llm.stream(transcript, max_tokens=max_tokens, stop=[rp], **sampling))
+        reply = _stream(llm.stream(transcript, max_tokens=max_tokens, stop=[rp],
+                                   sampling_params=sampling))
         transcript += reply.rstrip("\n") + "\n"

@@ -7,24 +7,32 @@ from typing import Any
 
 from pyllm.errors import SamplingError
 from pyllm.footprint import MAX_COUNT
+from pyllm.sampling import DEFAULTS, SamplingParams, field_name
 
-# flag -> SamplingParams field
-_SAMPLING_FLAGS = {
-    "temp": "temperature",
-    "top_k": "top_k",
-    "top_p": "top_p",
-    "min_p": "min_p",
-    "typical": "typical_p",
-    "tfs": "tfs_z",
-    "repeat_penalty": "repeat_penalty",
-    "repeat_last_n": "repeat_last_n",
-    "presence_penalty": "presence_penalty",
-    "frequency_penalty": "frequency_penalty",
-    "mirostat": "mirostat",
-    "mirostat_lr": "mirostat_eta",
-    "mirostat_ent": "mirostat_tau",
-    "seed": "seed",
-}
+# The sampling flags (llama.cpp's names) with their type and meaning. The field each sets comes
+# from pyllm.sampling's one alias table, its default from SamplingParams (shown in the help), and
+# its values are checked once, by SamplingParams.
+_SAMPLING_FLAGS: tuple[tuple[str, type, str, str | None], ...] = (
+    # (flag, type, help, metavar)
+    ("--temp", float, "temperature, 0 = greedy", None),
+    ("--top-k", int, "top-k, 0 = off", None),
+    ("--top-p", float, "top-p, 1.0 = off", None),
+    ("--min-p", float, "min-p, 0.0 = off", None),
+    ("--typical", float, "locally typical sampling p, 1.0 = off", None),
+    ("--tfs", float, "tail-free sampling z, 1.0 = off", None),
+    ("--repeat-penalty", float, "repetition penalty, 1.0 = off", None),
+    ("--repeat-last-n", int, "tokens the penalties look back, -1 = all, 0 = off", None),
+    ("--presence-penalty", float, "presence penalty, 0.0 = off", None),
+    ("--frequency-penalty", float, "frequency penalty, 0.0 = off", None),
+    ("--mirostat", int, "mirostat version: 0 = off, 1 or 2", None),
+    ("--mirostat-lr", float, "mirostat learning rate", "ETA"),
+    ("--mirostat-ent", float, "mirostat target entropy", "TAU"),
+    ("--seed", int, "random seed, -1 = random", None),
+)
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
 
 
 def positive_int(text: str) -> int:
@@ -76,35 +84,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (defaults as llama.cpp)")
-    g.add_argument("--temp", type=float, help="temperature, 0 = greedy (0.8)")
-    g.add_argument("--top-k", type=int, help="top-k, 0 = off (40)")
-    g.add_argument("--top-p", type=float, help="top-p (0.95)")
-    g.add_argument("--min-p", type=float, help="min-p (0.05)")
-    g.add_argument("--typical", type=float, help="locally typical sampling p (1.0 = off)")
-    g.add_argument("--tfs", type=float, help="tail-free sampling z (1.0 = off)")
-    g.add_argument("--repeat-penalty", type=float, help="repetition penalty (1.0 = off)")
-    g.add_argument("--repeat-last-n", type=int, help="tokens the penalties look back (64)")
-    g.add_argument("--presence-penalty", type=float, help="presence penalty (0.0)")
-    g.add_argument("--frequency-penalty", type=float, help="frequency penalty (0.0)")
-    g.add_argument("--mirostat", type=int, choices=(0, 1, 2), help="mirostat version, 0 = off")
-    g.add_argument("--mirostat-lr", type=float, metavar="ETA", help="mirostat learning rate (0.1)")
-    g.add_argument("--mirostat-ent", type=float, metavar="TAU",
-                   help="mirostat target entropy (5.0)")
-    g.add_argument("--seed", type=int, help="random seed (-1 = random)")
+    for flag, type_, text, metavar in _SAMPLING_FLAGS:
+        default = DEFAULTS[field_name(_dest(flag))]
+        # the flag's own default is None (= not given), so the sampling default stays in one place
+        g.add_argument(flag, type=type_, metavar=metavar, help=f"{text} (default {default})")
 
 
 def sampling_from_args(parser: argparse.ArgumentParser,
-                       args: argparse.Namespace) -> dict[str, Any]:
-    """SamplingParams keyword arguments from the flags; a bad value is a usage error (exit 2)."""
-    from pyllm.sampling import SamplingParams
-
-    kwargs = {field: getattr(args, flag) for flag, field in _SAMPLING_FLAGS.items()
-              if getattr(args, flag, None) is not None}
+                       args: argparse.Namespace) -> SamplingParams:
+    """The SamplingParams of the flags, built (and checked) once and handed on as it is; a bad
+    value is a usage error (exit 2)."""
+    given = {_dest(flag): getattr(args, _dest(flag), None) for flag, *_ in _SAMPLING_FLAGS}
     try:
-        SamplingParams.from_kwargs(**kwargs)
+        return SamplingParams.from_kwargs(**given)
     except SamplingError as e:
         parser.error(str(e))
-    return kwargs
 
 
 def load_llm(args: argparse.Namespace, verbose: bool = False) -> Any:

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     llm = load_llm(args, verbose=args.verbose)
     gen = make_generation(llm, prompt_tokens(llm, prompt), max_tokens=args.n_predict,
-                          stop=args.stop, **sampling)
+                          stop=args.stop, sampling_params=sampling)
     out = sys.stdout
     out.write(prompt)
     out.flush()

@@ -22,6 +22,7 @@ from typing import Any
 
 from pyllm.cli.common import add_model_args, positive_int
 from pyllm.errors import PyllmError
+from pyllm.footprint import DEFAULT_KV_TYPE, KV_ELEMENT_TYPES
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
@@ -55,8 +56,8 @@ def add_parser(sub: Any) -> None:
                    help="Host header names accepted besides localhost, 127.0.0.1, ::1 and the "
                    "--host address ('*' = any); other names get 403, which stops web pages "
                    "from reaching the server by DNS rebinding")
-    g.add_argument("--kv-type", choices=("f16", "q8_0", "f32"), default="f16",
-                   help="KV cache type (default f16)")
+    g.add_argument("--kv-type", choices=tuple(KV_ELEMENT_TYPES), default=DEFAULT_KV_TYPE,
+                   help=f"KV cache type (default {DEFAULT_KV_TYPE})")
     g.add_argument("--max-body", type=positive_int, default=1 << 20, metavar="BYTES",
                    help="largest request body accepted (default 1 MiB; larger gets 413)")
     g.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",

@@ -487,12 +487,10 @@ def _encoder(outtype: str) -> Callable[[str, np.ndarray], tuple[np.ndarray, GGML
     """float32 tensor -> (bytes-ready array, GGML type) for the chosen output type."""
     quantize: Callable[[GGMLType, np.ndarray], np.ndarray] | None = None
     if outtype == "q8_0":
-        try:
-            import pyllm._core  # noqa: F401  (pyllm.quants computes in the extension)
-            from pyllm.quants import quantize
-        except ImportError as e:
-            raise ConvertError(f"outtype q8_0 needs the compiled extension ({e}); "
-                               "convert to f16 and quantize afterwards") from None
+        from pyllm._native import load_core
+        from pyllm.quants import quantize
+
+        load_core(ConvertError)  # q8_0 is computed in the extension: fail now, with the fix
 
     def encode(name: str, a: np.ndarray) -> tuple[np.ndarray, GGMLType]:
         if outtype == "f32" or keeps_f32(name, a.ndim):

@@ -18,7 +18,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from pyllm.errors import ContextError, SamplingError
-from pyllm.sampling import SamplingParams
+from pyllm.sampling import InvalidSamplingParam, SamplingParams
 from pyllm.server.engine import (
     DoneEvent,
     Engine,
@@ -94,9 +94,9 @@ def submit(engine: Engine, req: EngineRequest) -> Handle:
         code = "context_length_exceeded" if "exceed" in msg or "holds" in msg else None
         raise ApiError(400, msg, param="max_tokens" if "max_tokens" in msg else "prompt",
                        code=code) from None
-    except SamplingError as e:
-        msg = str(e)
-        raise ApiError(400, msg, param="logit_bias" if "logit_bias" in msg else None) from None
+    except SamplingError as e:  # e.g. a logit_bias token outside this model's vocabulary
+        param = e.param if isinstance(e, InvalidSamplingParam) else None
+        raise ApiError(400, str(e), param=param) from None
 
 
 async def wait_disconnect(request: Request) -> None:

@@ -47,8 +47,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pyllm._native import load_core
 from pyllm.errors import ContextError, ModelError, PyllmError
-from pyllm.footprint import MAX_COUNT, check_context_fits, warn_if_beyond_training
+from pyllm.footprint import (
+    DEFAULT_KV_TYPE,
+    MAX_COUNT,
+    check_context_fits,
+    check_kv_type,
+    warn_if_beyond_training,
+)
 from pyllm.generate import StopMatcher, resolve_max_tokens, stop_token_ids
 from pyllm.model import common_prefix
 
@@ -178,17 +185,14 @@ class Engine:
     """
 
     def __init__(self, llm: LLM, *, n_parallel: int = 4, n_ctx: int = 2048,
-                 n_batch: int | None = None, kv_type: str = "f16", max_queue: int = 64,
+                 n_batch: int | None = None, kv_type: str = DEFAULT_KV_TYPE, max_queue: int = 64,
                  rate_window_s: float = 10.0) -> None:
-        from pyllm.model import KV_TYPES
-
         for name, value in (("n_parallel", n_parallel), ("n_ctx", n_ctx),
                             ("max_queue", max_queue)):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_COUNT:
                 raise ContextError(f"{name} must be a positive integer (at most {MAX_COUNT}), "
                                    f"got {value!r}")
-        if kv_type not in KV_TYPES:
-            raise ContextError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
+        check_kv_type(kv_type)
         self.llm = llm
         self.n_parallel = n_parallel
         self.n_ctx = n_ctx
@@ -200,11 +204,11 @@ class Engine:
         warn_if_beyond_training(llm.hparams, n_ctx)
         self.max_queue = max_queue
         self.n_vocab = llm.n_vocab
-        from pyllm import _core
-
+        _core = load_core(ModelError)
         try:
             self._ctx = _core.Context(llm._model, n_ctx=n_ctx, n_batch=self.n_batch,
-                                      n_threads=llm.n_threads, kv_type=KV_TYPES[kv_type],
+                                      n_threads=llm.n_threads,
+                                      kv_type=_core.KVType.__members__[kv_type],
                                       n_seq=n_parallel)
         except ValueError as e:
             raise ModelError(f"cannot create the batched context: {e}") from None

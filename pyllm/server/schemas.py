@@ -2,8 +2,10 @@
 
 Fields follow the OpenAI API plus llama.cpp's extra sampling fields (``top_k``, ``min_p``,
 ``typical_p``, ``tfs_z``, ``repeat_penalty``, ``repeat_last_n``, ``mirostat`` /
-``mirostat_mode``, ``mirostat_tau``, ``mirostat_eta``, ``seed``). Omitted sampling fields take
-llama.cpp's defaults (:class:`pyllm.sampling.SamplingParams`), e.g. temperature 0.8.
+``mirostat_mode``, ``mirostat_tau``, ``mirostat_eta``, ``seed``). An omitted or null sampling
+field is "not given": it takes the default of :class:`pyllm.sampling.SamplingParams` (llama.cpp's,
+defined there only), and the values are checked there only, so the server, the CLI and the
+Python API give the same answer; a bad one is a 400 naming the field.
 
 Unknown fields are rejected with 400, as the OpenAI API does ("Unrecognized request argument"),
 so a typo never silently falls back to a default. A few OpenAI fields that change nothing here
@@ -21,12 +23,16 @@ completions, whose absent default is OpenAI's 16), 0 = generate nothing (empty t
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pyllm.generate import UNTIL_DONE, resolve_max_tokens
-from pyllm.sampling import SamplingParams
+from pyllm.sampling import InvalidSamplingParam, SamplingParams
+
+# every SamplingParams field is a request field of the same name (tests/test_sampling.py)
+_SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 
 MAX_STOP = 16  # OpenAI allows 4; llama.cpp any number. Each costs a scan per token.
 MAX_N = 8  # choices per request
@@ -50,9 +56,11 @@ class StreamOptions(_Strict):
 
 
 class _Sampling(_Strict):
-    """Sampling fields shared by completions and chat completions."""
+    """Sampling fields shared by completions and chat completions. Each SamplingParams field is
+    here under its own name (``mirostat`` also as llama-cpp-python's ``mirostat_mode``), None
+    meaning "the SamplingParams default"; only the type is checked here."""
 
-    temperature: float | None = Field(None, ge=0)
+    temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
@@ -88,11 +96,12 @@ class _Sampling(_Strict):
         """Raise UnsupportedFieldError for a known field this server does not implement."""
 
     def sampling_params(self) -> SamplingParams:
-        """SamplingParams from the fields that were given (raises SamplingError)."""
-        names = ("temperature", "top_p", "top_k", "min_p", "typical_p", "tfs_z",
-                 "repeat_penalty", "repeat_last_n", "presence_penalty", "frequency_penalty",
-                 "mirostat", "mirostat_tau", "mirostat_eta", "seed", "logit_bias")
-        return SamplingParams.from_kwargs(**{k: getattr(self, k) for k in names})
+        """SamplingParams from the fields that were given: a value SamplingParams refuses is an
+        ApiError 400 whose ``param`` names the field (other SamplingErrors pass through)."""
+        try:
+            return SamplingParams.from_kwargs(**{k: getattr(self, k) for k in _SAMPLING_FIELDS})
+        except InvalidSamplingParam as e:
+            raise ApiError(400, str(e), param=e.param) from None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -1,6 +1,7 @@
-// The portable matmul kernels of one ISA (this file is compiled once per ISA; see simd.h) and
-// that ISA's kernel table. On AVX-512 the table then takes the VNNI kernels of matvec_vnni.cc
-// and matmat_vnni.cc for the types they cover (int16-rounded activations, see matmul.h).
+// The portable matmul kernels, compiled for every ISA (see simd.h): F32 math on any weight type.
+// Which of them an ISA's table actually uses is written in its table file (table_<isa>.cc);
+// where an ISA has faster kernels (int16-rounded activations, see matmul.h) its table names
+// those instead.
 //
 // Accuracy design: activations stay F32 on every path in this file. Weights are dequantized (in
 // registers or into a small panel) exactly as the reference dequantizer does, and products are
@@ -9,9 +10,8 @@
 // activations to 8 bits (Q8_0/Q8_K), which adds ~0.003 KL to a forward pass.
 //
 //  * matvec (decode, few tokens): one pass over the weight rows, each block decoded into a stack
-//    buffer and dotted with up to 4 tokens at once; Q8_0 on x86 has a fused decoder (int8 lanes
-//    -> F32 lanes). On x86 the table then takes the int16-split kernels of matvec_avx2.cc /
-//    matvec_vnni.cc for the block types they cover (they are 1.5-10x faster).
+//    buffer and dotted with up to 4 tokens at once. The x86 tables use the int16-split kernels
+//    of matvec_avx2.cc / matvec_vnni.cc for the block types instead (1.5-10x faster).
 //  * matmat (prefill, many tokens): decode a panel of R = 2*VN rows x KC columns into F32,
 //    transposed so that one vector holds R rows of one column; a register-tiled micro-kernel then
 //    broadcasts activations and accumulates MT tokens x R rows. Every weight is decoded once per
@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "cpu/isa/decode.h"
+#include "cpu/isa/kernels.h"
 #include "cpu/isa/simd.h"
 #include "cpu/kernel_table.h"
 
@@ -36,24 +37,15 @@
 namespace pyllm {
 namespace PYLLM_ISA {
 
-#if defined(PYLLM_ISA_AVX2)
-void install_avx2_int_matvec(KernelTable& t);  // matvec_avx2.cc
-#endif
-#if defined(PYLLM_ISA_AVX512)
-void install_vnni_matvec(KernelTable& t);  // matvec_vnni.cc
-void install_vnni_matmat(KernelTable& t);  // matmat_vnni.cc
-void install_r16_matvec(KernelTable& t);   // matvec_r16.cc
-#endif
-
 namespace {
-
 constexpr int kTokGroup = 4;  // tokens a matvec pass dots with each decoded block
+}  // namespace
 
 // ---------------------------------------------------------------------------------------------
-// Generic matvec: decode one block into a buffer, dot it with each token's activation slice.
+// Block-type matvec: decode one block into a buffer, dot it with each token's activation slice.
 
 template <QType T>
-void matvec_generic(const MatArgs& a, int64_t r0, int64_t r1) {
+void matvec_blocks(const MatArgs& a, int64_t r0, int64_t r1) {
   using F = Fmt<T>;
   using Block = typename F::Block;
   constexpr int B = F::B;
@@ -78,6 +70,8 @@ void matvec_generic(const MatArgs& a, int64_t r0, int64_t r1) {
 }
 
 // Float weight types: vector loads straight from the row, scalar tail for k % VN.
+namespace {
+
 template <QType T>
 float load_one(const void* row, int64_t i) {
   if constexpr (T == QType::F32) return static_cast<const float*>(row)[i];
@@ -91,6 +85,8 @@ vf load_vec(const void* row, int64_t i) {
   if constexpr (T == QType::F16) return vload_f16(static_cast<const f16_t*>(row) + i);
   return vload_bf16(static_cast<const bf16_t*>(row) + i);
 }
+
+}  // namespace
 
 template <QType T>
 void matvec_float(const MatArgs& a, int64_t r0, int64_t r1) {
@@ -115,72 +111,11 @@ void matvec_float(const MatArgs& a, int64_t r0, int64_t r1) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Fused x86 decoders: 16 int8 quants in an SSE register -> W16 (16 floats in 1 or 2 vectors).
-#if defined(PYLLM_X86_SIMD)
-
-struct W16 {
-  vf v[16 / VN];
-};
-
-inline W16 widen(__m128i q) {
-  W16 w;
-#if defined(PYLLM_ISA_AVX512)
-  w.v[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
-#else
-  w.v[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-  w.v[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(q, q)));
-#endif
-  return w;
-}
-
-inline vf madd(const W16& w, const float* x, vf acc) {
-  for (int i = 0; i < 16 / VN; ++i) acc = vfma(w.v[i], vload(x + i * VN), acc);
-  return acc;
-}
-
-inline __m128i load16(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
-
-// Runs kernel<NT>(a, r0, r1, t0) over all tokens in groups of at most kTokGroup.
-template <template <int> class K>
-void by_token_groups(const MatArgs& a, int64_t r0, int64_t r1) {
-  for (int64_t t0 = 0; t0 < a.n_tokens; t0 += kTokGroup) {
-    switch (std::min<int64_t>(kTokGroup, a.n_tokens - t0)) {
-      case 1: K<1>::run(a, r0, r1, t0); break;
-      case 2: K<2>::run(a, r0, r1, t0); break;
-      case 3: K<3>::run(a, r0, r1, t0); break;
-      default: K<4>::run(a, r0, r1, t0); break;
-    }
-  }
-}
-
-template <int NT>
-struct MvQ8_0 {
-  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
-    const int64_t nb = a.k / 32;
-    for (int64_t r = r0; r < r1; ++r) {
-      const BlockQ8_0* row = reinterpret_cast<const BlockQ8_0*>(a.w + r * a.row_bytes);
-      vf acc[NT];
-      for (int t = 0; t < NT; ++t) acc[t] = vzero();
-      for (int64_t b = 0; b < nb; ++b) {
-        const W16 lo = widen(load16(row[b].qs));
-        const W16 hi = widen(load16(row[b].qs + 16));
-        const vf d = vset1(half_to_float(row[b].d));
-        for (int t = 0; t < NT; ++t) {
-          const float* x = a.x + (t0 + t) * a.ldx + 32 * b;
-          acc[t] = vfma(madd(hi, x + 16, madd(lo, x, vzero())), d, acc[t]);
-        }
-      }
-      for (int t = 0; t < NT; ++t) a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]);
-    }
-  }
-};
-
-#endif  // PYLLM_X86_SIMD
-
-// ---------------------------------------------------------------------------------------------
 // matmat: F32 panel + register-tiled micro-kernel.
 
-constexpr int R = 2 * VN;  // rows per panel (two vectors)
+namespace {
+
+constexpr int R = kMatmatF32Rows;  // rows per panel (two vectors)
 constexpr int KC = 512;    // panel depth: 512 x R floats = 32 KiB on AVX-512, L1/L2 resident
 #if defined(PYLLM_ISA_AVX512)
 constexpr int MT = 12;  // tokens per micro-tile: 24 accumulators + 2 weights of 32 registers
@@ -242,8 +177,10 @@ void micro_upto(int nt, const float* P, int64_t kc, const float* x, int64_t ldx,
   }
 }
 
+}  // namespace
+
 template <QType T>
-void matmat(const MatArgs& a, int64_t r0, int64_t r1) {
+void matmat_f32(const MatArgs& a, int64_t r0, int64_t r1) {
   thread_local std::vector<float> panel_store, run_store;
   panel_store.resize(static_cast<size_t>(KC) * R + 16);
   run_store.resize(KC);
@@ -270,57 +207,21 @@ void matmat(const MatArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
-KernelTable make_table() {
-  KernelTable t{};
-#if defined(PYLLM_ISA_AVX512)
-  t.isa = Isa::Avx512;
-#elif defined(PYLLM_ISA_AVX2)
-  t.isa = Isa::Avx2;
-#elif defined(PYLLM_ISA_NEON)
-  t.isa = Isa::Neon;
-#else
-  t.isa = Isa::Scalar;
-#endif
-  t.matmat_rows = R;
-  t.matmat_min_tokens = 16;  // AVX2 F32 paths: 8 tokens 2.1 ms vs ~1.2 ms by matvec (Q4_K)
-#define PYLLM_SET(QT, MV)                                     \
-  t.matvec[static_cast<int>(QType::QT)] = MV;                 \
-  t.matmat[static_cast<int>(QType::QT)] = &matmat<QType::QT>;
-  PYLLM_SET(F32, &matvec_float<QType::F32>)
-  PYLLM_SET(F16, &matvec_float<QType::F16>)
-  PYLLM_SET(BF16, &matvec_float<QType::BF16>)
-  PYLLM_SET(Q5_0, &matvec_generic<QType::Q5_0>)
-  PYLLM_SET(Q5_1, &matvec_generic<QType::Q5_1>)
-  PYLLM_SET(Q2_K, &matvec_generic<QType::Q2_K>)
-  PYLLM_SET(Q3_K, &matvec_generic<QType::Q3_K>)
-  PYLLM_SET(Q5_K, &matvec_generic<QType::Q5_K>)
-  PYLLM_SET(Q4_0, &matvec_generic<QType::Q4_0>)
-  PYLLM_SET(Q4_1, &matvec_generic<QType::Q4_1>)
-  PYLLM_SET(Q4_K, &matvec_generic<QType::Q4_K>)
-  PYLLM_SET(Q6_K, &matvec_generic<QType::Q6_K>)
-#if defined(PYLLM_X86_SIMD)
-  PYLLM_SET(Q8_0, &by_token_groups<MvQ8_0>)  // AVX2 keeps it (8-bit weights saturate VPMADDUBSW)
-#else
-  PYLLM_SET(Q8_0, &matvec_generic<QType::Q8_0>)
-#endif
-#undef PYLLM_SET
-#if defined(PYLLM_ISA_AVX2)
-  install_avx2_int_matvec(t);
-#endif
-#if defined(PYLLM_ISA_AVX512)
-  install_vnni_matvec(t);
-  install_vnni_matmat(t);
-  install_r16_matvec(t);
-#endif
-  return t;
-}
-
-}  // namespace
-
-const KernelTable& kernel_table() {
-  static const KernelTable table = make_table();
-  return table;
-}
+// The types each kernel is built for (the kernels of an ISA's table must exist for its rows).
+PYLLM_KERNEL_FOR(matvec_float, F32)
+PYLLM_KERNEL_FOR(matvec_float, F16)
+PYLLM_KERNEL_FOR(matvec_float, BF16)
+#define PYLLM_BLOCK_TYPE(T) PYLLM_KERNEL_FOR(matvec_blocks, T)
+PYLLM_BLOCK_TYPE(Q4_0) PYLLM_BLOCK_TYPE(Q4_1) PYLLM_BLOCK_TYPE(Q5_0) PYLLM_BLOCK_TYPE(Q5_1)
+PYLLM_BLOCK_TYPE(Q8_0) PYLLM_BLOCK_TYPE(Q2_K) PYLLM_BLOCK_TYPE(Q3_K) PYLLM_BLOCK_TYPE(Q4_K)
+PYLLM_BLOCK_TYPE(Q5_K) PYLLM_BLOCK_TYPE(Q6_K)
+#undef PYLLM_BLOCK_TYPE
+#define PYLLM_ANY_TYPE(T) PYLLM_KERNEL_FOR(matmat_f32, T)
+PYLLM_ANY_TYPE(F32) PYLLM_ANY_TYPE(F16) PYLLM_ANY_TYPE(BF16)
+PYLLM_ANY_TYPE(Q4_0) PYLLM_ANY_TYPE(Q4_1) PYLLM_ANY_TYPE(Q5_0) PYLLM_ANY_TYPE(Q5_1)
+PYLLM_ANY_TYPE(Q8_0) PYLLM_ANY_TYPE(Q2_K) PYLLM_ANY_TYPE(Q3_K) PYLLM_ANY_TYPE(Q4_K)
+PYLLM_ANY_TYPE(Q5_K) PYLLM_ANY_TYPE(Q6_K)
+#undef PYLLM_ANY_TYPE
 
 }  // namespace PYLLM_ISA
 }  // namespace pyllm

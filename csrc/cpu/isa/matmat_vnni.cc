@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "cpu/isa/decode.h"
+#include "cpu/isa/kernels.h"
 #include "cpu/isa/rows16_simd.h"
 #include "cpu/isa/simd.h"
 #include "cpu/kernel_table.h"
@@ -33,10 +34,12 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"        // (_mm512_cast* leave lanes undefined)
 #endif
 
+#if !defined(PYLLM_ISA_AVX512)
+#error "matmat_vnni.cc is part of the AVX-512 build only (CMakeLists.txt, PYLLM_ISA_SOURCES_avx512)"
+#endif
+
 namespace pyllm {
 namespace PYLLM_ISA {
-
-#if defined(PYLLM_ISA_AVX512)
 
 namespace {
 
@@ -44,6 +47,7 @@ namespace {
 // tokens ~1.2x faster than 4 x 3.
 constexpr int NV = 2;
 constexpr int R = 16 * NV;   // rows per panel
+static_assert(R == kMatmatVnniRows, "kernels.h states the panel height");
 constexpr int KC = 512;      // panel depth (16 groups of 32)
 constexpr int MT = 12 / NV;  // tokens per register tile (2 * NV * MT = 24 accumulators)
 
@@ -536,26 +540,31 @@ void matmat16(const MatArgs& a, int64_t r0, int64_t r1) {
 
 }  // namespace
 
-// Installs these kernels as the matmat entries of the AVX-512 table.
-void install_vnni_matmat(KernelTable& t) {
-  t.matmat[static_cast<int>(QType::Q4_0)] = &matmat16<QType::Q4_0, GgufPanel>;
-  t.matmat[static_cast<int>(QType::Q4_1)] = &matmat16<QType::Q4_1, GgufPanel>;
-  t.matmat[static_cast<int>(QType::Q5_0)] = &matmat16<QType::Q5_0, GgufPanel>;
-  t.matmat[static_cast<int>(QType::Q5_1)] = &matmat16<QType::Q5_1, GgufPanel>;
-  t.matmat[static_cast<int>(QType::Q8_0)] = &matmat16<QType::Q8_0, GgufPanel>;
-  t.matmat[static_cast<int>(QType::Q4_K)] = &matmat16<QType::Q4_K, GgufPanel>;
-  t.matmat[static_cast<int>(QType::Q5_K)] = &matmat16<QType::Q5_K, GgufPanel>;
-  t.matmat[static_cast<int>(QType::Q3_K)] = &matmat16<QType::Q3_K, GgufPanel>;
-  t.matmat[static_cast<int>(QType::Q6_K)] = &matmat16<QType::Q6_K, GgufPanel>;
-  // the rows16 layout of every type it exists for (pyllm/repack.h)
-  t.matmat_r16[static_cast<int>(QType::Q4_0)] = &matmat16<QType::Q4_0, R16Panel>;
-  t.matmat_r16[static_cast<int>(QType::Q4_1)] = &matmat16<QType::Q4_1, R16Panel>;
-  t.matmat_r16[static_cast<int>(QType::Q8_0)] = &matmat16<QType::Q8_0, R16Panel>;
-  t.matmat_r16[static_cast<int>(QType::Q4_K)] = &matmat16<QType::Q4_K, R16Panel>;
-  t.matmat_r16[static_cast<int>(QType::Q6_K)] = &matmat16<QType::Q6_K, R16Panel>;
+// The types each panel source is built for (every type IntFmt decodes; the rows16 layouts).
+template <QType T>
+void matmat_vnni(const MatArgs& a, int64_t r0, int64_t r1) {
+  matmat16<T, GgufPanel>(a, r0, r1);
 }
 
-#endif  // PYLLM_ISA_AVX512
+template <QType T>
+void matmat_vnni_r16(const MatArgs& a, int64_t r0, int64_t r1) {
+  matmat16<T, R16Panel>(a, r0, r1);
+}
+
+PYLLM_KERNEL_FOR(matmat_vnni, Q4_0)
+PYLLM_KERNEL_FOR(matmat_vnni, Q4_1)
+PYLLM_KERNEL_FOR(matmat_vnni, Q5_0)
+PYLLM_KERNEL_FOR(matmat_vnni, Q5_1)
+PYLLM_KERNEL_FOR(matmat_vnni, Q8_0)
+PYLLM_KERNEL_FOR(matmat_vnni, Q3_K)
+PYLLM_KERNEL_FOR(matmat_vnni, Q4_K)
+PYLLM_KERNEL_FOR(matmat_vnni, Q5_K)
+PYLLM_KERNEL_FOR(matmat_vnni, Q6_K)
+PYLLM_KERNEL_FOR(matmat_vnni_r16, Q4_0)
+PYLLM_KERNEL_FOR(matmat_vnni_r16, Q4_1)
+PYLLM_KERNEL_FOR(matmat_vnni_r16, Q8_0)
+PYLLM_KERNEL_FOR(matmat_vnni_r16, Q4_K)
+PYLLM_KERNEL_FOR(matmat_vnni_r16, Q6_K)
 
 }  // namespace PYLLM_ISA
 }  // namespace pyllm

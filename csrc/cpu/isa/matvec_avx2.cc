@@ -6,20 +6,25 @@
 // steps, split exactly into xi = 256 * hi + lo), with VPMADDUBSW + VPMADDWD instead of
 // VPDPBUSD. VPMADDUBSW saturates pairs at 16 bits, so both products must stay below 2^15 / 2:
 // u * hi <= 63 * 128 and lo * u <= 255 * 63 hold for weights of at most 6 bits; Q8_0 (8-bit)
-// therefore keeps the F32 kernel on AVX2.
+// therefore gets an F32 kernel here (matvec_avx2_q8_0_f32: int8 lanes widened to floats).
+//
+// Compiled for the AVX2 build only (CMakeLists.txt); table_avx2.cc says which type uses which.
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "cpu/isa/decode.h"
+#include "cpu/isa/kernels.h"
 #include "cpu/isa/simd.h"
 #include "cpu/kernel_table.h"
 
+#if !defined(PYLLM_ISA_AVX2)
+#error "matvec_avx2.cc is part of the AVX2 build only (CMakeLists.txt, PYLLM_ISA_SOURCES_avx2)"
+#endif
+
 namespace pyllm {
 namespace PYLLM_ISA {
-
-#if defined(PYLLM_ISA_AVX2)
 
 namespace {
 
@@ -359,21 +364,87 @@ void by_groups(const MatArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
-}  // namespace
+// Q8_0 in F32 math: 16 int8 quants in an SSE register -> 16 floats in two vectors.
+struct W16 {
+  vf v[16 / VN];
+};
 
-void install_avx2_int_matvec(KernelTable& t) {
-  t.matvec[static_cast<int>(QType::Q4_0)] = &by_groups<MvLegacy<BlockQ4_0, false, false, 8>::K>;
-  t.matvec[static_cast<int>(QType::Q4_1)] = &by_groups<MvLegacy<BlockQ4_1, false, true, 0>::K>;
-  t.matvec[static_cast<int>(QType::Q5_0)] = &by_groups<MvLegacy<BlockQ5_0, true, false, 16>::K>;
-  t.matvec[static_cast<int>(QType::Q5_1)] = &by_groups<MvLegacy<BlockQ5_1, true, true, 0>::K>;
-  t.matvec[static_cast<int>(QType::Q4_K)] = &by_groups<MvK4<BlockQ4_K, false>::K>;
-  t.matvec[static_cast<int>(QType::Q5_K)] = &by_groups<MvK4<BlockQ5_K, true>::K>;
-  t.matvec[static_cast<int>(QType::Q6_K)] = &by_groups<MvQ6_K>;
-  t.matvec[static_cast<int>(QType::Q2_K)] = &by_groups<MvK2<false>::K>;
-  t.matvec[static_cast<int>(QType::Q3_K)] = &by_groups<MvK2<true>::K>;
+inline W16 widen(__m128i q) {
+  W16 w;
+  w.v[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+  w.v[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(q, q)));
+  return w;
 }
 
-#endif  // PYLLM_ISA_AVX2
+inline vf madd(const W16& w, const float* x, vf acc) {
+  for (int i = 0; i < 16 / VN; ++i) acc = vfma(w.v[i], vload(x + i * VN), acc);
+  return acc;
+}
+
+inline __m128i load16(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+
+template <int NT>
+struct MvQ8_0 {
+  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+    const int64_t nb = a.k / 32;
+    for (int64_t r = r0; r < r1; ++r) {
+      const BlockQ8_0* row = reinterpret_cast<const BlockQ8_0*>(a.w + r * a.row_bytes);
+      vf acc[NT];
+      for (int t = 0; t < NT; ++t) acc[t] = vzero();
+      for (int64_t b = 0; b < nb; ++b) {
+        const W16 lo = widen(load16(row[b].qs));
+        const W16 hi = widen(load16(row[b].qs + 16));
+        const vf d = vset1(half_to_float(row[b].d));
+        for (int t = 0; t < NT; ++t) {
+          const float* x = a.x + (t0 + t) * a.ldx + 32 * b;
+          acc[t] = vfma(madd(hi, x + 16, madd(lo, x, vzero())), d, acc[t]);
+        }
+      }
+      for (int t = 0; t < NT; ++t) a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]);
+    }
+  }
+};
+
+}  // namespace
+
+template <QType T>
+void matvec_avx2_int16(const MatArgs& a, int64_t r0, int64_t r1) {
+  if constexpr (T == QType::Q4_0) {
+    by_groups<MvLegacy<BlockQ4_0, false, false, 8>::K>(a, r0, r1);
+  } else if constexpr (T == QType::Q4_1) {
+    by_groups<MvLegacy<BlockQ4_1, false, true, 0>::K>(a, r0, r1);
+  } else if constexpr (T == QType::Q5_0) {
+    by_groups<MvLegacy<BlockQ5_0, true, false, 16>::K>(a, r0, r1);
+  } else if constexpr (T == QType::Q5_1) {
+    by_groups<MvLegacy<BlockQ5_1, true, true, 0>::K>(a, r0, r1);
+  } else if constexpr (T == QType::Q2_K) {
+    by_groups<MvK2<false>::K>(a, r0, r1);
+  } else if constexpr (T == QType::Q3_K) {
+    by_groups<MvK2<true>::K>(a, r0, r1);
+  } else if constexpr (T == QType::Q4_K) {
+    by_groups<MvK4<BlockQ4_K, false>::K>(a, r0, r1);
+  } else if constexpr (T == QType::Q5_K) {
+    by_groups<MvK4<BlockQ5_K, true>::K>(a, r0, r1);
+  } else if constexpr (T == QType::Q6_K) {
+    by_groups<MvQ6_K>(a, r0, r1);
+  } else {
+    static_assert(kNoKernelFor<T>, "no AVX2 int16 matvec for this type");
+  }
+}
+
+PYLLM_KERNEL_FOR(matvec_avx2_int16, Q4_0)
+PYLLM_KERNEL_FOR(matvec_avx2_int16, Q4_1)
+PYLLM_KERNEL_FOR(matvec_avx2_int16, Q5_0)
+PYLLM_KERNEL_FOR(matvec_avx2_int16, Q5_1)
+PYLLM_KERNEL_FOR(matvec_avx2_int16, Q2_K)
+PYLLM_KERNEL_FOR(matvec_avx2_int16, Q3_K)
+PYLLM_KERNEL_FOR(matvec_avx2_int16, Q4_K)
+PYLLM_KERNEL_FOR(matvec_avx2_int16, Q5_K)
+PYLLM_KERNEL_FOR(matvec_avx2_int16, Q6_K)
+
+void matvec_avx2_q8_0_f32(const MatArgs& a, int64_t r0, int64_t r1) {
+  by_groups<MvQ8_0>(a, r0, r1);
+}
 
 }  // namespace PYLLM_ISA
 }  // namespace pyllm

@@ -19,6 +19,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/isa/kernels.h"
 #include "cpu/isa/rows16_simd.h"
 #include "cpu/isa/simd.h"
 #include "cpu/kernel_table.h"
@@ -29,10 +30,12 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
+#if !defined(PYLLM_ISA_AVX512)
+#error "matvec_r16.cc is part of the AVX-512 build only (CMakeLists.txt, PYLLM_ISA_SOURCES_avx512)"
+#endif
+
 namespace pyllm {
 namespace PYLLM_ISA {
-
-#if defined(PYLLM_ISA_AVX512)
 
 namespace {
 
@@ -354,16 +357,28 @@ void by_groups(const MatArgs& a, int64_t r0, int64_t r1) {
 
 }  // namespace
 
-// Installs the rows16 kernels in the AVX-512 table (row ranges must be multiples of 16).
-void install_r16_matvec(KernelTable& t) {
-  t.matvec_r16[static_cast<int>(QType::Q4_0)] = &by_groups<R16Q4<false>::K>;
-  t.matvec_r16[static_cast<int>(QType::Q4_1)] = &by_groups<R16Q4<true>::K>;
-  t.matvec_r16[static_cast<int>(QType::Q8_0)] = &by_groups<R16Q8_0>;
-  t.matvec_r16[static_cast<int>(QType::Q4_K)] = &by_groups<R16Q4_K>;
-  t.matvec_r16[static_cast<int>(QType::Q6_K)] = &by_groups<R16Q6_K, 2>;
+template <QType T>
+void matvec_vnni_r16(const MatArgs& a, int64_t r0, int64_t r1) {
+  if constexpr (T == QType::Q4_0) {
+    by_groups<R16Q4<false>::K>(a, r0, r1);
+  } else if constexpr (T == QType::Q4_1) {
+    by_groups<R16Q4<true>::K>(a, r0, r1);
+  } else if constexpr (T == QType::Q8_0) {
+    by_groups<R16Q8_0>(a, r0, r1);
+  } else if constexpr (T == QType::Q4_K) {
+    by_groups<R16Q4_K>(a, r0, r1);
+  } else if constexpr (T == QType::Q6_K) {
+    by_groups<R16Q6_K, 2>(a, r0, r1);
+  } else {
+    static_assert(kNoKernelFor<T>, "no rows16 matvec for this type");
+  }
 }
 
-#endif  // PYLLM_ISA_AVX512
+PYLLM_KERNEL_FOR(matvec_vnni_r16, Q4_0)
+PYLLM_KERNEL_FOR(matvec_vnni_r16, Q4_1)
+PYLLM_KERNEL_FOR(matvec_vnni_r16, Q8_0)
+PYLLM_KERNEL_FOR(matvec_vnni_r16, Q4_K)
+PYLLM_KERNEL_FOR(matvec_vnni_r16, Q6_K)
 
 }  // namespace PYLLM_ISA
 }  // namespace pyllm

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cpu/isa/decode.h"
+#include "cpu/isa/kernels.h"
 #include "cpu/isa/simd.h"
 #include "cpu/kernel_table.h"
 
@@ -29,10 +30,12 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"        // (_mm512_cast* leave lanes undefined)
 #endif
 
+#if !defined(PYLLM_ISA_AVX512)
+#error "matvec_vnni.cc is part of the AVX-512 build only (CMakeLists.txt, PYLLM_ISA_SOURCES_avx512)"
+#endif
+
 namespace pyllm {
 namespace PYLLM_ISA {
-
-#if defined(PYLLM_ISA_AVX512)
 
 namespace {
 
@@ -568,24 +571,43 @@ void by_groups(const MatArgs& a, int64_t r0, int64_t r1) {
 
 }  // namespace
 
-// Installs these kernels as the matvec entries of the AVX-512 table.
-void install_vnni_matvec(KernelTable& t) {
-  // Measured (Q4_K, 1024 x 2048): VNNI matvec ~0.07 ms per token in groups of 4 vs matmat
-  // 1.7 ms at 8 tokens and 2.4 ms at 32 tokens.
-  t.matmat_min_tokens = 32;
-  t.matvec[static_cast<int>(QType::Q4_0)] = &by_groups<MvLegacy<BlockQ4_0, false, false, 8>::K>;
-  t.matvec[static_cast<int>(QType::Q4_1)] = &by_groups<MvLegacy<BlockQ4_1, false, true, 0>::K>;
-  t.matvec[static_cast<int>(QType::Q5_0)] = &by_groups<MvLegacy<BlockQ5_0, true, false, 16>::K>;
-  t.matvec[static_cast<int>(QType::Q5_1)] = &by_groups<MvLegacy<BlockQ5_1, true, true, 0>::K>;
-  t.matvec[static_cast<int>(QType::Q8_0)] = &by_groups<MvQ8_0>;
-  t.matvec[static_cast<int>(QType::Q4_K)] = &by_groups<MvK4<BlockQ4_K, false>::K>;
-  t.matvec[static_cast<int>(QType::Q5_K)] = &by_groups<MvK4<BlockQ5_K, true>::K>;
-  t.matvec[static_cast<int>(QType::Q6_K)] = &by_groups<MvQ6_K>;
-  t.matvec[static_cast<int>(QType::Q2_K)] = &by_groups<MvK2<false>::K>;
-  t.matvec[static_cast<int>(QType::Q3_K)] = &by_groups<MvK2<true>::K>;
+template <QType T>
+void matvec_vnni(const MatArgs& a, int64_t r0, int64_t r1) {
+  if constexpr (T == QType::Q4_0) {
+    by_groups<MvLegacy<BlockQ4_0, false, false, 8>::K>(a, r0, r1);
+  } else if constexpr (T == QType::Q4_1) {
+    by_groups<MvLegacy<BlockQ4_1, false, true, 0>::K>(a, r0, r1);
+  } else if constexpr (T == QType::Q5_0) {
+    by_groups<MvLegacy<BlockQ5_0, true, false, 16>::K>(a, r0, r1);
+  } else if constexpr (T == QType::Q5_1) {
+    by_groups<MvLegacy<BlockQ5_1, true, true, 0>::K>(a, r0, r1);
+  } else if constexpr (T == QType::Q8_0) {
+    by_groups<MvQ8_0>(a, r0, r1);
+  } else if constexpr (T == QType::Q2_K) {
+    by_groups<MvK2<false>::K>(a, r0, r1);
+  } else if constexpr (T == QType::Q3_K) {
+    by_groups<MvK2<true>::K>(a, r0, r1);
+  } else if constexpr (T == QType::Q4_K) {
+    by_groups<MvK4<BlockQ4_K, false>::K>(a, r0, r1);
+  } else if constexpr (T == QType::Q5_K) {
+    by_groups<MvK4<BlockQ5_K, true>::K>(a, r0, r1);
+  } else if constexpr (T == QType::Q6_K) {
+    by_groups<MvQ6_K>(a, r0, r1);
+  } else {
+    static_assert(kNoKernelFor<T>, "no VNNI matvec for this type");
+  }
 }
 
-#endif  // PYLLM_ISA_AVX512
+PYLLM_KERNEL_FOR(matvec_vnni, Q4_0)
+PYLLM_KERNEL_FOR(matvec_vnni, Q4_1)
+PYLLM_KERNEL_FOR(matvec_vnni, Q5_0)
+PYLLM_KERNEL_FOR(matvec_vnni, Q5_1)
+PYLLM_KERNEL_FOR(matvec_vnni, Q8_0)
+PYLLM_KERNEL_FOR(matvec_vnni, Q2_K)
+PYLLM_KERNEL_FOR(matvec_vnni, Q3_K)
+PYLLM_KERNEL_FOR(matvec_vnni, Q4_K)
+PYLLM_KERNEL_FOR(matvec_vnni, Q5_K)
+PYLLM_KERNEL_FOR(matvec_vnni, Q6_K)
 
 }  // namespace PYLLM_ISA
 }  // namespace pyllm

@@ -55,7 +55,9 @@
 
 #include <atomic>
 #include <cstdint>
+#include <vector>
 
+#include "pyllm/cpu.h"
 #include "pyllm/qtype.h"
 #include "pyllm/repack.h"
 #include "pyllm/threadpool.h"
@@ -124,5 +126,15 @@ bool matmul_has_rows16_kernel(QType wtype);
 
 // Bytes of one weight row of k elements; throws std::invalid_argument like check_matmul.
 int64_t matmul_row_bytes(QType wtype, int64_t k);
+
+// Which kernels the table of a compiled ISA has for one weight type (the tables themselves are
+// csrc/cpu/isa/table_<isa>.cc). For tests: every weight type needs matvec and matmat everywhere.
+struct MatmulKernels {
+  QType type;
+  bool matvec, matmat, matvec_r16, matmat_r16;
+};
+// The types with at least one kernel in isa's table, by type id; throws std::invalid_argument if
+// isa is not compiled into this build.
+std::vector<MatmulKernels> matmul_kernels(Isa isa);
 
 }  // namespace pyllm

@@ -1,0 +1,46 @@
+// The kernel table of the AVX2 build: int16-split decode kernels (matvec_avx2.cc) for the block
+// types of at most 6 bits, F32 math for the rest and for every prefill; no rows16 kernels
+// (rows16 weights are unpacked to GGUF rows for these kernels, see matmul.cc).
+#include "cpu/isa/kernels.h"
+
+#if !defined(PYLLM_ISA_AVX2)
+#error "table_avx2.cc is the table of the AVX2 build (CMakeLists.txt)"
+#endif
+
+namespace pyllm {
+namespace PYLLM_ISA {
+
+namespace {
+
+// From this many tokens on, matmat beats matvec (8 tokens of Q4_K: 2.1 ms by the F32 panel
+// kernel vs ~1.2 ms by matvec).
+constexpr int kMatmatMinTokens = 16;
+
+using Q = QType;
+constexpr TypeKernels kRows[] = {
+    // type   matvec (decode)             matmat (prefill)     matvec_r16  matmat_r16
+    {Q::F32,  matvec_float<Q::F32>,       matmat_f32<Q::F32>,  nullptr,    nullptr},
+    {Q::F16,  matvec_float<Q::F16>,       matmat_f32<Q::F16>,  nullptr,    nullptr},
+    {Q::BF16, matvec_float<Q::BF16>,      matmat_f32<Q::BF16>, nullptr,    nullptr},
+    {Q::Q4_0, matvec_avx2_int16<Q::Q4_0>, matmat_f32<Q::Q4_0>, nullptr,    nullptr},
+    {Q::Q4_1, matvec_avx2_int16<Q::Q4_1>, matmat_f32<Q::Q4_1>, nullptr,    nullptr},
+    {Q::Q5_0, matvec_avx2_int16<Q::Q5_0>, matmat_f32<Q::Q5_0>, nullptr,    nullptr},
+    {Q::Q5_1, matvec_avx2_int16<Q::Q5_1>, matmat_f32<Q::Q5_1>, nullptr,    nullptr},
+    {Q::Q8_0, matvec_avx2_q8_0_f32,       matmat_f32<Q::Q8_0>, nullptr,    nullptr},
+    {Q::Q2_K, matvec_avx2_int16<Q::Q2_K>, matmat_f32<Q::Q2_K>, nullptr,    nullptr},
+    {Q::Q3_K, matvec_avx2_int16<Q::Q3_K>, matmat_f32<Q::Q3_K>, nullptr,    nullptr},
+    {Q::Q4_K, matvec_avx2_int16<Q::Q4_K>, matmat_f32<Q::Q4_K>, nullptr,    nullptr},
+    {Q::Q5_K, matvec_avx2_int16<Q::Q5_K>, matmat_f32<Q::Q5_K>, nullptr,    nullptr},
+    {Q::Q6_K, matvec_avx2_int16<Q::Q6_K>, matmat_f32<Q::Q6_K>, nullptr,    nullptr},
+};
+
+}  // namespace
+
+const KernelTable& kernel_table() {
+  static const KernelTable table =
+      make_kernel_table(Isa::Avx2, kMatmatF32Rows, kMatmatMinTokens, kRows);
+  return table;
+}
+
+}  // namespace PYLLM_ISA
+}  // namespace pyllm

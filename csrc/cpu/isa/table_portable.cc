@@ -1,0 +1,51 @@
+// The kernel table of the portable builds (scalar, and neon, whose kernels are the same code
+// compiled for NEON): F32 math for every weight type, no rows16 kernels (rows16 weights are
+// unpacked to GGUF rows for these kernels, see matmul.cc).
+#include "cpu/isa/kernels.h"
+
+#if !defined(PYLLM_ISA_SCALAR) && !defined(PYLLM_ISA_NEON)
+#error "table_portable.cc is the table of the scalar and neon builds (CMakeLists.txt)"
+#endif
+
+namespace pyllm {
+namespace PYLLM_ISA {
+
+namespace {
+
+#if defined(PYLLM_ISA_NEON)
+constexpr Isa kIsa = Isa::Neon;
+#else
+constexpr Isa kIsa = Isa::Scalar;
+#endif
+
+// From this many tokens on, the F32 panel kernel beats the per-token matvec.
+constexpr int kMatmatMinTokens = 16;
+
+using Q = QType;
+constexpr TypeKernels kRows[] = {
+    // type   matvec (decode)         matmat (prefill)      matvec_r16  matmat_r16
+    {Q::F32,  matvec_float<Q::F32>,   matmat_f32<Q::F32>,   nullptr,    nullptr},
+    {Q::F16,  matvec_float<Q::F16>,   matmat_f32<Q::F16>,   nullptr,    nullptr},
+    {Q::BF16, matvec_float<Q::BF16>,  matmat_f32<Q::BF16>,  nullptr,    nullptr},
+    {Q::Q4_0, matvec_blocks<Q::Q4_0>, matmat_f32<Q::Q4_0>,  nullptr,    nullptr},
+    {Q::Q4_1, matvec_blocks<Q::Q4_1>, matmat_f32<Q::Q4_1>,  nullptr,    nullptr},
+    {Q::Q5_0, matvec_blocks<Q::Q5_0>, matmat_f32<Q::Q5_0>,  nullptr,    nullptr},
+    {Q::Q5_1, matvec_blocks<Q::Q5_1>, matmat_f32<Q::Q5_1>,  nullptr,    nullptr},
+    {Q::Q8_0, matvec_blocks<Q::Q8_0>, matmat_f32<Q::Q8_0>,  nullptr,    nullptr},
+    {Q::Q2_K, matvec_blocks<Q::Q2_K>, matmat_f32<Q::Q2_K>,  nullptr,    nullptr},
+    {Q::Q3_K, matvec_blocks<Q::Q3_K>, matmat_f32<Q::Q3_K>,  nullptr,    nullptr},
+    {Q::Q4_K, matvec_blocks<Q::Q4_K>, matmat_f32<Q::Q4_K>,  nullptr,    nullptr},
+    {Q::Q5_K, matvec_blocks<Q::Q5_K>, matmat_f32<Q::Q5_K>,  nullptr,    nullptr},
+    {Q::Q6_K, matvec_blocks<Q::Q6_K>, matmat_f32<Q::Q6_K>,  nullptr,    nullptr},
+};
+
+}  // namespace
+
+const KernelTable& kernel_table() {
+  static const KernelTable table =
+      make_kernel_table(kIsa, kMatmatF32Rows, kMatmatMinTokens, kRows);
+  return table;
+}
+
+}  // namespace PYLLM_ISA
+}  // namespace pyllm
