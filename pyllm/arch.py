@@ -8,7 +8,7 @@ converters). Everything is validated here, in Python, before any pointer reaches
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pyllm.errors import ModelError
@@ -25,14 +25,29 @@ WEIGHT_TYPES = frozenset({
 })
 
 # GGUF rope.scaling.type values; they are the member names of pyllm._core.RopeScaling, which
-# HParams.core_dict hands to C++ (tests/test_model.py checks that the two lists agree).
+# HParams.to_core hands to C++ (tests/test_model.py checks that the two lists agree).
 ROPE_SCALING = ("none", "linear", "yarn", "dynamic")
 
-LAYER_TENSORS = ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
-                 "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight",
-                 "ffn_down.weight")
-OPTIONAL_LAYER_TENSORS = ("attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias",
-                          "ffn_gate.bias", "ffn_up.bias", "ffn_down.bias")
+# The GGUF tensor names are spelled here and nowhere else: each maps to the slot of the C++
+# ModelWeights / LayerWeights that holds it (pyllm._core.MODEL_WEIGHT_SLOTS / LAYER_WEIGHT_SLOTS;
+# tests/test_model.py checks that the slots are the C++ ones).
+MODEL_TENSORS = {"token_embd.weight": "tok_embd", "output_norm.weight": "output_norm"}
+OPTIONAL_MODEL_TENSORS = {
+    "output.weight": "output",  # absent: tied to the embeddings
+    "rope_freqs.weight": "rope_freqs",  # Llama-3.1 frequency factors
+}
+LAYER_TENSORS = {
+    "attn_norm.weight": "attn_norm", "attn_q.weight": "wq", "attn_k.weight": "wk",
+    "attn_v.weight": "wv", "attn_output.weight": "wo", "ffn_norm.weight": "ffn_norm",
+    "ffn_gate.weight": "w_gate", "ffn_up.weight": "w_up", "ffn_down.weight": "w_down",
+}
+OPTIONAL_LAYER_TENSORS = {
+    "attn_q.bias": "bq", "attn_k.bias": "bk", "attn_v.bias": "bv", "attn_output.bias": "bo",
+    "ffn_gate.bias": "b_gate", "ffn_up.bias": "b_up", "ffn_down.bias": "b_down",
+}
+
+# (ggml type id, flat byte view, cols, rows, name in the file): one weight as C++ takes it
+TensorSpec = tuple[int, Any, int, int, str]
 
 
 @dataclass(frozen=True)
@@ -58,16 +73,22 @@ class HParams:
     yarn_attn_factor: float = 1.0
     yarn_ext_factor: float = -1.0
 
-    def core_dict(self) -> dict[str, Any]:
-        """The fields as ``pyllm._core.Model`` takes them (enums as the bound C++ enums)."""
-        from pyllm._native import load_core
+    def to_core(self, core: Any) -> Any:
+        """The same fields as a ``core.HParams`` (the bound C++ struct), in one loop.
 
-        d = asdict(self)
-        _core = load_core(ModelError)
-        d.pop("arch")
-        d["rope_scaling"] = _core.RopeScaling.__members__[self.rope_scaling]
-        return d
-
+        Enum fields (rope_scaling) go over as the bound C++ enum member of the same name.
+        """
+        out = core.HParams()
+        for f in fields(self):
+            value = getattr(self, f.name)
+            enum_type = type(getattr(out, f.name))
+            if hasattr(enum_type, "__members__"):
+                value = enum_type.__members__[value]
+            try:
+                setattr(out, f.name, value)
+            except TypeError:  # e.g. an int metadata value beyond the C++ int
+                raise ModelError(f"hyper-parameter {f.name} = {value!r} is out of range") from None
+        return out
 
 def _int(md: dict[str, Any], key: str, default: int | None = None) -> int:
     value = md.get(key, default)
@@ -151,33 +172,41 @@ def read_hparams(reader: GGUFReader) -> HParams:
     return hp
 
 
-def _spec(t: TensorInfo) -> tuple[int, Any, int, int]:
-    """(type id, flat byte view, cols, rows) as the C++ Model expects; 1-D tensors are one row."""
+def _spec(t: TensorInfo) -> TensorSpec:
+    """One tensor as the C++ Model expects it; 1-D tensors are one row."""
     if t.type not in WEIGHT_TYPES:
         raise ModelError(f"tensor {t.name}: type {t.type.name} is not supported for computation")
     if len(t.dims) > 2:
         raise ModelError(f"tensor {t.name}: expected at most 2 dimensions, got {list(t.dims)}")
     rows = t.dims[1] if len(t.dims) == 2 else 1
-    return int(t.type), t.raw, int(t.dims[0]), int(rows)
+    return int(t.type), t.raw, int(t.dims[0]), int(rows), t.name
 
 
-def collect_tensors(reader: GGUFReader, hp: HParams) -> dict[str, tuple[int, Any, int, int]]:
-    """The weights the forward pass reads, by GGUF name; raises ModelError for missing ones."""
-    out: dict[str, tuple[int, Any, int, int]] = {}
+@dataclass(frozen=True)
+class ModelTensors:
+    """The weights the forward pass reads, by C++ slot: the model-wide ones and one dict per
+    layer (``pyllm._core.Model(hparams, tensors.model, tensors.layers)``)."""
 
-    def take(name: str, required: bool = True) -> None:
-        if reader.has_tensor(name):
-            out[name] = _spec(reader.tensor(name))
-        elif required:
-            raise ModelError(f"missing tensor {name}")
+    model: dict[str, TensorSpec] = field(default_factory=dict)
+    layers: list[dict[str, TensorSpec]] = field(default_factory=list)
 
-    take("token_embd.weight")
-    take("output_norm.weight")
-    take("output.weight", required=False)
-    take("rope_freqs.weight", required=False)
-    for i in range(hp.n_layer):
-        for suffix in LAYER_TENSORS:
-            take(f"blk.{i}.{suffix}")
-        for suffix in OPTIONAL_LAYER_TENSORS:
-            take(f"blk.{i}.{suffix}", required=False)
+
+def _take(reader: GGUFReader, names: dict[str, str], optional: dict[str, str],
+          prefix: str = "") -> dict[str, TensorSpec]:
+    out: dict[str, TensorSpec] = {}
+    for table, required in ((names, True), (optional, False)):
+        for name, slot in table.items():
+            if reader.has_tensor(prefix + name):
+                out[slot] = _spec(reader.tensor(prefix + name))
+            elif required:
+                raise ModelError(f"missing tensor {prefix + name}")
     return out
+
+
+def collect_tensors(reader: GGUFReader, hp: HParams) -> ModelTensors:
+    """The weights of the forward pass; raises ModelError naming a missing or unusable one."""
+    return ModelTensors(
+        model=_take(reader, MODEL_TENSORS, OPTIONAL_MODEL_TENSORS),
+        layers=[_take(reader, LAYER_TENSORS, OPTIONAL_LAYER_TENSORS, f"blk.{i}.")
+                for i in range(hp.n_layer)],
+    )

@@ -44,20 +44,27 @@ def kv_cache_bytes(hp: HParams, n_ctx: int, kv_type: str = DEFAULT_KV_TYPE, n_se
 
 
 def scratch_bytes(hp: HParams, n_ctx: int, n_batch: int, n_threads: int) -> int:
-    """Bytes of the activations of one chunk of ``n_batch`` tokens, its logits, and the
-    attention kernel's per-thread scratch."""
+    """Bytes of the activations of one chunk of ``n_batch`` tokens and the attention kernel's
+    per-thread scratch (allocated with the context and kept)."""
     q_dim = hp.n_head * hp.head_dim
     kv_dim = hp.n_head_kv * hp.head_dim
-    per_token = (hp.n_embd + max(hp.n_embd, q_dim) + 2 * q_dim + 2 * kv_dim + 2 * hp.n_ff
-                 + hp.n_vocab)
+    per_token = hp.n_embd + max(hp.n_embd, q_dim) + 2 * q_dim + 2 * kv_dim + 2 * hp.n_ff
     attention = _ATTENTION_ROWS * (n_ctx + _ATTENTION_KEYS + hp.head_dim) + \
         _ATTENTION_KEYS * hp.head_dim
     return 4 * (n_batch * per_token + n_threads * attention)
 
 
+def logits_bytes(hp: HParams, n_batch: int) -> int:
+    """The float32 logits of every position of one chunk: what a call asking for all of them
+    (perplexity, ``LLM.logits``) allocates while it runs."""
+    return 4 * n_batch * hp.n_vocab
+
+
 def context_bytes(hp: HParams, n_ctx: int, n_batch: int, n_threads: int,
                   kv_type: str = DEFAULT_KV_TYPE, n_seq: int = 1) -> int:
-    return kv_cache_bytes(hp, n_ctx, kv_type, n_seq) + scratch_bytes(hp, n_ctx, n_batch, n_threads)
+    """The peak of a context: what it allocates and keeps, plus one chunk's logits."""
+    return (kv_cache_bytes(hp, n_ctx, kv_type, n_seq) + scratch_bytes(hp, n_ctx, n_batch, n_threads)
+            + logits_bytes(hp, n_batch))
 
 
 def check_context_fits(hp: HParams, n_ctx: int, n_batch: int, n_threads: int,

@@ -1,9 +1,9 @@
-"""The decode loop: prompt -> tokens -> streamed text, with stop strings and stop tokens.
+"""The single-sequence decode loop: prompt -> tokens -> streamed text, over one LLM's context.
 
-Per generated token the loop makes one forward call (``LLM.eval``) and one sampling call into
-C++; everything else here is cheap bookkeeping. Stop strings are matched on the decoded text, so
-they work across token boundaries; text that might be the start of a stop string is held back
-until it is known not to be one, and a stop string itself is never emitted.
+Per generated token the loop makes one forward call (``LLM.eval_token``) and one step of
+:class:`pyllm.steps.SequenceSteps` (the sampling call into C++, stop tokens, stop strings matched
+on the decoded text across token boundaries with hold-back, limits, logprobs), the same step
+machine the batching server drives. Also here: the prompt of a text or a conversation.
 """
 
 from __future__ import annotations
@@ -17,12 +17,23 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pyllm.errors import ContextError, PyllmError, SamplingError
-from pyllm.model import common_prefix
+from pyllm.errors import ContextError, PyllmError
+from pyllm.steps import (
+    UNTIL_DONE,
+    Released,
+    SequenceSteps,
+    StopMatcher,
+    common_prefix,
+    resolve_max_tokens,
+)
 
 if TYPE_CHECKING:
     from pyllm.model import LLM
     from pyllm.sampling import SamplingParams
+
+# StopMatcher, UNTIL_DONE and resolve_max_tokens live in pyllm.steps; imported from here too.
+__all__ = ["UNTIL_DONE", "Generation", "Piece", "StopMatcher", "TokenLogprob", "chat_prompt",
+           "prompt_tokens", "resolve_max_tokens", "stop_token_ids"]
 
 
 # Test hook: with PYLLM_TEST_HOLD_AFTER=N the first generation of the process stops after N
@@ -40,52 +51,6 @@ def _hold() -> None:
         with open(flag, "w"):
             pass
     threading.Event().wait()  # until a signal (KeyboardInterrupt) ends the wait
-
-UNTIL_DONE = -1  # max_tokens meaning "until an end token or a full context", as llama.cpp's -n
-
-
-def resolve_max_tokens(max_tokens: int | None) -> int | None:
-    """The one reading of a token limit (CLI ``-n``, Python ``max_tokens``, the server's field):
-    None or -1 = until done (returned as None), 0 = generate nothing, N > 0 = at most N."""
-    if max_tokens is None or (not isinstance(max_tokens, bool) and max_tokens == UNTIL_DONE):
-        return None
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
-        raise SamplingError(f"max_tokens must be -1 (until done), 0 (nothing) or a positive "
-                            f"count, got {max_tokens!r}")
-    return max_tokens
-
-
-class StopMatcher:
-    """Finds the earliest stop string in a growing text and holds back possible stop prefixes."""
-
-    def __init__(self, stops: Iterable[str]) -> None:
-        self.stops = [s for s in dict.fromkeys(stops) if s]
-        self._buf = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """Add text; returns (text safe to emit, whether a stop string was reached)."""
-        self._buf += text
-        if not self.stops:
-            out, self._buf = self._buf, ""
-            return out, False
-        hits = [i for i in (self._buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out = self._buf[: min(hits)]
-            self._buf = ""
-            return out, True
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self._buf)), hold, -1):
-                if self._buf.endswith(s[:k]):
-                    hold = k
-                    break
-        cut = len(self._buf) - hold
-        out, self._buf = self._buf[:cut], self._buf[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self._buf = self._buf, ""
-        return out
 
 
 @dataclass
@@ -106,15 +71,14 @@ class Piece:
 
 
 class Generation:
-    """Iterator of :class:`Piece` for one prompt. After exhaustion, ``finish_reason`` is
-    ``"stop"`` (EOS / end-of-turn token or stop string) or ``"length"`` (max_tokens or n_ctx),
-    and ``tokens`` holds every generated token id."""
+    """Iterator of :class:`Piece` for one prompt, driving :class:`pyllm.steps.SequenceSteps`
+    with one ``LLM.eval_token`` per step. After exhaustion, ``finish_reason`` is ``"stop"``
+    (EOS / end-of-turn token or stop string) or ``"length"`` (max_tokens or n_ctx), and
+    ``tokens`` holds every generated token id."""
 
     def __init__(self, llm: LLM, prompt_tokens: Sequence[int], params: SamplingParams,
                  max_tokens: int | None, stop: Sequence[str] = (),
                  stop_tokens: Iterable[int] = (), logprobs: int | None = None) -> None:
-        from pyllm.sampling import Sampler
-
         max_tokens = resolve_max_tokens(max_tokens)
         if not prompt_tokens:
             raise PyllmError("the prompt is empty (no tokens)")
@@ -124,18 +88,23 @@ class Generation:
         self.llm = llm
         self.prompt_tokens = list(prompt_tokens)
         self.max_tokens = max_tokens
-        self.sampler = Sampler(params, llm.n_vocab)
-        self.stop_tokens = frozenset(stop_tokens)
-        self.matcher = StopMatcher(stop)
-        self.decoder = llm.tokenizer.decoder(skip_special=True)
-        self.n_logprobs = logprobs
-        self.tokens: list[int] = []
-        self.finish_reason: str | None = None
+        self.steps = SequenceSteps(llm.tokenizer, llm.n_vocab, self.prompt_tokens, params,
+                                   max_tokens=max_tokens, n_ctx=llm.n_ctx, stop=stop,
+                                   stop_tokens=stop_tokens, logprobs=logprobs)
+        self.sampler = self.steps.sampler
         # seconds spent in the prompt forward / the per-token forward+sampling, for --verbose
         self.t_prompt = 0.0
         self.t_generate = 0.0
         self.n_prompt_evaluated = 0
         self._iter = self._run()
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.steps.tokens
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.steps.finish_reason
 
     def __iter__(self) -> Iterator[Piece]:
         return self._iter
@@ -143,25 +112,9 @@ class Generation:
     def __next__(self) -> Piece:
         return next(self._iter)
 
-    def _logprob(self, logits: np.ndarray, token: int, text: str) -> TokenLogprob:
-        x = logits.astype(np.float64)
-        lse = np.log(np.exp(x - x.max()).sum()) + x.max()
-        lp = x - lse
-        top: list[tuple[int, str, float]] = []
-        if self.n_logprobs:
-            k = min(self.n_logprobs, lp.size)
-            idx = np.argpartition(-lp, k - 1)[:k]
-            idx = idx[np.argsort(-lp[idx])]
-            tok = self.llm.tokenizer
-            top = [(int(i), tok.token_to_piece(int(i)), float(lp[i])) for i in idx]
-        return TokenLogprob(token, text, float(lp[token]), top)
-
     def _run(self) -> Iterator[Piece]:
         llm = self.llm
-        # As llama.cpp: the prompt counts as history for the repetition penalties.
-        self.sampler.accept_many(self.prompt_tokens)
-        if self.max_tokens == 0:  # nothing asked for: no forward pass either
-            self.finish_reason = "length"
+        if self.steps.done:  # nothing asked for: no forward pass either
             return
         t0 = time.perf_counter()
         before = llm.tokens
@@ -177,37 +130,27 @@ class Generation:
             self.t_generate = time.perf_counter() - t0
 
     def _loop(self, logits: np.ndarray) -> Iterator[Piece]:
-        llm = self.llm
+        steps = self.steps
         while True:
-            if self.max_tokens is not None and len(self.tokens) >= self.max_tokens:
-                self.finish_reason = "length"
-                break
-            token = self.sampler.sample(logits)
-            if token in self.stop_tokens:
-                self.finish_reason = "stop"
-                break
-            self.sampler.accept(token)
-            self.tokens.append(token)
-            raw = self.decoder.feed(token)
-            lp = self._logprob(logits, token, raw) if self.n_logprobs is not None else None
-            text, stopped = self.matcher.push(raw)
-            if stopped:
-                if text:
-                    yield Piece(text, token, lp)
-                self.finish_reason = "stop"
+            for out in steps.advance(logits):
+                # a token whose text was all stop string releases nothing here
+                if out.text or (out.token is not None and not steps.stopped_by_string):
+                    yield Piece(out.text, out.token, self._logprob(out))
+            if steps.stopped_by_string:
                 return
-            yield Piece(text, token, lp)
-            if _HOLD_AFTER is not None and len(self.tokens) == _HOLD_AFTER and not _held.is_set():
+            if (_HOLD_AFTER is not None and len(steps.tokens) == _HOLD_AFTER
+                    and not _held.is_set()):
                 _hold()
-            if len(self.prompt_tokens) + len(self.tokens) >= llm.n_ctx:
-                # prompt + output fill the context: stop rather than overrun it
-                self.finish_reason = "length"
-                break
-            logits = llm.eval_token(token)
-        rest, stopped = self.matcher.push(self.decoder.flush())
-        rest += "" if stopped else self.matcher.flush()
-        if rest:
-            yield Piece(rest, None)
+            if steps.done:
+                return
+            logits = self.llm.eval_token(steps.tokens[-1])
+
+    def _logprob(self, out: Released) -> TokenLogprob | None:
+        if out.logprob is None or out.token is None:
+            return None
+        piece = self.llm.tokenizer.token_to_piece
+        return TokenLogprob(out.token, out.raw, out.logprob.logprob,
+                            [(t, piece(t), lp) for t, lp in out.logprob.top_logprobs])
 
 
 def stop_token_ids(llm: LLM) -> set[int]:

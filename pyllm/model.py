@@ -30,6 +30,7 @@ from pyllm.footprint import (
 )
 from pyllm.gguf import GGUFReader
 from pyllm.models import resolve_model_path
+from pyllm.steps import common_prefix
 from pyllm.sysinfo import available_cpus
 
 if TYPE_CHECKING:
@@ -46,16 +47,6 @@ class LLMState:
     tokens: tuple[int, ...]
     kv: bytes
     last_logits: np.ndarray | None
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token sequences."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def cap_threads(n_threads: int | None) -> int | None:
@@ -115,8 +106,9 @@ class LLM:
             core = _core()
             # The tensors are views of the reader's read-only file mapping, so the pages of
             # the matrices copied into the rows16 layout can be handed back to the page cache.
-            self._model = core.Model(self.hparams.core_dict(), tensors, repack=bool(repack),
-                                     release_source=True, n_threads=n_threads or 0)
+            self._model = core.Model(self.hparams.to_core(core), tensors.model, tensors.layers,
+                                     repack=bool(repack), release_source=True,
+                                     n_threads=n_threads or 0)
             # checked once the weights are in place: the repacked copy counts against the room
             check_context_fits(self.hparams, n_ctx, n_batch,
                                n_threads or available_cpus(), kv_type)

@@ -281,11 +281,74 @@ def test_context_takes_the_enum_not_an_int(tiny_dir: Path) -> None:
         assert _core.Context(llm._model, n_ctx=16, kv_type=_core.KVType.f32).n_ctx == 16
         with pytest.raises(TypeError):
             _core.Context(llm._model, n_ctx=16, kv_type=1)
-        hp = dict(llm.hparams.core_dict())
-        assert hp["rope_scaling"] is _core.RopeScaling.none
-        hp["rope_scaling"] = 0
-        with pytest.raises(RuntimeError, match="RopeScaling|convert|cast"):
-            _core.Model(hp, {})
+        hp = llm.hparams.to_core(_core)
+        assert hp.rope_scaling == _core.RopeScaling.none
+        with pytest.raises(TypeError):
+            hp.rope_scaling = 0
+
+
+def test_hparams_fields_are_the_bound_cpp_fields() -> None:
+    """pyllm.arch.HParams and the C++ HParams (bound field by field) have the same fields, so a
+    field added on one side only fails here; to_core copies every one of them."""
+    from dataclasses import fields
+
+    from pyllm import _core
+    from pyllm.arch import HParams
+
+    bound = {name for name, v in vars(_core.HParams).items() if isinstance(v, property)}
+    assert {f.name for f in fields(HParams)} == bound
+    hp = HParams(arch="qwen2", n_vocab=11, n_embd=12, n_layer=13, n_head=14, n_head_kv=7,
+                 head_dim=16, n_ff=17, n_rot=8, n_ctx_train=19, rms_eps=0.25, rope_base=21.5,
+                 rope_neox=True, rope_scaling="yarn", rope_factor=2.5, rope_orig_ctx=23,
+                 yarn_beta_fast=24.5, yarn_beta_slow=0.5, yarn_attn_factor=0.75,
+                 yarn_ext_factor=0.125)
+    core = hp.to_core(_core)
+    for f in fields(HParams):
+        got = getattr(core, f.name)
+        assert (got.name if f.name == "rope_scaling" else got) == getattr(hp, f.name), f.name
+    with pytest.raises(ModelError, match="n_embd = 4294967296 is out of range"):
+        dataclasses.replace(hp, n_embd=2**32).to_core(_core)
+
+
+def test_tensor_names_map_onto_the_cpp_weight_slots() -> None:
+    """The GGUF names live only in pyllm.arch, mapped onto the C++ slot names; the slots are
+    exactly the C++ ones (a slot renamed on one side only fails here)."""
+    from pyllm import _core
+    from pyllm.arch import (
+        LAYER_TENSORS,
+        MODEL_TENSORS,
+        OPTIONAL_LAYER_TENSORS,
+        OPTIONAL_MODEL_TENSORS,
+    )
+
+    model_slots = [*MODEL_TENSORS.values(), *OPTIONAL_MODEL_TENSORS.values()]
+    layer_slots = [*LAYER_TENSORS.values(), *OPTIONAL_LAYER_TENSORS.values()]
+    assert sorted(model_slots) == sorted(_core.MODEL_WEIGHT_SLOTS)
+    assert sorted(layer_slots) == sorted(_core.LAYER_WEIGHT_SLOTS)
+
+
+def test_cpp_model_checks_what_python_hands_it(tiny_dir: Path) -> None:
+    """Defence in depth behind pyllm.arch: C++ names the file's tensor in a shape error, the
+    layer and slot of a missing one, and rejects slot names it does not have."""
+    from pyllm import _core
+    from pyllm.arch import collect_tensors
+
+    with LLM(tiny(tiny_dir, "gqa"), n_ctx=16) as llm:
+        hp, t = llm.hparams.to_core(_core), collect_tensors(llm._reader, llm.hparams)
+        layers = [dict(layer) for layer in t.layers]
+        assert _core.Model(hp, t.model, layers).n_layer == len(layers)
+        wk = layers[0]["wk"]
+        layers[0]["wk"] = (wk[0], wk[1], wk[2], wk[3] // 2, wk[4])
+        with pytest.raises(ValueError, match=r"^blk\.0\.attn_k\.weight: shape \d+x\d+, expected"):
+            _core.Model(hp, t.model, layers)
+        layers[0] = {k: v for k, v in t.layers[0].items() if k != "w_up"}
+        with pytest.raises(ValueError, match="^missing tensor for layer 0 w_up$"):
+            _core.Model(hp, t.model, layers)
+        layers[0] = {**t.layers[0], "attn_q.weight": t.layers[0]["wq"]}
+        with pytest.raises(ValueError, match="^layer 0 unknown weight slot 'attn_q.weight'$"):
+            _core.Model(hp, t.model, layers)
+        with pytest.raises(ValueError, match="layers were given"):
+            _core.Model(hp, t.model, layers[:1])
 
 
 def test_closed_llm(tiny_dir: Path) -> None:

@@ -195,6 +195,34 @@ def test_engine_stop_string_and_zero_tokens(llm: LLM, engine: Engine) -> None:
     assert events == [DoneEvent("length", len(llm.tokenize("Hi")), 0)]
 
 
+def test_engine_and_python_api_share_one_step_machine(llm: LLM, engine: Engine) -> None:
+    """The server and LLM.create_completion run the same per-token steps: same tokens, same
+    text pieces, and logprobs from the same computation (so equal, not merely close)."""
+    prompt = llm.tokenize("The capital of France is")
+    events: list[Any] = []
+    done = threading.Event()
+
+    def on_event(ev: Any) -> None:
+        events.append(ev)
+        if isinstance(ev, DoneEvent):
+            done.set()
+
+    engine.submit(Request(prompt, SamplingParams(temperature=0), on_event, max_tokens=6,
+                          stop=[" capital"], logprobs=3))
+    assert done.wait(30)
+    out = llm.create_completion(prompt, max_tokens=6, stop=[" capital"], logprobs=3,
+                                temperature=0)
+    tokens = [e for e in events if isinstance(e, TokenEvent) and e.logprob is not None]
+    lp = out["choices"][0]["logprobs"]
+    assert [llm.tokenizer.token_to_piece(e.token) for e in tokens] == lp["tokens"]
+    assert [e.logprob.logprob for e in tokens] == lp["token_logprobs"]
+    assert [{llm.tokenizer.token_to_piece(t): v for t, v in e.logprob.top_logprobs}
+            for e in tokens] == lp["top_logprobs"]
+    text = "".join(e.text for e in events if isinstance(e, TokenEvent))
+    assert text == out["choices"][0]["text"]
+    assert events[-1].finish_reason == out["choices"][0]["finish_reason"]
+
+
 def test_engine_max_tokens_minus_one_runs_until_the_context_is_full(llm: LLM) -> None:
     """llama.cpp's n_predict: -1 (and None) = until end-of-generation or a full slot; below -1
     is refused."""

@@ -6,6 +6,7 @@
 
 #include <memory>
 #include <string>
+#include <utility>
 
 #include "bindings/register.h"
 #include "pyllm/model.h"
@@ -21,16 +22,37 @@ struct PyModel {
   py::object keep_alive;
 };
 
-WeightView view_from(const py::handle& spec, const std::string& name) {
-  // spec = (type_id, buffer, cols, rows)
+// The weight slots by their C++ names. pyllm/arch.py maps the GGUF tensor names onto these
+// (the file's names are spelled only there); the binding exports both lists so that a test can
+// check that the two sides agree.
+constexpr std::pair<const char*, WeightView ModelWeights::*> kModelSlots[] = {
+    {"tok_embd", &ModelWeights::tok_embd},
+    {"output_norm", &ModelWeights::output_norm},
+    {"output", &ModelWeights::output},
+    {"rope_freqs", &ModelWeights::rope_freqs},
+};
+constexpr std::pair<const char*, WeightView LayerWeights::*> kLayerSlots[] = {
+    {"attn_norm", &LayerWeights::attn_norm}, {"wq", &LayerWeights::wq},
+    {"wk", &LayerWeights::wk},               {"wv", &LayerWeights::wv},
+    {"wo", &LayerWeights::wo},               {"ffn_norm", &LayerWeights::ffn_norm},
+    {"w_gate", &LayerWeights::w_gate},       {"w_up", &LayerWeights::w_up},
+    {"w_down", &LayerWeights::w_down},       {"bq", &LayerWeights::bq},
+    {"bk", &LayerWeights::bk},               {"bv", &LayerWeights::bv},
+    {"bo", &LayerWeights::bo},               {"b_gate", &LayerWeights::b_gate},
+    {"b_up", &LayerWeights::b_up},           {"b_down", &LayerWeights::b_down},
+};
+
+WeightView view_from(const py::handle& spec, const std::string& slot) {
+  // spec = (type_id, buffer, cols, rows, name in the file)
   auto t = spec.cast<py::tuple>();
-  if (t.size() != 4) throw std::invalid_argument(name + ": expected (type, buffer, cols, rows)");
+  if (t.size() != 5) throw std::invalid_argument(slot + ": expected (type, buffer, cols, rows, name)");
+  WeightView w;
+  w.name = t[4].cast<std::string>();
   py::buffer b = t[1].cast<py::buffer>();
   py::buffer_info info = b.request();
   if (info.ndim != 1 || info.itemsize != 1 || (info.strides.size() && info.strides[0] != 1)) {
-    throw std::invalid_argument(name + ": weights must be a flat contiguous byte buffer");
+    throw std::invalid_argument(w.name + ": weights must be a flat contiguous byte buffer");
   }
-  WeightView w;
   w.type = static_cast<QType>(t[0].cast<uint32_t>());
   w.data = info.ptr;
   w.nbytes = info.size;
@@ -39,65 +61,47 @@ WeightView view_from(const py::handle& spec, const std::string& name) {
   return w;
 }
 
-HParams hparams_from(const py::dict& d) {
-  HParams hp;
-  auto geti = [&](const char* k, int& out) { if (d.contains(k)) out = d[k].cast<int>(); };
-  auto getf = [&](const char* k, float& out) { if (d.contains(k)) out = d[k].cast<float>(); };
-  geti("n_vocab", hp.n_vocab);
-  geti("n_embd", hp.n_embd);
-  geti("n_layer", hp.n_layer);
-  geti("n_head", hp.n_head);
-  geti("n_head_kv", hp.n_head_kv);
-  geti("head_dim", hp.head_dim);
-  geti("n_ff", hp.n_ff);
-  geti("n_rot", hp.n_rot);
-  geti("n_ctx_train", hp.n_ctx_train);
-  getf("rms_eps", hp.rms_eps);
-  getf("rope_base", hp.rope_base);
-  if (d.contains("rope_neox")) hp.rope_neox = d["rope_neox"].cast<bool>();
-  if (d.contains("rope_scaling")) hp.rope_scaling = d["rope_scaling"].cast<RopeScaling>();
-  getf("rope_factor", hp.rope_factor);
-  geti("rope_orig_ctx", hp.rope_orig_ctx);
-  getf("yarn_beta_fast", hp.yarn_beta_fast);
-  getf("yarn_beta_slow", hp.yarn_beta_slow);
-  getf("yarn_attn_factor", hp.yarn_attn_factor);
-  getf("yarn_ext_factor", hp.yarn_ext_factor);
-  return hp;
+// Fills the slots named in `specs` (slot name -> spec); an unknown slot name is an error, so a
+// name changed on one side only cannot be dropped silently.
+template <typename Weights, size_t N>
+void fill_slots(Weights& w, const py::dict& specs,
+                const std::pair<const char*, WeightView Weights::*> (&slots)[N],
+                const std::string& where) {
+  size_t used = 0;
+  for (const auto& [name, member] : slots) {
+    if (!specs.contains(name)) continue;
+    w.*member = view_from(specs[py::str(name)], where + name);
+    ++used;
+  }
+  if (used != py::len(specs)) {
+    for (const auto& item : specs) {
+      const std::string key = py::str(item.first);
+      bool known = false;
+      for (const auto& slot : slots) known = known || key == slot.first;
+      if (!known) throw std::invalid_argument(where + "unknown weight slot '" + key + "'");
+    }
+  }
 }
 
-PyModel make_model(const py::dict& hparams, const py::dict& tensors, bool repack,
-                   bool release_source, int n_threads) {
-  HParams hp = hparams_from(hparams);
+template <typename Slots>
+py::tuple slot_names(const Slots& slots) {
+  py::list names;
+  for (const auto& slot : slots) names.append(slot.first);
+  return py::tuple(names);
+}
+
+PyModel make_model(const HParams& hp, const py::dict& tensors, const py::list& layers,
+                   bool repack, bool release_source, int n_threads) {
+  if (static_cast<int64_t>(py::len(layers)) != hp.n_layer) {
+    throw std::invalid_argument("hparams.n_layer is " + std::to_string(hp.n_layer) + " but " +
+                                std::to_string(py::len(layers)) + " layers were given");
+  }
   ModelWeights w;
-  auto get = [&](const std::string& name) -> WeightView {
-    if (!tensors.contains(name)) return WeightView{};
-    return view_from(tensors[py::str(name)], name);
-  };
-  w.tok_embd = get("token_embd.weight");
-  w.output_norm = get("output_norm.weight");
-  w.output = get("output.weight");
-  w.rope_freqs = get("rope_freqs.weight");
-  if (hp.n_layer < 0 || hp.n_layer > 100000) throw std::invalid_argument("bad layer count");
+  fill_slots(w, tensors, kModelSlots, "");
   w.layers.resize(hp.n_layer);
   for (int i = 0; i < hp.n_layer; ++i) {
-    const std::string p = "blk." + std::to_string(i) + ".";
-    LayerWeights& l = w.layers[i];
-    l.attn_norm = get(p + "attn_norm.weight");
-    l.wq = get(p + "attn_q.weight");
-    l.wk = get(p + "attn_k.weight");
-    l.wv = get(p + "attn_v.weight");
-    l.wo = get(p + "attn_output.weight");
-    l.bq = get(p + "attn_q.bias");
-    l.bk = get(p + "attn_k.bias");
-    l.bv = get(p + "attn_v.bias");
-    l.bo = get(p + "attn_output.bias");
-    l.b_gate = get(p + "ffn_gate.bias");
-    l.b_up = get(p + "ffn_up.bias");
-    l.b_down = get(p + "ffn_down.bias");
-    l.ffn_norm = get(p + "ffn_norm.weight");
-    l.w_gate = get(p + "ffn_gate.weight");
-    l.w_up = get(p + "ffn_up.weight");
-    l.w_down = get(p + "ffn_down.weight");
+    fill_slots(w.layers[i], layers[i].cast<py::dict>(), kLayerSlots,
+               "layer " + std::to_string(i) + " ");
   }
   PyModel m;
   ModelOptions opt;
@@ -108,7 +112,7 @@ PyModel make_model(const py::dict& hparams, const py::dict& tensors, bool repack
     py::gil_scoped_release nogil;  // repacking is a pass over the weights
     m.model = std::make_shared<const Model>(hp, std::move(w), opt);
   }
-  m.keep_alive = tensors;
+  m.keep_alive = py::make_tuple(tensors, layers);
   return m;
 }
 
@@ -128,11 +132,39 @@ void register_model(py::module_& m) {
       .value("f32", KVType::F32);
   m.attr("DEFAULT_KV_TYPE") = ContextParams{}.kv_type;
 
+  // Every field read-write: pyllm.arch.HParams.to_core fills them in one loop over its own
+  // dataclass fields, and tests/test_model.py checks that both sides have the same fields.
+  py::class_<HParams>(m, "HParams", "Hyper-parameters of a Llama-family model.")
+      .def(py::init<>())
+      .def_readwrite("arch", &HParams::arch)
+      .def_readwrite("n_vocab", &HParams::n_vocab)
+      .def_readwrite("n_embd", &HParams::n_embd)
+      .def_readwrite("n_layer", &HParams::n_layer)
+      .def_readwrite("n_head", &HParams::n_head)
+      .def_readwrite("n_head_kv", &HParams::n_head_kv)
+      .def_readwrite("head_dim", &HParams::head_dim)
+      .def_readwrite("n_ff", &HParams::n_ff)
+      .def_readwrite("n_rot", &HParams::n_rot)
+      .def_readwrite("n_ctx_train", &HParams::n_ctx_train)
+      .def_readwrite("rms_eps", &HParams::rms_eps)
+      .def_readwrite("rope_base", &HParams::rope_base)
+      .def_readwrite("rope_neox", &HParams::rope_neox)
+      .def_readwrite("rope_scaling", &HParams::rope_scaling)
+      .def_readwrite("rope_factor", &HParams::rope_factor)
+      .def_readwrite("rope_orig_ctx", &HParams::rope_orig_ctx)
+      .def_readwrite("yarn_beta_fast", &HParams::yarn_beta_fast)
+      .def_readwrite("yarn_beta_slow", &HParams::yarn_beta_slow)
+      .def_readwrite("yarn_attn_factor", &HParams::yarn_attn_factor)
+      .def_readwrite("yarn_ext_factor", &HParams::yarn_ext_factor);
+  m.attr("MODEL_WEIGHT_SLOTS") = slot_names(kModelSlots);
+  m.attr("LAYER_WEIGHT_SLOTS") = slot_names(kLayerSlots);
+
   py::class_<PyModel>(m, "Model", "Llama-family weights (views into the memory-mapped GGUF).")
-      .def(py::init(&make_model), py::arg("hparams"), py::arg("tensors"),
+      .def(py::init(&make_model), py::arg("hparams"), py::arg("tensors"), py::arg("layers"),
            py::arg("repack") = false, py::arg("release_source") = false, py::arg("n_threads") = 0,
-           "hparams: dict of HParams fields; tensors: name -> (ggml type id, flat uint8 buffer, "
-           "cols, rows). repack: copy the matrices into the rows16 layout where the CPU has "
+           "hparams: HParams; tensors: model slot (MODEL_WEIGHT_SLOTS) -> (ggml type id, flat "
+           "uint8 buffer, cols, rows, name in the file); layers: one dict per layer, layer slot "
+           "(LAYER_WEIGHT_SLOTS) -> the same tuples. repack: copy the matrices into the rows16 layout where the CPU has "
            "kernels for it (faster decode). release_source: drop the repacked tensors' pages "
            "from this process afterwards; ONLY for buffers of a read-only file mapping.")
       .def_property_readonly("repacked_bytes",

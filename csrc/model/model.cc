@@ -23,12 +23,14 @@ namespace {
 
 [[noreturn]] void fail(const std::string& what) { throw std::invalid_argument(what); }
 
-void check_weight(const WeightView& w, const std::string& name, int64_t cols, int64_t rows,
+// `where` names the slot ("layer 3 wq") for a tensor that is missing or has no name of its own.
+void check_weight(const WeightView& w, const std::string& where, int64_t cols, int64_t rows,
                   bool required, bool f32_only = false) {
   if (!w.present()) {
-    if (required) fail("missing tensor " + name);
+    if (required) fail("missing tensor for " + where);
     return;
   }
+  const std::string& name = w.name.empty() ? where : w.name;
   const TypeTraits* tt = find_type_traits(static_cast<uint32_t>(w.type));
   if (!tt || !tt->is_weight) fail(name + ": unsupported tensor type id " +
                                   std::to_string(static_cast<uint32_t>(w.type)));
@@ -63,29 +65,29 @@ Model::Model(const HParams& hp, ModelWeights weights, const ModelOptions& option
 
   const int64_t d = hp.n_embd, q_dim = int64_t(hp.n_head) * hp.head_dim;
   const int64_t kv_dim = int64_t(hp.n_head_kv) * hp.head_dim;
-  check_weight(w_.tok_embd, "token_embd.weight", d, hp.n_vocab, true);
-  check_weight(w_.output_norm, "output_norm.weight", d, 1, true, true);
-  check_weight(w_.output, "output.weight", d, hp.n_vocab, false);
-  check_weight(w_.rope_freqs, "rope_freqs.weight", hp.n_rot / 2, 1, false, true);
+  check_weight(w_.tok_embd, "tok_embd", d, hp.n_vocab, true);
+  check_weight(w_.output_norm, "output_norm", d, 1, true, true);
+  check_weight(w_.output, "output", d, hp.n_vocab, false);
+  check_weight(w_.rope_freqs, "rope_freqs", hp.n_rot / 2, 1, false, true);
   for (int i = 0; i < hp.n_layer; ++i) {
     const LayerWeights& l = w_.layers[i];
-    const std::string p = "blk." + std::to_string(i) + ".";
-    check_weight(l.attn_norm, p + "attn_norm.weight", d, 1, true, true);
-    check_weight(l.wq, p + "attn_q.weight", d, q_dim, true);
-    check_weight(l.wk, p + "attn_k.weight", d, kv_dim, true);
-    check_weight(l.wv, p + "attn_v.weight", d, kv_dim, true);
-    check_weight(l.wo, p + "attn_output.weight", q_dim, d, true);
-    check_weight(l.bq, p + "attn_q.bias", q_dim, 1, false, true);
-    check_weight(l.bk, p + "attn_k.bias", kv_dim, 1, false, true);
-    check_weight(l.bv, p + "attn_v.bias", kv_dim, 1, false, true);
-    check_weight(l.bo, p + "attn_output.bias", d, 1, false, true);
-    check_weight(l.b_gate, p + "ffn_gate.bias", hp.n_ff, 1, false, true);
-    check_weight(l.b_up, p + "ffn_up.bias", hp.n_ff, 1, false, true);
-    check_weight(l.b_down, p + "ffn_down.bias", d, 1, false, true);
-    check_weight(l.ffn_norm, p + "ffn_norm.weight", d, 1, true, true);
-    check_weight(l.w_gate, p + "ffn_gate.weight", d, hp.n_ff, true);
-    check_weight(l.w_up, p + "ffn_up.weight", d, hp.n_ff, true);
-    check_weight(l.w_down, p + "ffn_down.weight", hp.n_ff, d, true);
+    const std::string p = "layer " + std::to_string(i) + " ";
+    check_weight(l.attn_norm, p + "attn_norm", d, 1, true, true);
+    check_weight(l.wq, p + "wq", d, q_dim, true);
+    check_weight(l.wk, p + "wk", d, kv_dim, true);
+    check_weight(l.wv, p + "wv", d, kv_dim, true);
+    check_weight(l.wo, p + "wo", q_dim, d, true);
+    check_weight(l.bq, p + "bq", q_dim, 1, false, true);
+    check_weight(l.bk, p + "bk", kv_dim, 1, false, true);
+    check_weight(l.bv, p + "bv", kv_dim, 1, false, true);
+    check_weight(l.bo, p + "bo", d, 1, false, true);
+    check_weight(l.b_gate, p + "b_gate", hp.n_ff, 1, false, true);
+    check_weight(l.b_up, p + "b_up", hp.n_ff, 1, false, true);
+    check_weight(l.b_down, p + "b_down", d, 1, false, true);
+    check_weight(l.ffn_norm, p + "ffn_norm", d, 1, true, true);
+    check_weight(l.w_gate, p + "w_gate", d, hp.n_ff, true);
+    check_weight(l.w_up, p + "w_up", d, hp.n_ff, true);
+    check_weight(l.w_down, p + "w_down", hp.n_ff, d, true);
   }
   if (options.repack) repack(options);
 }

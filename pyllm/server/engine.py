@@ -10,10 +10,10 @@ so the weights are read once per step however many requests are in flight. New r
 between steps; a cancelled one (client gone, server stopping) leaves its slot at the start of
 the next step, also in the middle of its prompt, because prompts are fed in chunks.
 
-Per request the engine does what :class:`pyllm.generate.Generation` does for one sequence
-(sampler with the prompt as penalty history, stop tokens, stop strings with hold-back,
-``max_tokens``, the context limit), reusing its pieces (``StopMatcher``, the tokenizer's stream
-decoder, ``Sampler``); the loop itself differs because one forward serves many sequences.
+Per request the engine drives the same step machine as :class:`pyllm.generate.Generation`,
+:class:`pyllm.steps.SequenceSteps` (sampler with the prompt as penalty history, stop tokens, stop
+strings with hold-back, ``max_tokens``, the context limit, logprobs), one logits row per step;
+only the forward differs, because one ``decode_batch`` serves many sequences.
 
 Embeddings (``submit_embedding``) run between two steps in a free slot, one per step, so
 running generations are delayed by at most one embedding forward.
@@ -43,7 +43,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -56,8 +56,8 @@ from pyllm.footprint import (
     check_kv_type,
     warn_if_beyond_training,
 )
-from pyllm.generate import StopMatcher, resolve_max_tokens, stop_token_ids
-from pyllm.model import common_prefix
+from pyllm.generate import stop_token_ids
+from pyllm.steps import SequenceSteps, common_prefix, resolve_max_tokens
 
 if TYPE_CHECKING:
     from pyllm.model import LLM
@@ -136,13 +136,15 @@ class Handle:
 class _Job:
     id: int
     req: Request
-    sampler: Any
-    matcher: StopMatcher
-    decoder: Any
+    steps: SequenceSteps
     t_submit: float
-    tokens: list[int] = field(default_factory=list)
     cancelled: bool = False
     done: bool = False
+
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.steps.tokens
 
 
 @dataclass
@@ -234,8 +236,6 @@ class Engine:
     def submit(self, req: Request) -> Handle:
         """Queue a request. Raises ContextError when the prompt (+ max_tokens) cannot fit a slot,
         QueueFullError when the queue is full, EngineStoppedError after :meth:`stop`."""
-        from pyllm.sampling import Sampler
-
         n = len(req.prompt)
         limit = resolve_max_tokens(req.max_tokens)  # SamplingError below -1
         if limit != req.max_tokens:
@@ -252,11 +252,11 @@ class Engine:
         if bad:
             raise ContextError(f"token id {bad[0]} is outside the vocabulary "
                                f"(n_vocab {self.n_vocab})")
-        sampler = Sampler(req.params, self.n_vocab)  # validates logit_bias against the vocab
-        # As llama.cpp (and Generation): the prompt is history for the repetition penalties.
-        sampler.accept_many(req.prompt)
-        job = _Job(next(self._ids), req, sampler, StopMatcher(req.stop),
-                   self.tokenizer.decoder(skip_special=True), time.monotonic())
+        # validates logit_bias against the vocabulary; the prompt is penalty history
+        steps = SequenceSteps(self.tokenizer, self.n_vocab, req.prompt, req.params,
+                              max_tokens=req.max_tokens, n_ctx=self.n_ctx, stop=req.stop,
+                              stop_tokens=self.stop_ids, logprobs=req.logprobs)
+        job = _Job(next(self._ids), req, steps, time.monotonic())
         with self._cv:
             if self._stopping:
                 raise EngineStoppedError("the server is shutting down")
@@ -274,7 +274,7 @@ class Engine:
 
     @property
     def n_embd(self) -> int:
-        return int(self.llm._model.n_embd)
+        return self.llm.hparams.n_embd
 
     def submit_embedding(self, tokens: Sequence[int],
                          on_done: Callable[[np.ndarray | None, str | None], None]) -> Handle:
@@ -460,8 +460,8 @@ class Engine:
             if not free:
                 return
             job = self._pending.popleft()
-            if job.req.max_tokens == 0:
-                self._finish(job, "length")
+            if job.steps.done:  # max_tokens 0: nothing to evaluate
+                self._finish(job, job.steps.finish_reason)
                 continue
             prompt = job.req.prompt
             # longest shared prefix; on a tie the slot with the least cached (least to lose)
@@ -540,43 +540,22 @@ class Engine:
                 self._rate.append((time.monotonic(), generated))
 
     def _on_logits(self, slot: _Slot, row: np.ndarray) -> int:
-        """Sample the slot's next token and emit it; returns 1 if a token was generated."""
+        """One step of the slot's sequence from its logits row: emit what it releases, end it
+        or queue its token for the next forward; returns 1 if a token was generated."""
         job = slot.job
         assert job is not None
-        req = job.req
-        lp: SampleResult | None = None
-        if req.logprobs is not None:
-            lp = job.sampler.sample_with_logprobs(row, req.logprobs)
-            token = lp.token
+        steps = job.steps
+        generated = 0
+        for out in steps.advance(row):
+            if out.token is not None:
+                generated = 1
+                self.stats.completion_tokens_total += 1
+            self._emit(job, TokenEvent(out.text, out.token, out.logprob))
+        if steps.finish_reason is not None:
+            self._release(slot, steps.finish_reason)
         else:
-            token = job.sampler.sample(row)
-        if token in self.stop_ids:
-            self._flush(job)
-            self._release(slot, "stop")
-            return 0
-        job.sampler.accept(token)
-        job.tokens.append(token)
-        self.stats.completion_tokens_total += 1
-        text, stopped = job.matcher.push(job.decoder.feed(token))
-        self._emit(job, TokenEvent(text, token, lp))
-        if stopped:
-            self._release(slot, "stop")
-        elif req.max_tokens is not None and len(job.tokens) >= req.max_tokens:
-            self._flush(job)
-            self._release(slot, "length")
-        elif len(slot.cached) + 1 >= self.n_ctx:
-            # prompt + output fill the slot: stop rather than overrun it
-            self._flush(job)
-            self._release(slot, "length")
-        else:
-            slot.next_token = token
-        return 1
-
-    def _flush(self, job: _Job) -> None:
-        rest, stopped = job.matcher.push(job.decoder.flush())
-        rest += "" if stopped else job.matcher.flush()
-        if rest:
-            self._emit(job, TokenEvent(rest, None))
+            slot.next_token = steps.tokens[-1]
+        return generated
 
     def _release(self, slot: _Slot, reason: str | None, error: str | None = None) -> None:
         job = slot.job

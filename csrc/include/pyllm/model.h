@@ -18,7 +18,10 @@ namespace pyllm {
 
 enum class RopeScaling { None = 0, Linear = 1, Yarn = 2, Dynamic = 3 };
 
+// Bound field by field (csrc/bindings/bind_model.cc); pyllm/arch.py's HParams dataclass has the
+// same fields (tests/test_model.py checks the two sets) and fills them in one loop.
 struct HParams {
+  std::string arch;  // general.architecture (for messages; the fields below drive the forward)
   int n_vocab = 0;
   int n_embd = 0;
   int n_layer = 0;
@@ -48,9 +51,12 @@ struct WeightView {
   int64_t rows = 0;
   int64_t nbytes = 0;
   WeightLayout layout = WeightLayout::Gguf;  // Rows16 once the model has repacked it
+  std::string name;  // the tensor's name in its file, for error messages (set by the caller)
   bool present() const { return data != nullptr; }
 };
 
+// The weights of one layer. The bindings fill the fields by their C++ names; pyllm/arch.py maps
+// the GGUF tensor names onto them (the file's names are spelled only there).
 struct LayerWeights {
   WeightView attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down;
   WeightView bq, bk, bv, bo, b_gate, b_up, b_down;  // optional biases (F32 vectors)
@@ -77,7 +83,8 @@ struct ModelOptions {
 
 class Model {
  public:
-  // Validates every shape against hp (throws std::invalid_argument with the tensor's name),
+  // Validates every shape against hp (throws std::invalid_argument naming the tensor: its
+  // WeightView::name, or its layer and field when it has none),
   // then repacks as options say.
   Model(const HParams& hp, ModelWeights weights, const ModelOptions& options = {});
   ~Model();
