@@ -35,6 +35,7 @@ from pyllm.errors import (
 
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
     from pyllm.gguf import GGUFReader, GGUFWriter
+    from pyllm.loaded import LoadedModel
     from pyllm.model import LLM, LLMState
     from pyllm.sampling import SamplingParams
     from pyllm.tokenizer import Tokenizer
@@ -43,6 +44,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
 _LAZY = {
     "LLM": "pyllm.model",
     "LLMState": "pyllm.model",
+    "LoadedModel": "pyllm.loaded",
     "SamplingParams": "pyllm.sampling",
     "Tokenizer": "pyllm.tokenizer",
     "GGUFReader": "pyllm.gguf",
@@ -89,6 +91,7 @@ __all__ = [
     "GGUFWriter",
     "LLM",
     "LLMState",
+    "LoadedModel",
     "ModelError",
     "OutputError",
     "PyllmError",

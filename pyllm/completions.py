@@ -3,16 +3,16 @@
 ``create_completion`` / ``create_chat_completion`` return the dicts the OpenAI API returns
 (``id``, ``object``, ``created``, ``model``, ``choices`` with ``finish_reason``, ``usage``), or with
 ``stream=True`` an iterator of chunk dicts, so code written for llama-cpp-python or the OpenAI
-client works unchanged.
+client works unchanged. The dicts themselves are built by :mod:`pyllm.openai_shapes`, as the
+server's are.
 """
 
 from __future__ import annotations
 
-import time
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from pyllm import openai_shapes as shapes
 from pyllm.errors import SamplingError
 from pyllm.generate import Generation, Piece, chat_prompt, prompt_tokens, stop_token_ids
 
@@ -64,19 +64,11 @@ def make_generation(llm: LLM, tokens: list[int], *, max_tokens: int | None,
                       stop_token_ids(llm), logprobs)
 
 
-def _logprobs_block(pieces: list[Piece], offset0: int) -> dict[str, Any]:
-    tokens, lps, tops, offsets = [], [], [], []
-    pos = offset0
-    for p in pieces:
-        if p.logprob is None:
-            continue
-        tokens.append(p.logprob.text)
-        lps.append(p.logprob.logprob)
-        tops.append({t: lp for _, t, lp in p.logprob.top})
-        offsets.append(pos)
-        pos += len(p.text)
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
-            "text_offset": offsets}
+def _entries(pieces: Iterable[Piece]) -> list[shapes.TokenLogprobs]:
+    """The logprobs of the pieces that have them (the text flushed at the end has none)."""
+    return [shapes.TokenLogprobs(p.logprob.text, p.logprob.logprob,
+                                 [(t, lp) for _, t, lp in p.logprob.top], p.text)
+            for p in pieces if p.logprob is not None]
 
 
 def _model_name(llm: LLM) -> str:
@@ -90,43 +82,31 @@ def create_completion(llm: LLM, prompt: str | Sequence[int], *, max_tokens: int 
     tokens = prompt_tokens(llm, prompt)
     gen = make_generation(llm, tokens, max_tokens=max_tokens, stop=stop, logprobs=logprobs,
                           **sampling)
-    cid = f"cmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    model = _model_name(llm)
+    head = shapes.Head.completion(_model_name(llm))
     prefix = prompt if echo and isinstance(prompt, str) else (
         llm.detokenize(tokens) if echo else "")
-
-    def usage() -> dict[str, int]:
-        return {"prompt_tokens": len(tokens), "completion_tokens": len(gen.tokens),
-                "total_tokens": len(tokens) + len(gen.tokens)}
-
     if stream:
-        def chunks() -> Iterator[dict[str, Any]]:
-            if prefix:
-                yield {"id": cid, "object": "text_completion", "created": created,
-                       "model": model, "choices": [{"text": prefix, "index": 0,
-                                                    "logprobs": None, "finish_reason": None}]}
-            for piece in gen:
-                lp = _logprobs_block([piece], 0) if logprobs is not None else None
-                if not piece.text and lp is None:
-                    continue
-                yield {"id": cid, "object": "text_completion", "created": created,
-                       "model": model, "choices": [{"text": piece.text, "index": 0,
-                                                    "logprobs": lp, "finish_reason": None}]}
-            yield {"id": cid, "object": "text_completion", "created": created, "model": model,
-                   "choices": [{"text": "", "index": 0, "logprobs": None,
-                                "finish_reason": gen.finish_reason}],
-                   "usage": usage()}
-        return chunks()
-
+        return _completion_chunks(gen, head, prefix, len(tokens), logprobs is not None)
     pieces = list(gen)
-    text = "".join(p.text for p in pieces)
-    return {"id": cid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"text": prefix + text, "index": 0,
-                         "logprobs": _logprobs_block(pieces, len(prefix))
-                         if logprobs is not None else None,
-                         "finish_reason": gen.finish_reason}],
-            "usage": usage()}
+    lp = shapes.completion_logprobs(_entries(pieces), len(prefix)) if logprobs is not None \
+        else None
+    text = prefix + "".join(p.text for p in pieces)
+    return shapes.completion(head, [shapes.completion_choice(0, text, lp, gen.finish_reason)],
+                             shapes.usage(len(tokens), len(gen.tokens)))
+
+
+def _completion_chunks(gen: Generation, head: shapes.Head, prefix: str, n_prompt: int,
+                       logprobs: bool) -> Iterator[dict[str, Any]]:
+    if prefix:
+        yield shapes.completion_chunk(head, 0, prefix)
+    for piece in gen:
+        lp = shapes.completion_logprobs(_entries([piece]), 0) if logprobs else None
+        if not piece.text and lp is None:
+            continue
+        yield shapes.completion_chunk(head, 0, piece.text, lp)
+    # the API's last chunk carries the usage (the server sends it in a chunk of its own)
+    yield shapes.completion_chunk(head, 0, "", None, gen.finish_reason,
+                                  shapes.usage(n_prompt, len(gen.tokens)))
 
 
 def create_chat_completion(llm: LLM, messages: Sequence[dict[str, Any]], *,
@@ -139,46 +119,23 @@ def create_chat_completion(llm: LLM, messages: Sequence[dict[str, Any]], *,
     n_lp = (top_logprobs or 0) if logprobs else None
     gen = make_generation(llm, tokens, max_tokens=max_tokens, stop=stop,
                           extra_stop=format_stops, logprobs=n_lp, **sampling)
-    cid = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    model = _model_name(llm)
-
-    def lp_content(pieces: list[Piece]) -> list[dict[str, Any]]:
-        out = []
-        for p in pieces:
-            if p.logprob is None:
-                continue
-            out.append({"token": p.logprob.text, "logprob": p.logprob.logprob,
-                        "bytes": list(p.logprob.text.encode()),
-                        "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())}
-                                         for _, t, lp in p.logprob.top]})
-        return out
-
-    def usage() -> dict[str, int]:
-        return {"prompt_tokens": len(tokens), "completion_tokens": len(gen.tokens),
-                "total_tokens": len(tokens) + len(gen.tokens)}
-
+    head = shapes.Head.chat(_model_name(llm))
     if stream:
-        def chunks() -> Iterator[dict[str, Any]]:
-            head = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                    "model": model}
-            yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant"},
-                                        "logprobs": None, "finish_reason": None}]}
-            for piece in gen:
-                if not piece.text and piece.logprob is None:
-                    continue
-                lp = {"content": lp_content([piece])} if logprobs else None
-                yield {**head, "choices": [{"index": 0, "delta": {"content": piece.text},
-                                            "logprobs": lp, "finish_reason": None}]}
-            yield {**head, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                        "finish_reason": gen.finish_reason}],
-                   "usage": usage()}
-        return chunks()
-
+        return _chat_chunks(gen, head, len(tokens), logprobs)
     pieces = list(gen)
+    lp = shapes.chat_logprobs(_entries(pieces)) if logprobs else None
     text = "".join(p.text for p in pieces)
-    return {"id": cid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": {"content": lp_content(pieces)} if logprobs else None,
-                         "finish_reason": gen.finish_reason}],
-            "usage": usage()}
+    return shapes.chat_completion(head, [shapes.chat_choice(0, text, lp, gen.finish_reason)],
+                                  shapes.usage(len(tokens), len(gen.tokens)))
+
+
+def _chat_chunks(gen: Generation, head: shapes.Head, n_prompt: int,
+                 logprobs: bool) -> Iterator[dict[str, Any]]:
+    yield shapes.chat_chunk(head, 0, shapes.role_delta())
+    for piece in gen:
+        if not piece.text and piece.logprob is None:
+            continue
+        lp = shapes.chat_logprobs(_entries([piece])) if logprobs else None
+        yield shapes.chat_chunk(head, 0, shapes.content_delta(piece.text), lp)
+    yield shapes.chat_chunk(head, 0, shapes.end_delta(), None, gen.finish_reason,
+                            shapes.usage(n_prompt, len(gen.tokens)))

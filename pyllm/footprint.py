@@ -85,9 +85,10 @@ def check_context_fits(hp: HParams, n_ctx: int, n_batch: int, n_threads: int,
     return need
 
 
-def warn_if_beyond_training(hp: HParams, n_ctx: int) -> None:
+def warn_if_beyond_training(hp: HParams, n_ctx: int, stacklevel: int = 3) -> None:
     """Warn when the context is longer than the model was trained for: positions past
-    ``n_ctx_train`` are extrapolated unless the file declares a RoPE scaling that covers them."""
+    ``n_ctx_train`` are extrapolated unless the file declares a RoPE scaling that covers them.
+    ``stacklevel`` as :func:`warnings.warn`'s (3: the caller's caller)."""
     if n_ctx <= hp.n_ctx_train:
         return
     factor = n_ctx / hp.n_ctx_train
@@ -97,4 +98,4 @@ def warn_if_beyond_training(hp: HParams, n_ctx: int) -> None:
         f"n_ctx {n_ctx} exceeds the {hp.n_ctx_train} positions the model was trained on; "
         f"beyond them output degrades unless the model is used with RoPE scaling of about "
         f"{factor:.3g}x (linear or YaRN, rope.scaling.* in the GGUF)",
-        PyllmWarning, stacklevel=3)
+        PyllmWarning, stacklevel=stacklevel)

@@ -1,8 +1,9 @@
-"""The LLM object: load a GGUF model, evaluate tokens, get logits, manage the KV cache.
+"""The LLM object: a loaded model with one inference context; evaluate tokens, get logits,
+manage the KV cache.
 
-Weights stay memory-mapped: loading parses the header and hands zero-copy views to C++, so it is
-near-instant and memory grows only with what the forward pass touches. Every forward call is one
-call into C++ with the GIL released.
+Loading is :class:`pyllm.loaded.LoadedModel` (weights memory-mapped, near-instant); the context
+is made by :meth:`LoadedModel.new_context` with the checks every context gets. Every forward
+call is one call into C++ with the GIL released.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,26 +18,26 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pyllm.arch import HParams, collect_tensors, read_hparams
-from pyllm.errors import ContextError, ModelError, PyllmError, PyllmWarning
-from pyllm.footprint import (
-    DEFAULT_KV_TYPE,
-    KV_ELEMENT_TYPES,
-    MAX_COUNT,
-    check_context_fits,
-    check_kv_type,
-    warn_if_beyond_training,
+from pyllm.arch import HParams
+from pyllm.errors import ContextError, ModelError, PyllmError
+from pyllm.footprint import DEFAULT_KV_TYPE, KV_ELEMENT_TYPES, check_kv_type
+from pyllm.loaded import (
+    DEFAULT_N_BATCH,
+    LoadedModel,
+    cap_threads,
+    check_count,
+    check_threads,
+    clamp_batch,
 )
-from pyllm.gguf import GGUFReader
-from pyllm.models import resolve_model_path
 from pyllm.steps import common_prefix
-from pyllm.sysinfo import available_cpus
 
 if TYPE_CHECKING:
     from pyllm.tokenizer import Tokenizer
 
 # The kv_type names (pyllm.footprint holds them, with their element types).
 KV_TYPES = tuple(KV_ELEMENT_TYPES)
+
+__all__ = ["KV_TYPES", "LLM", "LLMState", "LoadedModel", "cap_threads"]
 
 
 @dataclass(frozen=True)
@@ -49,94 +49,68 @@ class LLMState:
     last_logits: np.ndarray | None
 
 
-def cap_threads(n_threads: int | None) -> int | None:
-    """``n_threads`` capped at the CPUs this process may run on (None: the pool's default).
-
-    More threads than CPUs only make them wait for each other: with 1000 threads on 2 CPUs a
-    token took seconds. Capping warns, since the caller asked for something else.
-    """
-    if n_threads is None:
-        return None
-    cpus = available_cpus()
-    if n_threads > cpus:
-        warnings.warn(f"{n_threads} threads asked for but this process may use {cpus} CPUs; "
-                      f"using {cpus}", PyllmWarning, stacklevel=3)
-        return cpus
-    return n_threads
-
-
-def _core() -> Any:
-    from pyllm._native import load_core
-
-    return load_core(ModelError)  # the extension, or a ModelError saying how to build it
-
-
 class LLM:
     """A loaded model plus one inference context (KV cache of ``n_ctx`` positions).
 
     Not thread-safe: use one LLM per thread (two LLMs in two threads run independently).
+    ``model`` is the :class:`pyllm.loaded.LoadedModel` (weights, tokenizer, template).
     """
 
     def __init__(self, model_path: str | os.PathLike[str] | None = None, *, n_ctx: int = 2048,
-                 n_threads: int | None = None, n_batch: int = 512, seed: int = -1,
+                 n_threads: int | None = None, n_batch: int = DEFAULT_N_BATCH, seed: int = -1,
                  kv_type: str = DEFAULT_KV_TYPE, repack: bool = True,
                  verbose: bool = False) -> None:
-        for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch)):
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_COUNT:
-                raise ContextError(f"{name} must be a positive integer (at most {MAX_COUNT}), "
-                                   f"got {value!r}")
-        if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int)
-                                      or n_threads <= 0):
-            raise ContextError(f"n_threads must be a positive integer, got {n_threads!r}")
+        # what can be checked without the file is checked before it is opened
+        check_count("n_ctx", n_ctx)
+        check_count("n_batch", n_batch)
+        check_threads(n_threads)
         check_kv_type(kv_type)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < -1:
             raise ContextError(f"seed must be an integer >= -1 (-1 = random), got {seed!r}")
         n_threads = cap_threads(n_threads)
-        # a chunk longer than the context can never be filled: its scratch would be wasted
-        n_batch = min(n_batch, n_ctx)
-        self.model_path = Path(resolve_model_path(model_path, quiet=not verbose))
         self.verbose = verbose
         self.seed = seed  # default seed of generate/stream/chat/create_* (-1: a random one)
         self._lock = threading.Lock()
-        self._reader = GGUFReader(self.model_path)
-        self.metadata = self._reader.metadata
+        self.model = LoadedModel(model_path, n_threads=n_threads, repack=repack, verbose=verbose)
         try:
-            self.hparams: HParams = read_hparams(self._reader)
-            tensors = collect_tensors(self._reader, self.hparams)
-            core = _core()
-            # The tensors are views of the reader's read-only file mapping, so the pages of
-            # the matrices copied into the rows16 layout can be handed back to the page cache.
-            self._model = core.Model(self.hparams.to_core(core), tensors.model, tensors.layers,
-                                     repack=bool(repack), release_source=True,
-                                     n_threads=n_threads or 0)
-            # checked once the weights are in place: the repacked copy counts against the room
-            check_context_fits(self.hparams, n_ctx, n_batch,
-                               n_threads or available_cpus(), kv_type)
-            warn_if_beyond_training(self.hparams, n_ctx)
-            self._ctx = core.Context(self._model, n_ctx=n_ctx, n_batch=n_batch,
-                                     n_threads=n_threads or 0,
-                                     kv_type=core.KVType.__members__[kv_type])
-        except ValueError as e:
-            self._reader.close()
-            raise ModelError(f"{self.model_path}: {e}") from None
-        except MemoryError:
-            self._model = None
-            self._reader.close()
-            raise ContextError(f"out of memory allocating a context of n_ctx={n_ctx}") from None
+            self._ctx: Any = self.model.new_context(n_ctx, n_batch=n_batch, kv_type=kv_type,
+                                                    stacklevel=3)
         except PyllmError:
-            self._model = None
-            self._reader.close()
+            self.model.close()
             raise
         self.n_ctx = n_ctx
-        self.n_batch = n_batch
+        self.n_batch = clamp_batch(n_batch, n_ctx)
         self._tokens: list[int] = []
         self._last_logits: np.ndarray | None = None
-        self._tokenizer: Tokenizer | None = None
         if verbose:
             hp = self.hparams
             print(f"pyllm: {hp.arch} {hp.n_layer} layers, n_embd {hp.n_embd}, {hp.n_head} heads "
                   f"({hp.n_head_kv} KV), vocab {hp.n_vocab}, n_ctx {n_ctx}, "
                   f"{self._ctx.n_threads} threads", file=sys.stderr)
+
+    # ---- the loaded model's attributes ------------------------------------------------------
+
+    @property
+    def model_path(self) -> Path:
+        return self.model.model_path
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.model.metadata
+
+    @property
+    def hparams(self) -> HParams:
+        return self.model.hparams
+
+    @property
+    def _model(self) -> Any:
+        """The ``pyllm._core.Model`` (None once closed)."""
+        return self.model.core
+
+    @property
+    def _reader(self) -> Any:
+        """The GGUF reader whose file mapping the weights view."""
+        return self.model._reader
 
     # ---- properties ---------------------------------------------------------------------------
 
@@ -159,11 +133,7 @@ class LLM:
 
     @property
     def tokenizer(self) -> Tokenizer:
-        if self._tokenizer is None:
-            from pyllm.tokenizer import Tokenizer
-
-            self._tokenizer = Tokenizer.from_metadata(self.metadata)
-        return self._tokenizer
+        return self.model.tokenizer
 
     # ---- tokenization hooks -------------------------------------------------------------------
 
@@ -370,8 +340,7 @@ class LLM:
     def close(self) -> None:
         """Release the context and the mapping (the object is unusable afterwards)."""
         self._ctx = None
-        self._model = None
-        self._reader.close()
+        self.model.close()
 
     def __enter__(self) -> LLM:
         return self

@@ -151,3 +151,40 @@ def test_a_built_sampling_params_is_used_as_given(llm: LLM) -> None:
         llm.generate("hi", max_tokens=2, sampling_params=params, temp=0.5)
     with pytest.raises(SamplingError, match="must be a SamplingParams"):
         llm.generate("hi", max_tokens=2, sampling_params={"temperature": 0})
+
+
+def test_logprob_shapes_whole_and_streamed(llm: LLM) -> None:
+    """The two logprob shapes, whole and streamed, agree with each other and the text."""
+    prompt = "The capital of France is"
+    out = llm.create_completion(prompt, max_tokens=4, logprobs=2, echo=True, **GREEDY)
+    choice = out["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"].startswith(prompt) and lp["text_offset"][0] == len(prompt)
+    for token, offset in zip(lp["tokens"], lp["text_offset"], strict=True):
+        assert choice["text"][offset:offset + len(token)] == token
+    chunks = list(llm.create_completion(prompt, max_tokens=4, logprobs=2, stream=True,
+                                        **GREEDY))
+    with_lp = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    assert [t for c in with_lp for t in c["tokens"]] == lp["tokens"]
+    # (the values may differ in the last digits: a second run reuses the cached prompt)
+    assert [list(c["top_logprobs"][0]) for c in with_lp] == [list(t) for t in lp["top_logprobs"]]
+    assert all(c["text_offset"] == [0] for c in with_lp)
+    assert chunks[-1]["usage"]["completion_tokens"] == out["usage"]["completion_tokens"] == 4
+
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    whole = llm.create_chat_completion(msgs, max_tokens=4, logprobs=True, top_logprobs=2,
+                                       **GREEDY)
+    content = whole["choices"][0]["logprobs"]["content"]
+    assert len(content) == 4
+    for entry in content:
+        assert list(entry) == ["token", "logprob", "bytes", "top_logprobs"]
+        assert entry["bytes"] == list(entry["token"].encode())
+        assert [list(t) for t in entry["top_logprobs"]] == [["token", "logprob", "bytes"]] * 2
+    chunks = list(llm.create_chat_completion(msgs, max_tokens=4, logprobs=True, top_logprobs=2,
+                                             stream=True, **GREEDY))
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    streamed = [e for c in chunks[1:-1] for e in c["choices"][0]["logprobs"]["content"]]
+    assert [(e["token"], e["bytes"], [t["token"] for t in e["top_logprobs"]])
+            for e in streamed] == [(e["token"], e["bytes"], [t["token"] for t in e["top_logprobs"]])
+                                   for e in content]
+    assert chunks[-1]["choices"][0]["delta"] == {} and chunks[-1]["usage"] == whole["usage"]

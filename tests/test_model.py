@@ -537,3 +537,37 @@ def test_dynamic_ntk_decode(rope_runs: dict[str, dict[str, np.ndarray]]) -> None
     np.testing.assert_allclose(r["decode"][:ORIG_CTX], r["batch_orig"], atol=ATOL_LONG, rtol=0)
     np.testing.assert_allclose(r["batch_orig"], r["ref_orig"], atol=ATOL_LONG, rtol=0)
     assert np.abs(r["decode"][ORIG_CTX:] - r["batch"][ORIG_CTX:]).max() > 1000 * ATOL_LONG
+
+
+def test_one_loaded_model_many_checked_contexts(tiny_dir: Path) -> None:
+    """The weights are loaded once (LoadedModel) and contexts made from them with the same
+    checks whoever asks: a 2-sequence context from the model gives the logits of an LLM's
+    single-sequence context, and the kv_type, count, memory and training-length checks all
+    happen in new_context (the server's engine used to repeat them on its own)."""
+    from pyllm.errors import PyllmWarning
+    from pyllm.loaded import LoadedModel
+
+    path = tiny(tiny_dir, "gqa")
+    with LLM(path, n_ctx=64, kv_type="f32") as llm:
+        assert isinstance(llm.model, LoadedModel) and llm._model is llm.model.core
+        expected = llm.logits(TOKENS[:9])
+    with LoadedModel(path) as model:
+        ctx = model.new_context(32, n_batch=1000, kv_type="f32", n_seq=2)
+        assert (ctx.n_ctx, ctx.n_seq) == (32, 2)
+        out = ctx.decode_batch(np.array(TOKENS[:9]), np.ones(9), np.eye(9)[-1])
+        np.testing.assert_allclose(out[0], expected[-1], atol=1e-4, rtol=0)
+        with pytest.raises(ContextError, match="^kv_type must be one of"):
+            model.new_context(16, kv_type="q4_0")
+        with pytest.raises(ContextError, match="^n_seq must be a positive integer"):
+            model.new_context(16, n_seq=0)
+        with pytest.raises(ContextError, match=r"x 1000 sequences needs .* is available"):
+            model.new_context(1_000_000, n_seq=1000)
+        n_long = model.hparams.n_ctx_train + 1
+        with pytest.warns(PyllmWarning, match="exceeds the") as seen:
+            model.new_context(n_long, kv_type="f32")
+        assert seen[0].filename == __file__  # the warning points at the caller's line
+    with pytest.warns(PyllmWarning, match="exceeds the") as seen:
+        LLM(path, n_ctx=n_long).close()
+    assert seen[0].filename == __file__
+    with pytest.raises(ModelError, match="closed"):
+        model.new_context(16)

@@ -17,6 +17,7 @@ import pytest
 import pyllm
 import pyllm.errors
 import pyllm.gguf
+import pyllm.loaded
 import pyllm.model
 import pyllm.sampling
 import pyllm.tokenizer
@@ -24,6 +25,7 @@ import pyllm.tokenizer
 PUBLIC = {
     "LLM": pyllm.model.LLM,
     "LLMState": pyllm.model.LLMState,
+    "LoadedModel": pyllm.loaded.LoadedModel,
     "SamplingParams": pyllm.sampling.SamplingParams,
     "Tokenizer": pyllm.tokenizer.Tokenizer,
     "GGUFReader": pyllm.gguf.GGUFReader,

@@ -1143,3 +1143,63 @@ def test_cli_serve_context_too_big_for_memory(smollm2_path: Path) -> None:
 def test_engine_refuses_slots_beyond_memory(llm: LLM) -> None:
     with pytest.raises(ContextError, match=r"x 64 sequences needs .* of memory is available"):
         Engine(llm, n_parallel=64, n_ctx=1_000_000)
+
+
+def test_cli_serve_allocates_only_the_batched_context(
+        smollm2_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``pyllm serve`` loads the model and makes ONE context, of --parallel slots: it used to
+    make an LLM with its own 64-token single-sequence context only to get at the weights.
+    The command runs in-process as far as its load (uvicorn replaced by a server whose run()
+    calls the app's loader, as the real one does on its loading thread), counting every
+    ``_core.Context`` made. Prompts are tokenized against the slots' context: with the small
+    LLM's, a prompt over 64 x 81 bytes (81: SmolLM2's longest token) was refused."""
+    from pyllm import _core
+    from pyllm.cli import main
+    from pyllm.cli import serve as serve_module
+
+    made: list[dict[str, Any]] = []
+    real_context = _core.Context
+
+    def counting_context(*args: Any, **kwargs: Any) -> Any:
+        made.append(kwargs)
+        return real_context(*args, **kwargs)
+
+    loaded: list[Engine] = []
+
+    class LoadOnlyServer:
+        should_exit = False
+
+        def __init__(self, hooks: dict[str, Any]) -> None:
+            self.hooks = hooks
+
+        def run(self, sockets: list[socket.socket]) -> None:
+            engine = self.hooks["loader"]()
+            self.hooks["on_ready"](engine)
+            loaded.append(engine)
+
+    def fake_create_app(config: ServerConfig, **hooks: Any) -> dict[str, Any]:
+        return hooks
+
+    real_create_app = app_module.create_app
+    monkeypatch.setattr(_core, "Context", counting_context)
+    monkeypatch.setattr(app_module, "create_app", fake_create_app)
+    monkeypatch.setattr(serve_module, "make_server", lambda app, timeout: LoadOnlyServer(app))
+    assert main(["serve", "-m", str(smollm2_path), "--port", "0", "-c", "1200",
+                 "--parallel", "3", "-t", "1"]) == 0
+    try:
+        assert len(loaded) == 1
+        assert [(kw["n_ctx"], kw["n_seq"]) for kw in made] == [(1200, 3)]
+        eng = loaded[0]
+        assert (eng.n_parallel, eng.n_ctx, eng.n_threads) == (3, 1200, 1)
+        assert "3 slots x 1200 tokens, 1 threads" in capsys.readouterr().err
+        prompt = "hello world " * 500  # 6000 bytes, 1000 tokens
+        assert len(prompt) > 64 * eng.tokenizer.max_token_bytes
+        with serve(real_create_app(ServerConfig(), engine=eng)) as url:
+            r = httpx.post(f"{url}/v1/completions", timeout=HANG_GUARD,
+                           json={"prompt": prompt, "max_tokens": 1, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == len(eng.tokenizer.encode(prompt))
+    finally:
+        for eng in loaded:
+            eng.stop()

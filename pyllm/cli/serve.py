@@ -121,6 +121,22 @@ def make_server(app: Any, shutdown_timeout: float) -> Any:
                                  timeout_graceful_shutdown=shutdown_timeout + 10))
 
 
+def load_engine(model_path: Path, args: argparse.Namespace) -> Any:
+    """The batching engine for ``pyllm serve``: the loaded model and one context of --parallel
+    slots of -c tokens each (no single-sequence context: the server would never use it)."""
+    from pyllm.loaded import LoadedModel
+    from pyllm.server.engine import Engine
+
+    model = LoadedModel(model_path, n_threads=args.threads)
+    try:
+        model.tokenizer  # noqa: B018 - build the tokenizer now, not on the first request
+        return Engine(model, n_parallel=args.parallel, n_ctx=args.ctx_size,
+                      n_batch=args.batch_size, kv_type=args.kv_type, max_queue=args.queue)
+    except BaseException:
+        model.close()
+        raise
+
+
 def run(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args.parser
     if not 0 <= args.port <= 65535:
@@ -152,20 +168,11 @@ def run(args: argparse.Namespace) -> int:
     server: Any = None
 
     def load() -> Any:
-        from pyllm.model import LLM
-        from pyllm.server.engine import Engine
-
-        # The LLM's own single-sequence context is not used by the server: keep it tiny; the
-        # engine allocates --parallel slots of -c tokens each.
-        llm = LLM(model_path, n_ctx=min(args.ctx_size, 64), n_threads=args.threads,
-                  n_batch=args.batch_size)
-        llm.tokenizer  # noqa: B018 - build the tokenizer now, not on the first request
-        return Engine(llm, n_parallel=args.parallel, n_ctx=args.ctx_size,
-                      n_batch=args.batch_size, kv_type=args.kv_type, max_queue=args.queue)
+        return load_engine(model_path, args)
 
     def ready(engine: Any) -> None:
         print(f"pyllm: serving {model_path.name}: {engine.n_parallel} slots x {engine.n_ctx} "
-              f"tokens, {engine.llm.n_threads} threads", file=sys.stderr, flush=True)
+              f"tokens, {engine.n_threads} threads", file=sys.stderr, flush=True)
 
     def load_or_stop() -> Any:
         try:

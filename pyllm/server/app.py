@@ -14,6 +14,10 @@ thread pool, generation to the engine thread, whose events come back through
 before it is tokenized (no token covers more bytes than the vocabulary's longest piece), and
 after a request with a large body the allocator's free memory is handed back to the OS.
 
+``create_app`` only wires things together: each route is a method of :class:`_Handlers`, which
+parses and checks the request, hands the work to the engine through :mod:`pyllm.server.bridge`
+and builds the response with :mod:`pyllm.openai_shapes` (the shapes the Python API returns too).
+
 Browsers must not be able to drive a local server from any web page, so the outermost layer
 accepts only Host headers naming this machine's loopback names or the configured
 ``allowed_hosts`` (a DNS-rebinding page sends its own host name), and POST bodies must be
@@ -31,9 +35,9 @@ import json
 import math
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,12 +51,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pyllm import openai_shapes as shapes
 from pyllm.errors import ChatTemplateError, PyllmError, SamplingError, TokenizerError
 from pyllm.server.bridge import (
     Choices,
-    chat_logprobs,
     collect,
-    completion_logprobs,
+    logprob_entries,
     sse_events,
     sse_response,
     until_disconnect,
@@ -352,12 +356,39 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
     """The ASGI application. Give either a ready ``engine`` (the caller stops it) or a
     ``loader`` run on a thread at startup (its engine is stopped, in-flight work cancelled, at
     shutdown); ``on_ready`` is called on that thread once the loaded engine serves requests."""
-    from contextlib import asynccontextmanager
-
     config = config or ServerConfig()
     if (engine is None) == (loader is None):
         raise ValueError("give exactly one of engine= or loader=")
     state = _State(config, engine)
+    app = FastAPI(title="pyllm", lifespan=_lifespan(state, loader, on_ready), docs_url=None,
+                  redoc_url=None, openapi_url=None)
+    app.state.pyllm = state
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+    handlers = _Handlers(state)
+    for method, path, endpoint in (
+            ("GET", "/health", handlers.health),
+            ("GET", "/v1/models", handlers.models),
+            ("GET", "/metrics", handlers.metrics),
+            ("GET", "/", handlers.index),
+            ("POST", "/tokenize", handlers.tokenize),
+            ("POST", "/detokenize", handlers.detokenize),
+            ("POST", "/v1/embeddings", handlers.embeddings),
+            ("POST", "/v1/completions", handlers.completions),
+            ("POST", "/v1/chat/completions", handlers.chat_completions)):
+        app.add_api_route(path, endpoint, methods=[method])
+    asgi: ASGIApp = app
+    if config.cors_origins:
+        asgi = CORSMiddleware(asgi, allow_origins=config.cors_origins, allow_methods=["*"],
+                              allow_headers=["*"])
+    return _Guard(asgi, state)
+
+
+def _lifespan(state: _State, loader: Callable[[], Engine] | None,
+              on_ready: Callable[[Engine], None] | None
+              ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """With a ``loader``: load the engine on a thread at startup, stop it at shutdown."""
 
     def load() -> None:
         assert loader is not None
@@ -380,34 +411,52 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
         if loader is not None and state.engine is not None:  # a given engine is the caller's
             await run_in_threadpool(state.engine.stop)
 
-    app = FastAPI(title="pyllm", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
-    app.state.pyllm = state
+    return lifespan
 
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body, status_code=exc.status)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _json_error(exc.status_code, str(exc.detail), type_)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body, status_code=exc.status)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return _json_error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
 
-    async def guarded(fn: Callable[[], Awaitable[Response]]) -> Response:
-        # PyllmError from tokenizer/chat templates = bad input, not a server fault
-        try:
-            return await fn()
-        except (ChatTemplateError, TokenizerError) as e:
-            raise ApiError(400, str(e)) from None
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return _json_error(exc.status_code, str(exc.detail), type_)
 
-    # ---- simple endpoints ---------------------------------------------------------------------
 
-    @app.get("/health")
-    async def health() -> Response:
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    return _json_error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+
+async def _guarded(fn: Callable[[], Awaitable[Response]]) -> Response:
+    # PyllmError from tokenizer/chat templates = bad input, not a server fault
+    try:
+        return await fn()
+    except (ChatTemplateError, TokenizerError) as e:
+        raise ApiError(400, str(e)) from None
+
+
+def _embedding_submit_error(e: PyllmError) -> ApiError:
+    code = "queue_full" if isinstance(e, QueueFullError) else None
+    status = 503 if isinstance(e, QueueFullError | EngineStoppedError) else 400
+    return ApiError(status, str(e), param="input", code=code)
+
+
+class _Handlers:
+    """The route bodies. Each parses its request, checks what it can before any work, and
+    leaves the work to the engine (through :mod:`pyllm.server.bridge`) and the response shapes
+    to :mod:`pyllm.openai_shapes`."""
+
+    def __init__(self, state: _State) -> None:
+        self.state = state
+        self.config = state.config
+
+    async def _body(self, request: Request, model: type[M]) -> M:
+        return _parse(model, await _read_json(request, self.config.max_body_bytes))
+
+    # ---- simple endpoints -----------------------------------------------------------------
+
+    async def health(self) -> Response:
+        state = self.state
         if state.engine is None:
             if state.load_error is not None:
                 return JSONResponse({"status": "error", "message": state.load_error}, 500)
@@ -418,28 +467,24 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
         return JSONResponse({"status": "ok", "slots_idle": eng.n_parallel - eng.active,
                              "slots_processing": eng.active, "queue": eng.queue_depth})
 
-    @app.get("/v1/models")
-    async def models() -> Response:
-        eng = state.need_engine()
+    async def models(self) -> Response:
+        eng = self.state.need_engine()
         return JSONResponse({"object": "list", "data": [{
-            "id": config.model_id, "object": "model", "created": int(state.started),
+            "id": self.config.model_id, "object": "model", "created": int(self.state.started),
             "owned_by": "pyllm",
             "meta": {"n_ctx_slot": eng.n_ctx, "n_parallel": eng.n_parallel,
                      "n_vocab": eng.n_vocab}}]})
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return PlainTextResponse(_metrics_text(state),
+    async def metrics(self) -> Response:
+        return PlainTextResponse(_metrics_text(self.state),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/")
-    async def index() -> Response:
+    async def index(self) -> Response:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8")
 
-    @app.post("/tokenize")
-    async def tokenize(request: Request) -> Response:
-        req = _parse(TokenizeRequest, await _read_json(request, config.max_body_bytes))
-        eng = state.need_engine()
+    async def tokenize(self, request: Request) -> Response:
+        req = await self._body(request, TokenizeRequest)
+        eng = self.state.need_engine()
 
         async def run() -> Response:
             tok = eng.tokenizer
@@ -450,12 +495,11 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
                 return JSONResponse({"tokens": [{"id": int(t), "piece": tok.token_to_piece(t)}
                                                 for t in ids]})
             return JSONResponse({"tokens": [int(t) for t in ids]})
-        return await guarded(run)
+        return await _guarded(run)
 
-    @app.post("/detokenize")
-    async def detokenize(request: Request) -> Response:
-        req = _parse(DetokenizeRequest, await _read_json(request, config.max_body_bytes))
-        eng = state.need_engine()
+    async def detokenize(self, request: Request) -> Response:
+        req = await self._body(request, DetokenizeRequest)
+        eng = self.state.need_engine()
         bad = [t for t in req.tokens if not 0 <= t < eng.n_vocab]
         if bad:
             raise ApiError(400, f"token id {bad[0]} is outside the vocabulary "
@@ -464,12 +508,13 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
         async def run() -> Response:
             text = await run_in_threadpool(eng.tokenizer.decode, req.tokens)
             return JSONResponse({"content": text})
-        return await guarded(run)
+        return await _guarded(run)
 
-    @app.post("/v1/embeddings")
-    async def embeddings(request: Request) -> Response:
-        req = _parse(EmbeddingRequest, await _read_json(request, config.max_body_bytes))
-        eng = state.need_engine()
+    # ---- embeddings -----------------------------------------------------------------------
+
+    async def embeddings(self, request: Request) -> Response:
+        req = await self._body(request, EmbeddingRequest)
+        eng = self.state.need_engine()
         if not eng.supports_embeddings:
             raise ApiError(501, "embeddings need a newer build of the pyllm extension "
                                 "(Context.embed)", "server_error", code="not_supported")
@@ -478,36 +523,8 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
                            param="dimensions")
 
         async def run() -> Response:
-            from pyllm.generate import prompt_tokens
-
-            loop = asyncio.get_running_loop()
-            for x in req.inputs():
-                if isinstance(x, str):
-                    await _check_text_fits(state, eng, _utf8_len(x), eng.n_ctx, "an input",
-                                           "input")
-            token_lists = [await run_in_threadpool(prompt_tokens, eng.llm, x)
-                           if isinstance(x, str) else x for x in req.inputs()]
-            futures: list[asyncio.Future[Any]] = []
-            handles: list[Handle] = []
-            try:
-                for toks in token_lists:
-                    fut: asyncio.Future[Any] = loop.create_future()
-
-                    def done(vec: Any, err: str | None, fut: asyncio.Future[Any] = fut) -> None:
-                        loop.call_soon_threadsafe(
-                            lambda: fut.done() or fut.set_result((vec, err)))
-                    try:
-                        handles.append(eng.submit_embedding(toks, done))
-                    except PyllmError as e:
-                        code = "queue_full" if isinstance(e, QueueFullError) else None
-                        status = 503 if isinstance(e, QueueFullError | EngineStoppedError) \
-                            else 400
-                        raise ApiError(status, str(e), param="input", code=code) from None
-                    futures.append(fut)
-                results = await until_disconnect(request, asyncio.gather(*futures))
-            finally:
-                for h in handles:
-                    h.cancel()
+            token_lists = await self._embedding_inputs(eng, req)
+            results = await self._embed(request, eng, token_lists)
             if results is None:
                 return Response(status_code=499)
             data = []
@@ -518,129 +535,168 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
                             if req.encoding_format == "base64" else vec.tolist())
                 data.append({"object": "embedding", "index": i, "embedding": emb})
             n = sum(len(t) for t in token_lists)
-            return JSONResponse({"object": "list", "data": data, "model": config.model_id,
+            return JSONResponse({"object": "list", "data": data, "model": self.config.model_id,
                                  "usage": {"prompt_tokens": n, "total_tokens": n}})
-        return await guarded(run)
+        return await _guarded(run)
 
-    # ---- completions --------------------------------------------------------------------------
+    async def _embedding_inputs(self, eng: Engine, req: EmbeddingRequest) -> list[list[int]]:
+        """Each input's tokens: texts are checked to fit, then tokenized off the event loop."""
+        from pyllm.generate import prompt_tokens
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        req = _parse(CompletionRequest, await _read_json(request, config.max_body_bytes))
+        for x in req.inputs():
+            if isinstance(x, str):
+                await _check_text_fits(self.state, eng, _utf8_len(x), eng.n_ctx, "an input",
+                                       "input")
+        return [await run_in_threadpool(prompt_tokens, eng, x)
+                if isinstance(x, str) else x for x in req.inputs()]
+
+    async def _embed(self, request: Request, eng: Engine, token_lists: list[list[int]]
+                     ) -> list[tuple[Any, str | None]] | None:
+        """(vector or None, error) per input; None if the client went away first. Every
+        submitted job is cancelled on the way out (a no-op for a finished one)."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Any]] = []
+        handles: list[Handle] = []
+        try:
+            for toks in token_lists:
+                fut: asyncio.Future[Any] = loop.create_future()
+
+                def done(vec: Any, err: str | None, fut: asyncio.Future[Any] = fut) -> None:
+                    loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result((vec, err)))
+                try:
+                    handles.append(eng.submit_embedding(toks, done))
+                except PyllmError as e:
+                    raise _embedding_submit_error(e) from None
+                futures.append(fut)
+            results: list[tuple[Any, str | None]] | None = await until_disconnect(
+                request, asyncio.gather(*futures))
+            return results
+        finally:
+            for h in handles:
+                h.cancel()
+
+    # ---- completions ----------------------------------------------------------------------
+
+    async def completions(self, request: Request) -> Response:
+        req = await self._body(request, CompletionRequest)
         params = _sampling(req)
-        eng = state.need_engine()
+        eng = self.state.need_engine()
 
         async def run() -> Response:
-            from pyllm.generate import prompt_tokens
-
-            prompt = req.prompt
-            if isinstance(prompt, list):
-                tokens = [int(t) for t in prompt]
-            else:
-                # a slot must keep a position to generate into: n_ctx - 1 prompt tokens at most
-                await _check_text_fits(state, eng, _utf8_len(prompt), eng.n_ctx - 1,
-                                       "the prompt", "prompt")
-                tokens = await run_in_threadpool(prompt_tokens, eng.llm, prompt)
-            echo = ""
-            if req.echo:
-                echo = prompt if isinstance(prompt, str) else await run_in_threadpool(
-                    eng.tokenizer.decode, tokens)
+            tokens, echo = await self._completion_prompt(eng, req)
             choices = Choices(eng, tokens, params, req.n, req.token_limit(), req.stop_list(),
-                               req.logprobs)
-            head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
-                    "created": int(time.time()), "model": config.model_id}
-
-            def choice(index: int, text: str, lp: Any, finish: str | None) -> dict[str, Any]:
-                return {"text": text, "index": index, "logprobs": lp, "finish_reason": finish}
-
+                              req.logprobs)
+            head = shapes.Head.completion(self.config.model_id)
             if req.stream:
-                def chunk(index: int, ev: TokenEvent) -> dict[str, Any] | None:
-                    lp = (completion_logprobs(eng, [ev], 0) if req.logprobs is not None
-                          else None)
-                    if not ev.text and lp is None:
-                        return None
-                    return {**head, "choices": [choice(index, ev.text, lp, None)]}
-
-                def final(index: int, done: DoneEvent) -> dict[str, Any]:
-                    return {**head, "choices": [choice(index, "", None, done.finish_reason)]}
-
-                def tail(ends: list[DoneEvent]) -> list[dict[str, Any]]:
-                    return ([{**head, "choices": [], "usage": usage(ends)}]
-                            if req.include_usage else [])
-
-                first = ([{**head, "choices": [choice(i, echo, None, None)]}
-                          for i in range(req.n)] if echo else [])
-                return sse_response(sse_events(choices, first, chunk, final, tail))
+                return _stream_completion(eng, req, choices, head, echo)
             got = await collect(request, choices)
             if got is None:
                 return Response(status_code=499)  # nobody is listening any more
-            return JSONResponse({**head, "choices": [
-                choice(i, echo + "".join(p.text for p in pieces),
-                       completion_logprobs(eng, pieces, len(echo))
-                       if req.logprobs is not None else None, done.finish_reason)
-                for i, (pieces, done) in enumerate(got)],
-                "usage": usage([done for _, done in got])})
-        return await guarded(run)
+            return JSONResponse(shapes.completion(head, [
+                shapes.completion_choice(
+                    i, echo + "".join(p.text for p in pieces),
+                    shapes.completion_logprobs(logprob_entries(eng, pieces), len(echo))
+                    if req.logprobs is not None else None, done.finish_reason)
+                for i, (pieces, done) in enumerate(got)], usage([done for _, done in got])))
+        return await _guarded(run)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        req = _parse(ChatCompletionRequest, await _read_json(request, config.max_body_bytes))
+    async def _completion_prompt(self, eng: Engine, req: CompletionRequest
+                                 ) -> tuple[list[int], str]:
+        """The prompt's tokens, and the text to echo before the completion ('' without
+        ``echo``)."""
+        from pyllm.generate import prompt_tokens
+
+        prompt = req.prompt
+        if isinstance(prompt, list):
+            tokens = [int(t) for t in prompt]
+        else:
+            # a slot must keep a position to generate into: n_ctx - 1 prompt tokens at most
+            await _check_text_fits(self.state, eng, _utf8_len(prompt), eng.n_ctx - 1,
+                                   "the prompt", "prompt")
+            tokens = await run_in_threadpool(prompt_tokens, eng, prompt)
+        echo = ""
+        if req.echo:
+            echo = prompt if isinstance(prompt, str) else await run_in_threadpool(
+                eng.tokenizer.decode, tokens)
+        return tokens, echo
+
+    async def chat_completions(self, request: Request) -> Response:
+        req = await self._body(request, ChatCompletionRequest)
         params = _sampling(req)
-        eng = state.need_engine()
+        eng = self.state.need_engine()
 
         async def run() -> Response:
             from pyllm.generate import chat_prompt
 
             messages = [m.as_dict() for m in req.messages]
             # the template only adds to the messages' text
-            await _check_text_fits(state, eng, sum(_utf8_len(m["content"]) for m in messages),
+            await _check_text_fits(self.state, eng,
+                                   sum(_utf8_len(m["content"]) for m in messages),
                                    eng.n_ctx - 1, "the conversation", "messages")
-            tokens, format_stops = await run_in_threadpool(chat_prompt, eng.llm, messages,
-                                                           config.chat_format)
+            tokens, format_stops = await run_in_threadpool(chat_prompt, eng, messages,
+                                                           self.config.chat_format)
             n_lp = (req.top_logprobs or 0) if req.logprobs else None
             choices = Choices(eng, tokens, params, req.n, req.token_limit(),
-                               req.stop_list() + format_stops, n_lp)
-            head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
-                    "created": int(time.time()), "model": config.model_id}
-
-            def delta(index: int, d: dict[str, Any], lp: Any,
-                      finish: str | None) -> dict[str, Any]:
-                return {**head, "choices": [{"index": index, "delta": d, "logprobs": lp,
-                                             "finish_reason": finish}]}
-
+                              req.stop_list() + format_stops, n_lp)
+            head = shapes.Head.chat(self.config.model_id)
             if req.stream:
-                def chunk(index: int, ev: TokenEvent) -> dict[str, Any] | None:
-                    lp = {"content": chat_logprobs(eng, [ev])} if req.logprobs else None
-                    if not ev.text and lp is None:
-                        return None
-                    return delta(index, {"content": ev.text}, lp, None)
-
-                def final(index: int, done: DoneEvent) -> dict[str, Any]:
-                    return delta(index, {}, None, done.finish_reason)
-
-                def tail(ends: list[DoneEvent]) -> list[dict[str, Any]]:
-                    return ([{**head, "choices": [], "usage": usage(ends)}]
-                            if req.include_usage else [])
-
-                first = [delta(i, {"role": "assistant", "content": ""}, None, None)
-                         for i in range(req.n)]
-                return sse_response(sse_events(choices, first, chunk, final, tail))
+                return _stream_chat(eng, req, choices, head)
             got = await collect(request, choices)
             if got is None:
                 return Response(status_code=499)
-            return JSONResponse({**head, "object": "chat.completion", "choices": [{
-                "index": i,
-                "message": {"role": "assistant", "content": "".join(p.text for p in pieces)},
-                "logprobs": {"content": chat_logprobs(eng, pieces)} if req.logprobs else None,
-                "finish_reason": done.finish_reason} for i, (pieces, done) in enumerate(got)],
-                "usage": usage([done for _, done in got])})
-        return await guarded(run)
+            return JSONResponse(shapes.chat_completion(head, [
+                shapes.chat_choice(i, "".join(p.text for p in pieces),
+                                   shapes.chat_logprobs(logprob_entries(eng, pieces))
+                                   if req.logprobs else None, done.finish_reason)
+                for i, (pieces, done) in enumerate(got)], usage([done for _, done in got])))
+        return await _guarded(run)
 
-    asgi: ASGIApp = app
-    if config.cors_origins:
-        asgi = CORSMiddleware(asgi, allow_origins=config.cors_origins, allow_methods=["*"],
-                              allow_headers=["*"])
-    return _Guard(asgi, state)
+
+def _stream_completion(eng: Engine, req: CompletionRequest, choices: Choices,
+                       head: shapes.Head, echo: str) -> Response:
+    """Server-sent ``text_completion`` chunks: the echoed prompt per choice, a chunk per token
+    that shows text or logprobs, a final chunk per choice, then the usage if asked for."""
+
+    def chunk(index: int, ev: TokenEvent) -> dict[str, Any] | None:
+        lp = (shapes.completion_logprobs(logprob_entries(eng, [ev]), 0)
+              if req.logprobs is not None else None)
+        if not ev.text and lp is None:
+            return None
+        return shapes.completion_chunk(head, index, ev.text, lp)
+
+    def final(index: int, done: DoneEvent) -> dict[str, Any]:
+        return shapes.completion_chunk(head, index, "", None, done.finish_reason)
+
+    def tail(ends: list[DoneEvent]) -> list[dict[str, Any]]:
+        return ([shapes.usage_chunk(head, shapes.TEXT_COMPLETION, usage(ends))]
+                if req.include_usage else [])
+
+    first = [shapes.completion_chunk(head, i, echo) for i in range(req.n)] if echo else []
+    return sse_response(sse_events(choices, first, chunk, final, tail))
+
+
+def _stream_chat(eng: Engine, req: ChatCompletionRequest, choices: Choices,
+                 head: shapes.Head) -> Response:
+    """Server-sent ``chat.completion.chunk`` s: the role per choice, a chunk per token that
+    shows text or logprobs, a final chunk per choice, then the usage if asked for."""
+
+    def chunk(index: int, ev: TokenEvent) -> dict[str, Any] | None:
+        lp = shapes.chat_logprobs(logprob_entries(eng, [ev])) if req.logprobs else None
+        if not ev.text and lp is None:
+            return None
+        return shapes.chat_chunk(head, index, shapes.content_delta(ev.text), lp)
+
+    def final(index: int, done: DoneEvent) -> dict[str, Any]:
+        return shapes.chat_chunk(head, index, shapes.end_delta(), None, done.finish_reason)
+
+    def tail(ends: list[DoneEvent]) -> list[dict[str, Any]]:
+        return ([shapes.usage_chunk(head, shapes.CHAT_COMPLETION_CHUNK, usage(ends))]
+                if req.include_usage else [])
+
+    # the server's first delta also carries an empty content (as it always has)
+    first = [shapes.chat_chunk(head, i, shapes.role_delta(""), None)
+             for i in range(req.n)]
+    return sse_response(sse_events(choices, first, chunk, final, tail))
 
 
 def cancel_all(app: ASGIApp) -> None:

@@ -1,5 +1,6 @@
 """Between the engine and HTTP: the choices of one request, server-sent events, collected
-results, usage and logprobs in the OpenAI shapes.
+results, and engine events turned into the inputs of :mod:`pyllm.openai_shapes` (usage,
+logprobs).
 
 Engine events arrive on the engine thread; :class:`Choices` moves them onto the event loop
 (``loop.call_soon_threadsafe``) tagged with the choice index. Closing a stream or losing the
@@ -17,6 +18,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from pyllm import openai_shapes as shapes
 from pyllm.errors import ContextError, SamplingError
 from pyllm.sampling import InvalidSamplingParam, SamplingParams
 from pyllm.server.engine import (
@@ -185,40 +187,13 @@ def sse_response(gen: AsyncIterator[str]) -> Response:
 
 def usage(ends: list[DoneEvent]) -> dict[str, int]:
     """The prompt counts once however many choices were generated from it."""
-    n_prompt = ends[0].prompt_tokens if ends else 0
-    n_out = sum(e.completion_tokens for e in ends)
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_out,
-            "total_tokens": n_prompt + n_out}
+    return shapes.usage(ends[0].prompt_tokens if ends else 0,
+                        sum(e.completion_tokens for e in ends))
 
 
-# ---- logprobs in the two OpenAI shapes -------------------------------------------------------
-
-
-def completion_logprobs(engine: Engine, pieces: list[TokenEvent], offset: int
-                         ) -> dict[str, Any]:
+def logprob_entries(engine: Engine, events: list[TokenEvent]) -> list[shapes.TokenLogprobs]:
+    """The logprobs of the events that have them, as text (token ids become their pieces)."""
     piece = engine.tokenizer.token_to_piece
-    tokens, lps, tops, offsets = [], [], [], []
-    pos = offset
-    for p in pieces:
-        if p.logprob is None:
-            continue
-        tokens.append(piece(p.logprob.token))
-        lps.append(p.logprob.logprob)
-        tops.append({piece(t): lp for t, lp in p.logprob.top_logprobs})
-        offsets.append(pos)
-        pos += len(p.text)
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
-
-
-def chat_logprobs(engine: Engine, pieces: list[TokenEvent]) -> list[dict[str, Any]]:
-    piece = engine.tokenizer.token_to_piece
-    out = []
-    for p in pieces:
-        if p.logprob is None:
-            continue
-        text = piece(p.logprob.token)
-        out.append({"token": text, "logprob": p.logprob.logprob, "bytes": list(text.encode()),
-                    "top_logprobs": [{"token": piece(t), "logprob": lp,
-                                      "bytes": list(piece(t).encode())}
-                                     for t, lp in p.logprob.top_logprobs]})
-    return out
+    return [shapes.TokenLogprobs(piece(ev.logprob.token), ev.logprob.logprob,
+                                 [(piece(t), lp) for t, lp in ev.logprob.top_logprobs], ev.text)
+            for ev in events if ev.logprob is not None]

@@ -43,20 +43,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pyllm._native import load_core
 from pyllm.errors import ContextError, ModelError, PyllmError
-from pyllm.footprint import (
-    DEFAULT_KV_TYPE,
-    MAX_COUNT,
-    check_context_fits,
-    check_kv_type,
-    warn_if_beyond_training,
-)
+from pyllm.footprint import DEFAULT_KV_TYPE
 from pyllm.generate import stop_token_ids
+from pyllm.loaded import DEFAULT_N_BATCH, LoadedModel, check_count, clamp_batch
 from pyllm.steps import SequenceSteps, common_prefix, resolve_max_tokens
 
 if TYPE_CHECKING:
@@ -186,36 +180,38 @@ class Engine:
     compute happens on the engine's own thread (the forward releases the GIL).
     """
 
-    def __init__(self, llm: LLM, *, n_parallel: int = 4, n_ctx: int = 2048,
-                 n_batch: int | None = None, kv_type: str = DEFAULT_KV_TYPE, max_queue: int = 64,
+    def __init__(self, model: LoadedModel | LLM, *, n_parallel: int = 4, n_ctx: int = 2048,
+                 n_batch: int | None = None, n_threads: int | None = None,
+                 kv_type: str = DEFAULT_KV_TYPE, max_queue: int = 64,
                  rate_window_s: float = 10.0) -> None:
+        """``model`` is the loaded model the slots run (an :class:`pyllm.model.LLM` gives its
+        own, and its ``n_batch`` and thread count as defaults; its single-sequence context is
+        not used). ``n_batch`` (default 512) and ``n_threads`` (default: the model's) are
+        those of the batched context."""
         for name, value in (("n_parallel", n_parallel), ("n_ctx", n_ctx),
                             ("max_queue", max_queue)):
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_COUNT:
-                raise ContextError(f"{name} must be a positive integer (at most {MAX_COUNT}), "
-                                   f"got {value!r}")
-        check_kv_type(kv_type)
-        self.llm = llm
+            check_count(name, value)
+        if isinstance(model, LoadedModel):
+            loaded = model
+        else:  # an LLM: share its weights and take its settings as defaults
+            loaded = model.model
+            n_batch = n_batch or model.n_batch
+            n_threads = n_threads or model.n_threads
+        self.model = loaded
         self.n_parallel = n_parallel
         self.n_ctx = n_ctx
         # tokens per step: running sequences take one each, prompt chunks share the rest (a
-        # step never holds more than all slots' contexts)
-        self.n_batch = min(n_batch or llm.n_batch, n_ctx * n_parallel)
-        # --parallel slots of -c positions each: refused with the sizes before allocating
-        check_context_fits(llm.hparams, n_ctx, self.n_batch, llm.n_threads, kv_type, n_parallel)
-        warn_if_beyond_training(llm.hparams, n_ctx)
+        # step never holds more than all slots' contexts); refused with the sizes if the
+        # --parallel slots of -c positions cannot fit, before anything is allocated
+        self._ctx = loaded.new_context(n_ctx, n_batch=n_batch or DEFAULT_N_BATCH,
+                                       n_threads=n_threads, kv_type=kv_type, n_seq=n_parallel,
+                                       stacklevel=3)
+        self.n_batch = clamp_batch(n_batch or DEFAULT_N_BATCH, n_ctx, n_parallel)
+        self.n_threads = int(self._ctx.n_threads)
         self.max_queue = max_queue
-        self.n_vocab = llm.n_vocab
-        _core = load_core(ModelError)
-        try:
-            self._ctx = _core.Context(llm._model, n_ctx=n_ctx, n_batch=self.n_batch,
-                                      n_threads=llm.n_threads,
-                                      kv_type=_core.KVType.__members__[kv_type],
-                                      n_seq=n_parallel)
-        except ValueError as e:
-            raise ModelError(f"cannot create the batched context: {e}") from None
-        self.tokenizer = llm.tokenizer
-        self.stop_ids = frozenset(stop_token_ids(llm))
+        self.n_vocab = loaded.n_vocab
+        self.tokenizer = loaded.tokenizer
+        self.stop_ids = frozenset(stop_token_ids(loaded))
         self.stats = EngineStats()
         self._slots = [_Slot(i) for i in range(n_parallel)]
         self._pending: collections.deque[_Job] = collections.deque()
@@ -274,7 +270,12 @@ class Engine:
 
     @property
     def n_embd(self) -> int:
-        return self.llm.hparams.n_embd
+        return self.model.n_embd
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The model's GGUF metadata (its chat template among them)."""
+        return self.model.metadata
 
     def submit_embedding(self, tokens: Sequence[int],
                          on_done: Callable[[np.ndarray | None, str | None], None]) -> Handle:

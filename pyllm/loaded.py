@@ -1,0 +1,194 @@
+"""A loaded model (weights, hyper-parameters, tokenizer, chat template) and the contexts made
+from it.
+
+Loading and running are separate: :class:`LoadedModel` opens the GGUF file, reads the
+hyper-parameters and hands the (memory-mapped, optionally repacked) weights to
+``pyllm._core.Model``; :meth:`LoadedModel.new_context` makes a ``pyllm._core.Context`` (the KV
+cache of ``n_seq`` sequences of ``n_ctx`` positions plus scratch) after the checks every context
+needs: the KV type, the memory it will take, a length beyond training. :class:`pyllm.model.LLM`
+is one loaded model with one single-sequence context; the server's
+:class:`pyllm.server.engine.Engine` is one loaded model with one context of ``n_parallel``
+slots. Several contexts may share one loaded model (the weights are read-only).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pyllm.arch import HParams, collect_tensors, read_hparams
+from pyllm.errors import ContextError, ModelError, PyllmError, PyllmWarning
+from pyllm.footprint import (
+    DEFAULT_KV_TYPE,
+    MAX_COUNT,
+    check_context_fits,
+    check_kv_type,
+    warn_if_beyond_training,
+)
+from pyllm.gguf import GGUFReader
+from pyllm.models import resolve_model_path
+from pyllm.sysinfo import available_cpus
+
+if TYPE_CHECKING:
+    from pyllm.tokenizer import Tokenizer
+
+# Tokens per forward chunk when the caller does not say (llama.cpp's -b default).
+DEFAULT_N_BATCH = 512
+
+
+def check_count(name: str, value: object) -> int:
+    """``value`` if it is a count the C++ side takes (1 .. 2^31-1), else ContextError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_COUNT:
+        raise ContextError(f"{name} must be a positive integer (at most {MAX_COUNT}), "
+                           f"got {value!r}")
+    return value
+
+
+def check_threads(n_threads: object) -> int | None:
+    """``n_threads`` if it is None (the pool's default) or a positive int, else ContextError."""
+    if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int)
+                                  or n_threads <= 0):
+        raise ContextError(f"n_threads must be a positive integer, got {n_threads!r}")
+    return n_threads
+
+
+def cap_threads(n_threads: int | None, stacklevel: int = 3) -> int | None:
+    """``n_threads`` capped at the CPUs this process may run on (None: the pool's default).
+
+    More threads than CPUs only make them wait for each other: with 1000 threads on 2 CPUs a
+    token took seconds. Capping warns, since the caller asked for something else;
+    ``stacklevel`` makes the warning point at the user's call (3: the caller's caller).
+    """
+    if n_threads is None:
+        return None
+    cpus = available_cpus()
+    if n_threads > cpus:
+        warnings.warn(f"{n_threads} threads asked for but this process may use {cpus} CPUs; "
+                      f"using {cpus}", PyllmWarning, stacklevel=stacklevel)
+        return cpus
+    return n_threads
+
+
+def core_module() -> Any:
+    """The compiled extension, or a ModelError saying how to build it."""
+    from pyllm._native import load_core
+
+    return load_core(ModelError)
+
+
+class LoadedModel:
+    """A GGUF model ready to run: hyper-parameters, weights in C++, metadata, tokenizer.
+
+    Weights stay memory-mapped: loading parses the header and hands zero-copy views to C++
+    (matrices repacked into the rows16 layout are copied, and their file pages handed back), so
+    it is near-instant and memory grows only with what the forward touches. ``n_threads`` is
+    the default of the contexts made from it (None: the pool's default) and what the repack
+    uses. Contexts hold a reference to the weights, so close the model after them.
+    """
+
+    def __init__(self, model_path: str | os.PathLike[str] | None = None, *,
+                 n_threads: int | None = None, repack: bool = True,
+                 verbose: bool = False) -> None:
+        self.n_threads = cap_threads(check_threads(n_threads))
+        self.model_path = Path(resolve_model_path(model_path, quiet=not verbose))
+        self.verbose = verbose
+        self._reader = GGUFReader(self.model_path)
+        self.metadata: dict[str, Any] = self._reader.metadata
+        self._tokenizer: Tokenizer | None = None
+        try:
+            core = core_module()
+            self.hparams: HParams = read_hparams(self._reader)
+            tensors = collect_tensors(self._reader, self.hparams)
+            # The tensors are views of the reader's read-only file mapping, so the pages of
+            # the matrices copied into the rows16 layout can be handed back to the page cache.
+            self.core: Any = core.Model(self.hparams.to_core(core), tensors.model,
+                                        tensors.layers, repack=bool(repack),
+                                        release_source=True, n_threads=self.n_threads or 0)
+        except ValueError as e:
+            self._reader.close()
+            raise ModelError(f"{self.model_path}: {e}") from None
+        except MemoryError:
+            self._reader.close()
+            raise ModelError(f"{self.model_path}: out of memory loading the weights") from None
+        except PyllmError:
+            self._reader.close()
+            raise
+
+    @property
+    def n_vocab(self) -> int:
+        return self.hparams.n_vocab
+
+    @property
+    def n_embd(self) -> int:
+        return self.hparams.n_embd
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer, built from the metadata on first use."""
+        if self._tokenizer is None:
+            from pyllm.tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.from_metadata(self.metadata)
+        return self._tokenizer
+
+    @property
+    def chat_template(self) -> str | None:
+        """The file's Jinja chat template (``tokenizer.chat_template``), if it has one."""
+        template = self.metadata.get("tokenizer.chat_template")
+        return template if isinstance(template, str) else None
+
+    def new_context(self, n_ctx: int, *, n_batch: int = DEFAULT_N_BATCH,
+                    n_threads: int | None = None, kv_type: str = DEFAULT_KV_TYPE,
+                    n_seq: int = 1, stacklevel: int = 2) -> Any:
+        """A ``pyllm._core.Context`` of ``n_seq`` sequences of ``n_ctx`` positions each.
+
+        Checked here, once for every kind of context: the counts, the KV type, that the KV
+        cache and scratch fit in the memory left (before allocating, with the sizes in the
+        message), and a warning when ``n_ctx`` is beyond the training length (``stacklevel``
+        as :func:`warnings.warn`'s from here: 2 points at the caller). ``n_batch`` is clamped
+        by :func:`clamp_batch` (a longer chunk could never be filled; its scratch would be
+        wasted). ``n_threads`` None takes the model's, then the pool's default.
+        """
+        if self.core is None:
+            raise ModelError("this model has been closed")
+        check_count("n_ctx", n_ctx)
+        check_count("n_seq", n_seq)
+        check_count("n_batch", n_batch)
+        check_kv_type(kv_type)
+        threads = cap_threads(check_threads(n_threads), stacklevel + 1)
+        if threads is None:
+            threads = self.n_threads
+        n_batch = clamp_batch(n_batch, n_ctx, n_seq)
+        # checked once the weights are in place: the repacked copy counts against the room
+        check_context_fits(self.hparams, n_ctx, n_batch, threads or available_cpus(), kv_type,
+                           n_seq)
+        warn_if_beyond_training(self.hparams, n_ctx, stacklevel + 1)
+        core = core_module()
+        what = f"n_ctx={n_ctx}" + (f" x {n_seq} sequences" if n_seq > 1 else "")
+        try:
+            return core.Context(self.core, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads or 0,
+                                kv_type=core.KVType.__members__[kv_type], n_seq=n_seq)
+        except ValueError as e:
+            raise ModelError(f"{self.model_path}: cannot create a context of {what}: {e}") \
+                from None
+        except MemoryError:
+            raise ContextError(f"out of memory allocating a context of {what}") from None
+
+    def close(self) -> None:
+        """Drop the weights and unmap the file (contexts made from it must be dropped first)."""
+        self.core = None
+        self._reader.close()
+
+    def __enter__(self) -> LoadedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def clamp_batch(n_batch: int, n_ctx: int, n_seq: int = 1) -> int:
+    """The chunk size a context of ``n_seq`` x ``n_ctx`` positions uses for ``n_batch``: never
+    more tokens than all its sequences can hold."""
+    return min(n_batch, n_ctx * n_seq)
