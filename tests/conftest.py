@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,20 @@ SHARED = REPO.parent / "shared"
 VOCAB_DIR = SHARED / "fixtures" / "vocab"
 # Under CI (.ci/run sets CI=true) a missing tool or fixture is a broken setup: fail, not skip.
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+# Seconds before a wait on something that should happen is declared a hang. Only a hang guard:
+# no test depends on how fast anything happens.
+HANG_GUARD = 60.0
+
+
+def wait_until(condition: Callable[[], object], what: str, poll: float = 0.01) -> None:
+    """Poll until ``condition()`` is true; fail as a hang after :data:`HANG_GUARD` seconds."""
+    deadline = time.monotonic() + HANG_GUARD
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"hung waiting for {what}", pytrace=False)
+        time.sleep(poll)
 
 
 def skip_or_fail(reason: str) -> None:

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,11 +42,11 @@ from pyllm.sampling import SamplingParams
 from pyllm.server import app as app_module
 from pyllm.server.app import ServerConfig, cancel_all, create_app
 from pyllm.server.engine import DoneEvent, Engine, Request, TokenEvent
+from tests.conftest import HANG_GUARD, wait_until
 
 pytestmark = pytest.mark.model  # every test serves SmolLM2
 
 N_CTX = 256  # per slot
-HANG_GUARD = 60.0  # seconds: only turns a hang into a failure, never a measure of speed
 
 PROMPTS = ["The capital of France is", "Once upon a time", "1, 2, 3, 4,", "def fib(n):",
            "The quick brown fox", "My favourite colour is"]
@@ -61,7 +60,7 @@ def serve(app: Any) -> Iterator[str]:
     server = uvicorn.Server(uvicorn.Config(app, log_level="error", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    _wait_for(lambda: server.started or not thread.is_alive(), "uvicorn to start")
+    wait_until(lambda: server.started or not thread.is_alive(), "uvicorn to start")
     assert server.started, "uvicorn did not start"
     try:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -102,16 +101,8 @@ def _greedy(llm: LLM, prompt: str, n: int) -> str:
     return llm.generate(prompt, max_tokens=n, temperature=0)
 
 
-def _wait_for(condition: Any, what: str, timeout: float = HANG_GUARD) -> None:
-    """Poll until ``condition()``; the deadline only turns a hang into a failure."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
-
-
 def _wait_idle(engine: Engine) -> None:
-    _wait_for(lambda: not engine.active and not engine.queue_depth,
+    wait_until(lambda: not engine.active and not engine.queue_depth,
               f"an idle engine ({engine.active} active, {engine.queue_depth} queued)")
 
 
@@ -131,6 +122,19 @@ def _no_eos(engine: Engine) -> dict[str, int]:
 
 
 # ---- engine -----------------------------------------------------------------------------------
+
+
+class _Events:
+    """An engine request's ``on_event``: keeps the events; ``done`` is set by the DoneEvent."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+        self.done = threading.Event()
+
+    def __call__(self, ev: Any) -> None:
+        self.events.append(ev)
+        if isinstance(ev, DoneEvent):
+            self.done.set()
 
 
 def _run_together(engine: Engine, llm: LLM, prompts: list[str], max_tokens: int
@@ -174,13 +178,8 @@ def test_engine_batched_greedy_matches_single_sequence(llm: LLM, engine: Engine)
 def test_engine_stop_string_and_zero_tokens(llm: LLM, engine: Engine) -> None:
     full = _greedy(llm, "1, 2, 3, 4,", 8)
     assert " 6" in full
-    events: list[Any] = []
-    done = threading.Event()
-
-    def on_event(ev: Any) -> None:
-        events.append(ev)
-        if isinstance(ev, DoneEvent):
-            done.set()
+    on_event = _Events()
+    events, done = on_event.events, on_event.done
 
     engine.submit(Request(llm.tokenize("1, 2, 3, 4,"), SamplingParams(temperature=0), on_event,
                           max_tokens=8, stop=[" 6"]))
@@ -199,13 +198,8 @@ def test_engine_and_python_api_share_one_step_machine(llm: LLM, engine: Engine) 
     """The server and LLM.create_completion run the same per-token steps: same tokens, same
     text pieces, and logprobs from the same computation (so equal, not merely close)."""
     prompt = llm.tokenize("The capital of France is")
-    events: list[Any] = []
-    done = threading.Event()
-
-    def on_event(ev: Any) -> None:
-        events.append(ev)
-        if isinstance(ev, DoneEvent):
-            done.set()
+    on_event = _Events()
+    events, done = on_event.events, on_event.done
 
     engine.submit(Request(prompt, SamplingParams(temperature=0), on_event, max_tokens=6,
                           stop=[" capital"], logprobs=3))
@@ -232,17 +226,10 @@ def test_engine_max_tokens_minus_one_runs_until_the_context_is_full(llm: LLM) ->
         no_eos = SamplingParams(temperature=0, logit_bias={t: -100.0 for t in eng.stop_ids})
         ends = []
         for limit in (-1, None):
-            done = threading.Event()
-            got: list[Any] = []
-
-            def on_event(ev: Any, got: list[Any] = got, done: threading.Event = done) -> None:
-                got.append(ev)
-                if isinstance(ev, DoneEvent):
-                    done.set()
-
+            on_event = _Events()
             eng.submit(Request(prompt, no_eos, on_event, max_tokens=limit))
-            assert done.wait(HANG_GUARD)
-            ends.append(got[-1])
+            assert on_event.done.wait(HANG_GUARD)
+            ends.append(on_event.events[-1])
         full = DoneEvent("length", len(prompt), 32 - len(prompt))  # prompt + output = n_ctx
         assert ends == [full, full]
         with pytest.raises(SamplingError, match="max_tokens must be -1"):
@@ -256,13 +243,8 @@ def test_engine_cancel_mid_prompt(llm: LLM) -> None:
     next step, before the rest of the prompt is evaluated."""
     eng = Engine(llm, n_parallel=1, n_ctx=512, n_batch=16)
     try:
-        events: list[Any] = []
-        done = threading.Event()
-
-        def on_event(ev: Any) -> None:
-            events.append(ev)
-            if isinstance(ev, DoneEvent):
-                done.set()
+        on_event = _Events()
+        events, done = on_event.events, on_event.done
 
         prompt = llm.tokenize("one two three four five six seven " * 40)[:400]
         eng.pause()
@@ -532,7 +514,7 @@ def test_disconnect_mid_stream_frees_the_slot(base_url: str, engine: Engine) -> 
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     break  # a token arrived: leaving the loop closes the connection
-        _wait_for(lambda: engine.cancels_pending == 1, "the hang-up to reach the engine")
+        wait_until(lambda: engine.cancels_pending == 1, "the hang-up to reach the engine")
         assert engine.stats.completion_tokens_total == generated + 2
     _wait_idle(engine)
     assert engine.stats.finished["cancelled"] == cancelled + 1
@@ -571,7 +553,7 @@ def test_disconnect_non_streaming_request(base_url: str, engine: Engine) -> None
         assert engine.wait_held(HANG_GUARD)  # submitted: the scheduler holds it
         assert engine.queue_depth == 1
         sock.close()  # the client gives up
-        _wait_for(lambda: engine.cancels_pending == 1, "the hang-up to reach the engine")
+        wait_until(lambda: engine.cancels_pending == 1, "the hang-up to reach the engine")
     _wait_idle(engine)
     assert engine.stats.finished["cancelled"] == cancelled + 1
     assert engine.stats.completion_tokens_total == generated
@@ -724,7 +706,7 @@ def test_queue_full_is_503(llm: LLM) -> None:
                     r = httpx.post(f"{url}/v1/chat/completions", json=body)
                     assert r.status_code == 503
                     assert r.json()["error"]["code"] == "queue_full"
-            _wait_for(lambda: eng.cancels_pending == 2, "both hang-ups to reach the engine")
+            wait_until(lambda: eng.cancels_pending == 2, "both hang-ups to reach the engine")
             eng.resume()
             _wait_idle(eng)
             assert eng.stats.finished["cancelled"] == 2 and eng.stats.requests_rejected == 1
@@ -745,7 +727,7 @@ def test_health_is_503_while_loading(llm: LLM) -> None:
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "x"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
         release.set()
-        _wait_for(lambda: httpx.get(f"{url}/health").status_code == 200, "the model to load")
+        wait_until(lambda: httpx.get(f"{url}/health").status_code == 200, "the model to load")
         assert httpx.post(f"{url}/v1/completions",
                           json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
 
@@ -946,7 +928,7 @@ def test_shutdown_lets_running_requests_finish_then_cancels_the_rest(llm: LLM) -
     chat = {"messages": [{"role": "user", "content": "Tell me a story"}], "temperature": 0,
             "stream": True}
     try:
-        _wait_for(lambda: server.started, "uvicorn to start")
+        wait_until(lambda: server.started, "uvicorn to start")
         with httpx.Client(timeout=HANG_GUARD) as c, paused(eng):
             with c.stream("POST", f"{url}/v1/chat/completions",
                           json={**chat, "max_tokens": -1, "logit_bias": _no_eos(eng)}) as long, \

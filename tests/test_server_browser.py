@@ -17,7 +17,6 @@ import os
 import shutil
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import uvicorn
 from pyllm.model import LLM
 from pyllm.server.app import ServerConfig, create_app
 from pyllm.server.engine import Engine
-from tests.conftest import skip_or_fail
+from tests.conftest import HANG_GUARD, skip_or_fail, wait_until
 
 try:
     from selenium import webdriver
@@ -39,7 +38,6 @@ except ImportError:  # reported by the browser fixture: skip locally, fail under
 
 BROWSER = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
 DRIVER = shutil.which("chromedriver")
-HANG_GUARD = 60.0  # seconds: only turns a hang into a failure
 
 pytestmark = pytest.mark.model
 
@@ -82,10 +80,8 @@ def base_url(engine: Engine) -> Iterator[str]:
                                            host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + HANG_GUARD
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
+    wait_until(lambda: server.started or not thread.is_alive(), "uvicorn to start")
+    assert thread.is_alive(), "uvicorn did not start"
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(10)
@@ -125,16 +121,8 @@ def _last_assistant(driver: Any) -> Any:
     return driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
 
 
-def _wait_for(condition: Any, what: str) -> None:
-    """Poll until ``condition()``; the deadline only turns a hang into a failure."""
-    deadline = time.monotonic() + HANG_GUARD
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def _wait_idle(engine: Engine) -> None:
-    _wait_for(lambda: not engine.active and not engine.queue_depth, "the slot to be freed")
+    wait_until(lambda: not engine.active and not engine.queue_depth, "the slot to be freed")
 
 
 def test_chat_page_streams_uses_knobs_and_stops(browser: Any, base_url: str, llm: LLM,
@@ -162,7 +150,7 @@ def test_chat_page_streams_uses_knobs_and_stops(browser: Any, base_url: str, llm
     engine.pause()  # the reply streams 3 tokens, then waits until the page has shown them
     try:
         d.find_element(By.ID, "send").click()
-        _wait_for(lambda: engine.queue_depth == 1, "the page's request")
+        wait_until(lambda: engine.queue_depth == 1, "the page's request")
         engine.resume(steps=3)
         assert engine.wait_held(HANG_GUARD)
         # text visible while the bubble is still marked as streaming (read in one atomic call)
@@ -189,7 +177,7 @@ def test_chat_page_streams_uses_knobs_and_stops(browser: Any, base_url: str, llm
     engine.pause()
     try:
         d.find_element(By.ID, "send").click()
-        _wait_for(lambda: engine.queue_depth == 1, "the page's request")
+        wait_until(lambda: engine.queue_depth == 1, "the page's request")
         engine.resume(steps=4)
         assert engine.wait_held(HANG_GUARD)
         assert engine.active == 1  # still generating
@@ -198,7 +186,7 @@ def test_chat_page_streams_uses_knobs_and_stops(browser: Any, base_url: str, llm
         assert d.find_element(By.ID, "stop").is_enabled()
         d.find_element(By.ID, "stop").click()
         wait.until(lambda drv: _last_assistant(drv).get_attribute("data-finish") == "stopped")
-        _wait_for(lambda: engine.cancels_pending == 1, "the stop to reach the server")
+        wait_until(lambda: engine.cancels_pending == 1, "the stop to reach the server")
     finally:
         engine.resume()
     _wait_idle(engine)
@@ -223,10 +211,8 @@ def test_chat_page_with_api_key(browser: Any, engine: Engine) -> None:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + HANG_GUARD
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.02)
+        wait_until(lambda: server.started or not thread.is_alive(), "uvicorn to start")
+        assert thread.is_alive(), "uvicorn did not start"
         d = browser
         d.get(f"http://127.0.0.1:{port}/?api_key=k3y")
         wait = WebDriverWait(d, HANG_GUARD, poll_frequency=0.05)

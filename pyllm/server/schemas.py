@@ -28,8 +28,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pyllm.generate import UNTIL_DONE, resolve_max_tokens
 from pyllm.sampling import InvalidSamplingParam, SamplingParams
+from pyllm.steps import UNTIL_DONE, resolve_max_tokens
 
 # every SamplingParams field is a request field of the same name (tests/test_sampling.py)
 _SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
