@@ -34,7 +34,7 @@ def engine_rate(engine: Any, llm: Any, prompts: list[str], n: int,
                 bias: dict[int, float]) -> tuple[float, float]:
     """Run ``prompts`` together on the engine; generated tokens per wall-clock second and per
     CPU second of this process."""
-    from pyllm.sampling import SamplingParams
+    from pyllm.runtime.sampling import SamplingParams
     from pyllm.server.engine import DoneEvent, Request, TokenEvent
 
     done = threading.Event()
@@ -104,8 +104,8 @@ def http_rates(url: str, n: int, bias: dict[int, float]) -> tuple[float, float]:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    from pyllm.model import LLM
-    from pyllm.models import resolve_model_path
+    from pyllm.runtime.default_model import resolve_model_path
+    from pyllm.runtime.llm import LLM
     from pyllm.server.app import ServerConfig, create_app
     from pyllm.server.engine import Engine
 

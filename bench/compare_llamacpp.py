@@ -10,8 +10,8 @@
 llama.cpp is measured with its own `llama-bench` binary when --llama-bench is given (a build of
 llama.cpp, e.g. the one vendored in the llama-cpp-python sdist), else through the `llama_cpp`
 Python package (llama-cpp-python, which builds llama.cpp when pip installs it). pyllm is measured
-with `pyllm.bench`. The two alternate, one repetition each per round (-r rounds), so that a
-shared machine's swings in load and memory bandwidth hit both alike; the table shows the median
+with `pyllm.tools.throughput`. The two alternate, one repetition each per round (-r rounds), so that
+a shared machine's swings in load and memory bandwidth hit both alike; the table shows the median
 tokens/s of each and the median of the per-round ratios pyllm / llama.cpp.
 
 A tool for people, not part of the test suite.
@@ -97,7 +97,7 @@ def main() -> int:
     ap.add_argument("-o", "--output", choices=("md", "json"), default="md")
     args = ap.parse_args()
 
-    from pyllm.bench import bench_model
+    from pyllm.tools.throughput import bench_model
 
     rows = []
     for spec in args.model:

@@ -181,8 +181,8 @@ def main() -> int:
                     help="also run the exact model through transformers (needs torch)")
     args = ap.parse_args()
 
-    from pyllm.generate import chat_prompt
-    from pyllm.model import LLM, common_prefix
+    from pyllm.runtime.generation import chat_prompt
+    from pyllm.runtime.llm import LLM, common_prefix
 
     llm = LLM(args.model, n_ctx=512, n_threads=args.threads)
     model = str(llm.model_path)

@@ -78,8 +78,8 @@ def main() -> int:
     ap.add_argument("-m", "--model", help="GGUF file (default: the default model)")
     ap.add_argument("-n", type=int, default=512, help="tokens of tests/data/english.txt")
     args = ap.parse_args()
-    from pyllm.model import LLM
-    from pyllm.models import ensure_model
+    from pyllm.runtime.default_model import ensure_model
+    from pyllm.runtime.llm import LLM
 
     path = args.model or str(ensure_model(quiet=True))
     text = (ROOT / "tests" / "data" / "english.txt").read_text()

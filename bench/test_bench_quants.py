@@ -1,4 +1,5 @@
-"""Speed of the Python quantization entry points (pyllm.quants), for the record, not pass/fail.
+"""Speed of the Python quantization entry points (pyllm.formats.qtypes), for the record, not
+pass/fail.
 
 Run with ``python -m pytest bench/test_bench_quants.py`` (pytest-benchmark prints the table).
 The tensor is a 2048 x 2048 float32 Gaussian matrix (4 Mi elements, 16 MiB): dequantize cases
@@ -14,8 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pyllm import quants
-from pyllm.gguf.constants import GGMLType
+from pyllm.formats import qtypes
+from pyllm.formats.gguf.constants import GGMLType
 
 ROWS, COLS = 2048, 2048
 TYPES = [GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0,
@@ -29,16 +30,16 @@ def matrix() -> np.ndarray:
 
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
 def test_bench_dequantize(benchmark: Any, matrix: np.ndarray, t: GGMLType) -> None:
-    raw = quants.quantize(t, matrix)
+    raw = qtypes.quantize(t, matrix)
     benchmark.extra_info["MB_in"] = raw.nbytes / 1e6
-    out = benchmark(quants.dequantize, t, raw, matrix.shape)
+    out = benchmark(qtypes.dequantize, t, raw, matrix.shape)
     assert out.shape == matrix.shape
 
 
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
 def test_bench_quantize(benchmark: Any, matrix: np.ndarray, t: GGMLType) -> None:
-    out = benchmark(quants.quantize, t, matrix)
-    assert out.shape == quants.byte_shape(t, matrix.shape)
+    out = benchmark(qtypes.quantize, t, matrix)
+    assert out.shape == qtypes.byte_shape(t, matrix.shape)
 
 
 @pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.Q4_K], ids=lambda t: t.name)
@@ -46,6 +47,6 @@ def test_bench_gguf_numpy_dequantize(benchmark: Any, matrix: np.ndarray, t: GGML
     gguf_quants = pytest.importorskip("gguf.quants")
     import gguf
 
-    raw = quants.quantize(t, matrix)
+    raw = qtypes.quantize(t, matrix)
     out = benchmark(gguf_quants.dequantize, raw, gguf.GGMLQuantizationType(int(t)))
     assert out.shape == matrix.shape

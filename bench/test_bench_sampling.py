@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pyllm.sampling import Sampler, SamplingParams
+from pyllm.runtime.sampling import Sampler, SamplingParams
 
 
 def llm_like_logits(n: int, seed: int, scale: float = 2.5) -> np.ndarray:

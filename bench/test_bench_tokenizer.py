@@ -51,7 +51,7 @@ def english_text(n_bytes: int = TEXT_BYTES, seed: int = 1234) -> str:
 def _vocab_paths() -> list[tuple[str, Path]]:
     paths = [(name, VOCAB_DIR / f"ggml-vocab-{name}.gguf") for name in ("llama-spm", "llama-bpe")]
     try:  # the default model, if it is already in the cache (a benchmark never downloads)
-        from pyllm.models import cached_model_path
+        from pyllm.runtime.default_model import cached_model_path
 
         smol = Path(cached_model_path())
         if smol.is_file():

@@ -56,7 +56,7 @@ def _busy_loop(cpu: int) -> subprocess.Popen[bytes]:
 def _measure(model_path: str | None, nt: int, n_gen: int, loaded: bool, cpu: int) -> float:
     """Decode tokens/s on nt threads (warm), with or without the busy loop."""
     from pyllm import _core as core
-    from pyllm.model import LLM
+    from pyllm.runtime.llm import LLM
 
     llm = LLM(model_path, n_ctx=n_gen + 16, n_threads=1)
     try:

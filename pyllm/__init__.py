@@ -34,21 +34,21 @@ from pyllm.errors import (
 )
 
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
-    from pyllm.gguf import GGUFReader, GGUFWriter
-    from pyllm.loaded import LoadedModel
-    from pyllm.model import LLM, LLMState
-    from pyllm.sampling import SamplingParams
+    from pyllm.formats.gguf import GGUFReader, GGUFWriter
+    from pyllm.runtime.llm import LLM, LLMState
+    from pyllm.runtime.loaded import LoadedModel
+    from pyllm.runtime.sampling import SamplingParams
     from pyllm.tokenizer import Tokenizer
 
 # public name -> the module that defines it (imported on first access)
 _LAZY = {
-    "LLM": "pyllm.model",
-    "LLMState": "pyllm.model",
-    "LoadedModel": "pyllm.loaded",
-    "SamplingParams": "pyllm.sampling",
+    "LLM": "pyllm.runtime.llm",
+    "LLMState": "pyllm.runtime.llm",
+    "LoadedModel": "pyllm.runtime.loaded",
+    "SamplingParams": "pyllm.runtime.sampling",
     "Tokenizer": "pyllm.tokenizer",
-    "GGUFReader": "pyllm.gguf",
-    "GGUFWriter": "pyllm.gguf",
+    "GGUFReader": "pyllm.formats.gguf",
+    "GGUFWriter": "pyllm.formats.gguf",
 }
 
 

@@ -40,7 +40,7 @@ def skip_or_fail(reason: str) -> None:
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """SmolLM2-135M-Instruct Q4_1, downloaded once into the pyllm cache (the same one users get)."""
-    from pyllm.models import ensure_model
+    from pyllm.runtime.default_model import ensure_model
 
     return ensure_model(quiet=True)
 

@@ -1,5 +1,6 @@
-"""``pyllm bench`` (pyllm/cli/bench.py, pyllm/bench.py) on tiny models: the rows and columns of
-each output format, thread counts and repetitions as given, and bad flags as usage errors.
+"""``pyllm bench`` (pyllm/cli/bench.py, pyllm/tools/throughput.py) on tiny models: the rows and
+columns of each output format, thread counts and repetitions as given, and bad flags as usage
+errors.
 
 Nothing here checks a speed: tokens/s are only required to be numbers the format can carry.
 """
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from pyllm.bench import BenchResult
 from pyllm.cli import main
-from pyllm.sysinfo import available_cpus
+from pyllm.runtime.sysinfo import available_cpus
+from pyllm.tools.throughput import BenchResult
 from tests.tiny_models import TinySpec, write_tiny
 
 FIELDS = list(BenchResult.__dataclass_fields__)

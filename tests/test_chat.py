@@ -412,7 +412,7 @@ def test_register_format_rejects_bad_arguments() -> None:
 
 @pytest.fixture(scope="module")
 def smollm2_template(smollm2_path: Path) -> str:
-    from pyllm.gguf import GGUFReader
+    from pyllm.formats.gguf import GGUFReader
 
     with GGUFReader(smollm2_path) as reader:
         template = reader.metadata["tokenizer.chat_template"]

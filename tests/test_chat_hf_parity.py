@@ -6,7 +6,7 @@ above each (kept verbatim: a template is a fact of the model format, and every q
 trained on). SmolLM2's comes from the real GGUF file. Each test writes a tokenizer folder
 (``tokenizer.json`` + ``tokenizer_config.json`` with the template and the BOS/EOS tokens), loads
 it with ``transformers`` and requires pyllm to render exactly the same string; pyllm takes the
-BOS/EOS text from a tokenizer, as :func:`pyllm.generate.chat_prompt` does. No network.
+BOS/EOS text from a tokenizer, as :func:`pyllm.runtime.generation.chat_prompt` does. No network.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import transformers
 
 from pyllm.chat import render
 from pyllm.errors import ChatTemplateError
-from pyllm.generate import chat_prompt
-from pyllm.gguf import GGUFReader
-from pyllm.model import LLM
+from pyllm.formats.gguf import GGUFReader
+from pyllm.runtime.generation import chat_prompt
+from pyllm.runtime.llm import LLM
 
 
 def _template(*lines: str) -> str:

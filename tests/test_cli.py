@@ -138,7 +138,7 @@ def test_sampling_flags_are_checked_once(smollm2_path: Path, command: str,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     """The flags become one SamplingParams (the one check), handed on to the generation as it
     is: no second build from keyword arguments."""
-    from pyllm.sampling import SamplingParams
+    from pyllm.runtime.sampling import SamplingParams
 
     built: list[SamplingParams] = []
     post_init = SamplingParams.__post_init__

@@ -116,7 +116,7 @@ def test_run_context_too_big_for_memory(smollm2_path: Path) -> None:
 
 
 def test_run_caps_threads_and_warns_beyond_training(smollm2_path: Path) -> None:
-    from pyllm.sysinfo import available_cpus
+    from pyllm.runtime.sysinfo import available_cpus
 
     proc = run_cli("run", "-m", str(smollm2_path), "-p", "The capital of France is", "-n", "4",
                    "--temp", "0", "-t", "1000", "-c", "8200", "--verbose", timeout=120)
@@ -179,7 +179,8 @@ class Tmux:
         subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True)
 
 
-# Tokens after which the first reply of a session is held until Ctrl-C (pyllm.generate's hook)
+# Tokens after which the first reply of a session is held until Ctrl-C (pyllm.runtime.generation's
+# hook)
 HOLD_AFTER = 12
 
 

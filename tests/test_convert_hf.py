@@ -17,11 +17,11 @@ import pytest
 import torch
 import transformers
 
-from pyllm.convert import convert_hf
-from pyllm.convert.hf import f32_to_bf16, llama3_rope_factors
-from pyllm.convert.tensor_map import permute_qk
 from pyllm.errors import ConvertError
-from pyllm.gguf import GGMLType, GGUFReader
+from pyllm.formats.gguf import GGMLType, GGUFReader
+from pyllm.tools.convert import convert_hf
+from pyllm.tools.convert.hf import f32_to_bf16, llama3_rope_factors
+from pyllm.tools.convert.tensor_map import permute_qk
 from tests.reference import LlamaRef
 
 N_TOKENS = 64
@@ -492,7 +492,7 @@ def test_transformers_reads_our_gguf(saved: dict[str, tuple[Any, Path]], tmp_pat
 def test_sliding_window_is_reported(saved: dict[str, tuple[Any, Path]], tmp_path: Path,
                                     caplog: pytest.LogCaptureFixture) -> None:
     src = _copy_with_config(saved["mistral_head_dim"][1], tmp_path / "src", sliding_window=32)
-    with caplog.at_level("WARNING", logger="pyllm.convert"):
+    with caplog.at_level("WARNING", logger="pyllm.tools.convert"):
         convert_hf(src, tmp_path / "m.gguf", "f16", progress=False)
     assert "32-token sliding window" in caplog.text
 
@@ -519,7 +519,7 @@ def test_conversion_streams(tmp_path: Path, outtype: str) -> None:
 
 def test_legacy_config_spelling() -> None:
     """transformers 4.x wrote rope_theta at the top and rope_scaling with "type"."""
-    from pyllm.convert.hf import HFConfig, rope_metadata
+    from pyllm.tools.convert.hf import HFConfig, rope_metadata
 
     cfg = HFConfig.from_dict({
         "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,

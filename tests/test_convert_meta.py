@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from pyllm.convert import convert, convert_meta
-from pyllm.convert.meta import feed_forward_length
 from pyllm.errors import ConvertError
-from pyllm.gguf import GGMLType, GGUFReader
+from pyllm.formats.gguf import GGMLType, GGUFReader
+from pyllm.tools.convert import convert, convert_meta
+from pyllm.tools.convert.meta import feed_forward_length
 from tests.reference import LlamaRef
 
 PARAMS: dict[str, Any] = dict(
@@ -236,7 +236,7 @@ def test_metadata_and_tokenizer(base: tuple[Any, Path]) -> None:
 
 
 def test_logits_match_meta_forward(base: tuple[Any, Path]) -> None:
-    from pyllm.model import LLM
+    from pyllm.runtime.llm import LLM
 
     sd, path = base
     want = meta_forward(sd, TOKENS)
@@ -460,7 +460,7 @@ def test_bad_folders_are_refused(base: tuple[Any, Path], tmp_path: Path) -> None
 def test_cli_converts_a_meta_folder(tmp_path: Path, spm_model: bytes) -> None:
     """`pyllm convert` on a 2-shard Meta folder with two configs, then runs the result."""
     from pyllm.cli import main
-    from pyllm.model import LLM
+    from pyllm.runtime.llm import LLM
 
     sd = meta_weights(seed=7)
     src = write_meta(tmp_path / "m", split_model_parallel(sd, 2, vocab_parallel=False),

@@ -10,8 +10,8 @@ import tempfile
 import pytest
 
 from pyllm import _core as core
-from pyllm.arch import WEIGHT_TYPES
-from pyllm.gguf import GGMLType
+from pyllm.formats.arch import WEIGHT_TYPES
+from pyllm.formats.gguf import GGMLType
 
 # The types with a rows16 layout (csrc/quant/repack.cc; tests/test_repack.py checks the layout).
 REPACK_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K)
@@ -59,17 +59,17 @@ def test_default_threads_follow_the_affinity_mask() -> None:
     """Pinned to one CPU (taskset), the default pool of the extension has one thread.
 
     The C++ default used to be the machine's physical cores whatever the affinity mask, so a
-    pinned process ran several threads on one CPU; it agrees with pyllm.sysinfo now.
+    pinned process ran several threads on one CPU; it agrees with pyllm.runtime.sysinfo now.
     """
     code = ("import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
-            "import pyllm._core as c; from pyllm.sysinfo import available_cpus; "
+            "import pyllm._core as c; from pyllm.runtime.sysinfo import available_cpus; "
             "print(c.cpu_features()['available_cpus'], c.get_num_threads(), available_cpus())")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=tempfile.gettempdir(), timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["1", "1", "1"]
     # Unpinned, the extension's count of usable CPUs matches the Python one.
-    from pyllm.sysinfo import available_cpus
+    from pyllm.runtime.sysinfo import available_cpus
     assert core.cpu_features()["available_cpus"] == available_cpus()
     assert 1 <= core.get_num_threads() <= available_cpus()
 
@@ -77,7 +77,8 @@ def test_default_threads_follow_the_affinity_mask() -> None:
 @pytest.mark.parametrize("isa", core.compiled_isas())
 def test_every_isa_table_covers_every_weight_type(isa: str) -> None:
     """Each compiled ISA's table (csrc/cpu/isa/table_<isa>.cc) has a decode and a prefill kernel
-    for every type pyllm.arch accepts as a weight, and nothing for types it does not accept."""
+    for every type pyllm.formats.arch accepts as a weight, and nothing for types it does not
+    accept."""
     table = core.kernel_table(isa)
     assert set(table) == {int(t) for t in WEIGHT_TYPES}
     for type_id, slots in table.items():

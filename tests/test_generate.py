@@ -15,18 +15,18 @@ import numpy as np
 import pytest
 
 from pyllm.errors import ContextError, PyllmError, PyllmWarning, SamplingError
-from pyllm.footprint import (
+from pyllm.runtime.footprint import (
     check_context_fits,
     context_bytes,
     kv_cache_bytes,
     logits_bytes,
     scratch_bytes,
 )
-from pyllm.generate import StopMatcher, resolve_max_tokens
-from pyllm.model import LLM
-from pyllm.sampling import SamplingParams
-from pyllm.steps import Released, SequenceSteps
-from pyllm.sysinfo import available_cpus
+from pyllm.runtime.generation import StopMatcher, resolve_max_tokens
+from pyllm.runtime.llm import LLM
+from pyllm.runtime.sampling import SamplingParams
+from pyllm.runtime.steps import Released, SequenceSteps
+from pyllm.runtime.sysinfo import available_cpus
 
 
 def feed(stops: list[str], chunks: list[str]) -> tuple[str, bool]:
@@ -81,7 +81,7 @@ def test_every_split_gives_the_same_result(text: str) -> None:
         assert stopped == ("STOP" in text)
 
 
-# ---- the step machine (pyllm.steps.SequenceSteps) on a toy vocabulary ------------------------
+# ---- the step machine (pyllm.runtime.steps.SequenceSteps) on a toy vocabulary -------------------
 
 TOY_VOCAB = ["a", "b", "ST", "OP", "x", "<eos>"]
 EOS = 5
@@ -173,13 +173,14 @@ def test_steps_logprobs_are_the_log_softmax_of_the_row() -> None:
 
 # ---- the runtime's import graph ----------------------------------------------------------------
 
-RUNTIME_MODULES = ("model", "generate", "completions", "steps")
+RUNTIME = Path(__file__).resolve().parents[1] / "pyllm" / "runtime"
+RUNTIME_MODULES = tuple(sorted(p.stem for p in RUNTIME.glob("*.py") if p.stem != "__init__"))
 
 
-def _runtime_imports(name: str) -> set[str]:
-    """The runtime modules a module imports when run (anywhere in it, functions included, but
-    not under ``if TYPE_CHECKING:``, which only the type checker follows)."""
-    src = (Path(__file__).resolve().parents[1] / "pyllm" / f"{name}.py").read_text()
+def _imports(name: str) -> set[str]:
+    """The pyllm modules a runtime module imports when run (anywhere in it, functions included,
+    but not under ``if TYPE_CHECKING:``, which only the type checker follows)."""
+    src = (RUNTIME / f"{name}.py").read_text()
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
@@ -187,6 +188,7 @@ def _runtime_imports(name: str) -> set[str]:
                 and node.test.id == "TYPE_CHECKING":
             return
         if isinstance(node, ast.ImportFrom) and node.module:
+            found.update(f"{node.module}.{a.name}" for a in node.names)
             found.add(node.module)
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
@@ -194,12 +196,18 @@ def _runtime_imports(name: str) -> set[str]:
             visit(child)
 
     visit(ast.parse(src))
-    return {m.removeprefix("pyllm.") for m in found} & set(RUNTIME_MODULES)
+    return {m for m in found if m.startswith("pyllm.")}
 
 
-def test_no_import_cycle_between_model_generate_completions() -> None:
+def _runtime_imports(name: str) -> set[str]:
+    return {m.removeprefix("pyllm.runtime.") for m in _imports(name)} & set(RUNTIME_MODULES)
+
+
+def test_no_import_cycle_in_the_runtime() -> None:
+    assert {"llm", "generation", "completions", "steps", "loaded"} <= set(RUNTIME_MODULES)
     graph = {m: _runtime_imports(m) for m in RUNTIME_MODULES}
-    assert graph["steps"] == set()  # the shared step machine depends on none of them
+    assert graph["steps"] <= {"sampling"}  # the shared step machine sits below the loops
+    assert "generation" in graph["completions"]  # the walk does see imports (negative control)
 
     def reach(start: str) -> set[str]:
         seen: set[str] = set()
@@ -213,6 +221,18 @@ def test_no_import_cycle_between_model_generate_completions() -> None:
 
     cycles = [m for m in RUNTIME_MODULES if m in reach(m)]
     assert cycles == [], graph
+
+
+def test_the_runtime_imports_no_tool_cli_or_server() -> None:
+    """The folders say what depends on what: the runtime needs formats, tokenizer and chat,
+    never the offline tools, the CLI or the server."""
+    outside = {
+        name: sorted(m for m in _imports(name)
+                     if m.startswith(("pyllm.tools", "pyllm.cli", "pyllm.server")))
+        for name in RUNTIME_MODULES
+    }
+    assert {k: v for k, v in outside.items() if v} == {}
+    assert any(m.startswith("pyllm.formats") for m in _imports("loaded"))  # it does see them
 
 
 # ---- token limits, context and thread checks on the real model --------------------------------
@@ -305,7 +325,7 @@ def test_context_beyond_training_warns(smollm2_path: Path) -> None:
 _MEASURE = """
 import sys
 from pyllm import _core
-from pyllm.model import LLM
+from pyllm.runtime.llm import LLM
 
 def rss():
     with open("/proc/self/statm") as f:

@@ -9,9 +9,9 @@ import pytest
 
 from pyllm.chat import render, stop_strings
 from pyllm.errors import ContextError, SamplingError
-from pyllm.generate import chat_prompt
-from pyllm.model import LLM
-from pyllm.sampling import SamplingParams
+from pyllm.runtime.generation import chat_prompt
+from pyllm.runtime.llm import LLM
+from pyllm.runtime.sampling import SamplingParams
 
 pytestmark = pytest.mark.model
 

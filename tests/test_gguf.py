@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pyllm.errors import GGUFError
-from pyllm.gguf import GGMLType, GGUFReader, GGUFWriter, ValueType
+from pyllm.formats.gguf import GGMLType, GGUFReader, GGUFWriter, ValueType
 from tests.gguf_craft import Crafted, TInfo, f32_tensor_file, gstr, kv_raw, kv_str, kv_u32
 
 

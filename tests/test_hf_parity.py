@@ -12,8 +12,8 @@ import pytest
 import torch  # noqa: F401
 import transformers  # noqa: F401
 
-from pyllm.convert import convert_hf
-from pyllm.model import LLM
+from pyllm.runtime.llm import LLM
+from pyllm.tools.convert import convert_hf
 from tests.test_convert_hf import CASES, hf_logits, make_model, round_matrices, tokens
 
 

@@ -33,8 +33,8 @@ import numpy as np
 import pytest
 
 from pyllm import _core as core
-from pyllm.gguf import GGUFReader, GGUFWriter
-from pyllm.model import LLM
+from pyllm.formats.gguf import GGUFReader, GGUFWriter
+from pyllm.runtime.llm import LLM
 from tests.reference import llama_ref
 from tests.reference.llama_ref import LlamaRef
 from tests.tiny_models import TinySpec, write_tiny

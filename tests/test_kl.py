@@ -20,7 +20,7 @@ import pytest
 import torch
 import transformers
 
-from pyllm.model import LLM
+from pyllm.runtime.llm import LLM
 
 N_TOKENS = 512
 TEXT = Path(__file__).with_name("data") / "english.txt"

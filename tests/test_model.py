@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from pyllm.errors import ContextError, ModelError
-from pyllm.gguf import GGMLType, GGUFReader, GGUFWriter
-from pyllm.model import LLM
+from pyllm.formats.gguf import GGMLType, GGUFReader, GGUFWriter
+from pyllm.runtime.llm import LLM
 from tests.reference import llama_ref
 from tests.reference.llama_ref import LlamaRef
 from tests.tiny_models import TinySpec, write_tiny
@@ -265,8 +265,8 @@ def test_python_names_are_the_bound_cpp_enums() -> None:
     """kv_type and rope scaling cross into C++ as the bound enums, looked up by the names pyllm
     accepts; both name lists and the default KV type are the C++ ones."""
     from pyllm import _core
-    from pyllm.arch import ROPE_SCALING
-    from pyllm.footprint import DEFAULT_KV_TYPE, KV_ELEMENT_TYPES
+    from pyllm.formats.arch import ROPE_SCALING
+    from pyllm.runtime.footprint import DEFAULT_KV_TYPE, KV_ELEMENT_TYPES
 
     assert tuple(_core.KVType.__members__) == tuple(KV_ELEMENT_TYPES)
     assert _core.DEFAULT_KV_TYPE.name == DEFAULT_KV_TYPE
@@ -288,12 +288,12 @@ def test_context_takes_the_enum_not_an_int(tiny_dir: Path) -> None:
 
 
 def test_hparams_fields_are_the_bound_cpp_fields() -> None:
-    """pyllm.arch.HParams and the C++ HParams (bound field by field) have the same fields, so a
-    field added on one side only fails here; to_core copies every one of them."""
+    """pyllm.formats.arch.HParams and the C++ HParams (bound field by field) have the same fields,
+    so a field added on one side only fails here; to_core copies every one of them."""
     from dataclasses import fields
 
     from pyllm import _core
-    from pyllm.arch import HParams
+    from pyllm.formats.arch import HParams
 
     bound = {name for name, v in vars(_core.HParams).items() if isinstance(v, property)}
     assert {f.name for f in fields(HParams)} == bound
@@ -311,10 +311,10 @@ def test_hparams_fields_are_the_bound_cpp_fields() -> None:
 
 
 def test_tensor_names_map_onto_the_cpp_weight_slots() -> None:
-    """The GGUF names live only in pyllm.arch, mapped onto the C++ slot names; the slots are
+    """The GGUF names live only in pyllm.formats.arch, mapped onto the C++ slot names; the slots are
     exactly the C++ ones (a slot renamed on one side only fails here)."""
     from pyllm import _core
-    from pyllm.arch import (
+    from pyllm.formats.arch import (
         LAYER_TENSORS,
         MODEL_TENSORS,
         OPTIONAL_LAYER_TENSORS,
@@ -328,10 +328,10 @@ def test_tensor_names_map_onto_the_cpp_weight_slots() -> None:
 
 
 def test_cpp_model_checks_what_python_hands_it(tiny_dir: Path) -> None:
-    """Defence in depth behind pyllm.arch: C++ names the file's tensor in a shape error, the
+    """Defence in depth behind pyllm.formats.arch: C++ names the file's tensor in a shape error, the
     layer and slot of a missing one, and rejects slot names it does not have."""
     from pyllm import _core
-    from pyllm.arch import collect_tensors
+    from pyllm.formats.arch import collect_tensors
 
     with LLM(tiny(tiny_dir, "gqa"), n_ctx=16) as llm:
         hp, t = llm.hparams.to_core(_core), collect_tensors(llm._reader, llm.hparams)
@@ -449,7 +449,7 @@ def test_embeddings_are_mean_pooled_final_states(tiny_dir: Path) -> None:
 
 # ---- RoPE scaling beyond 512 positions -------------------------------------------------------
 
-# Every scaling mode of pyllm/arch.py (ROPE_SCALING) plus Llama-3 style frequency factors
+# Every scaling mode of pyllm/formats/arch.py (ROPE_SCALING) plus Llama-3 style frequency factors
 # (rope_freqs.weight). The trained context is set above N_LONG so no warning fires; YaRN and
 # dynamic NTK scale relative to their original context of 256.
 ROPE_MODES = {
@@ -545,7 +545,7 @@ def test_one_loaded_model_many_checked_contexts(tiny_dir: Path) -> None:
     single-sequence context, and the kv_type, count, memory and training-length checks all
     happen in new_context (the server's engine used to repeat them on its own)."""
     from pyllm.errors import PyllmWarning
-    from pyllm.loaded import LoadedModel
+    from pyllm.runtime.loaded import LoadedModel
 
     path = tiny(tiny_dir, "gqa")
     with LLM(path, n_ctx=64, kv_type="f32") as llm:

@@ -1,13 +1,13 @@
-"""The OpenAI response shapes of pyllm.openai_shapes: exact dicts (and key order, which is what
-the JSON a client reads is written in) for given pieces."""
+"""The OpenAI response shapes of pyllm.runtime.openai_shapes: exact dicts (and key order, which is
+what the JSON a client reads is written in) for given pieces."""
 
 from __future__ import annotations
 
 import json
 import re
 
-from pyllm import openai_shapes as shapes
-from pyllm.openai_shapes import Head, TokenLogprobs
+from pyllm.runtime import openai_shapes as shapes
+from pyllm.runtime.openai_shapes import Head, TokenLogprobs
 
 HEAD = Head("cmpl-abc", 1700000000, "m.gguf")
 CHAT_HEAD = Head("chatcmpl-abc", 1700000001, "m.gguf")

@@ -1,5 +1,5 @@
-"""pyllm.perplexity and ``pyllm perplexity``: llama.cpp-style chunked perplexity (checked against a
-direct computation), SmolLM2 on English text, and KL divergence against a saved base."""
+"""pyllm.tools.perplexity and ``pyllm perplexity``: llama.cpp-style chunked perplexity (checked
+against a direct computation), SmolLM2 on English text, and KL divergence against a saved base."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 import transformers
 
-from pyllm import perplexity as pp
 from pyllm.cli import main as cli_main
-from pyllm.model import LLM
-from pyllm.quantize import quantize_file
+from pyllm.runtime.llm import LLM
+from pyllm.tools import perplexity as pp
+from pyllm.tools.quantize import quantize_file
 from tests.tiny_models import TinySpec, write_tiny
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -222,7 +222,7 @@ def _tiny_hf_folder(dst: Path) -> Path:
 
 def test_hf_folder_to_f16_to_q4_k_m_to_perplexity(tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    from pyllm.gguf import GGUFReader
+    from pyllm.formats.gguf import GGUFReader
 
     src = _tiny_hf_folder(tmp_path / "hf")
     (tmp_path / "a.json").write_text('{"rms_norm_eps": 1e-4, "max_position_embeddings": 384}')
@@ -275,7 +275,7 @@ def test_hf_folder_to_f16_to_q4_k_m_to_perplexity(tmp_path: Path,
 def _torch_ppl(src: Path, tokens: np.ndarray, n_ctx: int, rms_norm_eps: float,
                shuffle_output: bool = False) -> float:
     """Perplexity of the Hugging Face checkpoint ``src`` in float64 log-softmax, chunked and
-    scored as pyllm.perplexity does (second half of each chunk; no BOS replacement: this
+    scored as pyllm.tools.perplexity does (second half of each chunk; no BOS replacement: this
     vocabulary does not add one). Matrices are rounded through f16 like the F16 file."""
     model = transformers.LlamaForCausalLM.from_pretrained(src, rms_norm_eps=rms_norm_eps)
     with torch.no_grad():

@@ -16,20 +16,20 @@ import pytest
 
 import pyllm
 import pyllm.errors
-import pyllm.gguf
-import pyllm.loaded
-import pyllm.model
-import pyllm.sampling
+import pyllm.formats.gguf
+import pyllm.runtime.llm
+import pyllm.runtime.loaded
+import pyllm.runtime.sampling
 import pyllm.tokenizer
 
 PUBLIC = {
-    "LLM": pyllm.model.LLM,
-    "LLMState": pyllm.model.LLMState,
-    "LoadedModel": pyllm.loaded.LoadedModel,
-    "SamplingParams": pyllm.sampling.SamplingParams,
+    "LLM": pyllm.runtime.llm.LLM,
+    "LLMState": pyllm.runtime.llm.LLMState,
+    "LoadedModel": pyllm.runtime.loaded.LoadedModel,
+    "SamplingParams": pyllm.runtime.sampling.SamplingParams,
     "Tokenizer": pyllm.tokenizer.Tokenizer,
-    "GGUFReader": pyllm.gguf.GGUFReader,
-    "GGUFWriter": pyllm.gguf.GGUFWriter,
+    "GGUFReader": pyllm.formats.gguf.GGUFReader,
+    "GGUFWriter": pyllm.formats.gguf.GGUFWriter,
     **{name: getattr(pyllm.errors, name) for name in pyllm.errors.__all__},
 }
 
@@ -57,7 +57,7 @@ def test_public_names_at_the_top_level() -> None:
     assert "__version__" in dir(pyllm) and pyllm.__version__[0].isdigit()
     from pyllm import LLM, SamplingParams  # the from-import form goes through __getattr__ too
 
-    assert LLM is pyllm.model.LLM and SamplingParams is pyllm.sampling.SamplingParams
+    assert LLM is pyllm.runtime.llm.LLM and SamplingParams is pyllm.runtime.sampling.SamplingParams
     with pytest.raises(AttributeError, match="no attribute 'Llama'"):
         pyllm.Llama  # noqa: B018 - the lookup is the test
 
@@ -71,7 +71,7 @@ def test_import_pyllm_loads_neither_the_extension_nor_numpy() -> None:
     # negative control: the lazy names do load their modules when used
     # (and a submodule is still an attribute of the package, as pyllm.tokenizer was when
     # `import pyllm` imported it)
-    proc = _python("import sys, pyllm; pyllm.LLM; print('pyllm.model' in sys.modules, "
+    proc = _python("import sys, pyllm; pyllm.LLM; print('pyllm.runtime.llm' in sys.modules, "
                    "'numpy' in sys.modules, pyllm.tokenizer.Tokenizer is pyllm.Tokenizer)",
                    Path(tempfile.gettempdir()))
     assert proc.returncode == 0, proc.stderr
@@ -104,7 +104,7 @@ def test_missing_extension_python_api(unbuilt_checkout: tuple[Path, list[str]],
     root, path = unbuilt_checkout
     code = ("import sys, pyllm\n"
             "assert pyllm.__file__.startswith(sys.argv[2]), pyllm.__file__\n"
-            "from pyllm.sampling import Sampler\n"
+            "from pyllm.runtime.sampling import Sampler\n"
             "for make in (lambda: pyllm.LLM(sys.argv[1]),\n"
             "             lambda: Sampler(pyllm.SamplingParams(), 10)):\n"
             "    try:\n"

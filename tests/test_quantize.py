@@ -1,5 +1,5 @@
-"""pyllm.quantize and ``pyllm quantize``: every file type on a tiny model (loads, logits close to
-the F32 model within measured bounds that reject a coarser type, per-tensor types follow
+"""pyllm.tools.quantize and ``pyllm quantize``: every file type on a tiny model (loads, logits close
+to the F32 model within measured bounds that reject a coarser type, per-tensor types follow
 llama.cpp's mix rules, sizes), bit-exactness of the legacy types with the gguf package and of
 every type with llama.cpp (through checked-in figures), requantize refusal, usage errors, atomic
 output, SIGTERM/SIGKILL mid-write and bad destinations."""
@@ -20,10 +20,10 @@ import pytest
 from pyllm.atomic import remove_stale_temp_files
 from pyllm.cli import main as cli_main
 from pyllm.errors import GGUFError, QuantError
-from pyllm.gguf import GGUFReader, GGUFWriter
-from pyllm.gguf.constants import TYPE_INFO, GGMLType
-from pyllm.model import LLM
-from pyllm.quantize import FILE_TYPES, plan_types, quantize_file, resolve_file_type
+from pyllm.formats.gguf import GGUFReader, GGUFWriter
+from pyllm.formats.gguf.constants import TYPE_INFO, GGMLType
+from pyllm.runtime.llm import LLM
+from pyllm.tools.quantize import FILE_TYPES, plan_types, quantize_file, resolve_file_type
 from tests.tiny_models import TinySpec, write_tiny
 
 T = GGMLType
@@ -428,7 +428,7 @@ def test_figure_digest_sees_a_one_byte_change(tmp_path: Path) -> None:
 
 # ---- interrupted writes and bad destinations (through the real CLI) ----------------------------
 
-GATE_ENV = "PYLLM_TEST_WRITE_GATE"  # pyllm.gguf.writer._test_gate
+GATE_ENV = "PYLLM_TEST_WRITE_GATE"  # pyllm.formats.gguf.writer._test_gate
 
 
 @pytest.fixture(scope="module")
@@ -498,7 +498,7 @@ def _temp_files(folder: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize(("sig", "code", "message"), [
-    # 128 + SIGTERM, documented in pyllm.gguf.writer and `pyllm quantize --help`
+    # 128 + SIGTERM, documented in pyllm.formats.gguf.writer and `pyllm quantize --help`
     (signal.SIGTERM, 143, "terminated: the partial output was removed"),
     (signal.SIGINT, 130, "interrupted"),  # Ctrl-C, the path SIGTERM now shares
 ])

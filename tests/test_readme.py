@@ -36,7 +36,7 @@ def test_python_api_example(smollm2_path: Path, tmp_path: Path) -> None:
     # The streamed pieces end their line, so what is printed next starts a line of its own
     # (the example once ran the chat reply into the streamed text). The stream is seeded, so
     # the same call here gives the same text.
-    from pyllm.model import LLM
+    from pyllm.runtime.llm import LLM
 
     with LLM() as llm:
         streamed = "".join(llm.stream("The sea is", max_tokens=32, top_k=40, seed=1))

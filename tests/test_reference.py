@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pyllm.convert.hf import HFConfig, model_metadata, rope_metadata
-from pyllm.convert.tensor_map import permute_qk
 from pyllm.errors import ModelError
-from pyllm.gguf import GGMLType, GGUFWriter
+from pyllm.formats.gguf import GGMLType, GGUFWriter
+from pyllm.tools.convert.hf import HFConfig, model_metadata, rope_metadata
+from pyllm.tools.convert.tensor_map import permute_qk
 from tests.reference import LlamaRef, RefParams, dequantize_tensor, rope_inv_freq
 from tests.reference.llama_ref import dequantize_rows
 

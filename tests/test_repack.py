@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from pyllm.errors import QuantError
-from pyllm.gguf import GGMLType
-from pyllm.model import LLM
+from pyllm.formats.gguf import GGMLType
+from pyllm.runtime.llm import LLM
 from tests.test_kernels import (
     ISAS,
     TYPES,

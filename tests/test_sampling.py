@@ -13,7 +13,7 @@ import pytest
 
 from pyllm import _core  # noqa: F401  (a missing extension must fail the run, not skip it)
 from pyllm.errors import SamplingError
-from pyllm.sampling import Sampler, SamplingParams, raw_logprobs
+from pyllm.runtime.sampling import Sampler, SamplingParams, raw_logprobs
 
 # Everything off: each test switches on the stage it checks.
 OFF = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, tfs_z=1.0)
@@ -523,7 +523,7 @@ def test_from_kwargs() -> None:
 
 
 def test_one_alias_table_covers_every_front_end() -> None:
-    from pyllm.sampling import field_name
+    from pyllm.runtime.sampling import field_name
 
     # llama-cpp-python's keywords, llama.cpp's C names and the CLI's flag names, in one table
     p = SamplingParams.from_kwargs(temp=0.3, mirostat_mode=1, typ_p=0.9, tfs=0.8,
@@ -539,7 +539,7 @@ def test_one_alias_table_covers_every_front_end() -> None:
 
 
 def test_defaults_are_the_dataclass_defaults() -> None:
-    from pyllm.sampling import DEFAULTS
+    from pyllm.runtime.sampling import DEFAULTS
 
     assert dict(DEFAULTS) == {f.name: getattr(SamplingParams(), f.name)
                               for f in dataclasses.fields(SamplingParams)}
@@ -550,7 +550,7 @@ def test_cli_help_reads_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
     from pyllm.cli import common
-    from pyllm.sampling import DEFAULTS, field_name
+    from pyllm.runtime.sampling import DEFAULTS, field_name
 
     # a changed default shows up in every sampling flag's help: nothing is written out twice
     changed = {name: f"<{name}>" for name in DEFAULTS}
@@ -565,7 +565,7 @@ def test_cli_help_reads_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_server_fields_default_to_sampling_params_and_check_there() -> None:
-    from pyllm.sampling import DEFAULTS
+    from pyllm.runtime.sampling import DEFAULTS
     from pyllm.server.schemas import ApiError, ChatCompletionRequest, CompletionRequest
 
     for fname in DEFAULTS:  # every field can be sent, under its own name

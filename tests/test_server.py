@@ -37,8 +37,8 @@ import uvicorn
 
 from pyllm.cli.serve import bind_socket, make_server
 from pyllm.errors import ContextError, SamplingError
-from pyllm.model import LLM
-from pyllm.sampling import SamplingParams
+from pyllm.runtime.llm import LLM
+from pyllm.runtime.sampling import SamplingParams
 from pyllm.server import app as app_module
 from pyllm.server.app import ServerConfig, cancel_all, create_app
 from pyllm.server.engine import DoneEvent, Engine, Request, TokenEvent

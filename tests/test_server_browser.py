@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import uvicorn
 
-from pyllm.model import LLM
+from pyllm.runtime.llm import LLM
 from pyllm.server.app import ServerConfig, create_app
 from pyllm.server.engine import Engine
 from tests.conftest import HANG_GUARD, skip_or_fail, wait_until

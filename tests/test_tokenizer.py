@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 import pyllm
-from pyllm.convert.tokenizer_files import hf_tokenizer_metadata
 from pyllm.errors import PyllmError, TokenizerError
 from pyllm.tokenizer import (
     Tokenizer,
@@ -29,6 +28,7 @@ from pyllm.tokenizer.bpe import BYTE_TO_CHAR, bytes_to_token_text
 from pyllm.tokenizer.spm import SPACE, SpmModel, _library_processor
 from pyllm.tokenizer.spm_proto import sentencepiece_model_from_vocab
 from pyllm.tokenizer.vocab import vocab_from_metadata
+from pyllm.tools.convert.tokenizer_files import hf_tokenizer_metadata
 
 SUITES = ["llama-spm", "llama-bpe", "gpt-2"]
 _SEPARATOR = "\n__ggml_vocab_test__\n"
@@ -579,7 +579,7 @@ def test_bad_input() -> None:
 
 
 def test_from_gguf_vocab_only(tmp_path: Path) -> None:
-    from pyllm.gguf import GGUFWriter
+    from pyllm.formats.gguf import GGUFWriter
 
     good = tmp_path / "vocab.gguf"
     w = GGUFWriter(good)
@@ -822,7 +822,7 @@ def test_runtime_tokenizer_does_not_import_the_converter(vocab_dir: Path) -> Non
         "from pyllm.tokenizer import Tokenizer\n"
         f"tok = Tokenizer.from_gguf({str(vocab_dir / 'ggml-vocab-llama-spm.gguf')!r})\n"
         "assert tok.encode('Hello world')\n"
-        "print(sorted(m for m in sys.modules if m.startswith('pyllm.convert')))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('pyllm.tools.convert')))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, cwd=tempfile.gettempdir())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pyllm.gguf import GGMLType, GGUFWriter, ValueType
+from pyllm.formats.gguf import GGMLType, GGUFWriter, ValueType
 
 
 @dataclass
@@ -38,12 +38,12 @@ def _quantize(arr: np.ndarray, wtype: GGMLType) -> np.ndarray:
     if wtype == GGMLType.F16:
         return arr.astype(np.float16)
     if wtype == GGMLType.BF16:
-        from pyllm import quants
+        from pyllm.formats import qtypes
 
-        return quants.quantize(wtype, arr.astype(np.float32)).view(np.uint16)
-    from pyllm import quants
+        return qtypes.quantize(wtype, arr.astype(np.float32)).view(np.uint16)
+    from pyllm.formats import qtypes
 
-    return quants.quantize(wtype, arr.astype(np.float32))
+    return qtypes.quantize(wtype, arr.astype(np.float32))
 
 
 def write_tiny(path: Path, spec: TinySpec | None = None) -> Path:

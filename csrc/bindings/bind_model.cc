@@ -22,7 +22,7 @@ struct PyModel {
   py::object keep_alive;
 };
 
-// The weight slots by their C++ names. pyllm/arch.py maps the GGUF tensor names onto these
+// The weight slots by their C++ names. pyllm/formats/arch.py maps the GGUF tensor names onto these
 // (the file's names are spelled only there); the binding exports both lists so that a test can
 // check that the two sides agree.
 constexpr std::pair<const char*, WeightView ModelWeights::*> kModelSlots[] = {
@@ -120,7 +120,7 @@ PyModel make_model(const HParams& hp, const py::dict& tensors, const py::list& l
 
 void register_model(py::module_& m) {
   // The enums cross as themselves; their names are the spellings users and GGUF files use
-  // (pyllm.arch maps rope.scaling.type to RopeScaling, pyllm.footprint checks kv_type names).
+  // (pyllm.formats.arch maps rope.scaling.type to RopeScaling, pyllm.runtime.footprint checks kv_type names).
   py::enum_<RopeScaling>(m, "RopeScaling", "RoPE context extension (GGUF rope.scaling.type).")
       .value("none", RopeScaling::None)
       .value("linear", RopeScaling::Linear)
@@ -132,7 +132,7 @@ void register_model(py::module_& m) {
       .value("f32", KVType::F32);
   m.attr("DEFAULT_KV_TYPE") = ContextParams{}.kv_type;
 
-  // Every field read-write: pyllm.arch.HParams.to_core fills them in one loop over its own
+  // Every field read-write: pyllm.formats.arch.HParams.to_core fills them in one loop over its own
   // dataclass fields, and tests/test_model.py checks that both sides have the same fields.
   py::class_<HParams>(m, "HParams", "Hyper-parameters of a Llama-family model.")
       .def(py::init<>())
@@ -184,7 +184,7 @@ void register_model(py::module_& m) {
              p.kv_type = kv_type;
              return std::make_unique<Context>(model.model, p);
            }),
-           // the defaults are ContextParams's (pyllm.model.LLM passes every value itself)
+           // the defaults are ContextParams's (pyllm.runtime.llm.LLM passes every value itself)
            py::arg("model"), py::arg("n_ctx") = ContextParams{}.n_ctx,
            py::arg("n_batch") = ContextParams{}.n_batch,
            py::arg("n_threads") = ContextParams{}.n_threads,

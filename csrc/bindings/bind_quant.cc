@@ -1,5 +1,5 @@
 // Python bindings of the quantization formats: type traits, dequantize (raw block bytes ->
-// float32) and quantize (float32 -> raw block bytes). pyllm/quants.py wraps these with shape
+// float32) and quantize (float32 -> raw block bytes). pyllm/formats/qtypes.py wraps these with shape
 // handling; sizes are validated there and re-checked here, and every size error surfaces as
 // pyllm.errors.QuantError. The loops run with the GIL released, split over the default pool.
 #include <pybind11/numpy.h>

@@ -1,6 +1,6 @@
 // Python bindings of the sampler: _core.SamplerParams, _core.Sampler, _core.raw_logprobs.
 // Logits arrive as any float32 1-D contiguous buffer (a numpy row), read in place with the GIL
-// released; pyllm.sampling wraps these in the typed public API.
+// released; pyllm.runtime.sampling wraps these in the typed public API.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -50,7 +50,7 @@ py::list top_to_list(const TopLogprobs& top) {
 
 void register_sampler(py::module_& m) {
   py::class_<SamplerParams>(m, "SamplerParams",
-                            "Raw sampler settings; pyllm.sampling.SamplingParams fills them.")
+                            "Raw sampler settings; pyllm.runtime.sampling.SamplingParams fills them.")
       .def(py::init<>())
       .def_readwrite("temperature", &SamplerParams::temperature)
       .def_readwrite("top_k", &SamplerParams::top_k)

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args.parser
     if args.n_prompt == 0 and args.n_gen == 0:
         parser.error("-p and -n must not both be 0")
-    from pyllm.bench import bench_model, format_results
+    from pyllm.tools.throughput import bench_model, format_results
 
     results = []
     for model in args.model or [None]:

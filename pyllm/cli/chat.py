@@ -24,7 +24,7 @@ from pyllm.cli.common import (
 )
 
 if TYPE_CHECKING:
-    from pyllm.sampling import SamplingParams
+    from pyllm.runtime.sampling import SamplingParams
 
 HELP = "commands: /reset (forget the conversation), /exit (leave); Ctrl-C stops a reply"
 

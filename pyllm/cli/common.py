@@ -6,12 +6,12 @@ import argparse
 from typing import Any
 
 from pyllm.errors import SamplingError
-from pyllm.footprint import MAX_COUNT
-from pyllm.sampling import DEFAULTS, SamplingParams, field_name
+from pyllm.runtime.footprint import MAX_COUNT
+from pyllm.runtime.sampling import DEFAULTS, SamplingParams, field_name
 
 # The sampling flags (llama.cpp's names) with their type and meaning. The field each sets comes
-# from pyllm.sampling's one alias table, its default from SamplingParams (shown in the help), and
-# its values are checked once, by SamplingParams.
+# from pyllm.runtime.sampling's one alias table, its default from SamplingParams (shown in the
+# help), and its values are checked once, by SamplingParams.
 _SAMPLING_FLAGS: tuple[tuple[str, type, str, str | None], ...] = (
     # (flag, type, help, metavar)
     ("--temp", float, "temperature, 0 = greedy", None),
@@ -102,7 +102,7 @@ def sampling_from_args(parser: argparse.ArgumentParser,
 
 
 def load_llm(args: argparse.Namespace, verbose: bool = False) -> Any:
-    from pyllm.model import LLM
+    from pyllm.runtime.llm import LLM
 
     return LLM(args.model, n_ctx=args.ctx_size, n_threads=args.threads,
                n_batch=args.batch_size, verbose=verbose)

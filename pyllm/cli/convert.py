@@ -53,7 +53,7 @@ def read_configs(paths: list[str]) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pyllm.convert import convert
+    from pyllm.tools.convert import convert
 
     # merged in order by the converter (later keys win; fastllm's dotted keys update one field)
     configs = read_configs(args.config)

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from pyllm.gguf import GGUFReader
-from pyllm.models import resolve_model_path
+from pyllm.formats.gguf import GGUFReader
+from pyllm.runtime.default_model import resolve_model_path
 
 # metadata arrays longer than this are summarized instead of printed
 _MAX_LISTED = 16

@@ -1,7 +1,7 @@
 """``pyllm perplexity``: perplexity of a model over a text file, and KL divergence against a base.
 
 Counts as llama.cpp's perplexity tool does (non-overlapping chunks of CTX tokens, second half of
-each chunk scored); see :mod:`pyllm.perplexity`.
+each chunk scored); see :mod:`pyllm.tools.perplexity`.
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ def _running(c: int, value: float) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pyllm import perplexity as pp
     from pyllm.atomic import check_destination
-    from pyllm.model import LLM
+    from pyllm.runtime.llm import LLM
+    from pyllm.tools import perplexity as pp
 
     parser: argparse.ArgumentParser = args.parser
     if args.file is None and not args.kl_divergence:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pyllm.models import DEFAULT_MODEL, ensure_model
+from pyllm.runtime.default_model import DEFAULT_MODEL, ensure_model
 
 
 def add_parser(sub: Any) -> None:

@@ -10,7 +10,7 @@ from pyllm.cli.common import positive_int
 
 
 def add_parser(sub: Any) -> None:
-    from pyllm.quantize import FILE_TYPES
+    from pyllm.tools.quantize import FILE_TYPES
 
     names = ", ".join(FILE_TYPES)
     p = sub.add_parser("quantize", help="convert a GGUF model to another quantization type",
@@ -36,7 +36,7 @@ def _mib(n: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from pyllm.errors import QuantError
-    from pyllm.quantize import quantize_file, resolve_file_type
+    from pyllm.tools.quantize import quantize_file, resolve_file_type
 
     parser: argparse.ArgumentParser = args.parser
     try:

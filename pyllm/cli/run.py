@@ -46,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
             raise PyllmError(f"cannot read prompt file {args.file}: {e}") from None
     else:
         prompt = args.prompt
-    from pyllm.completions import make_generation
-    from pyllm.generate import prompt_tokens
+    from pyllm.runtime.completions import make_generation
+    from pyllm.runtime.generation import prompt_tokens
 
     llm = load_llm(args, verbose=args.verbose)
     gen = make_generation(llm, prompt_tokens(llm, prompt), max_tokens=args.n_predict,

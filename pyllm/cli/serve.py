@@ -22,7 +22,7 @@ from typing import Any
 
 from pyllm.cli.common import add_model_args, positive_int
 from pyllm.errors import PyllmError
-from pyllm.footprint import DEFAULT_KV_TYPE, KV_ELEMENT_TYPES
+from pyllm.runtime.footprint import DEFAULT_KV_TYPE, KV_ELEMENT_TYPES
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
@@ -124,7 +124,7 @@ def make_server(app: Any, shutdown_timeout: float) -> Any:
 def load_engine(model_path: Path, args: argparse.Namespace) -> Any:
     """The batching engine for ``pyllm serve``: the loaded model and one context of --parallel
     slots of -c tokens each (no single-sequence context: the server would never use it)."""
-    from pyllm.loaded import LoadedModel
+    from pyllm.runtime.loaded import LoadedModel
     from pyllm.server.engine import Engine
 
     model = LoadedModel(model_path, n_threads=args.threads)
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise PyllmError(f"the server needs extra packages ({e.name} is missing): "
                          f"pip install 'pyllm[server]'") from None
-    from pyllm.models import resolve_model_path
+    from pyllm.runtime.default_model import resolve_model_path
 
     if args.chat_format is not None:
         from pyllm.chat import get_format

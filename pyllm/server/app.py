@@ -16,7 +16,8 @@ after a request with a large body the allocator's free memory is handed back to 
 
 ``create_app`` only wires things together: each route is a method of :class:`_Handlers`, which
 parses and checks the request, hands the work to the engine through :mod:`pyllm.server.bridge`
-and builds the response with :mod:`pyllm.openai_shapes` (the shapes the Python API returns too).
+and builds the response with :mod:`pyllm.runtime.openai_shapes` (the shapes the Python API returns
+too).
 
 Browsers must not be able to drive a local server from any web page, so the outermost layer
 accepts only Host headers naming this machine's loopback names or the configured
@@ -51,8 +52,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pyllm import openai_shapes as shapes
 from pyllm.errors import ChatTemplateError, PyllmError, SamplingError, TokenizerError
+from pyllm.runtime import openai_shapes as shapes
+from pyllm.runtime.sysinfo import release_free_memory
 from pyllm.server.bridge import (
     Choices,
     collect,
@@ -80,7 +82,6 @@ from pyllm.server.schemas import (
     UnsupportedFieldError,
     error_body,
 )
-from pyllm.sysinfo import release_free_memory
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 M = TypeVar("M", bound=BaseModel)
@@ -444,7 +445,7 @@ def _embedding_submit_error(e: PyllmError) -> ApiError:
 class _Handlers:
     """The route bodies. Each parses its request, checks what it can before any work, and
     leaves the work to the engine (through :mod:`pyllm.server.bridge`) and the response shapes
-    to :mod:`pyllm.openai_shapes`."""
+    to :mod:`pyllm.runtime.openai_shapes`."""
 
     def __init__(self, state: _State) -> None:
         self.state = state
@@ -541,7 +542,7 @@ class _Handlers:
 
     async def _embedding_inputs(self, eng: Engine, req: EmbeddingRequest) -> list[list[int]]:
         """Each input's tokens: texts are checked to fit, then tokenized off the event loop."""
-        from pyllm.generate import prompt_tokens
+        from pyllm.runtime.generation import prompt_tokens
 
         for x in req.inputs():
             if isinstance(x, str):
@@ -604,7 +605,7 @@ class _Handlers:
                                  ) -> tuple[list[int], str]:
         """The prompt's tokens, and the text to echo before the completion ('' without
         ``echo``)."""
-        from pyllm.generate import prompt_tokens
+        from pyllm.runtime.generation import prompt_tokens
 
         prompt = req.prompt
         if isinstance(prompt, list):
@@ -626,7 +627,7 @@ class _Handlers:
         eng = self.state.need_engine()
 
         async def run() -> Response:
-            from pyllm.generate import chat_prompt
+            from pyllm.runtime.generation import chat_prompt
 
             messages = [m.as_dict() for m in req.messages]
             # the template only adds to the messages' text

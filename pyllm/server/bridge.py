@@ -1,5 +1,5 @@
 """Between the engine and HTTP: the choices of one request, server-sent events, collected
-results, and engine events turned into the inputs of :mod:`pyllm.openai_shapes` (usage,
+results, and engine events turned into the inputs of :mod:`pyllm.runtime.openai_shapes` (usage,
 logprobs).
 
 Engine events arrive on the engine thread; :class:`Choices` moves them onto the event loop
@@ -18,9 +18,9 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from pyllm import openai_shapes as shapes
 from pyllm.errors import ContextError, SamplingError
-from pyllm.sampling import InvalidSamplingParam, SamplingParams
+from pyllm.runtime import openai_shapes as shapes
+from pyllm.runtime.sampling import InvalidSamplingParam, SamplingParams
 from pyllm.server.engine import (
     DoneEvent,
     Engine,

@@ -10,9 +10,9 @@ so the weights are read once per step however many requests are in flight. New r
 between steps; a cancelled one (client gone, server stopping) leaves its slot at the start of
 the next step, also in the middle of its prompt, because prompts are fed in chunks.
 
-Per request the engine drives the same step machine as :class:`pyllm.generate.Generation`,
-:class:`pyllm.steps.SequenceSteps` (sampler with the prompt as penalty history, stop tokens, stop
-strings with hold-back, ``max_tokens``, the context limit, logprobs), one logits row per step;
+Per request the engine drives the same step machine as :class:`pyllm.runtime.generation.Generation`,
+:class:`pyllm.runtime.steps.SequenceSteps` (sampler with the prompt as penalty history, stop tokens,
+stop strings with hold-back, ``max_tokens``, the context limit, logprobs), one logits row per step;
 only the forward differs, because one ``decode_batch`` serves many sequences.
 
 Embeddings (``submit_embedding``) run between two steps in a free slot, one per step, so
@@ -48,14 +48,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pyllm.errors import ContextError, ModelError, PyllmError
-from pyllm.footprint import DEFAULT_KV_TYPE
-from pyllm.generate import stop_token_ids
-from pyllm.loaded import DEFAULT_N_BATCH, LoadedModel, check_count, clamp_batch
-from pyllm.steps import SequenceSteps, common_prefix, resolve_max_tokens
+from pyllm.runtime.footprint import DEFAULT_KV_TYPE
+from pyllm.runtime.generation import stop_token_ids
+from pyllm.runtime.loaded import DEFAULT_N_BATCH, LoadedModel, check_count, clamp_batch
+from pyllm.runtime.steps import SequenceSteps, common_prefix, resolve_max_tokens
 
 if TYPE_CHECKING:
-    from pyllm.model import LLM
-    from pyllm.sampling import SampleResult, SamplingParams
+    from pyllm.runtime.llm import LLM
+    from pyllm.runtime.sampling import SampleResult, SamplingParams
 
 
 class QueueFullError(PyllmError):
@@ -184,7 +184,7 @@ class Engine:
                  n_batch: int | None = None, n_threads: int | None = None,
                  kv_type: str = DEFAULT_KV_TYPE, max_queue: int = 64,
                  rate_window_s: float = 10.0) -> None:
-        """``model`` is the loaded model the slots run (an :class:`pyllm.model.LLM` gives its
+        """``model`` is the loaded model the slots run (an :class:`pyllm.runtime.llm.LLM` gives its
         own, and its ``n_batch`` and thread count as defaults; its single-sequence context is
         not used). ``n_batch`` (default 512) and ``n_threads`` (default: the model's) are
         those of the batched context."""

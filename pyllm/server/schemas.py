@@ -3,9 +3,9 @@
 Fields follow the OpenAI API plus llama.cpp's extra sampling fields (``top_k``, ``min_p``,
 ``typical_p``, ``tfs_z``, ``repeat_penalty``, ``repeat_last_n``, ``mirostat`` /
 ``mirostat_mode``, ``mirostat_tau``, ``mirostat_eta``, ``seed``). An omitted or null sampling
-field is "not given": it takes the default of :class:`pyllm.sampling.SamplingParams` (llama.cpp's,
-defined there only), and the values are checked there only, so the server, the CLI and the
-Python API give the same answer; a bad one is a 400 naming the field.
+field is "not given": it takes the default of :class:`pyllm.runtime.sampling.SamplingParams`
+(llama.cpp's, defined there only), and the values are checked there only, so the server, the CLI and
+the Python API give the same answer; a bad one is a 400 naming the field.
 
 Unknown fields are rejected with 400, as the OpenAI API does ("Unrecognized request argument"),
 so a typo never silently falls back to a default. A few OpenAI fields that change nothing here
@@ -28,8 +28,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pyllm.sampling import InvalidSamplingParam, SamplingParams
-from pyllm.steps import UNTIL_DONE, resolve_max_tokens
+from pyllm.runtime.sampling import InvalidSamplingParam, SamplingParams
+from pyllm.runtime.steps import UNTIL_DONE, resolve_max_tokens
 
 # every SamplingParams field is a request field of the same name (tests/test_sampling.py)
 _SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))

@@ -89,7 +89,7 @@ def _put(number: int, value: int | float | bytes) -> bytes:
 def sentencepiece_model_from_vocab(vocab: Vocab, add_dummy_prefix: bool | None = None) -> bytes:
     """A SentencePiece ``ModelProto`` (BPE, byte fallback, no normalization) for a GGUF
     SentencePiece-style vocabulary: the inverse of
-    :func:`pyllm.convert.tokenizer_files.sentencepiece_metadata`, used to run
+    :func:`pyllm.tools.convert.tokenizer_files.sentencepiece_metadata`, used to run
     the ``sentencepiece`` library on a GGUF vocabulary."""
     if vocab.model != "llama":
         raise TokenizerError("only SentencePiece-style (model 'llama') vocabularies convert")

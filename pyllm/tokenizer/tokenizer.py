@@ -57,7 +57,7 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str | os.PathLike[str]) -> Tokenizer:
         """From a GGUF file (a full model or a vocab-only file; tensor data is never read)."""
-        from pyllm.gguf import GGUFReader
+        from pyllm.formats.gguf import GGUFReader
 
         reader = GGUFReader(path)
         try:
@@ -68,14 +68,14 @@ class Tokenizer:
     @classmethod
     def from_sentencepiece_model(cls, path: str | os.PathLike[str]) -> Tokenizer:
         """From a SentencePiece ``tokenizer.model`` file (see :func:`sentencepiece_metadata`)."""
-        from pyllm.convert.tokenizer_files import sentencepiece_metadata
+        from pyllm.tools.convert.tokenizer_files import sentencepiece_metadata
 
         return cls.from_metadata(sentencepiece_metadata(path))
 
     @classmethod
     def from_hf_json(cls, path: str | os.PathLike[str], pre: str | None = None) -> Tokenizer:
         """From a Hugging Face ``tokenizer.json`` (see :func:`hf_tokenizer_metadata`)."""
-        from pyllm.convert.tokenizer_files import hf_tokenizer_metadata
+        from pyllm.tools.convert.tokenizer_files import hf_tokenizer_metadata
 
         return cls.from_metadata(hf_tokenizer_metadata(path, pre=pre))
 

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from pyllm.quantize import FILE_TYPES, quantize_file  # noqa: E402
+from pyllm.tools.quantize import FILE_TYPES, quantize_file  # noqa: E402
 from tests.test_quantize import FIGURES, figure_inputs, file_sha256, quant_digest  # noqa: E402
 
 

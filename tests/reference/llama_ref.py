@@ -1,6 +1,6 @@
 """A small, readable numpy forward pass of the Llama family: the oracle for the C++ forward.
 
-It reads a GGUF through :class:`pyllm.gguf.GGUFReader`, dequantizes each weight with the
+It reads a GGUF through :class:`pyllm.formats.gguf.GGUFReader`, dequantizes each weight with the
 ``gguf`` package (an implementation independent of ours) and runs the whole sequence at once
 with a causal mask, so ``forward(tokens)[i]`` are the logits after ``tokens[: i + 1]`` -- what a
 KV-cached runtime produces token by token. Written for clarity, not speed (llama2.c style: every
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from pyllm.errors import ModelError
-from pyllm.gguf import GGMLType, GGUFReader, TensorInfo
+from pyllm.formats.gguf import GGMLType, GGUFReader, TensorInfo
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "internlm2")
 NEOX_ARCHS = ("qwen2",)  # architectures whose RoPE rotates halves instead of adjacent pairs

@@ -18,7 +18,7 @@ namespace pyllm {
 
 enum class RopeScaling { None = 0, Linear = 1, Yarn = 2, Dynamic = 3 };
 
-// Bound field by field (csrc/bindings/bind_model.cc); pyllm/arch.py's HParams dataclass has the
+// Bound field by field (csrc/bindings/bind_model.cc); pyllm/formats/arch.py's HParams dataclass has the
 // same fields (tests/test_model.py checks the two sets) and fills them in one loop.
 struct HParams {
   std::string arch;  // general.architecture (for messages; the fields below drive the forward)
@@ -55,7 +55,7 @@ struct WeightView {
   bool present() const { return data != nullptr; }
 };
 
-// The weights of one layer. The bindings fill the fields by their C++ names; pyllm/arch.py maps
+// The weights of one layer. The bindings fill the fields by their C++ names; pyllm/formats/arch.py maps
 // the GGUF tensor names onto them (the file's names are spelled only there).
 struct LayerWeights {
   WeightView attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down;

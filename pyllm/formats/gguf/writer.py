@@ -20,7 +20,7 @@ import numpy as np
 
 from pyllm.atomic import atomic_output
 from pyllm.errors import GGUFError
-from pyllm.gguf.constants import (
+from pyllm.formats.gguf.constants import (
     DEFAULT_ALIGNMENT,
     GGUF_MAGIC,
     MAX_DIMS,

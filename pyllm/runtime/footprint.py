@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import warnings
 
-from pyllm.arch import HParams
 from pyllm.errors import ContextError, PyllmWarning
-from pyllm.gguf.constants import GGMLType, tensor_nbytes
-from pyllm.sysinfo import available_memory, format_bytes
+from pyllm.formats.arch import HParams
+from pyllm.formats.gguf.constants import GGMLType, tensor_nbytes
+from pyllm.runtime.sysinfo import available_memory, format_bytes
 
 # The kv_type values users may pass: name -> element type of a cache row. The names are the
 # member names of pyllm._core.KVType, what a context is created with (``KVType.__members__[name]``),

@@ -1,8 +1,8 @@
 """The LLM object: a loaded model with one inference context; evaluate tokens, get logits,
 manage the KV cache.
 
-Loading is :class:`pyllm.loaded.LoadedModel` (weights memory-mapped, near-instant); the context
-is made by :meth:`LoadedModel.new_context` with the checks every context gets. Every forward
+Loading is :class:`pyllm.runtime.loaded.LoadedModel` (weights memory-mapped, near-instant); the
+context is made by :meth:`LoadedModel.new_context` with the checks every context gets. Every forward
 call is one call into C++ with the GIL released.
 """
 
@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pyllm.arch import HParams
 from pyllm.errors import ContextError, ModelError, PyllmError
-from pyllm.footprint import DEFAULT_KV_TYPE, KV_ELEMENT_TYPES, check_kv_type
-from pyllm.loaded import (
+from pyllm.formats.arch import HParams
+from pyllm.runtime.footprint import DEFAULT_KV_TYPE, KV_ELEMENT_TYPES, check_kv_type
+from pyllm.runtime.loaded import (
     DEFAULT_N_BATCH,
     LoadedModel,
     cap_threads,
@@ -29,12 +29,12 @@ from pyllm.loaded import (
     check_threads,
     clamp_batch,
 )
-from pyllm.steps import common_prefix
+from pyllm.runtime.steps import common_prefix
 
 if TYPE_CHECKING:
     from pyllm.tokenizer import Tokenizer
 
-# The kv_type names (pyllm.footprint holds them, with their element types).
+# The kv_type names (pyllm.runtime.footprint holds them, with their element types).
 KV_TYPES = tuple(KV_ELEMENT_TYPES)
 
 __all__ = ["KV_TYPES", "LLM", "LLMState", "LoadedModel", "cap_threads"]
@@ -53,7 +53,7 @@ class LLM:
     """A loaded model plus one inference context (KV cache of ``n_ctx`` positions).
 
     Not thread-safe: use one LLM per thread (two LLMs in two threads run independently).
-    ``model`` is the :class:`pyllm.loaded.LoadedModel` (weights, tokenizer, template).
+    ``model`` is the :class:`pyllm.runtime.loaded.LoadedModel` (weights, tokenizer, template).
     """
 
     def __init__(self, model_path: str | os.PathLike[str] | None = None, *, n_ctx: int = 2048,
@@ -273,12 +273,12 @@ class LLM:
                stop: str | Sequence[str] | None = None, **sampling: Any) -> Iterator[str]:
         """Generate a continuation of ``prompt`` and yield text pieces as they become final.
 
-        ``sampling`` takes the :class:`pyllm.sampling.SamplingParams` fields (temperature, top_k,
-        top_p, min_p, typical_p, tfs_z, repeat_penalty, repeat_last_n, presence_penalty,
+        ``sampling`` takes the :class:`pyllm.runtime.sampling.SamplingParams` fields (temperature,
+        top_k, top_p, min_p, typical_p, tfs_z, repeat_penalty, repeat_last_n, presence_penalty,
         frequency_penalty, mirostat, mirostat_tau, mirostat_eta, logit_bias, seed).
         """
-        from pyllm.completions import make_generation
-        from pyllm.generate import prompt_tokens
+        from pyllm.runtime.completions import make_generation
+        from pyllm.runtime.generation import prompt_tokens
 
         gen = make_generation(self, prompt_tokens(self, prompt), max_tokens=max_tokens,
                               stop=stop, **sampling)
@@ -296,8 +296,8 @@ class LLM:
              **sampling: Any) -> str | Iterator[str]:
         """The assistant's reply to ``messages`` (dicts with ``role`` and ``content``), using
         the model's chat template or the named built-in ``chat_format``."""
-        from pyllm.completions import make_generation
-        from pyllm.generate import chat_prompt
+        from pyllm.runtime.completions import make_generation
+        from pyllm.runtime.generation import chat_prompt
 
         tokens, stops = chat_prompt(self, messages, chat_format)
         gen = make_generation(self, tokens, max_tokens=max_tokens, stop=sampling.pop("stop", None),
@@ -307,13 +307,13 @@ class LLM:
 
     def create_completion(self, prompt: str | Sequence[int], **kwargs: Any) -> Any:
         """llama-cpp-python compatible: OpenAI-shaped dict, or chunk iterator with stream=True."""
-        from pyllm.completions import create_completion
+        from pyllm.runtime.completions import create_completion
 
         return create_completion(self, prompt, **kwargs)
 
     def create_chat_completion(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Any:
         """llama-cpp-python compatible chat completion (OpenAI ``chat.completion`` dicts)."""
-        from pyllm.completions import create_chat_completion
+        from pyllm.runtime.completions import create_chat_completion
 
         return create_chat_completion(self, messages, **kwargs)
 

@@ -3,11 +3,11 @@
 Owns: reading ``config.json`` into GGUF hyper-parameter metadata (including every RoPE scaling
 kind transformers writes, old ``rope_scaling`` and new ``rope_parameters`` spellings), planning
 and validating the GGUF tensors against the config, the tokenizer metadata, and streaming the
-tensors one at a time into :class:`pyllm.gguf.GGUFWriter` (lazy sources), so the model is never
-held twice in memory; the file appears atomically.
+tensors one at a time into :class:`pyllm.formats.gguf.GGUFWriter` (lazy sources), so the model is
+never held twice in memory; the file appears atomically.
 
-Weight files are read by :mod:`pyllm.convert.checkpoint`; name mapping and per-tensor
-transforms live in :mod:`pyllm.convert.tensor_map`."""
+Weight files are read by :mod:`pyllm.tools.convert.checkpoint`; name mapping and per-tensor
+transforms live in :mod:`pyllm.tools.convert.tensor_map`."""
 
 from __future__ import annotations
 
@@ -22,9 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from pyllm.convert.checkpoint import Checkpoint
-from pyllm.convert.overrides import fastllm_metadata, merge_config
-from pyllm.convert.tensor_map import (
+from pyllm.errors import ConvertError, GGUFError
+from pyllm.formats.gguf import GGMLType, GGUFWriter
+from pyllm.tools.convert.checkpoint import Checkpoint
+from pyllm.tools.convert.overrides import fastllm_metadata, merge_config
+from pyllm.tools.convert.tensor_map import (
     HF_ARCHS,
     PERMUTED_QK_ARCHS,
     keeps_f32,
@@ -32,10 +34,8 @@ from pyllm.convert.tensor_map import (
     permute_qk,
     split_internlm2_wqkv,
 )
-from pyllm.errors import ConvertError, GGUFError
-from pyllm.gguf import GGMLType, GGUFWriter
 
-log = logging.getLogger("pyllm.convert")
+log = logging.getLogger("pyllm.tools.convert")
 
 # general.file_type values (llama.cpp's llama_ftype)
 FILE_TYPES: dict[str, int] = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
@@ -446,15 +446,15 @@ def pad_vocab(md: dict[str, Any], n_vocab: int) -> None:
 
 def tokenizer_metadata(src: Path, n_vocab: int, pre: str | None = None) -> dict[str, Any]:
     """``tokenizer.*`` entries for the folder's ``tokenizer.model`` / ``tokenizer.json`` (via
-    :func:`pyllm.convert.tokenizer_files.hf_tokenizer_metadata`) and ``tokenizer_config.json``'s
-    chat template.
+    :func:`pyllm.tools.convert.tokenizer_files.hf_tokenizer_metadata`) and
+    ``tokenizer_config.json``'s chat template.
 
     A vocabulary shorter than the embedding matrix is padded with unused ``[PAD<i>]`` tokens
     (checkpoints often round the embedding rows up); a longer one is an error. ``pre`` names
     the byte-level pre-tokenizer when it cannot be recognised from ``tokenizer.json``.
     """
-    from pyllm.convert.tokenizer_files import hf_tokenizer_metadata
     from pyllm.errors import TokenizerError
+    from pyllm.tools.convert.tokenizer_files import hf_tokenizer_metadata
 
     md: dict[str, Any] = {}
     if (src / "tokenizer.json").is_file() or (src / "tokenizer.model").is_file():
@@ -488,7 +488,7 @@ def _encoder(outtype: str) -> Callable[[str, np.ndarray], tuple[np.ndarray, GGML
     quantize: Callable[[GGMLType, np.ndarray], np.ndarray] | None = None
     if outtype == "q8_0":
         from pyllm._native import load_core
-        from pyllm.quants import quantize
+        from pyllm.formats.qtypes import quantize
 
         load_core(ConvertError)  # q8_0 is computed in the extension: fail now, with the fix
 
@@ -555,7 +555,7 @@ def convert_hf(
     """Convert a Hugging Face Llama / Mistral / Qwen2 / InternLM2 folder to one GGUF file.
 
     ``outtype`` is ``f32``, ``f16``, ``bf16`` (1-D tensors stay F32, as in llama.cpp) or
-    ``q8_0`` (via :mod:`pyllm.quants`, needs the extension). ``extra_config`` overrides
+    ``q8_0`` (via :mod:`pyllm.formats.qtypes`, needs the extension). ``extra_config`` overrides
     ``config.json`` keys;
     ``tokenizer_pre`` names the pre-tokenizer (``tokenizer.ggml.pre``) of a byte-level BPE
     ``tokenizer.json`` whose split pattern is not recognised.

@@ -1,7 +1,7 @@
 """The step machine of one generated sequence: logits in, released text and an end out.
 
 Both consumers of a model's logits drive the same :class:`SequenceSteps`: the single-sequence
-API (:class:`pyllm.generate.Generation`, one ``LLM.eval_token`` per step) and the batching
+API (:class:`pyllm.runtime.generation.Generation`, one ``LLM.eval_token`` per step) and the batching
 engine (:class:`pyllm.server.engine.Engine`, one row of a ``decode_batch`` per step). Neither
 samples, matches stop strings, detokenizes, counts limits or computes logprobs itself, so a
 change to what happens per token (constrained decoding masking the logits, speculative decoding
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from pyllm.errors import PyllmError, SamplingError
 
 if TYPE_CHECKING:
-    from pyllm.sampling import SampleResult, SamplingParams
+    from pyllm.runtime.sampling import SampleResult, SamplingParams
 
 UNTIL_DONE = -1  # max_tokens meaning "until an end token or a full context", as llama.cpp's -n
 
@@ -110,7 +110,7 @@ class SequenceSteps:
                  params: SamplingParams, *, max_tokens: int | None, n_ctx: int,
                  stop: Iterable[str] = (), stop_tokens: Iterable[int] = (),
                  logprobs: int | None = None) -> None:
-        from pyllm.sampling import Sampler
+        from pyllm.runtime.sampling import Sampler
 
         self.max_tokens = resolve_max_tokens(max_tokens)
         self.n_prompt = len(prompt)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pyllm.gguf.constants import GGMLType, ValueType
-from pyllm.gguf.reader import GGUFReader, TensorInfo
-from pyllm.gguf.writer import GGUFWriter
+from pyllm.formats.gguf.constants import GGMLType, ValueType
+from pyllm.formats.gguf.reader import GGUFReader, TensorInfo
+from pyllm.formats.gguf.writer import GGUFWriter
 
 __all__ = ["GGMLType", "GGUFReader", "GGUFWriter", "TensorInfo", "ValueType"]

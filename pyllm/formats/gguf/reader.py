@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pyllm.errors import GGUFError
-from pyllm.gguf.constants import (
+from pyllm.formats.gguf.constants import (
     DEFAULT_ALIGNMENT,
     GGUF_MAGIC,
     MAX_DIMS,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pyllm.model import LLM
+from pyllm.runtime.llm import LLM
 
 
 @dataclass

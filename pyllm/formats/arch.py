@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pyllm.errors import ModelError
-from pyllm.gguf import GGMLType, GGUFReader, TensorInfo
+from pyllm.formats.gguf import GGMLType, GGUFReader, TensorInfo
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "internlm2")
 NEOX_ARCHS = frozenset({"qwen2"})
@@ -161,7 +161,7 @@ def read_hparams(reader: GGUFReader) -> HParams:
         rope_orig_ctx=_int(md, p + "rope.scaling.original_context_length", n_ctx_train),
         yarn_beta_fast=_float(md, p + "rope.scaling.yarn_beta_fast", 32.0),
         yarn_beta_slow=_float(md, p + "rope.scaling.yarn_beta_slow", 1.0),
-        # multiplier of the 1 + 0.1 ln(factor) YaRN magnitude scale (pyllm.convert writes it)
+        # multiplier of the 1 + 0.1 ln(factor) YaRN magnitude scale (pyllm.tools.convert writes it)
         yarn_attn_factor=_float(md, p + "rope.scaling.yarn_attn_factor", 1.0),
         yarn_ext_factor=_float(md, p + "rope.scaling.yarn_ext_factor", -1.0),
     )

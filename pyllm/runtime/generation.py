@@ -1,8 +1,8 @@
 """The single-sequence decode loop: prompt -> tokens -> streamed text, over one LLM's context.
 
 Per generated token the loop makes one forward call (``LLM.eval_token``) and one step of
-:class:`pyllm.steps.SequenceSteps` (the sampling call into C++, stop tokens, stop strings matched
-on the decoded text across token boundaries with hold-back, limits, logprobs), the same step
+:class:`pyllm.runtime.steps.SequenceSteps` (the sampling call into C++, stop tokens, stop strings
+matched on the decoded text across token boundaries with hold-back, limits, logprobs), the same step
 machine the batching server drives. Also here: the prompt of a text or a conversation.
 """
 
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pyllm.errors import ContextError, PyllmError
-from pyllm.steps import (
+from pyllm.runtime.steps import (
     UNTIL_DONE,
     Released,
     SequenceSteps,
@@ -28,10 +28,11 @@ from pyllm.steps import (
 )
 
 if TYPE_CHECKING:
-    from pyllm.model import LLM
-    from pyllm.sampling import SamplingParams
+    from pyllm.runtime.llm import LLM
+    from pyllm.runtime.sampling import SamplingParams
 
-# StopMatcher, UNTIL_DONE and resolve_max_tokens live in pyllm.steps; imported from here too.
+# StopMatcher, UNTIL_DONE and resolve_max_tokens live in pyllm.runtime.steps; imported from here
+# too.
 __all__ = ["UNTIL_DONE", "Generation", "Piece", "StopMatcher", "TokenLogprob", "chat_prompt",
            "prompt_tokens", "resolve_max_tokens", "stop_token_ids"]
 
@@ -71,7 +72,7 @@ class Piece:
 
 
 class Generation:
-    """Iterator of :class:`Piece` for one prompt, driving :class:`pyllm.steps.SequenceSteps`
+    """Iterator of :class:`Piece` for one prompt, driving :class:`pyllm.runtime.steps.SequenceSteps`
     with one ``LLM.eval_token`` per step. After exhaustion, ``finish_reason`` is ``"stop"``
     (EOS / end-of-turn token or stop string) or ``"length"`` (max_tokens or n_ctx), and
     ``tokens`` holds every generated token id."""

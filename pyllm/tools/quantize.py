@@ -2,9 +2,9 @@
 
 ``quantize_file(src, dst, "Q4_K_M")`` reads ``src`` (memory-mapped), picks a type for every tensor
 (:func:`plan_types`), converts the tensors on a thread pool (the C++ quantizers release the GIL)
-and streams them into ``dst`` through :class:`~pyllm.gguf.GGUFWriter`'s lazy tensors, so at most a
-few tensors are held in memory at a time. The output appears atomically; all metadata is copied,
-``general.file_type`` is set to llama.cpp's ``LLAMA_FTYPE`` number and
+and streams them into ``dst`` through :class:`~pyllm.formats.gguf.GGUFWriter`'s lazy tensors, so at
+most a few tensors are held in memory at a time. The output appears atomically; all metadata is
+copied, ``general.file_type`` is set to llama.cpp's ``LLAMA_FTYPE`` number and
 ``general.quantization_version`` to 2.
 
 File types (``LLAMA_FTYPE`` id, bulk type of the weight matrices)::
@@ -58,7 +58,7 @@ tests/test_quantize.py compares with digests llama.cpp produced
 
 Interrupting: Ctrl-C (exit 130 in the CLI) and SIGTERM (exit 143) remove the temp file; a
 SIGKILLed run's temp file is removed by the next write into the folder (see
-:mod:`pyllm.gguf.writer`).
+:mod:`pyllm.formats.gguf.writer`).
 
 Requantizing (a tensor already in a block-quantized type that must change type) is refused unless
 ``allow_requantize`` is set; then it is dequantized to float32 and quantized again, which loses
@@ -81,9 +81,9 @@ import numpy as np
 
 from pyllm.atomic import check_destination
 from pyllm.errors import QuantError
-from pyllm.gguf import GGUFReader, GGUFWriter
-from pyllm.gguf.constants import TYPE_INFO, GGMLType, ValueType
-from pyllm.sysinfo import available_cpus
+from pyllm.formats.gguf import GGUFReader, GGUFWriter
+from pyllm.formats.gguf.constants import TYPE_INFO, GGMLType, ValueType
+from pyllm.runtime.sysinfo import available_cpus
 
 T = GGMLType
 
@@ -396,23 +396,23 @@ class QuantizeResult:
 
 def _to_f32(t: Any) -> np.ndarray:
     """Float32 copy of a tensor's values (numpy shape)."""
-    from pyllm import quants
+    from pyllm.formats import qtypes
 
     if t.type == T.F32:
         return np.asarray(t.data, dtype=np.float32)
     try:
-        return quants.dequantize(t.type, t.raw, t.shape)
+        return qtypes.dequantize(t.type, t.raw, t.shape)
     except QuantError as e:
         raise QuantError(f"{t.name}: cannot convert from {t.type.name}: {e}") from None
 
 
 def _convert(t: Any, dst: GGMLType) -> np.ndarray:
-    from pyllm import quants
+    from pyllm.formats import qtypes
 
     values = _to_f32(t)
     if not np.all(np.isfinite(values)):
         raise QuantError(f"{t.name}: the tensor holds NaN or infinite values")
-    return quants.quantize(dst, values)
+    return qtypes.quantize(dst, values)
 
 
 class _Pipeline:

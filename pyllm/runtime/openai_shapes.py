@@ -1,6 +1,6 @@
 """Every OpenAI-shaped dict pyllm returns, built in one place.
 
-The Python API (:mod:`pyllm.completions`, llama-cpp-python's ``create_completion`` /
+The Python API (:mod:`pyllm.runtime.completions`, llama-cpp-python's ``create_completion`` /
 ``create_chat_completion``) and the HTTP server (:mod:`pyllm.server.app` via
 :mod:`pyllm.server.bridge`) both answer in the shapes of the OpenAI API: ``text_completion``
 (whole and stream chunks), ``chat.completion`` and ``chat.completion.chunk``, ``usage``, and

@@ -1,9 +1,10 @@
-"""OpenAI-shaped completion results (llama-cpp-python compatible) built on :mod:`pyllm.generate`.
+"""OpenAI-shaped completion results (llama-cpp-python compatible) built on
+:mod:`pyllm.runtime.generation`.
 
 ``create_completion`` / ``create_chat_completion`` return the dicts the OpenAI API returns
 (``id``, ``object``, ``created``, ``model``, ``choices`` with ``finish_reason``, ``usage``), or with
 ``stream=True`` an iterator of chunk dicts, so code written for llama-cpp-python or the OpenAI
-client works unchanged. The dicts themselves are built by :mod:`pyllm.openai_shapes`, as the
+client works unchanged. The dicts themselves are built by :mod:`pyllm.runtime.openai_shapes`, as the
 server's are.
 """
 
@@ -12,13 +13,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from pyllm import openai_shapes as shapes
 from pyllm.errors import SamplingError
-from pyllm.generate import Generation, Piece, chat_prompt, prompt_tokens, stop_token_ids
+from pyllm.runtime import openai_shapes as shapes
+from pyllm.runtime.generation import Generation, Piece, chat_prompt, prompt_tokens, stop_token_ids
 
 if TYPE_CHECKING:
-    from pyllm.model import LLM
-    from pyllm.sampling import SamplingParams
+    from pyllm.runtime.llm import LLM
+    from pyllm.runtime.sampling import SamplingParams
 
 
 def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
@@ -35,9 +36,9 @@ def generation_params(llm: LLM, sampling_params: SamplingParams | None,
                       sampling: dict[str, Any]) -> SamplingParams:
     """The SamplingParams of one call: ``sampling_params`` as given (it was checked when it was
     built, e.g. once by the CLI from its flags; its seed is used as is), or built once from the
-    keyword arguments (field names or the aliases of :data:`pyllm.sampling.ALIASES`), where the
-    LLM's seed is the default."""
-    from pyllm.sampling import SamplingParams
+    keyword arguments (field names or the aliases of :data:`pyllm.runtime.sampling.ALIASES`), where
+    the LLM's seed is the default."""
+    from pyllm.runtime.sampling import SamplingParams
 
     if sampling_params is not None:
         if not isinstance(sampling_params, SamplingParams):

@@ -1,4 +1,4 @@
-"""Quantization formats (pyllm.quants over the C++ reference routines).
+"""Quantization formats (pyllm.formats.qtypes over the C++ reference routines).
 
 References: the ``gguf`` package (numpy) for every dequantization and for quantizing F16, BF16,
 Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0, which must all match bit for bit; llama.cpp for the k-quants,
@@ -14,7 +14,7 @@ in float32 (262144 values, each row quantized as one tensor row):
     Q5_K   0.036092    0.036092   1.00000
     Q6_K   0.017698    0.017698   1.00000
 
-llama.cpp was measured with ggml-quants.c of the llama.cpp vendored in llama-cpp-python 0.3.36
+llama.cpp was measured with ggml-qtypes.c of the llama.cpp vendored in llama-cpp-python 0.3.36
 (ggml 0.25.3, commit 0c1e570), built as a small shared library and driven through ctypes:
 ``quantize_q{2..6}_K(src, dst, nrows=64, n_per_row=4096, imatrix=NULL)`` (the path
 llama_model_quantize takes without an importance matrix) and ``dequantize_row_q*_K``. pyllm's
@@ -35,9 +35,10 @@ import gguf.quants as gguf_quants
 import numpy as np
 import pytest
 
-from pyllm import _core, quants
+from pyllm import _core
 from pyllm.errors import QuantError
-from pyllm.gguf.constants import TYPE_INFO, GGMLType
+from pyllm.formats import qtypes
+from pyllm.formats.gguf.constants import TYPE_INFO, GGMLType
 
 GQT = gguf.GGMLQuantizationType
 
@@ -86,7 +87,7 @@ def bits(a: np.ndarray) -> np.ndarray:
 
 def random_blocks(t: GGMLType, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
     """Random raw blocks whose float fields are finite (sane scales, as real tensors have)."""
-    info = quants.type_info(t)
+    info = qtypes.type_info(t)
     raw = rng.integers(0, 256, size=(n_blocks, info.type_size), dtype=np.uint8)
     if t == GGMLType.F32:
         return (rng.standard_normal((n_blocks, 1)) * 10).astype(np.float32).view(np.uint8)
@@ -105,9 +106,9 @@ def random_blocks(t: GGMLType, n_blocks: int, rng: np.random.Generator) -> np.nd
 
 
 def test_type_table_matches_gguf() -> None:
-    assert [int(t) for t in quants.SUPPORTED_TYPES] == list(_core.quant_type_ids())
-    for t in quants.SUPPORTED_TYPES:
-        info = quants.type_info(t)
+    assert [int(t) for t in qtypes.SUPPORTED_TYPES] == list(_core.quant_type_ids())
+    for t in qtypes.SUPPORTED_TYPES:
+        info = qtypes.type_info(t)
         assert info.name == t.name and info.type == t
         if t == GGMLType.Q8_1:
             # ggml's block_q8_1 holds d and s as f16 (36 bytes); gguf's size table still says 40
@@ -119,7 +120,7 @@ def test_type_table_matches_gguf() -> None:
         assert (info.block_size, info.type_size) == (table.block_size, table.type_size)
         assert info.is_quantized == (info.block_size > 1)
         assert info.is_weight == (t not in (GGMLType.Q8_1, GGMLType.Q8_K))
-    dot = {t: quants.type_info(t).vec_dot_type for t in WEIGHT_TYPES}
+    dot = {t: qtypes.type_info(t).vec_dot_type for t in WEIGHT_TYPES}
     assert dot[GGMLType.F32] == GGMLType.F32
     assert dot[GGMLType.Q4_0] == dot[GGMLType.Q5_0] == dot[GGMLType.Q8_0] == GGMLType.Q8_0
     assert dot[GGMLType.Q4_1] == dot[GGMLType.Q5_1] == GGMLType.Q8_1
@@ -127,13 +128,13 @@ def test_type_table_matches_gguf() -> None:
 
 
 def test_type_names_ids_and_enums_resolve() -> None:
-    assert quants.type_info("q4_k").type == GGMLType.Q4_K
-    assert quants.type_info(" Q8_0 ").type == GGMLType.Q8_0
-    assert quants.type_info(12).type == GGMLType.Q4_K
-    assert quants.type_info(np.uint32(30)).type == GGMLType.BF16
-    assert quants.type_info(GQT.Q6_K).type == GGMLType.Q6_K  # gguf's enum is an int too
-    assert quants.byte_shape("Q4_K", (3, 512)) == (3, 288)
-    assert quants.type_info("Q4_0").row_bytes(64) == 36
+    assert qtypes.type_info("q4_k").type == GGMLType.Q4_K
+    assert qtypes.type_info(" Q8_0 ").type == GGMLType.Q8_0
+    assert qtypes.type_info(12).type == GGMLType.Q4_K
+    assert qtypes.type_info(np.uint32(30)).type == GGMLType.BF16
+    assert qtypes.type_info(GQT.Q6_K).type == GGMLType.Q6_K  # gguf's enum is an int too
+    assert qtypes.byte_shape("Q4_K", (3, 512)) == (3, 288)
+    assert qtypes.type_info("Q4_0").row_bytes(64) == 36
 
 
 # ---- dequantize: bit-exact with gguf ---------------------------------------------------------
@@ -142,11 +143,11 @@ def test_type_names_ids_and_enums_resolve() -> None:
 @pytest.mark.parametrize("t", WEIGHT_TYPES, ids=lambda t: t.name)
 def test_dequantize_random_blocks_bit_exact(t: GGMLType) -> None:
     rng = np.random.default_rng(int(t) + 1)
-    info = quants.type_info(t)
+    info = qtypes.type_info(t)
     n_blocks = max(64, 8192 // info.block_size)
     raw = random_blocks(t, n_blocks, rng).reshape(8, -1)
     shape = (8, raw.shape[1] // info.type_size * info.block_size)
-    ours = quants.dequantize(t, raw, shape)
+    ours = qtypes.dequantize(t, raw, shape)
     ref = gguf_dequantize(t, raw)
     assert ours.dtype == np.float32 and ours.shape == shape == ref.shape
     assert np.array_equal(bits(ours), bits(ref))
@@ -155,9 +156,9 @@ def test_dequantize_random_blocks_bit_exact(t: GGMLType) -> None:
 @pytest.mark.parametrize("t", WEIGHT_TYPES, ids=lambda t: t.name)
 def test_dequantize_arbitrary_bytes_matches_gguf_nan_aware(t: GGMLType) -> None:
     # Fully random bytes, NaN/inf scale patterns included: never a crash, same values as gguf.
-    info = quants.type_info(t)
+    info = qtypes.type_info(t)
     raw = np.random.default_rng(100 + int(t)).integers(0, 256, (256, info.type_size), np.uint8)
-    ours = quants.dequantize(t, raw, (256 * info.block_size,))
+    ours = qtypes.dequantize(t, raw, (256 * info.block_size,))
     with np.errstate(all="ignore"):
         ref = gguf_dequantize(t, raw).reshape(-1)
     np.testing.assert_array_equal(ours, ref)
@@ -165,7 +166,7 @@ def test_dequantize_arbitrary_bytes_matches_gguf_nan_aware(t: GGMLType) -> None:
 
 @pytest.mark.model
 def test_dequantize_smollm2_tensors_bit_exact(smollm2_path: Path) -> None:
-    from pyllm.gguf import GGUFReader
+    from pyllm.formats.gguf import GGUFReader
 
     reader = GGUFReader(smollm2_path)
     by_name = {t.name: t for t in reader.tensors}
@@ -178,7 +179,7 @@ def test_dequantize_smollm2_tensors_bit_exact(smollm2_path: Path) -> None:
         shape = info.shape
         if name == "token_embd.weight":  # 49152 rows: a slice of the memmap keeps this fast
             data, shape = data[:2048], (2048, *shape[1:])
-        ours = quants.dequantize(info.type, data, shape)
+        ours = qtypes.dequantize(info.type, data, shape)
         raw = np.asarray(data).view(np.uint8).reshape(*shape[:-1], -1)
         ref = gguf_dequantize(info.type, raw).reshape(shape)
         assert np.array_equal(bits(ours), bits(ref)), name
@@ -221,7 +222,7 @@ def test_quantize_bit_exact_with_gguf(t: GGMLType) -> None:
     x = np.concatenate([awkward_rows(), rng.standard_normal((8, 256)).astype(np.float32)])
     with np.errstate(all="ignore"):
         ref = gguf_quantize_bytes(t, x)
-    ours = quants.quantize(t, x)
+    ours = qtypes.quantize(t, x)
     assert ours.dtype == np.uint8 and ours.shape == ref.shape
     if t in (GGMLType.Q4_1, GGMLType.Q5_1):
         # A block whose minimum is both +0.0 and -0.0 gets either sign from numpy's min() (it
@@ -245,11 +246,11 @@ def test_float_conversions_bit_exact_on_special_values(t: GGMLType) -> None:
     x = np.arange(0, 2**32, 4099, dtype=np.uint64).astype(np.uint32).view(np.float32)
     with np.errstate(all="ignore"):
         ref = gguf_quantize_bytes(t, x)
-    ours = quants.quantize(t, x)
+    ours = qtypes.quantize(t, x)
     assert np.array_equal(ours, ref)
     every_half = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.uint8)
     ref_back = gguf_dequantize(t, every_half.reshape(1, -1)).reshape(-1)
-    assert np.array_equal(bits(quants.dequantize(t, every_half, 2**16)), bits(ref_back))
+    assert np.array_equal(bits(qtypes.dequantize(t, every_half, 2**16)), bits(ref_back))
 
 
 # ---- k-quants: llama.cpp-grade scale search ----------------------------------------------------
@@ -257,8 +258,8 @@ def test_float_conversions_bit_exact_on_special_values(t: GGMLType) -> None:
 
 @pytest.mark.parametrize("t", K_TYPES, ids=lambda t: t.name)
 def test_kquant_rmse_no_worse_than_llama_cpp(t: GGMLType) -> None:
-    q = quants.quantize(t, GAUSS)
-    back = quants.dequantize(t, q, GAUSS.shape)
+    q = qtypes.quantize(t, GAUSS)
+    back = qtypes.dequantize(t, q, GAUSS.shape)
     rmse = float(np.sqrt(np.mean((back.astype(np.float64) - GAUSS) ** 2)))
     assert rmse <= LLAMA_CPP_RMSE[t] * 1.02, (t.name, rmse)
     # gguf decodes our blocks to the same values (the layout is right, not just self-consistent).
@@ -271,7 +272,7 @@ def test_kquant_edge_blocks(t: GGMLType) -> None:
     x[1] = 3.5  # constant
     x[2, ::7] = -1e-3  # sparse, all negative
     x[3] = np.linspace(0, 100, 256)  # all positive, wide range
-    back = quants.dequantize(t, quants.quantize(t, x), x.shape)
+    back = qtypes.dequantize(t, qtypes.quantize(t, x), x.shape)
     assert np.all(np.isfinite(back))
     assert np.array_equal(back[0], np.zeros(256, np.float32))
     rel = np.abs(back[1:] - x[1:]).max(axis=1) / np.abs(x[1:]).max(axis=1)
@@ -289,32 +290,32 @@ ROUNDTRIP_RMSE = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("t", quants.SUPPORTED_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("t", qtypes.SUPPORTED_TYPES, ids=lambda t: t.name)
 def test_round_trip(t: GGMLType) -> None:
     x = GAUSS[:8]
-    q = quants.quantize(t, x)
-    assert q.shape == quants.byte_shape(t, x.shape)
-    back = quants.dequantize(t, q, x.shape)
+    q = qtypes.quantize(t, x)
+    assert q.shape == qtypes.byte_shape(t, x.shape)
+    back = qtypes.dequantize(t, q, x.shape)
     rmse = float(np.sqrt(np.mean((back.astype(np.float64) - x) ** 2)))
     assert rmse <= ROUNDTRIP_RMSE[t], (t.name, rmse)
     # Big inputs are split across threads by whole blocks: the bytes must not depend on that.
-    rows = np.concatenate([quants.quantize(t, GAUSS[i : i + 1]) for i in range(8)])
+    rows = np.concatenate([qtypes.quantize(t, GAUSS[i : i + 1]) for i in range(8)])
     assert np.array_equal(rows, q)
 
 
 def test_q8_1_and_q8_k_side_fields() -> None:
     x = GAUSS[:2]
-    q81 = quants.quantize("Q8_1", x).reshape(-1, 36)
+    q81 = qtypes.quantize("Q8_1", x).reshape(-1, 36)
     d = q81[:, 0:2].copy().view(np.float16).astype(np.float32).reshape(-1)
     s = q81[:, 2:4].copy().view(np.float16).astype(np.float32).reshape(-1)
     qs = q81[:, 4:].view(np.int8).astype(np.int32)
-    q80 = quants.quantize("Q8_0", x).reshape(-1, 34)
+    q80 = qtypes.quantize("Q8_0", x).reshape(-1, 34)
     assert np.array_equal(q80[:, 0:2], q81[:, 0:2]) and np.array_equal(q80[:, 2:], q81[:, 4:])
     d32 = np.abs(x.reshape(-1, 32)).max(axis=1) / np.float32(127)
     expect_s = (qs.sum(axis=1).astype(np.float32) * d32).astype(np.float16).astype(np.float32)
     assert np.array_equal(s, expect_s) and np.all(d > 0)
 
-    q8k = quants.quantize("Q8_K", x).reshape(-1, 292)
+    q8k = qtypes.quantize("Q8_K", x).reshape(-1, 292)
     dk = q8k[:, 0:4].copy().view(np.float32).reshape(-1)
     qk = q8k[:, 4:260].view(np.int8).astype(np.int32)
     bsums = q8k[:, 260:].copy().view(np.int16)
@@ -329,32 +330,32 @@ def test_q8_1_and_q8_k_side_fields() -> None:
 
 def test_accepts_buffers_memmaps_and_strided_input(tmp_path: Path) -> None:
     x = GAUSS[:4, :512]
-    q = quants.quantize("Q4_0", x)
-    expect = quants.dequantize("Q4_0", q, x.shape)
+    q = qtypes.quantize("Q4_0", x)
+    expect = qtypes.dequantize("Q4_0", q, x.shape)
     for data in (q.tobytes(), bytearray(q.tobytes()), memoryview(q.tobytes()), q.reshape(-1)):
-        assert np.array_equal(quants.dequantize("Q4_0", data, x.shape), expect)
+        assert np.array_equal(qtypes.dequantize("Q4_0", data, x.shape), expect)
     path = tmp_path / "w.bin"
     q.tofile(path)
     mm = np.memmap(path, dtype=np.uint8, mode="r", shape=q.shape)  # read-only, not copied
-    assert np.array_equal(quants.dequantize(GGMLType.Q4_0, mm, x.shape), expect)
+    assert np.array_equal(qtypes.dequantize(GGMLType.Q4_0, mm, x.shape), expect)
     del mm
     strided = np.asfortranarray(GAUSS[:4, :512])
-    assert np.array_equal(quants.quantize("Q4_0", strided), q)
-    assert np.array_equal(quants.quantize("Q4_0", x.astype(np.float64)), q)
+    assert np.array_equal(qtypes.quantize("Q4_0", strided), q)
+    assert np.array_equal(qtypes.quantize("Q4_0", x.astype(np.float64)), q)
 
 
 def test_empty_tensors() -> None:
-    assert quants.quantize("Q4_K", np.zeros((0, 256), np.float32)).shape == (0, 144)
-    assert quants.dequantize("Q4_K", b"", (0, 256)).shape == (0, 256)
-    assert quants.dequantize("F16", b"", (0,)).shape == (0,)
+    assert qtypes.quantize("Q4_K", np.zeros((0, 256), np.float32)).shape == (0, 144)
+    assert qtypes.dequantize("Q4_K", b"", (0, 256)).shape == (0, 256)
+    assert qtypes.dequantize("F16", b"", (0,)).shape == (0,)
 
 
 def test_concurrent_calls_agree() -> None:
-    expect = quants.quantize("Q4_K", GAUSS[:16])
+    expect = qtypes.quantize("Q4_K", GAUSS[:16])
     results: list[np.ndarray] = []
 
     def work() -> None:
-        results.append(quants.quantize("Q4_K", GAUSS[:16]))
+        results.append(qtypes.quantize("Q4_K", GAUSS[:16]))
 
     threads = [threading.Thread(target=work) for _ in range(4)]
     for th in threads:
@@ -410,9 +411,9 @@ def test_quantize_and_dequantize_release_the_gil() -> None:
     # Contiguous float32 input: the wrapper makes no numpy copy (which could drop the GIL on
     # its own), so the only place these calls can let the watcher run is the C++ loop.
     rows = np.ascontiguousarray(GAUSS[:16])
-    packed = quants.quantize("Q4_K", rows)
-    assert other_thread_runs_during(lambda: quants.quantize("Q4_K", rows))
-    assert other_thread_runs_during(lambda: quants.dequantize("Q4_K", packed, rows.shape))
+    packed = qtypes.quantize("Q4_K", rows)
+    assert other_thread_runs_during(lambda: qtypes.quantize("Q4_K", rows))
+    assert other_thread_runs_during(lambda: qtypes.dequantize("Q4_K", packed, rows.shape))
 
 
 # ---- bad input: always QuantError --------------------------------------------------------------
@@ -423,38 +424,38 @@ def test_quantize_and_dequantize_release_the_gil() -> None:
 )
 def test_unknown_or_unsupported_types_raise(qtype: object) -> None:
     with pytest.raises(QuantError):
-        quants.type_info(qtype)  # type: ignore[arg-type]
+        qtypes.type_info(qtype)  # type: ignore[arg-type]
     with pytest.raises(QuantError):
-        quants.quantize(qtype, np.zeros(256, np.float32))  # type: ignore[arg-type]
+        qtypes.quantize(qtype, np.zeros(256, np.float32))  # type: ignore[arg-type]
     with pytest.raises(QuantError):
-        quants.dequantize(qtype, np.zeros(144, np.uint8), 256)  # type: ignore[arg-type]
+        qtypes.dequantize(qtype, np.zeros(144, np.uint8), 256)  # type: ignore[arg-type]
 
 
 def test_wrong_sizes_raise() -> None:
-    q = quants.quantize("Q4_K", GAUSS[:2, :512])
+    q = qtypes.quantize("Q4_K", GAUSS[:2, :512])
     with pytest.raises(QuantError, match="bytes"):
-        quants.dequantize("Q4_K", q.reshape(-1)[:-1], (2, 512))
+        qtypes.dequantize("Q4_K", q.reshape(-1)[:-1], (2, 512))
     with pytest.raises(QuantError, match="bytes"):
-        quants.dequantize("Q4_K", q, (2, 768))
+        qtypes.dequantize("Q4_K", q, (2, 768))
     with pytest.raises(QuantError, match="multiple of the block size"):
-        quants.dequantize("Q4_K", q, (4, 256 + 128, 1)[:2])
+        qtypes.dequantize("Q4_K", q, (4, 256 + 128, 1)[:2])
     with pytest.raises(QuantError, match="block"):
-        quants.quantize("Q4_0", np.zeros((2, 33), np.float32))
+        qtypes.quantize("Q4_0", np.zeros((2, 33), np.float32))
     with pytest.raises(QuantError):
-        quants.quantize("Q4_0", np.float32(1.0))
+        qtypes.quantize("Q4_0", np.float32(1.0))
     with pytest.raises(QuantError):
-        quants.quantize("Q4_0", np.zeros(32, np.complex64))
+        qtypes.quantize("Q4_0", np.zeros(32, np.complex64))
     with pytest.raises(QuantError):
-        quants.quantize("Q4_0", np.array(["a"] * 32))
+        qtypes.quantize("Q4_0", np.array(["a"] * 32))
     for shape in [(-1, 32), (2, "32"), 3.5, (2**40, 2**40)]:
         with pytest.raises(QuantError):
-            quants.dequantize("Q8_0", q, shape)  # type: ignore[arg-type]
+            qtypes.dequantize("Q8_0", q, shape)  # type: ignore[arg-type]
     with pytest.raises(QuantError):
-        quants.dequantize("Q8_0", object(), (32,))
+        qtypes.dequantize("Q8_0", object(), (32,))
     with pytest.raises(QuantError):
-        quants.dequantize("Q8_0", np.array([None] * 34, dtype=object), (32,))
+        qtypes.dequantize("Q8_0", np.array([None] * 34, dtype=object), (32,))
     with pytest.raises(QuantError):
-        quants.dequantize("Q8_0", "x" * 34, (32,))
+        qtypes.dequantize("Q8_0", "x" * 34, (32,))
 
 
 def test_extension_rechecks_sizes() -> None:

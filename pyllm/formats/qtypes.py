@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from pyllm.errors import QuantError
-from pyllm.gguf.constants import GGMLType
+from pyllm.formats.gguf.constants import GGMLType
 
 QTypeLike = GGMLType | int | str
 

@@ -4,7 +4,7 @@
 a Meta / LLaMA2-Accessory folder (``params.json`` + ``consolidated.*.pth``) goes to
 :func:`convert_meta`, a Hugging Face folder (``config.json``) to :func:`convert_hf`.
 ``configs`` are JSON files (or dicts) merged in order over the folder's own config, later keys
-winning; they may carry fastllm-style overrides (see :mod:`pyllm.convert.overrides`).
+winning; they may carry fastllm-style overrides (see :mod:`pyllm.tools.convert.overrides`).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pyllm.atomic import check_destination
-from pyllm.convert.hf import HFConfig, convert_hf
-from pyllm.convert.meta import convert_meta, is_meta_folder
-from pyllm.convert.overrides import ConfigSource, merge_configs
 from pyllm.errors import ConvertError
+from pyllm.tools.convert.hf import HFConfig, convert_hf
+from pyllm.tools.convert.meta import convert_meta, is_meta_folder
+from pyllm.tools.convert.overrides import ConfigSource, merge_configs
 
 
 def convert(

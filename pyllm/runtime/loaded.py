@@ -5,8 +5,8 @@ Loading and running are separate: :class:`LoadedModel` opens the GGUF file, read
 hyper-parameters and hands the (memory-mapped, optionally repacked) weights to
 ``pyllm._core.Model``; :meth:`LoadedModel.new_context` makes a ``pyllm._core.Context`` (the KV
 cache of ``n_seq`` sequences of ``n_ctx`` positions plus scratch) after the checks every context
-needs: the KV type, the memory it will take, a length beyond training. :class:`pyllm.model.LLM`
-is one loaded model with one single-sequence context; the server's
+needs: the KV type, the memory it will take, a length beyond training.
+:class:`pyllm.runtime.llm.LLM` is one loaded model with one single-sequence context; the server's
 :class:`pyllm.server.engine.Engine` is one loaded model with one context of ``n_parallel``
 slots. Several contexts may share one loaded model (the weights are read-only).
 """
@@ -18,18 +18,18 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pyllm.arch import HParams, collect_tensors, read_hparams
 from pyllm.errors import ContextError, ModelError, PyllmError, PyllmWarning
-from pyllm.footprint import (
+from pyllm.formats.arch import HParams, collect_tensors, read_hparams
+from pyllm.formats.gguf import GGUFReader
+from pyllm.runtime.default_model import resolve_model_path
+from pyllm.runtime.footprint import (
     DEFAULT_KV_TYPE,
     MAX_COUNT,
     check_context_fits,
     check_kv_type,
     warn_if_beyond_training,
 )
-from pyllm.gguf import GGUFReader
-from pyllm.models import resolve_model_path
-from pyllm.sysinfo import available_cpus
+from pyllm.runtime.sysinfo import available_cpus
 
 if TYPE_CHECKING:
     from pyllm.tokenizer import Tokenizer

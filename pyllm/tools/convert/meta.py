@@ -17,7 +17,7 @@ numbers -- exactly llama.cpp's "normal" RoPE for the llama architecture -- so, u
 checkpoints, q/k rows are written as they are (no permutation).
 
 Shards are opened with ``torch.load(weights_only=True, mmap=True)`` (see
-:mod:`pyllm.convert.checkpoint`, which refuses pickles that reach for anything but tensors);
+:mod:`pyllm.tools.convert.checkpoint`, which refuses pickles that reach for anything but tensors);
 only one merged tensor is in memory at a time and the file appears atomically.
 """
 
@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from pyllm.convert.checkpoint import TorchBinShard
-from pyllm.convert.hf import (
+from pyllm.errors import ConvertError, TokenizerError
+from pyllm.tools.convert.checkpoint import TorchBinShard
+from pyllm.tools.convert.hf import (
     FILE_TYPES,
     HFConfig,
     PlannedTensor,
@@ -44,10 +45,9 @@ from pyllm.convert.hf import (
     rope_metadata,
     write_gguf,
 )
-from pyllm.convert.overrides import ConfigSource, fastllm_metadata, merge_configs, read_config
-from pyllm.errors import ConvertError, TokenizerError
+from pyllm.tools.convert.overrides import ConfigSource, fastllm_metadata, merge_configs, read_config
 
-log = logging.getLogger("pyllm.convert")
+log = logging.getLogger("pyllm.tools.convert")
 
 _SHARD_RE = re.compile(r"consolidated\.(\d+)(?:-of-(\d+))?(?:\.model)?\.pth")
 
@@ -313,7 +313,7 @@ def convert_meta(
     overrides (``rope_theta``, ``rope_scaling.type``/``.factor``, ``tokenizer_add_dummy_prefix``,
     ``bos_token_id``, ``pre_prompt``/``user_role``/``bot_role``/``history_sep``).
     The vocabulary comes from ``tokenizer_path`` or a ``tokenizer.model`` in the folder or its
-    parent. ``outtype`` as for :func:`pyllm.convert.convert_hf`. Returns the output path.
+    parent. ``outtype`` as for :func:`pyllm.tools.convert.convert_hf`. Returns the output path.
     """
     src = Path(src_dir)
     if not src.is_dir():
@@ -343,7 +343,7 @@ def convert_meta(
 
     tok_path = Path(tokenizer_path) if tokenizer_path is not None else _find_tokenizer(src)
     if tok_path is not None:
-        from pyllm.convert.tokenizer_files import sentencepiece_metadata
+        from pyllm.tools.convert.tokenizer_files import sentencepiece_metadata
 
         try:
             md.update(sentencepiece_metadata(tok_path))
