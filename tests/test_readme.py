@@ -6,6 +6,7 @@ import math
 import re
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,59 @@ def test_perplexity_example(smollm2_path: Path, tmp_path: Path) -> None:
     value = float(proc.stdout.split("perplexity", 1)[1])
     # a real model on plain English: far below the vocabulary size (uniform logits: 49152)
     assert math.isfinite(value) and 1.5 < value < 100, proc.stdout
+
+
+# `name` VALUE pairs of the README's sampling sentence: a number, or {} for an empty mapping
+_STATED = re.compile(r"`(\w+)` (\{\}|-?\d+(?:\.\d+)?)(?![\w`])")
+
+
+def _sampling_sentence() -> str:
+    """The README bullet that lists the sampling keywords and their defaults."""
+    text = README.read_text(encoding="utf-8")
+    start = text.index("\n- Sampling keywords")
+    end = text.index("\n- ", start + 1)
+    return " ".join(text[start:end].split())
+
+
+def _sampling_sentence_errors(sentence: str) -> list[str]:
+    """How a sampling sentence disagrees with pyllm.runtime.sampling's defaults: a default it
+    leaves out, states wrongly (an int field must be written as an int) or twice, or a name
+    that is not a sampling field."""
+    from pyllm.runtime.sampling import DEFAULTS
+
+    stated: dict[str, str] = {}
+    errors = []
+    for name, value in _STATED.findall(sentence):
+        if name in stated:
+            errors.append(f"{name} stated twice")
+        stated[name] = value
+    for name, value in stated.items():
+        if name not in DEFAULTS:
+            errors.append(f"{name} is not a sampling field")
+            continue
+        default = DEFAULTS[name]
+        if isinstance(default, Mapping):
+            ok = value == "{}" and not default
+        elif isinstance(default, int):
+            ok = value.lstrip("-").isdigit() and int(value) == default
+        else:
+            ok = value != "{}" and float(value) == default
+        if not ok:
+            errors.append(f"{name} is stated as {value}, its default is {default!r}")
+    errors += [f"{name} (default {DEFAULTS[name]!r}) is not stated"
+               for name in DEFAULTS if name not in stated]
+    return errors
+
+
+def test_readme_sampling_defaults_are_the_real_ones() -> None:
+    sentence = _sampling_sentence()
+    assert _sampling_sentence_errors(sentence) == []
+    # the check sees a wrong, a missing and an unknown default (negative controls)
+    assert _sampling_sentence_errors(sentence.replace("`temperature` 0.8", "`temperature` 0.7")
+                                     ) == ["temperature is stated as 0.7, its default is 0.8"]
+    assert _sampling_sentence_errors(sentence.replace("`top_k` 40", "`top_k` 40.0")
+                                     ) == ["top_k is stated as 40.0, its default is 40"]
+    assert _sampling_sentence_errors(sentence.replace("`seed` -1", "`seed`")
+                                     ) == ["seed (default -1) is not stated"]
+    assert _sampling_sentence_errors(sentence + " `top_q` 0.5") == [
+        "top_q is not a sampling field"]

@@ -38,7 +38,7 @@ import uvicorn
 from pyllm.cli.serve import bind_socket, make_server
 from pyllm.errors import ContextError, SamplingError
 from pyllm.runtime.llm import LLM
-from pyllm.runtime.sampling import SamplingParams
+from pyllm.runtime.sampling import DEFAULTS, SamplingParams
 from pyllm.server import app as app_module
 from pyllm.server.app import ServerConfig, cancel_all, create_app
 from pyllm.server.engine import DoneEvent, Engine, Request, TokenEvent
@@ -399,6 +399,64 @@ def test_requests_total_counts_generation_requests_as_its_help_says(
     assert after["pyllm_requests_total"] == before["pyllm_requests_total"]
     client.completions.create(model="m", prompt="Hi", max_tokens=1, n=2)
     assert _metrics(base_url)["pyllm_requests_total"] == before["pyllm_requests_total"] + 2
+
+
+def test_props_gives_the_sampling_defaults_and_the_server_settings(
+        base_url: str, engine: Engine, llm: LLM) -> None:
+    """GET /props, under llama.cpp's field names: every sampling default exactly as
+    pyllm.runtime.sampling defines it, the slots and their context size, the model."""
+    r = httpx.get(f"{base_url}/props")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    props = r.json()
+    assert props["total_slots"] == engine.n_parallel == 4
+    assert props["model_alias"] == "smollm2"
+    assert props["model_path"] == str(llm.model.model_path)
+    assert props["chat_template"] == llm.model.chat_template and "<|im_start|>" in props[
+        "chat_template"]
+    settings = props["default_generation_settings"]
+    assert settings["n_ctx"] == N_CTX  # per slot
+    params = settings["params"]
+    python_defaults = SamplingParams()
+    assert set(DEFAULTS) <= set(params)
+    for name, value in DEFAULTS.items():
+        assert params[name] == value == getattr(python_defaults, name), name
+    assert params["logit_bias"] == {}
+    # the token limit a chat request gets without max_tokens: until done (-1, as llama.cpp)
+    assert params["n_predict"] == params["max_tokens"] == -1
+    assert settings["max_tokens_by_route"] == {"/v1/chat/completions": -1,
+                                               "/v1/completions": 16}
+
+
+def test_props_max_tokens_default_is_the_one_the_server_applies(base_url: str,
+                                                                engine: Engine) -> None:
+    """A completion sent without max_tokens (and unable to end early) stops at exactly the
+    limit /props states for /v1/completions."""
+    limit = httpx.get(f"{base_url}/props").json()[
+        "default_generation_settings"]["max_tokens_by_route"]["/v1/completions"]
+    r = httpx.post(f"{base_url}/v1/completions", timeout=HANG_GUARD,
+                   json={"prompt": "Once upon a time", "logit_bias": _no_eos(engine)})
+    assert r.status_code == 200
+    assert r.json()["usage"]["completion_tokens"] == limit
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_props_is_counted_in_metrics(base_url: str) -> None:
+    key = 'pyllm_http_requests_total{route="/props",status="200"}'
+    before = _metrics(base_url).get(key, 0)
+    for _ in range(2):
+        assert httpx.get(f"{base_url}/props").status_code == 200
+    assert _metrics(base_url)[key] == before + 2
+
+
+def test_props_needs_the_api_key(engine: Engine) -> None:
+    with serve(create_app(ServerConfig(api_key="s3cret"), engine=engine)) as url:
+        r = httpx.get(f"{url}/props")
+        assert r.status_code == 401
+        assert r.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(f"{url}/props", headers={"Authorization": "Bearer no"}).status_code == 401
+        r = httpx.get(f"{url}/props", headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 200 and r.json()["total_slots"] == engine.n_parallel
+        assert httpx.get(f"{url}/props", headers={"X-Api-Key": "s3cret"}).status_code == 200
 
 
 def test_chat_page_is_self_contained(base_url: str) -> None:
@@ -1040,6 +1098,10 @@ def test_cli_serve_port_0_allowed_hosts_and_sigterm(smollm2_path: Path, engine: 
         assert httpx.get(f"{url}/health", headers={"Host": "evil.example"}).status_code == 403
         c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         assert c.models.list().data[0].id == "tiny"
+        props = httpx.get(f"{url}/props").json()  # the command line's settings
+        assert props["total_slots"] == 2 and props["model_alias"] == "tiny"
+        assert props["default_generation_settings"]["n_ctx"] == 512
+        assert props["model_path"] == str(smollm2_path.resolve())
         stream = iter(c.chat.completions.create(model="tiny", stream=True, max_tokens=6,
                                                 temperature=0,
                                                 messages=[{"role": "user", "content": "Hi"}]))

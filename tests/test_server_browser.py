@@ -5,7 +5,9 @@ chromium-driver``). Without them the tests are skipped on a developer's machine 
 (``CI`` set to true, as CI services and ``.ci/run`` do), so a broken browser install cannot
 silently turn them off. Sends a message and watches the text stream in, changes knobs (system
 prompt, temperature, max tokens) and checks the reply is the greedy one for exactly those
-settings, stops a long generation and checks the server freed the slot. The engine's scheduler
+settings, stops a long generation and checks the server freed the slot. The sampling fields
+show the server's defaults from ``GET /props`` (the page has no numbers of its own), and a
+failed ``/props`` is reported on the page. The engine's scheduler
 is held between steps (``Engine.pause`` / ``resume``) where the page must see a reply still
 streaming, so no outcome depends on how fast the machine decodes. A screenshot is written to
 $PYLLM_ARTIFACTS when that is set.
@@ -18,14 +20,17 @@ import shutil
 import socket
 import threading
 from collections.abc import Iterator
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import pytest
 import uvicorn
 
+from pyllm.errors import ModelError
 from pyllm.runtime.llm import LLM
-from pyllm.server.app import ServerConfig, create_app
+from pyllm.runtime.sampling import DEFAULTS
+from pyllm.server.app import STATIC_DIR, ServerConfig, create_app
 from pyllm.server.engine import Engine
 from tests.conftest import HANG_GUARD, skip_or_fail, wait_until
 
@@ -40,6 +45,11 @@ BROWSER = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) i
 DRIVER = shutil.which("chromedriver")
 
 pytestmark = pytest.mark.model
+
+# the page's sampling fields (element id = request field = /props params name)
+KNOBS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "tfs_z", "repeat_penalty",
+         "repeat_last_n", "presence_penalty", "frequency_penalty", "mirostat", "mirostat_tau",
+         "mirostat_eta", "seed", "max_tokens")
 
 
 def _missing() -> str | None:
@@ -125,12 +135,78 @@ def _wait_idle(engine: Engine) -> None:
     wait_until(lambda: not engine.active and not engine.queue_depth, "the slot to be freed")
 
 
+def _knob_values(driver: Any) -> dict[str, tuple[str, bool]]:
+    """Each sampling field's (value, enabled), read in one call."""
+    got: dict[str, list[Any]] = driver.execute_script(
+        "const out = {};"
+        "for (const id of arguments[0]) {"
+        "  const el = document.getElementById(id); out[id] = [el.value, !el.disabled]; }"
+        "return out;", list(KNOBS))
+    return {k: (v[0], v[1]) for k, v in got.items()}
+
+
+def _assert_shows(driver: Any, expected: dict[str, float]) -> None:
+    """The sampling fields are enabled and show exactly these numbers."""
+    for knob, (value, enabled) in _knob_values(driver).items():
+        assert enabled, knob
+        assert value != "" and float(value) == expected[knob], (knob, value, expected[knob])
+
+
+class _ValueAttributes(HTMLParser):
+    """(tag, id) of every element of index.html that sets a value or a selected option."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.select: str | None = None
+        self.found: list[tuple[str, str | None]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "select":
+            self.select = a.get("id")
+        if tag in ("input", "textarea") and "value" in a:
+            self.found.append((tag, a.get("id")))
+        if tag == "option" and self.select is not None and (
+                "selected" in a or a.get("value") not in ("", *map(str, range(3)))):
+            self.found.append((tag, self.select))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "select":
+            self.select = None
+
+
+def _literal_values(html: str) -> list[tuple[str, str | None]]:
+    parser = _ValueAttributes()
+    parser.feed(html)
+    return parser.found
+
+
+def test_chat_page_has_no_sampling_defaults_of_its_own() -> None:
+    """index.html sets no value on any field (the numbers come from GET /props), and this check
+    does catch a literal default: the page as it once was, with value="0.8", fails it."""
+    html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+    for knob in KNOBS:
+        assert f'id="{knob}"' in html, knob
+    assert _literal_values(html) == []
+    # negative controls: a default written into the page, or a preselected mirostat option
+    literal = html.replace('id="temperature" type="number"',
+                           'id="temperature" value="0.8" type="number"')
+    assert _literal_values(literal) == [("input", "temperature")]
+    preselected = html.replace('<option value="0">', '<option value="0" selected>')
+    assert _literal_values(preselected) == [("option", "mirostat")]
+
+
 def test_chat_page_streams_uses_knobs_and_stops(browser: Any, base_url: str, llm: LLM,
                                                 engine: Engine, tmp_path: Path) -> None:
     d = browser
     d.get(base_url + "/")
     wait = WebDriverWait(d, HANG_GUARD, poll_frequency=0.02)
     wait.until(lambda drv: "smollm2-test" in drv.find_element(By.ID, "model").text)
+    # the sampling fields show the server's defaults: those of pyllm.runtime.sampling, and the
+    # chat route's token limit (-1 = until done)
+    assert "2 slots × 512 tokens" in d.find_element(By.ID, "model").text
+    defaults = {**{k: DEFAULTS[k] for k in KNOBS if k != "max_tokens"}, "max_tokens": -1}
+    _assert_shows(d, defaults)
     # every knob the issue lists is on the page
     for knob in ("system", "temperature", "top_k", "top_p", "min_p", "typical_p", "tfs_z",
                  "repeat_penalty", "repeat_last_n", "presence_penalty", "frequency_penalty",
@@ -194,6 +270,10 @@ def test_chat_page_streams_uses_knobs_and_stops(browser: Any, base_url: str, llm
     assert engine.stats.completion_tokens_total == generated + 4  # none after the stop
     assert d.find_element(By.ID, "send").is_enabled()
 
+    # 3. "Reset to defaults" brings back the server's defaults (temperature was 0, max 400)
+    d.find_element(By.ID, "reset_knobs").click()
+    _assert_shows(d, defaults)
+
     out = Path(os.environ.get("PYLLM_ARTIFACTS") or tmp_path)
     out.mkdir(parents=True, exist_ok=True)
     shot = out / "server_chat_page.png"
@@ -232,5 +312,99 @@ def test_chat_page_with_api_key(browser: Any, engine: Engine) -> None:
         assert _last_assistant(d).get_attribute("data-finish") in ("stop", "length")
         assert not d.find_elements(By.CSS_SELECTOR, ".msg.error")
     finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_chat_page_fills_its_fields_from_props(browser: Any, base_url: str) -> None:
+    """The fields show whatever GET /props says: with the response changed in the browser
+    (every default plus one), the page shows the changed numbers. Saved settings would win over
+    the defaults, so none are kept from the other tests."""
+    d = browser
+    d.get(base_url + "/")
+    d.execute_script("localStorage.clear();")
+    # a wrapper of fetch, installed before the page's own script runs
+    script = d.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
+        const realFetch = window.fetch;
+        window.fetch = async (url, init) => {
+          const resp = await realFetch(url, init);
+          if (url !== "/props" || !resp.ok) return resp;
+          const props = await resp.json();
+          const params = props.default_generation_settings.params;
+          for (const k of Object.keys(params))
+            if (typeof params[k] === "number") params[k] = k === "mirostat" ? 2 : params[k] + 1;
+          return new Response(JSON.stringify(props), {status: 200});
+        };"""})
+    try:
+        d.get(base_url + "/")
+        wait = WebDriverWait(d, HANG_GUARD, poll_frequency=0.02)
+        wait.until(lambda drv: "smollm2-test" in drv.find_element(By.ID, "model").text)
+        changed = {k: DEFAULTS[k] + 1 for k in KNOBS if k not in ("mirostat", "max_tokens")}
+        _assert_shows(d, {**changed, "mirostat": 2, "max_tokens": 0})
+    finally:
+        d.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument",
+                          {"identifier": script["identifier"]})
+        d.execute_script("localStorage.clear();")
+
+
+def test_chat_page_reports_props_it_cannot_load(browser: Any) -> None:
+    """A server whose model failed to load answers /props with an error: the page says so in
+    its status line and leaves the sampling fields empty and disabled."""
+    def loader() -> Engine:
+        raise ModelError("the model file is damaged")
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(ServerConfig(), loader=loader),
+                                           host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started or not thread.is_alive(), "uvicorn to start")
+        assert thread.is_alive(), "uvicorn did not start"
+        d = browser
+        d.get(f"http://127.0.0.1:{port}/")
+        wait = WebDriverWait(d, HANG_GUARD, poll_frequency=0.05)
+        status = wait.until(lambda drv: drv.find_element(By.ID, "status").text)
+        assert "Could not load the server's sampling defaults" in status
+        assert "the model failed to load: the model file is damaged" in status
+        assert _knob_values(d) == {k: ("", False) for k in KNOBS}
+        assert not d.find_element(By.ID, "reset_knobs").is_enabled()
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_chat_page_waits_for_a_loading_model(browser: Any, llm: LLM) -> None:
+    """Opened while the model still loads (/props answers 503), the page says so, asks again,
+    and fills its fields once the model is served."""
+    release = threading.Event()
+
+    def loader() -> Engine:
+        release.wait(HANG_GUARD)
+        return Engine(llm, n_parallel=1, n_ctx=64)
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(ServerConfig(model_id="late"),
+                                                      loader=loader),
+                                           host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started or not thread.is_alive(), "uvicorn to start")
+        assert thread.is_alive(), "uvicorn did not start"
+        d = browser
+        d.get(f"http://127.0.0.1:{port}/")
+        d.execute_script("localStorage.clear();")
+        wait = WebDriverWait(d, HANG_GUARD, poll_frequency=0.05)
+        wait.until(lambda drv: "loading the model" in drv.find_element(By.ID, "model").text)
+        assert _knob_values(d) == {k: ("", False) for k in KNOBS}
+        release.set()
+        wait.until(lambda drv: "late · 1 slots × 64 tokens" in drv.find_element(By.ID,
+                                                                               "model").text)
+        _assert_shows(d, {**{k: DEFAULTS[k] for k in KNOBS if k != "max_tokens"},
+                          "max_tokens": -1})
+        assert not d.find_element(By.ID, "status").text
+    finally:
+        release.set()
         server.should_exit = True
         thread.join(10)

@@ -6,8 +6,11 @@
 
 #include <memory>
 #include <string>
+#include <tuple>
 #include <utility>
+#include <vector>
 
+#include "backend/backend.h"
 #include "bindings/register.h"
 #include "pyllm/model.h"
 
@@ -131,6 +134,7 @@ void register_model(py::module_& m) {
       .value("q8_0", KVType::Q8_0)
       .value("f32", KVType::F32);
   m.attr("DEFAULT_KV_TYPE") = ContextParams{}.kv_type;
+  m.def("backends", &backend_names, "The backends this build has (\"cpu\" always).");
 
   // Every field read-write: pyllm.formats.arch.HParams.to_core fills them in one loop over its own
   // dataclass fields, and tests/test_model.py checks that both sides have the same fields.
@@ -175,8 +179,12 @@ void register_model(py::module_& m) {
 
   py::class_<Context>(m, "Context", "KV cache + forward pass; not thread-safe (one per thread).")
       .def(py::init([](const PyModel& model, int n_ctx, int n_batch, int n_threads,
-                       KVType kv_type, int n_seq) {
+                       KVType kv_type, int n_seq,
+                       const std::vector<std::tuple<std::string, int, int>>& placement) {
              ContextParams p;
+             for (const auto& [backend, first, last] : placement) {
+               p.placement.push_back(PlacedLayers{backend, first, last});
+             }
              p.n_ctx = n_ctx;
              p.n_batch = n_batch;
              p.n_threads = n_threads;
@@ -189,7 +197,10 @@ void register_model(py::module_& m) {
            py::arg("n_batch") = ContextParams{}.n_batch,
            py::arg("n_threads") = ContextParams{}.n_threads,
            py::arg("kv_type") = ContextParams{}.kv_type, py::arg("n_seq") = ContextParams{}.n_seq,
-           py::keep_alive<1, 2>())
+           py::arg("placement") = std::vector<std::tuple<std::string, int, int>>{},
+           py::keep_alive<1, 2>(),
+           "placement: (backend, first, last) layer ranges in layer order covering every layer, "
+           "the model's head with the last (which may be empty); [] = all on the CPU.")
       .def(
           "decode",
           [](Context& ctx, py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens,
@@ -267,6 +278,14 @@ void register_model(py::module_& m) {
       .def_property_readonly("n_past", &Context::n_past)
       .def_property_readonly("n_ctx", &Context::n_ctx)
       .def_property_readonly("n_threads", &Context::n_threads)
+      .def_property_readonly(
+          "placement",
+          [](const Context& ctx) {
+            std::vector<std::tuple<std::string, int, int>> out;
+            for (const PlacedLayers& r : ctx.placement()) out.emplace_back(r.backend, r.first, r.last);
+            return out;
+          },
+          "The resolved (backend, first, last) layer ranges; the head is with the last.")
       .def("truncate", &Context::truncate, py::arg("n"), "Forget cached positions >= n.")
       .def("save_state", [](const Context& ctx) {
         std::vector<uint8_t> s = ctx.save_state();

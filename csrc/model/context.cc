@@ -1,29 +1,81 @@
 // Context: the public face of a loaded model's inference state. It owns the per-sequence
-// positions (n_past) and validates every call before any state changes; the work is done by
-//   model/forward.{h,cc}              the forward pass (embed, layer loop, output)
-//   model/attention_schedule.{h,cc}   attention grids and their split across threads
-//   model/kv_cache.{h,cc}             K/V storage and the saved-state format
+// positions (n_past) and validates every call before any state changes. Each chunk of tokens is
+// planned here on the host (RoPE angles, model/rope.h; which keys each token sees and where its
+// K/V rows go, model/attention_schedule.h), embedded into host rows of hidden state, and run
+// through the stages of the context's placement (model/placement.h) in layer order; the stage
+// with the head writes the logits. The stages are the backends' (csrc/backend/backend.h), e.g.
+// the CPU's in csrc/cpu/stage.h, each with the K/V storage of its layers.
 #include <algorithm>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
-#include "model/forward.h"
-#include "model/kv_cache.h"
+#include "backend/backend.h"
+#include "model/attention_schedule.h"
+#include "model/placement.h"
+#include "model/rope.h"
 #include "pyllm/model.h"
 #include "pyllm/ops.h"
+#include "pyllm/quant.h"
 
 namespace pyllm {
 
 struct Context::Impl {
-  KVCache kv;
-  Forward forward;  // reads and appends to kv
+  const Model& model;
+  RopeTable rope;
+  AttentionSchedule schedule;
+  std::vector<float> rope_buf, hidden;                // chunk plan, [n_batch][n_embd] rows
+  std::vector<std::unique_ptr<Device>> devices;      // one per backend the placement names
+  std::vector<std::unique_ptr<Stage>> stages;        // in layer order; the last has the head
   // Per-call bookkeeping, kept here so a decode step allocates nothing once warmed up.
   std::vector<int> pos, added, rows;
   std::vector<int32_t> seq;
   std::vector<uint8_t> want;
 
-  Impl(const Model& m, const ContextParams& p) : kv(m.hparams(), p), forward(m, p, kv) {}
+  Impl(const Model& m, const ContextParams& p)
+      : model(m),
+        rope(m.hparams(), m.weights().rope_freqs.present()
+                              ? static_cast<const float*>(m.weights().rope_freqs.data)
+                              : nullptr) {
+    hidden.resize(static_cast<size_t>(p.n_batch) * m.hparams().n_embd);
+    for (size_t i = 0; i < p.placement.size(); ++i) {
+      const PlacedLayers& r = p.placement[i];
+      Device* dev = nullptr;
+      for (auto& d : devices) {
+        if (r.backend == d->name()) dev = d.get();
+      }
+      if (!dev) {
+        devices.push_back(make_device(r.backend, m, p));
+        dev = devices.back().get();
+      }
+      stages.push_back(dev->make_stage({r.first, r.last, i + 1 == p.placement.size()}));
+    }
+  }
+
+  // The whole model over one chunk (n <= n_batch): token t at position pos[t] of sequence
+  // seq[t]; leaves the final hidden states (before the output norm) in `hidden`.
+  void chunk(const int32_t* tokens, const int* pos, const int* seq, int n, int seq_len,
+             int n_ctx) {
+    const HParams& hp = model.hparams();
+    embed(tokens, n);
+    rope.fill_positions(pos, n, seq_len, rope_buf);
+    schedule.plan(pos, seq, n, n_ctx, hp.n_head, hp.n_head_kv);
+    const Chunk c{n, pos, seq, rope_buf.data(), &schedule};
+    for (auto& s : stages) s->run_layers(c, hidden.data());
+  }
+
+  // One row of the embedding table per token, dequantized into `hidden`.
+  void embed(const int32_t* tokens, int n) {
+    const WeightView& emb = model.weights().tok_embd;
+    const int64_t d = model.hparams().n_embd;
+    const TypeTraits& et = type_traits(emb.type);
+    const int64_t erow = row_size(emb.type, d);
+    for (int t = 0; t < n; ++t) {
+      const uint8_t* row = static_cast<const uint8_t*>(emb.data) + erow * tokens[t];
+      et.to_float(row, hidden.data() + t * d, d);
+    }
+  }
 };
 
 Context::Context(std::shared_ptr<const Model> model, const ContextParams& params)
@@ -38,13 +90,14 @@ Context::Context(std::shared_ptr<const Model> model, const ContextParams& params
   if (params_.kv_type == KVType::Q8_0 && model_->hparams().head_dim % QK8_0) {
     throw std::invalid_argument("a Q8_0 KV cache needs a head size that is a multiple of 32");
   }
+  params_.placement = resolve_placement(params_.placement, model_->hparams().n_layer);
   n_past_.assign(params_.n_seq, 0);
   impl_ = std::make_unique<Impl>(*model_, params_);
 }
 
 Context::~Context() = default;
 
-int Context::n_threads() const { return impl_->forward.n_threads(); }
+int Context::n_threads() const { return impl_->devices.front()->n_threads(); }
 
 int Context::seq_n_past(int seq) const {
   if (seq < 0 || seq >= params_.n_seq) throw std::out_of_range("sequence id out of range");
@@ -102,15 +155,15 @@ int64_t Context::decode_batch(const int32_t* tokens, const int32_t* seq, int64_t
   std::vector<int>& rows = impl_->rows;
   for (int64_t done = 0; done < n;) {
     const int chunk = static_cast<int>(std::min<int64_t>(params_.n_batch, n - done));
-    impl_->forward.chunk(tokens + done, pos.data() + done, seq + done, chunk, seq_len);
+    impl_->chunk(tokens + done, pos.data() + done, seq + done, chunk, seq_len, params_.n_ctx);
     rows.clear();
     for (int t = 0; t < chunk; ++t) {
       if (want_logits && want_logits[done + t]) rows.push_back(t);
     }
     if (!rows.empty() && logits) {
       // output() scores at most n_batch rows at a time through the scratch buffers
-      impl_->forward.output(rows.data(), static_cast<int>(rows.size()),
-                            logits + rows_out * hp.n_vocab);
+      impl_->stages.back()->output(impl_->hidden.data(), rows.data(),
+                                   static_cast<int>(rows.size()), logits + rows_out * hp.n_vocab);
       rows_out += static_cast<int64_t>(rows.size());
     }
     done += chunk;
@@ -143,9 +196,10 @@ void Context::embed(const int32_t* tokens, int64_t n, int seq, float* out) {
     const int chunk = static_cast<int>(std::min<int64_t>(params_.n_batch, n - done));
     std::vector<int> pos(chunk), seqs(chunk, seq);
     for (int t = 0; t < chunk; ++t) pos[t] = static_cast<int>(done + t);
-    impl_->forward.chunk(tokens + done, pos.data(), seqs.data(), chunk, static_cast<int>(n));
+    impl_->chunk(tokens + done, pos.data(), seqs.data(), chunk, static_cast<int>(n),
+                 params_.n_ctx);
     for (int t = 0; t < chunk; ++t) {
-      op.rms_norm(impl_->forward.hidden() + t * d, norm, row.data(), d, hp.rms_eps);
+      op.rms_norm(impl_->hidden.data() + t * d, norm, row.data(), d, hp.rms_eps);
       for (int64_t i = 0; i < d; ++i) acc[i] += row[i];
     }
     done += chunk;
@@ -154,10 +208,55 @@ void Context::embed(const int32_t* tokens, int64_t n, int seq, float* out) {
   n_past_[seq] = 0;
 }
 
-std::vector<uint8_t> Context::save_state() const { return impl_->kv.save(n_past_[0]); }
+namespace {
+// The saved state: this header, then each stage's part in layer order (per layer, the K then
+// the V rows of positions [0, n_past) of sequence 0, in the cache's element type).
+constexpr int32_t kStateMagic = 0x504c4c4d;  // "MLLP"
+struct StateHeader {
+  int32_t magic, n_past, n_layer, kv_dim, kv_type;
+};
+}  // namespace
+
+std::vector<uint8_t> Context::save_state() const {
+  const HParams& hp = model_->hparams();
+  const int n_past = n_past_[0];
+  const StateHeader h{kStateMagic, n_past, hp.n_layer, hp.n_head_kv * hp.head_dim,
+                      static_cast<int32_t>(kv_element_type(params_.kv_type))};
+  int64_t size = sizeof h;
+  for (const auto& s : impl_->stages) size += s->state_bytes(n_past);
+  std::vector<uint8_t> out(size);
+  std::memcpy(out.data(), &h, sizeof h);
+  uint8_t* p = out.data() + sizeof h;
+  for (const auto& s : impl_->stages) {
+    s->save_state(n_past, p);
+    p += s->state_bytes(n_past);
+  }
+  return out;
+}
 
 void Context::load_state(const uint8_t* data, int64_t size) {
-  n_past_[0] = impl_->kv.load(data, size);
+  const HParams& hp = model_->hparams();
+  StateHeader h;
+  if (size < static_cast<int64_t>(sizeof h)) throw std::invalid_argument("state is too short");
+  std::memcpy(&h, data, sizeof h);
+  if (h.magic != kStateMagic || h.n_layer != hp.n_layer || h.kv_dim != hp.n_head_kv * hp.head_dim) {
+    throw std::invalid_argument("state was saved from a different model");
+  }
+  if (h.kv_type != static_cast<int32_t>(kv_element_type(params_.kv_type))) {
+    throw std::invalid_argument("state was saved with a different KV cache type");
+  }
+  if (h.n_past < 0 || h.n_past > params_.n_ctx) {
+    throw std::invalid_argument("state does not fit in this context");
+  }
+  int64_t expected = sizeof h;
+  for (const auto& s : impl_->stages) expected += s->state_bytes(h.n_past);
+  if (size != expected) throw std::invalid_argument("state size does not match its header");
+  const uint8_t* p = data + sizeof h;
+  for (auto& s : impl_->stages) {
+    s->load_state(h.n_past, p);
+    p += s->state_bytes(h.n_past);
+  }
+  n_past_[0] = h.n_past;
 }
 
 }  // namespace pyllm

@@ -3,7 +3,8 @@
 A context holds the KV cache (K and V rows of every layer for ``n_ctx x n_seq`` positions) and
 scratch activations for a chunk of ``n_batch`` tokens. Asking for ten million positions must
 be refused with the sizes in the message, not discovered by the OOM killer; the estimate here
-follows ``Buffers::resize`` and the cache allocation in csrc/model/context.cc.
+follows ``CpuDevice::Buffers::resize`` (csrc/cpu/stage.cc), the context's hidden rows
+(csrc/model/context.cc) and the K/V allocation (csrc/cpu/kv_cache.cc).
 """
 
 from __future__ import annotations

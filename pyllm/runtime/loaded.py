@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -141,7 +142,8 @@ class LoadedModel:
 
     def new_context(self, n_ctx: int, *, n_batch: int = DEFAULT_N_BATCH,
                     n_threads: int | None = None, kv_type: str = DEFAULT_KV_TYPE,
-                    n_seq: int = 1, stacklevel: int = 2) -> Any:
+                    n_seq: int = 1, placement: Sequence[tuple[str, int, int]] = (),
+                    stacklevel: int = 2) -> Any:
         """A ``pyllm._core.Context`` of ``n_seq`` sequences of ``n_ctx`` positions each.
 
         Checked here, once for every kind of context: the counts, the KV type, that the KV
@@ -149,7 +151,10 @@ class LoadedModel:
         message), and a warning when ``n_ctx`` is beyond the training length (``stacklevel``
         as :func:`warnings.warn`'s from here: 2 points at the caller). ``n_batch`` is clamped
         by :func:`clamp_batch` (a longer chunk could never be filled; its scratch would be
-        wasted). ``n_threads`` None takes the model's, then the pool's default.
+        wasted). ``n_threads`` None takes the model's, then the pool's default. ``placement``:
+        ``(backend, first, last)`` layer ranges in layer order (``pyllm._core.backends()`` names
+        the backends of the build; the rules are in csrc/model/placement.h); empty puts every
+        layer on the CPU.
         """
         if self.core is None:
             raise ModelError("this model has been closed")
@@ -169,7 +174,8 @@ class LoadedModel:
         what = f"n_ctx={n_ctx}" + (f" x {n_seq} sequences" if n_seq > 1 else "")
         try:
             return core.Context(self.core, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads or 0,
-                                kv_type=core.KVType.__members__[kv_type], n_seq=n_seq)
+                                kv_type=core.KVType.__members__[kv_type], n_seq=n_seq,
+                                placement=list(placement))
         except ValueError as e:
             raise ModelError(f"{self.model_path}: cannot create a context of {what}: {e}") \
                 from None

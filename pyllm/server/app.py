@@ -37,7 +37,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +54,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pyllm.errors import ChatTemplateError, PyllmError, SamplingError, TokenizerError
 from pyllm.runtime import openai_shapes as shapes
+from pyllm.runtime.sampling import DEFAULTS as SAMPLING_DEFAULTS
+from pyllm.runtime.steps import UNTIL_DONE
 from pyllm.runtime.sysinfo import release_free_memory
 from pyllm.server.bridge import (
     Choices,
@@ -261,8 +263,8 @@ def _give_back_memory() -> None:
     release_free_memory()
 
 
-_ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
-           "/v1/embeddings", "/tokenize", "/detokenize")
+_ROUTES = ("/", "/health", "/metrics", "/props", "/v1/models", "/v1/completions",
+           "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize")
 
 
 # ---- body parsing -----------------------------------------------------------------------------
@@ -371,6 +373,7 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
     for method, path, endpoint in (
             ("GET", "/health", handlers.health),
             ("GET", "/v1/models", handlers.models),
+            ("GET", "/props", handlers.props),
             ("GET", "/metrics", handlers.metrics),
             ("GET", "/", handlers.index),
             ("POST", "/tokenize", handlers.tokenize),
@@ -475,6 +478,9 @@ class _Handlers:
             "owned_by": "pyllm",
             "meta": {"n_ctx_slot": eng.n_ctx, "n_parallel": eng.n_parallel,
                      "n_vocab": eng.n_vocab}}]})
+
+    async def props(self) -> Response:
+        return JSONResponse(_props(self.config, self.state.need_engine()))
 
     async def metrics(self) -> Response:
         return PlainTextResponse(_metrics_text(self.state),
@@ -651,6 +657,38 @@ class _Handlers:
                                    if req.logprobs else None, done.finish_reason)
                 for i, (pieces, done) in enumerate(got)], usage([done for _, done in got])))
         return await _guarded(run)
+
+
+def _max_tokens_default(request: type[CompletionRequest | ChatCompletionRequest]) -> int:
+    """The token limit a request of this kind gets when it sends none, in llama.cpp's n_predict
+    spelling (-1 = until an end token or a full context), read from the request schema."""
+    default = request.model_fields["max_tokens"].default
+    return UNTIL_DONE if default is None else int(default)
+
+
+def _props(config: ServerConfig, eng: Engine) -> dict[str, Any]:
+    """``GET /props``: the server's settings under llama.cpp's field names, so that clients
+    written for llama.cpp's server read them unchanged. The sampling defaults come from
+    :data:`pyllm.runtime.sampling.DEFAULTS` (their one definition): the chat page fills its
+    fields from here rather than repeating the numbers."""
+    params: dict[str, Any] = {name: dict(value) if isinstance(value, Mapping) else value
+                              for name, value in SAMPLING_DEFAULTS.items()}
+    chat_limit = _max_tokens_default(ChatCompletionRequest)
+    # llama.cpp has one default limit; here the OpenAI completions route keeps OpenAI's 16
+    params.update(n_predict=chat_limit, max_tokens=chat_limit)
+    return {
+        "default_generation_settings": {
+            "n_ctx": eng.n_ctx,  # per slot
+            "params": params,
+            "max_tokens_by_route": {
+                "/v1/chat/completions": chat_limit,
+                "/v1/completions": _max_tokens_default(CompletionRequest)},
+        },
+        "total_slots": eng.n_parallel,
+        "model_alias": config.model_id,
+        "model_path": str(eng.model.model_path),
+        "chat_template": eng.model.chat_template or "",
+    }
 
 
 def _stream_completion(eng: Engine, req: CompletionRequest, choices: Choices,

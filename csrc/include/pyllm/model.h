@@ -1,5 +1,5 @@
-// The Llama-family model (hyper-parameters + weight views), its KV cache and the inference
-// context that runs the forward pass.
+// The Llama-family model (hyper-parameters + weight views) and the inference context that runs
+// the forward pass over it (its layers placed on backends, csrc/backend/backend.h).
 //
 // C++ never opens files: Python parses and validates the GGUF, then hands over pointers into the
 // memory map (kept alive by the Python side). Model re-checks every size it is given.
@@ -106,12 +106,27 @@ class Model {
 
 enum class KVType { F16 = 0, Q8_0 = 1, F32 = 2 };
 
+// The element type a KV cache of kv_type stores its rows in.
+inline QType kv_element_type(KVType t) {
+  return t == KVType::Q8_0 ? QType::Q8_0 : t == KVType::F32 ? QType::F32 : QType::F16;
+}
+
+// Layers [first, last) of a context on the backend called `backend` (csrc/backend/backend.h).
+struct PlacedLayers {
+  std::string backend = "cpu";
+  int first = 0;
+  int last = 0;
+};
+
 struct ContextParams {
   int n_ctx = 2048;
   int n_batch = 512;    // tokens per forward chunk
   int n_threads = 0;    // <= 0: physical cores
   KVType kv_type = KVType::F16;
   int n_seq = 1;        // independent sequences (slots), each with its own n_ctx KV region
+  // Which backend runs which layers, in layer order (csrc/model/placement.h has the rules);
+  // the model's head goes with the last range. Empty: everything on the CPU.
+  std::vector<PlacedLayers> placement;
 };
 
 class Context {
@@ -147,6 +162,8 @@ class Context {
   int n_ctx() const { return params_.n_ctx; }
   int n_threads() const;
   const Model& model() const { return *model_; }
+  // The resolved placement: every layer range and its backend, the head with the last.
+  const std::vector<PlacedLayers>& placement() const { return params_.placement; }
 
   // State for save/load: the cached K/V of positions [0, n_past) plus n_past.
   std::vector<uint8_t> save_state() const;

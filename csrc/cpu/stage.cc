@@ -1,5 +1,6 @@
-// Forward: the layer loop of a chunk and its matmul / element-wise helpers (see forward.h).
-#include "model/forward.h"
+// CpuDevice and CpuStage: the layer loop of a chunk, the head, and their matmul / element-wise
+// helpers on the CPU thread pool (see stage.h).
+#include "cpu/stage.h"
 
 #include <algorithm>
 #include <cmath>
@@ -37,9 +38,8 @@ MatmulParams mparams(const WeightView& w, const float* x, int64_t n_tokens, floa
 
 }  // namespace
 
-void Forward::Buffers::resize(const HParams& hp, int n_batch, int n_ctx, int n_threads) {
+void CpuDevice::Buffers::resize(const HParams& hp, int n_batch, int n_ctx, int n_threads) {
   const size_t n = static_cast<size_t>(n_batch);
-  x.resize(n * hp.n_embd);
   xb.resize(n * std::max<int64_t>(hp.n_embd, int64_t(hp.n_head) * hp.head_dim));
   q.resize(n * hp.n_head * hp.head_dim);
   k.resize(n * hp.n_head_kv * hp.head_dim);
@@ -50,25 +50,28 @@ void Forward::Buffers::resize(const HParams& hp, int n_batch, int n_ctx, int n_t
   scores.resize(static_cast<size_t>(n_threads * attention_scratch_floats(n_ctx, hp.head_dim)));
 }
 
-Forward::Forward(const Model& m, const ContextParams& p, KVCache& kv)
-    : model_(m),
-      hp(m.hparams()),
-      kv_(kv),
-      pool_(p.n_threads),
-      rope_(m.hparams(), m.weights().rope_freqs.present()
-                             ? static_cast<const float*>(m.weights().rope_freqs.data)
-                             : nullptr),
-      n_ctx_(p.n_ctx) {
-  buf_.resize(hp, p.n_batch, n_ctx_, pool_.n_threads());
+CpuDevice::CpuDevice(const Model& m, const ContextParams& p)
+    : model_(m), params_(p), pool_(p.n_threads) {
+  buf_.resize(m.hparams(), p.n_batch, p.n_ctx, pool_.n_threads());
 }
 
-void Forward::mm(const WeightView& w, const float* x, int64_t n_tokens, float* y) {
+std::unique_ptr<Stage> CpuDevice::make_stage(const LayerRange& range) {
+  return std::make_unique<CpuStage>(*this, range);
+}
+
+CpuStage::CpuStage(CpuDevice& device, const LayerRange& range)
+    : Stage(range),
+      dev_(device),
+      hp(device.model_.hparams()),
+      kv_(hp, device.params_, range.last - range.first) {}
+
+void CpuDevice::mm(const WeightView& w, const float* x, int64_t n_tokens, float* y) {
   matmul(mparams(w, x, n_tokens, y), pool_);
 }
 
 // Several independent products of the same input in one parallel region: one hand-over and
 // one join instead of one per matrix (q/k/v, gate/up).
-void Forward::mm_group(std::initializer_list<MatmulParams> ps) {
+void CpuDevice::mm_group(std::initializer_list<MatmulParams> ps) {
   constexpr size_t kMax = 4;
   MatmulQueue queues[kMax];
   MatmulParams shared[kMax];
@@ -87,7 +90,7 @@ void Forward::mm_group(std::initializer_list<MatmulParams> ps) {
 
 // Element-wise work over n_items: inline when small (waking the pool costs more than it saves).
 template <typename Fn>
-void Forward::for_items(int64_t n_items, int64_t work_per_item, Fn&& fn) {
+void CpuDevice::for_items(int64_t n_items, int64_t work_per_item, Fn&& fn) {
   if (n_items * work_per_item < (1 << 15) || pool_.n_threads() == 1) {
     fn(int64_t(0), n_items);
   } else {
@@ -95,49 +98,34 @@ void Forward::for_items(int64_t n_items, int64_t work_per_item, Fn&& fn) {
   }
 }
 
-void Forward::embed(const int32_t* tokens, int n) {
-  // dequantize one row of the embedding table per token
-  const WeightView& emb = model_.weights().tok_embd;
-  const int64_t d = hp.n_embd;
-  const TypeTraits& et = type_traits(emb.type);
-  const int64_t erow = row_size(emb.type, d);
-  float* x = buf_.x.data();
-  for (int t = 0; t < n; ++t) {
-    const uint8_t* row = static_cast<const uint8_t*>(emb.data) + erow * tokens[t];
-    et.to_float(row, x + t * d, d);
-  }
-}
-
-void Forward::prepare(const int* pos, const int* seq, int n, int seq_len) {
-  rope_.fill_positions(pos, n, seq_len, buf_.rope);
-  sched_.plan(pos, seq, n, n_ctx_, hp.n_head, hp.n_head_kv);
-}
-
-// Attention of layer il over the chunk planned by prepare(): q, and the K/V rows just stored,
-// into buf_.att.
-void Forward::attention(int il, const int* seq) {
+// Attention of the stage's layer il (counted from its first) over the chunk: q, and the K/V rows
+// just stored, into the device's att buffer.
+void CpuStage::attention(int il, const Chunk& c) {
   const OpsTable& op = ops();
+  CpuDevice::Buffers& buf = dev_.buf_;
+  const AttentionSchedule& sched = *c.schedule;
+  const int n_ctx = dev_.params_.n_ctx;
   const int64_t hd = hp.head_dim;
   const int64_t q_dim = int64_t(hp.n_head) * hd;
-  const int group = sched_.group;
+  const int group = sched.group;
   const float attn_scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const uint8_t* kc = kv_.k(il);
   const uint8_t* vc = kv_.v(il);
   const int64_t kv_row_bytes = kv_.row_bytes(), kv_head_bytes = kv_.head_bytes();
-  pool_.run([&](int ith, int nth) {
+  dev_.pool_.run([&](int ith, int nth) {
     float* scratch =
-        buf_.scores.data() + static_cast<size_t>(ith * attention_scratch_floats(n_ctx_, hd));
-    sched_.for_each_part(ith, nth, [&](int t, int g, int lo, int hi) {
-      const int64_t region = int64_t(seq[t]) * n_ctx_ * kv_row_bytes;
+        buf.scores.data() + static_cast<size_t>(ith * attention_scratch_floats(n_ctx, hd));
+    sched.for_each_part(ith, nth, [&](int t, int g, int lo, int hi) {
+      const int64_t region = int64_t(c.seq[t]) * n_ctx * kv_row_bytes;
       AttentionArgs a;
-      a.q = buf_.q.data() + t * q_dim + int64_t(g) * group * hd;
-      a.out = buf_.att.data() + t * q_dim + int64_t(g) * group * hd;
+      a.q = buf.q.data() + t * q_dim + int64_t(g) * group * hd;
+      a.out = buf.att.data() + t * q_dim + int64_t(g) * group * hd;
       a.q_stride = q_dim;
       a.out_stride = q_dim;
       a.n_heads = group;
       a.first_row = lo;
       a.n_q = hi - lo;
-      a.n_visible = sched_.visible.data() + t;
+      a.n_visible = sched.visible.data() + t;
       a.k = kc + region + g * kv_head_bytes;
       a.v = vc + region + g * kv_head_bytes;
       a.kv_row_bytes = kv_row_bytes;
@@ -150,75 +138,78 @@ void Forward::attention(int il, const int* seq) {
   });
 }
 
-void Forward::layers(int first, int last, const int* seq, int n) {
-  const ModelWeights& w = model_.weights();
+void CpuStage::run_layers(const Chunk& c, float* x) {
+  const ModelWeights& w = dev_.model_.weights();
   const OpsTable& op = ops();
+  CpuDevice& dev = dev_;
+  CpuDevice::Buffers& buf = dev.buf_;
+  const int n = c.n;
   const int64_t d = hp.n_embd, hd = hp.head_dim;
   const int64_t q_dim = int64_t(hp.n_head) * hd;
   const int64_t kv_dim = kv_.dim();
   const int64_t kv_row_bytes = kv_.row_bytes();
-  const std::vector<int64_t>& kv_row = sched_.kv_row;
-  float* x = buf_.x.data();
-  float* xb = buf_.xb.data();
+  const std::vector<int64_t>& kv_row = c.schedule->kv_row;
+  float* xb = buf.xb.data();
 
-  for (int il = first; il < last; ++il) {
-    const LayerWeights& L = w.layers[il];
+  for (int il = 0; il < kv_.n_layer(); ++il) {
+    const LayerWeights& L = w.layers[range().first + il];
     const float* attn_norm = static_cast<const float*>(L.attn_norm.data);
-    for_items(n, d, [&](int64_t t0, int64_t t1) {
+    dev.for_items(n, d, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) op.rms_norm(x + t * d, attn_norm, xb + t * d, d, hp.rms_eps);
     });
-    mm_group({mparams(L.wq, xb, n, buf_.q.data()), mparams(L.wk, xb, n, buf_.k.data()),
-              mparams(L.wv, xb, n, buf_.v.data())});
-    add_bias(buf_.q.data(), L.bq, n, q_dim);
-    add_bias(buf_.k.data(), L.bk, n, kv_dim);
-    add_bias(buf_.v.data(), L.bv, n, kv_dim);
+    dev.mm_group({mparams(L.wq, xb, n, buf.q.data()), mparams(L.wk, xb, n, buf.k.data()),
+                  mparams(L.wv, xb, n, buf.v.data())});
+    add_bias(buf.q.data(), L.bq, n, q_dim);
+    add_bias(buf.k.data(), L.bk, n, kv_dim);
+    add_bias(buf.v.data(), L.bv, n, kv_dim);
 
     uint8_t* kc = kv_.k(il);
     uint8_t* vc = kv_.v(il);
-    for_items(n, q_dim + 2 * kv_dim, [&](int64_t t0, int64_t t1) {
+    dev.for_items(n, q_dim + 2 * kv_dim, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        const float* cs = buf_.rope.data() + t * hp.n_rot;
-        op.rope(buf_.q.data() + t * q_dim, hp.n_head, hd, hp.n_rot, cs, hp.rope_neox);
-        op.rope(buf_.k.data() + t * kv_dim, hp.n_head_kv, hd, hp.n_rot, cs, hp.rope_neox);
-        kv_.store(op, buf_.k.data() + t * kv_dim, kc + kv_row[t] * kv_row_bytes);
-        kv_.store(op, buf_.v.data() + t * kv_dim, vc + kv_row[t] * kv_row_bytes);
+        const float* cs = c.rope + t * hp.n_rot;
+        op.rope(buf.q.data() + t * q_dim, hp.n_head, hd, hp.n_rot, cs, hp.rope_neox);
+        op.rope(buf.k.data() + t * kv_dim, hp.n_head_kv, hd, hp.n_rot, cs, hp.rope_neox);
+        kv_.store(op, buf.k.data() + t * kv_dim, kc + kv_row[t] * kv_row_bytes);
+        kv_.store(op, buf.v.data() + t * kv_dim, vc + kv_row[t] * kv_row_bytes);
       }
     });
 
-    attention(il, seq);
+    attention(il, c);
 
-    mm(L.wo, buf_.att.data(), n, xb);
+    dev.mm(L.wo, buf.att.data(), n, xb);
     add_bias(xb, L.bo, n, d);
     op.add(x, xb, int64_t(n) * d);
 
     const float* ffn_norm = static_cast<const float*>(L.ffn_norm.data);
-    for_items(n, d, [&](int64_t t0, int64_t t1) {
+    dev.for_items(n, d, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) op.rms_norm(x + t * d, ffn_norm, xb + t * d, d, hp.rms_eps);
     });
-    mm_group({mparams(L.w_gate, xb, n, buf_.gate.data()), mparams(L.w_up, xb, n, buf_.up.data())});
-    add_bias(buf_.gate.data(), L.b_gate, n, hp.n_ff);
-    add_bias(buf_.up.data(), L.b_up, n, hp.n_ff);
+    dev.mm_group({mparams(L.w_gate, xb, n, buf.gate.data()), mparams(L.w_up, xb, n, buf.up.data())});
+    add_bias(buf.gate.data(), L.b_gate, n, hp.n_ff);
+    add_bias(buf.up.data(), L.b_up, n, hp.n_ff);
     const int64_t nff = int64_t(n) * hp.n_ff;
-    for_items(nff, 1, [&](int64_t i0, int64_t i1) {
-      op.swiglu(buf_.gate.data() + i0, buf_.up.data() + i0, buf_.gate.data() + i0, i1 - i0);
+    dev.for_items(nff, 1, [&](int64_t i0, int64_t i1) {
+      op.swiglu(buf.gate.data() + i0, buf.up.data() + i0, buf.gate.data() + i0, i1 - i0);
     });
-    mm(L.w_down, buf_.gate.data(), n, xb);
+    dev.mm(L.w_down, buf.gate.data(), n, xb);
     add_bias(xb, L.b_down, n, d);
     op.add(x, xb, int64_t(n) * d);
   }
 }
 
-void Forward::output(const int* rows, int count, float* out) {
-  const ModelWeights& w = model_.weights();
+void CpuStage::output(const float* hidden, const int* rows, int count, float* out) {
+  if (!range().head) throw std::logic_error("output() on a stage without the model's head");
+  const ModelWeights& w = dev_.model_.weights();
   const OpsTable& op = ops();
   const int64_t d = hp.n_embd;
   const float* norm = static_cast<const float*>(w.output_norm.data);
-  float* xb = buf_.xb.data();
+  float* xb = dev_.buf_.xb.data();
   for (int t = 0; t < count; ++t) {
-    op.rms_norm(buf_.x.data() + rows[t] * d, norm, xb + t * d, d, hp.rms_eps);
+    op.rms_norm(hidden + rows[t] * d, norm, xb + t * d, d, hp.rms_eps);
   }
   const WeightView& out_w = w.output.present() ? w.output : w.tok_embd;
-  mm(out_w, xb, count, out);
+  dev_.mm(out_w, xb, count, out);
 }
 
 }  // namespace pyllm

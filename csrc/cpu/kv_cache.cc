@@ -1,0 +1,51 @@
+// KVCache: allocation, row storage and a stage's part of the state (see kv_cache.h).
+#include "cpu/kv_cache.h"
+
+#include <cstring>
+
+#include "pyllm/fp16.h"
+#include "pyllm/quant.h"
+
+namespace pyllm {
+
+KVCache::KVCache(const HParams& hp, const ContextParams& p, int n_layer)
+    : dim_(int64_t(hp.n_head_kv) * hp.head_dim), type_(kv_element_type(p.kv_type)) {
+  row_bytes_ = row_size(type_, dim_);
+  head_bytes_ = row_size(type_, hp.head_dim);
+  const size_t rows = static_cast<size_t>(p.n_ctx) * p.n_seq;
+  k_.assign(n_layer, std::vector<uint8_t>(rows * row_bytes_));
+  v_.assign(n_layer, std::vector<uint8_t>(rows * row_bytes_));
+}
+
+void KVCache::store(const OpsTable& op, const float* src, uint8_t* dst) const {
+  if (type_ == QType::Q8_0) {
+    quantize_row_q8_0(src, reinterpret_cast<BlockQ8_0*>(dst), dim_);
+  } else if (type_ == QType::F32) {
+    std::memcpy(dst, src, sizeof(float) * dim_);
+  } else {
+    op.f32_to_f16(src, reinterpret_cast<f16_t*>(dst), dim_);
+  }
+}
+
+// Sequence 0's rows are the first rows of each layer's storage.
+void KVCache::save(int n_past, uint8_t* out) const {
+  const int64_t per_layer = int64_t(n_past) * row_bytes_;
+  for (int il = 0; il < n_layer(); ++il) {
+    std::memcpy(out, k_[il].data(), per_layer);
+    out += per_layer;
+    std::memcpy(out, v_[il].data(), per_layer);
+    out += per_layer;
+  }
+}
+
+void KVCache::load(int n_past, const uint8_t* in) {
+  const int64_t per_layer = int64_t(n_past) * row_bytes_;
+  for (int il = 0; il < n_layer(); ++il) {
+    std::memcpy(k_[il].data(), in, per_layer);
+    in += per_layer;
+    std::memcpy(v_[il].data(), in, per_layer);
+    in += per_layer;
+  }
+}
+
+}  // namespace pyllm

@@ -1,0 +1,75 @@
+// The CPU backend behind the device seam (csrc/backend/backend.h): a CpuDevice is one context's
+// thread pool and scratch activations; a CpuStage runs a range of Llama layers over a chunk,
+// with the K/V rows of those layers, and on the head stage the final norm and output projection.
+//
+//   per layer:  h = rms_norm(x) * attn_norm
+//               q,k,v = h Wq, h Wk, h Wv (+ biases)     [n][n_head*hd], [n][n_kv*hd] x2
+//               rope(q), rope(k); K/V cache[pos] = k, v
+//               a = softmax(q K^T / sqrt(hd)) V         causal, per head, GQA groups share K/V
+//               x += a Wo
+//               h = rms_norm(x) * ffn_norm
+//               x += (silu(h Wgate) * (h Wup)) Wdown
+//   head:       logits = rms_norm(x) * output_norm  Wout
+// Weights are read straight from the memory map (or their rows16 copies) through the matmul
+// kernels; activations stay F32 throughout (the accuracy bar is set by the exact model, not by
+// llama.cpp's int8 path).
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+#include <memory>
+#include <vector>
+
+#include "backend/backend.h"
+#include "cpu/kv_cache.h"
+#include "pyllm/matmul.h"
+#include "pyllm/model.h"
+#include "pyllm/threadpool.h"
+
+namespace pyllm {
+
+class CpuDevice final : public Device {
+ public:
+  CpuDevice(const Model& model, const ContextParams& params);
+  const char* name() const override { return "cpu"; }
+  std::unique_ptr<Stage> make_stage(const LayerRange& range) override;
+  int n_threads() const override { return pool_.n_threads(); }
+
+ private:
+  friend class CpuStage;
+  // Scratch activations for a chunk of up to n_batch tokens, shared by the device's stages.
+  struct Buffers {
+    std::vector<float> xb, q, k, v, att, gate, up;
+    std::vector<float> scores;  // per-thread attention scratch: n_threads * n_ctx
+    void resize(const HParams& hp, int n_batch, int n_ctx, int n_threads);
+  };
+
+  void mm(const WeightView& w, const float* x, int64_t n_tokens, float* y);
+  void mm_group(std::initializer_list<MatmulParams> ps);
+  template <typename Fn>
+  void for_items(int64_t n_items, int64_t work_per_item, Fn&& fn);
+
+  const Model& model_;
+  ContextParams params_;
+  ThreadPool pool_;
+  Buffers buf_;
+};
+
+class CpuStage final : public Stage {
+ public:
+  CpuStage(CpuDevice& device, const LayerRange& range);
+  void run_layers(const Chunk& chunk, float* hidden) override;
+  void output(const float* hidden, const int* rows, int count, float* logits) override;
+  int64_t state_bytes(int n_past) const override { return kv_.state_bytes(n_past); }
+  void save_state(int n_past, uint8_t* out) const override { kv_.save(n_past, out); }
+  void load_state(int n_past, const uint8_t* in) override { kv_.load(n_past, in); }
+
+ private:
+  void attention(int local_layer, const Chunk& chunk);
+
+  CpuDevice& dev_;
+  const HParams& hp;
+  KVCache kv_;  // layers [range.first, range.last), indexed from 0
+};
+
+}  // namespace pyllm

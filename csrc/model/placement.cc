@@ -1,0 +1,43 @@
+// resolve_placement (see placement.h).
+#include "model/placement.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "backend/backend.h"
+
+namespace pyllm {
+
+std::vector<PlacedLayers> resolve_placement(const std::vector<PlacedLayers>& requested,
+                                            int n_layer) {
+  if (requested.empty()) return {PlacedLayers{"cpu", 0, n_layer}};
+  const std::vector<std::string> names = backend_names();
+  int next = 0;
+  for (size_t i = 0; i < requested.size(); ++i) {
+    const PlacedLayers& r = requested[i];
+    const std::string where = "placement range " + std::to_string(i) + " (" + r.backend + " " +
+                              std::to_string(r.first) + ".." + std::to_string(r.last) + ")";
+    if (std::find(names.begin(), names.end(), r.backend) == names.end()) {
+      throw std::invalid_argument(where + ": this build has no backend '" + r.backend + "'");
+    }
+    if (r.first != next) {
+      throw std::invalid_argument(where + ": must start at layer " + std::to_string(next) +
+                                  " (ranges cover every layer, in order)");
+    }
+    const bool last = i + 1 == requested.size();
+    if (r.last > n_layer || r.last < r.first || (r.last == r.first && !last)) {
+      throw std::invalid_argument(where + ": must end after its first layer and at most at " +
+                                  std::to_string(n_layer) +
+                                  " (only the last range may be empty, to hold the head alone)");
+    }
+    next = r.last;
+  }
+  if (next != n_layer) {
+    throw std::invalid_argument("placement covers layers 0.." + std::to_string(next) +
+                                " of the model's " + std::to_string(n_layer));
+  }
+  return requested;
+}
+
+}  // namespace pyllm
