@@ -10,8 +10,8 @@ import tempfile
 import pytest
 
 from pyllm import _core as core
-from pyllm.formats.arch import WEIGHT_TYPES
 from pyllm.formats.gguf import GGMLType
+from pyllm.formats.qtypes import weight_types
 
 # The types with a rows16 layout (csrc/quant/repack.cc; tests/test_repack.py checks the layout).
 REPACK_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K)
@@ -80,7 +80,7 @@ def test_every_isa_table_covers_every_weight_type(isa: str) -> None:
     for every type pyllm.formats.arch accepts as a weight, and nothing for types it does not
     accept."""
     table = core.kernel_table(isa)
-    assert set(table) == {int(t) for t in WEIGHT_TYPES}
+    assert set(table) == {int(t) for t in weight_types()}
     for type_id, slots in table.items():
         assert {"matvec", "matmat"} <= set(slots), (isa, type_id, slots)
         # a rows16 kernel only where the rows16 layout exists (else the repack would be wasted)

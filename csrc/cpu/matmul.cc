@@ -10,6 +10,7 @@
 
 #include "cpu/kernel_table.h"
 #include "pyllm/cpu.h"
+#include "pyllm/quant.h"
 #include "pyllm/repack.h"
 
 namespace pyllm {
@@ -20,24 +21,13 @@ struct Layout {
   int64_t bytes;  // bytes per block
 };
 
-// Block geometry of the weight types matmul handles (from the block structs of qtype.h).
+// Block geometry of the weight types matmul handles, from the traits table (csrc/quant/registry.cc,
+// which takes it from the block structs of qtype.h).
 bool weight_layout(QType t, Layout* out) {
-  switch (t) {
-    case QType::F32: *out = {1, 4}; return true;
-    case QType::F16: *out = {1, 2}; return true;
-    case QType::BF16: *out = {1, 2}; return true;
-    case QType::Q4_0: *out = {QK4_0, sizeof(BlockQ4_0)}; return true;
-    case QType::Q4_1: *out = {QK4_1, sizeof(BlockQ4_1)}; return true;
-    case QType::Q5_0: *out = {QK5_0, sizeof(BlockQ5_0)}; return true;
-    case QType::Q5_1: *out = {QK5_1, sizeof(BlockQ5_1)}; return true;
-    case QType::Q8_0: *out = {QK8_0, sizeof(BlockQ8_0)}; return true;
-    case QType::Q2_K: *out = {QK_K, sizeof(BlockQ2_K)}; return true;
-    case QType::Q3_K: *out = {QK_K, sizeof(BlockQ3_K)}; return true;
-    case QType::Q4_K: *out = {QK_K, sizeof(BlockQ4_K)}; return true;
-    case QType::Q5_K: *out = {QK_K, sizeof(BlockQ5_K)}; return true;
-    case QType::Q6_K: *out = {QK_K, sizeof(BlockQ6_K)}; return true;
-    default: return false;
-  }
+  const TypeTraits* tr = find_type_traits(static_cast<uint32_t>(t));
+  if (tr == nullptr || !tr->is_weight) return false;
+  *out = {tr->block_size, tr->type_size};
+  return true;
 }
 
 // Whether isa's kernels are compiled into this build (table_for falls back to scalar otherwise).

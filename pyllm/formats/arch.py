@@ -12,17 +12,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pyllm.errors import ModelError
-from pyllm.formats.gguf import GGMLType, GGUFReader, TensorInfo
+from pyllm.formats.gguf import GGUFReader, TensorInfo
+from pyllm.formats.qtypes import weight_types
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "internlm2")
 NEOX_ARCHS = frozenset({"qwen2"})
-
-# Weight types the kernels compute with.
-WEIGHT_TYPES = frozenset({
-    GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0,
-    GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K,
-    GGMLType.Q6_K,
-})
 
 # GGUF rope.scaling.type values; they are the member names of pyllm._core.RopeScaling, which
 # HParams.to_core hands to C++ (tests/test_model.py checks that the two lists agree).
@@ -174,7 +168,7 @@ def read_hparams(reader: GGUFReader) -> HParams:
 
 def _spec(t: TensorInfo) -> TensorSpec:
     """One tensor as the C++ Model expects it; 1-D tensors are one row."""
-    if t.type not in WEIGHT_TYPES:
+    if t.type not in weight_types():  # the C++ traits table says which types are weights
         raise ModelError(f"tensor {t.name}: type {t.type.name} is not supported for computation")
     if len(t.dims) > 2:
         raise ModelError(f"tensor {t.name}: expected at most 2 dimensions, got {list(t.dims)}")

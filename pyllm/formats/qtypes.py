@@ -27,24 +27,6 @@ from pyllm.formats.gguf.constants import GGMLType
 
 QTypeLike = GGMLType | int | str
 
-# Types the C++ table implements (checked against pyllm._core.quant_type_ids() by the tests).
-SUPPORTED_TYPES: tuple[GGMLType, ...] = (
-    GGMLType.F32,
-    GGMLType.F16,
-    GGMLType.Q4_0,
-    GGMLType.Q4_1,
-    GGMLType.Q5_0,
-    GGMLType.Q5_1,
-    GGMLType.Q8_0,
-    GGMLType.Q8_1,
-    GGMLType.Q2_K,
-    GGMLType.Q3_K,
-    GGMLType.Q4_K,
-    GGMLType.Q5_K,
-    GGMLType.Q6_K,
-    GGMLType.Q8_K,
-    GGMLType.BF16,
-)
 
 # Element counts above this are refused outright (no real tensor is near it; it keeps every
 # byte count far from int64 overflow in the C++ checks).
@@ -95,8 +77,8 @@ def resolve_type(qtype: QTypeLike) -> GGMLType:
             raise QuantError(f"unknown tensor type id {int(qtype)}") from None
     else:
         raise QuantError(f"tensor type must be a GGMLType, int or str, not {type(qtype).__name__}")
-    if t not in SUPPORTED_TYPES:
-        supported = ", ".join(s.name for s in SUPPORTED_TYPES)
+    if t not in supported_types():
+        supported = ", ".join(s.name for s in supported_types())
         raise QuantError(f"tensor type {t.name} is not supported (supported: {supported})")
     return t
 
@@ -113,6 +95,20 @@ def _info(t: GGMLType) -> QuantTypeInfo:
         is_weight=bool(d["is_weight"]),
         vec_dot_type=GGMLType(int(d["vec_dot_type"])),
     )
+
+
+@cache
+def supported_types() -> tuple[GGMLType, ...]:
+    """The types the C++ traits table implements (csrc/quant/registry.cc, the one list), in its
+    order; their ids are the GGUF type ids, so each is the :class:`GGMLType` of that id."""
+    return tuple(GGMLType(i) for i in _core().quant_type_ids())
+
+
+@cache
+def weight_types() -> frozenset[GGMLType]:
+    """The types a model's weights may have: the C++ table's types marked as weights (not the
+    activation formats Q8_1 / Q8_K). Every ISA's kernel table covers exactly these."""
+    return frozenset(t for t in supported_types() if _info(t).is_weight)
 
 
 def type_info(qtype: QTypeLike) -> QuantTypeInfo:
@@ -208,10 +204,11 @@ def quantize(qtype: QTypeLike, array: Any) -> np.ndarray:
 __all__ = [
     "QTypeLike",
     "QuantTypeInfo",
-    "SUPPORTED_TYPES",
     "byte_shape",
     "dequantize",
     "quantize",
     "resolve_type",
+    "supported_types",
     "type_info",
+    "weight_types",
 ]
