@@ -1,16 +1,17 @@
-// The device seam: what a context asks of the hardware that runs a range of its layers.
+// The device seam: what a model and its contexts ask of the hardware that runs their layers.
 //
-// A context (csrc/model/context.cc) plans each chunk of tokens on the host — positions, RoPE
-// angles, which keys each token sees and where its K/V rows go — embeds the tokens into host
-// rows of hidden state, and hands those rows through its stages in layer order. A stage is one
-// backend's share of one context: the weights of a range of layers prepared for its device
-// (uploaded, repacked), the K/V storage of those layers, and, on the stage that owns the model's
-// head, the final norm and output projection. Which backend runs which layers is the context's
-// placement (csrc/model/placement.h), decided once when the context is made.
+// Which backend runs which layers is the model's placement (csrc/model/placement.h), decided at
+// load: each backend then prepares the weights of its layers once (Backend::prepare: the CPU
+// repacks matrices, a GPU uploads them). A context (csrc/model/context.cc) opens a Device per
+// backend and a Stage per placed range: the range's K/V storage and, on the stage with the
+// model's head, the final norm and output projection. Per chunk of tokens the context plans on
+// the host (positions, RoPE angles, which keys each token sees and where its K/V rows go),
+// embeds the tokens into host rows of hidden state and hands those rows through its stages in
+// layer order.
 //
-// A new backend (OpenCL, CUDA, a range of layers on another MPI rank) implements Device and
-// Stage in its own folder beside csrc/cpu/ and registers a factory in csrc/backend/registry.cc;
-// the forward's logic, the context and the Python layer do not change.
+// A new backend (OpenCL, CUDA, a range of layers on another MPI rank) implements Backend,
+// Device and Stage in its own folder beside csrc/cpu/ and is listed in
+// csrc/backend/registry.cc; the context, the chunk plan and the Python layer do not change.
 #pragma once
 
 #include <cstdint>
@@ -67,22 +68,46 @@ class Stage {
   LayerRange range_;
 };
 
+// A backend's share of a model's weights, prepared once at load for the layers placed on it
+// (the CPU repacks matrices into its rows16 layout; a GPU uploads them) and shared by every
+// context of the model.
+class WeightStore {
+ public:
+  virtual ~WeightStore() = default;
+  // Bytes the backend holds for these weights beyond the file mapping (copies, device memory).
+  virtual int64_t bytes() const = 0;
+};
+
 // One backend instance serving one context: for the CPU, a thread pool and the scratch
 // activations its stages share (stages of one context run one after another, never at once).
 class Device {
  public:
   virtual ~Device() = default;
   virtual const char* name() const = 0;
-  // The stage of `range`: its weights prepared on the device, its K/V storage allocated.
+  // The stage of `range`, over the weights its backend prepared at load, with the range's K/V
+  // storage allocated.
   virtual std::unique_ptr<Stage> make_stage(const LayerRange& range) = 0;
   virtual int n_threads() const = 0;
 };
 
+// A kind of hardware. prepare() runs at load (from Model's constructor, before any context);
+// open() once per context.
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const char* name() const = 0;
+  // Prepares the weights of `ranges` (and of the head, where a range has it). May rewrite the
+  // views in `weights` to point at what it returns (the CPU's rows16 copies): the store owns
+  // that memory and lives as long as the model.
+  virtual std::unique_ptr<WeightStore> prepare(const HParams& hp, ModelWeights& weights,
+                                               const std::vector<LayerRange>& ranges,
+                                               const ModelOptions& options) const = 0;
+  virtual std::unique_ptr<Device> open(const Model& model, const ContextParams& params) const = 0;
+};
+
 // The backends this build has ("cpu" always; GPU backends behind their CMake options).
 std::vector<std::string> backend_names();
-// A device of backend `name` for a context of `model` with `params`; throws
-// std::invalid_argument for a name this build does not have.
-std::unique_ptr<Device> make_device(const std::string& name, const Model& model,
-                                    const ContextParams& params);
+// The backend called `name`; throws std::invalid_argument for a name this build does not have.
+const Backend& find_backend(const std::string& name);
 
 }  // namespace pyllm

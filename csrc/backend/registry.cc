@@ -1,5 +1,6 @@
 // The backends of this build, by name. A GPU backend adds its entry here, under its CMake
-// option (PYLLM_OPENCL, PYLLM_CUDA), and its Device/Stage in its own folder beside csrc/cpu/.
+// option (PYLLM_OPENCL, PYLLM_CUDA), and its Backend/Device/Stage in its own folder beside
+// csrc/cpu/.
 #include <stdexcept>
 
 #include "backend/backend.h"
@@ -7,11 +8,20 @@
 
 namespace pyllm {
 
-std::vector<std::string> backend_names() { return {"cpu"}; }
+namespace {
+const Backend* const kBackends[] = {&cpu_backend()};
+}  // namespace
 
-std::unique_ptr<Device> make_device(const std::string& name, const Model& model,
-                                    const ContextParams& params) {
-  if (name == "cpu") return std::make_unique<CpuDevice>(model, params);
+std::vector<std::string> backend_names() {
+  std::vector<std::string> out;
+  for (const Backend* b : kBackends) out.emplace_back(b->name());
+  return out;
+}
+
+const Backend& find_backend(const std::string& name) {
+  for (const Backend* b : kBackends) {
+    if (name == b->name()) return *b;
+  }
   throw std::invalid_argument("this build has no backend '" + name + "'");
 }
 

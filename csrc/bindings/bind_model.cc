@@ -93,8 +93,16 @@ py::tuple slot_names(const Slots& slots) {
   return py::tuple(names);
 }
 
+using Placement = std::vector<std::tuple<std::string, int, int>>;
+
+Placement placement_tuples(const std::vector<PlacedLayers>& placement) {
+  Placement out;
+  for (const PlacedLayers& r : placement) out.emplace_back(r.backend, r.first, r.last);
+  return out;
+}
+
 PyModel make_model(const HParams& hp, const py::dict& tensors, const py::list& layers,
-                   bool repack, bool release_source, int n_threads) {
+                   bool repack, bool release_source, int n_threads, const Placement& placement) {
   if (static_cast<int64_t>(py::len(layers)) != hp.n_layer) {
     throw std::invalid_argument("hparams.n_layer is " + std::to_string(hp.n_layer) + " but " +
                                 std::to_string(py::len(layers)) + " layers were given");
@@ -111,6 +119,9 @@ PyModel make_model(const HParams& hp, const py::dict& tensors, const py::list& l
   opt.repack = repack;
   opt.release_source = release_source;
   opt.n_threads = n_threads;
+  for (const auto& [backend, first, last] : placement) {
+    opt.placement.push_back(PlacedLayers{backend, first, last});
+  }
   {
     py::gil_scoped_release nogil;  // repacking is a pass over the weights
     m.model = std::make_shared<const Model>(hp, std::move(w), opt);
@@ -166,11 +177,17 @@ void register_model(py::module_& m) {
   py::class_<PyModel>(m, "Model", "Llama-family weights (views into the memory-mapped GGUF).")
       .def(py::init(&make_model), py::arg("hparams"), py::arg("tensors"), py::arg("layers"),
            py::arg("repack") = false, py::arg("release_source") = false, py::arg("n_threads") = 0,
+           py::arg("placement") = Placement{},
            "hparams: HParams; tensors: model slot (MODEL_WEIGHT_SLOTS) -> (ggml type id, flat "
            "uint8 buffer, cols, rows, name in the file); layers: one dict per layer, layer slot "
            "(LAYER_WEIGHT_SLOTS) -> the same tuples. repack: copy the matrices into the rows16 layout where the CPU has "
            "kernels for it (faster decode). release_source: drop the repacked tensors' pages "
-           "from this process afterwards; ONLY for buffers of a read-only file mapping.")
+           "from this process afterwards; ONLY for buffers of a read-only file mapping. "
+           "placement: (backend, first, last) layer ranges in layer order covering every layer, "
+           "the head with the last (which may be empty); [] = all on the CPU; see backends().")
+      .def_property_readonly(
+          "placement", [](const PyModel& m) { return placement_tuples(m.model->placement()); },
+          "The resolved (backend, first, last) layer ranges; the head is with the last.")
       .def_property_readonly("repacked_bytes",
                              [](const PyModel& m) { return m.model->repacked_bytes(); })
       .def_property_readonly("n_vocab", [](const PyModel& m) { return m.model->hparams().n_vocab; })
@@ -179,12 +196,8 @@ void register_model(py::module_& m) {
 
   py::class_<Context>(m, "Context", "KV cache + forward pass; not thread-safe (one per thread).")
       .def(py::init([](const PyModel& model, int n_ctx, int n_batch, int n_threads,
-                       KVType kv_type, int n_seq,
-                       const std::vector<std::tuple<std::string, int, int>>& placement) {
+                       KVType kv_type, int n_seq) {
              ContextParams p;
-             for (const auto& [backend, first, last] : placement) {
-               p.placement.push_back(PlacedLayers{backend, first, last});
-             }
              p.n_ctx = n_ctx;
              p.n_batch = n_batch;
              p.n_threads = n_threads;
@@ -197,10 +210,7 @@ void register_model(py::module_& m) {
            py::arg("n_batch") = ContextParams{}.n_batch,
            py::arg("n_threads") = ContextParams{}.n_threads,
            py::arg("kv_type") = ContextParams{}.kv_type, py::arg("n_seq") = ContextParams{}.n_seq,
-           py::arg("placement") = std::vector<std::tuple<std::string, int, int>>{},
-           py::keep_alive<1, 2>(),
-           "placement: (backend, first, last) layer ranges in layer order covering every layer, "
-           "the model's head with the last (which may be empty); [] = all on the CPU.")
+           py::keep_alive<1, 2>())
       .def(
           "decode",
           [](Context& ctx, py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens,
@@ -280,12 +290,8 @@ void register_model(py::module_& m) {
       .def_property_readonly("n_threads", &Context::n_threads)
       .def_property_readonly(
           "placement",
-          [](const Context& ctx) {
-            std::vector<std::tuple<std::string, int, int>> out;
-            for (const PlacedLayers& r : ctx.placement()) out.emplace_back(r.backend, r.first, r.last);
-            return out;
-          },
-          "The resolved (backend, first, last) layer ranges; the head is with the last.")
+          [](const Context& ctx) { return placement_tuples(ctx.placement()); },
+          "The model's (backend, first, last) layer ranges; the head is with the last.")
       .def("truncate", &Context::truncate, py::arg("n"), "Forget cached positions >= n.")
       .def("save_state", [](const Context& ctx) {
         std::vector<uint8_t> s = ctx.save_state();

@@ -2,6 +2,8 @@
 // helpers on the CPU thread pool (see stage.h).
 #include "cpu/stage.h"
 
+#include "cpu/weights.h"
+
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
@@ -48,6 +50,21 @@ void CpuDevice::Buffers::resize(const HParams& hp, int n_batch, int n_ctx, int n
   gate.resize(n * hp.n_ff);
   up.resize(n * hp.n_ff);
   scores.resize(static_cast<size_t>(n_threads * attention_scratch_floats(n_ctx, hp.head_dim)));
+}
+
+std::unique_ptr<WeightStore> CpuBackend::prepare(const HParams& hp, ModelWeights& weights,
+                                                 const std::vector<LayerRange>& ranges,
+                                                 const ModelOptions& options) const {
+  return prepare_cpu_weights(weights, ranges, options);
+}
+
+std::unique_ptr<Device> CpuBackend::open(const Model& model, const ContextParams& params) const {
+  return std::make_unique<CpuDevice>(model, params);
+}
+
+const Backend& cpu_backend() {
+  static const CpuBackend backend;
+  return backend;
 }
 
 CpuDevice::CpuDevice(const Model& m, const ContextParams& p)

@@ -1,5 +1,5 @@
-// The CPU backend behind the device seam (csrc/backend/backend.h): a CpuDevice is one context's
-// thread pool and scratch activations; a CpuStage runs a range of Llama layers over a chunk,
+// The CPU backend behind the device seam (csrc/backend/backend.h): CpuBackend prepares the
+// weights at load; a CpuDevice is one context's thread pool and scratch activations; a CpuStage runs a range of Llama layers over a chunk,
 // with the K/V rows of those layers, and on the head stage the final norm and output projection.
 //
 //   per layer:  h = rms_norm(x) * attn_norm
@@ -27,6 +27,18 @@
 #include "pyllm/threadpool.h"
 
 namespace pyllm {
+
+// The CPU as a backend: prepare() repacks its layers' matrices (csrc/cpu/weights.cc), open()
+// makes a CpuDevice.
+class CpuBackend final : public Backend {
+ public:
+  const char* name() const override { return "cpu"; }
+  std::unique_ptr<WeightStore> prepare(const HParams& hp, ModelWeights& weights,
+                                       const std::vector<LayerRange>& ranges,
+                                       const ModelOptions& options) const override;
+  std::unique_ptr<Device> open(const Model& model, const ContextParams& params) const override;
+};
+const Backend& cpu_backend();
 
 class CpuDevice final : public Device {
  public:

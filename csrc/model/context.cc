@@ -2,7 +2,7 @@
 // positions (n_past) and validates every call before any state changes. Each chunk of tokens is
 // planned here on the host (RoPE angles, model/rope.h; which keys each token sees and where its
 // K/V rows go, model/attention_schedule.h), embedded into host rows of hidden state, and run
-// through the stages of the context's placement (model/placement.h) in layer order; the stage
+// through the stages of the model's placement (model/placement.h) in layer order; the stage
 // with the head writes the logits. The stages are the backends' (csrc/backend/backend.h), e.g.
 // the CPU's in csrc/cpu/stage.h, each with the K/V storage of its layers.
 #include <algorithm>
@@ -13,7 +13,6 @@
 
 #include "backend/backend.h"
 #include "model/attention_schedule.h"
-#include "model/placement.h"
 #include "model/rope.h"
 #include "pyllm/model.h"
 #include "pyllm/ops.h"
@@ -39,17 +38,18 @@ struct Context::Impl {
                               ? static_cast<const float*>(m.weights().rope_freqs.data)
                               : nullptr) {
     hidden.resize(static_cast<size_t>(p.n_batch) * m.hparams().n_embd);
-    for (size_t i = 0; i < p.placement.size(); ++i) {
-      const PlacedLayers& r = p.placement[i];
+    const std::vector<PlacedLayers>& placement = m.placement();
+    for (size_t i = 0; i < placement.size(); ++i) {
+      const PlacedLayers& r = placement[i];
       Device* dev = nullptr;
       for (auto& d : devices) {
         if (r.backend == d->name()) dev = d.get();
       }
       if (!dev) {
-        devices.push_back(make_device(r.backend, m, p));
+        devices.push_back(find_backend(r.backend).open(m, p));
         dev = devices.back().get();
       }
-      stages.push_back(dev->make_stage({r.first, r.last, i + 1 == p.placement.size()}));
+      stages.push_back(dev->make_stage({r.first, r.last, i + 1 == placement.size()}));
     }
   }
 
@@ -90,7 +90,6 @@ Context::Context(std::shared_ptr<const Model> model, const ContextParams& params
   if (params_.kv_type == KVType::Q8_0 && model_->hparams().head_dim % QK8_0) {
     throw std::invalid_argument("a Q8_0 KV cache needs a head size that is a multiple of 32");
   }
-  params_.placement = resolve_placement(params_.placement, model_->hparams().n_layer);
   n_past_.assign(params_.n_seq, 0);
   impl_ = std::make_unique<Impl>(*model_, params_);
 }

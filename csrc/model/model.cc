@@ -1,22 +1,16 @@
 // Model: checks the hyper-parameters and every weight view against each other before any
-// forward pass may read them (defence in depth behind the Python-side GGUF validation), and
-// owns the rows16 copies of the matrices it repacks at load.
-#include <cstdlib>
-#include <new>
+// forward pass may read them (defence in depth behind the Python-side GGUF validation), resolves
+// the placement of its layers and has each backend prepare its share of the weights (the CPU's
+// rows16 copies: csrc/cpu/weights.cc), which the model then owns.
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <utility>
 
-#if defined(__unix__) || defined(__APPLE__)
-#include <sys/mman.h>
-#include <unistd.h>
-#define PYLLM_HAVE_MADVISE 1
-#endif
-
-#include "pyllm/matmul.h"
+#include "backend/backend.h"
+#include "model/placement.h"
 #include "pyllm/model.h"
 #include "pyllm/quant.h"
-#include "pyllm/threadpool.h"
 
 namespace pyllm {
 namespace {
@@ -89,81 +83,23 @@ Model::Model(const HParams& hp, ModelWeights weights, const ModelOptions& option
     check_weight(l.w_up, p + "w_up", d, hp.n_ff, true);
     check_weight(l.w_down, p + "w_down", hp.n_ff, d, true);
   }
-  if (options.repack) repack(options);
-}
-
-Model::~Model() {
-  for (void* p : owned_) std::free(p);
-}
-
-namespace {
-
-// Drops the whole pages inside [p, p + n) from this process's mapping (see ModelOptions).
-void release_pages(const void* p, int64_t n) {
-#ifdef PYLLM_HAVE_MADVISE
-  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + page - 1) / page * page;
-  const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(n)) / page * page;
-  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);  // advisory: ignore errors
-#else
-  (void)p;
-  (void)n;
-#endif
-}
-
-}  // namespace
-
-void Model::repack(const ModelOptions& options) {
-  std::vector<WeightView*> todo;
-  auto consider = [&](WeightView& w) {
-    if (w.present() && w.layout == WeightLayout::Gguf && w.rows % kRepackRows == 0 &&
-        matmul_has_rows16_kernel(w.type)) {
-      todo.push_back(&w);
+  placement_ = resolve_placement(options.placement, hp.n_layer);
+  // Each backend prepares the ranges placed on it, in one call (the CPU repacks them into one
+  // arena).
+  std::vector<std::string> done;
+  for (const PlacedLayers& p : placement_) {
+    if (std::find(done.begin(), done.end(), p.backend) != done.end()) continue;
+    done.push_back(p.backend);
+    std::vector<LayerRange> ranges;
+    for (size_t i = 0; i < placement_.size(); ++i) {
+      const PlacedLayers& r = placement_[i];
+      if (r.backend == p.backend) ranges.push_back({r.first, r.last, i + 1 == placement_.size()});
     }
-  };
-  for (LayerWeights& l : w_.layers) {
-    for (WeightView* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) consider(*w);
-  }
-  // A tied output (no output.weight) is also the embedding table, which is read by rows: the
-  // output matmul gets its own rows16 copy and the lookups keep reading the GGUF rows (with
-  // release_source only the rows of tokens actually seen come back into memory).
-  if (!w_.output.present() && w_.tok_embd.rows % kRepackRows == 0 &&
-      matmul_has_rows16_kernel(w_.tok_embd.type)) {
-    w_.output = w_.tok_embd;
-  }
-  consider(w_.output);
-  if (todo.empty()) return;
-  // One arena for all copies, in 2 MiB transparent huge pages where the kernel allows: a
-  // fraction of the page faults and zeroing work at load, and fewer TLB misses while streaming.
-  std::vector<int64_t> offset;
-  int64_t total = 0;
-  for (WeightView* w : todo) {
-    offset.push_back(total);
-    total += (repacked_size(w->type, w->rows, w->cols) + 63) / 64 * 64;
-  }
-  constexpr int64_t kHuge = int64_t{1} << 21;
-  uint8_t* arena = static_cast<uint8_t*>(
-      std::aligned_alloc(static_cast<size_t>(kHuge), static_cast<size_t>((total + kHuge - 1) / kHuge * kHuge)));
-  if (arena == nullptr) throw std::bad_alloc();
-  owned_.push_back(arena);
-#if defined(PYLLM_HAVE_MADVISE) && defined(MADV_HUGEPAGE)
-  madvise(arena, static_cast<size_t>((total + kHuge - 1) / kHuge * kHuge), MADV_HUGEPAGE);
-#endif
-  ThreadPool pool(options.n_threads);
-  for (size_t i = 0; i < todo.size(); ++i) {
-    WeightView* w = todo[i];
-    const int64_t bytes = repacked_size(w->type, w->rows, w->cols);
-    uint8_t* dst = arena + offset[i];
-    const WeightView src = *w;
-    pool.parallel_for(src.rows / kRepackRows, 1, [&](int64_t g0, int64_t g1) {
-      repack_rows16(src.type, src.data, src.cols, g0, g1, dst);
-    });
-    if (options.release_source) release_pages(src.data, src.nbytes);
-    w->data = dst;
-    w->nbytes = bytes;
-    w->layout = WeightLayout::Rows16;
-    repacked_bytes_ += bytes;
+    stores_.push_back(find_backend(p.backend).prepare(hp_, w_, ranges, options));
+    if (p.backend == "cpu") repacked_bytes_ = stores_.back()->bytes();
   }
 }
+
+Model::~Model() = default;
 
 }  // namespace pyllm

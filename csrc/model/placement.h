@@ -1,4 +1,4 @@
-// Placement: which backend runs which layers of a context, decided once when it is made.
+// Placement: which backend runs which layers of a model, decided at load (ModelOptions).
 //
 // A placement is a list of layer ranges in layer order, each on a named backend; together they
 // cover layers [0, n_layer) without gaps or overlaps. The model's head (final norm + output

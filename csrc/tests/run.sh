@@ -14,7 +14,7 @@ cd "$(dirname "$0")/../.."
 root=${1:-build/cxx-tests}
 jobs=${PYLLM_TEST_JOBS:-2}
 limit=${PYLLM_TEST_TIMEOUT:-600}
-tests=(test_threadpool test_matmul)
+tests=(test_threadpool test_matmul test_placement)
 
 if ! command -v cmake >/dev/null 2>&1 && [ -n "${VIRTUAL_ENV:-}" ]; then
   # CI's fresh virtual environment: the package build got cmake in an isolated environment only.

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from pyllm.runtime.steps import (
 if TYPE_CHECKING:
     from pyllm.runtime.llm import LLM
     from pyllm.runtime.sampling import SamplingParams
+    from pyllm.tokenizer import Tokenizer
 
 # StopMatcher, UNTIL_DONE and resolve_max_tokens live in pyllm.runtime.steps; imported from here
 # too.
@@ -163,7 +164,19 @@ def stop_token_ids(llm: LLM) -> set[int]:
     return ids
 
 
-def prompt_tokens(llm: LLM, prompt: str | Sequence[int]) -> list[int]:
+class PromptTarget(Protocol):
+    """What turning a text or a conversation into prompt tokens needs: an :class:`LLM`, or the
+    server's batching engine (whose slots have their own context size)."""
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+    @property
+    def n_ctx(self) -> int: ...
+    @property
+    def metadata(self) -> Mapping[str, Any]: ...
+
+
+def prompt_tokens(llm: PromptTarget, prompt: str | Sequence[int]) -> list[int]:
     if isinstance(prompt, str):
         # a text longer in bytes than n_ctx tokens could cover is refused before tokenizing
         return llm.tokenizer.encode(prompt, add_special=True, parse_special=False,
@@ -171,7 +184,7 @@ def prompt_tokens(llm: LLM, prompt: str | Sequence[int]) -> list[int]:
     return [int(t) for t in prompt]
 
 
-def chat_prompt(llm: LLM, messages: Sequence[dict[str, Any]],
+def chat_prompt(llm: PromptTarget, messages: Sequence[dict[str, Any]],
                 chat_format: str | None) -> tuple[list[int], list[str]]:
     """Render a conversation with the named format or the model's own template; returns the
     prompt tokens and the stop strings of that format."""

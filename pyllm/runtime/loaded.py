@@ -86,12 +86,16 @@ class LoadedModel:
     (matrices repacked into the rows16 layout are copied, and their file pages handed back), so
     it is near-instant and memory grows only with what the forward touches. ``n_threads`` is
     the default of the contexts made from it (None: the pool's default) and what the repack
-    uses. Contexts hold a reference to the weights, so close the model after them.
+    uses. ``placement``: which backend runs which layers, as ``(backend, first, last)`` ranges
+    in layer order, the head with the last (``pyllm._core.backends()`` names this build's
+    backends; the rules are in csrc/model/placement.h); empty puts everything on the CPU. Each
+    backend prepares its layers' weights here, once; every context runs them there. Contexts
+    hold a reference to the weights, so close the model after them.
     """
 
     def __init__(self, model_path: str | os.PathLike[str] | None = None, *,
                  n_threads: int | None = None, repack: bool = True,
-                 verbose: bool = False) -> None:
+                 placement: Sequence[tuple[str, int, int]] = (), verbose: bool = False) -> None:
         self.n_threads = cap_threads(check_threads(n_threads))
         self.model_path = Path(resolve_model_path(model_path, quiet=not verbose))
         self.verbose = verbose
@@ -106,7 +110,8 @@ class LoadedModel:
             # the matrices copied into the rows16 layout can be handed back to the page cache.
             self.core: Any = core.Model(self.hparams.to_core(core), tensors.model,
                                         tensors.layers, repack=bool(repack),
-                                        release_source=True, n_threads=self.n_threads or 0)
+                                        release_source=True, n_threads=self.n_threads or 0,
+                                        placement=list(placement))
         except ValueError as e:
             self._reader.close()
             raise ModelError(f"{self.model_path}: {e}") from None
@@ -142,8 +147,7 @@ class LoadedModel:
 
     def new_context(self, n_ctx: int, *, n_batch: int = DEFAULT_N_BATCH,
                     n_threads: int | None = None, kv_type: str = DEFAULT_KV_TYPE,
-                    n_seq: int = 1, placement: Sequence[tuple[str, int, int]] = (),
-                    stacklevel: int = 2) -> Any:
+                    n_seq: int = 1, stacklevel: int = 2) -> Any:
         """A ``pyllm._core.Context`` of ``n_seq`` sequences of ``n_ctx`` positions each.
 
         Checked here, once for every kind of context: the counts, the KV type, that the KV
@@ -151,10 +155,7 @@ class LoadedModel:
         message), and a warning when ``n_ctx`` is beyond the training length (``stacklevel``
         as :func:`warnings.warn`'s from here: 2 points at the caller). ``n_batch`` is clamped
         by :func:`clamp_batch` (a longer chunk could never be filled; its scratch would be
-        wasted). ``n_threads`` None takes the model's, then the pool's default. ``placement``:
-        ``(backend, first, last)`` layer ranges in layer order (``pyllm._core.backends()`` names
-        the backends of the build; the rules are in csrc/model/placement.h); empty puts every
-        layer on the CPU.
+        wasted). ``n_threads`` None takes the model's, then the pool's default.
         """
         if self.core is None:
             raise ModelError("this model has been closed")
@@ -174,8 +175,7 @@ class LoadedModel:
         what = f"n_ctx={n_ctx}" + (f" x {n_seq} sequences" if n_seq > 1 else "")
         try:
             return core.Context(self.core, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads or 0,
-                                kv_type=core.KVType.__members__[kv_type], n_seq=n_seq,
-                                placement=list(placement))
+                                kv_type=core.KVType.__members__[kv_type], n_seq=n_seq)
         except ValueError as e:
             raise ModelError(f"{self.model_path}: cannot create a context of {what}: {e}") \
                 from None

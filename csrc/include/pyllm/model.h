@@ -16,6 +16,8 @@
 
 namespace pyllm {
 
+class WeightStore;  // csrc/backend/backend.h
+
 enum class RopeScaling { None = 0, Linear = 1, Yarn = 2, Dynamic = 3 };
 
 // Bound field by field (csrc/bindings/bind_model.cc); pyllm/formats/arch.py's HParams dataclass has the
@@ -68,8 +70,15 @@ struct ModelWeights {
   std::vector<LayerWeights> layers;
 };
 
+// Layers [first, last) of a model on the backend called `backend` (csrc/backend/backend.h).
+struct PlacedLayers {
+  std::string backend = "cpu";
+  int first = 0;
+  int last = 0;
+};
+
 struct ModelOptions {
-  // Copy the layer matrices and the output matrix (a separate copy when it is tied to the
+  // Copy the CPU's layer matrices and the output matrix (a separate copy when it is tied to the
   // embeddings) into the rows16 layout (pyllm/repack.h) where the active ISA has rows16 decode
   // kernels (AVX-512 VNNI; Q4_0, Q4_1, Q8_0, Q4_K, Q6_K). Costs one pass over those weights at
   // load; decode then streams them at the memory wall.
@@ -79,13 +88,17 @@ struct ModelOptions {
   // and steady RSS stay ~1x the model instead of 2x. Never for anonymous memory.
   bool release_source = false;
   int n_threads = 0;  // repacking threads (<= 0: physical cores)
+  // Which backend runs which layers, in layer order (csrc/model/placement.h has the rules);
+  // the model's head goes with the last range. Each backend prepares its layers' weights at
+  // load; every context of the model runs them there. Empty: everything on the CPU.
+  std::vector<PlacedLayers> placement;
 };
 
 class Model {
  public:
   // Validates every shape against hp (throws std::invalid_argument naming the tensor: its
-  // WeightView::name, or its layer and field when it has none),
-  // then repacks as options say.
+  // WeightView::name, or its layer and field when it has none) and the placement, then has
+  // each backend of the placement prepare its layers' weights (the CPU repacks as options say).
   Model(const HParams& hp, ModelWeights weights, const ModelOptions& options = {});
   ~Model();
   Model(const Model&) = delete;
@@ -94,13 +107,14 @@ class Model {
   const ModelWeights& weights() const { return w_; }
   // Bytes of weights held in rows16 copies (0 when nothing was repacked).
   int64_t repacked_bytes() const { return repacked_bytes_; }
+  // The resolved placement: every layer range and its backend, the head with the last.
+  const std::vector<PlacedLayers>& placement() const { return placement_; }
 
  private:
-  void repack(const ModelOptions& options);
-
   HParams hp_;
   ModelWeights w_;
-  std::vector<void*> owned_;  // the arena of rows16 copies (std::free)
+  std::vector<PlacedLayers> placement_;
+  std::vector<std::unique_ptr<WeightStore>> stores_;  // each backend's prepared weights
   int64_t repacked_bytes_ = 0;
 };
 
@@ -111,22 +125,12 @@ inline QType kv_element_type(KVType t) {
   return t == KVType::Q8_0 ? QType::Q8_0 : t == KVType::F32 ? QType::F32 : QType::F16;
 }
 
-// Layers [first, last) of a context on the backend called `backend` (csrc/backend/backend.h).
-struct PlacedLayers {
-  std::string backend = "cpu";
-  int first = 0;
-  int last = 0;
-};
-
 struct ContextParams {
   int n_ctx = 2048;
   int n_batch = 512;    // tokens per forward chunk
   int n_threads = 0;    // <= 0: physical cores
   KVType kv_type = KVType::F16;
   int n_seq = 1;        // independent sequences (slots), each with its own n_ctx KV region
-  // Which backend runs which layers, in layer order (csrc/model/placement.h has the rules);
-  // the model's head goes with the last range. Empty: everything on the CPU.
-  std::vector<PlacedLayers> placement;
 };
 
 class Context {
@@ -162,8 +166,8 @@ class Context {
   int n_ctx() const { return params_.n_ctx; }
   int n_threads() const;
   const Model& model() const { return *model_; }
-  // The resolved placement: every layer range and its backend, the head with the last.
-  const std::vector<PlacedLayers>& placement() const { return params_.placement; }
+  // The model's placement (Model::placement()).
+  const std::vector<PlacedLayers>& placement() const { return model_->placement(); }
 
   // State for save/load: the cached K/V of positions [0, n_past) plus n_past.
   std::vector<uint8_t> save_state() const;

@@ -1,0 +1,113 @@
+// prepare_cpu_weights: the rows16 repack of the CPU's layers at load (see weights.h).
+#include "cpu/weights.h"
+
+#include <cstdint>
+#include <cstdlib>
+#include <new>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/mman.h>
+#include <unistd.h>
+#define PYLLM_HAVE_MADVISE 1
+#endif
+
+#include "pyllm/matmul.h"
+#include "pyllm/repack.h"
+#include "pyllm/threadpool.h"
+
+namespace pyllm {
+namespace {
+
+// Drops the whole pages inside [p, p + n) from this process's mapping (see ModelOptions).
+void release_pages(const void* p, int64_t n) {
+#ifdef PYLLM_HAVE_MADVISE
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + page - 1) / page * page;
+  const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(n)) / page * page;
+  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);  // advisory: ignore errors
+#else
+  (void)p;
+  (void)n;
+#endif
+}
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+
+// The arena of rows16 copies.
+class CpuWeights final : public WeightStore {
+ public:
+  int64_t bytes() const override { return held; }
+  std::unique_ptr<uint8_t, FreeDeleter> arena;
+  int64_t held = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<WeightStore> prepare_cpu_weights(ModelWeights& weights,
+                                                 const std::vector<LayerRange>& ranges,
+                                                 const ModelOptions& options) {
+  auto store = std::make_unique<CpuWeights>();
+  if (!options.repack) return store;
+  std::vector<WeightView*> todo;
+  auto consider = [&](WeightView& w) {
+    if (w.present() && w.layout == WeightLayout::Gguf && w.rows % kRepackRows == 0 &&
+        matmul_has_rows16_kernel(w.type)) {
+      todo.push_back(&w);
+    }
+  };
+  bool head = false;
+  for (const LayerRange& r : ranges) {
+    head = head || r.head;
+    for (int il = r.first; il < r.last; ++il) {
+      LayerWeights& l = weights.layers[il];
+      for (WeightView* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) consider(*w);
+    }
+  }
+  // A tied output (no output.weight) is also the embedding table, which is read by rows: the
+  // output matmul gets its own rows16 copy and the lookups keep reading the GGUF rows (with
+  // release_source only the rows of tokens actually seen come back into memory).
+  if (head) {
+    if (!weights.output.present() && weights.tok_embd.rows % kRepackRows == 0 &&
+        matmul_has_rows16_kernel(weights.tok_embd.type)) {
+      weights.output = weights.tok_embd;
+    }
+    consider(weights.output);
+  }
+  if (todo.empty()) return store;
+  // One arena for all copies, in 2 MiB transparent huge pages where the kernel allows: a
+  // fraction of the page faults and zeroing work at load, and fewer TLB misses while streaming.
+  std::vector<int64_t> offset;
+  int64_t total = 0;
+  for (WeightView* w : todo) {
+    offset.push_back(total);
+    total += (repacked_size(w->type, w->rows, w->cols) + 63) / 64 * 64;
+  }
+  constexpr int64_t kHuge = int64_t{1} << 21;
+  uint8_t* arena = static_cast<uint8_t*>(
+      std::aligned_alloc(static_cast<size_t>(kHuge), static_cast<size_t>((total + kHuge - 1) / kHuge * kHuge)));
+  if (arena == nullptr) throw std::bad_alloc();
+  store->arena.reset(arena);
+#if defined(PYLLM_HAVE_MADVISE) && defined(MADV_HUGEPAGE)
+  madvise(arena, static_cast<size_t>((total + kHuge - 1) / kHuge * kHuge), MADV_HUGEPAGE);
+#endif
+  ThreadPool pool(options.n_threads);
+  for (size_t i = 0; i < todo.size(); ++i) {
+    WeightView* w = todo[i];
+    const int64_t bytes = repacked_size(w->type, w->rows, w->cols);
+    uint8_t* dst = arena + offset[i];
+    const WeightView src = *w;
+    pool.parallel_for(src.rows / kRepackRows, 1, [&](int64_t g0, int64_t g1) {
+      repack_rows16(src.type, src.data, src.cols, g0, g1, dst);
+    });
+    if (options.release_source) release_pages(src.data, src.nbytes);
+    w->data = dst;
+    w->nbytes = bytes;
+    w->layout = WeightLayout::Rows16;
+    store->held += bytes;
+  }
+  return store;
+}
+
+}  // namespace pyllm
