@@ -22,11 +22,11 @@
 
 #include <sys/mman.h>
 
-#include "pyllm/cpu.h"
+#include "cpu/cpu.h"
+#include "cpu/matmul.h"
+#include "cpu/threadpool.h"
 #include "pyllm/fp16.h"
-#include "pyllm/matmul.h"
 #include "pyllm/quant.h"
-#include "pyllm/threadpool.h"
 
 using namespace pyllm;
 

@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "bindings/register.h"
-#include "pyllm/cpu.h"
+#include "cpu/cpu.h"
 
 #ifndef PYLLM_VERSION
 #define PYLLM_VERSION "0.0.0"

@@ -11,11 +11,11 @@
 
 #include "bindings/errors.h"
 #include "bindings/register.h"
-#include "pyllm/cpu.h"
-#include "pyllm/matmul.h"
-#include "pyllm/ops.h"
+#include "cpu/cpu.h"
+#include "cpu/matmul.h"
+#include "cpu/ops.h"
+#include "cpu/threadpool.h"
 #include "pyllm/repack.h"
-#include "pyllm/threadpool.h"
 
 namespace py = pybind11;
 

@@ -12,8 +12,8 @@
 
 #include "bindings/errors.h"
 #include "bindings/register.h"
+#include "cpu/threadpool.h"
 #include "pyllm/quant.h"
-#include "pyllm/threadpool.h"
 
 namespace py = pybind11;
 

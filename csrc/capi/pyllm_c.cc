@@ -8,10 +8,10 @@
 #include <stdexcept>
 #include <string>
 
-#include "pyllm/cpu.h"
-#include "pyllm/matmul.h"
+#include "cpu/cpu.h"
+#include "cpu/matmul.h"
+#include "cpu/threadpool.h"
 #include "pyllm/quant.h"
-#include "pyllm/threadpool.h"
 
 #ifndef PYLLM_VERSION
 #define PYLLM_VERSION "0.1.0"

@@ -1,6 +1,6 @@
 // Owns CPU feature detection (cpuid/xgetbv on x86, compile-time facts on ARM) and the choice of
 // the active kernel ISA, including the PYLLM_FORCE_ISA override used by tests.
-#include "pyllm/cpu.h"
+#include "cpu/cpu.h"
 
 #include <algorithm>
 #include <atomic>

@@ -14,8 +14,8 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "pyllm/cpu.h"
-#include "pyllm/matmul.h"
+#include "cpu/cpu.h"
+#include "cpu/matmul.h"
 #include "pyllm/qtype.h"
 
 namespace pyllm {
@@ -32,7 +32,7 @@ struct MatArgs {
   float* y;  // n_tokens rows, row stride ldy floats
   int64_t ldy;
   // matvec_r16 / matmat_r16 only: when set, [r0, r1) is the whole matrix and threads claim
-  // chunks of chunk_rows rows from queue->next[pass] (pyllm/matmul.h; see for_row_chunks).
+  // chunks of chunk_rows rows from queue->next[pass] (cpu/matmul.h; see for_row_chunks).
   MatmulQueue* queue = nullptr;
   int64_t chunk_rows = 0;
 };

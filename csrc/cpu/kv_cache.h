@@ -7,8 +7,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/ops.h"
 #include "pyllm/model.h"
-#include "pyllm/ops.h"
 #include "pyllm/qtype.h"
 
 namespace pyllm {

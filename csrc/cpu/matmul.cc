@@ -1,6 +1,6 @@
 // Owns the matmul entry points: argument checks, the choice between the matvec and matmat
 // kernels, the ISA table of active_isa(), and the split of output rows across threads.
-#include "pyllm/matmul.h"
+#include "cpu/matmul.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -8,8 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "cpu/cpu.h"
 #include "cpu/kernel_table.h"
-#include "pyllm/cpu.h"
 #include "pyllm/quant.h"
 #include "pyllm/repack.h"
 

@@ -1,7 +1,7 @@
 // Chooses the per-ISA operator table (csrc/cpu/isa/ops.cc) for the active ISA.
 #include <stdexcept>
 
-#include "pyllm/ops.h"
+#include "cpu/ops.h"
 
 namespace pyllm {
 

@@ -8,7 +8,7 @@
 #include <cmath>
 #include <stdexcept>
 
-#include "pyllm/ops.h"
+#include "cpu/ops.h"
 #include "pyllm/quant.h"
 
 namespace pyllm {

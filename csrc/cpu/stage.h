@@ -22,9 +22,9 @@
 
 #include "backend/backend.h"
 #include "cpu/kv_cache.h"
-#include "pyllm/matmul.h"
+#include "cpu/matmul.h"
+#include "cpu/threadpool.h"
 #include "pyllm/model.h"
-#include "pyllm/threadpool.h"
 
 namespace pyllm {
 

@@ -16,7 +16,7 @@
 // hand-off would cost more than the work), then yields the CPU (to whatever else is runnable on
 // this core, e.g. the peer thread we wait for), then sleeps (a futex on Linux; so an idle pool,
 // or an oversubscribed machine, burns no CPU).
-#include "pyllm/threadpool.h"
+#include "cpu/threadpool.h"
 
 #include <algorithm>
 #include <atomic>
@@ -40,7 +40,7 @@
 #include <unistd.h>
 #endif
 
-#include "pyllm/cpu.h"
+#include "cpu/cpu.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>

@@ -11,9 +11,9 @@
 #define PYLLM_HAVE_MADVISE 1
 #endif
 
-#include "pyllm/matmul.h"
+#include "cpu/matmul.h"
+#include "cpu/threadpool.h"
 #include "pyllm/repack.h"
-#include "pyllm/threadpool.h"
 
 namespace pyllm {
 namespace {

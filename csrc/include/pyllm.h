@@ -63,7 +63,7 @@ PYLLM_API int pyllm_quantize(uint32_t type, const float* src, int64_t n, void* d
 
 /* Y[t][o] = sum_i W[o][i] * X[t][i]: W is n_out rows of k elements of `type` in GGUF layout
  * (w_bytes == n_out * pyllm_row_size(type, k)), X is n_tokens x k floats, Y n_tokens x n_out
- * floats. Activations are used unrounded (F32 accumulation; see pyllm/matmul.h). */
+ * floats. Activations are used unrounded (F32 accumulation; see csrc/cpu/matmul.h). */
 PYLLM_API int pyllm_matmul(uint32_t type, const void* w, size_t w_bytes, int64_t n_out, int64_t k,
                            const float* x, int64_t n_tokens, float* y);
 

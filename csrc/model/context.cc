@@ -12,10 +12,10 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "cpu/ops.h"
 #include "model/attention_schedule.h"
 #include "model/rope.h"
 #include "pyllm/model.h"
-#include "pyllm/ops.h"
 #include "pyllm/quant.h"
 
 namespace pyllm {

@@ -15,12 +15,12 @@
 #include <stdexcept>
 #include <vector>
 
-#include "pyllm/cpu.h"
+#include "cpu/cpu.h"
+#include "cpu/matmul.h"
+#include "cpu/threadpool.h"
 #include "pyllm/fp16.h"
-#include "pyllm/matmul.h"
 #include "pyllm/qtype.h"
 #include "pyllm/repack.h"
-#include "pyllm/threadpool.h"
 
 using namespace pyllm;
 

@@ -16,8 +16,8 @@
 #include <thread>
 #include <vector>
 
-#include "pyllm/cpu.h"
-#include "pyllm/threadpool.h"
+#include "cpu/cpu.h"
+#include "cpu/threadpool.h"
 
 using namespace pyllm;
 

@@ -1,4 +1,4 @@
-// Element-wise and attention operators (see pyllm/ops.h), written once and compiled per ISA.
+// Element-wise and attention operators (see cpu/ops.h), written once and compiled per ISA.
 //
 // Dot products and AXPYs use the float-vector vocabulary of cpu/isa/simd.h (shared with the
 // matmul kernels); the simple element-wise loops are left to the compiler's vectorizer, with
@@ -9,8 +9,8 @@
 
 #include "cpu/fast_exp.h"
 #include "cpu/isa/simd.h"
+#include "cpu/ops.h"
 #include "pyllm/fp16.h"
-#include "pyllm/ops.h"
 
 #ifndef PYLLM_ISA
 #error "ops.cc is compiled once per ISA with PYLLM_ISA defined"

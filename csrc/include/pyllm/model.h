@@ -12,7 +12,6 @@
 
 #include "pyllm/qtype.h"
 #include "pyllm/repack.h"
-#include "pyllm/threadpool.h"
 
 namespace pyllm {
 

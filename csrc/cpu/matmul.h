@@ -57,10 +57,10 @@
 #include <cstdint>
 #include <vector>
 
-#include "pyllm/cpu.h"
+#include "cpu/cpu.h"
+#include "cpu/threadpool.h"
 #include "pyllm/qtype.h"
 #include "pyllm/repack.h"
-#include "pyllm/threadpool.h"
 
 namespace pyllm {
 

@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "pyllm/cpu.h"
+#include "cpu/cpu.h"
 #include "pyllm/qtype.h"
 
 namespace pyllm {
