@@ -52,12 +52,18 @@ class OutputError(PyllmError):
     the input file itself)."""
 
 
+class DeviceError(PyllmError):
+    """A backend or device that cannot do what was asked: a build without that backend, no
+    device found, not enough device memory for the layers placed on it."""
+
+
 class PyllmWarning(UserWarning):
     """Something works but probably not as the user wants (a context beyond the trained length,
     more threads than CPUs). The CLI prints these as ``pyllm: warning: ...`` lines."""
 
 
 __all__ = [
+    "DeviceError",
     "PyllmError",
     "GGUFError",
     "QuantError",

@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,13 @@
 #include "pyllm/model.h"
 
 namespace pyllm {
+
+// A backend or device that cannot do what was asked: none found, not enough device memory, a
+// backend this build lacks (pyllm.errors.DeviceError in Python).
+class DeviceError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
 
 // One chunk of n tokens as every stage sees it; all of it lives in host memory and stays valid
 // for the duration of one run_layers() call.
@@ -105,9 +113,21 @@ class Backend {
   virtual std::unique_ptr<Device> open(const Model& model, const ContextParams& params) const = 0;
 };
 
+// A device a backend can run on, for listings (pyllm.devices(), `pyllm info --devices`).
+struct DeviceInfo {
+  std::string backend;  // the name a placement uses, e.g. "opencl:0"
+  std::string name;     // the device's own name
+  std::string details;  // platform, version, work-group limits ...
+  uint64_t memory = 0;  // bytes of device memory (0: the host's)
+};
+
 // The backends this build has ("cpu" always; GPU backends behind their CMake options).
 std::vector<std::string> backend_names();
-// The backend called `name`; throws std::invalid_argument for a name this build does not have.
+// Every device of every backend of this build.
+std::vector<DeviceInfo> device_infos();
+// The backend called `name` ("cpu", "opencl" = "opencl:0", "opencl:1", ...). Throws
+// std::invalid_argument for a kind this build does not have (naming the CMake option that adds
+// it) and DeviceError for a device that does not exist.
 const Backend& find_backend(const std::string& name);
 
 }  // namespace pyllm

@@ -1,26 +1,56 @@
 // The backends of this build, by name. A GPU backend adds its entry here, under its CMake
 // option (PYLLM_OPENCL, PYLLM_CUDA), and its Backend/Device/Stage in its own folder beside
 // csrc/cpu/.
+#include <cstdlib>
 #include <stdexcept>
 
 #include "backend/backend.h"
 #include "cpu/stage.h"
+#ifdef PYLLM_HAVE_OPENCL
+#include "opencl/backend.h"
+#endif
 
 namespace pyllm {
 
-namespace {
-const Backend* const kBackends[] = {&cpu_backend()};
-}  // namespace
-
 std::vector<std::string> backend_names() {
-  std::vector<std::string> out;
-  for (const Backend* b : kBackends) out.emplace_back(b->name());
+  std::vector<std::string> out = {"cpu"};
+#ifdef PYLLM_HAVE_OPENCL
+  out.emplace_back("opencl");
+#endif
+  return out;
+}
+
+std::vector<DeviceInfo> device_infos() {
+  std::vector<DeviceInfo> out = {DeviceInfo{"cpu", "CPU", "the host's cores (the thread pool)", 0}};
+#ifdef PYLLM_HAVE_OPENCL
+  for (DeviceInfo& d : opencl_device_infos()) out.push_back(std::move(d));
+#endif
   return out;
 }
 
 const Backend& find_backend(const std::string& name) {
-  for (const Backend* b : kBackends) {
-    if (name == b->name()) return *b;
+  const size_t colon = name.find(':');
+  const std::string kind = name.substr(0, colon);
+  int index = 0;
+  if (colon != std::string::npos) {
+    const std::string digits = name.substr(colon + 1);
+    char* end = nullptr;
+    const long i = std::strtol(digits.c_str(), &end, 10);
+    if (digits.empty() || *end != '\0' || i < 0 || i > 1024) {
+      throw std::invalid_argument("bad device name '" + name + "' (expected e.g. opencl:0)");
+    }
+    index = static_cast<int>(i);
+  }
+  if (kind == "cpu" && colon == std::string::npos) return cpu_backend();
+#ifdef PYLLM_HAVE_OPENCL
+  if (kind == "opencl") return opencl_backend(index);
+#endif
+  if (kind == "opencl" || kind == "cuda" || kind == "metal") {
+    std::string upper = kind;
+    for (char& c : upper) c = static_cast<char>(c - 'a' + 'A');
+    throw std::invalid_argument("this build has no backend '" + kind + "': rebuild with -DPYLLM_" +
+                                upper + "=ON (pip install -Ccmake.define.PYLLM_" + upper +
+                                "=ON .)");
   }
   throw std::invalid_argument("this build has no backend '" + name + "'");
 }

@@ -146,6 +146,22 @@ void register_model(py::module_& m) {
       .value("f32", KVType::F32);
   m.attr("DEFAULT_KV_TYPE") = ContextParams{}.kv_type;
   m.def("backends", &backend_names, "The backends this build has (\"cpu\" always).");
+  m.def(
+      "devices",
+      [] {
+        py::list out;
+        for (const DeviceInfo& d : device_infos()) {
+          py::dict e;
+          e["backend"] = d.backend;
+          e["name"] = d.name;
+          e["details"] = d.details;
+          e["memory"] = d.memory;
+          out.append(e);
+        }
+        return out;
+      },
+      "Every device of every backend of this build: dicts of backend (the name a placement "
+      "uses), name, details, memory (bytes; 0 for the host).");
 
   // Every field read-write: pyllm.formats.arch.HParams.to_core fills them in one loop over its own
   // dataclass fields, and tests/test_model.py checks that both sides have the same fields.

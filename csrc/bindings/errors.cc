@@ -3,6 +3,7 @@
 
 #include <exception>
 
+#include "backend/backend.h"
 #include "pyllm/sampler.h"
 
 namespace py = pybind11;
@@ -15,6 +16,7 @@ void register_errors(py::module_& m) {
   py::module_ errors = py::module_::import("pyllm.errors");
   static PyObject* const quant_error = py::object(errors.attr("QuantError")).release().ptr();
   static PyObject* const sampling_error = py::object(errors.attr("SamplingError")).release().ptr();
+  static PyObject* const device_error = py::object(errors.attr("DeviceError")).release().ptr();
   py::register_local_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
@@ -22,6 +24,8 @@ void register_errors(py::module_& m) {
       PyErr_SetString(quant_error, e.what());
     } catch (const SamplingError& e) {
       PyErr_SetString(sampling_error, e.what());
+    } catch (const DeviceError& e) {
+      PyErr_SetString(device_error, e.what());
     }
   });
 }

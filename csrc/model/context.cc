@@ -96,7 +96,13 @@ Context::Context(std::shared_ptr<const Model> model, const ContextParams& params
 
 Context::~Context() = default;
 
-int Context::n_threads() const { return impl_->devices.front()->n_threads(); }
+// The CPU pool's threads (0 when no layer runs on the CPU).
+int Context::n_threads() const {
+  for (const auto& d : impl_->devices) {
+    if (d->n_threads() > 0) return d->n_threads();
+  }
+  return 0;
+}
 
 int Context::seq_n_past(int seq) const {
   if (seq < 0 || seq >= params_.n_seq) throw std::out_of_range("sequence id out of range");

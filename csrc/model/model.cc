@@ -95,11 +95,18 @@ Model::Model(const HParams& hp, ModelWeights weights, const ModelOptions& option
       const PlacedLayers& r = placement_[i];
       if (r.backend == p.backend) ranges.push_back({r.first, r.last, i + 1 == placement_.size()});
     }
-    stores_.push_back(find_backend(p.backend).prepare(hp_, w_, ranges, options));
-    if (p.backend == "cpu") repacked_bytes_ = stores_.back()->bytes();
+    stores_.emplace_back(p.backend, find_backend(p.backend).prepare(hp_, w_, ranges, options));
+    if (p.backend == "cpu") repacked_bytes_ = stores_.back().second->bytes();
   }
 }
 
 Model::~Model() = default;
+
+const WeightStore* Model::weight_store(const std::string& name) const {
+  for (const auto& [backend, store] : stores_) {
+    if (backend == name) return store.get();
+  }
+  return nullptr;
+}
 
 }  // namespace pyllm

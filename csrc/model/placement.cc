@@ -12,14 +12,16 @@ namespace pyllm {
 std::vector<PlacedLayers> resolve_placement(const std::vector<PlacedLayers>& requested,
                                             int n_layer) {
   if (requested.empty()) return {PlacedLayers{"cpu", 0, n_layer}};
-  const std::vector<std::string> names = backend_names();
+  std::vector<PlacedLayers> out = requested;
   int next = 0;
   for (size_t i = 0; i < requested.size(); ++i) {
     const PlacedLayers& r = requested[i];
     const std::string where = "placement range " + std::to_string(i) + " (" + r.backend + " " +
                               std::to_string(r.first) + ".." + std::to_string(r.last) + ")";
-    if (std::find(names.begin(), names.end(), r.backend) == names.end()) {
-      throw std::invalid_argument(where + ": this build has no backend '" + r.backend + "'");
+    try {
+      out[i].backend = find_backend(r.backend).name();  // canonical: "opencl" -> "opencl:0"
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument(where + ": " + e.what());
     }
     if (r.first != next) {
       throw std::invalid_argument(where + ": must start at layer " + std::to_string(next) +
@@ -37,7 +39,7 @@ std::vector<PlacedLayers> resolve_placement(const std::vector<PlacedLayers>& req
     throw std::invalid_argument("placement covers layers 0.." + std::to_string(next) +
                                 " of the model's " + std::to_string(n_layer));
   }
-  return requested;
+  return out;
 }
 
 }  // namespace pyllm

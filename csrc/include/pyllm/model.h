@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "pyllm/qtype.h"
@@ -108,12 +109,15 @@ class Model {
   int64_t repacked_bytes() const { return repacked_bytes_; }
   // The resolved placement: every layer range and its backend, the head with the last.
   const std::vector<PlacedLayers>& placement() const { return placement_; }
+  // What backend `name` prepared at load (nullptr when no layer is placed on it).
+  const WeightStore* weight_store(const std::string& name) const;
 
  private:
   HParams hp_;
   ModelWeights w_;
   std::vector<PlacedLayers> placement_;
-  std::vector<std::unique_ptr<WeightStore>> stores_;  // each backend's prepared weights
+  // each backend's prepared weights, by the backend's name
+  std::vector<std::pair<std::string, std::unique_ptr<WeightStore>>> stores_;
   int64_t repacked_bytes_ = 0;
 };
 

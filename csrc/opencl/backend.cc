@@ -1,0 +1,418 @@
+// OpenCLBackend, OpenCLDevice and OpenCLStage (see backend.h): weights uploaded at load, the
+// layer loop as a sequence of kernels (csrc/opencl/kernels.cl) on one in-order queue, the K/V
+// cache of the stage's layers in device memory.
+#include "opencl/backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <memory>
+#include <mutex>
+
+#include "opencl/runtime.h"
+#include "pyllm/model.h"
+#include "pyllm/quant.h"
+
+namespace pyllm {
+namespace {
+
+using opencl::Buffer;
+using opencl::Kernel;
+using opencl::Local;
+using opencl::Queue;
+using opencl::Runtime;
+
+constexpr size_t kWG = 64;  // work-group of the reductions, the matrix rows and attention tiles
+
+std::string mib(uint64_t bytes) {
+  return std::to_string((bytes + (1 << 19)) >> 20) + " MiB";
+}
+
+// A weight in device memory, in its GGUF form.
+struct Tensor {
+  Buffer buf;
+  QType type = QType::F32;
+  int64_t rows = 0, cols = 0;
+  bool present() const { return static_cast<bool>(buf); }
+  cl_long row_bytes() const { return row_size(type, cols); }
+};
+
+struct ClLayer {
+  Tensor attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down;
+  Tensor bq, bk, bv, bo, b_gate, b_up, b_down;
+};
+
+class ClWeights final : public WeightStore {
+ public:
+  int64_t bytes() const override { return held; }
+  std::vector<ClLayer> layers;  // by layer index; only the placed ones are filled
+  Tensor output_norm, output;   // with the head
+  int64_t held = 0;
+};
+
+// The weights of `ranges` (and the head) that will be uploaded, for the memory check.
+template <typename Fn>
+void for_each_view(ModelWeights& w, const std::vector<LayerRange>& ranges, Fn&& fn) {
+  for (const LayerRange& r : ranges) {
+    for (int il = r.first; il < r.last; ++il) {
+      LayerWeights& l = w.layers[il];
+      for (WeightView* v : {&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.ffn_norm, &l.w_gate,
+                            &l.w_up, &l.w_down, &l.bq, &l.bk, &l.bv, &l.bo, &l.b_gate, &l.b_up,
+                            &l.b_down}) {
+        fn(*v);
+      }
+    }
+    if (r.head) {
+      fn(w.output_norm);
+      fn(w.output.present() ? w.output : w.tok_embd);
+    }
+  }
+}
+
+class OpenCLBackend final : public Backend {
+ public:
+  explicit OpenCLBackend(int index) : index_(index), name_("opencl:" + std::to_string(index)) {}
+  const char* name() const override { return name_.c_str(); }
+
+  std::unique_ptr<WeightStore> prepare(const HParams& hp, ModelWeights& weights,
+                                       const std::vector<LayerRange>& ranges,
+                                       const ModelOptions& options) const override;
+  std::unique_ptr<Device> open(const Model& model, const ContextParams& params) const override;
+
+ private:
+  int index_;
+  std::string name_;
+};
+
+std::unique_ptr<WeightStore> OpenCLBackend::prepare(const HParams& hp, ModelWeights& weights,
+                                                    const std::vector<LayerRange>& ranges,
+                                                    const ModelOptions& options) const {
+  Runtime& rt = Runtime::get(index_);
+  const opencl::DeviceDesc& dev = rt.desc();
+  if (hp.head_dim % 32 != 0) {
+    throw DeviceError("the OpenCL backend needs a head size that is a multiple of 32 (this model's is " +
+                      std::to_string(hp.head_dim) + ")");
+  }
+  uint64_t total = 0;
+  for_each_view(weights, ranges, [&](const WeightView& v) {
+    if (!v.present()) return;
+    if (v.layout != WeightLayout::Gguf) throw DeviceError(v.name + ": not in its GGUF layout");
+    if (static_cast<uint64_t>(v.nbytes) > dev.max_alloc) {
+      throw DeviceError(v.name + " needs " + mib(v.nbytes) + " in one buffer; " + dev.name +
+                        " allows at most " + mib(dev.max_alloc));
+    }
+    total += static_cast<uint64_t>(v.nbytes);
+  });
+  if (total > dev.global_mem) {
+    throw DeviceError("the layers placed on " + name_ + " (" + dev.name + ") need " + mib(total) +
+                      " of weights but the device has " + mib(dev.global_mem) +
+                      "; offload fewer layers");
+  }
+  auto store = std::make_unique<ClWeights>();
+  store->layers.resize(hp.n_layer);
+  auto upload = [&](const WeightView& v) {
+    Tensor t;
+    if (!v.present()) return t;
+    try {
+      t.buf = Buffer(rt.context(), static_cast<size_t>(v.nbytes),
+                     CL_MEM_READ_ONLY, v.data);
+    } catch (const DeviceError& e) {
+      throw DeviceError("out of device memory uploading " + v.name + " (" + mib(v.nbytes) +
+                        ", " + mib(total) + " in all for the placed layers; " + dev.name +
+                        " has " + mib(dev.global_mem) + "): " + e.what());
+    }
+    t.type = v.type;
+    t.rows = v.rows;
+    t.cols = v.cols;
+    store->held += v.nbytes;
+    return t;
+  };
+  for (const LayerRange& r : ranges) {
+    for (int il = r.first; il < r.last; ++il) {
+      const LayerWeights& l = weights.layers[il];
+      ClLayer& c = store->layers[il];
+      c.attn_norm = upload(l.attn_norm);
+      c.wq = upload(l.wq);
+      c.wk = upload(l.wk);
+      c.wv = upload(l.wv);
+      c.wo = upload(l.wo);
+      c.ffn_norm = upload(l.ffn_norm);
+      c.w_gate = upload(l.w_gate);
+      c.w_up = upload(l.w_up);
+      c.w_down = upload(l.w_down);
+      c.bq = upload(l.bq);
+      c.bk = upload(l.bk);
+      c.bv = upload(l.bv);
+      c.bo = upload(l.bo);
+      c.b_gate = upload(l.b_gate);
+      c.b_up = upload(l.b_up);
+      c.b_down = upload(l.b_down);
+    }
+    if (r.head) {
+      store->output_norm = upload(weights.output_norm);
+      store->output = upload(weights.output.present() ? weights.output : weights.tok_embd);
+    }
+  }
+  (void)options;
+  return store;
+}
+
+class OpenCLDevice final : public Device {
+ public:
+  OpenCLDevice(const OpenCLBackend& backend, Runtime& rt, const Model& model,
+               const ClWeights& weights, const ContextParams& params);
+  const char* name() const override { return backend_.name(); }
+  std::unique_ptr<Stage> make_stage(const LayerRange& range) override;
+  int n_threads() const override { return 0; }
+
+  const OpenCLBackend& backend_;
+  Runtime& rt;
+  const Model& model;
+  const HParams& hp;
+  const ClWeights& w;
+  ContextParams params;
+  Queue queue;
+  Kernel k_mul_mat, k_rms_norm, k_add_bias, k_add, k_swiglu, k_rope, k_kv_store, k_attention;
+  Buffer x, xb, q, k, v, att, gate, up, rope, kv_rows, region, visible;
+  std::vector<cl_long> host_rows, host_region;
+
+  Buffer alloc(size_t bytes, const char* what) {
+    try {
+      return Buffer(rt.context(), bytes);
+    } catch (const DeviceError& e) {
+      throw DeviceError(std::string("out of device memory for the context's ") + what + " (" +
+                        mib(bytes) + "; " + rt.desc().name + " has " +
+                        mib(rt.desc().global_mem) + "): " + e.what());
+    }
+  }
+
+  // Product of the n rows of xin with matrix m into yout (n x m.rows).
+  void mul_mat(const Tensor& m, const Buffer& xin, int n, const Buffer& yout) {
+    k_mul_mat.args(m.buf, static_cast<cl_int>(m.type), m.row_bytes(), static_cast<cl_int>(m.cols),
+                   xin, yout, static_cast<cl_int>(m.rows), Local{kWG * sizeof(float)});
+    queue.run(k_mul_mat, {static_cast<size_t>(m.rows) * kWG, static_cast<size_t>(n)}, {kWG, 1});
+  }
+  void rms_norm(const Buffer& in, const Tensor& weight, const Buffer& out, int n) {
+    k_rms_norm.args(in, nullptr, weight.buf, out, static_cast<cl_int>(hp.n_embd), hp.rms_eps,
+                    Local{kWG * sizeof(float)});
+    queue.run(k_rms_norm, {static_cast<size_t>(n) * kWG}, {kWG});
+  }
+  void bias(const Buffer& y, const Tensor& b, int n) {
+    if (!b.present()) return;
+    k_add_bias.args(y, b.buf, static_cast<cl_int>(b.cols));
+    queue.run(k_add_bias, {static_cast<size_t>(n) * b.cols});
+  }
+
+  // The chunk's RoPE angles, K/V rows, sequence regions and visible keys, once per stage call.
+  void upload_chunk(const Chunk& c) {
+    const AttentionSchedule& s = *c.schedule;
+    host_rows.assign(s.kv_row.begin(), s.kv_row.begin() + c.n);
+    host_region.resize(c.n);
+    for (int t = 0; t < c.n; ++t) host_region[t] = cl_long(c.seq[t]) * params.n_ctx;
+    queue.write(rope, 0, sizeof(float) * c.n * hp.n_rot, c.rope);
+    queue.write(kv_rows, 0, sizeof(cl_long) * c.n, host_rows.data());
+    queue.write(region, 0, sizeof(cl_long) * c.n, host_region.data());
+    queue.write(visible, 0, sizeof(cl_int) * c.n, s.visible.data());
+  }
+};
+
+class OpenCLStage final : public Stage {
+ public:
+  OpenCLStage(OpenCLDevice& dev, const LayerRange& range);
+  void run_layers(const Chunk& chunk, float* hidden) override;
+  void output(const float* hidden, const int* rows, int count, float* logits) override;
+  int64_t state_bytes(int n_past) const override {
+    return 2 * int64_t(n_past) * row_bytes_ * static_cast<int64_t>(k_.size());
+  }
+  void save_state(int n_past, uint8_t* out) const override;
+  void load_state(int n_past, const uint8_t* in) override;
+
+ private:
+  OpenCLDevice& d_;
+  QType kv_type_;
+  int64_t row_bytes_, head_bytes_;
+  std::vector<Buffer> k_, v_;  // per layer of the range: n_seq * n_ctx rows
+  Buffer head_in_, logits_;    // head stage only
+};
+
+OpenCLDevice::OpenCLDevice(const OpenCLBackend& backend, Runtime& runtime, const Model& m,
+                           const ClWeights& weights, const ContextParams& p)
+    : backend_(backend),
+      rt(runtime),
+      model(m),
+      hp(m.hparams()),
+      w(weights),
+      params(p),
+      queue(runtime),
+      k_mul_mat(runtime.program(), "mul_mat"),
+      k_rms_norm(runtime.program(), "rms_norm"),
+      k_add_bias(runtime.program(), "add_bias"),
+      k_add(runtime.program(), "add"),
+      k_swiglu(runtime.program(), "swiglu"),
+      k_rope(runtime.program(), "rope"),
+      k_kv_store(runtime.program(), "kv_store"),
+      k_attention(runtime.program(), "attention") {
+  const size_t n = static_cast<size_t>(p.n_batch);
+  const size_t q_dim = size_t(hp.n_head) * hp.head_dim, kv_dim = size_t(hp.n_head_kv) * hp.head_dim;
+  x = alloc(n * hp.n_embd * sizeof(float), "activations");
+  xb = alloc(n * std::max<size_t>(hp.n_embd, q_dim) * sizeof(float), "activations");
+  q = alloc(n * q_dim * sizeof(float), "activations");
+  k = alloc(n * kv_dim * sizeof(float), "activations");
+  v = alloc(n * kv_dim * sizeof(float), "activations");
+  att = alloc(n * q_dim * sizeof(float), "activations");
+  gate = alloc(n * hp.n_ff * sizeof(float), "activations");
+  up = alloc(n * hp.n_ff * sizeof(float), "activations");
+  rope = alloc(n * hp.n_rot * sizeof(float), "chunk plan");
+  kv_rows = alloc(n * sizeof(cl_long), "chunk plan");
+  region = alloc(n * sizeof(cl_long), "chunk plan");
+  visible = alloc(n * sizeof(cl_int), "chunk plan");
+}
+
+std::unique_ptr<Stage> OpenCLDevice::make_stage(const LayerRange& range) {
+  return std::make_unique<OpenCLStage>(*this, range);
+}
+
+OpenCLStage::OpenCLStage(OpenCLDevice& dev, const LayerRange& range)
+    : Stage(range), d_(dev), kv_type_(kv_element_type(dev.params.kv_type)) {
+  const HParams& hp = dev.hp;
+  row_bytes_ = row_size(kv_type_, int64_t(hp.n_head_kv) * hp.head_dim);
+  head_bytes_ = row_size(kv_type_, hp.head_dim);
+  const size_t rows = size_t(dev.params.n_ctx) * dev.params.n_seq;
+  for (int il = range.first; il < range.last; ++il) {
+    k_.push_back(dev.alloc(rows * row_bytes_, "K/V cache"));
+    v_.push_back(dev.alloc(rows * row_bytes_, "K/V cache"));
+  }
+  if (range.head) {
+    head_in_ = dev.alloc(size_t(dev.params.n_batch) * hp.n_embd * sizeof(float), "activations");
+    logits_ = dev.alloc(size_t(dev.params.n_batch) * hp.n_vocab * sizeof(float), "logits");
+  }
+}
+
+void OpenCLStage::run_layers(const Chunk& c, float* hidden) {
+  OpenCLDevice& d = d_;
+  const HParams& hp = d.hp;
+  const int n = c.n;
+  const size_t nd = size_t(n) * hp.n_embd;
+  const cl_int q_dim = hp.n_head * hp.head_dim, kv_dim = hp.n_head_kv * hp.head_dim;
+  d.queue.write(d.x, 0, nd * sizeof(float), hidden);
+  d.upload_chunk(c);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hp.head_dim));
+  for (int il = range().first; il < range().last; ++il) {
+    const ClLayer& L = d.w.layers[il];
+    const Buffer& kc = k_[il - range().first];
+    const Buffer& vc = v_[il - range().first];
+    d.rms_norm(d.x, L.attn_norm, d.xb, n);
+    d.mul_mat(L.wq, d.xb, n, d.q);
+    d.mul_mat(L.wk, d.xb, n, d.k);
+    d.mul_mat(L.wv, d.xb, n, d.v);
+    d.bias(d.q, L.bq, n);
+    d.bias(d.k, L.bk, n);
+    d.bias(d.v, L.bv, n);
+    for (auto [buf, heads] : {std::pair<const Buffer*, cl_int>{&d.q, hp.n_head}, {&d.k, hp.n_head_kv}}) {
+      d.k_rope.args(*buf, d.rope, heads, static_cast<cl_int>(hp.head_dim),
+                    static_cast<cl_int>(hp.n_rot), static_cast<cl_int>(hp.rope_neox ? 1 : 0));
+      d.queue.run(d.k_rope, {size_t(hp.n_rot / 2), size_t(heads), size_t(n)});
+    }
+    for (auto [src, cache] : {std::pair<const Buffer*, const Buffer*>{&d.k, &kc}, {&d.v, &vc}}) {
+      d.k_kv_store.args(*src, *cache, d.kv_rows, static_cast<cl_long>(row_bytes_), kv_dim,
+                        static_cast<cl_int>(kv_type_));
+      d.queue.run(d.k_kv_store, {size_t(kv_dim / 32), size_t(n)});
+    }
+    d.k_attention.args(d.q, d.att, kc, vc, static_cast<cl_long>(row_bytes_),
+                       static_cast<cl_long>(head_bytes_), static_cast<cl_int>(kv_type_), d.region,
+                       d.visible, static_cast<cl_int>(hp.n_head),
+                       static_cast<cl_int>(hp.n_head / hp.n_head_kv),
+                       static_cast<cl_int>(hp.head_dim), scale,
+                       Local{size_t(hp.head_dim) * sizeof(float)}, Local{kWG * sizeof(float)});
+    d.queue.run(d.k_attention, {kWG, size_t(hp.n_head), size_t(n)}, {kWG, 1, 1});
+    d.mul_mat(L.wo, d.att, n, d.xb);
+    d.bias(d.xb, L.bo, n);
+    d.k_add.args(d.x, d.xb);
+    d.queue.run(d.k_add, {nd});
+    d.rms_norm(d.x, L.ffn_norm, d.xb, n);
+    d.mul_mat(L.w_gate, d.xb, n, d.gate);
+    d.mul_mat(L.w_up, d.xb, n, d.up);
+    d.bias(d.gate, L.b_gate, n);
+    d.bias(d.up, L.b_up, n);
+    d.k_swiglu.args(d.gate, d.up);
+    d.queue.run(d.k_swiglu, {size_t(n) * hp.n_ff});
+    d.mul_mat(L.w_down, d.gate, n, d.xb);
+    d.bias(d.xb, L.b_down, n);
+    d.k_add.args(d.x, d.xb);
+    d.queue.run(d.k_add, {nd});
+  }
+  (void)q_dim;
+  d.queue.read(d.x, 0, nd * sizeof(float), hidden);
+}
+
+void OpenCLStage::output(const float* hidden, const int* rows, int count, float* logits) {
+  if (!range().head) throw std::logic_error("output() on a stage without the model's head");
+  OpenCLDevice& d = d_;
+  const int64_t dim = d.hp.n_embd;
+  std::vector<float> gathered(size_t(count) * dim);
+  for (int r = 0; r < count; ++r) {
+    std::copy(hidden + rows[r] * dim, hidden + (rows[r] + 1) * dim, gathered.begin() + r * dim);
+  }
+  d.queue.write(head_in_, 0, gathered.size() * sizeof(float), gathered.data());
+  d.rms_norm(head_in_, d.w.output_norm, d.xb, count);
+  d.mul_mat(d.w.output, d.xb, count, logits_);
+  d.queue.read(logits_, 0, size_t(count) * d.hp.n_vocab * sizeof(float), logits);
+}
+
+void OpenCLStage::save_state(int n_past, uint8_t* out) const {
+  const size_t bytes = size_t(n_past) * row_bytes_;
+  for (size_t i = 0; i < k_.size(); ++i) {
+    d_.queue.read(k_[i], 0, bytes, out);
+    out += bytes;
+    d_.queue.read(v_[i], 0, bytes, out);
+    out += bytes;
+  }
+}
+
+void OpenCLStage::load_state(int n_past, const uint8_t* in) {
+  const size_t bytes = size_t(n_past) * row_bytes_;
+  for (size_t i = 0; i < k_.size(); ++i) {
+    d_.queue.write(k_[i], 0, bytes, in);
+    in += bytes;
+    d_.queue.write(v_[i], 0, bytes, in);
+    in += bytes;
+  }
+}
+
+std::unique_ptr<Device> OpenCLBackend::open(const Model& model, const ContextParams& params) const {
+  const auto* store = dynamic_cast<const ClWeights*>(model.weight_store(name_));
+  if (store == nullptr) throw std::logic_error(name_ + ": the model placed no layers here");
+  return std::make_unique<OpenCLDevice>(*this, Runtime::get(index_), model, *store, params);
+}
+
+}  // namespace
+
+const Backend& opencl_backend(int index) {
+  static std::mutex mu;
+  static std::map<int, std::unique_ptr<OpenCLBackend>> made;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& slot = made[index];
+  if (!slot) slot = std::make_unique<OpenCLBackend>(index);
+  return *slot;
+}
+
+std::vector<DeviceInfo> opencl_device_infos() {
+  std::vector<DeviceInfo> out;
+  std::vector<opencl::DeviceDesc> devices;
+  try {
+    devices = opencl::list_devices();
+  } catch (const DeviceError&) {
+    return out;  // a filter that matches nothing lists nothing
+  }
+  for (size_t i = 0; i < devices.size(); ++i) {
+    const opencl::DeviceDesc& d = devices[i];
+    out.push_back(DeviceInfo{"opencl:" + std::to_string(i), d.name,
+                             d.platform_name + ", " + d.version + ", max work-group " +
+                                 std::to_string(d.max_work_group) + ", local memory " +
+                                 std::to_string(d.local_mem / 1024) + " KiB",
+                             d.global_mem});
+  }
+  return out;
+}
+
+}  // namespace pyllm

@@ -1,0 +1,361 @@
+// OpenCL C kernels of the OpenCL backend (csrc/opencl/): the weight formats' dot products, the
+// element-wise operators, the K/V row store and attention over the device KV cache.
+//
+// Only OpenCL 1.2 core features, so the same source builds on PoCL, Intel, AMD, NVIDIA, Mali and
+// Adreno: halves are read and written with vload_half / vstore_half_rte (no cl_khr_fp16), no
+// doubles (no cl_khr_fp64), no subgroups. The block layouts are GGUF's (csrc/include/pyllm/qtype.h
+// spells them out); weights stay in their quantized form in device memory and are decoded in
+// registers. Activations are F32 throughout, as on the CPU.
+
+// GGUF type ids (the values of pyllm::QType)
+#define T_F32 0
+#define T_F16 1
+#define T_Q4_0 2
+#define T_Q4_1 3
+#define T_Q5_0 6
+#define T_Q5_1 7
+#define T_Q8_0 8
+#define T_Q2_K 10
+#define T_Q3_K 11
+#define T_Q4_K 12
+#define T_Q5_K 13
+#define T_Q6_K 14
+#define T_BF16 30
+
+// Every matrix product walks a weight row in chunks of 32 elements (one legacy block, one
+// sub-block of a k-quant super-block).
+#define CHUNK 32
+
+inline float ld_half(global const uchar* p) { return vload_half(0, (global const half*)p); }
+
+inline float ld_bf16(global const uchar* p) {
+  return as_float(((uint)p[0] | ((uint)p[1] << 8)) << 16);
+}
+
+inline uint ld_u32(global const uchar* p) {
+  return (uint)p[0] | ((uint)p[1] << 8) | ((uint)p[2] << 16) | ((uint)p[3] << 24);
+}
+
+// The 6-bit scale and min of sub-block j of a Q4_K / Q5_K super-block (12 packed bytes).
+inline void scale_min_k4(int j, global const uchar* s, float* sc, float* m) {
+  if (j < 4) {
+    *sc = (float)(s[j] & 63);
+    *m = (float)(s[j + 4] & 63);
+  } else {
+    *sc = (float)((s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4));
+    *m = (float)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+  }
+}
+
+// The signed 6-bit scale of sub-block j (of 16) of a Q3_K super-block.
+inline float q3k_scale(global const uchar* s, int j) {
+  const int low = j < 8 ? (s[j] & 0xF) : (s[j - 8] >> 4);
+  const int high = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
+  return (float)((low | (high << 4)) - 32);
+}
+
+// Dot product of chunk c of a weight row (elements 32c .. 32c + 31; for the plain types only the
+// first `left` of them exist) with x[0 .. 32).
+float dot_chunk(int type, global const uchar* row, int c, global const float* x, int left) {
+  float s = 0.0f;
+  switch (type) {
+    case T_F32: {
+      global const float* w = (global const float*)row + c * CHUNK;
+      for (int j = 0; j < min(left, CHUNK); ++j) s += w[j] * x[j];
+      return s;
+    }
+    case T_F16: {
+      global const half* w = (global const half*)row + c * CHUNK;
+      for (int j = 0; j < min(left, CHUNK); ++j) s += vload_half(j, w) * x[j];
+      return s;
+    }
+    case T_BF16: {
+      global const uchar* w = row + c * CHUNK * 2;
+      for (int j = 0; j < min(left, CHUNK); ++j) s += ld_bf16(w + 2 * j) * x[j];
+      return s;
+    }
+    case T_Q4_0: {
+      global const uchar* b = row + c * 18;
+      for (int j = 0; j < 16; ++j) {
+        const uchar q = b[2 + j];
+        s += (float)((q & 0xF) - 8) * x[j] + (float)((q >> 4) - 8) * x[j + 16];
+      }
+      return ld_half(b) * s;
+    }
+    case T_Q4_1: {
+      global const uchar* b = row + c * 20;
+      float sx = 0.0f;
+      for (int j = 0; j < 16; ++j) {
+        const uchar q = b[4 + j];
+        s += (float)(q & 0xF) * x[j] + (float)(q >> 4) * x[j + 16];
+        sx += x[j] + x[j + 16];
+      }
+      return ld_half(b) * s + ld_half(b + 2) * sx;
+    }
+    case T_Q5_0: {
+      global const uchar* b = row + c * 22;
+      const uint qh = ld_u32(b + 2);
+      for (int j = 0; j < 16; ++j) {
+        const uchar q = b[6 + j];
+        const int v0 = ((q & 0xF) | (((qh >> j) & 1) << 4)) - 16;
+        const int v1 = ((q >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16;
+        s += (float)v0 * x[j] + (float)v1 * x[j + 16];
+      }
+      return ld_half(b) * s;
+    }
+    case T_Q5_1: {
+      global const uchar* b = row + c * 24;
+      const uint qh = ld_u32(b + 4);
+      float sx = 0.0f;
+      for (int j = 0; j < 16; ++j) {
+        const uchar q = b[8 + j];
+        const int v0 = (q & 0xF) | (((qh >> j) & 1) << 4);
+        const int v1 = (q >> 4) | (((qh >> (j + 16)) & 1) << 4);
+        s += (float)v0 * x[j] + (float)v1 * x[j + 16];
+        sx += x[j] + x[j + 16];
+      }
+      return ld_half(b) * s + ld_half(b + 2) * sx;
+    }
+    case T_Q8_0: {
+      global const uchar* b = row + c * 34;
+      global const char* q = (global const char*)(b + 2);
+      for (int j = 0; j < CHUNK; ++j) s += (float)q[j] * x[j];
+      return ld_half(b) * s;
+    }
+    case T_Q2_K: {  // 84 bytes: scales[16], qs[64], d, dmin
+      global const uchar* b = row + (c / 8) * 84;
+      const int e = (c % 8) * CHUNK, h = e / 128, sh = (e % 128) / 32;
+      global const uchar* q = b + 16 + 32 * h;
+      float m = 0.0f;
+      for (int half_ = 0; half_ < 2; ++half_) {
+        const uchar sc = b[h * 8 + sh * 2 + half_];
+        float sq = 0.0f, sx = 0.0f;
+        for (int l = 16 * half_; l < 16 * half_ + 16; ++l) {
+          sq += (float)((q[l] >> (2 * sh)) & 3) * x[l];
+          sx += x[l];
+        }
+        s += (float)(sc & 0xF) * sq;
+        m += (float)(sc >> 4) * sx;
+      }
+      return ld_half(b + 80) * s - ld_half(b + 82) * m;
+    }
+    case T_Q3_K: {  // 110 bytes: hmask[32], qs[64], scales[12], d
+      global const uchar* b = row + (c / 8) * 110;
+      const int e = (c % 8) * CHUNK, h = e / 128, sh = (e % 128) / 32;
+      global const uchar* q = b + 32 + 32 * h;
+      const int bit = h * 4 + sh;
+      for (int half_ = 0; half_ < 2; ++half_) {
+        float sq = 0.0f;
+        for (int l = 16 * half_; l < 16 * half_ + 16; ++l) {
+          const int v = ((q[l] >> (2 * sh)) & 3) - (((b[l] >> bit) & 1) ? 0 : 4);
+          sq += (float)v * x[l];
+        }
+        s += q3k_scale(b + 96, h * 8 + sh * 2 + half_) * sq;
+      }
+      return ld_half(b + 108) * s;
+    }
+    case T_Q4_K: {  // 144 bytes: d, dmin, scales[12], qs[128]
+      global const uchar* b = row + (c / 8) * 144;
+      const int j = c % 8;
+      global const uchar* q = b + 16 + 32 * (j / 2);
+      const int shift = (j % 2) * 4;
+      float sc, m, sx = 0.0f;
+      scale_min_k4(j, b + 4, &sc, &m);
+      for (int l = 0; l < CHUNK; ++l) {
+        s += (float)((q[l] >> shift) & 0xF) * x[l];
+        sx += x[l];
+      }
+      return ld_half(b) * sc * s - ld_half(b + 2) * m * sx;
+    }
+    case T_Q5_K: {  // 176 bytes: d, dmin, scales[12], qh[32], qs[128]
+      global const uchar* b = row + (c / 8) * 176;
+      const int j = c % 8;
+      global const uchar* qh = b + 16;
+      global const uchar* q = b + 48 + 32 * (j / 2);
+      const int shift = (j % 2) * 4;
+      float sc, m, sx = 0.0f;
+      scale_min_k4(j, b + 4, &sc, &m);
+      for (int l = 0; l < CHUNK; ++l) {
+        const int v = ((q[l] >> shift) & 0xF) | (((qh[l] >> j) & 1) << 4);
+        s += (float)v * x[l];
+        sx += x[l];
+      }
+      return ld_half(b) * sc * s - ld_half(b + 2) * m * sx;
+    }
+    case T_Q6_K: {  // 210 bytes: ql[128], qh[64], scales[16] (int8), d
+      global const uchar* b = row + (c / 8) * 210;
+      const int j = c % 8, h = j / 4, quarter = j % 4;
+      global const uchar* ql = b + 64 * h + (quarter % 2) * 32;
+      global const uchar* qh = b + 128 + 32 * h;
+      global const char* sc = (global const char*)(b + 192) + 8 * h + 2 * quarter;
+      const int lshift = (quarter / 2) * 4, hshift = 2 * quarter;
+      for (int half_ = 0; half_ < 2; ++half_) {
+        float sq = 0.0f;
+        for (int l = 16 * half_; l < 16 * half_ + 16; ++l) {
+          const int v = (((ql[l] >> lshift) & 0xF) | (((qh[l] >> hshift) & 3) << 4)) - 32;
+          sq += (float)v * x[l];
+        }
+        s += (float)sc[half_] * sq;
+      }
+      return ld_half(b + 208) * s;
+    }
+  }
+  return NAN;  // a type the host never sends
+}
+
+// y[t][o] = W[o] . x[t] for n_out rows of k elements: one work-group of WG items per (row o,
+// token t); each item sums the chunks lid, lid + WG, ... and the group reduces in local memory.
+kernel void mul_mat(global const uchar* w, int type, long row_bytes, int k, global const float* x,
+                    global float* y, int n_out, local float* red) {
+  const int o = get_group_id(0), t = get_global_id(1), lid = get_local_id(0);
+  const int wg = get_local_size(0);
+  global const uchar* row = w + (long)o * row_bytes;
+  global const float* xt = x + (long)t * k;
+  const int n_chunks = (k + CHUNK - 1) / CHUNK;
+  float acc = 0.0f;
+  for (int c = lid; c < n_chunks; c += wg) acc += dot_chunk(type, row, c, xt + c * CHUNK, k - c * CHUNK);
+  red[lid] = acc;
+  barrier(CLK_LOCAL_MEM_FENCE);
+  for (int s = wg / 2; s > 0; s >>= 1) {
+    if (lid < s) red[lid] += red[lid + s];
+    barrier(CLK_LOCAL_MEM_FENCE);
+  }
+  if (lid == 0) y[(long)t * n_out + o] = red[0];
+}
+
+// y[r] = x[rows[r]] * w / rms(x[rows[r]]) for each row r (rows = null: row r itself); one
+// work-group per row.
+kernel void rms_norm(global const float* x, global const int* rows, global const float* w,
+                     global float* y, int n, float eps, local float* red) {
+  const int r = get_group_id(0), lid = get_local_id(0), wg = get_local_size(0);
+  global const float* xr = x + (long)(rows ? rows[r] : r) * n;
+  float acc = 0.0f;
+  for (int i = lid; i < n; i += wg) acc += xr[i] * xr[i];
+  red[lid] = acc;
+  barrier(CLK_LOCAL_MEM_FENCE);
+  for (int s = wg / 2; s > 0; s >>= 1) {
+    if (lid < s) red[lid] += red[lid + s];
+    barrier(CLK_LOCAL_MEM_FENCE);
+  }
+  const float scale = 1.0f / sqrt(red[0] / (float)n + eps);
+  for (int i = lid; i < n; i += wg) y[(long)r * n + i] = xr[i] * scale * w[i];
+}
+
+// y[t][i] += b[i] for dim-wide rows.
+kernel void add_bias(global float* y, global const float* b, int dim) {
+  const long i = get_global_id(0);
+  y[i] += b[i % dim];
+}
+
+kernel void add(global float* y, global const float* x) {
+  const long i = get_global_id(0);
+  y[i] += x[i];
+}
+
+// gate = silu(gate) * up
+kernel void swiglu(global float* gate, global const float* up) {
+  const long i = get_global_id(0);
+  const float g = gate[i];
+  gate[i] = g / (1.0f + exp(-g)) * up[i];
+}
+
+// Rotates pair i of head h of token t by the angle whose (cos, sin) the host computed
+// (cos_sin[t][2i], [2i + 1]): adjacent pairs (llama GGUFs) or halves (NeoX).
+kernel void rope(global float* x, global const float* cos_sin, int n_heads, int head_dim,
+                 int n_rot, int neox) {
+  const int i = get_global_id(0), h = get_global_id(1), t = get_global_id(2);
+  const int half_ = n_rot / 2;
+  global float* v = x + ((long)t * n_heads + h) * head_dim;
+  const float c = cos_sin[(long)t * n_rot + 2 * i], s = cos_sin[(long)t * n_rot + 2 * i + 1];
+  const int ia = neox ? i : 2 * i, ib = neox ? i + half_ : 2 * i + 1;
+  const float a = v[ia], b = v[ib];
+  v[ia] = a * c - b * s;
+  v[ib] = a * s + b * c;
+}
+
+// Stores the dim-wide K (or V) row of token t at cache row rows[t], converted to the cache's
+// type: one work-item per 32 elements (a Q8_0 block).
+kernel void kv_store(global const float* src, global uchar* cache, global const long* rows,
+                     long row_bytes, int dim, int type) {
+  const int blk = get_global_id(0), t = get_global_id(1);
+  global const float* x = src + (long)t * dim + blk * 32;
+  global uchar* row = cache + rows[t] * row_bytes;
+  if (type == T_F32) {
+    for (int j = 0; j < 32; ++j) ((global float*)row)[blk * 32 + j] = x[j];
+  } else if (type == T_F16) {
+    for (int j = 0; j < 32; ++j) vstore_half_rte(x[j], blk * 32 + j, (global half*)row);
+  } else {  // Q8_0, as quantize_row_q8_0: d = amax / 127, q = round(x / d) half away from zero
+    float amax = 0.0f;
+    for (int j = 0; j < 32; ++j) amax = fmax(amax, fabs(x[j]));
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    global uchar* b = row + blk * 34;
+    vstore_half_rte(d, 0, (global half*)b);
+    for (int j = 0; j < 32; ++j) ((global char*)(b + 2))[j] = convert_char_sat(round(x[j] * id));
+  }
+}
+
+// Element i of one head's slice of a cache row.
+inline float kv_at(global const uchar* row, int type, int i) {
+  if (type == T_F32) return ((global const float*)row)[i];
+  if (type == T_F16) return vload_half(i, (global const half*)row);
+  global const uchar* b = row + (i / 32) * 34;
+  return ld_half(b) * (float)((global const char*)(b + 2))[i % 32];
+}
+
+// Causal attention of query head h of token t over the keys of its sequence, in tiles of WG keys
+// with a running (online) softmax. Work-group (WG, 1, 1) per (h, t); head_dim <= 4 * WG.
+// region[t]: the first cache row of token t's sequence; visible[t]: the keys it sees.
+kernel void attention(global const float* q, global float* out, global const uchar* kc,
+                      global const uchar* vc, long row_bytes, long head_bytes, int type,
+                      global const long* region, global const int* visible, int n_head,
+                      int group, int head_dim, float scale, local float* qs, local float* p) {
+  const int lid = get_local_id(0), wg = get_local_size(0);
+  const int h = get_group_id(1), t = get_group_id(2);
+  const long qoff = ((long)t * n_head + h) * head_dim;
+  for (int i = lid; i < head_dim; i += wg) qs[i] = q[qoff + i];
+  barrier(CLK_LOCAL_MEM_FENCE);
+  const int n_vis = visible[t];
+  global const uchar* kbase = kc + region[t] * row_bytes + (long)(h / group) * head_bytes;
+  global const uchar* vbase = vc + region[t] * row_bytes + (long)(h / group) * head_bytes;
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float m = -INFINITY, l = 0.0f;
+  for (int start = 0; start < n_vis; start += wg) {
+    const int j = start + lid;
+    float s = -INFINITY;
+    if (j < n_vis) {
+      global const uchar* krow = kbase + (long)j * row_bytes;
+      s = 0.0f;
+      for (int i = 0; i < head_dim; ++i) s += qs[i] * kv_at(krow, type, i);
+      s *= scale;
+    }
+    p[lid] = s;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    const int n_tile = min(wg, n_vis - start);
+    float tmax = -INFINITY;
+    for (int jj = 0; jj < n_tile; ++jj) tmax = fmax(tmax, p[jj]);
+    const float m_new = fmax(m, tmax);
+    barrier(CLK_LOCAL_MEM_FENCE);
+    p[lid] = j < n_vis ? exp(s - m_new) : 0.0f;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    const float corr = exp(m - m_new);
+    float tsum = 0.0f;
+    for (int jj = 0; jj < n_tile; ++jj) tsum += p[jj];
+    l = l * corr + tsum;
+    for (int r = 0; r < 4; ++r) {
+      const int d = lid + r * wg;
+      if (d >= head_dim) break;
+      float a = acc[r] * corr;
+      for (int jj = 0; jj < n_tile; ++jj) {
+        a += p[jj] * kv_at(vbase + (long)(start + jj) * row_bytes, type, d);
+      }
+      acc[r] = a;
+    }
+    m = m_new;
+    barrier(CLK_LOCAL_MEM_FENCE);
+  }
+  for (int r = 0; r < 4; ++r) {
+    const int d = lid + r * wg;
+    if (d < head_dim) out[qoff + d] = acc[r] / l;
+  }
+}
