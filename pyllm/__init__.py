@@ -36,6 +36,7 @@ from pyllm.errors import (
 
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
     from pyllm.formats.gguf import GGUFReader, GGUFWriter
+    from pyllm.runtime.devices import DeviceInfo, devices
     from pyllm.runtime.llm import LLM, LLMState
     from pyllm.runtime.loaded import LoadedModel
     from pyllm.runtime.sampling import SamplingParams
@@ -46,6 +47,8 @@ _LAZY = {
     "LLM": "pyllm.runtime.llm",
     "LLMState": "pyllm.runtime.llm",
     "LoadedModel": "pyllm.runtime.loaded",
+    "devices": "pyllm.runtime.devices",
+    "DeviceInfo": "pyllm.runtime.devices",
     "SamplingParams": "pyllm.runtime.sampling",
     "Tokenizer": "pyllm.tokenizer",
     "GGUFReader": "pyllm.formats.gguf",
@@ -83,10 +86,12 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "__version__",
+    "devices",
     "ChatTemplateError",
     "ContextError",
     "ConvertError",
     "DeviceError",
+    "DeviceInfo",
     "DownloadError",
     "GGUFError",
     "GGUFReader",

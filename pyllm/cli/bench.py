@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from pyllm.cli.common import count, positive_int
+from pyllm.cli.common import add_offload_args, count, positive_int
 
 
 def add_parser(sub: Any) -> None:
@@ -23,6 +23,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("-t", "--threads", type=positive_int, action="extend", nargs="+",
                    default=None, metavar="N",
                    help="thread counts (several, repeatable; default: physical cores)")
+    add_offload_args(p)
     p.add_argument("-r", "--repetitions", type=positive_int, default=5, metavar="N",
                    help="timed repetitions per test (5)")
     p.add_argument("-o", "--output", choices=("md", "json", "csv"), default="md",
@@ -39,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for model in args.model or [None]:
         for threads in args.threads or [None]:
-            results += bench_model(model, args.n_prompt, args.n_gen, threads, args.repetitions)
+            results += bench_model(model, args.n_prompt, args.n_gen, threads, args.repetitions,
+                                   n_gpu_layers=args.n_gpu_layers, device=args.device)
     print(format_results(results, args.output))
     sys.stdout.flush()
     return 0

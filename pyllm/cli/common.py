@@ -70,6 +70,28 @@ def token_count(text: str) -> int:
     return value
 
 
+def gpu_layers(text: str) -> int:
+    """``-ngl``: llama.cpp's layer count to offload, -1 = every layer and the output."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected -1 or a count >= 0, got {text!r}") from None
+    if not -1 <= value <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"expected -1 (all) or a count from 0 to {MAX_COUNT}, "
+                                         f"got {value}")
+    return value
+
+
+def add_offload_args(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    """-ngl / --device, as llama.cpp spells them."""
+    g.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=gpu_layers,
+                   default=0, metavar="N", help="layers to offload to the GPU, the last N "
+                   "(-1 or more than the model has: all, and the output; default 0)")
+    g.add_argument("--device", default=None, metavar="NAME",
+                   help="device to offload to: opencl, opencl:1, cuda:0, cpu (default: this "
+                   "build's GPU backend; `pyllm info --devices` lists them)")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("-m", "--model", help="GGUF model file (default: the default model, "
@@ -80,6 +102,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="threads (default: physical cores)")
     g.add_argument("-b", "--batch-size", type=positive_int, default=512, metavar="N",
                    help="prompt tokens per forward chunk (default 512)")
+    add_offload_args(g)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -105,4 +128,5 @@ def load_llm(args: argparse.Namespace, verbose: bool = False) -> Any:
     from pyllm.runtime.llm import LLM
 
     return LLM(args.model, n_ctx=args.ctx_size, n_threads=args.threads,
-               n_batch=args.batch_size, verbose=verbose)
+               n_batch=args.batch_size, n_gpu_layers=args.n_gpu_layers, device=args.device,
+               verbose=verbose)

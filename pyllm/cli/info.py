@@ -26,6 +26,8 @@ def add_parser(sub: Any) -> None:
                    help="GGUF file (same as the positional argument)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--no-tensors", action="store_true", help="leave out the tensor table")
+    p.add_argument("--devices", action="store_true",
+                   help="list the backends and devices of this build instead (no model needed)")
     p.set_defaults(run=run)
 
 
@@ -126,7 +128,25 @@ def print_text(s: dict[str, Any], with_tensors: bool, out: Any = sys.stdout) -> 
             w(f"{x['name']:<{width}}  {x['type']:<7} {shape:<22} {x['bytes']:>12,}\n")
 
 
+def print_devices(as_json: bool) -> None:
+    from pyllm.runtime.devices import backends, devices
+
+    found = devices()
+    if as_json:
+        json.dump({"backends": backends(), "devices": [vars(d) for d in found]}, sys.stdout,
+                  indent=2)
+        sys.stdout.write("\n")
+        return
+    print(f"backends of this build: {', '.join(backends())}")
+    for d in found:
+        memory = f"{d.memory / 2**30:.1f} GiB" if d.memory else "host memory"
+        print(f"  {d.backend:<10} {d.name} ({memory}; {d.details})")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.devices:
+        print_devices(args.json)
+        return 0
     if args.model and args.model_opt:
         print("error: give the model either positionally or with -m, not both", file=sys.stderr)
         return 2

@@ -58,8 +58,8 @@ class LLM:
 
     def __init__(self, model_path: str | os.PathLike[str] | None = None, *, n_ctx: int = 2048,
                  n_threads: int | None = None, n_batch: int = DEFAULT_N_BATCH, seed: int = -1,
-                 kv_type: str = DEFAULT_KV_TYPE, repack: bool = True,
-                 verbose: bool = False) -> None:
+                 kv_type: str = DEFAULT_KV_TYPE, repack: bool = True, n_gpu_layers: int = 0,
+                 device: str | None = None, verbose: bool = False) -> None:
         # what can be checked without the file is checked before it is opened
         check_count("n_ctx", n_ctx)
         check_count("n_batch", n_batch)
@@ -71,7 +71,8 @@ class LLM:
         self.verbose = verbose
         self.seed = seed  # default seed of generate/stream/chat/create_* (-1: a random one)
         self._lock = threading.Lock()
-        self.model = LoadedModel(model_path, n_threads=n_threads, repack=repack, verbose=verbose)
+        self.model = LoadedModel(model_path, n_threads=n_threads, repack=repack,
+                                 n_gpu_layers=n_gpu_layers, device=device, verbose=verbose)
         try:
             self._ctx: Any = self.model.new_context(n_ctx, n_batch=n_batch, kv_type=kv_type,
                                                     stacklevel=3)

@@ -23,6 +23,7 @@ from pyllm.errors import ContextError, ModelError, PyllmError, PyllmWarning
 from pyllm.formats.arch import HParams, collect_tensors, read_hparams
 from pyllm.formats.gguf import GGUFReader
 from pyllm.runtime.default_model import resolve_model_path
+from pyllm.runtime.devices import plan_placement
 from pyllm.runtime.footprint import (
     DEFAULT_KV_TYPE,
     MAX_COUNT,
@@ -86,7 +87,10 @@ class LoadedModel:
     (matrices repacked into the rows16 layout are copied, and their file pages handed back), so
     it is near-instant and memory grows only with what the forward touches. ``n_threads`` is
     the default of the contexts made from it (None: the pool's default) and what the repack
-    uses. ``placement``: which backend runs which layers, as ``(backend, first, last)`` ranges
+    uses. ``n_gpu_layers`` / ``device``: llama.cpp's offload (the last N layers, -1 = all and the
+    output, on ``device``, e.g. ``"opencl:0"``; None picks this build's GPU backend), turned into
+    a placement by :func:`pyllm.runtime.devices.plan_placement`. Or ``placement`` itself: which
+    backend runs which layers, as ``(backend, first, last)`` ranges
     in layer order, the head with the last (``pyllm._core.backends()`` names this build's
     backends; the rules are in csrc/model/placement.h); empty puts everything on the CPU. Each
     backend prepares its layers' weights here, once; every context runs them there. Contexts
@@ -94,8 +98,9 @@ class LoadedModel:
     """
 
     def __init__(self, model_path: str | os.PathLike[str] | None = None, *,
-                 n_threads: int | None = None, repack: bool = True,
-                 placement: Sequence[tuple[str, int, int]] = (), verbose: bool = False) -> None:
+                 n_threads: int | None = None, repack: bool = True, n_gpu_layers: int = 0,
+                 device: str | None = None, placement: Sequence[tuple[str, int, int]] = (),
+                 verbose: bool = False) -> None:
         self.n_threads = cap_threads(check_threads(n_threads))
         self.model_path = Path(resolve_model_path(model_path, quiet=not verbose))
         self.verbose = verbose
@@ -106,6 +111,10 @@ class LoadedModel:
             core = core_module()
             self.hparams: HParams = read_hparams(self._reader)
             tensors = collect_tensors(self._reader, self.hparams)
+            if placement and (n_gpu_layers or device is not None):
+                raise ModelError("give either placement or n_gpu_layers / device, not both")
+            if not placement:
+                placement = plan_placement(self.hparams.n_layer, n_gpu_layers, device)
             # The tensors are views of the reader's read-only file mapping, so the pages of
             # the matrices copied into the rows16 layout can be handed back to the page cache.
             self.core: Any = core.Model(self.hparams.to_core(core), tensors.model,

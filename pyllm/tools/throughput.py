@@ -64,10 +64,11 @@ def _time_tg(llm: LLM, first: int, n: int) -> float:
 
 
 def bench_model(path: str | os.PathLike[str] | None, n_prompt: int, n_gen: int,
-                threads: int | None, reps: int) -> list[BenchResult]:
+                threads: int | None, reps: int, n_gpu_layers: int = 0,
+                device: str | None = None) -> list[BenchResult]:
     t0 = time.perf_counter()
     llm = LLM(path, n_ctx=max(n_prompt, n_gen + 1, 16), n_threads=threads,
-              n_batch=max(n_prompt, 1))
+              n_batch=max(n_prompt, 1), n_gpu_layers=n_gpu_layers, device=device)
     load_s = time.perf_counter() - t0
     reader = llm._reader  # noqa: SLF001 - size facts of the file we just loaded
     size = sum(t.nbytes for t in reader.tensors)
