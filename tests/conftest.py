@@ -37,6 +37,30 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
+def _built_backends() -> list[str]:
+    try:
+        from pyllm import _core
+    except ImportError:
+        return ["cpu"]  # the test run reports the missing extension itself
+    return list(_core.backends())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests of a backend run in the build that has it, and the tests of its absence in the
+    build that lacks it; the others are deselected (not skipped: neither is missing anything).
+    .ci/run runs the suite in the default build, then builds the OpenCL variant and runs the
+    ``opencl`` tests there."""
+    has_opencl = "opencl" in _built_backends()
+    keep, drop = [], []
+    for item in items:
+        needs = item.get_closest_marker("opencl") is not None
+        lacks = item.get_closest_marker("without_opencl") is not None
+        (drop if (needs and not has_opencl) or (lacks and has_opencl) else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """SmolLM2-135M-Instruct Q4_1, downloaded once into the pyllm cache (the same one users get)."""

@@ -26,12 +26,16 @@ N_TOKENS = 512
 TEXT = Path(__file__).with_name("data") / "english.txt"
 
 
-@pytest.fixture(scope="module")
-def hf_model(smollm2_path: Path):  # type: ignore[no-untyped-def]
-    """transformers' model of the same GGUF (it dequantizes the weights itself)."""
+def load_hf_model(path: Path):  # type: ignore[no-untyped-def]
+    """transformers' model of a GGUF file (it dequantizes the weights itself), in float32."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32)
+        str(path.parent), gguf_file=path.name, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def hf_model(smollm2_path: Path):  # type: ignore[no-untyped-def]
+    return load_hf_model(smollm2_path)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

@@ -134,3 +134,16 @@ def test_bad_placements_are_refused_with_the_reason(
         smollm2_path: Path, placement: list[tuple[str, int, int]], message: str) -> None:
     with pytest.raises(ModelError, match=message):
         LoadedModel(smollm2_path, n_threads=1, placement=placement)
+
+
+@pytest.mark.without_opencl
+def test_a_build_without_a_gpu_backend_says_which_flag_adds_it(smollm2_path: Path) -> None:
+    from pyllm import DeviceError, devices
+
+    assert [d.backend for d in devices()] == ["cpu"]
+    with pytest.raises(DeviceError, match="no GPU backend.*PYLLM_OPENCL=ON"):
+        LoadedModel(smollm2_path, n_gpu_layers=-1)
+    with pytest.raises(DeviceError, match="no opencl backend.*-DPYLLM_OPENCL=ON"):
+        LoadedModel(smollm2_path, n_gpu_layers=4, device="opencl:0")
+    with pytest.raises(ModelError, match="no backend 'opencl'.*PYLLM_OPENCL=ON"):
+        LoadedModel(smollm2_path, placement=[("opencl", 0, 30)])

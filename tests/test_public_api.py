@@ -17,6 +17,7 @@ import pytest
 import pyllm
 import pyllm.errors
 import pyllm.formats.gguf
+import pyllm.runtime.devices
 import pyllm.runtime.llm
 import pyllm.runtime.loaded
 import pyllm.runtime.sampling
@@ -30,6 +31,8 @@ PUBLIC = {
     "Tokenizer": pyllm.tokenizer.Tokenizer,
     "GGUFReader": pyllm.formats.gguf.GGUFReader,
     "GGUFWriter": pyllm.formats.gguf.GGUFWriter,
+    "devices": pyllm.runtime.devices.devices,
+    "DeviceInfo": pyllm.runtime.devices.DeviceInfo,
     **{name: getattr(pyllm.errors, name) for name in pyllm.errors.__all__},
 }
 

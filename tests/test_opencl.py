@@ -1,0 +1,225 @@
+"""The OpenCL backend (-DPYLLM_OPENCL=ON), on whatever OpenCL device the machine has (CI: PoCL's
+CPU device). Deselected in builds without it (tests/conftest.py); .ci/run builds that variant
+and runs these.
+
+References: the numpy float64 forward (tests/reference) for every weight type, RoPE style and
+bias layout; the CPU backend for the K/V cache types, batches of sequences and saved states; the
+exact model (transformers) and the CPU's greedy text for SmolLM2 with all or half of its layers
+offloaded. Measured on PoCL (2026-12-03): every type within 9.5e-6 (relative to the largest
+logit) of the reference with an F32 cache (the CPU backend's quantized kernels: up to 3.5e-3);
+SmolLM2 mean KL to transformers 3.0e-7 all offloaded, 5.4e-7 half (CPU: 7.0e-7).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pyllm import DeviceError, LoadedModel, ModelError, _core
+from pyllm.formats.gguf import GGMLType as T
+from pyllm.runtime.devices import devices, plan_placement
+from pyllm.runtime.llm import LLM
+from tests.reference import LlamaRef
+from tests.tiny_models import TinySpec, write_tiny
+
+pytestmark = pytest.mark.opencl
+
+TOKENS = [1, 5, 77, 12, 130, 4, 9, 66, 3, 150, 21]
+WEIGHT_TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K,
+                T.Q4_K, T.Q5_K, T.Q6_K]
+REF_BOUND = 2e-5  # measured at most 9.5e-6 (Q5_K llama)
+
+
+def _spec(wtype: T, arch: str = "llama") -> TinySpec:
+    # 256-wide rows so that the k-quants (256-element super-blocks) fit every matrix
+    return TinySpec(arch=arch, biases=arch == "qwen2", n_embd=256, n_head=8, n_head_kv=2,
+                    n_ff=512, wtype=wtype, n_layer=2)
+
+
+def _logits(model: LoadedModel, kv_type: str = "f32", tokens: list[int] = TOKENS,
+            n_batch: int = 4) -> np.ndarray:
+    ctx = _core.Context(model.core, n_ctx=32, n_batch=n_batch,
+                        kv_type=_core.KVType.__members__[kv_type])
+    return ctx.decode(np.array(tokens, np.int32), logits="all")
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_devices_list_the_opencl_device() -> None:
+    found = [d for d in devices() if d.backend.startswith("opencl:")]
+    assert found and found[0].backend == "opencl:0" and found[0].memory > 0
+    assert "opencl" in _core.backends()
+    out = subprocess.run([sys.executable, "-m", "pyllm", "info", "--devices"], capture_output=True,
+                         text=True, check=True, cwd="/").stdout
+    assert "opencl:0" in out and found[0].name in out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # adjacent / NeoX RoPE; qwen2 has biases
+@pytest.mark.parametrize("wtype", WEIGHT_TYPES, ids=lambda t: t.name)
+def test_every_weight_type_matches_the_float64_reference(tmp_path: Path, wtype: T,
+                                                         arch: str) -> None:
+    path = write_tiny(tmp_path / "m.gguf", _spec(wtype, arch))
+    want = LlamaRef(str(path)).forward(TOKENS)
+    with LoadedModel(path, n_threads=2, n_gpu_layers=-1, device="opencl") as m:
+        assert m.core.placement == [("opencl:0", 0, 2)]
+        got = _logits(m)
+    assert _rel(got, want) < REF_BOUND
+    # negative control: the bound sees an error as small as the logits rounded to f16
+    assert _rel(got.astype(np.float16).astype(np.float32), want) > REF_BOUND
+
+
+@pytest.mark.parametrize("kv_type,bound", [("f16", 5e-4), ("q8_0", 1e-2)])
+def test_kv_cache_types_store_what_the_cpu_stores(tmp_path: Path, kv_type: str,
+                                                  bound: float) -> None:
+    """F32 weights (where the CPU is exact too): the cache's rounding is the only difference
+    from the reference, and it must be the CPU's (measured: f16 4.5e-5, q8_0 2.1e-3)."""
+    path = write_tiny(tmp_path / "m.gguf", _spec(T.F32))
+    with LoadedModel(path, n_threads=2) as cpu, \
+            LoadedModel(path, n_threads=2, n_gpu_layers=-1, device="opencl") as ocl:
+        want = _logits(cpu, kv_type)
+        assert _rel(_logits(ocl, kv_type), want) < bound
+        # negative control: another cache type is told apart
+        other = "f16" if kv_type == "q8_0" else "q8_0"
+        assert _rel(_logits(ocl, other), want) > bound
+
+
+def test_sequences_in_one_batch_match_each_alone(tmp_path: Path) -> None:
+    """decode_batch with several sequences (the server's continuous batching) on the device:
+    each sequence's logits as if it ran alone."""
+    path = write_tiny(tmp_path / "m.gguf", _spec(T.Q4_K))
+    seqs = [TOKENS[:4], TOKENS[4:9], TOKENS[9:]]
+    with LoadedModel(path, n_threads=2, n_gpu_layers=-1, device="opencl") as m:
+        alone = [_logits(m, tokens=s) for s in seqs]
+        ctx = _core.Context(m.core, n_ctx=16, n_batch=5, n_seq=3, kv_type=_core.KVType.f32)
+        toks = np.array(sum(seqs, []), np.int32)
+        ids = np.array(sum(([i] * len(s) for i, s in enumerate(seqs)), []), np.int32)
+        out = ctx.decode_batch(toks, ids, np.ones(len(toks), np.uint8))
+    np.testing.assert_allclose(out, np.concatenate(alone), rtol=0, atol=1e-5 * np.abs(out).max())
+
+
+def test_state_moves_between_the_device_and_the_cpu(tmp_path: Path) -> None:
+    path = write_tiny(tmp_path / "m.gguf", _spec(T.F32))
+    with LoadedModel(path, n_threads=2) as cpu, \
+            LoadedModel(path, n_threads=2, n_gpu_layers=1, device="opencl") as half:
+        assert half.core.placement == [("cpu", 0, 1), ("opencl:0", 1, 2), ("cpu", 2, 2)]
+        a = _core.Context(half.core, n_ctx=32, kv_type=_core.KVType.f32)
+        a.decode(np.array(TOKENS, np.int32), logits="last")
+        b = _core.Context(cpu.core, n_ctx=32, kv_type=_core.KVType.f32)
+        b.load_state(a.save_state())
+        nxt = np.array([42], np.int32)
+        moved, stayed = b.decode(nxt, logits="last"), a.decode(nxt, logits="last")
+        whole = _core.Context(cpu.core, n_ctx=32, kv_type=_core.KVType.f32)
+        want = whole.decode(np.array(TOKENS + [42], np.int32), logits="last")
+        assert _rel(moved, want) < 1e-5 and _rel(stayed, want) < 1e-5
+        # negative control: a state that lost its device rows does not continue the same way
+        c = _core.Context(cpu.core, n_ctx=32, kv_type=_core.KVType.f32)
+        c.decode(np.array(TOKENS[:1] * len(TOKENS), np.int32), logits="last")
+        assert _rel(c.decode(nxt, logits="last"), want) > 1e-3
+
+
+def test_placement_of_n_gpu_layers_follows_llama_cpp() -> None:
+    assert plan_placement(30, 0, "opencl") == []
+    assert plan_placement(30, 10, "opencl") == [("cpu", 0, 20), ("opencl", 20, 30),
+                                                ("cpu", 30, 30)]
+    assert plan_placement(30, 30, None) == [("opencl", 0, 30), ("cpu", 30, 30)]
+    assert plan_placement(30, 31, None) == plan_placement(30, -1, None) == [("opencl", 0, 30)]
+    assert plan_placement(30, -1, "cpu") == []
+    with pytest.raises(ModelError, match="n_gpu_layers"):
+        plan_placement(30, -2, "opencl")
+
+
+def test_devices_that_cannot_be_had_are_typed_errors(tmp_path: Path) -> None:
+    path = write_tiny(tmp_path / "m.gguf", _spec(T.Q8_0))
+    with pytest.raises(DeviceError, match="no cuda backend.*PYLLM_CUDA=ON"):
+        LoadedModel(path, n_gpu_layers=-1, device="cuda:0")
+    with pytest.raises(DeviceError, match="OpenCL device 9 does not exist"):
+        LoadedModel(path, n_gpu_layers=-1, device="opencl:9")
+    # not enough device memory: the need and the room are named, and a later load works
+    env = {**os.environ, "PYLLM_TEST_DEVICE_MEMORY": "4096"}
+    code = ("import pyllm\n"
+            f"try: pyllm.LoadedModel({str(path)!r}, n_gpu_layers=-1, device='opencl')\n"
+            "except pyllm.DeviceError as e: print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, cwd="/").stdout
+    assert "need" in out and "but the device has 0 MiB; offload fewer layers" in out
+    # no device: the filters match nothing
+    env = {**os.environ, "PYLLM_OPENCL_DEVICE": "no such device"}
+    code = code.replace("4096", "")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, cwd="/").stdout
+    assert "no OpenCL device found" in out
+
+
+# ---- SmolLM2 end to end -------------------------------------------------------------------
+
+PROMPTS = ["The three primary colours are", "To make a cup of tea, first",
+           "The largest planet in our solar system is", "def fibonacci(n):",
+           "Once upon a time, in a small village,"]
+
+
+@pytest.fixture(scope="module")
+def cpu_text(smollm2_path: Path) -> Iterator[dict[str, str]]:
+    with LLM(smollm2_path, n_ctx=128, n_threads=2) as llm:
+        yield {p: llm.generate(p, max_tokens=32, temperature=0) for p in PROMPTS}
+
+
+@pytest.mark.slow
+@pytest.mark.model
+@pytest.mark.parametrize("n_gpu_layers", [-1, 15])
+def test_smollm2_greedy_text_equals_the_cpu(smollm2_path: Path, cpu_text: dict[str, str],
+                                            n_gpu_layers: int) -> None:
+    with LLM(smollm2_path, n_ctx=128, n_threads=2, n_gpu_layers=n_gpu_layers,
+             device="opencl") as llm:
+        got = {p: llm.generate(p, max_tokens=32, temperature=0) for p in PROMPTS}
+    assert got == cpu_text
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_cli_run_offloaded_prints_the_cpu_text(smollm2_path: Path,
+                                               cpu_text: dict[str, str]) -> None:
+    prompt = PROMPTS[0]
+    cmd = [sys.executable, "-m", "pyllm", "run", "-m", str(smollm2_path), "-p", prompt, "-n", "32",
+           "--temp", "0", "-c", "128"]
+    out = subprocess.run([*cmd, "-ngl", "-1", "--device", "opencl"], capture_output=True,
+                         text=True, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (prompt + cpu_text[prompt]).strip()
+    bad = subprocess.run([*cmd, "-ngl", "-1", "--device", "cuda"], capture_output=True, text=True,
+                         cwd="/")
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "PYLLM_CUDA" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    flag = subprocess.run([*cmd, "-ngl", "-3"], capture_output=True, text=True, cwd="/")
+    assert flag.returncode == 2 and "-ngl" in flag.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.model
+@pytest.mark.parametrize("n_gpu_layers", [-1, 15])
+def test_smollm2_kl_to_the_exact_model_meets_the_cpu_bars(smollm2_path: Path,
+                                                          n_gpu_layers: int) -> None:
+    """The CPU's bars of tests/test_kl.py (mean KL < 7e-6, max < 1.25e-4, at most one top-1
+    flip in 512) over the same 512 tokens; the issue asked for < 1.5e-3."""
+    import torch
+
+    from tests.test_kl import N_TOKENS, TEXT, kl_stats, load_hf_model, within_bars
+
+    model = load_hf_model(smollm2_path)
+    with LLM(smollm2_path, n_ctx=N_TOKENS, n_threads=2, n_gpu_layers=n_gpu_layers,
+             device="opencl") as llm:
+        tokens = llm.tokenize(TEXT.read_text(encoding="utf-8"), add_special=False)[:N_TOKENS]
+        ours = llm.logits(tokens)
+    with torch.no_grad():
+        want = model(torch.tensor([tokens])).logits[0].double().numpy()
+    stats = kl_stats(want, ours)
+    print(f"OpenCL -ngl {n_gpu_layers}: mean KL {stats[0]:.2e}, max {stats[1]:.2e}, "
+          f"top-1 {100 * stats[2]:.2f} %")
+    assert within_bars(stats), stats
