@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from pyllm import DeviceError, LoadedModel, ModelError, _core
 from pyllm.formats.gguf import GGMLType as T
 from pyllm.runtime.devices import devices, plan_placement
 from pyllm.runtime.llm import LLM
+from tests.conftest import HANG_GUARD
 from tests.reference import LlamaRef
 from tests.tiny_models import TinySpec, write_tiny
 
@@ -223,3 +224,38 @@ def test_smollm2_kl_to_the_exact_model_meets_the_cpu_bars(smollm2_path: Path,
     print(f"OpenCL -ngl {n_gpu_layers}: mean KL {stats[0]:.2e}, max {stats[1]:.2e}, "
           f"top-1 {100 * stats[2]:.2f} %")
     assert within_bars(stats), stats
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_the_batching_engine_runs_offloaded_layers(smollm2_path: Path,
+                                                   cpu_text: dict[str, str]) -> None:
+    """The server's engine (continuous batching over 3 slots) on a model with every layer on
+    the device: each of several concurrent greedy requests gets the CPU's text."""
+    import threading
+
+    from pyllm.runtime.sampling import SamplingParams
+    from pyllm.server.engine import DoneEvent, Engine, Request, TokenEvent
+
+    with LoadedModel(smollm2_path, n_threads=2, n_gpu_layers=-1, device="opencl") as model:
+        eng = Engine(model, n_parallel=3, n_ctx=128)
+        try:
+            texts = {p: "" for p in PROMPTS[:3]}
+            done = {p: threading.Event() for p in texts}
+
+            def collect(prompt: str) -> Callable[[object], None]:
+                def on_event(ev: object) -> None:
+                    if isinstance(ev, TokenEvent):
+                        texts[prompt] += ev.text
+                    elif isinstance(ev, DoneEvent):
+                        done[prompt].set()
+                return on_event
+
+            for p in texts:
+                ids = model.tokenizer.encode(p, add_special=True, parse_special=False)
+                eng.submit(Request(ids, SamplingParams(temperature=0.0), collect(p), max_tokens=32))
+            for p in texts:
+                assert done[p].wait(HANG_GUARD), f"hung on {p!r}"
+        finally:
+            eng.stop()
+    assert texts == {p: cpu_text[p] for p in texts}

@@ -24,6 +24,10 @@ using opencl::Queue;
 using opencl::Runtime;
 
 constexpr size_t kWG = 64;  // work-group of the reductions, the matrix rows and attention tiles
+// mul_mat_tiled (kernels.cl): TILE x TILE work-groups over 2 TILE rows x 2 TILE tokens, used
+// from this many tokens on.
+constexpr size_t kTile = 8, kTileRows = 2 * kTile;
+constexpr int kTiledFrom = 4;
 
 std::string mib(uint64_t bytes) {
   return std::to_string((bytes + (1 << 19)) >> 20) + " MiB";
@@ -177,7 +181,7 @@ class OpenCLDevice final : public Device {
   const ClWeights& w;
   ContextParams params;
   Queue queue;
-  Kernel k_mul_mat, k_rms_norm, k_add_bias, k_add, k_swiglu, k_rope, k_kv_store, k_attention;
+  Kernel k_mul_mat, k_mul_mat_tiled, k_rms_norm, k_add_bias, k_add, k_swiglu, k_rope, k_kv_store, k_attention;
   Buffer x, xb, q, k, v, att, gate, up, rope, kv_rows, region, visible;
   std::vector<cl_long> host_rows, host_region;
 
@@ -191,8 +195,18 @@ class OpenCLDevice final : public Device {
     }
   }
 
-  // Product of the n rows of xin with matrix m into yout (n x m.rows).
+  // Product of the n rows of xin with matrix m into yout (n x m.rows): one work-group per row
+  // and token for a few tokens (decode), tiles of rows x tokens for more (prefill).
   void mul_mat(const Tensor& m, const Buffer& xin, int n, const Buffer& yout) {
+    if (n >= kTiledFrom) {
+      k_mul_mat_tiled.args(m.buf, static_cast<cl_int>(m.type), m.row_bytes(),
+                           static_cast<cl_int>(m.cols), xin, yout, static_cast<cl_int>(m.rows),
+                           static_cast<cl_int>(n));
+      const size_t rows = (static_cast<size_t>(m.rows) + kTileRows - 1) / kTileRows;
+      const size_t toks = (static_cast<size_t>(n) + kTileRows - 1) / kTileRows;
+      queue.run(k_mul_mat_tiled, {rows * kTile, toks * kTile}, {kTile, kTile});
+      return;
+    }
     k_mul_mat.args(m.buf, static_cast<cl_int>(m.type), m.row_bytes(), static_cast<cl_int>(m.cols),
                    xin, yout, static_cast<cl_int>(m.rows), Local{kWG * sizeof(float)});
     queue.run(k_mul_mat, {static_cast<size_t>(m.rows) * kWG, static_cast<size_t>(n)}, {kWG, 1});
@@ -250,6 +264,7 @@ OpenCLDevice::OpenCLDevice(const OpenCLBackend& backend, Runtime& runtime, const
       params(p),
       queue(runtime),
       k_mul_mat(runtime.program(), "mul_mat"),
+      k_mul_mat_tiled(runtime.program(), "mul_mat_tiled"),
       k_rms_norm(runtime.program(), "rms_norm"),
       k_add_bias(runtime.program(), "add_bias"),
       k_add(runtime.program(), "add"),

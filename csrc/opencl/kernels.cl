@@ -54,133 +54,115 @@ inline float q3k_scale(global const uchar* s, int j) {
   return (float)((low | (high << 4)) - 32);
 }
 
-// Dot product of chunk c of a weight row (elements 32c .. 32c + 31; for the plain types only the
-// first `left` of them exist) with x[0 .. 32).
-float dot_chunk(int type, global const uchar* row, int c, global const float* x, int left) {
-  float s = 0.0f;
+// The 32 values of chunk c of a weight row (elements 32c .. 32c + 31; for the plain types only
+// the first `left` of them exist, the rest read as 0). Each value is the format's exact
+// dequantization in F32 (a half scale times a small integer, minus a half min times one).
+void deq_chunk(int type, global const uchar* row, int c, int left, float* out) {
   switch (type) {
     case T_F32: {
       global const float* w = (global const float*)row + c * CHUNK;
-      for (int j = 0; j < min(left, CHUNK); ++j) s += w[j] * x[j];
-      return s;
+      for (int j = 0; j < CHUNK; ++j) out[j] = j < left ? w[j] : 0.0f;
+      return;
     }
     case T_F16: {
       global const half* w = (global const half*)row + c * CHUNK;
-      for (int j = 0; j < min(left, CHUNK); ++j) s += vload_half(j, w) * x[j];
-      return s;
+      for (int j = 0; j < CHUNK; ++j) out[j] = j < left ? vload_half(j, w) : 0.0f;
+      return;
     }
     case T_BF16: {
       global const uchar* w = row + c * CHUNK * 2;
-      for (int j = 0; j < min(left, CHUNK); ++j) s += ld_bf16(w + 2 * j) * x[j];
-      return s;
+      for (int j = 0; j < CHUNK; ++j) out[j] = j < left ? ld_bf16(w + 2 * j) : 0.0f;
+      return;
     }
     case T_Q4_0: {
       global const uchar* b = row + c * 18;
+      const float d = ld_half(b);
       for (int j = 0; j < 16; ++j) {
         const uchar q = b[2 + j];
-        s += (float)((q & 0xF) - 8) * x[j] + (float)((q >> 4) - 8) * x[j + 16];
+        out[j] = d * (float)((q & 0xF) - 8);
+        out[j + 16] = d * (float)((q >> 4) - 8);
       }
-      return ld_half(b) * s;
+      return;
     }
     case T_Q4_1: {
       global const uchar* b = row + c * 20;
-      float sx = 0.0f;
+      const float d = ld_half(b), m = ld_half(b + 2);
       for (int j = 0; j < 16; ++j) {
         const uchar q = b[4 + j];
-        s += (float)(q & 0xF) * x[j] + (float)(q >> 4) * x[j + 16];
-        sx += x[j] + x[j + 16];
+        out[j] = d * (float)(q & 0xF) + m;
+        out[j + 16] = d * (float)(q >> 4) + m;
       }
-      return ld_half(b) * s + ld_half(b + 2) * sx;
+      return;
     }
     case T_Q5_0: {
       global const uchar* b = row + c * 22;
+      const float d = ld_half(b);
       const uint qh = ld_u32(b + 2);
       for (int j = 0; j < 16; ++j) {
         const uchar q = b[6 + j];
-        const int v0 = ((q & 0xF) | (((qh >> j) & 1) << 4)) - 16;
-        const int v1 = ((q >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16;
-        s += (float)v0 * x[j] + (float)v1 * x[j + 16];
+        // (int): qh is unsigned, and the subtraction must not wrap
+        out[j] = d * (float)((int)((q & 0xF) | (((qh >> j) & 1) << 4)) - 16);
+        out[j + 16] = d * (float)((int)((q >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
       }
-      return ld_half(b) * s;
+      return;
     }
     case T_Q5_1: {
       global const uchar* b = row + c * 24;
+      const float d = ld_half(b), m = ld_half(b + 2);
       const uint qh = ld_u32(b + 4);
-      float sx = 0.0f;
       for (int j = 0; j < 16; ++j) {
         const uchar q = b[8 + j];
-        const int v0 = (q & 0xF) | (((qh >> j) & 1) << 4);
-        const int v1 = (q >> 4) | (((qh >> (j + 16)) & 1) << 4);
-        s += (float)v0 * x[j] + (float)v1 * x[j + 16];
-        sx += x[j] + x[j + 16];
+        out[j] = d * (float)((q & 0xF) | (((qh >> j) & 1) << 4)) + m;
+        out[j + 16] = d * (float)((q >> 4) | (((qh >> (j + 16)) & 1) << 4)) + m;
       }
-      return ld_half(b) * s + ld_half(b + 2) * sx;
+      return;
     }
     case T_Q8_0: {
       global const uchar* b = row + c * 34;
+      const float d = ld_half(b);
       global const char* q = (global const char*)(b + 2);
-      for (int j = 0; j < CHUNK; ++j) s += (float)q[j] * x[j];
-      return ld_half(b) * s;
+      for (int j = 0; j < CHUNK; ++j) out[j] = d * (float)q[j];
+      return;
     }
     case T_Q2_K: {  // 84 bytes: scales[16], qs[64], d, dmin
       global const uchar* b = row + (c / 8) * 84;
       const int e = (c % 8) * CHUNK, h = e / 128, sh = (e % 128) / 32;
       global const uchar* q = b + 16 + 32 * h;
-      float m = 0.0f;
-      for (int half_ = 0; half_ < 2; ++half_) {
-        const uchar sc = b[h * 8 + sh * 2 + half_];
-        float sq = 0.0f, sx = 0.0f;
-        for (int l = 16 * half_; l < 16 * half_ + 16; ++l) {
-          sq += (float)((q[l] >> (2 * sh)) & 3) * x[l];
-          sx += x[l];
-        }
-        s += (float)(sc & 0xF) * sq;
-        m += (float)(sc >> 4) * sx;
+      const float d = ld_half(b + 80), dmin = ld_half(b + 82);
+      for (int l = 0; l < CHUNK; ++l) {
+        const uchar sc = b[h * 8 + sh * 2 + l / 16];
+        out[l] = d * (float)(sc & 0xF) * (float)((q[l] >> (2 * sh)) & 3) -
+                 dmin * (float)(sc >> 4);
       }
-      return ld_half(b + 80) * s - ld_half(b + 82) * m;
+      return;
     }
     case T_Q3_K: {  // 110 bytes: hmask[32], qs[64], scales[12], d
       global const uchar* b = row + (c / 8) * 110;
       const int e = (c % 8) * CHUNK, h = e / 128, sh = (e % 128) / 32;
       global const uchar* q = b + 32 + 32 * h;
       const int bit = h * 4 + sh;
-      for (int half_ = 0; half_ < 2; ++half_) {
-        float sq = 0.0f;
-        for (int l = 16 * half_; l < 16 * half_ + 16; ++l) {
-          const int v = ((q[l] >> (2 * sh)) & 3) - (((b[l] >> bit) & 1) ? 0 : 4);
-          sq += (float)v * x[l];
-        }
-        s += q3k_scale(b + 96, h * 8 + sh * 2 + half_) * sq;
-      }
-      return ld_half(b + 108) * s;
-    }
-    case T_Q4_K: {  // 144 bytes: d, dmin, scales[12], qs[128]
-      global const uchar* b = row + (c / 8) * 144;
-      const int j = c % 8;
-      global const uchar* q = b + 16 + 32 * (j / 2);
-      const int shift = (j % 2) * 4;
-      float sc, m, sx = 0.0f;
-      scale_min_k4(j, b + 4, &sc, &m);
+      const float d = ld_half(b + 108);
       for (int l = 0; l < CHUNK; ++l) {
-        s += (float)((q[l] >> shift) & 0xF) * x[l];
-        sx += x[l];
+        const int v = ((q[l] >> (2 * sh)) & 3) - (((b[l] >> bit) & 1) ? 0 : 4);
+        out[l] = d * q3k_scale(b + 96, h * 8 + sh * 2 + l / 16) * (float)v;
       }
-      return ld_half(b) * sc * s - ld_half(b + 2) * m * sx;
+      return;
     }
+    case T_Q4_K:    // 144 bytes: d, dmin, scales[12], qs[128]
     case T_Q5_K: {  // 176 bytes: d, dmin, scales[12], qh[32], qs[128]
-      global const uchar* b = row + (c / 8) * 176;
+      const bool five = type == T_Q5_K;
+      global const uchar* b = row + (c / 8) * (five ? 176 : 144);
       const int j = c % 8;
-      global const uchar* qh = b + 16;
-      global const uchar* q = b + 48 + 32 * (j / 2);
+      global const uchar* q = b + (five ? 48 : 16) + 32 * (j / 2);
       const int shift = (j % 2) * 4;
-      float sc, m, sx = 0.0f;
+      float sc, m;
       scale_min_k4(j, b + 4, &sc, &m);
+      const float d = ld_half(b) * sc, dm = ld_half(b + 2) * m;
       for (int l = 0; l < CHUNK; ++l) {
-        const int v = ((q[l] >> shift) & 0xF) | (((qh[l] >> j) & 1) << 4);
-        s += (float)v * x[l];
-        sx += x[l];
+        const int v = ((q[l] >> shift) & 0xF) | (five ? (((b[16 + l] >> j) & 1) << 4) : 0);
+        out[l] = d * (float)v - dm;
       }
-      return ld_half(b) * sc * s - ld_half(b + 2) * m * sx;
+      return;
     }
     case T_Q6_K: {  // 210 bytes: ql[128], qh[64], scales[16] (int8), d
       global const uchar* b = row + (c / 8) * 210;
@@ -189,18 +171,15 @@ float dot_chunk(int type, global const uchar* row, int c, global const float* x,
       global const uchar* qh = b + 128 + 32 * h;
       global const char* sc = (global const char*)(b + 192) + 8 * h + 2 * quarter;
       const int lshift = (quarter / 2) * 4, hshift = 2 * quarter;
-      for (int half_ = 0; half_ < 2; ++half_) {
-        float sq = 0.0f;
-        for (int l = 16 * half_; l < 16 * half_ + 16; ++l) {
-          const int v = (((ql[l] >> lshift) & 0xF) | (((qh[l] >> hshift) & 3) << 4)) - 32;
-          sq += (float)v * x[l];
-        }
-        s += (float)sc[half_] * sq;
+      const float d = ld_half(b + 208);
+      for (int l = 0; l < CHUNK; ++l) {
+        const int v = (((ql[l] >> lshift) & 0xF) | (((qh[l] >> hshift) & 3) << 4)) - 32;
+        out[l] = d * (float)sc[l / 16] * (float)v;
       }
-      return ld_half(b + 208) * s;
+      return;
     }
   }
-  return NAN;  // a type the host never sends
+  for (int l = 0; l < CHUNK; ++l) out[l] = NAN;  // a type the host never sends
 }
 
 // y[t][o] = W[o] . x[t] for n_out rows of k elements: one work-group of WG items per (row o,
@@ -213,7 +192,13 @@ kernel void mul_mat(global const uchar* w, int type, long row_bytes, int k, glob
   global const float* xt = x + (long)t * k;
   const int n_chunks = (k + CHUNK - 1) / CHUNK;
   float acc = 0.0f;
-  for (int c = lid; c < n_chunks; c += wg) acc += dot_chunk(type, row, c, xt + c * CHUNK, k - c * CHUNK);
+  float w_[CHUNK];
+  for (int c = lid; c < n_chunks; c += wg) {
+    deq_chunk(type, row, c, k - c * CHUNK, w_);
+    global const float* xc = xt + c * CHUNK;
+    const int n = min(CHUNK, k - c * CHUNK);
+    for (int j = 0; j < n; ++j) acc += w_[j] * xc[j];
+  }
   red[lid] = acc;
   barrier(CLK_LOCAL_MEM_FENCE);
   for (int s = wg / 2; s > 0; s >>= 1) {
@@ -221,6 +206,54 @@ kernel void mul_mat(global const uchar* w, int type, long row_bytes, int k, glob
     barrier(CLK_LOCAL_MEM_FENCE);
   }
   if (lid == 0) y[(long)t * n_out + o] = red[0];
+}
+
+// The same product for many tokens (prefill): a work-group of TILE x TILE items computes a tile of
+// 2 TILE rows x 2 TILE tokens, staging one 32-element chunk of the rows (decoded) and of the
+// tokens in local memory per step, so each weight is decoded once per 2 TILE tokens.
+#define TILE 8
+#define TR (2 * TILE)
+kernel void mul_mat_tiled(global const uchar* w, int type, long row_bytes, int k,
+                          global const float* x, global float* y, int n_out, int n_tok) {
+  local float ws[TR][CHUNK + 1];
+  local float xs[TR][CHUNK + 1];
+  const int lr = get_local_id(0), lt = get_local_id(1);
+  const int r0 = get_group_id(0) * TR, t0 = get_group_id(1) * TR;
+  const int lin = lt * TILE + lr;  // 0 .. TILE * TILE - 1
+  const int n_chunks = (k + CHUNK - 1) / CHUNK;
+  float acc[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+  for (int c = 0; c < n_chunks; ++c) {
+    if (lin < TR) {  // TR items decode one row's chunk each
+      float v[CHUNK];
+      const int r = r0 + lin;
+      if (r < n_out) {
+        deq_chunk(type, w + (long)r * row_bytes, c, k - c * CHUNK, v);
+      } else {
+        for (int j = 0; j < CHUNK; ++j) v[j] = 0.0f;
+      }
+      for (int j = 0; j < CHUNK; ++j) ws[lin][j] = v[j];
+    }
+    for (int i = lin; i < TR * CHUNK; i += TILE * TILE) {  // the tokens' chunk
+      const int tt = i / CHUNK, j = i % CHUNK, t = t0 + tt, e = c * CHUNK + j;
+      xs[tt][j] = (t < n_tok && e < k) ? x[(long)t * k + e] : 0.0f;
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int j = 0; j < CHUNK; ++j) {
+      const float w0 = ws[lr][j], w1 = ws[lr + TILE][j];
+      const float x0 = xs[lt][j], x1 = xs[lt + TILE][j];
+      acc[0][0] += w0 * x0;
+      acc[0][1] += w0 * x1;
+      acc[1][0] += w1 * x0;
+      acc[1][1] += w1 * x1;
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+  }
+  for (int a = 0; a < 2; ++a) {
+    for (int b = 0; b < 2; ++b) {
+      const int r = r0 + lr + a * TILE, t = t0 + lt + b * TILE;
+      if (r < n_out && t < n_tok) y[(long)t * n_out + r] = acc[a][b];
+    }
+  }
 }
 
 // y[r] = x[rows[r]] * w / rms(x[rows[r]]) for each row r (rows = null: row r itself); one
