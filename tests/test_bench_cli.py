@@ -24,7 +24,8 @@ from pyllm.tools.throughput import BenchResult
 from tests.tiny_models import TinySpec, write_tiny
 
 FIELDS = list(BenchResult.__dataclass_fields__)
-MD_HEADER = ["model", "size", "params", "threads", "test", "t/s", "load s", "peak RSS MiB"]
+MD_HEADER = ["model", "size", "params", "backend", "threads", "test", "t/s", "load s",
+             "peak RSS MiB"]
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +95,12 @@ def test_markdown(capsys: pytest.CaptureFixture[str], models: list[Path]) -> Non
     assert all(set(c) <= set("-: ") for c in cells[1]) and len(cells[1]) == len(MD_HEADER)
     body = cells[2:]
     # -p 0 skips prompt processing; thread counts run in the order given
-    assert [(c[0], int(c[3]), c[4]) for c in body] == \
+    assert [(c[0], int(c[4]), c[5]) for c in body] == \
         expected_rows(models[:1], [2, 1], ["tg2"])
+    assert {c[3] for c in body} == {"cpu"}  # every layer on the CPU
     for c in body:
         assert len(c) == len(MD_HEADER)
-        mean, stdev = c[5].split(" ± ")
+        mean, stdev = c[6].split(" ± ")
         assert float(mean) > 0 and float(stdev) >= 0
         assert c[1].endswith(" MiB") and c[2].endswith(" M")
 

@@ -12,6 +12,7 @@ SmolLM2 mean KL to transformers 3.0e-7 all offloaded, 5.4e-7 half (CPU: 7.0e-7).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -259,3 +260,17 @@ def test_the_batching_engine_runs_offloaded_layers(smollm2_path: Path,
         finally:
             eng.stop()
     assert texts == {p: cpu_text[p] for p in texts}
+
+
+def test_bench_reports_where_the_layers_ran(tmp_path: Path) -> None:
+    path = write_tiny(tmp_path / "m.gguf", _spec(T.Q4_0))
+    cmd = [sys.executable, "-m", "pyllm", "bench", "-m", str(path), "-p", "8", "-n", "2", "-r", "1",
+           "-o", "json"]
+    rows = {}
+    for ngl in ("-1", "1", "0"):
+        out = subprocess.run([*cmd, "-ngl", ngl, "--device", "opencl"], capture_output=True,
+                             text=True, cwd="/")
+        assert out.returncode == 0, out.stderr
+        rows[ngl] = {(r["backend"], r["threads"] > 0) for r in json.loads(out.stdout)}
+    assert rows == {"-1": {("opencl:0", False)}, "1": {("cpu+opencl:0", True)},
+                    "0": {("cpu", True)}}

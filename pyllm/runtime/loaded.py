@@ -132,6 +132,13 @@ class LoadedModel:
             raise
 
     @property
+    def placement(self) -> list[tuple[str, int, int]]:
+        """Where the layers run: ``(backend, first, last)`` ranges, the head with the last."""
+        if self.core is None:
+            raise ModelError("this model has been closed")
+        return list(self.core.placement)
+
+    @property
     def n_vocab(self) -> int:
         return self.hparams.n_vocab
 

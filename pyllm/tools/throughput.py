@@ -27,7 +27,8 @@ class BenchResult:
     size_bytes: int
     n_params: int
     test: str  # "pp512" / "tg128"
-    threads: int
+    backend: str  # where the layers ran: "cpu", "opencl:0", "cpu+opencl:0" (llama-bench's column)
+    threads: int  # the CPU's threads (0 when no layer ran on the CPU)
     tokens_per_s: float
     stdev: float
     reps: int
@@ -92,6 +93,7 @@ def bench_model(path: str | os.PathLike[str] | None, n_prompt: int, n_gen: int,
                     times.append(n / dt)
             results.append(BenchResult(
                 model=name, size_bytes=size, n_params=n_params, test=label,
+                backend="+".join(dict.fromkeys(b for b, _, _ in llm.model.placement)),
                 threads=llm.n_threads, tokens_per_s=statistics.fmean(times),
                 stdev=statistics.stdev(times) if len(times) > 1 else 0.0, reps=reps,
                 load_s=load_s, peak_rss_mib=peak_rss_mib()))
@@ -110,11 +112,11 @@ def format_results(results: list[BenchResult], fmt: str) -> str:
         lines = [",".join(fields)]
         lines += [",".join(str(r.as_dict()[f]) for f in fields) for r in results]
         return "\n".join(lines)
-    rows = ["| model | size | params | threads | test | t/s | load s | peak RSS MiB |",
-            "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+    rows = ["| model | size | params | backend | threads | test | t/s | load s | peak RSS MiB |",
+            "| --- | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: |"]
     for r in results:
         rows.append(f"| {r.model} | {r.size_bytes / (1 << 20):.1f} MiB | "
-                    f"{r.n_params / 1e6:.1f} M | {r.threads} | {r.test} | "
+                    f"{r.n_params / 1e6:.1f} M | {r.backend} | {r.threads} | {r.test} | "
                     f"{r.tokens_per_s:.2f} ± {r.stdev:.2f} | {r.load_s:.3f} | "
                     f"{r.peak_rss_mib:.0f} |")
     return "\n".join(rows)
