@@ -37,25 +37,35 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
-def _built_backends() -> list[str]:
+def _backends_and_device_kinds() -> tuple[set[str], set[str]]:
+    """The backends of the installed build, and those with a device on this machine."""
     try:
         from pyllm import _core
     except ImportError:
-        return ["cpu"]  # the test run reports the missing extension itself
-    return list(_core.backends())
+        return {"cpu"}, {"cpu"}  # the test run reports the missing extension itself
+    return set(_core.backends()), {d["backend"].partition(":")[0] for d in _core.devices()}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests of a backend run in the build that has it, and the tests of its absence in the
-    build that lacks it; the others are deselected (not skipped: neither is missing anything).
-    .ci/run runs the suite in the default build, then builds the OpenCL variant and runs the
-    ``opencl`` tests there."""
-    has_opencl = "opencl" in _built_backends()
+    """Tests that need a backend or device run where there is one, tests of its absence where
+    there is none; the others are deselected (not skipped: neither is missing anything).
+    .ci/run runs the suite in the default (CPU-only) build, then builds the GPU variant
+    (OpenCL + CUDA) and runs the ``gpu`` and ``cuda_no_device`` tests there.
+
+    - ``gpu``: a GPU backend of this build has a device here (tests/test_gpu.py).
+    - ``cuda_no_device``: CUDA is built but there is no CUDA device (CI's machines).
+    - ``cpu_only_build``: the build has no GPU backend at all.
+    """
+    built, with_device = _backends_and_device_kinds()
+    wanted = {
+        "gpu": bool(with_device - {"cpu"}),
+        "cuda_no_device": "cuda" in built and "cuda" not in with_device,
+        "cpu_only_build": built == {"cpu"},
+    }
     keep, drop = [], []
     for item in items:
-        needs = item.get_closest_marker("opencl") is not None
-        lacks = item.get_closest_marker("without_opencl") is not None
-        (drop if (needs and not has_opencl) or (lacks and has_opencl) else keep).append(item)
+        ok = all(wanted[m] for m in wanted if item.get_closest_marker(m) is not None)
+        (keep if ok else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

@@ -136,7 +136,7 @@ def test_bad_placements_are_refused_with_the_reason(
         LoadedModel(smollm2_path, n_threads=1, placement=placement)
 
 
-@pytest.mark.without_opencl
+@pytest.mark.cpu_only_build
 def test_a_build_without_a_gpu_backend_says_which_flag_adds_it(smollm2_path: Path) -> None:
     from pyllm import DeviceError, devices
 
@@ -147,3 +147,24 @@ def test_a_build_without_a_gpu_backend_says_which_flag_adds_it(smollm2_path: Pat
         LoadedModel(smollm2_path, n_gpu_layers=4, device="opencl:0")
     with pytest.raises(ModelError, match="no backend 'opencl'.*PYLLM_OPENCL=ON"):
         LoadedModel(smollm2_path, placement=[("opencl", 0, 30)])
+
+
+@pytest.mark.cuda_no_device
+def test_a_cuda_build_without_a_gpu_says_so(smollm2_path: Path) -> None:
+    """CI builds the CUDA variant on machines without an NVIDIA GPU: it imports, lists no CUDA
+    device and refuses cleanly, in Python and on the command line."""
+    import subprocess
+    import sys
+
+    from pyllm import DeviceError, devices
+
+    assert "cuda" in _core.backends()
+    assert not [d for d in devices() if d.backend.startswith("cuda")]
+    with pytest.raises(DeviceError, match="no CUDA device found"):
+        LoadedModel(smollm2_path, n_gpu_layers=-1, device="cuda")
+    out = subprocess.run([sys.executable, "-m", "pyllm", "run", "-m", str(smollm2_path), "-p", "x",
+                          "-ngl", "-1", "--device", "cuda:0"], capture_output=True, text=True,
+                         cwd="/")
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.startswith("error: ") and "no CUDA device found" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1

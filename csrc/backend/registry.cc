@@ -6,6 +6,9 @@
 
 #include "backend/backend.h"
 #include "cpu/stage.h"
+#ifdef PYLLM_HAVE_CUDA
+#include "cuda/backend.h"
+#endif
 #ifdef PYLLM_HAVE_OPENCL
 #include "opencl/backend.h"
 #endif
@@ -14,6 +17,9 @@ namespace pyllm {
 
 std::vector<std::string> backend_names() {
   std::vector<std::string> out = {"cpu"};
+#ifdef PYLLM_HAVE_CUDA
+  out.emplace_back("cuda");
+#endif
 #ifdef PYLLM_HAVE_OPENCL
   out.emplace_back("opencl");
 #endif
@@ -22,6 +28,9 @@ std::vector<std::string> backend_names() {
 
 std::vector<DeviceInfo> device_infos() {
   std::vector<DeviceInfo> out = {DeviceInfo{"cpu", "CPU", "the host's cores (the thread pool)", 0}};
+#ifdef PYLLM_HAVE_CUDA
+  for (DeviceInfo& d : cuda_device_infos()) out.push_back(std::move(d));
+#endif
 #ifdef PYLLM_HAVE_OPENCL
   for (DeviceInfo& d : opencl_device_infos()) out.push_back(std::move(d));
 #endif
@@ -42,6 +51,9 @@ const Backend& find_backend(const std::string& name) {
     index = static_cast<int>(i);
   }
   if (kind == "cpu" && colon == std::string::npos) return cpu_backend();
+#ifdef PYLLM_HAVE_CUDA
+  if (kind == "cuda") return cuda_backend(index);
+#endif
 #ifdef PYLLM_HAVE_OPENCL
   if (kind == "opencl") return opencl_backend(index);
 #endif

@@ -50,12 +50,14 @@ def _device_name(device: str | None) -> str:
     """The backend name of ``device`` (a GPU of this build when None), checked against the build."""
     built = backends()
     if device is None:
-        for kind in GPU_BACKENDS:
-            if kind in built:
-                return kind
-        flags = " or ".join(f"-D{CMAKE_FLAGS[k]}=ON" for k in GPU_BACKENDS)
-        raise DeviceError(f"this build has no GPU backend to offload layers to: rebuild with "
-                          f"{flags} (pip install -Ccmake.define.PYLLM_OPENCL=ON .)")
+        gpus = [kind for kind in GPU_BACKENDS if kind in built]
+        if not gpus:
+            flags = " or ".join(f"-D{CMAKE_FLAGS[k]}=ON" for k in GPU_BACKENDS)
+            raise DeviceError(f"this build has no GPU backend to offload layers to: rebuild "
+                              f"with {flags} (pip install -Ccmake.define.PYLLM_OPENCL=ON .)")
+        found = {d.backend.partition(":")[0] for d in devices()}
+        # the first backend with a device; with none, the first one (its error says why)
+        return next((kind for kind in gpus if kind in found), gpus[0])
     kind = device.partition(":")[0].strip().lower()
     if kind not in built:
         flag = CMAKE_FLAGS.get(kind)

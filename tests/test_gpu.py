@@ -1,6 +1,7 @@
-"""The OpenCL backend (-DPYLLM_OPENCL=ON), on whatever OpenCL device the machine has (CI: PoCL's
-CPU device). Deselected in builds without it (tests/conftest.py); .ci/run builds that variant
-and runs these.
+"""The GPU backends (-DPYLLM_OPENCL=ON, -DPYLLM_CUDA=ON), each on the devices the machine has:
+every test runs once per backend with a device (CI: OpenCL on PoCL's CPU device; CUDA where an
+NVIDIA GPU is lent, bench/gpu_check.sh). Deselected where no backend has a device
+(tests/conftest.py); .ci/run builds the GPU variant and runs these.
 
 References: the numpy float64 forward (tests/reference) for every weight type, RoPE style and
 bias layout; the CPU backend for the K/V cache types, batches of sequences and saved states; the
@@ -30,7 +31,16 @@ from tests.conftest import HANG_GUARD
 from tests.reference import LlamaRef
 from tests.tiny_models import TinySpec, write_tiny
 
-pytestmark = pytest.mark.opencl
+pytestmark = pytest.mark.gpu
+
+# the GPU backends of this build that have a device here (tests/conftest.py deselects this
+# module when there is none)
+KINDS = sorted({d.backend.partition(":")[0] for d in devices()} - {"cpu"})
+
+
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 TOKENS = [1, 5, 77, 12, 130, 4, 9, 66, 3, 150, 21]
 WEIGHT_TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K,
@@ -55,23 +65,23 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def test_devices_list_the_opencl_device() -> None:
-    found = [d for d in devices() if d.backend.startswith("opencl:")]
-    assert found and found[0].backend == "opencl:0" and found[0].memory > 0
-    assert "opencl" in _core.backends()
+def test_devices_list_the_device(kind: str) -> None:
+    found = [d for d in devices() if d.backend.startswith(f"{kind}:")]
+    assert found and found[0].backend == f"{kind}:0" and found[0].memory > 0
+    assert kind in _core.backends()
     out = subprocess.run([sys.executable, "-m", "pyllm", "info", "--devices"], capture_output=True,
                          text=True, check=True, cwd="/").stdout
-    assert "opencl:0" in out and found[0].name in out
+    assert f"{kind}:0" in out and found[0].name in out
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # adjacent / NeoX RoPE; qwen2 has biases
 @pytest.mark.parametrize("wtype", WEIGHT_TYPES, ids=lambda t: t.name)
-def test_every_weight_type_matches_the_float64_reference(tmp_path: Path, wtype: T,
+def test_every_weight_type_matches_the_float64_reference(tmp_path: Path, kind: str, wtype: T,
                                                          arch: str) -> None:
     path = write_tiny(tmp_path / "m.gguf", _spec(wtype, arch))
     want = LlamaRef(str(path)).forward(TOKENS)
-    with LoadedModel(path, n_threads=2, n_gpu_layers=-1, device="opencl") as m:
-        assert m.core.placement == [("opencl:0", 0, 2)]
+    with LoadedModel(path, n_threads=2, n_gpu_layers=-1, device=kind) as m:
+        assert m.core.placement == [(f"{kind}:0", 0, 2)]
         got = _logits(m)
     assert _rel(got, want) < REF_BOUND
     # negative control: the bound sees an error as small as the logits rounded to f16
@@ -79,13 +89,13 @@ def test_every_weight_type_matches_the_float64_reference(tmp_path: Path, wtype: 
 
 
 @pytest.mark.parametrize("kv_type,bound", [("f16", 5e-4), ("q8_0", 1e-2)])
-def test_kv_cache_types_store_what_the_cpu_stores(tmp_path: Path, kv_type: str,
+def test_kv_cache_types_store_what_the_cpu_stores(tmp_path: Path, kind: str, kv_type: str,
                                                   bound: float) -> None:
     """F32 weights (where the CPU is exact too): the cache's rounding is the only difference
     from the reference, and it must be the CPU's (measured: f16 4.5e-5, q8_0 2.1e-3)."""
     path = write_tiny(tmp_path / "m.gguf", _spec(T.F32))
     with LoadedModel(path, n_threads=2) as cpu, \
-            LoadedModel(path, n_threads=2, n_gpu_layers=-1, device="opencl") as ocl:
+            LoadedModel(path, n_threads=2, n_gpu_layers=-1, device=kind) as ocl:
         want = _logits(cpu, kv_type)
         assert _rel(_logits(ocl, kv_type), want) < bound
         # negative control: another cache type is told apart
@@ -93,12 +103,12 @@ def test_kv_cache_types_store_what_the_cpu_stores(tmp_path: Path, kv_type: str,
         assert _rel(_logits(ocl, other), want) > bound
 
 
-def test_sequences_in_one_batch_match_each_alone(tmp_path: Path) -> None:
+def test_sequences_in_one_batch_match_each_alone(tmp_path: Path, kind: str) -> None:
     """decode_batch with several sequences (the server's continuous batching) on the device:
     each sequence's logits as if it ran alone."""
     path = write_tiny(tmp_path / "m.gguf", _spec(T.Q4_K))
     seqs = [TOKENS[:4], TOKENS[4:9], TOKENS[9:]]
-    with LoadedModel(path, n_threads=2, n_gpu_layers=-1, device="opencl") as m:
+    with LoadedModel(path, n_threads=2, n_gpu_layers=-1, device=kind) as m:
         alone = [_logits(m, tokens=s) for s in seqs]
         ctx = _core.Context(m.core, n_ctx=16, n_batch=5, n_seq=3, kv_type=_core.KVType.f32)
         toks = np.array(sum(seqs, []), np.int32)
@@ -107,11 +117,11 @@ def test_sequences_in_one_batch_match_each_alone(tmp_path: Path) -> None:
     np.testing.assert_allclose(out, np.concatenate(alone), rtol=0, atol=1e-5 * np.abs(out).max())
 
 
-def test_state_moves_between_the_device_and_the_cpu(tmp_path: Path) -> None:
+def test_state_moves_between_the_device_and_the_cpu(tmp_path: Path, kind: str) -> None:
     path = write_tiny(tmp_path / "m.gguf", _spec(T.F32))
     with LoadedModel(path, n_threads=2) as cpu, \
-            LoadedModel(path, n_threads=2, n_gpu_layers=1, device="opencl") as half:
-        assert half.core.placement == [("cpu", 0, 1), ("opencl:0", 1, 2), ("cpu", 2, 2)]
+            LoadedModel(path, n_threads=2, n_gpu_layers=1, device=kind) as half:
+        assert half.core.placement == [("cpu", 0, 1), (f"{kind}:0", 1, 2), ("cpu", 2, 2)]
         a = _core.Context(half.core, n_ctx=32, kv_type=_core.KVType.f32)
         a.decode(np.array(TOKENS, np.int32), logits="last")
         b = _core.Context(cpu.core, n_ctx=32, kv_type=_core.KVType.f32)
@@ -127,37 +137,51 @@ def test_state_moves_between_the_device_and_the_cpu(tmp_path: Path) -> None:
         assert _rel(c.decode(nxt, logits="last"), want) > 1e-3
 
 
-def test_placement_of_n_gpu_layers_follows_llama_cpp() -> None:
-    assert plan_placement(30, 0, "opencl") == []
-    assert plan_placement(30, 10, "opencl") == [("cpu", 0, 20), ("opencl", 20, 30),
-                                                ("cpu", 30, 30)]
-    assert plan_placement(30, 30, None) == [("opencl", 0, 30), ("cpu", 30, 30)]
-    assert plan_placement(30, 31, None) == plan_placement(30, -1, None) == [("opencl", 0, 30)]
+def test_placement_of_n_gpu_layers_follows_llama_cpp(kind: str) -> None:
+    assert plan_placement(30, 0, kind) == []
+    assert plan_placement(30, 10, kind) == [("cpu", 0, 20), (kind, 20, 30), ("cpu", 30, 30)]
+    assert plan_placement(30, 30, kind) == [(kind, 0, 30), ("cpu", 30, 30)]
+    assert plan_placement(30, 31, kind) == plan_placement(30, -1, kind) == [(kind, 0, 30)]
     assert plan_placement(30, -1, "cpu") == []
+    # no device named: a GPU backend of this build that has a device
+    assert plan_placement(30, -1, None)[0][0] in KINDS
     with pytest.raises(ModelError, match="n_gpu_layers"):
-        plan_placement(30, -2, "opencl")
+        plan_placement(30, -2, kind)
 
 
-def test_devices_that_cannot_be_had_are_typed_errors(tmp_path: Path) -> None:
+# what hides every device of a backend, and what it then says
+NO_DEVICE = {"opencl": ("PYLLM_OPENCL_DEVICE", "no such device", "no OpenCL device found"),
+             "cuda": ("CUDA_VISIBLE_DEVICES", "", "no CUDA device found")}
+
+
+def test_devices_that_cannot_be_had_are_typed_errors(tmp_path: Path, kind: str) -> None:
     path = write_tiny(tmp_path / "m.gguf", _spec(T.Q8_0))
-    with pytest.raises(DeviceError, match="no cuda backend.*PYLLM_CUDA=ON"):
-        LoadedModel(path, n_gpu_layers=-1, device="cuda:0")
-    with pytest.raises(DeviceError, match="OpenCL device 9 does not exist"):
-        LoadedModel(path, n_gpu_layers=-1, device="opencl:9")
-    # not enough device memory: the need and the room are named, and a later load works
+    for missing in {"cuda", "opencl"} - set(_core.backends()):  # a backend left out of the build
+        flag = f"-DPYLLM_{missing.upper()}=ON"
+        with pytest.raises(DeviceError, match=f"no {missing} backend.*{flag}"):
+            LoadedModel(path, n_gpu_layers=-1, device=f"{missing}:0")
+    with pytest.raises(DeviceError, match="device 9 does not exist"):
+        LoadedModel(path, n_gpu_layers=-1, device=f"{kind}:9")
+    # not enough device memory: the need and the room are named; without the limit the same
+    # process then loads the model (nothing of the failed load stands in the way)
+    code = ("import os, pyllm\n"
+            f"try: pyllm.LoadedModel({str(path)!r}, n_gpu_layers=-1, device={kind!r})\n"
+            "except pyllm.DeviceError as e: print(e)\n"
+            "os.environ.pop('PYLLM_TEST_DEVICE_MEMORY', None)\n"
+            f"m = pyllm.LoadedModel({str(path)!r}, n_gpu_layers=-1, device={kind!r})\n"
+            "print('loaded', m.placement)\n")
     env = {**os.environ, "PYLLM_TEST_DEVICE_MEMORY": "4096"}
-    code = ("import pyllm\n"
-            f"try: pyllm.LoadedModel({str(path)!r}, n_gpu_layers=-1, device='opencl')\n"
-            "except pyllm.DeviceError as e: print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True, cwd="/").stdout
-    assert "need" in out and "but the device has 0 MiB; offload fewer layers" in out
-    # no device: the filters match nothing
-    env = {**os.environ, "PYLLM_OPENCL_DEVICE": "no such device"}
-    code = code.replace("4096", "")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True, cwd="/").stdout
-    assert "no OpenCL device found" in out
+                         cwd="/")
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.strip().splitlines()
+    assert "need" in first and "but the device has 0 MiB" in first and "offload fewer" in first
+    assert second == f"loaded [('{kind}:0', 0, 2)]"
+    # no device: what hides them all is named
+    var, value, message = NO_DEVICE[kind]
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, var: value},
+                         capture_output=True, text=True, cwd="/")
+    assert out.returncode == 1 and message in out.stdout
 
 
 # ---- SmolLM2 end to end -------------------------------------------------------------------
@@ -177,27 +201,27 @@ def cpu_text(smollm2_path: Path) -> Iterator[dict[str, str]]:
 @pytest.mark.model
 @pytest.mark.parametrize("n_gpu_layers", [-1, 15])
 def test_smollm2_greedy_text_equals_the_cpu(smollm2_path: Path, cpu_text: dict[str, str],
-                                            n_gpu_layers: int) -> None:
+                                            kind: str, n_gpu_layers: int) -> None:
     with LLM(smollm2_path, n_ctx=128, n_threads=2, n_gpu_layers=n_gpu_layers,
-             device="opencl") as llm:
+             device=kind) as llm:
         got = {p: llm.generate(p, max_tokens=32, temperature=0) for p in PROMPTS}
     assert got == cpu_text
 
 
 @pytest.mark.slow
 @pytest.mark.model
-def test_cli_run_offloaded_prints_the_cpu_text(smollm2_path: Path,
-                                               cpu_text: dict[str, str]) -> None:
+def test_cli_run_offloaded_prints_the_cpu_text(smollm2_path: Path, cpu_text: dict[str, str],
+                                               kind: str) -> None:
     prompt = PROMPTS[0]
     cmd = [sys.executable, "-m", "pyllm", "run", "-m", str(smollm2_path), "-p", prompt, "-n", "32",
            "--temp", "0", "-c", "128"]
-    out = subprocess.run([*cmd, "-ngl", "-1", "--device", "opencl"], capture_output=True,
+    out = subprocess.run([*cmd, "-ngl", "-1", "--device", kind], capture_output=True,
                          text=True, cwd="/")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == (prompt + cpu_text[prompt]).strip()
-    bad = subprocess.run([*cmd, "-ngl", "-1", "--device", "cuda"], capture_output=True, text=True,
+    bad = subprocess.run([*cmd, "-ngl", "-1", "--device", "tpu"], capture_output=True, text=True,
                          cwd="/")
-    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "PYLLM_CUDA" in bad.stderr
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "'tpu'" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
     flag = subprocess.run([*cmd, "-ngl", "-3"], capture_output=True, text=True, cwd="/")
     assert flag.returncode == 2 and "-ngl" in flag.stderr
@@ -206,7 +230,7 @@ def test_cli_run_offloaded_prints_the_cpu_text(smollm2_path: Path,
 @pytest.mark.slow
 @pytest.mark.model
 @pytest.mark.parametrize("n_gpu_layers", [-1, 15])
-def test_smollm2_kl_to_the_exact_model_meets_the_cpu_bars(smollm2_path: Path,
+def test_smollm2_kl_to_the_exact_model_meets_the_cpu_bars(smollm2_path: Path, kind: str,
                                                           n_gpu_layers: int) -> None:
     """The CPU's bars of tests/test_kl.py (mean KL < 7e-6, max < 1.25e-4, at most one top-1
     flip in 512) over the same 512 tokens; the issue asked for < 1.5e-3."""
@@ -216,21 +240,21 @@ def test_smollm2_kl_to_the_exact_model_meets_the_cpu_bars(smollm2_path: Path,
 
     model = load_hf_model(smollm2_path)
     with LLM(smollm2_path, n_ctx=N_TOKENS, n_threads=2, n_gpu_layers=n_gpu_layers,
-             device="opencl") as llm:
+             device=kind) as llm:
         tokens = llm.tokenize(TEXT.read_text(encoding="utf-8"), add_special=False)[:N_TOKENS]
         ours = llm.logits(tokens)
     with torch.no_grad():
         want = model(torch.tensor([tokens])).logits[0].double().numpy()
     stats = kl_stats(want, ours)
-    print(f"OpenCL -ngl {n_gpu_layers}: mean KL {stats[0]:.2e}, max {stats[1]:.2e}, "
+    print(f"{kind} -ngl {n_gpu_layers}: mean KL {stats[0]:.2e}, max {stats[1]:.2e}, "
           f"top-1 {100 * stats[2]:.2f} %")
     assert within_bars(stats), stats
 
 
 @pytest.mark.slow
 @pytest.mark.model
-def test_the_batching_engine_runs_offloaded_layers(smollm2_path: Path,
-                                                   cpu_text: dict[str, str]) -> None:
+def test_the_batching_engine_runs_offloaded_layers(smollm2_path: Path, cpu_text: dict[str, str],
+                                                   kind: str) -> None:
     """The server's engine (continuous batching over 3 slots) on a model with every layer on
     the device: each of several concurrent greedy requests gets the CPU's text."""
     import threading
@@ -238,7 +262,7 @@ def test_the_batching_engine_runs_offloaded_layers(smollm2_path: Path,
     from pyllm.runtime.sampling import SamplingParams
     from pyllm.server.engine import DoneEvent, Engine, Request, TokenEvent
 
-    with LoadedModel(smollm2_path, n_threads=2, n_gpu_layers=-1, device="opencl") as model:
+    with LoadedModel(smollm2_path, n_threads=2, n_gpu_layers=-1, device=kind) as model:
         eng = Engine(model, n_parallel=3, n_ctx=128)
         try:
             texts = {p: "" for p in PROMPTS[:3]}
@@ -262,15 +286,15 @@ def test_the_batching_engine_runs_offloaded_layers(smollm2_path: Path,
     assert texts == {p: cpu_text[p] for p in texts}
 
 
-def test_bench_reports_where_the_layers_ran(tmp_path: Path) -> None:
+def test_bench_reports_where_the_layers_ran(tmp_path: Path, kind: str) -> None:
     path = write_tiny(tmp_path / "m.gguf", _spec(T.Q4_0))
     cmd = [sys.executable, "-m", "pyllm", "bench", "-m", str(path), "-p", "8", "-n", "2", "-r", "1",
            "-o", "json"]
     rows = {}
     for ngl in ("-1", "1", "0"):
-        out = subprocess.run([*cmd, "-ngl", ngl, "--device", "opencl"], capture_output=True,
+        out = subprocess.run([*cmd, "-ngl", ngl, "--device", kind], capture_output=True,
                              text=True, cwd="/")
         assert out.returncode == 0, out.stderr
         rows[ngl] = {(r["backend"], r["threads"] > 0) for r in json.loads(out.stdout)}
-    assert rows == {"-1": {("opencl:0", False)}, "1": {("cpu+opencl:0", True)},
+    assert rows == {"-1": {(f"{kind}:0", False)}, "1": {(f"cpu+{kind}:0", True)},
                     "0": {("cpu", True)}}

@@ -1,0 +1,460 @@
+// CudaBackend, CudaDevice and CudaStage (see backend.h): weights uploaded at load in their GGUF
+// form, the layer loop as kernels (kernels.cuh) on one stream per context, the K/V cache of the
+// stage's layers in device memory. Mirrors csrc/opencl/backend.cc.
+#include "cuda/backend.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+
+#include "cuda/kernels.cuh"
+#include "pyllm/model.h"
+#include "pyllm/quant.h"
+
+namespace pyllm {
+namespace {
+
+constexpr int kWG = 64;  // threads of the reductions and of mul_mat's blocks
+
+std::string mib(uint64_t bytes) { return std::to_string((bytes + (1 << 19)) >> 20) + " MiB"; }
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw DeviceError(std::string("CUDA: ") + what + " failed: " + cudaGetErrorName(err) + " (" +
+                      cudaGetErrorString(err) + ")");
+  }
+}
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // no driver or no device: clear the sticky error, report none
+    return 0;
+  }
+  return n;
+}
+
+// Owning device allocation.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t bytes, const void* host = nullptr, const char* what = "buffer")
+      : bytes_(bytes) {
+    const cudaError_t err = cudaMalloc(&ptr_, bytes == 0 ? 1 : bytes);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      ptr_ = nullptr;
+      size_t free_b = 0, total_b = 0;
+      cudaMemGetInfo(&free_b, &total_b);
+      throw DeviceError(std::string("out of device memory allocating ") + mib(bytes) + " for " +
+                        what + " (" + mib(free_b) + " free of " + mib(total_b) + ")");
+    }
+    if (host) check(cudaMemcpy(ptr_, host, bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
+  }
+  DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(o.bytes_) {}
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    if (this != &o) {
+      if (ptr_) cudaFree(ptr_);
+      ptr_ = std::exchange(o.ptr_, nullptr);
+      bytes_ = o.bytes_;
+    }
+    return *this;
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() {
+    if (ptr_) cudaFree(ptr_);
+  }
+  template <typename T = void>
+  T* get() const { return static_cast<T*>(ptr_); }
+  explicit operator bool() const { return ptr_ != nullptr; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+struct Tensor {
+  DeviceBuffer buf;
+  QType type = QType::F32;
+  int64_t rows = 0, cols = 0;
+  bool present() const { return static_cast<bool>(buf); }
+  int64_t row_bytes() const { return row_size(type, cols); }
+};
+
+struct CudaLayer {
+  Tensor attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down;
+  Tensor bq, bk, bv, bo, b_gate, b_up, b_down;
+};
+
+class CudaWeights final : public WeightStore {
+ public:
+  int64_t bytes() const override { return held; }
+  std::vector<CudaLayer> layers;
+  Tensor output_norm, output;
+  int64_t held = 0;
+};
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int index) : index_(index), name_("cuda:" + std::to_string(index)) {}
+  const char* name() const override { return name_.c_str(); }
+  std::unique_ptr<WeightStore> prepare(const HParams& hp, ModelWeights& weights,
+                                       const std::vector<LayerRange>& ranges,
+                                       const ModelOptions& options) const override;
+  std::unique_ptr<Device> open(const Model& model, const ContextParams& params) const override;
+  // Selects this backend's device on the calling thread (throws DeviceError when it is absent).
+  void use() const {
+    const int n = device_count();
+    if (n == 0) {
+      throw DeviceError("no CUDA device found (an NVIDIA GPU and its driver are needed; "
+                        "CUDA_VISIBLE_DEVICES may hide them)");
+    }
+    if (index_ >= n) {
+      throw DeviceError("CUDA device " + std::to_string(index_) + " does not exist (" +
+                        std::to_string(n) + " found; pyllm.devices() lists them)");
+    }
+    check(cudaSetDevice(index_), "cudaSetDevice");
+  }
+
+ private:
+  int index_;
+  std::string name_;
+};
+
+std::unique_ptr<WeightStore> CudaBackend::prepare(const HParams& hp, ModelWeights& weights,
+                                                  const std::vector<LayerRange>& ranges,
+                                                  const ModelOptions&) const {
+  use();
+  if (hp.head_dim % 32 != 0 || hp.head_dim > 4 * cuda::kAttnThreads) {
+    throw DeviceError("the CUDA backend needs a head size that is a multiple of 32, at most " +
+                      std::to_string(4 * cuda::kAttnThreads) + " (this model's is " +
+                      std::to_string(hp.head_dim) + ")");
+  }
+  std::vector<const WeightView*> views;
+  auto add = [&](const WeightView& v) { views.push_back(&v); };
+  for (const LayerRange& r : ranges) {
+    for (int il = r.first; il < r.last; ++il) {
+      const LayerWeights& l = weights.layers[il];
+      for (const WeightView* v : {&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.ffn_norm, &l.w_gate,
+                                  &l.w_up, &l.w_down, &l.bq, &l.bk, &l.bv, &l.bo, &l.b_gate,
+                                  &l.b_up, &l.b_down}) {
+        add(*v);
+      }
+    }
+    if (r.head) {
+      add(weights.output_norm);
+      add(weights.output.present() ? weights.output : weights.tok_embd);
+    }
+  }
+  uint64_t total = 0;
+  for (const WeightView* v : views) {
+    if (v->present() && v->layout != WeightLayout::Gguf) {
+      throw DeviceError(v->name + ": not in its GGUF layout");
+    }
+    total += v->present() ? static_cast<uint64_t>(v->nbytes) : 0;
+  }
+  size_t free_b = 0, total_b = 0;
+  check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
+  if (const char* limit = std::getenv("PYLLM_TEST_DEVICE_MEMORY")) {
+    free_b = std::min<size_t>(free_b, std::strtoull(limit, nullptr, 10));
+  }
+  if (total > free_b) {
+    throw DeviceError("the layers placed on " + name_ + " need " + mib(total) +
+                      " of weights but the device has " + mib(free_b) + " free (of " +
+                      mib(total_b) + "); offload fewer layers");
+  }
+  auto store = std::make_unique<CudaWeights>();
+  store->layers.resize(hp.n_layer);
+  auto upload = [&](const WeightView& v) {
+    Tensor t;
+    if (!v.present()) return t;
+    t.buf = DeviceBuffer(static_cast<size_t>(v.nbytes), v.data, v.name.c_str());
+    t.type = v.type;
+    t.rows = v.rows;
+    t.cols = v.cols;
+    store->held += v.nbytes;
+    return t;
+  };
+  for (const LayerRange& r : ranges) {
+    for (int il = r.first; il < r.last; ++il) {
+      const LayerWeights& l = weights.layers[il];
+      CudaLayer& c = store->layers[il];
+      c.attn_norm = upload(l.attn_norm);
+      c.wq = upload(l.wq);
+      c.wk = upload(l.wk);
+      c.wv = upload(l.wv);
+      c.wo = upload(l.wo);
+      c.ffn_norm = upload(l.ffn_norm);
+      c.w_gate = upload(l.w_gate);
+      c.w_up = upload(l.w_up);
+      c.w_down = upload(l.w_down);
+      c.bq = upload(l.bq);
+      c.bk = upload(l.bk);
+      c.bv = upload(l.bv);
+      c.bo = upload(l.bo);
+      c.b_gate = upload(l.b_gate);
+      c.b_up = upload(l.b_up);
+      c.b_down = upload(l.b_down);
+    }
+    if (r.head) {
+      store->output_norm = upload(weights.output_norm);
+      store->output = upload(weights.output.present() ? weights.output : weights.tok_embd);
+    }
+  }
+  return store;
+}
+
+unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
+
+class CudaDevice final : public Device {
+ public:
+  CudaDevice(const CudaBackend& backend, const Model& m, const CudaWeights& w,
+             const ContextParams& p)
+      : backend_(backend), hp(m.hparams()), w(w), params(p) {
+    backend.use();
+    check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+    const size_t n = static_cast<size_t>(p.n_batch);
+    const size_t q_dim = size_t(hp.n_head) * hp.head_dim, kv_dim = size_t(hp.n_head_kv) * hp.head_dim;
+    x = DeviceBuffer(n * hp.n_embd * sizeof(float), nullptr, "activations");
+    xb = DeviceBuffer(n * std::max<size_t>(hp.n_embd, q_dim) * sizeof(float), nullptr, "activations");
+    q = DeviceBuffer(n * q_dim * sizeof(float), nullptr, "activations");
+    k = DeviceBuffer(n * kv_dim * sizeof(float), nullptr, "activations");
+    v = DeviceBuffer(n * kv_dim * sizeof(float), nullptr, "activations");
+    att = DeviceBuffer(n * q_dim * sizeof(float), nullptr, "activations");
+    gate = DeviceBuffer(n * hp.n_ff * sizeof(float), nullptr, "activations");
+    up = DeviceBuffer(n * hp.n_ff * sizeof(float), nullptr, "activations");
+    rope = DeviceBuffer(n * hp.n_rot * sizeof(float), nullptr, "the chunk plan");
+    kv_rows = DeviceBuffer(n * sizeof(int64_t), nullptr, "the chunk plan");
+    region = DeviceBuffer(n * sizeof(int64_t), nullptr, "the chunk plan");
+    visible = DeviceBuffer(n * sizeof(int), nullptr, "the chunk plan");
+  }
+  ~CudaDevice() override {
+    if (stream) {
+      cudaStreamSynchronize(stream);
+      cudaStreamDestroy(stream);
+    }
+  }
+  const char* name() const override { return backend_.name(); }
+  std::unique_ptr<Stage> make_stage(const LayerRange& range) override;
+  int n_threads() const override { return 0; }
+
+  void launched(const char* what) { check(cudaGetLastError(), what); }
+  void write(void* dst, const void* src, size_t bytes) {
+    if (bytes) check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream), "upload");
+  }
+  void read(void* dst, const void* src, size_t bytes) {
+    if (bytes) check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream), "download");
+    check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+  }
+
+  void mul_mat(const Tensor& m, const float* xin, int n, float* yout) {
+    if (n >= 4) {
+      const dim3 grid(blocks_for(m.rows, cuda::kTileRows), blocks_for(n, cuda::kTileRows));
+      cuda::mul_mat_tiled<<<grid, dim3(cuda::kTile, cuda::kTile), 0, stream>>>(
+          m.buf.get<uint8_t>(), static_cast<int>(m.type), m.row_bytes(), static_cast<int>(m.cols),
+          xin, yout, static_cast<int>(m.rows), n);
+    } else {
+      cuda::mul_mat<<<dim3(static_cast<unsigned>(m.rows), n), kWG, kWG * sizeof(float), stream>>>(
+          m.buf.get<uint8_t>(), static_cast<int>(m.type), m.row_bytes(), static_cast<int>(m.cols),
+          xin, yout, static_cast<int>(m.rows));
+    }
+    launched("mul_mat");
+  }
+  void rms_norm(const float* in, const Tensor& weight, float* out, int n) {
+    cuda::rms_norm<<<n, kWG, kWG * sizeof(float), stream>>>(in, weight.buf.get<float>(), out,
+                                                            hp.n_embd, hp.rms_eps);
+    launched("rms_norm");
+  }
+  void bias(float* y, const Tensor& b, int n) {
+    if (!b.present()) return;
+    const int64_t total = int64_t(n) * b.cols;
+    cuda::add_bias<<<blocks_for(total, 256), 256, 0, stream>>>(y, b.buf.get<float>(),
+                                                               static_cast<int>(b.cols), total);
+    launched("add_bias");
+  }
+  void upload_chunk(const Chunk& c) {
+    const AttentionSchedule& s = *c.schedule;
+    host_rows.assign(s.kv_row.begin(), s.kv_row.begin() + c.n);
+    host_region.resize(c.n);
+    for (int t = 0; t < c.n; ++t) host_region[t] = int64_t(c.seq[t]) * params.n_ctx;
+    write(rope.get(), c.rope, sizeof(float) * c.n * hp.n_rot);
+    write(kv_rows.get(), host_rows.data(), sizeof(int64_t) * c.n);
+    write(region.get(), host_region.data(), sizeof(int64_t) * c.n);
+    write(visible.get(), s.visible.data(), sizeof(int) * c.n);
+  }
+
+  const CudaBackend& backend_;
+  const HParams& hp;
+  const CudaWeights& w;
+  ContextParams params;
+  cudaStream_t stream = nullptr;
+  DeviceBuffer x, xb, q, k, v, att, gate, up, rope, kv_rows, region, visible;
+  std::vector<int64_t> host_rows, host_region;
+};
+
+class CudaStage final : public Stage {
+ public:
+  CudaStage(CudaDevice& dev, const LayerRange& range)
+      : Stage(range), d_(dev), kv_type_(kv_element_type(dev.params.kv_type)) {
+    const HParams& hp = dev.hp;
+    row_bytes_ = row_size(kv_type_, int64_t(hp.n_head_kv) * hp.head_dim);
+    head_bytes_ = row_size(kv_type_, hp.head_dim);
+    const size_t rows = size_t(dev.params.n_ctx) * dev.params.n_seq;
+    for (int il = range.first; il < range.last; ++il) {
+      k_.emplace_back(rows * row_bytes_, nullptr, "the K/V cache");
+      v_.emplace_back(rows * row_bytes_, nullptr, "the K/V cache");
+    }
+    if (range.head) {
+      head_in_ = DeviceBuffer(size_t(dev.params.n_batch) * hp.n_embd * sizeof(float), nullptr,
+                              "activations");
+      logits_ = DeviceBuffer(size_t(dev.params.n_batch) * hp.n_vocab * sizeof(float), nullptr,
+                             "the logits");
+    }
+  }
+
+  void run_layers(const Chunk& c, float* hidden) override {
+    CudaDevice& d = d_;
+    const HParams& hp = d.hp;
+    const int n = c.n;
+    const int64_t nd = int64_t(n) * hp.n_embd;
+    const int kv_dim = hp.n_head_kv * hp.head_dim;
+    float* x = d.x.get<float>();
+    float* xb = d.xb.get<float>();
+    d.write(x, hidden, nd * sizeof(float));
+    d.upload_chunk(c);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hp.head_dim));
+    const size_t attn_shared = (size_t(hp.head_dim) + cuda::kAttnThreads) * sizeof(float);
+    for (int il = range().first; il < range().last; ++il) {
+      const CudaLayer& L = d.w.layers[il];
+      uint8_t* kc = k_[il - range().first].get<uint8_t>();
+      uint8_t* vc = v_[il - range().first].get<uint8_t>();
+      d.rms_norm(x, L.attn_norm, xb, n);
+      d.mul_mat(L.wq, xb, n, d.q.get<float>());
+      d.mul_mat(L.wk, xb, n, d.k.get<float>());
+      d.mul_mat(L.wv, xb, n, d.v.get<float>());
+      d.bias(d.q.get<float>(), L.bq, n);
+      d.bias(d.k.get<float>(), L.bk, n);
+      d.bias(d.v.get<float>(), L.bv, n);
+      cuda::rope<<<dim3(hp.n_head, n), hp.n_rot / 2, 0, d.stream>>>(
+          d.q.get<float>(), d.rope.get<float>(), hp.n_head, hp.head_dim, hp.n_rot, hp.rope_neox);
+      cuda::rope<<<dim3(hp.n_head_kv, n), hp.n_rot / 2, 0, d.stream>>>(
+          d.k.get<float>(), d.rope.get<float>(), hp.n_head_kv, hp.head_dim, hp.n_rot, hp.rope_neox);
+      d.launched("rope");
+      cuda::kv_store<<<dim3(kv_dim / 32, n), 1, 0, d.stream>>>(
+          d.k.get<float>(), kc, d.kv_rows.get<int64_t>(), row_bytes_, kv_dim, static_cast<int>(kv_type_));
+      cuda::kv_store<<<dim3(kv_dim / 32, n), 1, 0, d.stream>>>(
+          d.v.get<float>(), vc, d.kv_rows.get<int64_t>(), row_bytes_, kv_dim, static_cast<int>(kv_type_));
+      d.launched("kv_store");
+      cuda::attention<<<dim3(hp.n_head, n), cuda::kAttnThreads, attn_shared, d.stream>>>(
+          d.q.get<float>(), d.att.get<float>(), kc, vc, row_bytes_, head_bytes_,
+          static_cast<int>(kv_type_), d.region.get<int64_t>(), d.visible.get<int>(), hp.n_head,
+          hp.n_head / hp.n_head_kv, hp.head_dim, scale);
+      d.launched("attention");
+      d.mul_mat(L.wo, d.att.get<float>(), n, xb);
+      d.bias(xb, L.bo, n);
+      cuda::add<<<blocks_for(nd, 256), 256, 0, d.stream>>>(x, xb, nd);
+      d.rms_norm(x, L.ffn_norm, xb, n);
+      d.mul_mat(L.w_gate, xb, n, d.gate.get<float>());
+      d.mul_mat(L.w_up, xb, n, d.up.get<float>());
+      d.bias(d.gate.get<float>(), L.b_gate, n);
+      d.bias(d.up.get<float>(), L.b_up, n);
+      const int64_t nff = int64_t(n) * hp.n_ff;
+      cuda::swiglu<<<blocks_for(nff, 256), 256, 0, d.stream>>>(d.gate.get<float>(), d.up.get<float>(), nff);
+      d.mul_mat(L.w_down, d.gate.get<float>(), n, xb);
+      d.bias(xb, L.b_down, n);
+      cuda::add<<<blocks_for(nd, 256), 256, 0, d.stream>>>(x, xb, nd);
+      d.launched("the layer's element-wise kernels");
+    }
+    d.read(hidden, x, nd * sizeof(float));
+  }
+
+  void output(const float* hidden, const int* rows, int count, float* logits) override {
+    if (!range().head) throw std::logic_error("output() on a stage without the model's head");
+    CudaDevice& d = d_;
+    const int64_t dim = d.hp.n_embd;
+    std::vector<float> gathered(size_t(count) * dim);
+    for (int r = 0; r < count; ++r) {
+      std::copy(hidden + rows[r] * dim, hidden + (rows[r] + 1) * dim, gathered.begin() + r * dim);
+    }
+    d.write(head_in_.get(), gathered.data(), gathered.size() * sizeof(float));
+    d.rms_norm(head_in_.get<float>(), d.w.output_norm, d.xb.get<float>(), count);
+    d.mul_mat(d.w.output, d.xb.get<float>(), count, logits_.get<float>());
+    d.read(logits, logits_.get(), size_t(count) * d.hp.n_vocab * sizeof(float));
+  }
+
+  int64_t state_bytes(int n_past) const override {
+    return 2 * int64_t(n_past) * row_bytes_ * static_cast<int64_t>(k_.size());
+  }
+  void save_state(int n_past, uint8_t* out) const override {
+    const size_t bytes = size_t(n_past) * row_bytes_;
+    for (size_t i = 0; i < k_.size(); ++i) {
+      d_.read(out, k_[i].get(), bytes);
+      out += bytes;
+      d_.read(out, v_[i].get(), bytes);
+      out += bytes;
+    }
+  }
+  void load_state(int n_past, const uint8_t* in) override {
+    const size_t bytes = size_t(n_past) * row_bytes_;
+    for (size_t i = 0; i < k_.size(); ++i) {
+      d_.write(k_[i].get(), in, bytes);
+      in += bytes;
+      d_.write(v_[i].get(), in, bytes);
+      in += bytes;
+    }
+    check(cudaStreamSynchronize(d_.stream), "cudaStreamSynchronize");
+  }
+
+ private:
+  CudaDevice& d_;
+  QType kv_type_;
+  int64_t row_bytes_, head_bytes_;
+  std::vector<DeviceBuffer> k_, v_;
+  DeviceBuffer head_in_, logits_;
+};
+
+std::unique_ptr<Stage> CudaDevice::make_stage(const LayerRange& range) {
+  return std::make_unique<CudaStage>(*this, range);
+}
+
+std::unique_ptr<Device> CudaBackend::open(const Model& model, const ContextParams& params) const {
+  const auto* store = dynamic_cast<const CudaWeights*>(model.weight_store(name_));
+  if (store == nullptr) throw std::logic_error(name_ + ": the model placed no layers here");
+  return std::make_unique<CudaDevice>(*this, model, *store, params);
+}
+
+}  // namespace
+
+const Backend& cuda_backend(int index) {
+  static std::mutex mu;
+  static std::map<int, std::unique_ptr<CudaBackend>> made;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& slot = made[index];
+  if (!slot) slot = std::make_unique<CudaBackend>(index);
+  return *slot;
+}
+
+std::vector<DeviceInfo> cuda_device_infos() {
+  std::vector<DeviceInfo> out;
+  const int n = device_count();
+  for (int i = 0; i < n; ++i) {
+    cudaDeviceProp prop{};
+    if (cudaGetDeviceProperties(&prop, i) != cudaSuccess) continue;
+    out.push_back(DeviceInfo{"cuda:" + std::to_string(i), prop.name,
+                             "compute capability " + std::to_string(prop.major) + "." +
+                                 std::to_string(prop.minor) + ", " +
+                                 std::to_string(prop.multiProcessorCount) + " SMs",
+                             static_cast<uint64_t>(prop.totalGlobalMem)});
+  }
+  return out;
+}
+
+}  // namespace pyllm
