@@ -123,6 +123,10 @@ class CudaBackend final : public Backend {
     }
     check(cudaSetDevice(index_), "cudaSetDevice");
   }
+  // The device is per host thread, and a context may be driven from another thread than the one
+  // that made it (the server's engine): every entry point selects it again.
+  void select() const { check(cudaSetDevice(index_), "cudaSetDevice"); }
+  int index() const { return index_; }
 
  private:
   int index_;
@@ -238,6 +242,7 @@ class CudaDevice final : public Device {
   }
   ~CudaDevice() override {
     if (stream) {
+      cudaSetDevice(backend_.index());
       cudaStreamSynchronize(stream);
       cudaStreamDestroy(stream);
     }
@@ -322,6 +327,7 @@ class CudaStage final : public Stage {
 
   void run_layers(const Chunk& c, float* hidden) override {
     CudaDevice& d = d_;
+    d.backend_.select();
     const HParams& hp = d.hp;
     const int n = c.n;
     const int64_t nd = int64_t(n) * hp.n_embd;
@@ -379,6 +385,7 @@ class CudaStage final : public Stage {
   void output(const float* hidden, const int* rows, int count, float* logits) override {
     if (!range().head) throw std::logic_error("output() on a stage without the model's head");
     CudaDevice& d = d_;
+    d.backend_.select();
     const int64_t dim = d.hp.n_embd;
     std::vector<float> gathered(size_t(count) * dim);
     for (int r = 0; r < count; ++r) {
@@ -394,6 +401,7 @@ class CudaStage final : public Stage {
     return 2 * int64_t(n_past) * row_bytes_ * static_cast<int64_t>(k_.size());
   }
   void save_state(int n_past, uint8_t* out) const override {
+    d_.backend_.select();
     const size_t bytes = size_t(n_past) * row_bytes_;
     for (size_t i = 0; i < k_.size(); ++i) {
       d_.read(out, k_[i].get(), bytes);
@@ -403,6 +411,7 @@ class CudaStage final : public Stage {
     }
   }
   void load_state(int n_past, const uint8_t* in) override {
+    d_.backend_.select();
     const size_t bytes = size_t(n_past) * row_bytes_;
     for (size_t i = 0; i < k_.size(); ++i) {
       d_.write(k_[i].get(), in, bytes);
