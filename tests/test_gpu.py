@@ -298,3 +298,24 @@ def test_bench_reports_where_the_layers_ran(tmp_path: Path, kind: str) -> None:
         rows[ngl] = {(r["backend"], r["threads"] > 0) for r in json.loads(out.stdout)}
     assert rows == {"-1": {(f"{kind}:0", False)}, "1": {(f"cpu+{kind}:0", True)},
                     "0": {("cpu", True)}}
+
+
+def test_the_host_memory_check_leaves_out_offloaded_caches(tmp_path: Path, kind: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A context's K/V cache of offloaded layers lives on the device: the host-memory check
+    counts only the CPU's layers, so a context that fits the device is not refused for the
+    host's room (and the same room still refuses an all-CPU context)."""
+    from pyllm.errors import ContextError
+    from pyllm.runtime import footprint
+
+    path = write_tiny(tmp_path / "m.gguf", _spec(T.Q8_0))
+    with LoadedModel(path, n_threads=2, n_gpu_layers=-1, device=kind) as gpu, \
+            LoadedModel(path, n_threads=2) as cpu:
+        hp = cpu.hparams
+        n_ctx = hp.n_ctx_train  # chunks of n_ctx tokens (n_batch is clamped to it)
+        room = footprint.context_bytes(hp, n_ctx, n_ctx, 2, host_layers=0)
+        assert room < footprint.context_bytes(hp, n_ctx, n_ctx, 2)
+        monkeypatch.setattr(footprint, "available_memory", lambda: room)
+        assert gpu.new_context(n_ctx, n_threads=2).n_ctx == n_ctx
+        with pytest.raises(ContextError, match="needs"):
+            cpu.new_context(n_ctx, n_threads=2)

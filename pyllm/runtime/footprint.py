@@ -38,10 +38,13 @@ _ATTENTION_ROWS = 8
 _ATTENTION_KEYS = 16
 
 
-def kv_cache_bytes(hp: HParams, n_ctx: int, kv_type: str = DEFAULT_KV_TYPE, n_seq: int = 1) -> int:
-    """Bytes of the K and V caches of all layers for ``n_seq`` sequences of ``n_ctx``."""
+def kv_cache_bytes(hp: HParams, n_ctx: int, kv_type: str = DEFAULT_KV_TYPE, n_seq: int = 1,
+                   n_layer: int | None = None) -> int:
+    """Bytes of the K and V caches for ``n_seq`` sequences of ``n_ctx``: of ``n_layer`` layers
+    (None: all of them)."""
     row = tensor_nbytes(KV_ELEMENT_TYPES[kv_type], hp.n_head_kv * hp.head_dim)
-    return 2 * hp.n_layer * n_ctx * n_seq * row
+    layers = hp.n_layer if n_layer is None else n_layer
+    return 2 * layers * n_ctx * n_seq * row
 
 
 def scratch_bytes(hp: HParams, n_ctx: int, n_batch: int, n_threads: int) -> int:
@@ -62,22 +65,26 @@ def logits_bytes(hp: HParams, n_batch: int) -> int:
 
 
 def context_bytes(hp: HParams, n_ctx: int, n_batch: int, n_threads: int,
-                  kv_type: str = DEFAULT_KV_TYPE, n_seq: int = 1) -> int:
-    """The peak of a context: what it allocates and keeps, plus one chunk's logits."""
-    return (kv_cache_bytes(hp, n_ctx, kv_type, n_seq) + scratch_bytes(hp, n_ctx, n_batch, n_threads)
-            + logits_bytes(hp, n_batch))
+                  kv_type: str = DEFAULT_KV_TYPE, n_seq: int = 1,
+                  host_layers: int | None = None) -> int:
+    """The host-memory peak of a context: what it allocates and keeps, plus one chunk's logits.
+    ``host_layers``: the layers whose K/V cache is in host memory (None: all; the layers placed
+    on a GPU keep theirs on the device, which checks its own memory)."""
+    return (kv_cache_bytes(hp, n_ctx, kv_type, n_seq, host_layers)
+            + scratch_bytes(hp, n_ctx, n_batch, n_threads) + logits_bytes(hp, n_batch))
 
 
 def check_context_fits(hp: HParams, n_ctx: int, n_batch: int, n_threads: int,
                        kv_type: str = DEFAULT_KV_TYPE, n_seq: int = 1,
-                       available: int | None = None) -> int:
+                       available: int | None = None, host_layers: int | None = None) -> int:
     """Raise ContextError when the context would not fit in the memory this process can still
-    get; returns the bytes it needs. ``available`` overrides the reading (tests)."""
-    need = context_bytes(hp, n_ctx, n_batch, n_threads, kv_type, n_seq)
+    get; returns the bytes it needs. ``available`` overrides the reading (tests);
+    ``host_layers`` as :func:`context_bytes`."""
+    need = context_bytes(hp, n_ctx, n_batch, n_threads, kv_type, n_seq, host_layers)
     room = available_memory() if available is None else available
     if room is not None and need > room:
         what = f"n_ctx={n_ctx}" + (f" x {n_seq} sequences" if n_seq > 1 else "")
-        kv = kv_cache_bytes(hp, n_ctx, kv_type, n_seq)
+        kv = kv_cache_bytes(hp, n_ctx, kv_type, n_seq, host_layers)
         raise ContextError(
             f"a context of {what} needs {format_bytes(need)} ({format_bytes(kv)} of {kv_type} "
             f"KV cache) but only {format_bytes(room)} of memory is available; use a smaller "

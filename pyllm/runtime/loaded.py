@@ -183,9 +183,12 @@ class LoadedModel:
         if threads is None:
             threads = self.n_threads
         n_batch = clamp_batch(n_batch, n_ctx, n_seq)
-        # checked once the weights are in place: the repacked copy counts against the room
+        # checked once the weights are in place: the repacked copy counts against the room;
+        # offloaded layers keep their K/V on the device (which checks its own memory)
+        host_layers = sum(last - first for backend, first, last in self.placement
+                          if backend == "cpu")
         check_context_fits(self.hparams, n_ctx, n_batch, threads or available_cpus(), kv_type,
-                           n_seq)
+                           n_seq, host_layers=host_layers)
         warn_if_beyond_training(self.hparams, n_ctx, stacklevel + 1)
         core = core_module()
         what = f"n_ctx={n_ctx}" + (f" x {n_seq} sequences" if n_seq > 1 else "")
