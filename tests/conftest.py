@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +31,28 @@ def wait_until(condition: Callable[[], object], what: str, poll: float = 0.01) -
         if time.monotonic() > deadline:
             pytest.fail(f"hung waiting for {what}", pytrace=False)
         time.sleep(poll)
+
+
+@contextlib.contextmanager
+def serve(app: Any) -> Iterator[str]:
+    """Run an ASGI app with uvicorn on a thread, on a loopback port bound first (so no other
+    process can take it in between); yields its base URL."""
+    import uvicorn
+
+    from pyllm.cli.serve import bind_socket
+
+    sock = bind_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started or not thread.is_alive(), "uvicorn to start")
+    assert server.started, "uvicorn did not start"
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(HANG_GUARD)
+        sock.close()
 
 
 def skip_or_fail(reason: str) -> None:

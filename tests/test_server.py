@@ -33,7 +33,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from pyllm.cli.serve import bind_socket, make_server
 from pyllm.errors import ContextError, SamplingError
@@ -42,7 +41,7 @@ from pyllm.runtime.sampling import DEFAULTS, SamplingParams
 from pyllm.server import app as app_module
 from pyllm.server.app import ServerConfig, cancel_all, create_app
 from pyllm.server.engine import DoneEvent, Engine, Request, TokenEvent
-from tests.conftest import HANG_GUARD, wait_until
+from tests.conftest import HANG_GUARD, serve, wait_until
 
 pytestmark = pytest.mark.model  # every test serves SmolLM2
 
@@ -50,24 +49,6 @@ N_CTX = 256  # per slot
 
 PROMPTS = ["The capital of France is", "Once upon a time", "1, 2, 3, 4,", "def fib(n):",
            "The quick brown fox", "My favourite colour is"]
-
-
-@contextlib.contextmanager
-def serve(app: Any) -> Iterator[str]:
-    """Run an ASGI app with uvicorn on a thread, on a loopback port bound first (so no other
-    process can take it in between); yields its base URL."""
-    sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started or not thread.is_alive(), "uvicorn to start")
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(HANG_GUARD)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

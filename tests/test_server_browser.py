@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import threading
 from collections.abc import Iterator
 from html.parser import HTMLParser
@@ -25,14 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
 from pyllm.errors import ModelError
 from pyllm.runtime.llm import LLM
 from pyllm.runtime.sampling import DEFAULTS
 from pyllm.server.app import STATIC_DIR, ServerConfig, create_app
 from pyllm.server.engine import Engine
-from tests.conftest import HANG_GUARD, skip_or_fail, wait_until
+from tests.conftest import HANG_GUARD, serve, skip_or_fail, wait_until
 
 try:
     from selenium import webdriver
@@ -63,12 +61,6 @@ def _missing() -> str | None:
             f"chromium-driver)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def llm(smollm2_path: Path) -> Iterator[LLM]:
     with LLM(smollm2_path, n_ctx=256) as model:
@@ -84,17 +76,8 @@ def engine(llm: LLM) -> Iterator[Engine]:
 
 @pytest.fixture(scope="module")
 def base_url(engine: Engine) -> Iterator[str]:
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(ServerConfig(model_id="smollm2-test"),
-                                                      engine=engine),
-                                           host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started or not thread.is_alive(), "uvicorn to start")
-    assert thread.is_alive(), "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serve(create_app(ServerConfig(model_id="smollm2-test"), engine=engine)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -284,17 +267,9 @@ def test_chat_page_streams_uses_knobs_and_stops(browser: Any, base_url: str, llm
 def test_chat_page_with_api_key(browser: Any, engine: Engine) -> None:
     """On a server with --api-key the page is opened with ?api_key=KEY and works with it; a
     wrong key typed into the page is reported."""
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(
-        create_app(ServerConfig(model_id="keyed", api_key="k3y"), engine=engine),
-        host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started or not thread.is_alive(), "uvicorn to start")
-        assert thread.is_alive(), "uvicorn did not start"
+    with serve(create_app(ServerConfig(model_id="keyed", api_key="k3y"), engine=engine)) as url:
         d = browser
-        d.get(f"http://127.0.0.1:{port}/?api_key=k3y")
+        d.get(f"{url}/?api_key=k3y")
         wait = WebDriverWait(d, HANG_GUARD, poll_frequency=0.05)
         wait.until(lambda drv: "keyed" in drv.find_element(By.ID, "model").text)
         assert "api_key" not in d.current_url  # taken out of the address bar
@@ -311,9 +286,6 @@ def test_chat_page_with_api_key(browser: Any, engine: Engine) -> None:
                    and _last_assistant(drv).get_attribute("data-finish"))
         assert _last_assistant(d).get_attribute("data-finish") in ("stop", "length")
         assert not d.find_elements(By.CSS_SELECTOR, ".msg.error")
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_chat_page_fills_its_fields_from_props(browser: Any, base_url: str) -> None:
@@ -353,25 +325,15 @@ def test_chat_page_reports_props_it_cannot_load(browser: Any) -> None:
     def loader() -> Engine:
         raise ModelError("the model file is damaged")
 
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(ServerConfig(), loader=loader),
-                                           host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started or not thread.is_alive(), "uvicorn to start")
-        assert thread.is_alive(), "uvicorn did not start"
+    with serve(create_app(ServerConfig(), loader=loader)) as url:
         d = browser
-        d.get(f"http://127.0.0.1:{port}/")
+        d.get(f"{url}/")
         wait = WebDriverWait(d, HANG_GUARD, poll_frequency=0.05)
         status = wait.until(lambda drv: drv.find_element(By.ID, "status").text)
         assert "Could not load the server's sampling defaults" in status
         assert "the model failed to load: the model file is damaged" in status
         assert _knob_values(d) == {k: ("", False) for k in KNOBS}
         assert not d.find_element(By.ID, "reset_knobs").is_enabled()
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_chat_page_waits_for_a_loading_model(browser: Any, llm: LLM) -> None:
@@ -383,28 +345,19 @@ def test_chat_page_waits_for_a_loading_model(browser: Any, llm: LLM) -> None:
         release.wait(HANG_GUARD)
         return Engine(llm, n_parallel=1, n_ctx=64)
 
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(ServerConfig(model_id="late"),
-                                                      loader=loader),
-                                           host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started or not thread.is_alive(), "uvicorn to start")
-        assert thread.is_alive(), "uvicorn did not start"
-        d = browser
-        d.get(f"http://127.0.0.1:{port}/")
-        d.execute_script("localStorage.clear();")
-        wait = WebDriverWait(d, HANG_GUARD, poll_frequency=0.05)
-        wait.until(lambda drv: "loading the model" in drv.find_element(By.ID, "model").text)
-        assert _knob_values(d) == {k: ("", False) for k in KNOBS}
-        release.set()
-        wait.until(lambda drv: "late · 1 slots × 64 tokens" in drv.find_element(By.ID,
-                                                                               "model").text)
-        _assert_shows(d, {**{k: DEFAULTS[k] for k in KNOBS if k != "max_tokens"},
-                          "max_tokens": -1})
-        assert not d.find_element(By.ID, "status").text
-    finally:
-        release.set()
-        server.should_exit = True
-        thread.join(10)
+    with serve(create_app(ServerConfig(model_id="late"), loader=loader)) as url:
+        try:
+            d = browser
+            d.get(f"{url}/")
+            d.execute_script("localStorage.clear();")
+            wait = WebDriverWait(d, HANG_GUARD, poll_frequency=0.05)
+            wait.until(lambda drv: "loading the model" in drv.find_element(By.ID, "model").text)
+            assert _knob_values(d) == {k: ("", False) for k in KNOBS}
+            release.set()
+            wait.until(lambda drv: "late · 1 slots × 64 tokens" in drv.find_element(By.ID,
+                                                                                   "model").text)
+            _assert_shows(d, {**{k: DEFAULTS[k] for k in KNOBS if k != "max_tokens"},
+                              "max_tokens": -1})
+            assert not d.find_element(By.ID, "status").text
+        finally:
+            release.set()

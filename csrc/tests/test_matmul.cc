@@ -21,22 +21,11 @@
 #include "pyllm/fp16.h"
 #include "pyllm/qtype.h"
 #include "pyllm/repack.h"
+#include "tests/check.h"
 
 using namespace pyllm;
 
 namespace {
-
-int g_failures = 0;
-
-#define CHECK(cond, ...)                                   \
-  do {                                                     \
-    if (!(cond)) {                                         \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__);     \
-      std::printf(__VA_ARGS__);                            \
-      std::printf("\n");                                   \
-      ++g_failures;                                        \
-    }                                                      \
-  } while (0)
 
 struct TypeCase {
   QType type;
@@ -293,6 +282,5 @@ int main() {
     check_part_in_region(pool, rng);
     check_errors(pool);
   }
-  std::printf("%s (%d failures)\n", g_failures ? "FAILED" : "OK", g_failures);
-  return g_failures ? 1 : 0;
+  return pyllm::testing::test_exit_status();
 }

@@ -13,22 +13,11 @@
 
 #include "pyllm/model.h"
 #include "pyllm/quant.h"
+#include "tests/check.h"
 
 using namespace pyllm;
 
 namespace {
-
-int g_failures = 0;
-
-#define CHECK(cond, ...)                               \
-  do {                                                 \
-    if (!(cond)) {                                     \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::printf(__VA_ARGS__);                        \
-      std::printf("\n");                               \
-      ++g_failures;                                    \
-    }                                                  \
-  } while (0)
 
 constexpr int kLayers = 4, kEmbd = 64, kHead = 4, kHeadKV = 2, kHeadDim = 16, kFF = 128,
               kVocab = 96;
@@ -203,6 +192,5 @@ int main() {
   check_placements(src);
   check_batch_and_state(src);
   check_bad_placements(src);
-  std::printf("%s (%d failures)\n", g_failures ? "FAILED" : "OK", g_failures);
-  return g_failures ? 1 : 0;
+  return pyllm::testing::test_exit_status();
 }

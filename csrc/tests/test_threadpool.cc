@@ -18,22 +18,11 @@
 
 #include "cpu/cpu.h"
 #include "cpu/threadpool.h"
+#include "tests/check.h"
 
 using namespace pyllm;
 
 namespace {
-
-int g_failures = 0;
-
-#define CHECK(cond, ...)                               \
-  do {                                                 \
-    if (!(cond)) {                                     \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::printf(__VA_ARGS__);                        \
-      std::printf("\n");                               \
-      ++g_failures;                                    \
-    }                                                  \
-  } while (0)
 
 void check_pool(int n, int jobs = 500) {
   ThreadPool pool(n);
@@ -255,6 +244,5 @@ int main() {
     rejected = true;
   }
   CHECK(rejected, "absurd thread count accepted");
-  std::printf("%s (%d failures)\n", g_failures ? "FAILED" : "OK", g_failures);
-  return g_failures ? 1 : 0;
+  return pyllm::testing::test_exit_status();
 }
