@@ -25,7 +25,8 @@ struct PyModel {
   py::object keep_alive;
 };
 
-// The weight slots by their C++ names. pyllm/formats/arch.py maps the GGUF tensor names onto these
+// The weight slots by their C++ names (a layer's: kLayerSlots in pyllm/model.h).
+// pyllm/formats/arch.py maps the GGUF tensor names onto these
 // (the file's names are spelled only there); the binding exports both lists so that a test can
 // check that the two sides agree.
 constexpr std::pair<const char*, WeightView ModelWeights::*> kModelSlots[] = {
@@ -33,16 +34,6 @@ constexpr std::pair<const char*, WeightView ModelWeights::*> kModelSlots[] = {
     {"output_norm", &ModelWeights::output_norm},
     {"output", &ModelWeights::output},
     {"rope_freqs", &ModelWeights::rope_freqs},
-};
-constexpr std::pair<const char*, WeightView LayerWeights::*> kLayerSlots[] = {
-    {"attn_norm", &LayerWeights::attn_norm}, {"wq", &LayerWeights::wq},
-    {"wk", &LayerWeights::wk},               {"wv", &LayerWeights::wv},
-    {"wo", &LayerWeights::wo},               {"ffn_norm", &LayerWeights::ffn_norm},
-    {"w_gate", &LayerWeights::w_gate},       {"w_up", &LayerWeights::w_up},
-    {"w_down", &LayerWeights::w_down},       {"bq", &LayerWeights::bq},
-    {"bk", &LayerWeights::bk},               {"bv", &LayerWeights::bv},
-    {"bo", &LayerWeights::bo},               {"b_gate", &LayerWeights::b_gate},
-    {"b_up", &LayerWeights::b_up},           {"b_down", &LayerWeights::b_down},
 };
 
 WeightView view_from(const py::handle& spec, const std::string& slot) {
@@ -111,7 +102,7 @@ PyModel make_model(const HParams& hp, const py::dict& tensors, const py::list& l
   fill_slots(w, tensors, kModelSlots, "");
   w.layers.resize(hp.n_layer);
   for (int i = 0; i < hp.n_layer; ++i) {
-    fill_slots(w.layers[i], layers[i].cast<py::dict>(), kLayerSlots,
+    fill_slots(w.layers[i], layers[i].cast<py::dict>(), kLayerSlots<WeightView>,
                "layer " + std::to_string(i) + " ");
   }
   PyModel m;
@@ -188,7 +179,7 @@ void register_model(py::module_& m) {
       .def_readwrite("yarn_attn_factor", &HParams::yarn_attn_factor)
       .def_readwrite("yarn_ext_factor", &HParams::yarn_ext_factor);
   m.attr("MODEL_WEIGHT_SLOTS") = slot_names(kModelSlots);
-  m.attr("LAYER_WEIGHT_SLOTS") = slot_names(kLayerSlots);
+  m.attr("LAYER_WEIGHT_SLOTS") = slot_names(kLayerSlots<WeightView>);
 
   py::class_<PyModel>(m, "Model", "Llama-family weights (views into the memory-mapped GGUF).")
       .def(py::init(&make_model), py::arg("hparams"), py::arg("tensors"), py::arg("layers"),

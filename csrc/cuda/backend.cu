@@ -8,12 +8,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <utility>
 
+#include "backend/placed_weights.h"
 #include "cuda/kernels.cuh"
 #include "pyllm/model.h"
 #include "pyllm/quant.h"
@@ -89,18 +91,7 @@ struct Tensor {
   int64_t row_bytes() const { return row_size(type, cols); }
 };
 
-struct CudaLayer {
-  Tensor attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down;
-  Tensor bq, bk, bv, bo, b_gate, b_up, b_down;
-};
-
-class CudaWeights final : public WeightStore {
- public:
-  int64_t bytes() const override { return held; }
-  std::vector<CudaLayer> layers;
-  Tensor output_norm, output;
-  int64_t held = 0;
-};
+using CudaWeights = PlacedWeights<Tensor>;
 
 class CudaBackend final : public Backend {
  public:
@@ -142,78 +133,24 @@ std::unique_ptr<WeightStore> CudaBackend::prepare(const HParams& hp, ModelWeight
                       std::to_string(4 * cuda::kAttnThreads) + " (this model's is " +
                       std::to_string(hp.head_dim) + ")");
   }
-  std::vector<const WeightView*> views;
-  auto add = [&](const WeightView& v) { views.push_back(&v); };
-  for (const LayerRange& r : ranges) {
-    for (int il = r.first; il < r.last; ++il) {
-      const LayerWeights& l = weights.layers[il];
-      for (const WeightView* v : {&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.ffn_norm, &l.w_gate,
-                                  &l.w_up, &l.w_down, &l.bq, &l.bk, &l.bv, &l.bo, &l.b_gate,
-                                  &l.b_up, &l.b_down}) {
-        add(*v);
-      }
-    }
-    if (r.head) {
-      add(weights.output_norm);
-      add(weights.output.present() ? weights.output : weights.tok_embd);
-    }
-  }
-  uint64_t total = 0;
-  for (const WeightView* v : views) {
-    if (v->present() && v->layout != WeightLayout::Gguf) {
-      throw DeviceError(v->name + ": not in its GGUF layout");
-    }
-    total += v->present() ? static_cast<uint64_t>(v->nbytes) : 0;
-  }
+  const uint64_t total =
+      placed_weight_bytes(weights, ranges, std::numeric_limits<uint64_t>::max(), name_);
   size_t free_b = 0, total_b = 0;
   check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
-  if (const char* limit = std::getenv("PYLLM_TEST_DEVICE_MEMORY")) {
-    free_b = std::min<size_t>(free_b, std::strtoull(limit, nullptr, 10));
-  }
+  free_b = device_room(free_b);
   if (total > free_b) {
     throw DeviceError("the layers placed on " + name_ + " need " + mib(total) +
                       " of weights but the device has " + mib(free_b) + " free (of " +
                       mib(total_b) + "); offload fewer layers");
   }
-  auto store = std::make_unique<CudaWeights>();
-  store->layers.resize(hp.n_layer);
-  auto upload = [&](const WeightView& v) {
+  return std::make_unique<CudaWeights>(weights, ranges, [](const WeightView& v) {
     Tensor t;
-    if (!v.present()) return t;
     t.buf = DeviceBuffer(static_cast<size_t>(v.nbytes), v.data, v.name.c_str());
     t.type = v.type;
     t.rows = v.rows;
     t.cols = v.cols;
-    store->held += v.nbytes;
     return t;
-  };
-  for (const LayerRange& r : ranges) {
-    for (int il = r.first; il < r.last; ++il) {
-      const LayerWeights& l = weights.layers[il];
-      CudaLayer& c = store->layers[il];
-      c.attn_norm = upload(l.attn_norm);
-      c.wq = upload(l.wq);
-      c.wk = upload(l.wk);
-      c.wv = upload(l.wv);
-      c.wo = upload(l.wo);
-      c.ffn_norm = upload(l.ffn_norm);
-      c.w_gate = upload(l.w_gate);
-      c.w_up = upload(l.w_up);
-      c.w_down = upload(l.w_down);
-      c.bq = upload(l.bq);
-      c.bk = upload(l.bk);
-      c.bv = upload(l.bv);
-      c.bo = upload(l.bo);
-      c.b_gate = upload(l.b_gate);
-      c.b_up = upload(l.b_up);
-      c.b_down = upload(l.b_down);
-    }
-    if (r.head) {
-      store->output_norm = upload(weights.output_norm);
-      store->output = upload(weights.output.present() ? weights.output : weights.tok_embd);
-    }
-  }
-  return store;
+  });
 }
 
 unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
@@ -339,7 +276,7 @@ class CudaStage final : public Stage {
     const float scale = 1.0f / std::sqrt(static_cast<float>(hp.head_dim));
     const size_t attn_shared = (size_t(hp.head_dim) + cuda::kAttnThreads) * sizeof(float);
     for (int il = range().first; il < range().last; ++il) {
-      const CudaLayer& L = d.w.layers[il];
+      const LayerSlots<Tensor>& L = d.w.layers[il];
       uint8_t* kc = k_[il - range().first].get<uint8_t>();
       uint8_t* vc = v_[il - range().first].get<uint8_t>();
       d.rms_norm(x, L.attn_norm, xb, n);
@@ -387,11 +324,11 @@ class CudaStage final : public Stage {
     CudaDevice& d = d_;
     d.backend_.select();
     const int64_t dim = d.hp.n_embd;
-    std::vector<float> gathered(size_t(count) * dim);
+    gathered_.resize(size_t(count) * dim);  // keeps its capacity: no allocation per token
     for (int r = 0; r < count; ++r) {
-      std::copy(hidden + rows[r] * dim, hidden + (rows[r] + 1) * dim, gathered.begin() + r * dim);
+      std::copy(hidden + rows[r] * dim, hidden + (rows[r] + 1) * dim, gathered_.begin() + r * dim);
     }
-    d.write(head_in_.get(), gathered.data(), gathered.size() * sizeof(float));
+    d.write(head_in_.get(), gathered_.data(), gathered_.size() * sizeof(float));
     d.rms_norm(head_in_.get<float>(), d.w.output_norm, d.xb.get<float>(), count);
     d.mul_mat(d.w.output, d.xb.get<float>(), count, logits_.get<float>());
     d.read(logits, logits_.get(), size_t(count) * d.hp.n_vocab * sizeof(float));
@@ -428,6 +365,7 @@ class CudaStage final : public Stage {
   int64_t row_bytes_, head_bytes_;
   std::vector<DeviceBuffer> k_, v_;
   DeviceBuffer head_in_, logits_;
+  std::vector<float> gathered_;  // the hidden rows output() scores, gathered on the host
 };
 
 std::unique_ptr<Stage> CudaDevice::make_stage(const LayerRange& range) {

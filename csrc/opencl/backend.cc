@@ -10,6 +10,7 @@
 #include <memory>
 #include <mutex>
 
+#include "backend/placed_weights.h"
 #include "opencl/runtime.h"
 #include "pyllm/model.h"
 #include "pyllm/quant.h"
@@ -42,37 +43,7 @@ struct Tensor {
   cl_long row_bytes() const { return row_size(type, cols); }
 };
 
-struct ClLayer {
-  Tensor attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down;
-  Tensor bq, bk, bv, bo, b_gate, b_up, b_down;
-};
-
-class ClWeights final : public WeightStore {
- public:
-  int64_t bytes() const override { return held; }
-  std::vector<ClLayer> layers;  // by layer index; only the placed ones are filled
-  Tensor output_norm, output;   // with the head
-  int64_t held = 0;
-};
-
-// The weights of `ranges` (and the head) that will be uploaded, for the memory check.
-template <typename Fn>
-void for_each_view(ModelWeights& w, const std::vector<LayerRange>& ranges, Fn&& fn) {
-  for (const LayerRange& r : ranges) {
-    for (int il = r.first; il < r.last; ++il) {
-      LayerWeights& l = w.layers[il];
-      for (WeightView* v : {&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.ffn_norm, &l.w_gate,
-                            &l.w_up, &l.w_down, &l.bq, &l.bk, &l.bv, &l.bo, &l.b_gate, &l.b_up,
-                            &l.b_down}) {
-        fn(*v);
-      }
-    }
-    if (r.head) {
-      fn(w.output_norm);
-      fn(w.output.present() ? w.output : w.tok_embd);
-    }
-  }
-}
+using ClWeights = PlacedWeights<Tensor>;
 
 class OpenCLBackend final : public Backend {
  public:
@@ -91,40 +62,24 @@ class OpenCLBackend final : public Backend {
 
 std::unique_ptr<WeightStore> OpenCLBackend::prepare(const HParams& hp, ModelWeights& weights,
                                                     const std::vector<LayerRange>& ranges,
-                                                    const ModelOptions& options) const {
+                                                    const ModelOptions&) const {
   Runtime& rt = Runtime::get(index_);
   const opencl::DeviceDesc& dev = rt.desc();
-  if (hp.head_dim % 32 != 0) {
-    throw DeviceError("the OpenCL backend needs a head size that is a multiple of 32 (this model's is " +
+  if (hp.head_dim % 32 != 0 || hp.head_dim > 4 * static_cast<int>(kWG)) {
+    throw DeviceError("the OpenCL backend needs a head size that is a multiple of 32, at most " +
+                      std::to_string(4 * kWG) + " (this model's is " +
                       std::to_string(hp.head_dim) + ")");
   }
-  // The device's memory, or a smaller limit for tests (PYLLM_TEST_DEVICE_MEMORY, bytes).
-  uint64_t room = dev.global_mem;
-  if (const char* limit = std::getenv("PYLLM_TEST_DEVICE_MEMORY")) {
-    room = std::min<uint64_t>(room, std::strtoull(limit, nullptr, 10));
-  }
-  uint64_t total = 0;
-  for_each_view(weights, ranges, [&](const WeightView& v) {
-    if (!v.present()) return;
-    if (v.layout != WeightLayout::Gguf) throw DeviceError(v.name + ": not in its GGUF layout");
-    if (static_cast<uint64_t>(v.nbytes) > dev.max_alloc) {
-      throw DeviceError(v.name + " needs " + mib(v.nbytes) + " in one buffer; " + dev.name +
-                        " allows at most " + mib(dev.max_alloc));
-    }
-    total += static_cast<uint64_t>(v.nbytes);
-  });
+  const uint64_t room = device_room(dev.global_mem);
+  const uint64_t total = placed_weight_bytes(weights, ranges, dev.max_alloc, dev.name);
   if (total > room) {
     throw DeviceError("the layers placed on " + name_ + " (" + dev.name + ") need " + mib(total) +
                       " of weights but the device has " + mib(room) + "; offload fewer layers");
   }
-  auto store = std::make_unique<ClWeights>();
-  store->layers.resize(hp.n_layer);
-  auto upload = [&](const WeightView& v) {
+  return std::make_unique<ClWeights>(weights, ranges, [&](const WeightView& v) {
     Tensor t;
-    if (!v.present()) return t;
     try {
-      t.buf = Buffer(rt.context(), static_cast<size_t>(v.nbytes),
-                     CL_MEM_READ_ONLY, v.data);
+      t.buf = Buffer(rt.context(), static_cast<size_t>(v.nbytes), CL_MEM_READ_ONLY, v.data);
     } catch (const DeviceError& e) {
       throw DeviceError("out of device memory uploading " + v.name + " (" + mib(v.nbytes) +
                         ", " + mib(total) + " in all for the placed layers; " + dev.name +
@@ -133,37 +88,8 @@ std::unique_ptr<WeightStore> OpenCLBackend::prepare(const HParams& hp, ModelWeig
     t.type = v.type;
     t.rows = v.rows;
     t.cols = v.cols;
-    store->held += v.nbytes;
     return t;
-  };
-  for (const LayerRange& r : ranges) {
-    for (int il = r.first; il < r.last; ++il) {
-      const LayerWeights& l = weights.layers[il];
-      ClLayer& c = store->layers[il];
-      c.attn_norm = upload(l.attn_norm);
-      c.wq = upload(l.wq);
-      c.wk = upload(l.wk);
-      c.wv = upload(l.wv);
-      c.wo = upload(l.wo);
-      c.ffn_norm = upload(l.ffn_norm);
-      c.w_gate = upload(l.w_gate);
-      c.w_up = upload(l.w_up);
-      c.w_down = upload(l.w_down);
-      c.bq = upload(l.bq);
-      c.bk = upload(l.bk);
-      c.bv = upload(l.bv);
-      c.bo = upload(l.bo);
-      c.b_gate = upload(l.b_gate);
-      c.b_up = upload(l.b_up);
-      c.b_down = upload(l.b_down);
-    }
-    if (r.head) {
-      store->output_norm = upload(weights.output_norm);
-      store->output = upload(weights.output.present() ? weights.output : weights.tok_embd);
-    }
-  }
-  (void)options;
-  return store;
+  });
 }
 
 class OpenCLDevice final : public Device {
@@ -252,6 +178,7 @@ class OpenCLStage final : public Stage {
   int64_t row_bytes_, head_bytes_;
   std::vector<Buffer> k_, v_;  // per layer of the range: n_seq * n_ctx rows
   Buffer head_in_, logits_;    // head stage only
+  std::vector<float> gathered_;  // the hidden rows output() scores, gathered on the host
 };
 
 OpenCLDevice::OpenCLDevice(const OpenCLBackend& backend, Runtime& runtime, const Model& m,
@@ -318,7 +245,7 @@ void OpenCLStage::run_layers(const Chunk& c, float* hidden) {
   d.upload_chunk(c);
   const float scale = 1.0f / std::sqrt(static_cast<float>(hp.head_dim));
   for (int il = range().first; il < range().last; ++il) {
-    const ClLayer& L = d.w.layers[il];
+    const LayerSlots<Tensor>& L = d.w.layers[il];
     const Buffer& kc = k_[il - range().first];
     const Buffer& vc = v_[il - range().first];
     d.rms_norm(d.x, L.attn_norm, d.xb, n);
@@ -369,11 +296,11 @@ void OpenCLStage::output(const float* hidden, const int* rows, int count, float*
   if (!range().head) throw std::logic_error("output() on a stage without the model's head");
   OpenCLDevice& d = d_;
   const int64_t dim = d.hp.n_embd;
-  std::vector<float> gathered(size_t(count) * dim);
+  gathered_.resize(size_t(count) * dim);  // keeps its capacity: no allocation per token
   for (int r = 0; r < count; ++r) {
-    std::copy(hidden + rows[r] * dim, hidden + (rows[r] + 1) * dim, gathered.begin() + r * dim);
+    std::copy(hidden + rows[r] * dim, hidden + (rows[r] + 1) * dim, gathered_.begin() + r * dim);
   }
-  d.queue.write(head_in_, 0, gathered.size() * sizeof(float), gathered.data());
+  d.queue.write(head_in_, 0, gathered_.size() * sizeof(float), gathered_.data());
   d.rms_norm(head_in_, d.w.output_norm, d.xb, count);
   d.mul_mat(d.w.output, d.xb, count, logits_);
   d.queue.read(logits_, 0, size_t(count) * d.hp.n_vocab * sizeof(float), logits);

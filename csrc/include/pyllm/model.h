@@ -59,9 +59,26 @@ struct WeightView {
 
 // The weights of one layer. The bindings fill the fields by their C++ names; pyllm/formats/arch.py maps
 // the GGUF tensor names onto them (the file's names are spelled only there).
-struct LayerWeights {
-  WeightView attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down;
-  WeightView bq, bk, bv, bo, b_gate, b_up, b_down;  // optional biases (F32 vectors)
+// A layer's slots hold a V each: the host views here (LayerWeights); a device backend keeps its
+// uploaded copies in the same slots (csrc/backend/placed_weights.h).
+template <typename V>
+struct LayerSlots {
+  V attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down;
+  V bq, bk, bv, bo, b_gate, b_up, b_down;  // optional biases (F32 vectors)
+};
+using LayerWeights = LayerSlots<WeightView>;
+
+// Every slot by its C++ name: the one list the bindings fill from and the backends upload by.
+template <typename V>
+constexpr std::pair<const char*, V LayerSlots<V>::*> kLayerSlots[] = {
+    {"attn_norm", &LayerSlots<V>::attn_norm}, {"wq", &LayerSlots<V>::wq},
+    {"wk", &LayerSlots<V>::wk},               {"wv", &LayerSlots<V>::wv},
+    {"wo", &LayerSlots<V>::wo},               {"ffn_norm", &LayerSlots<V>::ffn_norm},
+    {"w_gate", &LayerSlots<V>::w_gate},       {"w_up", &LayerSlots<V>::w_up},
+    {"w_down", &LayerSlots<V>::w_down},       {"bq", &LayerSlots<V>::bq},
+    {"bk", &LayerSlots<V>::bk},               {"bv", &LayerSlots<V>::bv},
+    {"bo", &LayerSlots<V>::bo},               {"b_gate", &LayerSlots<V>::b_gate},
+    {"b_up", &LayerSlots<V>::b_up},           {"b_down", &LayerSlots<V>::b_down},
 };
 
 struct ModelWeights {
