@@ -25,6 +25,7 @@ from pyllm.errors import (
     DeviceError,
     DownloadError,
     GGUFError,
+    GrammarError,
     ModelError,
     OutputError,
     PyllmError,
@@ -32,11 +33,13 @@ from pyllm.errors import (
     QuantError,
     SamplingError,
     TokenizerError,
+    ToolCallError,
 )
 
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
     from pyllm.formats.gguf import GGUFReader, GGUFWriter
     from pyllm.runtime.devices import DeviceInfo, devices
+    from pyllm.runtime.grammar import Grammar
     from pyllm.runtime.llm import LLM, LLMState
     from pyllm.runtime.loaded import LoadedModel
     from pyllm.runtime.sampling import SamplingParams
@@ -50,6 +53,7 @@ _LAZY = {
     "devices": "pyllm.runtime.devices",
     "DeviceInfo": "pyllm.runtime.devices",
     "SamplingParams": "pyllm.runtime.sampling",
+    "Grammar": "pyllm.runtime.grammar",
     "Tokenizer": "pyllm.tokenizer",
     "GGUFReader": "pyllm.formats.gguf",
     "GGUFWriter": "pyllm.formats.gguf",
@@ -96,6 +100,8 @@ __all__ = [
     "GGUFError",
     "GGUFReader",
     "GGUFWriter",
+    "Grammar",
+    "GrammarError",
     "LLM",
     "LLMState",
     "LoadedModel",
@@ -108,4 +114,5 @@ __all__ = [
     "SamplingParams",
     "Tokenizer",
     "TokenizerError",
+    "ToolCallError",
 ]

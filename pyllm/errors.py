@@ -57,6 +57,15 @@ class DeviceError(PyllmError):
     device found, not enough device memory for the layers placed on it."""
 
 
+class GrammarError(PyllmError):
+    """A grammar, JSON schema or regular expression that cannot constrain generation (a syntax
+    error, an unsupported schema keyword), or the grammar engine is not installed."""
+
+
+class ToolCallError(PyllmError):
+    """Tools or a tool choice that cannot be used (bad shape, unknown function name)."""
+
+
 class PyllmWarning(UserWarning):
     """Something works but probably not as the user wants (a context beyond the trained length,
     more threads than CPUs). The CLI prints these as ``pyllm: warning: ...`` lines."""
@@ -64,6 +73,8 @@ class PyllmWarning(UserWarning):
 
 __all__ = [
     "DeviceError",
+    "GrammarError",
+    "ToolCallError",
     "PyllmError",
     "GGUFError",
     "QuantError",

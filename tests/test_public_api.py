@@ -18,6 +18,7 @@ import pyllm
 import pyllm.errors
 import pyllm.formats.gguf
 import pyllm.runtime.devices
+import pyllm.runtime.grammar
 import pyllm.runtime.llm
 import pyllm.runtime.loaded
 import pyllm.runtime.sampling
@@ -33,6 +34,7 @@ PUBLIC = {
     "GGUFWriter": pyllm.formats.gguf.GGUFWriter,
     "devices": pyllm.runtime.devices.devices,
     "DeviceInfo": pyllm.runtime.devices.DeviceInfo,
+    "Grammar": pyllm.runtime.grammar.Grammar,
     **{name: getattr(pyllm.errors, name) for name in pyllm.errors.__all__},
 }
 

@@ -32,6 +32,33 @@ py::buffer_info float_row(const py::buffer& b) {
   return info;
 }
 
+// An optional token mask: None, or a contiguous uint32 vector of at least ceil(n_vocab / 32)
+// words. The returned info (empty for None) keeps the buffer alive while the GIL is released.
+struct MaskView {
+  py::buffer_info info;
+  const uint32_t* ptr = nullptr;
+};
+
+MaskView mask_words(const py::object& mask, int32_t n_vocab) {
+  MaskView v;
+  if (mask.is_none()) return v;
+  v.info = py::reinterpret_borrow<py::buffer>(mask).request();
+  const bool u32 = v.info.itemsize == 4 && (v.info.format == "I" || v.info.format == "L" ||
+                                            v.info.format == "=I" || v.info.format == "<I");
+  if (!u32 || v.info.ndim != 1)
+    throw SamplingError("the token mask must be a 1-D uint32 array, got format '" +
+                        v.info.format + "'");
+  if (v.info.shape[0] > 1 && v.info.strides[0] != 4)
+    throw SamplingError("the token mask must be contiguous");
+  const auto need = (static_cast<py::ssize_t>(n_vocab) + 31) / 32;
+  if (v.info.shape[0] < need)
+    throw SamplingError("the token mask has " + std::to_string(v.info.shape[0]) +
+                        " words, n_vocab " + std::to_string(n_vocab) + " needs " +
+                        std::to_string(need));
+  v.ptr = static_cast<const uint32_t*>(v.info.ptr);
+  return v;
+}
+
 // One Sampler per Python object; the mutex makes concurrent calls from several Python threads
 // (possible because the GIL is released) wait instead of racing on the scratch buffers.
 struct PySampler {
@@ -70,34 +97,39 @@ void register_sampler(py::module_& m) {
 
   py::class_<PySampler>(m, "Sampler", "llama.cpp-compatible sampler chain over one logits row.")
       .def(py::init<SamplerParams, int32_t>(), py::arg("params"), py::arg("n_vocab"))
-      .def("sample", [](PySampler& s, const py::buffer& logits) {
+      .def("sample", [](PySampler& s, const py::buffer& logits, const py::object& mask) {
         py::buffer_info info = float_row(logits);
+        MaskView m = mask_words(mask, s.sampler.n_vocab());
         py::gil_scoped_release nogil;
         std::lock_guard<std::mutex> lock(s.mu);
         return s.sampler.sample(static_cast<const float*>(info.ptr),
-                                static_cast<size_t>(info.shape[0]));
-      }, py::arg("logits"), "Draw a token (does not accept it).")
-      .def("sample_with_info", [](PySampler& s, const py::buffer& logits, size_t top_n) {
+                                static_cast<size_t>(info.shape[0]), m.ptr);
+      }, py::arg("logits"), py::arg("mask") = py::none(),
+         "Draw a token (does not accept it); `mask`: allowed tokens as uint32 bit words.")
+      .def("sample_with_info", [](PySampler& s, const py::buffer& logits, size_t top_n,
+                                  const py::object& mask) {
         py::buffer_info info = float_row(logits);
+        MaskView m = mask_words(mask, s.sampler.n_vocab());
         SampleInfo r;
         {
           py::gil_scoped_release nogil;
           std::lock_guard<std::mutex> lock(s.mu);
           r = s.sampler.sample_with_info(static_cast<const float*>(info.ptr),
-                                         static_cast<size_t>(info.shape[0]), top_n);
+                                         static_cast<size_t>(info.shape[0]), top_n, m.ptr);
         }
         return py::make_tuple(r.token, r.logprob, top_to_list(r.top), r.sampled_logprob,
                               top_to_list(r.sampled_top));
-      }, py::arg("logits"), py::arg("top_n"),
+      }, py::arg("logits"), py::arg("top_n"), py::arg("mask") = py::none(),
          "Draw a token; returns (token, raw logprob, raw top_n, sampled logprob, sampled top_n).")
-      .def("candidates", [](PySampler& s, const py::buffer& logits) {
+      .def("candidates", [](PySampler& s, const py::buffer& logits, const py::object& mask) {
         py::buffer_info info = float_row(logits);
+        MaskView m = mask_words(mask, s.sampler.n_vocab());
         std::vector<Candidate> c;
         {
           py::gil_scoped_release nogil;
           std::lock_guard<std::mutex> lock(s.mu);
           c = s.sampler.candidates(static_cast<const float*>(info.ptr),
-                                   static_cast<size_t>(info.shape[0]));
+                                   static_cast<size_t>(info.shape[0]), m.ptr);
         }
         py::array_t<int32_t> ids(static_cast<py::ssize_t>(c.size()));
         py::array_t<float> probs(static_cast<py::ssize_t>(c.size()));
@@ -108,7 +140,7 @@ void register_sampler(py::module_& m) {
           wp(static_cast<py::ssize_t>(i)) = c[i].p;
         }
         return py::make_tuple(ids, probs);
-      }, py::arg("logits"),
+      }, py::arg("logits"), py::arg("mask") = py::none(),
          "The chain without the draw: (ids, probs) most probable first; RNG and mu untouched.")
       .def("accept", [](PySampler& s, int32_t token) {
         std::lock_guard<std::mutex> lock(s.mu);

@@ -238,13 +238,14 @@ void Sampler::accept(int32_t token) {
   ++counts_[static_cast<size_t>(token)];
 }
 
-void Sampler::prepare(const float* logits, size_t n) {
+void Sampler::prepare(const float* logits, size_t n, const uint32_t* mask) {
   if (n != static_cast<size_t>(n_vocab_))
     throw SamplingError("logits have " + std::to_string(n) + " entries, the sampler expects " +
                         std::to_string(n_vocab_) + " (n_vocab)");
   check_row(logits, n);
   std::memcpy(work_.data(), logits, n * sizeof(float));
   for (const auto& [id, bias] : params_.logit_bias) work_[static_cast<size_t>(id)] += bias;
+  if (mask != nullptr) apply_mask(mask);
   if (!penalties_active() || history_len_ == 0) return;
 
   // Each distinct token of the window once: divide a positive logit by the penalty, multiply a
@@ -266,6 +267,34 @@ void Sampler::prepare(const float* logits, size_t n) {
     l = l <= 0.0f ? l * rp : l / rp;
     l -= static_cast<float>(c) * params_.frequency_penalty + params_.presence_penalty;
   }
+}
+
+// A banned token becomes -inf, as a logit bias of -inf would: every filter of the chain already
+// gives such a token no mass. Penalties applied afterwards keep -inf at -inf.
+void Sampler::apply_mask(const uint32_t* mask) {
+  const size_t n = work_.size();
+  bool any = false;
+  for (size_t w = 0; w * 32 < n; ++w) {
+    const uint32_t bits = mask[w];
+    const size_t end = std::min(n, w * 32 + 32);
+    if (bits == 0xFFFFFFFFu && end == w * 32 + 32) {
+      any = true;
+      continue;
+    }
+    if (bits == 0) {  // most words of a grammar's mask: a plain fill
+      std::fill(work_.begin() + static_cast<std::ptrdiff_t>(w * 32),
+                work_.begin() + static_cast<std::ptrdiff_t>(end), -kInf);
+      continue;
+    }
+    for (size_t i = w * 32; i < end; ++i) {
+      if ((bits >> (i - w * 32)) & 1u) {
+        any = true;
+      } else {
+        work_[i] = -kInf;
+      }
+    }
+  }
+  if (!any) throw SamplingError("the token mask allows no token");
 }
 
 void Sampler::fill_all_candidates() {
@@ -592,17 +621,18 @@ void Sampler::after_draw(size_t idx) {
   mu_ -= params_.mirostat_eta * (surprise - params_.mirostat_tau);
 }
 
-int32_t Sampler::sample(const float* logits, size_t n) {
-  prepare(logits, n);
+int32_t Sampler::sample(const float* logits, size_t n, const uint32_t* mask) {
+  prepare(logits, n, mask);
   build_distribution();
   const auto idx = static_cast<size_t>(draw_index());
   after_draw(idx);
   return cands_[idx].id;
 }
 
-SampleInfo Sampler::sample_with_info(const float* logits, size_t n, size_t top_n) {
+SampleInfo Sampler::sample_with_info(const float* logits, size_t n, size_t top_n,
+                                     const uint32_t* mask) {
   SampleInfo info;
-  prepare(logits, n);
+  prepare(logits, n, mask);
   build_distribution();
   const auto idx = static_cast<size_t>(draw_index());
   after_draw(idx);
@@ -624,8 +654,9 @@ SampleInfo Sampler::sample_with_info(const float* logits, size_t n, size_t top_n
   return info;
 }
 
-std::vector<Candidate> Sampler::candidates(const float* logits, size_t n) {
-  prepare(logits, n);
+std::vector<Candidate> Sampler::candidates(const float* logits, size_t n,
+                                           const uint32_t* mask) {
+  prepare(logits, n, mask);
   build_distribution();
   std::vector<Candidate> out = cands_;
   std::sort(out.begin(), out.end(), [](const Candidate& a, const Candidate& b) {

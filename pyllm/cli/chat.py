@@ -16,8 +16,10 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from pyllm.cli.common import (
+    add_grammar_args,
     add_model_args,
     add_sampling_args,
+    grammar_from_args,
     load_llm,
     sampling_from_args,
     token_count,
@@ -49,6 +51,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--color", action="store_true", help="colour the prompt and the user's text")
     add_model_args(p)
     add_sampling_args(p)
+    add_grammar_args(p)
     p.set_defaults(run=run, parser=p)
 
 
@@ -82,6 +85,7 @@ def _stream(pieces: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args.parser
     sampling = sampling_from_args(parser, args)
+    args.grammar_spec = grammar_from_args(parser, args)  # every reply follows it
     if args.chat_format is not None and args.reverse_prompt is not None:
         parser.error("--chat-format and --reverse-prompt exclude each other")
     if args.chat_format is not None:
@@ -121,7 +125,8 @@ def _chat_loop(llm: Any, args: argparse.Namespace, sampling: SamplingParams,
             continue
         messages.append({"role": "user", "content": line})
         reply = _stream(llm.chat(messages, max_tokens=max_tokens, chat_format=args.chat_format,
-                                 stream=True, sampling_params=sampling))
+                                 stream=True, sampling_params=sampling,
+                                 grammar=args.grammar_spec))
         messages.append({"role": "assistant", "content": reply})
 
 
@@ -141,5 +146,5 @@ def _completion_loop(llm: Any, args: argparse.Namespace, sampling: SamplingParam
             continue
         transcript += f"{rp} {line}\n"
         reply = _stream(llm.stream(transcript, max_tokens=max_tokens, stop=[rp],
-                                   sampling_params=sampling))
+                                   sampling_params=sampling, grammar=args.grammar_spec))
         transcript += reply.rstrip("\n") + "\n"

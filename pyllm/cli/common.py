@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from pyllm.errors import SamplingError
+from pyllm.errors import GrammarError, PyllmError, SamplingError
 from pyllm.runtime.footprint import MAX_COUNT
 from pyllm.runtime.sampling import DEFAULTS, SamplingParams, field_name
+
+if TYPE_CHECKING:
+    from pyllm.runtime.grammar import Grammar
 
 # The sampling flags (llama.cpp's names) with their type and meaning. The field each sets comes
 # from pyllm.runtime.sampling's one alias table, its default from SamplingParams (shown in the
@@ -130,3 +134,58 @@ def load_llm(args: argparse.Namespace, verbose: bool = False) -> Any:
     return LLM(args.model, n_ctx=args.ctx_size, n_threads=args.threads,
                n_batch=args.batch_size, n_gpu_layers=args.n_gpu_layers, device=args.device,
                verbose=verbose)
+
+
+def add_grammar_args(p: argparse.ArgumentParser) -> None:
+    """Constrained output, as llama.cpp spells the flags (at most one of them)."""
+    g = p.add_argument_group("structured output (needs llguidance: pip install "
+                             "\"pyllm[grammar]\")")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--grammar", metavar="GBNF", help="constrain the output to a GBNF grammar "
+                   "(llama.cpp's syntax, start rule `root`)")
+    x.add_argument("--grammar-file", metavar="FILE", help="read the GBNF grammar from FILE")
+    x.add_argument("-j", "--json-schema", metavar="SCHEMA",
+                   help="constrain the output to JSON valid against SCHEMA (JSON text; {} = any)")
+    x.add_argument("-jf", "--json-schema-file", metavar="FILE",
+                   help="read the JSON schema from FILE")
+    x.add_argument("--regex", metavar="PATTERN",
+                   help="constrain the output to match a regular expression")
+
+
+def _read_text(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        # the flag is well formed; the file is bad input (exit 1, not a usage error)
+        raise PyllmError(f"cannot read {what} {path}: {e}") from None
+
+
+def grammar_from_args(parser: argparse.ArgumentParser,
+                      args: argparse.Namespace) -> Grammar | None:
+    """The Grammar of the flags, checked now: an invalid grammar, schema or pattern is a usage
+    error (exit 2) quoting the parser; a missing llguidance or an unreadable file exit 1."""
+    from pyllm.runtime.grammar import Grammar, llguidance
+
+    made: Grammar | None = None
+    try:
+        if args.grammar is not None:
+            made = Grammar.gbnf(args.grammar)
+        elif args.grammar_file is not None:
+            made = Grammar.gbnf(_read_text(args.grammar_file, "grammar file"))
+        elif args.json_schema is not None:
+            made = Grammar.json_schema(args.json_schema)
+        elif args.json_schema_file is not None:
+            made = Grammar.json_schema(_read_text(args.json_schema_file, "JSON schema file"))
+        elif args.regex is not None:
+            made = Grammar.regex(args.regex)
+        if made is None:
+            return None
+        llguidance()  # not installed: exit 1 with what to install
+    except GrammarError as e:
+        if made is None:
+            parser.error(str(e))
+        raise
+    try:
+        return made.check()
+    except GrammarError as e:
+        parser.error(str(e))

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from pyllm.cli.common import (
+    add_grammar_args,
     add_model_args,
     add_sampling_args,
+    grammar_from_args,
     load_llm,
     sampling_from_args,
     token_count,
@@ -32,12 +34,14 @@ def add_parser(sub: Any) -> None:
                    help="print load info and speed (prompt and generation tokens/s) to stderr")
     add_model_args(p)
     add_sampling_args(p)
+    add_grammar_args(p)
     p.set_defaults(run=run, parser=p)
 
 
 def run(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args.parser
     sampling = sampling_from_args(parser, args)
+    grammar = grammar_from_args(parser, args)
     if args.file is not None:
         try:
             prompt = Path(args.file).read_text(encoding="utf-8")
@@ -51,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     llm = load_llm(args, verbose=args.verbose)
     gen = make_generation(llm, prompt_tokens(llm, prompt), max_tokens=args.n_predict,
-                          stop=args.stop, sampling_params=sampling)
+                          stop=args.stop, sampling_params=sampling, grammar=grammar)
     out = sys.stdout
     out.write(prompt)
     out.flush()

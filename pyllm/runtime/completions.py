@@ -13,11 +13,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from pyllm.errors import SamplingError
+from pyllm.errors import GrammarError, SamplingError
 from pyllm.runtime import openai_shapes as shapes
 from pyllm.runtime.generation import Generation, Piece, chat_prompt, prompt_tokens, stop_token_ids
+from pyllm.runtime.grammar import Grammar, from_options, from_response_format
 
 if TYPE_CHECKING:
+    from pyllm.runtime.grammar import Constraint
     from pyllm.runtime.llm import LLM
     from pyllm.runtime.sampling import SamplingParams
 
@@ -57,12 +59,26 @@ def generation_params(llm: LLM, sampling_params: SamplingParams | None,
 def make_generation(llm: LLM, tokens: list[int], *, max_tokens: int | None,
                     stop: str | Sequence[str] | None, extra_stop: Sequence[str] = (),
                     logprobs: int | None = None, sampling_params: SamplingParams | None = None,
-                    **sampling: Any) -> Generation:
+                    grammar: Grammar | str | None = None,
+                    json_schema: dict[str, Any] | bool | str | None = None,
+                    regex: str | None = None, **sampling: Any) -> Generation:
     """The generation of one call; sampling settings as :func:`generation_params` reads them
-    (``LLM.generate`` / ``stream`` / ``chat`` / ``create_*`` pass ``sampling_params`` through)."""
+    (``LLM.generate`` / ``stream`` / ``chat`` / ``create_*`` pass ``sampling_params`` through).
+    ``grammar`` (a :class:`~pyllm.runtime.grammar.Grammar` or GBNF text), ``json_schema`` or
+    ``regex`` constrain the output (at most one of them)."""
     params = generation_params(llm, sampling_params, sampling)
     return Generation(llm, tokens, params, max_tokens, _stop_list(stop) + list(extra_stop),
-                      stop_token_ids(llm), logprobs)
+                      stop_token_ids(llm), logprobs,
+                      constraint_of(llm, from_options(grammar, json_schema, regex)))
+
+
+def constraint_of(llm: LLM, grammar: Grammar | None) -> Constraint | None:
+    """The matcher of one generation under ``grammar`` (None: unconstrained)."""
+    if grammar is None:
+        return None
+    from pyllm.runtime.grammar import Constraint
+
+    return Constraint(grammar, llm.tokenizer, llm.n_vocab)
 
 
 def _entries(pieces: Iterable[Piece]) -> list[shapes.TokenLogprobs]:
@@ -115,9 +131,15 @@ def create_chat_completion(llm: LLM, messages: Sequence[dict[str, Any]], *,
                            stop: str | Sequence[str] | None = None, stream: bool = False,
                            chat_format: str | None = None, logprobs: bool = False,
                            top_logprobs: int | None = None,
+                           response_format: dict[str, Any] | None = None,
                            **sampling: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
     tokens, format_stops = chat_prompt(llm, messages, chat_format)
     n_lp = (top_logprobs or 0) if logprobs else None
+    fmt = from_response_format(response_format)
+    if fmt is not None:
+        if any(sampling.get(k) is not None for k in ("grammar", "json_schema", "regex")):
+            raise GrammarError("give response_format or grammar/json_schema/regex, not both")
+        sampling["grammar"] = fmt
     gen = make_generation(llm, tokens, max_tokens=max_tokens, stop=stop,
                           extra_stop=format_stops, logprobs=n_lp, **sampling)
     head = shapes.Head.chat(_model_name(llm))

@@ -28,6 +28,7 @@ from pyllm.runtime.steps import (
 )
 
 if TYPE_CHECKING:
+    from pyllm.runtime.grammar import Constraint
     from pyllm.runtime.llm import LLM
     from pyllm.runtime.sampling import SamplingParams
     from pyllm.tokenizer import Tokenizer
@@ -80,7 +81,8 @@ class Generation:
 
     def __init__(self, llm: LLM, prompt_tokens: Sequence[int], params: SamplingParams,
                  max_tokens: int | None, stop: Sequence[str] = (),
-                 stop_tokens: Iterable[int] = (), logprobs: int | None = None) -> None:
+                 stop_tokens: Iterable[int] = (), logprobs: int | None = None,
+                 constraint: Constraint | None = None) -> None:
         max_tokens = resolve_max_tokens(max_tokens)
         if not prompt_tokens:
             raise PyllmError("the prompt is empty (no tokens)")
@@ -92,7 +94,8 @@ class Generation:
         self.max_tokens = max_tokens
         self.steps = SequenceSteps(llm.tokenizer, llm.n_vocab, self.prompt_tokens, params,
                                    max_tokens=max_tokens, n_ctx=llm.n_ctx, stop=stop,
-                                   stop_tokens=stop_tokens, logprobs=logprobs)
+                                   stop_tokens=stop_tokens, logprobs=logprobs,
+                                   constraint=constraint)
         self.sampler = self.steps.sampler
         # seconds spent in the prompt forward / the per-token forward+sampling, for --verbose
         self.t_prompt = 0.0

@@ -337,23 +337,29 @@ class Sampler:
         """Tokens the penalties currently look at (0 when the penalties are off)."""
         return int(self._s.history_size)
 
-    def sample(self, logits: Any) -> int:
-        """Draw a token from one row of n_vocab logits. Does not record it (see accept)."""
-        return int(self._s.sample(_row(logits)))
+    def sample(self, logits: Any, mask: np.ndarray | None = None) -> int:
+        """Draw a token from one row of n_vocab logits. Does not record it (see accept).
 
-    def sample_with_logprobs(self, logits: Any, top_n: int = 0) -> SampleResult:
-        """Draw a token and report log-probabilities (see SampleResult)."""
+        ``mask`` (constrained decoding): uint32 words, token t allowed iff bit t % 32 of word
+        t // 32 is set; the other tokens are dropped before the chain."""
+        return int(self._s.sample(_row(logits), mask))
+
+    def sample_with_logprobs(self, logits: Any, top_n: int = 0,
+                             mask: np.ndarray | None = None) -> SampleResult:
+        """Draw a token and report log-probabilities (see SampleResult); ``mask`` as in
+        :meth:`sample` (the raw logprobs are the model's, the sampled ones after the mask)."""
         top_n = _integer("top_n", top_n)
         if top_n < 0:
             raise SamplingError(f"top_n must be >= 0, got {top_n}")
-        tok, lp, top, slp, stop = self._s.sample_with_info(_row(logits), top_n)
+        tok, lp, top, slp, stop = self._s.sample_with_info(_row(logits), top_n, mask)
         return SampleResult(int(tok), float(lp), [(int(i), float(v)) for i, v in top],
                             float(slp), [(int(i), float(v)) for i, v in stop])
 
-    def candidates(self, logits: Any) -> tuple[np.ndarray, np.ndarray]:
+    def candidates(self, logits: Any, mask: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
         """Run the chain without drawing: (token ids int32, probabilities float32) of the
         surviving candidates, most probable first. The RNG and mu are not changed."""
-        ids, probs = self._s.candidates(_row(logits))
+        ids, probs = self._s.candidates(_row(logits), mask)
         return ids, probs
 
     def accept(self, token: int) -> None:

@@ -7,8 +7,10 @@ samples, matches stop strings, detokenizes, counts limits or computes logprobs i
 change to what happens per token (constrained decoding masking the logits, speculative decoding
 accepting several tokens) is made here, once.
 
-Per step: sample a token (with logprobs when asked, from the sampler's one C++ entry); an
-end-of-generation token ends the sequence ("stop"); otherwise the token enters the penalty
+Per step: sample a token (with logprobs when asked, from the sampler's one C++ entry; under a
+grammar only from the tokens its :class:`~pyllm.runtime.grammar.Constraint` allows, and the
+token then advances it); an end-of-generation token ends the sequence ("stop"), as does a
+grammar that is complete and allows nothing more; otherwise the token enters the penalty
 history and the stream decoder, and the text it completes passes the stop matcher, which holds
 back what might be the start of a stop string and ends the sequence ("stop") when one appears.
 The token limit and the context size end it with "length". At an end other than a stop string,
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from pyllm.errors import PyllmError, SamplingError
 
 if TYPE_CHECKING:
+    from pyllm.runtime.grammar import Constraint
     from pyllm.runtime.sampling import SampleResult, SamplingParams
 
 UNTIL_DONE = -1  # max_tokens meaning "until an end token or a full context", as llama.cpp's -n
@@ -100,7 +103,8 @@ class Released:
 
 class SequenceSteps:
     """The per-token state of one sequence: sampler (the prompt is its penalty history, as in
-    llama.cpp), stop tokens, stop strings, stream decoder, token limit, context limit, logprobs.
+    llama.cpp), stop tokens, stop strings, stream decoder, token limit, context limit, logprobs,
+    and the grammar's matcher when the output is constrained.
 
     ``finish_reason`` is None while running, then "stop" or "length"; ``stopped_by_string`` says
     that a stop string (not a token or a limit) ended it. ``tokens`` holds the generated ids.
@@ -109,7 +113,8 @@ class SequenceSteps:
     def __init__(self, tokenizer: Any, n_vocab: int, prompt: Sequence[int],
                  params: SamplingParams, *, max_tokens: int | None, n_ctx: int,
                  stop: Iterable[str] = (), stop_tokens: Iterable[int] = (),
-                 logprobs: int | None = None) -> None:
+                 logprobs: int | None = None, constraint: Constraint | None = None,
+                 keep_special: bool = False) -> None:
         from pyllm.runtime.sampling import Sampler
 
         self.max_tokens = resolve_max_tokens(max_tokens)
@@ -119,8 +124,10 @@ class SequenceSteps:
         self.sampler.accept_many(prompt)
         self.stop_tokens = frozenset(stop_tokens)
         self.matcher = StopMatcher(stop)
-        self.decoder = tokenizer.decoder(skip_special=True)
+        # control tokens are text only where a caller parses them (a tool-call marker)
+        self.decoder = tokenizer.decoder(skip_special=not keep_special)
         self.n_logprobs = logprobs
+        self.constraint = constraint
         self.tokens: list[int] = []
         self.stopped_by_string = False
         # nothing asked for: finished before any forward pass
@@ -137,13 +144,16 @@ class SequenceSteps:
         if self.finish_reason is not None:
             raise PyllmError("this sequence has already finished")
         lp: SampleResult | None = None
+        mask = self.constraint.mask() if self.constraint is not None else None
         if self.n_logprobs is not None:
-            lp = self.sampler.sample_with_logprobs(logits, self.n_logprobs)
+            lp = self.sampler.sample_with_logprobs(logits, self.n_logprobs, mask)
             token = lp.token
         else:
-            token = self.sampler.sample(logits)
-        if token in self.stop_tokens:
+            token = self.sampler.sample(logits, mask)
+        if token in self.stop_tokens:  # under a grammar only allowed once it is complete
             return self._end("stop")
+        if self.constraint is not None:
+            self.constraint.accept(token)
         self.sampler.accept(token)
         self.tokens.append(token)
         raw = self.decoder.feed(token)
@@ -152,6 +162,10 @@ class SequenceSteps:
         if stopped:  # the stop string and anything after it are dropped: no flush
             self.finish_reason = "stop"
             self.stopped_by_string = True
+            if self.constraint is not None:
+                self.constraint.close()
+        elif self.constraint is not None and self.constraint.finished:
+            out += self._end("stop")  # nothing but an end token could follow: no forward for it
         elif self.max_tokens is not None and len(self.tokens) >= self.max_tokens:
             out += self._end("length")
         elif self.n_prompt + len(self.tokens) >= self.n_ctx:
@@ -160,6 +174,8 @@ class SequenceSteps:
 
     def _end(self, reason: str) -> list[Released]:
         self.finish_reason = reason
+        if self.constraint is not None:
+            self.constraint.close()
         rest, stopped = self.matcher.push(self.decoder.flush())
         rest += "" if stopped else self.matcher.flush()
         return [Released(rest, None)] if rest else []

@@ -590,9 +590,10 @@ class _Handlers:
         eng = self.state.need_engine()
 
         async def run() -> Response:
+            grammar = await run_in_threadpool(req.grammar_spec)
             tokens, echo = await self._completion_prompt(eng, req)
             choices = Choices(eng, tokens, params, req.n, req.token_limit(), req.stop_list(),
-                              req.logprobs)
+                              req.logprobs, grammar)
             head = shapes.Head.completion(self.config.model_id)
             if req.stream:
                 return _stream_completion(eng, req, choices, head, echo)
@@ -640,11 +641,12 @@ class _Handlers:
             await _check_text_fits(self.state, eng,
                                    sum(_utf8_len(m["content"]) for m in messages),
                                    eng.n_ctx - 1, "the conversation", "messages")
+            grammar = await run_in_threadpool(req.grammar_spec)
             tokens, format_stops = await run_in_threadpool(chat_prompt, eng, messages,
                                                            self.config.chat_format)
             n_lp = (req.top_logprobs or 0) if req.logprobs else None
             choices = Choices(eng, tokens, params, req.n, req.token_limit(),
-                              req.stop_list() + format_stops, n_lp)
+                              req.stop_list() + format_stops, n_lp, grammar)
             head = shapes.Head.chat(self.config.model_id)
             if req.stream:
                 return _stream_chat(eng, req, choices, head)

@@ -18,8 +18,9 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from pyllm.errors import ContextError, SamplingError
+from pyllm.errors import ContextError, GrammarError, SamplingError
 from pyllm.runtime import openai_shapes as shapes
+from pyllm.runtime.grammar import Grammar
 from pyllm.runtime.sampling import InvalidSamplingParam, SamplingParams
 from pyllm.server.engine import (
     DoneEvent,
@@ -40,7 +41,8 @@ class Choices:
     engine thread onto the event loop, tagged with the choice index."""
 
     def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, n: int,
-                 max_tokens: int | None, stop: list[str], logprobs: int | None) -> None:
+                 max_tokens: int | None, stop: list[str], logprobs: int | None,
+                 grammar: Grammar | None = None, keep_special: bool = False) -> None:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.n = n
@@ -50,7 +52,8 @@ class Choices:
                 # with a fixed seed the choices still differ, and the request stays repeatable
                 p = params if i == 0 or params.seed < 0 else dataclasses.replace(
                     params, seed=(params.seed + i) % 2**32)
-                req = EngineRequest(prompt, p, self._push(i), max_tokens, stop, logprobs)
+                req = EngineRequest(prompt, p, self._push(i), max_tokens, stop, logprobs,
+                                    grammar, keep_special)
                 self.handles.append(submit(engine, req))
         except BaseException:
             self.cancel()
@@ -96,6 +99,8 @@ def submit(engine: Engine, req: EngineRequest) -> Handle:
         code = "context_length_exceeded" if "exceed" in msg or "holds" in msg else None
         raise ApiError(400, msg, param="max_tokens" if "max_tokens" in msg else "prompt",
                        code=code) from None
+    except GrammarError as e:  # checked before; a matcher that cannot start is still a 400
+        raise ApiError(400, str(e)) from None
     except SamplingError as e:  # e.g. a logit_bias token outside this model's vocabulary
         param = e.param if isinstance(e, InvalidSamplingParam) else None
         raise ApiError(400, str(e), param=param) from None

@@ -50,6 +50,7 @@ import numpy as np
 from pyllm.errors import ContextError, ModelError, PyllmError
 from pyllm.runtime.footprint import DEFAULT_KV_TYPE
 from pyllm.runtime.generation import stop_token_ids
+from pyllm.runtime.grammar import Constraint, Grammar
 from pyllm.runtime.loaded import DEFAULT_N_BATCH, LoadedModel, check_count, clamp_batch
 from pyllm.runtime.steps import SequenceSteps, common_prefix, resolve_max_tokens
 
@@ -108,6 +109,8 @@ class Request:
     max_tokens: int | None = None
     stop: Sequence[str] = ()
     logprobs: int | None = None
+    grammar: Grammar | None = None  # constrained output (checked by the caller)
+    keep_special: bool = False  # control tokens in the text (a tool-call marker is one)
 
 
 class Handle:
@@ -249,9 +252,12 @@ class Engine:
             raise ContextError(f"token id {bad[0]} is outside the vocabulary "
                                f"(n_vocab {self.n_vocab})")
         # validates logit_bias against the vocabulary; the prompt is penalty history
+        constraint = None if req.grammar is None else Constraint(req.grammar, self.tokenizer,
+                                                                 self.n_vocab)
         steps = SequenceSteps(self.tokenizer, self.n_vocab, req.prompt, req.params,
                               max_tokens=req.max_tokens, n_ctx=self.n_ctx, stop=req.stop,
-                              stop_tokens=self.stop_ids, logprobs=req.logprobs)
+                              stop_tokens=self.stop_ids, logprobs=req.logprobs,
+                              constraint=constraint, keep_special=req.keep_special)
         job = _Job(next(self._ids), req, steps, time.monotonic())
         with self._cv:
             if self._stopping:

@@ -10,10 +10,16 @@ the Python API give the same answer; a bad one is a 400 naming the field.
 Unknown fields are rejected with 400, as the OpenAI API does ("Unrecognized request argument"),
 so a typo never silently falls back to a default. A few OpenAI fields that change nothing here
 are accepted and ignored (``user``, ``store``, ``metadata``, ``service_tier``,
-``parallel_tool_calls``); fields that would change the result in a way this server does not
-implement are rejected with a message saying so (``best_of`` > 1, ``suffix``, tools, JSON
-response formats). ``n`` > 1 runs n requests from the same prompt together (with a fixed ``seed``,
-choice i uses seed + i).
+``parallel_tool_calls`` without tools); fields that would change the result in a way this server
+does not implement are rejected with a message saying so (``best_of`` > 1, ``suffix``).
+
+Structured output: ``response_format`` (``json_object``, ``json_schema``) on chat completions
+and llama.cpp's ``grammar`` (GBNF) and ``json_schema`` on both endpoints become one
+:class:`pyllm.runtime.grammar.Grammar`, checked before the request is queued (an invalid one is
+a 400 quoting the parser).
+
+``n`` > 1 runs n requests from the same prompt together (with a fixed ``seed``, choice i uses
+seed + i).
 
 Token limits follow llama.cpp's ``n_predict``: ``max_tokens`` -1 = until an end-of-generation
 token or the slot's context is full (also what an absent or null limit means in chat, and null in
@@ -28,6 +34,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pyllm.errors import GrammarError
+from pyllm.runtime.grammar import Grammar, from_response_format
 from pyllm.runtime.sampling import InvalidSamplingParam, SamplingParams
 from pyllm.runtime.steps import UNTIL_DONE, resolve_max_tokens
 
@@ -79,6 +87,9 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_N)  # choices: n requests decoded together
+    # llama.cpp's constrained-output fields (GBNF text; a JSON schema)
+    grammar: str | None = None
+    json_schema: dict[str, Any] | bool | None = None
     # accepted and ignored: they do not change the output
     user: str | None = None
     store: bool | None = None
@@ -102,6 +113,31 @@ class _Sampling(_Strict):
             return SamplingParams.from_kwargs(**{k: getattr(self, k) for k in _SAMPLING_FIELDS})
         except InvalidSamplingParam as e:
             raise ApiError(400, str(e), param=e.param) from None
+
+    def grammar_spec(self) -> Grammar | None:
+        """The one constraint of the request (None: free text); 400 naming the field when two
+        are given or one cannot be used. Compiles it (cached per distinct source)."""
+        given = self._constraints()
+        if len(given) > 1:
+            raise ApiError(400, f"give one of {' and '.join(n for n, _ in given)}, not both",
+                           param=given[1][0])
+        if not given:
+            return None
+        param, make = given[0]
+        try:
+            return make().check()
+        except GrammarError as e:
+            raise ApiError(400, str(e), param=param) from None
+
+    def _constraints(self) -> list[tuple[str, Any]]:
+        out: list[tuple[str, Any]] = []
+        if self.grammar is not None:
+            text = self.grammar
+            out.append(("grammar", lambda: Grammar.gbnf(text)))
+        if self.json_schema is not None:
+            schema = self.json_schema
+            out.append(("json_schema", lambda: Grammar.json_schema(schema)))
+        return out
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -168,8 +204,24 @@ class ChatMessage(BaseModel):
         return {"role": role, "content": content or ""}
 
 
+class JsonSchemaFormat(_Strict):
+    """``response_format.json_schema``: OpenAI's named schema (``strict`` is always honoured:
+    the output is constrained to the schema either way)."""
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Strict):
-    type: Literal["text"]
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    # llama.cpp's spelling: {"type": "json_object", "schema": {...}}
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+
+    def grammar(self) -> Grammar | None:
+        return from_response_format(self.model_dump(by_alias=True, exclude_none=True))
 
 
 class ChatCompletionRequest(_Sampling):
@@ -185,6 +237,13 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+
+    def _constraints(self) -> list[tuple[str, Any]]:
+        out = super()._constraints()
+        fmt = self.response_format
+        if fmt is not None and fmt.type != "text":
+            out.insert(0, ("response_format", fmt.grammar))
+        return out
 
     def check_supported(self) -> None:
         super().check_supported()

@@ -86,12 +86,17 @@ class Sampler {
 
   // Draws a token from `logits` (n == n_vocab). Does not record it: call accept() with the token
   // that is actually kept (the penalties only see accepted tokens).
-  int32_t sample(const float* logits, size_t n);
-  // sample() plus log-probabilities for OpenAI logprobs / top_logprobs (top_n may be 0).
-  SampleInfo sample_with_info(const float* logits, size_t n, size_t top_n);
+  // `mask` (optional, ceil(n / 32) words) allows token t iff bit t % 32 of word t / 32 is set:
+  // the others are dropped before the chain, as a grammar requires (constrained decoding).
+  int32_t sample(const float* logits, size_t n, const uint32_t* mask = nullptr);
+  // sample() plus log-probabilities for OpenAI logprobs / top_logprobs (top_n may be 0). The
+  // raw log-probabilities are the model's, before the mask; the sampled ones are after it.
+  SampleInfo sample_with_info(const float* logits, size_t n, size_t top_n,
+                              const uint32_t* mask = nullptr);
   // The chain without the draw: surviving candidates, most probable first, with their final
   // probabilities. Leaves the RNG and mirostat's mu untouched (for tests and inspection).
-  std::vector<Candidate> candidates(const float* logits, size_t n);
+  std::vector<Candidate> candidates(const float* logits, size_t n,
+                                    const uint32_t* mask = nullptr);
 
   void accept(int32_t token);
   // Clears the penalty history, sets mu to 2 * tau and re-seeds the RNG (a fixed seed gives the
@@ -106,7 +111,9 @@ class Sampler {
 
  private:
   bool penalties_active() const;
-  void prepare(const float* logits, size_t n);       // work_ = logits + bias + penalties
+  // work_ = logits + bias + penalties, masked
+  void prepare(const float* logits, size_t n, const uint32_t* mask);
+  void apply_mask(const uint32_t* mask);
   void build_distribution();                          // cands_ = final candidates with p
   int32_t draw_index();                               // one draw from cands_ by p
   void after_draw(size_t idx);                        // mirostat mu update
