@@ -15,6 +15,7 @@ $PYLLM_ARTIFACTS when that is set.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -286,6 +287,54 @@ def test_chat_page_with_api_key(browser: Any, engine: Engine) -> None:
                    and _last_assistant(drv).get_attribute("data-finish"))
         assert _last_assistant(d).get_attribute("data-finish") in ("stop", "length")
         assert not d.find_elements(By.CSS_SELECTOR, ".msg.error")
+
+
+def test_chat_page_json_schema(browser: Any, base_url: str, engine: Engine) -> None:
+    """The JSON schema field constrains the reply (it parses and validates); a field that is
+    not JSON is refused on the page without a request; a schema the server cannot use shows
+    the server's message."""
+    import jsonschema
+
+    d = browser
+    d.get(base_url + "/")
+    d.execute_script("localStorage.clear();")
+    d.get(base_url + "/")
+    wait = WebDriverWait(d, HANG_GUARD, poll_frequency=0.02)
+    wait.until(lambda drv: not drv.find_element(By.ID, "max_tokens").get_attribute("disabled"))
+    schema = {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 20},
+        "population": {"type": "integer", "minimum": 0}}, "required": ["city", "population"]}
+    try:
+        _set(d, "json_schema", json.dumps(schema))
+        _set(d, "max_tokens", "80")
+        _set(d, "input", "Name a city and its population.")
+        d.find_element(By.ID, "send").click()
+        wait.until(lambda drv: _last_assistant(drv).get_attribute("data-finish"))
+        bubble = _last_assistant(d)
+        assert bubble.get_attribute("data-finish") == "stop"
+        jsonschema.validate(json.loads(bubble.find_element(By.CLASS_NAME, "content").text),
+                            schema)
+        _wait_idle(engine)
+
+        requests = engine.stats.requests_total
+        n_errors = len(d.find_elements(By.CSS_SELECTOR, ".msg.error"))
+        _set(d, "json_schema", '{"type": ')
+        _set(d, "input", "again")
+        d.find_element(By.ID, "send").click()
+        wait.until(lambda drv: len(drv.find_elements(By.CSS_SELECTOR, ".msg.error")) > n_errors)
+        error = d.find_elements(By.CSS_SELECTOR, ".msg.error")[-1].text
+        assert "the JSON schema is not valid JSON" in error
+        assert engine.stats.requests_total == requests  # nothing was sent
+
+        _set(d, "json_schema", '{"type": "array", "uniqueItems": true}')
+        _set(d, "input", "and again")
+        d.find_element(By.ID, "send").click()
+        wait.until(lambda drv: len(drv.find_elements(By.CSS_SELECTOR, ".msg.error"))
+                   > n_errors + 1)
+        error = d.find_elements(By.CSS_SELECTOR, ".msg.error")[-1].text
+        assert 'JSON schema keyword(s) not supported: ["uniqueItems"]' in error
+    finally:
+        d.execute_script("localStorage.clear();")
 
 
 def test_chat_page_fills_its_fields_from_props(browser: Any, base_url: str) -> None:
