@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from pyllm.errors import GrammarError, SamplingError
 from pyllm.runtime import openai_shapes as shapes
-from pyllm.runtime.generation import Generation, Piece, chat_prompt, prompt_tokens, stop_token_ids
+from pyllm.runtime.generation import Generation, Piece, prompt_tokens, stop_token_ids
 from pyllm.runtime.grammar import Grammar, from_options, from_response_format
+from pyllm.runtime.tool_use import ToolDeltas, ToolPlan, chat_with_tools, reply_fields
 
 if TYPE_CHECKING:
     from pyllm.runtime.grammar import Constraint
@@ -61,7 +62,8 @@ def make_generation(llm: LLM, tokens: list[int], *, max_tokens: int | None,
                     logprobs: int | None = None, sampling_params: SamplingParams | None = None,
                     grammar: Grammar | str | None = None,
                     json_schema: dict[str, Any] | bool | str | None = None,
-                    regex: str | None = None, **sampling: Any) -> Generation:
+                    regex: str | None = None, keep_special: bool = False,
+                    **sampling: Any) -> Generation:
     """The generation of one call; sampling settings as :func:`generation_params` reads them
     (``LLM.generate`` / ``stream`` / ``chat`` / ``create_*`` pass ``sampling_params`` through).
     ``grammar`` (a :class:`~pyllm.runtime.grammar.Grammar` or GBNF text), ``json_schema`` or
@@ -69,7 +71,8 @@ def make_generation(llm: LLM, tokens: list[int], *, max_tokens: int | None,
     params = generation_params(llm, sampling_params, sampling)
     return Generation(llm, tokens, params, max_tokens, _stop_list(stop) + list(extra_stop),
                       stop_token_ids(llm), logprobs,
-                      constraint_of(llm, from_options(grammar, json_schema, regex)))
+                      constraint_of(llm, from_options(grammar, json_schema, regex)),
+                      keep_special)
 
 
 def constraint_of(llm: LLM, grammar: Grammar | None) -> Constraint | None:
@@ -132,33 +135,46 @@ def create_chat_completion(llm: LLM, messages: Sequence[dict[str, Any]], *,
                            chat_format: str | None = None, logprobs: bool = False,
                            top_logprobs: int | None = None,
                            response_format: dict[str, Any] | None = None,
+                           tools: Sequence[dict[str, Any]] | None = None,
+                           tool_choice: str | dict[str, Any] | None = None,
+                           parallel_tool_calls: bool | None = None,
                            **sampling: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
-    tokens, format_stops = chat_prompt(llm, messages, chat_format)
+    tokens, format_stops, plan = chat_with_tools(llm, messages, chat_format, tools, tool_choice,
+                                                 parallel_tool_calls)
     n_lp = (top_logprobs or 0) if logprobs else None
-    fmt = from_response_format(response_format)
-    if fmt is not None:
-        if any(sampling.get(k) is not None for k in ("grammar", "json_schema", "regex")):
-            raise GrammarError("give response_format or grammar/json_schema/regex, not both")
-        sampling["grammar"] = fmt
+    given = [k for k in ("grammar", "json_schema", "regex") if sampling.get(k) is not None]
+    for name, extra in (("response_format", from_response_format(response_format)),
+                        ("tool_choice", plan.grammar if plan is not None else None)):
+        if extra is not None:
+            if given:
+                raise GrammarError(f"give {name} or {given[0]}, not both")
+            sampling["grammar"], given = extra, [name]
     gen = make_generation(llm, tokens, max_tokens=max_tokens, stop=stop,
-                          extra_stop=format_stops, logprobs=n_lp, **sampling)
+                          extra_stop=format_stops, logprobs=n_lp,
+                          keep_special=plan is not None, **sampling)
     head = shapes.Head.chat(_model_name(llm))
     if stream:
-        return _chat_chunks(gen, head, len(tokens), logprobs)
+        return _chat_chunks(gen, head, len(tokens), logprobs, plan)
     pieces = list(gen)
     lp = shapes.chat_logprobs(_entries(pieces)) if logprobs else None
-    text = "".join(p.text for p in pieces)
-    return shapes.chat_completion(head, [shapes.chat_choice(0, text, lp, gen.finish_reason)],
+    content, calls, finish = reply_fields(plan, "".join(p.text for p in pieces),
+                                          gen.finish_reason)
+    return shapes.chat_completion(head, [shapes.chat_choice(0, content, lp, finish, calls)],
                                   shapes.usage(len(tokens), len(gen.tokens)))
 
 
-def _chat_chunks(gen: Generation, head: shapes.Head, n_prompt: int,
-                 logprobs: bool) -> Iterator[dict[str, Any]]:
+def _chat_chunks(gen: Generation, head: shapes.Head, n_prompt: int, logprobs: bool,
+                 plan: ToolPlan | None) -> Iterator[dict[str, Any]]:
     yield shapes.chat_chunk(head, 0, shapes.role_delta())
+    deltas = ToolDeltas(plan)
     for piece in gen:
         if not piece.text and piece.logprob is None:
             continue
         lp = shapes.chat_logprobs(_entries([piece])) if logprobs else None
-        yield shapes.chat_chunk(head, 0, shapes.content_delta(piece.text), lp)
-    yield shapes.chat_chunk(head, 0, shapes.end_delta(), None, gen.finish_reason,
+        for i, delta in enumerate(deltas.feed(piece.text) or ([{}] if lp else [])):
+            yield shapes.chat_chunk(head, 0, delta, lp if i == 0 else None)
+    for delta in deltas.finish():
+        yield shapes.chat_chunk(head, 0, delta)
+    yield shapes.chat_chunk(head, 0, shapes.end_delta(), None,
+                            deltas.finish_reason(gen.finish_reason),
                             shapes.usage(n_prompt, len(gen.tokens)))

@@ -82,7 +82,7 @@ class Generation:
     def __init__(self, llm: LLM, prompt_tokens: Sequence[int], params: SamplingParams,
                  max_tokens: int | None, stop: Sequence[str] = (),
                  stop_tokens: Iterable[int] = (), logprobs: int | None = None,
-                 constraint: Constraint | None = None) -> None:
+                 constraint: Constraint | None = None, keep_special: bool = False) -> None:
         max_tokens = resolve_max_tokens(max_tokens)
         if not prompt_tokens:
             raise PyllmError("the prompt is empty (no tokens)")
@@ -95,7 +95,7 @@ class Generation:
         self.steps = SequenceSteps(llm.tokenizer, llm.n_vocab, self.prompt_tokens, params,
                                    max_tokens=max_tokens, n_ctx=llm.n_ctx, stop=stop,
                                    stop_tokens=stop_tokens, logprobs=logprobs,
-                                   constraint=constraint)
+                                   constraint=constraint, keep_special=keep_special)
         self.sampler = self.steps.sampler
         # seconds spent in the prompt forward / the per-token forward+sampling, for --verbose
         self.t_prompt = 0.0
@@ -187,15 +187,18 @@ def prompt_tokens(llm: PromptTarget, prompt: str | Sequence[int]) -> list[int]:
     return [int(t) for t in prompt]
 
 
-def chat_prompt(llm: PromptTarget, messages: Sequence[dict[str, Any]],
-                chat_format: str | None) -> tuple[list[int], list[str]]:
-    """Render a conversation with the named format or the model's own template; returns the
-    prompt tokens and the stop strings of that format."""
+def chat_prompt(llm: PromptTarget, messages: Sequence[Mapping[str, Any]],
+                chat_format: str | None, tools: Sequence[Mapping[str, Any]] | None = None
+                ) -> tuple[list[int], list[str]]:
+    """Render a conversation with the named format or the model's own template (``tools``:
+    the template's ``tools`` variable); returns the prompt tokens and the stop strings of that
+    format."""
     from pyllm import chat
 
     tok = llm.tokenizer
     template = chat_format or llm.metadata.get("tokenizer.chat_template") or "llama-2"
-    ids = chat.render_ids(list(messages), template, tok, add_generation_prompt=True)
+    extra: dict[str, Any] = {} if tools is None else {"tools": tools}
+    ids = chat.render_ids(list(messages), template, tok, add_generation_prompt=True, **extra)
     if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
         ids.insert(0, tok.bos_id)
     return ids, chat.stop_strings(template)

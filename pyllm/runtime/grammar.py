@@ -303,7 +303,7 @@ class _VocabView:
     def __call__(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise TypeError("text only")  # tells llguidance to pass str
-        return self._tokenizer.encode(text, add_special=False, parse_special=False)
+        return self._tokenizer.encode_continuation(text)
 
 
 _lltok_cache: weakref.WeakKeyDictionary[Any, dict[int, Any]] = weakref.WeakKeyDictionary()

@@ -126,10 +126,17 @@ def completion_chunk(head: Head, index: int, text: str, logprobs: dict[str, Any]
 # ---- chat.completion -------------------------------------------------------------------------
 
 
-def chat_choice(index: int, content: str, logprobs: dict[str, Any] | None,
-                finish_reason: str | None) -> dict[str, Any]:
-    return {"index": index, "message": {"role": "assistant", "content": content},
-            "logprobs": logprobs, "finish_reason": finish_reason}
+def chat_choice(index: int, content: str | None, logprobs: dict[str, Any] | None,
+                finish_reason: str | None,
+                tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One choice of a ``chat.completion``; with ``tool_calls`` (OpenAI's ``{"id", "type",
+    "function": {"name", "arguments"}}`` each) the message carries them and ``content`` is the
+    text written around them, or None."""
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": logprobs,
+            "finish_reason": finish_reason}
 
 
 def chat_completion(head: Head, choices: list[dict[str, Any]], usage_: dict[str, int]
@@ -158,6 +165,12 @@ def role_delta(content: str | None = None) -> dict[str, Any]:
 
 def content_delta(text: str) -> dict[str, Any]:
     return {"content": text}
+
+
+def tool_calls_delta(calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """Streamed tool calls: each ``{"index", "id", "type", "function": {"name", "arguments"}}``
+    on its first delta, then ``{"index", "function": {"arguments": fragment}}``."""
+    return {"tool_calls": calls}
 
 
 def end_delta() -> dict[str, Any]:

@@ -52,11 +52,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pyllm.errors import ChatTemplateError, PyllmError, SamplingError, TokenizerError
+from pyllm.errors import (
+    ChatTemplateError,
+    GrammarError,
+    PyllmError,
+    SamplingError,
+    TokenizerError,
+    ToolCallError,
+)
 from pyllm.runtime import openai_shapes as shapes
 from pyllm.runtime.sampling import DEFAULTS as SAMPLING_DEFAULTS
 from pyllm.runtime.steps import UNTIL_DONE
 from pyllm.runtime.sysinfo import release_free_memory
+from pyllm.runtime.tool_use import ToolDeltas, ToolPlan, chat_with_tools, reply_fields
 from pyllm.server.bridge import (
     Choices,
     collect,
@@ -437,6 +445,11 @@ async def _guarded(fn: Callable[[], Awaitable[Response]]) -> Response:
         return await fn()
     except (ChatTemplateError, TokenizerError) as e:
         raise ApiError(400, str(e)) from None
+    except ToolCallError as e:  # the tools or tool_choice of the request
+        raise ApiError(400, str(e), param="tool_choice" if "tool_choice" in str(e)
+                       else "tools") from None
+    except GrammarError as e:  # a function's parameter schema the grammar engine cannot use
+        raise ApiError(400, str(e), param="tools") from None
 
 
 def _embedding_submit_error(e: PyllmError) -> ApiError:
@@ -634,30 +647,40 @@ class _Handlers:
         eng = self.state.need_engine()
 
         async def run() -> Response:
-            from pyllm.runtime.generation import chat_prompt
-
             messages = [m.as_dict() for m in req.messages]
             # the template only adds to the messages' text
             await _check_text_fits(self.state, eng,
                                    sum(_utf8_len(m["content"]) for m in messages),
                                    eng.n_ctx - 1, "the conversation", "messages")
             grammar = await run_in_threadpool(req.grammar_spec)
-            tokens, format_stops = await run_in_threadpool(chat_prompt, eng, messages,
-                                                           self.config.chat_format)
+            tokens, format_stops, plan = await run_in_threadpool(
+                chat_with_tools, eng, messages, self.config.chat_format, req.tools,
+                req.tool_choice, req.parallel_tool_calls)
+            if plan is not None and plan.grammar is not None:
+                if grammar is not None:
+                    raise ApiError(400, "a forced tool call (tool_choice) and a response format "
+                                   "or grammar cannot both constrain the reply",
+                                   param="tool_choice")
+                grammar = plan.grammar
             n_lp = (req.top_logprobs or 0) if req.logprobs else None
             choices = Choices(eng, tokens, params, req.n, req.token_limit(),
-                              req.stop_list() + format_stops, n_lp, grammar)
+                              req.stop_list() + format_stops, n_lp, grammar,
+                              keep_special=plan is not None)
             head = shapes.Head.chat(self.config.model_id)
             if req.stream:
-                return _stream_chat(eng, req, choices, head)
+                return _stream_chat(eng, req, choices, head, plan)
             got = await collect(request, choices)
             if got is None:
                 return Response(status_code=499)
-            return JSONResponse(shapes.chat_completion(head, [
-                shapes.chat_choice(i, "".join(p.text for p in pieces),
-                                   shapes.chat_logprobs(logprob_entries(eng, pieces))
-                                   if req.logprobs else None, done.finish_reason)
-                for i, (pieces, done) in enumerate(got)], usage([done for _, done in got])))
+            out = []
+            for i, (pieces, done) in enumerate(got):
+                content, calls, finish = reply_fields(plan, "".join(p.text for p in pieces),
+                                                      done.finish_reason)
+                lp = shapes.chat_logprobs(logprob_entries(eng, pieces)) if req.logprobs \
+                    else None
+                out.append(shapes.chat_choice(i, content, lp, finish, calls))
+            return JSONResponse(shapes.chat_completion(head, out,
+                                                       usage([done for _, done in got])))
         return await _guarded(run)
 
 
@@ -698,15 +721,15 @@ def _stream_completion(eng: Engine, req: CompletionRequest, choices: Choices,
     """Server-sent ``text_completion`` chunks: the echoed prompt per choice, a chunk per token
     that shows text or logprobs, a final chunk per choice, then the usage if asked for."""
 
-    def chunk(index: int, ev: TokenEvent) -> dict[str, Any] | None:
+    def chunk(index: int, ev: TokenEvent) -> list[dict[str, Any]]:
         lp = (shapes.completion_logprobs(logprob_entries(eng, [ev]), 0)
               if req.logprobs is not None else None)
         if not ev.text and lp is None:
-            return None
-        return shapes.completion_chunk(head, index, ev.text, lp)
+            return []
+        return [shapes.completion_chunk(head, index, ev.text, lp)]
 
-    def final(index: int, done: DoneEvent) -> dict[str, Any]:
-        return shapes.completion_chunk(head, index, "", None, done.finish_reason)
+    def final(index: int, done: DoneEvent) -> list[dict[str, Any]]:
+        return [shapes.completion_chunk(head, index, "", None, done.finish_reason)]
 
     def tail(ends: list[DoneEvent]) -> list[dict[str, Any]]:
         return ([shapes.usage_chunk(head, shapes.TEXT_COMPLETION, usage(ends))]
@@ -717,18 +740,26 @@ def _stream_completion(eng: Engine, req: CompletionRequest, choices: Choices,
 
 
 def _stream_chat(eng: Engine, req: ChatCompletionRequest, choices: Choices,
-                 head: shapes.Head) -> Response:
+                 head: shapes.Head, plan: ToolPlan | None) -> Response:
     """Server-sent ``chat.completion.chunk`` s: the role per choice, a chunk per token that
-    shows text or logprobs, a final chunk per choice, then the usage if asked for."""
+    shows text or logprobs (with tools: content as it comes, text that may be a call held back
+    until it is one, then a ``tool_calls`` delta per call), a final chunk per choice, then the
+    usage if asked for."""
+    deltas = [ToolDeltas(plan) for _ in range(req.n)]
 
-    def chunk(index: int, ev: TokenEvent) -> dict[str, Any] | None:
+    def chunk(index: int, ev: TokenEvent) -> list[dict[str, Any]]:
         lp = shapes.chat_logprobs(logprob_entries(eng, [ev])) if req.logprobs else None
         if not ev.text and lp is None:
-            return None
-        return shapes.chat_chunk(head, index, shapes.content_delta(ev.text), lp)
+            return []
+        shown = deltas[index].feed(ev.text) or ([{}] if lp is not None else [])
+        return [shapes.chat_chunk(head, index, d, lp if i == 0 else None)
+                for i, d in enumerate(shown)]
 
-    def final(index: int, done: DoneEvent) -> dict[str, Any]:
-        return shapes.chat_chunk(head, index, shapes.end_delta(), None, done.finish_reason)
+    def final(index: int, done: DoneEvent) -> list[dict[str, Any]]:
+        d = deltas[index]
+        return [*(shapes.chat_chunk(head, index, delta) for delta in d.finish()),
+                shapes.chat_chunk(head, index, shapes.end_delta(), None,
+                                  d.finish_reason(done.finish_reason))]
 
     def tail(ends: list[DoneEvent]) -> list[dict[str, Any]]:
         return ([shapes.usage_chunk(head, shapes.CHAT_COMPLETION_CHUNK, usage(ends))]

@@ -156,12 +156,12 @@ def _sse(obj: Any) -> str:
 
 
 async def sse_events(choices: Choices, first: list[dict[str, Any]],
-                  chunk: Callable[[int, TokenEvent], dict[str, Any] | None],
-                  final: Callable[[int, DoneEvent], dict[str, Any]],
+                  chunk: Callable[[int, TokenEvent], list[dict[str, Any]]],
+                  final: Callable[[int, DoneEvent], list[dict[str, Any]]],
                   tail: Callable[[list[DoneEvent]], list[dict[str, Any]]]) -> AsyncIterator[str]:
-    """Server-sent events ending in ``data: [DONE]``: ``first``, a chunk per token, a final
-    chunk per choice, then ``tail`` (the usage chunk). Closing this generator (the client
-    disconnected) cancels the requests."""
+    """Server-sent events ending in ``data: [DONE]``: ``first``, the chunks of each token (often
+    one, none while text is held back), the final chunks of each choice, then ``tail`` (the
+    usage chunk). Closing this generator (the client disconnected) cancels the requests."""
     try:
         for obj in first:
             yield _sse(obj)
@@ -169,12 +169,12 @@ async def sse_events(choices: Choices, first: list[dict[str, Any]],
         try:
             async for index, ev in choices.events():
                 if isinstance(ev, TokenEvent):
-                    out = chunk(index, ev)
-                    if out is not None:
+                    for out in chunk(index, ev):
                         yield _sse(out)
                 else:
                     ends.append(ev)
-                    yield _sse(final(index, ev))
+                    for out in final(index, ev):
+                        yield _sse(out)
         except ApiError as e:
             yield _sse(e.body)
         else:

@@ -9,14 +9,15 @@ the Python API give the same answer; a bad one is a 400 naming the field.
 
 Unknown fields are rejected with 400, as the OpenAI API does ("Unrecognized request argument"),
 so a typo never silently falls back to a default. A few OpenAI fields that change nothing here
-are accepted and ignored (``user``, ``store``, ``metadata``, ``service_tier``,
-``parallel_tool_calls`` without tools); fields that would change the result in a way this server
-does not implement are rejected with a message saying so (``best_of`` > 1, ``suffix``).
+are accepted and ignored (``user``, ``store``, ``metadata``, ``service_tier``); fields that
+would change the result in a way this server does not implement are rejected with a message
+saying so (``best_of`` > 1, ``suffix``).
 
 Structured output: ``response_format`` (``json_object``, ``json_schema``) on chat completions
 and llama.cpp's ``grammar`` (GBNF) and ``json_schema`` on both endpoints become one
 :class:`pyllm.runtime.grammar.Grammar`, checked before the request is queued (an invalid one is
-a 400 quoting the parser).
+a 400 quoting the parser). ``tools``, ``tool_choice`` and ``parallel_tool_calls`` are read by
+:mod:`pyllm.runtime.tool_use`.
 
 ``n`` > 1 runs n requests from the same prompt together (with a fixed ``seed``, choice i uses
 seed + i).
@@ -195,13 +196,21 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool result: the call it answers
+    name: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        out: dict[str, Any] = {"role": role, "content": content or ""}
+        for key in ("tool_calls", "tool_call_id", "name"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        return out
 
 
 class JsonSchemaFormat(_Strict):
@@ -247,8 +256,6 @@ class ChatCompletionRequest(_Sampling):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tools:
-            raise UnsupportedFieldError("tools", "tool calling is not supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise UnsupportedFieldError("top_logprobs", "top_logprobs needs logprobs=true")
 

@@ -219,6 +219,22 @@ class Tokenizer:
             out.append(vocab.special_ids["eos"])
         return out
 
+    def encode_continuation(self, text: str) -> list[int]:
+        """Token ids of ``text`` as it continues earlier text: no BOS/EOS, no SentencePiece
+        dummy-prefix space, control tokens not parsed (what a grammar engine needs to tokenize
+        the text a grammar forces in the middle of an output)."""
+        if not isinstance(text, str):
+            raise TokenizerError(f"encode_continuation() takes a str, got {type(text).__name__}")
+        out: list[int] = []
+        for frag in self._partition(text, False) if text else []:
+            if isinstance(frag, int):
+                out.append(frag)
+            elif isinstance(self._model, SpmModel):
+                self._model.encode(frag.replace(" ", SPACE), out)
+            else:
+                self._model.encode(frag, out)
+        return out
+
     def _check_fits(self, text: str, n_bytes: int, add_special: bool, max_tokens: int) -> None:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
             raise TokenizerError(f"max_tokens must be a count of tokens, got {max_tokens!r}")
