@@ -109,3 +109,44 @@ def test_readme_sampling_defaults_are_the_real_ones() -> None:
                                      ) == ["seed (default -1) is not stated"]
     assert _sampling_sentence_errors(sentence + " `top_q` 0.5") == [
         "top_q is not a sampling field"]
+
+
+def test_structured_output_example(smollm2_path: Path, tmp_path: Path) -> None:
+    from ast import literal_eval
+
+    (block, _server) = _python_blocks("## Structured output and tool calls")
+    proc = _run(block, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 4, proc.stdout
+    city = literal_eval(lines[0])  # the printed dict (repr of json.loads' result)
+    assert isinstance(city["city"], str) and isinstance(city["population"], int)
+    assert re.fullmatch(r"[0-9]+(\.[0-9]+)?", lines[1])
+    assert re.fullmatch(r"\(\d{3}\) \d{3}-\d{4}", lines[2])
+    name, args = lines[3].split(" ", 1)
+    assert name == "get_weather" and isinstance(literal_eval(args)["city"], str)
+
+
+def test_structured_output_server_example(smollm2_path: Path, tmp_path: Path) -> None:
+    """The server example, as written but for the port: against a server on a free one."""
+    import json
+
+    from pyllm.runtime.llm import LLM
+    from pyllm.server.app import ServerConfig, create_app
+    from pyllm.server.engine import Engine
+    from tests.conftest import serve
+
+    (_, block) = _python_blocks("## Structured output and tool calls")
+    assert "http://127.0.0.1:8080/v1" in block
+    with LLM(smollm2_path, n_ctx=1024) as llm:
+        engine = Engine(llm, n_parallel=2, n_ctx=512)
+        try:
+            with serve(create_app(ServerConfig(model_id="pyllm"), engine=engine)) as url:
+                proc = _run(block.replace("http://127.0.0.1:8080", url), tmp_path)
+        finally:
+            engine.stop()
+    assert proc.returncode == 0, proc.stderr
+    args_line, colour_line = proc.stdout.splitlines()
+    args = json.loads(args_line)
+    assert isinstance(args["a"], int) and isinstance(args["b"], int)
+    assert json.loads(colour_line)["colour"] in ("red", "green", "blue")

@@ -828,3 +828,33 @@ def test_runtime_tokenizer_does_not_import_the_converter(vocab_dir: Path) -> Non
                           timeout=120, cwd=tempfile.gettempdir())
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_encode_continuation_has_no_dummy_prefix(
+        suite: tuple[Tokenizer, list[tuple[str, list[int]]]]) -> None:
+    """Text that continues earlier text (what a grammar forces mid-output): SentencePiece's
+    dummy-prefix space is not added; otherwise the same tokens as encode without specials."""
+    tok, cases = suite
+    prefix = tok.vocab.add_space_prefix
+    for text, expected in cases[:40]:
+        if not text:
+            continue
+        got = tok.encode_continuation(text)
+        if prefix:
+            # encode adds one space in front of the text: continuing " " + text is the same
+            assert tok.encode_continuation(" " + text) == expected, repr(text)
+        else:
+            assert got == expected, repr(text)
+        assert tok.decode(got, strip_leading_space=False) == tok.decode(
+            expected, strip_leading_space=prefix)
+    if prefix:  # negative control: encode's first piece carries the space, continuation's not
+        assert tok.token_to_bytes(tok.encode("[", add_special=False)[0]).startswith(b" ")
+        assert tok.token_to_bytes(tok.encode_continuation("[")[0]) == b"["
+    with pytest.raises(TokenizerError, match="takes a str"):
+        tok.encode_continuation(b"x")  # type: ignore[arg-type]
+
+
+def test_encode_continuation_does_not_parse_control_tokens(smol: Tokenizer) -> None:
+    im_start = smol.token_to_id("<|im_start|>")
+    assert smol.encode("<|im_start|>", add_special=False, parse_special=True) == [im_start]
+    assert im_start not in smol.encode_continuation("<|im_start|>")
