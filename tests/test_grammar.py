@@ -365,3 +365,16 @@ def test_cli_bad_grammar_is_one_error_line(flags: list[str], code: int, message:
     assert r.returncode == code
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_cli_chat_replies_follow_the_grammar(smollm2_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "pyllm.cli", "chat", "-m", str(smollm2_path),
+                        "-j", '{"enum": ["red", "green", "blue"]}', "--temp", "0.9",
+                        "--seed", "4"],
+                       input="Pick a colour\nAnd another one\n/exit\n", capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    replies = [line.removeprefix("> ").strip() for line in r.stdout.splitlines()[1:]]
+    replies = [x for x in replies if x]
+    assert len(replies) == 2 and all(x in ('"red"', '"green"', '"blue"') for x in replies), \
+        r.stdout
