@@ -105,6 +105,27 @@ def test_sampler_mask_drops_every_other_token() -> None:
     assert lp.top_logprobs[0][0] == 99
 
 
+@pytest.mark.parametrize("density", [0.02, 0.5, 0.98])
+def test_sampler_mask_matches_a_reference_at_any_density(density: float) -> None:
+    """Every token of a random mask (words all set, all clear and mixed, a partial last word):
+    the greedy draw is the best allowed token and the surviving candidates are allowed ones."""
+    n = 1000 + 17
+    rng = np.random.default_rng(int(density * 100))
+    logits = rng.standard_normal(n).astype(np.float32)
+    allowed = rng.random(n) < density
+    allowed[:64] = True  # two full words
+    allowed[64:128] = False
+    allowed[int(np.argmax(logits))] = False  # the free choice is banned
+    words = np.packbits(np.r_[allowed, np.zeros(-n % 32, bool)], bitorder="little").view(np.uint32)
+    greedy = Sampler(SamplingParams(temperature=0.0), n)
+    best = int(np.flatnonzero(allowed)[np.argmax(logits[allowed])])
+    assert greedy.sample(logits, words) == best
+    hot = Sampler(SamplingParams(temperature=2.0, top_k=0, top_p=1.0, min_p=0.0, seed=3), n)
+    ids, probs = hot.candidates(logits, words)
+    kept = set(ids[probs > 0].tolist())
+    assert kept == set(np.flatnonzero(allowed).tolist())
+
+
 def test_sampler_mask_checks_its_shape() -> None:
     n = 70
     s = Sampler(SamplingParams(temperature=0.0), n)
@@ -378,3 +399,21 @@ def test_cli_chat_replies_follow_the_grammar(smollm2_path: Path) -> None:
     replies = [x for x in replies if x]
     assert len(replies) == 2 and all(x in ('"red"', '"green"', '"blue"') for x in replies), \
         r.stdout
+
+
+def test_a_failed_prefetch_is_raised_by_the_next_mask(llm: LLM) -> None:
+    """The helper thread's error reaches the generation's thread (and the helper lives on)."""
+    tok = llm.tokenizer
+    c = Constraint(Grammar.regex("[a-z]+"), tok, llm.n_vocab)
+    c.mask()
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    c._fill = broken  # type: ignore[method-assign]
+    c.accept(tok.token_to_id("a"))
+    with pytest.raises(GrammarError, match="could not be computed: boom"):
+        c.mask()
+    ok = Constraint(Grammar.regex("[a-z]+"), tok, llm.n_vocab)
+    ok.accept(tok.token_to_id("a"))
+    assert ok.mask().any()  # the helper still computes masks

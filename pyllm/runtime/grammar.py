@@ -22,11 +22,11 @@ the model's forward (both release the GIL), so the mask costs the decode loop li
 from __future__ import annotations
 
 import json
+import queue
 import re
 import threading
 import weakref
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Literal
@@ -332,16 +332,40 @@ def lltokenizer(tokenizer: Tokenizer, n_vocab: int | None = None) -> Any:
 
 # ---- one sequence's matcher -----------------------------------------------------------------
 
-_executor: ThreadPoolExecutor | None = None
-_executor_lock = threading.Lock()
+class _MaskWorker:
+    """One daemon thread that computes masks while the caller runs the forward. The handoff is
+    a C-level queue and a lock per job (released when the mask is written): a
+    ThreadPoolExecutor's futures cost several times more per token than the mask itself."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Any, Any]] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="pyllm-grammar", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            fill, done = self._jobs.get()
+            try:
+                fill()  # Constraint._prefetched: keeps its own error for the waiter
+            finally:
+                done.release()
+
+    def submit(self, fill: Any) -> Any:
+        done = threading.Lock()
+        done.acquire()
+        self._jobs.put((fill, done))
+        return done
 
 
-def _mask_executor() -> ThreadPoolExecutor:
-    global _executor
-    with _executor_lock:
-        if _executor is None:
-            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyllm-grammar")
-        return _executor
+_worker: _MaskWorker | None = None
+_worker_lock = threading.Lock()
+
+
+def _mask_worker() -> _MaskWorker:
+    global _worker
+    with _worker_lock:
+        if _worker is None:
+            _worker = _MaskWorker()
+        return _worker
 
 
 class Constraint:
@@ -364,7 +388,8 @@ class Constraint:
                                f"{_reword(self._matcher.get_error())}")
         self._words = np.zeros((n_vocab + 31) // 32, dtype=np.uint32)
         self._prefetch = prefetch
-        self._pending: Future[None] | None = None
+        self._pending: Any = None  # the lock of a mask being computed (released when done)
+        self._error: Exception | None = None
         self._fresh = False
         self._finished = bool(self._matcher.is_stopped())
 
@@ -376,16 +401,27 @@ class Constraint:
         """The allowed next tokens as bits (token t allowed iff bit t % 32 of word t // 32)."""
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            pending.result()
+            pending.acquire()
+            if self._error is not None:  # the helper's attempt failed: raise it here
+                error, self._error = self._error, None
+                raise GrammarError(f"the grammar's next tokens could not be computed: "
+                                   f"{error}") from error
         elif not self._fresh:
             self._fill()
         self._fresh = True
         return self._words
 
+    def _prefetched(self) -> None:
+        """The helper thread's job: the mask, or the error for :meth:`mask` to raise."""
+        try:
+            self._fill()
+        except Exception as e:  # noqa: BLE001 - handed to the caller's thread
+            self._error = e
+
     def accept(self, token: int) -> None:
         """Advance past a sampled token (which the mask allowed)."""
         if self._pending is not None:  # a mask nobody asked for: finish it before moving on
-            self._pending.result()
+            self._pending.acquire()
             self._pending = None
         self._fresh = False
         if not self._matcher.consume_token(int(token)):
@@ -394,7 +430,7 @@ class Constraint:
         # read before the helper thread holds the matcher (it is not shared while computing)
         self._finished = bool(self._matcher.is_stopped())
         if self._prefetch and not self._finished:
-            self._pending = _mask_executor().submit(self._fill)
+            self._pending = _mask_worker().submit(self._prefetched)
 
     @property
     def finished(self) -> bool:
@@ -410,13 +446,13 @@ class Constraint:
     def close(self) -> None:
         """Wait for a mask still being computed (the buffer must outlive it)."""
         if self._pending is not None:
-            self._pending.result()
+            self._pending.acquire()
             self._pending = None
 
     def __del__(self) -> None:
         pending = getattr(self, "_pending", None)
         if pending is not None:
-            pending.result()
+            pending.acquire()
 
 
 __all__ = ["INSTALL_HINT", "JSON_OPTIONS", "KINDS", "Constraint", "Grammar", "closed_objects",
