@@ -55,6 +55,22 @@ def serve(app: Any) -> Iterator[str]:
         sock.close()
 
 
+@contextlib.contextmanager
+def batching_engine(model_path: Path, *, n_ctx: int = 2048, n_parallel: int = 4,
+                    slot_ctx: int = 1024) -> Iterator[Any]:
+    """A server engine on its own LLM (``n_parallel`` slots of ``slot_ctx`` tokens), stopped
+    and closed afterwards."""
+    from pyllm.runtime.llm import LLM
+    from pyllm.server.engine import Engine
+
+    with LLM(model_path, n_ctx=n_ctx) as llm:
+        engine = Engine(llm, n_parallel=n_parallel, n_ctx=slot_ctx, max_queue=64)
+        try:
+            yield engine
+        finally:
+            engine.stop()
+
+
 def skip_or_fail(reason: str) -> None:
     """Skip on a developer's machine; fail under CI, which installs everything tests need."""
     if IN_CI:

@@ -16,10 +16,9 @@ import jsonschema
 import openai
 import pytest
 
-from pyllm.runtime.llm import LLM
 from pyllm.server.app import ServerConfig, create_app
 from pyllm.server.engine import Engine
-from tests.conftest import serve
+from tests.conftest import batching_engine, serve
 from tests.test_grammar import ARITHMETIC, is_arithmetic
 
 pytestmark = pytest.mark.model
@@ -127,16 +126,9 @@ PROMPTS = ["Describe a person.", "Tell me about a film.", "Pick some digits.",
 
 
 @pytest.fixture(scope="module")
-def llm(smollm2_path: Path) -> Iterator[LLM]:
-    with LLM(smollm2_path, n_ctx=2048) as model:
-        yield model
-
-
-@pytest.fixture(scope="module")
-def engine(llm: LLM) -> Iterator[Engine]:
-    eng = Engine(llm, n_parallel=4, n_ctx=512, max_queue=64)
-    yield eng
-    eng.stop()
+def engine(smollm2_path: Path) -> Iterator[Engine]:
+    with batching_engine(smollm2_path, slot_ctx=512) as eng:
+        yield eng
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +200,7 @@ def test_streamed_and_plain_constrained_replies_agree(client: Any) -> None:
     jsonschema.validate(json.loads(plain), SCHEMAS[0])
 
 
-def test_free_and_constrained_requests_share_a_batch(client: Any, llm: LLM) -> None:
+def test_free_and_constrained_requests_share_a_batch(client: Any) -> None:
     """A constrained sequence next to free ones in the same batch: each gets its own text (the
     free ones exactly what they get alone)."""
     alone = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=24,

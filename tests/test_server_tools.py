@@ -16,11 +16,10 @@ import jsonschema
 import openai
 import pytest
 
-from pyllm.runtime.llm import LLM
 from pyllm.runtime.tool_use import chat_with_tools
 from pyllm.server.app import ServerConfig, create_app
 from pyllm.server.engine import Engine
-from tests.conftest import serve
+from tests.conftest import batching_engine, serve
 
 pytestmark = pytest.mark.model
 
@@ -50,16 +49,9 @@ QUESTIONS = ["What's the weather in Paris?", "What is 17 plus 25?",
 
 
 @pytest.fixture(scope="module")
-def llm(smollm2_path: Path) -> Iterator[LLM]:
-    with LLM(smollm2_path, n_ctx=2048) as model:
-        yield model
-
-
-@pytest.fixture(scope="module")
-def engine(llm: LLM) -> Iterator[Engine]:
-    eng = Engine(llm, n_parallel=4, n_ctx=1024, max_queue=64)
-    yield eng
-    eng.stop()
+def engine(smollm2_path: Path) -> Iterator[Engine]:
+    with batching_engine(smollm2_path) as eng:
+        yield eng
 
 
 @pytest.fixture(scope="module", params=["template", "chatml"])
