@@ -19,7 +19,7 @@ from tests.test_gguf import MALFORMED
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, limit_as: int | None = None,
-            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+            timeout: float = 60, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     def limits() -> None:
         if limit_as:
             resource.setrlimit(resource.RLIMIT_AS, (limit_as, limit_as))
@@ -28,7 +28,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, limit_as: int | None 
     # no compiled extension unless it is an editable install
     return subprocess.run([sys.executable, "-m", "pyllm", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})},
-                          preexec_fn=limits, cwd=tempfile.gettempdir())
+                          preexec_fn=limits, cwd=tempfile.gettempdir(), input=stdin)
 
 
 def test_version_importable() -> None:

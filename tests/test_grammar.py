@@ -20,6 +20,7 @@ from pyllm import LLM, Grammar, GrammarError, SamplingParams
 from pyllm.errors import SamplingError
 from pyllm.runtime.grammar import Constraint, from_options, from_response_format
 from pyllm.runtime.sampling import Sampler
+from tests.test_cli import run_cli
 
 ARITHMETIC = r'''root ::= expr
 expr ::= term (("+" | "-") term)*
@@ -348,9 +349,9 @@ def test_create_chat_completion_response_format(llm: LLM) -> None:
 
 # ---- the CLI --------------------------------------------------------------------------------
 
-def _pyllm(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pyllm.cli", *args], capture_output=True,
-                          text=True, timeout=300)
+def _pyllm(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    # outside the checkout (tests.test_cli.run_cli): the source tree has no compiled extension
+    return run_cli(*args, timeout=300, stdin=stdin)
 
 
 def test_cli_run_grammar_flags(smollm2_path: Path, tmp_path: Path) -> None:
@@ -389,11 +390,8 @@ def test_cli_bad_grammar_is_one_error_line(flags: list[str], code: int, message:
 
 
 def test_cli_chat_replies_follow_the_grammar(smollm2_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "pyllm.cli", "chat", "-m", str(smollm2_path),
-                        "-j", '{"enum": ["red", "green", "blue"]}', "--temp", "0.9",
-                        "--seed", "4"],
-                       input="Pick a colour\nAnd another one\n/exit\n", capture_output=True,
-                       text=True, timeout=300)
+    r = _pyllm("chat", "-m", str(smollm2_path), "-j", '{"enum": ["red", "green", "blue"]}',
+               "--temp", "0.9", "--seed", "4", stdin="Pick a colour\nAnd another one\n/exit\n")
     assert r.returncode == 0, r.stderr
     replies = [line.removeprefix("> ").strip() for line in r.stdout.splitlines()[1:]]
     replies = [x for x in replies if x]
