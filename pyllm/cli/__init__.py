@@ -30,9 +30,20 @@ class CliParser(argparse.ArgumentParser):
 
 
 def _subcommands() -> list[ModuleType]:
-    from pyllm.cli import bench, chat, convert, info, perplexity, pull, quantize, run, serve
+    from pyllm.cli import (
+        bench,
+        chat,
+        convert,
+        info,
+        lora,
+        perplexity,
+        pull,
+        quantize,
+        run,
+        serve,
+    )
 
-    return [run, chat, info, pull, bench, convert, quantize, perplexity, serve]
+    return [run, chat, info, pull, bench, convert, lora, quantize, perplexity, serve]
 
 
 def build_parser() -> CliParser:

@@ -145,6 +145,7 @@ class _TorchBinShard(_Shard):
 
 
 TorchBinShard = _TorchBinShard  # public name: the Meta converter opens its shards with it
+SafetensorsShard = _SafetensorsShard  # and the LoRA converter an adapter's one file
 
 
 def _bf16_to_f32(u16: np.ndarray) -> np.ndarray:

@@ -1,0 +1,285 @@
+"""LoRA adapters: PEFT folders converted to GGUF adapters (pyllm/tools/convert/lora.py), read and
+checked (pyllm/formats/lora.py) and baked into a base model (pyllm/tools/export_lora.py). The
+reference is transformers + peft on the same random tiny models: a Llama (q/k rows permuted in
+GGUF) and a Qwen2 (q/k/v biases, NeoX RoPE), rank 8, alpha 16, all seven block matrices, B not
+zero."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import peft
+import pytest
+import torch
+
+from pyllm.errors import ConvertError, GGUFError, ModelError
+from pyllm.formats.gguf import GGMLType, GGUFReader, GGUFWriter
+from pyllm.formats.lora import read_adapter
+from pyllm.tools.convert import convert_hf
+from pyllm.tools.convert.lora import convert_lora
+from pyllm.tools.export_lora import export_lora
+from tests.reference import LlamaRef
+from tests.test_cli import run_cli
+from tests.test_convert_hf import hf_logits, make_model, tokens
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CASES = {"llama": ("Llama", {}), "qwen2": ("Qwen2", {})}
+
+
+def make_peft(kind: str, overrides: dict[str, Any], **lora: Any) -> Any:
+    """The tiny model with a LoRA on all seven matrices; A and B random (B is zero when PEFT
+    initialises it, which would test nothing)."""
+    base = make_model(kind, overrides)
+    config = peft.LoraConfig(**{"r": 8, "lora_alpha": 16, "target_modules": TARGETS,
+                                "lora_dropout": 0.0, **lora})
+    model = peft.get_peft_model(base, config)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def scaled(model: Any, scale: float) -> Any:
+    """A copy whose LoRA contributes ``scale`` times as much (B scaled)."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            if "lora_B" in name:
+                p.mul_(scale)
+    return out
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+         ) -> dict[str, Any]:
+    kind, overrides = CASES[request.param]
+    root = tmp_path_factory.mktemp(f"lora-{request.param}")
+    base_dir = root / "base"
+    make_model(kind, overrides).save_pretrained(base_dir)
+    model = make_peft(kind, overrides)
+    model.save_pretrained(root / "adapter")
+    base_gguf = convert_hf(base_dir, root / "base.gguf", "f32", progress=False)
+    return {"name": request.param, "kind": kind, "overrides": overrides, "root": root,
+            "base_dir": base_dir, "base_gguf": base_gguf, "adapter_dir": root / "adapter",
+            "model": model}
+
+
+def test_converted_adapter_has_llama_cpp_layout(case: dict[str, Any]) -> None:
+    out = convert_lora(case["adapter_dir"], case["base_gguf"], case["root"] / "a.gguf", "f32",
+                       progress=False)
+    with GGUFReader(out) as r:
+        md = r.metadata
+        assert md["general.type"] == "adapter" and md["adapter.type"] == "lora"
+        assert md["adapter.lora.alpha"] == 16.0
+        assert md["general.architecture"] == case["name"]
+        names = {t.name: t.shape for t in r}
+    assert len(names) == 2 * 7 * 2  # two blocks, seven matrices, A and B
+    assert names["blk.0.attn_q.weight.lora_a"] == (8, 64)
+    assert names["blk.1.ffn_down.weight.lora_b"] == (64, 8)
+    adapter = read_adapter(out)
+    assert set(adapter.pairs) == {f"blk.{i}.{m}.weight" for i in range(2) for m in (
+        "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+    assert adapter.factor("blk.0.attn_q.weight") == 2.0  # alpha 16 / rank 8
+    # a .bin adapter (torch.load with weights_only) converts to the same tensors
+    binary = case["root"] / "adapter-bin"
+    case["model"].save_pretrained(binary, safe_serialization=False)
+    assert (binary / "adapter_model.bin").is_file()
+    from_bin = read_adapter(convert_lora(binary, case["base_gguf"], case["root"] / "bin.gguf",
+                                         "f32", progress=False))
+    for name, pair in adapter.pairs.items():
+        assert np.array_equal(from_bin.pairs[name].b, pair.b), name
+    # the same adapter from the Hugging Face folder of the base (no GGUF needed)
+    again = convert_lora(case["adapter_dir"], case["base_dir"], case["root"] / "b.gguf", "f32",
+                         progress=False)
+    assert read_adapter(again).pairs.keys() == adapter.pairs.keys()
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_merged_logits_match_peft(case: dict[str, Any], scale: float) -> None:
+    adapter = convert_lora(case["adapter_dir"], case["base_gguf"], case["root"] / "a.gguf",
+                           "f32", progress=False)
+    merged = export_lora(case["base_gguf"], [(adapter, scale)],
+                         case["root"] / f"merged-{scale}.gguf")
+    toks = tokens()
+    want = hf_logits(scaled(case["model"], scale), toks)
+    got = LlamaRef(str(merged)).forward(toks)
+    base = LlamaRef(str(case["base_gguf"])).forward(toks)
+    assert np.abs(got - want).max() < 1e-3
+    assert np.abs(base - want).max() > 0.1  # negative control: the adapter changes the logits
+
+
+def test_q_k_rows_follow_the_model_converter(case: dict[str, Any], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama files permute q/k rows and qwen2 files keep HF's order (NeoX RoPE): an adapter
+    written the other way gives other logits, so the parity above checks the rows."""
+    import pyllm.tools.convert.lora as conv
+
+    flipped = conv.PERMUTED_QK_ARCHS ^ {case["name"]}
+    monkeypatch.setattr(conv, "PERMUTED_QK_ARCHS", flipped)
+    bad = convert_lora(case["adapter_dir"], case["base_gguf"], tmp_path / "bad.gguf", "f32",
+                       progress=False)
+    merged = export_lora(case["base_gguf"], [bad], tmp_path / "m.gguf")
+    toks = tokens()
+    assert np.abs(LlamaRef(str(merged)).forward(toks) - hf_logits(case["model"], toks)
+                  ).max() > 1e-2
+
+
+def test_rslora_and_patterns_fold_into_b(tmp_path: Path) -> None:
+    """rsLoRA (alpha / sqrt(r)) and per-module ranks and alphas: one alpha in the file, the
+    rest folded into B, same logits as peft."""
+    model = make_peft("Llama", {}, use_rslora=True, rank_pattern={"v_proj": 4},
+                      alpha_pattern={"down_proj": 4})
+    make_model("Llama", {}).save_pretrained(tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    base = convert_hf(tmp_path / "base", tmp_path / "base.gguf", "f32", progress=False)
+    adapter = convert_lora(tmp_path / "adapter", base, tmp_path / "a.gguf", "f32",
+                           progress=False)
+    assert read_adapter(adapter).pairs["blk.0.attn_v.weight"].rank == 4
+    merged = export_lora(base, [adapter], tmp_path / "m.gguf")
+    toks = tokens()
+    assert np.abs(LlamaRef(str(merged)).forward(toks) - hf_logits(model, toks)).max() < 1e-3
+
+
+def test_two_adapters_and_quantized_types(case: dict[str, Any], tmp_path: Path) -> None:
+    """Two adapters add up; export into q8_0 stays close; a q8_0/f16 adapter file too."""
+    a = convert_lora(case["adapter_dir"], case["base_gguf"], tmp_path / "a.gguf", "f32",
+                     progress=False)
+    half = convert_lora(case["adapter_dir"], case["base_gguf"], tmp_path / "h.gguf", "f16",
+                        progress=False)
+    with GGUFReader(half) as r:
+        assert {t.type for t in r} == {GGMLType.F16}
+    both = export_lora(case["base_gguf"], [(a, 0.25), (a, 0.25)], tmp_path / "both.gguf")
+    one = export_lora(case["base_gguf"], [(a, 0.5)], tmp_path / "one.gguf")
+    toks = tokens()
+    assert np.abs(LlamaRef(str(both)).forward(toks) - LlamaRef(str(one)).forward(toks)
+                  ).max() < 1e-4
+    # into q8_0: each adapted matrix is the q8_0 encoding of the float merge, bit for bit
+    from pyllm.formats import qtypes
+
+    f32 = export_lora(case["base_gguf"], [a], tmp_path / "f32.gguf")
+    q8 = export_lora(case["base_gguf"], [a], tmp_path / "q8.gguf", "q8_0")
+    with GGUFReader(q8) as r, GGUFReader(f32) as ref, GGUFReader(case["base_gguf"]) as base:
+        for t in r:
+            if t.name.endswith(("attn_q.weight", "ffn_down.weight")):
+                assert t.type == GGMLType.Q8_0
+                want = qtypes.quantize(GGMLType.Q8_0, ref.tensor(t.name).data)
+                assert np.array_equal(t.raw, want.reshape(-1)), t.name
+            elif t.name.endswith("norm.weight"):  # not adapted: copied byte for byte
+                assert t.type == GGMLType.F32
+                assert np.array_equal(t.raw, base.tensor(t.name).raw)
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+def _adapter_folder(case: dict[str, Any], tmp_path: Path, **config: Any) -> Path:
+    src = tmp_path / "adapter"
+    src.mkdir()
+    for f in case["adapter_dir"].iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg.update(config)
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    return src
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"use_dora": True}, "DoRA"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"lora_alpha": None}, "lora_alpha must be a positive number"),
+    ({"bias": "all"}, "trained biases"),
+    ({"peft_type": "IA3"}, "only LORA"),
+    ({"r": 4}, "adapter_config.json says 4"),
+])
+def test_bad_peft_configs(case: dict[str, Any], tmp_path: Path, config: dict[str, Any],
+                          message: str) -> None:
+    src = _adapter_folder(case, tmp_path, **config)
+    with pytest.raises(ConvertError, match=message):
+        convert_lora(src, case["base_gguf"], tmp_path / "a.gguf", progress=False)
+    assert not (tmp_path / "a.gguf").exists()
+
+
+def test_adapter_for_another_base_is_refused(case: dict[str, Any], tmp_path: Path) -> None:
+    kind, overrides = CASES[case["name"]]
+    other = make_model(kind, {**overrides, "intermediate_size": 128})
+    other.save_pretrained(tmp_path / "other")
+    other_gguf = convert_hf(tmp_path / "other", tmp_path / "other.gguf", "f32", progress=False)
+    with pytest.raises(ConvertError, match=r"mlp\.down_proj: blk\.0\.ffn_down\.weight is "
+                                           r"\[64, 128\] in the base model, the adapter's "
+                                           r"B @ A is \[64, 96\]: an adapter for another"):
+        convert_lora(case["adapter_dir"], other_gguf, tmp_path / "a.gguf", progress=False)
+    adapter = convert_lora(case["adapter_dir"], case["base_gguf"], tmp_path / "a.gguf",
+                           progress=False)
+    with pytest.raises(ModelError, match=r"ffn_down\.weight is 64 x 128 in the model"):
+        export_lora(other_gguf, [adapter], tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_bad_adapter_files(case: dict[str, Any], tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="is not an adapter file"):
+        read_adapter(case["base_gguf"])  # a model, not an adapter
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 40)
+    with pytest.raises(GGUFError):
+        read_adapter(junk)
+    half = tmp_path / "half.gguf"
+    w = GGUFWriter(half)
+    w.add_kv("general.architecture", case["name"])
+    w.add_kv("general.type", "adapter")
+    w.add_kv("adapter.type", "lora")
+    w.add_kv("adapter.lora.alpha", 16.0)
+    w.add_tensor("blk.0.attn_q.weight.lora_a", np.zeros((8, 64), np.float32))
+    w.write()
+    with pytest.raises(ModelError, match=r"blk\.0\.attn_q\.weight\.lora_b is missing"):
+        read_adapter(half)
+    no_alpha = tmp_path / "noalpha.gguf"
+    w = GGUFWriter(no_alpha)
+    w.add_kv("general.architecture", case["name"])
+    w.add_kv("general.type", "adapter")
+    w.add_kv("adapter.type", "lora")
+    w.add_tensor("blk.0.attn_q.weight.lora_a", np.zeros((8, 64), np.float32))
+    w.add_tensor("blk.0.attn_q.weight.lora_b", np.zeros((64, 8), np.float32))
+    w.write()
+    with pytest.raises(ModelError, match="lacks a positive adapter.lora.alpha"):
+        read_adapter(no_alpha)
+    embed = tmp_path / "embed.gguf"
+    w = GGUFWriter(embed)
+    w.add_kv("general.architecture", case["name"])
+    w.add_kv("general.type", "adapter")
+    w.add_kv("adapter.type", "lora")
+    w.add_kv("adapter.lora.alpha", 16.0)
+    w.add_tensor("token_embd.weight.lora_a", np.zeros((8, 64), np.float32))
+    w.add_tensor("token_embd.weight.lora_b", np.zeros((320, 8), np.float32))
+    w.write()
+    with pytest.raises(ModelError, match="token_embd.weight cannot be adapted"):
+        export_lora(case["base_gguf"], [embed], tmp_path / "m.gguf")
+
+
+def test_cli_convert_and_export(case: dict[str, Any], tmp_path: Path) -> None:
+    a = tmp_path / "a.gguf"
+    r = run_cli("convert-lora", str(case["adapter_dir"]), "--base", str(case["base_gguf"]),
+                "-o", str(a), "--outtype", "f32", "--quiet", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {a}" in r.stdout
+    m = tmp_path / "m.gguf"
+    r = run_cli("export-lora", str(case["base_gguf"]), "--lora-scaled", str(a), "0.5", "-o",
+                str(m), timeout=300)
+    assert r.returncode == 0, r.stderr
+    toks = tokens()
+    assert np.abs(LlamaRef(str(m)).forward(toks) - hf_logits(scaled(case["model"], 0.5), toks)
+                  ).max() < 1e-3
+    r = run_cli("export-lora", str(case["base_gguf"]), "-o", str(tmp_path / "x.gguf"))
+    assert r.returncode == 2 and "give at least one adapter" in r.stderr
+    r = run_cli("export-lora", str(case["base_gguf"]), "--lora-scaled", str(a), "half", "-o",
+                str(tmp_path / "x.gguf"))
+    assert r.returncode == 2 and "expected a number" in r.stderr
+    r = run_cli("convert-lora", str(tmp_path), "--base", str(case["base_gguf"]), "-o",
+                str(tmp_path / "y.gguf"))
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and \
+        "no adapter_config.json" in r.stderr
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
