@@ -283,3 +283,141 @@ def test_cli_convert_and_export(case: dict[str, Any], tmp_path: Path) -> None:
     assert r.returncode == 1 and r.stderr.startswith("error: ") and \
         "no adapter_config.json" in r.stderr
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
+
+
+# ---- applied at run time --------------------------------------------------------------------
+
+def _runtime_logits(path: Path, toks: np.ndarray, lora: Any = None) -> np.ndarray:
+    from pyllm.runtime.llm import LLM
+
+    # an F32 KV cache: the F16 one's rounding alone moves these random models' logits by ~0.02
+    with LLM(path, n_ctx=128, lora=lora, kv_type="f32") as llm:
+        return llm.logits(toks).astype(np.float64)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_runtime_adapter_matches_peft(case: dict[str, Any], scale: float) -> None:
+    adapter = convert_lora(case["adapter_dir"], case["base_gguf"], case["root"] / "a.gguf",
+                           "f32", progress=False)
+    toks = tokens()
+    want = hf_logits(scaled(case["model"], scale), toks)
+    got = _runtime_logits(case["base_gguf"], toks, [(adapter, scale)])
+    assert np.abs(got - want).max() < 1e-3
+    # the same as the merged file run by the same runtime
+    merged = export_lora(case["base_gguf"], [(adapter, scale)],
+                         case["root"] / f"rt-merged-{scale}.gguf")
+    assert np.abs(got - _runtime_logits(merged, toks)).max() < 1e-3
+    assert np.abs(_runtime_logits(case["base_gguf"], toks) - want).max() > 0.1  # control
+
+
+def test_set_lora_switches_without_reloading(case: dict[str, Any]) -> None:
+    from pyllm.runtime.llm import LLM
+
+    adapter = convert_lora(case["adapter_dir"], case["base_gguf"], case["root"] / "a.gguf",
+                           "f32", progress=False)
+    toks = tokens()
+    base = _runtime_logits(case["base_gguf"], toks)
+    with LLM(case["base_gguf"], n_ctx=128, kv_type="f32") as llm:
+        first = llm.eval(toks[:8].tolist())
+        assert np.abs(first - base[7]).max() < 1e-4
+        llm.set_lora([adapter])
+        assert llm.n_past == 0  # the cached positions were computed without it
+        assert llm.lora == [(Path(adapter), 1.0)]
+        adapted = llm.logits(toks)
+        assert np.abs(adapted - hf_logits(case["model"], toks)).max() < 1e-3
+        llm.set_lora([(adapter, 0.25), (adapter, 0.25)])  # the same file twice adds up
+        assert np.abs(llm.logits(toks) - _runtime_logits(
+            case["base_gguf"], toks, [(adapter, 0.5)])).max() < 1e-4
+        llm.set_lora(None)
+        assert np.abs(llm.logits(toks) - base).max() < 1e-4
+
+
+def test_sequences_with_different_adapters_share_a_batch(case: dict[str, Any]) -> None:
+    """One forward, two sequences: one with the adapter, one without; each gets its own
+    logits (the context applies each token's sequence's mix)."""
+    from pyllm.runtime.llm import LLM
+    from pyllm.runtime.lora import AdapterSet
+
+    adapter = convert_lora(case["adapter_dir"], case["base_gguf"], case["root"] / "a.gguf",
+                           "f32", progress=False)
+    toks = tokens()[:16]
+    with LLM(case["base_gguf"], n_ctx=64) as llm:
+        ctx = llm.model.new_context(64, n_seq=2, kv_type="f32")
+        adapters = AdapterSet(llm.model)
+        mix = adapters.mix([(Path(adapter), 1.0)])
+        ctx.set_lora_adapters(adapters.cores())
+        ctx.seq_set_lora(0, mix)
+        both = np.r_[toks, toks].astype(np.int32)
+        seq = np.r_[np.zeros(16), np.ones(16)].astype(np.int32)
+        want = np.zeros(32, np.uint8)
+        want[[15, 31]] = 1
+        rows = ctx.decode_batch(both, seq, want)
+    adapted = _runtime_logits(case["base_gguf"], toks, [adapter])[-1]
+    plain = _runtime_logits(case["base_gguf"], toks)[-1]
+    assert np.abs(rows[0] - adapted).max() < 1e-4
+    assert np.abs(rows[1] - plain).max() < 1e-4
+    assert np.abs(adapted - plain).max() > 0.1
+
+
+def test_runtime_refusals(case: dict[str, Any], tmp_path: Path) -> None:
+    from pyllm.runtime.llm import LLM
+
+    kind, overrides = CASES[case["name"]]
+    other = make_model(kind, {**overrides, "intermediate_size": 128})
+    make_peft(kind, {**overrides, "intermediate_size": 128}).save_pretrained(tmp_path / "ad")
+    other.save_pretrained(tmp_path / "other")
+    other_gguf = convert_hf(tmp_path / "other", tmp_path / "other.gguf", "f32", progress=False)
+    foreign = convert_lora(tmp_path / "ad", other_gguf, tmp_path / "f.gguf", "f32",
+                           progress=False)
+    with pytest.raises(ModelError, match=r"ffn_down\.weight is 64 x 96 in the model"):
+        LLM(case["base_gguf"], n_ctx=64, lora=[foreign])
+    with LLM(case["base_gguf"], n_ctx=64) as llm:
+        llm.eval([1, 2, 3])
+        with pytest.raises(ModelError, match="does not exist"):
+            llm.set_lora([tmp_path / "missing.gguf"])
+        assert llm.n_past == 3 and llm.lora == []  # nothing changed
+        with pytest.raises(ModelError, match="must be a finite number"):
+            llm.set_lora([(foreign, float("nan"))])
+
+
+def write_random_adapter(path: Path, base: Path, rank: int = 8, seed: int = 0,
+                         std: float = 0.05, dtype: Any = np.float32) -> Path:
+    """A random adapter on the seven matrices of every block of ``base`` (a GGUF model), its
+    tensors stored as ``dtype`` (float32 or float16)."""
+    rng = np.random.default_rng(seed)
+    with GGUFReader(base) as r:
+        arch = r.metadata["general.architecture"]
+        shapes = {t.name: t.shape for t in r}
+    w = GGUFWriter(path)
+    w.add_kv("general.architecture", arch)
+    w.add_kv("general.type", "adapter")
+    w.add_kv("adapter.type", "lora")
+    w.add_kv("adapter.lora.alpha", float(2 * rank))
+    for name, shape in shapes.items():
+        if name.split(".")[-2:-1] and name.split(".")[-2] in (
+                "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
+            n_out, n_in = shape
+            w.add_tensor(name + ".lora_a", rng.normal(0, std, (rank, n_in)).astype(dtype))
+            w.add_tensor(name + ".lora_b", rng.normal(0, std, (n_out, rank)).astype(dtype))
+    w.write()
+    return path
+
+
+def test_cli_lora_flags_on_smollm2(smollm2_path: Path, tmp_path: Path) -> None:
+    from pyllm.runtime.llm import LLM
+
+    adapter = write_random_adapter(tmp_path / "smol-lora.gguf", smollm2_path)
+    args = ("run", "-m", str(smollm2_path), "-p", "The capital of France is", "-n", "12",
+            "--temp", "0")
+    plain = run_cli(*args, timeout=300)
+    with_lora = run_cli(*args, "--lora-scaled", str(adapter), "0.8", timeout=300)
+    assert plain.returncode == 0 and with_lora.returncode == 0, with_lora.stderr
+    assert plain.stdout != with_lora.stdout  # the adapter changes the text
+    with LLM(smollm2_path, lora=[(adapter, 0.8)]) as llm:
+        expected = llm.generate("The capital of France is", max_tokens=12, temperature=0)
+    assert with_lora.stdout == "The capital of France is" + expected + "\n"
+    bad = run_cli(*args, "--lora", str(tmp_path / "nope.gguf"))
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "does not exist" in \
+        bad.stderr
+    bad = run_cli(*args, "--lora-scaled", str(adapter), "x")
+    assert bad.returncode == 2 and "expected a number" in bad.stderr

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "model/attention_schedule.h"
+#include "pyllm/lora.h"
 #include "pyllm/model.h"
 
 namespace pyllm {
@@ -40,6 +41,7 @@ struct Chunk {
   const int* seq = nullptr;   // sequence (KV region) of token t
   const float* rope = nullptr;  // [n][n_rot]: (cos, sin) pairs of token t's angles
   const AttentionSchedule* schedule = nullptr;  // keys token t sees, its K/V row, the grids
+  const LoraChunk* lora = nullptr;  // the adapters the chunk's tokens use (none: nullptr)
 };
 
 // A contiguous range of layers, and whether the model's head (final norm + output matrix)
@@ -59,6 +61,8 @@ class Stage {
   // Runs the stage's layers over the chunk: hidden is [n][n_embd] host rows, read and
   // overwritten in place; each layer stores the chunk's K/V rows before attending over them.
   virtual void run_layers(const Chunk& chunk, float* hidden) = 0;
+  // Whether run_layers applies chunk.lora (the context refuses adapters otherwise).
+  virtual bool applies_lora() const { return false; }
   // Head stages only: final norm + output projection of hidden rows[0..count) (rows of a
   // [n][n_embd] host array) into logits (count rows of n_vocab).
   virtual void output(const float* hidden, const int* rows, int count, float* logits) = 0;

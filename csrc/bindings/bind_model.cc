@@ -201,7 +201,10 @@ void register_model(py::module_& m) {
       .def_property_readonly("n_embd", [](const PyModel& m) { return m.model->hparams().n_embd; })
       .def_property_readonly("n_layer", [](const PyModel& m) { return m.model->hparams().n_layer; });
 
-  py::class_<Context>(m, "Context", "KV cache + forward pass; not thread-safe (one per thread).")
+  py::class_<Context> context(m, "Context",
+                              "KV cache + forward pass; not thread-safe (one per thread).");
+  register_context_lora(context);
+  context
       .def(py::init([](const PyModel& model, int n_ctx, int n_batch, int n_threads,
                        KVType kv_type, int n_seq) {
              ContextParams p;

@@ -8,6 +8,7 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "pyllm C++ core: quantization formats, CPU kernels, the Llama forward pass";
   pyllm::bindings::register_errors(m);  // first: the others raise these
   pyllm::bindings::register_info(m);
+  pyllm::bindings::register_lora(m);  // before the Context, whose methods take adapters
   pyllm::bindings::register_model(m);
   pyllm::bindings::register_quant(m);
   pyllm::bindings::register_sampler(m);

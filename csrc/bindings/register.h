@@ -3,6 +3,10 @@
 
 #include <pybind11/pybind11.h>
 
+namespace pyllm {
+class Context;
+}
+
 namespace pyllm::bindings {
 
 void register_info(pybind11::module_& m);   // bind_info.cc: version and build facts
@@ -10,5 +14,8 @@ void register_model(pybind11::module_& m);  // bind_model.cc: Model, Context
 void register_quant(pybind11::module_& m);  // bind_quant.cc: type traits, quantize, dequantize
 void register_kernels(pybind11::module_& m);  // bind_kernels.cc: matmul, thread count (tests/benchmarks)
 void register_sampler(pybind11::module_& m);  // bind_sampler.cc: sampler chain, raw logprobs
+void register_lora(pybind11::module_& m);  // bind_lora.cc: LoraAdapter
+// bind_lora.cc: the Context's adapter methods (called by register_model on its Context class)
+void register_context_lora(pybind11::class_<Context>& ctx);
 
 }  // namespace pyllm::bindings

@@ -89,16 +89,18 @@ void CpuDevice::mm(const WeightView& w, const float* x, int64_t n_tokens, float*
 // Several independent products of the same input in one parallel region: one hand-over and
 // one join instead of one per matrix (q/k/v, gate/up).
 void CpuDevice::mm_group(std::initializer_list<MatmulParams> ps) {
-  constexpr size_t kMax = 4;
+  mm_group(ps.begin(), ps.size());
+}
+
+void CpuDevice::mm_group(const MatmulParams* ps, size_t n) {
+  constexpr size_t kMax = 8;
   MatmulQueue queues[kMax];
   MatmulParams shared[kMax];
-  size_t n = 0;
-  for (const MatmulParams& p : ps) {
-    if (n == kMax) throw std::logic_error("mm_group: too many products");
-    check_matmul(p);
-    shared[n] = p;
-    shared[n].queue = &queues[n];  // each product shares its rows among the threads
-    ++n;
+  if (n > kMax) throw std::logic_error("mm_group: too many products");
+  for (size_t i = 0; i < n; ++i) {
+    check_matmul(ps[i]);
+    shared[i] = ps[i];
+    shared[i].queue = &queues[i];  // each product shares its rows among the threads
   }
   pool_.run([&](int ith, int nth) {
     for (size_t i = 0; i < n; ++i) matmul_part(shared[i], ith, nth);
@@ -174,8 +176,12 @@ void CpuStage::run_layers(const Chunk& c, float* x) {
     dev.for_items(n, d, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) op.rms_norm(x + t * d, attn_norm, xb + t * d, d, hp.rms_eps);
     });
-    dev.mm_group({mparams(L.wq, xb, n, buf.q.data()), mparams(L.wk, xb, n, buf.k.data()),
-                  mparams(L.wv, xb, n, buf.v.data())});
+    const int layer = range().first + il;
+    mm_with_lora(c, layer,
+                 {mparams(L.wq, xb, n, buf.q.data()), mparams(L.wk, xb, n, buf.k.data()),
+                  mparams(L.wv, xb, n, buf.v.data())},
+                 {{LoraSlot::Q, xb, buf.q.data()}, {LoraSlot::K, xb, buf.k.data()},
+                  {LoraSlot::V, xb, buf.v.data()}});
     add_bias(buf.q.data(), L.bq, n, q_dim);
     add_bias(buf.k.data(), L.bk, n, kv_dim);
     add_bias(buf.v.data(), L.bv, n, kv_dim);
@@ -194,7 +200,8 @@ void CpuStage::run_layers(const Chunk& c, float* x) {
 
     attention(il, c);
 
-    dev.mm(L.wo, buf.att.data(), n, xb);
+    mm_with_lora(c, layer, {mparams(L.wo, buf.att.data(), n, xb)},
+                 {{LoraSlot::O, buf.att.data(), xb}});
     add_bias(xb, L.bo, n, d);
     op.add(x, xb, int64_t(n) * d);
 
@@ -202,17 +209,39 @@ void CpuStage::run_layers(const Chunk& c, float* x) {
     dev.for_items(n, d, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) op.rms_norm(x + t * d, ffn_norm, xb + t * d, d, hp.rms_eps);
     });
-    dev.mm_group({mparams(L.w_gate, xb, n, buf.gate.data()), mparams(L.w_up, xb, n, buf.up.data())});
+    mm_with_lora(c, layer,
+                 {mparams(L.w_gate, xb, n, buf.gate.data()), mparams(L.w_up, xb, n, buf.up.data())},
+                 {{LoraSlot::Gate, xb, buf.gate.data()}, {LoraSlot::Up, xb, buf.up.data()}});
     add_bias(buf.gate.data(), L.b_gate, n, hp.n_ff);
     add_bias(buf.up.data(), L.b_up, n, hp.n_ff);
     const int64_t nff = int64_t(n) * hp.n_ff;
     dev.for_items(nff, 1, [&](int64_t i0, int64_t i1) {
       op.swiglu(buf.gate.data() + i0, buf.up.data() + i0, buf.gate.data() + i0, i1 - i0);
     });
-    dev.mm(L.w_down, buf.gate.data(), n, xb);
+    mm_with_lora(c, layer, {mparams(L.w_down, buf.gate.data(), n, xb)},
+                 {{LoraSlot::Down, buf.gate.data(), xb}});
     add_bias(xb, L.b_down, n, d);
     op.add(x, xb, int64_t(n) * d);
   }
+}
+
+void CpuStage::mm_with_lora(const Chunk& c, int layer, std::initializer_list<MatmulParams> base,
+                            std::initializer_list<LoraTarget> targets) {
+  if (c.lora == nullptr) {  // the plain path: exactly the products of a model without adapters
+    if (base.size() == 1) {
+      matmul(*base.begin(), dev_.pool_);
+    } else {
+      dev_.mm_group(base);
+    }
+    return;
+  }
+  constexpr size_t kMax = 8;
+  MatmulParams ps[kMax];
+  size_t n = 0;
+  for (const MatmulParams& p : base) ps[n++] = p;
+  n += lora_first(c, layer, targets, ps + n, kMax - n);
+  dev_.mm_group(ps, n);
+  lora_second(c);
 }
 
 void CpuStage::output(const float* hidden, const int* rows, int count, float* out) {

@@ -52,12 +52,14 @@ class CpuDevice final : public Device {
   // Scratch activations for a chunk of up to n_batch tokens, shared by the device's stages.
   struct Buffers {
     std::vector<float> xb, q, k, v, att, gate, up;
+    std::vector<float> lora_u, lora_t;  // LoRA: A x per token, then B (A x); grown on use
     std::vector<float> scores;  // per-thread attention scratch: n_threads * n_ctx
     void resize(const HParams& hp, int n_batch, int n_ctx, int n_threads);
   };
 
   void mm(const WeightView& w, const float* x, int64_t n_tokens, float* y);
   void mm_group(std::initializer_list<MatmulParams> ps);
+  void mm_group(const MatmulParams* ps, size_t n);
   template <typename Fn>
   void for_items(int64_t n_items, int64_t work_per_item, Fn&& fn);
 
@@ -71,6 +73,7 @@ class CpuStage final : public Stage {
  public:
   CpuStage(CpuDevice& device, const LayerRange& range);
   void run_layers(const Chunk& chunk, float* hidden) override;
+  bool applies_lora() const override { return true; }
   void output(const float* hidden, const int* rows, int count, float* logits) override;
   int64_t state_bytes(int n_past) const override { return kv_.state_bytes(n_past); }
   void save_state(int n_past, uint8_t* out) const override { kv_.save(n_past, out); }
@@ -78,6 +81,31 @@ class CpuStage final : public Stage {
 
  private:
   void attention(int local_layer, const Chunk& chunk);
+  // The chunk's LoRA terms of one layer (csrc/cpu/lora.cc): for each target matrix, every
+  // token's row of y gains coef * factor * B (A x) of each adapter that has that matrix.
+  // lora_first appends the A products to the base products' params (at most `room`; returns
+  // how many) and remembers the targets; lora_second, after that region, adds the terms.
+  struct LoraTarget {
+    LoraSlot slot;
+    const float* x;  // n rows of n_in
+    float* y;        // n rows of n_out
+  };
+  size_t lora_first(const Chunk& chunk, int layer, std::initializer_list<LoraTarget> targets,
+                    MatmulParams* ps, size_t room);
+  void lora_second(const Chunk& chunk);
+  // base products + the layer's LoRA A products in one region, then the LoRA terms
+  void mm_with_lora(const Chunk& chunk, int layer, std::initializer_list<MatmulParams> base,
+                    std::initializer_list<LoraTarget> targets);
+
+  struct PendingLora {
+    const LoraPair* pair;
+    const float* x;
+    float* y;
+    const float* coef;  // the chunk's coefficient per token for this adapter
+    int64_t u_offset, t_offset;  // into the device's lora_u / lora_t
+  };
+  std::vector<PendingLora> lora_pending_;
+  std::vector<MatmulParams> lora_params_;
 
   CpuDevice& dev_;
   const HParams& hp;

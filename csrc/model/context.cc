@@ -4,8 +4,11 @@
 // K/V rows go, model/attention_schedule.h), embedded into host rows of hidden state, and run
 // through the stages of the model's placement (model/placement.h) in layer order; the stage
 // with the head writes the logits. The stages are the backends' (csrc/backend/backend.h), e.g.
-// the CPU's in csrc/cpu/stage.h, each with the K/V storage of its layers.
+// the CPU's in csrc/cpu/stage.h, each with the K/V storage of its layers. LoRA adapters
+// (pyllm/lora.h) are the context's too: each sequence's mix becomes, per chunk, the
+// coefficient of every adapter for every token, which the stages apply.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -31,6 +34,7 @@ struct Context::Impl {
   std::vector<int> pos, added, rows;
   std::vector<int32_t> seq;
   std::vector<uint8_t> want;
+  LoraChunk lora;  // the adapters of the current chunk's tokens
 
   Impl(const Model& m, const ContextParams& p)
       : model(m),
@@ -56,13 +60,42 @@ struct Context::Impl {
   // The whole model over one chunk (n <= n_batch): token t at position pos[t] of sequence
   // seq[t]; leaves the final hidden states (before the output norm) in `hidden`.
   void chunk(const int32_t* tokens, const int* pos, const int* seq, int n, int seq_len,
-             int n_ctx) {
+             int n_ctx, const std::vector<std::shared_ptr<const LoraAdapter>>& adapters,
+             const std::vector<LoraMix>& mixes) {
     const HParams& hp = model.hparams();
     embed(tokens, n);
     rope.fill_positions(pos, n, seq_len, rope_buf);
     schedule.plan(pos, seq, n, n_ctx, hp.n_head, hp.n_head_kv);
-    const Chunk c{n, pos, seq, rope_buf.data(), &schedule};
+    plan_lora(seq, n, adapters, mixes);
+    const Chunk c{n, pos, seq, rope_buf.data(), &schedule, lora.empty() ? nullptr : &lora};
     for (auto& s : stages) s->run_layers(c, hidden.data());
+  }
+
+  // Each adapter any token of the chunk uses, with every token's coefficient (its sequence's
+  // scale for it, summed if the mix names it twice).
+  void plan_lora(const int* seq, int n,
+                 const std::vector<std::shared_ptr<const LoraAdapter>>& adapters,
+                 const std::vector<LoraMix>& mixes) {
+    lora.adapters.clear();
+    lora.n = n;
+    lora.coef.clear();
+    for (size_t a = 0; a < adapters.size(); ++a) {
+      bool used = false;
+      for (int t = 0; t < n && !used; ++t) {
+        for (const auto& [id, scale] : mixes[static_cast<size_t>(seq[t])]) {
+          if (id == static_cast<int>(a) && scale != 0.0f) used = true;
+        }
+      }
+      if (!used) continue;
+      const size_t base = lora.coef.size();
+      lora.coef.resize(base + static_cast<size_t>(n), 0.0f);
+      for (int t = 0; t < n; ++t) {
+        for (const auto& [id, scale] : mixes[static_cast<size_t>(seq[t])]) {
+          if (id == static_cast<int>(a)) lora.coef[base + static_cast<size_t>(t)] += scale;
+        }
+      }
+      lora.adapters.push_back(adapters[a].get());
+    }
   }
 
   // One row of the embedding table per token, dequantized into `hidden`.
@@ -91,7 +124,48 @@ Context::Context(std::shared_ptr<const Model> model, const ContextParams& params
     throw std::invalid_argument("a Q8_0 KV cache needs a head size that is a multiple of 32");
   }
   n_past_.assign(params_.n_seq, 0);
+  lora_mix_.assign(params_.n_seq, {});
   impl_ = std::make_unique<Impl>(*model_, params_);
+}
+
+void Context::set_lora_adapters(std::vector<std::shared_ptr<const LoraAdapter>> adapters) {
+  for (const auto& a : adapters) {
+    if (!a) throw std::invalid_argument("set_lora_adapters: null adapter");
+    if (a->n_layer() != model_->hparams().n_layer) {
+      throw std::invalid_argument("a LoRA adapter for " + std::to_string(a->n_layer()) +
+                                  " layers, the model has " +
+                                  std::to_string(model_->hparams().n_layer));
+    }
+  }
+  if (!adapters.empty()) {
+    for (const auto& s : impl_->stages) {
+      if (!s->applies_lora()) {
+        throw std::invalid_argument(
+            "LoRA adapters cannot be applied to layers offloaded to a GPU yet (layers " +
+            std::to_string(s->range().first) + ".." + std::to_string(s->range().last - 1) +
+            "); merge them with `pyllm export-lora`, or run those layers on the CPU");
+      }
+    }
+  }
+  lora_ = std::move(adapters);
+  lora_mix_.assign(params_.n_seq, {});
+}
+
+void Context::seq_set_lora(int seq, const LoraMix& mix) {
+  if (seq < 0 || seq >= params_.n_seq) throw std::out_of_range("sequence id out of range");
+  for (const auto& [id, scale] : mix) {
+    if (id < 0 || id >= static_cast<int>(lora_.size())) {
+      throw std::invalid_argument("LoRA adapter index " + std::to_string(id) + " out of range (" +
+                                  std::to_string(lora_.size()) + " adapters)");
+    }
+    if (!std::isfinite(scale)) throw std::invalid_argument("LoRA scale must be finite");
+  }
+  lora_mix_[static_cast<size_t>(seq)] = mix;
+}
+
+const LoraMix& Context::seq_lora(int seq) const {
+  if (seq < 0 || seq >= params_.n_seq) throw std::out_of_range("sequence id out of range");
+  return lora_mix_[static_cast<size_t>(seq)];
 }
 
 Context::~Context() = default;
@@ -160,7 +234,8 @@ int64_t Context::decode_batch(const int32_t* tokens, const int32_t* seq, int64_t
   std::vector<int>& rows = impl_->rows;
   for (int64_t done = 0; done < n;) {
     const int chunk = static_cast<int>(std::min<int64_t>(params_.n_batch, n - done));
-    impl_->chunk(tokens + done, pos.data() + done, seq + done, chunk, seq_len, params_.n_ctx);
+    impl_->chunk(tokens + done, pos.data() + done, seq + done, chunk, seq_len, params_.n_ctx,
+                 lora_, lora_mix_);
     rows.clear();
     for (int t = 0; t < chunk; ++t) {
       if (want_logits && want_logits[done + t]) rows.push_back(t);
@@ -202,7 +277,7 @@ void Context::embed(const int32_t* tokens, int64_t n, int seq, float* out) {
     std::vector<int> pos(chunk), seqs(chunk, seq);
     for (int t = 0; t < chunk; ++t) pos[t] = static_cast<int>(done + t);
     impl_->chunk(tokens + done, pos.data(), seqs.data(), chunk, static_cast<int>(n),
-                 params_.n_ctx);
+                 params_.n_ctx, lora_, lora_mix_);
     for (int t = 0; t < chunk; ++t) {
       op.rms_norm(impl_->hidden.data() + t * d, norm, row.data(), d, hp.rms_eps);
       for (int64_t i = 0; i < d; ++i) acc[i] += row[i];

@@ -96,6 +96,37 @@ def add_offload_args(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> No
                    "build's GPU backend; `pyllm info --devices` lists them)")
 
 
+def _scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def add_lora_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--lora FILE`` / ``--lora-scaled FILE SCALE`` (repeatable), as llama.cpp spells them."""
+    p.add_argument("--lora", action="append", default=[], metavar="FILE",
+                   help="a LoRA adapter GGUF, scale 1.0 (repeatable)")
+    p.add_argument("--lora-scaled", action="append", default=[], nargs=2,
+                   metavar=("FILE", "SCALE"), help="a LoRA adapter GGUF with a scale "
+                   "(repeatable)")
+
+
+def lora_specs(parser: argparse.ArgumentParser, args: argparse.Namespace
+               ) -> list[tuple[str, float]]:
+    """The adapters of ``--lora`` / ``--lora-scaled``, in the order given per flag."""
+    specs = [(path, 1.0) for path in args.lora]
+    for path, scale in args.lora_scaled:
+        try:
+            specs.append((path, _scale(scale)))
+        except argparse.ArgumentTypeError as e:
+            parser.error(f"--lora-scaled {path}: {e}")
+    return specs
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("-m", "--model", help="GGUF model file (default: the default model, "
@@ -107,6 +138,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-b", "--batch-size", type=positive_int, default=512, metavar="N",
                    help="prompt tokens per forward chunk (default 512)")
     add_offload_args(g)
+    add_lora_args(g)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -133,7 +165,7 @@ def load_llm(args: argparse.Namespace, verbose: bool = False) -> Any:
 
     return LLM(args.model, n_ctx=args.ctx_size, n_threads=args.threads,
                n_batch=args.batch_size, n_gpu_layers=args.n_gpu_layers, device=args.device,
-               verbose=verbose)
+               lora=lora_specs(args.parser, args), verbose=verbose)
 
 
 def add_grammar_args(p: argparse.ArgumentParser) -> None:

@@ -8,38 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pyllm.cli.common import add_lora_args, lora_specs
 from pyllm.cli.convert import OUTTYPES
-
-
-def _scale(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def add_lora_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """``--lora FILE`` / ``--lora-scaled FILE SCALE`` (repeatable), as llama.cpp spells them."""
-    p.add_argument("--lora", action="append", default=[], metavar="FILE",
-                   help="a LoRA adapter GGUF, scale 1.0 (repeatable)")
-    p.add_argument("--lora-scaled", action="append", default=[], nargs=2,
-                   metavar=("FILE", "SCALE"), help="a LoRA adapter GGUF with a scale "
-                   "(repeatable)")
-
-
-def lora_specs(parser: argparse.ArgumentParser, args: argparse.Namespace
-               ) -> list[tuple[str, float]]:
-    """The adapters of ``--lora`` / ``--lora-scaled``, in the order given per flag."""
-    specs = [(path, 1.0) for path in args.lora]
-    for path, scale in args.lora_scaled:
-        try:
-            specs.append((path, _scale(scale)))
-        except argparse.ArgumentTypeError as e:
-            parser.error(f"--lora-scaled {path}: {e}")
-    return specs
 
 
 def add_parser(sub: Any) -> None:

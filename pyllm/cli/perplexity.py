@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pyllm.cli.common import add_offload_args, positive_int
+from pyllm.cli.common import add_lora_args, add_offload_args, lora_specs, positive_int
 
 
 def add_parser(sub: Any) -> None:
@@ -30,6 +30,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("-t", "--threads", type=positive_int, default=None, metavar="N",
                    help="threads (default: physical cores)")
     add_offload_args(p)
+    add_lora_args(p)
     kl = p.add_mutually_exclusive_group()
     kl.add_argument("--kl-divergence-base", metavar="FILE",
                     help="save this model's log-probabilities to FILE (the KL base)")
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     n_ctx = base.n_ctx if base is not None else (args.ctx_size or 512)
     llm = LLM(args.model, n_ctx=n_ctx, n_threads=args.threads,
               n_batch=min(args.batch_size, n_ctx), n_gpu_layers=args.n_gpu_layers,
-              device=args.device)
+              device=args.device, lora=lora_specs(args.parser, args))
     tokens = pp.tokenize_text(llm, text) if text is not None else None
     out = sys.stdout
     if base is not None:

@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from pyllm.cli.common import add_model_args, positive_int
+from pyllm.cli.common import add_model_args, lora_specs, positive_int
 from pyllm.errors import PyllmError
 from pyllm.runtime.footprint import DEFAULT_KV_TYPE, KV_ELEMENT_TYPES
 
@@ -132,7 +132,8 @@ def load_engine(model_path: Path, args: argparse.Namespace) -> Any:
     try:
         model.tokenizer  # noqa: B018 - build the tokenizer now, not on the first request
         return Engine(model, n_parallel=args.parallel, n_ctx=args.ctx_size,
-                      n_batch=args.batch_size, kv_type=args.kv_type, max_queue=args.queue)
+                      n_batch=args.batch_size, kv_type=args.kv_type, max_queue=args.queue,
+                      lora=lora_specs(args.parser, args))
     except BaseException:
         model.close()
         raise

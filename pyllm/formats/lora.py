@@ -20,14 +20,14 @@ naming the tensor.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pyllm.errors import GGUFError, ModelError
-from pyllm.formats.gguf import GGUFReader
+from pyllm.formats.gguf import GGMLType, GGUFReader
 
 KEY_TYPE = "general.type"
 KEY_ADAPTER_TYPE = "adapter.type"
@@ -42,10 +42,12 @@ ADAPTABLE = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", 
 
 @dataclass
 class LoraPair:
-    """One adapted matrix: ``a`` (rank, n_in) and ``b`` (n_out, rank), float32."""
+    """One adapted matrix: ``a`` (rank, n_in) and ``b`` (n_out, rank), float32 copies;
+    ``half``: both were F16 in the file (so float16 holds them exactly)."""
 
     a: np.ndarray
     b: np.ndarray
+    half: bool = False
 
     @property
     def rank(self) -> int:
@@ -73,6 +75,22 @@ class LoraAdapter:
         return float(scale) * self.alpha / self.pairs[name].rank
 
 
+AdapterSpec = str | os.PathLike[str] | tuple[str | os.PathLike[str], float]
+
+
+def adapter_specs(adapters: Sequence[AdapterSpec]) -> list[tuple[Path, float]]:
+    """``["a.gguf", ("b.gguf", 0.5)]`` -> [(path, scale)], checked."""
+    out: list[tuple[Path, float]] = []
+    for spec in adapters:
+        path, scale = (spec if isinstance(spec, tuple) else (spec, 1.0))
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or \
+                not np.isfinite(scale):
+            raise ModelError(f"the scale of LoRA adapter {path} must be a finite number, "
+                             f"got {scale!r}")
+        out.append((Path(path), float(scale)))
+    return out
+
+
 def _float(t_data: np.ndarray, ttype: int, shape: tuple[int, ...], name: str) -> np.ndarray:
     from pyllm.formats import qtypes
 
@@ -85,11 +103,10 @@ def _float(t_data: np.ndarray, ttype: int, shape: tuple[int, ...], name: str) ->
 def read_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
     """Read and check a LoRA adapter GGUF (see the module doc); float32 copies of its tensors."""
     p = Path(path)
-    try:
-        reader = GGUFReader(p)
-    except FileNotFoundError:
-        raise ModelError(f"LoRA adapter {p} does not exist") from None
-    with reader:
+    if not p.is_file():
+        raise ModelError(f"LoRA adapter {p} does not exist" if not p.exists() else
+                         f"LoRA adapter {p} is not a file")
+    with GGUFReader(p) as reader:
         md = reader.metadata
         where = f"LoRA adapter {p.name}"
         if md.get(KEY_TYPE) != "adapter":
@@ -106,9 +123,12 @@ def read_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
         if not isinstance(arch, str) or not arch:
             raise ModelError(f"{where} has no general.architecture")
         halves: dict[str, dict[str, np.ndarray]] = {}
+        f16: set[str] = set()  # tensors stored as F16
         deltas: dict[str, np.ndarray] = {}
         for t in reader:
             data = _float(t.raw, t.type, t.shape, t.name)
+            if t.type == GGMLType.F16:
+                f16.add(t.name)
             for suffix in (SUFFIX_A, SUFFIX_B):
                 if t.name.endswith(suffix):
                     halves.setdefault(t.name[: -len(suffix)], {})[suffix] = data
@@ -127,7 +147,7 @@ def read_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] == 0:
             raise ModelError(f"{where}: {name} has lora_a {list(a.shape)} and lora_b "
                              f"{list(b.shape)}; expected (rank, n_in) and (n_out, rank)")
-        pairs[name] = LoraPair(a, b)
+        pairs[name] = LoraPair(a, b, {name + SUFFIX_A, name + SUFFIX_B} <= f16)
     if not pairs and not deltas:
         raise ModelError(f"{where} holds no LoRA tensors")
     return LoraAdapter(p, arch, float(alpha), pairs, deltas)
@@ -165,5 +185,5 @@ def check_against(adapter: LoraAdapter, arch: str,
             raise ModelError(f"{where}: the model has no tensor {name} for its delta")
 
 
-__all__ = ["ADAPTABLE", "KEY_ADAPTER_TYPE", "KEY_ALPHA", "KEY_TYPE", "LoraAdapter", "LoraPair",
-           "check_against", "read_adapter"]
+__all__ = ["ADAPTABLE", "KEY_ADAPTER_TYPE", "KEY_ALPHA", "KEY_TYPE", "AdapterSpec", "LoraAdapter",
+           "LoraPair", "adapter_specs", "check_against", "read_adapter"]

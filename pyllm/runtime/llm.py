@@ -29,6 +29,7 @@ from pyllm.runtime.loaded import (
     check_threads,
     clamp_batch,
 )
+from pyllm.runtime.lora import AdapterSet, LoraSpec, lora_specs
 from pyllm.runtime.steps import common_prefix
 
 if TYPE_CHECKING:
@@ -59,7 +60,8 @@ class LLM:
     def __init__(self, model_path: str | os.PathLike[str] | None = None, *, n_ctx: int = 2048,
                  n_threads: int | None = None, n_batch: int = DEFAULT_N_BATCH, seed: int = -1,
                  kv_type: str = DEFAULT_KV_TYPE, repack: bool = True, n_gpu_layers: int = 0,
-                 device: str | None = None, verbose: bool = False) -> None:
+                 device: str | None = None, lora: Sequence[LoraSpec] | None = None,
+                 verbose: bool = False) -> None:
         # what can be checked without the file is checked before it is opened
         check_count("n_ctx", n_ctx)
         check_count("n_batch", n_batch)
@@ -81,6 +83,14 @@ class LLM:
             raise
         self.n_ctx = n_ctx
         self.n_batch = clamp_batch(n_batch, n_ctx)
+        self._adapters = AdapterSet(self.model)
+        self._lora: list[tuple[Path, float]] = []
+        if lora:
+            try:
+                self._apply_lora(lora_specs(lora))
+            except PyllmError:
+                self.model.close()
+                raise
         self._tokens: list[int] = []
         self._last_logits: np.ndarray | None = None
         if verbose:
@@ -319,6 +329,27 @@ class LLM:
         return create_chat_completion(self, messages, **kwargs)
 
     __call__ = create_completion
+
+    # ---- LoRA adapters ------------------------------------------------------------------------
+
+    @property
+    def lora(self) -> list[tuple[Path, float]]:
+        """The adapters applied now: (file, scale)."""
+        return list(self._lora)
+
+    def set_lora(self, lora: Sequence[LoraSpec] | None) -> None:
+        """Apply these adapters (``["a.gguf", ("b.gguf", 0.5)]``; None or [] = none) from now
+        on, without reloading the model. Files already used are not read again. The cached
+        context was computed with the old adapters, so it is dropped."""
+        self._apply_lora(lora_specs(lora))
+        self._truncate(0)
+
+    def _apply_lora(self, specs: list[tuple[Path, float]]) -> None:
+        with self._lock:
+            mix = self._adapters.mix(specs)
+            self._ctx.set_lora_adapters(self._adapters.cores())
+            self._ctx.seq_set_lora(0, mix)
+            self._lora = specs
 
     # ---- state --------------------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ from pyllm.runtime.footprint import DEFAULT_KV_TYPE
 from pyllm.runtime.generation import stop_token_ids
 from pyllm.runtime.grammar import Constraint, Grammar
 from pyllm.runtime.loaded import DEFAULT_N_BATCH, LoadedModel, check_count, clamp_batch
+from pyllm.runtime.lora import AdapterSet, LoraSpec, lora_specs
 from pyllm.runtime.steps import SequenceSteps, common_prefix, resolve_max_tokens
 
 if TYPE_CHECKING:
@@ -186,11 +187,12 @@ class Engine:
     def __init__(self, model: LoadedModel | LLM, *, n_parallel: int = 4, n_ctx: int = 2048,
                  n_batch: int | None = None, n_threads: int | None = None,
                  kv_type: str = DEFAULT_KV_TYPE, max_queue: int = 64,
-                 rate_window_s: float = 10.0) -> None:
+                 rate_window_s: float = 10.0, lora: Sequence[LoraSpec] | None = None) -> None:
         """``model`` is the loaded model the slots run (an :class:`pyllm.runtime.llm.LLM` gives its
         own, and its ``n_batch`` and thread count as defaults; its single-sequence context is
         not used). ``n_batch`` (default 512) and ``n_threads`` (default: the model's) are
-        those of the batched context."""
+        those of the batched context. ``lora``: adapters every slot applies
+        (``["a.gguf", ("b.gguf", 0.5)]``)."""
         for name, value in (("n_parallel", n_parallel), ("n_ctx", n_ctx),
                             ("max_queue", max_queue)):
             check_count(name, value)
@@ -209,6 +211,13 @@ class Engine:
         self._ctx = loaded.new_context(n_ctx, n_batch=n_batch or DEFAULT_N_BATCH,
                                        n_threads=n_threads, kv_type=kv_type, n_seq=n_parallel,
                                        stacklevel=3)
+        self.lora = lora_specs(lora)
+        if self.lora:
+            adapters = AdapterSet(loaded)
+            mix = adapters.mix(self.lora)
+            self._ctx.set_lora_adapters(adapters.cores())
+            for slot in range(n_parallel):
+                self._ctx.seq_set_lora(slot, mix)
         self.n_batch = clamp_batch(n_batch or DEFAULT_N_BATCH, n_ctx, n_parallel)
         self.n_threads = int(self._ctx.n_threads)
         self.max_queue = max_queue

@@ -22,22 +22,7 @@ from pyllm.atomic import check_destination
 from pyllm.errors import ModelError, QuantError
 from pyllm.formats.gguf import GGMLType, GGUFReader, GGUFWriter
 from pyllm.formats.gguf.constants import TYPE_INFO
-from pyllm.formats.lora import LoraAdapter, check_against, read_adapter
-
-AdapterSpec = str | os.PathLike[str] | tuple[str | os.PathLike[str], float]
-
-
-def adapter_specs(adapters: Sequence[AdapterSpec]) -> list[tuple[Path, float]]:
-    """``["a.gguf", ("b.gguf", 0.5)]`` -> [(path, scale)], checked."""
-    out: list[tuple[Path, float]] = []
-    for spec in adapters:
-        path, scale = (spec if isinstance(spec, tuple) else (spec, 1.0))
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or \
-                not np.isfinite(scale):
-            raise ModelError(f"the scale of LoRA adapter {path} must be a finite number, "
-                             f"got {scale!r}")
-        out.append((Path(path), float(scale)))
-    return out
+from pyllm.formats.lora import AdapterSpec, LoraAdapter, adapter_specs, check_against, read_adapter
 
 
 def _encode(values: np.ndarray, ttype: GGMLType, name: str) -> np.ndarray:
@@ -129,4 +114,4 @@ def _type_named(t: str | GGMLType) -> GGMLType:
         raise ModelError(f"export-lora output type: {e}") from None
 
 
-__all__ = ["adapter_specs", "export_lora"]
+__all__ = ["export_lora"]

@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "pyllm/lora.h"
 #include "pyllm/qtype.h"
 #include "pyllm/repack.h"
 
@@ -189,6 +190,15 @@ class Context {
   // The model's placement (Model::placement()).
   const std::vector<PlacedLayers>& placement() const { return model_->placement(); }
 
+  // LoRA adapters (pyllm/lora.h): the ones this context knows (replacing the earlier ones and
+  // every sequence's mix), and one sequence's mix of them, [(adapter index, scale)]. A mix
+  // applies from the next decode on; the caller drops cached positions computed without it.
+  // Throws std::invalid_argument for an adapter of another layer count, an index out of range,
+  // a non-finite scale, or layers placed on a backend that cannot apply adapters.
+  void set_lora_adapters(std::vector<std::shared_ptr<const LoraAdapter>> adapters);
+  void seq_set_lora(int seq, const LoraMix& mix);
+  const LoraMix& seq_lora(int seq) const;
+
   // State for save/load: the cached K/V of positions [0, n_past) plus n_past.
   std::vector<uint8_t> save_state() const;
   void load_state(const uint8_t* data, int64_t size);
@@ -198,6 +208,8 @@ class Context {
   std::shared_ptr<const Model> model_;
   ContextParams params_;
   std::vector<int> n_past_;  // per sequence
+  std::vector<std::shared_ptr<const LoraAdapter>> lora_;
+  std::vector<LoraMix> lora_mix_;  // per sequence
   std::unique_ptr<Impl> impl_;
 };
 

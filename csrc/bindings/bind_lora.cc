@@ -1,0 +1,85 @@
+// Python bindings of LoRA adapters applied at run time: _core.LoraAdapter (an adapter's pairs in
+// the file's precision, filled once by pyllm.runtime.lora) and the Context's adapter methods.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "bindings/register.h"
+#include "pyllm/lora.h"
+#include "pyllm/model.h"
+
+namespace py = pybind11;
+
+namespace pyllm::bindings {
+namespace {
+
+LoraSlot slot_named(const std::string& name) {
+  static const char* const kNames[kLoraSlots] = {"wq", "wk", "wv", "wo",
+                                                 "w_gate", "w_up", "w_down"};
+  for (int i = 0; i < kLoraSlots; ++i) {
+    if (name == kNames[i]) return static_cast<LoraSlot>(i);
+  }
+  throw std::invalid_argument("no LoRA matrix slot named '" + name + "'");
+}
+
+}  // namespace
+
+void register_lora(py::module_& m) {
+  py::class_<LoraAdapter, std::shared_ptr<LoraAdapter>>(
+      m, "LoraAdapter", "One adapter's low-rank pairs (float32), per layer and block matrix.")
+      .def(py::init<int>(), py::arg("n_layer"))
+      .def(
+          "set",
+          [](LoraAdapter& ad, int layer, const std::string& slot, const py::array& a,
+             const py::array& b, float factor) {
+            if (a.ndim() != 2 || b.ndim() != 2) throw std::invalid_argument("a and b must be 2-D");
+            const bool f16 = a.dtype().is(py::dtype("float16"));
+            if (!f16 && !a.dtype().is(py::dtype("float32"))) {
+              throw std::invalid_argument("a must be float32 or float16");
+            }
+            if (!b.dtype().is(a.dtype())) throw std::invalid_argument("a and b: one dtype");
+            if (!(a.flags() & py::array::c_style) || !(b.flags() & py::array::c_style)) {
+              throw std::invalid_argument("a and b must be C-contiguous");
+            }
+            LoraPair p;
+            p.type = f16 ? QType::F16 : QType::F32;
+            p.rank = static_cast<int>(a.shape(0));
+            p.n_in = a.shape(1);
+            p.n_out = b.shape(0);
+            if (b.shape(1) != p.rank) throw std::invalid_argument("b's columns must be a's rows");
+            const auto* pa = static_cast<const uint8_t*>(a.data());
+            const auto* pb = static_cast<const uint8_t*>(b.data());
+            p.a.assign(pa, pa + a.nbytes());
+            p.b.assign(pb, pb + b.nbytes());
+            p.factor = factor;
+            ad.set(layer, slot_named(slot), std::move(p));
+          },
+          py::arg("layer"), py::arg("slot"), py::arg("a"), py::arg("b"), py::arg("factor"),
+          "Pair of one matrix: a (rank, n_in), b (n_out, rank), both float32 or both float16 "
+          "(kept as given), factor = alpha / rank; slot is wq, wk, wv, wo, w_gate, w_up or "
+          "w_down.")
+      .def_property_readonly("n_layer", &LoraAdapter::n_layer)
+      .def_property_readonly("max_rank", &LoraAdapter::max_rank);
+}
+
+void register_context_lora(py::class_<Context>& ctx) {
+  ctx.def(
+         "set_lora_adapters",
+         [](Context& c, const std::vector<std::shared_ptr<LoraAdapter>>& adapters) {
+           std::vector<std::shared_ptr<const LoraAdapter>> v(adapters.begin(), adapters.end());
+           c.set_lora_adapters(std::move(v));
+         },
+         py::arg("adapters"),
+         "The adapters this context knows (indexes for seq_set_lora); clears every mix.")
+      .def("seq_set_lora", &Context::seq_set_lora, py::arg("seq"), py::arg("mix"),
+           "One sequence's adapters: [(adapter index, scale)]; [] = none.")
+      .def("seq_lora", &Context::seq_lora, py::arg("seq"));
+}
+
+}  // namespace pyllm::bindings

@@ -1,0 +1,95 @@
+// The CPU stage's LoRA terms (see pyllm/lora.h), in two phases around a layer's products so
+// that they cost no parallel region of their own beyond one per target group:
+//   lora_first: for each adapter of the chunk and each target it adapts, the product U = A X
+//     (A in the file's F32 or F16, X the base product's input), appended to the base products'
+//     region;
+//   lora_second: U's rows scaled by each token's coefficient, T = B U for every pending target
+//     in one region, and T added to the base product's rows.
+// Both products go through the F32 / F16 matmul kernels (any k: no block size to divide).
+#include <algorithm>
+#include <stdexcept>
+
+#include "cpu/matmul.h"
+#include "cpu/stage.h"
+
+namespace pyllm {
+namespace {
+
+MatmulParams product(QType type, const uint8_t* w, int64_t n_out, int64_t k, const float* x,
+                     int64_t n, float* y) {
+  MatmulParams p{};
+  p.wtype = type;
+  p.w = w;
+  p.n_out = n_out;
+  p.k = k;
+  p.x = x;
+  p.n_tokens = n;
+  p.y = y;
+  return p;
+}
+
+}  // namespace
+
+size_t CpuStage::lora_first(const Chunk& c, int layer, std::initializer_list<LoraTarget> targets,
+                            MatmulParams* ps, size_t room) {
+  lora_pending_.clear();
+  if (c.lora == nullptr) return 0;
+  const LoraChunk& lc = *c.lora;
+  const int64_t n = c.n;
+  int64_t u_size = 0, t_size = 0;
+  for (size_t ai = 0; ai < lc.adapters.size(); ++ai) {
+    for (const LoraTarget& t : targets) {
+      const LoraPair* p = lc.adapters[ai]->get(layer, t.slot);
+      if (p == nullptr) continue;
+      lora_pending_.push_back({p, t.x, t.y, lc.coefs(ai), u_size, t_size});
+      u_size += n * p->rank;
+      t_size += n * p->n_out;
+    }
+  }
+  if (lora_pending_.empty()) return 0;
+  CpuDevice::Buffers& buf = dev_.buf_;
+  if (buf.lora_u.size() < static_cast<size_t>(u_size)) buf.lora_u.resize(u_size);
+  if (buf.lora_t.size() < static_cast<size_t>(t_size)) buf.lora_t.resize(t_size);
+  // the A products that fit go with the base products; the rest run here, in groups
+  size_t added = 0;
+  std::vector<MatmulParams> rest;
+  for (const PendingLora& pl : lora_pending_) {
+    const MatmulParams p = product(pl.pair->type, pl.pair->a.data(), pl.pair->rank,
+                                   pl.pair->n_in, pl.x, n, buf.lora_u.data() + pl.u_offset);
+    if (added < room) ps[added++] = p;
+    else rest.push_back(p);
+  }
+  for (size_t i = 0; i < rest.size(); i += 4) {
+    dev_.mm_group(rest.data() + i, std::min<size_t>(4, rest.size() - i));
+  }
+  return added;
+}
+
+void CpuStage::lora_second(const Chunk& c) {
+  if (lora_pending_.empty()) return;
+  CpuDevice::Buffers& buf = dev_.buf_;
+  const int64_t n = c.n;
+  std::vector<MatmulParams>& ps = lora_params_;
+  ps.clear();
+  for (const PendingLora& pl : lora_pending_) {
+    const int r = pl.pair->rank;
+    float* u = buf.lora_u.data() + pl.u_offset;
+    for (int64_t t = 0; t < n; ++t) {
+      const float f = pl.coef[t] * pl.pair->factor;
+      for (int j = 0; j < r; ++j) u[t * r + j] *= f;
+    }
+    ps.push_back(product(pl.pair->type, pl.pair->b.data(), pl.pair->n_out, r, u, n,
+                         buf.lora_t.data() + pl.t_offset));
+  }
+  for (size_t i = 0; i < ps.size(); i += 4) {
+    dev_.mm_group(ps.data() + i, std::min<size_t>(4, ps.size() - i));
+  }
+  for (const PendingLora& pl : lora_pending_) {
+    const int64_t total = n * pl.pair->n_out;
+    const float* src = buf.lora_t.data() + pl.t_offset;
+    for (int64_t j = 0; j < total; ++j) pl.y[j] += src[j];
+  }
+  lora_pending_.clear();
+}
+
+}  // namespace pyllm

@@ -1,0 +1,65 @@
+// LoRA adapters applied at run time: after the product of an adapted block matrix W with the
+// chunk's input X, every token t adds coef[t] * factor * B (A x_t), where factor = alpha / rank
+// (from the file) and coef[t] is the scale its sequence gives the adapter (0: not used). The
+// adapters' pairs live here in float32, uploaded once per adapter file; a context holds the
+// adapters it knows and each sequence's mix of them, so sequences with different adapters share
+// one forward (the base product is shared, each adds its own low-rank term).
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "pyllm/qtype.h"
+
+namespace pyllm {
+
+// The block matrices an adapter may carry (in LayerSlots order: wq, wk, wv, wo, w_gate, w_up,
+// w_down).
+enum class LoraSlot : int { Q = 0, K = 1, V = 2, O = 3, Gate = 4, Up = 5, Down = 6 };
+constexpr int kLoraSlots = 7;
+
+// A and B in the adapter file's own precision, F32 or F16 (F16 files, the converter's default
+// as llama.cpp's, halve what decode streams per token; F32 files are applied exactly).
+struct LoraPair {
+  QType type = QType::F32;   // of a and b
+  int rank = 0;
+  int64_t n_in = 0, n_out = 0;
+  std::vector<uint8_t> a;   // rank x n_in elements
+  std::vector<uint8_t> b;   // n_out x rank elements
+  float factor = 1.0f;      // alpha / rank
+};
+
+class LoraAdapter {
+ public:
+  explicit LoraAdapter(int n_layer);
+  // Throws std::invalid_argument for a layer out of range, a slot given twice, or sizes that
+  // do not make a (n_out x n_in) low-rank product.
+  void set(int layer, LoraSlot slot, LoraPair pair);
+  const LoraPair* get(int layer, LoraSlot slot) const {
+    return pairs_[static_cast<size_t>(layer)][static_cast<size_t>(slot)].get();
+  }
+  int n_layer() const { return static_cast<int>(pairs_.size()); }
+  int max_rank() const { return max_rank_; }
+
+ private:
+  std::vector<std::array<std::unique_ptr<LoraPair>, kLoraSlots>> pairs_;
+  int max_rank_ = 0;
+};
+
+// What one chunk applies: the adapters any of its tokens uses and, per adapter, each token's
+// coefficient (its sequence's scale; 0 when the sequence does not use it).
+struct LoraChunk {
+  std::vector<const LoraAdapter*> adapters;
+  std::vector<float> coef;  // [adapters.size()][n]
+  int n = 0;
+  bool empty() const { return adapters.empty(); }
+  const float* coefs(size_t i) const { return coef.data() + i * static_cast<size_t>(n); }
+};
+
+// One sequence's adapters: (index into the context's adapters, scale).
+using LoraMix = std::vector<std::pair<int, float>>;
+
+}  // namespace pyllm
