@@ -117,6 +117,21 @@ def test_sequences_in_one_batch_match_each_alone(tmp_path: Path, kind: str) -> N
     np.testing.assert_allclose(out, np.concatenate(alone), rtol=0, atol=1e-5 * np.abs(out).max())
 
 
+def test_lora_adapters_on_offloaded_layers_are_refused(tmp_path: Path, kind: str) -> None:
+    """The device stages do not apply LoRA yet: a clear DeviceError, the same model runs them
+    with its layers on the CPU."""
+    from pyllm.errors import DeviceError
+    from pyllm.runtime.llm import LLM
+    from tests.test_lora import write_random_adapter
+
+    path = write_tiny(tmp_path / "m.gguf", _spec(T.F32))
+    adapter = write_random_adapter(tmp_path / "a.gguf", path)
+    with pytest.raises(DeviceError, match="cannot be applied to layers offloaded to a GPU"):
+        LLM(path, n_ctx=32, n_gpu_layers=-1, device=kind, lora=[adapter])
+    with LLM(path, n_ctx=32, lora=[adapter]) as llm:
+        assert np.isfinite(llm.logits(TOKENS)).all()
+
+
 def test_state_moves_between_the_device_and_the_cpu(tmp_path: Path, kind: str) -> None:
     path = write_tiny(tmp_path / "m.gguf", _spec(T.F32))
     with LoadedModel(path, n_threads=2) as cpu, \

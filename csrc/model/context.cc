@@ -140,7 +140,7 @@ void Context::set_lora_adapters(std::vector<std::shared_ptr<const LoraAdapter>> 
   if (!adapters.empty()) {
     for (const auto& s : impl_->stages) {
       if (!s->applies_lora()) {
-        throw std::invalid_argument(
+        throw DeviceError(
             "LoRA adapters cannot be applied to layers offloaded to a GPU yet (layers " +
             std::to_string(s->range().first) + ".." + std::to_string(s->range().last - 1) +
             "); merge them with `pyllm export-lora`, or run those layers on the CPU");
