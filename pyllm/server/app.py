@@ -55,6 +55,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pyllm.errors import (
     ChatTemplateError,
     GrammarError,
+    ModelError,
     PyllmError,
     SamplingError,
     TokenizerError,
@@ -88,6 +89,7 @@ from pyllm.server.schemas import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    LoraList,
     TokenizeRequest,
     UnsupportedFieldError,
     error_body,
@@ -272,7 +274,8 @@ def _give_back_memory() -> None:
 
 
 _ROUTES = ("/", "/health", "/metrics", "/props", "/v1/models", "/v1/completions",
-           "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize")
+           "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize",
+           "/lora-adapters")
 
 
 # ---- body parsing -----------------------------------------------------------------------------
@@ -291,7 +294,7 @@ def _check_json_type(request: Request) -> None:
                         f"application/json' ({got})", code="unsupported_media_type")
 
 
-async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+async def _read_json(request: Request, limit: int, list_ok: bool = False) -> Any:
     _check_json_type(request)
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
@@ -312,8 +315,9 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
         raise ApiError(400, f"invalid JSON body: {e}", code="invalid_json") from None
     except RecursionError:
         raise ApiError(400, "invalid JSON body: nested too deeply", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    if not isinstance(body, dict) and not (list_ok and isinstance(body, list)):
+        what = "a JSON object or array" if list_ok else "a JSON object"
+        raise ApiError(400, f"the request body must be {what}", code="invalid_json")
     return body
 
 
@@ -382,6 +386,8 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
             ("GET", "/health", handlers.health),
             ("GET", "/v1/models", handlers.models),
             ("GET", "/props", handlers.props),
+            ("GET", "/lora-adapters", handlers.lora_adapters),
+            ("POST", "/lora-adapters", handlers.set_lora_adapters),
             ("GET", "/metrics", handlers.metrics),
             ("GET", "/", handlers.index),
             ("POST", "/tokenize", handlers.tokenize),
@@ -495,6 +501,23 @@ class _Handlers:
     async def props(self) -> Response:
         return JSONResponse(_props(self.config, self.state.need_engine()))
 
+    async def lora_adapters(self) -> Response:
+        """llama.cpp's GET /lora-adapters: the adapters loaded at start with their global
+        scales."""
+        return JSONResponse(self.state.need_engine().lora_adapters())
+
+    async def set_lora_adapters(self, request: Request) -> Response:
+        """llama.cpp's POST /lora-adapters: ``[{"id": 0, "scale": 0.5}, ...]`` sets the global
+        scales (unlisted adapters: 0) for requests without a ``lora`` field."""
+        eng = self.state.need_engine()
+        body = await _read_json(request, self.config.max_body_bytes, list_ok=True)
+        entries = _parse(LoraList, {"adapters": body}).adapters
+        try:
+            eng.set_lora_scales([(e.id, e.scale) for e in entries])
+        except ModelError as e:
+            raise ApiError(400, str(e), param="lora") from None
+        return JSONResponse(eng.lora_adapters())
+
     async def metrics(self) -> Response:
         return PlainTextResponse(_metrics_text(self.state),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -606,7 +629,7 @@ class _Handlers:
             grammar = await run_in_threadpool(req.grammar_spec)
             tokens, echo = await self._completion_prompt(eng, req)
             choices = Choices(eng, tokens, params, req.n, req.token_limit(), req.stop_list(),
-                              req.logprobs, grammar)
+                              req.logprobs, grammar, lora=req.lora_mix())
             head = shapes.Head.completion(self.config.model_id)
             if req.stream:
                 return _stream_completion(eng, req, choices, head, echo)
@@ -665,7 +688,7 @@ class _Handlers:
             n_lp = (req.top_logprobs or 0) if req.logprobs else None
             choices = Choices(eng, tokens, params, req.n, req.token_limit(),
                               req.stop_list() + format_stops, n_lp, grammar,
-                              keep_special=plan is not None)
+                              keep_special=plan is not None, lora=req.lora_mix())
             head = shapes.Head.chat(self.config.model_id)
             if req.stream:
                 return _stream_chat(eng, req, choices, head, plan)

@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from pyllm.errors import ContextError, GrammarError, SamplingError
+from pyllm.errors import ContextError, GrammarError, ModelError, SamplingError
 from pyllm.runtime import openai_shapes as shapes
 from pyllm.runtime.grammar import Grammar
 from pyllm.runtime.sampling import InvalidSamplingParam, SamplingParams
@@ -42,7 +42,8 @@ class Choices:
 
     def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, n: int,
                  max_tokens: int | None, stop: list[str], logprobs: int | None,
-                 grammar: Grammar | None = None, keep_special: bool = False) -> None:
+                 grammar: Grammar | None = None, keep_special: bool = False,
+                 lora: list[tuple[int, float]] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.n = n
@@ -53,7 +54,7 @@ class Choices:
                 p = params if i == 0 or params.seed < 0 else dataclasses.replace(
                     params, seed=(params.seed + i) % 2**32)
                 req = EngineRequest(prompt, p, self._push(i), max_tokens, stop, logprobs,
-                                    grammar, keep_special)
+                                    grammar, keep_special, lora)
                 self.handles.append(submit(engine, req))
         except BaseException:
             self.cancel()
@@ -99,6 +100,8 @@ def submit(engine: Engine, req: EngineRequest) -> Handle:
         code = "context_length_exceeded" if "exceed" in msg or "holds" in msg else None
         raise ApiError(400, msg, param="max_tokens" if "max_tokens" in msg else "prompt",
                        code=code) from None
+    except ModelError as e:  # a `lora` entry naming no adapter loaded at start
+        raise ApiError(400, str(e), param="lora") from None
     except GrammarError as e:  # checked before; a matcher that cannot start is still a 400
         raise ApiError(400, str(e)) from None
     except SamplingError as e:  # e.g. a logit_bias token outside this model's vocabulary

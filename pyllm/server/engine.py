@@ -39,6 +39,7 @@ import collections
 import contextlib
 import dataclasses
 import itertools
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -112,6 +113,8 @@ class Request:
     logprobs: int | None = None
     grammar: Grammar | None = None  # constrained output (checked by the caller)
     keep_special: bool = False  # control tokens in the text (a tool-call marker is one)
+    # LoRA adapters of this request, [(id, scale)] (unlisted ones: 0); None = the global scales
+    lora: Sequence[tuple[int, float]] | None = None
 
 
 class Handle:
@@ -161,6 +164,7 @@ class _Slot:
     embedding: bool = False  # lent to an embedding between two steps
     todo: list[int] = field(default_factory=list)  # prompt tokens not yet evaluated
     next_token: int | None = None  # sampled, to be fed in the next step
+    lora: list[tuple[int, float]] = field(default_factory=list)  # the mix its cache was made with
 
 
 @dataclass
@@ -211,13 +215,17 @@ class Engine:
         self._ctx = loaded.new_context(n_ctx, n_batch=n_batch or DEFAULT_N_BATCH,
                                        n_threads=n_threads, kv_type=kv_type, n_seq=n_parallel,
                                        stacklevel=3)
-        self.lora = lora_specs(lora)
-        if self.lora:
-            adapters = AdapterSet(loaded)
-            mix = adapters.mix(self.lora)
+        # LoRA adapters loaded at start: ids 0..n-1 in the order given; their global scales
+        # apply to requests without a `lora` field of their own (llama.cpp's /lora-adapters)
+        adapters = AdapterSet(loaded)
+        scales: dict[int, float] = {}
+        for path, scale in lora_specs(lora):  # a file given twice is one adapter, scales added
+            i = adapters.index(path)
+            scales[i] = scales.get(i, 0.0) + scale
+        self._lora_paths = [a.path for a in adapters.loaded]
+        self._lora_scales = [scales.get(i, 0.0) for i in range(len(self._lora_paths))]
+        if adapters.loaded:
             self._ctx.set_lora_adapters(adapters.cores())
-            for slot in range(n_parallel):
-                self._ctx.seq_set_lora(slot, mix)
         self.n_batch = clamp_batch(n_batch or DEFAULT_N_BATCH, n_ctx, n_parallel)
         self.n_threads = int(self._ctx.n_threads)
         self.max_queue = max_queue
@@ -241,9 +249,50 @@ class Engine:
 
     # ---- public API ---------------------------------------------------------------------------
 
+    # ---- LoRA adapters ------------------------------------------------------------------------
+
+    def lora_adapters(self) -> list[dict[str, Any]]:
+        """The adapters loaded at start: ``{"id", "path", "scale"}`` (the global scale)."""
+        with self._cv:
+            return [{"id": i, "path": str(p), "scale": s}
+                    for i, (p, s) in enumerate(zip(self._lora_paths, self._lora_scales,
+                                                   strict=True))]
+
+    def check_lora(self, mix: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
+        """A request's [(id, scale)], checked (ModelError naming the problem)."""
+        out: list[tuple[int, float]] = []
+        for i, scale in mix:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(
+                    self._lora_paths):
+                raise ModelError(f"LoRA adapter id {i!r} is not one of the "
+                                 f"{len(self._lora_paths)} loaded at start (--lora)")
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or \
+                    not math.isfinite(scale):
+                raise ModelError(f"the scale of LoRA adapter {i} must be a finite number, "
+                                 f"got {scale!r}")
+            out.append((i, float(scale)))
+        return out
+
+    def set_lora_scales(self, mix: Sequence[tuple[int, float]]) -> None:
+        """Global scales (llama.cpp's POST /lora-adapters): the listed ids get their scale, the
+        others 0; requests without their own `lora` use them from their next admission."""
+        checked = self.check_lora(mix)
+        with self._cv:
+            self._lora_scales = [0.0] * len(self._lora_paths)
+            for i, scale in checked:
+                self._lora_scales[i] = scale
+
+    def _mix_of(self, req: Request) -> list[tuple[int, float]]:
+        if req.lora is not None:
+            return [(i, s) for i, s in req.lora if s != 0.0]
+        return [(i, s) for i, s in enumerate(self._lora_scales) if s != 0.0]
+
     def submit(self, req: Request) -> Handle:
         """Queue a request. Raises ContextError when the prompt (+ max_tokens) cannot fit a slot,
-        QueueFullError when the queue is full, EngineStoppedError after :meth:`stop`."""
+        QueueFullError when the queue is full, EngineStoppedError after :meth:`stop`,
+        ModelError for a `lora` entry that names no loaded adapter."""
+        if req.lora is not None:
+            req = dataclasses.replace(req, lora=self.check_lora(req.lora))
         n = len(req.prompt)
         limit = resolve_max_tokens(req.max_tokens)  # SamplingError below -1
         if limit != req.max_tokens:
@@ -480,8 +529,16 @@ class Engine:
                 self._finish(job, job.steps.finish_reason)
                 continue
             prompt = job.req.prompt
-            # longest shared prefix; on a tie the slot with the least cached (least to lose)
-            slot = max(free, key=lambda s: (common_prefix(s.cached, prompt), -len(s.cached)))
+            mix = self._mix_of(job.req)
+            # longest shared prefix computed with the same adapters; on a tie the slot with the
+            # least cached (least to lose)
+            slot = max(free, key=lambda s: (common_prefix(s.cached, prompt) if s.lora == mix
+                                            else 0, -len(s.cached)))
+            if slot.lora != mix:  # its cache was made with other adapters: none of it holds
+                self._ctx.seq_set_lora(slot.id, mix)
+                self._ctx.seq_truncate(slot.id, 0)
+                slot.cached.clear()
+                slot.lora = mix
             keep = min(common_prefix(slot.cached, prompt), len(prompt) - 1)
             if keep < len(slot.cached):
                 self._ctx.seq_truncate(slot.id, keep)

@@ -64,6 +64,18 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class LoraEntry(_Strict):
+    """One adapter of a request or of POST /lora-adapters: its id (the order of --lora at start)
+    and scale."""
+
+    id: int = Field(ge=0)
+    scale: float
+
+
+class LoraList(_Strict):
+    adapters: list[LoraEntry] = Field(max_length=256)
+
+
 class _Sampling(_Strict):
     """Sampling fields shared by completions and chat completions. Each SamplingParams field is
     here under its own name (``mirostat`` also as llama-cpp-python's ``mirostat_mode``), None
@@ -91,6 +103,8 @@ class _Sampling(_Strict):
     # llama.cpp's constrained-output fields (GBNF text; a JSON schema)
     grammar: str | None = None
     json_schema: dict[str, Any] | bool | None = None
+    # llama.cpp's per-request LoRA adapters (unlisted ones: scale 0); absent = global scales
+    lora: list[LoraEntry] | None = Field(None, max_length=256)
     # accepted and ignored: they do not change the output
     user: str | None = None
     store: bool | None = None
@@ -139,6 +153,9 @@ class _Sampling(_Strict):
             schema = self.json_schema
             out.append(("json_schema", lambda: Grammar.json_schema(schema)))
         return out
+
+    def lora_mix(self) -> list[tuple[int, float]] | None:
+        return None if self.lora is None else [(e.id, e.scale) for e in self.lora]
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
