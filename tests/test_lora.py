@@ -421,3 +421,29 @@ def test_cli_lora_flags_on_smollm2(smollm2_path: Path, tmp_path: Path) -> None:
         bad.stderr
     bad = run_cli(*args, "--lora-scaled", str(adapter), "x")
     assert bad.returncode == 2 and "expected a number" in bad.stderr
+
+
+def test_cli_perplexity_with_an_adapter(smollm2_path: Path, tmp_path: Path) -> None:
+    import re
+
+    from pyllm.runtime.llm import LLM
+    from pyllm.tools import perplexity as pp
+
+    adapter = write_random_adapter(tmp_path / "a.gguf", smollm2_path, std=0.05)
+    text = tmp_path / "t.txt"
+    text.write_text("The sun rose over the quiet village, and the children ran to the river. "
+                    * 12)
+    args = ("perplexity", "-m", str(smollm2_path), "-f", str(text), "-c", "64")
+    plain, adapted = run_cli(*args, timeout=300), run_cli(*args, "--lora", str(adapter),
+                                                          timeout=300)
+    assert plain.returncode == 0 and adapted.returncode == 0, adapted.stderr
+
+    def ppl(out: str) -> float:
+        m = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
+        assert m, out
+        return float(m.group(1))
+
+    with LLM(smollm2_path, n_ctx=64, lora=[adapter]) as llm:
+        want = pp.perplexity(llm, pp.tokenize_text(llm, text.read_text()), 64).ppl
+    assert ppl(adapted.stdout) == pytest.approx(want, rel=1e-4)
+    assert abs(ppl(adapted.stdout) - ppl(plain.stdout)) > 1e-3 * ppl(plain.stdout)
