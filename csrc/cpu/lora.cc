@@ -3,13 +3,14 @@
 //   lora_first: for each adapter of the chunk and each target it adapts, the product U = A X
 //     (A in the file's F32 or F16, X the base product's input), appended to the base products'
 //     region;
-//   lora_second: U's rows scaled by each token's coefficient, T = B U for every pending target
-//     in one region, and T added to the base product's rows.
-// Both products go through the F32 / F16 matmul kernels (any k: no block size to divide).
+//   lora_second: U's rows scaled by each token's coefficient, then y += B U for every pending
+//     target in one region (OpsTable::lowrank_add over B's 16-row blocks).
+// The A products go through the F32 / F16 matmul kernels (any k: no block size to divide).
 #include <algorithm>
 #include <stdexcept>
 
 #include "cpu/matmul.h"
+#include "cpu/ops.h"
 #include "cpu/stage.h"
 
 namespace pyllm {
@@ -36,20 +37,18 @@ size_t CpuStage::lora_first(const Chunk& c, int layer, std::initializer_list<Lor
   if (c.lora == nullptr) return 0;
   const LoraChunk& lc = *c.lora;
   const int64_t n = c.n;
-  int64_t u_size = 0, t_size = 0;
+  int64_t u_size = 0;
   for (size_t ai = 0; ai < lc.adapters.size(); ++ai) {
     for (const LoraTarget& t : targets) {
       const LoraPair* p = lc.adapters[ai]->get(layer, t.slot);
       if (p == nullptr) continue;
-      lora_pending_.push_back({p, t.x, t.y, lc.coefs(ai), u_size, t_size});
+      lora_pending_.push_back({p, t.x, t.y, lc.coefs(ai), u_size});
       u_size += n * p->rank;
-      t_size += n * p->n_out;
     }
   }
   if (lora_pending_.empty()) return 0;
   CpuDevice::Buffers& buf = dev_.buf_;
   if (buf.lora_u.size() < static_cast<size_t>(u_size)) buf.lora_u.resize(u_size);
-  if (buf.lora_t.size() < static_cast<size_t>(t_size)) buf.lora_t.resize(t_size);
   // the A products that fit go with the base products; the rest run here, in groups
   size_t added = 0;
   std::vector<MatmulParams> rest;
@@ -69,26 +68,33 @@ void CpuStage::lora_second(const Chunk& c) {
   if (lora_pending_.empty()) return;
   CpuDevice::Buffers& buf = dev_.buf_;
   const int64_t n = c.n;
-  std::vector<MatmulParams>& ps = lora_params_;
-  ps.clear();
-  for (const PendingLora& pl : lora_pending_) {
+  for (const PendingLora& pl : lora_pending_) {  // U's rows times each token's coefficient
     const int r = pl.pair->rank;
     float* u = buf.lora_u.data() + pl.u_offset;
     for (int64_t t = 0; t < n; ++t) {
       const float f = pl.coef[t] * pl.pair->factor;
       for (int j = 0; j < r; ++j) u[t * r + j] *= f;
     }
-    ps.push_back(product(pl.pair->type, pl.pair->b.data(), pl.pair->n_out, r, u, n,
-                         buf.lora_t.data() + pl.t_offset));
   }
-  for (size_t i = 0; i < ps.size(); i += 4) {
-    dev_.mm_group(ps.data() + i, std::min<size_t>(4, ps.size() - i));
-  }
-  for (const PendingLora& pl : lora_pending_) {
-    const int64_t total = n * pl.pair->n_out;
-    const float* src = buf.lora_t.data() + pl.t_offset;
-    for (int64_t j = 0; j < total; ++j) pl.y[j] += src[j];
-  }
+  // y += B U for every pending target in one region: each thread owns a share of every
+  // target's 16-row blocks, so the adds need no second buffer and no lock
+  const OpsTable& op = ops();
+  dev_.pool_.run([&](int ith, int nth) {
+    for (const PendingLora& pl : lora_pending_) {
+      const LoraPair& p = *pl.pair;
+      const int64_t blocks = (p.n_out + 15) / 16;
+      const int64_t b0 = blocks * ith / nth, b1 = blocks * (ith + 1) / nth;
+      if (b0 >= b1) continue;
+      const bool f16 = p.type == QType::F16;
+      const size_t elem = f16 ? 2 : 4;
+      const uint8_t* b = p.b16.data() + static_cast<size_t>(b0 * p.rank * 16) * elem;
+      const int64_t rows = std::min<int64_t>(p.n_out, b1 * 16) - b0 * 16;
+      const float* u = buf.lora_u.data() + pl.u_offset;
+      for (int64_t t = 0; t < n; ++t) {
+        op.lowrank_add(b, f16, p.rank, u + t * p.rank, pl.y + t * p.n_out + b0 * 16, rows);
+      }
+    }
+  });
   lora_pending_.clear();
 }
 

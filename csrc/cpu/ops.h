@@ -60,6 +60,11 @@ struct OpsTable {
   void (*attention)(const AttentionArgs& a);
   // f32 -> f16 row (round to nearest even) for writing the KV cache
   void (*f32_to_f16)(const float* x, f16_t* y, int64_t n);
+  // LoRA's B product for one token: y[o] += sum_j u[j] * B[o][j] for n_rows rows of a B stored
+  // in blocks of 16 rows, each block `rank` columns of 16 row values (F16 or F32). A small rank
+  // makes row dot products all horizontal sums; across 16 rows it is rank broadcast-FMAs.
+  void (*lowrank_add)(const void* b16, bool f16, int rank, const float* u, float* y,
+                      int64_t n_rows);
 };
 
 // The table for the active ISA.

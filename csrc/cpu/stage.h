@@ -52,7 +52,7 @@ class CpuDevice final : public Device {
   // Scratch activations for a chunk of up to n_batch tokens, shared by the device's stages.
   struct Buffers {
     std::vector<float> xb, q, k, v, att, gate, up;
-    std::vector<float> lora_u, lora_t;  // LoRA: A x per token, then B (A x); grown on use
+    std::vector<float> lora_u;  // LoRA: A x per token (rank floats each); grown on use
     std::vector<float> scores;  // per-thread attention scratch: n_threads * n_ctx
     void resize(const HParams& hp, int n_batch, int n_ctx, int n_threads);
   };
@@ -102,10 +102,9 @@ class CpuStage final : public Stage {
     const float* x;
     float* y;
     const float* coef;  // the chunk's coefficient per token for this adapter
-    int64_t u_offset, t_offset;  // into the device's lora_u / lora_t
+    int64_t u_offset;   // into the device's lora_u
   };
   std::vector<PendingLora> lora_pending_;
-  std::vector<MatmulParams> lora_params_;
 
   CpuDevice& dev_;
   const HParams& hp;

@@ -1,5 +1,6 @@
 // LoraAdapter: the float32 pairs of one adapter file, checked as they are set (see lora.h).
 #include <algorithm>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -28,6 +29,17 @@ void LoraAdapter::set(int layer, LoraSlot slot, LoraPair pair) {
       pair.b.size() != static_cast<size_t>(pair.n_out * pair.rank) * elem) {
     throw std::invalid_argument("LoRA pair sizes do not make a low-rank product");
   }
+  // B in blocks of 16 rows: element (o, j) at ((o / 16) * rank + j) * 16 + o % 16
+  const int64_t blocks = (pair.n_out + 15) / 16;
+  pair.b16.assign(static_cast<size_t>(blocks * pair.rank * 16) * elem, 0);
+  for (int64_t o = 0; o < pair.n_out; ++o) {
+    for (int j = 0; j < pair.rank; ++j) {
+      const int64_t to = ((o / 16) * pair.rank + j) * 16 + o % 16;
+      std::memcpy(pair.b16.data() + to * elem, pair.b.data() + (o * pair.rank + j) * elem, elem);
+    }
+  }
+  pair.b.clear();
+  pair.b.shrink_to_fit();
   max_rank_ = std::max(max_rank_, pair.rank);
   cell = std::make_unique<LoraPair>(std::move(pair));
 }

@@ -283,7 +283,31 @@ void to_f16(const float* x, f16_t* y, int64_t n) {
 #endif
 }
 
-const OpsTable kTable = {rms_norm, swiglu, add, rope, attention, to_f16};
+void lowrank_add(const void* b16, bool f16, int rank, const float* u, float* y,
+                 int64_t n_rows) {
+  constexpr int kBlock = 16;
+  constexpr int kVecs = kBlock / VN;
+  for (int64_t blk = 0; blk * kBlock < n_rows; ++blk) {
+    vf acc[kVecs];
+    for (int v = 0; v < kVecs; ++v) acc[v] = vzero();
+    const int64_t base = blk * rank * kBlock;
+    for (int j = 0; j < rank; ++j) {
+      const vf uj = vset1(u[j]);
+      for (int v = 0; v < kVecs; ++v) {
+        const int64_t at = base + int64_t(j) * kBlock + v * VN;
+        const vf w = f16 ? vload_f16(static_cast<const f16_t*>(b16) + at)
+                         : vload(static_cast<const float*>(b16) + at);
+        acc[v] = vfma(w, uj, acc[v]);
+      }
+    }
+    float out[kBlock];
+    for (int v = 0; v < kVecs; ++v) vstore(out + v * VN, acc[v]);
+    const int64_t m = std::min<int64_t>(kBlock, n_rows - blk * kBlock);
+    for (int64_t i = 0; i < m; ++i) y[blk * kBlock + i] += out[i];
+  }
+}
+
+const OpsTable kTable = {rms_norm, swiglu, add, rope, attention, to_f16, lowrank_add};
 
 }  // namespace
 

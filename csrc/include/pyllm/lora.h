@@ -23,13 +23,17 @@ constexpr int kLoraSlots = 7;
 
 // A and B in the adapter file's own precision, F32 or F16 (F16 files, the converter's default
 // as llama.cpp's, halve what decode streams per token; F32 files are applied exactly).
+// B is kept in blocks of 16 rows, each block rank columns of 16 values (the last block padded
+// with zero rows): a product with a rank of 8-64 is then broadcast-FMAs over 16 rows at a time
+// (OpsTable::lowrank_add) instead of one short dot product and horizontal sum per row.
 struct LoraPair {
   QType type = QType::F32;   // of a and b
   int rank = 0;
   int64_t n_in = 0, n_out = 0;
-  std::vector<uint8_t> a;   // rank x n_in elements
-  std::vector<uint8_t> b;   // n_out x rank elements
-  float factor = 1.0f;      // alpha / rank
+  std::vector<uint8_t> a;    // rank x n_in elements (row-major, as in the file)
+  std::vector<uint8_t> b;    // n_out x rank elements (row-major, as in the file)
+  std::vector<uint8_t> b16;  // B in blocks of 16 rows (filled by LoraAdapter::set)
+  float factor = 1.0f;       // alpha / rank
 };
 
 class LoraAdapter {
