@@ -227,35 +227,28 @@ def test_bad_adapter_files(case: dict[str, Any], tmp_path: Path) -> None:
     junk.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 40)
     with pytest.raises(GGUFError):
         read_adapter(junk)
-    half = tmp_path / "half.gguf"
-    w = GGUFWriter(half)
-    w.add_kv("general.architecture", case["name"])
-    w.add_kv("general.type", "adapter")
-    w.add_kv("adapter.type", "lora")
-    w.add_kv("adapter.lora.alpha", 16.0)
-    w.add_tensor("blk.0.attn_q.weight.lora_a", np.zeros((8, 64), np.float32))
-    w.write()
+    def adapter_file(name: str, tensors: dict[str, tuple[int, int]], alpha: bool = True
+                     ) -> Path:
+        w = GGUFWriter(tmp_path / name)
+        w.add_kv("general.architecture", case["name"])
+        w.add_kv("general.type", "adapter")
+        w.add_kv("adapter.type", "lora")
+        if alpha:
+            w.add_kv("adapter.lora.alpha", 16.0)
+        for tensor, shape in tensors.items():
+            w.add_tensor(tensor, np.zeros(shape, np.float32))
+        w.write()
+        return tmp_path / name
+
+    half = adapter_file("half.gguf", {"blk.0.attn_q.weight.lora_a": (8, 64)})
     with pytest.raises(ModelError, match=r"blk\.0\.attn_q\.weight\.lora_b is missing"):
         read_adapter(half)
-    no_alpha = tmp_path / "noalpha.gguf"
-    w = GGUFWriter(no_alpha)
-    w.add_kv("general.architecture", case["name"])
-    w.add_kv("general.type", "adapter")
-    w.add_kv("adapter.type", "lora")
-    w.add_tensor("blk.0.attn_q.weight.lora_a", np.zeros((8, 64), np.float32))
-    w.add_tensor("blk.0.attn_q.weight.lora_b", np.zeros((64, 8), np.float32))
-    w.write()
+    no_alpha = adapter_file("noalpha.gguf", {"blk.0.attn_q.weight.lora_a": (8, 64),
+                                             "blk.0.attn_q.weight.lora_b": (64, 8)}, alpha=False)
     with pytest.raises(ModelError, match="lacks a positive adapter.lora.alpha"):
         read_adapter(no_alpha)
-    embed = tmp_path / "embed.gguf"
-    w = GGUFWriter(embed)
-    w.add_kv("general.architecture", case["name"])
-    w.add_kv("general.type", "adapter")
-    w.add_kv("adapter.type", "lora")
-    w.add_kv("adapter.lora.alpha", 16.0)
-    w.add_tensor("token_embd.weight.lora_a", np.zeros((8, 64), np.float32))
-    w.add_tensor("token_embd.weight.lora_b", np.zeros((320, 8), np.float32))
-    w.write()
+    embed = adapter_file("embed.gguf", {"token_embd.weight.lora_a": (8, 64),
+                                        "token_embd.weight.lora_b": (320, 8)})
     with pytest.raises(ModelError, match="token_embd.weight cannot be adapted"):
         export_lora(case["base_gguf"], [embed], tmp_path / "m.gguf")
 

@@ -526,6 +526,19 @@ def _progress(items: list[PlannedTensor], enabled: bool) -> Any:
     return tqdm(total=len(items), unit="tensor", desc="converting")
 
 
+def check_inputs(src_dir: str | os.PathLike[str], outtype: str) -> tuple[Path, str]:
+    """A converter's source folder and output type, checked before any reading: the folder
+    exists, the type is one of FILE_TYPES and can be produced here (q8_0 needs the extension)."""
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise ConvertError(f"{src}: not a directory")
+    outtype = outtype.lower()
+    if outtype not in FILE_TYPES:
+        raise ConvertError(f"outtype must be one of {', '.join(FILE_TYPES)}, got {outtype!r}")
+    _encoder(outtype)
+    return src, outtype
+
+
 def load_config(src: Path, extra: Mapping[str, Any] | None = None) -> HFConfig:
     path = src / "config.json"
     try:
@@ -562,13 +575,7 @@ def convert_hf(
     Tensors are read, transformed and written one at a time; the file appears atomically.
     Returns the output path.
     """
-    src = Path(src_dir)
-    if not src.is_dir():
-        raise ConvertError(f"{src}: not a directory")
-    outtype = outtype.lower()
-    if outtype not in FILE_TYPES:
-        raise ConvertError(f"outtype must be one of {', '.join(FILE_TYPES)}, got {outtype!r}")
-    _encoder(outtype)  # fail before any reading when the output type cannot be produced
+    src, outtype = check_inputs(src_dir, outtype)
     cfg = load_config(src, extra_config)
     ckpt = Checkpoint(src)
     planned = plan_tensors(cfg, ckpt)

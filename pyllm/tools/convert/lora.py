@@ -30,7 +30,7 @@ import numpy as np
 from pyllm.errors import ConvertError
 from pyllm.formats.lora import KEY_ADAPTER_TYPE, KEY_ALPHA, KEY_TYPE
 from pyllm.tools.convert.checkpoint import SafetensorsShard, TorchBinShard
-from pyllm.tools.convert.hf import FILE_TYPES, PlannedTensor, write_gguf
+from pyllm.tools.convert.hf import PlannedTensor, check_inputs, write_gguf
 from pyllm.tools.convert.tensor_map import (
     PERMUTED_QK_ARCHS,
     map_name,
@@ -222,12 +222,7 @@ def convert_lora(src_dir: str | os.PathLike[str], base: str | os.PathLike[str],
     """Convert a PEFT LoRA folder for ``base`` (GGUF file or Hugging Face folder) to a GGUF
     adapter; ``outtype`` f32, f16, bf16 or q8_0 (a lora_b whose rank is not a multiple of 32
     stays f16). Atomic: the file appears whole or not at all. Returns the output path."""
-    src = Path(src_dir)
-    if not src.is_dir():
-        raise ConvertError(f"{src}: not a directory")
-    outtype = outtype.lower()
-    if outtype not in FILE_TYPES:
-        raise ConvertError(f"outtype must be one of {', '.join(FILE_TYPES)}, got {outtype!r}")
+    src, outtype = check_inputs(src_dir, outtype)
     shape = base_of(base)
     alpha, planned = plan_adapter(src, shape)
     md: dict[str, Any] = {"general.architecture": shape.arch, KEY_TYPE: "adapter",

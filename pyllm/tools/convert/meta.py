@@ -35,11 +35,10 @@ import numpy as np
 from pyllm.errors import ConvertError, TokenizerError
 from pyllm.tools.convert.checkpoint import TorchBinShard
 from pyllm.tools.convert.hf import (
-    FILE_TYPES,
     HFConfig,
     PlannedTensor,
-    _encoder,
     _expected_shapes,
+    check_inputs,
     model_metadata,
     pad_vocab,
     rope_metadata,
@@ -315,13 +314,7 @@ def convert_meta(
     The vocabulary comes from ``tokenizer_path`` or a ``tokenizer.model`` in the folder or its
     parent. ``outtype`` as for :func:`pyllm.tools.convert.convert_hf`. Returns the output path.
     """
-    src = Path(src_dir)
-    if not src.is_dir():
-        raise ConvertError(f"{src}: not a directory")
-    outtype = outtype.lower()
-    if outtype not in FILE_TYPES:
-        raise ConvertError(f"outtype must be one of {', '.join(FILE_TYPES)}, got {outtype!r}")
-    _encoder(outtype)  # fail before any reading when the output type cannot be produced
+    src, outtype = check_inputs(src_dir, outtype)
     if not (src / "params.json").is_file():
         raise ConvertError(f"{src}: no params.json (is this a Meta checkpoint folder?)")
     overrides = merge_configs([*configs, *([extra_config] if extra_config else [])])
