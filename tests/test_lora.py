@@ -508,3 +508,21 @@ def test_llama_cpp_applies_our_adapter_as_we_do(smollm2_path: Path, tmp_path: Pa
     # negative control: the adapter moves these logits far more than the two runtimes differ
     ids = np.array(figures["lora"]["ids"])
     assert np.abs(got["base"][ids] - np.array(figures["lora"]["logits"])).max() > 0.5
+
+
+def test_a_saved_state_loads_only_under_its_adapters(case: dict[str, Any]) -> None:
+    from pyllm.errors import ContextError
+    from pyllm.runtime.llm import LLM
+
+    adapter = convert_lora(case["adapter_dir"], case["base_gguf"], case["root"] / "a.gguf",
+                           "f32", progress=False)
+    with LLM(case["base_gguf"], n_ctx=64, kv_type="f32", lora=[adapter]) as llm:
+        llm.eval([1, 2, 3, 4])
+        state = llm.save_state()
+        after = llm.eval([5])
+        llm.set_lora(None)
+        with pytest.raises(ContextError, match="computed with LoRA adapters"):
+            llm.load_state(state)
+        llm.set_lora([adapter])
+        llm.load_state(state)
+        assert np.array_equal(llm.eval([5]), after)

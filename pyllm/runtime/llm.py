@@ -43,11 +43,13 @@ __all__ = ["KV_TYPES", "LLM", "LLMState", "LoadedModel", "cap_threads"]
 
 @dataclass(frozen=True)
 class LLMState:
-    """A snapshot of the context: cached tokens and their K/V entries."""
+    """A snapshot of the context: cached tokens and their K/V entries, and the LoRA adapters
+    they were computed with ((file, scale) pairs; a state loads only under the same ones)."""
 
     tokens: tuple[int, ...]
     kv: bytes
     last_logits: np.ndarray | None
+    lora: tuple[tuple[str, float], ...] = ()
 
 
 class LLM:
@@ -344,6 +346,9 @@ class LLM:
         self._apply_lora(lora_specs(lora))
         self._truncate(0)
 
+    def _lora_key(self) -> tuple[tuple[str, float], ...]:
+        return tuple((str(p.resolve()), s) for p, s in self._lora)
+
     def _apply_lora(self, specs: list[tuple[Path, float]]) -> None:
         with self._lock:
             mix = self._adapters.mix(specs)
@@ -355,11 +360,16 @@ class LLM:
 
     def save_state(self) -> LLMState:
         last = None if self._last_logits is None else self._last_logits.copy()
-        return LLMState(tuple(self._tokens), bytes(self._ctx.save_state()), last)
+        return LLMState(tuple(self._tokens), bytes(self._ctx.save_state()), last,
+                        self._lora_key())
 
     def load_state(self, state: LLMState) -> None:
         if not isinstance(state, LLMState):
             raise PyllmError("load_state expects an LLMState from save_state()")
+        if state.lora != self._lora_key():
+            raise ContextError(f"this state was computed with LoRA adapters {list(state.lora)}, "
+                               f"the model now applies {list(self._lora_key())}: set_lora() "
+                               "them first")
         try:
             self._ctx.load_state(state.kv)
         except ValueError as e:
