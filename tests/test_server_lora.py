@@ -111,3 +111,19 @@ def test_bad_lora_requests_are_400(url: str, method: str, path: str, body: Any,
     r = httpx.request(method, f"{url}{path}", json=body, timeout=30)
     assert r.status_code == 400, r.text
     assert message in r.json()["error"]["message"]
+
+
+def test_embeddings_use_the_global_adapters(url: str, smollm2_path: Path,
+                                            adapters: list[Path]) -> None:
+    """Whatever adapter a slot's last request used, an embedding is computed with the global
+    scales (here a + b/2), the same every time."""
+    from pyllm.runtime.llm import LLM
+
+    a, b = adapters
+    _complete(url, lora=[{"id": 1, "scale": 1.0}])  # leave slots with another mix
+    got = [httpx.post(f"{url}/v1/embeddings", json={"input": "a cat on a mat"}, timeout=60)
+           .json()["data"][0]["embedding"] for _ in range(3)]
+    with LLM(smollm2_path, n_ctx=256, lora=[a, (b, 0.5)]) as llm:
+        want = llm.embed("a cat on a mat")
+    for vec in got:
+        assert np.abs(np.array(vec) - want).max() < 1e-4

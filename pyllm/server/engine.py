@@ -282,8 +282,9 @@ class Engine:
             for i, scale in checked:
                 self._lora_scales[i] = scale
 
-    def _mix_of(self, req: Request) -> list[tuple[int, float]]:
-        if req.lora is not None:
+    def _mix_of(self, req: Request | None) -> list[tuple[int, float]]:
+        """A request's adapters; None (or no `lora` field): the global scales."""
+        if req is not None and req.lora is not None:
             return [(i, s) for i, s in req.lora if s != 0.0]
         return [(i, s) for i, s in enumerate(self._lora_scales) if s != 0.0]
 
@@ -498,6 +499,11 @@ class Engine:
         vec: np.ndarray | None = None
         err: str | None = None
         try:
+            # the global adapters, whatever the slot's last request used (embed() empties it)
+            mix = self._mix_of(None)
+            if slot.lora != mix:
+                self._ctx.seq_set_lora(slot.id, mix)
+                slot.lora = mix
             vec = np.asarray(self._ctx.embed(np.asarray(job.tokens, dtype=np.int32), slot.id),
                              dtype=np.float32)
             norm = float(np.linalg.norm(vec))
