@@ -334,7 +334,7 @@ def lltokenizer(tokenizer: Tokenizer, n_vocab: int | None = None) -> Any:
 
 class _MaskWorker:
     """One daemon thread that computes masks while the caller runs the forward. The handoff is
-    a C-level queue and a lock per job (released when the mask is written): a
+    a C-level queue and the sequence's lock (released when the mask is written): a
     ThreadPoolExecutor's futures cost several times more per token than the mask itself."""
 
     def __init__(self) -> None:
@@ -349,11 +349,10 @@ class _MaskWorker:
             finally:
                 done.release()
 
-    def submit(self, fill: Any) -> Any:
-        done = threading.Lock()
+    def submit(self, fill: Any, done: Any) -> None:
+        """Run ``fill``; ``done`` (a free lock) is held until it has run."""
         done.acquire()
         self._jobs.put((fill, done))
-        return done
 
 
 _worker: _MaskWorker | None = None
@@ -387,8 +386,11 @@ class Constraint:
             raise GrammarError(f"invalid {_NAMES[grammar.kind]}: "
                                f"{_reword(self._matcher.get_error())}")
         self._words = np.zeros((n_vocab + 31) // 32, dtype=np.uint32)
-        self._prefetch = prefetch
-        self._pending: Any = None  # the lock of a mask being computed (released when done)
+        # the lock of a mask being computed, released by the helper when done: one per
+        # sequence (not one per token), taken again by submit, handed back by _wait
+        self._done = threading.Lock()
+        self._pending = False
+        self._worker = _mask_worker() if prefetch else None
         self._error: Exception | None = None
         self._fresh = False
         self._finished = bool(self._matcher.is_stopped())
@@ -397,11 +399,17 @@ class Constraint:
         # writes the mask straight into our buffer; releases the GIL while it works
         self._matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
 
+    def _wait(self) -> None:
+        """Until the mask being computed (if any) is written."""
+        if self._pending:
+            self._done.acquire()
+            self._done.release()
+            self._pending = False
+
     def mask(self) -> np.ndarray:
         """The allowed next tokens as bits (token t allowed iff bit t % 32 of word t // 32)."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.acquire()
+        if self._pending:
+            self._wait()
             if self._error is not None:  # the helper's attempt failed: raise it here
                 error, self._error = self._error, None
                 raise GrammarError(f"the grammar's next tokens could not be computed: "
@@ -420,17 +428,16 @@ class Constraint:
 
     def accept(self, token: int) -> None:
         """Advance past a sampled token (which the mask allowed)."""
-        if self._pending is not None:  # a mask nobody asked for: finish it before moving on
-            self._pending.acquire()
-            self._pending = None
+        self._wait()  # a mask nobody asked for: finish it before moving on
         self._fresh = False
         if not self._matcher.consume_token(int(token)):
             raise GrammarError(f"the grammar did not accept token {token}: "
                                f"{self._matcher.get_error()}")
         # read before the helper thread holds the matcher (it is not shared while computing)
         self._finished = bool(self._matcher.is_stopped())
-        if self._prefetch and not self._finished:
-            self._pending = _mask_worker().submit(self._prefetched)
+        if self._worker is not None and not self._finished:
+            self._worker.submit(self._prefetched, self._done)
+            self._pending = True
 
     @property
     def finished(self) -> bool:
@@ -445,14 +452,11 @@ class Constraint:
 
     def close(self) -> None:
         """Wait for a mask still being computed (the buffer must outlive it)."""
-        if self._pending is not None:
-            self._pending.acquire()
-            self._pending = None
+        self._wait()
 
     def __del__(self) -> None:
-        pending = getattr(self, "_pending", None)
-        if pending is not None:
-            pending.acquire()
+        if getattr(self, "_pending", False):
+            self._wait()
 
 
 __all__ = ["INSTALL_HINT", "JSON_OPTIONS", "KINDS", "Constraint", "Grammar", "closed_objects",
