@@ -17,7 +17,13 @@ from pyllm.errors import GrammarError, SamplingError
 from pyllm.runtime import openai_shapes as shapes
 from pyllm.runtime.generation import Generation, Piece, prompt_tokens, stop_token_ids
 from pyllm.runtime.grammar import Grammar, from_options, from_response_format
-from pyllm.runtime.tool_use import ToolDeltas, ToolPlan, chat_with_tools, reply_fields
+from pyllm.runtime.tool_use import (
+    ToolDeltas,
+    ToolPlan,
+    chat_with_tools,
+    reply_fields,
+    reply_grammar,
+)
 
 if TYPE_CHECKING:
     from pyllm.runtime.grammar import Constraint
@@ -142,13 +148,16 @@ def create_chat_completion(llm: LLM, messages: Sequence[dict[str, Any]], *,
     tokens, format_stops, plan = chat_with_tools(llm, messages, chat_format, tools, tool_choice,
                                                  parallel_tool_calls)
     n_lp = (top_logprobs or 0) if logprobs else None
-    given = [k for k in ("grammar", "json_schema", "regex") if sampling.get(k) is not None]
-    for name, extra in (("response_format", from_response_format(response_format)),
-                        ("tool_choice", plan.grammar if plan is not None else None)):
-        if extra is not None:
-            if given:
-                raise GrammarError(f"give {name} or {given[0]}, not both")
-            sampling["grammar"], given = extra, [name]
+    fmt = from_response_format(response_format)
+    if fmt is not None:
+        given = [k for k in ("grammar", "json_schema", "regex") if sampling.get(k) is not None]
+        if given:
+            raise GrammarError(f"give response_format or {given[0]}, not both")
+        sampling["grammar"] = fmt
+    if plan is not None and plan.grammar is not None:
+        other = from_options(*(sampling.pop(k, None) for k in ("grammar", "json_schema",
+                                                                "regex")))
+        sampling["grammar"] = reply_grammar(plan, other)
     gen = make_generation(llm, tokens, max_tokens=max_tokens, stop=stop,
                           extra_stop=format_stops, logprobs=n_lp,
                           keep_special=plan is not None, **sampling)

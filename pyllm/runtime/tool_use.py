@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pyllm.errors import GrammarError
+from pyllm.errors import GrammarError, ToolCallError
 from pyllm.runtime import openai_shapes as shapes
 
 if TYPE_CHECKING:
@@ -99,6 +99,16 @@ def chat_with_tools(target: PromptTarget, messages: Sequence[Mapping[str, Any]],
     return tokens, stops, ToolPlan(syntax, choice, grammar)
 
 
+def reply_grammar(plan: ToolPlan | None, other: Grammar | None) -> Grammar | None:
+    """The reply's one constraint: a forced call's grammar, or ``other`` (a response format or
+    grammar of the request); both is a ToolCallError naming tool_choice."""
+    forced = plan.grammar if plan is not None else None
+    if forced is not None and other is not None:
+        raise ToolCallError("a forced tool call (tool_choice) and a response format or grammar "
+                            "cannot both constrain the reply")
+    return forced if forced is not None else other
+
+
 def reply_fields(plan: ToolPlan | None, text: str, finish_reason: str | None
                  ) -> tuple[str | None, list[dict[str, Any]] | None, str | None]:
     """(content, OpenAI tool_calls or None, finish_reason) of a whole reply: a reply that
@@ -147,4 +157,4 @@ class ToolDeltas:
         return out
 
 
-__all__ = ["ToolDeltas", "ToolPlan", "chat_with_tools", "reply_fields"]
+__all__ = ["ToolDeltas", "ToolPlan", "chat_with_tools", "reply_fields", "reply_grammar"]

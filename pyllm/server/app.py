@@ -65,7 +65,13 @@ from pyllm.runtime import openai_shapes as shapes
 from pyllm.runtime.sampling import DEFAULTS as SAMPLING_DEFAULTS
 from pyllm.runtime.steps import UNTIL_DONE
 from pyllm.runtime.sysinfo import release_free_memory
-from pyllm.runtime.tool_use import ToolDeltas, ToolPlan, chat_with_tools, reply_fields
+from pyllm.runtime.tool_use import (
+    ToolDeltas,
+    ToolPlan,
+    chat_with_tools,
+    reply_fields,
+    reply_grammar,
+)
 from pyllm.server.bridge import (
     Choices,
     collect,
@@ -679,12 +685,7 @@ class _Handlers:
             tokens, format_stops, plan = await run_in_threadpool(
                 chat_with_tools, eng, messages, self.config.chat_format, req.tools,
                 req.tool_choice, req.parallel_tool_calls)
-            if plan is not None and plan.grammar is not None:
-                if grammar is not None:
-                    raise ApiError(400, "a forced tool call (tool_choice) and a response format "
-                                   "or grammar cannot both constrain the reply",
-                                   param="tool_choice")
-                grammar = plan.grammar
+            grammar = reply_grammar(plan, grammar)
             n_lp = (req.top_logprobs or 0) if req.logprobs else None
             choices = Choices(eng, tokens, params, req.n, req.token_limit(),
                               req.stop_list() + format_stops, n_lp, grammar,
