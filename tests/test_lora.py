@@ -474,6 +474,7 @@ def test_runtime_adapter_on_every_isa(tmp_path: Path, dtype: Any) -> None:
 # ---- llama.cpp reads our adapters as we do ---------------------------------------------------
 
 LORA_FIGURES = Path(__file__).parent / "data" / "llamacpp_lora_figures.json"
+LLAMACPP_LORA = Path(__file__).parent / "data" / "llamacpp_lora"
 LORA_PROMPT = [1, 504, 3458, 282, 4649, 314]
 
 
@@ -526,3 +527,35 @@ def test_a_saved_state_loads_only_under_its_adapters(case: dict[str, Any]) -> No
         llm.set_lora([adapter])
         llm.load_state(state)
         assert np.array_equal(llm.eval([5]), after)
+
+
+def test_pyllm_loads_llama_cpp_converter_output(case: dict[str, Any]) -> None:
+    """llama.cpp's convert_lora_to_gguf.py output for this case's PEFT folder (checked in with
+    tests/data/make_llamacpp_lora_golden.py, the command that made it): pyllm reads it, its
+    tensors are bit for bit what pyllm's converter writes (q/k rows permuted alike, the same F16
+    rounding), and the logits with it equal transformers + peft's as pyllm's own adapter does."""
+    golden = LLAMACPP_LORA / f"{case['name']}.gguf"
+    ours = convert_lora(case["adapter_dir"], case["base_gguf"], case["root"] / "ours16.gguf",
+                        "f16", progress=False)
+    theirs = read_adapter(golden)
+    assert theirs.alpha == 16.0
+    with GGUFReader(golden) as a, GGUFReader(ours) as b:
+        assert a.get("general.type") == "adapter" and a.get("adapter.type") == "lora"
+        assert sorted(t.name for t in a) == sorted(t.name for t in b)
+        for t in a:
+            assert t.type == GGMLType.F16 and t.shape == b.tensor(t.name).shape, t.name
+            assert np.array_equal(t.data, b.tensor(t.name).data), (
+                f"{t.name} differs from pyllm's conversion: if torch's random streams changed, "
+                "regenerate with tests/data/make_llamacpp_lora_golden.py")
+    model = copy.deepcopy(case["model"])  # the reference with the file's F16 A and B
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(p.half().float())
+    toks = tokens()
+    want = hf_logits(model, toks)
+    got = _runtime_logits(case["base_gguf"], toks, [golden])
+    assert np.abs(got - want).max() < 2e-4  # measured 3e-5 (llama), 4e-5 (qwen2)
+    assert np.array_equal(got, _runtime_logits(case["base_gguf"], toks, [ours]))
+    plain = _runtime_logits(case["base_gguf"], toks)
+    assert np.abs(plain - want).max() > 1.0  # the adapter matters (measured ~12)
