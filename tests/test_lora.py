@@ -374,9 +374,11 @@ def test_runtime_refusals(case: dict[str, Any], tmp_path: Path) -> None:
 
 
 def write_random_adapter(path: Path, base: Path, rank: int = 8, seed: int = 0,
-                         std: float = 0.05, dtype: Any = np.float32) -> Path:
+                         std: float = 0.05, dtype: Any = np.float32, deltas: bool = False,
+                         pairs: bool = True) -> Path:
     """A random adapter on the seven matrices of every block of ``base`` (a GGUF model), its
-    tensors stored as ``dtype`` (float32 or float16)."""
+    tensors stored as ``dtype`` (float32 or float16); ``deltas``: also pyllm's bias/norm deltas
+    (both norms of each block, the output norm, a bias for each of the seven matrices)."""
     rng = np.random.default_rng(seed)
     with GGUFReader(base) as r:
         arch = r.metadata["general.architecture"]
@@ -387,11 +389,17 @@ def write_random_adapter(path: Path, base: Path, rank: int = 8, seed: int = 0,
     w.add_kv("adapter.type", "lora")
     w.add_kv("adapter.lora.alpha", float(2 * rank))
     for name, shape in shapes.items():
-        if name.split(".")[-2:-1] and name.split(".")[-2] in (
+        if name.endswith(".weight") and name.split(".")[-2] in (
                 "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
             n_out, n_in = shape
-            w.add_tensor(name + ".lora_a", rng.normal(0, std, (rank, n_in)).astype(dtype))
-            w.add_tensor(name + ".lora_b", rng.normal(0, std, (n_out, rank)).astype(dtype))
+            if pairs:
+                w.add_tensor(name + ".lora_a", rng.normal(0, std, (rank, n_in)).astype(dtype))
+                w.add_tensor(name + ".lora_b", rng.normal(0, std, (n_out, rank)).astype(dtype))
+            if deltas:
+                bias = name.removesuffix(".weight") + ".bias.delta"
+                w.add_tensor(bias, rng.normal(0, 0.3, n_out).astype(np.float32))
+        elif deltas and name.endswith("norm.weight"):
+            w.add_tensor(name + ".delta", rng.normal(0, 0.3, shape).astype(np.float32))
     w.write()
     return path
 
@@ -559,3 +567,91 @@ def test_pyllm_loads_llama_cpp_converter_output(case: dict[str, Any]) -> None:
     assert np.array_equal(got, _runtime_logits(case["base_gguf"], toks, [ours]))
     plain = _runtime_logits(case["base_gguf"], toks)
     assert np.abs(plain - want).max() > 1.0  # the adapter matters (measured ~12)
+
+
+# ---- bias and norm deltas (LLaMA2-Accessory's tuning) at run time ----------------------------
+
+@pytest.fixture(scope="module")
+def delta_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny Qwen2-shaped model (q/k/v biases of its own, so deltas add to existing biases and
+    make new ones for o/gate/up/down), an adapter with pairs and deltas, and one with deltas
+    only."""
+    from tests.tiny_models import TinySpec, write_tiny
+
+    root = tmp_path_factory.mktemp("deltas")
+    base = write_tiny(root / "m.gguf", TinySpec(arch="qwen2", n_embd=80, n_head=4, n_head_kv=2,
+                                                n_ff=100, biases=True))
+    return {"base": base,
+            "both": write_random_adapter(root / "both.gguf", base, rank=8, std=0.2, seed=4,
+                                         deltas=True),
+            "deltas": write_random_adapter(root / "d.gguf", base, seed=5, deltas=True,
+                                           pairs=False),
+            "root": root}
+
+
+@pytest.mark.parametrize("which,scale", [("both", 0.7), ("deltas", 1.0), ("deltas", -0.5)])
+def test_runtime_deltas_equal_the_merged_model(delta_model: dict[str, Path], which: str,
+                                               scale: float) -> None:
+    """Norm deltas (both block norms and the output norm) and bias deltas (added to the base's
+    q/k/v biases, new ones for o/gate/up/down) applied at run time give the logits of the model
+    export-lora writes with them merged, by the float64 reference."""
+    from pyllm.runtime.llm import LLM
+
+    base, adapter = delta_model["base"], delta_model[which]
+    merged = export_lora(base, [(adapter, scale)], delta_model["root"] / f"m-{which}-{scale}.gguf")
+    toks = [1, 5, 77, 12, 130, 4, 9, 66, 3, 150, 21]
+    want = LlamaRef(str(merged)).forward(np.array(toks))
+    with LLM(base, n_ctx=32, kv_type="f32", lora=[(adapter, scale)]) as llm:
+        got = llm.logits(toks)
+        emb = llm.embed(toks)
+    with LLM(merged, n_ctx=32, kv_type="f32") as llm:
+        emb_merged = llm.embed(toks)
+    rel = np.abs(got - want).max() / np.abs(want).max()
+    assert rel < 1e-5, rel  # measured 6e-7 .. 2.1e-6
+    # the output norm's delta reaches embeddings too (measured 4e-7)
+    assert np.abs(emb - emb_merged).max() < 2e-6
+    plain = LlamaRef(str(base)).forward(np.array(toks))
+    assert np.abs(plain - want).max() / np.abs(want).max() > 1e-2  # the deltas matter
+
+
+def test_sequences_with_different_deltas_share_a_batch(delta_model: dict[str, Path]) -> None:
+    """Three sequences in one forward, interleaved token by token: the deltas at scale 1, at
+    0.5, and none; each sequence's logits are its own (a norm's weights follow each token's
+    coefficients, not the chunk's first)."""
+    from pyllm.runtime.llm import LLM
+    from pyllm.runtime.lora import AdapterSet
+
+    base, adapter = delta_model["base"], delta_model["both"]
+    toks = np.array([1, 5, 77, 12, 130, 4, 9, 66], np.int32)
+    with LLM(base, n_ctx=32) as llm:
+        ctx = llm.model.new_context(32, n_seq=3, kv_type="f32")
+        adapters = AdapterSet(llm.model)
+        adapters.mix([(adapter, 1.0)])
+        ctx.set_lora_adapters(adapters.cores())
+        ctx.seq_set_lora(0, [(0, 1.0)])
+        ctx.seq_set_lora(1, [(0, 0.5)])
+        tokens_ = np.repeat(toks, 3)
+        seq = np.tile(np.arange(3, dtype=np.int32), len(toks))
+        want_rows = np.zeros(len(tokens_), np.uint8)
+        want_rows[-3:] = 1
+        rows = ctx.decode_batch(tokens_, seq, want_rows)
+    for i, lora in enumerate([[(adapter, 1.0)], [(adapter, 0.5)], None]):
+        alone = _runtime_logits(base, toks, lora)[-1]
+        assert np.abs(rows[i] - alone).max() < 1e-4, i
+    assert np.abs(rows[0] - rows[2]).max() > 0.1
+
+
+def test_deltas_that_cannot_be_applied_at_run_time(delta_model: dict[str, Path],
+                                                   tmp_path: Path) -> None:
+    from pyllm.runtime.llm import LLM
+
+    with GGUFReader(delta_model["base"]) as r:
+        emb = r.tensor("token_embd.weight").shape
+    w = GGUFWriter(tmp_path / "emb.gguf")
+    for k, v in (("general.architecture", "qwen2"), ("general.type", "adapter"),
+                 ("adapter.type", "lora"), ("adapter.lora.alpha", 8.0)):
+        w.add_kv(k, v)
+    w.add_tensor("token_embd.weight.delta", np.zeros(emb, np.float32))
+    w.write()
+    with pytest.raises(ModelError, match=r"token_embd\.weight cannot be applied at run time"):
+        LLM(delta_model["base"], n_ctx=32, lora=[tmp_path / "emb.gguf"])

@@ -64,8 +64,10 @@ class Stage {
   // Whether run_layers applies chunk.lora (the context refuses adapters otherwise).
   virtual bool applies_lora() const { return false; }
   // Head stages only: final norm + output projection of hidden rows[0..count) (rows of a
-  // [n][n_embd] host array) into logits (count rows of n_vocab).
-  virtual void output(const float* hidden, const int* rows, int count, float* logits) = 0;
+  // [n][n_embd] host array) into logits (count rows of n_vocab). `lora`: the chunk's adapters
+  // (their output-norm deltas), nullptr when none; only stages that apply LoRA get one.
+  virtual void output(const float* hidden, const int* rows, int count, float* logits,
+                      const LoraChunk* lora) = 0;
 
   // The saved state's per-layer part, for each of the stage's layers in order: the K rows, then
   // the V rows, of positions [0, n_past) of sequence 0, in the cache's element type.

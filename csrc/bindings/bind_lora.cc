@@ -28,6 +28,16 @@ LoraSlot slot_named(const std::string& name) {
   throw std::invalid_argument("no LoRA matrix slot named '" + name + "'");
 }
 
+DeltaSlot delta_slot_named(const std::string& name) {
+  static const char* const kNames[kDeltaSlots] = {"attn_norm", "ffn_norm", "bq",   "bk",
+                                                  "bv",        "bo",       "b_gate", "b_up",
+                                                  "b_down",    "output_norm"};
+  for (int i = 0; i < kDeltaSlots; ++i) {
+    if (name == kNames[i]) return static_cast<DeltaSlot>(i);
+  }
+  throw std::invalid_argument("no delta slot named '" + name + "'");
+}
+
 }  // namespace
 
 void register_lora(py::module_& m) {
@@ -64,6 +74,18 @@ void register_lora(py::module_& m) {
           "Pair of one matrix: a (rank, n_in), b (n_out, rank), both float32 or both float16 "
           "(kept as given), factor = alpha / rank; slot is wq, wk, wv, wo, w_gate, w_up or "
           "w_down.")
+      .def(
+          "set_delta",
+          [](LoraAdapter& ad, int layer, const std::string& slot,
+             const py::array_t<float, py::array::c_style | py::array::forcecast>& values) {
+            if (values.ndim() != 1) throw std::invalid_argument("a delta must be 1-D");
+            ad.set_delta(layer, delta_slot_named(slot),
+                         std::vector<float>(values.data(), values.data() + values.size()));
+          },
+          py::arg("layer"), py::arg("slot"), py::arg("values"),
+          "A delta added (times the sequence's scale) to a vector: slot attn_norm, ffn_norm, "
+          "bq, bk, bv, bo, b_gate, b_up, b_down (of `layer`) or output_norm (layer ignored).")
+      .def_property_readonly("has_deltas", &LoraAdapter::has_deltas)
       .def_property_readonly("n_layer", &LoraAdapter::n_layer)
       .def_property_readonly("max_rank", &LoraAdapter::max_rank);
 }

@@ -172,11 +172,15 @@ void CpuStage::run_layers(const Chunk& c, float* x) {
 
   for (int il = 0; il < kv_.n_layer(); ++il) {
     const LayerWeights& L = w.layers[range().first + il];
-    const float* attn_norm = static_cast<const float*>(L.attn_norm.data);
-    dev.for_items(n, d, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) op.rms_norm(x + t * d, attn_norm, xb + t * d, d, hp.rms_eps);
-    });
     const int layer = range().first + il;
+    const float* attn_norm = static_cast<const float*>(L.attn_norm.data);
+    const float* const* attn_w =
+        norm_weights(c.lora, layer, DeltaSlot::AttnNorm, attn_norm, nullptr, n);
+    dev.for_items(n, d, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        op.rms_norm(x + t * d, attn_w ? attn_w[t] : attn_norm, xb + t * d, d, hp.rms_eps);
+      }
+    });
     mm_with_lora(c, layer,
                  {mparams(L.wq, xb, n, buf.q.data()), mparams(L.wk, xb, n, buf.k.data()),
                   mparams(L.wv, xb, n, buf.v.data())},
@@ -185,6 +189,9 @@ void CpuStage::run_layers(const Chunk& c, float* x) {
     add_bias(buf.q.data(), L.bq, n, q_dim);
     add_bias(buf.k.data(), L.bk, n, kv_dim);
     add_bias(buf.v.data(), L.bv, n, kv_dim);
+    add_bias_deltas(c, layer, DeltaSlot::BQ, buf.q.data(), q_dim);
+    add_bias_deltas(c, layer, DeltaSlot::BK, buf.k.data(), kv_dim);
+    add_bias_deltas(c, layer, DeltaSlot::BV, buf.v.data(), kv_dim);
 
     uint8_t* kc = kv_.k(il);
     uint8_t* vc = kv_.v(il);
@@ -203,17 +210,24 @@ void CpuStage::run_layers(const Chunk& c, float* x) {
     mm_with_lora(c, layer, {mparams(L.wo, buf.att.data(), n, xb)},
                  {{LoraSlot::O, buf.att.data(), xb}});
     add_bias(xb, L.bo, n, d);
+    add_bias_deltas(c, layer, DeltaSlot::BO, xb, d);
     op.add(x, xb, int64_t(n) * d);
 
     const float* ffn_norm = static_cast<const float*>(L.ffn_norm.data);
+    const float* const* ffn_w =
+        norm_weights(c.lora, layer, DeltaSlot::FfnNorm, ffn_norm, nullptr, n);
     dev.for_items(n, d, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) op.rms_norm(x + t * d, ffn_norm, xb + t * d, d, hp.rms_eps);
+      for (int64_t t = t0; t < t1; ++t) {
+        op.rms_norm(x + t * d, ffn_w ? ffn_w[t] : ffn_norm, xb + t * d, d, hp.rms_eps);
+      }
     });
     mm_with_lora(c, layer,
                  {mparams(L.w_gate, xb, n, buf.gate.data()), mparams(L.w_up, xb, n, buf.up.data())},
                  {{LoraSlot::Gate, xb, buf.gate.data()}, {LoraSlot::Up, xb, buf.up.data()}});
     add_bias(buf.gate.data(), L.b_gate, n, hp.n_ff);
     add_bias(buf.up.data(), L.b_up, n, hp.n_ff);
+    add_bias_deltas(c, layer, DeltaSlot::BGate, buf.gate.data(), hp.n_ff);
+    add_bias_deltas(c, layer, DeltaSlot::BUp, buf.up.data(), hp.n_ff);
     const int64_t nff = int64_t(n) * hp.n_ff;
     dev.for_items(nff, 1, [&](int64_t i0, int64_t i1) {
       op.swiglu(buf.gate.data() + i0, buf.up.data() + i0, buf.gate.data() + i0, i1 - i0);
@@ -221,6 +235,7 @@ void CpuStage::run_layers(const Chunk& c, float* x) {
     mm_with_lora(c, layer, {mparams(L.w_down, buf.gate.data(), n, xb)},
                  {{LoraSlot::Down, buf.gate.data(), xb}});
     add_bias(xb, L.b_down, n, d);
+    add_bias_deltas(c, layer, DeltaSlot::BDown, xb, d);
     op.add(x, xb, int64_t(n) * d);
   }
 }
@@ -244,15 +259,17 @@ void CpuStage::mm_with_lora(const Chunk& c, int layer, std::initializer_list<Mat
   lora_second(c);
 }
 
-void CpuStage::output(const float* hidden, const int* rows, int count, float* out) {
+void CpuStage::output(const float* hidden, const int* rows, int count, float* out,
+                      const LoraChunk* lora) {
   if (!range().head) throw std::logic_error("output() on a stage without the model's head");
   const ModelWeights& w = dev_.model_.weights();
   const OpsTable& op = ops();
   const int64_t d = hp.n_embd;
   const float* norm = static_cast<const float*>(w.output_norm.data);
+  const float* const* norm_w = norm_weights(lora, 0, DeltaSlot::OutputNorm, norm, rows, count);
   float* xb = dev_.buf_.xb.data();
   for (int t = 0; t < count; ++t) {
-    op.rms_norm(hidden + rows[t] * d, norm, xb + t * d, d, hp.rms_eps);
+    op.rms_norm(hidden + rows[t] * d, norm_w ? norm_w[t] : norm, xb + t * d, d, hp.rms_eps);
   }
   const WeightView& out_w = w.output.present() ? w.output : w.tok_embd;
   dev_.mm(out_w, xb, count, out);

@@ -74,7 +74,8 @@ class CpuStage final : public Stage {
   CpuStage(CpuDevice& device, const LayerRange& range);
   void run_layers(const Chunk& chunk, float* hidden) override;
   bool applies_lora() const override { return true; }
-  void output(const float* hidden, const int* rows, int count, float* logits) override;
+  void output(const float* hidden, const int* rows, int count, float* logits,
+              const LoraChunk* lora) override;
   int64_t state_bytes(int n_past) const override { return kv_.state_bytes(n_past); }
   void save_state(int n_past, uint8_t* out) const override { kv_.save(n_past, out); }
   void load_state(int n_past, const uint8_t* in) override { kv_.load(n_past, in); }
@@ -96,6 +97,18 @@ class CpuStage final : public Stage {
   // base products + the layer's LoRA A products in one region, then the LoRA terms
   void mm_with_lora(const Chunk& chunk, int layer, std::initializer_list<MatmulParams> base,
                     std::initializer_list<LoraTarget> targets);
+
+  // Deltas (csrc/cpu/lora.cc). norm_weights: the norm weights token i of `count` uses (chunk
+  // token idx[i], or i when idx is null): nullptr when no adapter of the chunk has a delta for
+  // `slot` (every token uses w); else w plus the token's coefficients times the deltas, one
+  // vector per run of tokens with the same coefficients. add_bias_deltas: y's rows (of dim)
+  // gain each token's coefficients times the deltas for `slot`.
+  const float* const* norm_weights(const LoraChunk* lora, int layer, DeltaSlot slot,
+                                   const float* w, const int* idx, int count);
+  void add_bias_deltas(const Chunk& chunk, int layer, DeltaSlot slot, float* y, int64_t dim);
+  std::vector<float> delta_w_;
+  std::vector<size_t> delta_off_;
+  std::vector<const float*> delta_ptr_;
 
   struct PendingLora {
     const LoraPair* pair;

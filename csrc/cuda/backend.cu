@@ -319,7 +319,8 @@ class CudaStage final : public Stage {
     d.read(hidden, x, nd * sizeof(float));
   }
 
-  void output(const float* hidden, const int* rows, int count, float* logits) override {
+  void output(const float* hidden, const int* rows, int count, float* logits,
+              const LoraChunk* /*lora: never set, see applies_lora*/) override {
     if (!range().head) throw std::logic_error("output() on a stage without the model's head");
     CudaDevice& d = d_;
     d.backend_.select();

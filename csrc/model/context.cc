@@ -77,6 +77,7 @@ struct Context::Impl {
                  const std::vector<std::shared_ptr<const LoraAdapter>>& adapters,
                  const std::vector<LoraMix>& mixes) {
     lora.adapters.clear();
+    lora.deltas = false;
     lora.n = n;
     lora.coef.clear();
     for (size_t a = 0; a < adapters.size(); ++a) {
@@ -95,6 +96,7 @@ struct Context::Impl {
         }
       }
       lora.adapters.push_back(adapters[a].get());
+      lora.deltas = lora.deltas || adapters[a]->has_deltas();
     }
   }
 
@@ -136,6 +138,7 @@ void Context::set_lora_adapters(std::vector<std::shared_ptr<const LoraAdapter>> 
                                   " layers, the model has " +
                                   std::to_string(model_->hparams().n_layer));
     }
+    a->check(model_->hparams());
   }
   if (!adapters.empty()) {
     for (const auto& s : impl_->stages) {
@@ -243,7 +246,8 @@ int64_t Context::decode_batch(const int32_t* tokens, const int32_t* seq, int64_t
     if (!rows.empty() && logits) {
       // output() scores at most n_batch rows at a time through the scratch buffers
       impl_->stages.back()->output(impl_->hidden.data(), rows.data(),
-                                   static_cast<int>(rows.size()), logits + rows_out * hp.n_vocab);
+                                   static_cast<int>(rows.size()), logits + rows_out * hp.n_vocab,
+                                   impl_->lora.empty() ? nullptr : &impl_->lora);
       rows_out += static_cast<int64_t>(rows.size());
     }
     done += chunk;
@@ -269,6 +273,16 @@ void Context::embed(const int32_t* tokens, int64_t n, int seq, float* out) {
   const int64_t d = hp.n_embd;
   const OpsTable& op = ops();
   const float* norm = static_cast<const float*>(model_->weights().output_norm.data);
+  // the sequence's adapters' output-norm deltas, as a merged model holds them
+  std::vector<float> norm_w;
+  for (const auto& [id, scale] : lora_mix_[static_cast<size_t>(seq)]) {
+    const std::vector<float>* delta =
+        lora_[static_cast<size_t>(id)]->delta(0, DeltaSlot::OutputNorm);
+    if (delta == nullptr || scale == 0.0f) continue;
+    if (norm_w.empty()) norm_w.assign(norm, norm + d);
+    for (int64_t i = 0; i < d; ++i) norm_w[i] += scale * (*delta)[static_cast<size_t>(i)];
+  }
+  if (!norm_w.empty()) norm = norm_w.data();
   std::vector<double> acc(d, 0.0);
   std::vector<float> row(d);
   n_past_[seq] = 0;

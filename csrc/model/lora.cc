@@ -1,16 +1,39 @@
-// LoraAdapter: the float32 pairs of one adapter file, checked as they are set (see lora.h).
+// LoraAdapter: the pairs and deltas of one adapter file, checked as they are set (see lora.h).
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
 #include <string>
 
 #include "pyllm/lora.h"
+#include "pyllm/model.h"
 
 namespace pyllm {
 
 LoraAdapter::LoraAdapter(int n_layer) {
   if (n_layer <= 0 || n_layer > (1 << 16)) throw std::invalid_argument("LoraAdapter: bad n_layer");
   pairs_.resize(static_cast<size_t>(n_layer));
+  deltas_.resize(static_cast<size_t>(n_layer) + 1);
+}
+
+void LoraAdapter::set_delta(int layer, DeltaSlot slot, std::vector<float> values) {
+  const int s = static_cast<int>(slot);
+  if (s < 0 || s >= kDeltaSlots) throw std::invalid_argument("delta for an unknown vector");
+  if (slot == DeltaSlot::OutputNorm) layer = n_layer();  // the extra row
+  else if (layer < 0 || layer >= n_layer()) {
+    throw std::invalid_argument("delta for layer " + std::to_string(layer) +
+                                " of a model with " + std::to_string(n_layer()));
+  }
+  if (values.empty()) throw std::invalid_argument("empty delta");
+  auto& cell = deltas_[static_cast<size_t>(layer)][static_cast<size_t>(s)];
+  if (!cell.empty()) throw std::invalid_argument("delta set twice for one vector");
+  cell = std::move(values);
+  ++n_deltas_;
+}
+
+const std::vector<float>* LoraAdapter::delta(int layer, DeltaSlot slot) const {
+  if (slot == DeltaSlot::OutputNorm) layer = n_layer();
+  const auto& cell = deltas_[static_cast<size_t>(layer)][static_cast<size_t>(slot)];
+  return cell.empty() ? nullptr : &cell;
 }
 
 void LoraAdapter::set(int layer, LoraSlot slot, LoraPair pair) {
@@ -42,6 +65,38 @@ void LoraAdapter::set(int layer, LoraSlot slot, LoraPair pair) {
   pair.b.shrink_to_fit();
   max_rank_ = std::max(max_rank_, pair.rank);
   cell = std::make_unique<LoraPair>(std::move(pair));
+}
+
+void LoraAdapter::check(const HParams& hp) const {
+  const int64_t d = hp.n_embd, q = int64_t(hp.n_head) * hp.head_dim,
+                kv = int64_t(hp.n_head_kv) * hp.head_dim, ff = hp.n_ff;
+  // (n_out, n_in) of wq wk wv wo w_gate w_up w_down; the size of each delta slot
+  const int64_t pair_shape[kLoraSlots][2] = {{q, d}, {kv, d}, {kv, d}, {d, q},
+                                             {ff, d}, {ff, d}, {d, ff}};
+  const int64_t delta_size[kDeltaSlots] = {d, d, q, kv, kv, d, ff, ff, d, d};
+  for (int il = 0; il < n_layer(); ++il) {
+    for (int s = 0; s < kLoraSlots; ++s) {
+      const LoraPair* p = get(il, static_cast<LoraSlot>(s));
+      if (p && (p->n_out != pair_shape[s][0] || p->n_in != pair_shape[s][1])) {
+        throw std::invalid_argument("LoRA pair of layer " + std::to_string(il) + " matrix " +
+                                    std::to_string(s) + " is " + std::to_string(p->n_out) +
+                                    " x " + std::to_string(p->n_in) + ", the model's " +
+                                    std::to_string(pair_shape[s][0]) + " x " +
+                                    std::to_string(pair_shape[s][1]));
+      }
+    }
+  }
+  for (int il = 0; il <= n_layer(); ++il) {
+    for (int s = 0; s < kDeltaSlots; ++s) {
+      if ((il == n_layer()) != (s == static_cast<int>(DeltaSlot::OutputNorm))) continue;
+      const std::vector<float>* v = delta(il, static_cast<DeltaSlot>(s));
+      if (v && static_cast<int64_t>(v->size()) != delta_size[s]) {
+        throw std::invalid_argument("LoRA delta of layer " + std::to_string(il) + " vector " +
+                                    std::to_string(s) + " has " + std::to_string(v->size()) +
+                                    " values, the model's has " + std::to_string(delta_size[s]));
+      }
+    }
+  }
 }
 
 }  // namespace pyllm

@@ -165,7 +165,8 @@ class OpenCLStage final : public Stage {
  public:
   OpenCLStage(OpenCLDevice& dev, const LayerRange& range);
   void run_layers(const Chunk& chunk, float* hidden) override;
-  void output(const float* hidden, const int* rows, int count, float* logits) override;
+  void output(const float* hidden, const int* rows, int count, float* logits,
+              const LoraChunk* lora) override;
   int64_t state_bytes(int n_past) const override {
     return 2 * int64_t(n_past) * row_bytes_ * static_cast<int64_t>(k_.size());
   }
@@ -292,7 +293,8 @@ void OpenCLStage::run_layers(const Chunk& c, float* hidden) {
   d.queue.read(d.x, 0, nd * sizeof(float), hidden);
 }
 
-void OpenCLStage::output(const float* hidden, const int* rows, int count, float* logits) {
+void OpenCLStage::output(const float* hidden, const int* rows, int count, float* logits,
+                         const LoraChunk* /*lora: never set, see applies_lora*/) {
   if (!range().head) throw std::logic_error("output() on a stage without the model's head");
   OpenCLDevice& d = d_;
   const int64_t dim = d.hp.n_embd;

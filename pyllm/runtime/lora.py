@@ -5,8 +5,9 @@ each sequence's mix of them, so the base weights are never copied or changed.
     LLM(path, lora=["a.gguf", ("b.gguf", 0.5)])   # applied to every generation
     llm.set_lora([("b.gguf", 1.0)])                 # switched; the cached prefix is dropped
 
-pyllm's bias/norm deltas (LLaMA2-Accessory's tuning) have no run-time path yet: an adapter that
-carries them is refused here with the way to apply it (``pyllm export-lora``).
+pyllm's bias/norm deltas (LLaMA2-Accessory's bias and norm tuning) are applied the same way,
+per sequence and scaled: a norm's weights become ``w + scale * delta`` for that sequence's
+tokens, a bias delta is added times the scale (a bias the base lacks included).
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ if TYPE_CHECKING:
 # GGUF block matrix -> the C++ layer slot (pyllm/model.h kLayerSlots)
 SLOTS = {"attn_q": "wq", "attn_k": "wk", "attn_v": "wv", "attn_output": "wo",
          "ffn_gate": "w_gate", "ffn_up": "w_up", "ffn_down": "w_down"}
+# GGUF vector a delta may adapt -> the C++ delta slot (pyllm/lora.h DeltaSlot)
+DELTA_SLOTS = {"attn_norm.weight": "attn_norm", "ffn_norm.weight": "ffn_norm",
+               "attn_q.bias": "bq", "attn_k.bias": "bk", "attn_v.bias": "bv",
+               "attn_output.bias": "bo", "ffn_gate.bias": "b_gate", "ffn_up.bias": "b_up",
+               "ffn_down.bias": "b_down"}
 
 LoraSpec = AdapterSpec
 
@@ -61,11 +67,16 @@ def load_adapter(model: LoadedModel, path: Path) -> LoadedAdapter:
     adapter = read_adapter(path)
     shapes = {t.name: t.shape for t in model._reader.tensors}
     check_against(adapter, model.hparams.arch, shapes)
-    if adapter.deltas:
-        names = ", ".join(sorted(adapter.deltas)[:3])
-        raise ModelError(f"LoRA adapter {path.name} carries bias/norm deltas ({names}...), which "
-                         "are applied only by merging: pyllm export-lora")
+    slots = [(name, _delta_slot(name)) for name in sorted(adapter.deltas)]
+    for name, slot in slots:
+        if slot is None:
+            raise ModelError(f"LoRA adapter {path.name}: a delta of {name} cannot be applied at "
+                             "run time (only norms and block biases can); merge it with "
+                             "pyllm export-lora")
     core = core_module().LoraAdapter(model.hparams.n_layer)
+    for name, slot in slots:
+        assert slot is not None
+        core.set_delta(slot[0], slot[1], adapter.deltas[name])
     for name, pair in adapter.pairs.items():
         _, layer, matrix, _ = name.split(".")
         # an F16 pair stays F16 (exactly its values, half the bytes decode streams per token)
@@ -73,6 +84,16 @@ def load_adapter(model: LoadedModel, path: Path) -> LoadedAdapter:
         core.set(int(layer), SLOTS[matrix], pair.a.astype(dtype), pair.b.astype(dtype),
                  adapter.alpha / pair.rank)
     return LoadedAdapter(path, core, len(adapter.pairs), int(core.max_rank))
+
+
+def _delta_slot(name: str) -> tuple[int, str] | None:
+    """(layer, C++ delta slot) of the vector a delta adapts; None when none fits."""
+    if name == "output_norm.weight":
+        return 0, "output_norm"
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in DELTA_SLOTS:
+        return int(parts[1]), DELTA_SLOTS[parts[2]]
+    return None
 
 
 class AdapterSet:
@@ -98,4 +119,5 @@ class AdapterSet:
         return [a.core for a in self.loaded]
 
 
-__all__ = ["SLOTS", "AdapterSet", "LoadedAdapter", "LoraSpec", "load_adapter", "lora_specs"]
+__all__ = ["DELTA_SLOTS", "SLOTS", "AdapterSet", "LoadedAdapter", "LoraSpec", "load_adapter",
+           "lora_specs"]

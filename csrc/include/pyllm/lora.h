@@ -1,9 +1,12 @@
 // LoRA adapters applied at run time: after the product of an adapted block matrix W with the
 // chunk's input X, every token t adds coef[t] * factor * B (A x_t), where factor = alpha / rank
 // (from the file) and coef[t] is the scale its sequence gives the adapter (0: not used). The
-// adapters' pairs live here in float32, uploaded once per adapter file; a context holds the
-// adapters it knows and each sequence's mix of them, so sequences with different adapters share
-// one forward (the base product is shared, each adds its own low-rank term).
+// adapters' pairs live here, uploaded once per adapter file; a context holds the adapters it
+// knows and each sequence's mix of them, so sequences with different adapters share one forward
+// (the base product is shared, each adds its own low-rank term).
+// An adapter may also carry deltas (LLaMA2-Accessory's bias and norm tuning): vectors that a
+// token's coefficient times are added to a layer's norm weights or matrix biases, or to the
+// output norm.
 #pragma once
 
 #include <array>
@@ -15,6 +18,8 @@
 #include "pyllm/qtype.h"
 
 namespace pyllm {
+
+struct HParams;
 
 // The block matrices an adapter may carry (in LayerSlots order: wq, wk, wv, wo, w_gate, w_up,
 // w_down).
@@ -36,6 +41,13 @@ struct LoraPair {
   float factor = 1.0f;       // alpha / rank
 };
 
+// The vectors a delta may be added to: a layer's two norm weights and seven biases (in
+// LayerSlots order), and the output norm (no layer).
+enum class DeltaSlot : int {
+  AttnNorm = 0, FfnNorm, BQ, BK, BV, BO, BGate, BUp, BDown, OutputNorm
+};
+constexpr int kDeltaSlots = 10;
+
 class LoraAdapter {
  public:
   explicit LoraAdapter(int n_layer);
@@ -45,12 +57,24 @@ class LoraAdapter {
   const LoraPair* get(int layer, LoraSlot slot) const {
     return pairs_[static_cast<size_t>(layer)][static_cast<size_t>(slot)].get();
   }
+  // A delta (float32; its size is checked against the model by Context::set_lora_adapters).
+  // `layer` is ignored for OutputNorm. Throws std::invalid_argument as set() does.
+  void set_delta(int layer, DeltaSlot slot, std::vector<float> values);
+  // The delta of (layer, slot), or nullptr (layer ignored for OutputNorm).
+  const std::vector<float>* delta(int layer, DeltaSlot slot) const;
+  bool has_deltas() const { return n_deltas_ > 0; }
+  // Throws std::invalid_argument naming the first pair or delta whose sizes do not fit a
+  // model with these hyper-parameters (the forward reads them without further checks).
+  void check(const HParams& hp) const;
   int n_layer() const { return static_cast<int>(pairs_.size()); }
   int max_rank() const { return max_rank_; }
 
  private:
   std::vector<std::array<std::unique_ptr<LoraPair>, kLoraSlots>> pairs_;
+  // per layer, the slots before OutputNorm; then one more row whose first cell is OutputNorm's
+  std::vector<std::array<std::vector<float>, kDeltaSlots>> deltas_;
   int max_rank_ = 0;
+  int n_deltas_ = 0;
 };
 
 // What one chunk applies: the adapters any of its tokens uses and, per adapter, each token's
@@ -59,6 +83,7 @@ struct LoraChunk {
   std::vector<const LoraAdapter*> adapters;
   std::vector<float> coef;  // [adapters.size()][n]
   int n = 0;
+  bool deltas = false;      // some adapter of the chunk carries deltas
   bool empty() const { return adapters.empty(); }
   const float* coefs(size_t i) const { return coef.data() + i * static_cast<size_t>(n); }
 };
