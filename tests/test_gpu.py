@@ -117,19 +117,49 @@ def test_sequences_in_one_batch_match_each_alone(tmp_path: Path, kind: str) -> N
     np.testing.assert_allclose(out, np.concatenate(alone), rtol=0, atol=1e-5 * np.abs(out).max())
 
 
-def test_lora_adapters_on_offloaded_layers_are_refused(tmp_path: Path, kind: str) -> None:
-    """The device stages do not apply LoRA yet: a clear DeviceError, the same model runs them
-    with its layers on the CPU."""
-    from pyllm.errors import DeviceError
-    from pyllm.runtime.llm import LLM
+@pytest.mark.parametrize("n_gpu_layers", [-1, 1])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+def test_lora_adapters_on_offloaded_layers_match_the_cpu(tmp_path: Path, kind: str,
+                                                          n_gpu_layers: int, dtype: type) -> None:
+    """LoRA pairs (F32 or F16, rank 12) and bias/norm deltas applied by the device stages: every
+    layer offloaded, or one (the other and the head on the CPU), give the CPU's logits; two
+    adapters at different scales, and in one batch sequences with different mixes each get
+    their own."""
     from tests.test_lora import write_random_adapter
 
-    path = write_tiny(tmp_path / "m.gguf", _spec(T.F32))
-    adapter = write_random_adapter(tmp_path / "a.gguf", path)
-    with pytest.raises(DeviceError, match="cannot be applied to layers offloaded to a GPU"):
-        LLM(path, n_ctx=32, n_gpu_layers=-1, device=kind, lora=[adapter])
-    with LLM(path, n_ctx=32, lora=[adapter]) as llm:
-        assert np.isfinite(llm.logits(TOKENS)).all()
+    # F32 weights: the CPU's quantized kernels round activations to int8 (~1e-3 apart), the
+    # device's do not; in F32 both compute the exact model
+    path = write_tiny(tmp_path / "m.gguf", _spec(T.F32, "qwen2"))
+    pairs = write_random_adapter(tmp_path / "a.gguf", path, rank=12, std=0.1, dtype=dtype)
+    deltas = write_random_adapter(tmp_path / "d.gguf", path, seed=3, deltas=True)
+    lora = [(pairs, 0.8), (deltas, 0.6)]
+    with LLM(path, n_ctx=32, kv_type="f32", lora=lora) as llm:
+        want = llm.logits(TOKENS)
+    with LLM(path, n_ctx=32, kv_type="f32") as llm:
+        plain = llm.logits(TOKENS)
+    with LLM(path, n_ctx=32, kv_type="f32", n_gpu_layers=n_gpu_layers, device=kind,
+             lora=lora) as llm:
+        got = llm.logits(TOKENS)
+        assert _rel(got, want) < 2e-5  # measured 8e-7 .. 5.3e-6 (PoCL)
+        assert _rel(plain, want) > 1e-2  # the adapters matter
+        # one batch: sequence 0 with both adapters, 1 with the pairs at 0.3, 2 with none
+        from pyllm.runtime.lora import AdapterSet
+
+        adapters = AdapterSet(llm.model)
+        mixes = [adapters.mix(lora), adapters.mix([(pairs, 0.3)]), []]
+        ctx = llm.model.new_context(32, n_seq=3, kv_type="f32")
+        ctx.set_lora_adapters(adapters.cores())
+        for i, mix in enumerate(mixes):
+            ctx.seq_set_lora(i, mix)
+        toks = np.repeat(np.array(TOKENS[:6], np.int32), 3)
+        seq = np.tile(np.arange(3, dtype=np.int32), 6)
+        rows = np.zeros(len(toks), np.uint8)
+        rows[-3:] = 1
+        out = ctx.decode_batch(toks, seq, rows)
+    for i, mix in enumerate([lora, [(pairs, 0.3)], None]):
+        with LLM(path, n_ctx=32, kv_type="f32", lora=mix) as llm:
+            alone = llm.logits(TOKENS[:6])[-1]
+        assert _rel(out[i], alone) < 2e-5, i  # measured 4e-7 .. 3.7e-6
 
 
 def test_state_moves_between_the_device_and_the_cpu(tmp_path: Path, kind: str) -> None:

@@ -61,11 +61,13 @@ class Stage {
   // Runs the stage's layers over the chunk: hidden is [n][n_embd] host rows, read and
   // overwritten in place; each layer stores the chunk's K/V rows before attending over them.
   virtual void run_layers(const Chunk& chunk, float* hidden) = 0;
-  // Whether run_layers applies chunk.lora (the context refuses adapters otherwise).
-  virtual bool applies_lora() const { return false; }
+  // The LoRA adapters (pyllm/lora.h) the context may name in chunk.lora from now on: a stage
+  // whose weights live elsewhere copies the adapters' pairs for its layers there (dropping
+  // earlier ones). Throws DeviceError when it cannot (out of device memory).
+  virtual void set_lora_adapters(const std::vector<std::shared_ptr<const LoraAdapter>>&) {}
   // Head stages only: final norm + output projection of hidden rows[0..count) (rows of a
   // [n][n_embd] host array) into logits (count rows of n_vocab). `lora`: the chunk's adapters
-  // (their output-norm deltas), nullptr when none; only stages that apply LoRA get one.
+  // (their output-norm deltas), nullptr when none.
   virtual void output(const float* hidden, const int* rows, int count, float* logits,
                       const LoraChunk* lora) = 0;
 

@@ -7,8 +7,8 @@
 //     target in one region (OpsTable::lowrank_add over B's 16-row blocks).
 // The A products go through the F32 / F16 matmul kernels (any k: no block size to divide).
 // Deltas: a norm's weights become, per run of tokens with the same coefficients, w plus the
-// coefficients times the adapters' deltas (summed in double, rounded once: what a merged model
-// holds); a bias delta is added to each token's row times its coefficient.
+// coefficients times the adapters' deltas (delta_norm_weights); a bias delta is added to each
+// token's row times its coefficient.
 #include <algorithm>
 #include <stdexcept>
 #include <utility>
@@ -105,40 +105,13 @@ void CpuStage::lora_second(const Chunk& c) {
 
 const float* const* CpuStage::norm_weights(const LoraChunk* lc, int layer, DeltaSlot slot,
                                            const float* w, const int* idx, int count) {
-  if (lc == nullptr || !lc->deltas) return nullptr;
-  const int64_t d = hp.n_embd;
-  std::vector<std::pair<size_t, const float*>> used;  // (adapter of the chunk, its delta)
-  for (size_t ai = 0; ai < lc->adapters.size(); ++ai) {
-    if (const std::vector<float>* v = lc->adapters[ai]->delta(layer, slot)) {
-      used.emplace_back(ai, v->data());
-    }
-  }
-  if (used.empty()) return nullptr;
-  delta_w_.clear();
-  delta_off_.resize(static_cast<size_t>(count));
-  std::vector<double> sum(static_cast<size_t>(d));
-  for (int i = 0; i < count; ++i) {
-    const int t = idx ? idx[i] : i;
-    const int prev = i == 0 ? -1 : (idx ? idx[i - 1] : i - 1);
-    bool same = prev >= 0;
-    for (const auto& [ai, v] : used) same = same && lc->coefs(ai)[t] == lc->coefs(ai)[prev];
-    if (same) {
-      delta_off_[static_cast<size_t>(i)] = delta_off_[static_cast<size_t>(i) - 1];
-      continue;
-    }
-    for (int64_t j = 0; j < d; ++j) sum[static_cast<size_t>(j)] = w[j];
-    for (const auto& [ai, v] : used) {
-      const double coef = lc->coefs(ai)[t];
-      if (coef == 0.0) continue;
-      for (int64_t j = 0; j < d; ++j) sum[static_cast<size_t>(j)] += coef * v[j];
-    }
-    const size_t off = delta_w_.size();
-    delta_w_.resize(off + static_cast<size_t>(d));
-    for (size_t j = 0; j < sum.size(); ++j) delta_w_[off + j] = static_cast<float>(sum[j]);
-    delta_off_[static_cast<size_t>(i)] = off;
+  if (!delta_norm_weights(lc, layer, slot, w, hp.n_embd, idx, count, delta_w_, delta_which_)) {
+    return nullptr;
   }
   delta_ptr_.resize(static_cast<size_t>(count));
-  for (size_t i = 0; i < delta_ptr_.size(); ++i) delta_ptr_[i] = delta_w_.data() + delta_off_[i];
+  for (size_t i = 0; i < delta_ptr_.size(); ++i) {
+    delta_ptr_[i] = delta_w_.data() + static_cast<size_t>(delta_which_[i]) * hp.n_embd;
+  }
   return delta_ptr_.data();
 }
 

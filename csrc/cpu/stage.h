@@ -73,7 +73,6 @@ class CpuStage final : public Stage {
  public:
   CpuStage(CpuDevice& device, const LayerRange& range);
   void run_layers(const Chunk& chunk, float* hidden) override;
-  bool applies_lora() const override { return true; }
   void output(const float* hidden, const int* rows, int count, float* logits,
               const LoraChunk* lora) override;
   int64_t state_bytes(int n_past) const override { return kv_.state_bytes(n_past); }
@@ -107,7 +106,7 @@ class CpuStage final : public Stage {
                                    const float* w, const int* idx, int count);
   void add_bias_deltas(const Chunk& chunk, int layer, DeltaSlot slot, float* y, int64_t dim);
   std::vector<float> delta_w_;
-  std::vector<size_t> delta_off_;
+  std::vector<int> delta_which_;
   std::vector<const float*> delta_ptr_;
 
   struct PendingLora {

@@ -1,11 +1,13 @@
 // CudaBackend, CudaDevice and CudaStage (see backend.h): weights uploaded at load in their GGUF
 // form, the layer loop as kernels (kernels.cuh) on one stream per context, the K/V cache of the
-// stage's layers in device memory. Mirrors csrc/opencl/backend.cc.
+// stage's layers in device memory; LoRA pairs uploaded when the context sets its adapters.
+// Mirrors csrc/opencl/backend.cc.
 #include "cuda/backend.h"
 
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -77,6 +79,7 @@ class DeviceBuffer {
   template <typename T = void>
   T* get() const { return static_cast<T*>(ptr_); }
   explicit operator bool() const { return ptr_ != nullptr; }
+  size_t bytes() const { return bytes_; }
 
  private:
   void* ptr_ = nullptr;
@@ -159,7 +162,7 @@ class CudaDevice final : public Device {
  public:
   CudaDevice(const CudaBackend& backend, const Model& m, const CudaWeights& w,
              const ContextParams& p)
-      : backend_(backend), hp(m.hparams()), w(w), params(p) {
+      : backend_(backend), model(m), hp(m.hparams()), w(w), params(p) {
     backend.use();
     check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
     const size_t n = static_cast<size_t>(p.n_batch);
@@ -211,9 +214,29 @@ class CudaDevice final : public Device {
     launched("mul_mat");
   }
   void rms_norm(const float* in, const Tensor& weight, float* out, int n) {
-    cuda::rms_norm<<<n, kWG, kWG * sizeof(float), stream>>>(in, weight.buf.get<float>(), out,
-                                                            hp.n_embd, hp.rms_eps);
+    cuda::rms_norm<<<n, kWG, kWG * sizeof(float), stream>>>(in, weight.buf.get<float>(), nullptr,
+                                                            out, hp.n_embd, hp.rms_eps);
     launched("rms_norm");
+  }
+  // The same with a norm delta: row r's weights are host_vecs[host_which[r]] (uploaded here).
+  void rms_norm_delta(const float* in, float* out, int n) {
+    upload_deltas(n);
+    cuda::rms_norm<<<n, kWG, kWG * sizeof(float), stream>>>(
+        in, delta_v.get<float>(), delta_which.get<int>(), out, hp.n_embd, hp.rms_eps);
+    launched("rms_norm");
+  }
+  // Buffer b holds at least `bytes` (grown, its contents dropped, when it does not); the
+  // stream is drained first, as a kernel in flight may still read the old one.
+  void ensure(DeviceBuffer& b, size_t bytes, const char* what) {
+    if (b.bytes() >= bytes && b) return;
+    check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    b = DeviceBuffer(bytes, nullptr, what);
+  }
+  void upload_deltas(int n) {
+    ensure(delta_v, host_vecs.size() * sizeof(float), "LoRA deltas");
+    ensure(delta_which, size_t(n) * sizeof(int), "LoRA deltas");
+    write(delta_v.get(), host_vecs.data(), host_vecs.size() * sizeof(float));
+    write(delta_which.get(), host_which.data(), size_t(n) * sizeof(int));
   }
   void bias(float* y, const Tensor& b, int n) {
     if (!b.present()) return;
@@ -234,12 +257,18 @@ class CudaDevice final : public Device {
   }
 
   const CudaBackend& backend_;
+  const Model& model;
   const HParams& hp;
   const CudaWeights& w;
   ContextParams params;
   cudaStream_t stream = nullptr;
   DeviceBuffer x, xb, q, k, v, att, gate, up, rope, kv_rows, region, visible;
   std::vector<int64_t> host_rows, host_region;
+  // LoRA scratch (allocated when adapters are set): A x per token, B of that, the chunk's
+  // coefficients, and the per-run vectors of deltas with each token's run
+  DeviceBuffer lora_u, lora_y, lora_coef, delta_v, delta_which;
+  std::vector<float> host_vecs;
+  std::vector<int> host_which;
 };
 
 class CudaStage final : public Stage {
@@ -273,19 +302,31 @@ class CudaStage final : public Stage {
     float* xb = d.xb.get<float>();
     d.write(x, hidden, nd * sizeof(float));
     d.upload_chunk(c);
+    if (c.lora != nullptr) {
+      d.ensure(d.lora_coef, c.lora->coef.size() * sizeof(float), "LoRA coefficients");
+      d.write(d.lora_coef.get(), c.lora->coef.data(), c.lora->coef.size() * sizeof(float));
+    }
+    const ModelWeights& host = d.model.weights();
+    const int q_dim = hp.n_head * hp.head_dim;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hp.head_dim));
     const size_t attn_shared = (size_t(hp.head_dim) + cuda::kAttnThreads) * sizeof(float);
     for (int il = range().first; il < range().last; ++il) {
       const LayerSlots<Tensor>& L = d.w.layers[il];
       uint8_t* kc = k_[il - range().first].get<uint8_t>();
       uint8_t* vc = v_[il - range().first].get<uint8_t>();
-      d.rms_norm(x, L.attn_norm, xb, n);
+      norm(c, il, DeltaSlot::AttnNorm, host.layers[il].attn_norm, L.attn_norm, x, xb);
       d.mul_mat(L.wq, xb, n, d.q.get<float>());
       d.mul_mat(L.wk, xb, n, d.k.get<float>());
       d.mul_mat(L.wv, xb, n, d.v.get<float>());
+      lora_terms(c, il, LoraSlot::Q, xb, d.q.get<float>(), q_dim);
+      lora_terms(c, il, LoraSlot::K, xb, d.k.get<float>(), kv_dim);
+      lora_terms(c, il, LoraSlot::V, xb, d.v.get<float>(), kv_dim);
       d.bias(d.q.get<float>(), L.bq, n);
       d.bias(d.k.get<float>(), L.bk, n);
       d.bias(d.v.get<float>(), L.bv, n);
+      bias_delta(c, il, DeltaSlot::BQ, d.q.get<float>(), q_dim);
+      bias_delta(c, il, DeltaSlot::BK, d.k.get<float>(), kv_dim);
+      bias_delta(c, il, DeltaSlot::BV, d.v.get<float>(), kv_dim);
       cuda::rope<<<dim3(hp.n_head, n), hp.n_rot / 2, 0, d.stream>>>(
           d.q.get<float>(), d.rope.get<float>(), hp.n_head, hp.head_dim, hp.n_rot, hp.rope_neox);
       cuda::rope<<<dim3(hp.n_head_kv, n), hp.n_rot / 2, 0, d.stream>>>(
@@ -302,17 +343,25 @@ class CudaStage final : public Stage {
           hp.n_head / hp.n_head_kv, hp.head_dim, scale);
       d.launched("attention");
       d.mul_mat(L.wo, d.att.get<float>(), n, xb);
+      lora_terms(c, il, LoraSlot::O, d.att.get<float>(), xb, hp.n_embd);
       d.bias(xb, L.bo, n);
+      bias_delta(c, il, DeltaSlot::BO, xb, hp.n_embd);
       cuda::add<<<blocks_for(nd, 256), 256, 0, d.stream>>>(x, xb, nd);
-      d.rms_norm(x, L.ffn_norm, xb, n);
+      norm(c, il, DeltaSlot::FfnNorm, host.layers[il].ffn_norm, L.ffn_norm, x, xb);
       d.mul_mat(L.w_gate, xb, n, d.gate.get<float>());
       d.mul_mat(L.w_up, xb, n, d.up.get<float>());
+      lora_terms(c, il, LoraSlot::Gate, xb, d.gate.get<float>(), hp.n_ff);
+      lora_terms(c, il, LoraSlot::Up, xb, d.up.get<float>(), hp.n_ff);
       d.bias(d.gate.get<float>(), L.b_gate, n);
       d.bias(d.up.get<float>(), L.b_up, n);
+      bias_delta(c, il, DeltaSlot::BGate, d.gate.get<float>(), hp.n_ff);
+      bias_delta(c, il, DeltaSlot::BUp, d.up.get<float>(), hp.n_ff);
       const int64_t nff = int64_t(n) * hp.n_ff;
       cuda::swiglu<<<blocks_for(nff, 256), 256, 0, d.stream>>>(d.gate.get<float>(), d.up.get<float>(), nff);
       d.mul_mat(L.w_down, d.gate.get<float>(), n, xb);
+      lora_terms(c, il, LoraSlot::Down, d.gate.get<float>(), xb, hp.n_embd);
       d.bias(xb, L.b_down, n);
+      bias_delta(c, il, DeltaSlot::BDown, xb, hp.n_embd);
       cuda::add<<<blocks_for(nd, 256), 256, 0, d.stream>>>(x, xb, nd);
       d.launched("the layer's element-wise kernels");
     }
@@ -320,7 +369,7 @@ class CudaStage final : public Stage {
   }
 
   void output(const float* hidden, const int* rows, int count, float* logits,
-              const LoraChunk* /*lora: never set, see applies_lora*/) override {
+              const LoraChunk* lora) override {
     if (!range().head) throw std::logic_error("output() on a stage without the model's head");
     CudaDevice& d = d_;
     d.backend_.select();
@@ -330,7 +379,13 @@ class CudaStage final : public Stage {
       std::copy(hidden + rows[r] * dim, hidden + (rows[r] + 1) * dim, gathered_.begin() + r * dim);
     }
     d.write(head_in_.get(), gathered_.data(), gathered_.size() * sizeof(float));
-    d.rms_norm(head_in_.get<float>(), d.w.output_norm, d.xb.get<float>(), count);
+    if (delta_norm_weights(lora, 0, DeltaSlot::OutputNorm,
+                           static_cast<const float*>(d.model.weights().output_norm.data), dim,
+                           rows, count, d.host_vecs, d.host_which)) {
+      d.rms_norm_delta(head_in_.get<float>(), d.xb.get<float>(), count);
+    } else {
+      d.rms_norm(head_in_.get<float>(), d.w.output_norm, d.xb.get<float>(), count);
+    }
     d.mul_mat(d.w.output, d.xb.get<float>(), count, logits_.get<float>());
     d.read(logits, logits_.get(), size_t(count) * d.hp.n_vocab * sizeof(float));
   }
@@ -360,13 +415,126 @@ class CudaStage final : public Stage {
     check(cudaStreamSynchronize(d_.stream), "cudaStreamSynchronize");
   }
 
+  void set_lora_adapters(
+      const std::vector<std::shared_ptr<const LoraAdapter>>& adapters) override {
+    CudaDevice& d = d_;
+    d.backend_.select();
+    const HParams& hp = d.hp;
+    std::vector<CuAdapter> made;
+    int max_rank = 0;
+    for (const auto& a : adapters) {
+      CuAdapter ca;
+      ca.src = a.get();
+      for (int il = range().first; il < range().last; ++il) {
+        ca.layers.emplace_back();
+        for (int s = 0; s < kLoraSlots; ++s) {
+          const LoraPair* p = a->get(il, static_cast<LoraSlot>(s));
+          if (p == nullptr) continue;
+          const size_t elem = p->type == QType::F16 ? 2 : 4;
+          // B back to rows of `rank` values from its 16-row blocks (pyllm/lora.h)
+          std::vector<uint8_t> b(static_cast<size_t>(p->n_out * p->rank) * elem);
+          for (int64_t o = 0; o < p->n_out; ++o) {
+            for (int j = 0; j < p->rank; ++j) {
+              const int64_t from = ((o / 16) * p->rank + j) * 16 + o % 16;
+              std::copy_n(p->b16.data() + from * elem, elem, b.data() + (o * p->rank + j) * elem);
+            }
+          }
+          CuPair& cp = ca.layers.back()[static_cast<size_t>(s)];
+          cp.a.buf = DeviceBuffer(p->a.size(), p->a.data(), "a LoRA adapter");
+          cp.a.type = cp.b.type = p->type;
+          cp.a.rows = p->rank;
+          cp.a.cols = p->n_in;
+          cp.b.buf = DeviceBuffer(b.size(), b.data(), "a LoRA adapter");
+          cp.b.rows = p->n_out;
+          cp.b.cols = p->rank;
+          cp.factor = p->factor;
+          max_rank = std::max(max_rank, p->rank);
+        }
+      }
+      made.push_back(std::move(ca));
+    }
+    if (!adapters.empty()) {
+      const size_t n = static_cast<size_t>(d.params.n_batch);
+      const size_t widest = std::max<size_t>({size_t(hp.n_embd), size_t(hp.n_ff),
+                                              size_t(hp.n_head) * hp.head_dim});
+      d.ensure(d.lora_u, n * std::max(max_rank, 1) * sizeof(float), "LoRA activations");
+      d.ensure(d.lora_y, n * widest * sizeof(float), "LoRA activations");
+    }
+    check(cudaStreamSynchronize(d.stream), "cudaStreamSynchronize");  // old pairs unused now
+    lora_ = std::move(made);
+  }
+
  private:
+  // LoRA: each adapter's pairs of the stage's layers in device memory (a: rank x n_in, b:
+  // n_out x rank, the file's F32 or F16; absent: a.buf null)
+  struct CuPair {
+    Tensor a, b;
+    float factor = 0.0f;
+  };
+  struct CuAdapter {
+    const LoraAdapter* src = nullptr;
+    std::vector<std::array<CuPair, kLoraSlots>> layers;
+  };
+
+  const CuAdapter& uploaded(const LoraAdapter* a) const {
+    for (const CuAdapter& ca : lora_) {
+      if (ca.src == a) return ca;
+    }
+    throw std::logic_error("a chunk names a LoRA adapter the stage was not given");
+  }
+  // y (n rows of n_out) += the chunk's low-rank terms of `slot` for input x
+  void lora_terms(const Chunk& c, int layer, LoraSlot slot, const float* x, float* y,
+                  int64_t n_out) {
+    if (c.lora == nullptr) return;
+    CudaDevice& d = d_;
+    for (size_t ai = 0; ai < c.lora->adapters.size(); ++ai) {
+      const CuPair& p =
+          uploaded(c.lora->adapters[ai]).layers[layer - range().first][static_cast<size_t>(slot)];
+      if (!p.a.present()) continue;
+      d.mul_mat(p.a, x, c.n, d.lora_u.get<float>());
+      const int64_t nu = int64_t(c.n) * p.a.rows;
+      cuda::scale_rows<<<blocks_for(nu, 256), 256, 0, d.stream>>>(
+          d.lora_u.get<float>(), d.lora_coef.get<float>() + ai * c.n, p.factor,
+          static_cast<int>(p.a.rows), nu);
+      d.launched("scale_rows");
+      d.mul_mat(p.b, d.lora_u.get<float>(), c.n, d.lora_y.get<float>());
+      const int64_t ny = int64_t(c.n) * n_out;
+      cuda::add<<<blocks_for(ny, 256), 256, 0, d.stream>>>(y, d.lora_y.get<float>(), ny);
+      d.launched("add");
+    }
+  }
+  // xb = rms_norm(x) with the layer's norm weights w (host copy host_w) and its deltas
+  void norm(const Chunk& c, int layer, DeltaSlot slot, const WeightView& host_w, const Tensor& w,
+            const float* x, float* xb) {
+    CudaDevice& d = d_;
+    if (delta_norm_weights(c.lora, layer, slot, static_cast<const float*>(host_w.data),
+                           d.hp.n_embd, nullptr, c.n, d.host_vecs, d.host_which)) {
+      d.rms_norm_delta(x, xb, c.n);
+    } else {
+      d.rms_norm(x, w, xb, c.n);
+    }
+  }
+  // y's rows (of dim) += the chunk's bias deltas of `slot`
+  void bias_delta(const Chunk& c, int layer, DeltaSlot slot, float* y, int64_t dim) {
+    CudaDevice& d = d_;
+    if (!delta_norm_weights(c.lora, layer, slot, nullptr, dim, nullptr, c.n, d.host_vecs,
+                            d.host_which)) {
+      return;
+    }
+    d.upload_deltas(c.n);
+    const int64_t total = int64_t(c.n) * dim;
+    cuda::add_rows<<<blocks_for(total, 256), 256, 0, d.stream>>>(
+        y, d.delta_v.get<float>(), d.delta_which.get<int>(), static_cast<int>(dim), total);
+    d.launched("add_rows");
+  }
+
   CudaDevice& d_;
   QType kv_type_;
   int64_t row_bytes_, head_bytes_;
   std::vector<DeviceBuffer> k_, v_;
   DeviceBuffer head_in_, logits_;
   std::vector<float> gathered_;  // the hidden rows output() scores, gathered on the host
+  std::vector<CuAdapter> lora_;
 };
 
 std::unique_ptr<Stage> CudaDevice::make_stage(const LayerRange& range) {

@@ -246,10 +246,13 @@ __global__ void mul_mat_tiled(const uint8_t* w, int type, int64_t row_bytes, int
   }
 }
 
-// y[r] = x[r] * w / rms(x[r]): one block per row.
-__global__ void rms_norm(const float* x, const float* w, float* y, int n, float eps) {
+// y[r] = x[r] * w / rms(x[r]): one block per row. w_row (LoRA norm deltas): row r's weights
+// are w + w_row[r] * n.
+__global__ void rms_norm(const float* x, const float* w, const int* w_row, float* y, int n,
+                         float eps) {
   extern __shared__ float red[];
   const float* xr = x + int64_t(blockIdx.x) * n;
+  if (w_row) w += int64_t(w_row[blockIdx.x]) * n;
   float acc = 0.0f;
   for (int i = threadIdx.x; i < n; i += blockDim.x) acc += xr[i] * xr[i];
   const float scale = rsqrtf(block_sum(acc, red) / float(n) + eps);
@@ -259,6 +262,18 @@ __global__ void rms_norm(const float* x, const float* w, float* y, int n, float 
 __global__ void add_bias(float* y, const float* b, int dim, int64_t total) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < total) y[i] += b[i % dim];
+}
+
+// LoRA (pyllm/lora.h): u[t][j] *= coef[t] * factor for rank-wide rows (each token's coefficient
+// for one adapter); y[t][i] += v[which[t]][i] (a bias delta per run of tokens).
+__global__ void scale_rows(float* u, const float* coef, float factor, int rank, int64_t total) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < total) u[i] *= coef[i / rank] * factor;
+}
+
+__global__ void add_rows(float* y, const float* v, const int* which, int dim, int64_t total) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < total) y[i] += v[int64_t(which[i / dim]) * dim + i % dim];
 }
 
 __global__ void add(float* y, const float* x, int64_t total) {

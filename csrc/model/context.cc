@@ -140,15 +140,12 @@ void Context::set_lora_adapters(std::vector<std::shared_ptr<const LoraAdapter>> 
     }
     a->check(model_->hparams());
   }
-  if (!adapters.empty()) {
-    for (const auto& s : impl_->stages) {
-      if (!s->applies_lora()) {
-        throw DeviceError(
-            "LoRA adapters cannot be applied to layers offloaded to a GPU yet (layers " +
-            std::to_string(s->range().first) + ".." + std::to_string(s->range().last - 1) +
-            "); merge them with `pyllm export-lora`, or run those layers on the CPU");
-      }
-    }
+  // each stage takes the new adapters; if one cannot, every stage goes back to the old ones
+  try {
+    for (auto& s : impl_->stages) s->set_lora_adapters(adapters);
+  } catch (...) {
+    for (auto& s : impl_->stages) s->set_lora_adapters(lora_);
+    throw;
   }
   lora_ = std::move(adapters);
   lora_mix_.assign(params_.n_seq, {});

@@ -3,6 +3,8 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "pyllm/lora.h"
 #include "pyllm/model.h"
@@ -65,6 +67,43 @@ void LoraAdapter::set(int layer, LoraSlot slot, LoraPair pair) {
   pair.b.shrink_to_fit();
   max_rank_ = std::max(max_rank_, pair.rank);
   cell = std::make_unique<LoraPair>(std::move(pair));
+}
+
+bool delta_norm_weights(const LoraChunk* lc, int layer, DeltaSlot slot, const float* w,
+                        int64_t d, const int* idx, int count, std::vector<float>& vectors,
+                        std::vector<int>& which) {
+  if (lc == nullptr || !lc->deltas) return false;
+  std::vector<std::pair<size_t, const float*>> used;  // (adapter of the chunk, its delta)
+  for (size_t ai = 0; ai < lc->adapters.size(); ++ai) {
+    if (const std::vector<float>* v = lc->adapters[ai]->delta(layer, slot)) {
+      used.emplace_back(ai, v->data());
+    }
+  }
+  if (used.empty()) return false;
+  vectors.clear();
+  which.resize(static_cast<size_t>(count));
+  std::vector<double> sum(static_cast<size_t>(d));
+  for (int i = 0; i < count; ++i) {
+    const int t = idx ? idx[i] : i;
+    if (i > 0) {
+      const int prev = idx ? idx[i - 1] : i - 1;
+      bool same = true;
+      for (const auto& [ai, v] : used) same = same && lc->coefs(ai)[t] == lc->coefs(ai)[prev];
+      if (same) {
+        which[static_cast<size_t>(i)] = which[static_cast<size_t>(i) - 1];
+        continue;
+      }
+    }
+    for (size_t j = 0; j < sum.size(); ++j) sum[j] = w ? w[j] : 0.0;
+    for (const auto& [ai, v] : used) {
+      const double coef = lc->coefs(ai)[t];
+      if (coef == 0.0) continue;
+      for (size_t j = 0; j < sum.size(); ++j) sum[j] += coef * v[j];
+    }
+    which[static_cast<size_t>(i)] = static_cast<int>(vectors.size() / sum.size());
+    for (double x : sum) vectors.push_back(static_cast<float>(x));
+  }
+  return true;
 }
 
 void LoraAdapter::check(const HParams& hp) const {

@@ -257,11 +257,13 @@ kernel void mul_mat_tiled(global const uchar* w, int type, long row_bytes, int k
 }
 
 // y[r] = x[rows[r]] * w / rms(x[rows[r]]) for each row r (rows = null: row r itself); one
-// work-group per row.
+// work-group per row. w_row (LoRA norm deltas): row r's weights are w + w_row[r] * n.
 kernel void rms_norm(global const float* x, global const int* rows, global const float* w,
-                     global float* y, int n, float eps, local float* red) {
+                     global const int* w_row, global float* y, int n, float eps,
+                     local float* red) {
   const int r = get_group_id(0), lid = get_local_id(0), wg = get_local_size(0);
   global const float* xr = x + (long)(rows ? rows[r] : r) * n;
+  if (w_row) w += (long)w_row[r] * n;
   float acc = 0.0f;
   for (int i = lid; i < n; i += wg) acc += xr[i] * xr[i];
   red[lid] = acc;
@@ -278,6 +280,19 @@ kernel void rms_norm(global const float* x, global const int* rows, global const
 kernel void add_bias(global float* y, global const float* b, int dim) {
   const long i = get_global_id(0);
   y[i] += b[i % dim];
+}
+
+// LoRA (pyllm/lora.h): u[t][j] *= coef[coef_at + t] * factor for rank-wide rows (each token's
+// coefficient for one adapter); y[t][i] += v[which[t]][i] (a bias delta per run of tokens).
+kernel void scale_rows(global float* u, global const float* coef, int coef_at, float factor,
+                       int rank) {
+  const long i = get_global_id(0);
+  u[i] *= coef[coef_at + i / rank] * factor;
+}
+
+kernel void add_rows(global float* y, global const float* v, global const int* which, int dim) {
+  const long i = get_global_id(0);
+  y[i] += v[(long)which[i / dim] * dim + i % dim];
 }
 
 kernel void add(global float* y, global const float* x) {

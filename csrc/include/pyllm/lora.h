@@ -88,6 +88,16 @@ struct LoraChunk {
   const float* coefs(size_t i) const { return coef.data() + i * static_cast<size_t>(n); }
 };
 
+// The norm weights of a chunk's tokens when its adapters carry deltas for `slot` (layer
+// ignored for OutputNorm): false when none does (every token uses w). Else `vectors` holds, per
+// run of tokens with the same coefficients, w plus the coefficients times the deltas (summed in
+// double, rounded once: what a merged model holds; d values each), and which[i] is the vector
+// of token i of `count` (chunk token idx[i], or i when idx is null). With w null, the vectors
+// are the deltas' sums alone (what a bias gains).
+bool delta_norm_weights(const LoraChunk* lora, int layer, DeltaSlot slot, const float* w,
+                        int64_t d, const int* idx, int count, std::vector<float>& vectors,
+                        std::vector<int>& which);
+
 // One sequence's adapters: (index into the context's adapters, scale).
 using LoraMix = std::vector<std::pair<int, float>>;
 
