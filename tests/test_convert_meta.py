@@ -90,8 +90,8 @@ def write_meta(folder: Path, shards: list[dict[str, Any]], params: dict[str, Any
     folder.mkdir(parents=True)
     (folder / "params.json").write_text(json.dumps(params or PARAMS))
     for rank, shard in enumerate(shards):
-        if accessory:
-            shard = {"llma." + k: v for k, v in shard.items()}
+        if accessory:  # its save_checkpoint writes {"model": state dict}
+            shard = {"model": {"llma." + k: v for k, v in shard.items()}}
             fname = f"consolidated.{rank:02d}-of-{len(shards):02d}.model.pth"
         else:
             # Llama 1/2 checkpoints also carry the RoPE frequency buffer: ignored

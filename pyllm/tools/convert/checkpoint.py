@@ -126,9 +126,12 @@ class _TorchBinShard(_Shard):
                                f"than tensors ({why})") from None
         except Exception as e:  # RuntimeError/EOFError/... for junk
             raise ConvertError(f"{path.name}: unreadable checkpoint: {e}") from None
+        if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
+            sd = sd["model"]  # LLaMA2-Accessory's save_checkpoint: {"model": state dict}
         if not isinstance(sd, dict) or not all(
                 isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-            raise ConvertError(f"{path.name}: expected a dict of name -> tensor")
+            raise ConvertError(f"{path.name}: expected a dict of name -> tensor (or "
+                               "{'model': that dict})")
         self._sd: dict[str, Any] = sd
 
     def names(self) -> list[str]:

@@ -12,6 +12,9 @@ factor is folded into ``B``, and ``alpha / rank`` of each pair is what PEFT used
 Refused with a message naming what: DoRA (``use_dora``), full copies of modules
 (``modules_to_save``: embeddings or the output head), LoRA on embeddings or the head, trained
 biases, a module the base does not have or of another shape.
+
+:func:`convert_lora` also takes LLaMA2-Accessory checkpoint folders, handed on to
+:mod:`pyllm.tools.convert.accessory`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ from pyllm.errors import ConvertError
 from pyllm.formats.lora import KEY_ADAPTER_TYPE, KEY_ALPHA, KEY_TYPE
 from pyllm.tools.convert.checkpoint import SafetensorsShard, TorchBinShard
 from pyllm.tools.convert.hf import PlannedTensor, check_inputs, write_gguf
+from pyllm.tools.convert.overrides import ConfigSource
 from pyllm.tools.convert.tensor_map import (
     PERMUTED_QK_ARCHS,
     map_name,
@@ -90,7 +94,8 @@ def _read_config(src: Path) -> dict[str, Any]:
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConvertError(f"{src}: no adapter_config.json (not a PEFT adapter folder)") from None
+        raise ConvertError(f"{src}: no adapter_config.json (not a PEFT adapter folder) and no "
+                           "consolidated.*.pth shards (not a LLaMA2-Accessory one)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConvertError(f"{path}: unreadable: {e}") from None
     if not isinstance(cfg, dict):
@@ -218,10 +223,25 @@ def _targets(base: BaseShape, gguf: str, weights: Any, half: dict[str, str],
 
 def convert_lora(src_dir: str | os.PathLike[str], base: str | os.PathLike[str],
                  out_path: str | os.PathLike[str], outtype: str = "f16", *,
+                 configs: Iterable[ConfigSource] = (),
+                 merge_tuning: str | os.PathLike[str] | None = None,
                  progress: bool = True) -> Path:
     """Convert a PEFT LoRA folder for ``base`` (GGUF file or Hugging Face folder) to a GGUF
     adapter; ``outtype`` f32, f16, bf16 or q8_0 (a lora_b whose rank is not a multiple of 32
-    stays f16). Atomic: the file appears whole or not at all. Returns the output path."""
+    stays f16). Atomic: the file appears whole or not at all. Returns the output path.
+
+    A LLaMA2-Accessory folder (``consolidated.*.pth`` shards, no ``adapter_config.json``) goes
+    to :func:`pyllm.tools.convert.accessory.convert_accessory_lora`, which alone takes
+    ``configs`` and ``merge_tuning``."""
+    folder = Path(src_dir)
+    if not (folder / "adapter_config.json").is_file() and any(folder.glob("consolidated.*.pth")):
+        from pyllm.tools.convert.accessory import convert_accessory_lora
+
+        return convert_accessory_lora(folder, base, out_path, outtype, configs=configs,
+                                      merge_tuning=merge_tuning, progress=progress)
+    if (folder / "adapter_config.json").is_file() and (list(configs) or merge_tuning is not None):
+        raise ConvertError(f"{folder}: configs and merge_tuning apply to LLaMA2-Accessory "
+                           "checkpoints; this is a PEFT adapter folder")
     src, outtype = check_inputs(src_dir, outtype)
     shape = base_of(base)
     alpha, planned = plan_adapter(src, shape)

@@ -201,12 +201,19 @@ def _merge_axis(name: str, shapes: list[tuple[int, ...]], dim: int) -> int | Non
 
 
 class MetaCheckpoint:
-    """All shards behind one name -> merged-tensor interface (nothing read until ``load``)."""
+    """All shards behind one name -> merged-tensor interface (nothing read until ``load``).
+    ``split_axis(name, slice shapes)`` says how a tensor's slices join (None: replicated; the
+    model's by default); replicated 1-D tensors are checked equal in every shard, or all of
+    them with ``check_replicas``."""
 
-    def __init__(self, files: list[Path], dim: int) -> None:
+    def __init__(self, files: list[Path], dim: int,
+                 split_axis: Callable[[str, list[tuple[int, ...]]], int | None] | None = None,
+                 check_replicas: bool = False) -> None:
         self.files = files
         self.shards = [TorchBinShard(p) for p in files]
         self._dim = dim
+        self._split_axis = split_axis
+        self._check_replicas = check_replicas
         self._keys = {_meta_name(n): n for n in self.shards[0].names()}
         for shard in self.shards[1:]:
             if {_meta_name(n) for n in shard.names()} != set(self._keys):
@@ -219,9 +226,16 @@ class MetaCheckpoint:
     def _slices(self, name: str) -> list[tuple[int, ...]]:
         return [s.shape(self._keys[name]) for s in self.shards]
 
+    def _axis(self, name: str, shapes: list[tuple[int, ...]]) -> int | None:
+        if len(shapes) == 1:
+            return None
+        if self._split_axis is not None:
+            return self._split_axis(name, shapes)
+        return _merge_axis(name, shapes, self._dim)
+
     def shape(self, name: str) -> tuple[int, ...]:
         shapes = self._slices(name)
-        axis = _merge_axis(name, shapes, self._dim)
+        axis = self._axis(name, shapes)
         if axis is None:
             if any(s != shapes[0] for s in shapes):
                 raise ConvertError(f"{name}: replicated tensor has shapes {shapes} in the shards")
@@ -236,12 +250,12 @@ class MetaCheckpoint:
     def load(self, name: str) -> np.ndarray:
         """The whole tensor as float32: the slices are read one by one and joined."""
         key = self._keys[name]
-        axis = _merge_axis(name, self._slices(name), self._dim)
+        axis = self._axis(name, self._slices(name))
         if axis is None:
             first = self.shards[0].load(key)
             # 1-D replicas are tiny: check them, it catches shards of different models
-            if first.ndim == 1 and any(not np.array_equal(s.load(key), first)
-                                       for s in self.shards[1:]):
+            if (first.ndim == 1 or self._check_replicas) and any(
+                    not np.array_equal(s.load(key), first) for s in self.shards[1:]):
                 raise ConvertError(f"{name}: replicated tensor differs between shards")
             return first
         return np.concatenate([s.load(key) for s in self.shards], axis=axis)
