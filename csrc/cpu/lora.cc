@@ -1,10 +1,10 @@
-// The CPU stage's LoRA terms (see pyllm/lora.h), in two phases around a layer's products so
-// that they cost no parallel region of their own beyond one per target group:
+// The CPU stage's LoRA terms (see pyllm/lora.h), in two phases of the parallel region of a
+// layer's products, so that they cost no region of their own:
 //   lora_first: for each adapter of the chunk and each target it adapts, the product U = A X
 //     (A in the file's F32 or F16, X the base product's input), appended to the base products'
 //     region;
-//   lora_second: U's rows scaled by each token's coefficient, then y += B U for every pending
-//     target in one region (OpsTable::lowrank_add over B's 16-row blocks).
+//   lora_second: in that same region after a barrier, y += B (coef U) for every pending
+//     target, each share over its 16-row blocks of B (OpsTable::lowrank_add).
 // The A products go through the F32 / F16 matmul kernels (any k: no block size to divide).
 // Deltas: a norm's weights become, per run of tokens with the same coefficients, w plus the
 // coefficients times the adapters' deltas (delta_norm_weights); a bias delta is added to each
@@ -54,6 +54,12 @@ size_t CpuStage::lora_first(const Chunk& c, int layer, std::initializer_list<Lor
   if (lora_pending_.empty()) return 0;
   CpuDevice::Buffers& buf = dev_.buf_;
   if (buf.lora_u.size() < static_cast<size_t>(u_size)) buf.lora_u.resize(u_size);
+  lora_max_rank_ = 0;
+  for (const PendingLora& pl : lora_pending_) {
+    lora_max_rank_ = std::max<size_t>(lora_max_rank_, static_cast<size_t>(pl.pair->rank));
+  }
+  const size_t us_size = lora_max_rank_ * static_cast<size_t>(dev_.pool_.n_threads());
+  if (buf.lora_us.size() < us_size) buf.lora_us.resize(us_size);
   // the A products that fit go with the base products; the rest run here, in groups
   size_t added = 0;
   std::vector<MatmulParams> rest;
@@ -69,38 +75,29 @@ size_t CpuStage::lora_first(const Chunk& c, int layer, std::initializer_list<Lor
   return added;
 }
 
-void CpuStage::lora_second(const Chunk& c) {
-  if (lora_pending_.empty()) return;
+void CpuStage::lora_second(const Chunk& c, int ith, int nth) {
   CpuDevice::Buffers& buf = dev_.buf_;
-  const int64_t n = c.n;
-  for (const PendingLora& pl : lora_pending_) {  // U's rows times each token's coefficient
-    const int r = pl.pair->rank;
-    float* u = buf.lora_u.data() + pl.u_offset;
-    for (int64_t t = 0; t < n; ++t) {
-      const float f = pl.coef[t] * pl.pair->factor;
-      for (int j = 0; j < r; ++j) u[t * r + j] *= f;
+  const OpsTable& op = ops();
+  float* us = buf.lora_us.data() + static_cast<size_t>(ith) * lora_max_rank_;
+  // y += B (coef u) for this share's 16-row blocks of every pending target: no lock, no
+  // second buffer; tokens whose coefficient is 0 (their sequence does not use the adapter) skip
+  for (const PendingLora& pl : lora_pending_) {
+    const LoraPair& p = *pl.pair;
+    const int64_t blocks = (p.n_out + 15) / 16;
+    const int64_t b0 = blocks * ith / nth, b1 = blocks * (ith + 1) / nth;
+    if (b0 >= b1) continue;
+    const bool f16 = p.type == QType::F16;
+    const size_t elem = f16 ? 2 : 4;
+    const uint8_t* b = p.b16.data() + static_cast<size_t>(b0 * p.rank * 16) * elem;
+    const int64_t rows = std::min<int64_t>(p.n_out, b1 * 16) - b0 * 16;
+    const float* u = buf.lora_u.data() + pl.u_offset;
+    for (int64_t t = 0; t < c.n; ++t) {
+      const float f = pl.coef[t] * p.factor;
+      if (f == 0.0f) continue;
+      for (int j = 0; j < p.rank; ++j) us[j] = u[t * p.rank + j] * f;
+      op.lowrank_add(b, f16, p.rank, us, pl.y + t * p.n_out + b0 * 16, rows);
     }
   }
-  // y += B U for every pending target in one region: each thread owns a share of every
-  // target's 16-row blocks, so the adds need no second buffer and no lock
-  const OpsTable& op = ops();
-  dev_.pool_.run([&](int ith, int nth) {
-    for (const PendingLora& pl : lora_pending_) {
-      const LoraPair& p = *pl.pair;
-      const int64_t blocks = (p.n_out + 15) / 16;
-      const int64_t b0 = blocks * ith / nth, b1 = blocks * (ith + 1) / nth;
-      if (b0 >= b1) continue;
-      const bool f16 = p.type == QType::F16;
-      const size_t elem = f16 ? 2 : 4;
-      const uint8_t* b = p.b16.data() + static_cast<size_t>(b0 * p.rank * 16) * elem;
-      const int64_t rows = std::min<int64_t>(p.n_out, b1 * 16) - b0 * 16;
-      const float* u = buf.lora_u.data() + pl.u_offset;
-      for (int64_t t = 0; t < n; ++t) {
-        op.lowrank_add(b, f16, p.rank, u + t * p.rank, pl.y + t * p.n_out + b0 * 16, rows);
-      }
-    }
-  });
-  lora_pending_.clear();
 }
 
 const float* const* CpuStage::norm_weights(const LoraChunk* lc, int layer, DeltaSlot slot,

@@ -92,7 +92,8 @@ void CpuDevice::mm_group(std::initializer_list<MatmulParams> ps) {
   mm_group(ps.begin(), ps.size());
 }
 
-void CpuDevice::mm_group(const MatmulParams* ps, size_t n) {
+void CpuDevice::mm_group(const MatmulParams* ps, size_t n,
+                         const std::function<void(int, int)>* then) {
   constexpr size_t kMax = 8;
   MatmulQueue queues[kMax];
   MatmulParams shared[kMax];
@@ -104,6 +105,10 @@ void CpuDevice::mm_group(const MatmulParams* ps, size_t n) {
   }
   pool_.run([&](int ith, int nth) {
     for (size_t i = 0; i < n; ++i) matmul_part(shared[i], ith, nth);
+    if (then != nullptr) {
+      pool_.barrier();
+      (*then)(ith, nth);
+    }
   });
 }
 
@@ -255,8 +260,15 @@ void CpuStage::mm_with_lora(const Chunk& c, int layer, std::initializer_list<Mat
   size_t n = 0;
   for (const MatmulParams& p : base) ps[n++] = p;
   n += lora_first(c, layer, targets, ps + n, kMax - n);
-  dev_.mm_group(ps, n);
-  lora_second(c);
+  if (lora_pending_.empty()) {
+    dev_.mm_group(ps, n);
+    return;
+  }
+  // the low-rank terms in the same region, after a barrier (A x of every token is done then):
+  // one parallel region per target group, not two
+  const std::function<void(int, int)> then = [&](int ith, int nth) { lora_second(c, ith, nth); };
+  dev_.mm_group(ps, n, &then);
+  lora_pending_.clear();
 }
 
 void CpuStage::output(const float* hidden, const int* rows, int count, float* out,

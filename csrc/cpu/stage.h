@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <initializer_list>
 #include <memory>
 #include <vector>
@@ -53,13 +54,16 @@ class CpuDevice final : public Device {
   struct Buffers {
     std::vector<float> xb, q, k, v, att, gate, up;
     std::vector<float> lora_u;  // LoRA: A x per token (rank floats each); grown on use
+    std::vector<float> lora_us;  // LoRA: one token's A x times its coefficient, per share
     std::vector<float> scores;  // per-thread attention scratch: n_threads * n_ctx
     void resize(const HParams& hp, int n_batch, int n_ctx, int n_threads);
   };
 
   void mm(const WeightView& w, const float* x, int64_t n_tokens, float* y);
   void mm_group(std::initializer_list<MatmulParams> ps);
-  void mm_group(const MatmulParams* ps, size_t n);
+  // `then` (if given) runs on every share after a barrier that follows the products
+  void mm_group(const MatmulParams* ps, size_t n,
+                const std::function<void(int ith, int nth)>* then = nullptr);
   template <typename Fn>
   void for_items(int64_t n_items, int64_t work_per_item, Fn&& fn);
 
@@ -84,7 +88,8 @@ class CpuStage final : public Stage {
   // The chunk's LoRA terms of one layer (csrc/cpu/lora.cc): for each target matrix, every
   // token's row of y gains coef * factor * B (A x) of each adapter that has that matrix.
   // lora_first appends the A products to the base products' params (at most `room`; returns
-  // how many) and remembers the targets; lora_second, after that region, adds the terms.
+  // how many) and remembers the targets; lora_second, run by every share of that region
+  // after a barrier, adds its share of the terms.
   struct LoraTarget {
     LoraSlot slot;
     const float* x;  // n rows of n_in
@@ -92,7 +97,7 @@ class CpuStage final : public Stage {
   };
   size_t lora_first(const Chunk& chunk, int layer, std::initializer_list<LoraTarget> targets,
                     MatmulParams* ps, size_t room);
-  void lora_second(const Chunk& chunk);
+  void lora_second(const Chunk& chunk, int ith, int nth);
   // base products + the layer's LoRA A products in one region, then the LoRA terms
   void mm_with_lora(const Chunk& chunk, int layer, std::initializer_list<MatmulParams> base,
                     std::initializer_list<LoraTarget> targets);
@@ -117,6 +122,7 @@ class CpuStage final : public Stage {
     int64_t u_offset;   // into the device's lora_u
   };
   std::vector<PendingLora> lora_pending_;
+  size_t lora_max_rank_ = 0;  // of the pending pairs (lora_us holds that much per share)
 
   CpuDevice& dev_;
   const HParams& hp;
