@@ -118,10 +118,11 @@ def test_sequences_in_one_batch_match_each_alone(tmp_path: Path, kind: str) -> N
 
 
 @pytest.mark.parametrize("n_gpu_layers", [-1, 1])
-@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, "q8_0"], ids=["f32", "f16", "q8_0"])
 def test_lora_adapters_on_offloaded_layers_match_the_cpu(tmp_path: Path, kind: str,
                                                           n_gpu_layers: int, dtype: type) -> None:
-    """LoRA pairs (F32 or F16, rank 12) and bias/norm deltas applied by the device stages: every
+    """LoRA pairs (F32, F16 or a Q8_0 A, rank 12) and bias/norm deltas applied by the device
+    stages: every
     layer offloaded, or one (the other and the head on the CPU), give the CPU's logits; two
     adapters at different scales, and in one batch sequences with different mixes each get
     their own."""
@@ -140,7 +141,10 @@ def test_lora_adapters_on_offloaded_layers_match_the_cpu(tmp_path: Path, kind: s
     with LLM(path, n_ctx=32, kv_type="f32", n_gpu_layers=n_gpu_layers, device=kind,
              lora=lora) as llm:
         got = llm.logits(TOKENS)
-        assert _rel(got, want) < 2e-5  # measured 8e-7 .. 5.3e-6 (PoCL)
+        # measured 8e-7 .. 5.3e-6 (PoCL); a Q8_0 A 1.9e-5 .. 5.4e-5: the CPU's AVX-512 VNNI kernels round
+        # activations to int16 steps (csrc/cpu/matmul.h), the device's do not
+        bound = 5e-4 if dtype == "q8_0" else 2e-5
+        assert _rel(got, want) < bound
         assert _rel(plain, want) > 1e-2  # the adapters matter
         # one batch: sequence 0 with both adapters, 1 with the pairs at 0.3, 2 with none
         from pyllm.runtime.lora import AdapterSet
@@ -159,7 +163,7 @@ def test_lora_adapters_on_offloaded_layers_match_the_cpu(tmp_path: Path, kind: s
     for i, mix in enumerate([lora, [(pairs, 0.3)], None]):
         with LLM(path, n_ctx=32, kv_type="f32", lora=mix) as llm:
             alone = llm.logits(TOKENS[:6])[-1]
-        assert _rel(out[i], alone) < 2e-5, i  # measured 4e-7 .. 3.7e-6
+        assert _rel(out[i], alone) < bound, i  # measured 4e-7 .. 3.7e-6 (Q8_0 A: 3.3e-5)
 
 
 def test_state_moves_between_the_device_and_the_cpu(tmp_path: Path, kind: str) -> None:

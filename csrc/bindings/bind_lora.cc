@@ -49,18 +49,33 @@ void register_lora(py::module_& m) {
           [](LoraAdapter& ad, int layer, const std::string& slot, const py::array& a,
              const py::array& b, float factor) {
             if (a.ndim() != 2 || b.ndim() != 2) throw std::invalid_argument("a and b must be 2-D");
-            const bool f16 = a.dtype().is(py::dtype("float16"));
-            if (!f16 && !a.dtype().is(py::dtype("float32"))) {
-              throw std::invalid_argument("a must be float32 or float16");
-            }
-            if (!b.dtype().is(a.dtype())) throw std::invalid_argument("a and b: one dtype");
             if (!(a.flags() & py::array::c_style) || !(b.flags() & py::array::c_style)) {
               throw std::invalid_argument("a and b must be C-contiguous");
             }
             LoraPair p;
-            p.type = f16 ? QType::F16 : QType::F32;
             p.rank = static_cast<int>(a.shape(0));
-            p.n_in = a.shape(1);
+            if (a.dtype().is(py::dtype("uint8"))) {  // Q8_0 rows
+              if (a.shape(1) % static_cast<py::ssize_t>(sizeof(BlockQ8_0))) {
+                throw std::invalid_argument("a's Q8_0 rows must be whole blocks");
+              }
+              p.a_type = QType::Q8_0;
+              p.n_in = a.shape(1) / static_cast<py::ssize_t>(sizeof(BlockQ8_0)) * QK8_0;
+            } else if (a.dtype().is(py::dtype("float16"))) {
+              p.a_type = QType::F16;
+              p.n_in = a.shape(1);
+            } else if (a.dtype().is(py::dtype("float32"))) {
+              p.a_type = QType::F32;
+              p.n_in = a.shape(1);
+            } else {
+              throw std::invalid_argument("a must be float32, float16 or Q8_0 bytes (uint8)");
+            }
+            if (b.dtype().is(py::dtype("float16"))) {
+              p.b_type = QType::F16;
+            } else if (b.dtype().is(py::dtype("float32"))) {
+              p.b_type = QType::F32;
+            } else {
+              throw std::invalid_argument("b must be float32 or float16");
+            }
             p.n_out = b.shape(0);
             if (b.shape(1) != p.rank) throw std::invalid_argument("b's columns must be a's rows");
             const auto* pa = static_cast<const uint8_t*>(a.data());
@@ -71,9 +86,9 @@ void register_lora(py::module_& m) {
             ad.set(layer, slot_named(slot), std::move(p));
           },
           py::arg("layer"), py::arg("slot"), py::arg("a"), py::arg("b"), py::arg("factor"),
-          "Pair of one matrix: a (rank, n_in), b (n_out, rank), both float32 or both float16 "
-          "(kept as given), factor = alpha / rank; slot is wq, wk, wv, wo, w_gate, w_up or "
-          "w_down.")
+          "Pair of one matrix: a (rank, n_in) float32 or float16, or (rank, row bytes) uint8 "
+          "holding Q8_0 rows; b (n_out, rank) float32 or float16; kept as given; factor = "
+          "alpha / rank; slot is wq, wk, wv, wo, w_gate, w_up or w_down.")
       .def(
           "set_delta",
           [](LoraAdapter& ad, int layer, const std::string& slot,
@@ -87,7 +102,9 @@ void register_lora(py::module_& m) {
           "bq, bk, bv, bo, b_gate, b_up, b_down (of `layer`) or output_norm (layer ignored).")
       .def_property_readonly("has_deltas", &LoraAdapter::has_deltas)
       .def_property_readonly("n_layer", &LoraAdapter::n_layer)
-      .def_property_readonly("max_rank", &LoraAdapter::max_rank);
+      .def_property_readonly("max_rank", &LoraAdapter::max_rank)
+      .def_property_readonly("nbytes", &LoraAdapter::nbytes,
+                             "Bytes of the pairs as kept (what decode reads per token).");
 }
 
 void register_context_lora(py::class_<Context>& ctx) {

@@ -5,7 +5,7 @@
 //     region;
 //   lora_second: in that same region after a barrier, y += B (coef U) for every pending
 //     target, each share over its 16-row blocks of B (OpsTable::lowrank_add).
-// The A products go through the F32 / F16 matmul kernels (any k: no block size to divide).
+// The A products go through the F32 / F16 / Q8_0 matmul kernels.
 // Deltas: a norm's weights become, per run of tokens with the same coefficients, w plus the
 // coefficients times the adapters' deltas (delta_norm_weights); a bias delta is added to each
 // token's row times its coefficient.
@@ -64,7 +64,7 @@ size_t CpuStage::lora_first(const Chunk& c, int layer, std::initializer_list<Lor
   size_t added = 0;
   std::vector<MatmulParams> rest;
   for (const PendingLora& pl : lora_pending_) {
-    const MatmulParams p = product(pl.pair->type, pl.pair->a.data(), pl.pair->rank,
+    const MatmulParams p = product(pl.pair->a_type, pl.pair->a.data(), pl.pair->rank,
                                    pl.pair->n_in, pl.x, n, buf.lora_u.data() + pl.u_offset);
     if (added < room) ps[added++] = p;
     else rest.push_back(p);
@@ -86,7 +86,7 @@ void CpuStage::lora_second(const Chunk& c, int ith, int nth) {
     const int64_t blocks = (p.n_out + 15) / 16;
     const int64_t b0 = blocks * ith / nth, b1 = blocks * (ith + 1) / nth;
     if (b0 >= b1) continue;
-    const bool f16 = p.type == QType::F16;
+    const bool f16 = p.b_type == QType::F16;
     const size_t elem = f16 ? 2 : 4;
     const uint8_t* b = p.b16.data() + static_cast<size_t>(b0 * p.rank * 16) * elem;
     const int64_t rows = std::min<int64_t>(p.n_out, b1 * 16) - b0 * 16;

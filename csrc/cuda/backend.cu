@@ -430,7 +430,7 @@ class CudaStage final : public Stage {
         for (int s = 0; s < kLoraSlots; ++s) {
           const LoraPair* p = a->get(il, static_cast<LoraSlot>(s));
           if (p == nullptr) continue;
-          const size_t elem = p->type == QType::F16 ? 2 : 4;
+          const size_t elem = p->b_type == QType::F16 ? 2 : 4;
           // B back to rows of `rank` values from its 16-row blocks (pyllm/lora.h)
           std::vector<uint8_t> b(static_cast<size_t>(p->n_out * p->rank) * elem);
           for (int64_t o = 0; o < p->n_out; ++o) {
@@ -441,7 +441,8 @@ class CudaStage final : public Stage {
           }
           CuPair& cp = ca.layers.back()[static_cast<size_t>(s)];
           cp.a.buf = DeviceBuffer(p->a.size(), p->a.data(), "a LoRA adapter");
-          cp.a.type = cp.b.type = p->type;
+          cp.a.type = p->a_type;
+          cp.b.type = p->b_type;
           cp.a.rows = p->rank;
           cp.a.cols = p->n_in;
           cp.b.buf = DeviceBuffer(b.size(), b.data(), "a LoRA adapter");

@@ -8,6 +8,7 @@
 
 #include "pyllm/lora.h"
 #include "pyllm/model.h"
+#include "pyllm/quant.h"
 
 namespace pyllm {
 
@@ -47,10 +48,16 @@ void LoraAdapter::set(int layer, LoraSlot slot, LoraPair pair) {
   if (s < 0 || s >= kLoraSlots) throw std::invalid_argument("LoRA pair for an unknown matrix");
   auto& cell = pairs_[static_cast<size_t>(layer)][static_cast<size_t>(s)];
   if (cell) throw std::invalid_argument("LoRA pair set twice for one matrix");
-  const size_t elem = pair.type == QType::F16 ? 2 : pair.type == QType::F32 ? 4 : 0;
-  if (elem == 0) throw std::invalid_argument("LoRA pairs must be F32 or F16");
+  if (pair.a_type != QType::F32 && pair.a_type != QType::F16 && pair.a_type != QType::Q8_0) {
+    throw std::invalid_argument("a LoRA pair's A must be F32, F16 or Q8_0");
+  }
+  if (pair.b_type != QType::F32 && pair.b_type != QType::F16) {
+    throw std::invalid_argument("a LoRA pair's B must be F32 or F16");
+  }
+  const size_t elem = pair.b_type == QType::F16 ? 2 : 4;
   if (pair.rank <= 0 || pair.n_in <= 0 || pair.n_out <= 0 ||
-      pair.a.size() != static_cast<size_t>(pair.rank * pair.n_in) * elem ||
+      (pair.a_type == QType::Q8_0 && pair.n_in % QK8_0 != 0) ||
+      pair.a.size() != static_cast<size_t>(pair.rank * row_size(pair.a_type, pair.n_in)) ||
       pair.b.size() != static_cast<size_t>(pair.n_out * pair.rank) * elem) {
     throw std::invalid_argument("LoRA pair sizes do not make a low-rank product");
   }
@@ -66,6 +73,7 @@ void LoraAdapter::set(int layer, LoraSlot slot, LoraPair pair) {
   pair.b.clear();
   pair.b.shrink_to_fit();
   max_rank_ = std::max(max_rank_, pair.rank);
+  nbytes_ += static_cast<int64_t>(pair.a.size()) + pair.n_out * pair.rank * int64_t(elem);
   cell = std::make_unique<LoraPair>(std::move(pair));
 }
 

@@ -377,7 +377,7 @@ void OpenCLStage::set_lora_adapters(
       for (int s = 0; s < kLoraSlots; ++s) {
         const LoraPair* p = a->get(il, static_cast<LoraSlot>(s));
         if (p == nullptr) continue;
-        const size_t elem = p->type == QType::F16 ? 2 : 4;
+        const size_t elem = p->b_type == QType::F16 ? 2 : 4;
         // B back to rows of `rank` values from its 16-row blocks (pyllm/lora.h)
         std::vector<uint8_t> b(static_cast<size_t>(p->n_out * p->rank) * elem);
         for (int64_t o = 0; o < p->n_out; ++o) {
@@ -388,7 +388,8 @@ void OpenCLStage::set_lora_adapters(
         }
         ClPair& cp = ca.layers.back()[static_cast<size_t>(s)];
         cp.a.buf = Buffer(d.rt.context(), p->a.size(), CL_MEM_READ_ONLY, p->a.data());
-        cp.a.type = cp.b.type = p->type;
+        cp.a.type = p->a_type;
+        cp.b.type = p->b_type;
         cp.a.rows = p->rank;
         cp.a.cols = p->n_in;
         cp.b.buf = Buffer(d.rt.context(), b.size(), CL_MEM_READ_ONLY, b.data());

@@ -42,12 +42,15 @@ ADAPTABLE = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", 
 
 @dataclass
 class LoraPair:
-    """One adapted matrix: ``a`` (rank, n_in) and ``b`` (n_out, rank), float32 copies;
-    ``half``: both were F16 in the file (so float16 holds them exactly)."""
+    """One adapted matrix: ``a`` (rank, n_in) and ``b`` (n_out, rank), float32 copies; how the
+    file stores them, so that the run time keeps them so: ``a_half`` / ``b_half`` F16 (float16
+    holds them exactly), ``a_q8``: A's Q8_0 rows as in the file (uint8, rank x row bytes)."""
 
     a: np.ndarray
     b: np.ndarray
-    half: bool = False
+    a_half: bool = False
+    b_half: bool = False
+    a_q8: np.ndarray | None = None
 
     @property
     def rank(self) -> int:
@@ -124,11 +127,14 @@ def read_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
             raise ModelError(f"{where} has no general.architecture")
         halves: dict[str, dict[str, np.ndarray]] = {}
         f16: set[str] = set()  # tensors stored as F16
+        q8: dict[str, np.ndarray] = {}  # Q8_0 tensors' rows as stored
         deltas: dict[str, np.ndarray] = {}
         for t in reader:
             data = _float(t.raw, t.type, t.shape, t.name)
             if t.type == GGMLType.F16:
                 f16.add(t.name)
+            elif t.type == GGMLType.Q8_0 and len(t.shape) == 2:
+                q8[t.name] = np.array(t.data)
             for suffix in (SUFFIX_A, SUFFIX_B):
                 if t.name.endswith(suffix):
                     halves.setdefault(t.name[: -len(suffix)], {})[suffix] = data
@@ -147,7 +153,8 @@ def read_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] == 0:
             raise ModelError(f"{where}: {name} has lora_a {list(a.shape)} and lora_b "
                              f"{list(b.shape)}; expected (rank, n_in) and (n_out, rank)")
-        pairs[name] = LoraPair(a, b, {name + SUFFIX_A, name + SUFFIX_B} <= f16)
+        pairs[name] = LoraPair(a, b, name + SUFFIX_A in f16, name + SUFFIX_B in f16,
+                               q8.get(name + SUFFIX_A))
     if not pairs and not deltas:
         raise ModelError(f"{where} holds no LoRA tensors")
     return LoraAdapter(p, arch, float(alpha), pairs, deltas)

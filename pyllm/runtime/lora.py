@@ -79,10 +79,12 @@ def load_adapter(model: LoadedModel, path: Path) -> LoadedAdapter:
         core.set_delta(slot[0], slot[1], adapter.deltas[name])
     for name, pair in adapter.pairs.items():
         _, layer, matrix, _ = name.split(".")
-        # an F16 pair stays F16 (exactly its values, half the bytes decode streams per token)
-        dtype = np.float16 if pair.half else np.float32
-        core.set(int(layer), SLOTS[matrix], pair.a.astype(dtype), pair.b.astype(dtype),
-                 adapter.alpha / pair.rank)
+        # the file's precision is kept (exactly its values; F16 or Q8_0 halve or quarter what
+        # decode streams per token); a Q8_0 B becomes F32, which holds it exactly
+        a = pair.a_q8 if pair.a_q8 is not None else pair.a.astype(
+            np.float16 if pair.a_half else np.float32)
+        b = pair.b.astype(np.float16 if pair.b_half else np.float32)
+        core.set(int(layer), SLOTS[matrix], a, b, adapter.alpha / pair.rank)
     return LoadedAdapter(path, core, len(adapter.pairs), int(core.max_rank))
 
 

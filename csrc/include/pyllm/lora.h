@@ -26,16 +26,19 @@ struct HParams;
 enum class LoraSlot : int { Q = 0, K = 1, V = 2, O = 3, Gate = 4, Up = 5, Down = 6 };
 constexpr int kLoraSlots = 7;
 
-// A and B in the adapter file's own precision, F32 or F16 (F16 files, the converter's default
-// as llama.cpp's, halve what decode streams per token; F32 files are applied exactly).
+// A and B in the adapter file's own precision: A in F32, F16 or Q8_0 (through the matmul
+// kernels of those types), B in F32 or F16 (F16 files, the converter's default as llama.cpp's,
+// halve what decode streams per token; F32 files are applied exactly; a Q8_0 file's B comes as
+// F32, which holds its values exactly).
 // B is kept in blocks of 16 rows, each block rank columns of 16 values (the last block padded
 // with zero rows): a product with a rank of 8-64 is then broadcast-FMAs over 16 rows at a time
 // (OpsTable::lowrank_add) instead of one short dot product and horizontal sum per row.
 struct LoraPair {
-  QType type = QType::F32;   // of a and b
+  QType a_type = QType::F32;  // F32, F16 or Q8_0
+  QType b_type = QType::F32;  // F32 or F16
   int rank = 0;
   int64_t n_in = 0, n_out = 0;
-  std::vector<uint8_t> a;    // rank x n_in elements (row-major, as in the file)
+  std::vector<uint8_t> a;    // rank rows of n_in elements (as in the file)
   std::vector<uint8_t> b;    // n_out x rank elements (row-major, as in the file)
   std::vector<uint8_t> b16;  // B in blocks of 16 rows (filled by LoraAdapter::set)
   float factor = 1.0f;       // alpha / rank
@@ -68,6 +71,7 @@ class LoraAdapter {
   void check(const HParams& hp) const;
   int n_layer() const { return static_cast<int>(pairs_.size()); }
   int max_rank() const { return max_rank_; }
+  int64_t nbytes() const { return nbytes_; }  // of the pairs as kept (what decode streams)
 
  private:
   std::vector<std::array<std::unique_ptr<LoraPair>, kLoraSlots>> pairs_;
@@ -75,6 +79,7 @@ class LoraAdapter {
   std::vector<std::array<std::vector<float>, kDeltaSlots>> deltas_;
   int max_rank_ = 0;
   int n_deltas_ = 0;
+  int64_t nbytes_ = 0;
 };
 
 // What one chunk applies: the adapters any of its tokens uses and, per adapter, each token's
