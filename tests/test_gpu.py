@@ -141,8 +141,8 @@ def test_lora_adapters_on_offloaded_layers_match_the_cpu(tmp_path: Path, kind: s
     with LLM(path, n_ctx=32, kv_type="f32", n_gpu_layers=n_gpu_layers, device=kind,
              lora=lora) as llm:
         got = llm.logits(TOKENS)
-        # measured 8e-7 .. 5.3e-6 (PoCL); a Q8_0 A 1.9e-5 .. 5.4e-5: the CPU's AVX-512 VNNI kernels round
-        # activations to int16 steps (csrc/cpu/matmul.h), the device's do not
+        # measured 8e-7 .. 5.3e-6 (PoCL); a Q8_0 A 1.9e-5 .. 5.4e-5: the CPU's AVX-512 VNNI
+        # kernels round activations to int16 steps (csrc/cpu/matmul.h), the device's do not
         bound = 5e-4 if dtype == "q8_0" else 2e-5
         assert _rel(got, want) < bound
         assert _rel(plain, want) > 1e-2  # the adapters matter
