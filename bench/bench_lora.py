@@ -3,7 +3,7 @@
 
     python bench/bench_lora.py [-m model.gguf] [-r 16] [-n 64] [-p 256] [-t THREADS] [--rounds 5]
 
-The adapter is random, rank -r, F16 (``--type f32`` for F32), on all seven matrices of every
+The adapter is random, rank -r, F16 (``--type f32`` / ``q8_0`` for others), on all seven matrices of every
 block (what PEFT's ``target_modules="all-linear"`` trains), written to a temp folder. Decode
 (-n tokens after a short prompt, end-of-generation banned so every run makes -n tokens) and
 prefill (-p tokens) alternate base / adapter within each round; medians and the per-round
@@ -30,8 +30,9 @@ def main() -> int:
     ap.add_argument("-p", type=int, default=256, help="prefill tokens (256)")
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--type", choices=["f16", "f32"], default="f16",
-                    help="the adapter's tensor type (f16, convert-lora's default)")
+    ap.add_argument("--type", choices=["f16", "f32", "q8_0"], default="f16",
+                    help="the adapter's tensor type (f16, convert-lora's default; q8_0: A in "
+                    "Q8_0 where its rows are whole blocks, B in F16)")
     args = ap.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,7 +43,8 @@ def main() -> int:
     model = Path(args.model) if args.model else resolve_model_path(None)
     with tempfile.TemporaryDirectory() as tmp:
         adapter = write_random_adapter(Path(tmp) / "lora.gguf", model, rank=args.rank,
-                                       dtype=np.float16 if args.type == "f16" else np.float32)
+                                       dtype={"f16": np.float16, "f32": np.float32}.get(
+                                           args.type, args.type))
         base = LLM(model, n_ctx=args.p + args.n + 16, n_threads=args.threads)
         lora = LLM(model, n_ctx=args.p + args.n + 16, n_threads=args.threads,
                    lora=[adapter])
