@@ -3,9 +3,9 @@
 
     python bench/bench_lora.py [-m model.gguf] [-r 16] [-n 64] [-p 256] [-t THREADS] [--rounds 5]
 
-The adapter is random, rank -r, F16 (``--type f32`` / ``q8_0`` for others), on all seven matrices of every
-block (what PEFT's ``target_modules="all-linear"`` trains), written to a temp folder. Decode
-(-n tokens after a short prompt, end-of-generation banned so every run makes -n tokens) and
+The adapter is random, rank -r, F16 (``--type f32`` / ``q8_0`` for others), on all seven
+matrices of every block (what PEFT's ``target_modules="all-linear"`` trains), in a temp folder.
+Decode (-n tokens after a short prompt, end-of-generation banned so every run makes -n tokens) and
 prefill (-p tokens) alternate base / adapter within each round; medians and the per-round
 ratios are reported. A tool for people, not part of the test suite.
 """
