@@ -77,6 +77,18 @@ void LoraAdapter::set(int layer, LoraSlot slot, LoraPair pair) {
   cell = std::make_unique<LoraPair>(std::move(pair));
 }
 
+std::vector<uint8_t> LoraPair::b_rows() const {
+  const size_t elem = b_type == QType::F16 ? 2 : 4;
+  std::vector<uint8_t> out(static_cast<size_t>(n_out * rank) * elem);
+  for (int64_t o = 0; o < n_out; ++o) {
+    for (int j = 0; j < rank; ++j) {
+      const int64_t from = ((o / 16) * rank + j) * 16 + o % 16;
+      std::memcpy(out.data() + (o * rank + j) * elem, b16.data() + from * elem, elem);
+    }
+  }
+  return out;
+}
+
 bool delta_norm_weights(const LoraChunk* lc, int layer, DeltaSlot slot, const float* w,
                         int64_t d, const int* idx, int count, std::vector<float>& vectors,
                         std::vector<int>& which) {

@@ -377,15 +377,7 @@ void OpenCLStage::set_lora_adapters(
       for (int s = 0; s < kLoraSlots; ++s) {
         const LoraPair* p = a->get(il, static_cast<LoraSlot>(s));
         if (p == nullptr) continue;
-        const size_t elem = p->b_type == QType::F16 ? 2 : 4;
-        // B back to rows of `rank` values from its 16-row blocks (pyllm/lora.h)
-        std::vector<uint8_t> b(static_cast<size_t>(p->n_out * p->rank) * elem);
-        for (int64_t o = 0; o < p->n_out; ++o) {
-          for (int j = 0; j < p->rank; ++j) {
-            const int64_t from = ((o / 16) * p->rank + j) * 16 + o % 16;
-            std::copy_n(p->b16.data() + from * elem, elem, b.data() + (o * p->rank + j) * elem);
-          }
-        }
+        const std::vector<uint8_t> b = p->b_rows();
         ClPair& cp = ca.layers.back()[static_cast<size_t>(s)];
         cp.a.buf = Buffer(d.rt.context(), p->a.size(), CL_MEM_READ_ONLY, p->a.data());
         cp.a.type = p->a_type;

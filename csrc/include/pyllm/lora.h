@@ -42,6 +42,8 @@ struct LoraPair {
   std::vector<uint8_t> b;    // n_out x rank elements (row-major, as in the file)
   std::vector<uint8_t> b16;  // B in blocks of 16 rows (filled by LoraAdapter::set)
   float factor = 1.0f;       // alpha / rank
+  // B as rows of `rank` values again (what a device backend's matmul reads), from b16
+  std::vector<uint8_t> b_rows() const;
 };
 
 // The vectors a delta may be added to: a layer's two norm weights and seven biases (in
