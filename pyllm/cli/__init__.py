@@ -41,9 +41,10 @@ def _subcommands() -> list[ModuleType]:
         quantize,
         run,
         serve,
+        split,
     )
 
-    return [run, chat, info, pull, bench, convert, lora, quantize, perplexity, serve]
+    return [run, chat, info, pull, bench, convert, lora, quantize, split, perplexity, serve]
 
 
 def build_parser() -> CliParser:

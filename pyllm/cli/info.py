@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from pyllm.formats.gguf import GGUFReader
+from pyllm.formats.gguf.split import ModelFile, open_gguf
 from pyllm.runtime.default_model import resolve_model_path
 
 # metadata arrays longer than this are summarized instead of printed
@@ -47,7 +47,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def summarize(reader: GGUFReader) -> dict[str, Any]:
+def summarize(reader: ModelFile) -> dict[str, Any]:
     md = reader.metadata
     arch = md.get("general.architecture", "")
     prefix = arch + "."
@@ -68,6 +68,7 @@ def summarize(reader: GGUFReader) -> dict[str, Any]:
     block_count = md.get(f"{arch}.block_count") if arch else None
     return {
         "path": reader.path,
+        "shards": list(getattr(reader, "paths", [reader.path])),
         "gguf_version": reader.version,
         "file_size": reader.file_size,
         "architecture": arch,
@@ -100,6 +101,8 @@ def _human(n: float) -> str:
 def print_text(s: dict[str, Any], with_tensors: bool, out: Any = sys.stdout) -> None:
     w = out.write
     w(f"file:          {s['path']} ({_human(s['file_size'])}, GGUF v{s['gguf_version']})\n")
+    if len(s["shards"]) > 1:
+        w(f"shards:        {len(s['shards'])} (split model; the size is theirs together)\n")
     w(f"architecture:  {s['architecture'] or '(none)'}\n")
     if s["name"]:
         w(f"name:          {s['name']}\n")
@@ -151,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         print("error: give the model either positionally or with -m, not both", file=sys.stderr)
         return 2
     path = resolve_model_path(args.model or args.model_opt)
-    reader = GGUFReader(path)
+    reader = open_gguf(path)
     summary = summarize(reader)
     if args.json:
         if args.no_tensors:

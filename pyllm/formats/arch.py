@@ -12,7 +12,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pyllm.errors import ModelError
-from pyllm.formats.gguf import GGUFReader, TensorInfo
+from pyllm.formats.gguf import TensorInfo
+from pyllm.formats.gguf.split import ModelFile
 from pyllm.formats.qtypes import weight_types
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "internlm2")
@@ -100,7 +101,7 @@ def _float(md: dict[str, Any], key: str, default: float) -> float:
     return float(value)
 
 
-def read_hparams(reader: GGUFReader) -> HParams:
+def read_hparams(reader: ModelFile) -> HParams:
     md = reader.metadata
     arch = md.get("general.architecture")
     if not isinstance(arch, str) or not arch:
@@ -185,7 +186,7 @@ class ModelTensors:
     layers: list[dict[str, TensorSpec]] = field(default_factory=list)
 
 
-def _take(reader: GGUFReader, names: dict[str, str], optional: dict[str, str],
+def _take(reader: ModelFile, names: dict[str, str], optional: dict[str, str],
           prefix: str = "") -> dict[str, TensorSpec]:
     out: dict[str, TensorSpec] = {}
     for table, required in ((names, True), (optional, False)):
@@ -197,7 +198,7 @@ def _take(reader: GGUFReader, names: dict[str, str], optional: dict[str, str],
     return out
 
 
-def collect_tensors(reader: GGUFReader, hp: HParams) -> ModelTensors:
+def collect_tensors(reader: ModelFile, hp: HParams) -> ModelTensors:
     """The weights of the forward pass; raises ModelError naming a missing or unusable one."""
     return ModelTensors(
         model=_take(reader, MODEL_TENSORS, OPTIONAL_MODEL_TENSORS),

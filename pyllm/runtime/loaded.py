@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyllm.errors import ContextError, ModelError, PyllmError, PyllmWarning
 from pyllm.formats.arch import HParams, collect_tensors, read_hparams
-from pyllm.formats.gguf import GGUFReader
+from pyllm.formats.gguf.split import open_gguf
 from pyllm.runtime.default_model import resolve_model_path
 from pyllm.runtime.devices import plan_placement
 from pyllm.runtime.footprint import (
@@ -104,7 +104,7 @@ class LoadedModel:
         self.n_threads = cap_threads(check_threads(n_threads))
         self.model_path = Path(resolve_model_path(model_path, quiet=not verbose))
         self.verbose = verbose
-        self._reader = GGUFReader(self.model_path)
+        self._reader = open_gguf(self.model_path)  # a split model: all its shards
         self.metadata: dict[str, Any] = self._reader.metadata
         self._tokenizer: Tokenizer | None = None
         try:

@@ -56,10 +56,11 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike[str]) -> Tokenizer:
-        """From a GGUF file (a full model or a vocab-only file; tensor data is never read)."""
-        from pyllm.formats.gguf import GGUFReader
+        """From a GGUF file (a full model, any shard of a split one, or a vocab-only file;
+        tensor data is never read)."""
+        from pyllm.formats.gguf.split import open_gguf
 
-        reader = GGUFReader(path)
+        reader = open_gguf(path)
         try:
             return cls.from_metadata(reader.metadata)
         finally:

@@ -20,8 +20,9 @@ import numpy as np
 
 from pyllm.atomic import check_destination
 from pyllm.errors import ModelError, QuantError
-from pyllm.formats.gguf import GGMLType, GGUFReader, GGUFWriter
+from pyllm.formats.gguf import GGMLType, GGUFWriter
 from pyllm.formats.gguf.constants import TYPE_INFO
+from pyllm.formats.gguf.split import open_gguf
 from pyllm.formats.lora import AdapterSpec, LoraAdapter, adapter_specs, check_against, read_adapter
 
 
@@ -47,7 +48,7 @@ def export_lora(base: str | os.PathLike[str], adapters: Sequence[AdapterSpec],
         raise ModelError("the output must be a different file from the base model")
     check_destination(out, sources=[base, *(p for p, _ in specs)], error=ModelError)
     dst_type = None if out_type is None else _type_named(out_type)
-    reader = GGUFReader(base)
+    reader = open_gguf(base)
     try:
         arch = reader.metadata.get("general.architecture")
         if not isinstance(arch, str):

@@ -81,8 +81,9 @@ import numpy as np
 
 from pyllm.atomic import check_destination
 from pyllm.errors import QuantError
-from pyllm.formats.gguf import GGUFReader, GGUFWriter
+from pyllm.formats.gguf import GGUFWriter
 from pyllm.formats.gguf.constants import TYPE_INFO, GGMLType, ValueType
+from pyllm.formats.gguf.split import ModelFile, open_gguf
 from pyllm.runtime.sysinfo import available_cpus
 
 T = GGMLType
@@ -175,7 +176,7 @@ class ModelFacts:
         return self.arch == "llama" and self.n_layer == 80
 
     @classmethod
-    def from_reader(cls, reader: GGUFReader) -> ModelFacts:
+    def from_reader(cls, reader: ModelFile) -> ModelFacts:
         md = reader.metadata
         arch = str(md.get("general.architecture", "llama"))
 
@@ -332,7 +333,7 @@ class TensorPlan:
         return n // info.block_size * info.type_size
 
 
-def plan_types(reader: GGUFReader, ftype: str | int | FileType) -> list[TensorPlan]:
+def plan_types(reader: ModelFile, ftype: str | int | FileType) -> list[TensorPlan]:
     """The type every tensor of ``reader`` gets in a ``ftype`` file, in the file's order."""
     ft = resolve_file_type(ftype)
     facts = ModelFacts.from_reader(reader)
@@ -506,7 +507,7 @@ def quantize_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     # surface as an OSError only when the finished file was renamed into place.
     check_destination(dst, sources=[src], error=QuantError)
     t0 = time.perf_counter()
-    reader = GGUFReader(src)
+    reader = open_gguf(src)  # a split model: all its shards (the output is one file)
     try:
         plans = plan_types(reader, ft)
         if not allow_requantize:

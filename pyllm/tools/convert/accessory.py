@@ -152,9 +152,9 @@ def _open_base(path: str | os.PathLike[str]) -> _Base:
                            "base as a GGUF file (its norm deltas are taken against its norms)")
     try:
         shape = base_of(p)
-        from pyllm.formats.gguf import GGUFReader
+        from pyllm.formats.gguf.split import open_gguf
 
-        with GGUFReader(p) as reader:
+        with open_gguf(p) as reader:
             n_layer = reader.get(f"{shape.arch}.block_count")
             n_embd = reader.get(f"{shape.arch}.embedding_length")
     except GGUFError as e:
@@ -171,10 +171,10 @@ def _open_base(path: str | os.PathLike[str]) -> _Base:
 def _base_values(base: _Base, names: Iterable[str]) -> dict[str, np.ndarray]:
     """float64 copies of the base tensors ``names`` that the base has."""
     from pyllm.formats import qtypes
-    from pyllm.formats.gguf import GGUFReader
+    from pyllm.formats.gguf.split import open_gguf
 
     out: dict[str, np.ndarray] = {}
-    with GGUFReader(base.path) as reader:
+    with open_gguf(base.path) as reader:
         for name in names:
             if reader.has_tensor(name):
                 t = reader.tensor(name)

@@ -68,10 +68,10 @@ def base_of(path: str | os.PathLike[str]) -> BaseShape:
 
         cfg = load_config(p)
         return BaseShape(cfg.arch, cfg.n_head, cfg.n_head_kv, cfg.head_dim, {})
-    from pyllm.formats.gguf import GGUFReader
+    from pyllm.formats.gguf.split import open_gguf
 
     try:
-        reader = GGUFReader(p)
+        reader = open_gguf(p)
     except FileNotFoundError:
         raise ConvertError(f"base model {p} does not exist") from None
     with reader:
