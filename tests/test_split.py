@@ -240,3 +240,16 @@ def test_llama_cpp_loads_our_shards(smollm2_path: Path, smol_split: list[Path]) 
     assert figures["split"]["ids"] == figures["whole"]["ids"]
     with LLM(smol_split[0], n_ctx=64) as llm:
         assert int(np.argmax(llm.logits(PROMPT)[-1])) == figures["split"]["ids"][0]
+
+
+def test_quantize_reads_a_split_model(tmp_path: Path) -> None:
+    """Every tool that reads a model takes a split one: quantize writes the file the unsplit
+    source gives (one file, without the split keys)."""
+    from pyllm.tools.quantize import quantize_file
+
+    path = write_tiny(tmp_path / "m.gguf", TinySpec(n_layer=2, n_embd=64))
+    shards = split_model(path, tmp_path / "s", max_tensors=6)
+    assert len(shards) > 1
+    quantize_file(path, tmp_path / "whole.gguf", "Q8_0", progress=False)
+    quantize_file(shards[0], tmp_path / "from-split.gguf", "Q8_0", progress=False)
+    assert sha256(tmp_path / "from-split.gguf") == sha256(tmp_path / "whole.gguf")
