@@ -95,13 +95,17 @@ inline __m512i bcast4(const void* p) {
 
 inline __m512i load64(const uint8_t* p) { return _mm512_loadu_si512(p); }
 
-// Software prefetch 2 KiB ahead of the weight stream. Measured with bench_kernels from DRAM
-// (Q4_K, 32768 x 4096, six alternations of the two builds on a busy machine): 1 thread 10-16 ->
-// 15-17 GB/s, 2 threads 17-24 -> 19-29. Only Q4_K gains: its group block (2368 bytes, 320 of
-// scales, then the codes) seems to be what the hardware prefetcher follows worst; Q4_0 did not
-// change (0.5-4 KiB tried) and Q6_K got slower (3 lines per step, 2 KiB ahead).
+// Software prefetch 8 KiB ahead of the weight stream, one line per line read: the hardware
+// prefetcher alone keeps too few lines in flight for one core to stream from DRAM at its rate.
+// Measured with bench_kernels (32768 x 4096 from DRAM, 1 thread, alternating builds on a busy
+// machine, GB/s): no prefetch / 2 KiB / 8 KiB / 32 KiB ahead: Q4_0 18-27 / 23-25 / 35-36 /
+// 34-38, Q8_0 23-26 / 28 / 31-33 / 31, Q4_K (2 KiB before) 18-19 / 18-19 / 28-30 / 27-29, Q6_K
+// 12-15 / 21-23 / 33 / 30-33; 2 threads 8 KiB: 36-51 against 21-35 without. Reading a second
+// group's stream at the same time instead (more streams, 2 KiB ahead) gave Q4_K 27-29 and made
+// Q6_K spill registers.
+constexpr int64_t kPrefetchAhead = 8192;
 inline void prefetch_ahead(const uint8_t* p) {
-  _mm_prefetch(reinterpret_cast<const char*>(p + 2048), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchAhead), _MM_HINT_T0);
 }
 
 // Calls body(g) for each 16-row group this thread takes in one pass (see for_row_chunks).
@@ -178,6 +182,7 @@ struct R16Q4 {
           __m512i ih[NT], il[NT];
           for (int t = 0; t < NT; ++t) ih[t] = il[t] = _mm512_setzero_si512();
           for (int c = 0; c < 4; ++c) {
+            prefetch_ahead(p + hdr + 64 * c);
             const __m512i z = load64(p + hdr + 64 * c);
             tk.dot(_mm512_and_si512(z, m4), 32 * b + 4 * c, ih, il);
             tk.dot(_mm512_and_si512(_mm512_srli_epi16(z, 4), m4), 32 * b + 16 + 4 * c, ih, il);
@@ -214,6 +219,7 @@ struct R16Q8_0 {
         __m512i ih[NT], il[NT];
         for (int t = 0; t < NT; ++t) ih[t] = il[t] = _mm512_setzero_si512();
         for (int c = 0; c < 8; ++c) {
+          prefetch_ahead(p + 32 + 64 * c);
           const __m512i q = load64(p + 32 + 64 * c);
           const __m512i qu = _mm512_xor_si512(q, sign);
           const int64_t e = 32 * b + 4 * c;
@@ -313,6 +319,7 @@ struct R16Q6_K {
             for (int ci = 0; ci < 4; ++ci) {
               const int c = 4 * cc + ci;
               const uint8_t* ch = body + 64 * (24 * h + 3 * c);
+              for (int l = 0; l < 3; ++l) prefetch_ahead(ch + 64 * l);
               const __m512i A = load64(ch), B = load64(ch + 64), H = load64(ch + 128);
               __m512i q[4];
               q6k_codes(A, B, H, q);
