@@ -1,9 +1,9 @@
 """The rows16 weight layout (csrc/include/pyllm/repack.h) and the kernels that read it.
 
-The model repacks its Q4_0 / Q8_0 / Q4_K / Q6_K matrices into 16-row interleaved groups at load
-when the CPU has the AVX-512 VNNI rows16 kernels; every other path unpacks groups back to GGUF
-rows. The layout must be a lossless permutation, and every ISA and token count must meet the
-same float64 error bounds as the GGUF-layout kernels (tests/test_kernels.py).
+The model repacks its Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K matrices into 16-row interleaved
+groups at load when the CPU has the AVX-512 VNNI rows16 kernels; every other path unpacks groups
+back to GGUF rows. The layout must be a lossless permutation, and every ISA and token count must
+meet the same float64 error bounds as the GGUF-layout kernels (tests/test_kernels.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from tests.test_kernels import (
 )
 from tests.tiny_models import TinySpec, write_tiny
 
-REPACKED = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"]
+REPACKED = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 
 
 def _has_rows16_kernels() -> bool:
@@ -45,8 +45,10 @@ def test_layout_is_a_lossless_permutation(name: str) -> None:
         packed, back = core.repack_roundtrip(qtype, w, n_out, k)
         assert np.array_equal(back, w)
         assert not np.array_equal(packed[: w.size], w)  # it really moved bytes
-        # Q4_0 / Q4_1 / Q8_0 / Q6_K keep their size; Q4_K stores its 6-bit scales unpacked (+2.8 %).
-        expected = w.size if name != "Q4_K" else w.size // 144 * 148
+        # Q4_0 / Q4_1 / Q8_0 / Q6_K keep their size; Q4_K and Q5_K store their 6-bit scales
+        # unpacked (+4 bytes per block: +2.8 %, +2.3 %).
+        block = {"Q4_K": 144, "Q5_K": 176}.get(name)
+        expected = w.size if block is None else w.size // block * (block + 4)
         assert packed.size == expected
 
 
@@ -124,6 +126,7 @@ def test_rows16_bad_input_raises(qtype: int, n_out: int, k: int, w_bytes: int) -
         (GGMLType.Q8_0, False),
         (GGMLType.Q8_0, True),
         (GGMLType.Q4_K, False),
+        (GGMLType.Q5_K, False),
         (GGMLType.Q6_K, True),
     ],
 )

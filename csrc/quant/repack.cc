@@ -35,6 +35,9 @@ inline bool geometry(QType t, Geometry* g) {
     case QType::Q4_K:
       *g = {QK_K, sizeof(BlockQ4_K), 64 + 256, offsetof(BlockQ4_K, qs), QK_K / 2};
       return true;
+    case QType::Q5_K:  // qh then qs, adjacent: the body is the 8 qh chunks, then the 32 qs ones
+      *g = {QK_K, sizeof(BlockQ5_K), 64 + 256, offsetof(BlockQ5_K, qh), QK_K / 8 + QK_K / 2};
+      return true;
     case QType::Q6_K:  // ql and qh are adjacent, at the start of the block
       *g = {QK_K, sizeof(BlockQ6_K), 32 + 256, offsetof(BlockQ6_K, ql), QK_K / 2 + QK_K / 4};
       return true;
@@ -84,7 +87,9 @@ inline void put_header(QType t, const uint8_t* blk, int r, uint8_t* hdr) {
       std::memcpy(hdr + 2 * r, blk + offsetof(BlockQ4_1, d), 2);
       std::memcpy(hdr + 32 + 2 * r, blk + offsetof(BlockQ4_1, m), 2);
       break;
-    case QType::Q4_K: {
+    case QType::Q4_K:
+    case QType::Q5_K: {  // the same header fields at the same offsets
+      static_assert(offsetof(BlockQ4_K, scales) == offsetof(BlockQ5_K, scales), "K4 header");
       std::memcpy(hdr + 2 * r, blk + offsetof(BlockQ4_K, d), 2);
       std::memcpy(hdr + 32 + 2 * r, blk + offsetof(BlockQ4_K, dmin), 2);
       uint8_t sc[8], mn[8];
@@ -114,7 +119,8 @@ inline void get_header(QType t, const uint8_t* hdr, int r, uint8_t* blk) {
       std::memcpy(blk + offsetof(BlockQ4_1, d), hdr + 2 * r, 2);
       std::memcpy(blk + offsetof(BlockQ4_1, m), hdr + 32 + 2 * r, 2);
       break;
-    case QType::Q4_K: {
+    case QType::Q4_K:
+    case QType::Q5_K: {
       std::memcpy(blk + offsetof(BlockQ4_K, d), hdr + 2 * r, 2);
       std::memcpy(blk + offsetof(BlockQ4_K, dmin), hdr + 32 + 2 * r, 2);
       uint8_t sc[8], mn[8];
@@ -234,6 +240,7 @@ void repack_rows16(QType type, const void* src, int64_t k, int64_t g0, int64_t g
     case QType::Q4_1: repack_t<QType::Q4_1>(src, k, g0, g1, dst); break;
     case QType::Q8_0: repack_t<QType::Q8_0>(src, k, g0, g1, dst); break;
     case QType::Q4_K: repack_t<QType::Q4_K>(src, k, g0, g1, dst); break;
+    case QType::Q5_K: repack_t<QType::Q5_K>(src, k, g0, g1, dst); break;
     default: repack_t<QType::Q6_K>(src, k, g0, g1, dst); break;
   }
 }
@@ -245,6 +252,7 @@ void unpack_rows16_group(QType type, const void* src, int64_t k, int64_t grp, vo
     case QType::Q4_1: unpack_t<QType::Q4_1>(src, k, grp, dst); break;
     case QType::Q8_0: unpack_t<QType::Q8_0>(src, k, grp, dst); break;
     case QType::Q4_K: unpack_t<QType::Q4_K>(src, k, grp, dst); break;
+    case QType::Q5_K: unpack_t<QType::Q5_K>(src, k, grp, dst); break;
     default: unpack_t<QType::Q6_K>(src, k, grp, dst); break;
   }
 }
