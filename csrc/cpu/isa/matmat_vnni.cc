@@ -12,7 +12,8 @@
 // VNNI kernels (see matmul.h); tests check it per type.
 //
 // The panel comes from GGUF rows (scalar decoders, any type) or from the rows16 layout the model
-// repacks its matrices into (vectorized, Q4_0/Q4_1/Q8_0/Q4_K/Q6_K); both give identical panels.
+// repacks its matrices into (vectorized, Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K); both give identical
+// panels.
 //
 // Register tile: 32 rows (two vectors of 16 lanes, one row per lane) x 6 tokens, 12 int32 and 12
 // F32 accumulators; every weight pair load is reused by 6 tokens and every activation broadcast
@@ -460,7 +461,7 @@ struct R16Panel {
           for (int c = 0; c < 8; ++c) {
             put_signed(ctl, _mm512_loadu_si512(p + 32 + 64 * c), pairs, g0, 2 * c, half);
           }
-        } else if constexpr (T == QType::Q4_K) {
+        } else if constexpr (T == QType::Q4_K || T == QType::Q5_K) {
           const __m512 d = f16x16(p), dmin = f16x16(p + 32);
           for (int j = 0; j < 8; ++j) {
             put16(scales, g0 + j, half, _mm512_mul_ps(d, u8x16(p + 64 + 16 * j)));
@@ -468,13 +469,26 @@ struct R16Panel {
             put16(offsets, g0 + j, half,
                   _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(dmin, u8x16(p + 192 + 16 * j))));
           }
-          const uint8_t* body = p + 64 + 256;
+          // Q5_K: the 8 qh chunks come first; bit j of qh[l] is the fifth bit of element l of
+          // sub-block j, moved to bit 4 of its byte (as matvec_r16.cc's R16Q5_K)
+          constexpr bool kQ5 = T == QType::Q5_K;
+          const uint8_t* qh = p + 64 + 256;
+          const uint8_t* body = qh + (kQ5 ? 512 : 0);
+          const __m512i bit4 = _mm512_set1_epi8(0x10);
           for (int c = 0; c < 32; ++c) {  // qs[4c..4c+3]: sub-blocks 2 (c / 8) and 2 (c / 8) + 1
             const __m512i z = _mm512_loadu_si512(body + 64 * c);
             const int j = 2 * (c / 8), pp = 2 * (c % 8);
-            put_unsigned(ctl, _mm512_and_si512(z, m4), 0, pairs, g0 + j, pp, half);
-            put_unsigned(ctl, _mm512_and_si512(_mm512_srli_epi16(z, 4), m4), 0, pairs, g0 + j + 1,
-                         pp, half);
+            __m512i u0 = _mm512_and_si512(z, m4);
+            __m512i u1 = _mm512_and_si512(_mm512_srli_epi16(z, 4), m4);
+            if constexpr (kQ5) {
+              const __m512i h = _mm512_loadu_si512(qh + 64 * (c % 8));
+              const __m512i h0 = j < 4 ? _mm512_slli_epi16(h, 4 - j) : _mm512_srli_epi16(h, j - 4);
+              const __m512i h1 = j < 3 ? _mm512_slli_epi16(h, 3 - j) : _mm512_srli_epi16(h, j - 3);
+              u0 = _mm512_ternarylogic_epi32(u0, h0, bit4, 0xF8);
+              u1 = _mm512_ternarylogic_epi32(u1, h1, bit4, 0xF8);
+            }
+            put_unsigned(ctl, u0, 0, pairs, g0 + j, pp, half);
+            put_unsigned(ctl, u1, 0, pairs, g0 + j + 1, pp, half);
           }
         } else if constexpr (T == QType::Q6_K) {
           const __m512 d = f16x16(p);
@@ -564,6 +578,7 @@ PYLLM_KERNEL_FOR(matmat_vnni_r16, Q4_0)
 PYLLM_KERNEL_FOR(matmat_vnni_r16, Q4_1)
 PYLLM_KERNEL_FOR(matmat_vnni_r16, Q8_0)
 PYLLM_KERNEL_FOR(matmat_vnni_r16, Q4_K)
+PYLLM_KERNEL_FOR(matmat_vnni_r16, Q5_K)
 PYLLM_KERNEL_FOR(matmat_vnni_r16, Q6_K)
 
 }  // namespace PYLLM_ISA

@@ -31,7 +31,7 @@ constexpr TypeKernels kRows[] = {
     {Q::Q2_K, matvec_vnni<Q::Q2_K>, matmat_f32<Q::Q2_K>,   nullptr,                  nullptr},
     {Q::Q3_K, matvec_vnni<Q::Q3_K>, matmat_vnni<Q::Q3_K>,  nullptr,                  nullptr},
     {Q::Q4_K, matvec_vnni<Q::Q4_K>, matmat_vnni<Q::Q4_K>,  matvec_vnni_r16<Q::Q4_K>, matmat_vnni_r16<Q::Q4_K>},
-    {Q::Q5_K, matvec_vnni<Q::Q5_K>, matmat_vnni<Q::Q5_K>,  matvec_vnni_r16<Q::Q5_K>, nullptr},
+    {Q::Q5_K, matvec_vnni<Q::Q5_K>, matmat_vnni<Q::Q5_K>,  matvec_vnni_r16<Q::Q5_K>, matmat_vnni_r16<Q::Q5_K>},
     {Q::Q6_K, matvec_vnni<Q::Q6_K>, matmat_vnni<Q::Q6_K>,  matvec_vnni_r16<Q::Q6_K>, matmat_vnni_r16<Q::Q6_K>},
 };
 
