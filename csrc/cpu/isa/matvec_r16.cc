@@ -244,109 +244,72 @@ struct R16Q8_0 {
 // sc[8][16], m[8][16] bytes, then 32 chunks; chunk 8 c2 + c holds bytes qs[32 c2 + 4 c ..],
 // whose low nibbles are elements 64 c2 + 4 c .. of sub-block 2 c2 and high nibbles those of
 // sub-block 2 c2 + 1: both sub-blocks of a chunk are accumulated from one load.
-template <int NT>
-struct R16Q4_K {
-  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0,
-                  std::atomic<int64_t>* counter) {
-    const int64_t nsb = a.k / QK_K, gbb = 64 + 256 + 2048;
-    const Tokens<NT> tk(a, t0);
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
-    for_groups(a, r0, r1, counter, [&](int64_t g) {
-      const uint8_t* p = a.w + g * nsb * gbb;
-      __m512 acc[NT];
-      for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
-      for (int64_t sb = 0; sb < nsb; ++sb, p += gbb) {
-        const __m512 d = f16x16(p), dmin = f16x16(p + 32);
-        for (int c2 = 0; c2 < 4; ++c2) {
-          const uint8_t* chunks = p + 320 + 64 * 8 * c2;
-          const int64_t e0 = QK_K * sb + 64 * c2;  // first element of sub-block 2 c2
-          __m512i ih0[NT], il0[NT], ih1[NT], il1[NT];
-          for (int t = 0; t < NT; ++t) {
-            ih0[t] = il0[t] = ih1[t] = il1[t] = _mm512_setzero_si512();
-          }
-          for (int c = 0; c < 8; ++c) {
-            prefetch_ahead(chunks + 64 * c);
-            const __m512i z = load64(chunks + 64 * c);
-            tk.dot(_mm512_and_si512(z, m4), e0 + 4 * c, ih0, il0);
-            tk.dot(_mm512_and_si512(_mm512_srli_epi16(z, 4), m4), e0 + 32 + 4 * c, ih1, il1);
-          }
-          for (int h = 0; h < 2; ++h) {
-            const int j = 2 * c2 + h;
-            const __m512 scale = _mm512_mul_ps(d, u8x16(p + 64 + 16 * j));
-            const __m512 mins = _mm512_mul_ps(dmin, u8x16(p + 192 + 16 * j));
-            const int64_t blk = e0 / 32 + h;
+// Q5_K (kQ5): the same with a fifth bit, u = nibble | h << 4 in 0..31: between the header and
+// the 32 chunks, 8 qh chunks (chunk c: bytes qh[4 c ..] of each row, whose bits 2 c2 and
+// 2 c2 + 1 are the high bits of elements 64 c2 + 4 c .. and 64 c2 + 32 + 4 c ..).
+template <bool kQ5>
+struct R16K4 {
+  template <int NT>
+  struct K {
+    static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0,
+                    std::atomic<int64_t>* counter) {
+      constexpr int64_t qh_bytes = kQ5 ? 512 : 0;
+      const int64_t nsb = a.k / QK_K, gbb = 64 + 256 + qh_bytes + 2048;
+      const Tokens<NT> tk(a, t0);
+      const __m512i m4 = _mm512_set1_epi8(0x0F), bit4 = _mm512_set1_epi8(0x10);
+      for_groups(a, r0, r1, counter, [&](int64_t g) {
+        const uint8_t* p = a.w + g * nsb * gbb;
+        __m512 acc[NT];
+        for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+        for (int64_t sb = 0; sb < nsb; ++sb, p += gbb) {
+          const __m512 d = f16x16(p), dmin = f16x16(p + 32);
+          const uint8_t* qh = p + 320;
+          for (int c2 = 0; c2 < 4; ++c2) {
+            const uint8_t* chunks = qh + qh_bytes + 64 * 8 * c2;
+            const int64_t e0 = QK_K * sb + 64 * c2;  // first element of sub-block 2 c2
+            __m512i ih0[NT], il0[NT], ih1[NT], il1[NT];
             for (int t = 0; t < NT; ++t) {
-              const __m512i tot = h ? lanes_total(ih1[t], il1[t], 0) : lanes_total(ih0[t], il0[t], 0);
-              acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot),
-                                       _mm512_mul_ps(scale, _mm512_set1_ps(tk.dx[t][blk])), acc[t]);
-              acc[t] = _mm512_fnmadd_ps(mins, _mm512_set1_ps(tk.xsum[t][blk]), acc[t]);
+              ih0[t] = il0[t] = ih1[t] = il1[t] = _mm512_setzero_si512();
+            }
+            for (int c = 0; c < 8; ++c) {
+              prefetch_ahead(chunks + 64 * c);
+              const __m512i z = load64(chunks + 64 * c);
+              __m512i u0 = _mm512_and_si512(z, m4);
+              __m512i u1 = _mm512_and_si512(_mm512_srli_epi16(z, 4), m4);
+              if constexpr (kQ5) {
+                if (c2 == 0) prefetch_ahead(qh + 64 * c);
+                const __m512i h = load64(qh + 64 * c);
+                // bit 2 c2 (2 c2 + 1) of each byte moved to bit 4 of that byte, OR-ed in
+                const __m512i h0 = c2 < 2 ? _mm512_slli_epi16(h, 4 - 2 * c2)
+                                          : _mm512_srli_epi16(h, 2 * c2 - 4);
+                const __m512i h1 = c2 < 2 ? _mm512_slli_epi16(h, 3 - 2 * c2)
+                                          : _mm512_srli_epi16(h, 2 * c2 - 3);
+                u0 = _mm512_ternarylogic_epi32(u0, h0, bit4, 0xF8);
+                u1 = _mm512_ternarylogic_epi32(u1, h1, bit4, 0xF8);
+              }
+              tk.dot(u0, e0 + 4 * c, ih0, il0);
+              tk.dot(u1, e0 + 32 + 4 * c, ih1, il1);
+            }
+            for (int h = 0; h < 2; ++h) {
+              const int j = 2 * c2 + h;
+              const __m512 scale = _mm512_mul_ps(d, u8x16(p + 64 + 16 * j));
+              const __m512 mins = _mm512_mul_ps(dmin, u8x16(p + 192 + 16 * j));
+              const int64_t blk = e0 / 32 + h;
+              for (int t = 0; t < NT; ++t) {
+                const __m512i tot =
+                    h ? lanes_total(ih1[t], il1[t], 0) : lanes_total(ih0[t], il0[t], 0);
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot),
+                                         _mm512_mul_ps(scale, _mm512_set1_ps(tk.dx[t][blk])),
+                                         acc[t]);
+                acc[t] = _mm512_fnmadd_ps(mins, _mm512_set1_ps(tk.xsum[t][blk]), acc[t]);
+              }
             }
           }
         }
-      }
-      store<NT>(a, t0, 16 * g, acc);
-    });
-  }
-};
-
-// Q5_K: as Q4_K with a fifth bit: w = d sc_j u - dmin m_j, u = nibble | h << 4 in 0..31. Group
-// block: the Q4_K header, then 8 qh chunks (chunk c: bytes qh[4 c ..] of each row, whose bit
-// 2 c2 / 2 c2 + 1 are the high bits of elements 64 c2 + 4 c .. / + 32 ..), then the 32 qs
-// chunks in Q4_K's order.
-template <int NT>
-struct R16Q5_K {
-  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0,
-                  std::atomic<int64_t>* counter) {
-    const int64_t nsb = a.k / QK_K, gbb = 64 + 256 + 512 + 2048;
-    const Tokens<NT> tk(a, t0);
-    const __m512i m4 = _mm512_set1_epi8(0x0F), bit4 = _mm512_set1_epi8(0x10);
-    for_groups(a, r0, r1, counter, [&](int64_t g) {
-      const uint8_t* p = a.w + g * nsb * gbb;
-      __m512 acc[NT];
-      for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
-      for (int64_t sb = 0; sb < nsb; ++sb, p += gbb) {
-        const __m512 d = f16x16(p), dmin = f16x16(p + 32);
-        const uint8_t* qh = p + 320;
-        for (int c2 = 0; c2 < 4; ++c2) {
-          const uint8_t* chunks = qh + 512 + 64 * 8 * c2;
-          const int64_t e0 = QK_K * sb + 64 * c2;  // first element of sub-block 2 c2
-          __m512i ih0[NT], il0[NT], ih1[NT], il1[NT];
-          for (int t = 0; t < NT; ++t) {
-            ih0[t] = il0[t] = ih1[t] = il1[t] = _mm512_setzero_si512();
-          }
-          for (int c = 0; c < 8; ++c) {
-            if (c2 == 0) prefetch_ahead(qh + 64 * c);
-            prefetch_ahead(chunks + 64 * c);
-            const __m512i z = load64(chunks + 64 * c), h = load64(qh + 64 * c);
-            // bit 2 c2 (2 c2 + 1) of each byte moved to bit 4 within the byte
-            const __m512i h0 = c2 < 2 ? _mm512_slli_epi16(h, 4 - 2 * c2)
-                                      : _mm512_srli_epi16(h, 2 * c2 - 4);
-            const __m512i h1 = c2 < 2 ? _mm512_slli_epi16(h, 3 - 2 * c2)
-                                      : _mm512_srli_epi16(h, 2 * c2 - 3);
-            const __m512i u0 = _mm512_ternarylogic_epi32(_mm512_and_si512(z, m4), h0, bit4, 0xF8);
-            const __m512i u1 = _mm512_ternarylogic_epi32(
-                _mm512_and_si512(_mm512_srli_epi16(z, 4), m4), h1, bit4, 0xF8);
-            tk.dot(u0, e0 + 4 * c, ih0, il0);
-            tk.dot(u1, e0 + 32 + 4 * c, ih1, il1);
-          }
-          for (int hh = 0; hh < 2; ++hh) {
-            const int j = 2 * c2 + hh;
-            const __m512 scale = _mm512_mul_ps(d, u8x16(p + 64 + 16 * j));
-            const __m512 mins = _mm512_mul_ps(dmin, u8x16(p + 192 + 16 * j));
-            const int64_t blk = e0 / 32 + hh;
-            for (int t = 0; t < NT; ++t) {
-              const __m512i tot = hh ? lanes_total(ih1[t], il1[t], 0)
-                                     : lanes_total(ih0[t], il0[t], 0);
-              acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot),
-                                       _mm512_mul_ps(scale, _mm512_set1_ps(tk.dx[t][blk])), acc[t]);
-              acc[t] = _mm512_fnmadd_ps(mins, _mm512_set1_ps(tk.xsum[t][blk]), acc[t]);
-            }
-          }
-        }
-      }
-      store<NT>(a, t0, 16 * g, acc);
-    });
-  }
+        store<NT>(a, t0, 16 * g, acc);
+      });
+    }
+  };
 };
 
 // Q6_K: w = d sc_j (q - 32) for sub-block j of 16, q = 4 low bits from ql | 2 high bits from qh.
@@ -434,9 +397,9 @@ void matvec_vnni_r16(const MatArgs& a, int64_t r0, int64_t r1) {
   } else if constexpr (T == QType::Q8_0) {
     by_groups<R16Q8_0>(a, r0, r1);
   } else if constexpr (T == QType::Q4_K) {
-    by_groups<R16Q4_K>(a, r0, r1);
+    by_groups<R16K4<false>::K>(a, r0, r1);
   } else if constexpr (T == QType::Q5_K) {
-    by_groups<R16Q5_K>(a, r0, r1);
+    by_groups<R16K4<true>::K>(a, r0, r1);
   } else if constexpr (T == QType::Q6_K) {
     by_groups<R16Q6_K, 2>(a, r0, r1);
   } else {

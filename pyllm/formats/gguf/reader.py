@@ -13,7 +13,7 @@ import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -168,7 +168,47 @@ def _value_type(raw: int, cur: _Cursor, where: str) -> ValueType:
         raise cur.fail(f"{where}: unknown metadata value type {raw}", at=cur.pos - 4) from None
 
 
-class GGUFReader:
+_Reader = TypeVar("_Reader", bound="TensorLookup")
+
+
+class TensorLookup:
+    """What a model reader offers besides its fields (``path``, ``metadata``, ``tensors`` and
+    ``_by_name``, set by the reader): tensors by name, metadata by key, iteration, ``with``.
+    Shared by :class:`GGUFReader` and :class:`~pyllm.formats.gguf.split.SplitGGUFReader`."""
+
+    path: str
+    metadata: dict[str, Any]
+    tensors: list[TensorInfo]
+    _by_name: dict[str, TensorInfo]
+
+    def tensor(self, name: str) -> TensorInfo:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise GGUFError(f"{self.path}: no tensor named {name!r}") from None
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self._by_name
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    def __iter__(self) -> Iterator[TensorInfo]:
+        return iter(self.tensors)
+
+    def close(self) -> None:
+        """Drop this reader's references to the mapping (views handed out stay valid)."""
+        self.tensors = []
+        self._by_name = {}
+
+    def __enter__(self: _Reader) -> _Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class GGUFReader(TensorLookup):
     """Reads and validates a GGUF v2/v3 file.
 
     Attributes:
@@ -201,37 +241,11 @@ class GGUFReader:
         self._by_name: dict[str, TensorInfo] = {}
         self._parse()
 
-    # ---- public helpers -----------------------------------------------------------------------
-
-    def tensor(self, name: str) -> TensorInfo:
-        try:
-            return self._by_name[name]
-        except KeyError:
-            raise GGUFError(f"{self.path}: no tensor named {name!r}") from None
-
-    def has_tensor(self, name: str) -> bool:
-        return name in self._by_name
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.metadata.get(key, default)
-
-    def __iter__(self) -> Iterator[TensorInfo]:
-        return iter(self.tensors)
+    # ---- public helpers (and TensorLookup's) ---------------------------------------------------
 
     @property
     def file_size(self) -> int:
         return int(self._map.shape[0])
-
-    def close(self) -> None:
-        """Drop this reader's references to the mapping (views handed out stay valid)."""
-        self.tensors = []
-        self._by_name = {}
-
-    def __enter__(self) -> GGUFReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ---- parsing ------------------------------------------------------------------------------
 

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pyllm.errors import GGUFError
 from pyllm.formats.gguf.constants import ValueType
-from pyllm.formats.gguf.reader import GGUFReader, TensorInfo
+from pyllm.formats.gguf.reader import GGUFReader, TensorInfo, TensorLookup
 
 KEY_NO = "split.no"
 KEY_COUNT = "split.count"
@@ -55,7 +54,7 @@ def _split_count(reader: GGUFReader) -> int:
     return count
 
 
-class SplitGGUFReader:
+class SplitGGUFReader(TensorLookup):
     """The shards of a split model read as one model (the :class:`GGUFReader` interface that
     loading a model uses): ``metadata`` / ``value_types`` / ``alignment`` / ``version`` of the
     first shard without the ``split.*`` keys, ``tensors`` of all shards in order."""
@@ -74,22 +73,6 @@ class SplitGGUFReader:
         self.tensors: list[TensorInfo] = [t for s in shards for t in s.tensors]
         self._by_name = {t.name: t for t in self.tensors}
 
-    def tensor(self, name: str) -> TensorInfo:
-        try:
-            return self._by_name[name]
-        except KeyError:
-            raise GGUFError(f"{self.path}: no tensor named {name!r} in its "
-                            f"{len(self.shards)} shards") from None
-
-    def has_tensor(self, name: str) -> bool:
-        return name in self._by_name
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.metadata.get(key, default)
-
-    def __iter__(self) -> Iterator[TensorInfo]:
-        return iter(self.tensors)
-
     @property
     def file_size(self) -> int:
         return sum(s.file_size for s in self.shards)
@@ -97,14 +80,7 @@ class SplitGGUFReader:
     def close(self) -> None:
         for s in self.shards:
             s.close()
-        self.tensors = []
-        self._by_name = {}
-
-    def __enter__(self) -> SplitGGUFReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().close()
 
 
 ModelFile = GGUFReader | SplitGGUFReader  # what open_gguf gives
