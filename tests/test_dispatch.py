@@ -12,9 +12,10 @@ import pytest
 from pyllm import _core as core
 from pyllm.formats.gguf import GGMLType
 from pyllm.formats.qtypes import weight_types
+from tests.test_repack import REPACKED
 
-# The types with a rows16 layout (csrc/quant/repack.cc; tests/test_repack.py checks the layout).
-REPACK_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K)
+# The types with a rows16 layout (csrc/quant/repack.cc), as tests/test_repack.py lists them
+REPACK_TYPES = tuple(GGMLType[name] for name in REPACKED)
 AVX512_BITS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vnni", "avx512bf16")
 
 

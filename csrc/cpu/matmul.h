@@ -26,8 +26,9 @@
 //     Extra error <= sum_blocks (dx_b / 2) * sum_{i in b} |W[o][i]|, i.e. ~2^-16 relative to the
 //     block maximum; its KL contribution is ~65000x below ggml's int8 rounding.
 //   * Rows16 weights (pyllm/repack.h) on AVX-512 VNNI: the matvec kernels of matvec_r16.cc
-//     (Q4_0, Q8_0, Q4_K, Q6_K) round activations exactly like the int16-split kernels above, so
-//     the same bound holds; they differ from the GGUF-layout kernels only in F32 summation order.
+//     (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) round activations exactly like the int16-split
+//     kernels above, so the same bound holds; they differ from the GGUF-layout kernels only in
+//     F32 summation order.
 //   tests/test_kernels.py checks every type x ISA x token count against a float64 numpy product
 //   of the gguf package's dequantized weights at exactly these bounds.
 //   Trade measured on the dev box (Zen4, 1 core, CPU time): F32-math matvec ~6.6 GB/s on Q4_0

@@ -98,8 +98,8 @@ struct PlacedLayers {
 struct ModelOptions {
   // Copy the CPU's layer matrices and the output matrix (a separate copy when it is tied to the
   // embeddings) into the rows16 layout (pyllm/repack.h) where the active ISA has rows16 decode
-  // kernels (AVX-512 VNNI; Q4_0, Q4_1, Q8_0, Q4_K, Q6_K). Costs one pass over those weights at
-  // load; decode then streams them at the memory wall.
+  // kernels (AVX-512 VNNI; Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K). Costs one pass over those
+  // weights at load; decode then streams them at the memory wall.
   bool repack = true;
   // After repacking a tensor, drop its source pages from this process (madvise DONTNEED). Only
   // for weights in a read-only file mapping: the pages then return to the page cache, so peak
