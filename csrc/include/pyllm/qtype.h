@@ -25,6 +25,8 @@ enum class QType : uint32_t {
   Q5_K = 13,
   Q6_K = 14,
   Q8_K = 15,
+  IQ4_NL = 20,
+  IQ4_XS = 23,
   BF16 = 30,
 };
 
@@ -130,5 +132,30 @@ struct BlockQ8_K {
   int16_t bsums[QK_K / 16];  // sums of each group of 16 quants
 };
 static_assert(sizeof(BlockQ8_K) == 4 + QK_K + QK_K / 16 * 2, "Q8_K block size");
+
+// ---- i-quants (csrc/quant/iquants.cc) ------------------------------------------------------
+
+// IQ4_NL / IQ4_XS: a 4-bit index into this non-linear table of int8 levels per element.
+constexpr int8_t kIq4Levels[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                   1,    13,   25,  38,  53,  69,  89,  113};
+constexpr int QK4_NL = 32;
+
+// x = d * level[q]; qs[j] holds elements j (low nibble) and j + 16 (high nibble).
+struct BlockIQ4_NL {
+  f16_t d;
+  uint8_t qs[QK4_NL / 2];
+};
+static_assert(sizeof(BlockIQ4_NL) == 2 + QK4_NL / 2, "IQ4_NL block size");
+
+// x = d * (ls_j - 32) * level[q] for sub-block j of 32, ls_j a 6-bit scale: its low 4 bits in
+// scales_l (two per byte, sub-block 2 i in the low nibble), its high 2 in scales_h (bits 2 j);
+// qs as IQ4_NL's per sub-block of 32.
+struct BlockIQ4_XS {
+  f16_t d;
+  uint16_t scales_h;
+  uint8_t scales_l[QK_K / 64];
+  uint8_t qs[QK_K / 2];
+};
+static_assert(sizeof(BlockIQ4_XS) == 2 + 2 + QK_K / 64 + QK_K / 2, "IQ4_XS block size");
 
 }  // namespace pyllm

@@ -39,7 +39,7 @@ struct TypeTraits {
 inline constexpr QType kAllQTypes[] = {
     QType::F32,  QType::F16,  QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::Q8_0,
     QType::Q8_1, QType::Q2_K, QType::Q3_K, QType::Q4_K, QType::Q5_K, QType::Q6_K, QType::Q8_K,
-    QType::BF16,
+    QType::IQ4_NL, QType::IQ4_XS, QType::BF16,
 };
 
 // Traits of a type; throws std::invalid_argument if it is not in the table.
@@ -78,6 +78,11 @@ void quantize_row_q5_1(const float* x, BlockQ5_1* y, int64_t n);
 void dequantize_row_q8_0(const BlockQ8_0* x, float* y, int64_t n);
 void quantize_row_q8_0(const float* x, BlockQ8_0* y, int64_t n);   // also the activation quantizer
 void dequantize_row_q8_1(const BlockQ8_1* x, float* y, int64_t n);
+// i-quants (csrc/quant/iquants.cc)
+void dequantize_row_iq4_nl(const BlockIQ4_NL* x, float* y, int64_t n);
+void quantize_row_iq4_nl(const float* x, BlockIQ4_NL* y, int64_t n);
+void dequantize_row_iq4_xs(const BlockIQ4_XS* x, float* y, int64_t n);
+void quantize_row_iq4_xs(const float* x, BlockIQ4_XS* y, int64_t n);
 void quantize_row_q8_1(const float* x, BlockQ8_1* y, int64_t n);   // d = amax/127, s = d * sum(qs)
 
 void dequantize_row_q2_K(const BlockQ2_K* x, float* y, int64_t n);
