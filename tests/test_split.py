@@ -7,7 +7,6 @@ tests/data/make_llamacpp_split_figures.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,15 +20,12 @@ from pyllm.formats.gguf.split import SplitGGUFReader, open_gguf, parse_shard_nam
 from pyllm.runtime.llm import LLM
 from pyllm.tools.split import merge_model, parse_size, plan_shards, split_model
 from tests.test_cli import run_cli
+from tests.test_quantize import file_sha256 as sha256
 from tests.tiny_models import TinySpec, write_tiny
 
 PROMPT = [1, 504, 3458, 282, 4649, 314]
 SPLIT_FIGURES = Path(__file__).parent / "data" / "llamacpp_split_figures.json"
 SMOL_SPLIT = "40M"  # SmolLM2 Q4_1 (94 MiB) in three shards
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")

@@ -19,22 +19,6 @@
 #include "cpu/stage.h"
 
 namespace pyllm {
-namespace {
-
-MatmulParams product(QType type, const uint8_t* w, int64_t n_out, int64_t k, const float* x,
-                     int64_t n, float* y) {
-  MatmulParams p{};
-  p.wtype = type;
-  p.w = w;
-  p.n_out = n_out;
-  p.k = k;
-  p.x = x;
-  p.n_tokens = n;
-  p.y = y;
-  return p;
-}
-
-}  // namespace
 
 size_t CpuStage::lora_first(const Chunk& c, int layer, std::initializer_list<LoraTarget> targets,
                             MatmulParams* ps, size_t room) {
@@ -64,8 +48,8 @@ size_t CpuStage::lora_first(const Chunk& c, int layer, std::initializer_list<Lor
   size_t added = 0;
   std::vector<MatmulParams> rest;
   for (const PendingLora& pl : lora_pending_) {
-    const MatmulParams p = product(pl.pair->a_type, pl.pair->a.data(), pl.pair->rank,
-                                   pl.pair->n_in, pl.x, n, buf.lora_u.data() + pl.u_offset);
+    const MatmulParams p{pl.pair->a_type, pl.pair->a.data(), pl.pair->rank, pl.pair->n_in,
+                         pl.x, 0, n, buf.lora_u.data() + pl.u_offset, 0};
     if (added < room) ps[added++] = p;
     else rest.push_back(p);
   }

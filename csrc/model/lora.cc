@@ -93,7 +93,10 @@ bool delta_norm_weights(const LoraChunk* lc, int layer, DeltaSlot slot, const fl
                         int64_t d, const int* idx, int count, std::vector<float>& vectors,
                         std::vector<int>& which) {
   if (lc == nullptr || !lc->deltas) return false;
-  std::vector<std::pair<size_t, const float*>> used;  // (adapter of the chunk, its delta)
+  // per layer and token while deltas are in use: scratch kept per thread, not allocated
+  thread_local std::vector<std::pair<size_t, const float*>> used;  // (chunk adapter, delta)
+  thread_local std::vector<double> sum;
+  used.clear();
   for (size_t ai = 0; ai < lc->adapters.size(); ++ai) {
     if (const std::vector<float>* v = lc->adapters[ai]->delta(layer, slot)) {
       used.emplace_back(ai, v->data());
@@ -102,7 +105,7 @@ bool delta_norm_weights(const LoraChunk* lc, int layer, DeltaSlot slot, const fl
   if (used.empty()) return false;
   vectors.clear();
   which.resize(static_cast<size_t>(count));
-  std::vector<double> sum(static_cast<size_t>(d));
+  sum.resize(static_cast<size_t>(d));
   for (int i = 0; i < count; ++i) {
     const int t = idx ? idx[i] : i;
     if (i > 0) {
