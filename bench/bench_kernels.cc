@@ -54,6 +54,8 @@ const std::vector<TypeGeom>& all_types() {
       {QType::Q4_K, "Q4_K", 256, sizeof(BlockQ4_K), {offsetof(BlockQ4_K, d), offsetof(BlockQ4_K, dmin)}},
       {QType::Q5_K, "Q5_K", 256, sizeof(BlockQ5_K), {offsetof(BlockQ5_K, d), offsetof(BlockQ5_K, dmin)}},
       {QType::Q6_K, "Q6_K", 256, sizeof(BlockQ6_K), {offsetof(BlockQ6_K, d)}},
+      {QType::IQ4_NL, "IQ4_NL", 32, sizeof(BlockIQ4_NL), {offsetof(BlockIQ4_NL, d)}},
+      {QType::IQ4_XS, "IQ4_XS", 256, sizeof(BlockIQ4_XS), {offsetof(BlockIQ4_XS, d)}},
   };
   return t;
 }

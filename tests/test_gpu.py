@@ -44,7 +44,7 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 TOKENS = [1, 5, 77, 12, 130, 4, 9, 66, 3, 150, 21]
 WEIGHT_TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K,
-                T.Q4_K, T.Q5_K, T.Q6_K]
+                T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS]
 REF_BOUND = 2e-5  # measured at most 9.5e-6 (Q5_K llama)
 
 

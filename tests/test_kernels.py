@@ -7,7 +7,8 @@ per output element:
     worst case ~1e-6 at k <= 512).
   * AVX-512 VNNI kernels: matvec (n_tokens < 32, matvec_vnni.cc) of every block type and
     matmat (n_tokens >= 32, matmat_vnni.cc) of every block type except Q2_K; and
-    the AVX2 matvec (n_tokens < 16, matvec_avx2.cc) of every block type except Q8_0:
+    the AVX2 matvec (n_tokens < 16, matvec_avx2.cc) of every block type except the 8-bit ones
+    (Q8_0, IQ4_NL, IQ4_XS):
     activations are rounded to int16 steps per block of 32, adding at most half a step per
     element: + sum_b (amax_b / 32767 / 2) * sum_{i in b} |w_i|   (256x finer than ggml's int8).
 Each ISA is also compared with the scalar path at twice those bounds.
@@ -44,6 +45,8 @@ TYPES: dict[str, tuple[int, int, int, tuple[int, ...]]] = {
     "Q4_K": (12, 256, 144, (0, 2)),
     "Q5_K": (13, 256, 176, (0, 2)),
     "Q6_K": (14, 256, 210, (208,)),
+    "IQ4_NL": (20, 32, 18, (0,)),
+    "IQ4_XS": (23, 256, 136, (0,)),
 }
 
 
@@ -76,9 +79,10 @@ def isa_guard() -> Iterator[None]:
 
 
 # AVX-512 VNNI kernels (see the module doc)
-INT16_MATVEC = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
-INT16_MATMAT = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
-INT16_MATVEC_AVX2 = INT16_MATVEC - {"Q8_0"}  # matvec_avx2.cc
+INT16_MATVEC = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+                "IQ4_NL", "IQ4_XS"}
+INT16_MATMAT = INT16_MATVEC - {"Q2_K"}
+INT16_MATVEC_AVX2 = INT16_MATVEC - {"Q8_0", "IQ4_NL", "IQ4_XS"}  # matvec_avx2.cc
 # matvec below this many tokens, matmat from it on (csrc/include/pyllm/matmul.h)
 MATMAT_MIN_TOKENS = {"scalar": 16, "avx2": 16, "avx512": 32, "neon": 16}
 

@@ -381,7 +381,7 @@ def test_smollm2_matches_reference(smollm2_path: Path) -> None:
 
 
 @pytest.mark.parametrize("wtype", ["BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K",
-                                   "Q4_K", "Q5_K", "Q6_K"])
+                                   "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"])
 def test_quantized_weights_match_reference(tmp_path: Path, wtype: str) -> None:
     """Every weight type through the whole forward (k-quants need rows of 256)."""
     spec = TinySpec(n_embd=256, n_head=4, n_head_kv=2, n_ff=256, n_layer=1,

@@ -47,6 +47,7 @@ WEIGHT_TYPES = [
     GGMLType.F32, GGMLType.F16, GGMLType.BF16,
     GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
     GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K,
+    GGMLType.IQ4_NL, GGMLType.IQ4_XS,
 ]  # fmt: skip
 EXACT_QUANTIZE_TYPES = [
     GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1,
@@ -69,6 +70,7 @@ F16_FIELDS = {
     GGMLType.Q4_0: (0,), GGMLType.Q4_1: (0, 2), GGMLType.Q5_0: (0,), GGMLType.Q5_1: (0, 2),
     GGMLType.Q8_0: (0,), GGMLType.Q2_K: (80, 82), GGMLType.Q3_K: (108,),
     GGMLType.Q4_K: (0, 2), GGMLType.Q5_K: (0, 2), GGMLType.Q6_K: (208,),
+    GGMLType.IQ4_NL: (0,), GGMLType.IQ4_XS: (0,),
 }  # fmt: skip
 
 
@@ -121,14 +123,14 @@ def test_type_table_matches_gguf() -> None:
         table = TYPE_INFO[t]
         assert (info.block_size, info.type_size) == (table.block_size, table.type_size)
         assert info.is_quantized == (info.block_size > 1)
-        # activation types; and the i-quants until kernels read them (csrc/cpu/isa)
-        assert info.is_weight == (t not in (GGMLType.Q8_1, GGMLType.Q8_K, GGMLType.IQ4_NL,
-                                            GGMLType.IQ4_XS))
+        # activation types are the only ones no kernel reads
+        assert info.is_weight == (t not in (GGMLType.Q8_1, GGMLType.Q8_K))
     dot = {t: qtypes.type_info(t).vec_dot_type for t in WEIGHT_TYPES}
     assert dot[GGMLType.F32] == GGMLType.F32
     assert dot[GGMLType.Q4_0] == dot[GGMLType.Q5_0] == dot[GGMLType.Q8_0] == GGMLType.Q8_0
     assert dot[GGMLType.Q4_1] == dot[GGMLType.Q5_1] == GGMLType.Q8_1
     assert all(dot[t] == GGMLType.Q8_K for t in K_TYPES)
+    assert (dot[GGMLType.IQ4_NL], dot[GGMLType.IQ4_XS]) == (GGMLType.Q8_0, GGMLType.Q8_K)
 
 
 def test_type_names_ids_and_enums_resolve() -> None:

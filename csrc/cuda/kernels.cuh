@@ -14,7 +14,8 @@ constexpr int kChunk = 32;  // elements of a weight row per decode step (a legac
 // GGUF type ids (pyllm::QType)
 enum : int {
   kF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8,
-  kQ2_K = 10, kQ3_K = 11, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kBF16 = 30,
+  kQ2_K = 10, kQ3_K = 11, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kIQ4_NL = 20, kIQ4_XS = 23,
+  kBF16 = 30,
 };
 
 __device__ __forceinline__ float ld_half(const uint8_t* p) {
@@ -162,6 +163,31 @@ __device__ void deq_chunk(int type, const uint8_t* row, int c, int left, float* 
       for (int l = 0; l < kChunk; ++l) {
         const int v = (((ql[l] >> lshift) & 0xF) | (((qh[l] >> hshift) & 3) << 4)) - 32;
         out[l] = d * float(sc[l / 16]) * float(v);
+      }
+      return;
+    }
+    case kIQ4_NL:
+    case kIQ4_XS: {
+      // the levels a 4-bit code indexes (pyllm::kIq4Levels)
+      constexpr int8_t kLevels[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                      1,    13,   25,  38,  53,  69,  89,  113};
+      float d;
+      const uint8_t* q;
+      if (type == kIQ4_NL) {  // 18 bytes: d, qs[16]
+        const uint8_t* b = row + c * 18;
+        d = ld_half(b);
+        q = b + 2;
+      } else {  // 136 bytes: d, scales_h (u16), scales_l[4], qs[128]
+        const uint8_t* b = row + (c / 8) * 136;
+        const int j = c % 8;
+        const int ls = ((b[4 + j / 2] >> (4 * (j % 2))) & 0xF) |
+                       ((((b[2] | (b[3] << 8)) >> (2 * j)) & 3) << 4);
+        d = ld_half(b) * float(ls - 32);
+        q = b + 8 + 16 * j;
+      }
+      for (int l = 0; l < 16; ++l) {
+        out[l] = d * float(kLevels[q[l] & 0xF]);
+        out[l + 16] = d * float(kLevels[q[l] >> 4]);
       }
       return;
     }

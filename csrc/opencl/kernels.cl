@@ -20,6 +20,8 @@
 #define T_Q4_K 12
 #define T_Q5_K 13
 #define T_Q6_K 14
+#define T_IQ4_NL 20
+#define T_IQ4_XS 23
 #define T_BF16 30
 
 // Every matrix product walks a weight row in chunks of 32 elements (one legacy block, one
@@ -53,6 +55,10 @@ inline float q3k_scale(global const uchar* s, int j) {
   const int high = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
   return (float)((low | (high << 4)) - 32);
 }
+
+// The IQ4_NL / IQ4_XS levels a 4-bit code indexes (pyllm::kIq4Levels).
+constant char kIq4Levels[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                1,    13,   25,  38,  53,  69,  89,  113};
 
 // The 32 values of chunk c of a weight row (elements 32c .. 32c + 31; for the plain types only
 // the first `left` of them exist, the rest read as 0). Each value is the format's exact
@@ -175,6 +181,28 @@ void deq_chunk(int type, global const uchar* row, int c, int left, float* out) {
       for (int l = 0; l < CHUNK; ++l) {
         const int v = (((ql[l] >> lshift) & 0xF) | (((qh[l] >> hshift) & 3) << 4)) - 32;
         out[l] = d * (float)sc[l / 16] * (float)v;
+      }
+      return;
+    }
+    case T_IQ4_NL:    // 18 bytes: d, qs[16]
+    case T_IQ4_XS: {  // 136 bytes: d, scales_h (u16), scales_l[4], qs[128]
+      float d;
+      global const uchar* q;
+      if (type == T_IQ4_NL) {
+        global const uchar* b = row + c * 18;
+        d = ld_half(b);
+        q = b + 2;
+      } else {
+        global const uchar* b = row + (c / 8) * 136;
+        const int j = c % 8;
+        const int ls = ((b[4 + j / 2] >> (4 * (j % 2))) & 0xF) |
+                       (((((uint)b[2] | ((uint)b[3] << 8)) >> (2 * j)) & 3) << 4);
+        d = ld_half(b) * (float)(ls - 32);
+        q = b + 8 + 16 * j;
+      }
+      for (int l = 0; l < 16; ++l) {
+        out[l] = d * (float)kIq4Levels[q[l] & 0xF];
+        out[l + 16] = d * (float)kIq4Levels[q[l] >> 4];
       }
       return;
     }

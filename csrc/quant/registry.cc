@@ -47,9 +47,8 @@ const TypeTraits kTraits[] = {
     PYLLM_TRAITS(Q5_K, BlockQ5_K, QK_K, true, true, q5_K, Q8_K),
     PYLLM_TRAITS(Q6_K, BlockQ6_K, QK_K, true, true, q6_K, Q8_K),
     PYLLM_TRAITS(Q8_K, BlockQ8_K, QK_K, true, false, q8_K, F32),
-    // not weight types yet: no kernels (csrc/cpu/isa) read them
-    PYLLM_TRAITS(IQ4_NL, BlockIQ4_NL, QK4_NL, true, false, iq4_nl, F32),
-    PYLLM_TRAITS(IQ4_XS, BlockIQ4_XS, QK_K, true, false, iq4_xs, F32),
+    PYLLM_TRAITS(IQ4_NL, BlockIQ4_NL, QK4_NL, true, true, iq4_nl, Q8_0),
+    PYLLM_TRAITS(IQ4_XS, BlockIQ4_XS, QK_K, true, true, iq4_xs, Q8_K),
     PYLLM_TRAITS(BF16, bf16_t, 1, false, true, bf16, BF16),
 };
 

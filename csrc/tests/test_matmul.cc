@@ -50,6 +50,8 @@ const std::vector<TypeCase>& cases() {
       {QType::Q4_K, "Q4_K", 256, sizeof(BlockQ4_K), {offsetof(BlockQ4_K, d), offsetof(BlockQ4_K, dmin)}},
       {QType::Q5_K, "Q5_K", 256, sizeof(BlockQ5_K), {offsetof(BlockQ5_K, d), offsetof(BlockQ5_K, dmin)}},
       {QType::Q6_K, "Q6_K", 256, sizeof(BlockQ6_K), {offsetof(BlockQ6_K, d)}},
+      {QType::IQ4_NL, "IQ4_NL", 32, sizeof(BlockIQ4_NL), {offsetof(BlockIQ4_NL, d)}},
+      {QType::IQ4_XS, "IQ4_XS", 256, sizeof(BlockIQ4_XS), {offsetof(BlockIQ4_XS, d)}},
   };
   return c;
 }
@@ -58,7 +60,7 @@ const std::vector<TypeCase>& cases() {
 bool uses_int16_activations(Isa isa, QType t, int64_t n_tokens) {
   if (isa == Isa::Avx2) {  // matvec_avx2.cc
     return n_tokens < matmat_min_tokens() && t != QType::F32 && t != QType::F16 &&
-           t != QType::BF16 && t != QType::Q8_0;
+           t != QType::BF16 && t != QType::Q8_0 && t != QType::IQ4_NL && t != QType::IQ4_XS;
   }
   if (isa != Isa::Avx512) return false;
   if (n_tokens < matmat_min_tokens()) {  // the caller has made isa the active ISA
@@ -66,7 +68,7 @@ bool uses_int16_activations(Isa isa, QType t, int64_t n_tokens) {
   }
   return t == QType::Q4_0 || t == QType::Q4_1 || t == QType::Q5_0 || t == QType::Q5_1 ||
          t == QType::Q8_0 || t == QType::Q3_K || t == QType::Q4_K || t == QType::Q5_K ||
-         t == QType::Q6_K;  // matmat_vnni.cc
+         t == QType::Q6_K || t == QType::IQ4_NL || t == QType::IQ4_XS;  // matmat_vnni.cc
 }
 
 // Random weight bytes whose scales are finite and of moderate size.

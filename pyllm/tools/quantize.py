@@ -13,6 +13,7 @@ File types (``LLAMA_FTYPE`` id, bulk type of the weight matrices)::
     Q4_0 2 Q4_0  Q4_1 3 Q4_1  Q5_0 8 Q5_0     Q5_1 9 Q5_1
     Q2_K 10 Q2_K    Q3_K_S 11 Q3_K  Q3_K_M 12 Q3_K  Q3_K_L 13 Q3_K
     Q4_K_S 14 Q4_K  Q4_K_M 15 Q4_K  Q5_K_S 16 Q5_K  Q5_K_M 17 Q5_K  Q6_K 18 Q6_K
+    IQ4_NL 25 IQ4_NL  IQ4_XS 30 IQ4_XS
     (aliases as llama-quantize: Q3_K = Q3_K_M, Q4_K = Q4_K_M, Q5_K = Q5_K_M)
 
 Which tensors are converted (as llama.cpp's quantizer decides): tensors with at least 2 dims whose
@@ -32,23 +33,26 @@ tensor             rule
 output.weight      Q6_K, except Q8_0 stays Q8_0; Q8_0 when the row length is not a multiple of
                    the bulk type's block (and for falcon). Without output.weight (tied
                    embeddings) token_embd.weight takes this rule instead.
-token_embd.weight  the bulk type (the IQ mixes, which pyllm lacks, would change it)
+token_embd.weight  the bulk type
 attn_v.weight      (fused attn_qkv and MLA attn_kv_b count as attn_v, as in llama.cpp)
                    Q2_K: Q4_K if gqa >= 4 else Q3_K; Q3_K_M: Q5_K for i < 2 else Q4_K;
-                   Q3_K_L: Q5_K; Q4_K_M / Q5_K_M: Q6_K if more(i, n); Q4_K_S: Q5_K for i < 4.
+                   Q3_K_L: Q5_K; IQ4_NL / IQ4_XS: Q5_K if gqa >= 4; Q4_K_M / Q5_K_M: Q6_K if
+                   more(i, n); Q4_K_S: Q5_K for i < 4.
                    Then 70B llama (80 layers): Q3_K/Q4_K -> Q5_K; 8 experts: Q8_0.
 attn_k.weight      8 experts: Q8_0
 ffn_down           Q2_K: Q3_K; Q3_K_M: Q5_K if i < n/16, else Q4_K (falcon: Q4_K only if
                    more(i, n), else Q3_K); Q3_K_L: Q5_K (falcon Q4_K); Q4_K_M: Q6_K if
                    more(i, n) (falcon: Q6_K if i < n/16, Q5_K if more, else Q4_K);
+                   IQ4_NL / IQ4_XS without an importance matrix: Q5_K if i < n/8;
                    Q5_K_M: Q6_K if more(i, n); Q4_K_S: Q5_K if i < n/8 (not falcon)
 attn_output        Q2_K: Q3_K; Q3_K_M: Q4_K; Q3_K_L: Q5_K (falcon: Q3_K_L -> Q4_K only);
-                   8 experts: Q5_K for Q2_K, Q3_K_S, Q3_K_M, Q4_K_S, Q4_K_M
+                   8 experts: Q5_K for Q2_K, Q3_K_S, Q3_K_M, Q4_K_S, Q4_K_M, IQ4_NL, IQ4_XS
 =================  ==========================================================================
 
 Row lengths that are not a multiple of the chosen type's block fall back as llama.cpp does:
 Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0 (some llama.cpp versions took
-IQ4_NL, which has Q4_0's size), and F16 when the row is not a multiple of 32 either.
+IQ4_NL, which has Q4_0's size), IQ4_XS -> IQ4_NL, and F16 when the row is not a multiple of 32
+either.
 
 Checked against llama.cpp's quantizer (llama-cpp-python 0.3.36): for every file type the
 per-tensor types, the tensor bytes (k-quants included) and the file sizes are identical, on a
@@ -123,6 +127,8 @@ FILE_TYPES: dict[str, FileType] = {
         FileType("Q5_K_S", 16, T.Q5_K),
         FileType("Q5_K_M", 17, T.Q5_K),
         FileType("Q6_K", 18, T.Q6_K),
+        FileType("IQ4_NL", 25, T.IQ4_NL),
+        FileType("IQ4_XS", 30, T.IQ4_XS),
     )
 }
 _ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
@@ -130,7 +136,9 @@ _ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 QUANTIZATION_VERSION = 2
 
 # Fallbacks for rows that are not a whole number of the chosen type's blocks (see docstring).
-_FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+_FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
+             T.IQ4_XS: T.IQ4_NL}
+_IQ4 = ("IQ4_NL", "IQ4_XS")
 
 # Substrings / names of >= 2-D tensors that llama.cpp never quantizes (the llama-family ones and
 # a few small tensors of other architectures).
@@ -238,11 +246,12 @@ def _layer_order(name: str) -> tuple[int, str]:
 
 
 def mix_type(name: str, ft: FileType, facts: ModelFacts, i_layer: int, n_layer: int,
-             bulk: GGMLType | None = None) -> GGMLType:
+             bulk: GGMLType | None = None, imatrix: bool = False) -> GGMLType:
     """The type llama.cpp's rules give tensor ``name`` before the row-length fallback.
 
     ``i_layer``/``n_layer`` are the attn_v counter and count for attn_v tensors, the ffn_down
-    counter and the block count for ffn_down tensors (unused for other tensors).
+    counter and the block count for ffn_down tensors (unused for other tensors); ``imatrix``
+    whether an importance matrix guides the quantization (some rules differ then).
     """
     new = ft.bulk if bulk is None else bulk
     f = ft.name
@@ -259,7 +268,7 @@ def mix_type(name: str, ft: FileType, facts: ModelFacts, i_layer: int, n_layer: 
             new = T.Q4_K if facts.n_gqa >= 4 else T.Q3_K
         elif f == "Q3_K_M":
             new = T.Q5_K if i_layer < 2 else T.Q4_K
-        elif f == "Q3_K_L":
+        elif f == "Q3_K_L" or (f in _IQ4 and facts.n_gqa >= 4):
             new = T.Q5_K
         elif f in ("Q4_K_M", "Q5_K_M") and _more_bits(i_layer, n_layer):
             new = T.Q6_K
@@ -290,6 +299,8 @@ def mix_type(name: str, ft: FileType, facts: ModelFacts, i_layer: int, n_layer: 
                 new = T.Q6_K if i < n // 16 else T.Q5_K if _more_bits(i, n) else T.Q4_K
             elif _more_bits(i, n):
                 new = T.Q6_K
+        elif f in _IQ4 and i < n // 8 and not imatrix:
+            new = T.Q5_K
         elif f == "Q5_K_M" and _more_bits(i, n):
             new = T.Q6_K
         elif f == "Q4_K_S" and not falcon and i < n // 8:
@@ -299,7 +310,7 @@ def mix_type(name: str, ft: FileType, facts: ModelFacts, i_layer: int, n_layer: 
         if falcon:
             return T.Q4_K if f == "Q3_K_L" else new
         if facts.n_expert == 8:
-            if f in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M"):
+            if f in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", *_IQ4):
                 new = T.Q5_K
             return new
         return {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K}.get(f, new)

@@ -249,5 +249,44 @@ struct Fmt<QType::Q6_K> {
   }
 };
 
+// IQ4_NL: d * level[q]; qs[j] holds elements j (low nibble) and j + 16 (high nibble).
+template <>
+struct Fmt<QType::IQ4_NL> {
+  using Block = BlockIQ4_NL;
+  static constexpr int B = QK4_NL;
+  static void decode(const Block* b, float* y) {
+    const float d = half_to_float(b->d);
+    for (int j = 0; j < 16; ++j) {
+      y[j] = d * static_cast<float>(kIq4Levels[b->qs[j] & 0x0F]);
+      y[j + 16] = d * static_cast<float>(kIq4Levels[b->qs[j] >> 4]);
+    }
+  }
+};
+
+// The 6-bit scale of sub-block j of an IQ4_XS block, minus 32.
+inline int iq4xs_scale(const BlockIQ4_XS* b, int j) {
+  const int low = (b->scales_l[j / 2] >> (4 * (j % 2))) & 0x0F;
+  const int high = (b->scales_h >> (2 * j)) & 3;
+  return (low | (high << 4)) - 32;
+}
+
+// IQ4_XS: sub-block j of 32 is IQ4_NL's layout at qs + 16 j with the scale d * (ls_j - 32).
+template <>
+struct Fmt<QType::IQ4_XS> {
+  using Block = BlockIQ4_XS;
+  static constexpr int B = QK_K;
+  static void decode(const Block* b, float* y) {
+    const float d = half_to_float(b->d);
+    for (int ib = 0; ib < QK_K / 32; ++ib, y += 32) {
+      const float dl = d * static_cast<float>(iq4xs_scale(b, ib));
+      const uint8_t* qs = b->qs + 16 * ib;
+      for (int j = 0; j < 16; ++j) {
+        y[j] = dl * static_cast<float>(kIq4Levels[qs[j] & 0x0F]);
+        y[j + 16] = dl * static_cast<float>(kIq4Levels[qs[j] >> 4]);
+      }
+    }
+  }
+};
+
 }  // namespace PYLLM_ISA
 }  // namespace pyllm

@@ -34,8 +34,10 @@ constexpr int kMatmatF32Rows = 2 * VN;
 // Decode, block types of at most 6 bits: int16-split activations, VPMADDUBSW.
 template <QType T>
 void matvec_avx2_int16(const MatArgs& a, int64_t r0, int64_t r1);
-// Decode, Q8_0: int8 lanes widened to F32 in registers (8-bit weights saturate VPMADDUBSW).
-void matvec_avx2_q8_0_f32(const MatArgs& a, int64_t r0, int64_t r1);
+// Decode, Q8_0, IQ4_NL, IQ4_XS: int8 lanes (quants or table levels) widened to F32 in registers
+// (8-bit weights saturate VPMADDUBSW).
+template <QType T>
+void matvec_avx2_int8_f32(const MatArgs& a, int64_t r0, int64_t r1);
 #endif
 
 #if defined(PYLLM_ISA_AVX512)

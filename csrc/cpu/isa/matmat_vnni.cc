@@ -1,6 +1,6 @@
 // AVX-512 VNNI matmat (prefill) kernels for the block types whose weights are an integer times a
-// per-32 scale plus a per-32 offset: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, and Q6_K
-// (two scales per 32).
+// per-32 scale plus a per-32 offset: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, IQ4_NL,
+// IQ4_XS (the integer a table level), and Q6_K (two scales per 32).
 //
 // Why: the F32 panel kernel (kernels.cc) is bound by F32 FMA throughput (16 multiply-adds per
 // instruction). Here a panel of 32 rows is decoded once into int16 weights u (w = s * u + o per
@@ -230,6 +230,44 @@ struct IntFmt<QType::Q6_K> {
     }
     for (int j = 0; j < 16; ++j) s[j] = d * static_cast<float>(b->scales[j]);
     for (int g = 0; g < 8; ++g) o[g] = 0.0f;
+  }
+};
+
+// IQ4_NL / IQ4_XS: u = the signed level (|u| <= 127), one scale per group of 32 (IQ4_NL's d,
+// IQ4_XS's d * (ls_j - 32)).
+inline void iq4_levels(const uint8_t* qs, int16_t* u) {
+  for (int j = 0; j < 16; ++j) {
+    u[j] = kIq4Levels[qs[j] & 0x0F];
+    u[j + 16] = kIq4Levels[qs[j] >> 4];
+  }
+}
+
+template <>
+struct IntFmt<QType::IQ4_NL> {
+  using Block = BlockIQ4_NL;
+  static constexpr int B = QK4_NL;
+  static constexpr bool kOffset = false;
+  static constexpr int kSubs = 1;
+  static void decode(const Block* b, int16_t* u, float* s, float* o) {
+    iq4_levels(b->qs, u);
+    s[0] = half_to_float(b->d);
+    o[0] = 0.0f;
+  }
+};
+
+template <>
+struct IntFmt<QType::IQ4_XS> {
+  using Block = BlockIQ4_XS;
+  static constexpr int B = QK_K;
+  static constexpr bool kOffset = false;
+  static constexpr int kSubs = 1;
+  static void decode(const Block* b, int16_t* u, float* s, float* o) {
+    const float d = half_to_float(b->d);
+    for (int j = 0; j < 8; ++j) {
+      iq4_levels(b->qs + 16 * j, u + 32 * j);
+      s[j] = d * static_cast<float>(iq4xs_scale(b, j));
+      o[j] = 0.0f;
+    }
   }
 };
 
@@ -574,6 +612,8 @@ PYLLM_KERNEL_FOR(matmat_vnni, Q3_K)
 PYLLM_KERNEL_FOR(matmat_vnni, Q4_K)
 PYLLM_KERNEL_FOR(matmat_vnni, Q5_K)
 PYLLM_KERNEL_FOR(matmat_vnni, Q6_K)
+PYLLM_KERNEL_FOR(matmat_vnni, IQ4_NL)
+PYLLM_KERNEL_FOR(matmat_vnni, IQ4_XS)
 PYLLM_KERNEL_FOR(matmat_vnni_r16, Q4_0)
 PYLLM_KERNEL_FOR(matmat_vnni_r16, Q4_1)
 PYLLM_KERNEL_FOR(matmat_vnni_r16, Q8_0)

@@ -6,7 +6,8 @@
 // steps, split exactly into xi = 256 * hi + lo), with VPMADDUBSW + VPMADDWD instead of
 // VPDPBUSD. VPMADDUBSW saturates pairs at 16 bits, so both products must stay below 2^15 / 2:
 // u * hi <= 63 * 128 and lo * u <= 255 * 63 hold for weights of at most 6 bits; Q8_0 (8-bit)
-// therefore gets an F32 kernel here (matvec_avx2_q8_0_f32: int8 lanes widened to floats).
+// and the IQ4 types (8-bit table levels) therefore get an F32 kernel here
+// (matvec_avx2_int8_f32: int8 lanes widened to floats).
 //
 // Compiled for the AVX2 build only (CMakeLists.txt); table_avx2.cc says which type uses which.
 #include <algorithm>
@@ -383,26 +384,53 @@ inline vf madd(const W16& w, const float* x, vf acc) {
 
 inline __m128i load16(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
 
-template <int NT>
-struct MvQ8_0 {
-  static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
-    const int64_t nb = a.k / 32;
-    for (int64_t r = r0; r < r1; ++r) {
-      const BlockQ8_0* row = reinterpret_cast<const BlockQ8_0*>(a.w + r * a.row_bytes);
-      vf acc[NT];
-      for (int t = 0; t < NT; ++t) acc[t] = vzero();
-      for (int64_t b = 0; b < nb; ++b) {
-        const W16 lo = widen(load16(row[b].qs));
-        const W16 hi = widen(load16(row[b].qs + 16));
-        const vf d = vset1(half_to_float(row[b].d));
-        for (int t = 0; t < NT; ++t) {
-          const float* x = a.x + (t0 + t) * a.ldx + 32 * b;
-          acc[t] = vfma(madd(hi, x + 16, madd(lo, x, vzero())), d, acc[t]);
+// Elements j and j + 16 of an IQ4 sub-block of 32 (qs[j]'s two nibbles): 16 signed levels each.
+inline void iq4_sub_block(const uint8_t* qs, __m128i* lo, __m128i* hi) {
+  const __m128i levels = load16(kIq4Levels), m4 = _mm_set1_epi8(0x0F);
+  const __m128i q = load16(qs);
+  *lo = _mm_shuffle_epi8(levels, _mm_and_si128(q, m4));
+  *hi = _mm_shuffle_epi8(levels, _mm_and_si128(_mm_srli_epi16(q, 4), m4));
+}
+
+// Q8_0, IQ4_NL and IQ4_XS: 8-bit values (the quants, or the i-quants' table levels) per
+// sub-block of 32 with one scale, widened to F32.
+template <QType T>
+struct MvInt8F32 {
+  template <int NT>
+  struct K {
+    static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+      const int64_t nb = a.k / 32;
+      for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* row = a.w + r * a.row_bytes;
+        vf acc[NT];
+        for (int t = 0; t < NT; ++t) acc[t] = vzero();
+        float dl = 0.0f;
+        for (int64_t b = 0; b < nb; ++b) {
+          __m128i q0, q1;
+          if constexpr (T == QType::Q8_0) {
+            const BlockQ8_0& blk = reinterpret_cast<const BlockQ8_0*>(row)[b];
+            q0 = load16(blk.qs), q1 = load16(blk.qs + 16), dl = half_to_float(blk.d);
+          } else if constexpr (T == QType::IQ4_NL) {
+            const BlockIQ4_NL& blk = reinterpret_cast<const BlockIQ4_NL*>(row)[b];
+            iq4_sub_block(blk.qs, &q0, &q1);
+            dl = half_to_float(blk.d);
+          } else {
+            const BlockIQ4_XS* blk = reinterpret_cast<const BlockIQ4_XS*>(row) + b / 8;
+            const int j = static_cast<int>(b % 8);
+            iq4_sub_block(blk->qs + 16 * j, &q0, &q1);
+            dl = half_to_float(blk->d) * static_cast<float>(iq4xs_scale(blk, j));
+          }
+          const W16 lo = widen(q0), hi = widen(q1);
+          const vf d = vset1(dl);
+          for (int t = 0; t < NT; ++t) {
+            const float* x = a.x + (t0 + t) * a.ldx + 32 * b;
+            acc[t] = vfma(madd(hi, x + 16, madd(lo, x, vzero())), d, acc[t]);
+          }
         }
+        for (int t = 0; t < NT; ++t) a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]);
       }
-      for (int t = 0; t < NT; ++t) a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]);
     }
-  }
+  };
 };
 
 }  // namespace
@@ -442,9 +470,14 @@ PYLLM_KERNEL_FOR(matvec_avx2_int16, Q4_K)
 PYLLM_KERNEL_FOR(matvec_avx2_int16, Q5_K)
 PYLLM_KERNEL_FOR(matvec_avx2_int16, Q6_K)
 
-void matvec_avx2_q8_0_f32(const MatArgs& a, int64_t r0, int64_t r1) {
-  by_groups<MvQ8_0>(a, r0, r1);
+template <QType T>
+void matvec_avx2_int8_f32(const MatArgs& a, int64_t r0, int64_t r1) {
+  by_groups<MvInt8F32<T>::template K>(a, r0, r1);
 }
+
+PYLLM_KERNEL_FOR(matvec_avx2_int8_f32, Q8_0)
+PYLLM_KERNEL_FOR(matvec_avx2_int8_f32, IQ4_NL)
+PYLLM_KERNEL_FOR(matvec_avx2_int8_f32, IQ4_XS)
 
 }  // namespace PYLLM_ISA
 }  // namespace pyllm

@@ -1,5 +1,6 @@
-// AVX-512 VNNI matvec kernels for every block type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K .. Q6_K)
-// that keep 16-bit activation precision while using int8 dot-product instructions.
+// AVX-512 VNNI matvec kernels for every block type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K .. Q6_K,
+// IQ4_NL, IQ4_XS) that keep 16-bit activation precision while using int8 dot-product
+// instructions.
 //
 // Why: the F32 decode path (kernels.cc) spends ~16 vector instructions per 32 weights on
 // widening nibbles to floats, which caps a core at ~4 weights/cycle, below the memory wall for
@@ -557,6 +558,87 @@ struct MvK2 {
   };
 };
 
+// IQ4_NL and IQ4_XS: w = s * level[u], u a nibble in the layout of Q4_0 (so four blocks of 32
+// per two registers, Order::kQuad), level a signed byte found by VPSHUFB in the 16-entry table.
+// As for Q8_0, the levels are signed: sum level xi = 256 sum (level + 128) hi + sum level lo
+// - 128 * 256 sum hi. IQ4_NL has one f16 scale per block of 32; IQ4_XS the scale
+// d * (ls_j - 32) per sub-block j of 32, whose 64 nibble bytes per quad are contiguous.
+template <bool kXs>
+struct MvIq4 {
+  template <int NT>
+  struct K {
+    static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
+      const int64_t nb = a.k / 32, nq = nb / 4;
+      std::vector<SplitAct>& s = token_scratch(NT);
+      for (int t = 0; t < NT; ++t) {
+        prepare(a.x + (t0 + t) * a.ldx, a.k, Order::kQuad, -128 * 256, 0, s[t]);
+      }
+      const __m512i m4 = _mm512_set1_epi8(0x0F), sign = _mm512_set1_epi8(static_cast<char>(0x80));
+      const __m512i levels =
+          _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4Levels)));
+      const __m512i pattern = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+      const __m512i pattern_hi = _mm512_add_epi32(pattern, _mm512_set1_epi32(4));
+      alignas(64) float tail[32];
+      for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* row = a.w + r * a.row_bytes;
+        __m512 acc[NT];
+        for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+        __m512 scales8 = _mm512_setzero_ps();  // IQ4_XS: the 8 sub-block scales of a block
+        for (int64_t q = 0; q < nq; ++q) {
+          __m512i z;
+          __m512 wd;
+          if constexpr (kXs) {
+            const BlockIQ4_XS* blk = reinterpret_cast<const BlockIQ4_XS*>(row) + q / 2;
+            if ((q & 1) == 0) {
+              alignas(32) int32_t ls[8];
+              for (int j = 0; j < 8; ++j) ls[j] = iq4xs_scale(blk, j);
+              scales8 = _mm512_castps256_ps512(
+                  _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(ls))),
+                                _mm256_set1_ps(half_to_float(blk->d))));
+            }
+            z = _mm512_loadu_si512(blk->qs + 64 * (q & 1));
+            wd = _mm512_permutexvar_ps((q & 1) ? pattern_hi : pattern, scales8);
+          } else {
+            const BlockIQ4_NL* bq = reinterpret_cast<const BlockIQ4_NL*>(row) + 4 * q;
+            z = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bq[0].qs)));
+            z = _mm512_inserti32x4(z, _mm_loadu_si128(reinterpret_cast<const __m128i*>(bq[1].qs)), 1);
+            z = _mm512_inserti32x4(z, _mm_loadu_si128(reinterpret_cast<const __m128i*>(bq[2].qs)), 2);
+            z = _mm512_inserti32x4(z, _mm_loadu_si128(reinterpret_cast<const __m128i*>(bq[3].qs)), 3);
+            uint64_t packed = 0;
+            for (int i = 0; i < 4; ++i) packed |= static_cast<uint64_t>(bq[i].d) << (16 * i);
+            wd = _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(_mm_cvtph_ps(
+                                                    _mm_cvtsi64_si128(static_cast<long long>(packed)))));
+          }
+          const __m512i sl = _mm512_shuffle_epi8(levels, _mm512_and_si512(z, m4));
+          const __m512i sh = _mm512_shuffle_epi8(levels, _mm512_and_si512(_mm512_srli_epi16(z, 4), m4));
+          const __m512i ul = _mm512_xor_si512(sl, sign), uh = _mm512_xor_si512(sh, sign);
+          const int64_t g = 2 * q;
+          for (int t = 0; t < NT; ++t) {
+            const __m512 scale = _mm512_mul_ps(wd, _mm512_loadu_ps(s[t].dx.data() + 16 * g));
+            const __m512i ll = lane_dot(ul, sl, s[t].hi.data() + 64 * g, s[t].lo.data() + 64 * g,
+                                        s[t].hc.data() + 16 * g);
+            const __m512i lh = lane_dot(uh, sh, s[t].hi.data() + 64 * g + 64,
+                                        s[t].lo.data() + 64 * g + 64, s[t].hc.data() + 16 * g + 16);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ll), scale, acc[t]);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lh), scale, acc[t]);
+          }
+        }
+        float extra[NT] = {};
+        if constexpr (!kXs) {
+          for (int64_t b = 4 * nq; b < nb; ++b) {  // the last nb % 4 blocks in F32
+            Fmt<QType::IQ4_NL>::decode(reinterpret_cast<const BlockIQ4_NL*>(row) + b, tail);
+            for (int t = 0; t < NT; ++t) {
+              const float* x = a.x + (t0 + t) * a.ldx + 32 * b;
+              extra[t] += vsum(vfma(vload(tail + 16), vload(x + 16), vmul(vload(tail), vload(x))));
+            }
+          }
+        }
+        for (int t = 0; t < NT; ++t) a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]) + extra[t];
+      }
+    }
+  };
+};
+
 template <template <int> class K>
 void by_groups(const MatArgs& a, int64_t r0, int64_t r1) {
   for (int64_t t0 = 0; t0 < a.n_tokens; t0 += 4) {
@@ -593,6 +675,10 @@ void matvec_vnni(const MatArgs& a, int64_t r0, int64_t r1) {
     by_groups<MvK4<BlockQ5_K, true>::K>(a, r0, r1);
   } else if constexpr (T == QType::Q6_K) {
     by_groups<MvQ6_K>(a, r0, r1);
+  } else if constexpr (T == QType::IQ4_NL) {
+    by_groups<MvIq4<false>::K>(a, r0, r1);
+  } else if constexpr (T == QType::IQ4_XS) {
+    by_groups<MvIq4<true>::K>(a, r0, r1);
   } else {
     static_assert(kNoKernelFor<T>, "no VNNI matvec for this type");
   }
@@ -608,6 +694,8 @@ PYLLM_KERNEL_FOR(matvec_vnni, Q3_K)
 PYLLM_KERNEL_FOR(matvec_vnni, Q4_K)
 PYLLM_KERNEL_FOR(matvec_vnni, Q5_K)
 PYLLM_KERNEL_FOR(matvec_vnni, Q6_K)
+PYLLM_KERNEL_FOR(matvec_vnni, IQ4_NL)
+PYLLM_KERNEL_FOR(matvec_vnni, IQ4_XS)
 
 }  // namespace PYLLM_ISA
 }  // namespace pyllm

@@ -1,5 +1,6 @@
 // The kernel table of the AVX2 build: int16-split decode kernels (matvec_avx2.cc) for the block
-// types of at most 6 bits, F32 math for the rest and for every prefill; no rows16 kernels
+// types of at most 6 bits, int8 lanes widened to F32 for the 8-bit ones (Q8_0, the IQ4 levels),
+// F32 math for the rest and for every prefill; no rows16 kernels
 // (rows16 weights are unpacked to GGUF rows for these kernels, see matmul.cc).
 #include "cpu/isa/kernels.h"
 
@@ -26,12 +27,14 @@ constexpr TypeKernels kRows[] = {
     {Q::Q4_1, matvec_avx2_int16<Q::Q4_1>, matmat_f32<Q::Q4_1>, nullptr,    nullptr},
     {Q::Q5_0, matvec_avx2_int16<Q::Q5_0>, matmat_f32<Q::Q5_0>, nullptr,    nullptr},
     {Q::Q5_1, matvec_avx2_int16<Q::Q5_1>, matmat_f32<Q::Q5_1>, nullptr,    nullptr},
-    {Q::Q8_0, matvec_avx2_q8_0_f32,       matmat_f32<Q::Q8_0>, nullptr,    nullptr},
+    {Q::Q8_0, matvec_avx2_int8_f32<Q::Q8_0>, matmat_f32<Q::Q8_0>, nullptr, nullptr},
     {Q::Q2_K, matvec_avx2_int16<Q::Q2_K>, matmat_f32<Q::Q2_K>, nullptr,    nullptr},
     {Q::Q3_K, matvec_avx2_int16<Q::Q3_K>, matmat_f32<Q::Q3_K>, nullptr,    nullptr},
     {Q::Q4_K, matvec_avx2_int16<Q::Q4_K>, matmat_f32<Q::Q4_K>, nullptr,    nullptr},
     {Q::Q5_K, matvec_avx2_int16<Q::Q5_K>, matmat_f32<Q::Q5_K>, nullptr,    nullptr},
     {Q::Q6_K, matvec_avx2_int16<Q::Q6_K>, matmat_f32<Q::Q6_K>, nullptr,    nullptr},
+    {Q::IQ4_NL, matvec_avx2_int8_f32<Q::IQ4_NL>, matmat_f32<Q::IQ4_NL>, nullptr, nullptr},
+    {Q::IQ4_XS, matvec_avx2_int8_f32<Q::IQ4_XS>, matmat_f32<Q::IQ4_XS>, nullptr, nullptr},
 };
 
 }  // namespace

@@ -37,6 +37,8 @@ constexpr TypeKernels kRows[] = {
     {Q::Q4_K, matvec_blocks<Q::Q4_K>, matmat_f32<Q::Q4_K>,  nullptr,    nullptr},
     {Q::Q5_K, matvec_blocks<Q::Q5_K>, matmat_f32<Q::Q5_K>,  nullptr,    nullptr},
     {Q::Q6_K, matvec_blocks<Q::Q6_K>, matmat_f32<Q::Q6_K>,  nullptr,    nullptr},
+    {Q::IQ4_NL, matvec_blocks<Q::IQ4_NL>, matmat_f32<Q::IQ4_NL>, nullptr, nullptr},
+    {Q::IQ4_XS, matvec_blocks<Q::IQ4_XS>, matmat_f32<Q::IQ4_XS>, nullptr, nullptr},
 };
 
 }  // namespace
