@@ -1,7 +1,8 @@
 """The rows16 weight layout (csrc/include/pyllm/repack.h) and the kernels that read it.
 
-The model repacks its Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K matrices into 16-row interleaved
-groups at load when the CPU has the AVX-512 VNNI rows16 kernels; every other path unpacks groups
+The model repacks its Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K / IQ4_NL / IQ4_XS matrices into
+16-row interleaved groups at load when the CPU has the AVX-512 VNNI rows16 kernels; every other
+path unpacks groups
 back to GGUF rows. The layout must be a lossless permutation, and every ISA and token count must
 meet the same float64 error bounds as the GGUF-layout kernels (tests/test_kernels.py).
 """
@@ -28,7 +29,7 @@ from tests.test_kernels import (
 )
 from tests.tiny_models import TinySpec, write_tiny
 
-REPACKED = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+REPACKED = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
 
 
 def _has_rows16_kernels() -> bool:
@@ -45,10 +46,10 @@ def test_layout_is_a_lossless_permutation(name: str) -> None:
         packed, back = core.repack_roundtrip(qtype, w, n_out, k)
         assert np.array_equal(back, w)
         assert not np.array_equal(packed[: w.size], w)  # it really moved bytes
-        # Q4_0 / Q4_1 / Q8_0 / Q6_K keep their size; Q4_K and Q5_K store their 6-bit scales
-        # unpacked (+4 bytes per block: +2.8 %, +2.3 %).
-        block = {"Q4_K": 144, "Q5_K": 176}.get(name)
-        expected = w.size if block is None else w.size // block * (block + 4)
+        # Q4_0 / Q4_1 / Q8_0 / Q6_K / IQ4_NL keep their size; Q4_K, Q5_K and IQ4_XS store
+        # their 6-bit scales unpacked (+4, +4, +2 bytes per block: +2.8 %, +2.3 %, +1.5 %).
+        block, extra = {"Q4_K": (144, 4), "Q5_K": (176, 4), "IQ4_XS": (136, 2)}.get(name, (0, 0))
+        expected = w.size if block == 0 else w.size // block * (block + extra)
         assert packed.size == expected
 
 
@@ -128,6 +129,8 @@ def test_rows16_bad_input_raises(qtype: int, n_out: int, k: int, w_bytes: int) -
         (GGMLType.Q4_K, False),
         (GGMLType.Q5_K, False),
         (GGMLType.Q6_K, True),
+        (GGMLType.IQ4_NL, False),
+        (GGMLType.IQ4_XS, True),
     ],
 )
 def test_model_repacks_and_gives_the_same_logits(

@@ -41,6 +41,12 @@ inline bool geometry(QType t, Geometry* g) {
     case QType::Q6_K:  // ql and qh are adjacent, at the start of the block
       *g = {QK_K, sizeof(BlockQ6_K), 32 + 256, offsetof(BlockQ6_K, ql), QK_K / 2 + QK_K / 4};
       return true;
+    case QType::IQ4_NL:
+      *g = {QK4_NL, sizeof(BlockIQ4_NL), 32, offsetof(BlockIQ4_NL, qs), QK4_NL / 2};
+      return true;
+    case QType::IQ4_XS:
+      *g = {QK_K, sizeof(BlockIQ4_XS), 32 + 128, offsetof(BlockIQ4_XS, qs), QK_K / 2};
+      return true;
     default:
       return false;
   }
@@ -76,13 +82,45 @@ void pack_k4(const uint8_t* sc, const uint8_t* mn, uint8_t* p) {
   }
 }
 
+// IQ4_XS packs its 8 six-bit sub-block scales as 4 low bits in scales_l (two per byte) and 2
+// high bits in scales_h (bits 2 j): all 48 bits are used, so the unpacked scales (stored minus
+// 32, as the signed factor the kernels multiply by) give back the exact bytes.
+void unpack_iq4xs(const BlockIQ4_XS* b, int8_t* sc) {
+  for (int j = 0; j < 8; ++j) {
+    const int low = (b->scales_l[j / 2] >> (4 * (j % 2))) & 0x0F;
+    const int high = (b->scales_h >> (2 * j)) & 3;
+    sc[j] = static_cast<int8_t>((low | (high << 4)) - 32);
+  }
+}
+
+void pack_iq4xs(const int8_t* sc, BlockIQ4_XS* b) {
+  uint16_t h = 0;
+  for (int j = 0; j < 8; ++j) {
+    const int ls = sc[j] + 32;
+    h = static_cast<uint16_t>(h | ((ls >> 4) << (2 * j)));
+    if (j % 2 == 0) b->scales_l[j / 2] = static_cast<uint8_t>(ls & 0x0F);
+    else b->scales_l[j / 2] = static_cast<uint8_t>(b->scales_l[j / 2] | ((ls & 0x0F) << 4));
+  }
+  b->scales_h = h;
+}
+
 // Header fields of row r of a group block <-> the GGUF block.
 inline void put_header(QType t, const uint8_t* blk, int r, uint8_t* hdr) {
   switch (t) {
     case QType::Q4_0:
     case QType::Q8_0:
-      std::memcpy(hdr + 2 * r, blk, 2);  // d is the first field of both
+    case QType::IQ4_NL:
+      std::memcpy(hdr + 2 * r, blk, 2);  // d is the first field of each
       break;
+    case QType::IQ4_XS: {
+      BlockIQ4_XS b;
+      std::memcpy(&b, blk, sizeof(b));
+      std::memcpy(hdr + 2 * r, &b.d, 2);
+      int8_t sc[8];
+      unpack_iq4xs(&b, sc);
+      for (int j = 0; j < 8; ++j) hdr[32 + 16 * j + r] = static_cast<uint8_t>(sc[j]);
+      break;
+    }
     case QType::Q4_1:
       std::memcpy(hdr + 2 * r, blk + offsetof(BlockQ4_1, d), 2);
       std::memcpy(hdr + 32 + 2 * r, blk + offsetof(BlockQ4_1, m), 2);
@@ -113,8 +151,19 @@ inline void get_header(QType t, const uint8_t* hdr, int r, uint8_t* blk) {
   switch (t) {
     case QType::Q4_0:
     case QType::Q8_0:
+    case QType::IQ4_NL:
       std::memcpy(blk, hdr + 2 * r, 2);
       break;
+    case QType::IQ4_XS: {
+      BlockIQ4_XS b;
+      std::memcpy(&b, blk, sizeof(b));
+      std::memcpy(&b.d, hdr + 2 * r, 2);
+      int8_t sc[8];
+      for (int j = 0; j < 8; ++j) sc[j] = static_cast<int8_t>(hdr[32 + 16 * j + r]);
+      pack_iq4xs(sc, &b);
+      std::memcpy(blk, &b, offsetof(BlockIQ4_XS, qs));  // the header fields only
+      break;
+    }
     case QType::Q4_1:
       std::memcpy(blk + offsetof(BlockQ4_1, d), hdr + 2 * r, 2);
       std::memcpy(blk + offsetof(BlockQ4_1, m), hdr + 32 + 2 * r, 2);
@@ -241,6 +290,8 @@ void repack_rows16(QType type, const void* src, int64_t k, int64_t g0, int64_t g
     case QType::Q8_0: repack_t<QType::Q8_0>(src, k, g0, g1, dst); break;
     case QType::Q4_K: repack_t<QType::Q4_K>(src, k, g0, g1, dst); break;
     case QType::Q5_K: repack_t<QType::Q5_K>(src, k, g0, g1, dst); break;
+    case QType::IQ4_NL: repack_t<QType::IQ4_NL>(src, k, g0, g1, dst); break;
+    case QType::IQ4_XS: repack_t<QType::IQ4_XS>(src, k, g0, g1, dst); break;
     default: repack_t<QType::Q6_K>(src, k, g0, g1, dst); break;
   }
 }
@@ -253,6 +304,8 @@ void unpack_rows16_group(QType type, const void* src, int64_t k, int64_t grp, vo
     case QType::Q8_0: unpack_t<QType::Q8_0>(src, k, grp, dst); break;
     case QType::Q4_K: unpack_t<QType::Q4_K>(src, k, grp, dst); break;
     case QType::Q5_K: unpack_t<QType::Q5_K>(src, k, grp, dst); break;
+    case QType::IQ4_NL: unpack_t<QType::IQ4_NL>(src, k, grp, dst); break;
+    case QType::IQ4_XS: unpack_t<QType::IQ4_XS>(src, k, grp, dst); break;
     default: unpack_t<QType::Q6_K>(src, k, grp, dst); break;
   }
 }

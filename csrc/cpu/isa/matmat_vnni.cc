@@ -12,8 +12,8 @@
 // VNNI kernels (see matmul.h); tests check it per type.
 //
 // The panel comes from GGUF rows (scalar decoders, any type) or from the rows16 layout the model
-// repacks its matrices into (vectorized, Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K); both give identical
-// panels.
+// repacks its matrices into (vectorized, Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K/IQ4_NL/IQ4_XS); both
+// give identical panels.
 //
 // Register tile: 32 rows (two vectors of 16 lanes, one row per lane) x 6 tokens, 12 int32 and 12
 // F32 accumulators; every weight pair load is reused by 6 tokens and every activation broadcast
@@ -528,6 +528,26 @@ struct R16Panel {
             put_unsigned(ctl, u0, 0, pairs, g0 + j, pp, half);
             put_unsigned(ctl, u1, 0, pairs, g0 + j + 1, pp, half);
           }
+        } else if constexpr (T == QType::IQ4_NL || T == QType::IQ4_XS) {
+          // the levels by VPSHUFB, as matvec_r16.cc's R16Iq4
+          constexpr bool kXs = T == QType::IQ4_XS;
+          const __m512i levels = _mm512_broadcast_i32x4(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4Levels)));
+          const __m512 d = f16x16(p);
+          const uint8_t* body = p + (kXs ? 32 + 128 : 32);
+          for (int j = 0; j < F::B / 32; ++j) {
+            put16(scales, g0 + j, half, kXs ? _mm512_mul_ps(d, s8x16(p + 32 + 16 * j)) : d);
+            put16(offsets, g0 + j, half, _mm512_setzero_ps());
+            for (int c = 0; c < 4; ++c) {
+              const __m512i z = _mm512_loadu_si512(body + 256 * j + 64 * c);
+              put_signed(ctl, _mm512_shuffle_epi8(levels, _mm512_and_si512(z, m4)), pairs,
+                         g0 + j, 2 * c, half);
+              put_signed(ctl,
+                         _mm512_shuffle_epi8(levels,
+                                             _mm512_and_si512(_mm512_srli_epi16(z, 4), m4)),
+                         pairs, g0 + j, 8 + 2 * c, half);
+            }
+          }
         } else if constexpr (T == QType::Q6_K) {
           const __m512 d = f16x16(p);
           for (int j = 0; j < 16; ++j) put16(scales, 2 * g0 + j, half, _mm512_mul_ps(d, s8x16(p + 32 + 16 * j)));
@@ -620,6 +640,8 @@ PYLLM_KERNEL_FOR(matmat_vnni_r16, Q8_0)
 PYLLM_KERNEL_FOR(matmat_vnni_r16, Q4_K)
 PYLLM_KERNEL_FOR(matmat_vnni_r16, Q5_K)
 PYLLM_KERNEL_FOR(matmat_vnni_r16, Q6_K)
+PYLLM_KERNEL_FOR(matmat_vnni_r16, IQ4_NL)
+PYLLM_KERNEL_FOR(matmat_vnni_r16, IQ4_XS)
 
 }  // namespace PYLLM_ISA
 }  // namespace pyllm

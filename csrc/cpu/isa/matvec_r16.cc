@@ -1,5 +1,5 @@
 // AVX-512 VNNI matvec kernels over the rows16 weight layout (pyllm/repack.h) for Q4_0, Q4_1,
-// Q8_0, Q4_K, Q5_K and Q6_K: one row per 32-bit lane, 16 rows per register.
+// Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL and IQ4_XS: one row per 32-bit lane, 16 rows per register.
 //
 // Activations are rounded exactly as in matvec_vnni.cc: each block of 32 to int16 steps of
 // dx = amax / 32767 and split into xi = 256 * hi + lo (hi signed, lo unsigned bytes), so two
@@ -12,8 +12,8 @@
 // GGUF-layout kernel, which puts decode at the memory wall instead of under it.
 //
 // Integer ranges (per lane, before the conversion to float): Q4_0 / Q4_K |256 * sum(u hi)|
-// <= 256 * 32 * 15 * 128 < 2^24 (Q5_K, codes < 32: < 2^25); Q8_0 256 * sum((w + 128) hi)
-// < 2^29; Q6_K per sub-block of 16
+// <= 256 * 32 * 15 * 128 < 2^24 (Q5_K, codes < 32: < 2^25); Q8_0 and the IQ4 levels
+// 256 * sum((w + 128) hi) < 2^29; Q6_K per sub-block of 16
 // 256 * 16 * 63 * 128 < 2^25; offsets (-8, -128, -32 times sums of xi) stay below 2^28.
 #include <algorithm>
 #include <atomic>
@@ -146,6 +146,16 @@ struct Tokens {
   void dot(__m512i w, int64_t e, __m512i* ih, __m512i* il) const {
     for (int t = 0; t < NT; ++t) {
       ih[t] = _mm512_dpbusd_epi32(ih[t], w, bcast4(hi[t] + e));
+      il[t] = _mm512_dpbusd_epi32(il[t], bcast4(lo[t] + e), w);
+    }
+  }
+
+  // The same for signed codes w (-128..127): hi is dotted with w + 128 (unsigned), so the
+  // caller corrects the total by -128 * 256 * sum(hi).
+  void dot_signed(__m512i w, int64_t e, __m512i* ih, __m512i* il) const {
+    const __m512i wu = _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)));
+    for (int t = 0; t < NT; ++t) {
+      ih[t] = _mm512_dpbusd_epi32(ih[t], wu, bcast4(hi[t] + e));
       il[t] = _mm512_dpbusd_epi32(il[t], bcast4(lo[t] + e), w);
     }
   }
@@ -371,6 +381,57 @@ struct R16Q6_K {
   }
 };
 
+// IQ4_NL (kXs false): w = d level[u], the layout of Q4_0 (d[16] f16, then 4 chunks of 16 rows x
+// 4 code bytes per block of 32). IQ4_XS: w = d (ls_j - 32) level[u] per sub-block j of 32; group
+// block d[16] f16, the 8 scales ls_j - 32 as int8 [j][16], then 32 chunks, 4 per sub-block.
+// The levels (VPSHUFB of the nibbles in the 16-entry table) are signed, handled as Q8_0's.
+template <bool kXs>
+struct R16Iq4 {
+  template <int NT>
+  struct K {
+    static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0,
+                    std::atomic<int64_t>* counter) {
+      constexpr int64_t hdr = kXs ? 32 + 128 : 32, bsize = kXs ? QK_K : 32;
+      const int64_t nb = a.k / bsize, gbb = hdr + 16 * bsize / 2;
+      const Tokens<NT> tk(a, t0);
+      const __m512i m4 = _mm512_set1_epi8(0x0F);
+      const __m512i levels =
+          _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4Levels)));
+      for_groups(a, r0, r1, counter, [&](int64_t g) {
+        const uint8_t* p = a.w + g * nb * gbb;
+        __m512 acc[NT];
+        for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; ++b, p += gbb) {
+          const __m512 d = f16x16(p);
+          for (int j = 0; j < bsize / 32; ++j) {
+            const uint8_t* chunks = p + hdr + 256 * j;
+            const int64_t blk = b * (bsize / 32) + j;  // block of 32 of the row
+            __m512i ih[NT], il[NT];
+            for (int t = 0; t < NT; ++t) ih[t] = il[t] = _mm512_setzero_si512();
+            for (int c = 0; c < 4; ++c) {
+              prefetch_ahead(chunks + 64 * c);
+              const __m512i z = load64(chunks + 64 * c);
+              tk.dot_signed(_mm512_shuffle_epi8(levels, _mm512_and_si512(z, m4)),
+                            32 * blk + 4 * c, ih, il);
+              tk.dot_signed(
+                  _mm512_shuffle_epi8(levels, _mm512_and_si512(_mm512_srli_epi16(z, 4), m4)),
+                  32 * blk + 16 + 4 * c, ih, il);
+            }
+            const __m512 scale = kXs ? _mm512_mul_ps(d, s8x16(p + 32 + 16 * j)) : d;
+            for (int t = 0; t < NT; ++t) {
+              const int32_t off = -32768 * tk.shi[t][blk];
+              acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes_total(ih[t], il[t], off)),
+                                       _mm512_mul_ps(scale, _mm512_set1_ps(tk.dx[t][blk])),
+                                       acc[t]);
+            }
+          }
+        }
+        store<NT>(a, t0, 16 * g, acc);
+      });
+    }
+  };
+};
+
 // Tokens in passes of up to kMax (each pass streams the weights once). With a queue, pass i
 // hands out its row chunks from queue->next[i] (the caller makes sure the passes fit).
 template <template <int> class K, int kMax = 4>
@@ -402,6 +463,10 @@ void matvec_vnni_r16(const MatArgs& a, int64_t r0, int64_t r1) {
     by_groups<R16K4<true>::K>(a, r0, r1);
   } else if constexpr (T == QType::Q6_K) {
     by_groups<R16Q6_K, 2>(a, r0, r1);
+  } else if constexpr (T == QType::IQ4_NL) {
+    by_groups<R16Iq4<false>::K>(a, r0, r1);
+  } else if constexpr (T == QType::IQ4_XS) {
+    by_groups<R16Iq4<true>::K>(a, r0, r1);
   } else {
     static_assert(kNoKernelFor<T>, "no rows16 matvec for this type");
   }
@@ -413,6 +478,8 @@ PYLLM_KERNEL_FOR(matvec_vnni_r16, Q8_0)
 PYLLM_KERNEL_FOR(matvec_vnni_r16, Q4_K)
 PYLLM_KERNEL_FOR(matvec_vnni_r16, Q5_K)
 PYLLM_KERNEL_FOR(matvec_vnni_r16, Q6_K)
+PYLLM_KERNEL_FOR(matvec_vnni_r16, IQ4_NL)
+PYLLM_KERNEL_FOR(matvec_vnni_r16, IQ4_XS)
 
 }  // namespace PYLLM_ISA
 }  // namespace pyllm

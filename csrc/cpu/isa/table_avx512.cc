@@ -33,8 +33,8 @@ constexpr TypeKernels kRows[] = {
     {Q::Q4_K, matvec_vnni<Q::Q4_K>, matmat_vnni<Q::Q4_K>,  matvec_vnni_r16<Q::Q4_K>, matmat_vnni_r16<Q::Q4_K>},
     {Q::Q5_K, matvec_vnni<Q::Q5_K>, matmat_vnni<Q::Q5_K>,  matvec_vnni_r16<Q::Q5_K>, matmat_vnni_r16<Q::Q5_K>},
     {Q::Q6_K, matvec_vnni<Q::Q6_K>, matmat_vnni<Q::Q6_K>,  matvec_vnni_r16<Q::Q6_K>, matmat_vnni_r16<Q::Q6_K>},
-    {Q::IQ4_NL, matvec_vnni<Q::IQ4_NL>, matmat_vnni<Q::IQ4_NL>, nullptr,              nullptr},
-    {Q::IQ4_XS, matvec_vnni<Q::IQ4_XS>, matmat_vnni<Q::IQ4_XS>, nullptr,              nullptr},
+    {Q::IQ4_NL, matvec_vnni<Q::IQ4_NL>, matmat_vnni<Q::IQ4_NL>, matvec_vnni_r16<Q::IQ4_NL>, matmat_vnni_r16<Q::IQ4_NL>},
+    {Q::IQ4_XS, matvec_vnni<Q::IQ4_XS>, matmat_vnni<Q::IQ4_XS>, matvec_vnni_r16<Q::IQ4_XS>, matmat_vnni_r16<Q::IQ4_XS>},
 };
 
 }  // namespace

@@ -19,14 +19,17 @@
 //                       8 six-bit mins unpacked to one byte each,
 //                       sub-block-major ([j][r])                         64 + 256 bytes
 //           Q6_K:       d (f16), then the 16 int8 scales [j][r]          32 + 256 bytes
+//           IQ4_NL:     d (f16)                                          32 bytes
+//           IQ4_XS:     d (f16), then the 8 six-bit sub-block scales
+//                       minus 32 as int8, [j][r]                         32 + 128 bytes
 //   body    the block's quant bytes in 4-byte chunks: chunk c of row r at byte 64 * c + 4 * r
 //           of the body. Chunks are in block order (Q5_K: its 8 qh chunks, then its 32 qs
 //           ones, as the block stores them), except Q6_K: for each half h < 2 and
 //           c < 8 the chunks ql[64 h + 4 c], ql[64 h + 32 + 4 c], qh[32 h + 4 c] (the order
 //           its kernel consumes them).
-// Q4_0, Q4_1, Q8_0 and Q6_K keep their size exactly; Q4_K grows by 2.8 % and Q5_K by 2.3 %
-// (unpacked scales, which would otherwise cost ~10 scalar instructions per row and super-block
-// in the kernel).
+// Q4_0, Q4_1, Q8_0, Q6_K and IQ4_NL keep their size exactly; Q4_K grows by 2.8 %, Q5_K by
+// 2.3 % and IQ4_XS by 1.5 % (unpacked scales, which would otherwise cost ~10 scalar
+// instructions per row and super-block in the kernel).
 #pragma once
 
 #include <cstdint>
