@@ -56,6 +56,15 @@ const std::vector<TypeGeom>& all_types() {
       {QType::Q6_K, "Q6_K", 256, sizeof(BlockQ6_K), {offsetof(BlockQ6_K, d)}},
       {QType::IQ4_NL, "IQ4_NL", 32, sizeof(BlockIQ4_NL), {offsetof(BlockIQ4_NL, d)}},
       {QType::IQ4_XS, "IQ4_XS", 256, sizeof(BlockIQ4_XS), {offsetof(BlockIQ4_XS, d)}},
+      {QType::IQ2_XXS, "IQ2_XXS", 256, sizeof(BlockIQ2_XXS), {offsetof(BlockIQ2_XXS, d)}},
+      {QType::IQ2_XS, "IQ2_XS", 256, sizeof(BlockIQ2_XS), {offsetof(BlockIQ2_XS, d)}},
+      {QType::IQ2_S, "IQ2_S", 256, sizeof(BlockIQ2_S), {offsetof(BlockIQ2_S, d)}},
+      {QType::IQ3_XXS, "IQ3_XXS", 256, sizeof(BlockIQ3_XXS), {offsetof(BlockIQ3_XXS, d)}},
+      {QType::IQ3_S, "IQ3_S", 256, sizeof(BlockIQ3_S), {offsetof(BlockIQ3_S, d)}},
+      {QType::IQ1_S, "IQ1_S", 256, sizeof(BlockIQ1_S), {offsetof(BlockIQ1_S, d)}},
+      {QType::IQ1_M, "IQ1_M", 256, sizeof(BlockIQ1_M), {}},  // d spread over its scale words
+      {QType::TQ1_0, "TQ1_0", 256, sizeof(BlockTQ1_0), {offsetof(BlockTQ1_0, d)}},
+      {QType::TQ2_0, "TQ2_0", 256, sizeof(BlockTQ2_0), {offsetof(BlockTQ2_0, d)}},
   };
   return t;
 }
@@ -90,6 +99,14 @@ std::vector<uint8_t> random_weights(const TypeGeom& g, int64_t rows, int64_t k) 
     for (int off : g.halves) {
       const f16_t h = f32_to_f16(val(rng) * 0.05f);
       std::memcpy(blk + off, &h, 2);
+    }
+    if (g.type == QType::IQ1_M) {  // nibble w of d is the top nibble of scale word w
+      const f16_t h = f32_to_f16(val(rng) * 0.05f);
+      uint8_t* sc = blk + offsetof(BlockIQ1_M, scales);
+      for (int j = 0; j < 4; ++j) {
+        const int top = ((h >> (4 * j)) & 0xF) << 4;
+        sc[2 * j + 1] = static_cast<uint8_t>((sc[2 * j + 1] & 0x0F) | top);
+      }
     }
   }
   return w;

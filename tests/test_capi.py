@@ -110,6 +110,11 @@ def test_quantize_dequantize_roundtrip_matches_gguf(capi: tuple[Any, Any]) -> No
         rc = lib.pyllm_dequantize(type_id, ptr(ffi, q, "void*"), q.size, ptr(ffi, y, "float*"), 256)
         assert rc == lib.PYLLM_OK
         assert np.array_equal(y, gguf.quants.dequantize(q, qtype).reshape(-1))
+    # A type pyllm reads but has no quantizer for: an error naming it, nothing written.
+    q = np.full(66, 0xAB, np.uint8)  # one IQ2_XXS block
+    rc = lib.pyllm_quantize(16, ptr(ffi, x, "float*"), x.size, ptr(ffi, q, "void*"), q.size)
+    assert rc == lib.PYLLM_E_INVALID and b"IQ2_XXS" in ffi.string(lib.pyllm_last_error())
+    assert (q == 0xAB).all()
     # Wrong sizes are rejected, not read past.
     q = np.zeros(10, np.uint8)
     y = np.zeros(32, np.float32)

@@ -2,7 +2,8 @@
 
 Reference: a float64 numpy product of the weights dequantized by the gguf package. Thresholds,
 per output element:
-  * F32-math kernels (every type and ISA, except below): weights dequantized exactly, activations
+  * F32-math kernels (every type and ISA, except below; the only kernels of the grid i-quants
+    and the ternary types): weights dequantized exactly, activations
     unrounded, F32 accumulation: |y - ref| <= RTOL * sum_i |w_i x_i| with RTOL = 1e-5 (measured
     worst case ~1e-6 at k <= 512).
   * AVX-512 VNNI kernels: matvec (n_tokens < 32, matvec_vnni.cc) of every block type and
@@ -47,7 +48,17 @@ TYPES: dict[str, tuple[int, int, int, tuple[int, ...]]] = {
     "Q6_K": (14, 256, 210, (208,)),
     "IQ4_NL": (20, 32, 18, (0,)),
     "IQ4_XS": (23, 256, 136, (0,)),
+    "IQ2_XXS": (16, 256, 66, (0,)),
+    "IQ2_XS": (17, 256, 74, (0,)),
+    "IQ2_S": (22, 256, 82, (0,)),
+    "IQ3_XXS": (18, 256, 98, (0,)),
+    "IQ3_S": (21, 256, 110, (0,)),
+    "IQ1_S": (19, 256, 50, (0,)),
+    "IQ1_M": (29, 256, 56, ()),  # d spread over the scale words: see random_weights
+    "TQ1_0": (34, 256, 54, (52,)),
+    "TQ2_0": (35, 256, 66, (64,)),
 }
+IQ1M_SCALE_WORDS = 48  # byte offset of IQ1_M's four uint16 scale words (d in their top nibbles)
 
 
 def random_weights(name: str, n_out: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -63,6 +74,12 @@ def random_weights(name: str, n_out: int, k: int, rng: np.random.Generator) -> n
     for off in halves:
         h = (rng.uniform(-1, 1, raw.shape[0]) * scale).astype(np.float16)
         raw[:, off : off + 2] = h.view(np.uint8).reshape(-1, 2)
+    if name == "IQ1_M":  # nibble w of the f16 d is the top nibble of scale word w
+        d = (rng.uniform(-1, 1, raw.shape[0]) * scale).astype(np.float16).view(np.uint16)
+        words = raw[:, IQ1M_SCALE_WORDS : IQ1M_SCALE_WORDS + 8].copy().view(np.uint16)
+        for w in range(4):
+            words[:, w] = (words[:, w] & 0x0FFF) | (((d >> (4 * w)) & 0xF) << 12)
+        raw[:, IQ1M_SCALE_WORDS : IQ1M_SCALE_WORDS + 8] = words.view(np.uint8)
     return raw.reshape(n_out, -1)
 
 
@@ -97,6 +114,13 @@ def allowed_error(wd: np.ndarray, x: np.ndarray, int16: bool) -> np.ndarray:
         wabs = np.abs(wd).reshape(n_out, k // 32, 32).sum(axis=2)
         bound += (amax / 32767.0 / 2.0) @ wabs.T
     return bound
+
+
+def test_grid_and_ternary_types_use_f32_kernels() -> None:
+    """The grid i-quants and ternary types have no int16 kernels yet (F32 math everywhere)."""
+    new = {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0"}
+    assert new <= set(TYPES)
+    assert not new & (INT16_MATVEC | INT16_MATMAT | INT16_MATVEC_AVX2)
 
 
 def uses_int16(name: str, isa: str, n_tokens: int) -> bool:

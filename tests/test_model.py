@@ -13,6 +13,7 @@ import pytest
 
 from pyllm.errors import ContextError, ModelError
 from pyllm.formats.gguf import GGMLType, GGUFReader, GGUFWriter
+from pyllm.formats.gguf.constants import TYPE_INFO
 from pyllm.runtime.llm import LLM
 from tests.reference import llama_ref
 from tests.reference.llama_ref import LlamaRef
@@ -381,7 +382,7 @@ def test_smollm2_matches_reference(smollm2_path: Path) -> None:
 
 
 @pytest.mark.parametrize("wtype", ["BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K",
-                                   "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"])
+                                   "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0"])
 def test_quantized_weights_match_reference(tmp_path: Path, wtype: str) -> None:
     """Every weight type through the whole forward (k-quants need rows of 256)."""
     spec = TinySpec(n_embd=256, n_head=4, n_head_kv=2, n_ff=256, n_layer=1,
@@ -399,6 +400,53 @@ def test_quantized_weights_match_reference(tmp_path: Path, wtype: str) -> None:
     tol = 3e-3 * np.abs(expected).max()
     np.testing.assert_allclose(got, expected, atol=tol, rtol=0)
     np.testing.assert_allclose(last, expected[-1], atol=tol, rtol=0)
+
+
+# Relative bound (max |logit error| / max |logit|) for the types whose only kernels are F32 math
+# on every ISA: measured 3e-7 .. 1.9e-6 (AVX-512 machine, all nine types), 5x margin.
+F32_MATH_LOGIT_RTOL = 1e-5
+
+
+@pytest.mark.parametrize("wtype", ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S",
+                                   "IQ1_M", "TQ1_0", "TQ2_0"])
+def test_random_block_weights_match_reference(tmp_path: Path, wtype: str) -> None:
+    """Files of the grid i-quants (which pyllm cannot quantize to) and the ternary types, every
+    matrix random valid blocks with sane scales, through the whole forward: logits within
+    F32_MATH_LOGIT_RTOL of the float64 reference reading the same file through gguf's
+    dequantization (measured 3.1e-7 .. 1.9e-6 of the largest logit). Negative control: one
+    flipped bit in one code byte of one block of one matrix moves the logits by 4.2e-3 .. 3.1e-2
+    of the largest logit (measured), far outside the bound."""
+    spec = TinySpec(n_embd=256, n_head=4, n_head_kv=2, n_ff=256, n_layer=1,
+                    wtype=GGMLType[wtype], random_blocks=True)
+    path = write_tiny(tmp_path / f"{wtype}.gguf", spec)
+    assert {t.type.name for t in GGUFReader(path).tensors if len(t.dims) == 2} == {wtype}
+    expected = LlamaRef(str(path)).forward(TOKENS[:12])
+    scale = np.abs(expected).max()
+    with LLM(path, n_ctx=32, kv_type="f32") as llm:
+        got = llm.logits(TOKENS[:12])
+        llm.reset()
+        last = llm.eval(TOKENS[:12])
+    assert np.abs(got - expected).max() <= F32_MATH_LOGIT_RTOL * scale
+    assert np.abs(last - expected[-1]).max() <= F32_MATH_LOGIT_RTOL * scale
+
+    # The same file with bit 7 of the first code byte of block 5 of blk.0.ffn_down flipped (a
+    # grid index moves by 128 rows; a ternary byte changes a digit).
+    with GGUFReader(path) as reader:
+        t = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+        before = llama_ref.dequantize_tensor(t)
+        code = 2 if wtype in ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S") else 0
+        pos = t.offset + 5 * TYPE_INFO[t.type].type_size + code
+    data = bytearray(path.read_bytes())
+    data[pos] ^= 0x80
+    other = tmp_path / f"{wtype}-other.gguf"
+    other.write_bytes(bytes(data))
+    with GGUFReader(other) as reader:
+        t = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+        changed = np.any(llama_ref.dequantize_tensor(t) != before, axis=1)
+    assert changed.sum() == 1  # one row, one block of it: the control is real and small
+    with LLM(other, n_ctx=32, kv_type="f32") as llm:
+        moved = llm.logits(TOKENS[:12])
+    assert np.abs(moved - expected).max() > 10 * F32_MATH_LOGIT_RTOL * scale
 
 
 def test_batched_sequences_match_separate_runs(tiny_dir: Path) -> None:

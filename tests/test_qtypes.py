@@ -1,8 +1,9 @@
 """Quantization formats (pyllm.formats.qtypes over the C++ reference routines).
 
 References: the ``gguf`` package (numpy) for every dequantization and for quantizing F16, BF16,
-Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0, which must all match bit for bit; llama.cpp for the k-quants,
-whose quantizers the gguf package lacks.
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, TQ1_0 and TQ2_0, which must all match bit for bit; llama.cpp for
+the k-quants, whose quantizers the gguf package lacks. The grid i-quants (IQ1_*, IQ2_*, IQ3_*)
+are read-only: quantizing to them raises QuantError (tests/test_iquants_grid.py has the rest).
 
 K-quant round-trip RMSE on Gaussian data, ``default_rng(20261123).standard_normal((64, 4096))``
 in float32 (262144 values, each row quantized as one tensor row):
@@ -48,10 +49,17 @@ WEIGHT_TYPES = [
     GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
     GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K,
     GGMLType.IQ4_NL, GGMLType.IQ4_XS,
+    GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ2_S, GGMLType.IQ3_XXS, GGMLType.IQ3_S,
+    GGMLType.IQ1_S, GGMLType.IQ1_M, GGMLType.TQ1_0, GGMLType.TQ2_0,
+]  # fmt: skip
+# Weight types pyllm reads but has no quantizer for yet (importance-matrix quantization).
+GRID_IQ_TYPES = [
+    GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ2_S, GGMLType.IQ3_XXS, GGMLType.IQ3_S,
+    GGMLType.IQ1_S, GGMLType.IQ1_M,
 ]  # fmt: skip
 EXACT_QUANTIZE_TYPES = [
     GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1,
-    GGMLType.Q8_0,
+    GGMLType.Q8_0, GGMLType.TQ1_0, GGMLType.TQ2_0,
 ]  # fmt: skip
 K_TYPES = [GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K]
 
@@ -71,7 +79,21 @@ F16_FIELDS = {
     GGMLType.Q8_0: (0,), GGMLType.Q2_K: (80, 82), GGMLType.Q3_K: (108,),
     GGMLType.Q4_K: (0, 2), GGMLType.Q5_K: (0, 2), GGMLType.Q6_K: (208,),
     GGMLType.IQ4_NL: (0,), GGMLType.IQ4_XS: (0,),
+    GGMLType.IQ2_XXS: (0,), GGMLType.IQ2_XS: (0,), GGMLType.IQ2_S: (0,), GGMLType.IQ3_XXS: (0,),
+    GGMLType.IQ3_S: (0,), GGMLType.IQ1_S: (0,), GGMLType.TQ1_0: (52,), GGMLType.TQ2_0: (64,),
+    GGMLType.IQ1_M: (),  # no f16 field: its d is spread over the top nibbles of 4 scale words
 }  # fmt: skip
+IQ1M_SCALE_WORDS = 48  # byte offset of IQ1_M's four uint16 scale words
+
+
+def set_iq1m_d(raw: np.ndarray, d: np.ndarray) -> None:
+    """Store f16 values d (one per block of raw) in IQ1_M's spread scale: nibble w of d is the
+    top nibble of scale word w."""
+    h = np.asarray(d, np.float16).reshape(-1).view(np.uint16)
+    words = raw[:, IQ1M_SCALE_WORDS : IQ1M_SCALE_WORDS + 8].copy().view(np.uint16)
+    for w in range(4):
+        words[:, w] = (words[:, w] & 0x0FFF) | (((h >> (4 * w)) & 0xF) << 12)
+    raw[:, IQ1M_SCALE_WORDS : IQ1M_SCALE_WORDS + 8] = words.view(np.uint8)
 
 
 def gguf_dequantize(t: GGMLType, raw: np.ndarray) -> np.ndarray:
@@ -101,6 +123,8 @@ def random_blocks(t: GGMLType, n_blocks: int, rng: np.random.Generator) -> np.nd
     for off in F16_FIELDS[t]:
         scale = (rng.standard_normal((n_blocks, 1)) * 0.05).astype(np.float16)
         raw[:, off : off + 2] = scale.view(np.uint8)
+    if t == GGMLType.IQ1_M:
+        set_iq1m_d(raw, rng.standard_normal(n_blocks) * 0.05)
     return raw
 
 
@@ -131,6 +155,10 @@ def test_type_table_matches_gguf() -> None:
     assert dot[GGMLType.Q4_1] == dot[GGMLType.Q5_1] == GGMLType.Q8_1
     assert all(dot[t] == GGMLType.Q8_K for t in K_TYPES)
     assert (dot[GGMLType.IQ4_NL], dot[GGMLType.IQ4_XS]) == (GGMLType.Q8_0, GGMLType.Q8_K)
+    assert all(dot[t] == GGMLType.Q8_K for t in GRID_IQ_TYPES + [GGMLType.TQ1_0, GGMLType.TQ2_0])
+    # every type can be quantized to but the grid i-quants
+    for t in qtypes.supported_types():
+        assert qtypes.type_info(t).can_quantize == (t not in GRID_IQ_TYPES), t.name
 
 
 def test_type_names_ids_and_enums_resolve() -> None:
@@ -293,6 +321,8 @@ ROUNDTRIP_RMSE = {
     GGMLType.Q4_0: 0.1, GGMLType.Q4_1: 0.09, GGMLType.Q5_0: 0.05, GGMLType.Q5_1: 0.045,
     GGMLType.Q8_0: 0.0065, GGMLType.Q8_1: 0.0065, GGMLType.Q8_K: 0.01,
     GGMLType.IQ4_NL: 0.0785, GGMLType.IQ4_XS: 0.079,  # measured 0.0769, 0.0775
+    # ternary: Gaussian data mostly rounds to 0 (tests/test_iquants_grid.py); measured 0.8133
+    GGMLType.TQ1_0: 0.83, GGMLType.TQ2_0: 0.83,
     **{t: LLAMA_CPP_RMSE[t] * 1.02 for t in K_TYPES},
 }  # fmt: skip
 
@@ -300,6 +330,12 @@ ROUNDTRIP_RMSE = {
 @pytest.mark.parametrize("t", qtypes.supported_types(), ids=lambda t: t.name)
 def test_round_trip(t: GGMLType) -> None:
     x = GAUSS[:8]
+    if t in GRID_IQ_TYPES:  # read-only for now: a typed error naming the type, no bytes
+        with pytest.raises(QuantError, match=f"no quantizer for {t.name} yet"):
+            qtypes.quantize(t, x)
+        with pytest.raises(QuantError, match=f"no quantizer for {t.name} yet"):
+            _core.quantize(int(t), x)
+        return
     q = qtypes.quantize(t, x)
     assert q.shape == qtypes.byte_shape(t, x.shape)
     back = qtypes.dequantize(t, q, x.shape)
@@ -427,7 +463,7 @@ def test_quantize_and_dequantize_release_the_gil() -> None:
 
 
 @pytest.mark.parametrize(
-    "qtype", [99, -1, 2**40, "Q9_X", "", GGMLType.IQ2_XXS, "iq3_s", 16, True, 2.0, None]
+    "qtype", [99, -1, 2**40, "Q9_X", "", GGMLType.MXFP4, "i32", 39, 24, True, 2.0, None]
 )
 def test_unknown_or_unsupported_types_raise(qtype: object) -> None:
     with pytest.raises(QuantError):
@@ -482,4 +518,6 @@ def test_extension_rechecks_sizes() -> None:
     with pytest.raises(QuantError, match="contiguous"):
         _core.dequantize(8, np.zeros((34, 2), np.uint8)[:, 0], 32)
     with pytest.raises(QuantError, match="unknown"):
-        _core.type_traits(16)
+        _core.type_traits(39)  # MXFP4: not in pyllm's table
+    with pytest.raises(QuantError, match="no quantizer for IQ2_XXS"):
+        _core.quantize(16, np.zeros(256, np.float32))

@@ -29,6 +29,9 @@ class TinySpec:
     rope_scaling: dict[str, object] = field(default_factory=dict)  # type/factor/orig ctx
     rope_freqs: bool = False
     wtype: GGMLType = GGMLType.F32  # type of the 2-D matrices
+    # The 2-D matrices as random valid blocks of wtype instead of quantized Gaussian ones: for
+    # the types pyllm cannot quantize to (the grid i-quants), see random_blocks.
+    random_blocks: bool = False
     seed: int = 0
 
 
@@ -44,6 +47,50 @@ def _quantize(arr: np.ndarray, wtype: GGMLType) -> np.ndarray:
     from pyllm.formats import qtypes
 
     return qtypes.quantize(wtype, arr.astype(np.float32))
+
+
+# Byte offset of the f16 d in the blocks random_blocks writes (IQ1_M has none: see _set_iq1m_d).
+_D_OFFSET = {
+    GGMLType.IQ2_XXS: 0, GGMLType.IQ2_XS: 0, GGMLType.IQ2_S: 0, GGMLType.IQ3_XXS: 0,
+    GGMLType.IQ3_S: 0, GGMLType.IQ1_S: 0, GGMLType.TQ1_0: 52, GGMLType.TQ2_0: 64,
+}  # fmt: skip
+
+
+def _set_iq1m_d(raw: np.ndarray, d: np.ndarray) -> None:
+    """IQ1_M keeps its f16 d in the top nibbles of its four uint16 scale words (bytes 48..55):
+    nibble w of d in word w."""
+    h = np.asarray(d, np.float16).reshape(-1).view(np.uint16)
+    words = raw[:, 48:56].copy().view(np.uint16)
+    for w in range(4):
+        words[:, w] = (words[:, w] & 0x0FFF) | (((h >> (4 * w)) & 0xF) << 12)
+    raw[:, 48:56] = words.view(np.uint8)
+
+
+def _set_d(wtype: GGMLType, raw: np.ndarray, d: np.ndarray) -> None:
+    if wtype == GGMLType.IQ1_M:
+        _set_iq1m_d(raw, d)
+    else:
+        off = _D_OFFSET[wtype]
+        raw[:, off : off + 2] = np.asarray(d, np.float16).reshape(-1, 1).view(np.uint8)
+
+
+def random_blocks(
+    wtype: GGMLType, rows: int, cols: int, scale: float, rng: np.random.Generator
+) -> np.ndarray:
+    """A rows x cols matrix of wtype as raw blocks (rows, row_bytes): random code bytes, and each
+    block's f16 d set so that the block's RMS is about ``scale`` (x 0.5..1.5, random sign). For
+    the grid i-quants at scale 0.2 that is |d| ~ 1e-3..1e-2 (IQ1: ~0.05), as in real files."""
+    from pyllm.formats import qtypes
+
+    info = qtypes.type_info(wtype)
+    n = rows * cols // info.block_size
+    raw = rng.integers(0, 256, (n, info.type_size), dtype=np.uint8)
+    _set_d(wtype, raw, np.ones(n))
+    unit = qtypes.dequantize(wtype, raw, (n, info.block_size)).astype(np.float64)
+    rms = np.sqrt(np.mean(unit**2, axis=1))  # each block's RMS at d = 1
+    target = scale * rng.uniform(0.5, 1.5, n) * rng.choice([-1.0, 1.0], n)
+    _set_d(wtype, raw, target / np.maximum(rms, 1e-6))
+    return raw.reshape(rows, -1)
 
 
 def write_tiny(path: Path, spec: TinySpec | None = None) -> Path:
@@ -76,7 +123,10 @@ def write_tiny(path: Path, spec: TinySpec | None = None) -> Path:
 
     def add(name: str, arr: np.ndarray, quantize: bool) -> None:
         if quantize and arr.ndim == 2:
-            data = _quantize(arr, s.wtype)
+            if s.random_blocks:  # the Gaussian's scale, random codes
+                data = random_blocks(s.wtype, *arr.shape, float(arr.std()), rng)
+            else:
+                data = _quantize(arr, s.wtype)
             w.add_tensor(name, data, s.wtype, dims=(arr.shape[1], arr.shape[0]))
         else:
             w.add_tensor(name, arr.astype(np.float32))

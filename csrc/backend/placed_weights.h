@@ -13,6 +13,7 @@
 
 #include "backend/backend.h"
 #include "pyllm/model.h"
+#include "pyllm/quant.h"
 
 namespace pyllm {
 
@@ -30,13 +31,33 @@ void for_each_placed_view(const ModelWeights& w, const std::vector<LayerRange>& 
   }
 }
 
-// Bytes of the weights of `ranges` on `device`; throws DeviceError for a view not in its GGUF
-// layout or larger than the device's largest buffer (`max_buffer`).
+// Whether the device backends' matmul kernels (csrc/opencl/kernels.cl, csrc/cuda/kernels.cuh)
+// decode weights of type t: the float, legacy, k-quant and IQ4 types. The grid i-quants and
+// the ternary types run on the CPU only so far.
+inline bool device_decodes(QType t) {
+  switch (t) {
+    case QType::F32: case QType::F16: case QType::BF16:
+    case QType::Q4_0: case QType::Q4_1: case QType::Q5_0: case QType::Q5_1: case QType::Q8_0:
+    case QType::Q2_K: case QType::Q3_K: case QType::Q4_K: case QType::Q5_K: case QType::Q6_K:
+    case QType::IQ4_NL: case QType::IQ4_XS:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// Bytes of the weights of `ranges` on `device`; throws DeviceError for a view of a type the
+// device kernels cannot decode, not in its GGUF layout, or larger than the device's largest
+// buffer (`max_buffer`).
 inline uint64_t placed_weight_bytes(const ModelWeights& w, const std::vector<LayerRange>& ranges,
                                     uint64_t max_buffer, const std::string& device) {
   uint64_t total = 0;
   for_each_placed_view(w, ranges, [&](const WeightView& v) {
     if (!v.present()) return;
+    if (!device_decodes(v.type)) {
+      throw DeviceError(v.name + ": " + device + " has no kernels for " +
+                        type_traits(v.type).name + " weights yet; keep these layers on the CPU");
+    }
     if (v.layout != WeightLayout::Gguf) throw DeviceError(v.name + ": not in its GGUF layout");
     if (static_cast<uint64_t>(v.nbytes) > max_buffer) {
       throw DeviceError(v.name + " needs " + std::to_string(v.nbytes) + " bytes in one buffer; " +

@@ -94,6 +94,7 @@ py::array_t<uint8_t> py_quantize(uint32_t qtype, const py::buffer& src) {
   const QType type = t.type;
   int64_t out_bytes = 0;
   try {
+    check_quantizable(type);  // before any work: the grid i-quants have no quantizer yet
     out_bytes = row_size(type, n);
   } catch (const std::invalid_argument& e) {
     raise_quant_error(e.what());
@@ -122,6 +123,7 @@ py::dict py_type_traits(uint32_t qtype) {
   d["type_size"] = t.type_size;
   d["is_quantized"] = t.is_quantized;
   d["is_weight"] = t.is_weight;
+  d["can_quantize"] = t.from_float != nullptr;
   d["vec_dot_type"] = static_cast<uint32_t>(t.vec_dot_type);
   return d;
 }
@@ -136,10 +138,12 @@ void register_quant(py::module_& m) {
   m.def("quantize", &py_quantize, py::arg("qtype"), py::arg("data"),
         "Encode the C-contiguous float32 buffer data (size a multiple of the block size) as ggml "
         "type id qtype; returns the raw block bytes as a 1-D uint8 array. Raises "
-        "pyllm.errors.QuantError on unknown types or wrong sizes.");
+        "pyllm.errors.QuantError on unknown types, types pyllm cannot quantize to (the grid "
+        "i-quants: can_quantize false in type_traits) or wrong sizes.");
   m.def("type_traits", &py_type_traits, py::arg("qtype"),
         "Traits of ggml type id qtype: id, name, block_size, type_size, is_quantized, is_weight, "
-        "vec_dot_type (the activation type its dot kernels take).");
+        "can_quantize (quantize supports it), vec_dot_type (the activation type its dot kernels "
+        "take).");
   m.def("quant_type_ids", [] {
     py::list ids;
     for (QType t : kAllQTypes) ids.append(static_cast<uint32_t>(t));

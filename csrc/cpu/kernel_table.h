@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 
 #include "cpu/cpu.h"
 #include "cpu/matmul.h"
@@ -57,7 +58,8 @@ inline void for_row_chunks(const MatArgs& a, int64_t r0, int64_t r1,
 // concurrently on disjoint row ranges; they keep their scratch on the stack or thread_local.
 using RowsFn = void (*)(const MatArgs& a, int64_t r0, int64_t r1);
 
-constexpr int kMaxTypeId = 32;  // table size, indexed by the ggml type id (QType)
+// Table size, indexed by the ggml type id (QType): above every weight type's id (TQ2_0 = 35).
+constexpr int kMaxTypeId = 40;
 
 struct KernelTable {
   Isa isa;
@@ -97,6 +99,7 @@ KernelTable make_kernel_table(Isa isa, int matmat_rows, int matmat_min_tokens,
   t.matmat_min_tokens = matmat_min_tokens;
   for (const TypeKernels& r : rows) {
     const int id = static_cast<int>(r.type);
+    if (id < 0 || id >= kMaxTypeId) std::abort();  // a row beyond the table: raise kMaxTypeId
     t.matvec[id] = r.matvec;
     t.matmat[id] = r.matmat;
     t.matvec_r16[id] = r.matvec_r16;

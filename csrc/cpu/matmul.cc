@@ -22,10 +22,11 @@ struct Layout {
 };
 
 // Block geometry of the weight types matmul handles, from the traits table (csrc/quant/registry.cc,
-// which takes it from the block structs of qtype.h).
+// which takes it from the block structs of qtype.h); ids past the kernel tables are refused.
 bool weight_layout(QType t, Layout* out) {
-  const TypeTraits* tr = find_type_traits(static_cast<uint32_t>(t));
-  if (tr == nullptr || !tr->is_weight) return false;
+  const uint32_t id = static_cast<uint32_t>(t);
+  const TypeTraits* tr = find_type_traits(id);
+  if (tr == nullptr || !tr->is_weight || id >= static_cast<uint32_t>(kMaxTypeId)) return false;
   *out = {tr->block_size, tr->type_size};
   return true;
 }

@@ -57,7 +57,9 @@ PYLLM_API int64_t pyllm_row_size(uint32_t type, int64_t n);
 PYLLM_API int pyllm_dequantize(uint32_t type, const void* src, size_t src_bytes, float* dst,
                                int64_t n);
 
-/* Quantize n floats into dst (dst_bytes long; exactly pyllm_row_size(type, n) are written). */
+/* Quantize n floats into dst (dst_bytes long; exactly pyllm_row_size(type, n) are written).
+ * PYLLM_E_INVALID for a type pyllm reads but cannot write yet (the grid i-quants IQ1_S, IQ1_M,
+ * IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S: they need importance-matrix quantization). */
 PYLLM_API int pyllm_quantize(uint32_t type, const float* src, int64_t n, void* dst,
                              size_t dst_bytes);
 

@@ -2,10 +2,11 @@
 // Dequantization is the specification the kernels are checked against: bit-exact with the gguf
 // package's numpy code (each product a separately rounded float32 operation in its order: the
 // sub-block scale d * (ls - 32) first, then times the level). Quantization follows llama.cpp's
-// (what llama-quantize writes without an importance matrix): per sub-block of 32, a scale from
-// the largest-magnitude value, refined by least squares over 15 trial scales with the squared
-// values as weights; IQ4_XS then stores each sub-block scale as a 6-bit multiple of
-// -max_scale / 32 and re-picks the codes for the rounded scale.
+// (what llama-quantize writes, with or without an importance matrix): per sub-block of 32, a
+// scale from the largest-magnitude value, refined by weighted least squares over 15 trial
+// scales (weights: the squared values, or the importance matrix's, see quantize_iq4); IQ4_XS
+// then stores each sub-block scale as a 6-bit multiple of -max_scale / 32 and re-picks the
+// codes for the rounded scale.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -71,20 +72,29 @@ constexpr int kTries = 7;       // trial scales on each side of the first guess
 
 // One super-block of n (32 for IQ4_NL, 256 for IQ4_XS) into d, the codes L (one per element)
 // and, for n > 32, the 6-bit sub-block scales; the codes packed into q4 at the end.
+// qw: the importance of each of the n elements (an importance matrix's mean squares for their
+// columns), or nullptr. Each element's error is weighted by x^2, or with an importance matrix
+// by qw * sqrt(sigma2 + x^2), sigma2 twice the mean square of the super-block (llama.cpp's).
 void quantize_iq4(int n, const float* x, f16_t* dh, uint8_t* q4, uint16_t* scales_h,
-                  uint8_t* scales_l) {
+                  uint8_t* scales_l, const float* qw) {
   uint8_t L[QK_K];
   float scales[QK_K / 32];
   float weight[32];
   std::memset(L, 0, sizeof(L));
   *dh = f32_to_f16(0.0f);
+  float sigma2 = 0.0f;
+  if (qw != nullptr) {
+    for (int j = 0; j < n; ++j) sigma2 += x[j] * x[j];
+    sigma2 *= 2.0f / static_cast<float>(n);
+  }
   float max_scale = 0.0f, amax_scale = 0.0f;
   for (int ib = 0; ib < n / 32; ++ib) {
     const float* xb = x + 32 * ib;
     uint8_t* Lb = L + 32 * ib;
     float amax = 0.0f, max = 0.0f;
     for (int j = 0; j < 32; ++j) {
-      weight[j] = xb[j] * xb[j];
+      weight[j] = qw != nullptr ? qw[32 * ib + j] * std::sqrt(sigma2 + xb[j] * xb[j])
+                                : xb[j] * xb[j];
       const float ax = std::fabs(xb[j]);
       if (ax > amax) {
         amax = ax;
@@ -162,14 +172,24 @@ void quantize_iq4(int n, const float* x, f16_t* dh, uint8_t* q4, uint16_t* scale
 }  // namespace
 
 void quantize_row_iq4_nl(const float* x, BlockIQ4_NL* y, int64_t n) {
-  for (int64_t i = 0; i < n / QK4_NL; ++i) {
-    quantize_iq4(QK4_NL, x + QK4_NL * i, &y[i].d, y[i].qs, nullptr, nullptr);
-  }
+  quantize_row_iq4_nl_weighted(x, y, n, nullptr);
 }
 
 void quantize_row_iq4_xs(const float* x, BlockIQ4_XS* y, int64_t n) {
+  quantize_row_iq4_xs_weighted(x, y, n, nullptr);
+}
+
+void quantize_row_iq4_nl_weighted(const float* x, BlockIQ4_NL* y, int64_t n, const float* qw) {
+  for (int64_t i = 0; i < n / QK4_NL; ++i) {
+    quantize_iq4(QK4_NL, x + QK4_NL * i, &y[i].d, y[i].qs, nullptr, nullptr,
+                 qw != nullptr ? qw + QK4_NL * i : nullptr);
+  }
+}
+
+void quantize_row_iq4_xs_weighted(const float* x, BlockIQ4_XS* y, int64_t n, const float* qw) {
   for (int64_t i = 0; i < n / QK_K; ++i) {
-    quantize_iq4(QK_K, x + QK_K * i, &y[i].d, y[i].qs, &y[i].scales_h, y[i].scales_l);
+    quantize_iq4(QK_K, x + QK_K * i, &y[i].d, y[i].qs, &y[i].scales_h, y[i].scales_l,
+                 qw != nullptr ? qw + QK_K * i : nullptr);
   }
 }
 

@@ -25,11 +25,20 @@ void from_float_adapter(const float* src, void* dst, int64_t n) {
   Fn(src, static_cast<Block*>(dst), n);
 }
 
+// One row: the type, its block struct and block size, whether it is block-quantized, whether
+// it may be a model weight, the suffix of its reference routines and its vec_dot type.
 #define PYLLM_TRAITS(TYPE, BLOCK, BS, QUANTIZED, WEIGHT, SUFFIX, DOT)                       \
   TypeTraits {                                                                              \
     QType::TYPE, #TYPE, BS, static_cast<int64_t>(sizeof(BLOCK)), QUANTIZED, WEIGHT,         \
         &to_float_adapter<BLOCK, &dequantize_row_##SUFFIX>,                                 \
         &from_float_adapter<BLOCK, &quantize_row_##SUFFIX>, QType::DOT                      \
+  }
+// A row for a type pyllm reads but cannot write yet (from_float null): the grid i-quants,
+// whose quantizers need an importance-matrix search.
+#define PYLLM_TRAITS_DEQUANT_ONLY(TYPE, BLOCK, BS, WEIGHT, SUFFIX, DOT)                     \
+  TypeTraits {                                                                              \
+    QType::TYPE, #TYPE, BS, static_cast<int64_t>(sizeof(BLOCK)), true, WEIGHT,              \
+        &to_float_adapter<BLOCK, &dequantize_row_##SUFFIX>, nullptr, QType::DOT             \
   }
 
 const TypeTraits kTraits[] = {
@@ -47,12 +56,22 @@ const TypeTraits kTraits[] = {
     PYLLM_TRAITS(Q5_K, BlockQ5_K, QK_K, true, true, q5_K, Q8_K),
     PYLLM_TRAITS(Q6_K, BlockQ6_K, QK_K, true, true, q6_K, Q8_K),
     PYLLM_TRAITS(Q8_K, BlockQ8_K, QK_K, true, false, q8_K, F32),
+    PYLLM_TRAITS_DEQUANT_ONLY(IQ2_XXS, BlockIQ2_XXS, QK_K, true, iq2_xxs, Q8_K),
+    PYLLM_TRAITS_DEQUANT_ONLY(IQ2_XS, BlockIQ2_XS, QK_K, true, iq2_xs, Q8_K),
+    PYLLM_TRAITS_DEQUANT_ONLY(IQ3_XXS, BlockIQ3_XXS, QK_K, true, iq3_xxs, Q8_K),
+    PYLLM_TRAITS_DEQUANT_ONLY(IQ1_S, BlockIQ1_S, QK_K, true, iq1_s, Q8_K),
     PYLLM_TRAITS(IQ4_NL, BlockIQ4_NL, QK4_NL, true, true, iq4_nl, Q8_0),
+    PYLLM_TRAITS_DEQUANT_ONLY(IQ3_S, BlockIQ3_S, QK_K, true, iq3_s, Q8_K),
+    PYLLM_TRAITS_DEQUANT_ONLY(IQ2_S, BlockIQ2_S, QK_K, true, iq2_s, Q8_K),
     PYLLM_TRAITS(IQ4_XS, BlockIQ4_XS, QK_K, true, true, iq4_xs, Q8_K),
+    PYLLM_TRAITS_DEQUANT_ONLY(IQ1_M, BlockIQ1_M, QK_K, true, iq1_m, Q8_K),
     PYLLM_TRAITS(BF16, bf16_t, 1, false, true, bf16, BF16),
+    PYLLM_TRAITS(TQ1_0, BlockTQ1_0, QK_K, true, true, tq1_0, Q8_K),
+    PYLLM_TRAITS(TQ2_0, BlockTQ2_0, QK_K, true, true, tq2_0, Q8_K),
 };
 
 #undef PYLLM_TRAITS
+#undef PYLLM_TRAITS_DEQUANT_ONLY
 
 static_assert(sizeof(kTraits) / sizeof(kTraits[0]) == sizeof(kAllQTypes) / sizeof(kAllQTypes[0]),
               "kAllQTypes and the traits table must list the same types");
@@ -130,7 +149,16 @@ void dequantize(QType type, const void* src, int64_t src_bytes, float* dst, int6
   t.to_float(src, dst, n);
 }
 
+void check_quantizable(QType type) {
+  const TypeTraits& t = type_traits(type);
+  if (t.from_float == nullptr) {
+    fail(std::string("no quantizer for ") + t.name +
+         " yet: quantize from an importance matrix (pyllm imatrix) is not implemented");
+  }
+}
+
 void quantize(QType type, const float* src, int64_t n, void* dst, int64_t dst_bytes) {
+  check_quantizable(type);
   const TypeTraits& t = type_traits(type);
   const int64_t need = row_size(type, n);
   if (dst_bytes != need) {

@@ -52,19 +52,51 @@ const std::vector<TypeCase>& cases() {
       {QType::Q6_K, "Q6_K", 256, sizeof(BlockQ6_K), {offsetof(BlockQ6_K, d)}},
       {QType::IQ4_NL, "IQ4_NL", 32, sizeof(BlockIQ4_NL), {offsetof(BlockIQ4_NL, d)}},
       {QType::IQ4_XS, "IQ4_XS", 256, sizeof(BlockIQ4_XS), {offsetof(BlockIQ4_XS, d)}},
+      {QType::IQ2_XXS, "IQ2_XXS", 256, sizeof(BlockIQ2_XXS), {offsetof(BlockIQ2_XXS, d)}},
+      {QType::IQ2_XS, "IQ2_XS", 256, sizeof(BlockIQ2_XS), {offsetof(BlockIQ2_XS, d)}},
+      {QType::IQ2_S, "IQ2_S", 256, sizeof(BlockIQ2_S), {offsetof(BlockIQ2_S, d)}},
+      {QType::IQ3_XXS, "IQ3_XXS", 256, sizeof(BlockIQ3_XXS), {offsetof(BlockIQ3_XXS, d)}},
+      {QType::IQ3_S, "IQ3_S", 256, sizeof(BlockIQ3_S), {offsetof(BlockIQ3_S, d)}},
+      {QType::IQ1_S, "IQ1_S", 256, sizeof(BlockIQ1_S), {offsetof(BlockIQ1_S, d)}},
+      {QType::IQ1_M, "IQ1_M", 256, sizeof(BlockIQ1_M), {}},  // d: see set_iq1m_scale
+      {QType::TQ1_0, "TQ1_0", 256, sizeof(BlockTQ1_0), {offsetof(BlockTQ1_0, d)}},
+      {QType::TQ2_0, "TQ2_0", 256, sizeof(BlockTQ2_0), {offsetof(BlockTQ2_0, d)}},
   };
   return c;
 }
 
+// Whether the ISA has int16-activation kernels for t at all: the legacy, k-quant and IQ4 block
+// types (the float types, the grid i-quants and the ternary types run F32 math everywhere).
+bool has_int16_kernels(QType t) {
+  switch (t) {
+    case QType::Q4_0: case QType::Q4_1: case QType::Q5_0: case QType::Q5_1: case QType::Q8_0:
+    case QType::Q2_K: case QType::Q3_K: case QType::Q4_K: case QType::Q5_K: case QType::Q6_K:
+    case QType::IQ4_NL: case QType::IQ4_XS:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// IQ1_M has no f16 field: nibble w of its d is the top nibble of scale word w (bytes 2 w, 2 w + 1
+// of `scales`); the low 12 bits of each word (the 3-bit sub-block scales) are kept.
+void set_iq1m_scale(uint8_t* block, f16_t d) {
+  uint8_t* sc = block + offsetof(BlockIQ1_M, scales);
+  for (int w = 0; w < 4; ++w) {
+    sc[2 * w + 1] = static_cast<uint8_t>((sc[2 * w + 1] & 0x0F) | (((d >> (4 * w)) & 0xF) << 4));
+  }
+}
+
 // Whether matmul takes an int16-activation VNNI kernel here (matvec_vnni.cc, matmat_vnni.cc).
 bool uses_int16_activations(Isa isa, QType t, int64_t n_tokens) {
+  if (!has_int16_kernels(t)) return false;
   if (isa == Isa::Avx2) {  // matvec_avx2.cc
-    return n_tokens < matmat_min_tokens() && t != QType::F32 && t != QType::F16 &&
-           t != QType::BF16 && t != QType::Q8_0 && t != QType::IQ4_NL && t != QType::IQ4_XS;
+    return n_tokens < matmat_min_tokens() && t != QType::Q8_0 && t != QType::IQ4_NL &&
+           t != QType::IQ4_XS;
   }
   if (isa != Isa::Avx512) return false;
   if (n_tokens < matmat_min_tokens()) {  // the caller has made isa the active ISA
-    return t != QType::F32 && t != QType::F16 && t != QType::BF16;  // every block type
+    return true;  // matvec_vnni.cc: every type with int16 kernels
   }
   return t == QType::Q4_0 || t == QType::Q4_1 || t == QType::Q5_0 || t == QType::Q5_1 ||
          t == QType::Q8_0 || t == QType::Q3_K || t == QType::Q4_K || t == QType::Q5_K ||
@@ -91,6 +123,7 @@ std::vector<uint8_t> random_weights(const TypeCase& tc, int64_t n_out, int64_t k
       const f16_t h = f32_to_f16(val(rng) * (tc.block == 1 ? 1.0f : 0.05f));
       std::memcpy(blk + off, &h, 2);
     }
+    if (tc.type == QType::IQ1_M) set_iq1m_scale(blk, f32_to_f16(val(rng) * 0.05f));
   }
   return w;
 }

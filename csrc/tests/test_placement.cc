@@ -2,7 +2,9 @@
 // (F32 norms, Q8_0 and F32 matrices, GQA) is loaded with several placements of its layers on the
 // CPU; every placement must give the logits of the one-range model bit for bit (prompt, decode
 // steps, several sequences), move its saved state to a one-range context exactly, and bad
-// placements must be refused before anything is allocated. Exit status 0 = pass.
+// placements must be refused before anything is allocated; the device backends' weight check
+// refuses the types they have no kernels for. Exit status 0 = pass.
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -11,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/placed_weights.h"
 #include "pyllm/model.h"
 #include "pyllm/quant.h"
 #include "tests/check.h"
@@ -185,6 +188,31 @@ void check_bad_placements(const Weights& src) {
   }
 }
 
+// The device backends' size check refuses weight types their kernels cannot decode (the grid
+// i-quants, TQ1_0, TQ2_0) with a DeviceError naming the type, before anything is uploaded.
+void check_device_types(const Weights& src) {
+  const std::vector<LayerRange> all = {{0, kLayers, true}};
+  CHECK(placed_weight_bytes(src.w, all, UINT64_MAX, "dev") > 0, "no bytes for a Q8_0 model");
+  for (QType t : kAllQTypes) {
+    if (!type_traits(t).is_weight) continue;
+    ModelWeights w = src.w;
+    w.layers[1].w_down.type = t;  // the size check reads the type, never the data
+    std::string error;
+    try {
+      placed_weight_bytes(w, all, UINT64_MAX, "dev");
+    } catch (const DeviceError& e) {
+      error = e.what();
+    }
+    const bool legacy = static_cast<int>(t) <= static_cast<int>(QType::Q6_K) ||
+                        t == QType::IQ4_NL || t == QType::IQ4_XS || t == QType::BF16;
+    CHECK(device_decodes(t) == legacy, "%s: device_decodes is wrong", type_traits(t).name);
+    CHECK(legacy == error.empty(), "%s: placed on a device: '%s'", type_traits(t).name,
+          error.c_str());
+    CHECK(legacy || error.find(type_traits(t).name) != std::string::npos,
+          "%s: the error does not name the type", type_traits(t).name);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -192,5 +220,6 @@ int main() {
   check_placements(src);
   check_batch_and_state(src);
   check_bad_placements(src);
+  check_device_types(src);
   return pyllm::testing::test_exit_status();
 }

@@ -3,8 +3,11 @@
 The work is done by the C++ reference routines in :mod:`pyllm._core` (GIL released, split over
 the kernel thread pool); this module resolves type names, checks shapes and sizes, and shapes the
 results. Dequantization is bit-exact with the ``gguf`` package; quantization of F16, BF16, Q4_0,
-Q4_1, Q5_0, Q5_1 and Q8_0 reproduces its bytes, and the k-quants (Q2_K..Q6_K) use llama.cpp's kind
-of scale search. Q8_1 and Q8_K (the activation formats of the dot kernels) are supported too.
+Q4_1, Q5_0, Q5_1, Q8_0, TQ1_0 and TQ2_0 reproduces its bytes, and the k-quants (Q2_K..Q6_K) and
+IQ4_NL / IQ4_XS use llama.cpp's kind of scale search. The grid i-quants (IQ1_S, IQ1_M, IQ2_XXS,
+IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) dequantize only: quantizing to them needs an importance matrix,
+which pyllm does not implement yet (:func:`quantize` raises :class:`QuantError`). Q8_1 and Q8_K
+(the activation formats of the dot kernels) are supported too.
 
 Example::
 
@@ -43,6 +46,7 @@ class QuantTypeInfo:
     type_size: int  # bytes per block
     is_quantized: bool  # block-quantized (not a plain float type)
     is_weight: bool  # may be a weight type in a GGUF file (False for Q8_1/Q8_K)
+    can_quantize: bool  # quantize() supports it (False for the grid i-quants, for now)
     vec_dot_type: GGMLType  # activation format its dot kernels take
 
     def row_bytes(self, n: int) -> int:
@@ -93,6 +97,7 @@ def _info(t: GGMLType) -> QuantTypeInfo:
         type_size=int(d["type_size"]),
         is_quantized=bool(d["is_quantized"]),
         is_weight=bool(d["is_weight"]),
+        can_quantize=bool(d["can_quantize"]),
         vec_dot_type=GGMLType(int(d["vec_dot_type"])),
     )
 
@@ -185,9 +190,15 @@ def quantize(qtype: QTypeLike, array: Any) -> np.ndarray:
     """Encode a float array as type ``qtype``; returns the raw bytes as uint8 (..., row_bytes).
 
     The last dimension must be a multiple of the type's block size. Non-float32 real input is
-    converted to float32 first.
+    converted to float32 first. Raises :class:`QuantError` for the grid i-quants (IQ1_*, IQ2_*,
+    IQ3_*), which pyllm reads but cannot write yet.
     """
     info = type_info(qtype)
+    if not info.can_quantize:
+        raise QuantError(
+            f"no quantizer for {info.name} yet: quantize from an importance matrix "
+            "(pyllm imatrix) is not implemented"
+        )
     a = np.asarray(array)
     if a.dtype != np.float32:
         if a.dtype.kind not in "fiub":

@@ -4,7 +4,8 @@
 // These follow the formulas of the reference dequantizers (csrc/quant, the gguf package) term by
 // term, so a kernel that decodes with them and then accumulates in F32 differs from the exact
 // product only by F32 accumulation rounding. They are inline templates so that each ISA build
-// compiles (and possibly vectorizes) them with its own flags.
+// compiles (and possibly vectorizes) them with its own flags. The grid i-quants and the ternary
+// types have theirs in decode_iq.h, included at the end.
 #pragma once
 
 #include <cstdint>
@@ -290,3 +291,5 @@ struct Fmt<QType::IQ4_XS> {
 
 }  // namespace PYLLM_ISA
 }  // namespace pyllm
+
+#include "cpu/isa/decode_iq.h"  // IWYU pragma: export

@@ -39,6 +39,16 @@ constexpr TypeKernels kRows[] = {
     {Q::Q6_K, matvec_blocks<Q::Q6_K>, matmat_f32<Q::Q6_K>,  nullptr,    nullptr},
     {Q::IQ4_NL, matvec_blocks<Q::IQ4_NL>, matmat_f32<Q::IQ4_NL>, nullptr, nullptr},
     {Q::IQ4_XS, matvec_blocks<Q::IQ4_XS>, matmat_f32<Q::IQ4_XS>, nullptr, nullptr},
+    // grid i-quants and ternary types: F32 math (decode_iq.h) on every ISA for now
+    {Q::IQ2_XXS, matvec_blocks<Q::IQ2_XXS>, matmat_f32<Q::IQ2_XXS>, nullptr, nullptr},
+    {Q::IQ2_XS, matvec_blocks<Q::IQ2_XS>, matmat_f32<Q::IQ2_XS>, nullptr, nullptr},
+    {Q::IQ2_S, matvec_blocks<Q::IQ2_S>, matmat_f32<Q::IQ2_S>, nullptr, nullptr},
+    {Q::IQ3_XXS, matvec_blocks<Q::IQ3_XXS>, matmat_f32<Q::IQ3_XXS>, nullptr, nullptr},
+    {Q::IQ3_S, matvec_blocks<Q::IQ3_S>, matmat_f32<Q::IQ3_S>, nullptr, nullptr},
+    {Q::IQ1_S, matvec_blocks<Q::IQ1_S>, matmat_f32<Q::IQ1_S>, nullptr, nullptr},
+    {Q::IQ1_M, matvec_blocks<Q::IQ1_M>, matmat_f32<Q::IQ1_M>, nullptr, nullptr},
+    {Q::TQ1_0, matvec_blocks<Q::TQ1_0>, matmat_f32<Q::TQ1_0>, nullptr, nullptr},
+    {Q::TQ2_0, matvec_blocks<Q::TQ2_0>, matmat_f32<Q::TQ2_0>, nullptr, nullptr},
 };
 
 }  // namespace

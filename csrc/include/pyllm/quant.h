@@ -3,10 +3,13 @@
 // overflow-checked size helpers, and the scalar reference quantize/dequantize routines.
 //
 // The reference routines are the specification of each format: dequantization is bit-exact with
-// the gguf package, quantization of F16/BF16/Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 is bit-exact with it too, and
-// the k-quant quantizers use a llama.cpp-style iterative scale search. SIMD kernels (csrc/cpu)
-// must agree with these. Implementations: csrc/quant/ref.cc (float and legacy block types),
-// csrc/quant/kquants.cc (k-quants and Q8_K), csrc/quant/registry.cc (the table and helpers).
+// the gguf package, quantization of F16/BF16/Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/TQ1_0/TQ2_0 is bit-exact
+// with it too, the k-quant and IQ4 quantizers reproduce llama.cpp's, and the grid i-quants
+// (IQ1/IQ2/IQ3) have no quantizer yet (they need an importance-matrix search). SIMD kernels
+// (csrc/cpu) must agree with these. Implementations: csrc/quant/ref.cc (float and legacy block
+// types), csrc/quant/kquants.cc (k-quants and Q8_K), csrc/quant/iquants.cc (IQ4_NL, IQ4_XS),
+// csrc/quant/iquants_grid.cc (grid i-quants, TQ1_0, TQ2_0), csrc/quant/registry.cc (the table
+// and helpers).
 #pragma once
 
 #include <cstddef>
@@ -29,17 +32,21 @@ struct TypeTraits {
   bool is_quantized;        // block-quantized (false for F32/F16/BF16)
   bool is_weight;           // a weight type of GGUF files (false for the activation-only Q8_1, Q8_K)
   ToFloatFn to_float;       // reference dequantize; never null
-  FromFloatFn from_float;   // reference quantize; never null
+  FromFloatFn from_float;   // reference quantize; null when pyllm has no quantizer for the type
+                            // (the grid i-quants): quantize() then throws, see check_quantizable
   QType vec_dot_type;       // activation format the type's dot kernels take (ggml's convention):
-                            // F32->F32, F16->F16, BF16->BF16, Q4_0/Q5_0/Q8_0->Q8_0,
-                            // Q4_1/Q5_1->Q8_1, Q2_K..Q6_K->Q8_K (Q8_1, Q8_K themselves: F32).
+                            // F32->F32, F16->F16, BF16->BF16, Q4_0/Q5_0/Q8_0/IQ4_NL->Q8_0,
+                            // Q4_1/Q5_1->Q8_1, Q2_K..Q6_K, IQ4_XS, the grid i-quants, TQ1_0 and
+                            // TQ2_0->Q8_K (Q8_1, Q8_K themselves: F32).
 };
 
 // Every type in the table, in id order.
 inline constexpr QType kAllQTypes[] = {
-    QType::F32,  QType::F16,  QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::Q8_0,
-    QType::Q8_1, QType::Q2_K, QType::Q3_K, QType::Q4_K, QType::Q5_K, QType::Q6_K, QType::Q8_K,
-    QType::IQ4_NL, QType::IQ4_XS, QType::BF16,
+    QType::F32,    QType::F16,    QType::Q4_0,    QType::Q4_1,   QType::Q5_0,    QType::Q5_1,
+    QType::Q8_0,   QType::Q8_1,   QType::Q2_K,    QType::Q3_K,   QType::Q4_K,    QType::Q5_K,
+    QType::Q6_K,   QType::Q8_K,   QType::IQ2_XXS, QType::IQ2_XS, QType::IQ3_XXS, QType::IQ1_S,
+    QType::IQ4_NL, QType::IQ3_S,  QType::IQ2_S,   QType::IQ4_XS, QType::IQ1_M,   QType::BF16,
+    QType::TQ1_0,  QType::TQ2_0,
 };
 
 // Traits of a type; throws std::invalid_argument if it is not in the table.
@@ -58,8 +65,11 @@ int64_t tensor_size(QType type, int64_t n_rows, int64_t n_per_row);
 // the given buffer sizes (std::invalid_argument on mismatch), then run the reference routine.
 void dequantize(QType type, const void* src, int64_t src_bytes, float* dst, int64_t n);
 void quantize(QType type, const float* src, int64_t n, void* dst, int64_t dst_bytes);
+// Throws std::invalid_argument naming the type when pyllm cannot quantize to it (from_float is
+// null); quantize() checks this first, callers that split the work check it up front.
+void check_quantizable(QType type);
 
-// ---- reference routines, one pair per type; n is a whole number of blocks -------------------
+// ---- reference routines, a pair per type (grid i-quants: dequantize only); n: whole blocks ---
 void dequantize_row_f32(const float* x, float* y, int64_t n);
 void quantize_row_f32(const float* x, float* y, int64_t n);
 void dequantize_row_f16(const f16_t* x, float* y, int64_t n);
@@ -78,12 +88,28 @@ void quantize_row_q5_1(const float* x, BlockQ5_1* y, int64_t n);
 void dequantize_row_q8_0(const BlockQ8_0* x, float* y, int64_t n);
 void quantize_row_q8_0(const float* x, BlockQ8_0* y, int64_t n);   // also the activation quantizer
 void dequantize_row_q8_1(const BlockQ8_1* x, float* y, int64_t n);
+void quantize_row_q8_1(const float* x, BlockQ8_1* y, int64_t n);   // d = amax/127, s = d * sum(qs)
 // i-quants (csrc/quant/iquants.cc)
 void dequantize_row_iq4_nl(const BlockIQ4_NL* x, float* y, int64_t n);
 void quantize_row_iq4_nl(const float* x, BlockIQ4_NL* y, int64_t n);
 void dequantize_row_iq4_xs(const BlockIQ4_XS* x, float* y, int64_t n);
 void quantize_row_iq4_xs(const float* x, BlockIQ4_XS* y, int64_t n);
-void quantize_row_q8_1(const float* x, BlockQ8_1* y, int64_t n);   // d = amax/127, s = d * sum(qs)
+// The same guided by an importance matrix: qw holds the importance of each of the n elements
+// (the mean square of its column's activations), nullptr for none.
+void quantize_row_iq4_nl_weighted(const float* x, BlockIQ4_NL* y, int64_t n, const float* qw);
+void quantize_row_iq4_xs_weighted(const float* x, BlockIQ4_XS* y, int64_t n, const float* qw);
+// grid i-quants and ternary types (csrc/quant/iquants_grid.cc); the grid types dequantize only
+void dequantize_row_iq2_xxs(const BlockIQ2_XXS* x, float* y, int64_t n);
+void dequantize_row_iq2_xs(const BlockIQ2_XS* x, float* y, int64_t n);
+void dequantize_row_iq2_s(const BlockIQ2_S* x, float* y, int64_t n);
+void dequantize_row_iq3_xxs(const BlockIQ3_XXS* x, float* y, int64_t n);
+void dequantize_row_iq3_s(const BlockIQ3_S* x, float* y, int64_t n);
+void dequantize_row_iq1_s(const BlockIQ1_S* x, float* y, int64_t n);
+void dequantize_row_iq1_m(const BlockIQ1_M* x, float* y, int64_t n);
+void dequantize_row_tq1_0(const BlockTQ1_0* x, float* y, int64_t n);
+void quantize_row_tq1_0(const float* x, BlockTQ1_0* y, int64_t n);
+void dequantize_row_tq2_0(const BlockTQ2_0* x, float* y, int64_t n);
+void quantize_row_tq2_0(const float* x, BlockTQ2_0* y, int64_t n);
 
 void dequantize_row_q2_K(const BlockQ2_K* x, float* y, int64_t n);
 void quantize_row_q2_K(const float* x, BlockQ2_K* y, int64_t n);
