@@ -368,3 +368,15 @@ def test_the_host_memory_check_leaves_out_offloaded_caches(tmp_path: Path, kind:
         assert gpu.new_context(n_ctx, n_threads=2).n_ctx == n_ctx
         with pytest.raises(ContextError, match="needs"):
             cpu.new_context(n_ctx, n_threads=2)
+
+
+def test_importance_matrix_statistics_need_the_cpu(tmp_path: Path, kind: str) -> None:
+    """pyllm imatrix collects matmul inputs in the CPU stage only: an offloaded layer is a clear
+    DeviceError, nothing is collected, and the context still decodes."""
+    path = write_tiny(tmp_path / "m.gguf", _spec(T.Q8_0))
+    with LoadedModel(path, n_threads=2, n_gpu_layers=1, device=kind) as m:
+        ctx = _core.Context(m.core, n_ctx=32, n_batch=4, kv_type=_core.KVType.f32)
+        with pytest.raises(DeviceError, match="on the CPU only"):
+            ctx.collect_activation_stats(True)
+        assert not ctx.collecting_activation_stats and ctx.activation_stats() is None
+        assert np.isfinite(ctx.decode(np.array(TOKENS[:3], np.int32), "all")).all()

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "model/attention_schedule.h"
+#include "pyllm/activation_stats.h"
 #include "pyllm/lora.h"
 #include "pyllm/model.h"
 
@@ -65,6 +66,15 @@ class Stage {
   // whose weights live elsewhere copies the adapters' pairs for its layers there (dropping
   // earlier ones). Throws DeviceError when it cannot (out of device memory).
   virtual void set_lora_adapters(const std::vector<std::shared_ptr<const LoraAdapter>>&) {}
+  // Importance-matrix statistics (pyllm/activation_stats.h): from now on add every matmul
+  // input of the stage's layers (and of the head) to *stats; nullptr stops. A backend that
+  // cannot collect them throws DeviceError for a non-null stats.
+  virtual void set_activation_stats(ActivationStats* stats) {
+    if (stats != nullptr) {
+      throw DeviceError("importance-matrix statistics are collected on the CPU only: place "
+                        "every layer on the CPU");
+    }
+  }
   // Head stages only: final norm + output projection of hidden rows[0..count) (rows of a
   // [n][n_embd] host array) into logits (count rows of n_vocab). `lora`: the chunk's adapters
   // (their output-norm deltas), nullptr when none.

@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -12,6 +13,7 @@
 
 #include "backend/backend.h"
 #include "bindings/register.h"
+#include "pyllm/activation_stats.h"
 #include "pyllm/model.h"
 
 namespace py = pybind11;
@@ -119,6 +121,30 @@ PyModel make_model(const HParams& hp, const py::dict& tensors, const py::list& l
   }
   m.keep_alive = py::make_tuple(tensors, layers);
   return m;
+}
+
+// Context::activation_stats() as plain Python data (copies: the context may go on collecting).
+py::object activation_stats_dict(const Context& ctx) {
+  const ActivationStats* st = ctx.activation_stats();
+  if (st == nullptr) return py::none();
+  auto array = [](const std::vector<double>& v) {
+    py::array_t<double> a(static_cast<py::ssize_t>(v.size()));
+    std::copy(v.begin(), v.end(), a.mutable_data());
+    return a;
+  };
+  py::list layers;
+  static const char* const kNames[kStatSlots] = {"attn_in", "attn_out", "ffn_in", "ffn_down"};
+  for (const ActivationStats::Layer& l : st->layers) {
+    py::dict d;
+    for (int s = 0; s < kStatSlots; ++s) d[kNames[s]] = array(l.sums[s]);
+    d["n_tokens"] = l.n_tokens;
+    layers.append(d);
+  }
+  py::dict out;
+  out["layers"] = layers;
+  out["output"] = array(st->output);
+  out["n_output"] = st->n_output;
+  return out;
 }
 
 }  // namespace
@@ -303,6 +329,14 @@ void register_model(py::module_& m) {
           [](const Context& ctx) { return placement_tuples(ctx.placement()); },
           "The model's (backend, first, last) layer ranges; the head is with the last.")
       .def("truncate", &Context::truncate, py::arg("n"), "Forget cached positions >= n.")
+      .def("collect_activation_stats", &Context::collect_activation_stats, py::arg("on"),
+           "Start (a fresh) or stop collecting importance-matrix statistics: the sums over "
+           "tokens of every matmul input column's square (pyllm/activation_stats.h).")
+      .def_property_readonly("collecting_activation_stats",
+                             &Context::collecting_activation_stats)
+      .def("activation_stats", &activation_stats_dict,
+           "The last collection: {'layers': [{'attn_in', 'attn_out', 'ffn_in', 'ffn_down': "
+           "float64 sums, 'n_tokens'}], 'output': float64 sums, 'n_output'}; None before any.")
       .def("save_state", [](const Context& ctx) {
         std::vector<uint8_t> s = ctx.save_state();
         return py::bytes(reinterpret_cast<const char*>(s.data()), s.size());

@@ -186,6 +186,7 @@ void CpuStage::run_layers(const Chunk& c, float* x) {
         op.rms_norm(x + t * d, attn_w ? attn_w[t] : attn_norm, xb + t * d, d, hp.rms_eps);
       }
     });
+    if (stats_) stats_->add(layer, StatSlot::AttnIn, xb, n);
     mm_with_lora(c, layer,
                  {mparams(L.wq, xb, n, buf.q.data()), mparams(L.wk, xb, n, buf.k.data()),
                   mparams(L.wv, xb, n, buf.v.data())},
@@ -212,6 +213,7 @@ void CpuStage::run_layers(const Chunk& c, float* x) {
 
     attention(il, c);
 
+    if (stats_) stats_->add(layer, StatSlot::AttnOut, buf.att.data(), n);
     mm_with_lora(c, layer, {mparams(L.wo, buf.att.data(), n, xb)},
                  {{LoraSlot::O, buf.att.data(), xb}});
     add_bias(xb, L.bo, n, d);
@@ -226,6 +228,7 @@ void CpuStage::run_layers(const Chunk& c, float* x) {
         op.rms_norm(x + t * d, ffn_w ? ffn_w[t] : ffn_norm, xb + t * d, d, hp.rms_eps);
       }
     });
+    if (stats_) stats_->add(layer, StatSlot::FfnIn, xb, n);
     mm_with_lora(c, layer,
                  {mparams(L.w_gate, xb, n, buf.gate.data()), mparams(L.w_up, xb, n, buf.up.data())},
                  {{LoraSlot::Gate, xb, buf.gate.data()}, {LoraSlot::Up, xb, buf.up.data()}});
@@ -237,6 +240,10 @@ void CpuStage::run_layers(const Chunk& c, float* x) {
     dev.for_items(nff, 1, [&](int64_t i0, int64_t i1) {
       op.swiglu(buf.gate.data() + i0, buf.up.data() + i0, buf.gate.data() + i0, i1 - i0);
     });
+    if (stats_) {
+      stats_->add(layer, StatSlot::FfnDown, buf.gate.data(), n);
+      stats_->layers[static_cast<size_t>(layer)].n_tokens += n;
+    }
     mm_with_lora(c, layer, {mparams(L.w_down, buf.gate.data(), n, xb)},
                  {{LoraSlot::Down, buf.gate.data(), xb}});
     add_bias(xb, L.b_down, n, d);
@@ -282,6 +289,10 @@ void CpuStage::output(const float* hidden, const int* rows, int count, float* ou
   float* xb = dev_.buf_.xb.data();
   for (int t = 0; t < count; ++t) {
     op.rms_norm(hidden + rows[t] * d, norm_w ? norm_w[t] : norm, xb + t * d, d, hp.rms_eps);
+  }
+  if (stats_) {
+    ActivationStats::accumulate(stats_->output, xb, count);
+    stats_->n_output += count;
   }
   const WeightView& out_w = w.output.present() ? w.output : w.tok_embd;
   dev_.mm(out_w, xb, count, out);

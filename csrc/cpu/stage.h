@@ -79,6 +79,7 @@ class CpuStage final : public Stage {
   void run_layers(const Chunk& chunk, float* hidden) override;
   void output(const float* hidden, const int* rows, int count, float* logits,
               const LoraChunk* lora) override;
+  void set_activation_stats(ActivationStats* stats) override { stats_ = stats; }
   int64_t state_bytes(int n_past) const override { return kv_.state_bytes(n_past); }
   void save_state(int n_past, uint8_t* out) const override { kv_.save(n_past, out); }
   void load_state(int n_past, const uint8_t* in) override { kv_.load(n_past, in); }
@@ -123,6 +124,8 @@ class CpuStage final : public Stage {
   };
   std::vector<PendingLora> lora_pending_;
   size_t lora_max_rank_ = 0;  // of the pending pairs (lora_us holds that much per share)
+
+  ActivationStats* stats_ = nullptr;  // collecting importance-matrix statistics when set
 
   CpuDevice& dev_;
   const HParams& hp;

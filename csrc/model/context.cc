@@ -35,6 +35,8 @@ struct Context::Impl {
   std::vector<int32_t> seq;
   std::vector<uint8_t> want;
   LoraChunk lora;  // the adapters of the current chunk's tokens
+  std::unique_ptr<ActivationStats> stats;  // importance-matrix statistics, once collected
+  bool collecting = false;
 
   Impl(const Model& m, const ContextParams& p)
       : model(m),
@@ -150,6 +152,28 @@ void Context::set_lora_adapters(std::vector<std::shared_ptr<const LoraAdapter>> 
   lora_ = std::move(adapters);
   lora_mix_.assign(params_.n_seq, {});
 }
+
+void Context::collect_activation_stats(bool on) {
+  if (!on) {
+    for (auto& s : impl_->stages) s->set_activation_stats(nullptr);
+    impl_->collecting = false;
+    return;
+  }
+  auto fresh = std::make_unique<ActivationStats>(model_->hparams());
+  try {
+    for (auto& s : impl_->stages) s->set_activation_stats(fresh.get());
+  } catch (...) {
+    for (auto& s : impl_->stages) s->set_activation_stats(nullptr);
+    impl_->collecting = false;
+    throw;
+  }
+  impl_->stats = std::move(fresh);
+  impl_->collecting = true;
+}
+
+const ActivationStats* Context::activation_stats() const { return impl_->stats.get(); }
+
+bool Context::collecting_activation_stats() const { return impl_->collecting; }
 
 void Context::seq_set_lora(int seq, const LoraMix& mix) {
   if (seq < 0 || seq >= params_.n_seq) throw std::out_of_range("sequence id out of range");

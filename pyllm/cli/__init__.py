@@ -34,6 +34,7 @@ def _subcommands() -> list[ModuleType]:
         bench,
         chat,
         convert,
+        imatrix,
         info,
         lora,
         perplexity,
@@ -44,7 +45,8 @@ def _subcommands() -> list[ModuleType]:
         split,
     )
 
-    return [run, chat, info, pull, bench, convert, lora, quantize, split, perplexity, serve]
+    return [run, chat, info, pull, bench, convert, lora, quantize, imatrix, split, perplexity,
+            serve]
 
 
 def build_parser() -> CliParser:

@@ -132,6 +132,11 @@ class LoadedModel:
             raise
 
     @property
+    def tensor_names(self) -> frozenset[str]:
+        """The names of the model file's tensors (every shard's)."""
+        return frozenset(t.name for t in self._reader.tensors)
+
+    @property
     def placement(self) -> list[tuple[str, int, int]]:
         """Where the layers run: ``(backend, first, last)`` ranges, the head with the last."""
         if self.core is None:

@@ -17,6 +17,8 @@
 
 namespace pyllm {
 
+struct ActivationStats;
+
 class WeightStore;  // csrc/backend/backend.h
 
 enum class RopeScaling { None = 0, Linear = 1, Yarn = 2, Dynamic = 3 };
@@ -198,6 +200,14 @@ class Context {
   void set_lora_adapters(std::vector<std::shared_ptr<const LoraAdapter>> adapters);
   void seq_set_lora(int seq, const LoraMix& mix);
   const LoraMix& seq_lora(int seq) const;
+
+  // Importance-matrix statistics (pyllm/activation_stats.h): on starts a fresh collection over
+  // every later decode (throws DeviceError, collecting nothing, when layers are placed on a
+  // backend that cannot collect them); off stops it. activation_stats() is the last
+  // collection (nullptr before the first), kept after it stops.
+  void collect_activation_stats(bool on);
+  const ActivationStats* activation_stats() const;
+  bool collecting_activation_stats() const;
 
   // State for save/load: the cached K/V of positions [0, n_past) plus n_past.
   std::vector<uint8_t> save_state() const;

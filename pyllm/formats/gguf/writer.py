@@ -119,11 +119,16 @@ class GGUFWriter:
     >>> w.write()
     """
 
-    def __init__(self, path: str | os.PathLike[str], alignment: int = DEFAULT_ALIGNMENT) -> None:
+    def __init__(self, path: str | os.PathLike[str], alignment: int = DEFAULT_ALIGNMENT,
+                 pad_end: bool = False) -> None:
+        """``pad_end``: pad the last tensor's data to the alignment too, as ggml's
+        ``gguf_write_to_file`` does (for byte-identical copies of files llama.cpp writes that
+        way, such as its importance matrices); by default the file ends where its data ends."""
         if alignment <= 0 or alignment & (alignment - 1):
             raise GGUFError(f"alignment {alignment} is not a positive power of two")
         self.path = os.fspath(path)
         self.alignment = alignment
+        self.pad_end = pad_end
         self._kv: dict[str, tuple[ValueType, ValueType | None, Any]] = {}
         self._tensors: list[_PendingTensor] = []
         self._names: set[str] = set()
@@ -250,7 +255,7 @@ class GGUFWriter:
                 _test_gate()
             # No padding after the last tensor: the file ends where its data ends, so any
             # truncation of a file we wrote is detectable.
-            if i + 1 < len(self._tensors):
+            if i + 1 < len(self._tensors) or self.pad_end:
                 _pad(f, self.alignment)
 
 
