@@ -114,6 +114,50 @@ py::array_t<uint8_t> py_quantize(uint32_t qtype, const py::buffer& src) {
   return out;
 }
 
+// quantize() guided by an importance matrix: data (float32, rows of n_per_row = weights.size)
+py::array_t<uint8_t> py_quantize_weighted(uint32_t qtype, const py::buffer& src,
+                                          const py::buffer& weights) {
+  const TypeTraits& t = traits_or_raise(qtype);
+  const py::buffer_info info = src.request(), winfo = weights.request();
+  for (const py::buffer_info* b : {&info, &winfo}) {
+    if (b->itemsize != 4 || b->format != py::format_descriptor<float>::format()) {
+      raise_quant_error("quantize_weighted: data and weights must be float32");
+    }
+  }
+  contiguous_nbytes(info, "quantize_weighted: input");
+  contiguous_nbytes(winfo, "quantize_weighted: weights");
+  const int64_t n = static_cast<int64_t>(info.size), n_per_row = static_cast<int64_t>(winfo.size);
+  int64_t out_bytes = 0;
+  try {
+    if (!has_weighted_quantizer(t.type)) {
+      throw std::invalid_argument(std::string("quantizing to ") + t.name +
+                                  " with an importance matrix is not implemented yet");
+    }
+    if (n_per_row == 0 || n % n_per_row) {
+      throw std::invalid_argument("quantize_weighted: " + std::to_string(n) +
+                                  " elements are not whole rows of " + std::to_string(n_per_row));
+    }
+    out_bytes = row_size(t.type, n);
+    row_size(t.type, n_per_row);  // whole blocks per row
+  } catch (const std::invalid_argument& e) {
+    raise_quant_error(e.what());
+  }
+  py::array_t<uint8_t> out(out_bytes);
+  const auto* sp = static_cast<const float*>(info.ptr);
+  const auto* qw = static_cast<const float*>(winfo.ptr);
+  uint8_t* dp = out.mutable_data();
+  try {
+    py::gil_scoped_release nogil;
+    run_blocks(t, n, [&](int64_t b0, int64_t b1) {
+      quantize_weighted(t.type, sp + b0 * t.block_size, (b1 - b0) * t.block_size, n_per_row,
+                        b0 * t.block_size, qw, dp + b0 * t.type_size, (b1 - b0) * t.type_size);
+    });
+  } catch (const std::invalid_argument& e) {
+    raise_quant_error(e.what());
+  }
+  return out;
+}
+
 py::dict py_type_traits(uint32_t qtype) {
   const TypeTraits& t = traits_or_raise(qtype);
   py::dict d;
@@ -124,6 +168,7 @@ py::dict py_type_traits(uint32_t qtype) {
   d["is_quantized"] = t.is_quantized;
   d["is_weight"] = t.is_weight;
   d["can_quantize"] = t.from_float != nullptr;
+  d["imatrix_quantize"] = has_weighted_quantizer(t.type);
   d["vec_dot_type"] = static_cast<uint32_t>(t.vec_dot_type);
   return d;
 }
@@ -140,6 +185,11 @@ void register_quant(py::module_& m) {
         "type id qtype; returns the raw block bytes as a 1-D uint8 array. Raises "
         "pyllm.errors.QuantError on unknown types, types pyllm cannot quantize to (the grid "
         "i-quants: can_quantize false in type_traits) or wrong sizes.");
+  m.def("quantize_weighted", &py_quantize_weighted, py::arg("qtype"), py::arg("data"),
+        py::arg("weights"),
+        "quantize() guided by an importance matrix: data holds rows of weights.size elements, "
+        "weights the importance of each column (float32). Raises pyllm.errors.QuantError for a "
+        "type without such a quantizer (IQ4_NL, IQ4_XS have one so far) or wrong sizes.");
   m.def("type_traits", &py_type_traits, py::arg("qtype"),
         "Traits of ggml type id qtype: id, name, block_size, type_size, is_quantized, is_weight, "
         "can_quantize (quantize supports it), vec_dot_type (the activation type its dot kernels "

@@ -26,6 +26,9 @@ def add_parser(sub: Any) -> None:
                    help="tensors converted in parallel (default: CPU count)")
     p.add_argument("--allow-requantize", action="store_true",
                    help="allow converting tensors that are already quantized (loses precision)")
+    p.add_argument("--imatrix", metavar="FILE",
+                   help="importance matrix (pyllm imatrix / llama-imatrix output, GGUF or .dat) "
+                   "to guide the rounding (IQ4_NL, IQ4_XS so far)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(run=run, parser=p)
 
@@ -45,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         parser.error(str(e))
     # SIGTERM mid-write ends in pyllm.cli.main (WriteTerminated: "terminated", exit 143)
     result = quantize_file(args.input, args.output, ft, threads=args.threads,
-                           allow_requantize=args.allow_requantize, progress=not args.quiet)
+                           allow_requantize=args.allow_requantize, progress=not args.quiet,
+                           imatrix=args.imatrix)
     out = sys.stdout
     types = ", ".join(f"{k} x{v}" for k, v in result.type_counts().items())
     src_bpw = 8 * result.src_tensor_bytes / max(1, _n_weights(result))
@@ -59,6 +63,11 @@ def run(args: argparse.Namespace) -> int:
     out.write(f"tensor types: {types}; {result.n_converted} converted"
               + (f", {result.n_fallback} with a fallback type (row length)"
                  if result.n_fallback else "") + "\n")
+    if args.imatrix:
+        out.write(f"importance matrix: used for {len(result.imatrix_used)} tensors"
+                  + (f"; {len(result.imatrix_unused)} tensors of types without an "
+                     "importance-guided quantizer yet were quantized without it"
+                     if result.imatrix_unused else "") + "\n")
     return 0
 
 

@@ -47,6 +47,7 @@ class QuantTypeInfo:
     is_quantized: bool  # block-quantized (not a plain float type)
     is_weight: bool  # may be a weight type in a GGUF file (False for Q8_1/Q8_K)
     can_quantize: bool  # quantize() supports it (False for the grid i-quants, for now)
+    imatrix_quantize: bool  # quantize(..., importance=) supports it (IQ4_NL, IQ4_XS so far)
     vec_dot_type: GGMLType  # activation format its dot kernels take
 
     def row_bytes(self, n: int) -> int:
@@ -98,6 +99,7 @@ def _info(t: GGMLType) -> QuantTypeInfo:
         is_quantized=bool(d["is_quantized"]),
         is_weight=bool(d["is_weight"]),
         can_quantize=bool(d["can_quantize"]),
+        imatrix_quantize=bool(d["imatrix_quantize"]),
         vec_dot_type=GGMLType(int(d["vec_dot_type"])),
     )
 
@@ -186,11 +188,15 @@ def dequantize(qtype: QTypeLike, data: Any, shape: int | Sequence[int]) -> np.nd
     return out.reshape(dims)
 
 
-def quantize(qtype: QTypeLike, array: Any) -> np.ndarray:
+def quantize(qtype: QTypeLike, array: Any, importance: Any = None) -> np.ndarray:
     """Encode a float array as type ``qtype``; returns the raw bytes as uint8 (..., row_bytes).
 
     The last dimension must be a multiple of the type's block size. Non-float32 real input is
-    converted to float32 first. Raises :class:`QuantError` for the grid i-quants (IQ1_*, IQ2_*,
+    converted to float32 first. ``importance``: the importance of each column (a 1-D array of
+    the last dimension's length: an importance matrix's mean squares,
+    :meth:`pyllm.formats.imatrix.Imatrix.weights`) to guide the rounding as llama.cpp's
+    quantizer does; types without such a quantizer (``type_info(t).imatrix_quantize``) raise
+    :class:`QuantError`. Raises :class:`QuantError` for the grid i-quants (IQ1_*, IQ2_*,
     IQ3_*), which pyllm reads but cannot write yet.
     """
     info = type_info(qtype)
@@ -208,7 +214,16 @@ def quantize(qtype: QTypeLike, array: Any) -> np.ndarray:
         raise QuantError("quantize: input must have at least one dimension")
     a = np.ascontiguousarray(a)
     out_shape = byte_shape(info.type, a.shape)
-    out: np.ndarray = _core().quantize(int(info.type), a)
+    if importance is None:
+        out: np.ndarray = _core().quantize(int(info.type), a)
+        return out.reshape(out_shape)
+    w = np.ascontiguousarray(importance, dtype=np.float32)
+    if w.ndim != 1 or w.size != a.shape[-1]:
+        raise QuantError(f"quantize: importance must be 1-D with {a.shape[-1]} values (one per "
+                         f"column), got shape {w.shape}")
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise QuantError("quantize: importance values must be finite and >= 0")
+    out = _core().quantize_weighted(int(info.type), a, w)
     return out.reshape(out_shape)
 
 

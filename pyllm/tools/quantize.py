@@ -88,6 +88,7 @@ from pyllm.errors import QuantError
 from pyllm.formats.gguf import GGUFWriter
 from pyllm.formats.gguf.constants import TYPE_INFO, GGMLType, ValueType
 from pyllm.formats.gguf.split import ModelFile, open_gguf
+from pyllm.formats.imatrix import Imatrix, read_imatrix
 from pyllm.runtime.sysinfo import available_cpus
 
 T = GGMLType
@@ -344,8 +345,10 @@ class TensorPlan:
         return n // info.block_size * info.type_size
 
 
-def plan_types(reader: ModelFile, ftype: str | int | FileType) -> list[TensorPlan]:
-    """The type every tensor of ``reader`` gets in a ``ftype`` file, in the file's order."""
+def plan_types(reader: ModelFile, ftype: str | int | FileType,
+               imatrix: bool = False) -> list[TensorPlan]:
+    """The type every tensor of ``reader`` gets in a ``ftype`` file, in the file's order
+    (``imatrix``: whether an importance matrix guides the quantization)."""
     ft = resolve_file_type(ftype)
     facts = ModelFacts.from_reader(reader)
     attn_v = sorted((t.name for t in reader.tensors
@@ -371,7 +374,7 @@ def plan_types(reader: ModelFile, ftype: str | int | FileType) -> list[TensorPla
                     i = int(m.group(1))  # expert tensors: the layer comes from the name
             else:
                 i, n = 0, 0
-            new = mix_type(t.name, ft, facts, i, n)
+            new = mix_type(t.name, ft, facts, i, n, imatrix=imatrix)
         fitted = _fit_row(new, t.dims[0])
         plans.append(TensorPlan(t.name, t.dims, t.type, fitted, fallback=fitted != new))
     return plans
@@ -390,6 +393,9 @@ class QuantizeResult:
     dst_tensor_bytes: int
     seconds: float
     plans: list[TensorPlan] = field(default_factory=list)
+    imatrix_used: list[str] = field(default_factory=list)  # tensors quantized with it
+    # tensors the importance matrix has an entry for whose type pyllm quantizes without one
+    imatrix_unused: list[str] = field(default_factory=list)
 
     @property
     def n_converted(self) -> int:
@@ -418,13 +424,38 @@ def _to_f32(t: Any) -> np.ndarray:
         raise QuantError(f"{t.name}: cannot convert from {t.type.name}: {e}") from None
 
 
-def _convert(t: Any, dst: GGMLType) -> np.ndarray:
+def _convert(t: Any, dst: GGMLType, importance: np.ndarray | None = None) -> np.ndarray:
     from pyllm.formats import qtypes
 
     values = _to_f32(t)
     if not np.all(np.isfinite(values)):
         raise QuantError(f"{t.name}: the tensor holds NaN or infinite values")
-    return qtypes.quantize(dst, values)
+    return qtypes.quantize(dst, values, importance=importance)
+
+
+def _importance(imatrix: Imatrix | None, plans: list[TensorPlan]
+                ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Per converted tensor, the importance of its columns where the importance matrix has an
+    entry and the target type has an importance-guided quantizer; and the tensors that have an
+    entry but a target type without one (quantized as without an importance matrix)."""
+    from pyllm.formats import qtypes
+
+    used: dict[str, np.ndarray] = {}
+    unused: list[str] = []
+    if imatrix is None:
+        return used, unused
+    for p in plans:
+        w = imatrix.weights(p.name) if p.convert else None
+        if w is None:
+            continue
+        if w.ndim != 1 or w.size != p.dims[0]:
+            raise QuantError(f"the importance matrix entry for {p.name} has {w.size} values, the "
+                             f"tensor's rows {p.dims[0]}: it was computed for another model")
+        if qtypes.type_info(p.dst_type).imatrix_quantize:
+            used[p.name] = w
+        else:
+            unused.append(p.name)
+    return used, unused
 
 
 class _Pipeline:
@@ -496,8 +527,16 @@ def _progress(total: int, enabled: bool, plans: list[TensorPlan]) -> Callable[[i
 
 def quantize_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
                   ftype: str | int | FileType, threads: int | None = None,
-                  allow_requantize: bool = False, progress: bool = True) -> QuantizeResult:
+                  allow_requantize: bool = False, progress: bool = True,
+                  imatrix: Imatrix | str | os.PathLike[str] | None = None) -> QuantizeResult:
     """Write ``dst``: the model ``src`` with its tensors converted to file type ``ftype``.
+
+    ``imatrix`` (an :class:`~pyllm.formats.imatrix.Imatrix` or the path of a GGUF / .dat
+    importance matrix, as ``pyllm imatrix`` or llama.cpp's ``llama-imatrix`` write them) guides
+    the rounding of the tensors it has entries for, as llama.cpp's quantizer does, for the types
+    with such a quantizer (IQ4_NL, IQ4_XS so far; the others are quantized without it and
+    listed in ``QuantizeResult.imatrix_unused``), changes the mix rules that depend on it and is
+    named in the output's ``quantize.imatrix.*`` metadata.
 
     ``threads`` worker threads convert tensors concurrently (default: the CPU count). Raises
     :class:`~pyllm.errors.QuantError` for an unknown type, a refused requantization, data that
@@ -517,10 +556,15 @@ def quantize_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     # Before any reading or converting: a missing folder or a folder as the output used to
     # surface as an OSError only when the finished file was renamed into place.
     check_destination(dst, sources=[src], error=QuantError)
+    imatrix_path = None
+    if imatrix is not None and not isinstance(imatrix, Imatrix):
+        imatrix_path = os.fspath(imatrix)
+        imatrix = read_imatrix(imatrix_path)
     t0 = time.perf_counter()
     reader = open_gguf(src)  # a split model: all its shards (the output is one file)
     try:
-        plans = plan_types(reader, ft)
+        plans = plan_types(reader, ft, imatrix=imatrix is not None)
+        importance, unused = _importance(imatrix, plans)
         if not allow_requantize:
             for p in plans:
                 if p.convert and TYPE_INFO[p.src_type].block_size > 1:
@@ -534,11 +578,14 @@ def quantize_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
                             reader.value_types)
         writer.add_kv("general.quantization_version", QUANTIZATION_VERSION, ValueType.UINT32)
         writer.add_kv("general.file_type", ft.ftype, ValueType.UINT32)
+        if imatrix is not None:
+            _add_imatrix_metadata(writer, imatrix, imatrix_path)
         tensors = {t.name: t for t in reader.tensors}
         jobs: list[Callable[[], np.ndarray] | None] = []
         for p in plans:
             t = tensors[p.name]
-            jobs.append((lambda t=t, d=p.dst_type: _convert(t, d)) if p.convert else None)
+            w = importance.get(p.name)
+            jobs.append((lambda t=t, d=p.dst_type, w=w: _convert(t, d, w)) if p.convert else None)
         pipe = _Pipeline(jobs, n_threads, _progress(len(plans), progress, plans))
         try:
             for i, p in enumerate(plans):
@@ -552,10 +599,22 @@ def quantize_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
             src_file_bytes=reader.file_size, dst_file_bytes=os.path.getsize(dst),
             src_tensor_bytes=sum(t.nbytes for t in reader.tensors),
             dst_tensor_bytes=sum(p.dst_nbytes for p in plans),
-            seconds=time.perf_counter() - t0, plans=plans)
+            seconds=time.perf_counter() - t0, plans=plans, imatrix_used=sorted(importance),
+            imatrix_unused=unused)
     finally:
         reader.close()
     return result
+
+
+def _add_imatrix_metadata(writer: GGUFWriter, imatrix: Imatrix, path: str | None) -> None:
+    # the keys llama-quantize adds (its strings are cut to 127 bytes)
+    if path is not None:
+        writer.add_kv("quantize.imatrix.file", path[:127])
+    if imatrix.datasets:
+        writer.add_kv("quantize.imatrix.dataset", imatrix.datasets[0][:127])
+    writer.add_kv("quantize.imatrix.entries_count", len(imatrix.entries), ValueType.UINT32)
+    if imatrix.chunk_count > 0:
+        writer.add_kv("quantize.imatrix.chunks_count", imatrix.chunk_count, ValueType.UINT32)
 
 
 __all__ = [

@@ -65,6 +65,14 @@ int64_t tensor_size(QType type, int64_t n_rows, int64_t n_per_row);
 // the given buffer sizes (std::invalid_argument on mismatch), then run the reference routine.
 void dequantize(QType type, const void* src, int64_t src_bytes, float* dst, int64_t n);
 void quantize(QType type, const float* src, int64_t n, void* dst, int64_t dst_bytes);
+// Quantization guided by an importance matrix (pyllm/formats/imatrix.py): qw holds the
+// importance of each of the n_per_row columns; src is n elements of a tensor with rows of
+// n_per_row, starting at element `first` (a multiple of the block size). Throws
+// std::invalid_argument for a type without such a quantizer (has_weighted_quantizer: IQ4_NL,
+// IQ4_XS so far) or sizes that do not fit.
+bool has_weighted_quantizer(QType type);
+void quantize_weighted(QType type, const float* src, int64_t n, int64_t n_per_row, int64_t first,
+                       const float* qw, void* dst, int64_t dst_bytes);
 // Throws std::invalid_argument naming the type when pyllm cannot quantize to it (from_float is
 // null); quantize() checks this first, callers that split the work check it up front.
 void check_quantizable(QType type);

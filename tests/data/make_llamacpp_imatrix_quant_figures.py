@@ -1,0 +1,70 @@
+"""Regenerate tests/data/llamacpp_imatrix_quant_figures.json: llama.cpp's quantizer guided by an
+importance matrix pyllm wrote.
+
+tests/test_quantize_imatrix.py compares pyllm's output with these figures, so CI needs no
+llama.cpp. The model is test_quantize's 8-layer one (``figure_inputs``), the importance matrix
+``synthetic_imatrix`` (written by pyllm's GGUF imatrix writer; llama-quantize reads it). For
+each file type of IMATRIX_TYPES it runs ``llama-quantize --imatrix`` and records the tensors'
+digest, then quantizes the same with pyllm and exits 1 if they differ. Build llama.cpp's tools
+as tests/data/make_llamacpp_imatrix_golden.py says, then from the repository root::
+
+    python tests/data/make_llamacpp_imatrix_quant_figures.py /tmp/llcpp-build/bin/llama-quantize
+
+The llama.cpp used last: the one vendored by llama-cpp-python 0.3.36.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from pyllm.formats.imatrix import write_imatrix  # noqa: E402
+from pyllm.tools.quantize import quantize_file  # noqa: E402
+from tests.test_quantize import figure_inputs, file_sha256, quant_digest  # noqa: E402
+from tests.test_quantize_imatrix import FIGURES, IMATRIX_TYPES, synthetic_imatrix  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or not Path(argv[0]).is_file():
+        print(__doc__, file=sys.stderr)
+        return 2
+    out: dict[str, object] = {
+        "_about": "tests/test_quantize.py quant_digest of llama-quantize --imatrix output; "
+                  "made by tests/data/make_llamacpp_imatrix_quant_figures.py",
+        "types": {},
+    }
+    bad = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        model = figure_inputs(folder)["tiny8"]
+        imatrix = folder / "imatrix.gguf"
+        write_imatrix(synthetic_imatrix(model), imatrix)
+        out["input_sha256"] = file_sha256(model)
+        out["imatrix_sha256"] = file_sha256(imatrix)
+        for name in IMATRIX_TYPES:
+            theirs, ours = folder / f"{name}-llama.gguf", folder / f"{name}-pyllm.gguf"
+            subprocess.run([argv[0], "--imatrix", str(imatrix), str(model), str(theirs), name,
+                            "2"], check=True, capture_output=True)
+            digest = quant_digest(theirs)
+            out["types"][name] = digest  # type: ignore[index]
+            quantize_file(model, ours, name, threads=2, progress=False, imatrix=imatrix)
+            mine = quant_digest(ours)
+            if (mine["tensor_types"], mine["tensors_sha256"]) != (digest["tensor_types"],
+                                                                  digest["tensors_sha256"]):
+                bad.append(name)
+    FIGURES.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {FIGURES}")
+    if bad:
+        print(f"pyllm differs from llama.cpp for: {', '.join(bad)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
