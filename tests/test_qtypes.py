@@ -521,3 +521,21 @@ def test_extension_rechecks_sizes() -> None:
         _core.type_traits(39)  # MXFP4: not in pyllm's table
     with pytest.raises(QuantError, match="no quantizer for IQ2_XXS"):
         _core.quantize(16, np.zeros(256, np.float32))
+
+
+def test_readme_quantization_table_is_true() -> None:
+    """README's table of types: every weight type once, its bits per weight as the type table
+    says, and "writes it" exactly for the bulk types of pyllm quantize's file types."""
+    import re
+
+    from pyllm.tools.quantize import FILE_TYPES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (\w+) \| ([\d.]+) \| [^|]+ \| ([^|]+) \|$", readme, flags=re.M)
+    table = {name: (float(bpw), writes.strip()) for name, bpw, writes in rows}
+    assert set(table) == {t.name for t in qtypes.weight_types()}
+    written = {ft.bulk.name for ft in FILE_TYPES.values()}
+    for name, (bpw, writes) in table.items():
+        info = TYPE_INFO[GGMLType[name]]
+        assert bpw == 8 * info.type_size / info.block_size, name
+        assert writes.startswith("yes") == (name in written), name

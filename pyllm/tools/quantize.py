@@ -13,7 +13,7 @@ File types (``LLAMA_FTYPE`` id, bulk type of the weight matrices)::
     Q4_0 2 Q4_0  Q4_1 3 Q4_1  Q5_0 8 Q5_0     Q5_1 9 Q5_1
     Q2_K 10 Q2_K    Q3_K_S 11 Q3_K  Q3_K_M 12 Q3_K  Q3_K_L 13 Q3_K
     Q4_K_S 14 Q4_K  Q4_K_M 15 Q4_K  Q5_K_S 16 Q5_K  Q5_K_M 17 Q5_K  Q6_K 18 Q6_K
-    IQ4_NL 25 IQ4_NL  IQ4_XS 30 IQ4_XS
+    IQ4_NL 25 IQ4_NL  IQ4_XS 30 IQ4_XS  TQ1_0 36 TQ1_0  TQ2_0 37 TQ2_0
     (aliases as llama-quantize: Q3_K = Q3_K_M, Q4_K = Q4_K_M, Q5_K = Q5_K_M)
 
 Which tensors are converted (as llama.cpp's quantizer decides): tensors with at least 2 dims whose
@@ -33,7 +33,7 @@ tensor             rule
 output.weight      Q6_K, except Q8_0 stays Q8_0; Q8_0 when the row length is not a multiple of
                    the bulk type's block (and for falcon). Without output.weight (tied
                    embeddings) token_embd.weight takes this rule instead.
-token_embd.weight  the bulk type
+token_embd.weight  the bulk type; Q4_K for TQ1_0 / TQ2_0
 attn_v.weight      (fused attn_qkv and MLA attn_kv_b count as attn_v, as in llama.cpp)
                    Q2_K: Q4_K if gqa >= 4 else Q3_K; Q3_K_M: Q5_K for i < 2 else Q4_K;
                    Q3_K_L: Q5_K; IQ4_NL / IQ4_XS: Q5_K if gqa >= 4; Q4_K_M / Q5_K_M: Q6_K if
@@ -51,8 +51,8 @@ attn_output        Q2_K: Q3_K; Q3_K_M: Q4_K; Q3_K_L: Q5_K (falcon: Q3_K_L -> Q4_
 
 Row lengths that are not a multiple of the chosen type's block fall back as llama.cpp does:
 Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0 (some llama.cpp versions took
-IQ4_NL, which has Q4_0's size), IQ4_XS -> IQ4_NL, and F16 when the row is not a multiple of 32
-either.
+IQ4_NL, which has Q4_0's size), IQ4_XS -> IQ4_NL, TQ1_0/TQ2_0 -> Q4_0, and F16 when the row is
+not a multiple of 32 either.
 
 Checked against llama.cpp's quantizer (llama-cpp-python 0.3.36): for every file type the
 per-tensor types, the tensor bytes (k-quants included) and the file sizes are identical, on a
@@ -130,6 +130,8 @@ FILE_TYPES: dict[str, FileType] = {
         FileType("Q6_K", 18, T.Q6_K),
         FileType("IQ4_NL", 25, T.IQ4_NL),
         FileType("IQ4_XS", 30, T.IQ4_XS),
+        FileType("TQ1_0", 36, T.TQ1_0),
+        FileType("TQ2_0", 37, T.TQ2_0),
     )
 }
 _ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
@@ -138,7 +140,7 @@ QUANTIZATION_VERSION = 2
 
 # Fallbacks for rows that are not a whole number of the chosen type's blocks (see docstring).
 _FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
-             T.IQ4_XS: T.IQ4_NL}
+             T.IQ4_XS: T.IQ4_NL, T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0}
 _IQ4 = ("IQ4_NL", "IQ4_XS")
 
 # Substrings / names of >= 2-D tensors that llama.cpp never quantizes (the llama-family ones and
@@ -263,7 +265,7 @@ def mix_type(name: str, ft: FileType, facts: ModelFacts, i_layer: int, n_layer: 
             return T.Q8_0
         return new if new == T.Q8_0 else T.Q6_K
     if cat == "token_embd":
-        return new
+        return T.Q4_K if f in ("TQ1_0", "TQ2_0") else new
     if cat == "attn_v":
         if f == "Q2_K":
             new = T.Q4_K if facts.n_gqa >= 4 else T.Q3_K
