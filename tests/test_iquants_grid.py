@@ -494,17 +494,30 @@ def test_ternary_round_trip_error(name: str) -> None:
 # ---- no quantizer for the grid types ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", GRID_TYPES)
+@pytest.mark.parametrize("name", [t for t in GRID_TYPES if t != "IQ2_XXS"])
 def test_grid_types_cannot_be_quantized_yet(name: str) -> None:
     info = qtypes.type_info(name)
-    assert info.is_weight and not info.can_quantize
+    assert info.is_weight and not info.can_quantize and not info.imatrix_quantize
     with pytest.raises(QuantError, match=f"no quantizer for {name} yet"):
         qtypes.quantize(name, np.zeros(256, np.float32))
+    with pytest.raises(QuantError, match="not implemented"):
+        qtypes.quantize(name, np.zeros(256, np.float32), importance=np.ones(256))
     from pyllm import _core
 
     big = np.zeros(1 << 17, np.float32)  # large enough for the binding to split it over threads
     with pytest.raises(QuantError, match=f"no quantizer for {name} yet.*importance matrix"):
         _core.quantize(int(GGMLType[name]), big)
+
+
+def test_iq2_xxs_needs_an_importance_matrix() -> None:
+    from pyllm import _core
+
+    info = qtypes.type_info("IQ2_XXS")
+    assert not info.can_quantize and info.imatrix_quantize
+    for call in (lambda: qtypes.quantize("IQ2_XXS", np.zeros(256, np.float32)),
+                 lambda: _core.quantize(16, np.zeros(1 << 17, np.float32))):
+        with pytest.raises(QuantError, match="IQ2_XXS can only be quantized with an importance"):
+            call()
 
 
 def test_ternary_types_can_be_quantized() -> None:

@@ -81,7 +81,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("quant")
     f32 = tame_copy(write_tiny(d / "raw.gguf", SPEC), d / "f32.gguf")
     out = {"src": f32}
-    for name in FILE_TYPES:
+    for name in PLAIN_TYPES:
         out[name] = d / f"{name}.gguf"
         quantize_file(f32, out[name], name, threads=2, progress=False)
     out["Q2_K-no-min"] = drop_q2_k_minimums(out["Q2_K"], d / "Q2_K-no-min.gguf")
@@ -151,11 +151,13 @@ def expected_types(ftype: str) -> dict[str, GGMLType]:
 # Ternary file types only suit ternary-trained weights (on Gaussian weights their logits are
 # noise: relative error 1.25); test_ternary_types_on_ternary_weights checks them.
 TERNARY = ("TQ1_0", "TQ2_0")
+# the file types made without an importance matrix (the others: tests/test_quantize_imatrix.py)
+PLAIN_TYPES = [name for name, ft in FILE_TYPES.items() if not ft.needs_imatrix]
 TERNARY_BOUND = 0.15  # measured 0.122 (the Q4_K embeddings and Q6_K output; Q4_K_M: 0.122)
-GAUSSIAN_TYPES = [name for name in FILE_TYPES if name not in TERNARY]
+GAUSSIAN_TYPES = [name for name in PLAIN_TYPES if name not in TERNARY]
 
 
-@pytest.mark.parametrize("ftype", list(FILE_TYPES))
+@pytest.mark.parametrize("ftype", PLAIN_TYPES)
 def test_every_type_loads_with_close_logits_and_mix_types(models: dict[str, Path],
                                                           logit_error: Callable[[Path], float],
                                                           ftype: str) -> None:
@@ -240,14 +242,14 @@ def drop_q2_k_minimums(src: Path, dst: Path) -> Path:
 
 
 def test_sizes(models: dict[str, Path]) -> None:
-    size = {name: models[name].stat().st_size for name in FILE_TYPES}
+    size = {name: models[name].stat().st_size for name in PLAIN_TYPES}
     order = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M",
              "Q6_K", "Q8_0", "F16", "F32"]
     assert [size[n] for n in order] == sorted(size[n] for n in order)
     assert size["Q4_0"] < size["Q4_1"] < size["Q5_0"] < size["Q5_1"] < size["Q8_0"]
     assert size["F16"] == size["BF16"]
     assert size["Q3_K_L"] < size["IQ4_XS"] < size["IQ4_NL"] < size["Q4_K_S"]
-    for name in FILE_TYPES:
+    for name in PLAIN_TYPES:
         r = GGUFReader(models[name])
         n_weights = sum(t.n_elements for t in r.tensors)
         data = sum(t.nbytes for t in r.tensors)
@@ -441,7 +443,7 @@ def figures() -> dict[str, object]:
 
 def test_figures_cover_every_type(figures: dict[str, object]) -> None:
     for model in ("tiny8", "fallback"):
-        assert sorted(figures["models"][model]["types"]) == sorted(FILE_TYPES)  # type: ignore
+        assert sorted(figures["models"][model]["types"]) == sorted(PLAIN_TYPES)  # type: ignore
 
 
 @pytest.mark.parametrize("model", ["tiny8", "fallback"])
@@ -457,7 +459,7 @@ def test_matches_llama_cpp_quantizer(figures: dict[str, object], tmp_path: Path,
     # show as such, not as a quantizer difference
     assert file_sha256(src) == want["input_sha256"], "inputs changed: regenerate the figures"
     mismatched = []
-    for name in FILE_TYPES:
+    for name in PLAIN_TYPES:
         dst = tmp_path / f"{model}-{name}.gguf"
         quantize_file(src, dst, name, threads=2, progress=False)
         got = quant_digest(dst)

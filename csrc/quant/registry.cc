@@ -151,6 +151,10 @@ void dequantize(QType type, const void* src, int64_t src_bytes, float* dst, int6
 
 void check_quantizable(QType type) {
   const TypeTraits& t = type_traits(type);
+  if (t.from_float == nullptr && has_weighted_quantizer(type)) {
+    fail(std::string(t.name) + " can only be quantized with an importance matrix: its grid "
+         "search needs one (pyllm imatrix; quantize(..., importance=))");
+  }
   if (t.from_float == nullptr) {
     fail(std::string("no quantizer for ") + t.name +
          " yet: quantize from an importance matrix (pyllm imatrix) is not implemented");
@@ -171,7 +175,7 @@ void quantize(QType type, const float* src, int64_t n, void* dst, int64_t dst_by
 }
 
 bool has_weighted_quantizer(QType type) {
-  return type == QType::IQ4_NL || type == QType::IQ4_XS;
+  return type == QType::IQ4_NL || type == QType::IQ4_XS || type == QType::IQ2_XXS;
 }
 
 void quantize_weighted(QType type, const float* src, int64_t n, int64_t n_per_row,
@@ -201,8 +205,11 @@ void quantize_weighted(QType type, const float* src, int64_t n, int64_t n_per_ro
     uint8_t* out = static_cast<uint8_t*>(dst) + b * t.type_size;
     if (type == QType::IQ4_NL) {
       quantize_row_iq4_nl_weighted(x, reinterpret_cast<BlockIQ4_NL*>(out), t.block_size, qw + col);
-    } else {
+    } else if (type == QType::IQ4_XS) {
       quantize_row_iq4_xs_weighted(x, reinterpret_cast<BlockIQ4_XS*>(out), t.block_size, qw + col);
+    } else {
+      quantize_row_iq2_xxs_weighted(x, reinterpret_cast<BlockIQ2_XXS*>(out), t.block_size,
+                                    qw + col);
     }
   }
 }

@@ -196,11 +196,15 @@ def quantize(qtype: QTypeLike, array: Any, importance: Any = None) -> np.ndarray
     the last dimension's length: an importance matrix's mean squares,
     :meth:`pyllm.formats.imatrix.Imatrix.weights`) to guide the rounding as llama.cpp's
     quantizer does; types without such a quantizer (``type_info(t).imatrix_quantize``) raise
-    :class:`QuantError`. Raises :class:`QuantError` for the grid i-quants (IQ1_*, IQ2_*,
-    IQ3_*), which pyllm reads but cannot write yet.
+    :class:`QuantError`. IQ2_XXS is written only with an importance matrix; the other grid
+    i-quants (IQ1_*, IQ2_XS, IQ2_S, IQ3_*) pyllm reads but cannot write yet
+    (:class:`QuantError`).
     """
     info = type_info(qtype)
-    if not info.can_quantize:
+    if not info.can_quantize and not (info.imatrix_quantize and importance is not None):
+        if info.imatrix_quantize:
+            raise QuantError(f"{info.name} can only be quantized with an importance matrix: its "
+                             "grid search needs one (pyllm imatrix; quantize(..., importance=))")
         raise QuantError(
             f"no quantizer for {info.name} yet: quantize from an importance matrix "
             "(pyllm imatrix) is not implemented"

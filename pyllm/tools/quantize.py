@@ -13,7 +13,8 @@ File types (``LLAMA_FTYPE`` id, bulk type of the weight matrices)::
     Q4_0 2 Q4_0  Q4_1 3 Q4_1  Q5_0 8 Q5_0     Q5_1 9 Q5_1
     Q2_K 10 Q2_K    Q3_K_S 11 Q3_K  Q3_K_M 12 Q3_K  Q3_K_L 13 Q3_K
     Q4_K_S 14 Q4_K  Q4_K_M 15 Q4_K  Q5_K_S 16 Q5_K  Q5_K_M 17 Q5_K  Q6_K 18 Q6_K
-    IQ4_NL 25 IQ4_NL  IQ4_XS 30 IQ4_XS  TQ1_0 36 TQ1_0  TQ2_0 37 TQ2_0
+    IQ2_XXS 19 IQ2_XXS  IQ4_NL 25 IQ4_NL  IQ4_XS 30 IQ4_XS  TQ1_0 36 TQ1_0  TQ2_0 37 TQ2_0
+    (IQ2_XXS needs an importance matrix: ``imatrix=``, ``--imatrix``)
     (aliases as llama-quantize: Q3_K = Q3_K_M, Q4_K = Q4_K_M, Q5_K = Q5_K_M)
 
 Which tensors are converted (as llama.cpp's quantizer decides): tensors with at least 2 dims whose
@@ -33,8 +34,11 @@ tensor             rule
 output.weight      Q6_K, except Q8_0 stays Q8_0; Q8_0 when the row length is not a multiple of
                    the bulk type's block (and for falcon). Without output.weight (tied
                    embeddings) token_embd.weight takes this rule instead.
-token_embd.weight  the bulk type; Q4_K for TQ1_0 / TQ2_0
+token_embd.weight  the bulk type; Q4_K for TQ1_0 / TQ2_0; Q2_K for IQ2_XXS
 attn_v.weight      (fused attn_qkv and MLA attn_kv_b count as attn_v, as in llama.cpp)
+                   IQ2_XXS: Q4_K if gqa >= 4 or 4+ experts, else Q2_K (its other rules:
+                   output Q5_K, ffn_down Q2_K for i < n/8, 8 experts: attn_k Q4_K and
+                   attn_output Q5_K; none of the rules below).
                    Q2_K: Q4_K if gqa >= 4 else Q3_K; Q3_K_M: Q5_K for i < 2 else Q4_K;
                    Q3_K_L: Q5_K; IQ4_NL / IQ4_XS: Q5_K if gqa >= 4; Q4_K_M / Q5_K_M: Q6_K if
                    more(i, n); Q4_K_S: Q5_K for i < 4.
@@ -101,6 +105,9 @@ class FileType:
     name: str
     ftype: int  # LLAMA_FTYPE_* number stored as general.file_type
     bulk: GGMLType
+    # the 1-2 bit i-quant files: their own mix rules, and never made without an importance
+    # matrix (the grid search needs one)
+    needs_imatrix: bool = False
 
     @property
     def is_mix(self) -> bool:
@@ -128,6 +135,7 @@ FILE_TYPES: dict[str, FileType] = {
         FileType("Q5_K_S", 16, T.Q5_K),
         FileType("Q5_K_M", 17, T.Q5_K),
         FileType("Q6_K", 18, T.Q6_K),
+        FileType("IQ2_XXS", 19, T.IQ2_XXS, needs_imatrix=True),
         FileType("IQ4_NL", 25, T.IQ4_NL),
         FileType("IQ4_XS", 30, T.IQ4_XS),
         FileType("TQ1_0", 36, T.TQ1_0),
@@ -140,8 +148,9 @@ QUANTIZATION_VERSION = 2
 
 # Fallbacks for rows that are not a whole number of the chosen type's blocks (see docstring).
 _FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
-             T.IQ4_XS: T.IQ4_NL, T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0}
+             T.IQ4_XS: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL, T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0}
 _IQ4 = ("IQ4_NL", "IQ4_XS")
+_IQ_LOW = tuple(ft.name for ft in FILE_TYPES.values() if ft.needs_imatrix)
 
 # Substrings / names of >= 2-D tensors that llama.cpp never quantizes (the llama-family ones and
 # a few small tensors of other architectures).
@@ -263,9 +272,23 @@ def mix_type(name: str, ft: FileType, facts: ModelFacts, i_layer: int, n_layer: 
     if cat == "output" or (not facts.has_output and cat == "token_embd"):
         if falcon:
             return T.Q8_0
+        if f in _IQ_LOW:
+            return T.Q5_K
         return new if new == T.Q8_0 else T.Q6_K
     if cat == "token_embd":
+        if f in _IQ_LOW:
+            return T.Q2_K
         return T.Q4_K if f in ("TQ1_0", "TQ2_0") else new
+    if f in _IQ_LOW:
+        if cat == "attn_v":
+            return T.Q4_K if facts.n_gqa >= 4 or facts.n_expert >= 4 else T.Q2_K
+        if cat == "attn_k" and facts.n_expert == 8:
+            return T.Q4_K
+        if cat == "ffn_down":
+            return T.Q2_K if i_layer < n_layer // 8 else new
+        if cat == "attn_output" and facts.n_expert == 8:
+            return T.Q5_K
+        return new
     if cat == "attn_v":
         if f == "Q2_K":
             new = T.Q4_K if facts.n_gqa >= 4 else T.Q3_K
@@ -449,6 +472,9 @@ def _importance(imatrix: Imatrix | None, plans: list[TensorPlan]
     for p in plans:
         w = imatrix.weights(p.name) if p.convert else None
         if w is None:
+            if p.convert and not qtypes.type_info(p.dst_type).can_quantize:
+                raise QuantError(f"the importance matrix has no entry for {p.name}, which "
+                                 f"{p.dst_type.name} cannot be quantized without")
             continue
         if w.ndim != 1 or w.size != p.dims[0]:
             raise QuantError(f"the importance matrix entry for {p.name} has {w.size} values, the "
@@ -558,6 +584,11 @@ def quantize_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     # Before any reading or converting: a missing folder or a folder as the output used to
     # surface as an OSError only when the finished file was renamed into place.
     check_destination(dst, sources=[src], error=QuantError)
+    if imatrix is None and ft.needs_imatrix:
+        raise QuantError(f"{ft.name} needs an importance matrix: its grid search weights every "
+                         "column by how much it matters, and without one the model degrades "
+                         "badly (llama.cpp refuses too). Make one with `pyllm imatrix -m MODEL "
+                         "-f TEXT -o imatrix.gguf` and pass --imatrix imatrix.gguf")
     imatrix_path = None
     if imatrix is not None and not isinstance(imatrix, Imatrix):
         imatrix_path = os.fspath(imatrix)

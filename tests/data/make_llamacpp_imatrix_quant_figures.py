@@ -4,8 +4,9 @@ importance matrix pyllm wrote.
 tests/test_quantize_imatrix.py compares pyllm's output with these figures, so CI needs no
 llama.cpp. The model is test_quantize's 8-layer one (``figure_inputs``), the importance matrix
 ``synthetic_imatrix`` (written by pyllm's GGUF imatrix writer; llama-quantize reads it). For
-each file type of IMATRIX_TYPES it runs ``llama-quantize --imatrix`` and records the tensors'
-digest, then quantizes the same with pyllm and exits 1 if they differ. Build llama.cpp's tools
+each file type of IMATRIX_TYPES it runs ``llama-quantize --imatrix`` and records each tensor's
+type and digest, then quantizes the same with pyllm and exits 1 if any tensor differs other
+than those pyllm quantizes without the importance matrix so far. Build llama.cpp's tools
 as tests/data/make_llamacpp_imatrix_golden.py says, then from the repository root::
 
     python tests/data/make_llamacpp_imatrix_quant_figures.py /tmp/llcpp-build/bin/llama-quantize
@@ -26,8 +27,13 @@ sys.path.insert(0, str(ROOT))
 
 from pyllm.formats.imatrix import write_imatrix  # noqa: E402
 from pyllm.tools.quantize import quantize_file  # noqa: E402
-from tests.test_quantize import figure_inputs, file_sha256, quant_digest  # noqa: E402
-from tests.test_quantize_imatrix import FIGURES, IMATRIX_TYPES, synthetic_imatrix  # noqa: E402
+from tests.test_quantize import figure_inputs, file_sha256  # noqa: E402
+from tests.test_quantize_imatrix import (  # noqa: E402
+    FIGURES,
+    IMATRIX_TYPES,
+    synthetic_imatrix,
+    tensor_digests,
+)
 
 
 def main(argv: list[str]) -> int:
@@ -35,8 +41,9 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     out: dict[str, object] = {
-        "_about": "tests/test_quantize.py quant_digest of llama-quantize --imatrix output; "
-                  "made by tests/data/make_llamacpp_imatrix_quant_figures.py",
+        "_about": "per tensor [type, SHA-256] of llama-quantize --imatrix output "
+                  "(tests/test_quantize_imatrix.py tensor_digests); made by "
+                  "tests/data/make_llamacpp_imatrix_quant_figures.py",
         "types": {},
     }
     bad = []
@@ -51,13 +58,13 @@ def main(argv: list[str]) -> int:
             theirs, ours = folder / f"{name}-llama.gguf", folder / f"{name}-pyllm.gguf"
             subprocess.run([argv[0], "--imatrix", str(imatrix), str(model), str(theirs), name,
                             "2"], check=True, capture_output=True)
-            digest = quant_digest(theirs)
-            out["types"][name] = digest  # type: ignore[index]
-            quantize_file(model, ours, name, threads=2, progress=False, imatrix=imatrix)
-            mine = quant_digest(ours)
-            if (mine["tensor_types"], mine["tensors_sha256"]) != (digest["tensor_types"],
-                                                                  digest["tensors_sha256"]):
-                bad.append(name)
+            digests = tensor_digests(theirs)
+            out["types"][name] = digests  # type: ignore[index]
+            result = quantize_file(model, ours, name, threads=2, progress=False, imatrix=imatrix)
+            mine = tensor_digests(ours)
+            differ = sorted(k for k in mine if mine[k] != digests[k])
+            if differ != sorted(result.imatrix_unused):  # those pyllm quantizes without it
+                bad.append(f"{name}: {differ}")
     FIGURES.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {FIGURES}")
     if bad:

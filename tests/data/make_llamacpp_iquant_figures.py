@@ -1,9 +1,11 @@
 """Regenerate tests/data/llamacpp_iquant_figures.json: llama.cpp's i-quant quantizer's bytes.
 
 tests/test_iquants.py::test_quantizer_writes_llama_cpps_bytes compares pyllm's quantizer with
-these figures, so CI needs no llama.cpp. The script calls ggml_quantize_chunk (no importance
-matrix) from the libggml-base that llama-cpp-python ships, on the deterministic inputs of
-tests.test_iquants.iquant_inputs, and records the SHA-256 of each output. From the repository
+these figures, so CI needs no llama.cpp. The script calls ggml_quantize_chunk from the
+libggml-base that llama-cpp-python ships, on the deterministic inputs of
+tests.test_iquants.iquant_inputs, without an importance matrix (IQ4_NL, IQ4_XS) and with the
+deterministic one of tests.test_iquants.iquant_importance (the types of IMATRIX_IQUANTS, keys
+"<TYPE>+imatrix"), and records the SHA-256 of each output. From the repository
 root, with llama-cpp-python installed under /tmp/llcpp (see make_llamacpp_quant_figures.py)::
 
     python tests/data/make_llamacpp_iquant_figures.py /tmp/llcpp/llama_cpp/lib/libggml-base.so
@@ -22,10 +24,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.test_iquants import IQUANT_FIGURES, IQUANTS, iquant_inputs  # noqa: E402
+from tests.test_iquants import (  # noqa: E402
+    IMATRIX_IQUANTS,
+    IQUANT_FIGURES,
+    IQUANTS,
+    iquant_importance,
+    iquant_inputs,
+)
 
-GGML_TYPE_IDS = {"IQ4_NL": 20, "IQ4_XS": 23}
-BLOCK = {"IQ4_NL": (32, 18), "IQ4_XS": (256, 136)}
+GGML_TYPE_IDS = {"IQ4_NL": 20, "IQ4_XS": 23, "IQ2_XXS": 16}
+BLOCK = {"IQ4_NL": (32, 18), "IQ4_XS": (256, 136), "IQ2_XXS": (256, 66)}
 
 
 def main(argv: list[str]) -> int:
@@ -38,16 +46,19 @@ def main(argv: list[str]) -> int:
                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                         ctypes.c_void_p]
     out: dict[str, dict[str, str]] = {}
-    for name in IQUANTS:
-        out[name] = {}
+    jobs = [(name, name, None) for name in IQUANTS]
+    jobs += [(f"{name}+imatrix", name, iquant_importance()) for name in IMATRIX_IQUANTS]
+    for label, name, importance in jobs:
+        out[label] = {}
         for key, x in iquant_inputs().items():
             rows, k = x.shape
             bs, ts = BLOCK[name]
             dst = np.zeros(rows * k // bs * ts, np.uint8)
             x = np.ascontiguousarray(x)
+            qw = None if importance is None else np.ascontiguousarray(importance).ctypes.data
             lib.ggml_quantize_chunk(GGML_TYPE_IDS[name], x.ctypes.data, dst.ctypes.data, 0, rows,
-                                    k, None)
-            out[name][key] = hashlib.sha256(dst.tobytes()).hexdigest()
+                                    k, qw)
+            out[label][key] = hashlib.sha256(dst.tobytes()).hexdigest()
     IQUANT_FIGURES.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {IQUANT_FIGURES}")
     return 0

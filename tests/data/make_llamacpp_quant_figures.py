@@ -56,6 +56,8 @@ def main() -> int:
         for model, src in figure_inputs(folder).items():
             types: dict[str, object] = {}
             for name, ft in FILE_TYPES.items():
+                if ft.needs_imatrix:  # tests/data/make_llamacpp_imatrix_quant_figures.py
+                    continue
                 theirs = folder / f"{model}-{name}-llama.gguf"
                 ours = folder / f"{model}-{name}-pyllm.gguf"
                 llama_cpp_quantize(llama_cpp, src, theirs, ft.ftype)

@@ -106,6 +106,9 @@ void quantize_row_iq4_xs(const float* x, BlockIQ4_XS* y, int64_t n);
 // (the mean square of its column's activations), nullptr for none.
 void quantize_row_iq4_nl_weighted(const float* x, BlockIQ4_NL* y, int64_t n, const float* qw);
 void quantize_row_iq4_xs_weighted(const float* x, BlockIQ4_XS* y, int64_t n, const float* qw);
+// IQ2_XXS has only this form: its grid search needs an importance matrix (qw non-null;
+// csrc/quant/iquants_search.cc).
+void quantize_row_iq2_xxs_weighted(const float* x, BlockIQ2_XXS* y, int64_t n, const float* qw);
 // grid i-quants and ternary types (csrc/quant/iquants_grid.cc); the grid types dequantize only
 void dequantize_row_iq2_xxs(const BlockIQ2_XXS* x, float* y, int64_t n);
 void dequantize_row_iq2_xs(const BlockIQ2_XS* x, float* y, int64_t n);

@@ -1,0 +1,354 @@
+// Quantizers of the grid i-quants, which choose each group of 8 values among a fixed set of
+// grid points and so need a search, guided by an importance matrix (llama.cpp refuses them
+// without one, and so does pyllm): IQ2_XXS so far. They reproduce llama.cpp's quantizer byte
+// for byte given the same importance (tests/test_iquants_grid.py checks SHA-256 figures of its
+// output), so files and their quality are interchangeable.
+//
+// IQ2_XXS, per super-block of 256: each sub-block of 32 gets a scale, each group of 8 a grid
+// point (8 magnitudes from {1, 3, 5} in units of the scale) and 8 signs with an even number of
+// minus signs (the 8th is implied by the parity of the stored 7). The search works on |x|:
+// an odd number of negative values flips the sign of the least important one. A first scale
+// comes from a weighted fit of the magnitudes to the levels 0..3, then 13 trial scales around
+// it each round every value to its nearest level; a group whose rounded levels are not a grid
+// point takes the grid point nearest in weighted squared error among the few points closest to
+// it (precomputed: the "neighbours", all points at the two smallest distances from it). The
+// trial with the best weighted least-squares fit wins; its scale is refitted to its grid points.
+// The 8 sub-block scales are finally stored as 4-bit multiples of max_scale / 31.
+#include <algorithm>
+#include <array>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <stdexcept>
+#include <vector>
+
+#include "pyllm/fp16.h"
+#include "pyllm/quant.h"
+#include "quant/iquant_grids.h"
+
+namespace pyllm {
+
+namespace {
+
+constexpr float kGroupMaxEps = 1e-15f;  // a sub-block below this magnitude is all zero
+
+// Round to nearest, ties to even, through the float's mantissa (|v| < 2^22): llama.cpp's.
+int nearest_int(float v) {
+  const float biased = v + 12582912.0f;
+  int32_t bits;
+  std::memcpy(&bits, &biased, sizeof bits);
+  return (bits & 0x007fffff) - 0x00400000;
+}
+
+// A 2-bit grid prepared for the search: each point as 8 odd positions 2 l + 1 (l the level
+// 0..2 of its element), the point of each 16-bit code sum(l_i << 2 i) (or, for codes that are
+// not grid points, -(1 + offset) of its neighbour list: count, then point indices).
+struct Grid2Search {
+  std::vector<std::array<int8_t, 8>> pos;
+  std::vector<int> map;
+  std::vector<uint16_t> neighbours;
+};
+
+// The grid's magnitudes in dequantized units (8, 25, 43 for IQ2) -> their levels 0..2.
+int level_of(uint8_t v, const uint8_t* levels) {
+  for (int l = 0; l < 3; ++l) {
+    if (levels[l] == v) return l;
+  }
+  throw std::logic_error("grid value outside the level table");
+}
+
+Grid2Search build_grid2(const uint64_t* grid, int grid_size, const uint8_t* levels, int nwant) {
+  constexpr int kMapSize = 43692;  // codes with every level <= 2: at most 0b10...10 = 43690
+  Grid2Search g;
+  g.pos.resize(static_cast<size_t>(grid_size));
+  g.map.assign(kMapSize, -1);
+  for (int j = 0; j < grid_size; ++j) {
+    int code = 0;
+    for (int i = 0; i < 8; ++i) {
+      const int l = level_of(static_cast<uint8_t>(grid[j] >> (8 * i)), levels);
+      g.pos[static_cast<size_t>(j)][static_cast<size_t>(i)] = static_cast<int8_t>(2 * l + 1);
+      code |= l << (2 * i);
+    }
+    g.map[static_cast<size_t>(code)] = j;
+  }
+  // For every code off the grid: the grid points at its nwant smallest squared distances (in
+  // position units), nearest first, ties by index.
+  std::vector<std::pair<int, int>> dist(static_cast<size_t>(grid_size));
+  for (int u = 0; u < kMapSize; ++u) {
+    if (g.map[static_cast<size_t>(u)] >= 0) continue;
+    int8_t p[8];
+    for (int i = 0; i < 8; ++i) p[i] = static_cast<int8_t>(2 * ((u >> (2 * i)) & 3) + 1);
+    for (int j = 0; j < grid_size; ++j) {
+      int d2 = 0;
+      for (int i = 0; i < 8; ++i) {
+        const int diff = g.pos[static_cast<size_t>(j)][static_cast<size_t>(i)] - p[i];
+        d2 += diff * diff;
+      }
+      dist[static_cast<size_t>(j)] = {d2, j};
+    }
+    std::sort(dist.begin(), dist.end());
+    const size_t start = g.neighbours.size();
+    g.neighbours.push_back(0);
+    int have = 1, d2 = dist[0].first;
+    for (const auto& [dj, j] : dist) {
+      if (dj > d2) {
+        if (have == nwant) break;
+        d2 = dj;
+        ++have;
+      }
+      g.neighbours.push_back(static_cast<uint16_t>(j));
+    }
+    g.neighbours[start] = static_cast<uint16_t>(g.neighbours.size() - start - 1);
+    g.map[static_cast<size_t>(u)] = -static_cast<int>(start) - 1;
+  }
+  return g;
+}
+
+const Grid2Search& iq2xxs_search() {
+  static const uint8_t kLevels[3] = {0x08, 0x19, 0x2b};
+  static std::once_flag once;
+  static Grid2Search g;
+  std::call_once(once, [] { g = build_grid2(kIq2xxsGrid, 256, kLevels, 2); });
+  return g;
+}
+
+// Among a code's neighbours, the grid point of least weighted squared error against xval at
+// this scale; writes its levels into L and returns its index.
+int best_neighbour(const Grid2Search& g, const uint16_t* nb, const float* xval, const float* w,
+                   float scale, int8_t* L) {
+  float best = FLT_MAX;
+  int index = -1;
+  for (int k = 1; k <= nb[0]; ++k) {
+    const auto& p = g.pos[nb[k]];
+    float d2 = 0.0f;
+    for (int i = 0; i < 8; ++i) {
+      const float diff = scale * static_cast<float>(p[static_cast<size_t>(i)]) - xval[i];
+      d2 += w[i] * diff * diff;
+    }
+    if (d2 < best) {
+      best = d2;
+      index = nb[k];
+    }
+  }
+  if (index < 0) throw std::logic_error("grid search without a neighbour");
+  const auto& p = g.pos[static_cast<size_t>(index)];
+  for (int i = 0; i < 8; ++i) L[i] = static_cast<int8_t>((p[static_cast<size_t>(i)] - 1) / 2);
+  return index;
+}
+
+// Levels 0..nmax (x >= 0) with a weighted least-squares scale: a first guess nmax / max, 8
+// trial scales around it kept by weighted squared error, then up to 5 passes moving single
+// levels while the fit improves. Returns the scale.
+float make_positive_quants(int n, int nmax, const float* x, uint8_t* L, const float* w) {
+  float max = 0.0f;
+  for (int i = 0; i < n; ++i) max = std::max(max, x[i]);
+  if (max < kGroupMaxEps) {
+    std::memset(L, 0, static_cast<size_t>(n));
+    return 0.0f;
+  }
+  float iscale = static_cast<float>(nmax) / max;
+  for (int i = 0; i < n; ++i) L[i] = static_cast<uint8_t>(nearest_int(iscale * x[i]));
+  const float scale = 1.0f / iscale;
+  float best_mse = 0.0f;
+  for (int i = 0; i < n; ++i) {
+    const float diff = x[i] - scale * static_cast<float>(L[i]);
+    best_mse += w[i] * diff * diff;
+  }
+  for (int is = -4; is <= 4; ++is) {
+    if (is == 0) continue;
+    const float iscale_is = (0.1f * static_cast<float>(is) + static_cast<float>(nmax)) / max;
+    const float scale_is = 1.0f / iscale_is;
+    float mse = 0.0f;
+    for (int i = 0; i < n; ++i) {
+      const int l = std::min(nmax, nearest_int(iscale_is * x[i]));
+      const float diff = x[i] - scale_is * static_cast<float>(l);
+      mse += w[i] * diff * diff;
+    }
+    if (mse < best_mse) {
+      best_mse = mse;
+      iscale = iscale_is;
+    }
+  }
+  float sumlx = 0.0f, suml2 = 0.0f;
+  for (int i = 0; i < n; ++i) {
+    const int l = std::min(nmax, nearest_int(iscale * x[i]));
+    L[i] = static_cast<uint8_t>(l);
+    sumlx += w[i] * x[i] * static_cast<float>(l);
+    suml2 += w[i] * static_cast<float>(l * l);
+  }
+  for (int pass = 0; pass < 5; ++pass) {
+    int changed = 0;
+    for (int i = 0; i < n; ++i) {
+      const float li = static_cast<float>(L[i]);
+      float slx = sumlx - w[i] * x[i] * li;
+      float sl2 = suml2 - w[i] * li * li;
+      if (slx > 0.0f && sl2 > 0.0f) {
+        const int nl = std::min(nmax, nearest_int(x[i] * sl2 / slx));
+        if (nl != L[i]) {
+          slx += w[i] * x[i] * static_cast<float>(nl);
+          sl2 += w[i] * static_cast<float>(nl * nl);
+          if (slx * slx * suml2 > sumlx * sumlx * sl2) {
+            L[i] = static_cast<uint8_t>(nl);
+            sumlx = slx;
+            suml2 = sl2;
+            ++changed;
+          }
+        }
+      }
+    }
+    if (changed == 0) break;
+  }
+  return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+}
+
+// The grid point of the 8 levels L[0..8) (after rounding), or of its best neighbour (which then
+// replaces L).
+int grid_point(const Grid2Search& g, const float* xval, const float* w, float scale, int8_t* L) {
+  int code = 0;
+  for (int i = 0; i < 8; ++i) code |= L[i] << (2 * i);
+  const int m = g.map[static_cast<size_t>(code)];
+  if (m >= 0) return m;
+  return best_neighbour(g, g.neighbours.data() + (-m - 1), xval, w, scale, L);
+}
+
+void quantize_iq2_xxs_block(const float* xbl, const float* qw, const Grid2Search& g,
+                            BlockIQ2_XXS* y) {
+  constexpr int kMaxQ = 3;
+  float scales[QK_K / 32];
+  float weight[32], waux[32], xval[32];
+  int8_t L[32], Laux[32];
+  uint8_t signs[4];
+  uint32_t q2[2 * (QK_K / 32)] = {};
+  y->d = f32_to_f16(0.0f);
+  float max_scale = 0.0f;
+  float sumx2 = 0.0f;
+  for (int i = 0; i < QK_K; ++i) sumx2 += xbl[i] * xbl[i];
+  const float sigma2 = sumx2 / QK_K;
+  for (int ib = 0; ib < QK_K / 32; ++ib) {
+    const float* xb = xbl + 32 * ib;
+    const float* w32 = qw + 32 * ib;
+    for (int i = 0; i < 32; ++i) weight[i] = w32[i] * std::sqrt(sigma2 + xb[i] * xb[i]);
+    for (int i = 0; i < 32; ++i) waux[i] = std::sqrt(weight[i]);
+    for (int k = 0; k < 4; ++k) {
+      int nflip = 0;
+      uint8_t s = 0;
+      for (int i = 0; i < 8; ++i) {
+        const float v = xb[8 * k + i];
+        xval[8 * k + i] = v >= 0.0f ? v : -v;
+        if (v < 0.0f) {
+          ++nflip;
+          s = static_cast<uint8_t>(s | (1 << i));
+        }
+      }
+      if (nflip % 2) {  // an odd count cannot be stored: flip the least important value
+        int imin = 0;
+        float min = weight[8 * k] * xb[8 * k] * xb[8 * k];
+        for (int i = 1; i < 8; ++i) {
+          const float ax = weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i];
+          if (ax < min) {
+            min = ax;
+            imin = i;
+          }
+        }
+        xval[8 * k + imin] = -xval[8 * k + imin];
+        s = static_cast<uint8_t>(s ^ (1 << imin));
+      }
+      signs[k] = static_cast<uint8_t>(s & 127);
+    }
+    float max = xval[0];
+    for (int i = 1; i < 32; ++i) max = std::max(max, xval[i]);
+    if (max < kGroupMaxEps) {
+      scales[ib] = 0.0f;
+      continue;  // all codes 0 (q2 is zero-initialized), signs unused
+    }
+    uint8_t L0[32];
+    float scale = make_positive_quants(32, kMaxQ + 1, xval, L0, weight);
+    const float eff_max = scale * kMaxQ;
+    if (eff_max <= 0.0f) {
+      scales[ib] = 0.0f;
+      continue;
+    }
+    float best = 0.0f;
+    for (int is = -6; is <= 6; ++is) {
+      const float id = (2 * kMaxQ - 1 + static_cast<float>(is) * 0.1f) / eff_max;
+      const float this_scale = 1.0f / id;
+      for (int k = 0; k < 4; ++k) {
+        for (int i = 0; i < 8; ++i) {
+          const int l = nearest_int(0.5f * (id * xval[8 * k + i] - 1.0f));
+          Laux[8 * k + i] = static_cast<int8_t>(std::max(0, std::min(kMaxQ - 1, l)));
+        }
+        grid_point(g, xval + 8 * k, waux + 8 * k, this_scale, Laux + 8 * k);
+      }
+      float sumqx = 0.0f, sumq2 = 0.0f;
+      for (int i = 0; i < 32; ++i) {
+        const float q = static_cast<float>(2 * Laux[i] + 1);
+        sumqx += weight[i] * xval[i] * q;
+        sumq2 += weight[i] * q * q;
+      }
+      if (sumq2 > 0.0f && sumqx * sumqx > best * sumq2) {
+        scale = sumqx / sumq2;
+        best = scale * sumqx;
+        std::memcpy(L, Laux, 32);
+      }
+    }
+    if (scale > 0.0f) {
+      const float id = 1.0f / scale;
+      for (int k = 0; k < 4; ++k) {
+        for (int i = 0; i < 8; ++i) {
+          const int l = nearest_int(0.5f * (id * xval[8 * k + i] - 1.0f));
+          L[8 * k + i] = static_cast<int8_t>(std::max(0, std::min(kMaxQ - 1, l)));
+        }
+        grid_point(g, xval + 8 * k, waux + 8 * k, scale, L + 8 * k);
+      }
+      float sumqx = 0.0f, sumq2 = 0.0f;
+      for (int i = 0; i < 32; ++i) {
+        const float q = static_cast<float>(2 * L[i] + 1);
+        sumqx += weight[i] * xval[i] * q;
+        sumq2 += weight[i] * q * q;
+      }
+      if (sumq2 > 0.0f) scale = sumqx / sumq2;
+    }
+    if (scale < 0.0f) {  // the scale is stored unsigned: flip it and the signs
+      scale = -scale;
+      for (int k = 0; k < 4; ++k) signs[k] = static_cast<uint8_t>(~signs[k] & 127);
+    }
+    for (int k = 0; k < 4; ++k) {
+      int code = 0;
+      for (int i = 0; i < 8; ++i) code |= L[8 * k + i] << (2 * i);
+      const int index = g.map[static_cast<size_t>(code)];
+      if (index < 0) throw std::logic_error("IQ2_XXS: levels off the grid after the search");
+      q2[2 * ib] |= static_cast<uint32_t>(index) << (8 * k);
+      q2[2 * ib + 1] |= static_cast<uint32_t>(signs[k]) << (7 * k);
+    }
+    scales[ib] = scale;
+    max_scale = std::max(max_scale, scale);
+  }
+  if (max_scale == 0.0f) {
+    std::memset(y->qs, 0, sizeof y->qs);
+    return;
+  }
+  const float d = max_scale / 31.0f;
+  y->d = f32_to_f16(d);
+  const float id = 1.0f / d;
+  for (int ib = 0; ib < QK_K / 32; ++ib) {
+    const int l = std::max(0, std::min(15, nearest_int(0.5f * (id * scales[ib] - 1.0f))));
+    q2[2 * ib + 1] |= static_cast<uint32_t>(l) << 28;
+  }
+  std::memcpy(y->qs, q2, sizeof y->qs);
+}
+
+}  // namespace
+
+void quantize_row_iq2_xxs_weighted(const float* x, BlockIQ2_XXS* y, int64_t n, const float* qw) {
+  if (qw == nullptr) {
+    throw std::invalid_argument("IQ2_XXS can only be quantized with an importance matrix");
+  }
+  const Grid2Search& g = iq2xxs_search();
+  for (int64_t i = 0; i < n / QK_K; ++i) {
+    quantize_iq2_xxs_block(x + QK_K * i, qw + QK_K * i, g, y + i);
+  }
+}
+
+}  // namespace pyllm
