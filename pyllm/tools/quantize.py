@@ -400,6 +400,10 @@ def plan_types(reader: ModelFile, ftype: str | int | FileType,
             else:
                 i, n = 0, 0
             new = mix_type(t.name, ft, facts, i, n, imatrix=imatrix)
+            cat = category(t.name)
+            is_output = cat == "output" or (not facts.has_output and cat == "token_embd")
+            if is_output and t.dims[0] % TYPE_INFO[ft.bulk].block_size:
+                new = T.Q8_0  # llama.cpp: rows that are not whole blocks of the bulk type
         fitted = _fit_row(new, t.dims[0])
         plans.append(TensorPlan(t.name, t.dims, t.type, fitted, fallback=fitted != new))
     return plans
