@@ -302,6 +302,12 @@ def test_tied_embeddings_take_the_output_rule(tmp_path: Path) -> None:
     assert "output.weight" not in plan
     assert plan["token_embd.weight"] == T.Q6_K
     assert plan["blk.0.attn_q.weight"] == T.Q4_0
+    # rows that are not whole blocks of the bulk type: Q8_0 (not the fallback of IQ2_XXS's
+    # Q5_K, Q5_1), as llama.cpp decides
+    plan = _plan(tmp_path, "IQ2_XXS", n_embd=192, n_ff=512, tied=True)
+    assert plan["token_embd.weight"] == T.Q8_0
+    plan = _plan(tmp_path, "IQ2_XXS", n_embd=256, n_ff=512, tied=True)
+    assert plan["token_embd.weight"] == T.Q5_K
 
 
 def test_gqa_and_row_length_fallbacks(tmp_path: Path) -> None:
