@@ -146,12 +146,20 @@ py::array_t<uint8_t> py_quantize_weighted(uint32_t qtype, const py::buffer& src,
   const auto* sp = static_cast<const float*>(info.ptr);
   const auto* qw = static_cast<const float*>(winfo.ptr);
   uint8_t* dp = out.mutable_data();
+  const int64_t n_rows = n / n_per_row;
+  if (n_rows == 0) return out;
   try {
     py::gil_scoped_release nogil;
-    run_blocks(t, n, [&](int64_t b0, int64_t b1) {
-      quantize_weighted(t.type, sp + b0 * t.block_size, (b1 - b0) * t.block_size, n_per_row,
-                        b0 * t.block_size, qw, dp + b0 * t.type_size, (b1 - b0) * t.type_size);
-    });
+    // whole rows per share: some formats scale by statistics of the whole row
+    const auto rows = [&](int64_t r0, int64_t r1) {
+      quantize_weighted(t.type, sp + r0 * n_per_row, r1 - r0, n_per_row, qw,
+                        dp + r0 * (out_bytes / n_rows), (r1 - r0) * (out_bytes / n_rows));
+    };
+    if (n < kParallelMinElements) {
+      rows(0, n_rows);
+    } else {
+      default_pool_shared()->parallel_for(n_rows, 1, rows);
+    }
   } catch (const std::invalid_argument& e) {
     raise_quant_error(e.what());
   }
@@ -189,7 +197,7 @@ void register_quant(py::module_& m) {
         py::arg("weights"),
         "quantize() guided by an importance matrix: data holds rows of weights.size elements, "
         "weights the importance of each column (float32). Raises pyllm.errors.QuantError for a "
-        "type without such a quantizer (IQ4_NL, IQ4_XS have one so far) or wrong sizes.");
+        "type without such a quantizer (see type_traits' imatrix_quantize) or wrong sizes.");
   m.def("type_traits", &py_type_traits, py::arg("qtype"),
         "Traits of ggml type id qtype: id, name, block_size, type_size, is_quantized, is_weight, "
         "can_quantize (quantize supports it), vec_dot_type (the activation type its dot kernels "

@@ -14,6 +14,7 @@
 
 #include "pyllm/fp16.h"
 #include "pyllm/quant.h"
+#include "quant/exact_fp.h"  // no FMA contraction in this file
 
 namespace pyllm {
 

@@ -20,6 +20,7 @@
 
 #include "pyllm/fp16.h"
 #include "pyllm/quant.h"
+#include "quant/exact_fp.h"  // no FMA contraction in this file
 #include "quant/iquant_grids.h"
 
 namespace pyllm {

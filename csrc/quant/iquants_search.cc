@@ -26,21 +26,17 @@
 
 #include "pyllm/fp16.h"
 #include "pyllm/quant.h"
+#include "quant/exact_fp.h"  // no FMA contraction in this file
 #include "quant/iquant_grids.h"
+#include "quant/search.h"
 
 namespace pyllm {
 
 namespace {
 
-constexpr float kGroupMaxEps = 1e-15f;  // a sub-block below this magnitude is all zero
-
-// Round to nearest, ties to even, through the float's mantissa (|v| < 2^22): llama.cpp's.
-int nearest_int(float v) {
-  const float biased = v + 12582912.0f;
-  int32_t bits;
-  std::memcpy(&bits, &biased, sizeof bits);
-  return (bits & 0x007fffff) - 0x00400000;
-}
+using quant_search::kGroupMaxEps;
+using quant_search::make_positive_quants;
+using quant_search::nearest_int;
 
 // A 2-bit grid prepared for the search: each point as 8 odd positions 2 l + 1 (l the level
 // 0..2 of its element), the point of each 16-bit code sum(l_i << 2 i) (or, for codes that are
@@ -136,71 +132,6 @@ int best_neighbour(const Grid2Search& g, const uint16_t* nb, const float* xval, 
   const auto& p = g.pos[static_cast<size_t>(index)];
   for (int i = 0; i < 8; ++i) L[i] = static_cast<int8_t>((p[static_cast<size_t>(i)] - 1) / 2);
   return index;
-}
-
-// Levels 0..nmax (x >= 0) with a weighted least-squares scale: a first guess nmax / max, 8
-// trial scales around it kept by weighted squared error, then up to 5 passes moving single
-// levels while the fit improves. Returns the scale.
-float make_positive_quants(int n, int nmax, const float* x, uint8_t* L, const float* w) {
-  float max = 0.0f;
-  for (int i = 0; i < n; ++i) max = std::max(max, x[i]);
-  if (max < kGroupMaxEps) {
-    std::memset(L, 0, static_cast<size_t>(n));
-    return 0.0f;
-  }
-  float iscale = static_cast<float>(nmax) / max;
-  for (int i = 0; i < n; ++i) L[i] = static_cast<uint8_t>(nearest_int(iscale * x[i]));
-  const float scale = 1.0f / iscale;
-  float best_mse = 0.0f;
-  for (int i = 0; i < n; ++i) {
-    const float diff = x[i] - scale * static_cast<float>(L[i]);
-    best_mse += w[i] * diff * diff;
-  }
-  for (int is = -4; is <= 4; ++is) {
-    if (is == 0) continue;
-    const float iscale_is = (0.1f * static_cast<float>(is) + static_cast<float>(nmax)) / max;
-    const float scale_is = 1.0f / iscale_is;
-    float mse = 0.0f;
-    for (int i = 0; i < n; ++i) {
-      const int l = std::min(nmax, nearest_int(iscale_is * x[i]));
-      const float diff = x[i] - scale_is * static_cast<float>(l);
-      mse += w[i] * diff * diff;
-    }
-    if (mse < best_mse) {
-      best_mse = mse;
-      iscale = iscale_is;
-    }
-  }
-  float sumlx = 0.0f, suml2 = 0.0f;
-  for (int i = 0; i < n; ++i) {
-    const int l = std::min(nmax, nearest_int(iscale * x[i]));
-    L[i] = static_cast<uint8_t>(l);
-    sumlx += w[i] * x[i] * static_cast<float>(l);
-    suml2 += w[i] * static_cast<float>(l * l);
-  }
-  for (int pass = 0; pass < 5; ++pass) {
-    int changed = 0;
-    for (int i = 0; i < n; ++i) {
-      const float li = static_cast<float>(L[i]);
-      float slx = sumlx - w[i] * x[i] * li;
-      float sl2 = suml2 - w[i] * li * li;
-      if (slx > 0.0f && sl2 > 0.0f) {
-        const int nl = std::min(nmax, nearest_int(x[i] * sl2 / slx));
-        if (nl != L[i]) {
-          slx += w[i] * x[i] * static_cast<float>(nl);
-          sl2 += w[i] * static_cast<float>(nl * nl);
-          if (slx * slx * suml2 > sumlx * sumlx * sl2) {
-            L[i] = static_cast<uint8_t>(nl);
-            sumlx = slx;
-            suml2 = sl2;
-            ++changed;
-          }
-        }
-      }
-    }
-    if (changed == 0) break;
-  }
-  return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
 }
 
 // The grid point of the 8 levels L[0..8) (after rounding), or of its best neighbour (which then

@@ -15,15 +15,7 @@
 
 #include "pyllm/fp16.h"
 #include "pyllm/quant.h"
-
-// Bit-exactness with the references needs every a * b + c rounded twice, so FMA contraction is
-// off here: GCC contracts across statements by default (even with -std=c++17) whenever the target
-// has FMA, e.g. aarch64 or a -march=native build.
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT OFF
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
+#include "quant/exact_fp.h"  // no FMA contraction in this file
 
 namespace pyllm {
 

@@ -175,41 +175,53 @@ void quantize(QType type, const float* src, int64_t n, void* dst, int64_t dst_by
 }
 
 bool has_weighted_quantizer(QType type) {
-  return type == QType::IQ4_NL || type == QType::IQ4_XS || type == QType::IQ2_XXS;
+  switch (type) {
+    case QType::Q4_0: case QType::Q2_K:
+    case QType::IQ4_NL: case QType::IQ4_XS: case QType::IQ2_XXS:
+      return true;
+    default:
+      return false;
+  }
 }
 
-void quantize_weighted(QType type, const float* src, int64_t n, int64_t n_per_row,
-                       int64_t first, const float* qw, void* dst, int64_t dst_bytes) {
+void quantize_weighted(QType type, const float* src, int64_t n_rows, int64_t n_per_row,
+                       const float* qw, void* dst, int64_t dst_bytes) {
   const TypeTraits& t = type_traits(type);
   if (!has_weighted_quantizer(type)) {
     fail(std::string("quantizing to ") + t.name + " with an importance matrix is not "
          "implemented yet");
   }
-  const int64_t need = row_size(type, n);
+  if (n_rows < 0) fail(std::string(t.name) + ": negative row count");
+  const int64_t row_bytes = row_size(type, n_per_row);  // checks whole blocks
+  const int64_t need = tensor_size(type, n_rows, n_per_row);
   if (dst_bytes != need) {
-    fail(std::string(t.name) + ": " + std::to_string(n) + " elements need " + std::to_string(need) +
-         " bytes of output, got " + std::to_string(dst_bytes));
+    fail(std::string(t.name) + ": " + std::to_string(n_rows) + " rows of " +
+         std::to_string(n_per_row) + " need " + std::to_string(need) + " bytes of output, got " +
+         std::to_string(dst_bytes));
   }
-  if (n_per_row <= 0 || n_per_row % t.block_size || first < 0 || first % t.block_size) {
-    fail(std::string(t.name) + ": rows of " + std::to_string(n_per_row) +
-         " elements are not whole blocks (or a bad first element " + std::to_string(first) + ")");
-  }
-  if (n == 0) return;
+  if (n_rows == 0 || n_per_row == 0) return;
   if (src == nullptr || dst == nullptr || qw == nullptr) {
     fail(std::string(t.name) + ": null buffer");
   }
-  // block by block: a block's weights are those of its columns within the row
-  for (int64_t b = 0; b < n / t.block_size; ++b) {
-    const int64_t col = (first + b * t.block_size) % n_per_row;
-    const float* x = src + b * t.block_size;
-    uint8_t* out = static_cast<uint8_t*>(dst) + b * t.type_size;
-    if (type == QType::IQ4_NL) {
-      quantize_row_iq4_nl_weighted(x, reinterpret_cast<BlockIQ4_NL*>(out), t.block_size, qw + col);
-    } else if (type == QType::IQ4_XS) {
-      quantize_row_iq4_xs_weighted(x, reinterpret_cast<BlockIQ4_XS*>(out), t.block_size, qw + col);
-    } else {
-      quantize_row_iq2_xxs_weighted(x, reinterpret_cast<BlockIQ2_XXS*>(out), t.block_size,
-                                    qw + col);
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const float* x = src + r * n_per_row;
+    void* out = static_cast<uint8_t*>(dst) + r * row_bytes;
+    switch (type) {
+      case QType::Q4_0:
+        quantize_row_q4_0_weighted(x, static_cast<BlockQ4_0*>(out), n_per_row, qw);
+        break;
+      case QType::Q2_K:
+        quantize_row_q2_K_weighted(x, static_cast<BlockQ2_K*>(out), n_per_row, qw);
+        break;
+      case QType::IQ4_NL:
+        quantize_row_iq4_nl_weighted(x, static_cast<BlockIQ4_NL*>(out), n_per_row, qw);
+        break;
+      case QType::IQ4_XS:
+        quantize_row_iq4_xs_weighted(x, static_cast<BlockIQ4_XS*>(out), n_per_row, qw);
+        break;
+      default:
+        quantize_row_iq2_xxs_weighted(x, static_cast<BlockIQ2_XXS*>(out), n_per_row, qw);
+        break;
     }
   }
 }

@@ -48,7 +48,8 @@ ffn_down           Q2_K: Q3_K; Q3_K_M: Q5_K if i < n/16, else Q4_K (falcon: Q4_K
                    more(i, n), else Q3_K); Q3_K_L: Q5_K (falcon Q4_K); Q4_K_M: Q6_K if
                    more(i, n) (falcon: Q6_K if i < n/16, Q5_K if more, else Q4_K);
                    IQ4_NL / IQ4_XS without an importance matrix: Q5_K if i < n/8;
-                   Q5_K_M: Q6_K if more(i, n); Q4_K_S: Q5_K if i < n/8 (not falcon)
+                   Q5_K_M: Q6_K if more(i, n); Q4_K_S: Q5_K if i < n/8 (not falcon);
+                   with an importance matrix Q4_0 / Q5_0: Q4_1 / Q5_1 if i < n/8
 attn_output        Q2_K: Q3_K; Q3_K_M: Q4_K; Q3_K_L: Q5_K (falcon: Q3_K_L -> Q4_K only);
                    8 experts: Q5_K for Q2_K, Q3_K_S, Q3_K_M, Q4_K_S, Q4_K_M, IQ4_NL, IQ4_XS
 =================  ==========================================================================
@@ -331,6 +332,9 @@ def mix_type(name: str, ft: FileType, facts: ModelFacts, i_layer: int, n_layer: 
             new = T.Q6_K
         elif f == "Q4_K_S" and not falcon and i < n // 8:
             new = T.Q5_K
+        elif f in ("Q4_0", "Q5_0") and imatrix and i < n // 8:
+            # llama.cpp guards the first ffn_down layers of these with an importance matrix
+            new = T.Q4_1 if f == "Q4_0" else T.Q5_1
         return new
     if cat == "attn_output":
         if falcon:
@@ -566,9 +570,10 @@ def quantize_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     ``imatrix`` (an :class:`~pyllm.formats.imatrix.Imatrix` or the path of a GGUF / .dat
     importance matrix, as ``pyllm imatrix`` or llama.cpp's ``llama-imatrix`` write them) guides
     the rounding of the tensors it has entries for, as llama.cpp's quantizer does, for the types
-    with such a quantizer (IQ4_NL, IQ4_XS so far; the others are quantized without it and
-    listed in ``QuantizeResult.imatrix_unused``), changes the mix rules that depend on it and is
-    named in the output's ``quantize.imatrix.*`` metadata.
+    with such a quantizer (``qtypes.type_info(t).imatrix_quantize``: Q4_0, Q2_K, IQ4_NL, IQ4_XS,
+    IQ2_XXS so far; the others are quantized without it and listed in
+    ``QuantizeResult.imatrix_unused``), changes the mix rules that depend on it and is named in
+    the output's ``quantize.imatrix.*`` metadata.
 
     ``threads`` worker threads convert tensors concurrently (default: the CPU count). Raises
     :class:`~pyllm.errors.QuantError` for an unknown type, a refused requantization, data that

@@ -32,8 +32,9 @@ from tests.test_iquants import (  # noqa: E402
     iquant_inputs,
 )
 
-GGML_TYPE_IDS = {"IQ4_NL": 20, "IQ4_XS": 23, "IQ2_XXS": 16}
-BLOCK = {"IQ4_NL": (32, 18), "IQ4_XS": (256, 136), "IQ2_XXS": (256, 66)}
+GGML_TYPE_IDS = {"IQ4_NL": 20, "IQ4_XS": 23, "IQ2_XXS": 16, "Q4_0": 2, "Q2_K": 10}
+BLOCK = {"IQ4_NL": (32, 18), "IQ4_XS": (256, 136), "IQ2_XXS": (256, 66), "Q4_0": (32, 18),
+         "Q2_K": (256, 84)}
 
 
 def main(argv: list[str]) -> int:

@@ -65,13 +65,12 @@ int64_t tensor_size(QType type, int64_t n_rows, int64_t n_per_row);
 // the given buffer sizes (std::invalid_argument on mismatch), then run the reference routine.
 void dequantize(QType type, const void* src, int64_t src_bytes, float* dst, int64_t n);
 void quantize(QType type, const float* src, int64_t n, void* dst, int64_t dst_bytes);
-// Quantization guided by an importance matrix (pyllm/formats/imatrix.py): qw holds the
-// importance of each of the n_per_row columns; src is n elements of a tensor with rows of
-// n_per_row, starting at element `first` (a multiple of the block size). Throws
-// std::invalid_argument for a type without such a quantizer (has_weighted_quantizer: IQ4_NL,
-// IQ4_XS so far) or sizes that do not fit.
+// Quantization guided by an importance matrix (pyllm/formats/imatrix.py): src holds n_rows
+// rows of n_per_row elements, qw the importance of each of the n_per_row columns. Throws
+// std::invalid_argument for a type without such a quantizer (has_weighted_quantizer: Q4_0,
+// Q2_K, IQ4_NL, IQ4_XS, IQ2_XXS so far) or sizes that do not fit.
 bool has_weighted_quantizer(QType type);
-void quantize_weighted(QType type, const float* src, int64_t n, int64_t n_per_row, int64_t first,
+void quantize_weighted(QType type, const float* src, int64_t n_rows, int64_t n_per_row,
                        const float* qw, void* dst, int64_t dst_bytes);
 // Throws std::invalid_argument naming the type when pyllm cannot quantize to it (from_float is
 // null); quantize() checks this first, callers that split the work check it up front.
@@ -109,6 +108,9 @@ void quantize_row_iq4_xs_weighted(const float* x, BlockIQ4_XS* y, int64_t n, con
 // IQ2_XXS has only this form: its grid search needs an importance matrix (qw non-null;
 // csrc/quant/iquants_search.cc).
 void quantize_row_iq2_xxs_weighted(const float* x, BlockIQ2_XXS* y, int64_t n, const float* qw);
+// Q4_0 and Q2_K guided by an importance matrix, one row of n (csrc/quant/kquants_weighted.cc).
+void quantize_row_q4_0_weighted(const float* x, BlockQ4_0* y, int64_t n, const float* qw);
+void quantize_row_q2_K_weighted(const float* x, BlockQ2_K* y, int64_t n, const float* qw);
 // grid i-quants and ternary types (csrc/quant/iquants_grid.cc); the grid types dequantize only
 void dequantize_row_iq2_xxs(const BlockIQ2_XXS* x, float* y, int64_t n);
 void dequantize_row_iq2_xs(const BlockIQ2_XS* x, float* y, int64_t n);
