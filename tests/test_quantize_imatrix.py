@@ -152,3 +152,20 @@ def test_imatrix_of_another_model_is_refused(inputs: tuple[Path, Path], tmp_path
 
         _core.quantize_weighted(2, np.ones(96, np.float32), np.ones(64, np.float32))
     assert GGMLType.IQ4_XS  # the enum the figures name
+
+
+def test_mix_rules_that_depend_on_an_imatrix(inputs: tuple[Path, Path]) -> None:
+    """llama.cpp's: with an importance matrix the Q4_0 / Q5_0 mixes give the first eighth of
+    ffn_down Q4_1 / Q5_1, and the IQ4 mixes drop their Q5_K first ffn_down."""
+    from pyllm.formats.gguf.split import open_gguf
+    from pyllm.tools.quantize import plan_types
+
+    model, _ = inputs
+    with open_gguf(model) as r:
+        for ftype, without, with_im in (("Q4_0", "Q4_0", "Q4_1"), ("Q5_0", "Q5_0", "Q5_1"),
+                                        ("IQ4_XS", "Q5_K", "IQ4_XS")):
+            plain = {p.name: p.dst_type.name for p in plan_types(r, ftype)}
+            guided = {p.name: p.dst_type.name for p in plan_types(r, ftype, imatrix=True)}
+            assert (plain["blk.0.ffn_down.weight"], guided["blk.0.ffn_down.weight"]) == (
+                without, with_im), ftype
+            assert plain["blk.1.ffn_down.weight"] == guided["blk.1.ffn_down.weight"]
