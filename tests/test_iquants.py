@@ -18,11 +18,14 @@ from pyllm.formats.gguf.constants import TYPE_INFO
 
 IQUANTS = ["IQ4_NL", "IQ4_XS"]
 # the types pyllm quantizes with an importance matrix, byte-identical to llama.cpp
-IMATRIX_IQUANTS = ["IQ4_NL", "IQ4_XS", "IQ2_XXS", "Q4_0", "Q2_K"]
-# their relative importance-weighted error on iquant_inputs' Gaussian rows: a bound above the
-# measured worst (IQ4 0.072-0.078, IQ2_XXS 0.39-0.42, Q4_0 0.078-0.084, Q2_K 0.21-0.23)
+IMATRIX_IQUANTS = ["IQ4_NL", "IQ4_XS", "IQ2_XXS", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K",
+                   "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+# their relative importance-weighted error on iquant_inputs' Gaussian rows: ~5-10 % above the
+# measured worst of the three inputs (IQ4_NL 0.076, IQ4_XS 0.078, IQ2_XXS 0.422, Q4_0 0.084,
+# Q4_1 0.065, Q5_0 0.050, Q5_1 0.033, Q2_K 0.232, Q3_K 0.130, Q4_K 0.067, Q5_K 0.036, Q6_K 0.022)
 IMATRIX_REL_BOUND = {"IQ4_NL": 0.082, "IQ4_XS": 0.082, "IQ2_XXS": 0.44, "Q4_0": 0.09,
-                     "Q2_K": 0.25}
+                     "Q4_1": 0.07, "Q5_0": 0.053, "Q5_1": 0.035, "Q2_K": 0.25, "Q3_K": 0.14,
+                     "Q4_K": 0.071, "Q5_K": 0.038, "Q6_K": 0.023}
 IQUANT_FIGURES = Path(__file__).parent / "data" / "llamacpp_iquant_figures.json"
 
 

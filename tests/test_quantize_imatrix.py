@@ -16,23 +16,15 @@ import numpy as np
 import pytest
 
 from pyllm.errors import QuantError
-from pyllm.formats.gguf import GGMLType, GGUFReader
+from pyllm.formats.gguf import GGUFReader
 from pyllm.formats.imatrix import Imatrix, ImatrixEntry, write_imatrix
-from pyllm.tools.quantize import quantize_file
-from tests.test_quantize import figure_inputs, file_sha256
+from pyllm.tools.quantize import FILE_TYPES, quantize_file
+from tests.test_quantize import figure_inputs, file_sha256, quant_digest
 
 FIGURES = Path(__file__).parent / "data" / "llamacpp_imatrix_quant_figures.json"
-# file types whose every tensor has an importance-guided quantizer
-IMATRIX_TYPES = ("IQ4_NL", "IQ4_XS", "IQ2_XXS")
-
-
-def tensor_digests(path: Path) -> dict[str, list[str]]:
-    """Per tensor: its type and the SHA-256 of its bytes."""
-    import hashlib
-
-    with GGUFReader(path) as r:
-        return {t.name: [t.type.name, hashlib.sha256(np.ascontiguousarray(t.raw).tobytes())
-                         .hexdigest()] for t in r.tensors}
+# every block-quantized file type (Q8_0 and the ternary types ignore the importance matrix, in
+# llama.cpp too)
+IMATRIX_TYPES = tuple(name for name, ft in FILE_TYPES.items() if ft.is_mix)
 
 
 def synthetic_imatrix(model: Path) -> Imatrix:
@@ -67,24 +59,24 @@ def test_matches_llama_cpp_quantizer_with_an_imatrix(inputs: tuple[Path, Path],
     for name in IMATRIX_TYPES:
         dst = tmp_path / f"{name}.gguf"
         result = quantize_file(model, dst, name, threads=2, progress=False, imatrix=imatrix)
-        want = figures["types"][name]
-        got = tensor_digests(dst)
-        assert {k: v[0] for k, v in got.items()} == {k: v[0] for k, v in want.items()}, name
-        # byte for byte, the IQ2_XXS mix's Q2_K attn_v and first ffn_down included
-        assert {k: v[1] for k, v in got.items()} == {k: v[1] for k, v in want.items()}, name
-        assert len(result.imatrix_used) == 8 * 7 and result.imatrix_unused == []
+        got = quant_digest(dst)
+        got.pop("file_size")  # the metadata names the imatrix file's path
+        # every tensor's type and bytes, of every mix
+        assert got == figures["types"][name], name
+        assert len(result.imatrix_used) + len(result.imatrix_unused) == 8 * 7
+        # Q8_0 and the ternary types take no importance matrix (in llama.cpp either)
+        assert (result.imatrix_unused == []) == (name not in ("Q8_0", "TQ1_0", "TQ2_0")), name
         with GGUFReader(dst) as r:
             assert r.metadata["quantize.imatrix.file"] == str(imatrix)
             assert r.metadata["quantize.imatrix.dataset"] == "synthetic.txt"
             assert r.metadata["quantize.imatrix.entries_count"] == 56
             assert r.metadata["quantize.imatrix.chunks_count"] == 4
-        if name == "IQ2_XXS":
+        if name not in ("IQ4_NL", "IQ4_XS", "Q4_K_M"):
             continue
         # negative control: the same type without the importance matrix is other bytes
         plain = tmp_path / f"{name}-plain.gguf"
         quantize_file(model, plain, name, threads=2, progress=False)
-        plain_digests = tensor_digests(plain)
-        assert plain_digests["blk.3.ffn_up.weight"] != want["blk.3.ffn_up.weight"]
+        assert quant_digest(plain)["tensors_sha256"] != got["tensors_sha256"]
 
 
 def test_very_low_bit_files_need_an_imatrix(inputs: tuple[Path, Path], tmp_path: Path) -> None:
@@ -121,8 +113,8 @@ def test_importance_lowers_the_weighted_error(inputs: tuple[Path, Path]) -> None
 def test_types_without_an_importance_quantizer_are_listed(inputs: tuple[Path, Path],
                                                           tmp_path: Path) -> None:
     model, imatrix = inputs
-    result = quantize_file(model, tmp_path / "k.gguf", "Q4_K_M", progress=False, imatrix=imatrix)
-    assert len(result.imatrix_unused) == 56 and result.imatrix_used == []  # Q4_K, Q6_K: not yet
+    result = quantize_file(model, tmp_path / "k.gguf", "Q8_0", progress=False, imatrix=imatrix)
+    assert len(result.imatrix_unused) == 56 and result.imatrix_used == []  # Q8_0 takes none
     from tests.test_cli import run_cli
 
     proc = run_cli("quantize", str(model), str(tmp_path / "x.gguf"), "IQ4_XS", "--imatrix",
@@ -139,19 +131,16 @@ def test_imatrix_of_another_model_is_refused(inputs: tuple[Path, Path], tmp_path
     with pytest.raises(QuantError, match="blk.0.attn_q.weight.*another model"):
         quantize_file(model, tmp_path / "x.gguf", "IQ4_NL", progress=False, imatrix=im)
     assert not (tmp_path / "x.gguf").exists()
+    from pyllm.formats import qtypes
+
     with pytest.raises(QuantError, match="importance"):
-        from pyllm.formats import qtypes
-
         qtypes.quantize("IQ4_NL", np.ones((2, 64), np.float32), importance=np.ones(32))
-    with pytest.raises(QuantError, match="not implemented"):
-        from pyllm.formats import qtypes
-
-        qtypes.quantize("Q4_K", np.ones((2, 256), np.float32), importance=np.ones(256))
+    with pytest.raises(QuantError, match="Q8_0 has no importance-guided quantizer"):
+        qtypes.quantize("Q8_0", np.ones((2, 256), np.float32), importance=np.ones(256))
     with pytest.raises(QuantError, match="whole rows"):
         from pyllm import _core
 
         _core.quantize_weighted(2, np.ones(96, np.float32), np.ones(64, np.float32))
-    assert GGMLType.IQ4_XS  # the enum the figures name
 
 
 def test_mix_rules_that_depend_on_an_imatrix(inputs: tuple[Path, Path]) -> None:

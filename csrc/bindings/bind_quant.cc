@@ -130,8 +130,9 @@ py::array_t<uint8_t> py_quantize_weighted(uint32_t qtype, const py::buffer& src,
   int64_t out_bytes = 0;
   try {
     if (!has_weighted_quantizer(t.type)) {
-      throw std::invalid_argument(std::string("quantizing to ") + t.name +
-                                  " with an importance matrix is not implemented yet");
+      check_quantizable(t.type);  // the grid types pyllm cannot write yet: that message
+      throw std::invalid_argument(std::string(t.name) + " has no importance-guided quantizer "
+                                  "(its rounding does not use one, in llama.cpp either)");
     }
     if (n_per_row == 0 || n % n_per_row) {
       throw std::invalid_argument("quantize_weighted: " + std::to_string(n) +

@@ -16,6 +16,7 @@
 #include "pyllm/fp16.h"
 #include "pyllm/quant.h"
 #include "quant/exact_fp.h"  // no FMA contraction in this file
+#include "quant/search.h"
 
 namespace pyllm {
 
@@ -557,6 +558,13 @@ void dequantize_row_q5_K(const BlockQ5_K* x, float* y, int64_t n) {
 // ql, 2 high bits in qh) ---------------------------------------------------------------------------
 
 void quantize_row_q6_K(const float* x, BlockQ6_K* y, int64_t n) {
+  quantize_row_q6_K_weighted(x, y, n, nullptr);
+}
+
+// qw: the importance of each element's column (an importance matrix), or nullptr. With one, each
+// sub-block's scale search weights the squared errors by it (llama.cpp's: by qw itself, not
+// qw * sqrt(sigma2 + x^2) as its other types do), else by x^2.
+void quantize_row_q6_K_weighted(const float* x, BlockQ6_K* y, int64_t n, const float* qw) {
   const int64_t nb = n / QK_K;
   int8_t L[QK_K];
   float scales[QK_K / 16];
@@ -564,7 +572,10 @@ void quantize_row_q6_K(const float* x, BlockQ6_K* y, int64_t n) {
     float max_scale = 0.0f;
     float max_abs_scale = 0.0f;
     for (int ib = 0; ib < QK_K / 16; ++ib) {
-      scales[ib] = make_symmetric_quants(16, 32, x + 16 * ib, L + 16 * ib);
+      scales[ib] = qw != nullptr
+                       ? quant_search::make_symmetric_weighted(16, 32, x + 16 * ib, L + 16 * ib,
+                                                               qw + QK_K * i + 16 * ib)
+                       : make_symmetric_quants(16, 32, x + 16 * ib, L + 16 * ib);
       const float a = std::fabs(scales[ib]);
       if (a > max_abs_scale) {
         max_abs_scale = a;

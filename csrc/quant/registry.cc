@@ -176,7 +176,8 @@ void quantize(QType type, const float* src, int64_t n, void* dst, int64_t dst_by
 
 bool has_weighted_quantizer(QType type) {
   switch (type) {
-    case QType::Q4_0: case QType::Q2_K:
+    case QType::Q4_0: case QType::Q4_1: case QType::Q5_0: case QType::Q5_1:
+    case QType::Q2_K: case QType::Q3_K: case QType::Q4_K: case QType::Q5_K: case QType::Q6_K:
     case QType::IQ4_NL: case QType::IQ4_XS: case QType::IQ2_XXS:
       return true;
     default:
@@ -188,8 +189,10 @@ void quantize_weighted(QType type, const float* src, int64_t n_rows, int64_t n_p
                        const float* qw, void* dst, int64_t dst_bytes) {
   const TypeTraits& t = type_traits(type);
   if (!has_weighted_quantizer(type)) {
-    fail(std::string("quantizing to ") + t.name + " with an importance matrix is not "
-         "implemented yet");
+    fail(t.from_float == nullptr
+             ? std::string("quantizing to ") + t.name + " is not implemented yet"
+             : std::string(t.name) + " has no importance-guided quantizer (its rounding does not "
+                                     "use one, in llama.cpp either)");
   }
   if (n_rows < 0) fail(std::string(t.name) + ": negative row count");
   const int64_t row_bytes = row_size(type, n_per_row);  // checks whole blocks
@@ -210,8 +213,29 @@ void quantize_weighted(QType type, const float* src, int64_t n_rows, int64_t n_p
       case QType::Q4_0:
         quantize_row_q4_0_weighted(x, static_cast<BlockQ4_0*>(out), n_per_row, qw);
         break;
+      case QType::Q4_1:
+        quantize_row_q4_1_weighted(x, static_cast<BlockQ4_1*>(out), n_per_row, qw);
+        break;
+      case QType::Q5_0:
+        quantize_row_q5_0_weighted(x, static_cast<BlockQ5_0*>(out), n_per_row, qw);
+        break;
+      case QType::Q5_1:
+        quantize_row_q5_1_weighted(x, static_cast<BlockQ5_1*>(out), n_per_row, qw);
+        break;
       case QType::Q2_K:
         quantize_row_q2_K_weighted(x, static_cast<BlockQ2_K*>(out), n_per_row, qw);
+        break;
+      case QType::Q3_K:
+        quantize_row_q3_K_weighted(x, static_cast<BlockQ3_K*>(out), n_per_row, qw);
+        break;
+      case QType::Q4_K:
+        quantize_row_q4_K_weighted(x, static_cast<BlockQ4_K*>(out), n_per_row, qw);
+        break;
+      case QType::Q5_K:
+        quantize_row_q5_K_weighted(x, static_cast<BlockQ5_K*>(out), n_per_row, qw);
+        break;
+      case QType::Q6_K:
+        quantize_row_q6_K_weighted(x, static_cast<BlockQ6_K*>(out), n_per_row, qw);
         break;
       case QType::IQ4_NL:
         quantize_row_iq4_nl_weighted(x, static_cast<BlockIQ4_NL*>(out), n_per_row, qw);

@@ -28,7 +28,7 @@ def add_parser(sub: Any) -> None:
                    help="allow converting tensors that are already quantized (loses precision)")
     p.add_argument("--imatrix", metavar="FILE",
                    help="importance matrix (pyllm imatrix / llama-imatrix output, GGUF or .dat) "
-                   "to guide the rounding (IQ4_NL, IQ4_XS so far)")
+                   "to guide the rounding, as llama-quantize --imatrix does")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(run=run, parser=p)
 
@@ -65,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
                  if result.n_fallback else "") + "\n")
     if args.imatrix:
         out.write(f"importance matrix: used for {len(result.imatrix_used)} tensors"
-                  + (f"; {len(result.imatrix_unused)} tensors of types without an "
-                     "importance-guided quantizer yet were quantized without it"
+                  + (f"; {len(result.imatrix_unused)} tensors of types that take none "
+                     "(Q8_0, the ternary types) were quantized without it"
                      if result.imatrix_unused else "") + "\n")
     return 0
 

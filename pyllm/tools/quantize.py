@@ -427,7 +427,7 @@ class QuantizeResult:
     seconds: float
     plans: list[TensorPlan] = field(default_factory=list)
     imatrix_used: list[str] = field(default_factory=list)  # tensors quantized with it
-    # tensors the importance matrix has an entry for whose type pyllm quantizes without one
+    # tensors the importance matrix has an entry for whose type takes none (Q8_0, TQ1_0, TQ2_0)
     imatrix_unused: list[str] = field(default_factory=list)
 
     @property
@@ -570,8 +570,8 @@ def quantize_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     ``imatrix`` (an :class:`~pyllm.formats.imatrix.Imatrix` or the path of a GGUF / .dat
     importance matrix, as ``pyllm imatrix`` or llama.cpp's ``llama-imatrix`` write them) guides
     the rounding of the tensors it has entries for, as llama.cpp's quantizer does, for the types
-    with such a quantizer (``qtypes.type_info(t).imatrix_quantize``: Q4_0, Q2_K, IQ4_NL, IQ4_XS,
-    IQ2_XXS so far; the others are quantized without it and listed in
+    with such a quantizer (``qtypes.type_info(t).imatrix_quantize``: every block type but Q8_0
+    and the ternary types, which take none, in llama.cpp either, and are listed in
     ``QuantizeResult.imatrix_unused``), changes the mix rules that depend on it and is named in
     the output's ``quantize.imatrix.*`` metadata.
 

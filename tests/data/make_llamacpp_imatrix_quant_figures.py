@@ -4,10 +4,10 @@ importance matrix pyllm wrote.
 tests/test_quantize_imatrix.py compares pyllm's output with these figures, so CI needs no
 llama.cpp. The model is test_quantize's 8-layer one (``figure_inputs``), the importance matrix
 ``synthetic_imatrix`` (written by pyllm's GGUF imatrix writer; llama-quantize reads it). For
-each file type of IMATRIX_TYPES it runs ``llama-quantize --imatrix`` and records each tensor's
-type and digest, then quantizes the same with pyllm and exits 1 if any tensor differs other
-than those pyllm quantizes without the importance matrix so far. Build llama.cpp's tools
-as tests/data/make_llamacpp_imatrix_golden.py says, then from the repository root::
+each file type of IMATRIX_TYPES it runs ``llama-quantize --imatrix`` and records the digest of
+its tensors (types and bytes), then quantizes the same with pyllm and exits 1 if they differ.
+Build llama.cpp's tools as tests/data/make_llamacpp_imatrix_golden.py says, then from the
+repository root::
 
     python tests/data/make_llamacpp_imatrix_quant_figures.py /tmp/llcpp-build/bin/llama-quantize
 
@@ -27,13 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from pyllm.formats.imatrix import write_imatrix  # noqa: E402
 from pyllm.tools.quantize import quantize_file  # noqa: E402
-from tests.test_quantize import figure_inputs, file_sha256  # noqa: E402
-from tests.test_quantize_imatrix import (  # noqa: E402
-    FIGURES,
-    IMATRIX_TYPES,
-    synthetic_imatrix,
-    tensor_digests,
-)
+from tests.test_quantize import figure_inputs, file_sha256, quant_digest  # noqa: E402
+from tests.test_quantize_imatrix import FIGURES, IMATRIX_TYPES, synthetic_imatrix  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -41,8 +36,8 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     out: dict[str, object] = {
-        "_about": "per tensor [type, SHA-256] of llama-quantize --imatrix output "
-                  "(tests/test_quantize_imatrix.py tensor_digests); made by "
+        "_about": "tests/test_quantize.py quant_digest (without the file size) of "
+                  "llama-quantize --imatrix output; made by "
                   "tests/data/make_llamacpp_imatrix_quant_figures.py",
         "types": {},
     }
@@ -58,13 +53,14 @@ def main(argv: list[str]) -> int:
             theirs, ours = folder / f"{name}-llama.gguf", folder / f"{name}-pyllm.gguf"
             subprocess.run([argv[0], "--imatrix", str(imatrix), str(model), str(theirs), name,
                             "2"], check=True, capture_output=True)
-            digests = tensor_digests(theirs)
-            out["types"][name] = digests  # type: ignore[index]
-            result = quantize_file(model, ours, name, threads=2, progress=False, imatrix=imatrix)
-            mine = tensor_digests(ours)
-            differ = sorted(k for k in mine if mine[k] != digests[k])
-            if differ != sorted(result.imatrix_unused):  # those pyllm quantizes without it
-                bad.append(f"{name}: {differ}")
+            digest = quant_digest(theirs)
+            digest.pop("file_size")  # the metadata names the imatrix file's (temp) path
+            out["types"][name] = digest  # type: ignore[index]
+            quantize_file(model, ours, name, threads=2, progress=False, imatrix=imatrix)
+            mine = quant_digest(ours)
+            mine.pop("file_size")
+            if mine != digest:
+                bad.append(name)
     FIGURES.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {FIGURES}")
     if bad:

@@ -32,9 +32,11 @@ from tests.test_iquants import (  # noqa: E402
     iquant_inputs,
 )
 
-GGML_TYPE_IDS = {"IQ4_NL": 20, "IQ4_XS": 23, "IQ2_XXS": 16, "Q4_0": 2, "Q2_K": 10}
+GGML_TYPE_IDS = {"IQ4_NL": 20, "IQ4_XS": 23, "IQ2_XXS": 16, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6,
+                 "Q5_1": 7, "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 BLOCK = {"IQ4_NL": (32, 18), "IQ4_XS": (256, 136), "IQ2_XXS": (256, 66), "Q4_0": (32, 18),
-         "Q2_K": (256, 84)}
+         "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q2_K": (256, 84),
+         "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
 
 
 def main(argv: list[str]) -> int:

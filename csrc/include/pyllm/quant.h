@@ -67,8 +67,8 @@ void dequantize(QType type, const void* src, int64_t src_bytes, float* dst, int6
 void quantize(QType type, const float* src, int64_t n, void* dst, int64_t dst_bytes);
 // Quantization guided by an importance matrix (pyllm/formats/imatrix.py): src holds n_rows
 // rows of n_per_row elements, qw the importance of each of the n_per_row columns. Throws
-// std::invalid_argument for a type without such a quantizer (has_weighted_quantizer: Q4_0,
-// Q2_K, IQ4_NL, IQ4_XS, IQ2_XXS so far) or sizes that do not fit.
+// std::invalid_argument for a type without such a quantizer (has_weighted_quantizer: the legacy
+// 4/5-bit types, the k-quants, IQ4_NL, IQ4_XS, IQ2_XXS) or sizes that do not fit.
 bool has_weighted_quantizer(QType type);
 void quantize_weighted(QType type, const float* src, int64_t n_rows, int64_t n_per_row,
                        const float* qw, void* dst, int64_t dst_bytes);
@@ -108,9 +108,17 @@ void quantize_row_iq4_xs_weighted(const float* x, BlockIQ4_XS* y, int64_t n, con
 // IQ2_XXS has only this form: its grid search needs an importance matrix (qw non-null;
 // csrc/quant/iquants_search.cc).
 void quantize_row_iq2_xxs_weighted(const float* x, BlockIQ2_XXS* y, int64_t n, const float* qw);
-// Q4_0 and Q2_K guided by an importance matrix, one row of n (csrc/quant/kquants_weighted.cc).
+// The legacy and k-quant types (not Q8_0) guided by an importance matrix, one row of n
+// (csrc/quant/kquants_weighted.cc; Q6_K in kquants.cc; qw null there: the plain quantizer).
 void quantize_row_q4_0_weighted(const float* x, BlockQ4_0* y, int64_t n, const float* qw);
+void quantize_row_q4_1_weighted(const float* x, BlockQ4_1* y, int64_t n, const float* qw);
+void quantize_row_q5_0_weighted(const float* x, BlockQ5_0* y, int64_t n, const float* qw);
+void quantize_row_q5_1_weighted(const float* x, BlockQ5_1* y, int64_t n, const float* qw);
+void quantize_row_q3_K_weighted(const float* x, BlockQ3_K* y, int64_t n, const float* qw);
 void quantize_row_q2_K_weighted(const float* x, BlockQ2_K* y, int64_t n, const float* qw);
+void quantize_row_q4_K_weighted(const float* x, BlockQ4_K* y, int64_t n, const float* qw);
+void quantize_row_q5_K_weighted(const float* x, BlockQ5_K* y, int64_t n, const float* qw);
+void quantize_row_q6_K_weighted(const float* x, BlockQ6_K* y, int64_t n, const float* qw);
 // grid i-quants and ternary types (csrc/quant/iquants_grid.cc); the grid types dequantize only
 void dequantize_row_iq2_xxs(const BlockIQ2_XXS* x, float* y, int64_t n);
 void dequantize_row_iq2_xs(const BlockIQ2_XS* x, float* y, int64_t n);
