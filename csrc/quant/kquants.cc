@@ -142,80 +142,6 @@ float make_symmetric_quants_refined(int n, int nmax, const float* x, int8_t* L) 
   return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
 }
 
-// Asymmetric quantization x ~ scale * L + min (min <= 0, L in [0, nmax]) under per-element
-// weights. Starting from the plain min/max grid, tries nstep + 1 inverse scales
-// (nmax + rmin + rdelta * k) / (max - min), fits scale and min by weighted least squares for each
-// and keeps the one with the smallest weighted error (absolute error when use_mad, else squared).
-// Returns the scale; *neg_min receives -min (>= 0), the form the blocks store.
-float make_affine_quants(int n, int nmax, const float* x, const float* weights, uint8_t* L,
-                         float* neg_min, uint8_t* Laux, float rmin, float rdelta, int nstep,
-                         bool use_mad) {
-  float min = x[0];
-  float max = x[0];
-  float sum_w = weights[0];
-  float sum_x = sum_w * x[0];
-  for (int i = 1; i < n; ++i) {
-    if (x[i] < min) min = x[i];
-    if (x[i] > max) max = x[i];
-    const float w = weights[i];
-    sum_w += w;
-    sum_x += w * x[i];
-  }
-  if (min > 0.0f) min = 0.0f;
-  if (max == min) {
-    std::memset(L, 0, static_cast<size_t>(n));
-    *neg_min = -min;
-    return 0.0f;
-  }
-  float iscale = static_cast<float>(nmax) / (max - min);
-  float scale = 1.0f / iscale;
-  float best_error = 0.0f;
-  for (int i = 0; i < n; ++i) {
-    const int l = clamp_int(nearest_int(iscale * (x[i] - min)), 0, nmax);
-    L[i] = static_cast<uint8_t>(l);
-    float diff = scale * static_cast<float>(l) + min - x[i];
-    diff = use_mad ? std::fabs(diff) : diff * diff;
-    best_error += weights[i] * diff;
-  }
-  for (int step = 0; step <= nstep; ++step) {
-    iscale = (rmin + rdelta * static_cast<float>(step) + static_cast<float>(nmax)) / (max - min);
-    float sum_l = 0.0f;
-    float sum_l2 = 0.0f;
-    float sum_xl = 0.0f;
-    for (int i = 0; i < n; ++i) {
-      const int l = clamp_int(nearest_int(iscale * (x[i] - min)), 0, nmax);
-      Laux[i] = static_cast<uint8_t>(l);
-      const float w = weights[i];
-      sum_l += w * static_cast<float>(l);
-      sum_l2 += w * static_cast<float>(l) * static_cast<float>(l);
-      sum_xl += w * static_cast<float>(l) * x[i];
-    }
-    const float det = sum_w * sum_l2 - sum_l * sum_l;
-    if (det > 0.0f) {
-      float this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
-      float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
-      if (this_min > 0.0f) {  // the format only has non-positive mins: refit the scale alone
-        this_min = 0.0f;
-        this_scale = sum_xl / sum_l2;
-      }
-      float cur_error = 0.0f;
-      for (int i = 0; i < n; ++i) {
-        float diff = this_scale * static_cast<float>(Laux[i]) + this_min - x[i];
-        diff = use_mad ? std::fabs(diff) : diff * diff;
-        cur_error += weights[i] * diff;
-      }
-      if (cur_error < best_error) {
-        std::memcpy(L, Laux, static_cast<size_t>(n));
-        best_error = cur_error;
-        scale = this_scale;
-        min = this_min;
-      }
-    }
-  }
-  *neg_min = -min;
-  return scale;
-}
-
 // Q3_K packs 16 six-bit scales: low nibbles in bytes 0..7 (scale j < 8 low, j >= 8 high nibble of
 // byte j - 8), top two bits of scale j in byte 8 + j % 4 at bit 2 * (j / 4).
 inline int q3k_scale(const uint8_t* s, int j) {
@@ -254,7 +180,6 @@ void quantize_affine_k_block(const float* x, int nmax, float rmin, int nstep, f1
   float scales[QK_K / 32];
   float mins[QK_K / 32];
   float weights[32];
-  uint8_t Laux[32];
   float max_scale = 0.0f;
   float max_min = 0.0f;
   for (int j = 0; j < QK_K / 32; ++j) {
@@ -264,8 +189,8 @@ void quantize_affine_k_block(const float* x, int nmax, float rmin, int nstep, f1
     // Weight large-magnitude values more, but never give a value zero weight.
     const float av_x = std::sqrt(sum_x2 / 32.0f);
     for (int l = 0; l < 32; ++l) weights[l] = av_x + std::fabs(xs[l]);
-    scales[j] = make_affine_quants(32, nmax, xs, weights, L + 32 * j, &mins[j], Laux, rmin, 0.1f,
-                                   nstep, false);
+    scales[j] = quant_search::make_affine_weighted(32, nmax, xs, weights, L + 32 * j, &mins[j],
+                                                   rmin, 0.1f, nstep, false);
     if (scales[j] > max_scale) max_scale = scales[j];
     if (mins[j] > max_min) max_min = mins[j];
   }
@@ -303,7 +228,6 @@ void quantize_row_q2_K(const float* x, BlockQ2_K* y, int64_t n) {
   const int64_t nb = n / QK_K;
   constexpr float kQ4Scale = 15.0f;
   uint8_t L[QK_K];
-  uint8_t Laux[16];
   float weights[16];
   float mins[QK_K / 16];
   float scales[QK_K / 16];
@@ -312,8 +236,8 @@ void quantize_row_q2_K(const float* x, BlockQ2_K* y, int64_t n) {
     float max_min = 0.0f;
     for (int j = 0; j < QK_K / 16; ++j) {
       for (int l = 0; l < 16; ++l) weights[l] = std::fabs(x[16 * j + l]);
-      scales[j] = make_affine_quants(16, 3, x + 16 * j, weights, L + 16 * j, &mins[j], Laux, -0.5f,
-                                     0.1f, 15, true);
+      scales[j] = quant_search::make_affine_weighted(16, 3, x + 16 * j, weights, L + 16 * j,
+                                                     &mins[j], -0.5f, 0.1f, 15, true);
       if (scales[j] > max_scale) max_scale = scales[j];
       if (mins[j] > max_min) max_min = mins[j];
     }

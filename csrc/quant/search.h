@@ -1,5 +1,6 @@
-// Scale searches shared by the importance-guided quantizers (csrc/quant/*_weighted code): the
-// same arithmetic as llama.cpp's, step for step, so that the bytes they choose are llama.cpp's.
+// Scale searches shared by the quantizers of csrc/quant (the k-quants, with and without an
+// importance matrix, and the grid i-quants): the same arithmetic as llama.cpp's, step for step,
+// so that the bytes they choose are llama.cpp's. Defined in csrc/quant/kquants_weighted.cc.
 // Internal to csrc/quant; each includer also includes quant/exact_fp.h (no FMA contraction).
 #pragma once
 
