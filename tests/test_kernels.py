@@ -2,12 +2,13 @@
 
 Reference: a float64 numpy product of the weights dequantized by the gguf package. Thresholds,
 per output element:
-  * F32-math kernels (every type and ISA, except below; the only kernels of the grid i-quants
-    and the ternary types): weights dequantized exactly, activations
+  * F32-math kernels (every type and ISA, except below; the prefill kernels of the grid
+    i-quants and the ternary types): weights dequantized exactly, activations
     unrounded, F32 accumulation: |y - ref| <= RTOL * sum_i |w_i x_i| with RTOL = 1e-5 (measured
     worst case ~1e-6 at k <= 512).
-  * AVX-512 VNNI kernels: matvec (n_tokens < 32, matvec_vnni.cc) of every block type and
-    matmat (n_tokens >= 32, matmat_vnni.cc) of every block type except Q2_K; and
+  * AVX-512 VNNI kernels: matvec (n_tokens < 32, matvec_vnni.cc, matvec_vnni_iq.cc) of every
+    block type and matmat (n_tokens >= 32, matmat_vnni.cc) of every block type except Q2_K, the
+    grid i-quants and the ternary types; and
     the AVX2 matvec (n_tokens < 16, matvec_avx2.cc) of every block type except the 8-bit ones
     (Q8_0, IQ4_NL, IQ4_XS):
     activations are rounded to int16 steps per block of 32, adding at most half a step per
@@ -96,10 +97,14 @@ def isa_guard() -> Iterator[None]:
 
 
 # AVX-512 VNNI kernels (see the module doc)
+# grid i-quants and ternary types: a VNNI decode kernel (matvec_vnni_iq.cc), F32-math prefill
+GRID_INT16_MATVEC = {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "TQ1_0",
+                     "TQ2_0"}
 INT16_MATVEC = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
-                "IQ4_NL", "IQ4_XS"}
-INT16_MATMAT = INT16_MATVEC - {"Q2_K"}
-INT16_MATVEC_AVX2 = INT16_MATVEC - {"Q8_0", "IQ4_NL", "IQ4_XS"}  # matvec_avx2.cc
+                "IQ4_NL", "IQ4_XS"} | GRID_INT16_MATVEC
+INT16_MATMAT = INT16_MATVEC - {"Q2_K"} - GRID_INT16_MATVEC
+# matvec_avx2.cc
+INT16_MATVEC_AVX2 = INT16_MATVEC - {"Q8_0", "IQ4_NL", "IQ4_XS"} - GRID_INT16_MATVEC
 # matvec below this many tokens, matmat from it on (csrc/include/pyllm/matmul.h)
 MATMAT_MIN_TOKENS = {"scalar": 16, "avx2": 16, "avx512": 32, "neon": 16}
 
@@ -116,11 +121,13 @@ def allowed_error(wd: np.ndarray, x: np.ndarray, int16: bool) -> np.ndarray:
     return bound
 
 
-def test_grid_and_ternary_types_use_f32_kernels() -> None:
-    """The grid i-quants and ternary types have no int16 kernels yet (F32 math everywhere)."""
+def test_grid_and_ternary_types_use_int16_only_for_avx512_decode() -> None:
+    """The grid i-quants and ternary types have int16 kernels only for AVX-512 decode (F32 math
+    for their prefill and on the other ISAs)."""
     new = {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0"}
     assert new <= set(TYPES)
-    assert not new & (INT16_MATVEC | INT16_MATMAT | INT16_MATVEC_AVX2)
+    assert new == GRID_INT16_MATVEC
+    assert not new & (INT16_MATMAT | INT16_MATVEC_AVX2)
 
 
 def uses_int16(name: str, isa: str, n_tokens: int) -> bool:

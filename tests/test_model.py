@@ -405,6 +405,9 @@ def test_quantized_weights_match_reference(tmp_path: Path, wtype: str) -> None:
 # Relative bound (max |logit error| / max |logit|) for the types whose only kernels are F32 math
 # on every ISA: measured 3e-7 .. 1.9e-6 (AVX-512 machine, all nine types), 5x margin.
 F32_MATH_LOGIT_RTOL = 1e-5
+# The same with the AVX-512 int16-activation decode kernels of these types (matvec_vnni_iq.cc:
+# activations rounded to amax / 32767 per block of 32): measured 5.8e-5 .. 3.1e-4, 5x margin.
+INT16_LOGIT_RTOL = 1.5e-3
 
 
 @pytest.mark.parametrize("wtype", ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S",
@@ -413,22 +416,39 @@ def test_random_block_weights_match_reference(tmp_path: Path, wtype: str) -> Non
     """Files of the grid i-quants (which pyllm cannot quantize to) and the ternary types, every
     matrix random valid blocks with sane scales, through the whole forward: logits within
     F32_MATH_LOGIT_RTOL of the float64 reference reading the same file through gguf's
-    dequantization (measured 3.1e-7 .. 1.9e-6 of the largest logit). Negative control: one
-    flipped bit in one code byte of one block of one matrix moves the logits by 4.2e-3 .. 3.1e-2
-    of the largest logit (measured), far outside the bound."""
+    dequantization on an F32-math ISA (AVX2 where there is one: measured 2.4e-7 .. 3.3e-6 of the
+    largest logit) and, if it is another, on the active ISA (AVX-512: int16 activations in
+    decode, within INT16_LOGIT_RTOL). Negative control, on the F32-math ISA: one flipped bit in
+    one code byte of one block of one matrix moves the logits by 4.2e-3 .. 3.1e-2 of the largest
+    logit (measured), far outside the F32 bound."""
+    from pyllm import _core
+
     spec = TinySpec(n_embd=256, n_head=4, n_head_kv=2, n_ff=256, n_layer=1,
                     wtype=GGMLType[wtype], random_blocks=True)
     path = write_tiny(tmp_path / f"{wtype}.gguf", spec)
     assert {t.type.name for t in GGUFReader(path).tensors if len(t.dims) == 2} == {wtype}
     expected = LlamaRef(str(path)).forward(TOKENS[:12])
     scale = np.abs(expected).max()
-    with LLM(path, n_ctx=32, kv_type="f32") as llm:
-        got = llm.logits(TOKENS[:12])
-        llm.reset()
-        last = llm.eval(TOKENS[:12])
-    assert np.abs(got - expected).max() <= F32_MATH_LOGIT_RTOL * scale
-    assert np.abs(last - expected[-1]).max() <= F32_MATH_LOGIT_RTOL * scale
+    isa_before = _core.active_isa()
+    f32_isa = "avx2" if "avx2" in _core.available_isas() else "scalar"  # F32 math for these types
+    try:
+        for isa in dict.fromkeys([isa_before, f32_isa]):
+            _core.set_active_isa(isa)
+            rtol = INT16_LOGIT_RTOL if isa == "avx512" else F32_MATH_LOGIT_RTOL
+            with LLM(path, n_ctx=32, kv_type="f32") as llm:
+                got = llm.logits(TOKENS[:12])
+                llm.reset()
+                last = llm.eval(TOKENS[:12])
+            assert np.abs(got - expected).max() <= rtol * scale, isa
+            assert np.abs(last - expected[-1]).max() <= rtol * scale, isa
+        _core.set_active_isa(f32_isa)
+        _random_block_control(tmp_path, wtype, path, expected, scale)
+    finally:
+        _core.set_active_isa(isa_before)
 
+
+def _random_block_control(tmp_path: Path, wtype: str, path: Path, expected: np.ndarray,
+                          scale: float) -> None:
     # The same file with bit 7 of the first code byte of block 5 of blk.0.ffn_down flipped (a
     # grid index moves by 128 rows; a ternary byte changes a digit).
     with GGUFReader(path) as reader:

@@ -65,9 +65,18 @@ const std::vector<TypeCase>& cases() {
   return c;
 }
 
+// The grid i-quants and ternary types: int16-activation kernels for AVX-512 decode only
+// (matvec_vnni_iq.cc); F32 math for their prefill and on the other ISAs.
+bool is_grid_int16(QType t) {
+  return t == QType::IQ2_XXS || t == QType::IQ2_XS || t == QType::IQ2_S ||
+         t == QType::IQ3_XXS || t == QType::IQ3_S || t == QType::IQ1_S || t == QType::IQ1_M ||
+         t == QType::TQ1_0 || t == QType::TQ2_0;
+}
+
 // Whether the ISA has int16-activation kernels for t at all: the legacy, k-quant and IQ4 block
-// types (the float types, the grid i-quants and the ternary types run F32 math everywhere).
+// types and those of is_grid_int16 (the float types run F32 math everywhere).
 bool has_int16_kernels(QType t) {
+  if (is_grid_int16(t)) return true;
   switch (t) {
     case QType::Q4_0: case QType::Q4_1: case QType::Q5_0: case QType::Q5_1: case QType::Q8_0:
     case QType::Q2_K: case QType::Q3_K: case QType::Q4_K: case QType::Q5_K: case QType::Q6_K:
@@ -87,16 +96,17 @@ void set_iq1m_scale(uint8_t* block, f16_t d) {
   }
 }
 
-// Whether matmul takes an int16-activation VNNI kernel here (matvec_vnni.cc, matmat_vnni.cc).
+// Whether matmul takes an int16-activation VNNI kernel here (matvec_vnni.cc, matvec_vnni_iq.cc,
+// matmat_vnni.cc).
 bool uses_int16_activations(Isa isa, QType t, int64_t n_tokens) {
   if (!has_int16_kernels(t)) return false;
   if (isa == Isa::Avx2) {  // matvec_avx2.cc
-    return n_tokens < matmat_min_tokens() && t != QType::Q8_0 && t != QType::IQ4_NL &&
-           t != QType::IQ4_XS;
+    return n_tokens < matmat_min_tokens() && !is_grid_int16(t) && t != QType::Q8_0 &&
+           t != QType::IQ4_NL && t != QType::IQ4_XS;
   }
   if (isa != Isa::Avx512) return false;
   if (n_tokens < matmat_min_tokens()) {  // the caller has made isa the active ISA
-    return true;  // matvec_vnni.cc: every type with int16 kernels
+    return true;  // matvec_vnni.cc, matvec_vnni_iq.cc: every type with int16 kernels
   }
   return t == QType::Q4_0 || t == QType::Q4_1 || t == QType::Q5_0 || t == QType::Q5_1 ||
          t == QType::Q8_0 || t == QType::Q3_K || t == QType::Q4_K || t == QType::Q5_K ||

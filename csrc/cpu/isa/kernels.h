@@ -46,6 +46,12 @@ void matvec_avx2_int8_f32(const MatArgs& a, int64_t r0, int64_t r1);
 template <QType T>
 void matvec_vnni(const MatArgs& a, int64_t r0, int64_t r1);
 
+// ---- matvec_vnni_iq.cc (AVX-512 only) ---------------------------------------------------------
+// Decode, grid i-quants and ternary types: int8 lanes decoded in SIMD (register table lookups,
+// gathers, digit arithmetic), int16-split activations, VPDPBUSD.
+template <QType T>
+void matvec_vnni_iq(const MatArgs& a, int64_t r0, int64_t r1);
+
 // ---- matmat_vnni.cc (AVX-512 only) ------------------------------------------------------------
 // Prefill: int16 weight panels from GGUF rows / from the rows16 layout, VPDPWSSD.
 template <QType T>
