@@ -494,7 +494,7 @@ def test_ternary_round_trip_error(name: str) -> None:
 # ---- no quantizer for the grid types ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [t for t in GRID_TYPES if t != "IQ2_XXS"])
+@pytest.mark.parametrize("name", [t for t in GRID_TYPES if t not in ("IQ2_XXS", "IQ3_S")])
 def test_grid_types_cannot_be_quantized_yet(name: str) -> None:
     info = qtypes.type_info(name)
     assert info.is_weight and not info.can_quantize and not info.imatrix_quantize
@@ -518,6 +518,24 @@ def test_iq2_xxs_needs_an_importance_matrix() -> None:
                  lambda: _core.quantize(16, np.zeros(1 << 17, np.float32))):
         with pytest.raises(QuantError, match="IQ2_XXS can only be quantized with an importance"):
             call()
+
+
+def test_iq3_s_zero_sub_block_keeps_the_others_in_place() -> None:
+    """An all-zero sub-block quantizes to the smallest values the format has (its scale factor
+    is 1 + 2 s >= 1: d times the smallest grid point) and every other sub-block decodes where it
+    is.
+    (llama.cpp's IQ3_S quantizer skips such a sub-block without moving its write positions on,
+    so the codes of the sub-blocks after it land in the wrong place: its bytes differ from
+    pyllm's only in blocks with an all-zero sub-block; see tests/test_iquants.py's figures.)"""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    x[0, 32:64] = 0.0
+    back = qtypes.dequantize("IQ3_S", qtypes.quantize("IQ3_S", x), x.shape)
+    assert np.abs(back[0, 32:64]).max() < 0.003 * np.abs(x).max()  # measured 0.0022
+    for sb in (0, 2, 3, 4, 5, 6, 7):
+        seg = slice(32 * sb, 32 * sb + 32)
+        rel = np.linalg.norm(back[0, seg] - x[0, seg]) / np.linalg.norm(x[0, seg])
+        assert rel < 0.25, (sb, rel)  # 3-bit grid: measured 0.12-0.19
 
 
 def test_ternary_types_can_be_quantized() -> None:

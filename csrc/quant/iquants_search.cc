@@ -270,7 +270,226 @@ void quantize_iq2_xxs_block(const float* xbl, const float* qw, const Grid2Search
   std::memcpy(y->qs, q2, sizeof y->qs);
 }
 
+// ---- IQ3_S ----------------------------------------------------------------------------------
+// Per super-block of 256, sub-blocks of 32: each group of 4 magnitudes is a point of the
+// 512-point grid (levels 0..7, positions 2 l + 1), 8 explicit signs per 8 values, a 4-bit scale
+// per sub-block (odd multiples of d). The search is IQ2_XXS's with 19 trial scales; the grid
+// neighbours are those at the three smallest distances. Works without an importance matrix
+// (weights x^2), as llama.cpp's.
+
+// A 3-bit grid prepared for the search: points as 4 positions, the point (or -(1 + offset) of
+// the neighbour list) of each 12-bit code sum(l_i << 3 i).
+struct Grid3Search {
+  std::vector<std::array<int8_t, 4>> pos;
+  std::vector<int> map;
+  std::vector<uint16_t> neighbours;
+};
+
+Grid3Search build_grid3(const uint32_t* grid, int grid_size, int nwant) {
+  constexpr int kMapSize = 4096;
+  Grid3Search g;
+  g.pos.resize(static_cast<size_t>(grid_size));
+  g.map.assign(kMapSize, -1);
+  for (int j = 0; j < grid_size; ++j) {
+    int code = 0;
+    for (int i = 0; i < 4; ++i) {
+      const int p = static_cast<int>((grid[j] >> (8 * i)) & 0xFF);  // stored as 2 l + 1
+      g.pos[static_cast<size_t>(j)][static_cast<size_t>(i)] = static_cast<int8_t>(p);
+      code |= ((p - 1) / 2) << (3 * i);
+    }
+    g.map[static_cast<size_t>(code)] = j;
+  }
+  std::vector<std::pair<int, int>> dist(static_cast<size_t>(grid_size));
+  for (int u = 0; u < kMapSize; ++u) {
+    if (g.map[static_cast<size_t>(u)] >= 0) continue;
+    for (int j = 0; j < grid_size; ++j) {
+      int d2 = 0;
+      for (int i = 0; i < 4; ++i) {
+        const int diff = g.pos[static_cast<size_t>(j)][static_cast<size_t>(i)] -
+                         (2 * ((u >> (3 * i)) & 7) + 1);
+        d2 += diff * diff;
+      }
+      dist[static_cast<size_t>(j)] = {d2, j};
+    }
+    std::sort(dist.begin(), dist.end());
+    const size_t start = g.neighbours.size();
+    g.neighbours.push_back(0);
+    int have = 1, d2 = dist[0].first;
+    for (const auto& [dj, j] : dist) {
+      if (dj > d2) {
+        if (have == nwant) break;
+        d2 = dj;
+        ++have;
+      }
+      g.neighbours.push_back(static_cast<uint16_t>(j));
+    }
+    g.neighbours[start] = static_cast<uint16_t>(g.neighbours.size() - start - 1);
+    g.map[static_cast<size_t>(u)] = -static_cast<int>(start) - 1;
+  }
+  return g;
+}
+
+const Grid3Search& iq3s_search() {
+  static std::once_flag once;
+  static Grid3Search g;
+  std::call_once(once, [] { g = build_grid3(kIq3sGrid, 512, 3); });
+  return g;
+}
+
+// The grid point of 4 levels L (or of its best neighbour, whose levels replace L); *on_grid
+// says whether the levels were a grid point already.
+int grid3_point(const Grid3Search& g, const float* xval, const float* w, float scale, int8_t* L,
+                bool* on_grid) {
+  int code = 0;
+  for (int i = 0; i < 4; ++i) code |= L[i] << (3 * i);
+  const int m = g.map[static_cast<size_t>(code)];
+  *on_grid = m >= 0;
+  if (m >= 0) return m;
+  const uint16_t* nb = g.neighbours.data() + (-m - 1);
+  float best = FLT_MAX;
+  int index = -1;
+  for (int k = 1; k <= nb[0]; ++k) {
+    const auto& p = g.pos[nb[k]];
+    float d2 = 0.0f;
+    for (int i = 0; i < 4; ++i) {
+      const float diff = scale * static_cast<float>(p[static_cast<size_t>(i)]) - xval[i];
+      d2 += w[i] * diff * diff;
+    }
+    if (d2 < best) {
+      best = d2;
+      index = nb[k];
+    }
+  }
+  if (index < 0) throw std::logic_error("grid search without a neighbour");
+  const auto& p = g.pos[static_cast<size_t>(index)];
+  for (int i = 0; i < 4; ++i) L[i] = static_cast<int8_t>((p[static_cast<size_t>(i)] - 1) / 2);
+  return index;
+}
+
+void quantize_iq3_s_block(const float* xbl, const float* qw, const Grid3Search& g,
+                          BlockIQ3_S* y) {
+  constexpr int kMaxQ = 8, kBs = 32, kBs4 = kBs / 4, kBs8 = kBs / 8;
+  float scales[QK_K / kBs], weight[kBs], waux[kBs], xval[kBs];
+  int8_t L[kBs], Laux[kBs];
+  bool on_grid[kBs4], on_grid_aux[kBs4];
+  uint8_t block_signs[kBs8];
+  std::memset(y, 0, sizeof *y);
+  float max_scale = 0.0f;
+  float sumx2 = 0.0f;
+  for (int i = 0; i < QK_K; ++i) sumx2 += xbl[i] * xbl[i];
+  const float sigma2 = 2 * sumx2 / QK_K;
+  for (int ib = 0; ib < QK_K / kBs; ++ib) {
+    const float* xb = xbl + kBs * ib;
+    for (int i = 0; i < kBs; ++i) {
+      weight[i] = qw != nullptr ? qw[kBs * ib + i] * std::sqrt(sigma2 + xb[i] * xb[i])
+                                : xb[i] * xb[i];
+    }
+    for (int i = 0; i < kBs; ++i) waux[i] = std::sqrt(weight[i]);
+    for (int k = 0; k < kBs8; ++k) {
+      uint8_t s = 0;
+      for (int i = 0; i < 8; ++i) {
+        const float v = xb[8 * k + i];
+        xval[8 * k + i] = v >= 0.0f ? v : -v;
+        if (v < 0.0f) s = static_cast<uint8_t>(s | (1 << i));
+      }
+      block_signs[k] = s;
+    }
+    float max = xval[0];
+    for (int i = 1; i < kBs; ++i) max = std::max(max, xval[i]);
+    std::memset(L, 0, kBs);
+    if (max == 0.0f) {
+      // An all-zero sub-block: scale 0, codes 0. (llama.cpp's quantizer skips it without
+      // moving on its write positions, which shifts the codes of the sub-blocks after it; pyllm
+      // writes every sub-block in its place, so its bytes differ from llama.cpp's only then.)
+      scales[ib] = 0.0f;
+      continue;
+    }
+    float best = 0.0f;
+    float scale = max / (2 * kMaxQ - 1);
+    for (int k = 0; k < kBs4; ++k) on_grid[k] = false;
+    for (int is = -9; is <= 9; ++is) {
+      const float id = (2 * kMaxQ - 1 + static_cast<float>(is) * 0.2f) / max;
+      const float this_scale = 1.0f / id;
+      for (int k = 0; k < kBs4; ++k) {
+        for (int i = 0; i < 4; ++i) {
+          const int l = nearest_int(0.5f * (id * xval[4 * k + i] - 1.0f));
+          Laux[4 * k + i] = static_cast<int8_t>(std::max(0, std::min(kMaxQ - 1, l)));
+        }
+        grid3_point(g, xval + 4 * k, waux + 4 * k, this_scale, Laux + 4 * k, &on_grid_aux[k]);
+      }
+      float sumqx = 0.0f, sumq2 = 0.0f;
+      for (int i = 0; i < kBs; ++i) {
+        const float q = static_cast<float>(2 * Laux[i] + 1);
+        sumqx += weight[i] * xval[i] * q;
+        sumq2 += weight[i] * q * q;
+      }
+      if (sumq2 > 0.0f && sumqx * sumqx > best * sumq2) {
+        scale = sumqx / sumq2;
+        best = scale * sumqx;
+        std::memcpy(L, Laux, kBs);
+        std::memcpy(on_grid, on_grid_aux, sizeof on_grid);
+      }
+    }
+    int off_grid = 0;
+    for (int k = 0; k < kBs4; ++k) off_grid += on_grid[k] ? 0 : 1;
+    if (off_grid > 0 && scale > 0.0f) {
+      const float id = 1.0f / scale;
+      for (int k = 0; k < kBs4; ++k) {
+        for (int i = 0; i < 4; ++i) {
+          const int l = nearest_int(0.5f * (id * xval[4 * k + i] - 1.0f));
+          L[4 * k + i] = static_cast<int8_t>(std::max(0, std::min(kMaxQ - 1, l)));
+        }
+        bool unused;
+        grid3_point(g, xval + 4 * k, waux + 4 * k, scale, L + 4 * k, &unused);
+      }
+      float sumqx = 0.0f, sumq2 = 0.0f;
+      for (int i = 0; i < kBs; ++i) {
+        const float q = static_cast<float>(2 * L[i] + 1);
+        sumqx += weight[i] * xval[i] * q;
+        sumq2 += weight[i] * q * q;
+      }
+      if (sumq2 > 0.0f) scale = sumqx / sumq2;
+    }
+    if (scale < 0.0f) {  // the scale is stored unsigned: flip it and the signs
+      scale = -scale;
+      for (int k = 0; k < kBs8; ++k) block_signs[k] = static_cast<uint8_t>(~block_signs[k]);
+    }
+    for (int k = 0; k < kBs4; ++k) {
+      int code = 0;
+      for (int i = 0; i < 4; ++i) code |= L[4 * k + i] << (3 * i);
+      const int index = g.map[static_cast<size_t>(code)];
+      if (index < 0) throw std::logic_error("IQ3_S: levels off the grid after the search");
+      y->qs[kBs4 * ib + k] = static_cast<uint8_t>(index & 255);
+      const int bit = kBs4 * ib + k;
+      y->qh[bit / 8] = static_cast<uint8_t>(y->qh[bit / 8] | ((index >> 8) << (bit % 8)));
+    }
+    std::memcpy(y->signs + kBs8 * ib, block_signs, kBs8);
+    scales[ib] = scale;
+    max_scale = std::max(max_scale, scale);
+  }
+  if (max_scale == 0.0f) return;
+  const float d = max_scale / 31.0f;
+  y->d = f32_to_f16(d * 1.033f);
+  const float id = 1.0f / d;
+  for (int ib = 0; ib < QK_K / kBs; ib += 2) {
+    const int l1 = std::max(0, std::min(15, nearest_int(0.5f * (id * scales[ib] - 1.0f))));
+    const int l2 = std::max(0, std::min(15, nearest_int(0.5f * (id * scales[ib + 1] - 1.0f))));
+    y->scales[ib / 2] = static_cast<uint8_t>(l1 | (l2 << 4));
+  }
+}
+
 }  // namespace
+
+void quantize_row_iq3_s_weighted(const float* x, BlockIQ3_S* y, int64_t n, const float* qw) {
+  const Grid3Search& g = iq3s_search();
+  for (int64_t i = 0; i < n / QK_K; ++i) {
+    quantize_iq3_s_block(x + QK_K * i, qw != nullptr ? qw + QK_K * i : nullptr, g, y + i);
+  }
+}
+
+void quantize_row_iq3_s(const float* x, BlockIQ3_S* y, int64_t n) {
+  quantize_row_iq3_s_weighted(x, y, n, nullptr);
+}
 
 void quantize_row_iq2_xxs_weighted(const float* x, BlockIQ2_XXS* y, int64_t n, const float* qw) {
   if (qw == nullptr) {

@@ -13,7 +13,8 @@ File types (``LLAMA_FTYPE`` id, bulk type of the weight matrices)::
     Q4_0 2 Q4_0  Q4_1 3 Q4_1  Q5_0 8 Q5_0     Q5_1 9 Q5_1
     Q2_K 10 Q2_K    Q3_K_S 11 Q3_K  Q3_K_M 12 Q3_K  Q3_K_L 13 Q3_K
     Q4_K_S 14 Q4_K  Q4_K_M 15 Q4_K  Q5_K_S 16 Q5_K  Q5_K_M 17 Q5_K  Q6_K 18 Q6_K
-    IQ2_XXS 19 IQ2_XXS  IQ4_NL 25 IQ4_NL  IQ4_XS 30 IQ4_XS  TQ1_0 36 TQ1_0  TQ2_0 37 TQ2_0
+    IQ2_XXS 19 IQ2_XXS  IQ3_S 26 IQ3_S  IQ4_NL 25 IQ4_NL  IQ4_XS 30 IQ4_XS
+    TQ1_0 36 TQ1_0  TQ2_0 37 TQ2_0
     (IQ2_XXS needs an importance matrix: ``imatrix=``, ``--imatrix``)
     (aliases as llama-quantize: Q3_K = Q3_K_M, Q4_K = Q4_K_M, Q5_K = Q5_K_M)
 
@@ -40,7 +41,8 @@ attn_v.weight      (fused attn_qkv and MLA attn_kv_b count as attn_v, as in llam
                    output Q5_K, ffn_down Q2_K for i < n/8, 8 experts: attn_k Q4_K and
                    attn_output Q5_K; none of the rules below).
                    Q2_K: Q4_K if gqa >= 4 else Q3_K; Q3_K_M: Q5_K for i < 2 else Q4_K;
-                   Q3_K_L: Q5_K; IQ4_NL / IQ4_XS: Q5_K if gqa >= 4; Q4_K_M / Q5_K_M: Q6_K if
+                   Q3_K_L: Q5_K; IQ4_NL / IQ4_XS: Q5_K if gqa >= 4; IQ3_S: Q4_K if gqa >= 4;
+                   Q4_K_M / Q5_K_M: Q6_K if
                    more(i, n); Q4_K_S: Q5_K for i < 4.
                    Then 70B llama (80 layers): Q3_K/Q4_K -> Q5_K; 8 experts: Q8_0.
 attn_k.weight      8 experts: Q8_0
@@ -51,13 +53,14 @@ ffn_down           Q2_K: Q3_K; Q3_K_M: Q5_K if i < n/16, else Q4_K (falcon: Q4_K
                    Q5_K_M: Q6_K if more(i, n); Q4_K_S: Q5_K if i < n/8 (not falcon);
                    with an importance matrix Q4_0 / Q5_0: Q4_1 / Q5_1 if i < n/8
 attn_output        Q2_K: Q3_K; Q3_K_M: Q4_K; Q3_K_L: Q5_K (falcon: Q3_K_L -> Q4_K only);
-                   8 experts: Q5_K for Q2_K, Q3_K_S, Q3_K_M, Q4_K_S, Q4_K_M, IQ4_NL, IQ4_XS
+                   8 experts: Q5_K for Q2_K, Q3_K_S, Q3_K_M, Q4_K_S, Q4_K_M, IQ3_S, IQ4_NL,
+                   IQ4_XS
 =================  ==========================================================================
 
 Row lengths that are not a multiple of the chosen type's block fall back as llama.cpp does:
 Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0 (some llama.cpp versions took
-IQ4_NL, which has Q4_0's size), IQ4_XS -> IQ4_NL, TQ1_0/TQ2_0 -> Q4_0, and F16 when the row is
-not a multiple of 32 either.
+IQ4_NL, which has Q4_0's size), IQ4_XS / IQ3_S / IQ2_XXS -> IQ4_NL, TQ1_0/TQ2_0 -> Q4_0, and F16
+when the row is not a multiple of 32 either.
 
 Checked against llama.cpp's quantizer (llama-cpp-python 0.3.36): for every file type the
 per-tensor types, the tensor bytes (k-quants included) and the file sizes are identical, on a
@@ -137,6 +140,7 @@ FILE_TYPES: dict[str, FileType] = {
         FileType("Q5_K_M", 17, T.Q5_K),
         FileType("Q6_K", 18, T.Q6_K),
         FileType("IQ2_XXS", 19, T.IQ2_XXS, needs_imatrix=True),
+        FileType("IQ3_S", 26, T.IQ3_S),
         FileType("IQ4_NL", 25, T.IQ4_NL),
         FileType("IQ4_XS", 30, T.IQ4_XS),
         FileType("TQ1_0", 36, T.TQ1_0),
@@ -149,7 +153,8 @@ QUANTIZATION_VERSION = 2
 
 # Fallbacks for rows that are not a whole number of the chosen type's blocks (see docstring).
 _FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
-             T.IQ4_XS: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL, T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0}
+             T.IQ4_XS: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL, T.TQ1_0: T.Q4_0,
+             T.TQ2_0: T.Q4_0}
 _IQ4 = ("IQ4_NL", "IQ4_XS")
 _IQ_LOW = tuple(ft.name for ft in FILE_TYPES.values() if ft.needs_imatrix)
 
@@ -297,6 +302,8 @@ def mix_type(name: str, ft: FileType, facts: ModelFacts, i_layer: int, n_layer: 
             new = T.Q5_K if i_layer < 2 else T.Q4_K
         elif f == "Q3_K_L" or (f in _IQ4 and facts.n_gqa >= 4):
             new = T.Q5_K
+        elif f == "IQ3_S" and facts.n_gqa >= 4:
+            new = T.Q4_K
         elif f in ("Q4_K_M", "Q5_K_M") and _more_bits(i_layer, n_layer):
             new = T.Q6_K
         elif f == "Q4_K_S" and i_layer < 4:
@@ -340,7 +347,7 @@ def mix_type(name: str, ft: FileType, facts: ModelFacts, i_layer: int, n_layer: 
         if falcon:
             return T.Q4_K if f == "Q3_K_L" else new
         if facts.n_expert == 8:
-            if f in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", *_IQ4):
+            if f in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ3_S", *_IQ4):
                 new = T.Q5_K
             return new
         return {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K}.get(f, new)

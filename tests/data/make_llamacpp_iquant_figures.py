@@ -3,9 +3,10 @@
 tests/test_iquants.py::test_quantizer_writes_llama_cpps_bytes compares pyllm's quantizer with
 these figures, so CI needs no llama.cpp. The script calls ggml_quantize_chunk from the
 libggml-base that llama-cpp-python ships, on the deterministic inputs of
-tests.test_iquants.iquant_inputs, without an importance matrix (IQ4_NL, IQ4_XS) and with the
-deterministic one of tests.test_iquants.iquant_importance (the types of IMATRIX_IQUANTS, keys
-"<TYPE>+imatrix"), and records the SHA-256 of each output. From the repository
+tests.test_iquants.iquant_inputs (for IQ3_S without the first row: figure_input), without an
+importance matrix (PLAIN_QUANTS) and with the deterministic one of
+tests.test_iquants.iquant_importance (IMATRIX_IQUANTS, keys "<TYPE>+imatrix"), and records the
+SHA-256 of each output. From the repository
 root, with llama-cpp-python installed under /tmp/llcpp (see make_llamacpp_quant_figures.py)::
 
     python tests/data/make_llamacpp_iquant_figures.py /tmp/llcpp/llama_cpp/lib/libggml-base.so
@@ -27,15 +28,16 @@ sys.path.insert(0, str(ROOT))
 from tests.test_iquants import (  # noqa: E402
     IMATRIX_IQUANTS,
     IQUANT_FIGURES,
-    IQUANTS,
+    PLAIN_QUANTS,
+    figure_input,
     iquant_importance,
     iquant_inputs,
 )
 
-GGML_TYPE_IDS = {"IQ4_NL": 20, "IQ4_XS": 23, "IQ2_XXS": 16, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6,
-                 "Q5_1": 7, "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
-BLOCK = {"IQ4_NL": (32, 18), "IQ4_XS": (256, 136), "IQ2_XXS": (256, 66), "Q4_0": (32, 18),
-         "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q2_K": (256, 84),
+GGML_TYPE_IDS = {"IQ4_NL": 20, "IQ4_XS": 23, "IQ2_XXS": 16, "IQ3_S": 21, "Q4_0": 2, "Q4_1": 3,
+                 "Q5_0": 6, "Q5_1": 7, "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+BLOCK = {"IQ4_NL": (32, 18), "IQ4_XS": (256, 136), "IQ2_XXS": (256, 66), "IQ3_S": (256, 110),
+         "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q2_K": (256, 84),
          "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
 
 
@@ -49,11 +51,12 @@ def main(argv: list[str]) -> int:
                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                         ctypes.c_void_p]
     out: dict[str, dict[str, str]] = {}
-    jobs = [(name, name, None) for name in IQUANTS]
+    jobs = [(name, name, None) for name in PLAIN_QUANTS]
     jobs += [(f"{name}+imatrix", name, iquant_importance()) for name in IMATRIX_IQUANTS]
     for label, name, importance in jobs:
         out[label] = {}
         for key, x in iquant_inputs().items():
+            x = figure_input(name, x)
             rows, k = x.shape
             bs, ts = BLOCK[name]
             dst = np.zeros(rows * k // bs * ts, np.uint8)
