@@ -597,13 +597,14 @@ def test_llama_cpp_quantized_file_loads() -> None:
     want = LlamaRef(str(GOLDEN_IQ)).forward(GOLDEN_TOKENS)
     with LLM(GOLDEN_IQ, n_ctx=128, kv_type="f32") as llm:
         got = llm.logits(GOLDEN_TOKENS)
-    # int16 activation steps on the IQ4 layer (VNNI): measured 7.0e-5 of the largest logit
-    assert np.abs(got - want).max() < 2e-4 * np.abs(want).max()
+    # int16 activation steps (the AVX-512 VNNI kernels of every type here): measured 3.2e-4 of
+    # the largest logit (F32-math ISAs: 7e-5, from the IQ4 layer's int16 kernels alone)
+    assert np.abs(got - want).max() < 6e-4 * np.abs(want).max()
     assert (got.argmax(-1) == want.argmax(-1)).all()
     figures = json.loads(GOLDEN_FIGURES.read_text(encoding="utf-8"))
     theirs = np.array(figures["top1"])
     # llama.cpp rounds activations to 8 bits (Q8_K for these types): its largest logits are up to
-    # 0.51 from the exact model's here (pyllm's: 7e-5 of them), which flips near-ties. Measured:
+    # 0.51 from the exact model's here (pyllm's: 0.0023), which flips near-ties. Measured:
     # the same top-1 at 57 of 64 positions; at the other 7 the exact model scores llama.cpp's
     # token within 0.18 of its best (pyllm takes the exact model's best everywhere, above).
     same = got.argmax(-1) == theirs

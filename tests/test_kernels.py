@@ -97,12 +97,12 @@ def isa_guard() -> Iterator[None]:
 
 
 # AVX-512 VNNI kernels (see the module doc)
-# grid i-quants and ternary types: a VNNI decode kernel (matvec_vnni_iq.cc), F32-math prefill
+# grid i-quants and ternary types: VNNI decode (matvec_vnni_iq.cc) and prefill (matmat_vnni.cc)
 GRID_INT16_MATVEC = {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "TQ1_0",
                      "TQ2_0"}
 INT16_MATVEC = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
                 "IQ4_NL", "IQ4_XS"} | GRID_INT16_MATVEC
-INT16_MATMAT = INT16_MATVEC - {"Q2_K"} - GRID_INT16_MATVEC
+INT16_MATMAT = INT16_MATVEC - {"Q2_K"}
 # matvec_avx2.cc
 INT16_MATVEC_AVX2 = INT16_MATVEC - {"Q8_0", "IQ4_NL", "IQ4_XS"} - GRID_INT16_MATVEC
 # matvec below this many tokens, matmat from it on (csrc/include/pyllm/matmul.h)
@@ -121,13 +121,13 @@ def allowed_error(wd: np.ndarray, x: np.ndarray, int16: bool) -> np.ndarray:
     return bound
 
 
-def test_grid_and_ternary_types_use_int16_only_for_avx512_decode() -> None:
-    """The grid i-quants and ternary types have int16 kernels only for AVX-512 decode (F32 math
-    for their prefill and on the other ISAs)."""
+def test_grid_and_ternary_types_use_int16_only_for_avx512() -> None:
+    """The grid i-quants and ternary types have int16 kernels for AVX-512 decode and prefill
+    (F32 math on the other ISAs)."""
     new = {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0"}
     assert new <= set(TYPES)
     assert new == GRID_INT16_MATVEC
-    assert not new & (INT16_MATMAT | INT16_MATVEC_AVX2)
+    assert new <= INT16_MATMAT and not new & INT16_MATVEC_AVX2
 
 
 def uses_int16(name: str, isa: str, n_tokens: int) -> bool:
