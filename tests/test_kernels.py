@@ -97,7 +97,7 @@ def isa_guard() -> Iterator[None]:
 
 
 # AVX-512 VNNI kernels (see the module doc)
-# grid i-quants and ternary types: VNNI decode (matvec_vnni_iq.cc) and prefill (matmat_vnni.cc)
+# grid i-quants and ternary types: VNNI decode (matvec_vnni_iq.cc), also run for prefill
 GRID_INT16_MATVEC = {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "TQ1_0",
                      "TQ2_0"}
 INT16_MATVEC = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",

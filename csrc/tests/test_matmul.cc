@@ -66,7 +66,7 @@ const std::vector<TypeCase>& cases() {
 }
 
 // The grid i-quants and ternary types: int16-activation kernels for AVX-512 only
-// (matvec_vnni_iq.cc, matmat_vnni.cc); F32 math on the other ISAs.
+// (matvec_vnni_iq.cc, for decode and prefill); F32 math on the other ISAs.
 bool is_grid_int16(QType t) {
   return t == QType::IQ2_XXS || t == QType::IQ2_XS || t == QType::IQ2_S ||
          t == QType::IQ3_XXS || t == QType::IQ3_S || t == QType::IQ1_S || t == QType::IQ1_M ||
@@ -111,7 +111,7 @@ bool uses_int16_activations(Isa isa, QType t, int64_t n_tokens) {
   return t == QType::Q4_0 || t == QType::Q4_1 || t == QType::Q5_0 || t == QType::Q5_1 ||
          t == QType::Q8_0 || t == QType::Q3_K || t == QType::Q4_K || t == QType::Q5_K ||
          t == QType::Q6_K || t == QType::IQ4_NL || t == QType::IQ4_XS ||
-         is_grid_int16(t);  // matmat_vnni.cc
+         is_grid_int16(t);  // matmat_vnni.cc; matvec_vnni_iq.cc for the grid types
 }
 
 // Random weight bytes whose scales are finite and of moderate size.

@@ -20,9 +20,7 @@
 // by 32 rows. Activations are prepared per call by each thread (k * n_tokens elements, small next
 // to the n_out * k * n_tokens multiply-adds), which keeps matmul_part barrier-free.
 #include <algorithm>
-#include <cmath>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "cpu/isa/decode.h"
@@ -272,124 +270,6 @@ struct IntFmt<QType::IQ4_XS> {
     }
   }
 };
-
-// The grid i-quants and ternary types: their values are a float factor per sub-block (of 32,
-// or of 16 for IQ2_XS / IQ2_S / IQ1_M: kSubs 2) times a small integer (a signed grid value,
-// |u| <= 62; IQ1's g + delta times 8, |u| <= 9; the ternary digit - 1). GridScale<T>::get gives
-// unit j's factor; the integers are the float decoder's values (decode_iq.h, exact) divided by
-// it, which rounds back to the integer exactly (a few ulps off at most). A zero factor gives 0.
-template <QType T>
-struct GridScale;
-
-template <>
-struct GridScale<QType::IQ2_XXS> {
-  static constexpr int kSubs = 1;
-  static float get(const BlockIQ2_XXS* b, float d, int j) {
-    return iq2_factor(d, static_cast<int>(iq_u32(b->qs + 4 * j + 2) >> 28));
-  }
-};
-template <>
-struct GridScale<QType::IQ2_XS> {
-  static constexpr int kSubs = 2;
-  static float get(const BlockIQ2_XS* b, float d, int j) {
-    return iq2_factor(d, (b->scales[j / 2] >> (4 * (j % 2))) & 0x0F);
-  }
-};
-template <>
-struct GridScale<QType::IQ2_S> {
-  static constexpr int kSubs = 2;
-  static float get(const BlockIQ2_S* b, float d, int j) {
-    return iq2_factor(d, (b->scales[j / 2] >> (4 * (j % 2))) & 0x0F);
-  }
-};
-template <>
-struct GridScale<QType::IQ3_XXS> {
-  static constexpr int kSubs = 1;
-  static float get(const BlockIQ3_XXS* b, float d, int j) {
-    const uint32_t m = iq_u32(b->qs + QK_K / 4 + 4 * j);
-    return d * (0.5f + static_cast<float>(m >> 28)) * 0.5f;
-  }
-};
-template <>
-struct GridScale<QType::IQ3_S> {
-  static constexpr int kSubs = 1;
-  static float get(const BlockIQ3_S* b, float d, int j) {
-    return d * static_cast<float>(1 + 2 * ((b->scales[j / 2] >> (4 * (j % 2))) & 0x0F));
-  }
-};
-template <>
-struct GridScale<QType::IQ1_S> {
-  static constexpr int kSubs = 1;
-  static float get(const BlockIQ1_S* b, float d, int j) {
-    const uint16_t h = iq_u16(b->qh + j);
-    return d * static_cast<float>(2 * ((h >> 12) & 7) + 1) * 0.125f;
-  }
-};
-template <>
-struct GridScale<QType::IQ1_M> {
-  static constexpr int kSubs = 2;
-  static float get(const BlockIQ1_M* b, float d, int j) {
-    uint16_t sc[4];
-    std::memcpy(sc, b->scales, sizeof(sc));
-    return d * static_cast<float>(2 * ((sc[j / 4] >> (3 * (j % 4))) & 7) + 1) * 0.125f;
-  }
-};
-template <>
-struct GridScale<QType::TQ1_0> {
-  static constexpr int kSubs = 1;
-  static float get(const BlockTQ1_0*, float d, int) { return d; }
-};
-template <>
-struct GridScale<QType::TQ2_0> {
-  static constexpr int kSubs = 1;
-  static float get(const BlockTQ2_0*, float d, int) { return d; }
-};
-
-// The block's d (IQ1_M spreads it over the top nibbles of its 4 scale words).
-template <class Block>
-float grid_block_d(const Block* b) {
-  if constexpr (std::is_same_v<Block, BlockIQ1_M>) {
-    uint16_t sc[4];
-    std::memcpy(sc, b->scales, sizeof(sc));
-    return half_to_float(static_cast<f16_t>((sc[0] >> 12) | ((sc[1] >> 8) & 0x00F0) |
-                                            ((sc[2] >> 4) & 0x0F00) | (sc[3] & 0xF000)));
-  } else {
-    return half_to_float(b->d);
-  }
-}
-
-template <QType T>
-struct GridIntFmt {
-  using Block = typename Fmt<T>::Block;
-  static constexpr int B = QK_K;
-  static constexpr bool kOffset = false;
-  static constexpr int kSubs = GridScale<T>::kSubs;
-  static void decode(const Block* b, int16_t* u, float* s, float* o) {
-    alignas(64) float y[QK_K];
-    Fmt<T>::decode(b, y);
-    const float d = grid_block_d(b);
-    constexpr int n = 32 / kSubs;  // elements per factor
-    for (int j = 0; j < QK_K / n; ++j) {
-      const float f = GridScale<T>::get(b, d, j);
-      s[j] = f;
-      for (int i = 0; i < n; ++i) {
-        const float q = f != 0.0f ? y[n * j + i] / f : 0.0f;
-        u[n * j + i] = std::isfinite(q) ? static_cast<int16_t>(std::lrint(q)) : int16_t{0};
-      }
-    }
-    for (int g = 0; g < QK_K / 32; ++g) o[g] = 0.0f;
-  }
-};
-
-template <> struct IntFmt<QType::IQ2_XXS> : GridIntFmt<QType::IQ2_XXS> {};
-template <> struct IntFmt<QType::IQ2_XS> : GridIntFmt<QType::IQ2_XS> {};
-template <> struct IntFmt<QType::IQ2_S> : GridIntFmt<QType::IQ2_S> {};
-template <> struct IntFmt<QType::IQ3_XXS> : GridIntFmt<QType::IQ3_XXS> {};
-template <> struct IntFmt<QType::IQ3_S> : GridIntFmt<QType::IQ3_S> {};
-template <> struct IntFmt<QType::IQ1_S> : GridIntFmt<QType::IQ1_S> {};
-template <> struct IntFmt<QType::IQ1_M> : GridIntFmt<QType::IQ1_M> {};
-template <> struct IntFmt<QType::TQ1_0> : GridIntFmt<QType::TQ1_0> {};
-template <> struct IntFmt<QType::TQ2_0> : GridIntFmt<QType::TQ2_0> {};
 
 // All tokens' activations as int16 steps per block of 32 (one thread's copy).
 struct Acts {
@@ -754,15 +634,6 @@ PYLLM_KERNEL_FOR(matmat_vnni, Q5_K)
 PYLLM_KERNEL_FOR(matmat_vnni, Q6_K)
 PYLLM_KERNEL_FOR(matmat_vnni, IQ4_NL)
 PYLLM_KERNEL_FOR(matmat_vnni, IQ4_XS)
-PYLLM_KERNEL_FOR(matmat_vnni, IQ2_XXS)
-PYLLM_KERNEL_FOR(matmat_vnni, IQ2_XS)
-PYLLM_KERNEL_FOR(matmat_vnni, IQ2_S)
-PYLLM_KERNEL_FOR(matmat_vnni, IQ3_XXS)
-PYLLM_KERNEL_FOR(matmat_vnni, IQ3_S)
-PYLLM_KERNEL_FOR(matmat_vnni, IQ1_S)
-PYLLM_KERNEL_FOR(matmat_vnni, IQ1_M)
-PYLLM_KERNEL_FOR(matmat_vnni, TQ1_0)
-PYLLM_KERNEL_FOR(matmat_vnni, TQ2_0)
 PYLLM_KERNEL_FOR(matmat_vnni_r16, Q4_0)
 PYLLM_KERNEL_FOR(matmat_vnni_r16, Q4_1)
 PYLLM_KERNEL_FOR(matmat_vnni_r16, Q8_0)
