@@ -22,6 +22,7 @@
 #include <cstring>
 #include <mutex>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 #include "pyllm/fp16.h"
@@ -38,110 +39,114 @@ using quant_search::kGroupMaxEps;
 using quant_search::make_positive_quants;
 using quant_search::nearest_int;
 
-// A 2-bit grid prepared for the search: each point as 8 odd positions 2 l + 1 (l the level
-// 0..2 of its element), the point of each 16-bit code sum(l_i << 2 i) (or, for codes that are
-// not grid points, -(1 + offset) of its neighbour list: count, then point indices).
-struct Grid2Search {
-  std::vector<std::array<int8_t, 8>> pos;
+// A grid prepared for the search: each of its points as N odd positions 2 l + 1 (l the level of
+// the element), the point of each code sum(l_i << kBits i) (for codes that are not grid
+// points: -(1 + offset) of their neighbour list in `neighbours`: a count, then point indices).
+template <int N, int kBits>
+struct GridSearch {
+  std::vector<std::array<int8_t, N>> pos;
   std::vector<int> map;
   std::vector<uint16_t> neighbours;
+
+  int code(const int8_t* L) const {
+    int c = 0;
+    for (int i = 0; i < N; ++i) c |= L[i] << (kBits * i);
+    return c;
+  }
+
+  // Fills map and neighbours from pos: for every code off the grid, the points at its nwant
+  // smallest squared distances (in position units), nearest first, ties by index.
+  void index(int map_size, int nwant) {
+    map.assign(static_cast<size_t>(map_size), -1);
+    for (size_t j = 0; j < pos.size(); ++j) {
+      int8_t L[N];
+      for (int i = 0; i < N; ++i) {
+        L[i] = static_cast<int8_t>((pos[j][static_cast<size_t>(i)] - 1) / 2);
+      }
+      map[static_cast<size_t>(code(L))] = static_cast<int>(j);
+    }
+    std::vector<std::pair<int, int>> dist(pos.size());
+    for (int u = 0; u < map_size; ++u) {
+      if (map[static_cast<size_t>(u)] >= 0) continue;
+      for (size_t j = 0; j < pos.size(); ++j) {
+        int d2 = 0;
+        for (int i = 0; i < N; ++i) {
+          const int p = 2 * ((u >> (kBits * i)) & ((1 << kBits) - 1)) + 1;
+          const int diff = pos[j][static_cast<size_t>(i)] - p;
+          d2 += diff * diff;
+        }
+        dist[j] = {d2, static_cast<int>(j)};
+      }
+      std::sort(dist.begin(), dist.end());
+      const size_t start = neighbours.size();
+      neighbours.push_back(0);
+      int have = 1, d2 = dist[0].first;
+      for (const auto& [dj, j] : dist) {
+        if (dj > d2) {
+          if (have == nwant) break;
+          d2 = dj;
+          ++have;
+        }
+        neighbours.push_back(static_cast<uint16_t>(j));
+      }
+      neighbours[start] = static_cast<uint16_t>(neighbours.size() - start - 1);
+      map[static_cast<size_t>(u)] = -static_cast<int>(start) - 1;
+    }
+  }
+
+  // The grid point of the N levels L (after rounding), or, when they are not one, the neighbour
+  // of least weighted squared error against xval at this scale (whose levels replace L).
+  // *on_grid says which.
+  int point(const float* xval, const float* w, float scale, int8_t* L, bool* on_grid) const {
+    const int m = map[static_cast<size_t>(code(L))];
+    *on_grid = m >= 0;
+    if (m >= 0) return m;
+    const uint16_t* nb = neighbours.data() + (-m - 1);
+    float best = FLT_MAX;
+    int index = -1;
+    for (int k = 1; k <= nb[0]; ++k) {
+      const auto& p = pos[nb[k]];
+      float d2 = 0.0f;
+      for (int i = 0; i < N; ++i) {
+        const float diff = scale * static_cast<float>(p[static_cast<size_t>(i)]) - xval[i];
+        d2 += w[i] * diff * diff;
+      }
+      if (d2 < best) {
+        best = d2;
+        index = nb[k];
+      }
+    }
+    if (index < 0) throw std::logic_error("grid search without a neighbour");
+    const auto& p = pos[static_cast<size_t>(index)];
+    for (int i = 0; i < N; ++i) L[i] = static_cast<int8_t>((p[static_cast<size_t>(i)] - 1) / 2);
+    return index;
+  }
 };
 
-// The grid's magnitudes in dequantized units (8, 25, 43 for IQ2) -> their levels 0..2.
-int level_of(uint8_t v, const uint8_t* levels) {
-  for (int l = 0; l < 3; ++l) {
-    if (levels[l] == v) return l;
-  }
-  throw std::logic_error("grid value outside the level table");
-}
-
-Grid2Search build_grid2(const uint64_t* grid, int grid_size, const uint8_t* levels, int nwant) {
-  constexpr int kMapSize = 43692;  // codes with every level <= 2: at most 0b10...10 = 43690
-  Grid2Search g;
-  g.pos.resize(static_cast<size_t>(grid_size));
-  g.map.assign(kMapSize, -1);
-  for (int j = 0; j < grid_size; ++j) {
-    int code = 0;
-    for (int i = 0; i < 8; ++i) {
-      const int l = level_of(static_cast<uint8_t>(grid[j] >> (8 * i)), levels);
-      g.pos[static_cast<size_t>(j)][static_cast<size_t>(i)] = static_cast<int8_t>(2 * l + 1);
-      code |= l << (2 * i);
-    }
-    g.map[static_cast<size_t>(code)] = j;
-  }
-  // For every code off the grid: the grid points at its nwant smallest squared distances (in
-  // position units), nearest first, ties by index.
-  std::vector<std::pair<int, int>> dist(static_cast<size_t>(grid_size));
-  for (int u = 0; u < kMapSize; ++u) {
-    if (g.map[static_cast<size_t>(u)] >= 0) continue;
-    int8_t p[8];
-    for (int i = 0; i < 8; ++i) p[i] = static_cast<int8_t>(2 * ((u >> (2 * i)) & 3) + 1);
-    for (int j = 0; j < grid_size; ++j) {
-      int d2 = 0;
-      for (int i = 0; i < 8; ++i) {
-        const int diff = g.pos[static_cast<size_t>(j)][static_cast<size_t>(i)] - p[i];
-        d2 += diff * diff;
-      }
-      dist[static_cast<size_t>(j)] = {d2, j};
-    }
-    std::sort(dist.begin(), dist.end());
-    const size_t start = g.neighbours.size();
-    g.neighbours.push_back(0);
-    int have = 1, d2 = dist[0].first;
-    for (const auto& [dj, j] : dist) {
-      if (dj > d2) {
-        if (have == nwant) break;
-        d2 = dj;
-        ++have;
-      }
-      g.neighbours.push_back(static_cast<uint16_t>(j));
-    }
-    g.neighbours[start] = static_cast<uint16_t>(g.neighbours.size() - start - 1);
-    g.map[static_cast<size_t>(u)] = -static_cast<int>(start) - 1;
-  }
-  return g;
-}
+using Grid2Search = GridSearch<8, 2>;  // IQ2 grids: rows of 8, levels 0..2
+using Grid3Search = GridSearch<4, 3>;  // IQ3 grids: rows of 4, levels 0..7
 
 const Grid2Search& iq2xxs_search() {
-  static const uint8_t kLevels[3] = {0x08, 0x19, 0x2b};
   static std::once_flag once;
   static Grid2Search g;
-  std::call_once(once, [] { g = build_grid2(kIq2xxsGrid, 256, kLevels, 2); });
+  std::call_once(once, [] {
+    // the grid's magnitudes (8, 25, 43) are the levels 0, 1, 2: positions 1, 3, 5
+    g.pos.resize(256);
+    for (int j = 0; j < 256; ++j) {
+      for (int i = 0; i < 8; ++i) {
+        const auto v = static_cast<uint8_t>(kIq2xxsGrid[j] >> (8 * i));
+        g.pos[static_cast<size_t>(j)][static_cast<size_t>(i)] =
+            static_cast<int8_t>(v == 0x08 ? 1 : v == 0x19 ? 3 : 5);
+      }
+    }
+    g.index(43692, 2);  // codes with every level <= 2: at most 0b10...10 = 43690
+  });
   return g;
 }
 
-// Among a code's neighbours, the grid point of least weighted squared error against xval at
-// this scale; writes its levels into L and returns its index.
-int best_neighbour(const Grid2Search& g, const uint16_t* nb, const float* xval, const float* w,
-                   float scale, int8_t* L) {
-  float best = FLT_MAX;
-  int index = -1;
-  for (int k = 1; k <= nb[0]; ++k) {
-    const auto& p = g.pos[nb[k]];
-    float d2 = 0.0f;
-    for (int i = 0; i < 8; ++i) {
-      const float diff = scale * static_cast<float>(p[static_cast<size_t>(i)]) - xval[i];
-      d2 += w[i] * diff * diff;
-    }
-    if (d2 < best) {
-      best = d2;
-      index = nb[k];
-    }
-  }
-  if (index < 0) throw std::logic_error("grid search without a neighbour");
-  const auto& p = g.pos[static_cast<size_t>(index)];
-  for (int i = 0; i < 8; ++i) L[i] = static_cast<int8_t>((p[static_cast<size_t>(i)] - 1) / 2);
-  return index;
-}
-
-// The grid point of the 8 levels L[0..8) (after rounding), or of its best neighbour (which then
-// replaces L).
 int grid_point(const Grid2Search& g, const float* xval, const float* w, float scale, int8_t* L) {
-  int code = 0;
-  for (int i = 0; i < 8; ++i) code |= L[i] << (2 * i);
-  const int m = g.map[static_cast<size_t>(code)];
-  if (m >= 0) return m;
-  return best_neighbour(g, g.neighbours.data() + (-m - 1), xval, w, scale, L);
+  bool on_grid;
+  return g.point(xval, w, scale, L, &on_grid);
 }
 
 void quantize_iq2_xxs_block(const float* xbl, const float* qw, const Grid2Search& g,
@@ -277,93 +282,20 @@ void quantize_iq2_xxs_block(const float* xbl, const float* qw, const Grid2Search
 // neighbours are those at the three smallest distances. Works without an importance matrix
 // (weights x^2), as llama.cpp's.
 
-// A 3-bit grid prepared for the search: points as 4 positions, the point (or -(1 + offset) of
-// the neighbour list) of each 12-bit code sum(l_i << 3 i).
-struct Grid3Search {
-  std::vector<std::array<int8_t, 4>> pos;
-  std::vector<int> map;
-  std::vector<uint16_t> neighbours;
-};
-
-Grid3Search build_grid3(const uint32_t* grid, int grid_size, int nwant) {
-  constexpr int kMapSize = 4096;
-  Grid3Search g;
-  g.pos.resize(static_cast<size_t>(grid_size));
-  g.map.assign(kMapSize, -1);
-  for (int j = 0; j < grid_size; ++j) {
-    int code = 0;
-    for (int i = 0; i < 4; ++i) {
-      const int p = static_cast<int>((grid[j] >> (8 * i)) & 0xFF);  // stored as 2 l + 1
-      g.pos[static_cast<size_t>(j)][static_cast<size_t>(i)] = static_cast<int8_t>(p);
-      code |= ((p - 1) / 2) << (3 * i);
-    }
-    g.map[static_cast<size_t>(code)] = j;
-  }
-  std::vector<std::pair<int, int>> dist(static_cast<size_t>(grid_size));
-  for (int u = 0; u < kMapSize; ++u) {
-    if (g.map[static_cast<size_t>(u)] >= 0) continue;
-    for (int j = 0; j < grid_size; ++j) {
-      int d2 = 0;
-      for (int i = 0; i < 4; ++i) {
-        const int diff = g.pos[static_cast<size_t>(j)][static_cast<size_t>(i)] -
-                         (2 * ((u >> (3 * i)) & 7) + 1);
-        d2 += diff * diff;
-      }
-      dist[static_cast<size_t>(j)] = {d2, j};
-    }
-    std::sort(dist.begin(), dist.end());
-    const size_t start = g.neighbours.size();
-    g.neighbours.push_back(0);
-    int have = 1, d2 = dist[0].first;
-    for (const auto& [dj, j] : dist) {
-      if (dj > d2) {
-        if (have == nwant) break;
-        d2 = dj;
-        ++have;
-      }
-      g.neighbours.push_back(static_cast<uint16_t>(j));
-    }
-    g.neighbours[start] = static_cast<uint16_t>(g.neighbours.size() - start - 1);
-    g.map[static_cast<size_t>(u)] = -static_cast<int>(start) - 1;
-  }
-  return g;
-}
-
 const Grid3Search& iq3s_search() {
   static std::once_flag once;
   static Grid3Search g;
-  std::call_once(once, [] { g = build_grid3(kIq3sGrid, 512, 3); });
+  std::call_once(once, [] {
+    g.pos.resize(512);  // the grid stores each element as its position 2 l + 1
+    for (int j = 0; j < 512; ++j) {
+      for (int i = 0; i < 4; ++i) {
+        g.pos[static_cast<size_t>(j)][static_cast<size_t>(i)] =
+            static_cast<int8_t>((kIq3sGrid[j] >> (8 * i)) & 0xFF);
+      }
+    }
+    g.index(4096, 3);
+  });
   return g;
-}
-
-// The grid point of 4 levels L (or of its best neighbour, whose levels replace L); *on_grid
-// says whether the levels were a grid point already.
-int grid3_point(const Grid3Search& g, const float* xval, const float* w, float scale, int8_t* L,
-                bool* on_grid) {
-  int code = 0;
-  for (int i = 0; i < 4; ++i) code |= L[i] << (3 * i);
-  const int m = g.map[static_cast<size_t>(code)];
-  *on_grid = m >= 0;
-  if (m >= 0) return m;
-  const uint16_t* nb = g.neighbours.data() + (-m - 1);
-  float best = FLT_MAX;
-  int index = -1;
-  for (int k = 1; k <= nb[0]; ++k) {
-    const auto& p = g.pos[nb[k]];
-    float d2 = 0.0f;
-    for (int i = 0; i < 4; ++i) {
-      const float diff = scale * static_cast<float>(p[static_cast<size_t>(i)]) - xval[i];
-      d2 += w[i] * diff * diff;
-    }
-    if (d2 < best) {
-      best = d2;
-      index = nb[k];
-    }
-  }
-  if (index < 0) throw std::logic_error("grid search without a neighbour");
-  const auto& p = g.pos[static_cast<size_t>(index)];
-  for (int i = 0; i < 4; ++i) L[i] = static_cast<int8_t>((p[static_cast<size_t>(i)] - 1) / 2);
-  return index;
 }
 
 void quantize_iq3_s_block(const float* xbl, const float* qw, const Grid3Search& g,
@@ -415,7 +347,7 @@ void quantize_iq3_s_block(const float* xbl, const float* qw, const Grid3Search& 
           const int l = nearest_int(0.5f * (id * xval[4 * k + i] - 1.0f));
           Laux[4 * k + i] = static_cast<int8_t>(std::max(0, std::min(kMaxQ - 1, l)));
         }
-        grid3_point(g, xval + 4 * k, waux + 4 * k, this_scale, Laux + 4 * k, &on_grid_aux[k]);
+        g.point(xval + 4 * k, waux + 4 * k, this_scale, Laux + 4 * k, &on_grid_aux[k]);
       }
       float sumqx = 0.0f, sumq2 = 0.0f;
       for (int i = 0; i < kBs; ++i) {
@@ -440,7 +372,7 @@ void quantize_iq3_s_block(const float* xbl, const float* qw, const Grid3Search& 
           L[4 * k + i] = static_cast<int8_t>(std::max(0, std::min(kMaxQ - 1, l)));
         }
         bool unused;
-        grid3_point(g, xval + 4 * k, waux + 4 * k, scale, L + 4 * k, &unused);
+        g.point(xval + 4 * k, waux + 4 * k, scale, L + 4 * k, &unused);
       }
       float sumqx = 0.0f, sumq2 = 0.0f;
       for (int i = 0; i < kBs; ++i) {
