@@ -54,8 +54,7 @@ WEIGHT_TYPES = [
 ]  # fmt: skip
 # Weight types pyllm quantizes only with an importance matrix (IQ2_XXS) or not yet (the others).
 GRID_IQ_TYPES = [
-    GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ2_S, GGMLType.IQ3_XXS, GGMLType.IQ1_S,
-    GGMLType.IQ1_M,
+    GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ2_S, GGMLType.IQ1_S, GGMLType.IQ1_M,
 ]  # fmt: skip
 EXACT_QUANTIZE_TYPES = [
     GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1,
@@ -156,8 +155,9 @@ def test_type_table_matches_gguf() -> None:
     assert all(dot[t] == GGMLType.Q8_K for t in K_TYPES)
     assert (dot[GGMLType.IQ4_NL], dot[GGMLType.IQ4_XS]) == (GGMLType.Q8_0, GGMLType.Q8_K)
     assert all(dot[t] == GGMLType.Q8_K
-               for t in GRID_IQ_TYPES + [GGMLType.IQ3_S, GGMLType.TQ1_0, GGMLType.TQ2_0])
-    # every type can be quantized to but the grid i-quants (IQ3_S can)
+               for t in GRID_IQ_TYPES + [GGMLType.IQ3_XXS, GGMLType.IQ3_S, GGMLType.TQ1_0,
+                                         GGMLType.TQ2_0])
+    # every type can be quantized to but the grid i-quants (IQ3_XXS and IQ3_S can)
     for t in qtypes.supported_types():
         assert qtypes.type_info(t).can_quantize == (t not in GRID_IQ_TYPES), t.name
 
@@ -322,7 +322,7 @@ ROUNDTRIP_RMSE = {
     GGMLType.Q4_0: 0.1, GGMLType.Q4_1: 0.09, GGMLType.Q5_0: 0.05, GGMLType.Q5_1: 0.045,
     GGMLType.Q8_0: 0.0065, GGMLType.Q8_1: 0.0065, GGMLType.Q8_K: 0.01,
     GGMLType.IQ4_NL: 0.0785, GGMLType.IQ4_XS: 0.079,  # measured 0.0769, 0.0775
-    GGMLType.IQ3_S: 0.175,  # measured 0.167
+    GGMLType.IQ3_S: 0.175, GGMLType.IQ3_XXS: 0.225,  # measured 0.167, 0.213
     # ternary: Gaussian data mostly rounds to 0 (tests/test_iquants_grid.py); measured 0.8133
     GGMLType.TQ1_0: 0.83, GGMLType.TQ2_0: 0.83,
     **{t: LLAMA_CPP_RMSE[t] * 1.02 for t in K_TYPES},

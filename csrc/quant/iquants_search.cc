@@ -410,7 +410,176 @@ void quantize_iq3_s_block(const float* xbl, const float* qw, const Grid3Search& 
   }
 }
 
+// ---- IQ3_XXS --------------------------------------------------------------------------------
+// As IQ3_S but the 256-point grid (neighbours at the two smallest distances), IQ2_XXS's signs
+// (7 stored bits, an even count: an odd one flips the least important value), 31 trial scales,
+// only the groups off the grid refitted, and a 1.0125 fudge on d (llama.cpp's).
+
+const Grid3Search& iq3xxs_search() {
+  static std::once_flag once;
+  static Grid3Search g;
+  std::call_once(once, [] {
+    static const uint8_t kMagnitudes[8] = {0x04, 0x0c, 0x14, 0x1c, 0x24, 0x2c, 0x34, 0x3e};
+    g.pos.resize(256);
+    for (int j = 0; j < 256; ++j) {
+      for (int i = 0; i < 4; ++i) {
+        const auto v = static_cast<uint8_t>(kIq3xxsGrid[j] >> (8 * i));
+        const int l = static_cast<int>(std::find(kMagnitudes, kMagnitudes + 8, v) - kMagnitudes);
+        if (l == 8) throw std::logic_error("IQ3_XXS grid value outside its levels");
+        g.pos[static_cast<size_t>(j)][static_cast<size_t>(i)] = static_cast<int8_t>(2 * l + 1);
+      }
+    }
+    g.index(4096, 2);
+  });
+  return g;
+}
+
+void quantize_iq3_xxs_block(const float* xbl, const float* qw, const Grid3Search& g,
+                            BlockIQ3_XXS* y) {
+  constexpr int kMaxQ = 8;
+  constexpr float kEps = 1e-8f;
+  float scales[QK_K / 32], weight[32], waux[32], xval[32];
+  int8_t L[32], Laux[32];
+  bool on_grid[8], on_grid_aux[8];
+  uint8_t signs[4];
+  uint8_t q3[QK_K / 4 + QK_K / 8] = {};  // the 64 grid indices, then 8 words of signs + scale
+  y->d = f32_to_f16(0.0f);
+  float max_scale = 0.0f;
+  float sumx2 = 0.0f;
+  for (int i = 0; i < QK_K; ++i) sumx2 += xbl[i] * xbl[i];
+  const float sigma2 = 2 * sumx2 / QK_K;
+  for (int ib = 0; ib < QK_K / 32; ++ib) {
+    const float* xb = xbl + 32 * ib;
+    for (int i = 0; i < 32; ++i) {
+      weight[i] = qw != nullptr ? qw[32 * ib + i] * std::sqrt(sigma2 + xb[i] * xb[i])
+                                : xb[i] * xb[i];
+    }
+    for (int i = 0; i < 32; ++i) waux[i] = std::sqrt(weight[i]);
+    for (int k = 0; k < 4; ++k) {
+      int nflip = 0;
+      uint8_t s = 0;
+      for (int i = 0; i < 8; ++i) {
+        const float v = xb[8 * k + i];
+        xval[8 * k + i] = v >= 0.0f ? v : -v;
+        if (v < 0.0f) {
+          ++nflip;
+          s = static_cast<uint8_t>(s | (1 << i));
+        }
+      }
+      if (nflip % 2) {
+        int imin = 0;
+        float min = weight[8 * k] * xb[8 * k] * xb[8 * k];
+        for (int i = 1; i < 8; ++i) {
+          const float ax = weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i];
+          if (ax < min) {
+            min = ax;
+            imin = i;
+          }
+        }
+        xval[8 * k + imin] = -xval[8 * k + imin];
+        s = static_cast<uint8_t>(s ^ (1 << imin));
+      }
+      signs[k] = static_cast<uint8_t>(s & 127);
+    }
+    float max = xval[0];
+    for (int i = 1; i < 32; ++i) max = std::max(max, xval[i]);
+    std::memset(L, 0, 32);
+    if (max < kEps) {
+      scales[ib] = 0.0f;
+      continue;
+    }
+    float best = 0.0f;
+    float scale = max / (2 * kMaxQ - 1);
+    for (int k = 0; k < 8; ++k) on_grid[k] = true;
+    for (int is = -15; is <= 15; ++is) {
+      const float id = (2 * kMaxQ - 1 + static_cast<float>(is) * 0.2f) / max;
+      const float this_scale = 1.0f / id;
+      for (int k = 0; k < 8; ++k) {
+        for (int i = 0; i < 4; ++i) {
+          const int l = nearest_int(0.5f * (id * xval[4 * k + i] - 1.0f));
+          Laux[4 * k + i] = static_cast<int8_t>(std::max(0, std::min(kMaxQ - 1, l)));
+        }
+        g.point(xval + 4 * k, waux + 4 * k, this_scale, Laux + 4 * k, &on_grid_aux[k]);
+      }
+      float sumqx = 0.0f, sumq2 = 0.0f;
+      for (int i = 0; i < 32; ++i) {
+        const float q = static_cast<float>(2 * Laux[i] + 1);
+        sumqx += weight[i] * xval[i] * q;
+        sumq2 += weight[i] * q * q;
+      }
+      if (sumq2 > 0.0f && sumqx * sumqx > best * sumq2) {
+        scale = sumqx / sumq2;
+        best = scale * sumqx;
+        std::memcpy(L, Laux, 32);
+        std::memcpy(on_grid, on_grid_aux, sizeof on_grid);
+      }
+    }
+    int off_grid = 0;
+    for (int k = 0; k < 8; ++k) off_grid += on_grid[k] ? 0 : 1;
+    if (off_grid > 0 && scale > 0.0f) {
+      const float id = 1.0f / scale;
+      for (int k = 0; k < 8; ++k) {
+        if (on_grid[k]) continue;
+        for (int i = 0; i < 4; ++i) {
+          const int l = nearest_int(0.5f * (id * xval[4 * k + i] - 1.0f));
+          L[4 * k + i] = static_cast<int8_t>(std::max(0, std::min(kMaxQ - 1, l)));
+        }
+        bool unused;
+        g.point(xval + 4 * k, waux + 4 * k, scale, L + 4 * k, &unused);
+      }
+      float sumqx = 0.0f, sumq2 = 0.0f;
+      for (int i = 0; i < 32; ++i) {
+        const float q = static_cast<float>(2 * L[i] + 1);
+        sumqx += weight[i] * xval[i] * q;
+        sumq2 += weight[i] * q * q;
+      }
+      if (sumq2 > 0.0f) scale = sumqx / sumq2;
+    }
+    if (scale < 0.0f) {
+      scale = -scale;
+      for (int k = 0; k < 4; ++k) signs[k] = static_cast<uint8_t>(~signs[k] & 127);
+    }
+    for (int k = 0; k < 8; ++k) {
+      const int index = g.map[static_cast<size_t>(g.code(L + 4 * k))];
+      if (index < 0) throw std::logic_error("IQ3_XXS: levels off the grid after the search");
+      q3[8 * ib + k] = static_cast<uint8_t>(index);
+    }
+    const uint32_t ss = static_cast<uint32_t>(signs[0]) | (static_cast<uint32_t>(signs[1]) << 7) |
+                        (static_cast<uint32_t>(signs[2]) << 14) |
+                        (static_cast<uint32_t>(signs[3]) << 21);
+    std::memcpy(q3 + QK_K / 4 + 4 * ib, &ss, 4);
+    scales[ib] = scale;
+    max_scale = std::max(max_scale, scale);
+  }
+  if (max_scale == 0.0f) {
+    std::memset(y->qs, 0, sizeof y->qs);
+    return;
+  }
+  const float d = max_scale / 31.0f;
+  y->d = f32_to_f16(d * 1.0125f);
+  const float id = 1.0f / d;
+  for (int ib = 0; ib < QK_K / 32; ++ib) {
+    const int l = std::max(0, std::min(15, nearest_int(0.5f * (id * scales[ib] - 1.0f))));
+    uint32_t ss;
+    std::memcpy(&ss, q3 + QK_K / 4 + 4 * ib, 4);
+    ss |= static_cast<uint32_t>(l) << 28;
+    std::memcpy(q3 + QK_K / 4 + 4 * ib, &ss, 4);
+  }
+  std::memcpy(y->qs, q3, sizeof y->qs);
+}
+
 }  // namespace
+
+void quantize_row_iq3_xxs_weighted(const float* x, BlockIQ3_XXS* y, int64_t n, const float* qw) {
+  const Grid3Search& g = iq3xxs_search();
+  for (int64_t i = 0; i < n / QK_K; ++i) {
+    quantize_iq3_xxs_block(x + QK_K * i, qw != nullptr ? qw + QK_K * i : nullptr, g, y + i);
+  }
+}
+
+void quantize_row_iq3_xxs(const float* x, BlockIQ3_XXS* y, int64_t n) {
+  quantize_row_iq3_xxs_weighted(x, y, n, nullptr);
+}
 
 void quantize_row_iq3_s_weighted(const float* x, BlockIQ3_S* y, int64_t n, const float* qw) {
   const Grid3Search& g = iq3s_search();

@@ -58,7 +58,7 @@ const TypeTraits kTraits[] = {
     PYLLM_TRAITS(Q8_K, BlockQ8_K, QK_K, true, false, q8_K, F32),
     PYLLM_TRAITS_DEQUANT_ONLY(IQ2_XXS, BlockIQ2_XXS, QK_K, true, iq2_xxs, Q8_K),
     PYLLM_TRAITS_DEQUANT_ONLY(IQ2_XS, BlockIQ2_XS, QK_K, true, iq2_xs, Q8_K),
-    PYLLM_TRAITS_DEQUANT_ONLY(IQ3_XXS, BlockIQ3_XXS, QK_K, true, iq3_xxs, Q8_K),
+    PYLLM_TRAITS(IQ3_XXS, BlockIQ3_XXS, QK_K, true, true, iq3_xxs, Q8_K),
     PYLLM_TRAITS_DEQUANT_ONLY(IQ1_S, BlockIQ1_S, QK_K, true, iq1_s, Q8_K),
     PYLLM_TRAITS(IQ4_NL, BlockIQ4_NL, QK4_NL, true, true, iq4_nl, Q8_0),
     PYLLM_TRAITS(IQ3_S, BlockIQ3_S, QK_K, true, true, iq3_s, Q8_K),
@@ -178,7 +178,8 @@ bool has_weighted_quantizer(QType type) {
   switch (type) {
     case QType::Q4_0: case QType::Q4_1: case QType::Q5_0: case QType::Q5_1:
     case QType::Q2_K: case QType::Q3_K: case QType::Q4_K: case QType::Q5_K: case QType::Q6_K:
-    case QType::IQ4_NL: case QType::IQ4_XS: case QType::IQ2_XXS: case QType::IQ3_S:
+    case QType::IQ4_NL: case QType::IQ4_XS: case QType::IQ2_XXS: case QType::IQ3_XXS:
+    case QType::IQ3_S:
       return true;
     default:
       return false;
@@ -242,6 +243,9 @@ void quantize_weighted(QType type, const float* src, int64_t n_rows, int64_t n_p
         break;
       case QType::IQ4_XS:
         quantize_row_iq4_xs_weighted(x, static_cast<BlockIQ4_XS*>(out), n_per_row, qw);
+        break;
+      case QType::IQ3_XXS:
+        quantize_row_iq3_xxs_weighted(x, static_cast<BlockIQ3_XXS*>(out), n_per_row, qw);
         break;
       case QType::IQ3_S:
         quantize_row_iq3_s_weighted(x, static_cast<BlockIQ3_S*>(out), n_per_row, qw);

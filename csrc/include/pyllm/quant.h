@@ -108,7 +108,9 @@ void quantize_row_iq4_xs_weighted(const float* x, BlockIQ4_XS* y, int64_t n, con
 // IQ2_XXS has only this form: its grid search needs an importance matrix (qw non-null;
 // csrc/quant/iquants_search.cc).
 void quantize_row_iq2_xxs_weighted(const float* x, BlockIQ2_XXS* y, int64_t n, const float* qw);
-// IQ3_S, with an importance matrix (qw) or without (weights x^2), as llama.cpp's.
+// IQ3_XXS and IQ3_S, with an importance matrix (qw) or without (weights x^2), as llama.cpp's.
+void quantize_row_iq3_xxs(const float* x, BlockIQ3_XXS* y, int64_t n);
+void quantize_row_iq3_xxs_weighted(const float* x, BlockIQ3_XXS* y, int64_t n, const float* qw);
 void quantize_row_iq3_s(const float* x, BlockIQ3_S* y, int64_t n);
 void quantize_row_iq3_s_weighted(const float* x, BlockIQ3_S* y, int64_t n, const float* qw);
 // The legacy and k-quant types (not Q8_0) guided by an importance matrix, one row of n
