@@ -18,8 +18,8 @@ from pyllm.formats.gguf.constants import TYPE_INFO
 
 IQUANTS = ["IQ4_NL", "IQ4_XS"]
 # the types pyllm quantizes with an importance matrix, byte-identical to llama.cpp
-IMATRIX_IQUANTS = ["IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ3_XXS", "IQ3_S", "Q4_0", "Q4_1", "Q5_0",
-                   "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+IMATRIX_IQUANTS = ["IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ3_S", "Q4_0", "Q4_1",
+                   "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 # the types whose quantizer matches llama.cpp's without an importance matrix too (figures)
 PLAIN_QUANTS = ["IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S"]
 # llama.cpp's IQ3_S quantizer misplaces the codes after an all-zero sub-block (pyllm does not,
@@ -30,13 +30,13 @@ ZERO_SUBBLOCK_DIFFERS = {"IQ3_S"}
 def figure_input(name: str, x: np.ndarray) -> np.ndarray:
     return x[1:] if name in ZERO_SUBBLOCK_DIFFERS else x
 # their relative importance-weighted error on iquant_inputs' Gaussian rows: ~5-10 % above the
-# measured worst of the three inputs (IQ4_NL 0.076, IQ4_XS 0.078, IQ2_XXS 0.422, IQ3_XXS 0.222,
-# IQ3_S 0.170, Q4_0 0.084, Q4_1 0.065, Q5_0 0.050, Q5_1 0.033, Q2_K 0.232, Q3_K 0.130,
-# Q4_K 0.067, Q5_K 0.036, Q6_K 0.022)
-IMATRIX_REL_BOUND = {"IQ4_NL": 0.082, "IQ4_XS": 0.082, "IQ2_XXS": 0.44, "IQ3_XXS": 0.235,
-                     "IQ3_S": 0.18, "Q4_0": 0.09,
-                     "Q4_1": 0.07, "Q5_0": 0.053, "Q5_1": 0.035, "Q2_K": 0.25, "Q3_K": 0.14,
-                     "Q4_K": 0.071, "Q5_K": 0.038, "Q6_K": 0.023}
+# measured worst of the three inputs (IQ4_NL 0.076, IQ4_XS 0.078, IQ2_XXS 0.422, IQ2_XS 0.337,
+# IQ3_XXS 0.222, IQ3_S 0.170, Q4_0 0.084, Q4_1 0.065, Q5_0 0.050, Q5_1 0.033, Q2_K 0.232,
+# Q3_K 0.130, Q4_K 0.067, Q5_K 0.036, Q6_K 0.022)
+IMATRIX_REL_BOUND = {"IQ4_NL": 0.082, "IQ4_XS": 0.082, "IQ2_XXS": 0.44, "IQ2_XS": 0.36,
+                     "IQ3_XXS": 0.235, "IQ3_S": 0.18, "Q4_0": 0.09, "Q4_1": 0.07, "Q5_0": 0.053,
+                     "Q5_1": 0.035, "Q2_K": 0.25, "Q3_K": 0.14, "Q4_K": 0.071, "Q5_K": 0.038,
+                     "Q6_K": 0.023}
 IQUANT_FIGURES = Path(__file__).parent / "data" / "llamacpp_iquant_figures.json"
 
 

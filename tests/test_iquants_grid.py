@@ -495,7 +495,7 @@ def test_ternary_round_trip_error(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", [t for t in GRID_TYPES
-                                  if t not in ("IQ2_XXS", "IQ3_XXS", "IQ3_S")])
+                                  if t not in ("IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ3_S")])
 def test_grid_types_cannot_be_quantized_yet(name: str) -> None:
     info = qtypes.type_info(name)
     assert info.is_weight and not info.can_quantize and not info.imatrix_quantize
@@ -510,14 +510,15 @@ def test_grid_types_cannot_be_quantized_yet(name: str) -> None:
         _core.quantize(int(GGMLType[name]), big)
 
 
-def test_iq2_xxs_needs_an_importance_matrix() -> None:
+@pytest.mark.parametrize("name", ["IQ2_XXS", "IQ2_XS"])
+def test_iq2_types_need_an_importance_matrix(name: str) -> None:
     from pyllm import _core
 
-    info = qtypes.type_info("IQ2_XXS")
+    info = qtypes.type_info(name)
     assert not info.can_quantize and info.imatrix_quantize
-    for call in (lambda: qtypes.quantize("IQ2_XXS", np.zeros(256, np.float32)),
-                 lambda: _core.quantize(16, np.zeros(1 << 17, np.float32))):
-        with pytest.raises(QuantError, match="IQ2_XXS can only be quantized with an importance"):
+    for call in (lambda: qtypes.quantize(name, np.zeros(256, np.float32)),
+                 lambda: _core.quantize(int(GGMLType[name]), np.zeros(1 << 17, np.float32))):
+        with pytest.raises(QuantError, match=f"{name} can only be quantized with an importance"):
             call()
 
 

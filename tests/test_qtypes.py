@@ -521,8 +521,8 @@ def test_extension_rechecks_sizes() -> None:
         _core.dequantize(8, np.zeros((34, 2), np.uint8)[:, 0], 32)
     with pytest.raises(QuantError, match="unknown"):
         _core.type_traits(39)  # MXFP4: not in pyllm's table
-    with pytest.raises(QuantError, match="no quantizer for IQ2_XS yet"):
-        _core.quantize(17, np.zeros(256, np.float32))
+    with pytest.raises(QuantError, match="no quantizer for IQ2_S yet"):
+        _core.quantize(22, np.zeros(256, np.float32))
 
 
 def test_readme_quantization_table_is_true() -> None:

@@ -126,21 +126,32 @@ struct GridSearch {
 using Grid2Search = GridSearch<8, 2>;  // IQ2 grids: rows of 8, levels 0..2
 using Grid3Search = GridSearch<4, 3>;  // IQ3 grids: rows of 4, levels 0..7
 
+// An IQ2 grid (magnitudes 8, 25, 43: the levels 0, 1, 2, positions 1, 3, 5) prepared once.
+Grid2Search make_grid2(const uint64_t* grid, int size) {
+  Grid2Search g;
+  g.pos.resize(static_cast<size_t>(size));
+  for (int j = 0; j < size; ++j) {
+    for (int i = 0; i < 8; ++i) {
+      const auto v = static_cast<uint8_t>(grid[j] >> (8 * i));
+      g.pos[static_cast<size_t>(j)][static_cast<size_t>(i)] =
+          static_cast<int8_t>(v == 0x08 ? 1 : v == 0x19 ? 3 : 5);
+    }
+  }
+  g.index(43692, 2);  // codes with every level <= 2: at most 0b10...10 = 43690
+  return g;
+}
+
 const Grid2Search& iq2xxs_search() {
   static std::once_flag once;
   static Grid2Search g;
-  std::call_once(once, [] {
-    // the grid's magnitudes (8, 25, 43) are the levels 0, 1, 2: positions 1, 3, 5
-    g.pos.resize(256);
-    for (int j = 0; j < 256; ++j) {
-      for (int i = 0; i < 8; ++i) {
-        const auto v = static_cast<uint8_t>(kIq2xxsGrid[j] >> (8 * i));
-        g.pos[static_cast<size_t>(j)][static_cast<size_t>(i)] =
-            static_cast<int8_t>(v == 0x08 ? 1 : v == 0x19 ? 3 : 5);
-      }
-    }
-    g.index(43692, 2);  // codes with every level <= 2: at most 0b10...10 = 43690
-  });
+  std::call_once(once, [] { g = make_grid2(kIq2xxsGrid, 256); });
+  return g;
+}
+
+const Grid2Search& iq2xs_search() {
+  static std::once_flag once;
+  static Grid2Search g;
+  std::call_once(once, [] { g = make_grid2(kIq2xsGrid, 512); });
   return g;
 }
 
@@ -568,7 +579,144 @@ void quantize_iq3_xxs_block(const float* xbl, const float* qw, const Grid3Search
   std::memcpy(y->qs, q3, sizeof y->qs);
 }
 
+// ---- IQ2_XS ---------------------------------------------------------------------------------
+// IQ2_XXS's search per sub-block of 16 (two groups of 8; a 4-bit scale per 16) over the
+// 512-point grid: a first scale max / 5, 19 trial scales, the off-grid groups refitted; each
+// group stored as a 16-bit word, 9-bit index and 7 sign bits.
+void quantize_iq2_xs_block(const float* xbl, const float* qw, const Grid2Search& g,
+                           BlockIQ2_XS* y) {
+  constexpr int kMaxQ = 3;
+  float scales[QK_K / 16], weight[16], waux[16], xval[16];
+  int8_t L[16], Laux[16];
+  bool on_grid[2], on_grid_aux[2];
+  uint8_t signs[2];
+  uint16_t q2[QK_K / 8] = {};
+  y->d = f32_to_f16(0.0f);
+  std::memset(y->scales, 0, sizeof y->scales);
+  float max_scale = 0.0f;
+  float sumx2 = 0.0f;
+  for (int i = 0; i < QK_K; ++i) sumx2 += xbl[i] * xbl[i];
+  const float sigma2 = sumx2 / QK_K;
+  for (int ib = 0; ib < QK_K / 16; ++ib) {
+    const float* xb = xbl + 16 * ib;
+    for (int i = 0; i < 16; ++i) weight[i] = qw[16 * ib + i] * std::sqrt(sigma2 + xb[i] * xb[i]);
+    for (int i = 0; i < 16; ++i) waux[i] = std::sqrt(weight[i]);
+    for (int k = 0; k < 2; ++k) {
+      int nflip = 0;
+      uint8_t s = 0;
+      for (int i = 0; i < 8; ++i) {
+        const float v = xb[8 * k + i];
+        xval[8 * k + i] = v >= 0.0f ? v : -v;
+        if (v < 0.0f) {
+          ++nflip;
+          s = static_cast<uint8_t>(s | (1 << i));
+        }
+      }
+      if (nflip % 2) {
+        int imin = 0;
+        float min = weight[8 * k] * xb[8 * k] * xb[8 * k];
+        for (int i = 1; i < 8; ++i) {
+          const float ax = weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i];
+          if (ax < min) {
+            min = ax;
+            imin = i;
+          }
+        }
+        xval[8 * k + imin] = -xval[8 * k + imin];
+        s = static_cast<uint8_t>(s ^ (1 << imin));
+      }
+      signs[k] = static_cast<uint8_t>(s & 127);
+    }
+    float max = xval[0];
+    for (int i = 1; i < 16; ++i) max = std::max(max, xval[i]);
+    std::memset(L, 0, 16);
+    if (max < kGroupMaxEps) {
+      scales[ib] = 0.0f;
+      continue;
+    }
+    float best = 0.0f;
+    float scale = max / (2 * kMaxQ - 1);
+    on_grid[0] = on_grid[1] = true;
+    for (int is = -9; is <= 9; ++is) {
+      const float id = (2 * kMaxQ - 1 + static_cast<float>(is) * 0.1f) / max;
+      const float this_scale = 1.0f / id;
+      for (int k = 0; k < 2; ++k) {
+        for (int i = 0; i < 8; ++i) {
+          const int l = nearest_int(0.5f * (id * xval[8 * k + i] - 1.0f));
+          Laux[8 * k + i] = static_cast<int8_t>(std::max(0, std::min(kMaxQ - 1, l)));
+        }
+        g.point(xval + 8 * k, waux + 8 * k, this_scale, Laux + 8 * k, &on_grid_aux[k]);
+      }
+      float sumqx = 0.0f, sumq2 = 0.0f;
+      for (int i = 0; i < 16; ++i) {
+        const float q = static_cast<float>(2 * Laux[i] + 1);
+        sumqx += weight[i] * xval[i] * q;
+        sumq2 += weight[i] * q * q;
+      }
+      if (sumq2 > 0.0f && sumqx * sumqx > best * sumq2) {
+        scale = sumqx / sumq2;
+        best = scale * sumqx;
+        std::memcpy(L, Laux, 16);
+        on_grid[0] = on_grid_aux[0];
+        on_grid[1] = on_grid_aux[1];
+      }
+    }
+    if ((!on_grid[0] || !on_grid[1]) && scale > 0.0f) {
+      const float id = 1.0f / scale;
+      for (int k = 0; k < 2; ++k) {
+        if (on_grid[k]) continue;
+        for (int i = 0; i < 8; ++i) {
+          const int l = nearest_int(0.5f * (id * xval[8 * k + i] - 1.0f));
+          L[8 * k + i] = static_cast<int8_t>(std::max(0, std::min(kMaxQ - 1, l)));
+        }
+        bool unused;
+        g.point(xval + 8 * k, waux + 8 * k, scale, L + 8 * k, &unused);
+      }
+      float sumqx = 0.0f, sumq2 = 0.0f;
+      for (int i = 0; i < 16; ++i) {
+        const float q = static_cast<float>(2 * L[i] + 1);
+        sumqx += weight[i] * xval[i] * q;
+        sumq2 += weight[i] * q * q;
+      }
+      if (sumq2 > 0.0f) scale = sumqx / sumq2;
+    }
+    if (scale < 0.0f) {
+      scale = -scale;
+      for (int k = 0; k < 2; ++k) signs[k] = static_cast<uint8_t>(~signs[k] & 127);
+    }
+    for (int k = 0; k < 2; ++k) {
+      const int index = g.map[static_cast<size_t>(g.code(L + 8 * k))];
+      if (index < 0) throw std::logic_error("IQ2_XS: levels off the grid after the search");
+      q2[2 * ib + k] = static_cast<uint16_t>(index | (signs[k] << 9));
+    }
+    scales[ib] = scale;
+    max_scale = std::max(max_scale, scale);
+  }
+  if (max_scale == 0.0f) {
+    std::memset(y->qs, 0, sizeof y->qs);
+    return;
+  }
+  const float d = max_scale / 31.0f;
+  y->d = f32_to_f16(d);
+  const float id = 1.0f / d;
+  for (int ib = 0; ib < QK_K / 16; ++ib) {
+    const int l = std::max(0, std::min(15, nearest_int(0.5f * (id * scales[ib] - 1.0f))));
+    y->scales[ib / 2] = static_cast<uint8_t>(ib % 2 == 0 ? l : (y->scales[ib / 2] | (l << 4)));
+  }
+  std::memcpy(y->qs, q2, sizeof y->qs);
+}
+
 }  // namespace
+
+void quantize_row_iq2_xs_weighted(const float* x, BlockIQ2_XS* y, int64_t n, const float* qw) {
+  if (qw == nullptr) {
+    throw std::invalid_argument("IQ2_XS can only be quantized with an importance matrix");
+  }
+  const Grid2Search& g = iq2xs_search();
+  for (int64_t i = 0; i < n / QK_K; ++i) {
+    quantize_iq2_xs_block(x + QK_K * i, qw + QK_K * i, g, y + i);
+  }
+}
 
 void quantize_row_iq3_xxs_weighted(const float* x, BlockIQ3_XXS* y, int64_t n, const float* qw) {
   const Grid3Search& g = iq3xxs_search();

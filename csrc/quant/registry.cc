@@ -178,8 +178,8 @@ bool has_weighted_quantizer(QType type) {
   switch (type) {
     case QType::Q4_0: case QType::Q4_1: case QType::Q5_0: case QType::Q5_1:
     case QType::Q2_K: case QType::Q3_K: case QType::Q4_K: case QType::Q5_K: case QType::Q6_K:
-    case QType::IQ4_NL: case QType::IQ4_XS: case QType::IQ2_XXS: case QType::IQ3_XXS:
-    case QType::IQ3_S:
+    case QType::IQ4_NL: case QType::IQ4_XS: case QType::IQ2_XXS: case QType::IQ2_XS:
+    case QType::IQ3_XXS: case QType::IQ3_S:
       return true;
     default:
       return false;
@@ -246,6 +246,9 @@ void quantize_weighted(QType type, const float* src, int64_t n_rows, int64_t n_p
         break;
       case QType::IQ3_XXS:
         quantize_row_iq3_xxs_weighted(x, static_cast<BlockIQ3_XXS*>(out), n_per_row, qw);
+        break;
+      case QType::IQ2_XS:
+        quantize_row_iq2_xs_weighted(x, static_cast<BlockIQ2_XS*>(out), n_per_row, qw);
         break;
       case QType::IQ3_S:
         quantize_row_iq3_s_weighted(x, static_cast<BlockIQ3_S*>(out), n_per_row, qw);

@@ -13,9 +13,9 @@ File types (``LLAMA_FTYPE`` id, bulk type of the weight matrices)::
     Q4_0 2 Q4_0  Q4_1 3 Q4_1  Q5_0 8 Q5_0     Q5_1 9 Q5_1
     Q2_K 10 Q2_K    Q3_K_S 11 Q3_K  Q3_K_M 12 Q3_K  Q3_K_L 13 Q3_K
     Q4_K_S 14 Q4_K  Q4_K_M 15 Q4_K  Q5_K_S 16 Q5_K  Q5_K_M 17 Q5_K  Q6_K 18 Q6_K
-    IQ2_XXS 19 IQ2_XXS  IQ3_S 26 IQ3_S  IQ4_NL 25 IQ4_NL  IQ4_XS 30 IQ4_XS
+    IQ2_XXS 19 IQ2_XXS  IQ2_XS 20 IQ2_XS  IQ3_S 26 IQ3_S  IQ4_NL 25 IQ4_NL  IQ4_XS 30 IQ4_XS
     TQ1_0 36 TQ1_0  TQ2_0 37 TQ2_0
-    (IQ2_XXS needs an importance matrix: ``imatrix=``, ``--imatrix``)
+    (IQ2_XXS and IQ2_XS need an importance matrix: ``imatrix=``, ``--imatrix``)
     (aliases as llama-quantize: Q3_K = Q3_K_M, Q4_K = Q4_K_M, Q5_K = Q5_K_M)
 
 Which tensors are converted (as llama.cpp's quantizer decides): tensors with at least 2 dims whose
@@ -35,9 +35,9 @@ tensor             rule
 output.weight      Q6_K, except Q8_0 stays Q8_0; Q8_0 when the row length is not a multiple of
                    the bulk type's block (and for falcon). Without output.weight (tied
                    embeddings) token_embd.weight takes this rule instead.
-token_embd.weight  the bulk type; Q4_K for TQ1_0 / TQ2_0; Q2_K for IQ2_XXS
+token_embd.weight  the bulk type; Q4_K for TQ1_0 / TQ2_0; Q2_K for IQ2_XXS / IQ2_XS
 attn_v.weight      (fused attn_qkv and MLA attn_kv_b count as attn_v, as in llama.cpp)
-                   IQ2_XXS: Q4_K if gqa >= 4 or 4+ experts, else Q2_K (its other rules:
+                   IQ2_XXS / IQ2_XS: Q4_K if gqa >= 4 or 4+ experts, else Q2_K (their other rules:
                    output Q5_K, ffn_down Q2_K for i < n/8, 8 experts: attn_k Q4_K and
                    attn_output Q5_K; none of the rules below).
                    Q2_K: Q4_K if gqa >= 4 else Q3_K; Q3_K_M: Q5_K for i < 2 else Q4_K;
@@ -140,6 +140,7 @@ FILE_TYPES: dict[str, FileType] = {
         FileType("Q5_K_M", 17, T.Q5_K),
         FileType("Q6_K", 18, T.Q6_K),
         FileType("IQ2_XXS", 19, T.IQ2_XXS, needs_imatrix=True),
+        FileType("IQ2_XS", 20, T.IQ2_XS, needs_imatrix=True),
         FileType("IQ3_S", 26, T.IQ3_S),
         FileType("IQ4_NL", 25, T.IQ4_NL),
         FileType("IQ4_XS", 30, T.IQ4_XS),
@@ -153,7 +154,8 @@ QUANTIZATION_VERSION = 2
 
 # Fallbacks for rows that are not a whole number of the chosen type's blocks (see docstring).
 _FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
-             T.IQ4_XS: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL, T.TQ1_0: T.Q4_0,
+             T.IQ4_XS: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL, T.IQ2_XS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL,
+             T.TQ1_0: T.Q4_0,
              T.TQ2_0: T.Q4_0}
 _IQ4 = ("IQ4_NL", "IQ4_XS")
 _IQ_LOW = tuple(ft.name for ft in FILE_TYPES.values() if ft.needs_imatrix)

@@ -105,9 +105,10 @@ void quantize_row_iq4_xs(const float* x, BlockIQ4_XS* y, int64_t n);
 // (the mean square of its column's activations), nullptr for none.
 void quantize_row_iq4_nl_weighted(const float* x, BlockIQ4_NL* y, int64_t n, const float* qw);
 void quantize_row_iq4_xs_weighted(const float* x, BlockIQ4_XS* y, int64_t n, const float* qw);
-// IQ2_XXS has only this form: its grid search needs an importance matrix (qw non-null;
-// csrc/quant/iquants_search.cc).
+// IQ2_XXS and IQ2_XS have only this form: their grid search needs an importance matrix
+// (qw non-null; csrc/quant/iquants_search.cc).
 void quantize_row_iq2_xxs_weighted(const float* x, BlockIQ2_XXS* y, int64_t n, const float* qw);
+void quantize_row_iq2_xs_weighted(const float* x, BlockIQ2_XS* y, int64_t n, const float* qw);
 // IQ3_XXS and IQ3_S, with an importance matrix (qw) or without (weights x^2), as llama.cpp's.
 void quantize_row_iq3_xxs(const float* x, BlockIQ3_XXS* y, int64_t n);
 void quantize_row_iq3_xxs_weighted(const float* x, BlockIQ3_XXS* y, int64_t n, const float* qw);
