@@ -39,6 +39,57 @@ using quant_search::kGroupMaxEps;
 using quant_search::make_positive_quants;
 using quant_search::nearest_int;
 
+// The magnitudes of a group of 8 into xval and its sign bits, with an even number of minus
+// signs as the IQ2 / IQ3_XXS sign tables can store (the 8th sign is the parity of the 7): an
+// odd count flips the sign of the least important value (smallest weight * x^2). Returns the
+// 7 stored bits.
+uint8_t even_signs(const float* x, const float* weight, float* xval) {
+  int nflip = 0;
+  uint8_t s = 0;
+  for (int i = 0; i < 8; ++i) {
+    xval[i] = x[i] >= 0.0f ? x[i] : -x[i];
+    if (x[i] < 0.0f) {
+      ++nflip;
+      s = static_cast<uint8_t>(s | (1 << i));
+    }
+  }
+  if (nflip % 2) {
+    int imin = 0;
+    float min = weight[0] * x[0] * x[0];
+    for (int i = 1; i < 8; ++i) {
+      const float ax = weight[i] * x[i] * x[i];
+      if (ax < min) {
+        min = ax;
+        imin = i;
+      }
+    }
+    xval[imin] = -xval[imin];
+    s = static_cast<uint8_t>(s ^ (1 << imin));
+  }
+  return static_cast<uint8_t>(s & 127);
+}
+
+// The level (0..kMaxQ-1) of n magnitudes at inverse scale id: positions 2 l + 1 nearest to x.
+void round_levels(int n, const float* xval, float id, int kMaxQ, int8_t* L) {
+  for (int i = 0; i < n; ++i) {
+    const int l = nearest_int(0.5f * (id * xval[i] - 1.0f));
+    L[i] = static_cast<int8_t>(std::max(0, std::min(kMaxQ - 1, l)));
+  }
+}
+
+// Weighted least-squares terms of n magnitudes against the positions 2 L + 1: returns
+// sum w x q and writes sum w q^2 (the best scale is their ratio).
+float grid_fit(int n, const float* weight, const float* xval, const int8_t* L, float* sumq2) {
+  float sumqx = 0.0f, q2 = 0.0f;
+  for (int i = 0; i < n; ++i) {
+    const float q = static_cast<float>(2 * L[i] + 1);
+    sumqx += weight[i] * xval[i] * q;
+    q2 += weight[i] * q * q;
+  }
+  *sumq2 = q2;
+  return sumqx;
+}
+
 // A grid prepared for the search: each of its points as N odd positions 2 l + 1 (l the level of
 // the element), the point of each code sum(l_i << kBits i) (for codes that are not grid
 // points: -(1 + offset) of their neighbour list in `neighbours`: a count, then point indices).
@@ -179,30 +230,7 @@ void quantize_iq2_xxs_block(const float* xbl, const float* qw, const Grid2Search
     for (int i = 0; i < 32; ++i) weight[i] = w32[i] * std::sqrt(sigma2 + xb[i] * xb[i]);
     for (int i = 0; i < 32; ++i) waux[i] = std::sqrt(weight[i]);
     for (int k = 0; k < 4; ++k) {
-      int nflip = 0;
-      uint8_t s = 0;
-      for (int i = 0; i < 8; ++i) {
-        const float v = xb[8 * k + i];
-        xval[8 * k + i] = v >= 0.0f ? v : -v;
-        if (v < 0.0f) {
-          ++nflip;
-          s = static_cast<uint8_t>(s | (1 << i));
-        }
-      }
-      if (nflip % 2) {  // an odd count cannot be stored: flip the least important value
-        int imin = 0;
-        float min = weight[8 * k] * xb[8 * k] * xb[8 * k];
-        for (int i = 1; i < 8; ++i) {
-          const float ax = weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i];
-          if (ax < min) {
-            min = ax;
-            imin = i;
-          }
-        }
-        xval[8 * k + imin] = -xval[8 * k + imin];
-        s = static_cast<uint8_t>(s ^ (1 << imin));
-      }
-      signs[k] = static_cast<uint8_t>(s & 127);
+      signs[k] = even_signs(xb + 8 * k, weight + 8 * k, xval + 8 * k);
     }
     float max = xval[0];
     for (int i = 1; i < 32; ++i) max = std::max(max, xval[i]);
@@ -222,18 +250,11 @@ void quantize_iq2_xxs_block(const float* xbl, const float* qw, const Grid2Search
       const float id = (2 * kMaxQ - 1 + static_cast<float>(is) * 0.1f) / eff_max;
       const float this_scale = 1.0f / id;
       for (int k = 0; k < 4; ++k) {
-        for (int i = 0; i < 8; ++i) {
-          const int l = nearest_int(0.5f * (id * xval[8 * k + i] - 1.0f));
-          Laux[8 * k + i] = static_cast<int8_t>(std::max(0, std::min(kMaxQ - 1, l)));
-        }
+        round_levels(8, xval + 8 * k, id, kMaxQ, Laux + 8 * k);
         grid_point(g, xval + 8 * k, waux + 8 * k, this_scale, Laux + 8 * k);
       }
-      float sumqx = 0.0f, sumq2 = 0.0f;
-      for (int i = 0; i < 32; ++i) {
-        const float q = static_cast<float>(2 * Laux[i] + 1);
-        sumqx += weight[i] * xval[i] * q;
-        sumq2 += weight[i] * q * q;
-      }
+      float sumq2;
+      const float sumqx = grid_fit(32, weight, xval, Laux, &sumq2);
       if (sumq2 > 0.0f && sumqx * sumqx > best * sumq2) {
         scale = sumqx / sumq2;
         best = scale * sumqx;
@@ -243,18 +264,11 @@ void quantize_iq2_xxs_block(const float* xbl, const float* qw, const Grid2Search
     if (scale > 0.0f) {
       const float id = 1.0f / scale;
       for (int k = 0; k < 4; ++k) {
-        for (int i = 0; i < 8; ++i) {
-          const int l = nearest_int(0.5f * (id * xval[8 * k + i] - 1.0f));
-          L[8 * k + i] = static_cast<int8_t>(std::max(0, std::min(kMaxQ - 1, l)));
-        }
+        round_levels(8, xval + 8 * k, id, kMaxQ, L + 8 * k);
         grid_point(g, xval + 8 * k, waux + 8 * k, scale, L + 8 * k);
       }
-      float sumqx = 0.0f, sumq2 = 0.0f;
-      for (int i = 0; i < 32; ++i) {
-        const float q = static_cast<float>(2 * L[i] + 1);
-        sumqx += weight[i] * xval[i] * q;
-        sumq2 += weight[i] * q * q;
-      }
+      float sumq2;
+      const float sumqx = grid_fit(32, weight, xval, L, &sumq2);
       if (sumq2 > 0.0f) scale = sumqx / sumq2;
     }
     if (scale < 0.0f) {  // the scale is stored unsigned: flip it and the signs
@@ -354,18 +368,11 @@ void quantize_iq3_s_block(const float* xbl, const float* qw, const Grid3Search& 
       const float id = (2 * kMaxQ - 1 + static_cast<float>(is) * 0.2f) / max;
       const float this_scale = 1.0f / id;
       for (int k = 0; k < kBs4; ++k) {
-        for (int i = 0; i < 4; ++i) {
-          const int l = nearest_int(0.5f * (id * xval[4 * k + i] - 1.0f));
-          Laux[4 * k + i] = static_cast<int8_t>(std::max(0, std::min(kMaxQ - 1, l)));
-        }
+        round_levels(4, xval + 4 * k, id, kMaxQ, Laux + 4 * k);
         g.point(xval + 4 * k, waux + 4 * k, this_scale, Laux + 4 * k, &on_grid_aux[k]);
       }
-      float sumqx = 0.0f, sumq2 = 0.0f;
-      for (int i = 0; i < kBs; ++i) {
-        const float q = static_cast<float>(2 * Laux[i] + 1);
-        sumqx += weight[i] * xval[i] * q;
-        sumq2 += weight[i] * q * q;
-      }
+      float sumq2;
+      const float sumqx = grid_fit(kBs, weight, xval, Laux, &sumq2);
       if (sumq2 > 0.0f && sumqx * sumqx > best * sumq2) {
         scale = sumqx / sumq2;
         best = scale * sumqx;
@@ -378,19 +385,12 @@ void quantize_iq3_s_block(const float* xbl, const float* qw, const Grid3Search& 
     if (off_grid > 0 && scale > 0.0f) {
       const float id = 1.0f / scale;
       for (int k = 0; k < kBs4; ++k) {
-        for (int i = 0; i < 4; ++i) {
-          const int l = nearest_int(0.5f * (id * xval[4 * k + i] - 1.0f));
-          L[4 * k + i] = static_cast<int8_t>(std::max(0, std::min(kMaxQ - 1, l)));
-        }
+        round_levels(4, xval + 4 * k, id, kMaxQ, L + 4 * k);
         bool unused;
         g.point(xval + 4 * k, waux + 4 * k, scale, L + 4 * k, &unused);
       }
-      float sumqx = 0.0f, sumq2 = 0.0f;
-      for (int i = 0; i < kBs; ++i) {
-        const float q = static_cast<float>(2 * L[i] + 1);
-        sumqx += weight[i] * xval[i] * q;
-        sumq2 += weight[i] * q * q;
-      }
+      float sumq2;
+      const float sumqx = grid_fit(kBs, weight, xval, L, &sumq2);
       if (sumq2 > 0.0f) scale = sumqx / sumq2;
     }
     if (scale < 0.0f) {  // the scale is stored unsigned: flip it and the signs
@@ -467,30 +467,7 @@ void quantize_iq3_xxs_block(const float* xbl, const float* qw, const Grid3Search
     }
     for (int i = 0; i < 32; ++i) waux[i] = std::sqrt(weight[i]);
     for (int k = 0; k < 4; ++k) {
-      int nflip = 0;
-      uint8_t s = 0;
-      for (int i = 0; i < 8; ++i) {
-        const float v = xb[8 * k + i];
-        xval[8 * k + i] = v >= 0.0f ? v : -v;
-        if (v < 0.0f) {
-          ++nflip;
-          s = static_cast<uint8_t>(s | (1 << i));
-        }
-      }
-      if (nflip % 2) {
-        int imin = 0;
-        float min = weight[8 * k] * xb[8 * k] * xb[8 * k];
-        for (int i = 1; i < 8; ++i) {
-          const float ax = weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i];
-          if (ax < min) {
-            min = ax;
-            imin = i;
-          }
-        }
-        xval[8 * k + imin] = -xval[8 * k + imin];
-        s = static_cast<uint8_t>(s ^ (1 << imin));
-      }
-      signs[k] = static_cast<uint8_t>(s & 127);
+      signs[k] = even_signs(xb + 8 * k, weight + 8 * k, xval + 8 * k);
     }
     float max = xval[0];
     for (int i = 1; i < 32; ++i) max = std::max(max, xval[i]);
@@ -506,18 +483,11 @@ void quantize_iq3_xxs_block(const float* xbl, const float* qw, const Grid3Search
       const float id = (2 * kMaxQ - 1 + static_cast<float>(is) * 0.2f) / max;
       const float this_scale = 1.0f / id;
       for (int k = 0; k < 8; ++k) {
-        for (int i = 0; i < 4; ++i) {
-          const int l = nearest_int(0.5f * (id * xval[4 * k + i] - 1.0f));
-          Laux[4 * k + i] = static_cast<int8_t>(std::max(0, std::min(kMaxQ - 1, l)));
-        }
+        round_levels(4, xval + 4 * k, id, kMaxQ, Laux + 4 * k);
         g.point(xval + 4 * k, waux + 4 * k, this_scale, Laux + 4 * k, &on_grid_aux[k]);
       }
-      float sumqx = 0.0f, sumq2 = 0.0f;
-      for (int i = 0; i < 32; ++i) {
-        const float q = static_cast<float>(2 * Laux[i] + 1);
-        sumqx += weight[i] * xval[i] * q;
-        sumq2 += weight[i] * q * q;
-      }
+      float sumq2;
+      const float sumqx = grid_fit(32, weight, xval, Laux, &sumq2);
       if (sumq2 > 0.0f && sumqx * sumqx > best * sumq2) {
         scale = sumqx / sumq2;
         best = scale * sumqx;
@@ -531,19 +501,12 @@ void quantize_iq3_xxs_block(const float* xbl, const float* qw, const Grid3Search
       const float id = 1.0f / scale;
       for (int k = 0; k < 8; ++k) {
         if (on_grid[k]) continue;
-        for (int i = 0; i < 4; ++i) {
-          const int l = nearest_int(0.5f * (id * xval[4 * k + i] - 1.0f));
-          L[4 * k + i] = static_cast<int8_t>(std::max(0, std::min(kMaxQ - 1, l)));
-        }
+        round_levels(4, xval + 4 * k, id, kMaxQ, L + 4 * k);
         bool unused;
         g.point(xval + 4 * k, waux + 4 * k, scale, L + 4 * k, &unused);
       }
-      float sumqx = 0.0f, sumq2 = 0.0f;
-      for (int i = 0; i < 32; ++i) {
-        const float q = static_cast<float>(2 * L[i] + 1);
-        sumqx += weight[i] * xval[i] * q;
-        sumq2 += weight[i] * q * q;
-      }
+      float sumq2;
+      const float sumqx = grid_fit(32, weight, xval, L, &sumq2);
       if (sumq2 > 0.0f) scale = sumqx / sumq2;
     }
     if (scale < 0.0f) {
@@ -602,30 +565,7 @@ void quantize_iq2_xs_block(const float* xbl, const float* qw, const Grid2Search&
     for (int i = 0; i < 16; ++i) weight[i] = qw[16 * ib + i] * std::sqrt(sigma2 + xb[i] * xb[i]);
     for (int i = 0; i < 16; ++i) waux[i] = std::sqrt(weight[i]);
     for (int k = 0; k < 2; ++k) {
-      int nflip = 0;
-      uint8_t s = 0;
-      for (int i = 0; i < 8; ++i) {
-        const float v = xb[8 * k + i];
-        xval[8 * k + i] = v >= 0.0f ? v : -v;
-        if (v < 0.0f) {
-          ++nflip;
-          s = static_cast<uint8_t>(s | (1 << i));
-        }
-      }
-      if (nflip % 2) {
-        int imin = 0;
-        float min = weight[8 * k] * xb[8 * k] * xb[8 * k];
-        for (int i = 1; i < 8; ++i) {
-          const float ax = weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i];
-          if (ax < min) {
-            min = ax;
-            imin = i;
-          }
-        }
-        xval[8 * k + imin] = -xval[8 * k + imin];
-        s = static_cast<uint8_t>(s ^ (1 << imin));
-      }
-      signs[k] = static_cast<uint8_t>(s & 127);
+      signs[k] = even_signs(xb + 8 * k, weight + 8 * k, xval + 8 * k);
     }
     float max = xval[0];
     for (int i = 1; i < 16; ++i) max = std::max(max, xval[i]);
@@ -641,18 +581,11 @@ void quantize_iq2_xs_block(const float* xbl, const float* qw, const Grid2Search&
       const float id = (2 * kMaxQ - 1 + static_cast<float>(is) * 0.1f) / max;
       const float this_scale = 1.0f / id;
       for (int k = 0; k < 2; ++k) {
-        for (int i = 0; i < 8; ++i) {
-          const int l = nearest_int(0.5f * (id * xval[8 * k + i] - 1.0f));
-          Laux[8 * k + i] = static_cast<int8_t>(std::max(0, std::min(kMaxQ - 1, l)));
-        }
+        round_levels(8, xval + 8 * k, id, kMaxQ, Laux + 8 * k);
         g.point(xval + 8 * k, waux + 8 * k, this_scale, Laux + 8 * k, &on_grid_aux[k]);
       }
-      float sumqx = 0.0f, sumq2 = 0.0f;
-      for (int i = 0; i < 16; ++i) {
-        const float q = static_cast<float>(2 * Laux[i] + 1);
-        sumqx += weight[i] * xval[i] * q;
-        sumq2 += weight[i] * q * q;
-      }
+      float sumq2;
+      const float sumqx = grid_fit(16, weight, xval, Laux, &sumq2);
       if (sumq2 > 0.0f && sumqx * sumqx > best * sumq2) {
         scale = sumqx / sumq2;
         best = scale * sumqx;
@@ -665,19 +598,12 @@ void quantize_iq2_xs_block(const float* xbl, const float* qw, const Grid2Search&
       const float id = 1.0f / scale;
       for (int k = 0; k < 2; ++k) {
         if (on_grid[k]) continue;
-        for (int i = 0; i < 8; ++i) {
-          const int l = nearest_int(0.5f * (id * xval[8 * k + i] - 1.0f));
-          L[8 * k + i] = static_cast<int8_t>(std::max(0, std::min(kMaxQ - 1, l)));
-        }
+        round_levels(8, xval + 8 * k, id, kMaxQ, L + 8 * k);
         bool unused;
         g.point(xval + 8 * k, waux + 8 * k, scale, L + 8 * k, &unused);
       }
-      float sumqx = 0.0f, sumq2 = 0.0f;
-      for (int i = 0; i < 16; ++i) {
-        const float q = static_cast<float>(2 * L[i] + 1);
-        sumqx += weight[i] * xval[i] * q;
-        sumq2 += weight[i] * q * q;
-      }
+      float sumq2;
+      const float sumqx = grid_fit(16, weight, xval, L, &sumq2);
       if (sumq2 > 0.0f) scale = sumqx / sumq2;
     }
     if (scale < 0.0f) {
