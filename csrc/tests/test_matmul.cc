@@ -66,7 +66,8 @@ const std::vector<TypeCase>& cases() {
 }
 
 // The grid i-quants and ternary types: int16-activation kernels for AVX-512 only
-// (matvec_vnni_iq.cc, for decode and prefill); F32 math on the other ISAs.
+// (matvec_vnni_iq.cc for decode and the ternary types' prefill, matmat_vnni_iq.cc for the grid
+// types' prefill); F32 math on the other ISAs.
 bool is_grid_int16(QType t) {
   return t == QType::IQ2_XXS || t == QType::IQ2_XS || t == QType::IQ2_S ||
          t == QType::IQ3_XXS || t == QType::IQ3_S || t == QType::IQ1_S || t == QType::IQ1_M ||
@@ -97,7 +98,7 @@ void set_iq1m_scale(uint8_t* block, f16_t d) {
 }
 
 // Whether matmul takes an int16-activation VNNI kernel here (matvec_vnni.cc, matvec_vnni_iq.cc,
-// matmat_vnni.cc).
+// matmat_vnni.cc, matmat_vnni_iq.cc).
 bool uses_int16_activations(Isa isa, QType t, int64_t n_tokens) {
   if (!has_int16_kernels(t)) return false;
   if (isa == Isa::Avx2) {  // matvec_avx2.cc
@@ -111,7 +112,7 @@ bool uses_int16_activations(Isa isa, QType t, int64_t n_tokens) {
   return t == QType::Q4_0 || t == QType::Q4_1 || t == QType::Q5_0 || t == QType::Q5_1 ||
          t == QType::Q8_0 || t == QType::Q3_K || t == QType::Q4_K || t == QType::Q5_K ||
          t == QType::Q6_K || t == QType::IQ4_NL || t == QType::IQ4_XS ||
-         is_grid_int16(t);  // matmat_vnni.cc; matvec_vnni_iq.cc for the grid types
+         is_grid_int16(t);  // matmat_vnni.cc; matmat_vnni_iq.cc / matvec_vnni_iq.cc
 }
 
 // Random weight bytes whose scales are finite and of moderate size.
@@ -155,8 +156,9 @@ std::vector<double> dequantized(const TypeCase& tc, const std::vector<uint8_t>& 
 }
 
 void check_type(const TypeCase& tc, ThreadPool& pool, std::mt19937& rng) {
-  // 224 = 7 blocks of 32: one group of 4 plus 3 tail blocks (and 3 pairs plus 1); 75: odd float k
-  const int64_t k = tc.block == 256 ? 512 : (tc.block == 32 ? 224 : 75);
+  // 224 = 7 blocks of 32: one group of 4 plus 3 tail blocks (and 3 pairs plus 1); 75: odd float k;
+  // 768 = 3 super-blocks: a prefill panel depth (512) plus a tail of 256
+  const int64_t k = tc.block == 256 ? 768 : (tc.block == 32 ? 224 : 75);
   const int64_t n_out = 37;  // not a multiple of 2, 3, 4 threads or of the panel height
   const std::vector<uint8_t> w = random_weights(tc, n_out, k, rng);
   const std::vector<double> wd = dequantized(tc, w, n_out, k, pool);

@@ -60,6 +60,11 @@ template <QType T>
 void matmat_vnni_r16(const MatArgs& a, int64_t r0, int64_t r1);
 constexpr int kMatmatVnniRows = 32;
 
+// ---- matmat_vnni_iq.cc (AVX-512 only) ---------------------------------------------------------
+// Prefill, grid i-quants: int16 panels from the SIMD grid expansion, the same register tile.
+template <QType T>
+void matmat_vnni_iq(const MatArgs& a, int64_t r0, int64_t r1);
+
 // ---- matvec_r16.cc (AVX-512 only) -------------------------------------------------------------
 // Decode over the rows16 layout: one row per 32-bit lane, 16 rows per register.
 template <QType T>
