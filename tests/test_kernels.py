@@ -6,8 +6,8 @@ per output element:
     unrounded, F32 accumulation: |y - ref| <= RTOL * sum_i |w_i x_i| with RTOL = 1e-5 (measured
     worst case ~1e-6 at k <= 512).
   * AVX-512 VNNI kernels: matvec (n_tokens < 32, matvec_vnni.cc, matvec_vnni_iq.cc) of every
-    block type and matmat (n_tokens >= 32, matmat_vnni.cc, matmat_vnni_iq.cc, the ternary types
-    through matvec_vnni_iq.cc) of every block type except Q2_K; and
+    block type and matmat (n_tokens >= 32, matmat_vnni.cc, matmat_vnni_iq.cc) of every block
+    type except Q2_K; and
     the AVX2 matvec (n_tokens < 16, matvec_avx2.cc) of every block type except the 8-bit ones
     (Q8_0, IQ4_NL, IQ4_XS):
     activations are rounded to int16 steps per block of 32, adding at most half a step per
@@ -96,8 +96,7 @@ def isa_guard() -> Iterator[None]:
 
 
 # AVX-512 VNNI kernels (see the module doc)
-# grid i-quants and ternary types: VNNI decode (matvec_vnni_iq.cc); prefill: matmat_vnni_iq.cc
-# (grid types) or the decode kernel in passes of 4 tokens (ternary types)
+# grid i-quants and ternary types: VNNI decode (matvec_vnni_iq.cc), prefill (matmat_vnni_iq.cc)
 GRID_INT16_MATVEC = {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "TQ1_0",
                      "TQ2_0"}
 INT16_MATVEC = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",

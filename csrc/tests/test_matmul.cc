@@ -66,8 +66,7 @@ const std::vector<TypeCase>& cases() {
 }
 
 // The grid i-quants and ternary types: int16-activation kernels for AVX-512 only
-// (matvec_vnni_iq.cc for decode and the ternary types' prefill, matmat_vnni_iq.cc for the grid
-// types' prefill); F32 math on the other ISAs.
+// (matvec_vnni_iq.cc for decode, matmat_vnni_iq.cc for prefill); F32 math on the other ISAs.
 bool is_grid_int16(QType t) {
   return t == QType::IQ2_XXS || t == QType::IQ2_XS || t == QType::IQ2_S ||
          t == QType::IQ3_XXS || t == QType::IQ3_S || t == QType::IQ1_S || t == QType::IQ1_M ||

@@ -1,4 +1,5 @@
-// The grid i-quants (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M) as AVX-512 registers:
+// The grid i-quants (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M) and the ternary types
+// (TQ1_0, TQ2_0) as AVX-512 registers:
 // each group of 64 weights of a super-block (two sub-blocks of 32, natural element order) becomes
 // one register of signed int8 grid values with a few SIMD instructions, and each super-block a
 // vector of per-lane float scales (lane l of group j: elements 64 j + 4 l .. + 3). Used by the
@@ -23,7 +24,7 @@
 //     IQ2_XXS and per 16 = 4 lanes for IQ2_XS / IQ2_S; IQ3_XXS: d (0.5 + s) / 2; IQ3_S:
 //     d (1 + 2 s)) is the dequantized weight as the reference (csrc/quant/iquants_grid.cc).
 //   - IQ1_S / IQ1_M (2048-row grid: one gather per group; the shift +-1/8 made integer by
-//     scaling by 8) are described at their formats.
+//     scaling by 8) and the ternary types (digits) are described at their formats.
 // |value| <= 62 (IQ3_XXS; IQ2 grids <= 43, IQ3_S <= 15, IQ1 <= 9).
 //
 // Only the AVX-512 F/BW/DQ/VL/VNNI + BMI2 instructions of the avx512 build (no VBMI: CPUs with
@@ -445,6 +446,86 @@ struct Iq1m {
         reinterpret_cast<const __m128i*>(b.qs + 8 * j)));
     const __m512i hi = _mm512_cvtepu8_epi64(_mm_cvtsi64_si128(static_cast<long long>(top)));
     return iq1_values(_mm512_or_si512(lo, _mm512_slli_epi64(hi, 8)), minus);
+  }
+};
+
+
+// ---- ternary types ------------------------------------------------------------------------------
+// w = d (t - 1) with a digit t in 0..3 (TQ2_0) or 0..2 (TQ1_0) and one scale d per 256 (every
+// lane's pattern picks lane 0 of the broadcast scale). digits(blk, j, ctx): the 64 unsigned
+// digits of group j in natural element order; group(): the signed values t - 1.
+
+// TQ2_0: t a 2-bit code: byte 32 c + j, bits 2 p, is element 128 c + 32 p + j, so group 2 c + h
+// (elements 128 c + 64 h ..) is the 32 bytes of half c shifted by 4 h (first 32 elements) and
+// 4 h + 2 (last 32), as in MvK2.
+struct Tq2 {
+  using Block = BlockTQ2_0;
+  struct Ctx {
+    __m512i m3 = _mm512_set1_epi8(3);
+    __m512i shifts[2] = {
+        _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1),
+        _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1)};
+  };
+  static void load(const Block&, Ctx&) {}
+  static __m512i pattern(int) { return _mm512_setzero_si512(); }
+  static __m512 scales(const Block& b) { return _mm512_set1_ps(half_to_float(b.d)); }
+  static __m512i digits(const Block& b, int j, const Ctx& c) {
+    const __m512i q = _mm512_broadcast_i64x4(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs + 32 * (j / 2))));
+    return _mm512_and_si512(_mm512_srlv_epi16(q, c.shifts[j % 2]), c.m3);
+  }
+  static __m512i group(const Block& b, int j, const Ctx& c) {
+    return _mm512_sub_epi8(digits(b, j, c), _mm512_set1_epi8(1));
+  }
+};
+
+// TQ1_0: t a base-3 digit: element 32 p + j (p < 5) of qs[j] (j < 32), 160 + 16 p + j of
+// qs[32 + j], 240 + 4 p + j of qh[j], t = ((byte * 3^p mod 256) * 3) >> 8. A group's 64 bytes
+// are the source bytes in element order (broadcasts of qs[0..31], qs[32..47], qh: load() puts
+// them in the context) and its word multipliers 3^p (uniform over >= 4 bytes); the two byte
+// products come from 16-bit multiplies of the even and the odd bytes, t = mulhi_epu16(y_byte
+// << 8, 3).
+struct Tq1 {
+  using Block = BlockTQ1_0;
+  struct Ctx {
+    __m512i m[4], src[4];
+    __m512i hi_bytes = _mm512_set1_epi16(static_cast<short>(0xFF00));
+    __m512i lo_bytes = _mm512_set1_epi16(0x00FF), three = _mm512_set1_epi16(3);
+    Ctx() {
+      alignas(64) int16_t mul[4][32];
+      for (int i = 0; i < 32; ++i) {  // word i = bytes 2 i, 2 i + 1 of the group
+        mul[0][i] = i < 16 ? 1 : 3;
+        mul[1][i] = i < 16 ? 9 : 27;
+        mul[2][i] = i < 16 ? 81 : (i < 24 ? 1 : 3);
+        static constexpr int16_t kLast[8] = {1, 1, 3, 3, 9, 9, 27, 27};
+        mul[3][i] = i < 8 ? 9 : (i < 16 ? 27 : (i < 24 ? 81 : kLast[i - 24]));
+      }
+      for (int g = 0; g < 4; ++g) m[g] = _mm512_load_si512(mul[g]);
+    }
+  };
+  static void load(const Block& b, Ctx& c) {
+    const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs));
+    const __m128i q1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs + 32));
+    c.src[0] = c.src[1] = _mm512_broadcast_i64x4(q0);
+    c.src[2] =
+        _mm512_inserti64x4(_mm512_castsi256_si512(q0), _mm256_broadcastsi128_si256(q1), 1);
+    c.src[3] = _mm512_inserti32x4(_mm512_broadcast_i32x4(q1),
+                                  _mm_set1_epi32(static_cast<int>(load_u32(b.qh))), 3);
+  }
+  static __m512i pattern(int) { return _mm512_setzero_si512(); }
+  static __m512 scales(const Block& b) { return _mm512_set1_ps(half_to_float(b.d)); }
+  static __m512i digits(const Block&, int j, const Ctx& c) {
+    const __m512i x = c.src[j];
+    const __m512i y = _mm512_or_si512(
+        _mm512_and_si512(_mm512_mullo_epi16(x, c.m[j]), c.lo_bytes),
+        _mm512_and_si512(_mm512_mullo_epi16(_mm512_and_si512(x, c.hi_bytes), c.m[j]),
+                         c.hi_bytes));
+    return _mm512_or_si512(
+        _mm512_mulhi_epu16(_mm512_slli_epi16(y, 8), c.three),
+        _mm512_slli_epi16(_mm512_mulhi_epu16(_mm512_and_si512(y, c.hi_bytes), c.three), 8));
+  }
+  static __m512i group(const Block& b, int j, const Ctx& c) {
+    return _mm512_sub_epi8(digits(b, j, c), _mm512_set1_epi8(1));
   }
 };
 

@@ -1,8 +1,9 @@
 // AVX-512 VNNI matmat (prefill) panels for the grid i-quants (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS,
-// IQ3_S, IQ1_S, IQ1_M), multiplied by the int16 register tile of matmat_tile.h.
+// IQ3_S, IQ1_S, IQ1_M) and the ternary types (TQ1_0, TQ2_0), multiplied by the int16 register
+// tile of matmat_tile.h.
 //
-// Why: these types' weights are small integers (the signed grid values of iq_groups.h, |u| <= 62)
-// times one float scale per 32 or per 16 elements, exactly what the tile multiplies. Their decode
+// Why: these types' weights are small integers (the signed values of iq_groups.h, |u| <= 62)
+// times one float scale per 256, 32 or 16 elements, exactly what the tile multiplies. Their decode
 // kernel run over passes of 4 tokens re-expands every grid row once per 4 tokens (27.5 t/s pp64
 // on a 1.1B IQ2_XXS at one thread, llama.cpp 172); a panel expands each row once per k-chunk for
 // all tokens. Panels from the scalar float decoder were slower still (15 t/s): the expansion has
@@ -149,6 +150,10 @@ void matmat_vnni_iq(const MatArgs& a, int64_t r0, int64_t r1) {
     matmat16<GridPanel<Iq1s, 1>>(a, r0, r1);
   } else if constexpr (T == QType::IQ1_M) {
     matmat16<GridPanel<Iq1m, 2>>(a, r0, r1);
+  } else if constexpr (T == QType::TQ1_0) {
+    matmat16<GridPanel<Tq1, 1>>(a, r0, r1);
+  } else if constexpr (T == QType::TQ2_0) {
+    matmat16<GridPanel<Tq2, 1>>(a, r0, r1);
   } else {
     static_assert(kNoKernelFor<T>, "no VNNI i-quant matmat for this type");
   }
@@ -161,6 +166,8 @@ PYLLM_KERNEL_FOR(matmat_vnni_iq, IQ3_XXS)
 PYLLM_KERNEL_FOR(matmat_vnni_iq, IQ3_S)
 PYLLM_KERNEL_FOR(matmat_vnni_iq, IQ1_S)
 PYLLM_KERNEL_FOR(matmat_vnni_iq, IQ1_M)
+PYLLM_KERNEL_FOR(matmat_vnni_iq, TQ1_0)
+PYLLM_KERNEL_FOR(matmat_vnni_iq, TQ2_0)
 
 }  // namespace PYLLM_ISA
 }  // namespace pyllm

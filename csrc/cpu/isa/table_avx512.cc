@@ -1,7 +1,6 @@
 // The kernel table of the AVX-512 build (with VNNI): int16-split VNNI kernels for the legacy,
-// k-quant and IQ4 block types (matvec_vnni.cc, matmat_vnni.cc), for the grid i-quants
-// (matvec_vnni_iq.cc, matmat_vnni_iq.cc) and ternary types (matvec_vnni_iq.cc, prefill too:
-// passes of 4 tokens), rows16 kernels for the types with a rows16 layout (matvec_r16.cc,
+// k-quant and IQ4 block types (matvec_vnni.cc, matmat_vnni.cc), for the grid i-quants and
+// ternary types (matvec_vnni_iq.cc, matmat_vnni_iq.cc), rows16 kernels for the types with a rows16 layout (matvec_r16.cc,
 // matmat_vnni.cc), F32 math for the float types and for Q2_K's prefill.
 #include "cpu/isa/kernels.h"
 
@@ -37,10 +36,10 @@ constexpr TypeKernels kRows[] = {
     {Q::Q6_K, matvec_vnni<Q::Q6_K>, matmat_vnni<Q::Q6_K>,  matvec_vnni_r16<Q::Q6_K>, matmat_vnni_r16<Q::Q6_K>},
     {Q::IQ4_NL, matvec_vnni<Q::IQ4_NL>, matmat_vnni<Q::IQ4_NL>, matvec_vnni_r16<Q::IQ4_NL>, matmat_vnni_r16<Q::IQ4_NL>},
     {Q::IQ4_XS, matvec_vnni<Q::IQ4_XS>, matmat_vnni<Q::IQ4_XS>, matvec_vnni_r16<Q::IQ4_XS>, matmat_vnni_r16<Q::IQ4_XS>},
-    // grid i-quants: prefill panels from the SIMD grid expansion (matmat_vnni_iq.cc). Measured
-    // on a 1.1B IQ2_XXS, pp64 at 1 thread: 15 t/s with panels from the scalar decoder, 27.5 t/s
-    // with the decode kernel in passes of 4 tokens, 160 t/s with these panels (llama.cpp 154).
-    // The ternary types keep the decode kernel in passes of 4 tokens for prefill.
+    // grid i-quants and ternary types: prefill panels from the SIMD expansion of their values
+    // (matmat_vnni_iq.cc). Measured on a 1.1B IQ2_XXS, pp64 at 1 thread: 15 t/s with panels from
+    // the scalar decoder, 27.5 t/s with the decode kernel in passes of 4 tokens, 160 t/s with
+    // these panels (llama.cpp 154).
     {Q::IQ2_XXS, matvec_vnni_iq<Q::IQ2_XXS>, matmat_vnni_iq<Q::IQ2_XXS>, nullptr, nullptr},
     {Q::IQ2_XS, matvec_vnni_iq<Q::IQ2_XS>, matmat_vnni_iq<Q::IQ2_XS>, nullptr, nullptr},
     {Q::IQ2_S, matvec_vnni_iq<Q::IQ2_S>, matmat_vnni_iq<Q::IQ2_S>, nullptr, nullptr},
@@ -48,8 +47,8 @@ constexpr TypeKernels kRows[] = {
     {Q::IQ3_S, matvec_vnni_iq<Q::IQ3_S>, matmat_vnni_iq<Q::IQ3_S>, nullptr, nullptr},
     {Q::IQ1_S, matvec_vnni_iq<Q::IQ1_S>, matmat_vnni_iq<Q::IQ1_S>, nullptr, nullptr},
     {Q::IQ1_M, matvec_vnni_iq<Q::IQ1_M>, matmat_vnni_iq<Q::IQ1_M>, nullptr, nullptr},
-    {Q::TQ1_0, matvec_vnni_iq<Q::TQ1_0>, matvec_vnni_iq<Q::TQ1_0>, nullptr, nullptr},
-    {Q::TQ2_0, matvec_vnni_iq<Q::TQ2_0>, matvec_vnni_iq<Q::TQ2_0>, nullptr, nullptr},
+    {Q::TQ1_0, matvec_vnni_iq<Q::TQ1_0>, matmat_vnni_iq<Q::TQ1_0>, nullptr, nullptr},
+    {Q::TQ2_0, matvec_vnni_iq<Q::TQ2_0>, matmat_vnni_iq<Q::TQ2_0>, nullptr, nullptr},
 };
 
 }  // namespace
