@@ -581,6 +581,24 @@ def golden_source(path: Path) -> Path:
     return path
 
 
+def test_pyllm_writes_the_llama_cpp_files_grid_tensors(tmp_path: Path) -> None:
+    """Every grid-type (and IQ4_NL) matrix of llama-quantize's golden file, quantized by pyllm
+    from the same source weights with the same importance matrix (as quantize_file passes it):
+    the same bytes, for IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S and IQ1_M."""
+    from pyllm.formats.gguf import GGUFReader
+    from tests.test_quantize_imatrix import synthetic_imatrix
+
+    src = golden_source(tmp_path / "src.gguf")
+    imatrix = synthetic_imatrix(src)
+    with GGUFReader(src) as s, GGUFReader(GOLDEN_IQ) as g:
+        for name, qtype in GOLDEN_TYPES.items():
+            t = s.tensor(name + ".weight")
+            x = np.array(t.data, dtype=np.float32).reshape(t.shape)
+            q = qtypes.quantize(qtype, x, importance=imatrix.weights(name + ".weight"))
+            want = np.asarray(g.tensor(name + ".weight").raw, dtype=np.uint8).reshape(-1)
+            assert np.array_equal(q.reshape(-1), want), (name, qtype)
+
+
 def test_llama_cpp_quantized_file_loads() -> None:
     """llama.cpp's quantizer's file of every i-quant and ternary type: pyllm reads each tensor
     as the gguf package does, its logits match the float64 reference of those weights (the exact
