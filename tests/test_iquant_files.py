@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pyllm.formats.gguf import GGMLType, GGUFReader
+from pyllm.formats.gguf import GGUFReader
 from pyllm.formats.imatrix import Imatrix
 
-# file type -> the 2-D tensor type it is named after (the mix rules put other types on some)
-FILE_TYPES = {"IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS", "IQ3_S": "IQ3_S", "IQ2_XXS": "IQ2_XXS",
-              "IQ2_XS": "IQ2_XS", "TQ1_0": "TQ1_0", "TQ2_0": "TQ2_0"}
+# the i-quant and ternary file types (pyllm.tools.quantize.FILE_TYPES has each one's bulk type)
+FILE_TYPES = ["IQ4_NL", "IQ4_XS", "IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S",
+              "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S", "TQ1_0", "TQ2_0"]
 # 40+ tokens: the prompt runs through the prefill kernels (AVX-512: from 32 tokens), not decode's
 TEXT = ("The capital of France is Paris. It lies on the Seine, and its museums, cafes and parks "
         "draw millions of visitors every year; the city has been a centre of art, science and "
@@ -64,7 +64,7 @@ def _kl(p_log: np.ndarray, q_log: np.ndarray) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ftype", list(FILE_TYPES))
+@pytest.mark.parametrize("ftype", FILE_TYPES)
 def test_smollm2_file_type_matches_the_exact_model(smollm2_path: Path, tmp_path: Path,
                                                    smol_imatrix: Imatrix, tokens: list[int],
                                                    ftype: str) -> None:
@@ -74,12 +74,13 @@ def test_smollm2_file_type_matches_the_exact_model(smollm2_path: Path, tmp_path:
     from tests.reference.llama_ref import LlamaRef
 
     path = tmp_path / f"{ftype}.gguf"
-    imatrix = smol_imatrix if ALL_FILE_TYPES[ftype].needs_imatrix else None
+    ft = ALL_FILE_TYPES[ftype]
+    imatrix = smol_imatrix if ft.needs_imatrix else None
     quantize_file(smollm2_path, path, ftype, allow_requantize=True, threads=2, progress=False,
                   imatrix=imatrix)
     with GGUFReader(path) as r:
         kinds = {t.type for t in r.tensors if len(t.dims) == 2}
-    assert GGMLType[FILE_TYPES[ftype]] in kinds, kinds
+    assert ft.bulk in kinds, kinds
     want = LlamaRef(str(path), dtype=np.float32).forward(tokens).astype(np.float64)
     p_log = _log_softmax(want)
     # negative control: the Q4_1 original is a different model, far outside the bar

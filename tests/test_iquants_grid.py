@@ -491,27 +491,14 @@ def test_ternary_round_trip_error(name: str) -> None:
         assert rel < bound, (rel, bound)
 
 
-# ---- no quantizer for the grid types ------------------------------------------------------------
+# ---- the grid types that need an importance matrix ----------------------------------------------
 
 
-@pytest.mark.parametrize("name", [t for t in GRID_TYPES
-                                  if t not in ("IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ3_S")])
-def test_grid_types_cannot_be_quantized_yet(name: str) -> None:
-    info = qtypes.type_info(name)
-    assert info.is_weight and not info.can_quantize and not info.imatrix_quantize
-    with pytest.raises(QuantError, match=f"no quantizer for {name} yet"):
-        qtypes.quantize(name, np.zeros(256, np.float32))
-    with pytest.raises(QuantError, match="not implemented"):
-        qtypes.quantize(name, np.zeros(256, np.float32), importance=np.ones(256))
-    from pyllm import _core
-
-    big = np.zeros(1 << 17, np.float32)  # large enough for the binding to split it over threads
-    with pytest.raises(QuantError, match=f"no quantizer for {name} yet.*importance matrix"):
-        _core.quantize(int(GGMLType[name]), big)
-
-
-@pytest.mark.parametrize("name", ["IQ2_XXS", "IQ2_XS"])
-def test_iq2_types_need_an_importance_matrix(name: str) -> None:
+@pytest.mark.parametrize("name", ["IQ2_XXS", "IQ2_XS", "IQ1_S"])
+def test_grid_types_need_an_importance_matrix(name: str) -> None:
+    """IQ2_XXS, IQ2_XS and IQ1_S are written only with an importance matrix (llama.cpp's
+    ggml_quantize_chunk asserts one for them): a typed error naming the type without it, from
+    qtypes.quantize and from the extension (also when it splits the work over threads)."""
     from pyllm import _core
 
     info = qtypes.type_info(name)
@@ -520,6 +507,21 @@ def test_iq2_types_need_an_importance_matrix(name: str) -> None:
                  lambda: _core.quantize(int(GGMLType[name]), np.zeros(1 << 17, np.float32))):
         with pytest.raises(QuantError, match=f"{name} can only be quantized with an importance"):
             call()
+
+
+@pytest.mark.parametrize("name", ["IQ2_S", "IQ1_M"])
+def test_iq2_s_and_iq1_m_quantize_without_an_importance_matrix(name: str) -> None:
+    """IQ2_S and IQ1_M take weights from the values alone without an importance matrix, as
+    llama.cpp's quantizer does (figures: tests/test_iquants.py); with one, they follow it."""
+    info = qtypes.type_info(name)
+    assert info.can_quantize and info.imatrix_quantize
+    x = np.random.default_rng(3).standard_normal((2, 512)).astype(np.float32)
+    w = np.ones(512, np.float32)
+    w[:256] = 1e-3  # the first half hardly matters: a guided quantizer trades its accuracy
+    plain, guided = qtypes.quantize(name, x), qtypes.quantize(name, x, importance=w)
+    assert not np.array_equal(plain, guided)
+    err = [np.abs(qtypes.dequantize(name, q, x.shape) - x)[:, 256:].mean() for q in (plain, guided)]
+    assert err[1] < err[0]
 
 
 def test_iq3_s_zero_sub_block_keeps_the_others_in_place() -> None:
@@ -543,7 +545,6 @@ def test_iq3_s_zero_sub_block_keeps_the_others_in_place() -> None:
 def test_ternary_types_can_be_quantized() -> None:
     for name in TERNARY_TYPES:
         assert qtypes.type_info(name).can_quantize
-
 
 
 # ---- a file llama.cpp's quantizer wrote -------------------------------------------------------
@@ -578,6 +579,24 @@ def golden_source(path: Path) -> Path:
         w.write()
     raw.unlink()
     return path
+
+
+def test_pyllm_writes_the_llama_cpp_files_grid_tensors(tmp_path: Path) -> None:
+    """Every grid-type (and IQ4_NL) matrix of llama-quantize's golden file, quantized by pyllm
+    from the same source weights with the same importance matrix (as quantize_file passes it):
+    the same bytes, for IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S and IQ1_M."""
+    from pyllm.formats.gguf import GGUFReader
+    from tests.test_quantize_imatrix import synthetic_imatrix
+
+    src = golden_source(tmp_path / "src.gguf")
+    imatrix = synthetic_imatrix(src)
+    with GGUFReader(src) as s, GGUFReader(GOLDEN_IQ) as g:
+        for name, qtype in GOLDEN_TYPES.items():
+            t = s.tensor(name + ".weight")
+            x = np.array(t.data, dtype=np.float32).reshape(t.shape)
+            q = qtypes.quantize(qtype, x, importance=imatrix.weights(name + ".weight"))
+            want = np.asarray(g.tensor(name + ".weight").raw, dtype=np.uint8).reshape(-1)
+            assert np.array_equal(q.reshape(-1), want), (name, qtype)
 
 
 def test_llama_cpp_quantized_file_loads() -> None:

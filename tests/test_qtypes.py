@@ -52,10 +52,8 @@ WEIGHT_TYPES = [
     GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ2_S, GGMLType.IQ3_XXS, GGMLType.IQ3_S,
     GGMLType.IQ1_S, GGMLType.IQ1_M, GGMLType.TQ1_0, GGMLType.TQ2_0,
 ]  # fmt: skip
-# Weight types pyllm quantizes only with an importance matrix (IQ2_XXS) or not yet (the others).
-GRID_IQ_TYPES = [
-    GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ2_S, GGMLType.IQ1_S, GGMLType.IQ1_M,
-]  # fmt: skip
+# Weight types pyllm quantizes only with an importance matrix (as llama.cpp's quantizer).
+GRID_IQ_TYPES = [GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ1_S]
 EXACT_QUANTIZE_TYPES = [
     GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1,
     GGMLType.Q8_0, GGMLType.TQ1_0, GGMLType.TQ2_0,
@@ -155,9 +153,9 @@ def test_type_table_matches_gguf() -> None:
     assert all(dot[t] == GGMLType.Q8_K for t in K_TYPES)
     assert (dot[GGMLType.IQ4_NL], dot[GGMLType.IQ4_XS]) == (GGMLType.Q8_0, GGMLType.Q8_K)
     assert all(dot[t] == GGMLType.Q8_K
-               for t in GRID_IQ_TYPES + [GGMLType.IQ3_XXS, GGMLType.IQ3_S, GGMLType.TQ1_0,
-                                         GGMLType.TQ2_0])
-    # every type can be quantized to but the grid i-quants (IQ3_XXS and IQ3_S can)
+               for t in GRID_IQ_TYPES + [GGMLType.IQ3_XXS, GGMLType.IQ3_S, GGMLType.IQ2_S,
+                                         GGMLType.IQ1_M, GGMLType.TQ1_0, GGMLType.TQ2_0])
+    # every type can be quantized to without an importance matrix but IQ2_XXS, IQ2_XS, IQ1_S
     for t in qtypes.supported_types():
         assert qtypes.type_info(t).can_quantize == (t not in GRID_IQ_TYPES), t.name
 
@@ -323,6 +321,8 @@ ROUNDTRIP_RMSE = {
     GGMLType.Q8_0: 0.0065, GGMLType.Q8_1: 0.0065, GGMLType.Q8_K: 0.01,
     GGMLType.IQ4_NL: 0.0785, GGMLType.IQ4_XS: 0.079,  # measured 0.0769, 0.0775
     GGMLType.IQ3_S: 0.175, GGMLType.IQ3_XXS: 0.225,  # measured 0.167, 0.213
+    # without an importance matrix (weights sigma^2 / 4 + x^2, x^2): measured 0.2677, 0.5822
+    GGMLType.IQ2_S: 0.28, GGMLType.IQ1_M: 0.61,
     # ternary: Gaussian data mostly rounds to 0 (tests/test_iquants_grid.py); measured 0.8133
     GGMLType.TQ1_0: 0.83, GGMLType.TQ2_0: 0.83,
     **{t: LLAMA_CPP_RMSE[t] * 1.02 for t in K_TYPES},
@@ -521,8 +521,8 @@ def test_extension_rechecks_sizes() -> None:
         _core.dequantize(8, np.zeros((34, 2), np.uint8)[:, 0], 32)
     with pytest.raises(QuantError, match="unknown"):
         _core.type_traits(39)  # MXFP4: not in pyllm's table
-    with pytest.raises(QuantError, match="no quantizer for IQ2_S yet"):
-        _core.quantize(22, np.zeros(256, np.float32))
+    with pytest.raises(QuantError, match="IQ1_S can only be quantized with an importance"):
+        _core.quantize(19, np.zeros(256, np.float32))
 
 
 def test_readme_quantization_table_is_true() -> None:

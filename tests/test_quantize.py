@@ -43,7 +43,7 @@ LOGIT_MEASURED = {
     "Q5_0": 0.143, "Q5_1": 0.131, "Q5_K_S": 0.135, "Q5_K_M": 0.123,
     "Q4_0": 0.266, "Q4_1": 0.250, "Q4_K_S": 0.229, "Q4_K_M": 0.224,
     "Q3_K_S": 0.529, "Q3_K_M": 0.374, "Q3_K_L": 0.351, "Q2_K": 0.700,
-    "IQ4_NL": 0.246, "IQ4_XS": 0.245, "IQ3_S": 0.492,
+    "IQ4_NL": 0.246, "IQ4_XS": 0.245, "IQ3_S": 0.492, "IQ3_M": 0.430,
 }
 LOGIT_BOUND = {name: v * LOGIT_MARGIN for name, v in LOGIT_MEASURED.items()}
 # The negative control of each bound: a file of a coarser type (a quantizer that lost about one
@@ -54,7 +54,7 @@ COARSER = {
     "Q5_K_M": "Q4_K_M", "Q5_K_S": "Q4_K_S", "Q5_1": "Q4_1", "Q5_0": "Q4_0",
     "Q4_K_M": "Q3_K_L", "Q4_K_S": "Q3_K_L", "Q4_1": "Q3_K_M", "Q4_0": "Q3_K_M",
     "Q3_K_L": "Q3_K_S", "Q3_K_M": "Q3_K_S", "Q3_K_S": "Q2_K", "Q2_K": "Q2_K-no-min",
-    "IQ4_NL": "Q3_K_L", "IQ4_XS": "Q3_K_L", "IQ3_S": "Q2_K",
+    "IQ4_NL": "Q3_K_L", "IQ4_XS": "Q3_K_L", "IQ3_S": "Q2_K", "IQ3_M": "Q2_K",
 }
 
 
@@ -140,6 +140,9 @@ def expected_types(ftype: str) -> dict[str, GGMLType]:
             v = down = T.Q6_K if i in more else bulk
         elif ftype in ("IQ4_NL", "IQ4_XS"):  # gqa 2 keeps attn_v; no importance matrix
             down = T.Q5_K if i < 1 else bulk
+        elif ftype == "IQ3_M":  # IQ3_S with Q4_K attn_v / attn_output and first ffn_down
+            v = attn_out = T.Q4_K
+            down = T.Q4_K if i < 1 else bulk
         # IQ3_S: gqa 2 keeps attn_v, no other rule
         p = f"blk.{i}."
         exp.update({p + "attn_norm.weight": T.F32, p + "ffn_norm.weight": T.F32,

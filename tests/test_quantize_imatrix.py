@@ -19,12 +19,24 @@ from pyllm.errors import QuantError
 from pyllm.formats.gguf import GGUFReader
 from pyllm.formats.imatrix import Imatrix, ImatrixEntry, write_imatrix
 from pyllm.tools.quantize import FILE_TYPES, quantize_file
-from tests.test_quantize import figure_inputs, file_sha256, quant_digest
+from tests.test_quantize import figure_inputs, file_sha256, quant_digest, tame_copy
+from tests.tiny_models import TinySpec, write_tiny
 
 FIGURES = Path(__file__).parent / "data" / "llamacpp_imatrix_quant_figures.json"
 # every block-quantized file type (Q8_0 and the ternary types ignore the importance matrix, in
 # llama.cpp too)
 IMATRIX_TYPES = tuple(name for name, ft in FILE_TYPES.items() if ft.is_mix)
+# the i-quant mixes, whose rules also depend on gqa >= 4, tied embeddings and the layer range
+# (IQ3_XS's middle ffn_gate / ffn_up): checked on GQA4_SPEC's model too
+GQA4_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M", "IQ3_XXS", "IQ3_XS",
+              "IQ3_S", "IQ3_M")
+GQA4_SPEC = TinySpec(n_embd=256, n_head=4, n_head_kv=1, n_ff=512, n_layer=16, n_vocab=160,
+                     tied=True)
+
+
+def gqa4_model(folder: Path) -> Path:
+    """A deterministic 16-layer llama with 4 query heads per KV head and tied embeddings."""
+    return tame_copy(write_tiny(folder / "gqa4-raw.gguf", GQA4_SPEC), folder / "gqa4.gguf")
 
 
 def synthetic_imatrix(model: Path) -> Imatrix:
@@ -79,15 +91,66 @@ def test_matches_llama_cpp_quantizer_with_an_imatrix(inputs: tuple[Path, Path],
         assert quant_digest(plain)["tensors_sha256"] != got["tensors_sha256"]
 
 
-def test_very_low_bit_files_need_an_imatrix(inputs: tuple[Path, Path], tmp_path: Path) -> None:
+def test_matches_llama_cpp_on_a_gqa4_tied_model(tmp_path: Path) -> None:
+    """The i-quant mixes on GQA4_SPEC's model (attn_v Q4_K at gqa >= 4, the tied token_embd
+    taking the output rule, 16 layers): every tensor's type and bytes as llama-quantize
+    --imatrix wrote them."""
+    figures = json.loads(FIGURES.read_text(encoding="utf-8"))["gqa4"]
+    model = gqa4_model(tmp_path)
+    imatrix = tmp_path / "imatrix.gguf"
+    write_imatrix(synthetic_imatrix(model), imatrix)
+    assert file_sha256(model) == figures["input_sha256"], "inputs changed: regenerate"
+    assert file_sha256(imatrix) == figures["imatrix_sha256"], "imatrix changed: regenerate"
+    for name in GQA4_TYPES:
+        dst = tmp_path / f"{name}.gguf"
+        quantize_file(model, dst, name, threads=2, progress=False, imatrix=imatrix)
+        got = quant_digest(dst)
+        got.pop("file_size")
+        assert got == figures["types"][name], name
+        dst.unlink()
+
+
+# the file types llama-quantize refuses without an importance matrix (its own refusal, checked)
+NEEDS_IMATRIX = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M", "IQ3_XXS", "IQ3_XS"]
+
+
+def test_the_files_that_need_an_imatrix_are_llama_cpps() -> None:
+    assert [n for n, ft in FILE_TYPES.items() if ft.needs_imatrix] == NEEDS_IMATRIX
+
+
+@pytest.mark.parametrize("name", NEEDS_IMATRIX)
+def test_very_low_bit_files_need_an_imatrix(inputs: tuple[Path, Path], tmp_path: Path,
+                                            name: str) -> None:
+    """The files llama.cpp makes only with an importance matrix (1-2 bit i-quants, and the IQ3
+    mixes with IQ3_XXS tensors) are refused without one, before any work: a typed error naming
+    the grid type and how to make one; in the CLI one `error:` line, exit 1, no output file."""
     model, _ = inputs
-    with pytest.raises(QuantError, match="IQ2_XXS needs an importance matrix.*pyllm imatrix"):
-        quantize_file(model, tmp_path / "x.gguf", "IQ2_XXS", progress=False)
+    with pytest.raises(QuantError, match=f"^{name} needs an importance matrix: the grid search "
+                                         r"of its IQ\d_\w+ tensors.*pyllm imatrix"):
+        quantize_file(model, tmp_path / "x.gguf", name, progress=False)
     from tests.test_cli import run_cli
 
-    proc = run_cli("quantize", str(model), str(tmp_path / "x.gguf"), "IQ2_XXS")
-    assert proc.returncode == 1 and proc.stderr.startswith("error: IQ2_XXS needs")
+    proc = run_cli("quantize", str(model), str(tmp_path / "x.gguf"), name)
+    assert proc.returncode == 1 and proc.stderr.startswith(f"error: {name} needs an importance")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_grid_tensors_need_their_imatrix_entry(inputs: tuple[Path, Path],
+                                               tmp_path: Path) -> None:
+    """As llama.cpp ("missing importance matrix for tensor ... in a very low-bit
+    quantization"): an importance matrix without the entry of a tensor the mix makes IQ1_S,
+    IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S or IQ3_XXS is refused, naming the tensor; a tensor of another
+    type is quantized without guidance."""
+    model, _ = inputs
+    im = synthetic_imatrix(model)
+    del im.entries["blk.2.attn_q.weight"]  # IQ3_XS: IQ3_XXS; IQ3_M: IQ3_S
+    with pytest.raises(QuantError, match="no entry for blk.2.attn_q.weight, which IQ3_XXS"):
+        quantize_file(model, tmp_path / "x.gguf", "IQ3_XS", progress=False, imatrix=im)
+    assert not (tmp_path / "x.gguf").exists()
+    result = quantize_file(model, tmp_path / "m.gguf", "IQ3_M", progress=False, imatrix=im)
+    assert "blk.2.attn_q.weight" not in result.imatrix_used
+    assert len(result.imatrix_used) == 55
 
 
 def test_importance_lowers_the_weighted_error(inputs: tuple[Path, Path]) -> None:
@@ -152,9 +215,19 @@ def test_mix_rules_that_depend_on_an_imatrix(inputs: tuple[Path, Path]) -> None:
     model, _ = inputs
     with open_gguf(model) as r:
         for ftype, without, with_im in (("Q4_0", "Q4_0", "Q4_1"), ("Q5_0", "Q5_0", "Q5_1"),
-                                        ("IQ4_XS", "Q5_K", "IQ4_XS")):
+                                        ("IQ4_XS", "Q5_K", "IQ4_XS"),
+                                        ("IQ3_XXS", "Q4_K", "IQ3_XXS")):
             plain = {p.name: p.dst_type.name for p in plan_types(r, ftype)}
             guided = {p.name: p.dst_type.name for p in plan_types(r, ftype, imatrix=True)}
             assert (plain["blk.0.ffn_down.weight"], guided["blk.0.ffn_down.weight"]) == (
                 without, with_im), ftype
-            assert plain["blk.1.ffn_down.weight"] == guided["blk.1.ffn_down.weight"]
+            if ftype != "IQ3_XXS":
+                assert plain["blk.1.ffn_down.weight"] == guided["blk.1.ffn_down.weight"]
+        # IQ3_XXS (a file llama.cpp makes only with one, but its rules still say): attn_v and
+        # the other ffn_down IQ3_S / Q3_K without an importance matrix
+        plain = {p.name: p.dst_type.name for p in plan_types(r, "IQ3_XXS")}
+        guided = {p.name: p.dst_type.name for p in plan_types(r, "IQ3_XXS", imatrix=True)}
+        assert (plain["blk.1.attn_v.weight"], guided["blk.1.attn_v.weight"]) == (
+            "IQ3_S", "IQ3_XXS")
+        assert (plain["blk.1.ffn_down.weight"], guided["blk.1.ffn_down.weight"]) == (
+            "Q3_K", "IQ3_XXS")

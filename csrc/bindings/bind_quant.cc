@@ -130,7 +130,7 @@ py::array_t<uint8_t> py_quantize_weighted(uint32_t qtype, const py::buffer& src,
   int64_t out_bytes = 0;
   try {
     if (!has_weighted_quantizer(t.type)) {
-      check_quantizable(t.type);  // the grid types pyllm cannot write yet: that message
+      check_quantizable(t.type);  // a type without any quantizer: that message
       throw std::invalid_argument(std::string(t.name) + " has no importance-guided quantizer "
                                   "(its rounding does not use one, in llama.cpp either)");
     }

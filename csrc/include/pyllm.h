@@ -58,8 +58,8 @@ PYLLM_API int pyllm_dequantize(uint32_t type, const void* src, size_t src_bytes,
                                int64_t n);
 
 /* Quantize n floats into dst (dst_bytes long; exactly pyllm_row_size(type, n) are written).
- * PYLLM_E_INVALID for a type pyllm reads but cannot write yet (the grid i-quants IQ1_S, IQ1_M,
- * IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S: they need importance-matrix quantization). */
+ * PYLLM_E_INVALID for a type pyllm writes only with an importance matrix (the grid i-quants
+ * IQ2_XXS, IQ2_XS and IQ1_S, as llama.cpp). */
 PYLLM_API int pyllm_quantize(uint32_t type, const float* src, int64_t n, void* dst,
                              size_t dst_bytes);
 

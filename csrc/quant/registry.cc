@@ -33,8 +33,8 @@ void from_float_adapter(const float* src, void* dst, int64_t n) {
         &to_float_adapter<BLOCK, &dequantize_row_##SUFFIX>,                                 \
         &from_float_adapter<BLOCK, &quantize_row_##SUFFIX>, QType::DOT                      \
   }
-// A row for a type pyllm reads but cannot write yet (from_float null): the grid i-quants,
-// whose quantizers need an importance-matrix search.
+// A row for a type pyllm writes only with an importance matrix (from_float null): IQ2_XXS,
+// IQ2_XS and IQ1_S, whose grid searches llama.cpp runs only with one (quantize_weighted).
 #define PYLLM_TRAITS_DEQUANT_ONLY(TYPE, BLOCK, BS, WEIGHT, SUFFIX, DOT)                     \
   TypeTraits {                                                                              \
     QType::TYPE, #TYPE, BS, static_cast<int64_t>(sizeof(BLOCK)), true, WEIGHT,              \
@@ -62,9 +62,9 @@ const TypeTraits kTraits[] = {
     PYLLM_TRAITS_DEQUANT_ONLY(IQ1_S, BlockIQ1_S, QK_K, true, iq1_s, Q8_K),
     PYLLM_TRAITS(IQ4_NL, BlockIQ4_NL, QK4_NL, true, true, iq4_nl, Q8_0),
     PYLLM_TRAITS(IQ3_S, BlockIQ3_S, QK_K, true, true, iq3_s, Q8_K),
-    PYLLM_TRAITS_DEQUANT_ONLY(IQ2_S, BlockIQ2_S, QK_K, true, iq2_s, Q8_K),
+    PYLLM_TRAITS(IQ2_S, BlockIQ2_S, QK_K, true, true, iq2_s, Q8_K),
     PYLLM_TRAITS(IQ4_XS, BlockIQ4_XS, QK_K, true, true, iq4_xs, Q8_K),
-    PYLLM_TRAITS_DEQUANT_ONLY(IQ1_M, BlockIQ1_M, QK_K, true, iq1_m, Q8_K),
+    PYLLM_TRAITS(IQ1_M, BlockIQ1_M, QK_K, true, true, iq1_m, Q8_K),
     PYLLM_TRAITS(BF16, bf16_t, 1, false, true, bf16, BF16),
     PYLLM_TRAITS(TQ1_0, BlockTQ1_0, QK_K, true, true, tq1_0, Q8_K),
     PYLLM_TRAITS(TQ2_0, BlockTQ2_0, QK_K, true, true, tq2_0, Q8_K),
@@ -179,7 +179,8 @@ bool has_weighted_quantizer(QType type) {
     case QType::Q4_0: case QType::Q4_1: case QType::Q5_0: case QType::Q5_1:
     case QType::Q2_K: case QType::Q3_K: case QType::Q4_K: case QType::Q5_K: case QType::Q6_K:
     case QType::IQ4_NL: case QType::IQ4_XS: case QType::IQ2_XXS: case QType::IQ2_XS:
-    case QType::IQ3_XXS: case QType::IQ3_S:
+    case QType::IQ3_XXS: case QType::IQ3_S: case QType::IQ2_S: case QType::IQ1_S:
+    case QType::IQ1_M:
       return true;
     default:
       return false;
@@ -252,6 +253,15 @@ void quantize_weighted(QType type, const float* src, int64_t n_rows, int64_t n_p
         break;
       case QType::IQ3_S:
         quantize_row_iq3_s_weighted(x, static_cast<BlockIQ3_S*>(out), n_per_row, qw);
+        break;
+      case QType::IQ2_S:
+        quantize_row_iq2_s_weighted(x, static_cast<BlockIQ2_S*>(out), n_per_row, qw);
+        break;
+      case QType::IQ1_S:
+        quantize_row_iq1_s_weighted(x, static_cast<BlockIQ1_S*>(out), n_per_row, qw);
+        break;
+      case QType::IQ1_M:
+        quantize_row_iq1_m_weighted(x, static_cast<BlockIQ1_M*>(out), n_per_row, qw);
         break;
       default:
         quantize_row_iq2_xxs_weighted(x, static_cast<BlockIQ2_XXS*>(out), n_per_row, qw);

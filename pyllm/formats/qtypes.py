@@ -5,9 +5,10 @@ the kernel thread pool); this module resolves type names, checks shapes and size
 results. Dequantization is bit-exact with the ``gguf`` package; quantization of F16, BF16, Q4_0,
 Q4_1, Q5_0, Q5_1, Q8_0, TQ1_0 and TQ2_0 reproduces its bytes, and the k-quants (Q2_K..Q6_K) and
 IQ4_NL / IQ4_XS use llama.cpp's kind of scale search. The grid i-quants (IQ1_S, IQ1_M, IQ2_XXS,
-IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) dequantize only: quantizing to them needs an importance matrix,
-which pyllm does not implement yet (:func:`quantize` raises :class:`QuantError`). Q8_1 and Q8_K
-(the activation formats of the dot kernels) are supported too.
+IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) are written byte-identical with llama.cpp's quantizer; IQ1_S,
+IQ2_XXS and IQ2_XS only with an importance matrix (``importance=``; without one
+:func:`quantize` raises :class:`QuantError`, as llama.cpp refuses them). Q8_1 and Q8_K (the
+activation formats of the dot kernels) are supported too.
 
 Example::
 
@@ -46,8 +47,8 @@ class QuantTypeInfo:
     type_size: int  # bytes per block
     is_quantized: bool  # block-quantized (not a plain float type)
     is_weight: bool  # may be a weight type in a GGUF file (False for Q8_1/Q8_K)
-    can_quantize: bool  # quantize() supports it (False for the grid i-quants, for now)
-    imatrix_quantize: bool  # quantize(..., importance=) supports it (IQ4_NL, IQ4_XS so far)
+    can_quantize: bool  # quantize() supports it (False for IQ1_S, IQ2_XXS, IQ2_XS)
+    imatrix_quantize: bool  # quantize(..., importance=) supports it (not Q8_0, TQ1_0, TQ2_0)
     vec_dot_type: GGMLType  # activation format its dot kernels take
 
     def row_bytes(self, n: int) -> int:
@@ -196,9 +197,9 @@ def quantize(qtype: QTypeLike, array: Any, importance: Any = None) -> np.ndarray
     the last dimension's length: an importance matrix's mean squares,
     :meth:`pyllm.formats.imatrix.Imatrix.weights`) to guide the rounding as llama.cpp's
     quantizer does; types without such a quantizer (``type_info(t).imatrix_quantize``) raise
-    :class:`QuantError`. IQ2_XXS is written only with an importance matrix; the other grid
-    i-quants (IQ1_*, IQ2_XS, IQ2_S, IQ3_*) pyllm reads but cannot write yet
-    (:class:`QuantError`).
+    :class:`QuantError`. IQ1_S, IQ2_XXS and IQ2_XS are written only with an importance matrix
+    (:class:`QuantError` without one); the other grid i-quants (IQ1_M, IQ2_S, IQ3_XXS, IQ3_S)
+    with or without, as llama.cpp's quantizer.
     """
     info = type_info(qtype)
     if not info.can_quantize and not (info.imatrix_quantize and importance is not None):

@@ -13,9 +13,12 @@ File types (``LLAMA_FTYPE`` id, bulk type of the weight matrices)::
     Q4_0 2 Q4_0  Q4_1 3 Q4_1  Q5_0 8 Q5_0     Q5_1 9 Q5_1
     Q2_K 10 Q2_K    Q3_K_S 11 Q3_K  Q3_K_M 12 Q3_K  Q3_K_L 13 Q3_K
     Q4_K_S 14 Q4_K  Q4_K_M 15 Q4_K  Q5_K_S 16 Q5_K  Q5_K_M 17 Q5_K  Q6_K 18 Q6_K
-    IQ2_XXS 19 IQ2_XXS  IQ2_XS 20 IQ2_XS  IQ3_S 26 IQ3_S  IQ4_NL 25 IQ4_NL  IQ4_XS 30 IQ4_XS
-    TQ1_0 36 TQ1_0  TQ2_0 37 TQ2_0
-    (IQ2_XXS and IQ2_XS need an importance matrix: ``imatrix=``, ``--imatrix``)
+    IQ1_S 24 IQ1_S  IQ1_M 31 IQ1_M  IQ2_XXS 19 IQ2_XXS  IQ2_XS 20 IQ2_XS  IQ2_S 28 IQ2_XS
+    IQ2_M 29 IQ2_S  IQ3_XXS 23 IQ3_XXS  IQ3_XS 22 IQ3_S  IQ3_S 26 IQ3_S  IQ3_M 27 IQ3_S
+    IQ4_NL 25 IQ4_NL  IQ4_XS 30 IQ4_XS  TQ1_0 36 TQ1_0  TQ2_0 37 TQ2_0
+    (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ2_M, IQ3_XXS and IQ3_XS need an importance matrix:
+    ``imatrix=``, ``--imatrix``; llama-quantize refuses them without one too. With one, a tensor
+    the mix makes IQ1_S / IQ1_M / IQ2_XXS / IQ2_XS / IQ2_S / IQ3_XXS needs its entry.)
     (aliases as llama-quantize: Q3_K = Q3_K_M, Q4_K = Q4_K_M, Q5_K = Q5_K_M)
 
 Which tensors are converted (as llama.cpp's quantizer decides): tensors with at least 2 dims whose
@@ -32,41 +35,52 @@ n_head_kv:
 =================  ==========================================================================
 tensor             rule
 =================  ==========================================================================
-output.weight      Q6_K, except Q8_0 stays Q8_0; Q8_0 when the row length is not a multiple of
-                   the bulk type's block (and for falcon). Without output.weight (tied
-                   embeddings) token_embd.weight takes this rule instead.
-token_embd.weight  the bulk type; Q4_K for TQ1_0 / TQ2_0; Q2_K for IQ2_XXS / IQ2_XS
+output.weight      Q6_K, except Q8_0 stays Q8_0, and Q5_K for IQ1_S / IQ1_M / IQ2_XXS / IQ2_XS /
+                   IQ2_S / IQ2_M / IQ3_XXS; Q8_0 when the row length is not a multiple of the
+                   bulk type's block (and for falcon). Without output.weight (tied embeddings)
+                   token_embd.weight takes this rule instead.
+token_embd.weight  the bulk type; Q4_K for TQ1_0 / TQ2_0; Q2_K for IQ1_S / IQ1_M / IQ2_XXS /
+                   IQ2_XS; IQ3_S for IQ2_S / IQ2_M / IQ3_XXS
+low-bit i-quants   IQ1_S / IQ1_M / IQ2_XXS / IQ2_XS / IQ2_S / IQ2_M ("q2" below: IQ3_S for IQ2_S
+                   / IQ2_M, else Q2_K), their only rules: attn_v Q4_K if gqa >= 4 or 4+
+                   experts, else q2; ffn_down q2 for i < n/8; attn_output Q5_K with 8 experts,
+                   else IQ2_XXS for IQ1_S / IQ1_M, IQ3_S for IQ2_S / IQ2_M; attn_k Q4_K with 8
+                   experts. None of the rules below.
 attn_v.weight      (fused attn_qkv and MLA attn_kv_b count as attn_v, as in llama.cpp)
-                   IQ2_XXS / IQ2_XS: Q4_K if gqa >= 4 or 4+ experts, else Q2_K (their other rules:
-                   output Q5_K, ffn_down Q2_K for i < n/8, 8 experts: attn_k Q4_K and
-                   attn_output Q5_K; none of the rules below).
-                   Q2_K: Q4_K if gqa >= 4 else Q3_K; Q3_K_M: Q5_K for i < 2 else Q4_K;
-                   Q3_K_L: Q5_K; IQ4_NL / IQ4_XS: Q5_K if gqa >= 4; IQ3_S: Q4_K if gqa >= 4;
-                   Q4_K_M / Q5_K_M: Q6_K if
-                   more(i, n); Q4_K_S: Q5_K for i < 4.
+                   Q2_K: Q4_K if gqa >= 4 else Q3_K; IQ3_XXS: Q4_K if gqa >= 4, else IQ3_S
+                   without an importance matrix; IQ3_XS / IQ3_S: Q4_K if gqa >= 4; IQ3_M: Q4_K;
+                   Q3_K_M: Q5_K for i < 2 else Q4_K; Q3_K_L: Q5_K; IQ4_NL / IQ4_XS: Q5_K if
+                   gqa >= 4; Q4_K_M / Q5_K_M: Q6_K if more(i, n); Q4_K_S: Q5_K for i < 4.
                    Then 70B llama (80 layers): Q3_K/Q4_K -> Q5_K; 8 experts: Q8_0.
-attn_k.weight      8 experts: Q8_0
-ffn_down           Q2_K: Q3_K; Q3_K_M: Q5_K if i < n/16, else Q4_K (falcon: Q4_K only if
+attn_k.weight      8 experts: Q8_0; IQ3_XS: IQ3_XXS; IQ3_XXS: IQ2_S
+attn_q.weight      IQ3_XS: IQ3_XXS; IQ3_XXS: IQ2_S
+ffn_gate / ffn_up  IQ3_XS: IQ3_XXS for n/8 <= i < 7n/8 (i their layer counter)
+ffn_down           Q2_K: Q3_K; IQ3_XXS without an importance matrix: Q4_K if i < n/8 else Q3_K;
+                   IQ3_M: Q4_K if i < n/8 (8 experts: or more(i, n));
+                   Q3_K_M: Q5_K if i < n/16, else Q4_K (falcon: Q4_K only if
                    more(i, n), else Q3_K); Q3_K_L: Q5_K (falcon Q4_K); Q4_K_M: Q6_K if
                    more(i, n) (falcon: Q6_K if i < n/16, Q5_K if more, else Q4_K);
                    IQ4_NL / IQ4_XS without an importance matrix: Q5_K if i < n/8;
                    Q5_K_M: Q6_K if more(i, n); Q4_K_S: Q5_K if i < n/8 (not falcon);
                    with an importance matrix Q4_0 / Q5_0: Q4_1 / Q5_1 if i < n/8
-attn_output        Q2_K: Q3_K; Q3_K_M: Q4_K; Q3_K_L: Q5_K (falcon: Q3_K_L -> Q4_K only);
-                   8 experts: Q5_K for Q2_K, Q3_K_S, Q3_K_M, Q4_K_S, Q4_K_M, IQ3_S, IQ4_NL,
-                   IQ4_XS
+attn_output        Q2_K: Q3_K; IQ3_XXS: IQ3_S; Q3_K_M / IQ3_M: Q4_K; Q3_K_L: Q5_K (falcon:
+                   Q3_K_L -> Q4_K only); 8 experts: Q5_K for Q2_K, Q3_K_S, Q3_K_M, Q4_K_S,
+                   Q4_K_M, IQ3_XXS, IQ3_XS, IQ3_S, IQ3_M, IQ4_NL, IQ4_XS
 =================  ==========================================================================
 
 Row lengths that are not a multiple of the chosen type's block fall back as llama.cpp does:
 Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0 (some llama.cpp versions took
-IQ4_NL, which has Q4_0's size), IQ4_XS / IQ3_S / IQ2_XXS -> IQ4_NL, TQ1_0/TQ2_0 -> Q4_0, and F16
-when the row is not a multiple of 32 either.
+IQ4_NL, which has Q4_0's size), IQ4_XS and the grid i-quants (IQ1_*, IQ2_*, IQ3_*) -> IQ4_NL,
+TQ1_0/TQ2_0 -> Q4_0, and F16 when the row is not a multiple of 32 either.
 
 Checked against llama.cpp's quantizer (llama-cpp-python 0.3.36): for every file type the
 per-tensor types, the tensor bytes (k-quants included) and the file sizes are identical, on a
 tiny 8-layer llama and on a tiny tied-embedding llama whose rows (192, 320) take the fallbacks.
 tests/test_quantize.py compares with digests llama.cpp produced
-(tests/data/llamacpp_quant_figures.json; tests/data/make_llamacpp_quant_figures.py redoes them).
+(tests/data/llamacpp_quant_figures.json; tests/data/make_llamacpp_quant_figures.py redoes them);
+with an importance matrix, tests/test_quantize_imatrix.py (llama-quantize --imatrix: every
+block file type on the 8-layer llama, the i-quant mixes also on a 16-layer gqa-4 llama with
+tied embeddings).
 
 Interrupting: Ctrl-C (exit 130 in the CLI) and SIGTERM (exit 143) remove the temp file; a
 SIGKILLed run's temp file is removed by the next write into the folder (see
@@ -109,8 +123,8 @@ class FileType:
     name: str
     ftype: int  # LLAMA_FTYPE_* number stored as general.file_type
     bulk: GGMLType
-    # the 1-2 bit i-quant files: their own mix rules, and never made without an importance
-    # matrix (the grid search needs one)
+    # never made without an importance matrix: the 1-2 bit i-quant files and the IQ3 ones with
+    # IQ3_XXS tensors (the grid searches need one; llama.cpp refuses them too)
     needs_imatrix: bool = False
 
     @property
@@ -141,7 +155,14 @@ FILE_TYPES: dict[str, FileType] = {
         FileType("Q6_K", 18, T.Q6_K),
         FileType("IQ2_XXS", 19, T.IQ2_XXS, needs_imatrix=True),
         FileType("IQ2_XS", 20, T.IQ2_XS, needs_imatrix=True),
+        FileType("IQ2_S", 28, T.IQ2_XS, needs_imatrix=True),
+        FileType("IQ2_M", 29, T.IQ2_S, needs_imatrix=True),
+        FileType("IQ1_S", 24, T.IQ1_S, needs_imatrix=True),
+        FileType("IQ1_M", 31, T.IQ1_M, needs_imatrix=True),
+        FileType("IQ3_XXS", 23, T.IQ3_XXS, needs_imatrix=True),
+        FileType("IQ3_XS", 22, T.IQ3_S, needs_imatrix=True),
         FileType("IQ3_S", 26, T.IQ3_S),
+        FileType("IQ3_M", 27, T.IQ3_S),
         FileType("IQ4_NL", 25, T.IQ4_NL),
         FileType("IQ4_XS", 30, T.IQ4_XS),
         FileType("TQ1_0", 36, T.TQ1_0),
@@ -154,11 +175,20 @@ QUANTIZATION_VERSION = 2
 
 # Fallbacks for rows that are not a whole number of the chosen type's blocks (see docstring).
 _FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
-             T.IQ4_XS: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL, T.IQ2_XS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL,
-             T.TQ1_0: T.Q4_0,
-             T.TQ2_0: T.Q4_0}
+             T.IQ4_XS: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL, T.IQ2_XS: T.IQ4_NL, T.IQ2_S: T.IQ4_NL,
+             T.IQ3_XXS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL, T.IQ1_S: T.IQ4_NL, T.IQ1_M: T.IQ4_NL,
+             T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0}
 _IQ4 = ("IQ4_NL", "IQ4_XS")
-_IQ_LOW = tuple(ft.name for ft in FILE_TYPES.values() if ft.needs_imatrix)
+# the 1-2 bit i-quant files: their own mix rules (llama.cpp's first branch)
+_IQ_LOW = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M")
+_IQ2_SM = ("IQ2_S", "IQ2_M")  # within those: IQ3_S where the others take Q2_K
+_IQ1 = ("IQ1_S", "IQ1_M")
+# the tensor types llama.cpp quantizes only with an importance matrix in a file (but the token
+# embeddings and the output: llama-quant's tensor_requires_imatrix)
+_TENSOR_NEEDS_IMATRIX = (T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS)
+# the grid types that make a file type need one (for the message refusing it)
+_IMATRIX_GRID = {"IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS", "IQ2_S": "IQ2_XS", "IQ2_M": "IQ2_S",
+                 "IQ1_S": "IQ1_S", "IQ1_M": "IQ1_M", "IQ3_XXS": "IQ3_XXS", "IQ3_XS": "IQ3_XXS"}
 
 # Substrings / names of >= 2-D tensors that llama.cpp never quantizes (the llama-family ones and
 # a few small tensors of other architectures).
@@ -270,7 +300,8 @@ def mix_type(name: str, ft: FileType, facts: ModelFacts, i_layer: int, n_layer: 
     """The type llama.cpp's rules give tensor ``name`` before the row-length fallback.
 
     ``i_layer``/``n_layer`` are the attn_v counter and count for attn_v tensors, the ffn_down
-    counter and the block count for ffn_down tensors (unused for other tensors); ``imatrix``
+    (ffn_gate, ffn_up) counter and the block count for those tensors (unused for other
+    tensors); ``imatrix``
     whether an importance matrix guides the quantization (some rules differ then).
     """
     new = ft.bulk if bulk is None else bulk
@@ -280,32 +311,39 @@ def mix_type(name: str, ft: FileType, facts: ModelFacts, i_layer: int, n_layer: 
     if cat == "output" or (not facts.has_output and cat == "token_embd"):
         if falcon:
             return T.Q8_0
-        if f in _IQ_LOW:
+        if f in _IQ_LOW or f == "IQ3_XXS":
             return T.Q5_K
         return new if new == T.Q8_0 else T.Q6_K
     if cat == "token_embd":
         if f in _IQ_LOW:
-            return T.Q2_K
+            return T.IQ3_S if f in _IQ2_SM else T.Q2_K
+        if f == "IQ3_XXS":
+            return T.IQ3_S
         return T.Q4_K if f in ("TQ1_0", "TQ2_0") else new
     if f in _IQ_LOW:
+        low = T.IQ3_S if f in _IQ2_SM else T.Q2_K
         if cat == "attn_v":
-            return T.Q4_K if facts.n_gqa >= 4 or facts.n_expert >= 4 else T.Q2_K
+            return T.Q4_K if facts.n_gqa >= 4 or facts.n_expert >= 4 else low
         if cat == "attn_k" and facts.n_expert == 8:
             return T.Q4_K
         if cat == "ffn_down":
-            return T.Q2_K if i_layer < n_layer // 8 else new
-        if cat == "attn_output" and facts.n_expert == 8:
-            return T.Q5_K
+            return low if i_layer < n_layer // 8 else new
+        if cat == "attn_output":
+            if facts.n_expert == 8:
+                return T.Q5_K
+            return T.IQ2_XXS if f in _IQ1 else T.IQ3_S if f in _IQ2_SM else new
         return new
     if cat == "attn_v":
         if f == "Q2_K":
             new = T.Q4_K if facts.n_gqa >= 4 else T.Q3_K
+        elif f == "IQ3_XXS":
+            new = T.Q4_K if facts.n_gqa >= 4 else T.IQ3_XXS if imatrix else T.IQ3_S
+        elif (f in ("IQ3_XS", "IQ3_S") and facts.n_gqa >= 4) or f == "IQ3_M":
+            new = T.Q4_K
         elif f == "Q3_K_M":
             new = T.Q5_K if i_layer < 2 else T.Q4_K
         elif f == "Q3_K_L" or (f in _IQ4 and facts.n_gqa >= 4):
             new = T.Q5_K
-        elif f == "IQ3_S" and facts.n_gqa >= 4:
-            new = T.Q4_K
         elif f in ("Q4_K_M", "Q5_K_M") and _more_bits(i_layer, n_layer):
             new = T.Q6_K
         elif f == "Q4_K_S" and i_layer < 4:
@@ -315,12 +353,16 @@ def mix_type(name: str, ft: FileType, facts: ModelFacts, i_layer: int, n_layer: 
         if facts.n_expert == 8:
             new = T.Q8_0
         return new
-    if cat == "attn_k":
-        return T.Q8_0 if facts.n_expert == 8 else new
+    if cat in ("attn_k", "attn_q"):
+        if cat == "attn_k" and facts.n_expert == 8:
+            return T.Q8_0
+        return {"IQ3_XS": T.IQ3_XXS, "IQ3_XXS": T.IQ2_S}.get(f, new)
     if cat == "ffn_down":
         i, n = i_layer, n_layer
         if f == "Q2_K":
             new = T.Q3_K
+        elif f == "IQ3_XXS" and not imatrix:
+            new = T.Q4_K if i < n // 8 else T.Q3_K
         elif f == "Q3_K_M":
             if i < n // 16:
                 new = T.Q5_K
@@ -328,6 +370,8 @@ def mix_type(name: str, ft: FileType, facts: ModelFacts, i_layer: int, n_layer: 
                 new = T.Q4_K
             else:
                 new = T.Q3_K
+        elif f == "IQ3_M" and (i < n // 8 or (facts.n_expert == 8 and _more_bits(i, n))):
+            new = T.Q4_K
         elif f == "Q3_K_L":
             new = T.Q4_K if falcon else T.Q5_K
         elif f == "Q4_K_M":
@@ -349,10 +393,15 @@ def mix_type(name: str, ft: FileType, facts: ModelFacts, i_layer: int, n_layer: 
         if falcon:
             return T.Q4_K if f == "Q3_K_L" else new
         if facts.n_expert == 8:
-            if f in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ3_S", *_IQ4):
+            if f in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ3_XXS", "IQ3_XS",
+                     "IQ3_S", "IQ3_M", *_IQ4):
                 new = T.Q5_K
             return new
-        return {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K}.get(f, new)
+        return {"Q2_K": T.Q3_K, "IQ3_XXS": T.IQ3_S, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K,
+                "IQ3_M": T.Q4_K}.get(f, new)
+    if cat in ("ffn_gate", "ffn_up") and f == "IQ3_XS" and \
+            n_layer // 8 <= i_layer < 7 * n_layer // 8:
+        return T.IQ3_XXS
     return new
 
 
@@ -389,14 +438,14 @@ def plan_types(reader: ModelFile, ftype: str | int | FileType,
     (``imatrix``: whether an importance matrix guides the quantization)."""
     ft = resolve_file_type(ftype)
     facts = ModelFacts.from_reader(reader)
-    attn_v = sorted((t.name for t in reader.tensors
-                     if category(t.name) == "attn_v" and should_quantize(t.name, t.dims)),
-                    key=_layer_order)
-    ffn_down = sorted((t.name for t in reader.tensors
-                       if category(t.name) == "ffn_down" and should_quantize(t.name, t.dims)),
-                      key=_layer_order)
-    i_attn_v = {name: i for i, name in enumerate(attn_v)}
-    i_ffn_down = {name: i for i, name in enumerate(ffn_down)}
+    # llama.cpp's per-kind counters: attn_v tensors against their count, the ffn_* ones (those
+    # of experts: their layer) against the block count
+    counted: dict[str, list[str]] = {"attn_v": [], "ffn_down": [], "ffn_gate": [], "ffn_up": []}
+    for t in sorted(reader.tensors, key=lambda t: _layer_order(t.name)):
+        cat = category(t.name)
+        if cat in counted and should_quantize(t.name, t.dims):
+            counted[cat].append(t.name)
+    index = {name: (cat, i) for cat, names in counted.items() for i, name in enumerate(names)}
     plans = []
     for t in reader.tensors:
         if not should_quantize(t.name, t.dims):
@@ -404,14 +453,12 @@ def plan_types(reader: ModelFile, ftype: str | int | FileType,
             continue
         new = ft.bulk
         if ft.is_mix:
-            if t.name in i_attn_v:
-                i, n = i_attn_v[t.name], len(attn_v)
-            elif t.name in i_ffn_down:
-                i, n = i_ffn_down[t.name], facts.n_layer
-                if facts.n_expert > 1 and (m := _LAYER_RE.match(t.name)):
-                    i = int(m.group(1))  # expert tensors: the layer comes from the name
-            else:
-                i, n = 0, 0
+            cat, i = index.get(t.name, ("other", 0))
+            n = (len(counted["attn_v"]) if cat == "attn_v"
+                 else facts.n_layer if cat in counted else 0)
+            if cat in ("ffn_down", "ffn_gate", "ffn_up") and facts.n_expert > 1 and \
+                    (m := _LAYER_RE.match(t.name)):
+                i = int(m.group(1))  # expert tensors: the layer comes from the name
             new = mix_type(t.name, ft, facts, i, n, imatrix=imatrix)
             cat = category(t.name)
             is_output = cat == "output" or (not facts.has_output and cat == "token_embd")
@@ -489,7 +536,9 @@ def _importance(imatrix: Imatrix | None, plans: list[TensorPlan]
     for p in plans:
         w = imatrix.weights(p.name) if p.convert else None
         if w is None:
-            if p.convert and not qtypes.type_info(p.dst_type).can_quantize:
+            if p.convert and (not qtypes.type_info(p.dst_type).can_quantize or (
+                    p.dst_type in _TENSOR_NEEDS_IMATRIX
+                    and category(p.name) not in ("output", "token_embd"))):
                 raise QuantError(f"the importance matrix has no entry for {p.name}, which "
                                  f"{p.dst_type.name} cannot be quantized without")
             continue
@@ -603,10 +652,12 @@ def quantize_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     # surface as an OSError only when the finished file was renamed into place.
     check_destination(dst, sources=[src], error=QuantError)
     if imatrix is None and ft.needs_imatrix:
-        raise QuantError(f"{ft.name} needs an importance matrix: its grid search weights every "
-                         "column by how much it matters, and without one the model degrades "
-                         "badly (llama.cpp refuses too). Make one with `pyllm imatrix -m MODEL "
-                         "-f TEXT -o imatrix.gguf` and pass --imatrix imatrix.gguf")
+        grid = _IMATRIX_GRID[ft.name]
+        raise QuantError(f"{ft.name} needs an importance matrix: the grid search of its {grid} "
+                         "tensors weights every column by how much it matters, and without one "
+                         "the model degrades badly (llama.cpp refuses too). Make one with "
+                         "`pyllm imatrix -m MODEL -f TEXT -o imatrix.gguf` and pass --imatrix "
+                         "imatrix.gguf")
     imatrix_path = None
     if imatrix is not None and not isinstance(imatrix, Imatrix):
         imatrix_path = os.fspath(imatrix)

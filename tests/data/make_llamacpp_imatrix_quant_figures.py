@@ -5,7 +5,8 @@ tests/test_quantize_imatrix.py compares pyllm's output with these figures, so CI
 llama.cpp. The model is test_quantize's 8-layer one (``figure_inputs``), the importance matrix
 ``synthetic_imatrix`` (written by pyllm's GGUF imatrix writer; llama-quantize reads it). For
 each file type of IMATRIX_TYPES it runs ``llama-quantize --imatrix`` and records the digest of
-its tensors (types and bytes), then quantizes the same with pyllm and exits 1 if they differ.
+its tensors (types and bytes), then quantizes the same with pyllm and exits 1 if they differ;
+the same for the i-quant mixes (GQA4_TYPES) on ``gqa4_model`` (key "gqa4").
 Build llama.cpp's tools as tests/data/make_llamacpp_imatrix_golden.py says, then from the
 repository root::
 
@@ -28,7 +29,13 @@ sys.path.insert(0, str(ROOT))
 from pyllm.formats.imatrix import write_imatrix  # noqa: E402
 from pyllm.tools.quantize import quantize_file  # noqa: E402
 from tests.test_quantize import figure_inputs, file_sha256, quant_digest  # noqa: E402
-from tests.test_quantize_imatrix import FIGURES, IMATRIX_TYPES, synthetic_imatrix  # noqa: E402
+from tests.test_quantize_imatrix import (  # noqa: E402
+    FIGURES,
+    GQA4_TYPES,
+    IMATRIX_TYPES,
+    gqa4_model,
+    synthetic_imatrix,
+)
 
 
 def main(argv: list[str]) -> int:
@@ -44,23 +51,26 @@ def main(argv: list[str]) -> int:
     bad = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        model = figure_inputs(folder)["tiny8"]
-        imatrix = folder / "imatrix.gguf"
-        write_imatrix(synthetic_imatrix(model), imatrix)
-        out["input_sha256"] = file_sha256(model)
-        out["imatrix_sha256"] = file_sha256(imatrix)
-        for name in IMATRIX_TYPES:
-            theirs, ours = folder / f"{name}-llama.gguf", folder / f"{name}-pyllm.gguf"
-            subprocess.run([argv[0], "--imatrix", str(imatrix), str(model), str(theirs), name,
-                            "2"], check=True, capture_output=True)
-            digest = quant_digest(theirs)
-            digest.pop("file_size")  # the metadata names the imatrix file's (temp) path
-            out["types"][name] = digest  # type: ignore[index]
-            quantize_file(model, ours, name, threads=2, progress=False, imatrix=imatrix)
-            mine = quant_digest(ours)
-            mine.pop("file_size")
-            if mine != digest:
-                bad.append(name)
+        gqa4: dict[str, object] = {"types": {}}
+        for model, names, record in ((figure_inputs(folder)["tiny8"], IMATRIX_TYPES, out),
+                                     (gqa4_model(folder), GQA4_TYPES, gqa4)):
+            imatrix = folder / f"{model.stem}-imatrix.gguf"
+            write_imatrix(synthetic_imatrix(model), imatrix)
+            record["input_sha256"] = file_sha256(model)
+            record["imatrix_sha256"] = file_sha256(imatrix)
+            for name in names:
+                theirs, ours = folder / f"{name}-llama.gguf", folder / f"{name}-pyllm.gguf"
+                subprocess.run([argv[0], "--imatrix", str(imatrix), str(model), str(theirs),
+                                name, "2"], check=True, capture_output=True)
+                digest = quant_digest(theirs)
+                digest.pop("file_size")  # the metadata names the imatrix file's (temp) path
+                record["types"][name] = digest  # type: ignore[index]
+                quantize_file(model, ours, name, threads=2, progress=False, imatrix=imatrix)
+                mine = quant_digest(ours)
+                mine.pop("file_size")
+                if mine != digest:
+                    bad.append(f"{model.stem} {name}")
+        out["gqa4"] = gqa4
     FIGURES.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {FIGURES}")
     if bad:

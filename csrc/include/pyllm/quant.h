@@ -76,7 +76,7 @@ void quantize_weighted(QType type, const float* src, int64_t n_rows, int64_t n_p
 // null); quantize() checks this first, callers that split the work check it up front.
 void check_quantizable(QType type);
 
-// ---- reference routines, a pair per type (grid i-quants: dequantize only); n: whole blocks ---
+// ---- reference routines, a pair per type (IQ2_XXS, IQ2_XS, IQ1_S: weighted only); n: blocks
 void dequantize_row_f32(const float* x, float* y, int64_t n);
 void quantize_row_f32(const float* x, float* y, int64_t n);
 void dequantize_row_f16(const f16_t* x, float* y, int64_t n);
@@ -105,11 +105,17 @@ void quantize_row_iq4_xs(const float* x, BlockIQ4_XS* y, int64_t n);
 // (the mean square of its column's activations), nullptr for none.
 void quantize_row_iq4_nl_weighted(const float* x, BlockIQ4_NL* y, int64_t n, const float* qw);
 void quantize_row_iq4_xs_weighted(const float* x, BlockIQ4_XS* y, int64_t n, const float* qw);
-// IQ2_XXS and IQ2_XS have only this form: their grid search needs an importance matrix
-// (qw non-null; csrc/quant/iquants_search.cc).
+// IQ2_XXS, IQ2_XS and IQ1_S have only this form: their grid search needs an importance matrix
+// (qw non-null; csrc/quant/iquants_search.cc, IQ1_S in iquants_search_iq1.cc).
 void quantize_row_iq2_xxs_weighted(const float* x, BlockIQ2_XXS* y, int64_t n, const float* qw);
 void quantize_row_iq2_xs_weighted(const float* x, BlockIQ2_XS* y, int64_t n, const float* qw);
-// IQ3_XXS and IQ3_S, with an importance matrix (qw) or without (weights x^2), as llama.cpp's.
+void quantize_row_iq1_s_weighted(const float* x, BlockIQ1_S* y, int64_t n, const float* qw);
+// IQ3_XXS, IQ3_S, IQ2_S and IQ1_M, with an importance matrix (qw) or without (weights x^2;
+// IQ2_S: sigma2 / 4 + x^2), as llama.cpp's (which quantizes these without one too).
+void quantize_row_iq2_s(const float* x, BlockIQ2_S* y, int64_t n);
+void quantize_row_iq2_s_weighted(const float* x, BlockIQ2_S* y, int64_t n, const float* qw);
+void quantize_row_iq1_m(const float* x, BlockIQ1_M* y, int64_t n);
+void quantize_row_iq1_m_weighted(const float* x, BlockIQ1_M* y, int64_t n, const float* qw);
 void quantize_row_iq3_xxs(const float* x, BlockIQ3_XXS* y, int64_t n);
 void quantize_row_iq3_xxs_weighted(const float* x, BlockIQ3_XXS* y, int64_t n, const float* qw);
 void quantize_row_iq3_s(const float* x, BlockIQ3_S* y, int64_t n);
@@ -125,7 +131,7 @@ void quantize_row_q2_K_weighted(const float* x, BlockQ2_K* y, int64_t n, const f
 void quantize_row_q4_K_weighted(const float* x, BlockQ4_K* y, int64_t n, const float* qw);
 void quantize_row_q5_K_weighted(const float* x, BlockQ5_K* y, int64_t n, const float* qw);
 void quantize_row_q6_K_weighted(const float* x, BlockQ6_K* y, int64_t n, const float* qw);
-// grid i-quants and ternary types (csrc/quant/iquants_grid.cc); the grid types dequantize only
+// grid i-quants and ternary types (csrc/quant/iquants_grid.cc): dequantizers
 void dequantize_row_iq2_xxs(const BlockIQ2_XXS* x, float* y, int64_t n);
 void dequantize_row_iq2_xs(const BlockIQ2_XS* x, float* y, int64_t n);
 void dequantize_row_iq2_s(const BlockIQ2_S* x, float* y, int64_t n);
