@@ -460,6 +460,7 @@ struct Iq1m {
 // 4 h + 2 (last 32), as in MvK2.
 struct Tq2 {
   using Block = BlockTQ2_0;
+  static constexpr bool kDigits = true;
   struct Ctx {
     __m512i m3 = _mm512_set1_epi8(3);
     __m512i shifts[2] = {
@@ -487,6 +488,7 @@ struct Tq2 {
 // << 8, 3).
 struct Tq1 {
   using Block = BlockTQ1_0;
+  static constexpr bool kDigits = true;
   struct Ctx {
     __m512i m[4], src[4];
     __m512i hi_bytes = _mm512_set1_epi16(static_cast<short>(0xFF00));

@@ -5,7 +5,8 @@
 // Why: the F32 kernels (decode_iq.h through matvec_blocks) decode each row of 8 with scalar table
 // lookups and float math, far below the memory wall at 2-3.4 bits per weight. Here each group of
 // 64 weights is one register of signed int8 grid values from the SIMD expansion of iq_groups.h;
-// TQ2_0 (2-bit codes, as Q2_K) and TQ1_0 (base-3 digits by 16-bit multiplies) likewise.
+// TQ2_0 (2-bit codes, as Q2_K) and TQ1_0 (base-3 digits by 16-bit multiplies) likewise, as
+// unsigned digits. One kernel (MvGrid) for all nine.
 //
 // Dot products as MvQ8_0 / MvIq4: w signed, sum w xi = 256 sum (w + 128) hi + sum w lo
 // - 128 * 256 sum hi (the last term per lane from prepare(), f_hi = -128 * 256).
@@ -27,7 +28,6 @@
 #include "cpu/isa/simd.h"
 #include "cpu/isa/split_act.h"
 #include "cpu/kernel_table.h"
-#include "quant/iquant_grids.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positives in its headers
@@ -43,18 +43,29 @@ namespace PYLLM_ISA {
 
 namespace {
 
+// Whether F gives unsigned digits (the ternary types, kDigits) rather than signed values.
+template <class F, class = void>
+struct HasDigits : std::false_type {};
+template <class F>
+struct HasDigits<F, std::void_t<decltype(F::kDigits)>> : std::bool_constant<F::kDigits> {};
+
 // The kernel: per super-block the scale vector and the format's context (row codes), per group
-// of 64 the signed values and for each token the exact lane dot products, converted and scaled
-// once per 64 weights (two accumulators per token: the FMA latency would otherwise bound it).
+// of 64 the values and for each token the exact lane dot products, converted and scaled once per
+// 64 weights (two accumulators per token: the FMA latency would otherwise bound it).
+// Signed values w as MvQ8_0's: w + 128 is the unsigned operand (f_hi = -128 * 256). The ternary
+// types' digits t in 0..3 serve as both VPDPBUSD operands; their offset is a lane correction:
+// sum (t - 1) xi = 256 sum t hi + sum t lo - 256 sum hi - sum lo (f_hi = -256, f_lo = -1).
 template <class F>
 struct MvGrid {
+  static constexpr bool kDigits = HasDigits<F>::value;
   template <int NT>
   struct K {
     static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
       const int64_t nsb = a.k / QK_K;
       std::vector<SplitAct>& s = token_scratch(NT);
       for (int t = 0; t < NT; ++t) {
-        prepare(a.x + (t0 + t) * a.ldx, a.k, Order::kNatural, -128 * 256, 0, s[t]);
+        prepare(a.x + (t0 + t) * a.ldx, a.k, Order::kNatural, kDigits ? -256 : -128 * 256,
+                kDigits ? -1 : 0, s[t]);
       }
       const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
       __m512i pattern[4];
@@ -69,8 +80,13 @@ struct MvGrid {
           const __m512 sc = F::scales(blk);
           F::load(blk, ctx);
           for (int j = 0; j < 4; ++j) {
-            const __m512i ws = F::group(blk, j, ctx);
-            const __m512i wu = _mm512_xor_si512(ws, sign);  // w + 128 as unsigned
+            __m512i ws, wu;
+            if constexpr (kDigits) {
+              ws = wu = F::digits(blk, j, ctx);
+            } else {
+              ws = F::group(blk, j, ctx);
+              wu = _mm512_xor_si512(ws, sign);  // w + 128 as unsigned
+            }
             const __m512 wd = _mm512_permutexvar_ps(pattern[j], sc);
             const int64_t gi = 4 * b + j;
             for (int t = 0; t < NT; ++t) {
@@ -89,46 +105,8 @@ struct MvGrid {
   };
 };
 
-// The ternary types (iq_groups.h: Tq2, Tq1): the digits t in 0..3 serve as both VPDPBUSD
-// operands; the offset is a lane correction: sum (t - 1) xi = 256 sum t hi + sum t lo
-// - 256 sum hi - sum lo (prepare's f_hi = -256, f_lo = -1). One scale d per 256: wd = d dx.
-template <class F>
-struct MvDigits {
-  template <int NT>
-  struct K {
-    static void run(const MatArgs& a, int64_t r0, int64_t r1, int64_t t0) {
-      const int64_t nsb = a.k / QK_K;
-      std::vector<SplitAct>& s = token_scratch(NT);
-      for (int t = 0; t < NT; ++t) {
-        prepare(a.x + (t0 + t) * a.ldx, a.k, Order::kNatural, -256, -1, s[t]);
-      }
-      typename F::Ctx ctx;
-      for (int64_t r = r0; r < r1; ++r) {
-        const auto* row = reinterpret_cast<const typename F::Block*>(a.w + r * a.row_bytes);
-        __m512 acc[2][NT];
-        for (int t = 0; t < NT; ++t) acc[0][t] = acc[1][t] = _mm512_setzero_ps();
-        for (int64_t b = 0; b < nsb; ++b) {
-          const auto& blk = row[b];
-          const __m512 d = F::scales(blk);
-          F::load(blk, ctx);
-          for (int j = 0; j < 4; ++j) {
-            const __m512i u = F::digits(blk, j, ctx);
-            const int64_t gi = 4 * b + j;
-            for (int t = 0; t < NT; ++t) {
-              const __m512i l = lane_dot(u, u, s[t].hi.data() + 64 * gi,
-                                         s[t].lo.data() + 64 * gi, s[t].hc.data() + 16 * gi);
-              const __m512 scale = _mm512_mul_ps(d, _mm512_loadu_ps(s[t].dx.data() + 16 * gi));
-              acc[j & 1][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l), scale, acc[j & 1][t]);
-            }
-          }
-        }
-        for (int t = 0; t < NT; ++t) {
-          a.y[(t0 + t) * a.ldy + r] = vsum(_mm512_add_ps(acc[0][t], acc[1][t]));
-        }
-      }
-    }
-  };
-};
+static_assert(MvGrid<Tq1>::kDigits && MvGrid<Tq2>::kDigits && !MvGrid<Iq1s>::kDigits,
+              "the ternary formats give digits, the grid formats signed values");
 
 }  // namespace
 
@@ -149,9 +127,9 @@ void matvec_vnni_iq(const MatArgs& a, int64_t r0, int64_t r1) {
   } else if constexpr (T == QType::IQ1_M) {
     by_groups<MvGrid<Iq1m>::K>(a, r0, r1);
   } else if constexpr (T == QType::TQ1_0) {
-    by_groups<MvDigits<Tq1>::K>(a, r0, r1);
+    by_groups<MvGrid<Tq1>::K>(a, r0, r1);
   } else if constexpr (T == QType::TQ2_0) {
-    by_groups<MvDigits<Tq2>::K>(a, r0, r1);
+    by_groups<MvGrid<Tq2>::K>(a, r0, r1);
   } else {
     static_assert(kNoKernelFor<T>, "no VNNI i-quant matvec for this type");
   }
