@@ -5,9 +5,9 @@
 // Same scheme and error bound as matvec_vnni.cc (each activation block of 32 rounded to int16
 // steps, split exactly into xi = 256 * hi + lo), with VPMADDUBSW + VPMADDWD instead of
 // VPDPBUSD. VPMADDUBSW saturates pairs at 16 bits, so both products must stay below 2^15 / 2:
-// u * hi <= 63 * 128 and lo * u <= 255 * 63 hold for weights of at most 6 bits; Q8_0 (8-bit)
-// and the IQ4 types (8-bit table levels) therefore get an F32 kernel here
-// (matvec_avx2_int8_f32: int8 lanes widened to floats).
+// u * hi <= 63 * 128 and lo * u <= 255 * 63 hold for weights of at most 6 bits; Q8_0 (8-bit),
+// the IQ4 types (8-bit table levels), the grid types (signed grid values) and TQ2_0 therefore
+// get an F32 kernel here (matvec_avx2_int8_f32: int8 lanes widened to floats).
 //
 // Compiled for the AVX2 build only (CMakeLists.txt); table_avx2.cc says which type uses which.
 #include <algorithm>
@@ -392,8 +392,211 @@ inline void iq4_sub_block(const uint8_t* qs, __m128i* lo, __m128i* hi) {
   *hi = _mm_shuffle_epi8(levels, _mm_and_si128(_mm_srli_epi16(q, 4), m4));
 }
 
-// Q8_0, IQ4_NL and IQ4_XS: 8-bit values (the quants, or the i-quants' table levels) per
-// sub-block of 32 with one scale, widened to F32.
+// The sources of MvInt8F32: sub-block b (elements 32 b .. 32 b + 31) of a row as two registers
+// of 16 int8 values (elements 0-15, 16-31) and their scales d0, d1 (equal where the type has one
+// scale per 32): w = d * value.
+template <QType T>
+struct Int8Src;
+
+template <>
+struct Int8Src<QType::Q8_0> {
+  static void get(const uint8_t* row, int64_t b, __m128i* q0, __m128i* q1, float* d0, float* d1) {
+    const BlockQ8_0& blk = reinterpret_cast<const BlockQ8_0*>(row)[b];
+    *q0 = load16(blk.qs), *q1 = load16(blk.qs + 16), *d0 = *d1 = half_to_float(blk.d);
+  }
+};
+
+template <>
+struct Int8Src<QType::IQ4_NL> {
+  static void get(const uint8_t* row, int64_t b, __m128i* q0, __m128i* q1, float* d0, float* d1) {
+    const BlockIQ4_NL& blk = reinterpret_cast<const BlockIQ4_NL*>(row)[b];
+    iq4_sub_block(blk.qs, q0, q1);
+    *d0 = *d1 = half_to_float(blk.d);
+  }
+};
+
+template <>
+struct Int8Src<QType::IQ4_XS> {
+  static void get(const uint8_t* row, int64_t b, __m128i* q0, __m128i* q1, float* d0, float* d1) {
+    const BlockIQ4_XS* blk = reinterpret_cast<const BlockIQ4_XS*>(row) + b / 8;
+    const int j = static_cast<int>(b % 8);
+    iq4_sub_block(blk->qs + 16 * j, q0, q1);
+    *d0 = *d1 = half_to_float(blk->d) * static_cast<float>(iq4xs_scale(blk, j));
+  }
+};
+
+// The grid i-quants: 4 rows of 8 signed values per sub-block (iq_signed_row, decode_iq.h; the
+// IQ3 grids' rows of 4 in pairs), the scales as their decoders in decode_iq.h compute them.
+inline void rows4(const uint64_t (&r)[4], __m128i* q0, __m128i* q1) {
+  *q0 = _mm_set_epi64x(static_cast<long long>(r[1]), static_cast<long long>(r[0]));
+  *q1 = _mm_set_epi64x(static_cast<long long>(r[3]), static_cast<long long>(r[2]));
+}
+
+// The scale of 16 elements of IQ2_XS / IQ2_S: nibble h of scales[ib].
+inline float iq2_scale16(float d, const uint8_t* scales, int64_t ib, int h) {
+  return iq2_factor(d, (scales[ib] >> (4 * h)) & 0x0F);
+}
+
+template <>
+struct Int8Src<QType::IQ2_XXS> {
+  static void get(const uint8_t* row, int64_t b, __m128i* q0, __m128i* q1, float* d0, float* d1) {
+    const BlockIQ2_XXS* blk = reinterpret_cast<const BlockIQ2_XXS*>(row) + b / 8;
+    const int64_t ib = b % 8;
+    const uint32_t codes = iq_u32(blk->qs + 4 * ib), meta = iq_u32(blk->qs + 4 * ib + 2);
+    uint64_t r[4];
+    for (int l = 0; l < 4; ++l) {
+      r[l] = iq_signed_row(kIq2xxsGrid[(codes >> (8 * l)) & 0xFF],
+                           kIqKsigns[(meta >> (7 * l)) & 0x7F]);
+    }
+    rows4(r, q0, q1);
+    *d0 = *d1 = iq2_factor(half_to_float(blk->d), static_cast<int>(meta >> 28));
+  }
+};
+
+template <>
+struct Int8Src<QType::IQ2_XS> {
+  static void get(const uint8_t* row, int64_t b, __m128i* q0, __m128i* q1, float* d0, float* d1) {
+    const BlockIQ2_XS* blk = reinterpret_cast<const BlockIQ2_XS*>(row) + b / 8;
+    const int64_t ib = b % 8;
+    uint64_t q4, r[4];  // the 4 rows' 16-bit codes
+    std::memcpy(&q4, blk->qs + 4 * ib, 8);
+    for (int l = 0; l < 4; ++l) {
+      const auto q = static_cast<uint32_t>(q4 >> (16 * l));
+      r[l] = iq_signed_row(kIq2xsGrid[q & 0x1FF], kIqKsigns[(q >> 9) & 0x7F]);
+    }
+    rows4(r, q0, q1);
+    const float d = half_to_float(blk->d);
+    *d0 = iq2_scale16(d, blk->scales, ib, 0), *d1 = iq2_scale16(d, blk->scales, ib, 1);
+  }
+};
+
+template <>
+struct Int8Src<QType::IQ2_S> {
+  static void get(const uint8_t* row, int64_t b, __m128i* q0, __m128i* q1, float* d0, float* d1) {
+    const BlockIQ2_S* blk = reinterpret_cast<const BlockIQ2_S*>(row) + b / 8;
+    const int64_t ib = b % 8;
+    uint64_t r[4];
+    for (int l = 0; l < 4; ++l) {
+      const int64_t k = 4 * ib + l;
+      const int idx = blk->qs[k] | (((blk->qh[ib] >> (2 * l)) & 3) << 8);
+      r[l] = iq_signed_row(kIq2sGrid[idx], blk->qs[QK_K / 8 + k]);
+    }
+    rows4(r, q0, q1);
+    const float d = half_to_float(blk->d);
+    *d0 = iq2_scale16(d, blk->scales, ib, 0), *d1 = iq2_scale16(d, blk->scales, ib, 1);
+  }
+};
+
+template <>
+struct Int8Src<QType::IQ3_XXS> {
+  static void get(const uint8_t* row, int64_t b, __m128i* q0, __m128i* q1, float* d0, float* d1) {
+    const BlockIQ3_XXS* blk = reinterpret_cast<const BlockIQ3_XXS*>(row) + b / 8;
+    const int64_t ib = b % 8;
+    const uint8_t* codes = blk->qs + 8 * ib;
+    const uint32_t m = iq_u32(blk->qs + QK_K / 4 + 4 * ib);
+    uint64_t r[4];
+    for (int l = 0; l < 4; ++l) {
+      const uint64_t pair = kIq3xxsGrid[codes[2 * l]] |
+                            (static_cast<uint64_t>(kIq3xxsGrid[codes[2 * l + 1]]) << 32);
+      r[l] = iq_signed_row(pair, kIqKsigns[(m >> (7 * l)) & 0x7F]);
+    }
+    rows4(r, q0, q1);
+    *d0 = *d1 = half_to_float(blk->d) * (0.5f + static_cast<float>(m >> 28)) * 0.5f;
+  }
+};
+
+template <>
+struct Int8Src<QType::IQ3_S> {
+  static void get(const uint8_t* row, int64_t b, __m128i* q0, __m128i* q1, float* d0, float* d1) {
+    const BlockIQ3_S* blk = reinterpret_cast<const BlockIQ3_S*>(row) + b / 8;
+    const int64_t ib = b % 8;
+    uint64_t r[4];
+    for (int l = 0; l < 4; ++l) {
+      const int64_t k = 8 * ib + 2 * l;
+      const uint32_t lo = kIq3sGrid[blk->qs[k] | (((blk->qh[ib] >> (2 * l)) & 1) << 8)];
+      const uint32_t hi = kIq3sGrid[blk->qs[k + 1] | (((blk->qh[ib] >> (2 * l + 1)) & 1) << 8)];
+      r[l] = iq_signed_row(lo | (static_cast<uint64_t>(hi) << 32), blk->signs[4 * ib + l]);
+    }
+    rows4(r, q0, q1);
+    const int sc = (blk->scales[ib / 2] >> (4 * (ib % 2))) & 0x0F;
+    *d0 = *d1 = half_to_float(blk->d) * static_cast<float>(1 + 2 * sc);
+  }
+};
+
+// IQ1_S / IQ1_M: w = dl (g + delta), g in {-1, 0, 1}, delta = +-1/8, as the integers 8 g +- 1
+// times dl / 8 (exact: a power-of-two scaling). Two rows of 8 per register: 8 g by a 16-bit
+// shift and a byte mask, then +1 or -1 per byte (delta's sign per 32 or per row).
+inline __m128i iq1_values(uint64_t row0, uint64_t row1, __m128i plus_minus) {
+  const __m128i g = _mm_set_epi64x(static_cast<long long>(row1), static_cast<long long>(row0));
+  const __m128i g8 = _mm_and_si128(_mm_slli_epi16(g, 3), _mm_set1_epi8(static_cast<char>(0xF8)));
+  return _mm_add_epi8(g8, plus_minus);
+}
+
+inline __m128i iq1_shift(bool minus0, bool minus1) {
+  return _mm_set_epi64x(minus1 ? -1 : 0x0101010101010101ll, minus0 ? -1 : 0x0101010101010101ll);
+}
+
+template <>
+struct Int8Src<QType::IQ1_S> {
+  static void get(const uint8_t* row, int64_t b, __m128i* q0, __m128i* q1, float* d0, float* d1) {
+    const BlockIQ1_S* blk = reinterpret_cast<const BlockIQ1_S*>(row) + b / 8;
+    const int64_t ib = b % 8;
+    const uint16_t h = iq_u16(blk->qh + ib);
+    uint64_t r[4];
+    for (int l = 0; l < 4; ++l) r[l] = kIq1sGrid[blk->qs[4 * ib + l] | (((h >> (3 * l)) & 7) << 8)];
+    const bool minus = (h & 0x8000) != 0;
+    *q0 = iq1_values(r[0], r[1], iq1_shift(minus, minus));
+    *q1 = iq1_values(r[2], r[3], iq1_shift(minus, minus));
+    *d0 = *d1 = half_to_float(blk->d) * static_cast<float>(2 * ((h >> 12) & 7) + 1) * 0.125f;
+  }
+};
+
+template <>
+struct Int8Src<QType::IQ1_M> {
+  // elements 16 h .. 16 h + 15 of the sub-block: its sub-block s of 16, rows 2 s, 2 s + 1
+  static __m128i half(const BlockIQ1_M* blk, int64_t s) {
+    const int n0 = blk->qh[s] & 0x0F, n1 = blk->qh[s] >> 4;
+    return iq1_values(kIq1sGrid[blk->qs[2 * s] | ((n0 & 7) << 8)],
+                      kIq1sGrid[blk->qs[2 * s + 1] | ((n1 & 7) << 8)],
+                      iq1_shift((n0 & 8) != 0, (n1 & 8) != 0));
+  }
+  static void get(const uint8_t* row, int64_t b, __m128i* q0, __m128i* q1, float* d0, float* d1) {
+    const BlockIQ1_M* blk = reinterpret_cast<const BlockIQ1_M*>(row) + b / 8;
+    const int64_t ib = b % 8;
+    uint64_t sc;  // four 16-bit words: 3-bit scales at bits 3 i of the low 12, d in the tops
+    std::memcpy(&sc, blk->scales, 8);
+    const auto dbits = static_cast<f16_t>(((sc >> 12) & 0x000F) | ((sc >> 24) & 0x00F0) |
+                                          ((sc >> 36) & 0x0F00) | ((sc >> 48) & 0xF000));
+    const float d = half_to_float(dbits) * 0.125f;
+    const auto word = static_cast<uint32_t>(sc >> (16 * (ib / 2)));  // scales 2 ib, 2 ib + 1
+    const int shift = 6 * static_cast<int>(ib % 2);
+    *q0 = half(blk, 2 * ib), *q1 = half(blk, 2 * ib + 1);
+    *d0 = d * static_cast<float>(2 * ((word >> shift) & 7) + 1);
+    *d1 = d * static_cast<float>(2 * ((word >> (shift + 3)) & 7) + 1);
+  }
+};
+
+// TQ2_0: sub-block b is the 2-bit fields p = b % 4 of the 32 bytes of half c = b / 4 (see
+// BlockTQ2_0), minus 1.
+template <>
+struct Int8Src<QType::TQ2_0> {
+  static void get(const uint8_t* row, int64_t b, __m128i* q0, __m128i* q1, float* d0, float* d1) {
+    const BlockTQ2_0* blk = reinterpret_cast<const BlockTQ2_0*>(row) + b / 8;
+    const int64_t c = (b % 8) / 4, p = b % 4;
+    const __m128i m3 = _mm_set1_epi8(3), one = _mm_set1_epi8(1);
+    const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(2 * p));
+    *q0 = _mm_sub_epi8(_mm_and_si128(_mm_srl_epi16(load16(blk->qs + 32 * c), shift), m3), one);
+    *q1 = _mm_sub_epi8(_mm_and_si128(_mm_srl_epi16(load16(blk->qs + 32 * c + 16), shift), m3),
+                       one);
+    *d0 = *d1 = half_to_float(blk->d);
+  }
+};
+
+// Q8_0, IQ4_NL, IQ4_XS, the grid types and TQ2_0: 8-bit values (the quants, the i-quants'
+// table levels or signed grid values) per sub-block of 32 with one or two scales, widened to
+// F32. The grid types' F32 decoders (matvec_blocks) spend ~10 scalar instructions a weight
+// (IQ2_XXS 0.09 GB/s per core); here a row of 8 is one table word, a sign word and a few SIMD
+// instructions.
 template <QType T>
 struct MvInt8F32 {
   template <int NT>
@@ -404,27 +607,15 @@ struct MvInt8F32 {
         const uint8_t* row = a.w + r * a.row_bytes;
         vf acc[NT];
         for (int t = 0; t < NT; ++t) acc[t] = vzero();
-        float dl = 0.0f;
         for (int64_t b = 0; b < nb; ++b) {
           __m128i q0, q1;
-          if constexpr (T == QType::Q8_0) {
-            const BlockQ8_0& blk = reinterpret_cast<const BlockQ8_0*>(row)[b];
-            q0 = load16(blk.qs), q1 = load16(blk.qs + 16), dl = half_to_float(blk.d);
-          } else if constexpr (T == QType::IQ4_NL) {
-            const BlockIQ4_NL& blk = reinterpret_cast<const BlockIQ4_NL*>(row)[b];
-            iq4_sub_block(blk.qs, &q0, &q1);
-            dl = half_to_float(blk.d);
-          } else {
-            const BlockIQ4_XS* blk = reinterpret_cast<const BlockIQ4_XS*>(row) + b / 8;
-            const int j = static_cast<int>(b % 8);
-            iq4_sub_block(blk->qs + 16 * j, &q0, &q1);
-            dl = half_to_float(blk->d) * static_cast<float>(iq4xs_scale(blk, j));
-          }
+          float dl0 = 0.0f, dl1 = 0.0f;
+          Int8Src<T>::get(row, b, &q0, &q1, &dl0, &dl1);
           const W16 lo = widen(q0), hi = widen(q1);
-          const vf d = vset1(dl);
+          const vf d0 = vset1(dl0), d1 = vset1(dl1);
           for (int t = 0; t < NT; ++t) {
             const float* x = a.x + (t0 + t) * a.ldx + 32 * b;
-            acc[t] = vfma(madd(hi, x + 16, madd(lo, x, vzero())), d, acc[t]);
+            acc[t] = vfma(madd(lo, x, vzero()), d0, vfma(madd(hi, x + 16, vzero()), d1, acc[t]));
           }
         }
         for (int t = 0; t < NT; ++t) a.y[(t0 + t) * a.ldy + r] = vsum(acc[t]);
@@ -478,6 +669,14 @@ void matvec_avx2_int8_f32(const MatArgs& a, int64_t r0, int64_t r1) {
 PYLLM_KERNEL_FOR(matvec_avx2_int8_f32, Q8_0)
 PYLLM_KERNEL_FOR(matvec_avx2_int8_f32, IQ4_NL)
 PYLLM_KERNEL_FOR(matvec_avx2_int8_f32, IQ4_XS)
+PYLLM_KERNEL_FOR(matvec_avx2_int8_f32, IQ2_XXS)
+PYLLM_KERNEL_FOR(matvec_avx2_int8_f32, IQ2_XS)
+PYLLM_KERNEL_FOR(matvec_avx2_int8_f32, IQ2_S)
+PYLLM_KERNEL_FOR(matvec_avx2_int8_f32, IQ3_XXS)
+PYLLM_KERNEL_FOR(matvec_avx2_int8_f32, IQ3_S)
+PYLLM_KERNEL_FOR(matvec_avx2_int8_f32, IQ1_S)
+PYLLM_KERNEL_FOR(matvec_avx2_int8_f32, IQ1_M)
+PYLLM_KERNEL_FOR(matvec_avx2_int8_f32, TQ2_0)
 
 }  // namespace PYLLM_ISA
 }  // namespace pyllm

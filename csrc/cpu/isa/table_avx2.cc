@@ -1,6 +1,7 @@
 // The kernel table of the AVX2 build: int16-split decode kernels (matvec_avx2.cc) for the block
-// types of at most 6 bits, int8 lanes widened to F32 for the 8-bit ones (Q8_0, the IQ4 levels),
-// F32 math for the rest (the float types, the grid i-quants, TQ1_0, TQ2_0) and for every
+// types of at most 6 bits, int8 lanes widened to F32 for the 8-bit ones (Q8_0, the IQ4 levels,
+// the grid i-quants' values, TQ2_0's digits), F32 math for the rest (the float types, TQ1_0)
+// and for every
 // prefill; no rows16 kernels (rows16 weights are unpacked to GGUF rows for these kernels, see
 // matmul.cc).
 #include "cpu/isa/kernels.h"
@@ -36,16 +37,17 @@ constexpr TypeKernels kRows[] = {
     {Q::Q6_K, matvec_avx2_int16<Q::Q6_K>, matmat_f32<Q::Q6_K>, nullptr,    nullptr},
     {Q::IQ4_NL, matvec_avx2_int8_f32<Q::IQ4_NL>, matmat_f32<Q::IQ4_NL>, nullptr, nullptr},
     {Q::IQ4_XS, matvec_avx2_int8_f32<Q::IQ4_XS>, matmat_f32<Q::IQ4_XS>, nullptr, nullptr},
-    // grid i-quants and ternary types: F32 math (decode_iq.h) on every ISA for now
-    {Q::IQ2_XXS, matvec_blocks<Q::IQ2_XXS>, matmat_f32<Q::IQ2_XXS>, nullptr, nullptr},
-    {Q::IQ2_XS, matvec_blocks<Q::IQ2_XS>, matmat_f32<Q::IQ2_XS>, nullptr, nullptr},
-    {Q::IQ2_S, matvec_blocks<Q::IQ2_S>, matmat_f32<Q::IQ2_S>, nullptr, nullptr},
-    {Q::IQ3_XXS, matvec_blocks<Q::IQ3_XXS>, matmat_f32<Q::IQ3_XXS>, nullptr, nullptr},
-    {Q::IQ3_S, matvec_blocks<Q::IQ3_S>, matmat_f32<Q::IQ3_S>, nullptr, nullptr},
-    {Q::IQ1_S, matvec_blocks<Q::IQ1_S>, matmat_f32<Q::IQ1_S>, nullptr, nullptr},
-    {Q::IQ1_M, matvec_blocks<Q::IQ1_M>, matmat_f32<Q::IQ1_M>, nullptr, nullptr},
+    // grid types and TQ2_0: their values as int8 lanes widened to F32 for decode; TQ1_0: F32
+    // math (decode_iq.h); prefill: F32 panels
+    {Q::IQ2_XXS, matvec_avx2_int8_f32<Q::IQ2_XXS>, matmat_f32<Q::IQ2_XXS>, nullptr, nullptr},
+    {Q::IQ2_XS, matvec_avx2_int8_f32<Q::IQ2_XS>, matmat_f32<Q::IQ2_XS>, nullptr, nullptr},
+    {Q::IQ2_S, matvec_avx2_int8_f32<Q::IQ2_S>, matmat_f32<Q::IQ2_S>, nullptr, nullptr},
+    {Q::IQ3_XXS, matvec_avx2_int8_f32<Q::IQ3_XXS>, matmat_f32<Q::IQ3_XXS>, nullptr, nullptr},
+    {Q::IQ3_S, matvec_avx2_int8_f32<Q::IQ3_S>, matmat_f32<Q::IQ3_S>, nullptr, nullptr},
+    {Q::IQ1_S, matvec_avx2_int8_f32<Q::IQ1_S>, matmat_f32<Q::IQ1_S>, nullptr, nullptr},
+    {Q::IQ1_M, matvec_avx2_int8_f32<Q::IQ1_M>, matmat_f32<Q::IQ1_M>, nullptr, nullptr},
     {Q::TQ1_0, matvec_blocks<Q::TQ1_0>, matmat_f32<Q::TQ1_0>, nullptr, nullptr},
-    {Q::TQ2_0, matvec_blocks<Q::TQ2_0>, matmat_f32<Q::TQ2_0>, nullptr, nullptr},
+    {Q::TQ2_0, matvec_avx2_int8_f32<Q::TQ2_0>, matmat_f32<Q::TQ2_0>, nullptr, nullptr},
 };
 
 }  // namespace
