@@ -32,6 +32,7 @@ from pyllm.errors import (
     PyllmWarning,
     QuantError,
     SamplingError,
+    SpeculativeError,
     TokenizerError,
     ToolCallError,
 )
@@ -43,6 +44,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     from pyllm.runtime.llm import LLM, LLMState
     from pyllm.runtime.loaded import LoadedModel
     from pyllm.runtime.sampling import SamplingParams
+    from pyllm.runtime.speculative import DraftModel, NgramDrafter
     from pyllm.tokenizer import Tokenizer
 
 # public name -> the module that defines it (imported on first access)
@@ -54,6 +56,8 @@ _LAZY = {
     "DeviceInfo": "pyllm.runtime.devices",
     "SamplingParams": "pyllm.runtime.sampling",
     "Grammar": "pyllm.runtime.grammar",
+    "NgramDrafter": "pyllm.runtime.speculative",
+    "DraftModel": "pyllm.runtime.speculative",
     "Tokenizer": "pyllm.tokenizer",
     "GGUFReader": "pyllm.formats.gguf",
     "GGUFWriter": "pyllm.formats.gguf",
@@ -97,6 +101,7 @@ __all__ = [
     "DeviceError",
     "DeviceInfo",
     "DownloadError",
+    "DraftModel",
     "GGUFError",
     "GGUFReader",
     "GGUFWriter",
@@ -106,12 +111,14 @@ __all__ = [
     "LLMState",
     "LoadedModel",
     "ModelError",
+    "NgramDrafter",
     "OutputError",
     "PyllmError",
     "PyllmWarning",
     "QuantError",
     "SamplingError",
     "SamplingParams",
+    "SpeculativeError",
     "Tokenizer",
     "TokenizerError",
     "ToolCallError",

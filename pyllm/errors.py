@@ -66,6 +66,11 @@ class ToolCallError(PyllmError):
     """Tools or a tool choice that cannot be used (bad shape, unknown function name)."""
 
 
+class SpeculativeError(PyllmError):
+    """A drafter that cannot serve a model (a draft model of another vocabulary, bad draft
+    settings)."""
+
+
 class PyllmWarning(UserWarning):
     """Something works but probably not as the user wants (a context beyond the trained length,
     more threads than CPUs). The CLI prints these as ``pyllm: warning: ...`` lines."""
@@ -75,6 +80,7 @@ __all__ = [
     "DeviceError",
     "GrammarError",
     "ToolCallError",
+    "SpeculativeError",
     "PyllmError",
     "GGUFError",
     "QuantError",

@@ -22,6 +22,7 @@ import pyllm.runtime.grammar
 import pyllm.runtime.llm
 import pyllm.runtime.loaded
 import pyllm.runtime.sampling
+import pyllm.runtime.speculative
 import pyllm.tokenizer
 
 PUBLIC = {
@@ -35,6 +36,8 @@ PUBLIC = {
     "devices": pyllm.runtime.devices.devices,
     "DeviceInfo": pyllm.runtime.devices.DeviceInfo,
     "Grammar": pyllm.runtime.grammar.Grammar,
+    "NgramDrafter": pyllm.runtime.speculative.NgramDrafter,
+    "DraftModel": pyllm.runtime.speculative.DraftModel,
     **{name: getattr(pyllm.errors, name) for name in pyllm.errors.__all__},
 }
 

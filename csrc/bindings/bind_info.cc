@@ -7,6 +7,7 @@
 
 #include "bindings/register.h"
 #include "cpu/cpu.h"
+#include "cpu/matmul.h"
 
 #ifndef PYLLM_VERSION
 #define PYLLM_VERSION "0.0.0"
@@ -42,6 +43,9 @@ void register_info(pybind11::module_& m) {
         "The ISA the kernels use now (PYLLM_FORCE_ISA, else the best available).");
   m.def("set_active_isa", [](const std::string& name) { set_active_isa(parse_isa(name)); },
         "Switch the kernels to another available ISA (for tests and benchmarks).");
+  m.def("matmat_min_tokens", [] { return matmat_min_tokens(); },
+        "Tokens from which a product takes the active ISA's prefill (matmat) kernel.");
+  m.attr("MATVEC_TOKENS") = kMatvecTokens;
   m.def("cpu_features", [] {
     const CpuFeatures& f = pyllm::cpu_features();
     pybind11::dict d;

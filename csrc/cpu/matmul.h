@@ -68,6 +68,10 @@ namespace pyllm {
 // From this many tokens on, the active ISA's matmat kernel is used (see above).
 int64_t matmat_min_tokens();
 
+// Tokens a matvec kernel dots with each decoded block in one pass over the weights: a batch of
+// up to this many costs about one pass (speculative decoding sizes its drafts by it).
+constexpr int kMatvecTokens = 4;
+
 // Work sharing for the kernels on rows16 weights (decode and prefill): threads that hold the same
 // queue claim chunks of rows one after another instead of each taking a fixed share, so a
 // thread slowed down by whatever else runs on its core does not hold up the product (a fixed

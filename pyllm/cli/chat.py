@@ -19,6 +19,8 @@ from pyllm.cli.common import (
     add_grammar_args,
     add_model_args,
     add_sampling_args,
+    add_speculative_args,
+    drafter_from_args,
     grammar_from_args,
     load_llm,
     sampling_from_args,
@@ -52,6 +54,7 @@ def add_parser(sub: Any) -> None:
     add_model_args(p)
     add_sampling_args(p)
     add_grammar_args(p)
+    add_speculative_args(p)
     p.set_defaults(run=run, parser=p)
 
 
@@ -99,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         import readline  # noqa: F401 - enables line editing and history in input()
     colors = Colors(args.color)
     llm = load_llm(args)
+    args.drafter = drafter_from_args(args.parser, args, llm)
     print(f"{colors.info}pyllm chat: {llm.model_path.name} ({HELP}){colors.reset}", flush=True)
     if args.reverse_prompt is not None:
         return _completion_loop(llm, args, sampling, max_tokens, colors)
@@ -126,7 +130,7 @@ def _chat_loop(llm: Any, args: argparse.Namespace, sampling: SamplingParams,
         messages.append({"role": "user", "content": line})
         reply = _stream(llm.chat(messages, max_tokens=max_tokens, chat_format=args.chat_format,
                                  stream=True, sampling_params=sampling,
-                                 grammar=args.grammar_spec))
+                                 grammar=args.grammar_spec, drafter=args.drafter))
         messages.append({"role": "assistant", "content": reply})
 
 
@@ -146,5 +150,6 @@ def _completion_loop(llm: Any, args: argparse.Namespace, sampling: SamplingParam
             continue
         transcript += f"{rp} {line}\n"
         reply = _stream(llm.stream(transcript, max_tokens=max_tokens, stop=[rp],
-                                   sampling_params=sampling, grammar=args.grammar_spec))
+                                   sampling_params=sampling, grammar=args.grammar_spec,
+                                   drafter=args.drafter))
         transcript += reply.rstrip("\n") + "\n"

@@ -184,6 +184,65 @@ def add_grammar_args(p: argparse.ArgumentParser) -> None:
                    help="constrain the output to match a regular expression")
 
 
+def _probability(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return v
+
+
+def add_speculative_args(p: argparse.ArgumentParser) -> None:
+    """Speculative decoding, as llama.cpp spells the flags (pyllm.runtime.speculative)."""
+    from pyllm.runtime import speculative as sp
+
+    g = p.add_argument_group("speculative decoding (same output, faster where drafts hold)")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--spec", choices=["ngram"], default=None,
+                   help="ngram: draft by prompt lookup (the continuation of the latest earlier "
+                   "match of the last tokens in the prompt and output; no second model)")
+    x.add_argument("-md", "--draft-model", metavar="FILE",
+                   help="draft with a small GGUF model of the same vocabulary")
+    g.add_argument("--draft-max", type=positive_int, default=sp.DEFAULT_DRAFT_MAX, metavar="N",
+                   help=f"tokens drafted per round at most (default {sp.DEFAULT_DRAFT_MAX})")
+    g.add_argument("--draft-min", type=count, default=sp.DEFAULT_DRAFT_MIN, metavar="N",
+                   help=f"shorter drafts are not used (default {sp.DEFAULT_DRAFT_MIN})")
+    g.add_argument("--draft-p-min", type=_probability, default=sp.DEFAULT_DRAFT_P_MIN,
+                   metavar="P", help="the draft model stops drafting at a token it gives a "
+                   f"lower probability (default {sp.DEFAULT_DRAFT_P_MIN})")
+    g.add_argument("--spec-ngram-max", type=positive_int, default=sp.DEFAULT_NGRAM_MAX,
+                   metavar="N", help="prompt lookup: the longest suffix matched (default "
+                   f"{sp.DEFAULT_NGRAM_MAX})")
+    g.add_argument("--spec-ngram-min", type=positive_int, default=sp.DEFAULT_NGRAM_MIN,
+                   metavar="N", help="prompt lookup: the shortest suffix matched (default "
+                   f"{sp.DEFAULT_NGRAM_MIN})")
+
+
+def drafter_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                      llm: Any) -> Any:
+    """The drafter of the flags for ``llm`` (None without --spec / --draft-model); bad settings
+    are usage errors, an incompatible draft model exits 1 with its SpeculativeError."""
+    from pyllm.errors import SpeculativeError
+    from pyllm.runtime.speculative import DraftModel, NgramDrafter
+
+    drafter: Any = None
+    try:
+        if args.spec == "ngram":
+            drafter = NgramDrafter(args.spec_ngram_max, args.spec_ngram_min, args.draft_max,
+                                   args.draft_min)
+        elif args.draft_model is not None:
+            drafter = DraftModel(args.draft_model, draft_max=args.draft_max,
+                                 draft_min=args.draft_min, p_min=args.draft_p_min,
+                                 n_ctx=llm.n_ctx, n_threads=llm.n_threads)
+    except SpeculativeError as e:
+        parser.error(str(e))
+    if drafter is not None:
+        drafter.attach(llm)  # an incompatible draft model: exit 1 before the prompt is read
+    return drafter
+
+
 def _read_text(path: str, what: str) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")

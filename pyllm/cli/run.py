@@ -11,6 +11,8 @@ from pyllm.cli.common import (
     add_grammar_args,
     add_model_args,
     add_sampling_args,
+    add_speculative_args,
+    drafter_from_args,
     grammar_from_args,
     load_llm,
     sampling_from_args,
@@ -35,6 +37,7 @@ def add_parser(sub: Any) -> None:
     add_model_args(p)
     add_sampling_args(p)
     add_grammar_args(p)
+    add_speculative_args(p)
     p.set_defaults(run=run, parser=p)
 
 
@@ -54,8 +57,10 @@ def run(args: argparse.Namespace) -> int:
     from pyllm.runtime.generation import prompt_tokens
 
     llm = load_llm(args, verbose=args.verbose)
+    drafter = drafter_from_args(parser, args, llm)
     gen = make_generation(llm, prompt_tokens(llm, prompt), max_tokens=args.n_predict,
-                          stop=args.stop, sampling_params=sampling, grammar=grammar)
+                          stop=args.stop, sampling_params=sampling, grammar=grammar,
+                          drafter=drafter)
     out = sys.stdout
     out.write(prompt)
     out.flush()
@@ -73,4 +78,8 @@ def run(args: argparse.Namespace) -> int:
               f"({pp:.1f} tokens/s)\n"
               f"generation: {n_gen} tokens in {gen.t_generate * 1000:.1f} ms ({tg:.1f} tokens/s), "
               f"finish: {gen.finish_reason}", file=sys.stderr)
+        if drafter is not None:
+            sp = gen.spec
+            print(f"speculative: {sp.rounds} rounds, {sp.drafted} tokens drafted, "
+                  f"{sp.accepted} accepted ({100 * sp.acceptance:.1f} %)", file=sys.stderr)
     return 0

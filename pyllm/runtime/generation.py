@@ -3,7 +3,9 @@
 Per generated token the loop makes one forward call (``LLM.eval_token``) and one step of
 :class:`pyllm.runtime.steps.SequenceSteps` (the sampling call into C++, stop tokens, stop strings
 matched on the decoded text across token boundaries with hold-back, limits, logprobs), the same step
-machine the batching server drives. Also here: the prompt of a text or a conversation.
+machine the batching server drives. With a drafter (speculative decoding), a round is one forward
+call of the last token plus a draft and one step per position while the draft holds
+(:mod:`pyllm.runtime.speculative`). Also here: the prompt of a text or a conversation.
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ if TYPE_CHECKING:
     from pyllm.runtime.grammar import Constraint
     from pyllm.runtime.llm import LLM
     from pyllm.runtime.sampling import SamplingParams
+    from pyllm.runtime.speculative import Drafter
     from pyllm.tokenizer import Tokenizer
 
 # StopMatcher, UNTIL_DONE and resolve_max_tokens live in pyllm.runtime.steps; imported from here
 # too.
-__all__ = ["UNTIL_DONE", "Generation", "Piece", "StopMatcher", "TokenLogprob", "chat_prompt",
-           "prompt_tokens", "resolve_max_tokens", "stop_token_ids"]
+__all__ = ["UNTIL_DONE", "Generation", "Piece", "SpecStats", "StopMatcher", "TokenLogprob",
+           "chat_prompt", "prompt_tokens", "resolve_max_tokens", "stop_token_ids"]
 
 
 # Test hook: with PYLLM_TEST_HOLD_AFTER=N the first generation of the process stops after N
@@ -65,6 +68,20 @@ class TokenLogprob:
 
 
 @dataclass
+class SpecStats:
+    """Speculative decoding's counts of one generation: verification rounds, tokens drafted and
+    drafted tokens kept."""
+
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+@dataclass
 class Piece:
     """One step of a generation stream: the text it releases (may be empty) and its token."""
 
@@ -82,7 +99,8 @@ class Generation:
     def __init__(self, llm: LLM, prompt_tokens: Sequence[int], params: SamplingParams,
                  max_tokens: int | None, stop: Sequence[str] = (),
                  stop_tokens: Iterable[int] = (), logprobs: int | None = None,
-                 constraint: Constraint | None = None, keep_special: bool = False) -> None:
+                 constraint: Constraint | None = None, keep_special: bool = False,
+                 drafter: Drafter | None = None) -> None:
         max_tokens = resolve_max_tokens(max_tokens)
         if not prompt_tokens:
             raise PyllmError("the prompt is empty (no tokens)")
@@ -97,6 +115,11 @@ class Generation:
                                    stop_tokens=stop_tokens, logprobs=logprobs,
                                    constraint=constraint, keep_special=keep_special)
         self.sampler = self.steps.sampler
+        # speculative decoding (pyllm.runtime.speculative): drafts checked in batched forwards
+        self.drafter = drafter
+        self.spec = SpecStats()
+        if drafter is not None:
+            drafter.attach(llm)
         # seconds spent in the prompt forward / the per-token forward+sampling, for --verbose
         self.t_prompt = 0.0
         self.t_generate = 0.0
@@ -134,21 +157,71 @@ class Generation:
         finally:
             self.t_generate = time.perf_counter() - t0
 
+    def _step(self, logits: np.ndarray) -> Iterator[Piece]:
+        """One token from ``logits``: the pieces it releases."""
+        steps = self.steps
+        for out in steps.advance(logits):
+            # a token whose text was all stop string releases nothing here
+            if out.text or (out.token is not None and not steps.stopped_by_string):
+                yield Piece(out.text, out.token, self._logprob(out))
+        if (_HOLD_AFTER is not None and len(steps.tokens) == _HOLD_AFTER
+                and not _held.is_set() and not steps.stopped_by_string):
+            _hold()
+
     def _loop(self, logits: np.ndarray) -> Iterator[Piece]:
+        if self.drafter is not None:
+            yield from self._loop_speculative(logits)
+            return
         steps = self.steps
         while True:
-            for out in steps.advance(logits):
-                # a token whose text was all stop string releases nothing here
-                if out.text or (out.token is not None and not steps.stopped_by_string):
-                    yield Piece(out.text, out.token, self._logprob(out))
-            if steps.stopped_by_string:
-                return
-            if (_HOLD_AFTER is not None and len(steps.tokens) == _HOLD_AFTER
-                    and not _held.is_set()):
-                _hold()
+            yield from self._step(logits)
             if steps.done:
                 return
             logits = self.llm.eval_token(steps.tokens[-1])
+
+    def _loop_speculative(self, logits: np.ndarray) -> Iterator[Piece]:
+        """Rounds of: the last token plus a draft through the target at once, then one step per
+        position while the sampled token is the drafted one (see pyllm.runtime.speculative)."""
+        from pyllm._native import load_core
+
+        steps, llm, drafter = self.steps, self.llm, self.drafter
+        assert drafter is not None
+        core = load_core(PyllmError)
+        # Draft length: the decode kernels stream the weights once per group of `group` tokens,
+        # so a round of the last token + group - 1 drafted ones costs about one plain step, and
+        # each further group one more. Start there; grow by a group while whole drafts are kept,
+        # back to one group at the first rejection. A round stays below the prefill kernels'
+        # threshold: the decode kernels give each token's logits bit for bit as a one-token call
+        # does (the prefill kernels round differently), so greedy output is exactly plain
+        # decoding's.
+        group = int(core.MATVEC_TOKENS)
+        k_cap = min(drafter.draft_max, int(core.matmat_min_tokens()) - 2)
+        k = min(group - 1, k_cap)
+        yield from self._step(logits)
+        while not steps.done:
+            last = steps.tokens[-1]
+            # room: the context must hold the last token and the draft; more than the tokens
+            # still allowed (the last one comes from the logits after the draft) is wasted
+            n_max = min(k, llm.n_ctx - steps.n_prompt - len(steps.tokens))
+            if steps.max_tokens is not None:
+                n_max = min(n_max, steps.max_tokens - len(steps.tokens) - 1)
+            draft = drafter.draft(self.prompt_tokens + steps.tokens, n_max) if n_max > 0 else []
+            draft = draft[:max(n_max, 0)]
+            if len(draft) < max(drafter.draft_min, 1):
+                yield from self._step(llm.eval_token(last))
+                continue
+            base = len(llm.tokens)
+            rows = llm.eval_all([last, *draft])
+            self.spec.rounds += 1
+            self.spec.drafted += len(draft)
+            for i in range(len(draft) + 1):
+                yield from self._step(rows[i])
+                if steps.done or i == len(draft) or steps.tokens[-1] != draft[i]:
+                    break
+                self.spec.accepted += 1
+            # the cache keeps the last token and the draft tokens that were kept
+            llm.truncate(base + 1 + i)
+            k = min(k + group, k_cap) if i == len(draft) else min(group - 1, k_cap)
 
     def _logprob(self, out: Released) -> TokenLogprob | None:
         if out.logprob is None or out.token is None:

@@ -33,6 +33,7 @@ from pyllm.runtime.lora import AdapterSet, LoraSpec, lora_specs
 from pyllm.runtime.steps import common_prefix
 
 if TYPE_CHECKING:
+    from pyllm.runtime.speculative import Drafter
     from pyllm.tokenizer import Tokenizer
 
 # The kv_type names (pyllm.runtime.footprint holds them, with their element types).
@@ -63,7 +64,7 @@ class LLM:
                  n_threads: int | None = None, n_batch: int = DEFAULT_N_BATCH, seed: int = -1,
                  kv_type: str = DEFAULT_KV_TYPE, repack: bool = True, n_gpu_layers: int = 0,
                  device: str | None = None, lora: Sequence[LoraSpec] | None = None,
-                 verbose: bool = False) -> None:
+                 draft_model: Drafter | None = None, verbose: bool = False) -> None:
         # what can be checked without the file is checked before it is opened
         check_count("n_ctx", n_ctx)
         check_count("n_batch", n_batch)
@@ -95,6 +96,9 @@ class LLM:
                 raise
         self._tokens: list[int] = []
         self._last_logits: np.ndarray | None = None
+        # the default drafter of generate / stream / chat / create_* (speculative decoding; a
+        # call's drafter= overrides it), as llama-cpp-python's Llama(draft_model=...)
+        self.draft_model = draft_model
         if verbose:
             hp = self.hparams
             print(f"pyllm: {hp.arch} {hp.n_layer} layers, n_embd {hp.n_embd}, {hp.n_head} heads "
@@ -205,6 +209,17 @@ class LLM:
         self._last_logits = out
         return out
 
+    def eval_all(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Append tokens to the context in one forward call; returns the logits after each of
+        them, float32 (n_tokens, n_vocab) (speculative decoding checks a draft this way)."""
+        arr = self._check_tokens(tokens)
+        if arr.size == 0:
+            raise ModelError("eval_all needs at least one token")
+        out = self._decode(arr, "all")
+        assert out is not None
+        self._last_logits = out[-1].copy()
+        return out
+
     def eval_prompt(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
         """Make the context hold exactly ``tokens``, reusing the longest cached common prefix;
         returns the logits after the last token."""
@@ -229,6 +244,13 @@ class LLM:
         assert out is not None
         self._last_logits = out[-1].copy()
         return out
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` tokens of the context and drop the rest of its KV cache (a
+        rejected draft, an edited conversation); nothing happens when it holds ``n`` or fewer."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ContextError(f"truncate needs a token count >= 0, got {n!r}")
+        self._truncate(n)
 
     def _truncate(self, n: int) -> None:
         if self._ctx is not None and n < len(self._tokens):
@@ -288,7 +310,10 @@ class LLM:
 
         ``sampling`` takes the :class:`pyllm.runtime.sampling.SamplingParams` fields (temperature,
         top_k, top_p, min_p, typical_p, tfs_z, repeat_penalty, repeat_last_n, presence_penalty,
-        frequency_penalty, mirostat, mirostat_tau, mirostat_eta, logit_bias, seed).
+        frequency_penalty, mirostat, mirostat_tau, mirostat_eta, logit_bias, seed), and
+        ``drafter=`` a :class:`~pyllm.runtime.speculative.NgramDrafter` or
+        :class:`~pyllm.runtime.speculative.DraftModel` for speculative decoding (the same text,
+        faster where the drafts hold; default: the LLM's ``draft_model``).
         """
         from pyllm.runtime.completions import make_generation
         from pyllm.runtime.generation import prompt_tokens

@@ -38,7 +38,7 @@ namespace pyllm {
 namespace PYLLM_ISA {
 
 namespace {
-constexpr int kTokGroup = 4;  // tokens a matvec pass dots with each decoded block
+constexpr int kTokGroup = kMatvecTokens;  // tokens a matvec pass dots with each decoded block
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------

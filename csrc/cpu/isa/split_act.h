@@ -141,6 +141,7 @@ inline __m512 two_half_scales(f16_t a, f16_t b, const __m512i& pattern) {
 // Runs K<NT> over the tokens in groups of up to 4 (each group shares one pass over the rows).
 template <template <int> class K>
 void by_groups(const MatArgs& a, int64_t r0, int64_t r1) {
+  static_assert(kMatvecTokens == 4, "the groups below are kMatvecTokens (cpu/matmul.h)");
   for (int64_t t0 = 0; t0 < a.n_tokens; t0 += 4) {
     switch (std::min<int64_t>(4, a.n_tokens - t0)) {
       case 1: K<1>::run(a, r0, r1, t0); break;
