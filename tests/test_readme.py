@@ -150,3 +150,18 @@ def test_structured_output_server_example(smollm2_path: Path, tmp_path: Path) ->
     args = json.loads(args_line)
     assert isinstance(args["a"], int) and isinstance(args["b"], int)
     assert json.loads(colour_line)["colour"] in ("red", "green", "blue")
+
+
+def test_speculative_example(smollm2_path: Path, tmp_path: Path) -> None:
+    """The README's speculative decoding example runs and prints what plain decoding gives."""
+    (block,) = _python_blocks("### Speculative decoding")
+    proc = _run(block, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    from pyllm.runtime.llm import LLM
+
+    text = "The quick brown fox jumps over the lazy dog. The dog sleeps all day in the sun."
+    with LLM(n_ctx=1024) as llm:
+        reply = llm.chat([{"role": "user", "content": f"Repeat word for word:\n\n{text}"}],
+                         max_tokens=64, temperature=0)
+        more = llm.generate(text + "\n" + text[:20], max_tokens=24, temperature=0)
+    assert proc.stdout == f"{reply}\n{more}\n"
