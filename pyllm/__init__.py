@@ -33,6 +33,7 @@ from pyllm.errors import (
     QuantError,
     SamplingError,
     SpeculativeError,
+    StateFileError,
     TokenizerError,
     ToolCallError,
 )
@@ -119,6 +120,7 @@ __all__ = [
     "SamplingError",
     "SamplingParams",
     "SpeculativeError",
+    "StateFileError",
     "Tokenizer",
     "TokenizerError",
     "ToolCallError",

@@ -66,6 +66,11 @@ class ToolCallError(PyllmError):
     """Tools or a tool choice that cannot be used (bad shape, unknown function name)."""
 
 
+class StateFileError(PyllmError):
+    """A saved state that cannot be used: another model or KV type, a truncated, corrupt or
+    unreadable file (prompt caches, the server's slot files)."""
+
+
 class SpeculativeError(PyllmError):
     """A drafter that cannot serve a model (a draft model of another vocabulary, bad draft
     settings)."""
@@ -81,6 +86,7 @@ __all__ = [
     "GrammarError",
     "ToolCallError",
     "SpeculativeError",
+    "StateFileError",
     "PyllmError",
     "GGUFError",
     "QuantError",

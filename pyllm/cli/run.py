@@ -34,6 +34,14 @@ def add_parser(sub: Any) -> None:
                    help="stop when TEXT is generated (repeatable; not printed)")
     p.add_argument("--verbose", action="store_true",
                    help="print load info and speed (prompt and generation tokens/s) to stderr")
+    c = p.add_argument_group("prompt cache")
+    c.add_argument("--prompt-cache", metavar="FILE",
+                   help="reuse the longest cached prefix of the prompt from FILE (a state file "
+                   "this option wrote for the same model) and save the state after the prompt")
+    c.add_argument("--prompt-cache-all", action="store_true",
+                   help="save the state after the generated text too")
+    c.add_argument("--prompt-cache-ro", action="store_true",
+                   help="read the prompt cache but never write it")
     add_model_args(p)
     add_sampling_args(p)
     add_grammar_args(p)
@@ -56,9 +64,14 @@ def run(args: argparse.Namespace) -> int:
     from pyllm.runtime.completions import make_generation
     from pyllm.runtime.generation import prompt_tokens
 
+    if (args.prompt_cache_all or args.prompt_cache_ro) and args.prompt_cache is None:
+        parser.error("--prompt-cache-all and --prompt-cache-ro need --prompt-cache FILE")
     llm = load_llm(args, verbose=args.verbose)
     drafter = drafter_from_args(parser, args, llm)
-    gen = make_generation(llm, prompt_tokens(llm, prompt), max_tokens=args.n_predict,
+    tokens = prompt_tokens(llm, prompt)
+    if args.prompt_cache is not None:
+        _use_prompt_cache(llm, tokens, args)
+    gen = make_generation(llm, tokens, max_tokens=args.n_predict,
                           stop=args.stop, sampling_params=sampling, grammar=grammar,
                           drafter=drafter)
     out = sys.stdout
@@ -82,4 +95,28 @@ def run(args: argparse.Namespace) -> int:
             sp = gen.spec
             print(f"speculative: {sp.rounds} rounds, {sp.drafted} tokens drafted, "
                   f"{sp.accepted} accepted ({100 * sp.acceptance:.1f} %)", file=sys.stderr)
+    if args.prompt_cache_all and not args.prompt_cache_ro:
+        from pyllm.runtime.state_file import save_state_file
+
+        save_state_file(llm, args.prompt_cache)
     return 0
+
+
+def _use_prompt_cache(llm: Any, tokens: list[int], args: argparse.Namespace) -> None:
+    """llama.cpp's --prompt-cache: load the state in the file (if there is one), evaluate the
+    prompt from the longest common prefix on, and save the state after it (unless read-only)."""
+    from pyllm.runtime.state_file import load_state_file, save_state_file
+    from pyllm.runtime.steps import common_prefix
+
+    path = Path(args.prompt_cache)
+    reused = 0
+    if path.exists():
+        state = load_state_file(llm, path)
+        llm.load_state(state)
+        reused = min(common_prefix(state.tokens, tokens), len(tokens) - 1)
+    llm.eval_prompt(tokens)
+    if args.verbose:
+        print(f"prompt cache: {reused} of {len(tokens)} prompt tokens reused from {path}",
+              file=sys.stderr)
+    if not args.prompt_cache_ro:
+        save_state_file(llm, path)

@@ -85,6 +85,7 @@ class LLM:
             self.model.close()
             raise
         self.n_ctx = n_ctx
+        self.kv_type = kv_type
         self.n_batch = clamp_batch(n_batch, n_ctx)
         self._adapters = AdapterSet(self.model)
         self._lora: list[tuple[Path, float]] = []
@@ -382,6 +383,11 @@ class LLM:
             self._lora = specs
 
     # ---- state --------------------------------------------------------------------------------
+
+    @property
+    def model_identity(self) -> str:
+        """What a saved state is bound to: SHA-256 of the model's metadata and tensor table."""
+        return self.model.identity
 
     def save_state(self) -> LLMState:
         last = None if self._last_logits is None else self._last_logits.copy()

@@ -105,6 +105,7 @@ class LoadedModel:
         self.model_path = Path(resolve_model_path(model_path, quiet=not verbose))
         self.verbose = verbose
         self._reader = open_gguf(self.model_path)  # a split model: all its shards
+        self._identity: str | None = None
         self.metadata: dict[str, Any] = self._reader.metadata
         self._tokenizer: Tokenizer | None = None
         try:
@@ -135,6 +136,20 @@ class LoadedModel:
     def tensor_names(self) -> frozenset[str]:
         """The names of the model file's tensors (every shard's)."""
         return frozenset(t.name for t in self._reader.tensors)
+
+    def tensors_table(self) -> list[list[Any]]:
+        """Every tensor as ``[name, type name, dims, offset]`` (the model identity's input)."""
+        return [[t.name, t.type.name, list(t.dims), t.offset] for t in self._reader.tensors]
+
+    @property
+    def identity(self) -> str:
+        """SHA-256 of the metadata and tensor table (:func:`pyllm.runtime.state_file.
+        model_identity`): what a saved state is bound to."""
+        if self._identity is None:
+            from pyllm.runtime.state_file import model_identity
+
+            self._identity = model_identity(self)
+        return self._identity
 
     @property
     def placement(self) -> list[tuple[str, int, int]]:
