@@ -87,6 +87,14 @@ class Stage {
   virtual void save_state(int n_past, uint8_t* out) const = 0;
   virtual void load_state(int n_past, const uint8_t* in) = 0;
 
+  // Context shift: in sequence seq's cache, drop positions [keep, keep + n_discard) and move
+  // positions [keep + n_discard, n_past) down by n_discard, their keys rotated by `rot` (the
+  // (cos, sin) pairs, n_rot / 2 of them, of a rotation by -n_discard positions). Only called
+  // when can_shift_kv() (the context asks every stage first).
+  virtual bool can_shift_kv() const { return false; }
+  virtual void shift_kv(int /*seq*/, int /*keep*/, int /*n_discard*/, int /*n_past*/,
+                        const float* /*rot*/) {}
+
  protected:
   explicit Stage(const LayerRange& range) : range_(range) {}
 

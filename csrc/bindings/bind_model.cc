@@ -329,6 +329,11 @@ void register_model(py::module_& m) {
           [](const Context& ctx) { return placement_tuples(ctx.placement()); },
           "The model's (backend, first, last) layer ranges; the head is with the last.")
       .def("truncate", &Context::truncate, py::arg("n"), "Forget cached positions >= n.")
+      .def("seq_shift", &Context::seq_shift, py::arg("seq"), py::arg("keep"),
+           py::arg("n_discard"), py::call_guard<py::gil_scoped_release>(),
+           "Context shift: drop positions [keep, keep + n_discard) of one sequence and move "
+           "the later ones down, keys re-rotated (ValueError for a RoPE mode that cannot be "
+           "moved, IndexError for bad bounds, DeviceError for offloaded layers).")
       .def("collect_activation_stats", &Context::collect_activation_stats, py::arg("on"),
            "Start (a fresh) or stop collecting importance-matrix statistics: the sums over "
            "tokens of every matmul input column's square (pyllm/activation_stats.h).")

@@ -37,11 +37,19 @@ class KVCache {
   void save(int n_past, uint8_t* out) const;
   void load(int n_past, const uint8_t* in);
 
+  // Stage::shift_kv for these layers: the V rows move as they are; each K row is widened to
+  // floats, rotated (op.rope over n_head_kv heads of head_dim, n_rot of them rotated) and
+  // stored back, so F16 / Q8_0 keys are rounded once more (F32 keys are exact but for the
+  // rotation's own rounding).
+  void shift(const OpsTable& op, int seq, int keep, int n_discard, int n_past, const float* rot,
+             int n_head_kv, int head_dim, int n_rot, bool neox);
+
  private:
   int64_t dim_;
   QType type_;
   int64_t row_bytes_;
   int64_t head_bytes_;
+  int64_t n_ctx_;  // rows per sequence
   std::vector<std::vector<uint8_t>> k_, v_;  // per layer
 };
 

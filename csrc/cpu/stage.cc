@@ -82,6 +82,11 @@ CpuStage::CpuStage(CpuDevice& device, const LayerRange& range)
       hp(device.model_.hparams()),
       kv_(hp, device.params_, range.last - range.first) {}
 
+void CpuStage::shift_kv(int seq, int keep, int n_discard, int n_past, const float* rot) {
+  kv_.shift(ops(), seq, keep, n_discard, n_past, rot, hp.n_head_kv, hp.head_dim, hp.n_rot,
+            hp.rope_neox);
+}
+
 void CpuDevice::mm(const WeightView& w, const float* x, int64_t n_tokens, float* y) {
   matmul(mparams(w, x, n_tokens, y), pool_);
 }

@@ -83,6 +83,8 @@ class CpuStage final : public Stage {
   int64_t state_bytes(int n_past) const override { return kv_.state_bytes(n_past); }
   void save_state(int n_past, uint8_t* out) const override { kv_.save(n_past, out); }
   void load_state(int n_past, const uint8_t* in) override { kv_.load(n_past, in); }
+  bool can_shift_kv() const override { return true; }
+  void shift_kv(int seq, int keep, int n_discard, int n_past, const float* rot) override;
 
  private:
   void attention(int local_layer, const Chunk& chunk);

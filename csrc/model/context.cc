@@ -213,6 +213,31 @@ void Context::seq_truncate(int seq, int n) {
   n_past_[seq] = n;
 }
 
+void Context::seq_shift(int seq, int keep, int n_discard) {
+  if (seq < 0 || seq >= params_.n_seq) throw std::out_of_range("sequence id out of range");
+  const int n_past = n_past_[seq];
+  if (keep < 0 || n_discard < 1 || keep + n_discard > n_past) {
+    throw std::out_of_range("shift: keep " + std::to_string(keep) + " + discard " +
+                            std::to_string(n_discard) + " must be within the " +
+                            std::to_string(n_past) + " cached positions (discard >= 1)");
+  }
+  if (!impl_->rope.linear_in_position()) {
+    throw std::invalid_argument("this model's RoPE scaling (dynamic NTK) changes every angle "
+                                "with the sequence length, so cached keys cannot be moved to "
+                                "other positions exactly: no context shift");
+  }
+  for (const auto& s : impl_->stages) {
+    if (!s->can_shift_kv()) {
+      throw DeviceError("the context shift moves K/V rows on the CPU only: place every layer "
+                        "on the CPU (no -ngl) to use it");
+    }
+  }
+  std::vector<float> rot;
+  impl_->rope.rotation(-n_discard, rot);
+  for (auto& s : impl_->stages) s->shift_kv(seq, keep, n_discard, n_past, rot.data());
+  n_past_[seq] = n_past - n_discard;
+}
+
 void Context::decode(const int32_t* tokens, int64_t n, float* logits, bool all_logits) {
   if (n <= 0) throw std::invalid_argument("decode: no tokens");
   std::vector<int32_t>& seq = impl_->seq;

@@ -42,6 +42,15 @@ void RopeTable::fill(int pos0, int n, int seq_len, std::vector<float>& out) cons
 
 void RopeTable::fill_positions(const int* positions, int n, int seq_len,
                                std::vector<float>& out) const {
+  fill_angles(positions, n, seq_len, true, out);
+}
+
+void RopeTable::rotation(int delta, std::vector<float>& out) const {
+  fill_angles(&delta, 1, 0, false, out);
+}
+
+void RopeTable::fill_angles(const int* positions, int n, int seq_len, bool magnitude,
+                            std::vector<float>& out) const {
   const int half = hp_.n_rot / 2;
   out.resize(static_cast<size_t>(n) * 2 * half);
   const double base = effective_base(seq_len);
@@ -62,6 +71,7 @@ void RopeTable::fill_positions(const int* positions, int n, int seq_len,
     mscale = hp_.yarn_attn_factor;
     if (ext_factor != 0.0) mscale *= 1.0 + 0.1 * std::log(1.0 / freq_scale);
   }
+  if (!magnitude) mscale = 1.0;
 
   for (int t = 0; t < n; ++t) {
     const double pos = positions[t];

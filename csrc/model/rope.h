@@ -20,7 +20,17 @@ class RopeTable {
 
   double effective_base(int seq_len) const;
 
+  // Whether every angle is a fixed multiple of the position (all modes but dynamic NTK, whose
+  // base grows with the sequence length): then keys can be moved to other positions exactly.
+  bool linear_in_position() const { return hp_.rope_scaling != RopeScaling::Dynamic; }
+  // (cos, sin) pairs of the rotation by `delta` positions (n_rot/2 pairs), without YaRN's
+  // magnitude scaling: applied to a rotated key it moves the key by delta positions.
+  void rotation(int delta, std::vector<float>& out) const;
+
  private:
+  // magnitude: YaRN's scaling of cos and sin (the keys' and queries' angles) or none
+  void fill_angles(const int* positions, int n, int seq_len, bool magnitude,
+                   std::vector<float>& out) const;
   HParams hp_;
   std::vector<float> factors_;
 };

@@ -253,6 +253,25 @@ class LLM:
             raise ContextError(f"truncate needs a token count >= 0, got {n!r}")
         self._truncate(n)
 
+    def shift_context(self, keep: int, n_discard: int) -> None:
+        """Context shift (llama.cpp's): drop the cached tokens [keep, keep + n_discard) and move
+        the later ones down, their keys re-rotated to the new positions, as if the remaining
+        tokens had been evaluated there (up to the K/V cache type's rounding). ContextError for
+        bounds outside the cached tokens or a RoPE mode that cannot be moved exactly (dynamic
+        NTK), DeviceError with layers offloaded to a GPU."""
+        for name, v in (("keep", keep), ("n_discard", n_discard)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ContextError(f"{name} must be an integer, got {v!r}")
+        if self._ctx is None:
+            raise ModelError("this LLM has been closed")
+        with self._lock:
+            try:
+                self._ctx.seq_shift(0, keep, n_discard)
+            except (IndexError, ValueError) as e:
+                raise ContextError(f"cannot shift the context: {e}") from None
+        del self._tokens[keep:keep + n_discard]
+        self._last_logits = None
+
     def _truncate(self, n: int) -> None:
         if self._ctx is not None and n < len(self._tokens):
             self._ctx.truncate(n)

@@ -186,6 +186,13 @@ class Context {
   int n_seq() const { return params_.n_seq; }
   int seq_n_past(int seq) const;
   void seq_truncate(int seq, int n);
+  // Context shift (llama.cpp's): drop sequence seq's positions [keep, keep + n_discard), move
+  // the later ones down and re-rotate their keys by -n_discard positions, as if the kept
+  // tokens had been evaluated at their new positions (up to the K/V element type's rounding).
+  // Throws std::invalid_argument for a RoPE mode whose angles are not linear in the position
+  // (dynamic NTK: they depend on the sequence length), std::out_of_range for bad bounds, and
+  // DeviceError when a stage cannot shift (nothing is changed then).
+  void seq_shift(int seq, int keep, int n_discard);
   int n_ctx() const { return params_.n_ctx; }
   int n_threads() const;
   const Model& model() const { return *model_; }

@@ -1,0 +1,142 @@
+"""Context shift (``LLM.shift_context``, ``Context::seq_shift``): after dropping a span of the
+cache and moving the rest down, the cache equals a fresh evaluation of the kept tokens at their
+new positions, for every RoPE mode a Llama-family model uses; a mode whose angles depend on the
+sequence length is refused.
+
+"Equals" holds for what a shift can keep exact: the first layer's K/V rows (they depend on the
+token and its position only), so the logits of one-layer models. Deeper layers' rows of a kept
+token were computed attending to the dropped ones and keep that (as in llama.cpp): a fresh
+evaluation differs there by design; the tests compare the first layer's rows of deeper models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pyllm.errors import ContextError
+from tests.tiny_models import TinySpec, write_tiny
+
+# one layer (the logits depend on the first layer's K/V only); heads of 32 (a Q8_0 cache's block)
+ONE = dict(n_layer=1, n_embd=128, n_head=4, n_head_kv=2)
+MODES = {
+    "llama": TinySpec(**ONE),
+    "neox (qwen2)": TinySpec(**ONE, arch="qwen2", biases=True),
+    "linear": TinySpec(**ONE, rope_scaling={"type": "linear", "factor": 2.0}),
+    "yarn": TinySpec(**ONE, rope_scaling={"type": "yarn", "factor": 4.0,
+                                          "original_context_length": 64}),
+    "rope_freqs (llama 3.1)": TinySpec(**ONE, rope_freqs=True),
+    "partial rotary": TinySpec(**ONE, n_rot=16),
+}
+
+
+def _shifted_vs_fresh(path: Path, kv_type: str, keep: int, discard: int) -> tuple[float, float]:
+    """The shifted context's next logits against a fresh evaluation of the kept tokens (same
+    cache type), and that cache type's own error (fresh, against an F32 cache), both relative
+    to the largest logit."""
+    from pyllm.runtime.llm import LLM
+
+    rng = np.random.default_rng(7)
+    tokens = rng.integers(3, 150, 60).tolist()
+    nxt = [11, 12]
+    kept = tokens[:keep] + tokens[keep + discard:]
+    with LLM(path, n_ctx=128, kv_type=kv_type) as a:
+        a.eval(tokens)
+        a.shift_context(keep, discard)
+        assert a.tokens == kept
+        got = np.stack([a.eval([nxt[0]]), a.eval([nxt[1]])])
+    fresh = {}
+    for kv in {kv_type, "f32"}:
+        with LLM(path, n_ctx=128, kv_type=kv) as b:
+            b.eval(kept)  # the same kernels as the shifted context's
+            fresh[kv] = np.stack([b.eval([nxt[0]]), b.eval([nxt[1]])])
+    scale = np.abs(fresh["f32"]).max()
+    return (float(np.abs(got - fresh[kv_type]).max() / scale),
+            float(np.abs(fresh[kv_type] - fresh["f32"]).max() / scale))
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("kv_type", ["f32", "f16", "q8_0"])
+def test_shifted_cache_equals_a_fresh_evaluation(tmp_path: Path, mode: str, kv_type: str) -> None:
+    """F32 keys: equal to F32 rounding. F16 / Q8_0 keys are rounded once more after the
+    rotation: against a fresh cache of the same type, the shifted one differs by at most a few
+    times that type's own error (a fresh F16 / Q8_0 cache against an F32 one): measured 0.1-2.6
+    times (F32: 2e-7 .. 5.5e-7 of the largest logit)."""
+    path = write_tiny(tmp_path / "m.gguf", MODES[mode])
+    err, own = _shifted_vs_fresh(path, kv_type, keep=5, discard=27)
+    assert err < (2e-6 if kv_type == "f32" else 3.5 * own), (err, own)
+
+
+def test_without_re_rotation_the_keys_are_wrong(tmp_path: Path) -> None:
+    """The control: dropping the span without rotating the moved keys (truncate + re-append of
+    the same K/V rows is what a plain copy would give) is far outside the bound: a shift by 27
+    positions, compared at 27 positions too far."""
+    from pyllm.runtime.llm import LLM
+
+    path = write_tiny(tmp_path / "m.gguf", MODES["llama"])
+    rng = np.random.default_rng(7)
+    tokens = rng.integers(3, 150, 60).tolist()
+    with LLM(path, n_ctx=128, kv_type="f32") as a:
+        kept = tokens[:5] + tokens[32:]
+        want = a.logits(kept + [11])[-1]
+        # the same tokens, all 27 positions later (what unrotated keys at new slots mean)
+        a.reset()
+        a.eval(tokens[:5] + [1] * 27)
+        a.eval(tokens[32:])
+        moved = a.eval([11])
+    assert np.abs(moved - want).max() / np.abs(want).max() > 1e-2
+
+
+def _layer_rows(llm, n_tokens: int, layer: int) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+    """Layer `layer`'s K and V rows of an F32 cache, from a saved state (header, then per
+    layer the K rows then the V rows of the cached positions)."""
+    hp = llm.hparams
+    dim = hp.n_head_kv * hp.head_dim
+    kv = np.frombuffer(llm.save_state().kv, dtype=np.float32, offset=20)
+    per = n_tokens * dim
+    k = kv[2 * per * layer: 2 * per * layer + per].reshape(n_tokens, dim)
+    v = kv[2 * per * layer + per: 2 * per * (layer + 1)].reshape(n_tokens, dim)
+    return k, v
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_deeper_models_first_layer_rows(tmp_path: Path, arch: str) -> None:
+    from pyllm.runtime.llm import LLM
+
+    path = write_tiny(tmp_path / "m.gguf", TinySpec(n_layer=3, arch=arch, biases=arch == "qwen2"))
+    tokens = list(range(10, 50))
+    kept = tokens[:4] + tokens[20:]
+    with LLM(path, n_ctx=64, kv_type="f32") as a, LLM(path, n_ctx=64, kv_type="f32") as b:
+        a.eval(tokens)
+        a.shift_context(4, 16)
+        b.eval(kept)
+        ka, va = _layer_rows(a, len(kept), 0)
+        kb, vb = _layer_rows(b, len(kept), 0)
+        # moved as they are / re-rotated (the two evaluations' products differ in F32 rounding
+        # only: 40 tokens take the prefill kernels, 24 the decode ones)
+        assert np.abs(va - vb).max() <= 1e-5 * np.abs(vb).max()
+        assert np.abs(ka - kb).max() <= 1e-5 * np.abs(kb).max()
+        # layer 1 differs: its rows saw the dropped tokens (the module doc)
+        k1a, _ = _layer_rows(a, len(kept), 1)
+        k1b, _ = _layer_rows(b, len(kept), 1)
+        assert np.abs(k1a[4:] - k1b[4:]).max() > 1e-3 * np.abs(k1b).max()
+
+
+def test_dynamic_ntk_and_bad_bounds_are_refused(tmp_path: Path) -> None:
+    from pyllm.runtime.llm import LLM
+
+    spec = TinySpec(rope_scaling={"type": "dynamic", "factor": 2.0,
+                                  "original_context_length": 64})
+    path = write_tiny(tmp_path / "dyn.gguf", spec)
+    with LLM(path, n_ctx=128) as llm:
+        llm.eval(list(range(3, 40)))
+        with pytest.raises(ContextError, match="dynamic NTK"):
+            llm.shift_context(4, 10)
+        assert len(llm.tokens) == 37  # nothing changed
+    with LLM(write_tiny(tmp_path / "m.gguf", TinySpec()), n_ctx=128) as llm:
+        llm.eval(list(range(3, 40)))
+        for keep, discard in ((30, 10), (-1, 3), (3, 0)):
+            with pytest.raises(ContextError, match="cannot shift"):
+                llm.shift_context(keep, discard)
+        assert len(llm.tokens) == 37
