@@ -140,3 +140,56 @@ def test_dynamic_ntk_and_bad_bounds_are_refused(tmp_path: Path) -> None:
             with pytest.raises(ContextError, match="cannot shift"):
                 llm.shift_context(keep, discard)
         assert len(llm.tokens) == 37
+
+
+# ---- generation past a full context -----------------------------------------------------------
+
+
+def test_generation_goes_on_past_a_full_context(smollm2_path: Path) -> None:
+    from pyllm.runtime.completions import make_generation
+    from pyllm.runtime.llm import LLM
+    from pyllm.runtime.speculative import NgramDrafter
+
+    with LLM(smollm2_path, n_ctx=64, n_threads=2) as llm:
+        prompt = llm.tokenize("Once upon a time, in a land far away,")
+        plain = make_generation(llm, prompt, max_tokens=150, stop=None, temperature=0.0)
+        list(plain)
+        assert plain.finish_reason == "length" and len(plain.tokens) == 64 - len(prompt)
+        shifted = make_generation(llm, prompt, max_tokens=150, stop=None, temperature=0.0,
+                                  context_shift=len(prompt))
+        text = "".join(p.text for p in shifted)
+        assert len(shifted.tokens) == 150 and shifted.n_shifts >= 3 and text
+        assert llm.tokens[:len(prompt)] == prompt  # the kept part stays
+        assert len(llm.tokens) < 64
+        # until the shift, the same tokens as without it
+        assert shifted.tokens[:len(plain.tokens)] == plain.tokens
+        # speculative rounds shift at the same fill: the same tokens
+        spec = make_generation(llm, prompt, max_tokens=150, stop=None, temperature=0.0,
+                               context_shift=len(prompt), drafter=NgramDrafter())
+        list(spec)
+        assert spec.tokens == shifted.tokens and spec.n_shifts == shifted.n_shifts
+        # a kept part that fills the context: the generation ends there
+        full = make_generation(llm, prompt, max_tokens=150, stop=None, temperature=0.0,
+                               context_shift=63)
+        list(full)
+        # (one token more than without a shift: the last one is sampled from a full cache, where
+        # the step machine's own limit stops one short so that the cache never overruns)
+        assert full.finish_reason == "length" and len(full.tokens) == len(plain.tokens) + 1
+        assert full.n_shifts == 0
+        with pytest.raises(ContextError, match="context_shift"):
+            make_generation(llm, prompt, max_tokens=4, stop=None, context_shift=-1)
+
+
+def test_cli_context_shift(smollm2_path: Path) -> None:
+    from tests.test_cli import run_cli
+
+    base = ("run", "-m", str(smollm2_path), "-p", "Once upon a time", "-n", "200", "-c", "64",
+            "--temp", "0", "--verbose")
+    off = run_cli(*base, timeout=120)
+    on = run_cli(*base, "--context-shift", "--keep", "-1", timeout=120)
+    assert off.returncode == 0 and on.returncode == 0, on.stderr
+    assert "generation: 60 tokens" in off.stderr and "context shifts" not in off.stderr
+    assert "generation: 200 tokens" in on.stderr and "context shifts" in on.stderr
+    assert on.stdout.startswith(off.stdout.rstrip("\n"))
+    bad = run_cli(*base, "--context-shift", "--keep", "-2", timeout=60)
+    assert bad.returncode == 2 and "--keep" in bad.stderr

@@ -194,6 +194,37 @@ def _probability(text: str) -> float:
     return v
 
 
+def add_context_shift_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("context shift (off by default, as in llama.cpp)")
+    g.add_argument("--context-shift", action="store_true",
+                   help="when the context is full, drop the oldest half of what follows the "
+                   "kept tokens and go on (the cache is moved, not recomputed)")
+    g.add_argument("--keep", type=_keep_count, default=0, metavar="N",
+                   help="prompt tokens the shift never drops (-1 = the whole prompt; the BOS "
+                   "token is always kept; default 0)")
+
+
+def _keep_count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected -1 or a count >= 0, got {text!r}") from None
+    if v < -1 or v > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"expected -1 or a count >= 0, got {text!r}")
+    return v
+
+
+def kept_tokens(args: argparse.Namespace, llm: Any, prompt: list[int]) -> int | None:
+    """The generation's context_shift (tokens kept) for --keep / --context-shift, as llama.cpp
+    counts them: --keep N prompt tokens after the BOS token, -1 all of the prompt."""
+    if not args.context_shift:
+        return None
+    if args.keep < 0:
+        return len(prompt)
+    bos = 1 if prompt and prompt[0] == llm.tokenizer.bos_id else 0
+    return min(args.keep + bos, len(prompt))
+
+
 def add_speculative_args(p: argparse.ArgumentParser) -> None:
     """Speculative decoding, as llama.cpp spells the flags (pyllm.runtime.speculative)."""
     from pyllm.runtime import speculative as sp

@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from pyllm.cli.common import (
+    add_context_shift_args,
     add_grammar_args,
     add_model_args,
     add_sampling_args,
     add_speculative_args,
     drafter_from_args,
     grammar_from_args,
+    kept_tokens,
     load_llm,
     sampling_from_args,
     token_count,
@@ -46,6 +48,7 @@ def add_parser(sub: Any) -> None:
     add_sampling_args(p)
     add_grammar_args(p)
     add_speculative_args(p)
+    add_context_shift_args(p)
     p.set_defaults(run=run, parser=p)
 
 
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         _use_prompt_cache(llm, tokens, args)
     gen = make_generation(llm, tokens, max_tokens=args.n_predict,
                           stop=args.stop, sampling_params=sampling, grammar=grammar,
-                          drafter=drafter)
+                          drafter=drafter, context_shift=kept_tokens(args, llm, tokens))
     out = sys.stdout
     out.write(prompt)
     out.flush()
@@ -90,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"prompt: {gen.n_prompt_evaluated} tokens in {gen.t_prompt * 1000:.1f} ms "
               f"({pp:.1f} tokens/s)\n"
               f"generation: {n_gen} tokens in {gen.t_generate * 1000:.1f} ms ({tg:.1f} tokens/s), "
-              f"finish: {gen.finish_reason}", file=sys.stderr)
+              f"finish: {gen.finish_reason}"
+              + (f", {gen.n_shifts} context shifts" if gen.n_shifts else ""), file=sys.stderr)
         if drafter is not None:
             sp = gen.spec
             print(f"speculative: {sp.rounds} rounds, {sp.drafted} tokens drafted, "

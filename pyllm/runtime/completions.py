@@ -70,19 +70,22 @@ def make_generation(llm: LLM, tokens: list[int], *, max_tokens: int | None,
                     grammar: Grammar | str | None = None,
                     json_schema: dict[str, Any] | bool | str | None = None,
                     regex: str | None = None, keep_special: bool = False,
-                    drafter: Drafter | None = None, **sampling: Any) -> Generation:
+                    drafter: Drafter | None = None, context_shift: int | None = None,
+                    **sampling: Any) -> Generation:
     """The generation of one call; sampling settings as :func:`generation_params` reads them
     (``LLM.generate`` / ``stream`` / ``chat`` / ``create_*`` pass ``sampling_params`` through).
     ``grammar`` (a :class:`~pyllm.runtime.grammar.Grammar` or GBNF text), ``json_schema`` or
     ``regex`` constrain the output (at most one of them). ``drafter`` (a
     :class:`~pyllm.runtime.speculative.NgramDrafter` or
     :class:`~pyllm.runtime.speculative.DraftModel`; default: ``llm.draft_model``) turns on
-    speculative decoding."""
+    speculative decoding; ``context_shift=N`` lets the generation go on past a full context,
+    keeping the first N tokens and dropping half of the rest each time (None: it ends there)."""
     params = generation_params(llm, sampling_params, sampling)
     return Generation(llm, tokens, params, max_tokens, _stop_list(stop) + list(extra_stop),
                       stop_token_ids(llm), logprobs,
                       constraint_of(llm, from_options(grammar, json_schema, regex)),
-                      keep_special, drafter if drafter is not None else llm.draft_model)
+                      keep_special, drafter if drafter is not None else llm.draft_model,
+                      context_shift)
 
 
 def constraint_of(llm: LLM, grammar: Grammar | None) -> Constraint | None:

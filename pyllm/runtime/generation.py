@@ -100,7 +100,7 @@ class Generation:
                  max_tokens: int | None, stop: Sequence[str] = (),
                  stop_tokens: Iterable[int] = (), logprobs: int | None = None,
                  constraint: Constraint | None = None, keep_special: bool = False,
-                 drafter: Drafter | None = None) -> None:
+                 drafter: Drafter | None = None, context_shift: int | None = None) -> None:
         max_tokens = resolve_max_tokens(max_tokens)
         if not prompt_tokens:
             raise PyllmError("the prompt is empty (no tokens)")
@@ -110,8 +110,19 @@ class Generation:
         self.llm = llm
         self.prompt_tokens = list(prompt_tokens)
         self.max_tokens = max_tokens
+        # context shift (llama.cpp's --context-shift with --keep): when the context is full,
+        # the oldest half of what follows the first `context_shift` tokens is dropped
+        self.n_keep = context_shift
+        self.n_shifts = 0
+        if context_shift is not None and (isinstance(context_shift, bool)
+                                          or not isinstance(context_shift, int)
+                                          or context_shift < 0):
+            raise ContextError(f"context_shift must be the number of tokens to keep (>= 0), "
+                               f"got {context_shift!r}")
         self.steps = SequenceSteps(llm.tokenizer, llm.n_vocab, self.prompt_tokens, params,
-                                   max_tokens=max_tokens, n_ctx=llm.n_ctx, stop=stop,
+                                   max_tokens=max_tokens,
+                                   n_ctx=None if context_shift is not None else llm.n_ctx,
+                                   stop=stop,
                                    stop_tokens=stop_tokens, logprobs=logprobs,
                                    constraint=constraint, keep_special=keep_special)
         self.sampler = self.steps.sampler
@@ -177,7 +188,32 @@ class Generation:
             yield from self._step(logits)
             if steps.done:
                 return
+            if not self._room(1):
+                yield from self._full()
+                return
             logits = self.llm.eval_token(steps.tokens[-1])
+
+    def _full(self) -> Iterator[Piece]:
+        """The end at a full context that cannot be shifted."""
+        for out in self.steps.finish("length"):
+            yield Piece(out.text, out.token)
+
+    def _room(self, n: int) -> bool:
+        """Whether n more tokens fit in the context, shifting it when allowed (else the sequence
+        ends with "length"; without a shift the step machine has ended it already)."""
+        llm = self.llm
+        if len(llm.tokens) + n <= llm.n_ctx:
+            return True
+        if self.n_keep is None:
+            return False
+        n_past = len(llm.tokens)
+        keep = min(self.n_keep, n_past)
+        n_discard = (n_past - keep) // 2
+        if n_discard < 1 or n_past - n_discard + n > llm.n_ctx:
+            return False  # nothing left to drop: the kept part fills the context
+        llm.shift_context(keep, n_discard)
+        self.n_shifts += 1
+        return True
 
     def _loop_speculative(self, logits: np.ndarray) -> Iterator[Piece]:
         """Rounds of: the last token plus a draft through the target at once, then one step per
@@ -202,7 +238,10 @@ class Generation:
             last = steps.tokens[-1]
             # room: the context must hold the last token and the draft; more than the tokens
             # still allowed (the last one comes from the logits after the draft) is wasted
-            n_max = min(k, llm.n_ctx - steps.n_prompt - len(steps.tokens))
+            if not self._room(1):
+                yield from self._full()
+                return
+            n_max = min(k, llm.n_ctx - len(llm.tokens) - 1)
             if steps.max_tokens is not None:
                 n_max = min(n_max, steps.max_tokens - len(steps.tokens) - 1)
             draft = drafter.draft(self.prompt_tokens + steps.tokens, n_max) if n_max > 0 else []

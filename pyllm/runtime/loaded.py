@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from pyllm.errors import ContextError, ModelError, PyllmError, PyllmWarning
 from pyllm.formats.arch import HParams, collect_tensors, read_hparams
 from pyllm.formats.gguf.split import open_gguf
@@ -143,12 +145,18 @@ class LoadedModel:
 
     @property
     def identity(self) -> str:
-        """SHA-256 of the metadata and tensor table (:func:`pyllm.runtime.state_file.
-        model_identity`): what a saved state is bound to."""
+        """SHA-256 (hex) of the metadata and the tensor table: what a saved state is bound to
+        (pyllm.runtime.state_file), reading no weights."""
         if self._identity is None:
-            from pyllm.runtime.state_file import model_identity
+            import hashlib
+            import json
 
-            self._identity = model_identity(self)
+            h = hashlib.sha256()
+            meta = {k: _jsonable(v) for k, v in sorted(self.metadata.items())}
+            h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+            for t in self.tensors_table():
+                h.update(json.dumps(t).encode())
+            self._identity = h.hexdigest()
         return self._identity
 
     @property
@@ -231,6 +239,18 @@ class LoadedModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (bytes, bytearray)):
+        return value.hex()
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    return value
 
 
 def clamp_batch(n_batch: int, n_ctx: int, n_seq: int = 1) -> int:

@@ -8,9 +8,10 @@ its own checks) and the last logits (float32, may be empty). A file of another m
 KV type, another version, a truncated or altered one is refused with a :class:`StateFileError`
 saying which; files are written atomically (:mod:`pyllm.atomic`).
 
-The model identity is a SHA-256 over the model's metadata and tensor table (names, types,
-shapes, offsets): two files with the same weights layout and metadata are the same model for a
-state, reading no weights (a 40 GB model is identified in milliseconds).
+The model identity (:attr:`pyllm.runtime.loaded.LoadedModel.identity`) is a SHA-256 over the
+model's metadata and tensor table (names, types, shapes, offsets): two files with the same
+weights layout and metadata are the same model for a state, reading no weights (a 40 GB model
+is identified in milliseconds).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import hashlib
 import json
 import os
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,33 +29,10 @@ from pyllm.errors import StateFileError
 
 if TYPE_CHECKING:
     from pyllm.runtime.llm import LLM, LLMState
-    from pyllm.runtime.loaded import LoadedModel
 
 MAGIC = b"PYLLMST\0"
 VERSION = 1
 MAX_HEADER = 64 << 20  # the header holds the token ids: 64 MiB is millions of them
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (bytes, bytearray)):
-        return value.hex()
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    return value
-
-
-def model_identity(model: LoadedModel) -> str:
-    """SHA-256 (hex) of the model's metadata and tensor table."""
-    h = hashlib.sha256()
-    meta = {k: _jsonable(v) for k, v in sorted(model.metadata.items())}
-    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
-    for t in model.tensors_table():
-        h.update(json.dumps(t).encode())
-    return h.hexdigest()
 
 
 def save_state_file(llm: LLM, path: str | os.PathLike[str], state: LLMState | None = None) -> None:
@@ -132,4 +110,4 @@ def load_state_file(llm: LLM, path: str | os.PathLike[str]) -> LLMState:
     return LLMState(tokens, bytes(kv), logits, lora)
 
 
-__all__ = ["MAGIC", "VERSION", "load_state_file", "model_identity", "save_state_file"]
+__all__ = ["MAGIC", "VERSION", "load_state_file", "save_state_file"]

@@ -108,10 +108,11 @@ class SequenceSteps:
 
     ``finish_reason`` is None while running, then "stop" or "length"; ``stopped_by_string`` says
     that a stop string (not a token or a limit) ended it. ``tokens`` holds the generated ids.
+    ``n_ctx`` None: no context limit (the caller shifts the context when it is full).
     """
 
     def __init__(self, tokenizer: Any, n_vocab: int, prompt: Sequence[int],
-                 params: SamplingParams, *, max_tokens: int | None, n_ctx: int,
+                 params: SamplingParams, *, max_tokens: int | None, n_ctx: int | None,
                  stop: Iterable[str] = (), stop_tokens: Iterable[int] = (),
                  logprobs: int | None = None, constraint: Constraint | None = None,
                  keep_special: bool = False) -> None:
@@ -168,9 +169,16 @@ class SequenceSteps:
             out += self._end("stop")  # nothing but an end token could follow: no forward for it
         elif self.max_tokens is not None and len(self.tokens) >= self.max_tokens:
             out += self._end("length")
-        elif self.n_prompt + len(self.tokens) >= self.n_ctx:
+        elif self.n_ctx is not None and self.n_prompt + len(self.tokens) >= self.n_ctx:
             out += self._end("length")  # prompt + output fill the context: never overrun it
         return out
+
+    def finish(self, reason: str) -> list[Released]:
+        """End the sequence from outside (a full context that cannot be shifted): the text
+        still held is released."""
+        if self.finish_reason is not None:
+            return []
+        return self._end(reason)
 
     def _end(self, reason: str) -> list[Released]:
         self.finish_reason = reason
