@@ -193,3 +193,63 @@ def test_cli_context_shift(smollm2_path: Path) -> None:
     assert on.stdout.startswith(off.stdout.rstrip("\n"))
     bad = run_cli(*base, "--context-shift", "--keep", "-2", timeout=60)
     assert bad.returncode == 2 and "--keep" in bad.stderr
+
+
+# ---- a chat past a full context ----------------------------------------------------------------
+
+TURNS = ["Tell me a long story about a dragon.", "And then what happened?", "Tell me more.",
+         "What was the name of the dragon?"]
+
+
+def test_conversation_matches_the_re_rendered_chat_while_it_fits(smollm2_path: Path) -> None:
+    """With room to spare (no shift) the running token stream is the re-rendered
+    conversation: the same replies as LLM.chat with the whole history each turn."""
+    from pyllm.runtime.conversation import Conversation
+    from pyllm.runtime.llm import LLM
+
+    system = [{"role": "system", "content": "You are a storyteller."}]
+    with LLM(smollm2_path, n_ctx=2048, n_threads=2) as llm:
+        conv = Conversation(llm, system)
+        replies = ["".join(conv.say(t, max_tokens=40, temperature=0.0)) for t in TURNS]
+        assert conv.n_shifts == 0 and conv._rendered is not None  # the running stream held
+        history = list(system)
+        for turn, reply in zip(TURNS, replies, strict=True):
+            history.append({"role": "user", "content": turn})
+            assert llm.chat(history, max_tokens=40, temperature=0.0) == reply
+            history.append({"role": "assistant", "content": reply})
+
+
+def test_conversation_goes_on_past_the_context(smollm2_path: Path) -> None:
+    from pyllm.runtime.conversation import Conversation
+    from pyllm.runtime.generation import chat_prompt
+    from pyllm.runtime.llm import LLM
+
+    system = [{"role": "system", "content": "You are a storyteller."}]
+    with LLM(smollm2_path, n_ctx=160, n_threads=2) as llm:
+        first, _ = chat_prompt(llm, [*system, {"role": "user", "content": TURNS[0]}], None)
+        conv = Conversation(llm, system, keep=12)
+        total = 0
+        for turn in TURNS * 2:
+            reply = "".join(conv.say(turn, max_tokens=60, temperature=0.0))
+            assert reply
+            total += len(llm.tokenize(reply, add_special=False))
+        assert total > 160 and conv.n_shifts >= 3
+        assert llm.tokens[:12] == first[:12]  # the kept start (the system prompt's)
+        assert len(conv.messages) == 1 + 2 * len(TURNS) * 2
+        # the kept part cannot fill the context: a clear error
+        tight = Conversation(llm, system, keep=None)
+        with pytest.raises(ContextError):
+            for turn in TURNS * 3:
+                "".join(tight.say(turn * 8, max_tokens=60, temperature=0.0))
+
+
+def test_cli_chat_context_shift(smollm2_path: Path) -> None:
+    from tests.test_cli import run_cli
+
+    stdin = "\n".join(TURNS) + "\n"
+    base = ("chat", "-m", str(smollm2_path), "-c", "160", "-n", "100", "--temp", "0")
+    off = run_cli(*base, stdin=stdin, timeout=120)
+    assert off.returncode == 1 and "no room to generate" in off.stderr
+    on = run_cli(*base, "--context-shift", "--keep", "-1", stdin=stdin, timeout=120)
+    assert on.returncode == 0, on.stderr
+    assert on.stdout.count("> ") >= len(TURNS) and "error" not in on.stderr

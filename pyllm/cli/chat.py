@@ -16,6 +16,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from pyllm.cli.common import (
+    add_context_shift_args,
     add_grammar_args,
     add_model_args,
     add_sampling_args,
@@ -55,6 +56,7 @@ def add_parser(sub: Any) -> None:
     add_sampling_args(p)
     add_grammar_args(p)
     add_speculative_args(p)
+    add_context_shift_args(p)
     p.set_defaults(run=run, parser=p)
 
 
@@ -115,6 +117,13 @@ def _chat_loop(llm: Any, args: argparse.Namespace, sampling: SamplingParams,
         return [{"role": "system", "content": args.system}] if args.system else []
 
     messages = fresh()
+    conv = None
+    if args.context_shift:  # one running token stream, shifted when full
+        from pyllm.runtime.conversation import Conversation
+
+        bos = 1 if llm.tokenizer.add_bos and llm.tokenizer.bos_id is not None else 0
+        conv = Conversation(llm, messages, chat_format=args.chat_format,
+                            keep=None if args.keep < 0 else args.keep + bos)
     while True:
         line = _read("> ", colors)
         if line is None or line.strip() == "/exit":
@@ -123,9 +132,15 @@ def _chat_loop(llm: Any, args: argparse.Namespace, sampling: SamplingParams,
         if line.strip() == "/reset":
             messages = fresh()
             llm.reset()
+            if conv is not None:
+                conv.reset(messages)
             print(f"{colors.info}(conversation reset){colors.reset}")
             continue
         if not line.strip():
+            continue
+        if conv is not None:
+            _stream(conv.say(line, max_tokens=max_tokens, sampling_params=sampling,
+                             grammar=args.grammar_spec, drafter=args.drafter))
             continue
         messages.append({"role": "user", "content": line})
         reply = _stream(llm.chat(messages, max_tokens=max_tokens, chat_format=args.chat_format,
