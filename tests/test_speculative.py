@@ -367,3 +367,91 @@ def test_a_round_gives_one_token_calls_logits_bit_for_bit(smollm2_path: Path) ->
                         assert not np.array_equal(rows, single), (isa, n)
     finally:
         _core.set_active_isa(active)
+
+
+# ---- the server: per slot, in the same batch --------------------------------------------------
+
+
+def test_engine_drafts_per_slot_in_one_batch(smol) -> None:  # type: ignore[no-untyped-def]
+    """Four concurrent chats copying their input: with prompt lookup per slot the same tokens
+    as without, most drafts kept, drafts of several slots in the same decode_batch; the metrics
+    count them."""
+    import threading
+
+    from pyllm.runtime.generation import chat_prompt
+    from pyllm.runtime.sampling import SamplingParams
+    from pyllm.server.engine import DoneEvent, Engine, ErrorEvent, Request, TokenEvent
+
+    tasks = [f"Repeat the following paragraph word for word:\n\n{PARAGRAPH}",
+             f"{PARAGRAPH}\n\nCopy the last sentence of the text above.",
+             "Fix the typos in this paragraph and write it out:\n\n"
+             + PARAGRAPH.replace("forest", "forrest").replace("river", "rivr"),
+             f"Repeat word for word: {PARAGRAPH[:80]}"]
+    prompts = [chat_prompt(smol, [{"role": "user", "content": t}], None)[0] for t in tasks]
+
+    def run(engine: Engine) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in prompts]
+        done = threading.Barrier(len(prompts) + 1, timeout=120)
+
+        def sink(i: int):  # type: ignore[no-untyped-def]
+            def on_event(ev: object) -> None:
+                assert not isinstance(ev, ErrorEvent), ev
+                if isinstance(ev, TokenEvent) and ev.token is not None:
+                    out[i].append(ev.token)
+                if isinstance(ev, DoneEvent):
+                    threading.Thread(target=done.wait).start()
+            return on_event
+
+        for i, p in enumerate(prompts):
+            engine.submit(Request(p, SamplingParams(temperature=0.0), sink(i), max_tokens=100))
+        done.wait()
+        return out
+
+    steps_seen: list[int] = []
+    plain_engine = Engine(smol, n_parallel=4, n_ctx=512)
+    try:
+        plain = run(plain_engine)
+    finally:
+        plain_engine.stop()
+    spec_engine = Engine(smol, n_parallel=4, n_ctx=512, drafter=NgramDrafter)
+    try:
+        decode = spec_engine._ctx.decode_batch
+
+        def spy(tokens, seqs, want):  # type: ignore[no-untyped-def]
+            steps_seen.append(len(set(np.asarray(seqs)[np.asarray(want) == 1].tolist())))
+            return decode(tokens, seqs, want)
+
+        spec_engine._ctx = _Spy(spec_engine._ctx, spy)
+        spec = run(spec_engine)
+        st = spec_engine.stats
+        from pyllm.server.app import ServerConfig, _metrics_text, _State
+
+        text = _metrics_text(_State(ServerConfig(model_id="m"), spec_engine))
+        assert f"pyllm_draft_tokens_total {st.draft_tokens_total}" in text
+        assert f"pyllm_draft_tokens_accepted_total {st.draft_tokens_accepted}" in text
+    finally:
+        spec_engine.stop()
+    assert spec == plain and all(len(t) > 5 for t in plain)
+    assert st.draft_tokens_accepted > 0.6 * st.draft_tokens_total > 0  # measured 87 %
+    assert max(steps_seen) == 4  # rows (drafts) of all four slots in one batch
+
+
+class _Spy:
+    """A context whose decode_batch is wrapped (the rest passes through)."""
+
+    def __init__(self, ctx: object, decode_batch: object) -> None:
+        self._ctx, self.decode_batch = ctx, decode_batch
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._ctx, name)
+
+
+def test_cli_serve_speculative_flags(smollm2_path: Path) -> None:
+    from tests.test_cli import run_cli
+
+    bad = run_cli("serve", "-m", str(smollm2_path), "--port", "0", "--spec", "ngram",
+                  "--spec-ngram-min", "5", timeout=60)
+    assert bad.returncode == 2 and "ngram_min" in bad.stderr
+    no_md = run_cli("serve", "-m", str(smollm2_path), "--port", "0", "--draft-model", "x.gguf",
+                    timeout=60)
+    assert no_md.returncode == 2 and "--draft-model" in no_md.stderr

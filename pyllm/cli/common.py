@@ -225,8 +225,9 @@ def kept_tokens(args: argparse.Namespace, llm: Any, prompt: list[int]) -> int | 
     return min(args.keep + bos, len(prompt))
 
 
-def add_speculative_args(p: argparse.ArgumentParser) -> None:
-    """Speculative decoding, as llama.cpp spells the flags (pyllm.runtime.speculative)."""
+def add_speculative_args(p: argparse.ArgumentParser, draft_model: bool = True) -> None:
+    """Speculative decoding, as llama.cpp spells the flags (pyllm.runtime.speculative);
+    draft_model: whether the command takes --draft-model (the server: prompt lookup only)."""
     from pyllm.runtime import speculative as sp
 
     g = p.add_argument_group("speculative decoding (same output, faster where drafts hold)")
@@ -234,21 +235,41 @@ def add_speculative_args(p: argparse.ArgumentParser) -> None:
     x.add_argument("--spec", choices=["ngram"], default=None,
                    help="ngram: draft by prompt lookup (the continuation of the latest earlier "
                    "match of the last tokens in the prompt and output; no second model)")
-    x.add_argument("-md", "--draft-model", metavar="FILE",
-                   help="draft with a small GGUF model of the same vocabulary")
+    if draft_model:
+        x.add_argument("-md", "--draft-model", metavar="FILE",
+                       help="draft with a small GGUF model of the same vocabulary")
     g.add_argument("--draft-max", type=positive_int, default=sp.DEFAULT_DRAFT_MAX, metavar="N",
                    help=f"tokens drafted per round at most (default {sp.DEFAULT_DRAFT_MAX})")
     g.add_argument("--draft-min", type=count, default=sp.DEFAULT_DRAFT_MIN, metavar="N",
                    help=f"shorter drafts are not used (default {sp.DEFAULT_DRAFT_MIN})")
-    g.add_argument("--draft-p-min", type=_probability, default=sp.DEFAULT_DRAFT_P_MIN,
-                   metavar="P", help="the draft model stops drafting at a token it gives a "
-                   f"lower probability (default {sp.DEFAULT_DRAFT_P_MIN})")
+    if draft_model:
+        g.add_argument("--draft-p-min", type=_probability, default=sp.DEFAULT_DRAFT_P_MIN,
+                       metavar="P", help="the draft model stops drafting at a token it gives a "
+                       f"lower probability (default {sp.DEFAULT_DRAFT_P_MIN})")
     g.add_argument("--spec-ngram-max", type=positive_int, default=sp.DEFAULT_NGRAM_MAX,
                    metavar="N", help="prompt lookup: the longest suffix matched (default "
                    f"{sp.DEFAULT_NGRAM_MAX})")
     g.add_argument("--spec-ngram-min", type=positive_int, default=sp.DEFAULT_NGRAM_MIN,
                    metavar="N", help="prompt lookup: the shortest suffix matched (default "
                    f"{sp.DEFAULT_NGRAM_MIN})")
+
+
+def ngram_factory(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
+    """The server's per-slot drafter maker for --spec ngram (None without it)."""
+    from pyllm.errors import SpeculativeError
+    from pyllm.runtime.speculative import NgramDrafter
+
+    if args.spec != "ngram":
+        return None
+
+    def make() -> NgramDrafter:
+        return NgramDrafter(args.spec_ngram_max, args.spec_ngram_min, args.draft_max,
+                            args.draft_min)
+    try:
+        make()  # the settings are checked now, as usage errors
+    except SpeculativeError as e:
+        parser.error(str(e))
+    return make
 
 
 def drafter_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
@@ -263,7 +284,7 @@ def drafter_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
         if args.spec == "ngram":
             drafter = NgramDrafter(args.spec_ngram_max, args.spec_ngram_min, args.draft_max,
                                    args.draft_min)
-        elif args.draft_model is not None:
+        elif getattr(args, "draft_model", None) is not None:
             drafter = DraftModel(args.draft_model, draft_max=args.draft_max,
                                  draft_min=args.draft_min, p_min=args.draft_p_min,
                                  n_ctx=llm.n_ctx, n_threads=llm.n_threads)

@@ -20,7 +20,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from pyllm.cli.common import add_model_args, lora_specs, positive_int
+from pyllm.cli.common import (
+    add_model_args,
+    add_speculative_args,
+    lora_specs,
+    ngram_factory,
+    positive_int,
+)
 from pyllm.errors import PyllmError
 from pyllm.runtime.footprint import DEFAULT_KV_TYPE, KV_ELEMENT_TYPES
 
@@ -62,6 +68,7 @@ def add_parser(sub: Any) -> None:
                    help="largest request body accepted (default 1 MiB; larger gets 413)")
     g.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
                    help="seconds running requests may take to finish on SIGTERM (10)")
+    add_speculative_args(p, draft_model=False)
     p.set_defaults(run=run, parser=p)
 
 
@@ -133,7 +140,8 @@ def load_engine(model_path: Path, args: argparse.Namespace) -> Any:
         model.tokenizer  # noqa: B018 - build the tokenizer now, not on the first request
         return Engine(model, n_parallel=args.parallel, n_ctx=args.ctx_size,
                       n_batch=args.batch_size, kv_type=args.kv_type, max_queue=args.queue,
-                      lora=lora_specs(args.parser, args))
+                      lora=lora_specs(args.parser, args),
+                      drafter=getattr(args, "drafter_factory", None))
     except BaseException:
         model.close()
         raise
@@ -145,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         parser.error(f"--port must be in 0..65535, got {args.port}")
     if args.shutdown_timeout < 0:
         parser.error(f"--shutdown-timeout must be 0 or more, got {args.shutdown_timeout}")
+    args.drafter_factory = ngram_factory(parser, args)  # bad settings: a usage error, now
     try:
         import uvicorn  # noqa: F401 - only to say early that it is missing
 

@@ -837,6 +837,11 @@ def _metrics_text(state: _State) -> str:
                [("", st.prompt_tokens_evaluated)])
         metric("pyllm_completion_tokens_total", "counter", "Tokens generated.",
                [("", st.completion_tokens_total)])
+        metric("pyllm_draft_tokens_total", "counter",
+               "Tokens drafted by speculative decoding (--spec).",
+               [("", st.draft_tokens_total)])
+        metric("pyllm_draft_tokens_accepted_total", "counter",
+               "Drafted tokens the model kept.", [("", st.draft_tokens_accepted)])
         metric("pyllm_embeddings_total", "counter", "Embeddings computed.",
                [("", st.embeddings_total)])
         metric("pyllm_embedding_tokens_total", "counter", "Tokens embedded.",

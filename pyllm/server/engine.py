@@ -52,13 +52,20 @@ from pyllm.errors import ContextError, ModelError, PyllmError
 from pyllm.runtime.footprint import DEFAULT_KV_TYPE
 from pyllm.runtime.generation import stop_token_ids
 from pyllm.runtime.grammar import Constraint, Grammar
-from pyllm.runtime.loaded import DEFAULT_N_BATCH, LoadedModel, check_count, clamp_batch
+from pyllm.runtime.loaded import (
+    DEFAULT_N_BATCH,
+    LoadedModel,
+    check_count,
+    clamp_batch,
+    core_module,
+)
 from pyllm.runtime.lora import AdapterSet, LoraSpec, lora_specs
 from pyllm.runtime.steps import SequenceSteps, common_prefix, resolve_max_tokens
 
 if TYPE_CHECKING:
     from pyllm.runtime.llm import LLM
     from pyllm.runtime.sampling import SampleResult, SamplingParams
+    from pyllm.runtime.speculative import Drafter
 
 
 class QueueFullError(PyllmError):
@@ -165,6 +172,8 @@ class _Slot:
     todo: list[int] = field(default_factory=list)  # prompt tokens not yet evaluated
     next_token: int | None = None  # sampled, to be fed in the next step
     lora: list[tuple[int, float]] = field(default_factory=list)  # the mix its cache was made with
+    drafter: Drafter | None = None  # speculative decoding: this slot's drafter
+    draft: list[int] = field(default_factory=list)  # fed after next_token in the current step
 
 
 @dataclass
@@ -179,6 +188,8 @@ class EngineStats:
     embedding_tokens_total: int = 0
     steps_total: int = 0
     step_seconds_total: float = 0.0
+    draft_tokens_total: int = 0  # speculative decoding: tokens drafted
+    draft_tokens_accepted: int = 0  # ... and the drafted tokens kept
 
 
 class Engine:
@@ -191,12 +202,16 @@ class Engine:
     def __init__(self, model: LoadedModel | LLM, *, n_parallel: int = 4, n_ctx: int = 2048,
                  n_batch: int | None = None, n_threads: int | None = None,
                  kv_type: str = DEFAULT_KV_TYPE, max_queue: int = 64,
-                 rate_window_s: float = 10.0, lora: Sequence[LoraSpec] | None = None) -> None:
+                 rate_window_s: float = 10.0, lora: Sequence[LoraSpec] | None = None,
+                 drafter: Callable[[], Drafter] | None = None) -> None:
         """``model`` is the loaded model the slots run (an :class:`pyllm.runtime.llm.LLM` gives its
         own, and its ``n_batch`` and thread count as defaults; its single-sequence context is
         not used). ``n_batch`` (default 512) and ``n_threads`` (default: the model's) are
         those of the batched context. ``lora``: adapters every slot applies
-        (``["a.gguf", ("b.gguf", 0.5)]``)."""
+        (``["a.gguf", ("b.gguf", 0.5)]``). ``drafter``: makes each slot's drafter
+        (speculative decoding, e.g. ``NgramDrafter``): a running slot then feeds its sampled
+        token and a draft in the same step as the others, and keeps the draft while its own
+        samples equal it (pyllm.runtime.speculative)."""
         for name, value in (("n_parallel", n_parallel), ("n_ctx", n_ctx),
                             ("max_queue", max_queue)):
             check_count(name, value)
@@ -234,6 +249,10 @@ class Engine:
         self.stop_ids = frozenset(stop_token_ids(loaded))
         self.stats = EngineStats()
         self._slots = [_Slot(i) for i in range(n_parallel)]
+        self._spec_group = int(core_module().MATVEC_TOKENS)  # tokens per pass of the weights
+        if drafter is not None:
+            for slot in self._slots:
+                slot.drafter = drafter()
         self._pending: collections.deque[_Job] = collections.deque()
         self._embeds: collections.deque[_EmbedJob] = collections.deque()
         self._cv = threading.Condition()
@@ -561,14 +580,23 @@ class Engine:
         owners: list[_Slot] = []  # slot of each logits row
         fed: list[tuple[_Slot, list[int]]] = []
         budget = self.n_batch
-        for slot in self._slots:  # running sequences first: one token each, never starved
-            if slot.job is not None and slot.next_token is not None:
-                tokens.append(slot.next_token)
-                seqs.append(slot.id)
-                want.append(1)
-                owners.append(slot)
-                fed.append((slot, [slot.next_token]))
-                budget -= 1
+        running = [s for s in self._slots if s.job is not None and s.next_token is not None]
+        for slot in running:  # running sequences first: one token each, never starved
+            tokens.append(slot.next_token)
+            seqs.append(slot.id)
+            want.append(1)
+            owners.append(slot)
+            fed.append((slot, [slot.next_token]))
+            budget -= 1
+        for slot in running:  # then their drafts, in what the step has room for
+            slot.draft = self._draft(slot, budget)
+            if slot.draft:
+                tokens.extend(slot.draft)
+                seqs.extend([slot.id] * len(slot.draft))
+                want.extend([1] * len(slot.draft))
+                owners.extend([slot] * len(slot.draft))
+                fed[[f[0] for f in fed].index(slot)][1].extend(slot.draft)
+                budget -= len(slot.draft)
         for slot in self._slots:  # prompt chunks share what is left of the step
             if slot.job is None or not slot.todo or budget <= 0:
                 continue
@@ -604,19 +632,57 @@ class Engine:
             slot.cached.extend(chunk)
             if slot.next_token is None:  # a prompt chunk
                 del slot.todo[:len(chunk)]
-            else:  # the sampled token is in the cache now
+            else:  # the sampled token (and the draft) are in the cache now
                 slot.next_token = None
         generated = 0
+        rows: dict[int, list[np.ndarray]] = {}
         for row, slot in zip(logits, owners, strict=True):
-            if slot.job is None or slot.job.cancelled:
+            rows.setdefault(slot.id, []).append(row)
+        for slot in self._slots:
+            if slot.id not in rows or slot.job is None or slot.job.cancelled:
                 continue
             try:
-                generated += self._on_logits(slot, row)
+                generated += self._verify(slot, rows[slot.id])
             except Exception as e:  # fail this request only; the slot's cache stays valid
                 self._release(slot, None, error=f"sampling failed: {type(e).__name__}: {e}")
         if generated:
             with self._cv:
                 self._rate.append((time.monotonic(), generated))
+
+    def _draft(self, slot: _Slot, budget: int) -> list[int]:
+        """The slot's draft for this step: what its drafter guesses after its sampled token,
+        within the step's budget, the slot's context and the tokens the request may still
+        have, and below the decode kernels' group (one pass over the weights) per slot."""
+        job = slot.job
+        if slot.drafter is None or job is None:
+            return []
+        steps = job.steps
+        n_max = min(budget, self.n_ctx - len(slot.cached) - 1, self._spec_group - 1)
+        if steps.max_tokens is not None:
+            n_max = min(n_max, steps.max_tokens - len(steps.tokens) - 1)
+        if n_max < max(slot.drafter.draft_min, 1):
+            return []
+        draft = slot.drafter.draft(job.req.prompt + steps.tokens, n_max)[:n_max]
+        return draft if len(draft) >= max(slot.drafter.draft_min, 1) else []
+
+    def _verify(self, slot: _Slot, rows: list[np.ndarray]) -> int:
+        """A running slot's rows (its sampled token, then each drafted one) or a prompt's last
+        row: one step per row while the sampled token is the drafted one; the cache drops the
+        draft tokens after the first that was not. Returns the tokens generated."""
+        draft, slot.draft = slot.draft, []
+        generated = 0
+        for i, row in enumerate(rows):
+            generated += self._on_logits(slot, row)
+            if slot.job is None or i == len(draft) or slot.next_token != draft[i]:
+                break
+            self.stats.draft_tokens_accepted += 1
+        self.stats.draft_tokens_total += len(draft)
+        drop = len(draft) - i  # draft tokens after the kept ones (all, if the first missed)
+        if drop > 0:
+            n = len(slot.cached) - drop
+            self._ctx.seq_truncate(slot.id, n)
+            del slot.cached[n:]
+        return generated
 
     def _on_logits(self, slot: _Slot, row: np.ndarray) -> int:
         """One step of the slot's sequence from its logits row: emit what it releases, end it
