@@ -82,10 +82,10 @@ class Stage {
                       const LoraChunk* lora) = 0;
 
   // The saved state's per-layer part, for each of the stage's layers in order: the K rows, then
-  // the V rows, of positions [0, n_past) of sequence 0, in the cache's element type.
+  // the V rows, of positions [0, n_past) of sequence seq, in the cache's element type.
   virtual int64_t state_bytes(int n_past) const = 0;
-  virtual void save_state(int n_past, uint8_t* out) const = 0;
-  virtual void load_state(int n_past, const uint8_t* in) = 0;
+  virtual void save_state(int seq, int n_past, uint8_t* out) const = 0;
+  virtual void load_state(int seq, int n_past, const uint8_t* in) = 0;
 
   // Context shift: in sequence seq's cache, drop positions [keep, keep + n_discard) and move
   // positions [keep + n_discard, n_past) down by n_discard, their keys rotated by `rot` (the

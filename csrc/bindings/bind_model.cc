@@ -342,14 +342,16 @@ void register_model(py::module_& m) {
       .def("activation_stats", &activation_stats_dict,
            "The last collection: {'layers': [{'attn_in', 'attn_out', 'ffn_in', 'ffn_down': "
            "float64 sums, 'n_tokens'}], 'output': float64 sums, 'n_output'}; None before any.")
-      .def("save_state", [](const Context& ctx) {
-        std::vector<uint8_t> s = ctx.save_state();
+      .def("save_state", [](const Context& ctx, int seq) {
+        std::vector<uint8_t> s = ctx.save_state(seq);
         return py::bytes(reinterpret_cast<const char*>(s.data()), s.size());
-      })
-      .def("load_state", [](Context& ctx, const py::bytes& b) {
+      }, py::arg("seq") = 0, "Sequence seq's cached K/V (a state, see load_state).")
+      .def("load_state", [](Context& ctx, const py::bytes& b, int seq) {
         std::string_view v = b;
-        ctx.load_state(reinterpret_cast<const uint8_t*>(v.data()), static_cast<int64_t>(v.size()));
-      });
+        ctx.load_state(reinterpret_cast<const uint8_t*>(v.data()), static_cast<int64_t>(v.size()),
+                       seq);
+      }, py::arg("state"), py::arg("seq") = 0,
+         "Load a state of this model and KV type into sequence seq (ValueError if it cannot).");
 }
 
 }  // namespace pyllm::bindings

@@ -28,23 +28,23 @@ void KVCache::store(const OpsTable& op, const float* src, uint8_t* dst) const {
   }
 }
 
-// Sequence 0's rows are the first rows of each layer's storage.
-void KVCache::save(int n_past, uint8_t* out) const {
-  const int64_t per_layer = int64_t(n_past) * row_bytes_;
+// Sequence seq's rows start at row seq * n_ctx of each layer's storage.
+void KVCache::save(int seq, int n_past, uint8_t* out) const {
+  const int64_t per_layer = int64_t(n_past) * row_bytes_, base = int64_t(seq) * n_ctx_ * row_bytes_;
   for (int il = 0; il < n_layer(); ++il) {
-    std::memcpy(out, k_[il].data(), per_layer);
+    std::memcpy(out, k_[il].data() + base, per_layer);
     out += per_layer;
-    std::memcpy(out, v_[il].data(), per_layer);
+    std::memcpy(out, v_[il].data() + base, per_layer);
     out += per_layer;
   }
 }
 
-void KVCache::load(int n_past, const uint8_t* in) {
-  const int64_t per_layer = int64_t(n_past) * row_bytes_;
+void KVCache::load(int seq, int n_past, const uint8_t* in) {
+  const int64_t per_layer = int64_t(n_past) * row_bytes_, base = int64_t(seq) * n_ctx_ * row_bytes_;
   for (int il = 0; il < n_layer(); ++il) {
-    std::memcpy(k_[il].data(), in, per_layer);
+    std::memcpy(k_[il].data() + base, in, per_layer);
     in += per_layer;
-    std::memcpy(v_[il].data(), in, per_layer);
+    std::memcpy(v_[il].data() + base, in, per_layer);
     in += per_layer;
   }
 }

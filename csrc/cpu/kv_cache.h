@@ -31,11 +31,11 @@ class KVCache {
   // Converts one row of dim() floats into the cache's element type at dst.
   void store(const OpsTable& op, const float* src, uint8_t* dst) const;
 
-  // Per layer, the K then the V rows of positions [0, n_past) of sequence 0 (the format of
+  // Per layer, the K then the V rows of positions [0, n_past) of sequence seq (the format of
   // Stage::save_state).
   int64_t state_bytes(int n_past) const { return 2 * int64_t(n_past) * row_bytes_ * n_layer(); }
-  void save(int n_past, uint8_t* out) const;
-  void load(int n_past, const uint8_t* in);
+  void save(int seq, int n_past, uint8_t* out) const;
+  void load(int seq, int n_past, const uint8_t* in);
 
   // Stage::shift_kv for these layers: the V rows move as they are; each K row is widened to
   // floats, rotated (op.rope over n_head_kv heads of head_dim, n_rot of them rotated) and

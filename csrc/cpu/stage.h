@@ -81,8 +81,10 @@ class CpuStage final : public Stage {
               const LoraChunk* lora) override;
   void set_activation_stats(ActivationStats* stats) override { stats_ = stats; }
   int64_t state_bytes(int n_past) const override { return kv_.state_bytes(n_past); }
-  void save_state(int n_past, uint8_t* out) const override { kv_.save(n_past, out); }
-  void load_state(int n_past, const uint8_t* in) override { kv_.load(n_past, in); }
+  void save_state(int seq, int n_past, uint8_t* out) const override {
+    kv_.save(seq, n_past, out);
+  }
+  void load_state(int seq, int n_past, const uint8_t* in) override { kv_.load(seq, n_past, in); }
   bool can_shift_kv() const override { return true; }
   void shift_kv(int seq, int keep, int n_discard, int n_past, const float* rot) override;
 

@@ -393,23 +393,25 @@ class CudaStage final : public Stage {
   int64_t state_bytes(int n_past) const override {
     return 2 * int64_t(n_past) * row_bytes_ * static_cast<int64_t>(k_.size());
   }
-  void save_state(int n_past, uint8_t* out) const override {
+  void save_state(int seq, int n_past, uint8_t* out) const override {
     d_.backend_.select();
     const size_t bytes = size_t(n_past) * row_bytes_;
+    const size_t base = size_t(seq) * d_.params.n_ctx * row_bytes_;  // the sequence's first row
     for (size_t i = 0; i < k_.size(); ++i) {
-      d_.read(out, k_[i].get(), bytes);
+      d_.read(out, static_cast<const char*>(k_[i].get()) + base, bytes);
       out += bytes;
-      d_.read(out, v_[i].get(), bytes);
+      d_.read(out, static_cast<const char*>(v_[i].get()) + base, bytes);
       out += bytes;
     }
   }
-  void load_state(int n_past, const uint8_t* in) override {
+  void load_state(int seq, int n_past, const uint8_t* in) override {
     d_.backend_.select();
     const size_t bytes = size_t(n_past) * row_bytes_;
+    const size_t base = size_t(seq) * d_.params.n_ctx * row_bytes_;
     for (size_t i = 0; i < k_.size(); ++i) {
-      d_.write(k_[i].get(), in, bytes);
+      d_.write(static_cast<char*>(k_[i].get()) + base, in, bytes);
       in += bytes;
-      d_.write(v_[i].get(), in, bytes);
+      d_.write(static_cast<char*>(v_[i].get()) + base, in, bytes);
       in += bytes;
     }
     check(cudaStreamSynchronize(d_.stream), "cudaStreamSynchronize");

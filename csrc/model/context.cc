@@ -357,9 +357,10 @@ struct StateHeader {
 };
 }  // namespace
 
-std::vector<uint8_t> Context::save_state() const {
+std::vector<uint8_t> Context::save_state(int seq) const {
+  if (seq < 0 || seq >= params_.n_seq) throw std::out_of_range("sequence id out of range");
   const HParams& hp = model_->hparams();
-  const int n_past = n_past_[0];
+  const int n_past = n_past_[seq];
   const StateHeader h{kStateMagic, n_past, hp.n_layer, hp.n_head_kv * hp.head_dim,
                       static_cast<int32_t>(kv_element_type(params_.kv_type))};
   int64_t size = sizeof h;
@@ -368,13 +369,14 @@ std::vector<uint8_t> Context::save_state() const {
   std::memcpy(out.data(), &h, sizeof h);
   uint8_t* p = out.data() + sizeof h;
   for (const auto& s : impl_->stages) {
-    s->save_state(n_past, p);
+    s->save_state(seq, n_past, p);
     p += s->state_bytes(n_past);
   }
   return out;
 }
 
-void Context::load_state(const uint8_t* data, int64_t size) {
+void Context::load_state(const uint8_t* data, int64_t size, int seq) {
+  if (seq < 0 || seq >= params_.n_seq) throw std::out_of_range("sequence id out of range");
   const HParams& hp = model_->hparams();
   StateHeader h;
   if (size < static_cast<int64_t>(sizeof h)) throw std::invalid_argument("state is too short");
@@ -393,10 +395,10 @@ void Context::load_state(const uint8_t* data, int64_t size) {
   if (size != expected) throw std::invalid_argument("state size does not match its header");
   const uint8_t* p = data + sizeof h;
   for (auto& s : impl_->stages) {
-    s->load_state(h.n_past, p);
+    s->load_state(seq, h.n_past, p);
     p += s->state_bytes(h.n_past);
   }
-  n_past_[0] = h.n_past;
+  n_past_[seq] = h.n_past;
 }
 
 }  // namespace pyllm

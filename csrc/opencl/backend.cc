@@ -199,8 +199,8 @@ class OpenCLStage final : public Stage {
   int64_t state_bytes(int n_past) const override {
     return 2 * int64_t(n_past) * row_bytes_ * static_cast<int64_t>(k_.size());
   }
-  void save_state(int n_past, uint8_t* out) const override;
-  void load_state(int n_past, const uint8_t* in) override;
+  void save_state(int seq, int n_past, uint8_t* out) const override;
+  void load_state(int seq, int n_past, const uint8_t* in) override;
 
  private:
   OpenCLDevice& d_;
@@ -472,22 +472,24 @@ void OpenCLStage::output(const float* hidden, const int* rows, int count, float*
   d.queue.read(logits_, 0, size_t(count) * d.hp.n_vocab * sizeof(float), logits);
 }
 
-void OpenCLStage::save_state(int n_past, uint8_t* out) const {
+void OpenCLStage::save_state(int seq, int n_past, uint8_t* out) const {
   const size_t bytes = size_t(n_past) * row_bytes_;
+  const size_t base = size_t(seq) * d_.params.n_ctx * row_bytes_;  // the sequence's first row
   for (size_t i = 0; i < k_.size(); ++i) {
-    d_.queue.read(k_[i], 0, bytes, out);
+    d_.queue.read(k_[i], base, bytes, out);
     out += bytes;
-    d_.queue.read(v_[i], 0, bytes, out);
+    d_.queue.read(v_[i], base, bytes, out);
     out += bytes;
   }
 }
 
-void OpenCLStage::load_state(int n_past, const uint8_t* in) {
+void OpenCLStage::load_state(int seq, int n_past, const uint8_t* in) {
   const size_t bytes = size_t(n_past) * row_bytes_;
+  const size_t base = size_t(seq) * d_.params.n_ctx * row_bytes_;
   for (size_t i = 0; i < k_.size(); ++i) {
-    d_.queue.write(k_[i], 0, bytes, in);
+    d_.queue.write(k_[i], base, bytes, in);
     in += bytes;
-    d_.queue.write(v_[i], 0, bytes, in);
+    d_.queue.write(v_[i], base, bytes, in);
     in += bytes;
   }
 }

@@ -66,6 +66,9 @@ def add_parser(sub: Any) -> None:
                    help=f"KV cache type (default {DEFAULT_KV_TYPE})")
     g.add_argument("--max-body", type=positive_int, default=1 << 20, metavar="BYTES",
                    help="largest request body accepted (default 1 MiB; larger gets 413)")
+    g.add_argument("--slot-save-path", metavar="DIR",
+                   help="folder for POST /slots/{id}?action=save|restore state files (off "
+                   "without it)")
     g.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
                    help="seconds running requests may take to finish on SIGTERM (10)")
     add_speculative_args(p, draft_model=False)
@@ -154,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
     if args.shutdown_timeout < 0:
         parser.error(f"--shutdown-timeout must be 0 or more, got {args.shutdown_timeout}")
     args.drafter_factory = ngram_factory(parser, args)  # bad settings: a usage error, now
+    if args.slot_save_path is not None and not Path(args.slot_save_path).is_dir():
+        raise PyllmError(f"--slot-save-path {args.slot_save_path}: not a folder")
     try:
         import uvicorn  # noqa: F401 - only to say early that it is missing
 
@@ -174,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
         allowed.append(args.host)
     config = ServerConfig(model_id=args.alias or model_path.name, api_key=args.api_key,
                           cors_origins=list(args.cors), chat_format=args.chat_format,
-                          max_body_bytes=args.max_body, allowed_hosts=allowed)
+                          max_body_bytes=args.max_body, allowed_hosts=allowed,
+                          slot_save_path=args.slot_save_path)
     failure: list[BaseException] = []  # the load error, once the server has stopped for it
     server: Any = None
 

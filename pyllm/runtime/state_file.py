@@ -20,7 +20,8 @@ import hashlib
 import json
 import os
 import struct
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -28,16 +29,31 @@ from pyllm.atomic import atomic_output
 from pyllm.errors import StateFileError
 
 if TYPE_CHECKING:
-    from pyllm.runtime.llm import LLM, LLMState
+    from pyllm.runtime.llm import LLMState
+
+class StateOwner(Protocol):
+    """What a state file is checked against: an :class:`~pyllm.runtime.llm.LLM`, or the server's
+    engine (its slots)."""
+
+    @property
+    def model_identity(self) -> str: ...
+    @property
+    def model_path(self) -> Any: ...
+    kv_type: str
+    n_ctx: int
+    n_vocab: int
+
 
 MAGIC = b"PYLLMST\0"
 VERSION = 1
 MAX_HEADER = 64 << 20  # the header holds the token ids: 64 MiB is millions of them
 
 
-def save_state_file(llm: LLM, path: str | os.PathLike[str], state: LLMState | None = None) -> None:
-    """Write ``state`` (default: ``llm.save_state()``) to ``path`` atomically."""
-    state = state if state is not None else llm.save_state()
+def save_state_file(llm: StateOwner, path: str | os.PathLike[str],
+                    state: LLMState | None = None) -> None:
+    """Write ``state`` (default: ``llm.save_state()``, an LLM's) to ``path`` atomically."""
+    if state is None:
+        state = llm.save_state()  # type: ignore[attr-defined]
     logits = (np.zeros(0, np.float32) if state.last_logits is None
               else np.ascontiguousarray(state.last_logits, dtype=np.float32))
     blob_logits = logits.tobytes()
@@ -59,7 +75,7 @@ def save_state_file(llm: LLM, path: str | os.PathLike[str], state: LLMState | No
         f.write(blob_logits)
 
 
-def load_state_file(llm: LLM, path: str | os.PathLike[str]) -> LLMState:
+def load_state_file(llm: StateOwner, path: str | os.PathLike[str]) -> LLMState:
     """The state in ``path``, checked against ``llm`` (not loaded into it: see
     :meth:`LLM.load_state`)."""
     from pyllm.runtime.llm import LLMState
@@ -89,7 +105,7 @@ def load_state_file(llm: LLM, path: str | os.PathLike[str]) -> LLMState:
         raise StateFileError(f"{path} has a corrupt header ({e})") from None
     if model != llm.model_identity:
         raise StateFileError(f"{path} was saved from another model than "
-                             f"{llm.model_path.name}")
+                             f"{Path(llm.model_path).name}")
     if kv_type != llm.kv_type:
         raise StateFileError(f"{path} was saved with KV cache type {kv_type}; this context "
                              f"uses {llm.kv_type}")
@@ -110,4 +126,4 @@ def load_state_file(llm: LLM, path: str | os.PathLike[str]) -> LLMState:
     return LLMState(tokens, bytes(kv), logits, lora)
 
 
-__all__ = ["MAGIC", "VERSION", "load_state_file", "save_state_file"]
+__all__ = ["MAGIC", "VERSION", "StateOwner", "load_state_file", "save_state_file"]

@@ -54,10 +54,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pyllm.errors import (
     ChatTemplateError,
+    ContextError,
     GrammarError,
     ModelError,
+    OutputError,
     PyllmError,
     SamplingError,
+    StateFileError,
     TokenizerError,
     ToolCallError,
 )
@@ -119,6 +122,8 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20  # 1 MiB: far more than any prompt that fits a context
     # Host header names accepted besides LOOPBACK_HOSTS (a port is ignored); "*" = any
     allowed_hosts: list[str] = field(default_factory=list)
+    # --slot-save-path: the folder of POST /slots/{id}?action=save|restore files (None: off)
+    slot_save_path: str | None = None
 
 
 def _json_error(status: int, message: str, type_: str, param: str | None = None,
@@ -281,7 +286,7 @@ def _give_back_memory() -> None:
 
 _ROUTES = ("/", "/health", "/metrics", "/props", "/v1/models", "/v1/completions",
            "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize",
-           "/lora-adapters")
+           "/lora-adapters", "/slots")
 
 
 # ---- body parsing -----------------------------------------------------------------------------
@@ -394,6 +399,8 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
             ("GET", "/props", handlers.props),
             ("GET", "/lora-adapters", handlers.lora_adapters),
             ("POST", "/lora-adapters", handlers.set_lora_adapters),
+            ("GET", "/slots", handlers.slots),
+            ("POST", "/slots/{id_slot}", handlers.slot_action),
             ("GET", "/metrics", handlers.metrics),
             ("GET", "/", handlers.index),
             ("POST", "/tokenize", handlers.tokenize),
@@ -523,6 +530,46 @@ class _Handlers:
         except ModelError as e:
             raise ApiError(400, str(e), param="lora") from None
         return JSONResponse(eng.lora_adapters())
+
+    async def slots(self) -> Response:
+        """llama.cpp's GET /slots: each slot's id, context size, whether it is busy and the
+        tokens its cache holds."""
+        return JSONResponse(self.state.need_engine().slots_info())
+
+    async def slot_action(self, id_slot: str, request: Request) -> Response:
+        """llama.cpp's POST /slots/{id}?action=save|restore (body ``{"filename": NAME}``, a
+        file in --slot-save-path) or ?action=erase: an idle slot's cache to or from a state
+        file, or emptied."""
+        eng = self.state.need_engine()
+        action = request.query_params.get("action", "")
+        if action not in ("save", "restore", "erase"):
+            raise ApiError(400, f"unknown slot action {action!r} (save, restore or erase)",
+                           param="action")
+        try:
+            slot = int(id_slot)
+        except ValueError:
+            raise ApiError(400, f"slot id must be an integer, got {id_slot!r}") from None
+        path = None
+        if action != "erase":
+            folder = self.config.slot_save_path
+            if folder is None:
+                raise ApiError(501, "slot saving is off: start the server with "
+                               "--slot-save-path DIR", "not_supported_error")
+            body = await _read_json(request, self.config.max_body_bytes)
+            name = body.get("filename")
+            if not isinstance(name, str) or not valid_slot_filename(name):
+                raise ApiError(400, "filename must be a plain file name (no '/', '\\', '..', "
+                               "leading '.' or NUL; at most 255 bytes)", param="filename")
+            path = Path(folder) / name
+            if action == "restore" and not path.is_file():
+                raise ApiError(404, f"no saved slot {name!r}", param="filename")
+        try:
+            result = await run_in_threadpool(eng.slot_action, slot, action, path)
+        except StateFileError as e:
+            raise ApiError(400, str(e), param="filename") from None
+        except (ContextError, OutputError) as e:
+            raise ApiError(400, str(e)) from None
+        return JSONResponse(result)
 
     async def metrics(self) -> Response:
         return PlainTextResponse(_metrics_text(self.state),
@@ -802,6 +849,13 @@ def cancel_all(app: ASGIApp) -> None:
     state = getattr(app, "state", None)
     if isinstance(state, _State) and state.engine is not None:
         state.engine.stop()
+
+
+def valid_slot_filename(name: str) -> bool:
+    """A file name the slot actions may use inside --slot-save-path: nothing that leaves it."""
+    return (0 < len(name.encode("utf-8", "surrogatepass")) <= 255 and "/" not in name
+            and "\\" not in name and "\0" not in name and not name.startswith(".")
+            and name not in ("..", "."))
 
 
 def _metrics_text(state: _State) -> str:

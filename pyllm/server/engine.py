@@ -224,6 +224,7 @@ class Engine:
         self.model = loaded
         self.n_parallel = n_parallel
         self.n_ctx = n_ctx
+        self.kv_type = kv_type
         # tokens per step: running sequences take one each, prompt chunks share the rest (a
         # step never holds more than all slots' contexts); refused with the sizes if the
         # --parallel slots of -c positions cannot fit, before anything is allocated
@@ -255,6 +256,7 @@ class Engine:
                 slot.drafter = drafter()
         self._pending: collections.deque[_Job] = collections.deque()
         self._embeds: collections.deque[_EmbedJob] = collections.deque()
+        self._slot_ops: collections.deque[Callable[[], None]] = collections.deque()
         self._cv = threading.Condition()
         self._ids = itertools.count(1)
         self._stopping = False
@@ -387,6 +389,89 @@ class Engine:
             self._cv.notify()
         return Handle(job, self)
 
+    # ---- slots: their states on disk (the server's /slots) ----------------------------------
+
+    @property
+    def model_identity(self) -> str:
+        return self.model.identity
+
+    @property
+    def model_path(self) -> Any:
+        return self.model.model_path
+
+    def slots_info(self) -> list[dict[str, Any]]:
+        """Each slot: id, n_ctx, whether it is busy, the tokens its cache holds."""
+        with self._cv:
+            return [{"id": s.id, "n_ctx": self.n_ctx,
+                     "is_processing": s.job is not None or s.embedding,
+                     "n_cached": len(s.cached)} for s in self._slots]
+
+    def slot_action(self, slot_id: int, action: str, path: Any = None,
+                    timeout: float = 60.0) -> dict[str, Any]:
+        """Save slot ``slot_id``'s cache to the state file ``path``, restore it from one, or
+        erase it (llama.cpp's /slots actions), between two steps; the slot must be idle.
+        Raises ContextError (busy, unknown slot), StateFileError (a bad file)."""
+        from pyllm.runtime.state_file import load_state_file, save_state_file
+
+        if isinstance(slot_id, bool) or not isinstance(slot_id, int) or \
+                not 0 <= slot_id < self.n_parallel:
+            raise ContextError(f"no slot {slot_id!r} (the server has {self.n_parallel})")
+        if action not in ("save", "restore", "erase"):
+            raise ContextError(f"unknown slot action {action!r} (save, restore or erase)")
+        done = threading.Event()
+        result: dict[str, Any] = {}
+        failure: list[BaseException] = []
+
+        def op() -> None:
+            from pyllm.runtime.llm import LLMState
+
+            slot = self._slots[slot_id]
+            t0 = time.perf_counter()
+            try:
+                if slot.job is not None or slot.embedding:
+                    raise ContextError(f"slot {slot_id} is busy")
+                if action == "save":
+                    state = LLMState(tuple(slot.cached), bytes(self._ctx.save_state(slot_id)),
+                                     None, self._lora_key(slot.lora))
+                    save_state_file(self, path, state)
+                    result.update(id_slot=slot_id, filename=path.name, n_saved=len(slot.cached),
+                                  n_written=path.stat().st_size)
+                elif action == "restore":
+                    state = load_state_file(self, path)
+                    if state.lora != self._lora_key(slot.lora):
+                        raise ContextError(f"{path.name} was saved with other LoRA adapters")
+                    try:
+                        self._ctx.load_state(state.kv, slot_id)
+                    except ValueError as e:
+                        raise ContextError(f"cannot restore {path.name}: {e}") from None
+                    slot.cached = list(state.tokens)
+                    result.update(id_slot=slot_id, filename=path.name,
+                                  n_restored=len(slot.cached), n_read=path.stat().st_size)
+                else:
+                    n = len(slot.cached)
+                    self._ctx.seq_truncate(slot_id, 0)
+                    slot.cached.clear()
+                    result.update(id_slot=slot_id, n_erased=n)
+                result["timings"] = {"ms": 1000 * (time.perf_counter() - t0)}
+            except BaseException as e:  # handed to the caller's thread
+                failure.append(e)
+            finally:
+                done.set()
+
+        with self._cv:
+            if self._stopping:
+                raise EngineStoppedError("the server is shutting down")
+            self._slot_ops.append(op)
+            self._cv.notify()
+        if not done.wait(timeout):
+            raise ContextError(f"slot {slot_id}: the {action} did not run within {timeout:g} s")
+        if failure:
+            raise failure[0]
+        return result
+
+    def _lora_key(self, mix: Sequence[tuple[int, float]]) -> tuple[tuple[str, float], ...]:
+        return tuple((str(self._lora_paths[i]), float(s)) for i, s in mix if s != 0.0)
+
     def _check_queue(self) -> None:
         waiting = len(self._pending) + len(self._embeds)
         if waiting >= self.max_queue and self.active >= self.n_parallel:
@@ -469,6 +554,7 @@ class Engine:
             try:
                 with self._cv:
                     while (not self._stopping and not self._pending and not self._embeds
+                           and not self._slot_ops
                            and all(s.job is None for s in self._slots)):
                         self._cv.wait()
                     self._hold_if_paused()
@@ -477,7 +563,11 @@ class Engine:
                             and self.active == 0):
                         return
                     embed = self._take_embedding()
+                    ops = list(self._slot_ops)
+                    self._slot_ops.clear()
                     self._admit()
+                for op in ops:  # between two steps, on this thread (it owns the context)
+                    op()
                 if embed is not None:
                     self._embed(*embed)
                 self._step()

@@ -216,9 +216,10 @@ class Context {
   const ActivationStats* activation_stats() const;
   bool collecting_activation_stats() const;
 
-  // State for save/load: the cached K/V of positions [0, n_past) plus n_past.
-  std::vector<uint8_t> save_state() const;
-  void load_state(const uint8_t* data, int64_t size);
+  // State for save/load: sequence seq's cached K/V of positions [0, n_past) plus n_past (a
+  // state of one sequence loads into any sequence of a context of the same model and KV type).
+  std::vector<uint8_t> save_state(int seq = 0) const;
+  void load_state(const uint8_t* data, int64_t size, int seq = 0);
 
  private:
   struct Impl;
