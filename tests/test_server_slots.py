@@ -161,3 +161,39 @@ def test_saving_is_off_without_a_folder(engine: Engine) -> None:
         r = httpx.post(f"{u}/slots/0?action=save", json={"filename": "a.bin"})
         assert r.status_code == 501 and "--slot-save-path" in r.json()["error"]["message"]
         assert httpx.post(f"{u}/slots/0?action=erase").status_code == 200
+
+
+def test_cache_ram_brings_back_a_reused_slots_prefix(llm: LLM) -> None:
+    """One slot, two long prompts in turn: with --cache-ram the slot's cache is kept in host
+    memory before it is overwritten and restored when its prompt returns (1 token evaluated
+    instead of all), with the same replies as without; bounded by its size (LRU)."""
+    from pyllm.server.app import _metrics_text, _State
+
+    a = "A long conversation about dragons and their treasures. " * 8
+    b = "Another long conversation about ships and the sea. " * 8
+    runs = {}
+    for mib in (0, 64):
+        eng = Engine(llm, n_parallel=1, n_ctx=256, cache_ram_mib=mib)
+        try:
+            evaluated, replies = [], []
+            for text in (a, b, a, b):
+                before = eng.stats.prompt_tokens_evaluated
+                replies.append(_generate(eng, llm.tokenize(text), 6))
+                evaluated.append(eng.stats.prompt_tokens_evaluated - before)
+            runs[mib] = (evaluated, replies, eng.stats.cache_ram_hits, eng.stats.cache_ram_bytes)
+            metrics = _metrics_text(_State(ServerConfig(model_id="m"), eng))
+        finally:
+            eng.stop()
+    n = len(llm.tokenize(a))
+    assert runs[0][0] == [n] * 4 and runs[0][2] == 0  # the control: every prompt in full
+    assert runs[64][0] == [n, n, 1, 1] and runs[64][2] == 2
+    assert runs[64][1] == runs[0][1]  # the same replies
+    assert "pyllm_cache_ram_hits_total 2" in metrics
+    # bounded: a limit below one slot's state keeps nothing
+    tiny = Engine(llm, n_parallel=1, n_ctx=256, cache_ram_mib=1)
+    try:
+        for text in (a, b, a):
+            _generate(tiny, llm.tokenize(text), 2)
+        assert tiny.stats.cache_ram_hits == 0 and tiny.stats.cache_ram_bytes == 0
+    finally:
+        tiny.stop()

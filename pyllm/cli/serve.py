@@ -23,6 +23,7 @@ from typing import Any
 from pyllm.cli.common import (
     add_model_args,
     add_speculative_args,
+    count,
     lora_specs,
     ngram_factory,
     positive_int,
@@ -66,6 +67,9 @@ def add_parser(sub: Any) -> None:
                    help=f"KV cache type (default {DEFAULT_KV_TYPE})")
     g.add_argument("--max-body", type=positive_int, default=1 << 20, metavar="BYTES",
                    help="largest request body accepted (default 1 MiB; larger gets 413)")
+    g.add_argument("--cache-ram", type=count, default=1024, metavar="MIB",
+                   help="host memory for the caches of reused slots, so a returning prompt "
+                   "skips its cached prefix (LRU; 0 = off; default 1024)")
     g.add_argument("--slot-save-path", metavar="DIR",
                    help="folder for POST /slots/{id}?action=save|restore state files (off "
                    "without it)")
@@ -144,7 +148,8 @@ def load_engine(model_path: Path, args: argparse.Namespace) -> Any:
         return Engine(model, n_parallel=args.parallel, n_ctx=args.ctx_size,
                       n_batch=args.batch_size, kv_type=args.kv_type, max_queue=args.queue,
                       lora=lora_specs(args.parser, args),
-                      drafter=getattr(args, "drafter_factory", None))
+                      drafter=getattr(args, "drafter_factory", None),
+                      cache_ram_mib=args.cache_ram)
     except BaseException:
         model.close()
         raise

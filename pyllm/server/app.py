@@ -891,6 +891,11 @@ def _metrics_text(state: _State) -> str:
                [("", st.prompt_tokens_evaluated)])
         metric("pyllm_completion_tokens_total", "counter", "Tokens generated.",
                [("", st.completion_tokens_total)])
+        metric("pyllm_cache_ram_hits_total", "counter",
+               "Prompts that continued a slot cache restored from host memory (--cache-ram).",
+               [("", st.cache_ram_hits)])
+        metric("pyllm_cache_ram_bytes", "gauge", "Host memory the kept slot caches take.",
+               [("", st.cache_ram_bytes)])
         metric("pyllm_draft_tokens_total", "counter",
                "Tokens drafted by speculative decoding (--spec).",
                [("", st.draft_tokens_total)])

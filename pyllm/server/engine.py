@@ -188,6 +188,8 @@ class EngineStats:
     embedding_tokens_total: int = 0
     steps_total: int = 0
     step_seconds_total: float = 0.0
+    cache_ram_hits: int = 0  # prompts that continued a cache restored from host memory
+    cache_ram_bytes: int = 0  # host memory the kept caches take now
     draft_tokens_total: int = 0  # speculative decoding: tokens drafted
     draft_tokens_accepted: int = 0  # ... and the drafted tokens kept
 
@@ -203,7 +205,7 @@ class Engine:
                  n_batch: int | None = None, n_threads: int | None = None,
                  kv_type: str = DEFAULT_KV_TYPE, max_queue: int = 64,
                  rate_window_s: float = 10.0, lora: Sequence[LoraSpec] | None = None,
-                 drafter: Callable[[], Drafter] | None = None) -> None:
+                 drafter: Callable[[], Drafter] | None = None, cache_ram_mib: int = 0) -> None:
         """``model`` is the loaded model the slots run (an :class:`pyllm.runtime.llm.LLM` gives its
         own, and its ``n_batch`` and thread count as defaults; its single-sequence context is
         not used). ``n_batch`` (default 512) and ``n_threads`` (default: the model's) are
@@ -211,7 +213,9 @@ class Engine:
         (``["a.gguf", ("b.gguf", 0.5)]``). ``drafter``: makes each slot's drafter
         (speculative decoding, e.g. ``NgramDrafter``): a running slot then feeds its sampled
         token and a draft in the same step as the others, and keeps the draft while its own
-        samples equal it (pyllm.runtime.speculative)."""
+        samples equal it (pyllm.runtime.speculative). ``cache_ram_mib``: host memory for the
+        caches of slots about to be reused (LRU; 0: off): a request whose prompt shares a
+        longer prefix with one of them than with any free slot gets it restored first."""
         for name, value in (("n_parallel", n_parallel), ("n_ctx", n_ctx),
                             ("max_queue", max_queue)):
             check_count(name, value)
@@ -250,6 +254,14 @@ class Engine:
         self.stop_ids = frozenset(stop_token_ids(loaded))
         self.stats = EngineStats()
         self._slots = [_Slot(i) for i in range(n_parallel)]
+        if isinstance(cache_ram_mib, bool) or not isinstance(cache_ram_mib, int) or \
+                cache_ram_mib < 0:
+            raise ModelError(f"cache_ram_mib must be an integer >= 0, got {cache_ram_mib!r}")
+        self.cache_ram_bytes = cache_ram_mib << 20
+        # tokens -> (the slot's state, its LoRA mix), least recently used first
+        self._ram: collections.OrderedDict[tuple[int, ...], tuple[bytes, list[tuple[int, float]]]]
+        self._ram = collections.OrderedDict()
+        self._ram_used = 0
         self._spec_group = int(core_module().MATVEC_TOKENS)  # tokens per pass of the weights
         if drafter is not None:
             for slot in self._slots:
@@ -649,6 +661,8 @@ class Engine:
             # least cached (least to lose)
             slot = max(free, key=lambda s: (common_prefix(s.cached, prompt) if s.lora == mix
                                             else 0, -len(s.cached)))
+            if self.cache_ram_bytes:
+                self._from_ram(slot, prompt, mix)
             if slot.lora != mix:  # its cache was made with other adapters: none of it holds
                 self._ctx.seq_set_lora(slot.id, mix)
                 self._ctx.seq_truncate(slot.id, 0)
@@ -656,12 +670,53 @@ class Engine:
                 slot.lora = mix
             keep = min(common_prefix(slot.cached, prompt), len(prompt) - 1)
             if keep < len(slot.cached):
+                self._to_ram(slot)  # what the slot held may serve a later request
                 self._ctx.seq_truncate(slot.id, keep)
                 del slot.cached[keep:]
             slot.job = job
             slot.todo = prompt[keep:]
             slot.next_token = None
             self.stats.prompt_tokens_evaluated += len(slot.todo)
+
+    # ---- the host-memory cache of slot states (--cache-ram) ----------------------------------
+
+    MIN_RAM_TOKENS = 32  # shorter caches are cheaper to recompute than to keep
+
+    def _to_ram(self, slot: _Slot) -> None:
+        """Keep the slot's cache in host memory (LRU, bounded) before it is overwritten."""
+        key = tuple(slot.cached)
+        if not self.cache_ram_bytes or len(key) < self.MIN_RAM_TOKENS or key in self._ram:
+            return
+        state = bytes(self._ctx.save_state(slot.id))
+        if len(state) > self.cache_ram_bytes:
+            return
+        self._ram[key] = (state, list(slot.lora))
+        self._ram_used += len(state)
+        while self._ram_used > self.cache_ram_bytes:
+            _, (old, _) = self._ram.popitem(last=False)
+            self._ram_used -= len(old)
+        self.stats.cache_ram_bytes = self._ram_used
+
+    def _from_ram(self, slot: _Slot, prompt: list[int], mix: list[tuple[int, float]]) -> None:
+        """Restore into the chosen slot the kept cache sharing the longest prefix with the
+        prompt, when it shares more than the slot itself."""
+        have = common_prefix(slot.cached, prompt) if slot.lora == mix else 0
+        best, best_n = None, max(have, self.MIN_RAM_TOKENS - 1)
+        for key, (_, kmix) in self._ram.items():
+            n = common_prefix(key, prompt) if kmix == mix else 0
+            if n > best_n:
+                best, best_n = key, n
+        if best is None:
+            return
+        state, kmix = self._ram[best]
+        self._ram.move_to_end(best)  # most recent: the slot's own cache, kept next, cannot evict
+        self._to_ram(slot)           # it before it is read (it is read already)
+        if slot.lora != kmix:
+            self._ctx.seq_set_lora(slot.id, kmix)
+            slot.lora = list(kmix)
+        self._ctx.load_state(state, slot.id)
+        slot.cached = list(best)
+        self.stats.cache_ram_hits += 1
 
     def _step(self) -> None:
         tokens: list[int] = []
