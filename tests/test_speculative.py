@@ -455,3 +455,22 @@ def test_cli_serve_speculative_flags(smollm2_path: Path) -> None:
     no_md = run_cli("serve", "-m", str(smollm2_path), "--port", "0", "--draft-model", "x.gguf",
                     timeout=60)
     assert no_md.returncode == 2 and "--draft-model" in no_md.stderr
+
+
+def test_drafts_under_a_grammar(smol) -> None:  # type: ignore[no-untyped-def]
+    """A grammar and drafts together: the same constrained tokens as without drafting; a
+    drafted token the grammar forbids is never kept (the sample under the grammar's mask
+    cannot equal it), so such a draft ends at it."""
+    from pyllm.runtime.grammar import Grammar
+
+    grammar = Grammar.regex(r"(yes|no)( and (yes|no)){0,8}")
+    prompt = smol.tokenize("Answer with yes or no, several times:")
+    plain, text = _generate(smol, prompt, None, max_tokens=40, temperature=0.0, grammar=grammar)
+    bad = FixedDrafter(smol.tokenize(" maybe", add_special=False)[0])
+    spec, spec_text = _generate(smol, prompt, bad, max_tokens=40, temperature=0.0,
+                                grammar=grammar)
+    assert spec.tokens == plain.tokens and spec_text == text
+    assert spec.spec.drafted > 0 and spec.spec.accepted == 0
+    lookup, _ = _generate(smol, prompt, NgramDrafter(ngram_min=1), max_tokens=40,
+                          temperature=0.0, grammar=grammar)
+    assert lookup.tokens == plain.tokens
