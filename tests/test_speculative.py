@@ -372,7 +372,9 @@ def test_a_round_gives_one_token_calls_logits_bit_for_bit(smollm2_path: Path) ->
 # ---- the server: per slot, in the same batch --------------------------------------------------
 
 
-def test_engine_drafts_per_slot_in_one_batch(smol) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("kind", ["ngram", "draft model"])
+def test_engine_drafts_per_slot_in_one_batch(smol, smollm2_path: Path,  # type: ignore[no-untyped-def]
+                                             kind: str) -> None:
     """Four concurrent chats copying their input: with prompt lookup per slot the same tokens
     as without, most drafts kept, drafts of several slots in the same decode_batch; the metrics
     count them."""
@@ -413,7 +415,10 @@ def test_engine_drafts_per_slot_in_one_batch(smol) -> None:  # type: ignore[no-u
         plain = run(plain_engine)
     finally:
         plain_engine.stop()
-    spec_engine = Engine(smol, n_parallel=4, n_ctx=512, drafter=NgramDrafter)
+    spec_engine = (Engine(smol, n_parallel=4, n_ctx=512, drafter=NgramDrafter)
+                   if kind == "ngram" else
+                   Engine(smol, n_parallel=4, n_ctx=512, draft_model=smollm2_path,
+                          draft_p_min=0.0))
     try:
         decode = spec_engine._ctx.decode_batch
 
@@ -432,7 +437,9 @@ def test_engine_drafts_per_slot_in_one_batch(smol) -> None:  # type: ignore[no-u
     finally:
         spec_engine.stop()
     assert spec == plain and all(len(t) > 5 for t in plain)
-    assert st.draft_tokens_accepted > 0.6 * st.draft_tokens_total > 0  # measured 87 %
+    # measured 87 % (prompt lookup), 100 % (the model drafting for itself)
+    assert st.draft_tokens_accepted > (0.6 if kind == "ngram" else 0.95) * st.draft_tokens_total
+    assert st.draft_tokens_total > 0
     assert max(steps_seen) == 4  # rows (drafts) of all four slots in one batch
 
 
@@ -452,9 +459,10 @@ def test_cli_serve_speculative_flags(smollm2_path: Path) -> None:
     bad = run_cli("serve", "-m", str(smollm2_path), "--port", "0", "--spec", "ngram",
                   "--spec-ngram-min", "5", timeout=60)
     assert bad.returncode == 2 and "ngram_min" in bad.stderr
-    no_md = run_cli("serve", "-m", str(smollm2_path), "--port", "0", "--draft-model", "x.gguf",
-                    timeout=60)
-    assert no_md.returncode == 2 and "--draft-model" in no_md.stderr
+    missing = run_cli("serve", "-m", str(smollm2_path), "--port", "0", "--draft-model",
+                      "/nonexistent/x.gguf", timeout=60)
+    assert missing.returncode == 1 and "x.gguf" in missing.stderr
+    assert "Traceback" not in missing.stderr
 
 
 def test_drafts_under_a_grammar(smol) -> None:  # type: ignore[no-untyped-def]
@@ -474,3 +482,14 @@ def test_drafts_under_a_grammar(smol) -> None:  # type: ignore[no-untyped-def]
     lookup, _ = _generate(smol, prompt, NgramDrafter(ngram_min=1), max_tokens=40,
                           temperature=0.0, grammar=grammar)
     assert lookup.tokens == plain.tokens
+
+
+def test_engine_refuses_a_draft_model_of_another_vocabulary(smol, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from pyllm.server.engine import Engine
+    from tests.tiny_models import TinySpec, write_tiny
+
+    tiny = write_tiny(tmp_path / "tiny.gguf", TinySpec(ctx=1024))
+    with pytest.raises(SpeculativeError, match="cannot draft for this model"):
+        Engine(smol, n_parallel=2, n_ctx=256, draft_model=tiny)
+    with pytest.raises(SpeculativeError, match="not both"):
+        Engine(smol, n_parallel=2, n_ctx=256, draft_model=tiny, drafter=NgramDrafter)

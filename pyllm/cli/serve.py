@@ -75,7 +75,7 @@ def add_parser(sub: Any) -> None:
                    "without it)")
     g.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
                    help="seconds running requests may take to finish on SIGTERM (10)")
-    add_speculative_args(p, draft_model=False)
+    add_speculative_args(p)
     p.set_defaults(run=run, parser=p)
 
 
@@ -149,6 +149,8 @@ def load_engine(model_path: Path, args: argparse.Namespace) -> Any:
                       n_batch=args.batch_size, kv_type=args.kv_type, max_queue=args.queue,
                       lora=lora_specs(args.parser, args),
                       drafter=getattr(args, "drafter_factory", None),
+                      draft_model=args.draft_model, draft_max=args.draft_max,
+                      draft_p_min=args.draft_p_min,
                       cache_ram_mib=args.cache_ram)
     except BaseException:
         model.close()
@@ -162,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
     if args.shutdown_timeout < 0:
         parser.error(f"--shutdown-timeout must be 0 or more, got {args.shutdown_timeout}")
     args.drafter_factory = ngram_factory(parser, args)  # bad settings: a usage error, now
+    if args.draft_model is not None:
+        _check_readable(Path(args.draft_model))
     if args.slot_save_path is not None and not Path(args.slot_save_path).is_dir():
         raise PyllmError(f"--slot-save-path {args.slot_save_path}: not a folder")
     try:

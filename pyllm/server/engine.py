@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -60,7 +61,10 @@ from pyllm.runtime.loaded import (
     core_module,
 )
 from pyllm.runtime.lora import AdapterSet, LoraSpec, lora_specs
+from pyllm.runtime.speculative import DEFAULT_DRAFT_MAX, DEFAULT_DRAFT_P_MIN
 from pyllm.runtime.steps import SequenceSteps, common_prefix, resolve_max_tokens
+from pyllm.server.drafting import Drafting
+from pyllm.server.slot_cache import RamCache, apply_slot_action
 
 if TYPE_CHECKING:
     from pyllm.runtime.llm import LLM
@@ -172,7 +176,6 @@ class _Slot:
     todo: list[int] = field(default_factory=list)  # prompt tokens not yet evaluated
     next_token: int | None = None  # sampled, to be fed in the next step
     lora: list[tuple[int, float]] = field(default_factory=list)  # the mix its cache was made with
-    drafter: Drafter | None = None  # speculative decoding: this slot's drafter
     draft: list[int] = field(default_factory=list)  # fed after next_token in the current step
 
 
@@ -205,17 +208,21 @@ class Engine:
                  n_batch: int | None = None, n_threads: int | None = None,
                  kv_type: str = DEFAULT_KV_TYPE, max_queue: int = 64,
                  rate_window_s: float = 10.0, lora: Sequence[LoraSpec] | None = None,
-                 drafter: Callable[[], Drafter] | None = None, cache_ram_mib: int = 0) -> None:
+                 drafter: Callable[[], Drafter] | None = None,
+                 draft_model: str | os.PathLike[str] | LoadedModel | None = None,
+                 draft_max: int = DEFAULT_DRAFT_MAX, draft_p_min: float = DEFAULT_DRAFT_P_MIN,
+                 cache_ram_mib: int = 0) -> None:
         """``model`` is the loaded model the slots run (an :class:`pyllm.runtime.llm.LLM` gives its
         own, and its ``n_batch`` and thread count as defaults; its single-sequence context is
         not used). ``n_batch`` (default 512) and ``n_threads`` (default: the model's) are
         those of the batched context. ``lora``: adapters every slot applies
-        (``["a.gguf", ("b.gguf", 0.5)]``). ``drafter``: makes each slot's drafter
-        (speculative decoding, e.g. ``NgramDrafter``): a running slot then feeds its sampled
-        token and a draft in the same step as the others, and keeps the draft while its own
-        samples equal it (pyllm.runtime.speculative). ``cache_ram_mib``: host memory for the
-        caches of slots about to be reused (LRU; 0: off): a request whose prompt shares a
-        longer prefix with one of them than with any free slot gets it restored first."""
+        (``["a.gguf", ("b.gguf", 0.5)]``). Speculative decoding (pyllm.server.drafting):
+        ``drafter`` makes each slot's drafter (e.g. ``NgramDrafter``), or ``draft_model`` (a
+        small model of the same vocabulary, ``draft_max`` / ``draft_p_min``) drafts for all;
+        a running slot then feeds its sampled token and its draft in the same step as the
+        others, and keeps the draft while its own samples equal it. ``cache_ram_mib``: host
+        memory for the caches of slots about to be reused (LRU; 0: off): a request whose prompt
+        shares a longer prefix with one of them than with any free slot gets it restored."""
         for name, value in (("n_parallel", n_parallel), ("n_ctx", n_ctx),
                             ("max_queue", max_queue)):
             check_count(name, value)
@@ -257,15 +264,12 @@ class Engine:
         if isinstance(cache_ram_mib, bool) or not isinstance(cache_ram_mib, int) or \
                 cache_ram_mib < 0:
             raise ModelError(f"cache_ram_mib must be an integer >= 0, got {cache_ram_mib!r}")
-        self.cache_ram_bytes = cache_ram_mib << 20
-        # tokens -> (the slot's state, its LoRA mix), least recently used first
-        self._ram: collections.OrderedDict[tuple[int, ...], tuple[bytes, list[tuple[int, float]]]]
-        self._ram = collections.OrderedDict()
-        self._ram_used = 0
-        self._spec_group = int(core_module().MATVEC_TOKENS)  # tokens per pass of the weights
-        if drafter is not None:
-            for slot in self._slots:
-                slot.drafter = drafter()
+        self._ram = RamCache(cache_ram_mib << 20)
+        self._drafting: Drafting | None = None
+        if drafter is not None or draft_model is not None:
+            self._drafting = Drafting(self, int(core_module().MATVEC_TOKENS), factory=drafter,
+                                      draft_model=draft_model, draft_max=draft_max,
+                                      p_min=draft_p_min)
         self._pending: collections.deque[_Job] = collections.deque()
         self._embeds: collections.deque[_EmbedJob] = collections.deque()
         self._slot_ops: collections.deque[Callable[[], None]] = collections.deque()
@@ -423,8 +427,6 @@ class Engine:
         """Save slot ``slot_id``'s cache to the state file ``path``, restore it from one, or
         erase it (llama.cpp's /slots actions), between two steps; the slot must be idle.
         Raises ContextError (busy, unknown slot), StateFileError (a bad file)."""
-        from pyllm.runtime.state_file import load_state_file, save_state_file
-
         if isinstance(slot_id, bool) or not isinstance(slot_id, int) or \
                 not 0 <= slot_id < self.n_parallel:
             raise ContextError(f"no slot {slot_id!r} (the server has {self.n_parallel})")
@@ -435,36 +437,8 @@ class Engine:
         failure: list[BaseException] = []
 
         def op() -> None:
-            from pyllm.runtime.llm import LLMState
-
-            slot = self._slots[slot_id]
-            t0 = time.perf_counter()
             try:
-                if slot.job is not None or slot.embedding:
-                    raise ContextError(f"slot {slot_id} is busy")
-                if action == "save":
-                    state = LLMState(tuple(slot.cached), bytes(self._ctx.save_state(slot_id)),
-                                     None, self._lora_key(slot.lora))
-                    save_state_file(self, path, state)
-                    result.update(id_slot=slot_id, filename=path.name, n_saved=len(slot.cached),
-                                  n_written=path.stat().st_size)
-                elif action == "restore":
-                    state = load_state_file(self, path)
-                    if state.lora != self._lora_key(slot.lora):
-                        raise ContextError(f"{path.name} was saved with other LoRA adapters")
-                    try:
-                        self._ctx.load_state(state.kv, slot_id)
-                    except ValueError as e:
-                        raise ContextError(f"cannot restore {path.name}: {e}") from None
-                    slot.cached = list(state.tokens)
-                    result.update(id_slot=slot_id, filename=path.name,
-                                  n_restored=len(slot.cached), n_read=path.stat().st_size)
-                else:
-                    n = len(slot.cached)
-                    self._ctx.seq_truncate(slot_id, 0)
-                    slot.cached.clear()
-                    result.update(id_slot=slot_id, n_erased=n)
-                result["timings"] = {"ms": 1000 * (time.perf_counter() - t0)}
+                result.update(apply_slot_action(self, self._slots[slot_id], action, path))
             except BaseException as e:  # handed to the caller's thread
                 failure.append(e)
             finally:
@@ -504,6 +478,8 @@ class Engine:
                     slot.job.cancelled = True
             self._cv.notify()
         self._thread.join(timeout)
+        if self._drafting is not None and not self._thread.is_alive():
+            self._drafting.close()
 
     # ---- test hook: deterministic control of the scheduler ----------------------------------
 
@@ -661,8 +637,9 @@ class Engine:
             # least cached (least to lose)
             slot = max(free, key=lambda s: (common_prefix(s.cached, prompt) if s.lora == mix
                                             else 0, -len(s.cached)))
-            if self.cache_ram_bytes:
-                self._from_ram(slot, prompt, mix)
+            if self._ram.restore(self._ctx, slot, prompt, mix):
+                self.stats.cache_ram_hits += 1
+                self.stats.cache_ram_bytes = self._ram.used
             if slot.lora != mix:  # its cache was made with other adapters: none of it holds
                 self._ctx.seq_set_lora(slot.id, mix)
                 self._ctx.seq_truncate(slot.id, 0)
@@ -670,53 +647,14 @@ class Engine:
                 slot.lora = mix
             keep = min(common_prefix(slot.cached, prompt), len(prompt) - 1)
             if keep < len(slot.cached):
-                self._to_ram(slot)  # what the slot held may serve a later request
+                self._ram.keep(self._ctx, slot)  # what the slot held may serve a later request
+                self.stats.cache_ram_bytes = self._ram.used
                 self._ctx.seq_truncate(slot.id, keep)
                 del slot.cached[keep:]
             slot.job = job
             slot.todo = prompt[keep:]
             slot.next_token = None
             self.stats.prompt_tokens_evaluated += len(slot.todo)
-
-    # ---- the host-memory cache of slot states (--cache-ram) ----------------------------------
-
-    MIN_RAM_TOKENS = 32  # shorter caches are cheaper to recompute than to keep
-
-    def _to_ram(self, slot: _Slot) -> None:
-        """Keep the slot's cache in host memory (LRU, bounded) before it is overwritten."""
-        key = tuple(slot.cached)
-        if not self.cache_ram_bytes or len(key) < self.MIN_RAM_TOKENS or key in self._ram:
-            return
-        state = bytes(self._ctx.save_state(slot.id))
-        if len(state) > self.cache_ram_bytes:
-            return
-        self._ram[key] = (state, list(slot.lora))
-        self._ram_used += len(state)
-        while self._ram_used > self.cache_ram_bytes:
-            _, (old, _) = self._ram.popitem(last=False)
-            self._ram_used -= len(old)
-        self.stats.cache_ram_bytes = self._ram_used
-
-    def _from_ram(self, slot: _Slot, prompt: list[int], mix: list[tuple[int, float]]) -> None:
-        """Restore into the chosen slot the kept cache sharing the longest prefix with the
-        prompt, when it shares more than the slot itself."""
-        have = common_prefix(slot.cached, prompt) if slot.lora == mix else 0
-        best, best_n = None, max(have, self.MIN_RAM_TOKENS - 1)
-        for key, (_, kmix) in self._ram.items():
-            n = common_prefix(key, prompt) if kmix == mix else 0
-            if n > best_n:
-                best, best_n = key, n
-        if best is None:
-            return
-        state, kmix = self._ram[best]
-        self._ram.move_to_end(best)  # most recent: the slot's own cache, kept next, cannot evict
-        self._to_ram(slot)           # it before it is read (it is read already)
-        if slot.lora != kmix:
-            self._ctx.seq_set_lora(slot.id, kmix)
-            slot.lora = list(kmix)
-        self._ctx.load_state(state, slot.id)
-        slot.cached = list(best)
-        self.stats.cache_ram_hits += 1
 
     def _step(self) -> None:
         tokens: list[int] = []
@@ -733,8 +671,9 @@ class Engine:
             owners.append(slot)
             fed.append((slot, [slot.next_token]))
             budget -= 1
+        drafts = self._drafting.drafts(running, budget) if self._drafting is not None else {}
         for slot in running:  # then their drafts, in what the step has room for
-            slot.draft = self._draft(slot, budget)
+            slot.draft = drafts.get(slot.id, [])
             if slot.draft:
                 tokens.extend(slot.draft)
                 seqs.extend([slot.id] * len(slot.draft))
@@ -793,22 +732,6 @@ class Engine:
         if generated:
             with self._cv:
                 self._rate.append((time.monotonic(), generated))
-
-    def _draft(self, slot: _Slot, budget: int) -> list[int]:
-        """The slot's draft for this step: what its drafter guesses after its sampled token,
-        within the step's budget, the slot's context and the tokens the request may still
-        have, and below the decode kernels' group (one pass over the weights) per slot."""
-        job = slot.job
-        if slot.drafter is None or job is None:
-            return []
-        steps = job.steps
-        n_max = min(budget, self.n_ctx - len(slot.cached) - 1, self._spec_group - 1)
-        if steps.max_tokens is not None:
-            n_max = min(n_max, steps.max_tokens - len(steps.tokens) - 1)
-        if n_max < max(slot.drafter.draft_min, 1):
-            return []
-        draft = slot.drafter.draft(job.req.prompt + steps.tokens, n_max)[:n_max]
-        return draft if len(draft) >= max(slot.drafter.draft_min, 1) else []
 
     def _verify(self, slot: _Slot, rows: list[np.ndarray]) -> int:
         """A running slot's rows (its sampled token, then each drafted one) or a prompt's last
