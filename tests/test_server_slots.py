@@ -14,7 +14,8 @@ import pytest
 
 from pyllm.runtime.llm import LLM
 from pyllm.runtime.sampling import SamplingParams
-from pyllm.server.app import ServerConfig, create_app, valid_slot_filename
+from pyllm.server.admin import valid_slot_filename
+from pyllm.server.app import ServerConfig, create_app
 from pyllm.server.engine import DoneEvent, Engine, Request, TokenEvent
 from tests.conftest import serve
 
@@ -167,7 +168,8 @@ def test_cache_ram_brings_back_a_reused_slots_prefix(llm: LLM) -> None:
     """One slot, two long prompts in turn: with --cache-ram the slot's cache is kept in host
     memory before it is overwritten and restored when its prompt returns (1 token evaluated
     instead of all), with the same replies as without; bounded by its size (LRU)."""
-    from pyllm.server.app import _metrics_text, _State
+    from pyllm.server.admin import metrics_text
+    from pyllm.server.app import _State
 
     a = "A long conversation about dragons and their treasures. " * 8
     b = "Another long conversation about ships and the sea. " * 8
@@ -181,7 +183,7 @@ def test_cache_ram_brings_back_a_reused_slots_prefix(llm: LLM) -> None:
                 replies.append(_generate(eng, llm.tokenize(text), 6))
                 evaluated.append(eng.stats.prompt_tokens_evaluated - before)
             runs[mib] = (evaluated, replies, eng.stats.cache_ram_hits, eng.stats.cache_ram_bytes)
-            metrics = _metrics_text(_State(ServerConfig(model_id="m"), eng))
+            metrics = metrics_text(_State(ServerConfig(model_id="m"), eng))
         finally:
             eng.stop()
     n = len(llm.tokenize(a))

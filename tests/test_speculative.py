@@ -429,9 +429,10 @@ def test_engine_drafts_per_slot_in_one_batch(smol, smollm2_path: Path,  # type: 
         spec_engine._ctx = _Spy(spec_engine._ctx, spy)
         spec = run(spec_engine)
         st = spec_engine.stats
-        from pyllm.server.app import ServerConfig, _metrics_text, _State
+        from pyllm.server.admin import metrics_text
+        from pyllm.server.app import ServerConfig, _State
 
-        text = _metrics_text(_State(ServerConfig(model_id="m"), spec_engine))
+        text = metrics_text(_State(ServerConfig(model_id="m"), spec_engine))
         assert f"pyllm_draft_tokens_total {st.draft_tokens_total}" in text
         assert f"pyllm_draft_tokens_accepted_total {st.draft_tokens_accepted}" in text
     finally:

@@ -37,7 +37,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,8 +65,6 @@ from pyllm.errors import (
     ToolCallError,
 )
 from pyllm.runtime import openai_shapes as shapes
-from pyllm.runtime.sampling import DEFAULTS as SAMPLING_DEFAULTS
-from pyllm.runtime.steps import UNTIL_DONE
 from pyllm.runtime.sysinfo import release_free_memory
 from pyllm.runtime.tool_use import (
     ToolDeltas,
@@ -75,6 +73,7 @@ from pyllm.runtime.tool_use import (
     reply_fields,
     reply_grammar,
 )
+from pyllm.server.admin import check_slot_action, metrics_text, props, slot_target
 from pyllm.server.bridge import (
     Choices,
     collect,
@@ -512,7 +511,7 @@ class _Handlers:
                      "n_vocab": eng.n_vocab}}]})
 
     async def props(self) -> Response:
-        return JSONResponse(_props(self.config, self.state.need_engine()))
+        return JSONResponse(props(self.config, self.state.need_engine()))
 
     async def lora_adapters(self) -> Response:
         """llama.cpp's GET /lora-adapters: the adapters loaded at start with their global
@@ -542,27 +541,10 @@ class _Handlers:
         file, or emptied."""
         eng = self.state.need_engine()
         action = request.query_params.get("action", "")
-        if action not in ("save", "restore", "erase"):
-            raise ApiError(400, f"unknown slot action {action!r} (save, restore or erase)",
-                           param="action")
-        try:
-            slot = int(id_slot)
-        except ValueError:
-            raise ApiError(400, f"slot id must be an integer, got {id_slot!r}") from None
-        path = None
-        if action != "erase":
-            folder = self.config.slot_save_path
-            if folder is None:
-                raise ApiError(501, "slot saving is off: start the server with "
-                               "--slot-save-path DIR", "not_supported_error")
-            body = await _read_json(request, self.config.max_body_bytes)
-            name = body.get("filename")
-            if not isinstance(name, str) or not valid_slot_filename(name):
-                raise ApiError(400, "filename must be a plain file name (no '/', '\\', '..', "
-                               "leading '.' or NUL; at most 255 bytes)", param="filename")
-            path = Path(folder) / name
-            if action == "restore" and not path.is_file():
-                raise ApiError(404, f"no saved slot {name!r}", param="filename")
+        check_slot_action(id_slot, action, self.config.slot_save_path)
+        body = (await _read_json(request, self.config.max_body_bytes)
+                if action != "erase" else {})
+        slot, path = slot_target(id_slot, action, self.config.slot_save_path, body)
         try:
             result = await run_in_threadpool(eng.slot_action, slot, action, path)
         except StateFileError as e:
@@ -572,7 +554,7 @@ class _Handlers:
         return JSONResponse(result)
 
     async def metrics(self) -> Response:
-        return PlainTextResponse(_metrics_text(self.state),
+        return PlainTextResponse(metrics_text(self.state),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def index(self) -> Response:
@@ -755,38 +737,6 @@ class _Handlers:
         return await _guarded(run)
 
 
-def _max_tokens_default(request: type[CompletionRequest | ChatCompletionRequest]) -> int:
-    """The token limit a request of this kind gets when it sends none, in llama.cpp's n_predict
-    spelling (-1 = until an end token or a full context), read from the request schema."""
-    default = request.model_fields["max_tokens"].default
-    return UNTIL_DONE if default is None else int(default)
-
-
-def _props(config: ServerConfig, eng: Engine) -> dict[str, Any]:
-    """``GET /props``: the server's settings under llama.cpp's field names, so that clients
-    written for llama.cpp's server read them unchanged. The sampling defaults come from
-    :data:`pyllm.runtime.sampling.DEFAULTS` (their one definition): the chat page fills its
-    fields from here rather than repeating the numbers."""
-    params: dict[str, Any] = {name: dict(value) if isinstance(value, Mapping) else value
-                              for name, value in SAMPLING_DEFAULTS.items()}
-    chat_limit = _max_tokens_default(ChatCompletionRequest)
-    # llama.cpp has one default limit; here the OpenAI completions route keeps OpenAI's 16
-    params.update(n_predict=chat_limit, max_tokens=chat_limit)
-    return {
-        "default_generation_settings": {
-            "n_ctx": eng.n_ctx,  # per slot
-            "params": params,
-            "max_tokens_by_route": {
-                "/v1/chat/completions": chat_limit,
-                "/v1/completions": _max_tokens_default(CompletionRequest)},
-        },
-        "total_slots": eng.n_parallel,
-        "model_alias": config.model_id,
-        "model_path": str(eng.model.model_path),
-        "chat_template": eng.model.chat_template or "",
-    }
-
-
 def _stream_completion(eng: Engine, req: CompletionRequest, choices: Choices,
                        head: shapes.Head, echo: str) -> Response:
     """Server-sent ``text_completion`` chunks: the echoed prompt per choice, a chunk per token
@@ -849,71 +799,3 @@ def cancel_all(app: ASGIApp) -> None:
     state = getattr(app, "state", None)
     if isinstance(state, _State) and state.engine is not None:
         state.engine.stop()
-
-
-def valid_slot_filename(name: str) -> bool:
-    """A file name the slot actions may use inside --slot-save-path: nothing that leaves it."""
-    return (0 < len(name.encode("utf-8", "surrogatepass")) <= 255 and "/" not in name
-            and "\\" not in name and "\0" not in name and not name.startswith(".")
-            and name not in ("..", "."))
-
-
-def _metrics_text(state: _State) -> str:
-    """Prometheus text exposition format (version 0.0.4)."""
-    lines: list[str] = []
-
-    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
-        lines.append(f"# HELP {name} {help_}")
-        lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            lines.append(f"{name}{labels} {value:g}" if isinstance(value, float)
-                         else f"{name}{labels} {value}")
-
-    metric("pyllm_http_requests_total", "counter", "HTTP requests by route and status.",
-           [(f'{{route="{r}",status="{s}"}}', n) for (r, s), n in sorted(state.http.items())])
-    eng = state.engine
-    metric("pyllm_model_loaded", "gauge", "1 once the model is loaded and serving.",
-           [("", 1 if eng is not None else 0)])
-    if eng is not None:
-        st = eng.stats
-        metric("pyllm_requests_total", "counter",
-               "Generation requests accepted (one per choice; embeddings are counted by "
-               "pyllm_embeddings_total).",
-               [("", st.requests_total)])
-        metric("pyllm_requests_rejected_total", "counter", "Requests refused: queue full.",
-               [("", st.requests_rejected)])
-        metric("pyllm_requests_finished_total", "counter", "Requests finished, by reason.",
-               [(f'{{reason="{r}"}}', n) for r, n in sorted(st.finished.items())])
-        metric("pyllm_prompt_tokens_total", "counter", "Prompt tokens received.",
-               [("", st.prompt_tokens_total)])
-        metric("pyllm_prompt_tokens_evaluated_total", "counter",
-               "Prompt tokens evaluated (the rest came from a slot's cache).",
-               [("", st.prompt_tokens_evaluated)])
-        metric("pyllm_completion_tokens_total", "counter", "Tokens generated.",
-               [("", st.completion_tokens_total)])
-        metric("pyllm_cache_ram_hits_total", "counter",
-               "Prompts that continued a slot cache restored from host memory (--cache-ram).",
-               [("", st.cache_ram_hits)])
-        metric("pyllm_cache_ram_bytes", "gauge", "Host memory the kept slot caches take.",
-               [("", st.cache_ram_bytes)])
-        metric("pyllm_draft_tokens_total", "counter",
-               "Tokens drafted by speculative decoding (--spec).",
-               [("", st.draft_tokens_total)])
-        metric("pyllm_draft_tokens_accepted_total", "counter",
-               "Drafted tokens the model kept.", [("", st.draft_tokens_accepted)])
-        metric("pyllm_embeddings_total", "counter", "Embeddings computed.",
-               [("", st.embeddings_total)])
-        metric("pyllm_embedding_tokens_total", "counter", "Tokens embedded.",
-               [("", st.embedding_tokens_total)])
-        metric("pyllm_queue_depth", "gauge", "Requests waiting for a slot.",
-               [("", eng.queue_depth)])
-        metric("pyllm_slots_busy", "gauge", "Slots generating or evaluating a prompt.",
-               [("", eng.active)])
-        metric("pyllm_slots_total", "gauge", "Slots (--parallel).", [("", eng.n_parallel)])
-        metric("pyllm_tokens_per_second", "gauge",
-               "Generated tokens per second over the last 10 s, all slots together.",
-               [("", float(eng.tokens_per_second()))])
-        metric("pyllm_steps_total", "counter", "Batched forward steps.", [("", st.steps_total)])
-        metric("pyllm_step_seconds_total", "counter", "Seconds spent in batched forward steps.",
-               [("", float(st.step_seconds_total))])
-    return "\n".join(lines) + "\n"
