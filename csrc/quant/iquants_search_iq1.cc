@@ -104,6 +104,19 @@ int iq1_neighbour(const Grid2Search& g, int m, const float* x, const float* w, f
   return index;
 }
 
+// Adds one group's weighted least-squares terms at grid point `index` (8 values x, weights w,
+// the point's shifted values xg times mult): sum w q x and sum w q^2, for refitting a scale to
+// the chosen points.
+void add_group_fit(const Grid2Search& g, int index, const float* xg, float mult, const float* x,
+                   const float* w, float* sumqx, float* sumq2) {
+  const auto& p = g.pos[static_cast<size_t>(index)];
+  for (int j = 0; j < 8; ++j) {
+    const float q = xg[(p[static_cast<size_t>(j)] - 1) / 2] * mult;
+    *sumqx += w[j] * q * x[j];
+    *sumq2 += w[j] * q * q;
+  }
+}
+
 // ---- IQ1_S ----------------------------------------------------------------------------------
 // Per sub-block of 32: one shift sign for all of it, 4 grid points, a 3-bit scale; d =
 // max scale / 15, stored times 1.125 (llama.cpp's fudge).
@@ -185,13 +198,7 @@ void quantize_iq1_s_block(const float* xbl, const float* qw, const Grid2Search& 
     if (!all_on_grid) {
       float sumqx = 0.0f, sumq2 = 0.0f;
       for (int k = 0; k < kBs / 8; ++k) {
-        const auto& p = g.pos[static_cast<size_t>(index[k])];
-        for (int j = 0; j < 8; ++j) {
-          const float wj = weight[8 * k + j];
-          const float q = xg[(p[static_cast<size_t>(j)] - 1) / 2];
-          sumqx += wj * q * xb[8 * k + j];
-          sumq2 += wj * q * q;
-        }
+        add_group_fit(g, index[k], xg, 1.0f, xb + 8 * k, weight + 8 * k, &sumqx, &sumq2);
       }
       if (sumqx > 0.0f && sumq2 > 0.0f) scale = sumqx / sumq2;
     }
@@ -327,14 +334,8 @@ void quantize_iq1_m_block(const float* xbl, const float* qw, const Grid2Search& 
     if (!all_on_grid) {
       float sumqx = 0.0f, sumq2 = 0.0f;
       for (int k = 0; k < 2; ++k) {
-        const float* xg = shifted(best_k, k);
-        const auto& p = g.pos[static_cast<size_t>(index[k])];
-        for (int j = 0; j < 8; ++j) {
-          const float wj = weight[8 * k + j];
-          const float q = xg[(p[static_cast<size_t>(j)] - 1) / 2];
-          sumqx += wj * q * xb[8 * k + j];
-          sumq2 += wj * q * q;
-        }
+        add_group_fit(g, index[k], shifted(best_k, k), 1.0f, xb + 8 * k, weight + 8 * k, &sumqx,
+                      &sumq2);
       }
       if (sumqx > 0.0f && sumq2 > 0.0f) scale = sumqx / sumq2;
     }
@@ -359,15 +360,9 @@ void quantize_iq1_m_block(const float* xbl, const float* qw, const Grid2Search& 
     const float* xb = xbl + kBs * ib;
     weigh(ib);
     for (int k = 0; k < 2; ++k) {
-      const float* xg = shifted(shifts[ib], k);
       const int index = y->qs[2 * ib + k] | ((y->qh[ib] << (8 - 4 * k)) & 0x700);
-      const auto& p = g.pos[static_cast<size_t>(index)];
-      for (int j = 0; j < 8; ++j) {
-        const float wj = weight[8 * k + j];
-        const float q = xg[(p[static_cast<size_t>(j)] - 1) / 2] * static_cast<float>(2 * l + 1);
-        sumqx += wj * q * xb[8 * k + j];
-        sumq2 += wj * q * q;
-      }
+      add_group_fit(g, index, shifted(shifts[ib], k), static_cast<float>(2 * l + 1), xb + 8 * k,
+                    weight + 8 * k, &sumqx, &sumq2);
     }
   }
   if (sumq2 > 0.0f) d = sumqx / sumq2;

@@ -113,8 +113,8 @@ class Conversation:
 
     def _make_room(self, n: int) -> None:
         llm = self.llm
-        while len(llm.tokens) + n > llm.n_ctx:
-            n_discard = (len(llm.tokens) - self.keep) // 2
+        while llm.n_past + n > llm.n_ctx:
+            n_discard = (llm.n_past - self.keep) // 2
             if n_discard < 1:
                 raise ContextError(f"the turn needs {n} tokens and the {self.keep} kept ones "
                                    f"fill the context (n_ctx {llm.n_ctx}): keep fewer tokens")

@@ -202,11 +202,11 @@ class Generation:
         """Whether n more tokens fit in the context, shifting it when allowed (else the sequence
         ends with "length"; without a shift the step machine has ended it already)."""
         llm = self.llm
-        if len(llm.tokens) + n <= llm.n_ctx:
+        if llm.n_past + n <= llm.n_ctx:
             return True
         if self.n_keep is None:
             return False
-        n_past = len(llm.tokens)
+        n_past = llm.n_past
         keep = min(self.n_keep, n_past)
         n_discard = (n_past - keep) // 2
         if n_discard < 1 or n_past - n_discard + n > llm.n_ctx:
@@ -241,7 +241,7 @@ class Generation:
             if not self._room(1):
                 yield from self._full()
                 return
-            n_max = min(k, llm.n_ctx - len(llm.tokens) - 1)
+            n_max = min(k, llm.n_ctx - llm.n_past - 1)
             if steps.max_tokens is not None:
                 n_max = min(n_max, steps.max_tokens - len(steps.tokens) - 1)
             draft = drafter.draft(self.prompt_tokens + steps.tokens, n_max) if n_max > 0 else []
@@ -249,7 +249,7 @@ class Generation:
             if len(draft) < max(drafter.draft_min, 1):
                 yield from self._step(llm.eval_token(last))
                 continue
-            base = len(llm.tokens)
+            base = llm.n_past
             rows = llm.eval_all([last, *draft])
             self.spec.rounds += 1
             self.spec.drafted += len(draft)

@@ -152,8 +152,7 @@ class LoadedModel:
             import json
 
             h = hashlib.sha256()
-            meta = {k: _jsonable(v) for k, v in sorted(self.metadata.items())}
-            h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+            h.update(json.dumps(self.metadata, sort_keys=True, default=_json_value).encode())
             for t in self.tensors_table():
                 h.update(json.dumps(t).encode())
             self._identity = h.hexdigest()
@@ -241,16 +240,13 @@ class LoadedModel:
         self.close()
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
+def _json_value(value: Any) -> Any:
+    """json.dumps's fallback for the metadata values JSON lacks (arrays, numpy scalars, bytes)."""
+    if isinstance(value, (np.ndarray, np.generic)):
         return value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
     if isinstance(value, (bytes, bytearray)):
         return value.hex()
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    return value
+    return str(value)
 
 
 def clamp_batch(n_batch: int, n_ctx: int, n_seq: int = 1) -> int:

@@ -664,23 +664,18 @@ class Engine:
         fed: list[tuple[_Slot, list[int]]] = []
         budget = self.n_batch
         running = [s for s in self._slots if s.job is not None and s.next_token is not None]
-        for slot in running:  # running sequences first: one token each, never starved
-            tokens.append(slot.next_token)
-            seqs.append(slot.id)
-            want.append(1)
-            owners.append(slot)
-            fed.append((slot, [slot.next_token]))
-            budget -= 1
+        budget -= len(running)  # running sequences first: one token each, never starved
+        # then their drafts, in what the step has room for
         drafts = self._drafting.drafts(running, budget) if self._drafting is not None else {}
-        for slot in running:  # then their drafts, in what the step has room for
+        for slot in running:  # the sampled token and the draft, a logits row each
             slot.draft = drafts.get(slot.id, [])
-            if slot.draft:
-                tokens.extend(slot.draft)
-                seqs.extend([slot.id] * len(slot.draft))
-                want.extend([1] * len(slot.draft))
-                owners.extend([slot] * len(slot.draft))
-                fed[[f[0] for f in fed].index(slot)][1].extend(slot.draft)
-                budget -= len(slot.draft)
+            feed = [slot.next_token, *slot.draft]
+            tokens.extend(feed)
+            seqs.extend([slot.id] * len(feed))
+            want.extend([1] * len(feed))
+            owners.extend([slot] * len(feed))
+            fed.append((slot, feed))
+            budget -= len(slot.draft)
         for slot in self._slots:  # prompt chunks share what is left of the step
             if slot.job is None or not slot.todo or budget <= 0:
                 continue

@@ -27,6 +27,12 @@ inline uint32_t iq_u32(const void* p) {
   return v;
 }
 
+inline uint64_t iq_u64(const void* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
 inline uint16_t iq_u16(const void* p) {
   uint16_t v;
   std::memcpy(&v, p, 2);

@@ -35,6 +35,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "cpu/isa/decode_iq.h"
 #include "cpu/isa/simd.h"
 #include "pyllm/qtype.h"
 #include "quant/iquant_grids.h"
@@ -46,18 +47,6 @@
 namespace pyllm {
 namespace PYLLM_ISA {
 namespace {  // NOLINT(google-build-namespaces): one copy per includer
-
-inline uint64_t load_u64(const void* p) {
-  uint64_t v;
-  std::memcpy(&v, p, 8);
-  return v;
-}
-
-inline uint32_t load_u32(const void* p) {
-  uint32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
 
 // Eight 7-bit sign indices (bits 7 l .. 7 l + 6 of s56 for row l) -> the 64 sign bits of the
 // 8 rows: byte l = index l | parity(index l) << 7 (= kIqKsigns[index l]).
@@ -87,7 +76,7 @@ inline __m512i quarters_pattern(int j) {  // lanes 4 m .. 4 m + 3 -> 4 j + m (sc
 
 // 16 4-bit scales (8 bytes, low nibble first) -> 16 floats (s + 0.5) * f.
 inline __m512 nibble_scales16(const uint8_t* p, float f) {
-  const uint64_t v = load_u64(p);
+  const uint64_t v = iq_u64(p);
   const __m128i lo = _mm_cvtsi64_si128(static_cast<long long>(v & 0x0F0F0F0F0F0F0F0Full));
   const __m128i hi = _mm_cvtsi64_si128(static_cast<long long>((v >> 4) & 0x0F0F0F0F0F0F0F0Full));
   const __m512 s = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
@@ -227,7 +216,7 @@ struct Iq2xxs {
                          _mm512_set1_ps(half_to_float(b.d) * 0.25f));
   }
   static __mmask64 signs(const Block& b, int j) {
-    return ksigns_mask2(load_u32(b.qs + 8 * j + 2), load_u32(b.qs + 8 * j + 6));
+    return ksigns_mask2(iq_u32(b.qs + 8 * j + 2), iq_u32(b.qs + 8 * j + 6));
   }
 };
 
@@ -250,8 +239,8 @@ struct Iq2xs {
   }
   static __mmask64 signs(const Block& b, int j) {
     const uint64_t top7 = 0xFE00FE00FE00FE00ull;
-    return ksigns_mask(_pext_u64(load_u64(b.qs + 8 * j), top7) |
-                       (_pext_u64(load_u64(b.qs + 8 * j + 4), top7) << 28));
+    return ksigns_mask(_pext_u64(iq_u64(b.qs + 8 * j), top7) |
+                       (_pext_u64(iq_u64(b.qs + 8 * j + 4), top7) << 28));
   }
 };
 
@@ -266,7 +255,7 @@ struct Iq2s {
     return t.w;
   }
   static __m512i index(const Block& b, int) {
-    const uint64_t qh = load_u64(b.qh);  // row k's 2 bits at bits 2 k (k < 32)
+    const uint64_t qh = iq_u64(b.qh);  // row k's 2 bits at bits 2 k (k < 32)
     const __m256i top = _mm256_set_epi64x(
         static_cast<long long>(_pdep_u64(qh >> 48, 0x0303030303030303ull)),
         static_cast<long long>(_pdep_u64(qh >> 32, 0x0303030303030303ull)),
@@ -281,7 +270,7 @@ struct Iq2s {
     return nibble_scales16(b.scales, half_to_float(b.d) * 0.25f);
   }
   static __mmask64 signs(const Block& b, int j) {
-    return _cvtu64_mask64(load_u64(b.qs + 32 + 8 * j));
+    return _cvtu64_mask64(iq_u64(b.qs + 32 + 8 * j));
   }
 };
 
@@ -308,7 +297,7 @@ struct Iq3xxs {
     return _mm512_castps256_ps512(s);
   }
   static __mmask64 signs(const Block& b, int j) {  // the words of sub-blocks 2 j, 2 j + 1
-    return ksigns_mask2(load_u32(b.qs + QK_K / 4 + 8 * j), load_u32(b.qs + QK_K / 4 + 8 * j + 4));
+    return ksigns_mask2(iq_u32(b.qs + QK_K / 4 + 8 * j), iq_u32(b.qs + QK_K / 4 + 8 * j + 4));
   }
 };
 
@@ -325,12 +314,12 @@ struct Iq3s {
   static __m512i index(const Block& b, int h) {
     const __m512i lo =
         _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs + 32 * h)));
-    return _mm512_mask_add_epi16(lo, _cvtu32_mask32(load_u32(b.qh + 4 * h)), lo,
+    return _mm512_mask_add_epi16(lo, _cvtu32_mask32(iq_u32(b.qh + 4 * h)), lo,
                                  _mm512_set1_epi16(256));
   }
   static __m512i pattern(int j) { return halves_pattern(2 * j, 2 * j + 1); }
   static __m512 scales(const Block& b) {  // lane ib: sub-block ib
-    const uint32_t v = load_u32(b.scales), nib = 0x0F0F0F0Fu;
+    const uint32_t v = iq_u32(b.scales), nib = 0x0F0F0F0Fu;
     const __m128i s8 = _mm_unpacklo_epi8(_mm_cvtsi32_si128(static_cast<int>(v & nib)),
                                          _mm_cvtsi32_si128(static_cast<int>((v >> 4) & nib)));
     const __m256i s = _mm256_cvtepu8_epi32(s8);  // 8 scales, sub-block order
@@ -339,7 +328,7 @@ struct Iq3s {
     return _mm512_castps256_ps512(_mm256_mul_ps(f, _mm256_set1_ps(half_to_float(b.d))));
   }
   static __mmask64 signs(const Block& b, int j) {
-    return _cvtu64_mask64(load_u64(b.signs + 8 * j));
+    return _cvtu64_mask64(iq_u64(b.signs + 8 * j));
   }
 };
 
@@ -427,7 +416,7 @@ struct Iq1m {
   static void load(const Block&, Ctx&) {}
   static __m512i pattern(int j) { return quarters_pattern(j); }
   static __m512 scales(const Block& b) {
-    const uint64_t sc = load_u64(b.scales);
+    const uint64_t sc = iq_u64(b.scales);
     const uint16_t dh = static_cast<uint16_t>(_pext_u64(sc, 0xF000F000F000F000ull));
     const uint64_t s48 = _pext_u64(sc, 0x0FFF0FFF0FFF0FFFull);  // scale i at bits 3 i
     const __m128i s8 = _mm_set_epi64x(
@@ -439,7 +428,7 @@ struct Iq1m {
     return _mm512_mul_ps(f, _mm512_set1_ps(half_to_float(static_cast<f16_t>(dh)) * 0.125f));
   }
   static __m512i group(const Block& b, int j, const Ctx&) {
-    const uint32_t q = load_u32(b.qh + 4 * j);  // rows 8 j .. 8 j + 7, a nibble each
+    const uint32_t q = iq_u32(b.qh + 4 * j);  // rows 8 j .. 8 j + 7, a nibble each
     const uint64_t top = _pdep_u64(_pext_u32(q, 0x77777777u), 0x0707070707070707ull);
     const uint64_t minus = _pdep_u64(_pext_u32(q, 0x88888888u), 0x0101010101010101ull) * 0xFF;
     const __m512i lo = _mm512_cvtepu8_epi64(_mm_loadl_epi64(
@@ -512,7 +501,7 @@ struct Tq1 {
     c.src[2] =
         _mm512_inserti64x4(_mm512_castsi256_si512(q0), _mm256_broadcastsi128_si256(q1), 1);
     c.src[3] = _mm512_inserti32x4(_mm512_broadcast_i32x4(q1),
-                                  _mm_set1_epi32(static_cast<int>(load_u32(b.qh))), 3);
+                                  _mm_set1_epi32(static_cast<int>(iq_u32(b.qh))), 3);
   }
   static __m512i pattern(int) { return _mm512_setzero_si512(); }
   static __m512 scales(const Block& b) { return _mm512_set1_ps(half_to_float(b.d)); }

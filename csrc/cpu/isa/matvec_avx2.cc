@@ -459,8 +459,8 @@ struct Int8Src<QType::IQ2_XS> {
   static void get(const uint8_t* row, int64_t b, __m128i* q0, __m128i* q1, float* d0, float* d1) {
     const BlockIQ2_XS* blk = reinterpret_cast<const BlockIQ2_XS*>(row) + b / 8;
     const int64_t ib = b % 8;
-    uint64_t q4, r[4];  // the 4 rows' 16-bit codes
-    std::memcpy(&q4, blk->qs + 4 * ib, 8);
+    const uint64_t q4 = iq_u64(blk->qs + 4 * ib);  // the 4 rows' 16-bit codes
+    uint64_t r[4];
     for (int l = 0; l < 4; ++l) {
       const auto q = static_cast<uint32_t>(q4 >> (16 * l));
       r[l] = iq_signed_row(kIq2xsGrid[q & 0x1FF], kIqKsigns[(q >> 9) & 0x7F]);
@@ -564,8 +564,8 @@ struct Int8Src<QType::IQ1_M> {
   static void get(const uint8_t* row, int64_t b, __m128i* q0, __m128i* q1, float* d0, float* d1) {
     const BlockIQ1_M* blk = reinterpret_cast<const BlockIQ1_M*>(row) + b / 8;
     const int64_t ib = b % 8;
-    uint64_t sc;  // four 16-bit words: 3-bit scales at bits 3 i of the low 12, d in the tops
-    std::memcpy(&sc, blk->scales, 8);
+    // four 16-bit words: 3-bit scales at bits 3 i of the low 12, d in the tops
+    const uint64_t sc = iq_u64(blk->scales);
     const auto dbits = static_cast<f16_t>(((sc >> 12) & 0x000F) | ((sc >> 24) & 0x00F0) |
                                           ((sc >> 36) & 0x0F00) | ((sc >> 48) & 0xF000));
     const float d = half_to_float(dbits) * 0.125f;
