@@ -28,6 +28,7 @@ from pyllm.errors import (
     GrammarError,
     ModelError,
     OutputError,
+    PipelineError,
     PyllmError,
     PyllmWarning,
     QuantError,
@@ -44,6 +45,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     from pyllm.runtime.grammar import Grammar
     from pyllm.runtime.llm import LLM, LLMState
     from pyllm.runtime.loaded import LoadedModel
+    from pyllm.runtime.mpi import Pipeline
     from pyllm.runtime.sampling import SamplingParams
     from pyllm.runtime.speculative import DraftModel, NgramDrafter
     from pyllm.tokenizer import Tokenizer
@@ -53,6 +55,7 @@ _LAZY = {
     "LLM": "pyllm.runtime.llm",
     "LLMState": "pyllm.runtime.llm",
     "LoadedModel": "pyllm.runtime.loaded",
+    "Pipeline": "pyllm.runtime.mpi",
     "devices": "pyllm.runtime.devices",
     "DeviceInfo": "pyllm.runtime.devices",
     "SamplingParams": "pyllm.runtime.sampling",
@@ -114,6 +117,8 @@ __all__ = [
     "ModelError",
     "NgramDrafter",
     "OutputError",
+    "Pipeline",
+    "PipelineError",
     "PyllmError",
     "PyllmWarning",
     "QuantError",

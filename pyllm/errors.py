@@ -76,6 +76,11 @@ class SpeculativeError(PyllmError):
     settings)."""
 
 
+class PipelineError(PyllmError):
+    """A layer pipeline over MPI cannot start or go on: mpi4py missing, a bad layer split,
+    ranks that run another pyllm or see another model file, a rank that failed (named)."""
+
+
 class PyllmWarning(UserWarning):
     """Something works but probably not as the user wants (a context beyond the trained length,
     more threads than CPUs). The CLI prints these as ``pyllm: warning: ...`` lines."""
@@ -98,5 +103,6 @@ __all__ = [
     "DownloadError",
     "ConvertError",
     "OutputError",
+    "PipelineError",
     "PyllmWarning",
 ]

@@ -21,6 +21,7 @@ import pyllm.runtime.devices
 import pyllm.runtime.grammar
 import pyllm.runtime.llm
 import pyllm.runtime.loaded
+import pyllm.runtime.mpi
 import pyllm.runtime.sampling
 import pyllm.runtime.speculative
 import pyllm.tokenizer
@@ -29,6 +30,7 @@ PUBLIC = {
     "LLM": pyllm.runtime.llm.LLM,
     "LLMState": pyllm.runtime.llm.LLMState,
     "LoadedModel": pyllm.runtime.loaded.LoadedModel,
+    "Pipeline": pyllm.runtime.mpi.Pipeline,
     "SamplingParams": pyllm.runtime.sampling.SamplingParams,
     "Tokenizer": pyllm.tokenizer.Tokenizer,
     "GGUFReader": pyllm.formats.gguf.GGUFReader,

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -19,6 +20,10 @@
 namespace py = pybind11;
 
 namespace pyllm::bindings {
+
+using IntArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using ByteArray = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
 namespace {
 
 // The Python objects owning the mapped weights stay referenced as long as the model lives.
@@ -162,6 +167,7 @@ void register_model(py::module_& m) {
       .value("q8_0", KVType::Q8_0)
       .value("f32", KVType::F32);
   m.attr("DEFAULT_KV_TYPE") = ContextParams{}.kv_type;
+  m.attr("STATE_HEADER_BYTES") = Context::state_header_bytes();
   m.def("backends", &backend_names, "The backends this build has (\"cpu\" always).");
   m.def(
       "devices",
@@ -300,6 +306,62 @@ void register_model(py::module_& m) {
           py::arg("tokens"), py::arg("seq"), py::arg("want_logits"),
           "Continuous batching: token i joins sequence seq[i]; one forward for all of them. "
           "Returns logits (rows, n_vocab) for the tokens with want_logits[i] set, in order.")
+      .def(
+          "decode_part",
+          [](Context& ctx, std::optional<IntArray> tokens, std::optional<FloatArray> hidden,
+             IntArray seq, ByteArray want, int min_seq_len) {
+            const int64_t n = seq.shape(0);
+            if (seq.ndim() != 1 || want.ndim() != 1 || want.shape(0) != n) {
+              throw std::invalid_argument("seq and want_logits must be 1-D, same length");
+            }
+            if (tokens && (tokens->ndim() != 1 || tokens->shape(0) != n)) {
+              throw std::invalid_argument("tokens must be 1-D, as long as seq");
+            }
+            const int64_t d = ctx.model().hparams().n_embd;
+            if (hidden && (hidden->ndim() != 2 || hidden->shape(0) != n || hidden->shape(1) != d)) {
+              throw std::invalid_argument("hidden must have shape (n, n_embd)");
+            }
+            const uint8_t* w = want.data();
+            int64_t rows = n;
+            int64_t width = d;
+            if (ctx.has_head()) {
+              rows = 0;
+              for (int64_t i = 0; i < n; ++i) rows += w[i] ? 1 : 0;
+              width = ctx.model().hparams().n_vocab;
+            }
+            py::array_t<float> out({rows, width});
+            float* dst = out.mutable_data();
+            const int32_t* t = tokens ? tokens->data() : nullptr;
+            const float* h = hidden ? hidden->data() : nullptr;
+            const int32_t* s = seq.data();
+            {
+              py::gil_scoped_release release;
+              ctx.decode_part(t, h, s, n, w, dst, min_seq_len);
+            }
+            return out;
+          },
+          py::arg("tokens"), py::arg("hidden"), py::arg("seq"), py::arg("want_logits"),
+          py::arg("min_seq_len") = 0,
+          "One process's part of a layer pipeline: tokens (this process embeds) or hidden rows "
+          "(n, n_embd) from the process before; returns the wanted tokens' logits (rows, "
+          "n_vocab) where this process holds the head, else every token's hidden rows (n, "
+          "n_embd) for the next. min_seq_len: the whole batch's RoPE sequence length.")
+      .def(
+          "check_batch",
+          [](const Context& ctx, std::optional<IntArray> tokens, IntArray seq) {
+            if (seq.ndim() != 1 || (tokens && (tokens->ndim() != 1 ||
+                                               tokens->shape(0) != seq.shape(0)))) {
+              throw std::invalid_argument("tokens and seq must be 1-D, same length");
+            }
+            ctx.check_batch(tokens ? tokens->data() : nullptr, seq.data(), seq.shape(0));
+          },
+          py::arg("tokens"), py::arg("seq"),
+          "Raise what decode_batch would for these tokens (ids, sequences, room) without "
+          "running anything.")
+      .def_property_readonly("embeds_tokens", &Context::embeds_tokens,
+                             "Whether the first layers run here (not on another process).")
+      .def_property_readonly("has_head", &Context::has_head,
+                             "Whether the head (output norm + matrix) runs here.")
       .def(
           "embed",
           [](Context& ctx, py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens,

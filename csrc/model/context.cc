@@ -6,7 +6,9 @@
 // with the head writes the logits. The stages are the backends' (csrc/backend/backend.h), e.g.
 // the CPU's in csrc/cpu/stage.h, each with the K/V storage of its layers. LoRA adapters
 // (pyllm/lora.h) are the context's too: each sequence's mix becomes, per chunk, the
-// coefficient of every adapter for every token, which the stages apply.
+// coefficient of every adapter for every token, which the stages apply. In a layer pipeline
+// (remote placement ranges) a context runs only this process's stages: decode_part takes the
+// chunk as hidden rows from the process before and/or hands its rows on to the next.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -17,6 +19,7 @@
 #include "backend/backend.h"
 #include "cpu/ops.h"
 #include "model/attention_schedule.h"
+#include "model/placement.h"
 #include "model/rope.h"
 #include "pyllm/model.h"
 #include "pyllm/quant.h"
@@ -37,6 +40,9 @@ struct Context::Impl {
   LoraChunk lora;  // the adapters of the current chunk's tokens
   std::unique_ptr<ActivationStats> stats;  // importance-matrix statistics, once collected
   bool collecting = false;
+  // Whether this process embeds the tokens (the first range is not remote) and holds the head
+  // (the last range is not remote); see model/placement.h.
+  bool embeds = true, head = true;
 
   Impl(const Model& m, const ContextParams& p)
       : model(m),
@@ -45,8 +51,11 @@ struct Context::Impl {
                               : nullptr) {
     hidden.resize(static_cast<size_t>(p.n_batch) * m.hparams().n_embd);
     const std::vector<PlacedLayers>& placement = m.placement();
+    embeds = !is_remote(placement.front());
+    head = !is_remote(placement.back());
     for (size_t i = 0; i < placement.size(); ++i) {
       const PlacedLayers& r = placement[i];
+      if (is_remote(r)) continue;  // another process runs these layers
       Device* dev = nullptr;
       for (auto& d : devices) {
         if (r.backend == d->name()) dev = d.get();
@@ -59,13 +68,20 @@ struct Context::Impl {
     }
   }
 
-  // The whole model over one chunk (n <= n_batch): token t at position pos[t] of sequence
-  // seq[t]; leaves the final hidden states (before the output norm) in `hidden`.
-  void chunk(const int32_t* tokens, const int* pos, const int* seq, int n, int seq_len,
-             int n_ctx, const std::vector<std::shared_ptr<const LoraAdapter>>& adapters,
+  // This process's layers over one chunk (n <= n_batch): token t at position pos[t] of
+  // sequence seq[t], embedded from tokens[t] or, when the first range is remote, given as row t
+  // of `in` ([n][n_embd]); leaves the hidden states after the local layers (on the head's
+  // process the final ones, before the output norm) in `hidden`.
+  void chunk(const int32_t* tokens, const float* in, const int* pos, const int* seq, int n,
+             int seq_len, int n_ctx,
+             const std::vector<std::shared_ptr<const LoraAdapter>>& adapters,
              const std::vector<LoraMix>& mixes) {
     const HParams& hp = model.hparams();
-    embed(tokens, n);
+    if (in != nullptr) {
+      std::memcpy(hidden.data(), in, sizeof(float) * static_cast<size_t>(n) * hp.n_embd);
+    } else {
+      embed(tokens, n);
+    }
     rope.fill_positions(pos, n, seq_len, rope_buf);
     schedule.plan(pos, seq, n, n_ctx, hp.n_head, hp.n_head_kv);
     plan_lora(seq, n, adapters, mixes);
@@ -251,15 +267,21 @@ void Context::decode(const int32_t* tokens, int64_t n, float* logits, bool all_l
 
 int64_t Context::decode_batch(const int32_t* tokens, const int32_t* seq, int64_t n,
                               const uint8_t* want_logits, float* logits) {
+  if (!impl_->embeds || !impl_->head) {
+    throw std::invalid_argument("this context's model runs some layers in another process "
+                                "(a remote placement range): use decode_part");
+  }
+  return decode_part(tokens, nullptr, seq, n, want_logits, logits, 0);
+}
+
+void Context::assign_positions(const int32_t* tokens, const int32_t* seq, int64_t n,
+                               std::vector<int>& pos, std::vector<int>& added) const {
   const HParams& hp = model_->hparams();
   if (n <= 0) throw std::invalid_argument("decode: no tokens");
-  // Validate everything and assign positions before touching any state.
-  std::vector<int>& added = impl_->added;
-  std::vector<int>& pos = impl_->pos;
   added.assign(params_.n_seq, 0);
   pos.resize(n);
   for (int64_t i = 0; i < n; ++i) {
-    if (tokens[i] < 0 || tokens[i] >= hp.n_vocab) {
+    if (tokens && (tokens[i] < 0 || tokens[i] >= hp.n_vocab)) {
       throw std::invalid_argument("token id " + std::to_string(tokens[i]) +
                                   " is outside the vocabulary (n_vocab " +
                                   std::to_string(hp.n_vocab) + ")");
@@ -276,23 +298,52 @@ int64_t Context::decode_batch(const int32_t* tokens, const int32_t* seq, int64_t
                               std::to_string(params_.n_ctx));
     }
   }
-  int seq_len = 0;
+}
+
+void Context::check_batch(const int32_t* tokens, const int32_t* seq, int64_t n) const {
+  std::vector<int> pos, added;
+  assign_positions(tokens, seq, n, pos, added);
+}
+
+int64_t Context::decode_part(const int32_t* tokens, const float* in, const int32_t* seq,
+                             int64_t n, const uint8_t* want_logits, float* out,
+                             int min_seq_len) {
+  const HParams& hp = model_->hparams();
+  if ((in != nullptr) == impl_->embeds || (tokens == nullptr) == impl_->embeds) {
+    throw std::invalid_argument(impl_->embeds ? "decode_part: this process embeds the tokens: "
+                                                "give tokens, not hidden rows"
+                                              : "decode_part: the first layers run in another "
+                                                "process: give their hidden rows, not tokens");
+  }
+  // Validate everything and assign positions before touching any state.
+  std::vector<int>& added = impl_->added;
+  std::vector<int>& pos = impl_->pos;
+  assign_positions(tokens, seq, n, pos, added);
+  int seq_len = std::max(0, min_seq_len);
   for (int64_t i = 0; i < n; ++i) seq_len = std::max(seq_len, pos[i] + 1);
 
+  const int64_t d = hp.n_embd;
   int64_t rows_out = 0;
   std::vector<int>& rows = impl_->rows;
   for (int64_t done = 0; done < n;) {
     const int chunk = static_cast<int>(std::min<int64_t>(params_.n_batch, n - done));
-    impl_->chunk(tokens + done, pos.data() + done, seq + done, chunk, seq_len, params_.n_ctx,
-                 lora_, lora_mix_);
+    impl_->chunk(tokens ? tokens + done : nullptr, in ? in + done * d : nullptr,
+                 pos.data() + done, seq + done, chunk, seq_len, params_.n_ctx, lora_, lora_mix_);
+    if (!impl_->head) {
+      // the chunk goes on to the process with the next layers as hidden rows
+      if (out) std::memcpy(out + done * d, impl_->hidden.data(), sizeof(float) * chunk * d);
+      rows_out += chunk;
+      done += chunk;
+      continue;
+    }
     rows.clear();
     for (int t = 0; t < chunk; ++t) {
       if (want_logits && want_logits[done + t]) rows.push_back(t);
     }
-    if (!rows.empty() && logits) {
+    if (!rows.empty() && out) {
       // output() scores at most n_batch rows at a time through the scratch buffers
       impl_->stages.back()->output(impl_->hidden.data(), rows.data(),
-                                   static_cast<int>(rows.size()), logits + rows_out * hp.n_vocab,
+                                   static_cast<int>(rows.size()), out + rows_out * hp.n_vocab,
                                    impl_->lora.empty() ? nullptr : &impl_->lora);
       rows_out += static_cast<int64_t>(rows.size());
     }
@@ -302,9 +353,17 @@ int64_t Context::decode_batch(const int32_t* tokens, const int32_t* seq, int64_t
   return rows_out;
 }
 
+bool Context::embeds_tokens() const { return impl_->embeds; }
+
+bool Context::has_head() const { return impl_->head; }
+
 void Context::embed(const int32_t* tokens, int64_t n, int seq, float* out) {
   const HParams& hp = model_->hparams();
   if (n <= 0) throw std::invalid_argument("embed: no tokens");
+  if (!impl_->embeds || !impl_->head) {
+    throw std::invalid_argument("embeddings need every layer in this process (not with a layer "
+                                "pipeline over MPI)");
+  }
   if (seq < 0 || seq >= params_.n_seq) throw std::out_of_range("sequence id out of range");
   if (n > params_.n_ctx) {
     throw std::out_of_range("embed: " + std::to_string(n) + " tokens > n_ctx " +
@@ -336,7 +395,7 @@ void Context::embed(const int32_t* tokens, int64_t n, int seq, float* out) {
     const int chunk = static_cast<int>(std::min<int64_t>(params_.n_batch, n - done));
     std::vector<int> pos(chunk), seqs(chunk, seq);
     for (int t = 0; t < chunk; ++t) pos[t] = static_cast<int>(done + t);
-    impl_->chunk(tokens + done, pos.data(), seqs.data(), chunk, static_cast<int>(n),
+    impl_->chunk(tokens + done, nullptr, pos.data(), seqs.data(), chunk, static_cast<int>(n),
                  params_.n_ctx, lora_, lora_mix_);
     for (int t = 0; t < chunk; ++t) {
       op.rms_norm(impl_->hidden.data() + t * d, norm, row.data(), d, hp.rms_eps);
@@ -356,6 +415,8 @@ struct StateHeader {
   int32_t magic, n_past, n_layer, kv_dim, kv_type;
 };
 }  // namespace
+
+int64_t Context::state_header_bytes() { return sizeof(StateHeader); }
 
 std::vector<uint8_t> Context::save_state(int seq) const {
   if (seq < 0 || seq >= params_.n_seq) throw std::out_of_range("sequence id out of range");

@@ -38,6 +38,29 @@ void check_weight(const WeightView& w, const std::string& where, int64_t cols, i
   }
 }
 
+// Every weight of layer i against the hyper-parameters.
+void check_layer(const HParams& hp, const LayerWeights& l, int i) {
+  const int64_t d = hp.n_embd, q_dim = int64_t(hp.n_head) * hp.head_dim;
+  const int64_t kv_dim = int64_t(hp.n_head_kv) * hp.head_dim;
+  const std::string p = "layer " + std::to_string(i) + " ";
+  check_weight(l.attn_norm, p + "attn_norm", d, 1, true, true);
+  check_weight(l.wq, p + "wq", d, q_dim, true);
+  check_weight(l.wk, p + "wk", d, kv_dim, true);
+  check_weight(l.wv, p + "wv", d, kv_dim, true);
+  check_weight(l.wo, p + "wo", q_dim, d, true);
+  check_weight(l.bq, p + "bq", q_dim, 1, false, true);
+  check_weight(l.bk, p + "bk", kv_dim, 1, false, true);
+  check_weight(l.bv, p + "bv", kv_dim, 1, false, true);
+  check_weight(l.bo, p + "bo", d, 1, false, true);
+  check_weight(l.b_gate, p + "b_gate", hp.n_ff, 1, false, true);
+  check_weight(l.b_up, p + "b_up", hp.n_ff, 1, false, true);
+  check_weight(l.b_down, p + "b_down", d, 1, false, true);
+  check_weight(l.ffn_norm, p + "ffn_norm", d, 1, true, true);
+  check_weight(l.w_gate, p + "w_gate", d, hp.n_ff, true);
+  check_weight(l.w_up, p + "w_up", d, hp.n_ff, true);
+  check_weight(l.w_down, p + "w_down", hp.n_ff, d, true);
+}
+
 }  // namespace
 
 Model::Model(const HParams& hp, ModelWeights weights, const ModelOptions& options)
@@ -57,38 +80,25 @@ Model::Model(const HParams& hp, ModelWeights weights, const ModelOptions& option
   }
   if (static_cast<int>(w_.layers.size()) != hp.n_layer) fail("layer count mismatch");
 
-  const int64_t d = hp.n_embd, q_dim = int64_t(hp.n_head) * hp.head_dim;
-  const int64_t kv_dim = int64_t(hp.n_head_kv) * hp.head_dim;
-  check_weight(w_.tok_embd, "tok_embd", d, hp.n_vocab, true);
-  check_weight(w_.output_norm, "output_norm", d, 1, true, true);
-  check_weight(w_.output, "output", d, hp.n_vocab, false);
-  check_weight(w_.rope_freqs, "rope_freqs", hp.n_rot / 2, 1, false, true);
-  for (int i = 0; i < hp.n_layer; ++i) {
-    const LayerWeights& l = w_.layers[i];
-    const std::string p = "layer " + std::to_string(i) + " ";
-    check_weight(l.attn_norm, p + "attn_norm", d, 1, true, true);
-    check_weight(l.wq, p + "wq", d, q_dim, true);
-    check_weight(l.wk, p + "wk", d, kv_dim, true);
-    check_weight(l.wv, p + "wv", d, kv_dim, true);
-    check_weight(l.wo, p + "wo", q_dim, d, true);
-    check_weight(l.bq, p + "bq", q_dim, 1, false, true);
-    check_weight(l.bk, p + "bk", kv_dim, 1, false, true);
-    check_weight(l.bv, p + "bv", kv_dim, 1, false, true);
-    check_weight(l.bo, p + "bo", d, 1, false, true);
-    check_weight(l.b_gate, p + "b_gate", hp.n_ff, 1, false, true);
-    check_weight(l.b_up, p + "b_up", hp.n_ff, 1, false, true);
-    check_weight(l.b_down, p + "b_down", d, 1, false, true);
-    check_weight(l.ffn_norm, p + "ffn_norm", d, 1, true, true);
-    check_weight(l.w_gate, p + "w_gate", d, hp.n_ff, true);
-    check_weight(l.w_up, p + "w_up", d, hp.n_ff, true);
-    check_weight(l.w_down, p + "w_down", hp.n_ff, d, true);
-  }
   placement_ = resolve_placement(options.placement, hp.n_layer);
+  // Layers run by another process (a "remote" range) are neither checked nor read here: their
+  // views may be absent. The embedding table is needed to embed (first range here) and as the
+  // tied output matrix (head here, no output.weight).
+  const bool embeds = !is_remote(placement_.front()), head = !is_remote(placement_.back());
+  const int64_t d = hp.n_embd;
+  check_weight(w_.output, "output", d, hp.n_vocab, false);
+  check_weight(w_.tok_embd, "tok_embd", d, hp.n_vocab, embeds || (head && !w_.output.present()));
+  check_weight(w_.output_norm, "output_norm", d, 1, head, true);
+  check_weight(w_.rope_freqs, "rope_freqs", hp.n_rot / 2, 1, false, true);
+  for (const PlacedLayers& r : placement_) {
+    if (is_remote(r)) continue;
+    for (int i = r.first; i < r.last; ++i) check_layer(hp, w_.layers[i], i);
+  }
   // Each backend prepares the ranges placed on it, in one call (the CPU repacks them into one
   // arena).
   std::vector<std::string> done;
   for (const PlacedLayers& p : placement_) {
-    if (std::find(done.begin(), done.end(), p.backend) != done.end()) continue;
+    if (is_remote(p) || std::find(done.begin(), done.end(), p.backend) != done.end()) continue;
     done.push_back(p.backend);
     std::vector<LayerRange> ranges;
     for (size_t i = 0; i < placement_.size(); ++i) {

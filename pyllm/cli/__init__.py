@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return int(args.run(args) or 0)
+        return _run(parser, args)
     except PyllmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -98,6 +98,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: internal error ({type(e).__name__}: {e}); set PYLLM_DEBUG=1 for details",
               file=sys.stderr)
         return 1
+
+
+def _run(parser: CliParser, args: argparse.Namespace) -> int:
+    """The subcommand; with --mpi, rank 0 runs it over a pipeline and every other rank serves
+    its share of the layers (pyllm.runtime.mpi) until rank 0 is done."""
+    args.pipeline = None
+    if getattr(args, "layer_split", None) is not None and not args.mpi:
+        parser.error("--layer-split needs --mpi")
+    if not getattr(args, "mpi", False):
+        return int(args.run(args) or 0)
+    from pyllm.runtime.mpi import Pipeline
+
+    args.pipeline = Pipeline(layer_split=args.layer_split)
+    if args.pipeline.rank != 0:
+        return args.pipeline.serve()
+    try:
+        return int(args.run(args) or 0)
+    finally:
+        args.pipeline.shutdown()
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     for model in args.model or [None]:
         for threads in args.threads or [None]:
             results += bench_model(model, args.n_prompt, args.n_gen, threads, args.repetitions,
-                                   n_gpu_layers=args.n_gpu_layers, device=args.device)
+                                   n_gpu_layers=args.n_gpu_layers, device=args.device,
+                                   pipeline=args.pipeline)
     print(format_results(results, args.output))
     sys.stdout.flush()
     return 0

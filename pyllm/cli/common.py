@@ -86,14 +86,31 @@ def gpu_layers(text: str) -> int:
     return value
 
 
+def _layer_split(text: str) -> list[int]:
+    from pyllm.errors import PipelineError
+    from pyllm.runtime.mpi import parse_layer_split
+
+    try:
+        return parse_layer_split(text)
+    except PipelineError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_offload_args(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
-    """-ngl / --device, as llama.cpp spells them."""
+    """-ngl / --device, as llama.cpp spells them; --mpi / --layer-split (a layer pipeline
+    over the ranks of `mpirun`, run by pyllm.cli.main)."""
     g.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=gpu_layers,
                    default=0, metavar="N", help="layers to offload to the GPU, the last N "
                    "(-1 or more than the model has: all, and the output; default 0)")
     g.add_argument("--device", default=None, metavar="NAME",
                    help="device to offload to: opencl, opencl:1, cuda:0, cpu (default: this "
                    "build's GPU backend; `pyllm info --devices` lists them)")
+    g.add_argument("--mpi", action="store_true",
+                   help="split the layers over the ranks of an MPI job (mpirun -np N pyllm ... "
+                   "--mpi): rank 0 runs the command, each rank holds its share of the weights "
+                   "(needs pip install \"pyllm[mpi]\")")
+    g.add_argument("--layer-split", type=_layer_split, default=None, metavar="N,N,...",
+                   help="with --mpi: layers per rank, in rank order (default: balanced by bytes)")
 
 
 def _scale(text: str) -> float:
@@ -165,7 +182,7 @@ def load_llm(args: argparse.Namespace, verbose: bool = False) -> Any:
 
     return LLM(args.model, n_ctx=args.ctx_size, n_threads=args.threads,
                n_batch=args.batch_size, n_gpu_layers=args.n_gpu_layers, device=args.device,
-               lora=lora_specs(args.parser, args), verbose=verbose)
+               lora=lora_specs(args.parser, args), pipeline=args.pipeline, verbose=verbose)
 
 
 def add_grammar_args(p: argparse.ArgumentParser) -> None:

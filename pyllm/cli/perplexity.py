@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     n_ctx = base.n_ctx if base is not None else (args.ctx_size or 512)
     llm = LLM(args.model, n_ctx=n_ctx, n_threads=args.threads,
               n_batch=min(args.batch_size, n_ctx), n_gpu_layers=args.n_gpu_layers,
-              device=args.device, lora=lora_specs(args.parser, args))
+              device=args.device, lora=lora_specs(args.parser, args), pipeline=args.pipeline)
     tokens = pp.tokenize_text(llm, text) if text is not None else None
     out = sys.stdout
     if base is not None:

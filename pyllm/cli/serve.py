@@ -142,7 +142,7 @@ def load_engine(model_path: Path, args: argparse.Namespace) -> Any:
     from pyllm.server.engine import Engine
 
     model = LoadedModel(model_path, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                        device=args.device)
+                        device=args.device, pipeline=args.pipeline)
     try:
         model.tokenizer  # noqa: B018 - build the tokenizer now, not on the first request
         return Engine(model, n_parallel=args.parallel, n_ctx=args.ctx_size,

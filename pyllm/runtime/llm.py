@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pyllm.errors import ContextError, ModelError, PyllmError
+from pyllm.errors import ContextError, ModelError, PipelineError, PyllmError
 from pyllm.formats.arch import HParams
 from pyllm.runtime.footprint import DEFAULT_KV_TYPE, KV_ELEMENT_TYPES, check_kv_type
 from pyllm.runtime.loaded import (
@@ -33,6 +33,7 @@ from pyllm.runtime.lora import AdapterSet, LoraSpec, lora_specs
 from pyllm.runtime.steps import common_prefix
 
 if TYPE_CHECKING:
+    from pyllm.runtime.mpi import Pipeline
     from pyllm.runtime.speculative import Drafter
     from pyllm.tokenizer import Tokenizer
 
@@ -58,13 +59,16 @@ class LLM:
 
     Not thread-safe: use one LLM per thread (two LLMs in two threads run independently).
     ``model`` is the :class:`pyllm.runtime.loaded.LoadedModel` (weights, tokenizer, template).
+    ``pipeline``: run the layers over the ranks of an MPI job (:class:`pyllm.Pipeline`, on
+    rank 0; the other ranks serve it).
     """
 
     def __init__(self, model_path: str | os.PathLike[str] | None = None, *, n_ctx: int = 2048,
                  n_threads: int | None = None, n_batch: int = DEFAULT_N_BATCH, seed: int = -1,
                  kv_type: str = DEFAULT_KV_TYPE, repack: bool = True, n_gpu_layers: int = 0,
                  device: str | None = None, lora: Sequence[LoraSpec] | None = None,
-                 draft_model: Drafter | None = None, verbose: bool = False) -> None:
+                 draft_model: Drafter | None = None, pipeline: Pipeline | None = None,
+                 verbose: bool = False) -> None:
         # what can be checked without the file is checked before it is opened
         check_count("n_ctx", n_ctx)
         check_count("n_batch", n_batch)
@@ -77,7 +81,8 @@ class LLM:
         self.seed = seed  # default seed of generate/stream/chat/create_* (-1: a random one)
         self._lock = threading.Lock()
         self.model = LoadedModel(model_path, n_threads=n_threads, repack=repack,
-                                 n_gpu_layers=n_gpu_layers, device=device, verbose=verbose)
+                                 n_gpu_layers=n_gpu_layers, device=device, verbose=verbose,
+                                 pipeline=pipeline)
         try:
             self._ctx: Any = self.model.new_context(n_ctx, n_batch=n_batch, kv_type=kv_type,
                                                     stacklevel=3)
@@ -293,6 +298,9 @@ class LLM:
             tokens = self.tokenize(text_or_tokens, add_special=True)
         else:
             tokens = list(text_or_tokens)
+        if not hasattr(self._ctx, "embed"):
+            raise PipelineError("embeddings need every layer in one process: not in an MPI "
+                                "pipeline")
         arr = self._check_tokens(tokens)
         if arr.size == 0:
             raise ModelError("cannot embed an empty input")

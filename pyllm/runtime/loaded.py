@@ -13,6 +13,7 @@ slots. Several contexts may share one loaded model (the weights are read-only).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pyllm.errors import ContextError, ModelError, PyllmError, PyllmWarning
-from pyllm.formats.arch import HParams, collect_tensors, read_hparams
+from pyllm.formats.arch import HParams, ModelTensors, collect_tensors, read_hparams
 from pyllm.formats.gguf.split import open_gguf
 from pyllm.runtime.default_model import resolve_model_path
 from pyllm.runtime.devices import plan_placement
@@ -36,6 +37,7 @@ from pyllm.runtime.footprint import (
 from pyllm.runtime.sysinfo import available_cpus
 
 if TYPE_CHECKING:
+    from pyllm.runtime.mpi import Pipeline
     from pyllm.tokenizer import Tokenizer
 
 # Tokens per forward chunk when the caller does not say (llama.cpp's -b default).
@@ -97,12 +99,23 @@ class LoadedModel:
     backends; the rules are in csrc/model/placement.h); empty puts everything on the CPU. Each
     backend prepares its layers' weights here, once; every context runs them there. Contexts
     hold a reference to the weights, so close the model after them.
+
+    ``pipeline``: a :class:`pyllm.runtime.mpi.Pipeline` of several MPI ranks (on rank 0): the
+    layers are split over the ranks, each loads only its own, and every context of this model
+    runs across them (``n_gpu_layers`` / ``device`` apply on every rank to its share of the
+    last N layers). ``layer_range``: load only layers ``[first, last)`` (and the embeddings
+    where ``first`` is 0, the head where ``last`` is the layer count); the other layers are
+    another process's (a ``remote`` placement range), what a pipeline's ranks do.
     """
 
     def __init__(self, model_path: str | os.PathLike[str] | None = None, *,
                  n_threads: int | None = None, repack: bool = True, n_gpu_layers: int = 0,
                  device: str | None = None, placement: Sequence[tuple[str, int, int]] = (),
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, pipeline: Pipeline | None = None,
+                 layer_range: tuple[int, int] | None = None) -> None:
+        asked_threads = n_threads  # a pipeline's workers choose their own default
+        if pipeline is not None and pipeline.size > 1 and n_threads is None:
+            n_threads = pipeline.default_threads()
         self.n_threads = cap_threads(check_threads(n_threads))
         self.model_path = Path(resolve_model_path(model_path, quiet=not verbose))
         self.verbose = verbose
@@ -110,6 +123,9 @@ class LoadedModel:
         self._identity: str | None = None
         self.metadata: dict[str, Any] = self._reader.metadata
         self._tokenizer: Tokenizer | None = None
+        self.pipeline: Pipeline | None = None
+        self._pipeline_id = 0
+        self.layer_ranges: list[tuple[int, int]] = []  # per rank, in a pipeline
         try:
             core = core_module()
             self.hparams: HParams = read_hparams(self._reader)
@@ -118,6 +134,15 @@ class LoadedModel:
                 raise ModelError("give either placement or n_gpu_layers / device, not both")
             if not placement:
                 placement = plan_placement(self.hparams.n_layer, n_gpu_layers, device)
+            if pipeline is not None and pipeline.size > 1:
+                if layer_range is not None:
+                    raise ModelError("give either pipeline or layer_range, not both")
+                layer_range = self._start_pipeline(pipeline, n_threads=asked_threads,
+                                                   n_gpu_layers=n_gpu_layers, device=device,
+                                                   repack=repack)
+            if layer_range is not None:
+                placement = shard_placement(list(placement), self.hparams.n_layer, layer_range)
+                tensors = shard_tensors(tensors, self.hparams.n_layer, layer_range)
             # The tensors are views of the reader's read-only file mapping, so the pages of
             # the matrices copied into the rows16 layout can be handed back to the page cache.
             self.core: Any = core.Model(self.hparams.to_core(core), tensors.model,
@@ -125,14 +150,53 @@ class LoadedModel:
                                         release_source=True, n_threads=self.n_threads or 0,
                                         placement=list(placement))
         except ValueError as e:
-            self._reader.close()
+            self._fail()
             raise ModelError(f"{self.model_path}: {e}") from None
         except MemoryError:
-            self._reader.close()
+            self._fail()
             raise ModelError(f"{self.model_path}: out of memory loading the weights") from None
         except PyllmError:
-            self._reader.close()
+            self._fail()
             raise
+        if self.pipeline is not None:
+            try:
+                self.worker_rss = self.pipeline.replies()  # every rank loaded its layers
+            except PyllmError:
+                self.close()
+                raise
+
+    def _start_pipeline(self, pipeline: Pipeline, **options: Any) -> tuple[int, int]:
+        """Rank 0: split the layers, have every worker load its share (they load while this
+        rank does); returns this rank's range."""
+        from pyllm import __version__
+        from pyllm.runtime.mpi import split_layers
+
+        n_layer = self.hparams.n_layer
+        layer_bytes = [0] * n_layer
+        for t in self._reader.tensors:
+            if t.name.startswith("blk."):
+                layer = int(t.name.split(".")[1])
+                if 0 <= layer < n_layer:
+                    layer_bytes[layer] += t.nbytes
+        names = {t.name: t for t in self._reader.tensors}
+        head = names.get("output.weight") or names.get("token_embd.weight")
+        self.layer_ranges = split_layers(layer_bytes, head.nbytes if head else 0, pipeline.size,
+                                         pipeline.layer_split)
+        self.pipeline = pipeline
+        self._pipeline_id = pipeline.new_id()
+        pipeline.command("load", self._pipeline_id, str(self.model_path.resolve()), options,
+                         self.layer_ranges, __version__, self.identity)
+        return self.layer_ranges[0]
+
+    def _fail(self) -> None:
+        """A failed load: the file is closed; in a pipeline, the workers' replies are taken (so
+        the next command finds them in step) and their shares dropped."""
+        self._reader.close()
+        if self.pipeline is not None:
+            pipeline, self.pipeline = self.pipeline, None
+            with contextlib.suppress(PyllmError):
+                pipeline.replies()
+            pipeline.command("unload", self._pipeline_id)
 
     @property
     def tensor_names(self) -> frozenset[str]:
@@ -141,21 +205,15 @@ class LoadedModel:
 
     def tensors_table(self) -> list[list[Any]]:
         """Every tensor as ``[name, type name, dims, offset]`` (the model identity's input)."""
-        return [[t.name, t.type.name, list(t.dims), t.offset] for t in self._reader.tensors]
+        return tensors_table(self._reader)
 
     @property
     def identity(self) -> str:
         """SHA-256 (hex) of the metadata and the tensor table: what a saved state is bound to
-        (pyllm.runtime.state_file), reading no weights."""
+        (pyllm.runtime.state_file) and what the ranks of a pipeline compare, reading no
+        weights."""
         if self._identity is None:
-            import hashlib
-            import json
-
-            h = hashlib.sha256()
-            h.update(json.dumps(self.metadata, sort_keys=True, default=_json_value).encode())
-            for t in self.tensors_table():
-                h.update(json.dumps(t).encode())
-            self._identity = h.hexdigest()
+            self._identity = model_identity(self._reader)
         return self._identity
 
     @property
@@ -190,7 +248,7 @@ class LoadedModel:
 
     def new_context(self, n_ctx: int, *, n_batch: int = DEFAULT_N_BATCH,
                     n_threads: int | None = None, kv_type: str = DEFAULT_KV_TYPE,
-                    n_seq: int = 1, stacklevel: int = 2) -> Any:
+                    n_seq: int = 1, stacklevel: int = 2, _local: bool = False) -> Any:
         """A ``pyllm._core.Context`` of ``n_seq`` sequences of ``n_ctx`` positions each.
 
         Checked here, once for every kind of context: the counts, the KV type, that the KV
@@ -219,6 +277,17 @@ class LoadedModel:
         warn_if_beyond_training(self.hparams, n_ctx, stacklevel + 1)
         core = core_module()
         what = f"n_ctx={n_ctx}" + (f" x {n_seq} sequences" if n_seq > 1 else "")
+        if self.pipeline is not None and not _local:
+            from pyllm.runtime.mpi_context import PipelineContext
+
+            def local() -> Any:
+                return self.new_context(n_ctx, n_batch=n_batch, n_threads=threads,
+                                        kv_type=kv_type, n_seq=n_seq, stacklevel=stacklevel + 1,
+                                        _local=True)
+
+            return PipelineContext(self, local, dict(n_ctx=n_ctx, n_batch=n_batch,
+                                                     n_threads=n_threads, kv_type=kv_type,
+                                                     n_seq=n_seq))
         try:
             return core.Context(self.core, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads or 0,
                                 kv_type=core.KVType.__members__[kv_type], n_seq=n_seq)
@@ -229,7 +298,10 @@ class LoadedModel:
             raise ContextError(f"out of memory allocating a context of {what}") from None
 
     def close(self) -> None:
-        """Drop the weights and unmap the file (contexts made from it must be dropped first)."""
+        """Drop the weights and unmap the file (contexts made from it must be dropped first);
+        in a pipeline, every rank's share."""
+        if self.pipeline is not None and self.core is not None:
+            self.pipeline.command("unload", self._pipeline_id)
         self.core = None
         self._reader.close()
 
@@ -238,6 +310,63 @@ class LoadedModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def tensors_table(reader: Any) -> list[list[Any]]:
+    """Every tensor of a model file as ``[name, type name, dims, offset]``."""
+    return [[t.name, t.type.name, list(t.dims), t.offset] for t in reader.tensors]
+
+
+def model_identity(reader: Any) -> str:
+    """SHA-256 (hex) of a model file's metadata and tensor table (no weights read)."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    h.update(json.dumps(reader.metadata, sort_keys=True, default=_json_value).encode())
+    for t in tensors_table(reader):
+        h.update(json.dumps(t).encode())
+    return h.hexdigest()
+
+
+def _check_layer_range(n_layer: int, layer_range: tuple[int, int]) -> tuple[int, int]:
+    first, last = layer_range
+    if not 0 <= first < last <= n_layer:
+        raise ModelError(f"layer_range {layer_range!r} must be (first, last) with "
+                         f"0 <= first < last <= {n_layer}")
+    return first, last
+
+
+def shard_placement(placement: list[tuple[str, int, int]], n_layer: int,
+                    layer_range: tuple[int, int]) -> list[tuple[str, int, int]]:
+    """The placement of one process's share ``[first, last)`` of a model: the whole model's
+    placement (empty: all on the CPU) cut to that range, the layers before and after it
+    ``remote`` (another process's), the head here only where ``last`` is the layer count."""
+    first, last = _check_layer_range(n_layer, layer_range)
+    ranges = placement or [("cpu", 0, n_layer)]
+    local = [(name, max(a, first), min(b, last)) for name, a, b in ranges
+             if max(a, first) < min(b, last)]
+    if last == n_layer and ranges[-1][1] == ranges[-1][2] == n_layer:
+        local.append(ranges[-1])  # the head alone on its own backend
+    before = [("remote", 0, first)] if first > 0 else []
+    after = [("remote", last, n_layer)] if last < n_layer else []
+    return [*before, *local, *after]
+
+
+def shard_tensors(tensors: ModelTensors, n_layer: int,
+                  layer_range: tuple[int, int]) -> ModelTensors:
+    """Only the tensors one process's share of a model reads: its layers', the embeddings where
+    it embeds (first layer) or they are the tied output (head), the head's where it has it."""
+    first, last = _check_layer_range(n_layer, layer_range)
+    head = last == n_layer
+    keep = {"rope_freqs"}
+    if head:
+        keep |= {"output", "output_norm"}
+    if first == 0 or (head and "output" not in tensors.model):
+        keep.add("tok_embd")
+    model = {slot: spec for slot, spec in tensors.model.items() if slot in keep}
+    layers = [spec if first <= i < last else {} for i, spec in enumerate(tensors.layers)]
+    return ModelTensors(model=model, layers=layers)
 
 
 def _json_value(value: Any) -> Any:

@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import math
 import os
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -123,3 +124,11 @@ def release_free_memory() -> bool:
         return False
     fn(0)  # type: ignore[operator]
     return True
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory in bytes (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    import resource
+
+    rss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return rss if sys.platform == "darwin" else rss * 1024

@@ -9,16 +9,19 @@ tokens/s. Load time and the process's peak RSS are reported too.
 from __future__ import annotations
 
 import os
-import resource
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pyllm.runtime.llm import LLM
+from pyllm.runtime.sysinfo import peak_rss_bytes
+
+if TYPE_CHECKING:
+    from pyllm.runtime.mpi import Pipeline
 
 
 @dataclass
@@ -33,15 +36,15 @@ class BenchResult:
     stdev: float
     reps: int
     load_s: float
-    peak_rss_mib: float
+    peak_rss_mib: float  # this process's (rank 0's in a pipeline)
+    rank_rss_mib: tuple[float, ...] = ()  # a pipeline's ranks', in rank order
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
 def peak_rss_mib() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
+    return peak_rss_bytes() / (1 << 20)
 
 
 def _tokens(n: int, n_vocab: int, seed: int) -> list[int]:
@@ -66,10 +69,12 @@ def _time_tg(llm: LLM, first: int, n: int) -> float:
 
 def bench_model(path: str | os.PathLike[str] | None, n_prompt: int, n_gen: int,
                 threads: int | None, reps: int, n_gpu_layers: int = 0,
-                device: str | None = None) -> list[BenchResult]:
+                device: str | None = None, pipeline: Pipeline | None = None
+                ) -> list[BenchResult]:
     t0 = time.perf_counter()
     llm = LLM(path, n_ctx=max(n_prompt, n_gen + 1, 16), n_threads=threads,
-              n_batch=max(n_prompt, 1), n_gpu_layers=n_gpu_layers, device=device)
+              n_batch=max(n_prompt, 1), n_gpu_layers=n_gpu_layers, device=device,
+              pipeline=pipeline)
     load_s = time.perf_counter() - t0
     reader = llm._reader  # noqa: SLF001 - size facts of the file we just loaded
     size = sum(t.nbytes for t in reader.tensors)
@@ -91,15 +96,31 @@ def bench_model(path: str | os.PathLike[str] | None, n_prompt: int, n_gen: int,
                     dt = _time_tg(llm, _tokens(1, llm.n_vocab, rep)[0], n)
                 if rep:
                     times.append(n / dt)
+            backend = "+".join(dict.fromkeys(b for b, _, _ in llm.model.placement
+                                             if b != "remote"))
+            ranks: tuple[float, ...] = ()
+            if llm.model.pipeline is not None:
+                backend += f" x{llm.model.pipeline.size} MPI ranks"
+                ranks = tuple(b / (1 << 20) for b in llm.model.pipeline.peak_rss())
             results.append(BenchResult(
-                model=name, size_bytes=size, n_params=n_params, test=label,
-                backend="+".join(dict.fromkeys(b for b, _, _ in llm.model.placement)),
+                model=name, size_bytes=size, n_params=n_params, test=label, backend=backend,
                 threads=llm.n_threads, tokens_per_s=statistics.fmean(times),
                 stdev=statistics.stdev(times) if len(times) > 1 else 0.0, reps=reps,
-                load_s=load_s, peak_rss_mib=peak_rss_mib()))
+                load_s=load_s, peak_rss_mib=peak_rss_mib(), rank_rss_mib=ranks))
     finally:
         llm.close()
     return results
+
+
+def _csv_value(v: object) -> str:
+    return ";".join(f"{x:.0f}" for x in v) if isinstance(v, tuple) else str(v)
+
+
+def _rss_cell(r: BenchResult) -> str:
+    """Peak RSS in MiB; a pipeline's per rank (rank 0 first)."""
+    if r.rank_rss_mib:
+        return " / ".join(f"{x:.0f}" for x in r.rank_rss_mib)
+    return f"{r.peak_rss_mib:.0f}"
 
 
 def format_results(results: list[BenchResult], fmt: str) -> str:
@@ -110,7 +131,7 @@ def format_results(results: list[BenchResult], fmt: str) -> str:
     if fmt == "csv":
         fields = list(results[0].as_dict()) if results else []
         lines = [",".join(fields)]
-        lines += [",".join(str(r.as_dict()[f]) for f in fields) for r in results]
+        lines += [",".join(_csv_value(r.as_dict()[f]) for f in fields) for r in results]
         return "\n".join(lines)
     rows = ["| model | size | params | backend | threads | test | t/s | load s | peak RSS MiB |",
             "| --- | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: |"]
@@ -118,5 +139,5 @@ def format_results(results: list[BenchResult], fmt: str) -> str:
         rows.append(f"| {r.model} | {r.size_bytes / (1 << 20):.1f} MiB | "
                     f"{r.n_params / 1e6:.1f} M | {r.backend} | {r.threads} | {r.test} | "
                     f"{r.tokens_per_s:.2f} ± {r.stdev:.2f} | {r.load_s:.3f} | "
-                    f"{r.peak_rss_mib:.0f} |")
+                    f"{_rss_cell(r)} |")
     return "\n".join(rows)

@@ -179,6 +179,22 @@ class Context {
   // order. Returns the number of rows written. Throws like decode() (nothing is modified then).
   int64_t decode_batch(const int32_t* tokens, const int32_t* seq, int64_t n,
                        const uint8_t* want_logits, float* logits);
+  // One process's part of a layer pipeline (a placement whose first and/or last range is
+  // "remote", model/placement.h): as decode_batch, but when the first range is remote the
+  // tokens come as hidden rows `in` ([n][n_embd], tokens null) from the process before, and
+  // when the last range is remote `out` receives every token's hidden rows after this
+  // process's layers ([n][n_embd], returns n) instead of logits. Exactly one of tokens / in is
+  // given. The RoPE scaling's sequence length is at least min_seq_len, so a batch run as
+  // several parts gets the angles of one call (dynamic NTK depends on it). Throws like
+  // decode_batch (nothing is modified then).
+  int64_t decode_part(const int32_t* tokens, const float* in, const int32_t* seq, int64_t n,
+                      const uint8_t* want_logits, float* out, int min_seq_len);
+  // What decode_batch / decode_part would throw for these tokens (tokens may be null: not
+  // checked), without running anything.
+  void check_batch(const int32_t* tokens, const int32_t* seq, int64_t n) const;
+  // Whether this process embeds tokens / holds the head (neither range remote).
+  bool embeds_tokens() const;
+  bool has_head() const;
   // Embedding of a text: runs tokens at positions 0..n of sequence `seq` and writes the mean over
   // tokens of the final-normed hidden states (n_embd floats). The sequence is left empty, so use
   // a free slot. Throws std::out_of_range when n > n_ctx.
@@ -219,10 +235,14 @@ class Context {
   // State for save/load: sequence seq's cached K/V of positions [0, n_past) plus n_past (a
   // state of one sequence loads into any sequence of a context of the same model and KV type).
   std::vector<uint8_t> save_state(int seq = 0) const;
+  // Bytes of the header a saved state starts with (the rest: each layer's rows, in order).
+  static int64_t state_header_bytes();
   void load_state(const uint8_t* data, int64_t size, int seq = 0);
 
  private:
   struct Impl;
+  void assign_positions(const int32_t* tokens, const int32_t* seq, int64_t n,
+                        std::vector<int>& pos, std::vector<int>& added) const;
   std::shared_ptr<const Model> model_;
   ContextParams params_;
   std::vector<int> n_past_;  // per sequence

@@ -1,0 +1,399 @@
+"""A layer pipeline over MPI: one model's layers split over the ranks of an MPI job, so that a
+model larger than one machine's memory runs on several.
+
+``mpirun -np N pyllm run|serve|perplexity|bench --mpi ...`` starts N copies of the command.
+Rank 0 is the program (tokenizer, sampler, CLI or HTTP server); the other ranks run
+:func:`serve_worker`: they load the layers rank 0 assigns them and run, for each chunk of
+tokens, their layers over the hidden rows the previous rank sends, handing theirs on to the next
+(the last rank sends the logits back to rank 0). Each rank holds only its layers' weights and
+K/V cache: in the C++ model the other layers are a ``remote`` placement range (csrc/model/
+placement.h), never read, and :meth:`Context.decode_part` runs one rank's share.
+
+The transport is MPI through ``mpi4py`` (``pip install "pyllm[mpi]"``), imported only here and
+only when a pipeline is made. Messages, rank 0 to every worker, in order (``TAG_CMD``, pickled):
+commands that change a context (a chunk to run, truncate, shift, save/load a state, new or
+dropped model/context). A chunk's hidden rows go rank to rank (``TAG_HIDDEN``, float32 buffers),
+its logits from the last rank to rank 0 (``TAG_LOGITS``). Replies (``TAG_REPLY``) answer the
+commands that can fail on a worker (load, context, state, shift). Every rank keeps the same
+positions per sequence, since every rank sees every command: so the chunk plan (positions, RoPE
+angles, which keys each token sees) is made by each rank from the same inputs, and only hidden
+rows travel.
+
+Chunks are pipelined: rank 0 sends a long batch as chunks of ``n_batch`` tokens, the next one
+starting on its layers while the later ranks work on the one before (a chunk's K/V at a layer
+depends only on earlier chunks at that layer), so prompt evaluation and perplexity keep every
+rank busy. A decode step of one token cannot overlap with itself: its ranks run one after the
+other, and the hop (one message of n_embd floats per rank boundary) is the pipeline's cost.
+
+Faults: a worker that cannot load its layers (missing file, out of memory) or runs another pyllm
+version or sees another model file (the identity hash of header and tensor table) is refused on
+rank 0 with a :class:`PipelineError` naming the rank; a worker failing during a forward reports
+to rank 0, which prints one ``error:`` line naming the rank and ends the job (``MPI_Abort``: a
+pipeline whose caches disagree cannot go on). A rank that dies is mpirun's to report: it ends
+every other rank and names the rank and its signal.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from pyllm.errors import PipelineError, PyllmError
+from pyllm.runtime.sysinfo import peak_rss_bytes
+
+TAG_CMD, TAG_REPLY, TAG_HIDDEN, TAG_LOGITS, TAG_FAULT = 11, 12, 13, 14, 15
+
+# Polling: a wait checks for its message, then sleeps, doubling from the first to the last
+# interval. An MPI blocking receive spins a core at 100 %, which starves the ranks that share
+# the machine's cores (and an idle server's workers would spin forever); this keeps the added
+# latency per message under the last interval once a wait has lasted that long.
+_POLL_FIRST_S, _POLL_LAST_S = 20e-6, 2e-3
+
+
+def _mpi() -> Any:
+    """The ``mpi4py.MPI`` module (initializing MPI), or a PipelineError saying how to get it."""
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise PipelineError(f"--mpi needs mpi4py: pip install \"pyllm[mpi]\" (and a system MPI: "
+                            f"apt install openmpi-bin libopenmpi-dev, or MPICH) ({e})") from None
+    return MPI
+
+
+def _poll(ready: Callable[[], bool], between: Callable[[], Any] | None = None) -> None:
+    """Return once ``ready()``; between checks call ``between()`` (a fault check, which may end
+    the job; other sends' progress) and sleep."""
+    pause = _POLL_FIRST_S
+    while not ready():
+        if between is not None:
+            between()
+        time.sleep(pause)
+        pause = min(pause * 2, _POLL_LAST_S)
+
+
+def parse_layer_split(text: str) -> list[int]:
+    """``--layer-split 10,12,10``: the layers of each rank, in rank order."""
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise PipelineError(f"--layer-split takes layer counts per rank, e.g. 10,12,10; got "
+                            f"{text!r}") from None
+    if not counts or any(c < 1 for c in counts):
+        raise PipelineError(f"--layer-split: every rank needs at least one layer, got {text!r}")
+    return counts
+
+
+def split_layers(layer_bytes: Sequence[int], head_bytes: int, n_ranks: int,
+                 counts: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """Contiguous layer ranges, one per rank: ``counts`` layers each when given, else balanced by
+    bytes (the largest share of any rank as small as it can be, the head's ``head_bytes``
+    counted on the last rank). Every rank gets at least one layer."""
+    n_layer = len(layer_bytes)
+    if counts is not None:
+        if len(counts) != n_ranks or sum(counts) != n_layer:
+            raise PipelineError(f"--layer-split gives {len(counts)} ranks {sum(counts)} layers; "
+                                f"this job has {n_ranks} ranks and the model {n_layer} layers")
+        bounds = np.cumsum([0, *counts]).tolist()
+        return [(int(bounds[r]), int(bounds[r + 1])) for r in range(n_ranks)]
+    if n_ranks > n_layer:
+        raise PipelineError(f"{n_ranks} ranks for a model of {n_layer} layers: every rank needs "
+                            f"at least one layer")
+    prefix = np.cumsum([0, *layer_bytes]).tolist()
+    inf = float("inf")
+    # best[r][i]: the smallest largest share when ranks 0..r-1 hold layers 0..i-1
+    best = [[inf] * (n_layer + 1) for _ in range(n_ranks + 1)]
+    cut = [[0] * (n_layer + 1) for _ in range(n_ranks + 1)]
+    best[0][0] = 0.0
+    for r in range(1, n_ranks + 1):
+        extra = head_bytes if r == n_ranks else 0
+        for i in range(r, n_layer - (n_ranks - r) + 1):
+            for j in range(r - 1, i):
+                share = max(best[r - 1][j], prefix[i] - prefix[j] + extra)
+                if share < best[r][i]:
+                    best[r][i], cut[r][i] = share, j
+    ranges: list[tuple[int, int]] = []
+    end = n_layer
+    for r in range(n_ranks, 0, -1):
+        start = cut[r][end]
+        ranges.append((start, end))
+        end = start
+    return ranges[::-1]
+
+
+class Pipeline:
+    """This process's place in an MPI job that runs one model's layers as a pipeline.
+
+    ``Pipeline()`` joins ``MPI.COMM_WORLD`` (import and initialization of MPI happen here).
+    On rank 0 pass it to :class:`pyllm.LLM` / :class:`pyllm.LoadedModel` (``pipeline=``): the
+    model's layers are split over the ranks (``layer_split``: layer counts per rank, else
+    balanced by bytes) and its contexts run across them. Every other rank calls
+    :meth:`serve` (or :func:`serve_worker`), which returns when rank 0 calls :meth:`shutdown`
+    (at the latest when rank 0's interpreter exits)::
+
+        pipe = pyllm.Pipeline()
+        if pipe.rank != 0:
+            sys.exit(pipe.serve())
+        llm = pyllm.LLM("model.gguf", pipeline=pipe)
+    """
+
+    def __init__(self, layer_split: Sequence[int] | None = None, comm: Any = None) -> None:
+        mpi = _mpi()
+        self.comm: Any = comm if comm is not None else mpi.COMM_WORLD
+        self.rank: int = self.comm.Get_rank()
+        self.size: int = self.comm.Get_size()
+        self.layer_split = list(layer_split) if layer_split is not None else None
+        self._next_id = 0
+        self._closed = False
+        self._sends: list[Any] = []  # rank 0: requests of commands not yet known delivered
+        if self.rank == 0 and self.size > 1:
+            import atexit
+
+            atexit.register(self.shutdown)
+
+    # ---- sizes ---------------------------------------------------------------------------------
+
+    def default_threads(self) -> int:
+        """Threads per rank when none are asked for: this rank's CPUs (mpirun may bind it to
+        some), shared with the other ranks on this machine."""
+        from pyllm.runtime.sysinfo import available_cpus
+
+        local = self.comm.Split_type(_mpi().COMM_TYPE_SHARED)
+        try:
+            n_local = local.Get_size()
+        finally:
+            local.Free()
+        return max(1, min(available_cpus(), (os.cpu_count() or 1) // n_local))
+
+    def peak_rss(self) -> list[int]:
+        """Every rank's peak resident memory in bytes, in rank order (rank 0 only)."""
+        from pyllm.runtime.sysinfo import peak_rss_bytes
+
+        self.command("rss")
+        return [peak_rss_bytes(), *self.replies()]
+
+    def new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    # ---- rank 0: commands ----------------------------------------------------------------------
+
+    def command(self, *cmd: Any) -> None:
+        """Send a command to every worker (rank 0 only; in order with the earlier ones)."""
+        for rank in range(1, self.size):
+            self.command_to(rank, *cmd)
+
+    def command_to(self, rank: int, *cmd: Any) -> None:
+        """Send a command to one worker (what differs per rank, e.g. its part of a state)."""
+        if self._closed:
+            raise PipelineError("the MPI pipeline has been shut down")
+        data = pickle.dumps(cmd, protocol=pickle.HIGHEST_PROTOCOL)
+        self._sends = [r for r in self._sends if not r.Test()]
+        self._sends.append(self.comm.isend(data, dest=rank, tag=TAG_CMD))
+
+    def replies(self) -> list[Any]:
+        """Every worker's reply to the last command that has one, in rank order; a worker's
+        error as a PipelineError naming the rank (after every reply has arrived, so the
+        protocol stays in step)."""
+        out: list[Any] = []
+        failed: list[str] = []
+        for rank in range(1, self.size):
+            ok, value = recv_object(self.comm, rank, TAG_REPLY, self.check_faults)
+            if not ok:
+                failed.append(f"rank {rank}: {value}")
+            out.append(value)
+        if failed:
+            raise PipelineError("; ".join(failed))
+        return out
+
+    def check_faults(self) -> None:
+        """Rank 0: a worker's report of a failure during a forward ends the job (one ``error:``
+        line naming the rank, then MPI_Abort)."""
+        status = _mpi().Status()
+        if self.comm.Iprobe(source=_mpi().ANY_SOURCE, tag=TAG_FAULT, status=status):
+            message = self.comm.recv(source=status.Get_source(), tag=TAG_FAULT)
+            self.abort(f"rank {status.Get_source()}: {message}")
+
+    def abort(self, message: str) -> None:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        self.comm.Abort(1)
+
+    def shutdown(self) -> None:
+        """Rank 0: tell the workers to exit (idempotent; also run at interpreter exit)."""
+        if self.rank != 0 or self._closed or self.size == 1:
+            self._closed = True
+            return
+        self.command("exit")
+        for req in self._sends:
+            _poll(req.Test)
+        self._sends.clear()
+        self._closed = True
+
+    # ---- the other ranks -------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        """Run as a worker until rank 0 shuts the pipeline down (see :func:`serve_worker`)."""
+        return serve_worker(self)
+
+
+def recv_object(comm: Any, source: int, tag: int, between: Callable[[], Any] | None = None
+                ) -> Any:
+    """Receive a pickled object, polling (see _poll) until it has arrived; then the receive
+    is sized by the message (a nonblocking pickled receive would need its size up front)."""
+    _poll(lambda: bool(comm.Iprobe(source=source, tag=tag)), between)
+    return comm.recv(source=source, tag=tag)
+
+
+def recv_array(comm: Any, source: int, tag: int, out: np.ndarray,
+               between: Callable[[], Any] | None = None) -> np.ndarray:
+    """Receive a float32 buffer into ``out``, polling (see _poll); ``between`` runs between
+    checks."""
+    req = comm.Irecv(out, source=source, tag=tag)
+    _poll(req.Test, between)
+    return out
+
+
+# ---- the worker loop ------------------------------------------------------------------------
+
+
+class _Worker:
+    """One worker rank's models and contexts, by rank 0's ids, and its handling of commands."""
+
+    def __init__(self, pipe: Pipeline) -> None:
+        self.pipe = pipe
+        self.comm = pipe.comm
+        self.models: dict[int, Any] = {}
+        self.contexts: dict[int, Any] = {}
+        # hidden rows / logits on their way, each with its buffer (kept alive until sent)
+        self.sends: list[tuple[Any, np.ndarray]] = []
+
+    def reply(self, ok: bool, value: Any = None) -> None:
+        self.comm.send((ok, value), dest=0, tag=TAG_REPLY)
+
+    def next_command(self) -> tuple[Any, ...]:
+        return tuple(pickle.loads(recv_object(self.comm, 0, TAG_CMD, self._drain)))
+
+    def _drain(self) -> bool:
+        self.sends = [(r, buf) for r, buf in self.sends if not r.Test()]
+        return False
+
+    def load(self, mid: int, path: str, options: dict[str, Any], ranges: list[tuple[int, int]],
+             version: str, identity: str) -> None:
+        import pyllm
+        from pyllm.formats.gguf.split import open_gguf
+        from pyllm.runtime.loaded import LoadedModel, model_identity
+
+        if version != pyllm.__version__:
+            raise PipelineError(f"runs pyllm {pyllm.__version__}, rank 0 runs {version}: "
+                                f"install the same version on every machine")
+        with open_gguf(path) as reader:
+            if model_identity(reader) != identity:
+                raise PipelineError(f"sees another model file at {path} than rank 0 (header or "
+                                    f"tensor table differ): give every rank the same file")
+        if options.get("n_threads") is None:
+            options["n_threads"] = self.pipe.default_threads()
+        first, last = ranges[self.pipe.rank]
+        self.models[mid] = LoadedModel(path, layer_range=(first, last), **options)
+
+    def run(self) -> int:
+        while True:
+            cmd = self.next_command()
+            op = cmd[0]
+            if op == "exit":
+                for req, _ in self.sends:
+                    _poll(req.Test)
+                return 0
+            if op == "chunk":
+                self.chunk(*cmd[1:])
+                continue
+            try:
+                value = self.handle(op, cmd[1:])
+            except (PyllmError, ValueError, IndexError, MemoryError, OSError) as e:
+                if op in _NO_REPLY:
+                    raise
+                self.reply(False, _message(e))
+            else:
+                if op not in _NO_REPLY:
+                    self.reply(True, value)
+
+    def handle(self, op: str, args: tuple[Any, ...]) -> Any:
+        if op == "load":
+            self.load(*args)
+            return peak_rss_bytes()
+        if op == "rss":
+            return peak_rss_bytes()
+        if op == "unload":
+            model = self.models.pop(args[0], None)
+            if model is not None:
+                model.close()
+            return None
+        if op == "context":
+            cid, mid, kwargs = args
+            model = self.models[mid]
+            self.contexts[cid] = (model.new_context(**kwargs), model.n_embd)
+            return None
+        if op == "drop":
+            self.contexts.pop(args[0], None)
+            return None
+        ctx = self.contexts[args[0]][0]
+        if op == "truncate":
+            ctx.seq_truncate(args[1], args[2])
+            return None
+        if op == "shift":
+            ctx.seq_shift(*args[1:])
+            return None
+        if op == "save":
+            return bytes(ctx.save_state(args[1]))
+        if op == "load_state":
+            ctx.load_state(args[1], args[2])
+            return None
+        raise PipelineError(f"unknown pipeline command {op!r}")
+
+    def chunk(self, cid: int, seq: np.ndarray, want: np.ndarray, min_seq_len: int) -> None:
+        """One chunk: hidden rows from the rank before, this rank's layers, rows (or the last
+        rank's logits) on."""
+        ctx, n_embd = self.contexts[cid]
+        rank, size = self.pipe.rank, self.pipe.size
+        hidden = np.empty((len(seq), n_embd), dtype=np.float32)
+        recv_array(self.comm, rank - 1, TAG_HIDDEN, hidden, self._drain)
+        out = ctx.decode_part(None, hidden, seq, want, min_seq_len)
+        if rank + 1 < size:
+            self.sends.append((self.comm.Isend(out, dest=rank + 1, tag=TAG_HIDDEN), out))
+        elif len(out):
+            self.sends.append((self.comm.Isend(out, dest=0, tag=TAG_LOGITS), out))
+
+
+# commands rank 0 does not wait for: a failure there is a fault that ends the job
+_NO_REPLY = frozenset({"truncate", "drop", "unload", "chunk"})
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, MemoryError):
+        return "out of memory"
+    return str(e) or type(e).__name__
+
+
+def serve_worker(pipe: Pipeline) -> int:
+    """A worker rank's whole life: handle rank 0's commands until it says exit (returns 0). A
+    failure outside a command's reply (during a forward) is reported to rank 0, which ends the
+    job; if rank 0 does not within a few seconds, this rank ends it."""
+    if pipe.rank == 0:
+        raise PipelineError("rank 0 runs the program; serve() is for the other ranks")
+    # SIGTERM / Ctrl-C are rank 0's to handle: it drains and then tells the workers to exit
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker = _Worker(pipe)
+    try:
+        return worker.run()
+    except Exception as e:  # noqa: BLE001 - every failure must reach rank 0, never hang the job
+        pipe.comm.send(_message(e), dest=0, tag=TAG_FAULT)
+        time.sleep(5)  # rank 0 reports and aborts; if it cannot, this rank does
+        print(f"error: rank {pipe.rank}: {_message(e)}", file=sys.stderr, flush=True)
+        pipe.comm.Abort(1)
+        return 1
