@@ -14,9 +14,11 @@ error).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,17 +113,32 @@ def _check_readable(path: Path) -> None:
         raise PyllmError(f"{path}: cannot open: {e.strerror or e}") from None
 
 
-def make_server(app: Any, shutdown_timeout: float) -> Any:
+def make_server(app: Any, shutdown_timeout: float,
+                on_stopped: Callable[[], None] | None = None) -> Any:
     """The uvicorn server for ``app`` (made by :func:`pyllm.server.app.create_app`). On SIGTERM /
     Ctrl-C uvicorn stops accepting and waits for open requests; after ``shutdown_timeout``
     seconds the engine cancels what is left, so those requests end with a 'shutting down' error
-    rather than uvicorn cutting their connections."""
+    rather than uvicorn cutting their connections. Without ``on_stopped`` uvicorn then ends the
+    process by the signal it caught; with it (an MPI pipeline: it tells the workers to exit)
+    the process exits normally after it, so that every rank ends MPI cleanly."""
     import uvicorn
 
     from pyllm.server.app import cancel_all
 
     class Server(uvicorn.Server):
         timer: threading.Timer | None = None
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    if on_stopped is not None:
+                        on_stopped()
+                        # uvicorn would raise the signal again: that rank would die without
+                        # ending MPI, and mpirun would call the drained stop a failure
+                        getattr(self, "_captured_signals", []).clear()
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             super().handle_exit(sig, frame)
@@ -210,7 +227,8 @@ def run(args: argparse.Namespace) -> int:
             raise
 
     app = create_app(config, loader=load_or_stop, on_ready=ready)
-    server = make_server(app, args.shutdown_timeout)
+    server = make_server(app, args.shutdown_timeout,
+                         args.pipeline.shutdown if args.pipeline is not None else None)
     sock = bind_socket(args.host, args.port)
     if args.host not in LOOPBACK_NAMES and not args.api_key:
         print(f"pyllm: warning: listening on {args.host} without --api-key", file=sys.stderr)

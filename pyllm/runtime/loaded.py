@@ -184,7 +184,9 @@ class LoadedModel:
                                          pipeline.layer_split)
         self.pipeline = pipeline
         self._pipeline_id = pipeline.new_id()
-        pipeline.command("load", self._pipeline_id, str(self.model_path.resolve()), options,
+        # the path as given: each rank resolves it where it runs (mpirun starts every rank in
+        # its own working folder), as the user meant it
+        pipeline.command("load", self._pipeline_id, str(self.model_path), options,
                          self.layer_ranges, __version__, self.identity)
         return self.layer_ranges[0]
 

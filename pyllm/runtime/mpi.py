@@ -152,6 +152,12 @@ class Pipeline:
         self._next_id = 0
         self._closed = False
         self._sends: list[Any] = []  # rank 0: requests of commands not yet known delivered
+        # ranks on this machine (a collective: every rank makes its Pipeline at start)
+        local = self.comm.Split_type(mpi.COMM_TYPE_SHARED)
+        try:
+            self.local_size: int = local.Get_size()
+        finally:
+            local.Free()
         if self.rank == 0 and self.size > 1:
             import atexit
 
@@ -164,12 +170,7 @@ class Pipeline:
         some), shared with the other ranks on this machine."""
         from pyllm.runtime.sysinfo import available_cpus
 
-        local = self.comm.Split_type(_mpi().COMM_TYPE_SHARED)
-        try:
-            n_local = local.Get_size()
-        finally:
-            local.Free()
-        return max(1, min(available_cpus(), (os.cpu_count() or 1) // n_local))
+        return max(1, min(available_cpus(), (os.cpu_count() or 1) // self.local_size))
 
     def peak_rss(self) -> list[int]:
         """Every rank's peak resident memory in bytes, in rank order (rank 0 only)."""
