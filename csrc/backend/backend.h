@@ -9,9 +9,10 @@
 // embeds the tokens into host rows of hidden state and hands those rows through its stages in
 // layer order.
 //
-// A new backend (OpenCL, CUDA, a range of layers on another MPI rank) implements Backend,
-// Device and Stage in its own folder beside csrc/cpu/ and is listed in
-// csrc/backend/registry.cc; the context, the chunk plan and the Python layer do not change.
+// A new backend (OpenCL, CUDA, ...) implements Backend, Device and Stage in its own folder
+// beside csrc/cpu/ and is listed in csrc/backend/registry.cc; the context, the chunk plan and
+// the Python layer do not change. Layers another process runs (an MPI rank of a layer
+// pipeline) are no backend here: they are a "remote" placement range (model/placement.h).
 #pragma once
 
 #include <cstdint>
