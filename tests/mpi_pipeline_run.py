@@ -4,6 +4,8 @@ rank 0 drives a model through :class:`pyllm.LLM` with ``pipeline=`` and saves wh
 loading it back, the logits after a context shift) into an .npz file; the other ranks serve.
 
     python tests/mpi_pipeline_run.py MODEL OUT.npz [--split 1,2,1] [--text PROMPT]
+
+``--fail-in-forward``: rank 1 raises inside its first chunk (a fault during a forward).
 """
 
 from __future__ import annotations
@@ -22,10 +24,18 @@ def main() -> int:
     p.add_argument("out")
     p.add_argument("--split", default=None)
     p.add_argument("--text", default=None, help="also generate greedy text from this prompt")
+    p.add_argument("--fail-in-forward", action="store_true")
     args = p.parse_args()
     split = [int(x) for x in args.split.split(",")] if args.split else None
     pipe = pyllm.Pipeline(layer_split=split)
     if pipe.rank != 0:
+        if args.fail_in_forward and pipe.rank == 1:
+            import pyllm.runtime.mpi as mpi
+
+            def fail(*_: object) -> None:
+                raise RuntimeError("injected failure in a forward")
+
+            mpi._Worker.chunk = fail  # type: ignore[method-assign]
         return pipe.serve()
     llm = pyllm.LLM(args.model, n_ctx=128, n_batch=8, n_threads=1, pipeline=pipe)
     rng = np.random.default_rng(7)

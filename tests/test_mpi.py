@@ -235,6 +235,17 @@ def test_a_killed_rank_ends_the_job(smollm2_path: Path) -> None:
     assert _rank_pid(server.mark, 0) is None and _rank_pid(server.mark, 1) is None
 
 
+def test_a_rank_failing_in_a_forward_ends_the_job(smollm2_path: Path, tmp_path: Path) -> None:
+    """A worker whose forward raises reports to rank 0, which prints one error line naming the
+    rank and the cause and ends every rank (MPI_Abort): no hang."""
+    cmd = [*_mpirun(), "-np", "3", sys.executable, str(SCRIPT), str(smollm2_path),
+           str(tmp_path / "never.npz"), "--fail-in-forward"]
+    r = _run(cmd)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and not (tmp_path / "never.npz").exists()
+    assert _error_lines(out) == ["error: rank 1: injected failure in a forward"], out
+
+
 @pytest.fixture(scope="module")
 def folders(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Working folders whose model.gguf is SmolLM2, a copy with another name in its header, or

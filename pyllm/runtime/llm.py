@@ -439,7 +439,9 @@ class LLM:
 
     def close(self) -> None:
         """Release the context and the mapping (the object is unusable afterwards)."""
-        self._ctx = None
+        ctx, self._ctx = self._ctx, None
+        if hasattr(ctx, "close"):  # a pipeline's context: dropped on every rank now
+            ctx.close()
         self.model.close()
 
     def __enter__(self) -> LLM:
