@@ -1209,7 +1209,7 @@ def test_cli_serve_allocates_only_the_batched_context(
     real_create_app = app_module.create_app
     monkeypatch.setattr(_core, "Context", counting_context)
     monkeypatch.setattr(app_module, "create_app", fake_create_app)
-    monkeypatch.setattr(serve_module, "make_server", lambda app, timeout: LoadOnlyServer(app))
+    monkeypatch.setattr(serve_module, "make_server", lambda app, timeout, **_: LoadOnlyServer(app))
     assert main(["serve", "-m", str(smollm2_path), "--port", "0", "-c", "1200",
                  "--parallel", "3", "-t", "1"]) == 0
     try:

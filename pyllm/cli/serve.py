@@ -227,8 +227,8 @@ def run(args: argparse.Namespace) -> int:
             raise
 
     app = create_app(config, loader=load_or_stop, on_ready=ready)
-    server = make_server(app, args.shutdown_timeout,
-                         args.pipeline.shutdown if args.pipeline is not None else None)
+    server = make_server(app, args.shutdown_timeout, on_stopped=(
+        args.pipeline.shutdown if args.pipeline is not None else None))
     sock = bind_socket(args.host, args.port)
     if args.host not in LOOPBACK_NAMES and not args.api_key:
         print(f"pyllm: warning: listening on {args.host} without --api-key", file=sys.stderr)

@@ -27,6 +27,22 @@ if TYPE_CHECKING:
 _NEEDS_ONE_PROCESS = "in an MPI pipeline for now; run without --mpi to use them"
 
 
+class PendingForward:
+    """A forward on its way down the pipeline: :meth:`wait` returns its logits."""
+
+    def __init__(self, logits: np.ndarray, pending: list[tuple[Any, np.ndarray]],
+                 check_faults: Callable[[], None]) -> None:
+        self._logits = logits
+        self._pending = pending  # MPI requests with the buffers they use
+        self._check_faults = check_faults
+
+    def wait(self) -> np.ndarray:
+        for req, _ in self._pending:
+            _poll(req.Test, self._check_faults)
+        self._pending = []
+        return self._logits
+
+
 class PipelineContext:
     """The context of ``n_seq`` sequences of ``n_ctx`` positions across a pipeline's ranks:
     rank 0's share (its ``pyllm._core.Context``) plus one on every worker, kept in step."""
@@ -106,10 +122,22 @@ class PipelineContext:
             return None
         return out[0] if logits == "last" else out
 
+    @property
+    def depth(self) -> int:
+        """Forward calls worth keeping in flight at once (:meth:`submit`): one per rank."""
+        return self._pipe.size
+
     def decode_batch(self, tokens: Any, seq: Any, want_logits: Any) -> np.ndarray:
-        """One forward of tokens over their sequences, as ``Context.decode_batch``: chunks of
-        ``n_batch`` tokens go down the pipeline one after another without waiting (a chunk's
-        layers on rank 0 overlap the later ranks' work on the chunk before)."""
+        """One forward of tokens over their sequences, as ``Context.decode_batch``."""
+        return self.submit(tokens, seq, want_logits).wait()
+
+    def submit(self, tokens: Any, seq: Any, want_logits: Any) -> PendingForward:
+        """Start a forward (as :meth:`decode_batch`) and return before the later ranks are
+        done: this rank's layers have run when it returns. Chunks of ``n_batch`` tokens go down
+        the pipeline one after another without waiting (a chunk's layers on rank 0 overlap the
+        later ranks' work on the chunk before), and a second forward submitted before the
+        first is waited for runs on rank 0 while the later ranks work on the first (the server
+        keeps its slots in such flights). Forwards complete in the order submitted."""
         tokens = np.ascontiguousarray(tokens, dtype=np.int32)
         seq = np.ascontiguousarray(seq, dtype=np.int32)
         want = np.ascontiguousarray(want_logits, dtype=np.uint8)
@@ -136,9 +164,7 @@ class PipelineContext:
                                              min_seq_len)
             pending.append((comm.Isend(hidden, dest=1, tag=TAG_HIDDEN), hidden))
             pending = [(r, buf) for r, buf in pending if not r.Test()]
-        for req, _ in pending:
-            _poll(req.Test, pipe.check_faults)
-        return logits
+        return PendingForward(logits, pending, pipe.check_faults)
 
     # ---- the cache -------------------------------------------------------------------------------
 

@@ -6,7 +6,8 @@ thread owns that context; every step it builds ONE ``decode_batch`` call out of
 * the next token of every running sequence (one logits row each), and
 * prompt chunks of newly admitted sequences (logits only for a prompt's last token),
 
-so the weights are read once per step however many requests are in flight. New requests join
+so the weights are read once per step however many requests are in flight (pyllm/server/
+flights.py: the plan, and the steps in flight at once over an MPI pipeline). New requests join
 between steps; a cancelled one (client gone, server stopping) leaves its slot at the start of
 the next step, also in the middle of its prompt, because prompts are fed in chunks.
 
@@ -64,6 +65,7 @@ from pyllm.runtime.lora import AdapterSet, LoraSpec, lora_specs
 from pyllm.runtime.speculative import DEFAULT_DRAFT_MAX, DEFAULT_DRAFT_P_MIN
 from pyllm.runtime.steps import SequenceSteps, common_prefix, resolve_max_tokens
 from pyllm.server.drafting import Drafting
+from pyllm.server.flights import Flight, Ran, plan_step
 from pyllm.server.slot_cache import RamCache, apply_slot_action
 
 if TYPE_CHECKING:
@@ -270,6 +272,10 @@ class Engine:
             self._drafting = Drafting(self, int(core_module().MATVEC_TOKENS), factory=drafter,
                                       draft_model=draft_model, draft_max=draft_max,
                                       p_min=draft_p_min)
+        # steps whose forwards are in flight (more than one only over an MPI pipeline, and not
+        # with drafting, whose drafts follow each slot's cache step by step)
+        self._depth = 1 if self._drafting else int(getattr(self._ctx, "depth", 1))
+        self._flights: collections.deque[Flight] = collections.deque()
         self._pending: collections.deque[_Job] = collections.deque()
         self._embeds: collections.deque[_EmbedJob] = collections.deque()
         self._slot_ops: collections.deque[Callable[[], None]] = collections.deque()
@@ -546,6 +552,13 @@ class Engine:
                            and all(s.job is None for s in self._slots)):
                         self._cv.wait()
                     self._hold_if_paused()
+                    free = any(s.job is None for s in self._slots)
+                    settle = bool(self._stopping or (self._pending and free) or self._embeds
+                                  or self._slot_ops or any(s.job is not None and s.job.cancelled
+                                                           for s in self._slots))
+                if settle:  # what changes slots waits for the steps in flight to land
+                    self._land_all()
+                with self._cv:
                     self._drop_cancelled()
                     if (self._stopping and not self._pending and not self._embeds
                             and self.active == 0):
@@ -657,57 +670,46 @@ class Engine:
             self.stats.prompt_tokens_evaluated += len(slot.todo)
 
     def _step(self) -> None:
-        tokens: list[int] = []
-        seqs: list[int] = []
-        want: list[int] = []
-        owners: list[_Slot] = []  # slot of each logits row
-        fed: list[tuple[_Slot, list[int]]] = []
-        budget = self.n_batch
-        running = [s for s in self._slots if s.job is not None and s.next_token is not None]
-        budget -= len(running)  # running sequences first: one token each, never starved
-        # then their drafts, in what the step has room for
-        drafts = self._drafting.drafts(running, budget) if self._drafting is not None else {}
-        for slot in running:  # the sampled token and the draft, a logits row each
-            slot.draft = drafts.get(slot.id, [])
-            feed = [slot.next_token, *slot.draft]
-            tokens.extend(feed)
-            seqs.extend([slot.id] * len(feed))
-            want.extend([1] * len(feed))
-            owners.extend([slot] * len(feed))
-            fed.append((slot, feed))
-            budget -= len(slot.draft)
-        for slot in self._slots:  # prompt chunks share what is left of the step
-            if slot.job is None or not slot.todo or budget <= 0:
-                continue
-            chunk = slot.todo[:budget]
-            last = len(chunk) == len(slot.todo)
-            tokens.extend(chunk)
-            seqs.extend([slot.id] * len(chunk))
-            want.extend([0] * (len(chunk) - 1) + [1 if last else 0])
-            if last:
-                owners.append(slot)
-            fed.append((slot, chunk))
-            budget -= len(chunk)
-        if not tokens:
-            return
+        """Start the next step's forward; land the oldest in flight once ``depth`` are (with
+        one process: every step at once), or when nothing new could start."""
+        launched = self._launch()
+        while self._flights and (len(self._flights) >= self._depth or not launched):
+            self._land(self._flights.popleft())
+
+    def _land_all(self) -> None:
+        while self._flights:
+            self._land(self._flights.popleft())
+
+    def _launch(self) -> bool:
+        flying = {i for f in self._flights for i in f.slots}
+        plan = plan_step(self._slots, flying, self.n_batch, self._depth, self._drafting)
+        if not plan.tokens:
+            return False
+        args = (np.asarray(plan.tokens, dtype=np.int32), np.asarray(plan.seqs, dtype=np.int32),
+                np.asarray(plan.want, dtype=np.uint8))
         t0 = time.perf_counter()
         try:
-            logits = self._ctx.decode_batch(np.asarray(tokens, dtype=np.int32),
-                                            np.asarray(seqs, dtype=np.int32),
-                                            np.asarray(want, dtype=np.uint8))
+            forward = self._ctx.submit(*args) if self._depth > 1 else \
+                Ran(self._ctx.decode_batch(*args))
         except (IndexError, ValueError) as e:
             # validated before, so this is a bug; the slots involved are in an unknown state
-            for slot, _ in fed:
+            for slot, _ in plan.fed:
                 if slot.job is not None:
                     self._release(slot, None, error=f"decode failed: {e}")
                 self._ctx.seq_truncate(slot.id, 0)
                 slot.cached.clear()
-            return
-        dt = time.perf_counter() - t0
+            return True
+        self._flights.append(Flight(plan.fed, plan.owners, forward, t0,
+                                    {slot.id for slot, _ in plan.fed}))
+        return True
+
+    def _land(self, flight: Flight) -> None:
+        logits = flight.forward.wait()
+        dt = time.perf_counter() - flight.t0
         with self._cv:
             self.stats.steps_total += 1
             self.stats.step_seconds_total += dt
-        for slot, chunk in fed:
+        for slot, chunk in flight.fed:
             slot.cached.extend(chunk)
             if slot.next_token is None:  # a prompt chunk
                 del slot.todo[:len(chunk)]
@@ -715,7 +717,7 @@ class Engine:
                 slot.next_token = None
         generated = 0
         rows: dict[int, list[np.ndarray]] = {}
-        for row, slot in zip(logits, owners, strict=True):
+        for row, slot in zip(logits, flight.owners, strict=True):
             rows.setdefault(slot.id, []).append(row)
         for slot in self._slots:
             if slot.id not in rows or slot.job is None or slot.job.cancelled:
@@ -792,6 +794,7 @@ class Engine:
             job.cancelled = True
 
     def _fail_all(self, message: str) -> None:
+        self._flights.clear()
         with self._cv:
             for slot in self._slots:
                 if slot.job is not None:
