@@ -380,3 +380,30 @@ def test_importance_matrix_statistics_need_the_cpu(tmp_path: Path, kind: str) ->
             ctx.collect_activation_stats(True)
         assert not ctx.collecting_activation_stats and ctx.activation_stats() is None
         assert np.isfinite(ctx.decode(np.array(TOKENS[:3], np.int32), "all")).all()
+
+
+def test_pipeline_shares_compose_with_offload(tmp_path: Path, kind: str) -> None:
+    """The shares of a layer pipeline over MPI (each rank's layer_range) with -ngl: a share
+    offloads its layers among the model's last N, the head goes with the last share; chained
+    by hand as the ranks chain them, they give one process's logits with the same offload,
+    and the CPU's within the device bound."""
+    spec = _spec(T.F32)
+    spec.n_layer = 4
+    path = write_tiny(tmp_path / "m.gguf", spec)
+    with LoadedModel(path, n_threads=2) as cpu, \
+            LoadedModel(path, n_threads=2, n_gpu_layers=3, device=kind) as offloaded:
+        on_cpu, whole = _logits(cpu), _logits(offloaded)
+    shares = [LoadedModel(path, n_threads=2, layer_range=r, n_gpu_layers=3, device=kind)
+              for r in ((0, 2), (2, 4))]
+    assert shares[0].core.placement == [("cpu", 0, 1), (f"{kind}:0", 1, 2), ("remote", 2, 4)]
+    assert shares[1].core.placement == [("remote", 0, 2), (f"{kind}:0", 2, 4), ("cpu", 4, 4)]
+    ctxs = [_core.Context(m.core, n_ctx=32, n_batch=4, kv_type=_core.KVType.f32)
+            for m in shares]
+    toks = np.array(TOKENS, np.int32)
+    seq, every = np.zeros(len(toks), np.int32), np.ones(len(toks), np.uint8)
+    got = ctxs[1].decode_part(None, ctxs[0].decode_part(toks, None, seq, every), seq, every)
+    np.testing.assert_array_equal(got, whole)
+    assert _rel(got, on_cpu) < 1e-5
+    del ctxs
+    for m in shares:
+        m.close()
