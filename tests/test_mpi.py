@@ -28,7 +28,7 @@ import pytest
 
 from pyllm.errors import PipelineError
 from pyllm.runtime.loaded import LoadedModel, shard_placement, shard_tensors
-from pyllm.runtime.mpi import parse_layer_split, split_layers
+from pyllm.runtime.mpi_wire import parse_layer_split, split_layers
 from tests.conftest import HANG_GUARD, skip_or_fail
 from tests.tiny_models import TinySpec, write_tiny
 

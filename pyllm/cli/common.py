@@ -88,7 +88,7 @@ def gpu_layers(text: str) -> int:
 
 def _layer_split(text: str) -> list[int]:
     from pyllm.errors import PipelineError
-    from pyllm.runtime.mpi import parse_layer_split
+    from pyllm.runtime.mpi_wire import parse_layer_split
 
     try:
         return parse_layer_split(text)

@@ -169,7 +169,7 @@ class LoadedModel:
         """Rank 0: split the layers, have every worker load its share (they load while this
         rank does); returns this rank's range."""
         from pyllm import __version__
-        from pyllm.runtime.mpi import split_layers
+        from pyllm.runtime.mpi_wire import split_layers
 
         n_layer = self.hparams.n_layer
         layer_bytes = [0] * n_layer
@@ -287,9 +287,12 @@ class LoadedModel:
                                         kv_type=kv_type, n_seq=n_seq, stacklevel=stacklevel + 1,
                                         _local=True)
 
-            return PipelineContext(self, local, dict(n_ctx=n_ctx, n_batch=n_batch,
-                                                     n_threads=n_threads, kv_type=kv_type,
-                                                     n_seq=n_seq))
+            kwargs = dict(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, kv_type=kv_type,
+                          n_seq=n_seq)
+            return PipelineContext(self.pipeline, self._pipeline_id, local, kwargs,
+                                   n_vocab=self.n_vocab, n_layer=self.hparams.n_layer,
+                                   layer_ranges=self.layer_ranges,
+                                   header_bytes=int(core.STATE_HEADER_BYTES))
         try:
             return core.Context(self.core, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads or 0,
                                 kv_type=core.KVType.__members__[kv_type], n_seq=n_seq)
@@ -302,7 +305,7 @@ class LoadedModel:
     def close(self) -> None:
         """Drop the weights and unmap the file (contexts made from it must be dropped first);
         in a pipeline, every rank's share."""
-        if self.pipeline is not None and self.core is not None:
+        if self.pipeline is not None and self.core is not None and not self.pipeline.closed:
             self.pipeline.command("unload", self._pipeline_id)
         self.core = None
         self._reader.close()

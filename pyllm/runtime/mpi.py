@@ -9,8 +9,8 @@ tokens, their layers over the hidden rows the previous rank sends, handing their
 K/V cache: in the C++ model the other layers are a ``remote`` placement range (csrc/model/
 placement.h), never read, and :meth:`Context.decode_part` runs one rank's share.
 
-The transport is MPI through ``mpi4py`` (``pip install "pyllm[mpi]"``), imported only here and
-only when a pipeline is made. Messages, rank 0 to every worker, in order (``TAG_CMD``, pickled):
+The transport is MPI through ``mpi4py`` (``pip install "pyllm[mpi]"``), imported only when a
+pipeline is made (mpi_wire.py: the tags, the waits, the split of the layers). Messages, rank 0 to every worker, in order (``TAG_CMD``, pickled):
 commands that change a context (a chunk to run, truncate, shift, save/load a state, new or
 dropped model/context). A chunk's hidden rows go rank to rank (``TAG_HIDDEN``, float32 buffers),
 its logits from the last rank to rank 0 (``TAG_LOGITS``). Replies (``TAG_REPLY``) answer the
@@ -23,7 +23,8 @@ Chunks are pipelined: rank 0 sends a long batch as chunks of ``n_batch`` tokens,
 starting on its layers while the later ranks work on the one before (a chunk's K/V at a layer
 depends only on earlier chunks at that layer), so prompt evaluation and perplexity keep every
 rank busy. A decode step of one token cannot overlap with itself: its ranks run one after the
-other, and the hop (one message of n_embd floats per rank boundary) is the pipeline's cost.
+other, and the hop (one message of n_embd floats per rank boundary) is the pipeline's cost; the
+server keeps several steps of different slots in flight instead (pyllm/server/flights.py).
 
 Faults: a worker that cannot load its layers (missing file, out of memory) or runs another pyllm
 version or sees another model file (the identity hash of header and tensor table) is refused on
@@ -36,101 +37,27 @@ every other rank and names the rank and its signal.
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from pyllm.errors import PipelineError, PyllmError
+from pyllm.runtime.mpi_wire import (
+    TAG_CMD,
+    TAG_FAULT,
+    TAG_HIDDEN,
+    TAG_LOGITS,
+    TAG_REPLY,
+    import_mpi,
+    poll,
+    recv_array,
+    recv_object,
+)
 from pyllm.runtime.sysinfo import peak_rss_bytes
-
-TAG_CMD, TAG_REPLY, TAG_HIDDEN, TAG_LOGITS, TAG_FAULT = 11, 12, 13, 14, 15
-
-# Polling: a wait checks for its message, then sleeps, doubling from the first interval to the
-# last; a wait that has lasted over _IDLE_S (an idle server's workers) sleeps _IDLE_PAUSE_S. An
-# MPI blocking receive spins a core at 100 %, which starves the ranks that share the machine's
-# cores; this costs a token at most the last interval per wait. Measured on decode (1.1B Q4_0,
-# two ranks of one thread on two cores, 15.5 ms per token in one process): a last interval of
-# 2 ms added 2.5 ms per token, 1 ms 1.9, 0.2 ms 0.8, 0.05 ms 1.2 (the polling itself then
-# competes for the cores).
-_POLL_FIRST_S, _POLL_LAST_S = 20e-6, 2e-4
-_IDLE_S, _IDLE_PAUSE_S = 1.0, 5e-3
-
-
-def _mpi() -> Any:
-    """The ``mpi4py.MPI`` module (initializing MPI), or a PipelineError saying how to get it."""
-    try:
-        from mpi4py import MPI
-    except ImportError as e:
-        raise PipelineError(f"--mpi needs mpi4py: pip install \"pyllm[mpi]\" (and a system MPI: "
-                            f"apt install openmpi-bin libopenmpi-dev, or MPICH) ({e})") from None
-    return MPI
-
-
-def _poll(ready: Callable[[], bool], between: Callable[[], Any] | None = None) -> None:
-    """Return once ``ready()``; between checks call ``between()`` (a fault check, which may end
-    the job; other sends' progress) and sleep."""
-    pause, start = _POLL_FIRST_S, time.monotonic()
-    while not ready():
-        if between is not None:
-            between()
-        time.sleep(pause)
-        pause = min(pause * 2, _POLL_LAST_S)
-        if pause == _POLL_LAST_S and time.monotonic() - start > _IDLE_S:
-            pause = _IDLE_PAUSE_S
-
-
-def parse_layer_split(text: str) -> list[int]:
-    """``--layer-split 10,12,10``: the layers of each rank, in rank order."""
-    try:
-        counts = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise PipelineError(f"--layer-split takes layer counts per rank, e.g. 10,12,10; got "
-                            f"{text!r}") from None
-    if not counts or any(c < 1 for c in counts):
-        raise PipelineError(f"--layer-split: every rank needs at least one layer, got {text!r}")
-    return counts
-
-
-def split_layers(layer_bytes: Sequence[int], head_bytes: int, n_ranks: int,
-                 counts: Sequence[int] | None = None) -> list[tuple[int, int]]:
-    """Contiguous layer ranges, one per rank: ``counts`` layers each when given, else balanced by
-    bytes (the largest share of any rank as small as it can be, the head's ``head_bytes``
-    counted on the last rank). Every rank gets at least one layer."""
-    n_layer = len(layer_bytes)
-    if counts is not None:
-        if len(counts) != n_ranks or sum(counts) != n_layer:
-            raise PipelineError(f"--layer-split gives {len(counts)} ranks {sum(counts)} layers; "
-                                f"this job has {n_ranks} ranks and the model {n_layer} layers")
-        bounds = np.cumsum([0, *counts]).tolist()
-        return [(int(bounds[r]), int(bounds[r + 1])) for r in range(n_ranks)]
-    if n_ranks > n_layer:
-        raise PipelineError(f"{n_ranks} ranks for a model of {n_layer} layers: every rank needs "
-                            f"at least one layer")
-    prefix = np.cumsum([0, *layer_bytes]).tolist()
-    inf = float("inf")
-    # best[r][i]: the smallest largest share when ranks 0..r-1 hold layers 0..i-1
-    best = [[inf] * (n_layer + 1) for _ in range(n_ranks + 1)]
-    cut = [[0] * (n_layer + 1) for _ in range(n_ranks + 1)]
-    best[0][0] = 0.0
-    for r in range(1, n_ranks + 1):
-        extra = head_bytes if r == n_ranks else 0
-        for i in range(r, n_layer - (n_ranks - r) + 1):
-            for j in range(r - 1, i):
-                share = max(best[r - 1][j], prefix[i] - prefix[j] + extra)
-                if share < best[r][i]:
-                    best[r][i], cut[r][i] = share, j
-    ranges: list[tuple[int, int]] = []
-    end = n_layer
-    for r in range(n_ranks, 0, -1):
-        start = cut[r][end]
-        ranges.append((start, end))
-        end = start
-    return ranges[::-1]
 
 
 class Pipeline:
@@ -150,7 +77,7 @@ class Pipeline:
     """
 
     def __init__(self, layer_split: Sequence[int] | None = None, comm: Any = None) -> None:
-        mpi = _mpi()
+        mpi = import_mpi()
         self.comm: Any = comm if comm is not None else mpi.COMM_WORLD
         self.rank: int = self.comm.Get_rank()
         self.size: int = self.comm.Get_size()
@@ -200,9 +127,13 @@ class Pipeline:
         """Send a command to one worker (what differs per rank, e.g. its part of a state)."""
         if self._closed:
             raise PipelineError("the MPI pipeline has been shut down")
-        data = pickle.dumps(cmd, protocol=pickle.HIGHEST_PROTOCOL)
         self._sends = [r for r in self._sends if not r.Test()]
-        self._sends.append(self.comm.isend(data, dest=rank, tag=TAG_CMD))
+        self._sends.append(self.comm.isend(cmd, dest=rank, tag=TAG_CMD))
+
+    @property
+    def closed(self) -> bool:
+        """Whether rank 0 has told the workers to exit (nothing more can be sent)."""
+        return self._closed
 
     def replies(self) -> list[Any]:
         """Every worker's reply to the last command that has one, in rank order; a worker's
@@ -222,8 +153,8 @@ class Pipeline:
     def check_faults(self) -> None:
         """Rank 0: a worker's report of a failure during a forward ends the job (one ``error:``
         line naming the rank, then MPI_Abort)."""
-        status = _mpi().Status()
-        if self.comm.Iprobe(source=_mpi().ANY_SOURCE, tag=TAG_FAULT, status=status):
+        status = import_mpi().Status()
+        if self.comm.Iprobe(source=import_mpi().ANY_SOURCE, tag=TAG_FAULT, status=status):
             message = self.comm.recv(source=status.Get_source(), tag=TAG_FAULT)
             self.abort(f"rank {status.Get_source()}: {message}")
 
@@ -238,7 +169,7 @@ class Pipeline:
             return
         self.command("exit")
         for req in self._sends:
-            _poll(req.Test)
+            poll(req.Test)
         self._sends.clear()
         self._closed = True
 
@@ -247,23 +178,6 @@ class Pipeline:
     def serve(self) -> int:
         """Run as a worker until rank 0 shuts the pipeline down (see :func:`serve_worker`)."""
         return serve_worker(self)
-
-
-def recv_object(comm: Any, source: int, tag: int, between: Callable[[], Any] | None = None
-                ) -> Any:
-    """Receive a pickled object, polling (see _poll) until it has arrived; then the receive
-    is sized by the message (a nonblocking pickled receive would need its size up front)."""
-    _poll(lambda: bool(comm.Iprobe(source=source, tag=tag)), between)
-    return comm.recv(source=source, tag=tag)
-
-
-def recv_array(comm: Any, source: int, tag: int, out: np.ndarray,
-               between: Callable[[], Any] | None = None) -> np.ndarray:
-    """Receive a float32 buffer into ``out``, polling (see _poll); ``between`` runs between
-    checks."""
-    req = comm.Irecv(out, source=source, tag=tag)
-    _poll(req.Test, between)
-    return out
 
 
 # ---- the worker loop ------------------------------------------------------------------------
@@ -284,7 +198,7 @@ class _Worker:
         self.comm.send((ok, value), dest=0, tag=TAG_REPLY)
 
     def next_command(self) -> tuple[Any, ...]:
-        return tuple(pickle.loads(recv_object(self.comm, 0, TAG_CMD, self._drain)))
+        return tuple(recv_object(self.comm, 0, TAG_CMD, self._drain))
 
     def _drain(self) -> bool:
         self.sends = [(r, buf) for r, buf in self.sends if not r.Test()]
@@ -314,7 +228,7 @@ class _Worker:
             op = cmd[0]
             if op == "exit":
                 for req, _ in self.sends:
-                    _poll(req.Test)
+                    poll(req.Test)
                 return 0
             if op == "chunk":
                 self.chunk(*cmd[1:])

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pyllm.errors import PipelineError, PyllmError
-from pyllm.runtime.mpi import TAG_HIDDEN, TAG_LOGITS, _poll
+from pyllm.runtime.mpi_wire import TAG_HIDDEN, TAG_LOGITS, poll
 
 if TYPE_CHECKING:
-    from pyllm.runtime.loaded import LoadedModel
+    from pyllm.runtime.mpi import Pipeline
 
 _NEEDS_ONE_PROCESS = "in an MPI pipeline for now; run without --mpi to use them"
 
@@ -38,7 +38,7 @@ class PendingForward:
 
     def wait(self) -> np.ndarray:
         for req, _ in self._pending:
-            _poll(req.Test, self._check_faults)
+            poll(req.Test, self._check_faults)
         self._pending = []
         return self._logits
 
@@ -47,17 +47,21 @@ class PipelineContext:
     """The context of ``n_seq`` sequences of ``n_ctx`` positions across a pipeline's ranks:
     rank 0's share (its ``pyllm._core.Context``) plus one on every worker, kept in step."""
 
-    def __init__(self, model: LoadedModel, make_local: Callable[[], Any],
-                 kwargs: dict[str, Any]) -> None:
-        pipe = model.pipeline
-        if pipe is None:
-            raise PipelineError("PipelineContext needs a model loaded with pipeline=")
+    def __init__(self, pipe: Pipeline, model_id: int, make_local: Callable[[], Any],
+                 kwargs: dict[str, Any], *, n_vocab: int, n_layer: int,
+                 layer_ranges: list[tuple[int, int]], header_bytes: int) -> None:
+        """The context ``make_local()`` makes on rank 0 and one of ``kwargs`` (new_context's)
+        on every worker, of the model the workers know as ``model_id``; ``header_bytes``: the
+        saved state's header (``_core.STATE_HEADER_BYTES``)."""
         self._pipe = pipe
-        self._n_vocab = model.n_vocab
+        self._n_vocab = n_vocab
         self._n_batch = int(kwargs["n_batch"])
+        self._n_layer = n_layer
+        self._ranges = list(layer_ranges)
+        self._header_bytes = header_bytes
         self._cid = pipe.new_id()
         self._open = False
-        pipe.command("context", self._cid, model._pipeline_id, kwargs)
+        pipe.command("context", self._cid, model_id, kwargs)
         try:
             self._local = make_local()
         except PyllmError:
@@ -69,11 +73,6 @@ class PipelineContext:
             pipe.command("drop", self._cid)
             raise
         self._open = True
-        from pyllm.runtime.loaded import core_module
-
-        self._header_bytes = int(core_module().STATE_HEADER_BYTES)
-        self._ranges = list(model.layer_ranges)
-        self._n_layer = model.hparams.n_layer
 
     def _settle(self) -> None:
         """After rank 0 failed a call the workers also got: take their replies, drop theirs."""
@@ -230,7 +229,8 @@ class PipelineContext:
         """Drop this context on every rank."""
         if self._open:
             self._open = False
-            self._pipe.command("drop", self._cid)
+            if not self._pipe.closed:
+                self._pipe.command("drop", self._cid)
 
     def __del__(self) -> None:
         # at interpreter shutdown the pipeline may be gone: the workers exit anyway
