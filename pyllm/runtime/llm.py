@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +41,16 @@ if TYPE_CHECKING:
 KV_TYPES = tuple(KV_ELEMENT_TYPES)
 
 __all__ = ["KV_TYPES", "LLM", "LLMState", "LoadedModel", "cap_threads"]
+
+
+class _Empty:
+    """The logits of no tokens, as a pending forward gives them."""
+
+    def __init__(self, n_vocab: int) -> None:
+        self.n_vocab = n_vocab
+
+    def wait(self) -> np.ndarray:
+        return np.zeros((0, self.n_vocab), dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -250,6 +260,42 @@ class LLM:
         assert out is not None
         self._last_logits = out[-1].copy()
         return out
+
+    def logits_each(self, chunks: Iterable[Sequence[int] | np.ndarray]) -> Iterator[np.ndarray]:
+        """:meth:`logits` of each chunk in turn (perplexity's chunks). Over an MPI pipeline the
+        next chunk's forward starts before the last one's logits are back, so the ranks work
+        on two chunks at once; elsewhere it is ``logits`` in a loop."""
+        submit = getattr(self._ctx, "submit", None)
+        if submit is None:
+            for chunk in chunks:
+                yield self.logits(chunk)
+            return
+        waiting: Any = None
+        try:
+            for chunk in chunks:
+                arr = self._check_tokens(chunk)
+                if arr.size > self.n_ctx:
+                    raise ContextError(f"{arr.size} tokens exceed the context size "
+                                       f"n_ctx={self.n_ctx}")
+                self.reset()  # every rank forgets the chunk before (in order, after its forward)
+                n = arr.size
+                with self._lock:
+                    forward = submit(arr, np.zeros(n, np.int32), np.ones(n, np.uint8)) \
+                        if n else _Empty(self.n_vocab)
+                self._tokens = arr.tolist()
+                if waiting is not None:
+                    done, waiting = waiting, None
+                    yield done.wait()
+                waiting = forward
+            if waiting is not None:
+                done, waiting = waiting, None
+                out = done.wait()
+                if len(out):
+                    self._last_logits = out[-1].copy()
+                yield out
+        finally:
+            if waiting is not None:  # the caller stopped early: the forward still lands
+                waiting.wait()
 
     def truncate(self, n: int) -> None:
         """Keep the first ``n`` tokens of the context and drop the rest of its KV cache (a

@@ -10,10 +10,11 @@ K/V cache: in the C++ model the other layers are a ``remote`` placement range (c
 placement.h), never read, and :meth:`Context.decode_part` runs one rank's share.
 
 The transport is MPI through ``mpi4py`` (``pip install "pyllm[mpi]"``), imported only when a
-pipeline is made (mpi_wire.py: the tags, the waits, the split of the layers). Messages, rank 0 to every worker, in order (``TAG_CMD``, pickled):
-commands that change a context (a chunk to run, truncate, shift, save/load a state, new or
-dropped model/context). A chunk's hidden rows go rank to rank (``TAG_HIDDEN``, float32 buffers),
-its logits from the last rank to rank 0 (``TAG_LOGITS``). Replies (``TAG_REPLY``) answer the
+pipeline is made (mpi_wire.py: the tags, the waits, the split of the layers). Messages, rank 0
+to every worker, in order (``TAG_CMD``, pickled): commands that change a context (a chunk to
+run, truncate, shift, save/load a state, new or dropped model/context). A chunk's hidden rows
+go rank to rank (``TAG_HIDDEN``, float32 buffers), its logits from the last rank to rank 0
+(``TAG_LOGITS``). Replies (``TAG_REPLY``) answer the
 commands that can fail on a worker (load, context, state, shift). Every rank keeps the same
 positions per sequence, since every rank sees every command: so the chunk plan (positions, RoPE
 angles, which keys each token sees) is made by each rank from the same inputs, and only hidden

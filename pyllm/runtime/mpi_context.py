@@ -42,6 +42,11 @@ class PendingForward:
         self._pending = []
         return self._logits
 
+    def __del__(self) -> None:
+        # MPI still writes into / reads from the buffers of requests not yet complete
+        if self._pending:
+            self.wait()
+
 
 class PipelineContext:
     """The context of ``n_seq`` sequences of ``n_ctx`` positions across a pipeline's ranks:

@@ -556,8 +556,8 @@ class Engine:
                     settle = bool(self._stopping or (self._pending and free) or self._embeds
                                   or self._slot_ops or any(s.job is not None and s.job.cancelled
                                                            for s in self._slots))
-                if settle:  # what changes slots waits for the steps in flight to land
-                    self._land_all()
+                while settle and self._flights:  # what changes slots waits for them to land
+                    self._land(self._flights.popleft())
                 with self._cv:
                     self._drop_cancelled()
                     if (self._stopping and not self._pending and not self._embeds
@@ -676,10 +676,6 @@ class Engine:
         while self._flights and (len(self._flights) >= self._depth or not launched):
             self._land(self._flights.popleft())
 
-    def _land_all(self) -> None:
-        while self._flights:
-            self._land(self._flights.popleft())
-
     def _launch(self) -> bool:
         flying = {i for f in self._flights for i in f.slots}
         plan = plan_step(self._slots, flying, self.n_batch, self._depth, self._drafting)
@@ -794,7 +790,9 @@ class Engine:
             job.cancelled = True
 
     def _fail_all(self, message: str) -> None:
-        self._flights.clear()
+        while self._flights:  # a forward in flight lands unseen (MPI uses its buffers)
+            with contextlib.suppress(Exception):
+                self._flights.popleft().forward.wait()
         with self._cv:
             for slot in self._slots:
                 if slot.job is not None:

@@ -121,11 +121,17 @@ def _chunks(llm: Any, tokens: np.ndarray, n_ctx: int,
     this is the chunk's last block), over every scored position in order."""
     bos = _bos(llm)
     first = n_ctx // 2
-    for c in range(n_chunks):
-        chunk = np.array(tokens[c * n_ctx:(c + 1) * n_ctx], dtype=np.int32)
-        if bos is not None:
-            chunk[0] = bos
-        logits = llm.logits(chunk)[first:n_ctx - 1]
+
+    def chunks() -> Iterator[np.ndarray]:
+        for c in range(n_chunks):
+            chunk = np.array(tokens[c * n_ctx:(c + 1) * n_ctx], dtype=np.int32)
+            if bos is not None:
+                chunk[0] = bos
+            yield chunk
+
+    # over an MPI pipeline the next chunk runs on the first ranks while this one is scored
+    for c, all_logits in enumerate(llm.logits_each(chunks())):
+        logits = all_logits[first:n_ctx - 1]
         targets = np.asarray(tokens[c * n_ctx + first + 1:(c + 1) * n_ctx], dtype=np.int64)
         for r in range(0, targets.size, _ROWS):
             yield (c, _log_softmax(logits[r:r + _ROWS]), targets[r:r + _ROWS],
