@@ -392,6 +392,18 @@ def test_shard_placement() -> None:
         shard_placement([], 30, (5, 5))
 
 
+def test_remote_ranges_are_checked(smollm2_path: Path) -> None:
+    """Only the first and the last range may be remote, and one range must be local."""
+    from pyllm.errors import ModelError
+
+    for placement, message in (
+            ([("cpu", 0, 10), ("remote", 10, 20), ("cpu", 20, 30)],
+             "only the first and the last range may be remote"),
+            ([("remote", 0, 30)], "a placement needs one range on this process")):
+        with pytest.raises(ModelError, match=message):
+            LoadedModel(smollm2_path, placement=placement)
+
+
 def test_decode_part_chain_in_one_process(smollm2_path: Path) -> None:
     """Three shares of SmolLM2 chained by hand (what the ranks do) give the whole model's
     logits exactly; a chain that skips the middle share does not (control). Each share holds
