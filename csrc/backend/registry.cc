@@ -40,7 +40,7 @@ std::vector<DeviceInfo> device_infos() {
 const Backend& find_backend(const std::string& name) {
   const size_t colon = name.find(':');
   const std::string kind = name.substr(0, colon);
-  int index = 0;
+  [[maybe_unused]] int index = 0;  // read only by the GPU backends of the build
   if (colon != std::string::npos) {
     const std::string digits = name.substr(colon + 1);
     char* end = nullptr;

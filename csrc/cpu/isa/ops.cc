@@ -22,8 +22,15 @@ namespace {
 
 constexpr int kLanes = 16;
 
-#if defined(PYLLM_ISA_AVX2) || defined(PYLLM_ISA_AVX512) || defined(PYLLM_ISA_NEON)
+// The hardware's float -> half conversion (round to nearest even, as f32_to_f16). GCC spells
+// the type _Float16 on x86; on aarch64 its C++ front end (GCC 12) has only __fp16, the ARM
+// storage type, which converts with the same IEEE rounding.
+#if defined(PYLLM_ISA_AVX2) || defined(PYLLM_ISA_AVX512)
 #define PYLLM_HW_F16 1
+using hw_f16 = _Float16;
+#elif defined(PYLLM_ISA_NEON)
+#define PYLLM_HW_F16 1
+using hw_f16 = __fp16;
 #endif
 
 inline float dot(const float* a, const float* b, int n) {
@@ -275,7 +282,7 @@ void attention(const AttentionArgs& a) {
 void to_f16(const float* x, f16_t* y, int64_t n) {
 #ifdef PYLLM_HW_F16
   for (int64_t i = 0; i < n; ++i) {
-    const _Float16 h = static_cast<_Float16>(x[i]);
+    const hw_f16 h = static_cast<hw_f16>(x[i]);
     std::memcpy(&y[i], &h, sizeof h);
   }
 #else
