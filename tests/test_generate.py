@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import pyllm.runtime
 from pyllm.errors import ContextError, PyllmError, PyllmWarning, SamplingError
 from pyllm.runtime.footprint import (
     check_context_fits,
@@ -173,7 +174,8 @@ def test_steps_logprobs_are_the_log_softmax_of_the_row() -> None:
 
 # ---- the runtime's import graph ----------------------------------------------------------------
 
-RUNTIME = Path(__file__).resolve().parents[1] / "pyllm" / "runtime"
+# the runtime package that is imported (a source tree's, or an installed wheel's)
+RUNTIME = Path(pyllm.runtime.__file__).resolve().parent
 RUNTIME_MODULES = tuple(sorted(p.stem for p in RUNTIME.glob("*.py") if p.stem != "__init__"))
 
 
