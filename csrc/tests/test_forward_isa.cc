@@ -22,6 +22,7 @@
 #include "pyllm/model.h"
 #include "pyllm/quant.h"
 #include "tests/check.h"
+#include "tests/random_model.h"
 
 using namespace pyllm;
 
@@ -50,31 +51,18 @@ struct Rng {
 };
 
 struct Weights {
-  std::vector<std::vector<uint8_t>> buffers;
+  testing::WeightBuffers buffers{64};
   ModelWeights w;
 
   WeightView make(QType type, int64_t cols, int64_t rows, float scale, Rng& rng,
                   float offset = 0.0f) {
     std::vector<float> values(static_cast<size_t>(cols * rows));
     for (float& v : values) v = offset + rng.normal(scale);
-    WeightView view;
-    view.type = type;
-    view.cols = cols;
-    view.rows = rows;
-    view.nbytes = tensor_size(type, rows, cols);
-    buffers.emplace_back(static_cast<size_t>(view.nbytes));
-    if (type == QType::F32) {
-      std::memcpy(buffers.back().data(), values.data(), view.nbytes);
-    } else {
-      type_traits(type).from_float(values.data(), buffers.back().data(), cols * rows);
-    }
-    view.data = buffers.back().data();
-    return view;
+    return buffers.view(type, cols, rows, values);
   }
 
   Weights() {
     Rng rng{42};
-    buffers.reserve(64);  // views keep pointing at their buffers
     w.tok_embd = make(QType::F32, kEmbd, kVocab, 1.0f, rng);
     w.output_norm = make(QType::F32, kEmbd, 1, 0.1f, rng, 1.0f);
     w.output = make(QType::Q8_0, kEmbd, kVocab, 0.1f, rng);
@@ -101,18 +89,7 @@ struct Weights {
 };
 
 HParams hparams() {
-  HParams hp;
-  hp.arch = "llama";
-  hp.n_vocab = kVocab;
-  hp.n_embd = kEmbd;
-  hp.n_layer = kLayers;
-  hp.n_head = kHead;
-  hp.n_head_kv = kHeadKV;
-  hp.head_dim = kHeadDim;
-  hp.n_ff = kFF;
-  hp.n_rot = kHeadDim;
-  hp.n_ctx_train = 64;
-  return hp;
+  return testing::llama_hparams(kVocab, kEmbd, kLayers, kHead, kHeadKV, kHeadDim, kFF);
 }
 
 // Every position's logits of the prompt, then 3 greedy steps, on the active ISA.

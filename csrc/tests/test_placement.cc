@@ -17,6 +17,7 @@
 #include "pyllm/model.h"
 #include "pyllm/quant.h"
 #include "tests/check.h"
+#include "tests/random_model.h"
 
 using namespace pyllm;
 
@@ -25,9 +26,8 @@ namespace {
 constexpr int kLayers = 4, kEmbd = 64, kHead = 4, kHeadKV = 2, kHeadDim = 16, kFF = 128,
               kVocab = 96;
 
-// Random weights, kept alive for every model made from them (the views point into them).
 struct Weights {
-  std::vector<std::vector<uint8_t>> buffers;
+  testing::WeightBuffers buffers{256};
   ModelWeights w;
 
   WeightView make(QType type, int64_t cols, int64_t rows, float scale, std::mt19937& rng,
@@ -35,24 +35,11 @@ struct Weights {
     std::normal_distribution<float> dist(0.0f, scale);
     std::vector<float> values(static_cast<size_t>(cols * rows));
     for (float& v : values) v = offset + dist(rng);
-    WeightView view;
-    view.type = type;
-    view.cols = cols;
-    view.rows = rows;
-    view.nbytes = tensor_size(type, rows, cols);
-    buffers.emplace_back(static_cast<size_t>(view.nbytes));
-    if (type == QType::F32) {
-      std::memcpy(buffers.back().data(), values.data(), view.nbytes);
-    } else {
-      type_traits(type).from_float(values.data(), buffers.back().data(), cols * rows);
-    }
-    view.data = buffers.back().data();
-    return view;
+    return buffers.view(type, cols, rows, values);
   }
 
   explicit Weights(unsigned seed) {
     std::mt19937 rng(seed);
-    buffers.reserve(256);  // views keep pointing at their buffers
     w.tok_embd = make(QType::F32, kEmbd, kVocab, 1.0f, rng);
     w.output_norm = make(QType::F32, kEmbd, 1, 0.1f, rng, 1.0f);
     w.output = make(QType::Q8_0, kEmbd, kVocab, 0.2f, rng);
@@ -73,18 +60,7 @@ struct Weights {
 };
 
 HParams hparams() {
-  HParams hp;
-  hp.arch = "llama";
-  hp.n_vocab = kVocab;
-  hp.n_embd = kEmbd;
-  hp.n_layer = kLayers;
-  hp.n_head = kHead;
-  hp.n_head_kv = kHeadKV;
-  hp.head_dim = kHeadDim;
-  hp.n_ff = kFF;
-  hp.n_rot = kHeadDim;
-  hp.n_ctx_train = 64;
-  return hp;
+  return testing::llama_hparams(kVocab, kEmbd, kLayers, kHead, kHeadKV, kHeadDim, kFF);
 }
 
 std::shared_ptr<const Model> load(const Weights& src, std::vector<PlacedLayers> placement) {
