@@ -109,4 +109,9 @@ def test_smollm2_file_type_matches_the_exact_model(smollm2_path: Path, tmp_path:
         # measured 4e-7 (IQ4_XS, IQ4_NL) .. 1e-6 (IQ3_S)
         kl = _kl(p_log, _log_softmax(got))
         assert kl < 1e-5, f"repack={repack}: KL {kl:.3g}"
-        assert (got.argmax(-1) == want.argmax(-1)).all()
+        # the same top token wherever the exact model's is clear: at a near-tie (top two
+        # within 0.05) float rounding may pick either (an IQ2_M file had one such position)
+        top2 = np.sort(want, axis=-1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > 0.05
+        assert clear.mean() > 0.8  # the check stays about most positions
+        assert (got.argmax(-1) == want.argmax(-1))[clear].all()
