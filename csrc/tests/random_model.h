@@ -54,4 +54,19 @@ inline HParams llama_hparams(int n_vocab, int n_embd, int n_layer, int n_head, i
   return hp;
 }
 
+// Appends `steps` greedy decode steps to `out` (logits rows of n_vocab; its last row picks the
+// first token): each step feeds the previous row's argmax and appends the new row.
+inline void greedy_steps(Context& ctx, std::vector<float>& out, int n_vocab, int steps) {
+  for (int step = 0; step < steps; ++step) {
+    const float* last = out.data() + out.size() - n_vocab;
+    int32_t tok = 0;
+    for (int i = 1; i < n_vocab; ++i) {
+      if (last[i] > last[tok]) tok = i;
+    }
+    std::vector<float> row(static_cast<size_t>(n_vocab));
+    ctx.decode(&tok, 1, row.data(), false);
+    out.insert(out.end(), row.begin(), row.end());
+  }
+}
+
 }  // namespace pyllm::testing

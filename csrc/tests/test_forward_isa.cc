@@ -106,16 +106,7 @@ std::vector<float> forward(const Weights& src) {
   for (int i = 0; i < 20; ++i) prompt.push_back((i * 37 + 11) % kVocab);
   std::vector<float> out(prompt.size() * kVocab);
   ctx.decode(prompt.data(), static_cast<int64_t>(prompt.size()), out.data(), true);
-  for (int step = 0; step < 3; ++step) {
-    const float* last = out.data() + out.size() - kVocab;
-    int32_t tok = 0;
-    for (int i = 1; i < kVocab; ++i) {
-      if (last[i] > last[tok]) tok = i;
-    }
-    std::vector<float> row(kVocab);
-    ctx.decode(&tok, 1, row.data(), false);
-    out.insert(out.end(), row.begin(), row.end());
-  }
+  testing::greedy_steps(ctx, out, kVocab, 3);
   return out;
 }
 

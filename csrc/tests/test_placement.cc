@@ -85,16 +85,7 @@ std::vector<float> run(const std::shared_ptr<const Model>& model) {
   const std::vector<int32_t> prompt = {1, 7, 22, 5, 90, 41, 3, 3, 17, 60, 2, 88};
   std::vector<float> out(prompt.size() * kVocab);
   ctx.decode(prompt.data(), static_cast<int64_t>(prompt.size()), out.data(), true);
-  int32_t tok = 0;
-  for (int step = 0; step < 3; ++step) {
-    const float* last = out.data() + out.size() - kVocab;
-    for (int i = 1; i < kVocab; ++i) {
-      if (last[i] > last[tok]) tok = i;
-    }
-    std::vector<float> row(kVocab);
-    ctx.decode(&tok, 1, row.data(), false);
-    out.insert(out.end(), row.begin(), row.end());
-  }
+  testing::greedy_steps(ctx, out, kVocab, 3);
   return out;
 }
 
