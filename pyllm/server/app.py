@@ -491,6 +491,9 @@ class _Handlers:
     # ---- simple endpoints -----------------------------------------------------------------
 
     async def health(self) -> Response:
+        """Whether the server can take requests: 200 ``{"status": "ok", "slots_idle",
+        "slots_processing", "queue"}``; 503 ``"loading"`` while the model loads or
+        ``"stopped"``; 500 ``"error"`` with the message when loading failed. Needs no API key."""
         state = self.state
         if state.engine is None:
             if state.load_error is not None:
@@ -503,6 +506,9 @@ class _Handlers:
                              "slots_processing": eng.active, "queue": eng.queue_depth})
 
     async def models(self) -> Response:
+        """OpenAI's model list: the one model served (its id is ``--alias``, else the model
+        file's name), with the slot context size, slot count and vocabulary size under
+        ``meta``."""
         eng = self.state.need_engine()
         return JSONResponse({"object": "list", "data": [{
             "id": self.config.model_id, "object": "model", "created": int(self.state.started),
@@ -511,6 +517,9 @@ class _Handlers:
                      "n_vocab": eng.n_vocab}}]})
 
     async def props(self) -> Response:
+        """llama.cpp's GET /props: the default generation settings (sampling parameters, the
+        context size per slot, the default ``max_tokens`` of each route), the slot count, the
+        model's alias and path, and its chat template."""
         return JSONResponse(props(self.config, self.state.need_engine()))
 
     async def lora_adapters(self) -> Response:
@@ -554,13 +563,19 @@ class _Handlers:
         return JSONResponse(result)
 
     async def metrics(self) -> Response:
+        """Prometheus text format: requests and tokens served, tokens per second, slots busy,
+        queue depth, HTTP responses by route and status."""
         return PlainTextResponse(metrics_text(self.state),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def index(self) -> Response:
+        """The chat page (one self-contained HTML file). With an API key set, open it as
+        ``/?api_key=KEY``."""
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8")
 
     async def tokenize(self, request: Request) -> Response:
+        """llama.cpp's POST /tokenize: ``{"tokens": [ids]}``, or with ``with_pieces``
+        ``{"tokens": [{"id", "piece"}]}``."""
         req = await self._body(request, TokenizeRequest)
         eng = self.state.need_engine()
 
@@ -576,6 +591,8 @@ class _Handlers:
         return await _guarded(run)
 
     async def detokenize(self, request: Request) -> Response:
+        """llama.cpp's POST /detokenize: ``{"content": text}`` of token ids (400 for an id
+        outside the vocabulary)."""
         req = await self._body(request, DetokenizeRequest)
         eng = self.state.need_engine()
         bad = [t for t in req.tokens if not 0 <= t < eng.n_vocab]
@@ -591,6 +608,8 @@ class _Handlers:
     # ---- embeddings -----------------------------------------------------------------------
 
     async def embeddings(self, request: Request) -> Response:
+        """OpenAI's embeddings: one vector per input (the mean of the final-normed hidden
+        states over its tokens, L2-normalized), as floats or base64 float32."""
         req = await self._body(request, EmbeddingRequest)
         eng = self.state.need_engine()
         if not eng.supports_embeddings:
@@ -656,6 +675,9 @@ class _Handlers:
     # ---- completions ----------------------------------------------------------------------
 
     async def completions(self, request: Request) -> Response:
+        """OpenAI's text completion of one prompt (text or token ids): ``n`` choices decoded
+        together, ``logprobs``, ``echo``, stop strings, a grammar or JSON schema; with
+        ``"stream": true`` server-sent events ending in ``data: [DONE]``."""
         req = await self._body(request, CompletionRequest)
         params = _sampling(req)
         eng = self.state.need_engine()
@@ -700,6 +722,9 @@ class _Handlers:
         return tokens, echo
 
     async def chat_completions(self, request: Request) -> Response:
+        """OpenAI's chat completion: the messages rendered with the model's chat template (or
+        ``--chat-format``), tools and ``tool_choice``, ``response_format``, ``logprobs``; with
+        ``"stream": true`` server-sent events ending in ``data: [DONE]``."""
         req = await self._body(request, ChatCompletionRequest)
         params = _sampling(req)
         eng = self.state.need_engine()
