@@ -166,6 +166,26 @@ def render(
     Extra keyword arguments (and ``tools``) become variables of a Jinja template. Fixed token
     ids of a format become their text via ``tokenizer.token_to_piece``; without a tokenizer
     such a format raises — use :func:`render_parts` or :func:`render_ids` instead.
+
+    Args:
+        messages: The conversation: mappings with ``role`` and ``content`` (and, for tool
+            calls, ``tool_calls`` / ``tool_call_id``).
+        template_or_format: A Jinja template string, a registered format name, a ChatFormat
+            or a compiled ChatTemplate.
+        bos_token: The BOS text; default: the tokenizer's, else the template's empty string
+            or the format's own.
+        eos_token: The EOS text, chosen as ``bos_token`` is.
+        add_generation_prompt: End with the opening of the assistant's turn.
+        tokenizer: Supplies the BOS/EOS text and the text of fixed token ids.
+        tools: OpenAI-style tool definitions, passed to a template as ``tools``.
+        **template_vars: More variables for a Jinja template.
+
+    Returns:
+        The prompt text, including any BOS the layout wants.
+
+    Raises:
+        ChatTemplateError: The template fails, escapes the sandbox, or the messages are
+            malformed.
     """
     parts = render_parts(
         messages,
@@ -201,7 +221,20 @@ def render_ids(
 ) -> list[int]:
     """Render and tokenize: text runs go through ``tokenizer.encode(text, add_special=False,
     parse_special=True)`` (so ``<|im_start|>`` etc. become their single ids), fixed ids are
-    inserted as they are."""
+    inserted as they are.
+
+    Args:
+        messages: The conversation, as for :func:`render`.
+        template_or_format: As for :func:`render`.
+        tokenizer: Anything with ``encode(text, add_special=..., parse_special=...)``,
+            ``token_to_piece``, ``bos_id`` and ``eos_id`` (a :class:`pyllm.Tokenizer`).
+        add_generation_prompt: End with the opening of the assistant's turn.
+        **kwargs: Passed on to :func:`render_parts` (``bos_token``, ``tools``, template
+            variables).
+
+    Returns:
+        The prompt's token ids.
+    """
     parts = render_parts(
         messages,
         template_or_format,
@@ -224,6 +257,13 @@ def stop_strings(format_name_or_template: TemplateOrFormat) -> list[str]:
 
     For a template that matches no built-in format, the known end-of-turn markers it mentions.
     Generation should also stop at the model's EOS token id.
+
+    Args:
+        format_name_or_template: A format name, a Jinja template string, a ChatFormat or a
+            ChatTemplate.
+
+    Returns:
+        The end-of-turn strings (empty when none is known).
     """
     target = format_name_or_template
     if isinstance(target, ChatTemplate):

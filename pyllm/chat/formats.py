@@ -160,6 +160,16 @@ class ChatFormat:
 
         fastllm has no system role: a system message's text goes right after ``pre_prompt``,
         shaped by ``system_prefix``/``system_suffix`` if given in ``extra``.
+
+        Args:
+            pre_prompt: Text before the first turn.
+            user_role: Text before each user message.
+            bot_role: Text between a user message and the reply.
+            history_sep: Text after each reply.
+            **extra: Other ChatFormat fields (e.g. ``name``, ``default_system``).
+
+        Returns:
+            The format.
         """
         return cls(
             pre_prompt=parse_fastllm(pre_prompt),
@@ -175,7 +185,14 @@ class ChatFormat:
         return any(isinstance(p, TokenId) for name in _PIECE_FIELDS for p in getattr(self, name))
 
     def with_(self, **changes: Any) -> ChatFormat:
-        """A copy with some fields changed (e.g. another ``default_system``)."""
+        """A copy with some fields changed (e.g. another ``default_system``).
+
+        Args:
+            **changes: Field names and their new values.
+
+        Returns:
+            The changed copy (this format is immutable).
+        """
         return replace(self, **changes)
 
 
@@ -514,7 +531,14 @@ _registry: dict[str, ChatFormat] = dict(BUILTIN_FORMATS)
 
 
 def register_format(name: str, fmt: ChatFormat, *, overwrite: bool = False) -> None:
-    """Make ``fmt`` available under ``name`` to :func:`render`, :func:`stop_strings`, ..."""
+    """Make ``fmt`` available under ``name`` to :func:`render`, :func:`stop_strings`, ...
+
+    Args:
+        name: The new name.
+        fmt: The format.
+        overwrite: Replace a format already registered under ``name`` instead of raising
+            ChatTemplateError.
+    """
     if not isinstance(name, str) or not name or name != name.strip():
         raise ChatTemplateError(f"format name must be a non-empty str without padding: {name!r}")
     if not isinstance(fmt, ChatFormat):
@@ -525,7 +549,17 @@ def register_format(name: str, fmt: ChatFormat, *, overwrite: bool = False) -> N
 
 
 def get_format(name: str) -> ChatFormat:
-    """The registered format called ``name`` (aliases such as ``llama2`` accepted)."""
+    """The registered format called ``name`` (aliases such as ``llama2`` accepted).
+
+    Args:
+        name: A format name or an alias.
+
+    Returns:
+        The format.
+
+    Raises:
+        ChatTemplateError: No format has that name (the message lists the names).
+    """
     fmt = _registry.get(name) or _registry.get(ALIASES.get(name, ""))
     if fmt is None:
         raise ChatTemplateError(
@@ -539,7 +573,11 @@ def is_format_name(name: str) -> bool:
 
 
 def list_formats() -> list[str]:
-    """Names of all registered formats (built-in and user-registered), sorted."""
+    """Names of all registered formats (built-in and user-registered), sorted.
+
+    Returns:
+        The format names.
+    """
     return sorted(_registry)
 
 
@@ -572,6 +610,12 @@ def guess_format(template: str) -> str | None:
 
     Used to find stop strings for templates read from GGUF files. Returns ``None`` for layouts
     it does not know (e.g. Gemma, Phi-3, Command-R).
+
+    Args:
+        template: A Jinja chat template or a format name.
+
+    Returns:
+        A built-in format name, or None.
     """
     if not isinstance(template, str):
         raise ChatTemplateError(f"guess_format needs a str, not {type(template).__name__}")

@@ -181,7 +181,11 @@ def _compile(source: str) -> jinja2.Template:
 
 
 class ChatTemplate:
-    """A compiled Jinja chat template. Compile once, render many conversations."""
+    """A compiled Jinja chat template. Compile once, render many conversations.
+
+    Args:
+        source: The Jinja source (a GGUF ``tokenizer.chat_template``).
+    """
 
     def __init__(self, source: str) -> None:
         if not isinstance(source, str):
@@ -203,7 +207,19 @@ class ChatTemplate:
         tools: Sequence[Mapping[str, Any]] | None = None,
         **variables: Any,
     ) -> str:
-        """Render ``messages``; extra keyword arguments become template variables."""
+        """Render ``messages``; extra keyword arguments become template variables.
+
+        Args:
+            messages: The conversation (role / content mappings).
+            add_generation_prompt: End with the opening of the assistant's turn.
+            bos_token: The template's ``bos_token`` variable.
+            eos_token: The template's ``eos_token`` variable.
+            tools: OpenAI-style tool definitions (the ``tools`` variable).
+            **variables: More template variables.
+
+        Returns:
+            The rendered prompt text.
+        """
         msgs = validate_messages(messages, TEMPLATE_ROLES, for_template=True)
         context: dict[str, Any] = dict(variables)
         context.update(

@@ -52,7 +52,14 @@ class QuantTypeInfo:
     vec_dot_type: GGMLType  # activation format its dot kernels take
 
     def row_bytes(self, n: int) -> int:
-        """Bytes of ``n`` elements; ``n`` must be a whole number of blocks."""
+        """Bytes of ``n`` elements; ``n`` must be a whole number of blocks.
+
+        Args:
+            n: Elements (a multiple of the block size).
+
+        Returns:
+            The bytes they take.
+        """
         if n < 0 or n % self.block_size:
             raise QuantError(
                 f"{self.name}: {n} elements is not a whole number of "
@@ -68,7 +75,17 @@ def _core() -> Any:
 
 
 def resolve_type(qtype: QTypeLike) -> GGMLType:
-    """The supported :class:`GGMLType` named by a GGMLType, its integer id or its name ("q4_k")."""
+    """The supported :class:`GGMLType` named by a GGMLType, its integer id or its name ("q4_k").
+
+    Args:
+        qtype: A GGMLType, a GGUF type id or a type name (any case).
+
+    Returns:
+        The type.
+
+    Raises:
+        QuantError: An unknown or unsupported type.
+    """
     if isinstance(qtype, GGMLType):
         t = qtype
     elif isinstance(qtype, str):
@@ -108,19 +125,34 @@ def _info(t: GGMLType) -> QuantTypeInfo:
 @cache
 def supported_types() -> tuple[GGMLType, ...]:
     """The types the C++ traits table implements (csrc/quant/registry.cc, the one list), in its
-    order; their ids are the GGUF type ids, so each is the :class:`GGMLType` of that id."""
+    order; their ids are the GGUF type ids, so each is the :class:`GGMLType` of that id.
+
+    Returns:
+        The types, in the table's order.
+    """
     return tuple(GGMLType(i) for i in _core().quant_type_ids())
 
 
 @cache
 def weight_types() -> frozenset[GGMLType]:
     """The types a model's weights may have: the C++ table's types marked as weights (not the
-    activation formats Q8_1 / Q8_K). Every ISA's kernel table covers exactly these."""
+    activation formats Q8_1 / Q8_K). Every ISA's kernel table covers exactly these.
+
+    Returns:
+        The weight types.
+    """
     return frozenset(t for t in supported_types() if _info(t).is_weight)
 
 
 def type_info(qtype: QTypeLike) -> QuantTypeInfo:
-    """Block size, bytes per block and the other traits of a supported type."""
+    """Block size, bytes per block and the other traits of a supported type.
+
+    Args:
+        qtype: A type, as :func:`resolve_type` takes it.
+
+    Returns:
+        Its traits.
+    """
     return _info(resolve_type(qtype))
 
 
@@ -143,7 +175,15 @@ def _check_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
 
 
 def byte_shape(qtype: QTypeLike, shape: int | Sequence[int]) -> tuple[int, ...]:
-    """Shape of the raw bytes of a tensor of ``shape`` (numpy order): the last dim becomes bytes."""
+    """Shape of the raw bytes of a tensor of ``shape`` (numpy order): the last dim becomes bytes.
+
+    Args:
+        qtype: A type, as :func:`resolve_type` takes it.
+        shape: The tensor's shape in numpy order (an int for 1-D).
+
+    Returns:
+        The shape of its raw bytes.
+    """
     info = type_info(qtype)
     dims = _check_shape(shape)
     if not dims:
@@ -170,6 +210,14 @@ def dequantize(qtype: QTypeLike, data: Any, shape: int | Sequence[int]) -> np.nd
 
     ``data`` is a numpy array (any dtype; its bytes are used, e.g. a GGUF memmap view) or any
     buffer holding exactly the tensor's bytes. Contiguous inputs are read in place.
+
+    Args:
+        qtype: The type of the bytes.
+        data: The raw bytes.
+        shape: The tensor's shape in numpy order.
+
+    Returns:
+        A new float32 array of ``shape``.
     """
     info = type_info(qtype)
     dims = _check_shape(shape)
@@ -200,6 +248,14 @@ def quantize(qtype: QTypeLike, array: Any, importance: Any = None) -> np.ndarray
     :class:`QuantError`. IQ1_S, IQ2_XXS and IQ2_XS are written only with an importance matrix
     (:class:`QuantError` without one); the other grid i-quants (IQ1_M, IQ2_S, IQ3_XXS, IQ3_S)
     with or without, as llama.cpp's quantizer.
+
+    Args:
+        qtype: The type to encode to.
+        array: Real numbers, last dimension a multiple of the block size.
+        importance: Per-column importance (1-D, the last dimension's length), or None.
+
+    Returns:
+        The raw bytes, uint8 of shape (..., row bytes).
     """
     info = type_info(qtype)
     if not info.can_quantize and not (info.imatrix_quantize and importance is not None):

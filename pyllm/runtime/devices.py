@@ -24,6 +24,15 @@ CMAKE_FLAGS = {"cuda": "PYLLM_CUDA", "opencl": "PYLLM_OPENCL", "metal": "PYLLM_M
 
 @dataclass(frozen=True)
 class DeviceInfo:
+    """One device of a backend of this build, as :func:`devices` lists it.
+
+    Attributes:
+        backend: The name a placement or ``device=`` uses: ``"cpu"``, ``"opencl:0"``, ...
+        name: The device's own name.
+        details: Driver and capability details, as the backend reports them.
+        memory: Bytes of device memory (0 for the host).
+    """
+
     backend: str  # the name a placement uses: "cpu", "opencl:0", ...
     name: str  # the device's own name
     details: str
@@ -42,7 +51,11 @@ def backends() -> list[str]:
 
 
 def devices() -> list[DeviceInfo]:
-    """Every device of every backend of this build (``pyllm info --devices`` prints them)."""
+    """Every device of every backend of this build (``pyllm info --devices`` prints them).
+
+    Returns:
+        One DeviceInfo per device; the CPU is always there.
+    """
     return [DeviceInfo(**d) for d in _core().devices()]  # type: ignore[attr-defined]
 
 

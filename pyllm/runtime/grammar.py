@@ -83,24 +83,52 @@ class Grammar:
 
     @classmethod
     def gbnf(cls, text: str) -> Grammar:
-        """A grammar in llama.cpp's GBNF (``root ::= ...``); the start rule is ``root``."""
+        """A grammar in llama.cpp's GBNF (``root ::= ...``); the start rule is ``root``.
+
+        Args:
+            text: The GBNF source.
+
+        Returns:
+            The grammar (compiled on first use).
+        """
         return cls("gbnf", text)
 
     @classmethod
     def lark(cls, text: str) -> Grammar:
-        """A grammar in llguidance's Lark dialect (``start: ...``, ``%json {...}`` inline)."""
+        """A grammar in llguidance's Lark dialect (``start: ...``, ``%json {...}`` inline).
+
+        Args:
+            text: The Lark source.
+
+        Returns:
+            The grammar (compiled on first use).
+        """
         return cls("lark", text)
 
     @classmethod
     def regex(cls, pattern: str) -> Grammar:
-        """The whole output matches ``pattern`` (Rust regex syntax, no look-around)."""
+        """The whole output matches ``pattern`` (Rust regex syntax, no look-around).
+
+        Args:
+            pattern: The regular expression.
+
+        Returns:
+            The grammar (compiled on first use).
+        """
         return cls("regex", pattern)
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any] | bool | str) -> Grammar:
         """JSON that validates against ``schema`` (a dict, or its JSON text). Objects that list
         ``properties`` get only those keys unless the schema allows others explicitly (see
-        :func:`closed_objects`)."""
+        :func:`closed_objects`).
+
+        Args:
+            schema: A JSON schema: a dict, a bool, or its JSON text.
+
+        Returns:
+            The grammar (compiled on first use).
+        """
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)
@@ -118,15 +146,27 @@ class Grammar:
 
     @classmethod
     def json_object(cls) -> Grammar:
-        """Any JSON object (OpenAI's ``response_format: {"type": "json_object"}``)."""
+        """Any JSON object (OpenAI's ``response_format: {"type": "json_object"}``).
+
+        Returns:
+            The grammar.
+        """
         return cls.json_schema({"type": "object"})
 
     def compiled(self) -> str:
-        """The llguidance grammar, checked (GrammarError quoting the parser's message)."""
+        """The llguidance grammar, checked (GrammarError quoting the parser's message).
+
+        Returns:
+            The grammar in llguidance's serialized form.
+        """
         return _compile(self.kind, self.source)
 
     def check(self) -> Grammar:
-        """Compile now (errors at request time, not at the first token); returns self."""
+        """Compile now (errors at request time, not at the first token); returns self.
+
+        Returns:
+            This grammar, compiled.
+        """
         self.compiled()
         return self
 

@@ -71,6 +71,24 @@ class LLM:
     ``model`` is the :class:`pyllm.runtime.loaded.LoadedModel` (weights, tokenizer, template).
     ``pipeline``: run the layers over the ranks of an MPI job (:class:`pyllm.Pipeline`, on
     rank 0; the other ranks serve it).
+
+    Args:
+        model_path: The GGUF file (any shard of a split model); None: the default model,
+            downloaded once.
+        n_ctx: Context size in tokens.
+        n_threads: Threads of the forward (None: the physical cores this process may use).
+        n_batch: Prompt tokens per forward chunk.
+        seed: The sampling seed (-1: random).
+        kv_type: The KV cache type: ``f16``, ``q8_0`` or ``f32``.
+        repack: Copy the matrices into the CPU's faster rows16 layout at load.
+        n_gpu_layers: Offload the last N layers to a GPU (-1: all, and the output matrix).
+        device: The device to offload to (``opencl``, ``cuda:1``, ``cpu``; None: the build's
+            GPU backend).
+        lora: LoRA adapters: paths, or (path, scale) pairs.
+        draft_model: The default drafter of speculative decoding (a NgramDrafter or
+            DraftModel).
+        pipeline: Run the layers over the ranks of an MPI job (rank 0 only).
+        verbose: Print load information to stderr.
     """
 
     def __init__(self, model_path: str | os.PathLike[str] | None = None, *, n_ctx: int = 2048,
@@ -172,9 +190,28 @@ class LLM:
 
     def tokenize(self, text: str, add_special: bool = True,
                  parse_special: bool = False) -> list[int]:
+        """Token ids of a text (see :meth:`pyllm.Tokenizer.encode`).
+
+        Args:
+            text: The text.
+            add_special: Add BOS/EOS where the vocabulary asks for them.
+            parse_special: Recognise control tokens written in the text.
+
+        Returns:
+            The token ids.
+        """
         return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
 
     def detokenize(self, tokens: Sequence[int], skip_special: bool = False) -> str:
+        """The text of token ids (see :meth:`pyllm.Tokenizer.decode`).
+
+        Args:
+            tokens: The token ids.
+            skip_special: Drop control and unknown tokens.
+
+        Returns:
+            The text.
+        """
         return self.tokenizer.decode(list(tokens), skip_special=skip_special)
 
     # ---- evaluation ---------------------------------------------------------------------------
@@ -207,7 +244,14 @@ class LLM:
         return out
 
     def eval(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Append tokens to the context; returns the logits after the last one (n_vocab,)."""
+        """Append tokens to the context; returns the logits after the last one (n_vocab,).
+
+        Args:
+            tokens: Token ids.
+
+        Returns:
+            The logits after the last token, float32 (n_vocab,).
+        """
         arr = self._check_tokens(tokens)
         if arr.size == 0:
             raise ModelError("eval needs at least one token")
@@ -217,7 +261,14 @@ class LLM:
         return out
 
     def eval_token(self, token: int) -> np.ndarray:
-        """:meth:`eval` of one token, without the array checks (the decode loop's hot path)."""
+        """:meth:`eval` of one token, without the array checks (the decode loop's hot path).
+
+        Args:
+            token: A token id.
+
+        Returns:
+            The logits after it, float32 (n_vocab,).
+        """
         if not 0 <= token < self.hparams.n_vocab:
             raise ModelError(f"token id {token} is outside the vocabulary (n_vocab {self.n_vocab})")
         out = self._decode(np.array((token,), dtype=np.int32), "last")
@@ -227,7 +278,14 @@ class LLM:
 
     def eval_all(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
         """Append tokens to the context in one forward call; returns the logits after each of
-        them, float32 (n_tokens, n_vocab) (speculative decoding checks a draft this way)."""
+        them, float32 (n_tokens, n_vocab) (speculative decoding checks a draft this way).
+
+        Args:
+            tokens: Token ids.
+
+        Returns:
+            The logits after each token, float32 (n_tokens, n_vocab).
+        """
         arr = self._check_tokens(tokens)
         if arr.size == 0:
             raise ModelError("eval_all needs at least one token")
@@ -238,7 +296,14 @@ class LLM:
 
     def eval_prompt(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
         """Make the context hold exactly ``tokens``, reusing the longest cached common prefix;
-        returns the logits after the last token."""
+        returns the logits after the last token.
+
+        Args:
+            tokens: The whole prompt's token ids.
+
+        Returns:
+            The logits after the last token, float32 (n_vocab,).
+        """
         arr = self._check_tokens(tokens)
         if arr.size == 0:
             raise ModelError("the prompt is empty")
@@ -251,6 +316,12 @@ class LLM:
         """Teacher-forced logits for every position: float32 array (n_tokens, n_vocab).
 
         Starts from an empty context (the result does not depend on earlier calls).
+
+        Args:
+            tokens: Token ids (at most n_ctx).
+
+        Returns:
+            The logits after each token, float32 (n_tokens, n_vocab).
         """
         arr = self._check_tokens(tokens)
         if arr.size == 0:
@@ -264,7 +335,14 @@ class LLM:
     def logits_each(self, chunks: Iterable[Sequence[int] | np.ndarray]) -> Iterator[np.ndarray]:
         """:meth:`logits` of each chunk in turn (perplexity's chunks). Over an MPI pipeline the
         next chunk's forward starts before the last one's logits are back, so the ranks work
-        on two chunks at once; elsewhere it is ``logits`` in a loop."""
+        on two chunks at once; elsewhere it is ``logits`` in a loop.
+
+        Args:
+            chunks: Token id sequences, each evaluated from an empty context.
+
+        Yields:
+            Each chunk's logits, float32 (n_tokens, n_vocab), in order.
+        """
         submit = getattr(self._ctx, "submit", None)
         if submit is None:
             for chunk in chunks:
@@ -299,7 +377,11 @@ class LLM:
 
     def truncate(self, n: int) -> None:
         """Keep the first ``n`` tokens of the context and drop the rest of its KV cache (a
-        rejected draft, an edited conversation); nothing happens when it holds ``n`` or fewer."""
+        rejected draft, an edited conversation); nothing happens when it holds ``n`` or fewer.
+
+        Args:
+            n: Tokens to keep.
+        """
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ContextError(f"truncate needs a token count >= 0, got {n!r}")
         self._truncate(n)
@@ -309,7 +391,12 @@ class LLM:
         the later ones down, their keys re-rotated to the new positions, as if the remaining
         tokens had been evaluated there (up to the K/V cache type's rounding). ContextError for
         bounds outside the cached tokens or a RoPE mode that cannot be moved exactly (dynamic
-        NTK), DeviceError with layers offloaded to a GPU."""
+        NTK), DeviceError with layers offloaded to a GPU.
+
+        Args:
+            keep: Cached tokens kept at the start.
+            n_discard: Tokens dropped after them.
+        """
         for name, v in (("keep", keep), ("n_discard", n_discard)):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ContextError(f"{name} must be an integer, got {v!r}")
@@ -339,6 +426,13 @@ class LLM:
         """Mean-pooled final hidden states of a text (float32, n_embd), L2-normalized by default.
 
         Uses the context's KV cache, so the cached conversation is forgotten.
+
+        Args:
+            text_or_tokens: A text, or token ids.
+            normalize: Scale the vector to unit L2 norm.
+
+        Returns:
+            The embedding, float32 (n_embd,).
         """
         if isinstance(text_or_tokens, str):
             tokens = self.tokenize(text_or_tokens, add_special=True)
@@ -365,7 +459,14 @@ class LLM:
         return vec.astype(np.float32, copy=False)
 
     def create_embedding(self, input: str | Sequence[str]) -> dict[str, Any]:  # noqa: A002
-        """llama-cpp-python / OpenAI-shaped embeddings of one text or a list of texts."""
+        """llama-cpp-python / OpenAI-shaped embeddings of one text or a list of texts.
+
+        Args:
+            input: A text or a list of texts.
+
+        Returns:
+            ``{"object": "list", "data": [{"embedding", "index"}], "model", "usage"}``.
+        """
         texts = [input] if isinstance(input, str) else list(input)
         data, n_tokens = [], 0
         for i, text in enumerate(texts):
@@ -388,6 +489,18 @@ class LLM:
         ``drafter=`` a :class:`~pyllm.runtime.speculative.NgramDrafter` or
         :class:`~pyllm.runtime.speculative.DraftModel` for speculative decoding (the same text,
         faster where the drafts hold; default: the LLM's ``draft_model``).
+
+        Args:
+            prompt: Text, or token ids.
+            max_tokens: Tokens to generate at most (-1 or None: until an end-of-text token or a
+                full context; 0: none).
+            stop: Strings that end the generation (not included).
+            **sampling: Sampling settings, ``grammar`` / ``json_schema`` / ``regex``,
+                ``drafter``, ``context_shift``.
+
+        Yields:
+            Text pieces, each final (never part of a UTF-8 character or of a possible stop
+            string).
         """
         from pyllm.runtime.completions import make_generation
         from pyllm.runtime.generation import prompt_tokens
@@ -400,14 +513,36 @@ class LLM:
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int | None = 128,
                  stop: str | Sequence[str] | None = None, **sampling: Any) -> str:
-        """The whole continuation of ``prompt`` as one string (see :meth:`stream`)."""
+        """The whole continuation of ``prompt`` as one string (see :meth:`stream`).
+
+        Args:
+            prompt: Text, or token ids.
+            max_tokens: Tokens to generate at most, as for :meth:`stream`.
+            stop: Strings that end the generation (not included).
+            **sampling: As for :meth:`stream`.
+
+        Returns:
+            The generated text.
+        """
         return "".join(self.stream(prompt, max_tokens, stop, **sampling))
 
     def chat(self, messages: Sequence[dict[str, Any]], max_tokens: int | None = None,
              chat_format: str | None = None, stream: bool = False,
              **sampling: Any) -> str | Iterator[str]:
         """The assistant's reply to ``messages`` (dicts with ``role`` and ``content``), using
-        the model's chat template or the named built-in ``chat_format``."""
+        the model's chat template or the named built-in ``chat_format``.
+
+        Args:
+            messages: The conversation: dicts with ``role`` and ``content``.
+            max_tokens: Tokens to generate at most (None or -1: until the end of the turn or a
+                full context).
+            chat_format: A built-in format name instead of the model's template.
+            stream: Yield text pieces instead of returning the whole reply.
+            **sampling: As for :meth:`stream`.
+
+        Returns:
+            The reply, or an iterator of its pieces with ``stream=True``.
+        """
         from pyllm.runtime.completions import make_generation
         from pyllm.runtime.generation import chat_prompt
 
@@ -418,13 +553,32 @@ class LLM:
         return pieces if stream else "".join(pieces)
 
     def create_completion(self, prompt: str | Sequence[int], **kwargs: Any) -> Any:
-        """llama-cpp-python compatible: OpenAI-shaped dict, or chunk iterator with stream=True."""
+        """llama-cpp-python compatible: OpenAI-shaped dict, or chunk iterator with stream=True.
+
+        Args:
+            prompt: Text, or token ids.
+            **kwargs: llama-cpp-python's arguments (``max_tokens``, ``stop``, ``stream``,
+                ``logprobs``, ``echo``, sampling settings, ``grammar``, ...).
+
+        Returns:
+            A ``text_completion`` dict, or with ``stream=True`` an iterator of chunk dicts.
+        """
         from pyllm.runtime.completions import create_completion
 
         return create_completion(self, prompt, **kwargs)
 
     def create_chat_completion(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Any:
-        """llama-cpp-python compatible chat completion (OpenAI ``chat.completion`` dicts)."""
+        """llama-cpp-python compatible chat completion (OpenAI ``chat.completion`` dicts).
+
+        Args:
+            messages: The conversation (OpenAI messages, tool calls and results included).
+            **kwargs: llama-cpp-python's arguments (``max_tokens``, ``stream``, ``tools``,
+                ``tool_choice``, ``response_format``, ``logprobs``, sampling settings, ...).
+
+        Returns:
+            A ``chat.completion`` dict, or with ``stream=True`` an iterator of
+            ``chat.completion.chunk`` dicts.
+        """
         from pyllm.runtime.completions import create_chat_completion
 
         return create_chat_completion(self, messages, **kwargs)
@@ -441,7 +595,11 @@ class LLM:
     def set_lora(self, lora: Sequence[LoraSpec] | None) -> None:
         """Apply these adapters (``["a.gguf", ("b.gguf", 0.5)]``; None or [] = none) from now
         on, without reloading the model. Files already used are not read again. The cached
-        context was computed with the old adapters, so it is dropped."""
+        context was computed with the old adapters, so it is dropped.
+
+        Args:
+            lora: Adapter paths or (path, scale) pairs; None or [] for none.
+        """
         self._apply_lora(lora_specs(lora))
         self._truncate(0)
 
@@ -463,11 +621,25 @@ class LLM:
         return self.model.identity
 
     def save_state(self) -> LLMState:
+        """A snapshot of the context, to continue from later with :meth:`load_state`.
+
+        Returns:
+            The cached tokens, their K/V entries, the last logits and the LoRA adapters.
+        """
         last = None if self._last_logits is None else self._last_logits.copy()
         return LLMState(tuple(self._tokens), bytes(self._ctx.save_state()), last,
                         self._lora_key())
 
     def load_state(self, state: LLMState) -> None:
+        """Make the context what :meth:`save_state` saw.
+
+        Args:
+            state: A snapshot of this model (with the same LoRA adapters and KV type).
+
+        Raises:
+            ContextError: The state was computed with other LoRA adapters, or does not fit this
+                context.
+        """
         if not isinstance(state, LLMState):
             raise PyllmError("load_state expects an LLMState from save_state()")
         if state.lora != self._lora_key():

@@ -75,6 +75,10 @@ class Pipeline:
         if pipe.rank != 0:
             sys.exit(pipe.serve())
         llm = pyllm.LLM("model.gguf", pipeline=pipe)
+
+    Args:
+        layer_split: Layers per rank, in rank order (None: balanced by bytes).
+        comm: The MPI communicator (None: ``MPI.COMM_WORLD``).
     """
 
     def __init__(self, layer_split: Sequence[int] | None = None, comm: Any = None) -> None:
@@ -101,31 +105,53 @@ class Pipeline:
 
     def default_threads(self) -> int:
         """Threads per rank when none are asked for: this rank's CPUs (mpirun may bind it to
-        some), shared with the other ranks on this machine."""
+        some), shared with the other ranks on this machine.
+
+        Returns:
+            The thread count.
+        """
         from pyllm.runtime.sysinfo import available_cpus
 
         return max(1, min(available_cpus(), (os.cpu_count() or 1) // self.local_size))
 
     def peak_rss(self) -> list[int]:
-        """Every rank's peak resident memory in bytes, in rank order (rank 0 only)."""
+        """Every rank's peak resident memory in bytes, in rank order (rank 0 only).
+
+        Returns:
+            Bytes per rank.
+        """
         from pyllm.runtime.sysinfo import peak_rss_bytes
 
         self.command("rss")
         return [peak_rss_bytes(), *self.replies()]
 
     def new_id(self) -> int:
+        """A fresh id for an object the ranks create together (a model, a context).
+
+        Returns:
+            The id, unique within this pipeline.
+        """
         self._next_id += 1
         return self._next_id
 
     # ---- rank 0: commands ----------------------------------------------------------------------
 
     def command(self, *cmd: Any) -> None:
-        """Send a command to every worker (rank 0 only; in order with the earlier ones)."""
+        """Send a command to every worker (rank 0 only; in order with the earlier ones).
+
+        Args:
+            *cmd: The command name and its arguments (pickled).
+        """
         for rank in range(1, self.size):
             self.command_to(rank, *cmd)
 
     def command_to(self, rank: int, *cmd: Any) -> None:
-        """Send a command to one worker (what differs per rank, e.g. its part of a state)."""
+        """Send a command to one worker (what differs per rank, e.g. its part of a state).
+
+        Args:
+            rank: The worker's rank.
+            *cmd: The command name and its arguments (pickled).
+        """
         if self._closed:
             raise PipelineError("the MPI pipeline has been shut down")
         self._sends = [r for r in self._sends if not r.Test()]
@@ -139,7 +165,14 @@ class Pipeline:
     def replies(self) -> list[Any]:
         """Every worker's reply to the last command that has one, in rank order; a worker's
         error as a PipelineError naming the rank (after every reply has arrived, so the
-        protocol stays in step)."""
+        protocol stays in step).
+
+        Returns:
+            The replies of ranks 1 to N-1.
+
+        Raises:
+            PipelineError: A worker failed.
+        """
         out: list[Any] = []
         failed: list[str] = []
         for rank in range(1, self.size):
@@ -160,6 +193,11 @@ class Pipeline:
             self.abort(f"rank {status.Get_source()}: {message}")
 
     def abort(self, message: str) -> None:
+        """End the whole MPI job after a fault that leaves the ranks out of step.
+
+        Args:
+            message: Why, printed before the job ends.
+        """
         print(f"error: {message}", file=sys.stderr, flush=True)
         self.comm.Abort(1)
 
@@ -177,7 +215,11 @@ class Pipeline:
     # ---- the other ranks -------------------------------------------------------------------------
 
     def serve(self) -> int:
-        """Run as a worker until rank 0 shuts the pipeline down (see :func:`serve_worker`)."""
+        """Run as a worker until rank 0 shuts the pipeline down (see :func:`serve_worker`).
+
+        Returns:
+            The process exit code (0 after a clean shutdown).
+        """
         return serve_worker(self)
 
 

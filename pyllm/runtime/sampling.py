@@ -212,6 +212,15 @@ class SamplingParams:
         ``mirostat_mode``, llama.cpp's ``penalty_*`` / ``typ_p``, the CLI's flag names);
         ``None`` means "not given" (the default). Unknown names, or one field given under two
         names, raise SamplingError.
+
+        Args:
+            **kwargs: Sampling settings under their field names or aliases.
+
+        Returns:
+            The validated parameters.
+
+        Raises:
+            SamplingError: An unknown name, a duplicate, or a value out of range.
         """
         out: dict[str, Any] = {}
         spelled: dict[str, str] = {}

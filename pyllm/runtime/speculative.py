@@ -65,7 +65,15 @@ class NgramDrafter:
     """Prompt lookup (llama.cpp's ``--spec ngram`` family, llama-cpp-python's
     ``LlamaPromptLookupDecoding``): find the most recent earlier occurrence of the last n tokens
     in the prompt and output, n from ``ngram_max`` down to ``ngram_min``, and draft what followed
-    it. No second model; it pays where the output copies its input (edits, quotes, code)."""
+    it. No second model; it pays where the output copies its input (edits, quotes, code).
+
+    Args:
+        ngram_max: The longest n-gram looked up.
+        ngram_min: The shortest n-gram looked up.
+        draft_max: The most tokens drafted per round.
+        draft_min: Fewer drafted tokens than this are not checked (the round decodes one
+            token).
+    """
 
     def __init__(self, ngram_max: int = DEFAULT_NGRAM_MAX, ngram_min: int = DEFAULT_NGRAM_MIN,
                  draft_max: int = DEFAULT_DRAFT_MAX, draft_min: int = DEFAULT_DRAFT_MIN) -> None:
@@ -80,6 +88,11 @@ class NgramDrafter:
         self._index: dict[int, dict[tuple[int, ...], int]] = {}
 
     def attach(self, target: LLM) -> None:
+        """Check that the drafter can serve ``target``: prompt lookup serves any model.
+
+        Args:
+            target: The model whose output is drafted.
+        """
         return None
 
     def _sync(self, tokens: Sequence[int]) -> None:
@@ -97,6 +110,15 @@ class NgramDrafter:
                     self._index.setdefault(n, {})[tuple(toks[p + 1 - n:p + 1])] = p + 1 - n
 
     def draft(self, tokens: Sequence[int], n_max: int) -> list[int]:
+        """The tokens that followed the latest earlier occurrence of the longest matching n-gram.
+
+        Args:
+            tokens: The prompt and the output so far, ending with the last produced token.
+            n_max: The most tokens wanted.
+
+        Returns:
+            Up to ``min(n_max, draft_max)`` tokens; empty when no n-gram recurs.
+        """
         self._sync(tokens)
         toks = self._tokens
         for n in range(min(self.ngram_max, len(toks)), self.ngram_min - 1, -1):
@@ -109,7 +131,16 @@ class NgramDrafter:
 class DraftModel:
     """A smaller model of the same vocabulary drafts (llama.cpp's ``--draft-model``): its most
     probable next tokens, while its probability stays >= ``p_min``. It keeps its own context in
-    step with the target's output, reusing the common prefix each round."""
+    step with the target's output, reusing the common prefix each round.
+
+    Args:
+        model: The draft model's GGUF path, or a loaded LLM (then the caller closes it).
+        draft_max: The most tokens drafted per round.
+        draft_min: Fewer drafted tokens than this are not checked (the round decodes one
+            token).
+        p_min: Drafting stops at a token the draft model gives less probability than this.
+        **llm_kwargs: Passed to :class:`pyllm.LLM` when ``model`` is a path.
+    """
 
     def __init__(self, model: str | os.PathLike[str] | LLM, *,
                  draft_max: int = DEFAULT_DRAFT_MAX, draft_min: int = DEFAULT_DRAFT_MIN,
@@ -126,6 +157,15 @@ class DraftModel:
         self._checked: LLM | None = None  # the target last found compatible
 
     def attach(self, target: LLM) -> None:
+        """Check that the draft model can serve ``target``: the same vocabulary, a context at
+        least as long.
+
+        Args:
+            target: The model whose output is drafted.
+
+        Raises:
+            SpeculativeError: The vocabularies differ or the draft model's context is smaller.
+        """
         if self._checked is target:
             return
         check_compatible(target, self.llm)
@@ -135,6 +175,15 @@ class DraftModel:
         self._checked = target
 
     def draft(self, tokens: Sequence[int], n_max: int) -> list[int]:
+        """The draft model's most probable continuation of ``tokens``, greedily.
+
+        Args:
+            tokens: The prompt and the output so far, ending with the last produced token.
+            n_max: The most tokens wanted.
+
+        Returns:
+            Up to ``min(n_max, draft_max)`` tokens, ending before the first one below ``p_min``.
+        """
         import numpy as np
 
         n_max = min(n_max, self.draft_max, self.llm.n_ctx - len(tokens))
@@ -155,6 +204,9 @@ class DraftModel:
         return out
 
     def close(self) -> None:
+        """Free the draft model if this drafter loaded it (a given LLM is left to its owner).
+
+        """
         if self._owned:
             self.llm.close()
 

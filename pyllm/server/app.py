@@ -114,6 +114,22 @@ LARGE_BODY_BYTES = 64 * 1024
 
 @dataclass
 class ServerConfig:
+    """The settings of :func:`create_app` (``pyllm serve`` fills them from its flags).
+
+    Attributes:
+        model_id: The model name ``/v1/models`` lists and responses carry (``--alias``).
+        api_key: The key every endpoint but ``/health`` requires as ``Authorization: Bearer``
+            (``--api-key``); None: no key.
+        cors_origins: Origins allowed to call the API from a browser (``--cors``).
+        chat_format: A built-in chat format instead of the model's template
+            (``--chat-format``).
+        max_body_bytes: The largest request body accepted (larger: 413).
+        allowed_hosts: Host header names accepted besides the loopback names
+            (``--allowed-hosts``); ``"*"`` accepts any.
+        slot_save_path: The folder of the ``POST /slots/{id}`` save / restore files
+            (``--slot-save-path``); None turns those actions off.
+    """
+
     model_id: str = "pyllm"
     api_key: str | None = None
     cors_origins: list[str] = field(default_factory=list)
@@ -380,7 +396,20 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
                on_ready: Callable[[Engine], None] | None = None) -> ASGIApp:
     """The ASGI application. Give either a ready ``engine`` (the caller stops it) or a
     ``loader`` run on a thread at startup (its engine is stopped, in-flight work cancelled, at
-    shutdown); ``on_ready`` is called on that thread once the loaded engine serves requests."""
+    shutdown); ``on_ready`` is called on that thread once the loaded engine serves requests.
+
+    Args:
+        config: The server settings (default: ``ServerConfig()``).
+        engine: A running engine to serve.
+        loader: Builds the engine; run on a thread when the app starts.
+        on_ready: Called with the engine once it is loaded.
+
+    Returns:
+        The ASGI app (serve it with uvicorn).
+
+    Raises:
+        ValueError: Both or neither of ``engine`` and ``loader`` given.
+    """
     config = config or ServerConfig()
     if (engine is None) == (loader is None):
         raise ValueError("give exactly one of engine= or loader=")

@@ -33,6 +33,9 @@ class Tokenizer:
 
     Build with :meth:`from_gguf`, :meth:`from_metadata`, :meth:`from_sentencepiece_model` or
     :meth:`from_hf_json`.
+
+    Args:
+        vocab: The parsed vocabulary (what the ``from_*`` constructors build).
     """
 
     def __init__(self, vocab: Vocab) -> None:
@@ -51,13 +54,27 @@ class Tokenizer:
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any]) -> Tokenizer:
-        """From a GGUF metadata mapping (``tokenizer.ggml.*`` keys)."""
+        """From a GGUF metadata mapping (``tokenizer.ggml.*`` keys).
+
+        Args:
+            metadata: GGUF metadata (``reader.metadata``).
+
+        Returns:
+            The tokenizer.
+        """
         return cls(vocab_from_metadata(metadata))
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike[str]) -> Tokenizer:
         """From a GGUF file (a full model, any shard of a split one, or a vocab-only file;
-        tensor data is never read)."""
+        tensor data is never read).
+
+        Args:
+            path: The GGUF file.
+
+        Returns:
+            The tokenizer.
+        """
         from pyllm.formats.gguf.split import open_gguf
 
         reader = open_gguf(path)
@@ -68,14 +85,29 @@ class Tokenizer:
 
     @classmethod
     def from_sentencepiece_model(cls, path: str | os.PathLike[str]) -> Tokenizer:
-        """From a SentencePiece ``tokenizer.model`` file (see :func:`sentencepiece_metadata`)."""
+        """From a SentencePiece ``tokenizer.model`` file (see :func:`sentencepiece_metadata`).
+
+        Args:
+            path: The ``tokenizer.model`` file.
+
+        Returns:
+            The tokenizer.
+        """
         from pyllm.tools.convert.tokenizer_files import sentencepiece_metadata
 
         return cls.from_metadata(sentencepiece_metadata(path))
 
     @classmethod
     def from_hf_json(cls, path: str | os.PathLike[str], pre: str | None = None) -> Tokenizer:
-        """From a Hugging Face ``tokenizer.json`` (see :func:`hf_tokenizer_metadata`)."""
+        """From a Hugging Face ``tokenizer.json`` (see :func:`hf_tokenizer_metadata`).
+
+        Args:
+            path: The ``tokenizer.json`` file.
+            pre: The pre-tokenizer name when the split pattern is not recognised.
+
+        Returns:
+            The tokenizer.
+        """
         from pyllm.tools.convert.tokenizer_files import hf_tokenizer_metadata
 
         return cls.from_metadata(hf_tokenizer_metadata(path, pre=pre))
@@ -141,20 +173,58 @@ class Tokenizer:
         return self._max_token_bytes
 
     def is_eog(self, token_id: int) -> bool:
+        """Whether a token ends generation (EOS, EOT and the other end-of-generation ids).
+
+        Args:
+            token_id: A token id.
+
+        Returns:
+            True for an end-of-generation token.
+        """
         return token_id in self.vocab.eog_ids
 
     def is_control(self, token_id: int) -> bool:
+        """Whether a token is a control token (BOS, EOS, ``<|im_start|>``, ...).
+
+        Args:
+            token_id: A token id.
+
+        Returns:
+            True for a control token.
+        """
         return self.vocab.types[self._check_id(token_id)] == TokenType.CONTROL
 
     def token_type(self, token_id: int) -> TokenType:
+        """A token's type as the GGUF vocabulary stores it.
+
+        Args:
+            token_id: A token id.
+
+        Returns:
+            Its type (normal, control, user-defined, byte, unknown, unused).
+        """
         return TokenType(self.vocab.types[self._check_id(token_id)])
 
     def id_to_token(self, token_id: int) -> str:
-        """The token's stored text (e.g. ``"▁Hello"`` or ``"ĠHello"``)."""
+        """The token's stored text (e.g. ``"▁Hello"`` or ``"ĠHello"``).
+
+        Args:
+            token_id: A token id.
+
+        Returns:
+            Its stored text.
+        """
         return self.vocab.tokens[self._check_id(token_id)]
 
     def token_to_id(self, text: str) -> int | None:
-        """The id whose stored text is exactly ``text``, or None."""
+        """The id whose stored text is exactly ``text``, or None.
+
+        Args:
+            text: A token's stored text.
+
+        Returns:
+            Its id, or None.
+        """
         return self.vocab.token_to_id.get(text)
 
     # ---- encoding ------------------------------------------------------------------------------
@@ -170,6 +240,7 @@ class Tokenizer:
         """Token ids of ``text``.
 
         Args:
+            text: the text.
             add_special: add BOS/EOS where the vocabulary asks for them (``add_bos_token`` /
                 ``add_eos_token``).
             parse_special: recognise control tokens written in the text (``"<|im_start|>"``
@@ -179,6 +250,9 @@ class Tokenizer:
                 bytes, counting the BOS/EOS this call adds), :class:`ContextError` is raised
                 before any tokenizing.  Text that passes can still come out longer than
                 ``max_tokens``; the caller checks the result.
+
+        Returns:
+            The token ids.
 
         Raises:
             ContextError: the text cannot fit in ``max_tokens`` tokens.
@@ -223,7 +297,14 @@ class Tokenizer:
     def encode_continuation(self, text: str) -> list[int]:
         """Token ids of ``text`` as it continues earlier text: no BOS/EOS, no SentencePiece
         dummy-prefix space, control tokens not parsed (what a grammar engine needs to tokenize
-        the text a grammar forces in the middle of an output)."""
+        the text a grammar forces in the middle of an output).
+
+        Args:
+            text: The text.
+
+        Returns:
+            Its token ids.
+        """
         if not isinstance(text, str):
             raise TokenizerError(f"encode_continuation() takes a str, got {type(text).__name__}")
         out: list[int] = []
@@ -318,7 +399,15 @@ class Tokenizer:
 
     def token_to_bytes(self, token_id: int, special: bool = True) -> bytes:
         """The bytes ``token_id`` contributes to decoded text (control tokens: their text when
-        ``special``, else nothing)."""
+        ``special``, else nothing).
+
+        Args:
+            token_id: A token id.
+            special: Give control tokens their text.
+
+        Returns:
+            The bytes.
+        """
         tid = self._check_id(token_id)
         cache = self._pieces if special else self._pieces_plain
         piece = cache[tid]
@@ -327,7 +416,15 @@ class Tokenizer:
         return piece
 
     def token_to_piece(self, token_id: int, special: bool = True) -> str:
-        """:meth:`token_to_bytes` as text (an incomplete UTF-8 sequence becomes U+FFFD)."""
+        """:meth:`token_to_bytes` as text (an incomplete UTF-8 sequence becomes U+FFFD).
+
+        Args:
+            token_id: A token id.
+            special: Give control tokens their text.
+
+        Returns:
+            The text.
+        """
         return self.token_to_bytes(token_id, special).decode("utf-8", errors="replace")
 
     def decode(
@@ -340,12 +437,16 @@ class Tokenizer:
         """Text of ``ids``.
 
         Args:
+            ids: the token ids.
             skip_special: drop control and unknown tokens (BOS, EOS, ``<|im_end|>``, ...).
             clean_spaces: apply the " ," -> "," clean-up; default: the vocabulary's setting
                 (on for GPT-2/Llama 3-style BPE, off for SentencePiece, SmolLM, Qwen2).
             strip_leading_space: drop one leading space of the first token, undoing the space
                 SentencePiece adds when encoding; default: the vocabulary's ``add_space_prefix``.
                 Pass False when decoding a continuation of earlier text.
+
+        Returns:
+            The text.
         """
         special = not skip_special
         cache = self._pieces if special else self._pieces_plain
@@ -376,6 +477,13 @@ class Tokenizer:
         ``strip_leading_space=True`` drops the SentencePiece leading space of the first non-empty
         piece (for decoding a text from its start); the default keeps it, which is right for
         tokens generated after a prompt.
+
+        Args:
+            skip_special: Drop control and unknown tokens.
+            strip_leading_space: Drop the first piece's SentencePiece leading space.
+
+        Returns:
+            A new stream decoder.
         """
         return StreamDecoder(
             lambda t: self.token_to_bytes(t, not skip_special), strip_leading_space

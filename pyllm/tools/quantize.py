@@ -201,7 +201,17 @@ _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
 
 
 def resolve_file_type(ftype: str | int | FileType) -> FileType:
-    """A :class:`FileType` from its name ("q4_k_m"), an alias ("Q4_K") or its LLAMA_FTYPE id."""
+    """A :class:`FileType` from its name ("q4_k_m"), an alias ("Q4_K") or its LLAMA_FTYPE id.
+
+    Args:
+        ftype: A name, an alias, a LLAMA_FTYPE id or a FileType.
+
+    Returns:
+        The file type.
+
+    Raises:
+        QuantError: An unknown or unsupported file type.
+    """
     if isinstance(ftype, FileType):
         return ftype
     if isinstance(ftype, (int, np.integer)) and not isinstance(ftype, bool):
@@ -495,6 +505,11 @@ class QuantizeResult:
         return sum(p.fallback for p in self.plans)
 
     def type_counts(self) -> dict[str, int]:
+        """How many tensors the output has of each type.
+
+        Returns:
+            Type name -> tensor count, sorted by name.
+        """
         out: dict[str, int] = {}
         for p in self.plans:
             out[p.dst_type.name] = out.get(p.dst_type.name, 0) + 1
@@ -640,6 +655,18 @@ def quantize_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     temp file is removed on errors, Ctrl-C and SIGTERM (:class:`pyllm.atomic.WriteTerminated`,
     a ``SystemExit`` with code 143, where the program has no SIGTERM handler of its own); one
     left by a SIGKILLed run is removed by the next write into the folder.
+
+    Args:
+        src: The input GGUF model (any shard of a split model).
+        dst: The output file (written atomically).
+        ftype: The file type: a name (``q4_k_m``), an alias (``Q4_K``) or a LLAMA_FTYPE id.
+        threads: Worker threads (None: the CPUs this process may use).
+        allow_requantize: Allow an input that is already quantized.
+        progress: Show a progress bar on a terminal.
+        imatrix: An importance matrix or its file, or None.
+
+    Returns:
+        What was written: the types chosen per tensor and the sizes.
     """
     ft = resolve_file_type(ftype)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)

@@ -221,6 +221,9 @@ class GGUFReader(TensorLookup):
         tensors: list of :class:`TensorInfo` in file order.
         alignment: data alignment in bytes.
         data_offset: absolute offset of the tensor data section.
+
+    Args:
+        path: The GGUF file.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:

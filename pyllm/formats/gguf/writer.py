@@ -117,6 +117,11 @@ class GGUFWriter:
     >>> w.add_kv("general.architecture", "llama")
     >>> w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
     >>> w.write()
+
+    Args:
+        path: The file to write (atomically, by :meth:`write`).
+        alignment: Alignment of the tensor data (``general.alignment``).
+        pad_end: Pad the file to the alignment after the last tensor.
     """
 
     def __init__(self, path: str | os.PathLike[str], alignment: int = DEFAULT_ALIGNMENT,
@@ -144,7 +149,14 @@ class GGUFWriter:
         vtype: ValueType | None = None,
         elem_type: ValueType | None = None,
     ) -> None:
-        """Add one metadata entry; types are inferred unless given (ints -> UINT32/INT32...)."""
+        """Add one metadata entry; types are inferred unless given (ints -> UINT32/INT32...).
+
+        Args:
+            key: The key (unique in the file).
+            value: A number, bool, str, or a list / numpy array of one of them.
+            vtype: The GGUF value type (default: inferred).
+            elem_type: The element type of an array value (default: inferred).
+        """
         if not key:
             raise GGUFError("metadata keys must not be empty")
         if key in self._kv:
@@ -157,7 +169,12 @@ class GGUFWriter:
     def add_metadata(self, metadata: dict[str, Any],
                      value_types: dict[str, tuple[ValueType, ValueType | None]] | None = None
                      ) -> None:
-        """Add many entries, e.g. ``reader.metadata`` with ``reader.value_types`` to copy a file."""
+        """Add many entries, e.g. ``reader.metadata`` with ``reader.value_types`` to copy a file.
+
+        Args:
+            metadata: Key -> value, in order.
+            value_types: Key -> (value type, element type) to keep each value's exact GGUF type.
+        """
         for key, value in metadata.items():
             if key == "general.alignment" and key in self._kv:
                 continue
@@ -180,6 +197,12 @@ class GGUFWriter:
         bytes (uint8) with ``ggml_type`` and ``dims`` (ggml order). ``data`` may be a callable
         returning the array, evaluated only while writing (then ``ggml_type`` and ``dims`` are
         required).
+
+        Args:
+            name: The tensor name (unique in the file).
+            data: A numpy array, packed block bytes, or a callable returning either.
+            ggml_type: The tensor type (default: from the dtype).
+            dims: The dimensions in ggml order (default: the reversed numpy shape).
         """
         if not name:
             raise GGUFError("tensor names must not be empty")

@@ -35,6 +35,18 @@ def convert(
     ``outtype``: ``f32``, ``f16``, ``bf16`` or ``q8_0``. ``configs``: JSON files or mappings
     merged in order over ``params.json`` / ``config.json``. ``tokenizer_pre`` applies to
     Hugging Face byte-level BPE tokenizers only.
+
+    Args:
+        src: The checkpoint folder (Hugging Face or Meta / LLaMA2-Accessory).
+        out: The GGUF file to write.
+        outtype: The type of the matrices.
+        configs: Config overrides, merged in order.
+        name: The model name written to ``general.name`` (default: the folder's).
+        tokenizer_pre: The byte-level BPE pre-tokenizer name, when not recognised.
+        progress: Show a progress bar on a terminal.
+
+    Returns:
+        The output path.
     """
     folder = Path(src)
     if not folder.is_dir():

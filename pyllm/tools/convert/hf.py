@@ -574,6 +574,18 @@ def convert_hf(
     ``tokenizer.json`` whose split pattern is not recognised.
     Tensors are read, transformed and written one at a time; the file appears atomically.
     Returns the output path.
+
+    Args:
+        src_dir: The Hugging Face folder (``config.json``, weights, tokenizer files).
+        out_path: The GGUF file to write.
+        outtype: The type of the matrices.
+        name: The model name written to ``general.name`` (default: the folder's).
+        extra_config: Keys overriding ``config.json``.
+        tokenizer_pre: The pre-tokenizer name, when not recognised.
+        progress: Show a progress bar on a terminal.
+
+    Returns:
+        The output path.
     """
     src, outtype = check_inputs(src_dir, outtype)
     cfg = load_config(src, extra_config)

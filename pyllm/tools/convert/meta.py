@@ -327,6 +327,19 @@ def convert_meta(
     ``bos_token_id``, ``pre_prompt``/``user_role``/``bot_role``/``history_sep``).
     The vocabulary comes from ``tokenizer_path`` or a ``tokenizer.model`` in the folder or its
     parent. ``outtype`` as for :func:`pyllm.tools.convert.convert_hf`. Returns the output path.
+
+    Args:
+        src_dir: The Meta folder.
+        out_path: The GGUF file to write.
+        outtype: The type of the matrices: ``f32``, ``f16``, ``bf16`` or ``q8_0``.
+        configs: Config files or mappings, merged in order.
+        extra_config: Keys merged last.
+        name: The model name written to ``general.name`` (default: the folder's).
+        tokenizer_path: The ``tokenizer.model`` (default: in the folder or its parent).
+        progress: Show a progress bar on a terminal.
+
+    Returns:
+        The output path.
     """
     src, outtype = check_inputs(src_dir, outtype)
     if not (src / "params.json").is_file():
