@@ -51,8 +51,10 @@ _USAGE_WIDTH = 100
 
 
 def _cell(text: str) -> str:
-    """Text that is safe inside one Markdown table cell."""
-    return " ".join(text.split()).replace("|", "\\|")
+    """Text that is safe inside one Markdown table cell: a pipe outside a code span is escaped
+    (inside one, the tables extension leaves it alone and an escape would show)."""
+    parts = " ".join(text.split()).split("`")
+    return "`".join(part if i % 2 else part.replace("|", "\\|") for i, part in enumerate(parts))
 
 
 def _usage(parser: argparse.ArgumentParser) -> str:
