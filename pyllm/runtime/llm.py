@@ -500,7 +500,7 @@ class LLM:
 
         Yields:
             Text pieces, each final (never part of a UTF-8 character or of a possible stop
-            string).
+                string).
         """
         from pyllm.runtime.completions import make_generation
         from pyllm.runtime.generation import prompt_tokens
@@ -577,7 +577,7 @@ class LLM:
 
         Returns:
             A ``chat.completion`` dict, or with ``stream=True`` an iterator of
-            ``chat.completion.chunk`` dicts.
+                ``chat.completion.chunk`` dicts.
         """
         from pyllm.runtime.completions import create_chat_completion
 
