@@ -112,6 +112,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = keep
 
 
+@pytest.fixture(scope="session", autouse=True)
+def repack_cache_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every load in the tests (and the commands they start) uses the repack cache as users
+    get it, in a folder of this session's, never the user's: a model's first load saves its
+    rows16 copies there, later loads map them."""
+    folder = tmp_path_factory.mktemp("repack-cache")
+    os.environ["PYLLM_REPACK_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """SmolLM2-135M-Instruct Q4_1, downloaded once into the pyllm cache (the same one users get)."""

@@ -111,6 +111,8 @@ class WeightStore {
   virtual ~WeightStore() = default;
   // Bytes the backend holds for these weights beyond the file mapping (copies, device memory).
   virtual int64_t bytes() const = 0;
+  // The CPU's copies as one image (pyllm/model.h); other backends hold none.
+  virtual const RepackImage* repack_image() const { return nullptr; }
 };
 
 // One backend instance serving one context: for the CPU, a thread pool and the scratch

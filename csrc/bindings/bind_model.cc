@@ -100,7 +100,8 @@ Placement placement_tuples(const std::vector<PlacedLayers>& placement) {
 }
 
 PyModel make_model(const HParams& hp, const py::dict& tensors, const py::list& layers,
-                   bool repack, bool release_source, int n_threads, const Placement& placement) {
+                   bool repack, bool release_source, int n_threads, const Placement& placement,
+                   const py::object& repack_image, uint64_t repack_image_plan) {
   if (static_cast<int64_t>(py::len(layers)) != hp.n_layer) {
     throw std::invalid_argument("hparams.n_layer is " + std::to_string(hp.n_layer) + " but " +
                                 std::to_string(py::len(layers)) + " layers were given");
@@ -120,11 +121,20 @@ PyModel make_model(const HParams& hp, const py::dict& tensors, const py::list& l
   for (const auto& [backend, first, last] : placement) {
     opt.placement.push_back(PlacedLayers{backend, first, last});
   }
+  if (!repack_image.is_none()) {
+    py::buffer_info info = repack_image.cast<py::buffer>().request();
+    if (info.ndim != 1 || info.itemsize != 1 || (info.strides.size() && info.strides[0] != 1)) {
+      throw std::invalid_argument("repack_image must be a flat contiguous byte buffer");
+    }
+    opt.repack_image = static_cast<const uint8_t*>(info.ptr);
+    opt.repack_image_bytes = info.size;
+    opt.repack_image_plan = repack_image_plan;
+  }
   {
     py::gil_scoped_release nogil;  // repacking is a pass over the weights
     m.model = std::make_shared<const Model>(hp, std::move(w), opt);
   }
-  m.keep_alive = py::make_tuple(tensors, layers);
+  m.keep_alive = py::make_tuple(tensors, layers, repack_image);
   return m;
 }
 
@@ -216,19 +226,36 @@ void register_model(py::module_& m) {
   py::class_<PyModel>(m, "Model", "Llama-family weights (views into the memory-mapped GGUF).")
       .def(py::init(&make_model), py::arg("hparams"), py::arg("tensors"), py::arg("layers"),
            py::arg("repack") = false, py::arg("release_source") = false, py::arg("n_threads") = 0,
-           py::arg("placement") = Placement{},
+           py::arg("placement") = Placement{}, py::arg("repack_image") = py::none(),
+           py::arg("repack_image_plan") = 0,
            "hparams: HParams; tensors: model slot (MODEL_WEIGHT_SLOTS) -> (ggml type id, flat "
            "uint8 buffer, cols, rows, name in the file); layers: one dict per layer, layer slot "
            "(LAYER_WEIGHT_SLOTS) -> the same tuples. repack: copy the matrices into the rows16 layout where the CPU has "
            "kernels for it (faster decode). release_source: drop the repacked tensors' pages "
            "from this process afterwards; ONLY for buffers of a read-only file mapping. "
            "placement: (backend, first, last) layer ranges in layer order covering every layer, "
-           "the head with the last (which may be empty); [] = all on the CPU; see backends().")
+           "the head with the last (which may be empty); [] = all on the CPU; see backends(). "
+           "repack_image, repack_image_plan: the bytes of an earlier load's rows16 copies "
+           "(repack_image() of a model of the same file) and their plan; used instead of "
+           "repacking when the plan is this load's, else ignored. Kept referenced.")
       .def_property_readonly(
           "placement", [](const PyModel& m) { return placement_tuples(m.model->placement()); },
           "The resolved (backend, first, last) layer ranges; the head is with the last.")
       .def_property_readonly("repacked_bytes",
                              [](const PyModel& m) { return m.model->repacked_bytes(); })
+      .def(
+          "repack_image",
+          [](const PyModel& m) -> py::object {
+            const RepackImage* image = m.model->repack_image();
+            if (image == nullptr) return py::none();
+            // read-only bytes owned by the model: valid only while it lives
+            py::memoryview view = py::memoryview::from_memory(
+                const_cast<uint8_t*>(image->data), image->bytes, /*readonly=*/true);
+            return py::make_tuple(view, image->plan, image->reused);
+          },
+          "(memoryview of the CPU's rows16 copies, their plan, reused) or None when nothing "
+          "was repacked; the view is valid only while this model lives. reused: they came "
+          "from repack_image rather than from repacking.")
       .def_property_readonly("n_vocab", [](const PyModel& m) { return m.model->hparams().n_vocab; })
       .def_property_readonly("n_embd", [](const PyModel& m) { return m.model->hparams().n_embd; })
       .def_property_readonly("n_layer", [](const PyModel& m) { return m.model->hparams().n_layer; });

@@ -35,13 +35,25 @@ struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
 };
 
-// The arena of rows16 copies.
+// The rows16 copies: an arena of their own, or an earlier load's image (not owned: the caller
+// keeps its mapping alive as long as the model).
 class CpuWeights final : public WeightStore {
  public:
-  int64_t bytes() const override { return held; }
+  int64_t bytes() const override { return image.bytes; }
+  const RepackImage* repack_image() const override { return &image; }
   std::unique_ptr<uint8_t, FreeDeleter> arena;
-  int64_t held = 0;
+  RepackImage image;
 };
+
+// FNV-1a over 64-bit words: the plan's fingerprint (not a security boundary: the image's file
+// name already binds it to one model file; this catches another layout or tensor set).
+uint64_t mix(uint64_t h, uint64_t v) {
+  for (int i = 0; i < 8; ++i) {
+    h ^= (v >> (8 * i)) & 0xff;
+    h *= 0x100000001b3ULL;
+  }
+  return h;
+}
 
 }  // namespace
 
@@ -80,15 +92,38 @@ std::unique_ptr<WeightStore> prepare_cpu_weights(ModelWeights& weights,
   // fraction of the page faults and zeroing work at load, and fewer TLB misses while streaming.
   std::vector<int64_t> offset;
   int64_t total = 0;
+  uint64_t plan = mix(0xcbf29ce484222325ULL, kRepackLayoutVersion);
   for (WeightView* w : todo) {
     offset.push_back(total);
+    for (int64_t v : {static_cast<int64_t>(w->type), w->rows, w->cols, total}) {
+      plan = mix(plan, static_cast<uint64_t>(v));
+    }
     total += (repacked_size(w->type, w->rows, w->cols) + 63) / 64 * 64;
+  }
+  plan = mix(plan, static_cast<uint64_t>(total));
+  store->image.plan = plan;
+  store->image.bytes = total;
+  if (options.repack_image != nullptr && options.repack_image_plan == plan &&
+      options.repack_image_bytes == total &&
+      reinterpret_cast<uintptr_t>(options.repack_image) % 64 == 0) {
+    // An earlier load's copies of these very tensors: point at them; the source pages are
+    // never touched (nothing to release).
+    for (size_t i = 0; i < todo.size(); ++i) {
+      WeightView* w = todo[i];
+      w->data = options.repack_image + offset[i];
+      w->nbytes = repacked_size(w->type, w->rows, w->cols);
+      w->layout = WeightLayout::Rows16;
+    }
+    store->image.data = options.repack_image;
+    store->image.reused = true;
+    return store;
   }
   constexpr int64_t kHuge = int64_t{1} << 21;
   uint8_t* arena = static_cast<uint8_t*>(
       std::aligned_alloc(static_cast<size_t>(kHuge), static_cast<size_t>((total + kHuge - 1) / kHuge * kHuge)));
   if (arena == nullptr) throw std::bad_alloc();
   store->arena.reset(arena);
+  store->image.data = arena;
 #if defined(PYLLM_HAVE_MADVISE) && defined(MADV_HUGEPAGE)
   madvise(arena, static_cast<size_t>((total + kHuge - 1) / kHuge * kHuge), MADV_HUGEPAGE);
 #endif
@@ -105,7 +140,6 @@ std::unique_ptr<WeightStore> prepare_cpu_weights(ModelWeights& weights,
     w->data = dst;
     w->nbytes = bytes;
     w->layout = WeightLayout::Rows16;
-    store->held += bytes;
   }
   return store;
 }

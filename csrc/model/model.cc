@@ -112,6 +112,12 @@ Model::Model(const HParams& hp, ModelWeights weights, const ModelOptions& option
 
 Model::~Model() = default;
 
+const RepackImage* Model::repack_image() const {
+  const WeightStore* cpu = weight_store("cpu");
+  const RepackImage* image = cpu ? cpu->repack_image() : nullptr;
+  return image && image->bytes > 0 ? image : nullptr;
+}
+
 const WeightStore* Model::weight_store(const std::string& name) const {
   for (const auto& [backend, store] : stores_) {
     if (backend == name) return store.get();

@@ -96,6 +96,7 @@ class LLM:
                  kv_type: str = DEFAULT_KV_TYPE, repack: bool = True, n_gpu_layers: int = 0,
                  device: str | None = None, lora: Sequence[LoraSpec] | None = None,
                  draft_model: Drafter | None = None, pipeline: Pipeline | None = None,
+                 repack_cache: bool | str | os.PathLike[str] | None = None,
                  verbose: bool = False) -> None:
         # what can be checked without the file is checked before it is opened
         check_count("n_ctx", n_ctx)
@@ -110,7 +111,7 @@ class LLM:
         self._lock = threading.Lock()
         self.model = LoadedModel(model_path, n_threads=n_threads, repack=repack,
                                  n_gpu_layers=n_gpu_layers, device=device, verbose=verbose,
-                                 pipeline=pipeline)
+                                 pipeline=pipeline, repack_cache=repack_cache)
         try:
             self._ctx: Any = self.model.new_context(n_ctx, n_batch=n_batch, kv_type=kv_type,
                                                     stacklevel=3)

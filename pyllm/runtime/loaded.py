@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ from pyllm.runtime.sysinfo import available_cpus
 
 if TYPE_CHECKING:
     from pyllm.runtime.mpi import Pipeline
+    from pyllm.runtime.repack_cache import Image, ImageWriter
     from pyllm.tokenizer import Tokenizer
 
 # Tokens per forward chunk when the caller does not say (llama.cpp's -b default).
@@ -106,13 +108,19 @@ class LoadedModel:
     last N layers). ``layer_range``: load only layers ``[first, last)`` (and the embeddings
     where ``first`` is 0, the head where ``last`` is the layer count); the other layers are
     another process's (a ``remote`` placement range), what a pipeline's ranks do.
+
+    ``repack_cache``: the first load of a file saves its rows16 copies and later loads map them
+    instead of repacking (:mod:`pyllm.runtime.repack_cache`; a cold process reaches its first
+    token sooner): None follows ``$PYLLM_REPACK_CACHE`` (on by default), False turns it off, a
+    path puts the images there.
     """
 
     def __init__(self, model_path: str | os.PathLike[str] | None = None, *,
                  n_threads: int | None = None, repack: bool = True, n_gpu_layers: int = 0,
                  device: str | None = None, placement: Sequence[tuple[str, int, int]] = (),
                  verbose: bool = False, pipeline: Pipeline | None = None,
-                 layer_range: tuple[int, int] | None = None) -> None:
+                 layer_range: tuple[int, int] | None = None,
+                 repack_cache: bool | str | os.PathLike[str] | None = None) -> None:
         asked_threads = n_threads  # a pipeline's workers choose their own default
         if pipeline is not None and pipeline.size > 1 and n_threads is None:
             n_threads = pipeline.default_threads()
@@ -126,6 +134,9 @@ class LoadedModel:
         self.pipeline: Pipeline | None = None
         self._pipeline_id = 0
         self.layer_ranges: list[tuple[int, int]] = []  # per rank, in a pipeline
+        self._repack_key: tuple[Path, str] | None = None  # (folder, key) of the repack cache
+        self._repack_image: Image | None = None  # the mapped image the copies are in
+        self.repack_writer: ImageWriter | None = None  # saving this load's copies
         try:
             core = core_module()
             self.hparams: HParams = read_hparams(self._reader)
@@ -143,12 +154,17 @@ class LoadedModel:
             if layer_range is not None:
                 placement = shard_placement(list(placement), self.hparams.n_layer, layer_range)
                 tensors = shard_tensors(tensors, self.hparams.n_layer, layer_range)
+            image = self._open_repack_image(core, repack_cache, placement, layer_range) \
+                if repack else None
             # The tensors are views of the reader's read-only file mapping, so the pages of
             # the matrices copied into the rows16 layout can be handed back to the page cache.
             self.core: Any = core.Model(self.hparams.to_core(core), tensors.model,
                                         tensors.layers, repack=bool(repack),
                                         release_source=True, n_threads=self.n_threads or 0,
-                                        placement=list(placement))
+                                        placement=list(placement),
+                                        repack_image=image.view if image else None,
+                                        repack_image_plan=image.plan if image else 0)
+            self._save_repack_image(image)
         except ValueError as e:
             self._fail()
             raise ModelError(f"{self.model_path}: {e}") from None
@@ -189,6 +205,55 @@ class LoadedModel:
         pipeline.command("load", self._pipeline_id, str(self.model_path), options,
                          self.layer_ranges, __version__, self.identity)
         return self.layer_ranges[0]
+
+    def _open_repack_image(self, core: Any, repack_cache: bool | str | os.PathLike[str] | None,
+                           placement: Sequence[tuple[str, int, int]],
+                           layer_range: tuple[int, int] | None) -> Image | None:
+        """The repack cache's image for this load, if one was saved (pyllm.runtime.repack_cache);
+        remembers where to save one otherwise."""
+        from pyllm import __version__
+        from pyllm.runtime import repack_cache as rc
+
+        if repack_cache is False:
+            return None
+        folder = rc.cache_folder() if repack_cache in (None, True) else Path(repack_cache)
+        if folder is None:
+            return None
+        paths = getattr(self._reader, "paths", None) or [self._reader.path]
+        try:
+            key = rc.cache_key(paths, isa=core.active_isa(), version=__version__,
+                               placement=placement, layer_range=layer_range)
+        except OSError:
+            return None
+        self._repack_key = (folder, key)
+        return rc.open_image(folder, key)
+
+    def _save_repack_image(self, image: Image | None) -> None:
+        """Keeps a used image mapped; has a fresh repack saved in the background."""
+        made = self.core.repack_image()
+        if made is None or self._repack_key is None:
+            if image is not None:
+                image.close()
+            return
+        view, plan, reused = made
+        if reused:
+            self._repack_image = image
+            if self.verbose and image is not None:
+                print(f"pyllm: repack cache: mapped {image.path}", file=sys.stderr)
+            return
+        if image is not None:
+            image.close()  # not this load's plan: replaced by the new one
+        from pyllm.runtime.repack_cache import start_writer
+
+        self.repack_writer = start_writer(*self._repack_key, view, plan, self.core)
+        if self.verbose and self.repack_writer is not None:
+            print(f"pyllm: repack cache: saving {self.repack_writer.path} in the background",
+                  file=sys.stderr)
+
+    @property
+    def repack_cached(self) -> bool:
+        """Whether the rows16 copies were mapped from the repack cache (not made here)."""
+        return self._repack_image is not None
 
     def _fail(self) -> None:
         """A failed load: the file is closed; in a pipeline, the workers' replies are taken (so
@@ -307,7 +372,12 @@ class LoadedModel:
         in a pipeline, every rank's share."""
         if self.pipeline is not None and self.core is not None and not self.pipeline.closed:
             self.pipeline.command("unload", self._pipeline_id)
+        if self.repack_writer is not None:
+            self.repack_writer.finish()  # it reads the copies the core owns
         self.core = None
+        if self._repack_image is not None:
+            self._repack_image.close()
+            self._repack_image = None
         self._reader.close()
 
     def __enter__(self) -> LoadedModel:

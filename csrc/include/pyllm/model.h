@@ -108,10 +108,28 @@ struct ModelOptions {
   // and steady RSS stay ~1x the model instead of 2x. Never for anonymous memory.
   bool release_source = false;
   int n_threads = 0;  // repacking threads (<= 0: physical cores)
+  // The image of an earlier load's rows16 arena (a repack cache file, mapped read-only by
+  // pyllm/runtime/repack_cache.py): used in place of repacking when its plan is this load's
+  // (RepackImage::plan), so a later process maps the copies instead of rebuilding them; any
+  // other image is ignored and the weights are repacked as without one.
+  const uint8_t* repack_image = nullptr;
+  int64_t repack_image_bytes = 0;
+  uint64_t repack_image_plan = 0;
   // Which backend runs which layers, in layer order (csrc/model/placement.h has the rules);
   // the model's head goes with the last range. Each backend prepares its layers' weights at
   // load; every context of the model runs them there. Empty: everything on the CPU.
   std::vector<PlacedLayers> placement;
+};
+
+// The CPU's rows16 copies of a loaded model: `bytes` at `data`, laid out as `plan` says (a
+// hash of the repack layout version and every copied tensor's type, shape and offset: equal
+// plans lay out equal bytes for the same weights). `reused`: they came from
+// ModelOptions::repack_image rather than from repacking.
+struct RepackImage {
+  const uint8_t* data = nullptr;
+  int64_t bytes = 0;
+  uint64_t plan = 0;
+  bool reused = false;
 };
 
 class Model {
@@ -125,8 +143,10 @@ class Model {
   Model& operator=(const Model&) = delete;
   const HParams& hparams() const { return hp_; }
   const ModelWeights& weights() const { return w_; }
-  // Bytes of weights held in rows16 copies (0 when nothing was repacked).
+  // Bytes of weights held in rows16 copies, made or mapped (0 when nothing was repacked).
   int64_t repacked_bytes() const { return repacked_bytes_; }
+  // The CPU's rows16 copies as one block of bytes (nullptr when nothing was repacked).
+  const RepackImage* repack_image() const;
   // The resolved placement: every layer range and its backend, the head with the last.
   const std::vector<PlacedLayers>& placement() const { return placement_; }
   // What backend `name` prepared at load (nullptr when no layer is placed on it).

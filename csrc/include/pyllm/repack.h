@@ -44,6 +44,9 @@ enum class WeightLayout : uint8_t {
 };
 
 constexpr int kRepackRows = 16;
+// Part of every repack plan's hash (pyllm/model.h RepackImage): bump it whenever the bytes
+// repack_rows16 writes change, so that saved images of the old layout are not used.
+constexpr uint32_t kRepackLayoutVersion = 1;
 
 // Types with a rows16 layout.
 bool repack_supported(QType type);
