@@ -88,6 +88,10 @@ class LLM:
         draft_model: The default drafter of speculative decoding (a NgramDrafter or
             DraftModel).
         pipeline: Run the layers over the ranks of an MPI job (rank 0 only).
+        repack_cache: Save the rows16 copies at a file's first load and map them at later
+            loads (a cold start's first token sooner; :mod:`pyllm.runtime.repack_cache`):
+            None follows ``$PYLLM_REPACK_CACHE`` (on by default), False turns it off, a path
+            is the folder of the saved copies.
         verbose: Print load information to stderr.
     """
 
