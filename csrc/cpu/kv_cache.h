@@ -5,6 +5,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
 #include <vector>
 
 #include "cpu/ops.h"
@@ -25,8 +27,8 @@ class KVCache {
   int n_layer() const { return static_cast<int>(k_.size()); }
   // A layer's storage (counted from the stage's first layer): n_seq * n_ctx rows of
   // row_bytes(); the row of position pos of sequence seq is seq * n_ctx + pos.
-  uint8_t* k(int layer) { return k_[layer].data(); }
-  uint8_t* v(int layer) { return v_[layer].data(); }
+  uint8_t* k(int layer) { return k_[layer].get(); }
+  uint8_t* v(int layer) { return v_[layer].get(); }
 
   // Converts one row of dim() floats into the cache's element type at dst.
   void store(const OpsTable& op, const float* src, uint8_t* dst) const;
@@ -50,7 +52,13 @@ class KVCache {
   int64_t row_bytes_;
   int64_t head_bytes_;
   int64_t n_ctx_;  // rows per sequence
-  std::vector<std::vector<uint8_t>> k_, v_;  // per layer
+  struct FreeDeleter {
+    void operator()(uint8_t* p) const { std::free(p); }
+  };
+  // Per layer, from calloc: a large block comes from the kernel as zero pages that become
+  // memory when first written, so a context costs the positions it uses rather than all of
+  // n_ctx at creation (a cold start does not wait for the whole cache to be zeroed).
+  std::vector<std::unique_ptr<uint8_t, FreeDeleter>> k_, v_;
 };
 
 }  // namespace pyllm

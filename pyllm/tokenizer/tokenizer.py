@@ -326,6 +326,10 @@ class Tokenizer:
             # Special tokens that swallow whitespace leave it without a token: count only the
             # rest, so that the bound stays a proof.
             n_bytes = len(text.encode("utf-8")) - sum(map(text.count, _C_SPACE))
+        if n_bytes <= max_tokens - added:
+            # fits whatever the longest token (at least 1 byte): the bound, a pass over the
+            # whole vocabulary, is only worked out for texts that could be too long
+            return
         room = (max_tokens - added) * self.max_token_bytes
         if n_bytes > room:
             need = -(-n_bytes // self.max_token_bytes) + added
