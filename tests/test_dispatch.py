@@ -106,3 +106,22 @@ def test_kernel_table_of_an_isa_not_built_is_refused() -> None:
             core.kernel_table(isa)
     with pytest.raises(ValueError, match="unknown ISA"):
         core.kernel_table("sse9")
+
+
+@pytest.mark.model
+def test_the_cli_runs_each_isa_of_this_machine(smollm2_path: object) -> None:
+    """`pyllm run` (the installed command: in CI's wheel stage, the wheel's) with each ISA this
+    CPU has forced: the run reports that ISA's kernels and writes the same greedy text (the
+    kernels agree to float rounding; this prompt has no near-tie in its first 24 tokens)."""
+    texts = {}
+    for isa in ["scalar", *[i for i in ("avx2", "avx512", "neon") if i in core.available_isas()]]:
+        env = {**os.environ, "PYLLM_FORCE_ISA": isa}
+        proc = subprocess.run(["pyllm", "run", "-m", str(smollm2_path), "-p",
+                               "The three primary colors are", "-n", "24", "--temp", "0",
+                               "-c", "256", "--verbose"], capture_output=True, text=True,
+                              env=env, cwd=tempfile.gettempdir(), timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert f"threads, {isa} kernels" in proc.stderr
+        texts[isa] = proc.stdout
+    assert len(set(texts.values())) == 1, texts
+    assert "red" in texts["scalar"]

@@ -140,9 +140,12 @@ class LLM:
         self.draft_model = draft_model
         if verbose:
             hp = self.hparams
+            from pyllm.runtime.loaded import core_module
+
             print(f"pyllm: {hp.arch} {hp.n_layer} layers, n_embd {hp.n_embd}, {hp.n_head} heads "
                   f"({hp.n_head_kv} KV), vocab {hp.n_vocab}, n_ctx {n_ctx}, "
-                  f"{self._ctx.n_threads} threads", file=sys.stderr)
+                  f"{self._ctx.n_threads} threads, {core_module().active_isa()} kernels",
+                  file=sys.stderr)
 
     # ---- the loaded model's attributes ------------------------------------------------------
 
