@@ -3,7 +3,7 @@
 
     python bench/cold_start.py -m model.gguf [-m other.gguf] -t 2 [-r 7]
         [--llama-simple /path/to/llama-simple] [--llama-completion /path/to/llama-completion]
-        [--pyllm "pyllm"] [-p PROMPT]
+        [--pyllm "pyllm"] [-p PROMPT] [--first-run]
 
 Each round starts every runtime once on every model, in alternating order (so that a shared
 machine's swings hit all alike), as a new process generating one token greedily. Measured per
@@ -11,8 +11,10 @@ process: the time from spawn to the arrival of the first generated token on stdo
 holding the last non-blank byte of the output: both tools print the prompt, then the token),
 the time to exit, and the peak RSS (wait4's ru_maxrss). One untimed run of each comes first,
 so that the model file is in the page cache (and pyllm's repack cache is written, see
-pyllm/runtime/repack_cache.py); `--no-warm` leaves that out. The table gives medians and
-ranges.
+pyllm/runtime/repack_cache.py); `--no-warm` leaves that out. `--first-run` adds a row for
+pyllm's first run of a file: each such run gets an empty repack cache folder, so it repacks
+in fresh memory and writes the cache (its exit waits for that write). The table gives medians
+and ranges.
 
 `llama-simple` always uses llama.cpp's default thread count (it has no flag); `llama-completion`
 is given `-t` like pyllm. A tool for people, not part of the test suite.
@@ -23,8 +25,10 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -38,9 +42,13 @@ class Sample:
     peak_rss_mb: float
 
 
-def run_once(cmd: list[str]) -> Sample:
+def run_once(cmd: list[str], fresh_cache: bool = False) -> Sample:
+    env = None
+    if fresh_cache:
+        env = {**os.environ, "PYLLM_REPACK_CACHE": tempfile.mkdtemp(prefix="pyllm-rpk-")}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0,
+                            env=env)
     assert proc.stdout is not None
     chunks: list[tuple[float, bytes]] = []
     while True:
@@ -50,6 +58,8 @@ def run_once(cmd: list[str]) -> Sample:
         chunks.append((time.perf_counter() - t0, data))
     _, status, usage = os.wait4(proc.pid, 0)
     t_exit = time.perf_counter() - t0
+    if env is not None:
+        shutil.rmtree(env["PYLLM_REPACK_CACHE"], ignore_errors=True)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"error: {shlex.join(cmd)} exited with status {status}")
     first = None
@@ -83,6 +93,7 @@ def main() -> None:
     ap.add_argument("--llama-simple")
     ap.add_argument("--llama-completion")
     ap.add_argument("--no-warm", action="store_true")
+    ap.add_argument("--first-run", action="store_true")
     args = ap.parse_args()
     results: dict[tuple[str, str], list[Sample]] = {}
     for model in args.model:
@@ -90,12 +101,15 @@ def main() -> None:
         if not args.no_warm:
             for cmd in cmds.values():
                 run_once(cmd)
+        if args.first_run:
+            cmds["pyllm run, first run of the file"] = cmds["pyllm run"]
         for r in range(args.rounds):
             names = list(cmds)
             if r % 2:
                 names.reverse()
             for name in names:
-                results.setdefault((model, name), []).append(run_once(cmds[name]))
+                sample = run_once(cmds[name], fresh_cache=name.endswith("first run of the file"))
+                results.setdefault((model, name), []).append(sample)
     print("| model | runtime | first token s (median, range) | exit s | peak RSS MB |")
     print("| --- | --- | ---: | ---: | ---: |")
     for (model, name), samples in results.items():

@@ -13,4 +13,5 @@ PYBIND11_MODULE(_core, m) {
   pyllm::bindings::register_quant(m);
   pyllm::bindings::register_sampler(m);
   pyllm::bindings::register_kernels(m);
+  pyllm::bindings::register_gguf(m);
 }

@@ -211,7 +211,6 @@ class LoadedModel:
                            layer_range: tuple[int, int] | None) -> Image | None:
         """The repack cache's image for this load, if one was saved (pyllm.runtime.repack_cache);
         remembers where to save one otherwise."""
-        from pyllm import __version__
         from pyllm.runtime import repack_cache as rc
 
         if repack_cache is False:
@@ -221,7 +220,8 @@ class LoadedModel:
             return None
         paths = getattr(self._reader, "paths", None) or [self._reader.path]
         try:
-            key = rc.cache_key(paths, isa=core.active_isa(), version=__version__,
+            # the extension's version: the package's, without importlib.metadata's ~15 ms
+            key = rc.cache_key(paths, isa=core.active_isa(), version=core.__version__,
                                placement=placement, layer_range=layer_range)
         except OSError:
             return None

@@ -1,0 +1,53 @@
+// Bindings for reading GGUF files faster than Python can: the string arrays of a vocabulary
+// (pyllm/formats/gguf/reader.py uses this when the extension is there, and its own loop, which
+// also words every error, when it is not or when this finds a problem).
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "bindings/register.h"
+
+namespace py = pybind11;
+
+namespace pyllm::bindings {
+namespace {
+
+// count strings (u64 length, then bytes) from byte pos of buf: (list of str, end position), or
+// None when one would run past the end. Bytes that are not UTF-8 decode with surrogateescape,
+// as the reader does (lossless: its writer encodes them back to the same bytes).
+py::object gguf_string_array(const py::buffer& buf, int64_t pos, int64_t count) {
+  py::buffer_info info = buf.request();
+  if (info.ndim != 1 || info.itemsize != 1 || pos < 0 || count < 0) return py::none();
+  const auto* data = static_cast<const uint8_t*>(info.ptr);
+  const auto size = static_cast<uint64_t>(info.size);
+  auto at = static_cast<uint64_t>(pos);
+  if (at > size) return py::none();
+  // a count the file cannot hold (each string takes 8 bytes at least) is the loop's to word
+  if (static_cast<uint64_t>(count) > (size - at) / 8) return py::none();
+  py::list out(count);
+  for (int64_t i = 0; i < count; ++i) {
+    if (size - at < 8) return py::none();
+    uint64_t length;
+    std::memcpy(&length, data + at, 8);  // GGUF is little-endian, as every supported host
+    at += 8;
+    if (length > size - at) return py::none();
+    PyObject* s = PyUnicode_DecodeUTF8(reinterpret_cast<const char*>(data + at),
+                                       static_cast<Py_ssize_t>(length), "surrogateescape");
+    if (s == nullptr) throw py::error_already_set();
+    PyList_SET_ITEM(out.ptr(), i, s);  // steals the reference
+    at += length;
+  }
+  return py::make_tuple(out, static_cast<int64_t>(at));
+}
+
+}  // namespace
+
+void register_gguf(py::module_& m) {
+  m.def("gguf_string_array", &gguf_string_array, py::arg("buf"), py::arg("pos"),
+        py::arg("count"),
+        "count GGUF strings (u64 length, then UTF-8 bytes; others with surrogateescape) from "
+        "byte pos of buf: (list of str, end position), or None when one runs past the end.");
+}
+
+}  // namespace pyllm::bindings
