@@ -113,6 +113,27 @@ class LoadedModel:
     instead of repacking (:mod:`pyllm.runtime.repack_cache`; a cold process reaches its first
     token sooner): None follows ``$PYLLM_REPACK_CACHE`` (on by default), False turns it off, a
     path puts the images there.
+
+    Args:
+        model_path: The GGUF file (any shard of a split model); None: the default model,
+            downloaded once.
+        n_threads: The contexts' default thread count and the repack's (None: the pool's
+            default, the physical cores this process may use).
+        repack: Copy the matrices into the CPU's rows16 layout at load (faster decode).
+        n_gpu_layers: Offload the last N layers (-1: all, and the output matrix).
+        device: The device to offload to (``opencl``, ``cuda:1``, ``cpu``; None: the build's
+            GPU backend).
+        placement: ``(backend, first, last)`` layer ranges in layer order (instead of
+            ``n_gpu_layers`` / ``device``); empty: all on the CPU.
+        verbose: Print load information (download, repack cache) to stderr.
+        pipeline: Run the layers over the ranks of an MPI job (rank 0 only).
+        layer_range: Load only layers ``[first, last)``; the others are another process's.
+        repack_cache: None: ``$PYLLM_REPACK_CACHE`` (on by default); False: off; a path: the
+            folder of the saved copies.
+
+    Raises:
+        ModelError: a file that is not a model pyllm runs, bad placement arguments, or too
+            little memory for the weights.
     """
 
     def __init__(self, model_path: str | os.PathLike[str] | None = None, *,
@@ -271,7 +292,11 @@ class LoadedModel:
         return frozenset(t.name for t in self._reader.tensors)
 
     def tensors_table(self) -> list[list[Any]]:
-        """Every tensor as ``[name, type name, dims, offset]`` (the model identity's input)."""
+        """Every tensor as ``[name, type name, dims, offset]`` (the model identity's input).
+
+        Returns:
+            One list per tensor of every shard, in file order.
+        """
         return tensors_table(self._reader)
 
     @property
@@ -324,6 +349,21 @@ class LoadedModel:
         as :func:`warnings.warn`'s from here: 2 points at the caller). ``n_batch`` is clamped
         by :func:`clamp_batch` (a longer chunk could never be filled; its scratch would be
         wasted). ``n_threads`` None takes the model's, then the pool's default.
+
+        Args:
+            n_ctx: Positions of each sequence.
+            n_batch: Most tokens of one forward call (clamped as above).
+            n_threads: Threads of the forward (None: the model's default).
+            kv_type: The KV cache type: ``f16``, ``q8_0`` or ``f32``.
+            n_seq: Sequences (the server's slots), each of ``n_ctx`` positions.
+            stacklevel: Where the beyond-training warning points (2: the caller).
+            _local: In a pipeline, this rank's own context rather than the pipeline's.
+
+        Returns:
+            The context (a ``PipelineContext`` answering the same calls in a pipeline).
+
+        Raises:
+            ContextError: a bad count or KV type, or a cache that does not fit in memory.
         """
         if self.core is None:
             raise ModelError("this model has been closed")
