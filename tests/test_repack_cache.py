@@ -240,3 +240,28 @@ def test_a_model_dropped_mid_write_keeps_its_bytes_until_written(
     assert got[2]
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_ctrl_c_while_exit_waits_gives_the_writes_up(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    path, folder = _model(tmp_path), tmp_path / "cache"
+    monkeypatch.setattr(rc, "_CHUNK", 4096)
+    llm = LLM(path, n_ctx=64, repack_cache=folder)
+    writer = llm.model.repack_writer
+    assert writer is not None
+    waits = []
+
+    def interrupted(abandon: bool = False) -> None:  # Ctrl-C arrives during the first wait
+        waits.append(abandon)
+        if not abandon:
+            raise KeyboardInterrupt
+        rc.ImageWriter.finish(writer, abandon=True)
+
+    writer.finish = interrupted  # type: ignore[method-assign]
+    rc._finish_all()  # returns: no KeyboardInterrupt escapes into the interpreter's exit
+    assert waits == [False, True]
+    assert not writer.is_alive() or writer._released.is_set()
+    del writer.finish  # the instance attribute: close() waits the usual way
+    llm.close()
+    for p in folder.iterdir() if folder.exists() else []:
+        assert p.suffix == ".rpk" and p.stat().st_size > rc.DATA_OFFSET

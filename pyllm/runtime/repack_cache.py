@@ -272,6 +272,12 @@ def start_writer(folder: Path, key: str, view: memoryview, plan: int,
 
 @atexit.register
 def _finish_all() -> None:
-    # before the interpreter tears down the models whose bytes the writers read
-    for writer in list(_writers):
-        writer.finish()
+    """At exit, before the interpreter tears down the models whose bytes the writers read:
+    waits for the writes; Ctrl-C while waiting gives them up, quietly (nothing is left)."""
+    writers = list(_writers)
+    try:
+        for writer in writers:
+            writer.finish()
+    except KeyboardInterrupt:
+        for writer in writers:
+            writer.finish(abandon=True)
