@@ -173,7 +173,10 @@ def test_a_killed_process_leaves_no_partial_file(tmp_path: Path) -> None:
         llm = LLM({str(path)!r}, n_ctx=64, repack_cache={str(folder)!r})
         os.kill(os.getpid(), signal.SIGKILL)  # mid-write: the writer has just started
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    # from tmp_path: the checkout's own pyllm/ (sources without the built extension) must not
+    # shadow the installed package
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120,
+                          cwd=tmp_path)
     assert proc.returncode == -signal.SIGKILL
     for p in folder.iterdir() if folder.exists() else []:
         assert p.suffix == ".rpk"
@@ -212,8 +215,8 @@ def test_the_cli_maps_the_copies_on_its_second_run(tmp_path: Path, smollm2_path:
     env = {**os.environ, "PYLLM_REPACK_CACHE": str(folder)}
     cmd = [sys.executable, "-m", "pyllm", "run", "-m", str(smollm2_path), "-p", "The sky is",
            "-n", "8", "--temp", "0", "-c", "256", "--verbose"]
-    runs = [subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-            for _ in range(2)]
+    runs = [subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120,
+                           cwd=tmp_path) for _ in range(2)]
     for r in runs:
         assert r.returncode == 0, r.stderr
     assert runs[1].stdout == runs[0].stdout
