@@ -39,6 +39,7 @@ from pyllm.errors import ContextError, SamplingError
 from pyllm.runtime.llm import LLM
 from pyllm.runtime.sampling import DEFAULTS, SamplingParams
 from pyllm.server import app as app_module
+from pyllm.server import guard as guard_module
 from pyllm.server.app import ServerConfig, cancel_all, create_app
 from pyllm.server.engine import DoneEvent, Engine, Request, TokenEvent
 from tests.conftest import HANG_GUARD, serve, wait_until
@@ -935,9 +936,9 @@ def test_memory_is_given_back_after_a_large_body(engine: Engine,
         trimmed.set()
         return True
 
-    monkeypatch.setattr(app_module, "release_free_memory", fake_release)
+    monkeypatch.setattr(guard_module, "release_free_memory", fake_release)
     big_body = json.dumps({"tokens": [1] * 30000}).encode()  # 90 KB
-    assert len(big_body) > app_module.LARGE_BODY_BYTES
+    assert len(big_body) > guard_module.LARGE_BODY_BYTES
     json_type = {"Content-Type": "application/json"}
     with serve(create_app(ServerConfig(), engine=engine)) as url:
         small = httpx.post(f"{url}/detokenize", json={"tokens": [1] * 100})

@@ -20,7 +20,8 @@ and builds the response with :mod:`pyllm.runtime.openai_shapes` (the shapes the 
 too).
 
 Browsers must not be able to drive a local server from any web page, so the outermost layer
-accepts only Host headers naming this machine's loopback names or the configured
+(:class:`pyllm.server.guard.Guard`, with the API key check and the HTTP counters) accepts only
+Host headers naming this machine's loopback names or the configured
 ``allowed_hosts`` (a DNS-rebinding page sends its own host name), and POST bodies must be
 ``application/json`` (which a cross-site page cannot send without a CORS preflight, refused
 unless ``cors_origins`` allows it).
@@ -31,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
-import hmac
 import json
 import math
 import threading
@@ -42,7 +42,6 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
@@ -50,7 +49,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from pyllm.errors import (
     ChatTemplateError,
@@ -65,7 +64,6 @@ from pyllm.errors import (
     ToolCallError,
 )
 from pyllm.runtime import openai_shapes as shapes
-from pyllm.runtime.sysinfo import release_free_memory
 from pyllm.runtime.tool_use import (
     ToolDeltas,
     ToolPlan,
@@ -91,6 +89,7 @@ from pyllm.server.engine import (
     QueueFullError,
     TokenEvent,
 )
+from pyllm.server.guard import Guard, json_error
 from pyllm.server.schemas import (
     ApiError,
     ChatCompletionRequest,
@@ -100,16 +99,10 @@ from pyllm.server.schemas import (
     LoraList,
     TokenizeRequest,
     UnsupportedFieldError,
-    error_body,
 )
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 M = TypeVar("M", bound=BaseModel)
-# Host names always accepted: this machine's loopback (with any port)
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
-# after a request body larger than this, free memory goes back to the OS (its text, tokens and
-# the tokenizer's scratch were large enough to leave the allocator holding pages)
-LARGE_BODY_BYTES = 64 * 1024
 
 
 @dataclass
@@ -135,15 +128,10 @@ class ServerConfig:
     cors_origins: list[str] = field(default_factory=list)
     chat_format: str | None = None
     max_body_bytes: int = 1 << 20  # 1 MiB: far more than any prompt that fits a context
-    # Host header names accepted besides LOOPBACK_HOSTS (a port is ignored); "*" = any
+    # Host header names accepted besides guard.LOOPBACK_HOSTS (a port is ignored); "*" = any
     allowed_hosts: list[str] = field(default_factory=list)
     # --slot-save-path: the folder of POST /slots/{id}?action=save|restore files (None: off)
     slot_save_path: str | None = None
-
-
-def _json_error(status: int, message: str, type_: str, param: str | None = None,
-                code: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, param, code), status_code=status)
 
 
 class _State:
@@ -177,126 +165,6 @@ class _State:
         if self.load_error is not None:
             raise ApiError(500, f"the model failed to load: {self.load_error}", "server_error")
         raise ApiError(503, "the model is still loading", "server_error", code="loading")
-
-
-def host_name(value: str) -> str:
-    """The name in a Host header value: no port, no IPv6 brackets, lower case, no final dot."""
-    v = value.strip().lower()
-    if v.startswith("["):
-        end = v.find("]")
-        name = v[1:end] if end > 0 else v[1:]
-    elif v.count(":") == 1:
-        name = v.partition(":")[0]
-    else:  # a plain name, or an IPv6 address without brackets
-        name = v
-    return name.rstrip(".")
-
-
-def _bearer_token(value: bytes) -> bytes | None:
-    """The credentials of an ``Authorization: Bearer TOKEN`` header; the scheme name is
-    case-insensitive (RFC 9110), so ``bearer`` and ``BEARER`` count too."""
-    scheme, _, token = value.strip().partition(b" ")
-    return token.strip() if scheme.lower() == b"bearer" else None
-
-
-class _Guard:
-    """Outermost ASGI layer: Host check, API key check, HTTP counters, memory given back.
-
-    Only Host names of this machine's loopback and ``allowed_hosts`` are served: a web page that
-    rebinds its own domain to 127.0.0.1 reaches the port, but its requests carry its domain.
-
-    With an API key set, everything but ``/health`` needs it. A browser cannot attach a header to
-    a plain navigation, so the chat page ``GET /`` also takes the key as ``?api_key=KEY`` (the
-    page then sends it as a header on its own API calls).
-
-    Written as plain ASGI rather than an ``@app.middleware`` so that streaming responses and
-    disconnect detection pass through untouched.
-    """
-
-    PUBLIC = frozenset({"/health"})
-
-    def __init__(self, app: ASGIApp, state: _State) -> None:
-        self.app = app
-        self.state = state
-        key = state.config.api_key
-        self.expected = key.encode() if key else None
-        hosts = state.config.allowed_hosts
-        self.any_host = "*" in hosts
-        self.hosts = frozenset(LOOPBACK_HOSTS) | {host_name(h) for h in hosts}
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope.get("path", "")
-        status = 500
-        received = 0
-
-        async def counting_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-            return message
-
-        try:
-            refusal = self._host_refusal(scope)
-            if refusal is None and (self.expected is not None and path not in self.PUBLIC
-                                    and scope.get("method") != "OPTIONS"
-                                    and not self._authorized(scope)):
-                refusal = _json_error(401, "invalid or missing API key (send 'Authorization: "
-                                      "Bearer KEY')", "authentication_error",
-                                      code="invalid_api_key")
-            if refusal is not None:
-                await refusal(scope, receive, counting_send)
-                return
-            await self.app(scope, counting_receive, counting_send)
-        finally:
-            route = path if path in _ROUTES else "other"
-            self.state.http[(route, status)] += 1
-            if received > LARGE_BODY_BYTES:
-                # malloc_trim walks the heap: not on the event loop
-                await run_in_threadpool(_give_back_memory)
-
-    def _host_refusal(self, scope: Scope) -> Response | None:
-        """None if the Host header names this server, else the error response."""
-        if self.any_host:
-            return None
-        host = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"),
-                    None)
-        if host is None:
-            return _json_error(400, "the request has no Host header", "invalid_request_error",
-                               code="host_not_allowed")
-        if host_name(host) in self.hosts:
-            return None
-        return _json_error(403, f"host {host!r} is not allowed: this server answers requests "
-                           f"for {', '.join(sorted(self.hosts))}; start it with "
-                           f"--allowed-hosts NAME to accept another name ('*' = any)",
-                           "permission_error", code="host_not_allowed")
-
-    def _authorized(self, scope: Scope) -> bool:
-        assert self.expected is not None
-        if scope.get("path") == "/" and scope.get("method") in ("GET", "HEAD"):
-            for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1")):
-                if key == "api_key":
-                    return hmac.compare_digest(value.encode("latin-1"), self.expected)
-        for name, value in scope.get("headers", []):
-            if name == b"authorization":
-                token = _bearer_token(value)
-                return token is not None and hmac.compare_digest(token, self.expected)
-            if name == b"x-api-key":
-                return hmac.compare_digest(value, self.expected)
-        return False
-
-
-def _give_back_memory() -> None:
-    release_free_memory()
 
 
 _ROUTES = ("/", "/health", "/metrics", "/props", "/v1/models", "/v1/completions",
@@ -441,7 +309,7 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
     if config.cors_origins:
         asgi = CORSMiddleware(asgi, allow_origins=config.cors_origins, allow_methods=["*"],
                               allow_headers=["*"])
-    return _Guard(asgi, state)
+    return Guard(asgi, state, _ROUTES)
 
 
 def _lifespan(state: _State, loader: Callable[[], Engine] | None,
@@ -479,11 +347,11 @@ async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
 
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    return _json_error(exc.status_code, str(exc.detail), type_)
+    return json_error(exc.status_code, str(exc.detail), type_)
 
 
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    return _json_error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+    return json_error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
 
 
 async def _guarded(fn: Callable[[], Awaitable[Response]]) -> Response:
