@@ -109,11 +109,6 @@ class LoadedModel:
     where ``first`` is 0, the head where ``last`` is the layer count); the other layers are
     another process's (a ``remote`` placement range), what a pipeline's ranks do.
 
-    ``repack_cache``: the first load of a file saves its rows16 copies and later loads map them
-    instead of repacking (:mod:`pyllm.runtime.repack_cache`; a cold process reaches its first
-    token sooner): None follows ``$PYLLM_REPACK_CACHE`` (on by default), False turns it off, a
-    path puts the images there.
-
     Args:
         model_path: The GGUF file (any shard of a split model); None: the default model,
             downloaded once.
@@ -128,8 +123,10 @@ class LoadedModel:
         verbose: Print load information (download, repack cache) to stderr.
         pipeline: Run the layers over the ranks of an MPI job (rank 0 only).
         layer_range: Load only layers ``[first, last)``; the others are another process's.
-        repack_cache: None: ``$PYLLM_REPACK_CACHE`` (on by default); False: off; a path: the
-            folder of the saved copies.
+        repack_cache: The first load of a file saves its rows16 copies and later loads map
+            them instead of repacking (:mod:`pyllm.runtime.repack_cache`): None follows
+            ``$PYLLM_REPACK_CACHE`` (on by default); False: off; a path: the folder of the
+            saved copies.
 
     Raises:
         ModelError: a file that is not a model pyllm runs, bad placement arguments, or too

@@ -9,6 +9,7 @@ allocated for them, so a hostile header cannot make the reader allocate more tha
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from collections.abc import Iterator
@@ -169,20 +170,15 @@ class _Cursor:
         return view
 
 
-_FAST: list[Any] = []  # [pyllm._core.gguf_string_array or None], filled on first use
-
-
+@functools.cache
 def _fast_string_array() -> Any:
     """The extension's string-array reader, or None (a source tree never built: the reader
     works without the extension)."""
-    if not _FAST:
-        try:
-            from pyllm import _core
-
-            _FAST.append(getattr(_core, "gguf_string_array", None))
-        except ImportError:
-            _FAST.append(None)
-    return _FAST[0]
+    try:
+        from pyllm import _core
+    except ImportError:
+        return None
+    return getattr(_core, "gguf_string_array", None)
 
 
 def _value_type(raw: int, cur: _Cursor, where: str) -> ValueType:
