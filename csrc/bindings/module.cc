@@ -14,4 +14,5 @@ PYBIND11_MODULE(_core, m) {
   pyllm::bindings::register_sampler(m);
   pyllm::bindings::register_kernels(m);
   pyllm::bindings::register_gguf(m);
+  pyllm::bindings::register_tokenizer(m);
 }

@@ -16,6 +16,7 @@ void register_kernels(pybind11::module_& m);  // bind_kernels.cc: matmul, thread
 void register_sampler(pybind11::module_& m);  // bind_sampler.cc: sampler chain, raw logprobs
 void register_lora(pybind11::module_& m);  // bind_lora.cc: LoraAdapter
 void register_gguf(pybind11::module_& m);  // bind_gguf.cc: GGUF string arrays
+void register_tokenizer(pybind11::module_& m);  // bind_tokenizer.cc: BPE merge pair table
 // bind_lora.cc: the Context's adapter methods (called by register_model on its Context class)
 void register_context_lora(pybind11::class_<Context>& ctx);
 

@@ -11,12 +11,12 @@ string: English text repeats its words, and a cache hit is one dict lookup.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import operator
 from collections.abc import Iterable
 from itertools import chain, pairwise
-
-import numpy as np
+from typing import Any
 
 from pyllm.tokenizer.runmerge import merge_runs
 from pyllm.tokenizer.vocab import Vocab
@@ -66,6 +66,17 @@ class PairTable(dict[int, int]):
         return -1
 
 
+@functools.cache
+def _fast_pair_table() -> Any:
+    """The extension's pair-table builder, or None (a source tree never built: the tokenizer
+    works without the extension)."""
+    try:
+        from pyllm import _core
+    except ImportError:
+        return None
+    return getattr(_core, "bpe_pair_table", None)
+
+
 def bytes_to_token_text(data: bytes) -> str:
     """Spell raw bytes in the byte alphabet, the form tokens and merges are stored in."""
     return data.decode("latin-1").translate(_LATIN1_TO_ALPHABET)
@@ -101,7 +112,23 @@ class BpeModel:
         self._ignore_merges = vocab.ignore_merges
         self._n_vocab = vocab.n_vocab
         self._cache: dict[str, tuple[int, ...]] = {}
+        # Heap entries popped while merging long pre-tokens, summed over calls: the merge work,
+        # which tests read to check it grows linearly with the input.
+        self.merge_steps = [0]
+        self._pairs = PairTable()
+        fast = _fast_pair_table()
+        built = None if fast is None else fast(vocab.tokens, vocab.merge_texts, BYTE_TO_CHAR,
+                                               self._pairs)
+        if built is not None:
+            byte_id, extra_texts, self._stride = built
+            self._byte_id: list[int] = byte_id
+            self._extra = dict(enumerate(extra_texts, start=vocab.n_vocab))
+        else:
+            self._build_pairs(vocab)
 
+    def _build_pairs(self, vocab: Vocab) -> None:
+        """The pair table in Python (what the extension's ``bpe_pair_table`` builds faster);
+        raises the vocabulary's error for a merge that is not "left right"."""
         extra: dict[str, int] = {}
 
         def intern(text: str) -> int:
@@ -124,15 +151,12 @@ class BpeModel:
         merged_ids = ids(list(map(operator.add, lefts, rights)))
         # Ids stay below the stride even after interning; leave room for every merge result.
         stride = vocab.n_vocab + len(extra) + 1
-        keys = np.asarray(left_ids, dtype=np.int64) * stride + np.asarray(right_ids, dtype=np.int64)
-        values = np.arange(len(lefts), dtype=np.int64) * stride + np.asarray(merged_ids, np.int64)
+        keys = [a * stride + b for a, b in zip(left_ids, right_ids, strict=True)]
+        values = [rank * stride + m for rank, m in enumerate(merged_ids)]
         # A pair listed twice keeps its first (lowest) rank: build from the end so it wins.
-        self._pairs = PairTable(zip(keys[::-1].tolist(), values[::-1].tolist(), strict=True))
+        self._pairs.update(zip(reversed(keys), reversed(values), strict=True))
         self._stride = stride
         self._extra = {i: t for t, i in extra.items()}
-        # Heap entries popped while merging long pre-tokens, summed over calls: the merge work,
-        # which tests read to check it grows linearly with the input.
-        self.merge_steps = [0]
 
     def encode(self, text: str, out: list[int]) -> None:
         """Append the ids of ``text`` (one raw-text fragment) to ``out``."""

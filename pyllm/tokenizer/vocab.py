@@ -14,6 +14,7 @@ converted files do not name them.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -85,7 +86,9 @@ class Vocab:
     scores: list[float]
     types: list[int]  # TokenType values, after llama.cpp's EOG-name fix-up
     token_to_id: dict[str, int]
-    merges: list[tuple[str, str]]  # (left, right) in rank order; empty for "llama"
+    # The merges as stored, "left right" in rank order (empty for "llama"): split on first use
+    # (:attr:`merges`), since the extension builds the BPE pair table from these texts directly.
+    merge_texts: list[str]
     pre: PreTokenizer | None  # None for "llama"
     special_ids: dict[str, int]  # "bos", "eos", "unk", "pad", ... -> id (absent when none)
     eog_ids: frozenset[int]
@@ -104,6 +107,15 @@ class Vocab:
     @property
     def n_vocab(self) -> int:
         return len(self.tokens)
+
+    @functools.cached_property
+    def merges(self) -> list[tuple[str, str]]:
+        """(left, right) in rank order; empty for "llama".
+
+        Raises:
+            TokenizerError: a merge that is not "left right".
+        """
+        return _split_merges(self.merge_texts)
 
 
 def _get_str(md: Mapping[str, Any], key: str, default: str | None = None) -> str | None:
@@ -165,7 +177,7 @@ def _token_list(md: Mapping[str, Any]) -> list[str]:
     return tokens
 
 
-def _parse_merges(md: Mapping[str, Any]) -> list[tuple[str, str]]:
+def _merge_texts(md: Mapping[str, Any]) -> list[str]:
     raw = md.get(KEY + "merges")
     if raw is None:
         raise TokenizerError("BPE vocabulary (model gpt2) has no tokenizer.ggml.merges array")
@@ -175,6 +187,10 @@ def _parse_merges(md: Mapping[str, Any]) -> list[tuple[str, str]]:
     if raw and set(map(type, raw)) != {str}:
         i = next(i for i, m in enumerate(raw) if not isinstance(m, str))
         raise TokenizerError(f"tokenizer.ggml.merges[{i}] is not a string")
+    return raw
+
+
+def _split_merges(raw: list[str]) -> list[tuple[str, str]]:
     if not raw:
         return []
     # Fast path, all C-level passes: when every merge has exactly one space and no newline
@@ -266,10 +282,10 @@ def vocab_from_metadata(md: Mapping[str, Any]) -> Vocab:
         byte_to_id[int(m.group(1), 16)] = i
 
     pre_name = _get_str(md, KEY + "pre")
-    merges: list[tuple[str, str]] = []
+    merge_texts: list[str] = []
     pre: PreTokenizer | None = None
     if model == "gpt2":
-        merges = _parse_merges(md)
+        merge_texts = _merge_texts(md)
         pre = get_pretokenizer(pre_name or "default")
         add_space_prefix, clean_spaces, ignore_merges = False, pre.clean_spaces, pre.ignore_merges
         add_bos, add_eos = pre.add_bos, False
@@ -328,7 +344,7 @@ def vocab_from_metadata(md: Mapping[str, Any]) -> Vocab:
         scores=scores,
         types=types,
         token_to_id=token_to_id,
-        merges=merges,
+        merge_texts=merge_texts,
         pre=pre,
         special_ids=special,
         eog_ids=frozenset(eog),
