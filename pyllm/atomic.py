@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import secrets
 import signal
 import stat
 import threading
@@ -53,7 +52,7 @@ class WriteTerminated(SystemExit):
 def temp_name(path: str | os.PathLike[str]) -> str:
     """The hidden name this process gives the temp file of ``path`` (in the same folder)."""
     base = os.path.basename(os.fspath(path))[:200]  # the additions must fit NAME_MAX (255)
-    return f".{base}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    return f".{base}{TEMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"  # (what secrets does)
 
 
 def check_destination(path: str | os.PathLike[str],

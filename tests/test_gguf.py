@@ -84,7 +84,11 @@ def test_roundtrip_own_reader(sample_file: Path) -> None:
 def test_tensor_views_are_zero_copy(sample_file: Path) -> None:
     r = GGUFReader(sample_file)
     t = r.tensor("f32.matrix")
-    assert isinstance(t.raw.base, np.ndarray) or isinstance(t.raw, np.memmap)
+    # a view of the file's mapping at the tensor's offset, in numpy and as a memoryview
+    mapping = np.frombuffer(r._buf, np.uint8)
+    assert t.raw.ctypes.data == mapping.ctypes.data + t.offset
+    assert np.frombuffer(t.view, np.uint8).ctypes.data == t.raw.ctypes.data
+    assert t.view.readonly and t.view.nbytes == t.nbytes
     assert not t.data.flags.writeable
     with pytest.raises(ValueError):
         t.data[0, 0] = 1.0

@@ -307,6 +307,26 @@ void register_model(py::module_& m) {
           "Evaluate tokens after the cached ones; returns logits of the last token ('last'), of "
           "every token ('all', shape (n, n_vocab)) or None ('none').")
       .def(
+          "decode_list",
+          // decode's 'last' without numpy (pybind11 imports it for any array argument or
+          // result): the decode loop's path, which a cold start reaches before numpy would
+          // be needed for anything else
+          [](Context& ctx, const std::vector<int32_t>& tokens) {
+            const auto n_vocab = static_cast<Py_ssize_t>(ctx.model().hparams().n_vocab);
+            py::object out = py::reinterpret_steal<py::object>(
+                PyByteArray_FromStringAndSize(nullptr, n_vocab * Py_ssize_t{sizeof(float)}));
+            if (!out) throw py::error_already_set();
+            auto* dst = reinterpret_cast<float*>(PyByteArray_AS_STRING(out.ptr()));
+            {
+              py::gil_scoped_release release;
+              ctx.decode(tokens.data(), static_cast<int64_t>(tokens.size()), dst, false);
+            }
+            return out;
+          },
+          py::arg("tokens"),
+          "Evaluate tokens (a list of ids) after the cached ones; returns the last token's "
+          "logits as a bytearray of n_vocab float32.")
+      .def(
           "decode_batch",
           [](Context& ctx, py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens,
              py::array_t<int32_t, py::array::c_style | py::array::forcecast> seq,

@@ -37,29 +37,26 @@ bool utf8_of(PyObject* obj, std::string_view& out) {
 // Symbol ids of a BPE vocabulary: a token's text has its token id; other texts (alphabet
 // characters or merge results the vocabulary lacks) get ids from n_vocab up, in the order they
 // are first asked for -- the order bpe.py's own path interns them in. An open-addressing table
-// (FNV-1a, linear probing) sized once: no allocation per entry, as std::unordered_map would
-// make ~200k of.
+// (FNV-1a, linear probing, at most half full): no allocation per entry, as std::unordered_map
+// would make, and sized for the tokens (texts that are no token are few), since fresh memory
+// is a cold start's cost.
 class SymbolIds {
  public:
-  SymbolIds(size_t n_vocab, size_t n_more) : n_vocab_(n_vocab) {
-    size_t cap = 16;
-    while (cap < 2 * (n_vocab + n_more)) cap *= 2;
-    slots_.assign(cap, Slot{});
-    mask_ = cap - 1;
-  }
+  explicit SymbolIds(size_t n_vocab) : n_vocab_(n_vocab) { rehash(2 * n_vocab + 1024); }
 
   void add_token(std::string_view text, int64_t id) {
     Slot& s = find(text);
-    if (s.id < 0) s = Slot{text, id};
+    if (s.id < 0) place(s, text, id);
   }
 
   int64_t intern(std::string_view text) {
     Slot& s = find(text);
     if (s.id >= 0) return s.id;
     store_.emplace_back(text);
-    s = Slot{store_.back(), static_cast<int64_t>(n_vocab_ + extra_.size())};
+    const auto id = static_cast<int64_t>(n_vocab_ + extra_.size());
     extra_.push_back(store_.back());
-    return s.id;
+    place(s, store_.back(), id);
+    return id;
   }
 
   const std::vector<std::string_view>& extra() const { return extra_; }
@@ -70,19 +67,39 @@ class SymbolIds {
     int64_t id = -1;
   };
 
-  // The slot holding text, or the empty one where it would go. The table never fills: it has
-  // twice the slots of every text it can be given (tokens, byte characters, three per merge).
-  Slot& find(std::string_view text) {
+  static uint64_t hash(std::string_view text) {
     uint64_t h = 1469598103934665603ull;
     for (const char c : text) h = (h ^ static_cast<uint8_t>(c)) * 1099511628211ull;
-    for (size_t i = h & mask_;; i = (i + 1) & mask_) {
+    return h;
+  }
+
+  // The slot holding text, or the empty one where it would go.
+  Slot& find(std::string_view text) {
+    for (size_t i = hash(text) & mask_;; i = (i + 1) & mask_) {
       Slot& s = slots_[i];
       if (s.id < 0 || s.text == text) return s;
     }
   }
 
+  void place(Slot& s, std::string_view text, int64_t id) {
+    s = Slot{text, id};
+    if (2 * ++used_ > slots_.size()) rehash(2 * slots_.size());
+  }
+
+  void rehash(size_t at_least) {
+    size_t cap = 16;
+    while (cap < at_least) cap *= 2;
+    std::vector<Slot> old(cap);
+    old.swap(slots_);
+    mask_ = cap - 1;
+    for (const Slot& s : old) {
+      if (s.id >= 0) find(s.text) = s;
+    }
+  }
+
   size_t n_vocab_;
   size_t mask_ = 0;
+  size_t used_ = 0;
   std::vector<Slot> slots_;
   std::deque<std::string> store_;  // texts of extra ids (a deque never moves them)
   std::vector<std::string_view> extra_;
@@ -95,7 +112,7 @@ class SymbolIds {
 py::object bpe_pair_table(const py::list& tokens, const py::list& merges,
                           const py::list& byte_chars, const py::dict& out) {
   const size_t n_vocab = tokens.size();
-  SymbolIds ids(n_vocab, byte_chars.size() + 3 * merges.size());
+  SymbolIds ids(n_vocab);
   std::string_view text;
   for (size_t i = 0; i < n_vocab; ++i) {
     if (!utf8_of(tokens[i].ptr(), text)) return py::none();

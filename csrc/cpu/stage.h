@@ -24,6 +24,7 @@
 #include "backend/backend.h"
 #include "cpu/kv_cache.h"
 #include "cpu/matmul.h"
+#include "cpu/scratch.h"
 #include "cpu/threadpool.h"
 #include "pyllm/model.h"
 
@@ -52,10 +53,10 @@ class CpuDevice final : public Device {
   friend class CpuStage;
   // Scratch activations for a chunk of up to n_batch tokens, shared by the device's stages.
   struct Buffers {
-    std::vector<float> xb, q, k, v, att, gate, up;
+    ScratchBuf xb, q, k, v, att, gate, up;
     std::vector<float> lora_u;  // LoRA: A x per token (rank floats each); grown on use
     std::vector<float> lora_us;  // LoRA: one token's A x times its coefficient, per share
-    std::vector<float> scores;  // per-thread attention scratch: n_threads * n_ctx
+    ScratchBuf scores;  // per-thread attention scratch: n_threads * n_ctx
     void resize(const HParams& hp, int n_batch, int n_ctx, int n_threads);
   };
 

@@ -18,6 +18,7 @@
 
 #include "backend/backend.h"
 #include "cpu/ops.h"
+#include "cpu/scratch.h"
 #include "model/attention_schedule.h"
 #include "model/placement.h"
 #include "model/rope.h"
@@ -30,7 +31,8 @@ struct Context::Impl {
   const Model& model;
   RopeTable rope;
   AttentionSchedule schedule;
-  std::vector<float> rope_buf, hidden;                // chunk plan, [n_batch][n_embd] rows
+  std::vector<float> rope_buf;                       // chunk plan
+  ScratchBuf hidden;                                 // [n_batch][n_embd] rows
   std::vector<std::unique_ptr<Device>> devices;      // one per backend the placement names
   std::vector<std::unique_ptr<Stage>> stages;        // in layer order; the last has the head
   // Per-call bookkeeping, kept here so a decode step allocates nothing once warmed up.

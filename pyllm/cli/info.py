@@ -8,8 +8,6 @@ import sys
 from collections import Counter
 from typing import Any
 
-import numpy as np
-
 from pyllm.formats.gguf.split import ModelFile, open_gguf
 from pyllm.runtime.default_model import resolve_model_path
 
@@ -33,6 +31,8 @@ def add_parser(sub: Any) -> None:
 
 def _plain(value: Any) -> Any:
     """Metadata value -> JSON-friendly value, long arrays summarized."""
+    import numpy as np  # only here: the CLI's other commands need none
+
     if isinstance(value, np.ndarray):
         if value.size > _MAX_LISTED:
             return {"array": str(value.dtype), "length": int(value.size)}

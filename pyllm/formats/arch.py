@@ -102,7 +102,7 @@ def _float(md: dict[str, Any], key: str, default: float) -> float:
 
 
 def read_hparams(reader: ModelFile) -> HParams:
-    md = reader.metadata
+    md = reader.fields  # scalars only: no numpy views needed
     arch = md.get("general.architecture")
     if not isinstance(arch, str) or not arch:
         raise ModelError(f"{reader.path}: no general.architecture in the file")
@@ -174,7 +174,7 @@ def _spec(t: TensorInfo) -> TensorSpec:
     if len(t.dims) > 2:
         raise ModelError(f"tensor {t.name}: expected at most 2 dimensions, got {list(t.dims)}")
     rows = t.dims[1] if len(t.dims) == 2 else 1
-    return int(t.type), t.raw, int(t.dims[0]), int(rows), t.name
+    return int(t.type), t.view, int(t.dims[0]), int(rows), t.name
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
-
-import numpy as np
+from numbers import Integral
+from typing import TYPE_CHECKING, Any
 
 from pyllm.errors import QuantError
 from pyllm.formats.gguf.constants import GGMLType
+
+if TYPE_CHECKING:
+    import numpy as np
 
 QTypeLike = GGMLType | int | str
 
@@ -93,7 +95,7 @@ def resolve_type(qtype: QTypeLike) -> GGMLType:
             t = GGMLType[qtype.strip().upper()]
         except KeyError:
             raise QuantError(f"unknown tensor type name {qtype!r}") from None
-    elif isinstance(qtype, (int, np.integer)) and not isinstance(qtype, bool):
+    elif isinstance(qtype, Integral) and not isinstance(qtype, bool):
         try:
             t = GGMLType(int(qtype))
         except ValueError:
@@ -157,7 +159,7 @@ def type_info(qtype: QTypeLike) -> QuantTypeInfo:
 
 
 def _check_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
-    if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
+    if isinstance(shape, Integral) and not isinstance(shape, bool):
         dims: tuple[Any, ...] = (shape,)
     else:
         try:
@@ -166,7 +168,7 @@ def _check_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
             raise QuantError(f"shape must be an int or a sequence of ints, not {shape!r}") from None
     out = []
     for d in dims:
-        if not isinstance(d, (int, np.integer)) or isinstance(d, bool) or d < 0:
+        if not isinstance(d, Integral) or isinstance(d, bool) or d < 0:
             raise QuantError(f"shape {shape!r} must hold non-negative integers")
         out.append(int(d))
     if math.prod(out) > _MAX_ELEMENTS:
@@ -195,6 +197,8 @@ def byte_shape(qtype: QTypeLike, shape: int | Sequence[int]) -> tuple[int, ...]:
 
 def _as_bytes(data: Any) -> np.ndarray:
     """A C-contiguous array over the caller's bytes; no copy for contiguous arrays and buffers."""
+    import numpy as np
+
     if isinstance(data, np.ndarray):
         if data.dtype.hasobject:
             raise QuantError("data must hold raw bytes, not Python objects")
@@ -257,6 +261,8 @@ def quantize(qtype: QTypeLike, array: Any, importance: Any = None) -> np.ndarray
     Returns:
         The raw bytes, uint8 of shape (..., row bytes).
     """
+    import numpy as np
+
     info = type_info(qtype)
     if not info.can_quantize and not (info.imatrix_quantize and importance is not None):
         if info.imatrix_quantize:

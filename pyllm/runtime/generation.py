@@ -1,6 +1,7 @@
 """The single-sequence decode loop: prompt -> tokens -> streamed text, over one LLM's context.
 
-Per generated token the loop makes one forward call (``LLM.eval_token``) and one step of
+Per generated token the loop makes one forward call (``LLM.eval_token``'s way, the logits as a
+memoryview: no numpy on this path) and one step of
 :class:`pyllm.runtime.steps.SequenceSteps` (the sampling call into C++, stop tokens, stop strings
 matched on the decoded text across token boundaries with hold-back, limits, logprobs), the same step
 machine the batching server drives. With a drafter (speculative decoding), a round is one forward
@@ -17,8 +18,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
-
 from pyllm.errors import ContextError, PyllmError
 from pyllm.runtime.steps import (
     UNTIL_DONE,
@@ -30,6 +29,8 @@ from pyllm.runtime.steps import (
 )
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from pyllm.runtime.grammar import Constraint
     from pyllm.runtime.llm import LLM
     from pyllm.runtime.sampling import SamplingParams
@@ -157,7 +158,7 @@ class Generation:
             return
         t0 = time.perf_counter()
         before = llm.tokens
-        logits = llm.eval_prompt(self.prompt_tokens)
+        logits = llm._prompt_logits(self.prompt_tokens)
         # eval_prompt reuses the cached prefix but always evaluates the last prompt token
         reused = min(common_prefix(before, self.prompt_tokens), len(self.prompt_tokens) - 1)
         self.n_prompt_evaluated = len(self.prompt_tokens) - reused
@@ -191,7 +192,7 @@ class Generation:
             if not self._room(1):
                 yield from self._full()
                 return
-            logits = self.llm.eval_token(steps.tokens[-1])
+            logits = self.llm._token_logits(steps.tokens[-1])
 
     def _full(self) -> Iterator[Piece]:
         """The end at a full context that cannot be shifted."""

@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-
 from pyllm.errors import GrammarError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from pyllm.tokenizer import Tokenizer
 
 GrammarKind = Literal["gbnf", "lark", "json_schema", "regex"]
@@ -425,6 +425,8 @@ class Constraint:
         if self._matcher.is_error():
             raise GrammarError(f"invalid {_NAMES[grammar.kind]}: "
                                f"{_reword(self._matcher.get_error())}")
+        import numpy as np  # (imported with a constraint, not with this module)
+
         self._words = np.zeros((n_vocab + 31) // 32, dtype=np.uint32)
         # the lock of a mask being computed, released by the helper when done: one per
         # sequence (not one per token), taken again by submit, handed back by _wait

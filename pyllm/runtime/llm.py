@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from pyllm.errors import ContextError, ModelError, PipelineError, PyllmError
 from pyllm.formats.arch import HParams
 from pyllm.runtime.footprint import DEFAULT_KV_TYPE, KV_ELEMENT_TYPES, check_kv_type
@@ -29,10 +27,13 @@ from pyllm.runtime.loaded import (
     check_threads,
     clamp_batch,
 )
-from pyllm.runtime.lora import AdapterSet, LoraSpec, lora_specs
+from pyllm.runtime.lora import AdapterSet, lora_specs
 from pyllm.runtime.steps import common_prefix
 
 if TYPE_CHECKING:
+    import numpy as np
+
+    from pyllm.runtime.lora import LoraSpec
     from pyllm.runtime.mpi import Pipeline
     from pyllm.runtime.speculative import Drafter
     from pyllm.tokenizer import Tokenizer
@@ -50,6 +51,8 @@ class _Empty:
         self.n_vocab = n_vocab
 
     def wait(self) -> np.ndarray:
+        import numpy as np
+
         return np.zeros((0, self.n_vocab), dtype=np.float32)
 
 
@@ -134,7 +137,9 @@ class LLM:
                 self.model.close()
                 raise
         self._tokens: list[int] = []
-        self._last_logits: np.ndarray | None = None
+        # the last token's logits: a numpy array, or a float32 memoryview after the decode
+        # loop's steps (_prompt_logits / _token_logits)
+        self._last_logits: np.ndarray | memoryview | None = None
         # the default drafter of generate / stream / chat / create_* (speculative decoding; a
         # call's drafter= overrides it), as llama-cpp-python's Llama(draft_model=...)
         self.draft_model = draft_model
@@ -225,6 +230,8 @@ class LLM:
     # ---- evaluation ---------------------------------------------------------------------------
 
     def _check_tokens(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+        import numpy as np
+
         arr = np.asarray(tokens)
         if arr.ndim != 1:
             raise ModelError("tokens must be a 1-D sequence of ints")
@@ -277,10 +284,60 @@ class LLM:
         Returns:
             The logits after it, float32 (n_vocab,).
         """
+        import numpy as np
+
         if not 0 <= token < self.hparams.n_vocab:
             raise ModelError(f"token id {token} is outside the vocabulary (n_vocab {self.n_vocab})")
         out = self._decode(np.array((token,), dtype=np.int32), "last")
         assert out is not None
+        self._last_logits = out
+        return out
+
+    # The decode loop's two calls: eval_prompt / eval_token giving the logits as a float32
+    # memoryview where the context makes them without numpy (a cold `pyllm run` reaches its
+    # first token without importing numpy, ~45-90 ms), else the numpy array those give.
+
+    def _prompt_logits(self, tokens: list[int]) -> Any:
+        """:meth:`eval_prompt` for the decode loop (see above)."""
+        if not tokens:
+            raise ModelError("the prompt is empty")
+        if getattr(self._ctx, "decode_list", None) is None or not self._plain_ids(tokens):
+            return self.eval_prompt(tokens)  # an MPI pipeline's context; numpy integers
+        keep = min(common_prefix(self._tokens, tokens), len(tokens) - 1)
+        self._truncate(keep)
+        return self._decode_list(tokens[keep:])
+
+    def _token_logits(self, token: int) -> Any:
+        """:meth:`eval_token` for the decode loop (see above)."""
+        if getattr(self._ctx, "decode_list", None) is None or not self._plain_ids([token]):
+            return self.eval_token(token)
+        return self._decode_list([token])
+
+    def _plain_ids(self, tokens: list[int]) -> bool:
+        """Whether every token is a Python int (else the numpy path checks them); ModelError
+        for one outside the vocabulary."""
+        n_vocab = self.n_vocab
+        if all(type(t) is int and 0 <= t < n_vocab for t in tokens):
+            return True
+        if any(type(t) is not int for t in tokens):
+            return False
+        bad = next(t for t in tokens if not 0 <= t < n_vocab)
+        raise ModelError(f"token id {bad} is outside the vocabulary (n_vocab {n_vocab})")
+
+    def _decode_list(self, new: list[int]) -> memoryview:
+        if self._ctx is None:
+            raise ModelError("this LLM has been closed")
+        if len(self._tokens) + len(new) > self.n_ctx:
+            raise ContextError(f"{len(self._tokens)} cached + {len(new)} new tokens exceed the "
+                               f"context size n_ctx={self.n_ctx}")
+        with self._lock:
+            try:
+                out = memoryview(self._ctx.decode_list(new)).cast("f")
+            except IndexError as e:
+                raise ContextError(str(e)) from None
+            except ValueError as e:
+                raise ModelError(str(e)) from None
+        self._tokens.extend(new)
         self._last_logits = out
         return out
 
@@ -331,6 +388,8 @@ class LLM:
         Returns:
             The logits after each token, float32 (n_tokens, n_vocab).
         """
+        import numpy as np
+
         arr = self._check_tokens(tokens)
         if arr.size == 0:
             return np.zeros((0, self.n_vocab), dtype=np.float32)
@@ -351,6 +410,8 @@ class LLM:
         Yields:
             Each chunk's logits, float32 (n_tokens, n_vocab), in order.
         """
+        import numpy as np
+
         submit = getattr(self._ctx, "submit", None)
         if submit is None:
             for chunk in chunks:
@@ -442,6 +503,8 @@ class LLM:
         Returns:
             The embedding, float32 (n_embd,).
         """
+        import numpy as np
+
         if isinstance(text_or_tokens, str):
             tokens = self.tokenize(text_or_tokens, add_special=True)
         else:
@@ -634,7 +697,9 @@ class LLM:
         Returns:
             The cached tokens, their K/V entries, the last logits and the LoRA adapters.
         """
-        last = None if self._last_logits is None else self._last_logits.copy()
+        import numpy as np
+
+        last = None if self._last_logits is None else np.array(self._last_logits, np.float32)
         return LLMState(tuple(self._tokens), bytes(self._ctx.save_state()), last,
                         self._lora_key())
 

@@ -21,8 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from pyllm.errors import ContextError, ModelError, PyllmError, PyllmWarning
 from pyllm.formats.arch import HParams, ModelTensors, collect_tensors, read_hparams
 from pyllm.formats.gguf.split import open_gguf
@@ -147,7 +145,6 @@ class LoadedModel:
         self.verbose = verbose
         self._reader = open_gguf(self.model_path)  # a split model: all its shards
         self._identity: str | None = None
-        self.metadata: dict[str, Any] = self._reader.metadata
         self._tokenizer: Tokenizer | None = None
         self.pipeline: Pipeline | None = None
         self._pipeline_id = 0
@@ -284,6 +281,12 @@ class LoadedModel:
             pipeline.command("unload", self._pipeline_id)
 
     @property
+    def metadata(self) -> dict[str, Any]:
+        """The file's metadata (numeric arrays as numpy arrays; see
+        :attr:`pyllm.formats.gguf.GGUFReader.metadata`)."""
+        return self._reader.metadata
+
+    @property
     def tensor_names(self) -> frozenset[str]:
         """The names of the model file's tensors (every shard's)."""
         return frozenset(t.name for t in self._reader.tensors)
@@ -326,13 +329,14 @@ class LoadedModel:
         if self._tokenizer is None:
             from pyllm.tokenizer import Tokenizer
 
-            self._tokenizer = Tokenizer.from_metadata(self.metadata)
+            # the parsed fields (arrays as memoryviews): no numpy needed to build it
+            self._tokenizer = Tokenizer.from_metadata(self._reader.fields)
         return self._tokenizer
 
     @property
     def chat_template(self) -> str | None:
         """The file's Jinja chat template (``tokenizer.chat_template``), if it has one."""
-        template = self.metadata.get("tokenizer.chat_template")
+        template = self._reader.fields.get("tokenizer.chat_template")
         return template if isinstance(template, str) else None
 
     def new_context(self, n_ctx: int, *, n_batch: int = DEFAULT_N_BATCH,
@@ -483,6 +487,8 @@ def shard_tensors(tensors: ModelTensors, n_layer: int,
 
 def _json_value(value: Any) -> Any:
     """json.dumps's fallback for the metadata values JSON lacks (arrays, numpy scalars, bytes)."""
+    import numpy as np
+
     if isinstance(value, (np.ndarray, np.generic)):
         return value.tolist()
     if isinstance(value, (bytes, bytearray)):

@@ -18,10 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from pyllm.errors import ModelError
-from pyllm.formats.lora import AdapterSpec
 
 if TYPE_CHECKING:
     from pyllm.runtime.loaded import LoadedModel
@@ -35,7 +32,8 @@ DELTA_SLOTS = {"attn_norm.weight": "attn_norm", "ffn_norm.weight": "ffn_norm",
                "attn_output.bias": "bo", "ffn_gate.bias": "b_gate", "ffn_up.bias": "b_up",
                "ffn_down.bias": "b_down"}
 
-LoraSpec = AdapterSpec
+if TYPE_CHECKING:  # (pyllm.formats.lora, numpy with it, is imported once an adapter is read)
+    from pyllm.formats.lora import AdapterSpec as LoraSpec
 
 
 def lora_specs(adapters: Sequence[LoraSpec] | None) -> list[tuple[Path, float]]:
@@ -77,6 +75,8 @@ def load_adapter(model: LoadedModel, path: Path) -> LoadedAdapter:
     for name, slot in slots:
         assert slot is not None
         core.set_delta(slot[0], slot[1], adapter.deltas[name])
+    import numpy as np
+
     for name, pair in adapter.pairs.items():
         _, layer, matrix, _ = name.split(".")
         # the file's precision is kept (exactly its values; F16 or Q8_0 halve or quarter what

@@ -31,11 +31,12 @@ import numbers
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from types import MappingProxyType
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from pyllm.errors import SamplingError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 _UINT32_MAX = 2**32 - 1
 
@@ -295,8 +296,13 @@ def _core() -> Any:
     return load_core(SamplingError)
 
 
-def _row(logits: Any) -> np.ndarray:
+def _row(logits: Any) -> Any:
     # float32 contiguous rows pass through without a copy; anything else is converted once.
+    # The decode loop's rows are float32 memoryviews (pyllm.runtime.llm): no numpy for them.
+    if type(logits) is memoryview and logits.format == "f" and logits.ndim == 1:
+        return logits
+    import numpy as np
+
     arr = np.asarray(logits)
     if arr.dtype != np.float32 or not arr.flags.c_contiguous:
         try:

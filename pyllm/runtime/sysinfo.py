@@ -8,8 +8,6 @@ are made, so a large ``-t`` or ``-c`` gets a clear message instead of a machine 
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 import os
 import sys
@@ -102,6 +100,9 @@ def format_bytes(n: float) -> str:
 
 @lru_cache(maxsize=1)
 def _malloc_trim() -> object | None:
+    import ctypes  # (with ctypes.util's subprocess and tempfile: only a server needs them)
+    import ctypes.util
+
     name = ctypes.util.find_library("c")
     if not name:
         return None

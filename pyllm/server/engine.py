@@ -61,7 +61,7 @@ from pyllm.runtime.loaded import (
     clamp_batch,
     core_module,
 )
-from pyllm.runtime.lora import AdapterSet, LoraSpec, lora_specs
+from pyllm.runtime.lora import AdapterSet, lora_specs
 from pyllm.runtime.speculative import DEFAULT_DRAFT_MAX, DEFAULT_DRAFT_P_MIN
 from pyllm.runtime.steps import SequenceSteps, common_prefix, resolve_max_tokens
 from pyllm.server.drafting import Drafting
@@ -70,6 +70,7 @@ from pyllm.server.slot_cache import RamCache, apply_slot_action
 
 if TYPE_CHECKING:
     from pyllm.runtime.llm import LLM
+    from pyllm.runtime.lora import LoraSpec
     from pyllm.runtime.sampling import SampleResult, SamplingParams
     from pyllm.runtime.speculative import Drafter
 

@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any
 
-import numpy as np
-
 from pyllm.errors import TokenizerError
 from pyllm.tokenizer.pretokenize import PreTokenizer, get_pretokenizer
 
@@ -134,8 +132,15 @@ def _get_bool(md: Mapping[str, Any], key: str, default: bool) -> bool:
     raise TokenizerError(f"{key} must be a bool, got {value!r}")
 
 
-def _number_array(md: Mapping[str, Any], key: str, n: int, dtype: type) -> np.ndarray | None:
-    """A numeric metadata array as a fresh numpy array (never a view of the file)."""
+# struct formats of the reader's typed memoryviews (pyllm.formats.gguf.GGUFReader.fields)
+_INT_FORMATS = frozenset("bBhHiIlLqQ?")
+_FLOAT_FORMATS = frozenset("fd")
+
+
+def _number_array(md: Mapping[str, Any], key: str, n: int, kind: type) -> list[Any] | None:
+    """A numeric metadata array as a fresh list of ``kind`` (int or float), never a view of
+    the file. The reader's memoryviews are read without numpy (a cold start builds the
+    tokenizer before anything needs numpy); other sequences are checked with numpy."""
     raw = md.get(key)
     if raw is None:
         return None
@@ -143,14 +148,24 @@ def _number_array(md: Mapping[str, Any], key: str, n: int, dtype: type) -> np.nd
         raise TokenizerError(f"{key} must be an array, got {type(raw).__name__}")
     if len(raw) != n:
         raise TokenizerError(f"{key} has {len(raw)} entries but tokenizer.ggml.tokens has {n}")
+    if isinstance(raw, memoryview):
+        fmt = raw.format
+        if raw.ndim != 1 or fmt not in _INT_FORMATS | _FLOAT_FORMATS or (
+                kind is int and fmt in _FLOAT_FORMATS):
+            raise TokenizerError(f"{key} must be a flat array of numbers, got format {fmt!r}")
+        values = raw.tolist()
+        return values if (fmt in _FLOAT_FORMATS) == (kind is float) and fmt != "?" \
+            else list(map(kind, values))
+    import numpy as np
+
     arr = np.asarray(raw)
     if (
         arr.ndim != 1
         or arr.dtype.kind not in ("i", "u", "f", "b")
-        or (dtype is np.int64 and arr.dtype.kind == "f")
+        or (kind is int and arr.dtype.kind == "f")
     ):
         raise TokenizerError(f"{key} must be a flat array of numbers, got {arr.dtype} {arr.shape}")
-    return np.array(arr, dtype=dtype)
+    return np.array(arr, dtype=np.float64 if kind is float else np.int64).tolist()  # type: ignore[no-any-return]
 
 
 def _token_list(md: Mapping[str, Any]) -> list[str]:
@@ -248,17 +263,19 @@ def vocab_from_metadata(md: Mapping[str, Any]) -> Vocab:
         )
     tokens = _token_list(md)
     n = len(tokens)
-    score_arr = _number_array(md, KEY + "scores", n, np.float64)
-    if score_arr is not None and np.isnan(score_arr).any():  # NaN makes merge order meaningless
-        raise TokenizerError(f"tokenizer.ggml.scores[{int(np.isnan(score_arr).argmax())}] is NaN")
-    type_arr = _number_array(md, KEY + "token_type", n, np.int64)
-    if type_arr is not None and ((type_arr < 0) | (type_arr > 6)).any():
-        i = int(((type_arr < 0) | (type_arr > 6)).argmax())
+    score_list = _number_array(md, KEY + "scores", n, float)
+    if score_list is not None and any(x != x for x in score_list):  # NaN: no merge order
+        i = next(i for i, x in enumerate(score_list) if x != x)
+        raise TokenizerError(f"tokenizer.ggml.scores[{i}] is NaN")
+    type_list = _number_array(md, KEY + "token_type", n, int)
+    if type_list is not None and not 0 <= min(type_list, default=0) <= max(type_list,
+                                                                          default=0) <= 6:
+        i = next(i for i, t in enumerate(type_list) if not 0 <= t <= 6)
         raise TokenizerError(
-            f"tokenizer.ggml.token_type[{i}] = {type_arr[i]} is not a known token type"
+            f"tokenizer.ggml.token_type[{i}] = {type_list[i]} is not a known token type"
         )
-    scores: list[float] = score_arr.tolist() if score_arr is not None else [0.0] * n
-    types: list[int] = type_arr.tolist() if type_arr is not None else [int(TokenType.NORMAL)] * n
+    scores: list[float] = score_list if score_list is not None else [0.0] * n
+    types: list[int] = type_list if type_list is not None else [int(TokenType.NORMAL)] * n
 
     token_to_id = dict(zip(tokens, range(n), strict=True))
     if len(token_to_id) != n:

@@ -1,7 +1,11 @@
 """Memory-mapped GGUF reader with complete validation.
 
-The whole file is mapped read-only with ``numpy.memmap``; metadata is parsed with bounds checks
-on every read, and tensor data is exposed as zero-copy views. Every way a file can be malformed
+The whole file is mapped read-only (``mmap``); metadata is parsed with bounds checks on every
+read, and tensor data is exposed as zero-copy views. Parsing needs no numpy: numeric arrays and
+tensor data are memoryviews of the mapping (:attr:`GGUFReader.fields`, :attr:`TensorInfo.view`),
+and numpy views of them are made on first use (:attr:`GGUFReader.metadata`,
+:attr:`TensorInfo.raw`), so that loading a model to run it never imports numpy (~45-90 ms of a
+cold start). Every way a file can be malformed
 raises :class:`~pyllm.errors.GGUFError` naming what is wrong and where. Counts and lengths read
 from the header are checked against the bytes actually left in the file *before* anything is
 allocated for them, so a hostile header cannot make the reader allocate more than the file size.
@@ -10,13 +14,13 @@ allocated for them, so a hostile header cannot make the reader allocate more tha
 from __future__ import annotations
 
 import functools
+import math
+import mmap
 import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pyllm.errors import GGUFError
 from pyllm.formats.gguf.constants import (
@@ -24,13 +28,15 @@ from pyllm.formats.gguf.constants import (
     GGUF_MAGIC,
     MAX_DIMS,
     PLAIN_DTYPES,
-    SCALAR_DTYPES,
     STRUCT_FORMATS,
     SUPPORTED_VERSIONS,
     TYPE_INFO,
     GGMLType,
     ValueType,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # Smallest number of bytes one encoded item can take; used to reject counts that cannot fit.
 _MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, smallest value
@@ -49,7 +55,14 @@ class TensorInfo:
     dims: tuple[int, ...]  # ggml order: dims[0] is the innermost (contiguous) dimension
     offset: int  # absolute byte offset of the data in the file
     nbytes: int
-    raw: np.ndarray = field(repr=False)  # flat uint8 view of the tensor's bytes
+    view: memoryview = field(repr=False)  # the tensor's bytes in the mapping (read-only)
+
+    @property
+    def raw(self) -> np.ndarray:
+        """Flat uint8 numpy view of the tensor's bytes (zero-copy, read-only)."""
+        import numpy as np
+
+        return np.frombuffer(self.view, dtype=np.uint8)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -77,10 +90,9 @@ class TensorInfo:
 class _Cursor:
     """Bounds-checked little-endian reads over the mapped file."""
 
-    def __init__(self, buf: np.ndarray, path: str) -> None:
+    def __init__(self, buf: memoryview, path: str) -> None:
         self.buf = buf
-        self.view = memoryview(buf)  # byte slicing through a memoryview is ~10x cheaper
-        self.size = int(buf.shape[0])
+        self.size = len(buf)
         self.pos = 0
         self.path = path
 
@@ -131,11 +143,11 @@ class _Cursor:
         otherwise, and words the error where that finds one."""
         fast = _fast_string_array()
         if fast is not None:
-            got = fast(self.view, self.pos, count)
+            got = fast(self.buf, self.pos, count)
             if got is not None:
                 out, self.pos = got
                 return out  # type: ignore[no-any-return]
-        view, size, pos = self.view, self.size, self.pos
+        view, size, pos = self.buf, self.size, self.pos
         unpack = struct.unpack_from
         out: list[str] = []
         append = out.append
@@ -158,16 +170,33 @@ class _Cursor:
         self.pos = pos
         return out
 
-    def array_view(self, dtype: str, count: int, what: str) -> np.ndarray:
-        itemsize = np.dtype(dtype).itemsize
+    def array_view(self, fmt: str, count: int, what: str) -> memoryview:
+        """``count`` elements of struct format ``fmt`` (little-endian, as GGUF and every
+        supported host) as a typed zero-copy memoryview."""
+        fmt = fmt.lstrip("<")
+        itemsize = struct.calcsize(fmt)
         if count > self.remaining() // itemsize:
             raise self.fail(
                 f"{what}: {count} elements of {itemsize} bytes do not fit in the "
                 f"{self.remaining()} bytes left"
             )
-        view = self.buf[self.pos : self.pos + count * itemsize].view(dtype)
+        view = self.buf[self.pos : self.pos + count * itemsize].cast(fmt)
         self.pos += count * itemsize
         return view
+
+
+def _shortest_float32(value: float) -> float:
+    """The shortest decimal that reads back as the same float32 (1e-05, not 9.99999974e-06):
+    the number the file's writer meant. The correctly rounded value of the fewest digits that
+    round-trips is the one (numpy's str of a float32 gives the same)."""
+    if math.isnan(value) or math.isinf(value):
+        return value
+    pack, unpack = struct.pack, struct.unpack
+    for digits in range(1, 10):
+        candidate = float(f"{value:.{digits}g}")
+        if unpack("<f", pack("<f", candidate))[0] == value:
+            return candidate
+    return value
 
 
 @functools.cache
@@ -191,15 +220,41 @@ def _value_type(raw: int, cur: _Cursor, where: str) -> ValueType:
 _Reader = TypeVar("_Reader", bound="TensorLookup")
 
 
+def _numpy_value(value: Any) -> Any:
+    """A :attr:`GGUFReader.fields` value as :attr:`GGUFReader.metadata` gives it: numeric arrays
+    as read-only numpy arrays (zero-copy; bools normalised to True/False), the rest as is."""
+    if isinstance(value, memoryview):
+        import numpy as np
+
+        if value.format == "?":
+            return np.asarray(value.cast("B")).astype(bool)
+        return np.asarray(value)
+    if _holds_arrays(value):
+        return [_numpy_value(v) for v in value]
+    return value
+
+
+def _holds_arrays(value: Any) -> bool:
+    # arrays are homogeneous: the first element says what the others are
+    return isinstance(value, list) and bool(value) and isinstance(value[0], (list, memoryview))
+
+
 class TensorLookup:
-    """What a model reader offers besides its fields (``path``, ``metadata``, ``tensors`` and
-    ``_by_name``, set by the reader): tensors by name, metadata by key, iteration, ``with``.
-    Shared by :class:`GGUFReader` and :class:`~pyllm.formats.gguf.split.SplitGGUFReader`."""
+    """What a model reader offers besides its fields (``path``, ``fields``, ``tensors`` and
+    ``_by_name``, set by the reader): metadata with numpy arrays, tensors by name, metadata by
+    key, iteration, ``with``. Shared by :class:`GGUFReader` and
+    :class:`~pyllm.formats.gguf.split.SplitGGUFReader`."""
 
     path: str
-    metadata: dict[str, Any]
+    fields: dict[str, Any]
     tensors: list[TensorInfo]
     _by_name: dict[str, TensorInfo]
+
+    @functools.cached_property
+    def metadata(self) -> dict[str, Any]:
+        """key -> value: :attr:`fields` with numeric arrays as read-only numpy arrays
+        (zero-copy views of the file)."""
+        return {key: _numpy_value(value) for key, value in self.fields.items()}
 
     def tensor(self, name: str) -> TensorInfo:
         try:
@@ -211,7 +266,12 @@ class TensorLookup:
         return name in self._by_name
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self.metadata.get(key, default)
+        """A metadata value (as :attr:`metadata` gives it), or ``default``."""
+        if key not in self.fields:
+            return default
+        value = self.fields[key]
+        return self.metadata[key] if isinstance(value, memoryview) or _holds_arrays(value) \
+            else value
 
     def __iter__(self) -> Iterator[TensorInfo]:
         return iter(self.tensors)
@@ -234,9 +294,10 @@ class GGUFReader(TensorLookup):
     Attributes:
         path: the file path.
         version: GGUF version (2 or 3).
-        metadata: key -> value. Scalars are Python ``int``/``float``/``bool``, strings ``str``,
-            arrays of strings ``list[str]``, numeric arrays read-only numpy arrays (zero-copy),
-            arrays of arrays Python lists.
+        fields: key -> value as parsed. Scalars are Python ``int``/``float``/``bool``, strings
+            ``str``, arrays of strings ``list[str]``, numeric arrays typed read-only memoryviews
+            of the file (format ``"?"`` for bools), arrays of arrays Python lists.
+        metadata: as ``fields``, with numeric arrays as read-only numpy arrays (zero-copy).
         value_types: key -> (value type, element type or None for non-arrays), for round trips.
         tensors: list of :class:`TensorInfo` in file order.
         alignment: data alignment in bytes.
@@ -255,10 +316,14 @@ class GGUFReader(TensorLookup):
         if size < 4:
             raise GGUFError(f"{self.path}: file is {size} bytes, too short to be GGUF")
         try:
-            self._map: np.ndarray = np.memmap(self.path, dtype=np.uint8, mode="r")
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as e:
             raise GGUFError(f"{self.path}: cannot map file: {e}") from None
-        self.metadata: dict[str, Any] = {}
+        # every view handed out (tensors, arrays) is a slice of this one; the mapping lives as
+        # long as any of them does
+        self._buf = memoryview(self._map)
+        self.fields: dict[str, Any] = {}
         self.value_types: dict[str, tuple[ValueType, ValueType | None]] = {}
         self.tensors: list[TensorInfo] = []
         self._by_name: dict[str, TensorInfo] = {}
@@ -268,13 +333,13 @@ class GGUFReader(TensorLookup):
 
     @property
     def file_size(self) -> int:
-        return int(self._map.shape[0])
+        return len(self._buf)
 
     # ---- parsing ------------------------------------------------------------------------------
 
     def _parse(self) -> None:
-        cur = _Cursor(self._map, self.path)
-        magic = bytes(self._map[:4])
+        cur = _Cursor(self._buf, self.path)
+        magic = bytes(self._buf[:4])
         if magic != GGUF_MAGIC:
             raise cur.fail(f"bad magic {magic!r}, expected {GGUF_MAGIC!r} (not a GGUF file)", at=0)
         cur.pos = 4
@@ -313,7 +378,7 @@ class GGUFReader(TensorLookup):
         key = cur.string(f"key of metadata entry {index}")
         if not key:
             raise cur.fail(f"metadata entry {index} has an empty key", at=start)
-        if key in self.metadata:
+        if key in self.fields:
             raise cur.fail(f"duplicate metadata key {key!r}", at=start)
         vtype = _value_type(cur.u32(f"value type of {key!r}"), cur, f"key {key!r}")
         elem_type: ValueType | None = None
@@ -321,7 +386,7 @@ class GGUFReader(TensorLookup):
             value, elem_type = self._read_array(cur, key, depth=0)
         else:
             value = self._read_scalar(cur, vtype, key)
-        self.metadata[key] = value
+        self.fields[key] = value
         self.value_types[key] = (vtype, elem_type)
 
     def _read_scalar(self, cur: _Cursor, vtype: ValueType, where: str) -> Any:
@@ -331,8 +396,7 @@ class GGUFReader(TensorLookup):
         if vtype == ValueType.BOOL:
             return bool(value)
         if vtype == ValueType.FLOAT32:
-            # shortest decimal that round-trips through float32 (1e-05, not 9.99999974e-06)
-            return float(str(np.float32(value)))
+            return _shortest_float32(value)
         return value
 
     def _read_array(self, cur: _Cursor, key: str, depth: int) -> tuple[Any, ValueType]:
@@ -354,15 +418,13 @@ class GGUFReader(TensorLookup):
                     "bytes left"
                 )
             return [self._read_array(cur, key, depth + 1)[0] for _ in range(count)], elem_type
-        view = cur.array_view(SCALAR_DTYPES[elem_type], count, f"array {key!r}")
-        if elem_type == ValueType.BOOL:
-            return view.astype(bool), elem_type
-        return view, elem_type
+        fmt = "?" if elem_type == ValueType.BOOL else STRUCT_FORMATS[elem_type]
+        return cur.array_view(fmt, count, f"array {key!r}"), elem_type
 
     def _alignment(self, cur: _Cursor) -> int:
-        if "general.alignment" not in self.metadata:
+        if "general.alignment" not in self.fields:
             return DEFAULT_ALIGNMENT
-        value = self.metadata["general.alignment"]
+        value = self.fields["general.alignment"]
         vtype = self.value_types["general.alignment"][0]
         if vtype not in (ValueType.UINT32, ValueType.UINT64, ValueType.INT32, ValueType.UINT16):
             raise cur.fail(f"general.alignment must be an unsigned integer, got {vtype.name}")
@@ -442,7 +504,7 @@ class GGUFReader(TensorLookup):
                 dims=dims,
                 offset=start,
                 nbytes=nbytes,
-                raw=self._map[start:end],
+                view=self._buf[start:end],
             )
             self.tensors.append(tensor)
             self._by_name[name] = tensor

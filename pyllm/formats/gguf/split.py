@@ -56,7 +56,7 @@ def _split_count(reader: GGUFReader) -> int:
 
 class SplitGGUFReader(TensorLookup):
     """The shards of a split model read as one model (the :class:`GGUFReader` interface that
-    loading a model uses): ``metadata`` / ``value_types`` / ``alignment`` / ``version`` of the
+    loading a model uses): ``fields`` / ``value_types`` / ``alignment`` / ``version`` of the
     first shard without the ``split.*`` keys, ``tensors`` of all shards in order."""
 
     def __init__(self, shards: list[GGUFReader]) -> None:
@@ -66,8 +66,8 @@ class SplitGGUFReader(TensorLookup):
         self.paths = [s.path for s in shards]
         self.version = first.version
         self.alignment = first.alignment
-        self.metadata: dict[str, Any] = {
-            k: v for k, v in first.metadata.items() if k not in SPLIT_KEYS}
+        self.fields: dict[str, Any] = {
+            k: v for k, v in first.fields.items() if k not in SPLIT_KEYS}
         self.value_types: dict[str, tuple[ValueType, ValueType | None]] = {
             k: v for k, v in first.value_types.items() if k not in SPLIT_KEYS}
         self.tensors: list[TensorInfo] = [t for s in shards for t in s.tensors]
@@ -159,7 +159,7 @@ def _check_shard(shard: GGUFReader, index: int, count: int, first: GGUFReader) -
     if total != first.get(KEY_TENSORS) or isinstance(total, bool) or not isinstance(total, int):
         raise GGUFError(f"{shard.path}: {KEY_TENSORS} is {total!r}, the first shard says "
                         f"{first.get(KEY_TENSORS)!r}: a shard of another split?")
-    if index > 0 and "general.architecture" in shard.metadata and \
+    if index > 0 and "general.architecture" in shard.fields and \
             shard.get("general.architecture") != first.get("general.architecture"):
         raise GGUFError(f"{shard.path}: architecture {shard.get('general.architecture')!r}, "
                         f"the first shard's is {first.get('general.architecture')!r}")
