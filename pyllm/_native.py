@@ -10,9 +10,11 @@ with the fix, instead of "cannot import name '_core'".
 
 from __future__ import annotations
 
+import functools
 import importlib
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from pyllm.errors import PyllmError
 
@@ -44,4 +46,16 @@ def load_core(error: type[PyllmError] = PyllmError) -> ModuleType:
                     f"`pip install .` (or `{EDITABLE_INSTALL}`)") from None
 
 
-__all__ = ["EDITABLE_INSTALL", "load_core", "missing_core_message"]
+@functools.cache
+def optional_core(name: str) -> Any:
+    """The extension's function ``name`` where it is there, else None: for the pure-Python parts
+    that only go faster with it (a source tree never built still reads GGUF files and
+    tokenizes)."""
+    try:
+        from pyllm import _core
+    except ImportError:
+        return None
+    return getattr(_core, name, None)
+
+
+__all__ = ["EDITABLE_INSTALL", "load_core", "missing_core_message", "optional_core"]

@@ -11,13 +11,13 @@ string: English text repeats its words, and a cache hit is one dict lookup.
 
 from __future__ import annotations
 
-import functools
 import heapq
 import operator
 from collections.abc import Iterable
 from itertools import chain, pairwise
 from typing import Any
 
+from pyllm._native import optional_core
 from pyllm.tokenizer.runmerge import merge_runs
 from pyllm.tokenizer.vocab import Vocab
 
@@ -66,15 +66,9 @@ class PairTable(dict[int, int]):
         return -1
 
 
-@functools.cache
 def _fast_pair_table() -> Any:
-    """The extension's pair-table builder, or None (a source tree never built: the tokenizer
-    works without the extension)."""
-    try:
-        from pyllm import _core
-    except ImportError:
-        return None
-    return getattr(_core, "bpe_pair_table", None)
+    """The extension's pair-table builder, or None (the tokenizer works without it)."""
+    return optional_core("bpe_pair_table")
 
 
 def bytes_to_token_text(data: bytes) -> str:

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pyllm._native import optional_core
 from pyllm.errors import GGUFError
 from pyllm.formats.gguf.constants import (
     DEFAULT_ALIGNMENT,
@@ -199,15 +200,9 @@ def _shortest_float32(value: float) -> float:
     return value
 
 
-@functools.cache
 def _fast_string_array() -> Any:
-    """The extension's string-array reader, or None (a source tree never built: the reader
-    works without the extension)."""
-    try:
-        from pyllm import _core
-    except ImportError:
-        return None
-    return getattr(_core, "gguf_string_array", None)
+    """The extension's string-array reader, or None (the reader works without it)."""
+    return optional_core("gguf_string_array")
 
 
 def _value_type(raw: int, cur: _Cursor, where: str) -> ValueType:
