@@ -16,11 +16,8 @@ KVCache::KVCache(const HParams& hp, const ContextParams& p, int n_layer)
   n_ctx_ = p.n_ctx;
   const size_t bytes = static_cast<size_t>(p.n_ctx) * p.n_seq * row_bytes_;
   for (auto* side : {&k_, &v_}) {
-    for (int il = 0; il < n_layer; ++il) {
-      auto* rows = static_cast<uint8_t*>(std::calloc(bytes, 1));
-      if (rows == nullptr) throw std::bad_alloc();
-      side->emplace_back(rows);
-    }
+    side->resize(n_layer);
+    for (ZeroedBuf<uint8_t>& rows : *side) rows.resize(bytes);
   }
 }
 
@@ -38,9 +35,9 @@ void KVCache::store(const OpsTable& op, const float* src, uint8_t* dst) const {
 void KVCache::save(int seq, int n_past, uint8_t* out) const {
   const int64_t per_layer = int64_t(n_past) * row_bytes_, base = int64_t(seq) * n_ctx_ * row_bytes_;
   for (int il = 0; il < n_layer(); ++il) {
-    std::memcpy(out, k_[il].get() + base, per_layer);
+    std::memcpy(out, k_[il].data() + base, per_layer);
     out += per_layer;
-    std::memcpy(out, v_[il].get() + base, per_layer);
+    std::memcpy(out, v_[il].data() + base, per_layer);
     out += per_layer;
   }
 }
@@ -48,9 +45,9 @@ void KVCache::save(int seq, int n_past, uint8_t* out) const {
 void KVCache::load(int seq, int n_past, const uint8_t* in) {
   const int64_t per_layer = int64_t(n_past) * row_bytes_, base = int64_t(seq) * n_ctx_ * row_bytes_;
   for (int il = 0; il < n_layer(); ++il) {
-    std::memcpy(k_[il].get() + base, in, per_layer);
+    std::memcpy(k_[il].data() + base, in, per_layer);
     in += per_layer;
-    std::memcpy(v_[il].get() + base, in, per_layer);
+    std::memcpy(v_[il].data() + base, in, per_layer);
     in += per_layer;
   }
 }
@@ -60,8 +57,8 @@ void KVCache::shift(const OpsTable& op, int seq, int keep, int n_discard, int n_
   const int64_t base = int64_t(seq) * n_ctx_;
   std::vector<float> row(static_cast<size_t>(dim_));
   for (int il = 0; il < n_layer(); ++il) {
-    uint8_t* kc = k_[il].get() + base * row_bytes_;
-    uint8_t* vc = v_[il].get() + base * row_bytes_;
+    uint8_t* kc = k_[il].data() + base * row_bytes_;
+    uint8_t* vc = v_[il].data() + base * row_bytes_;
     // rows move down, so copying in increasing position order never overwrites a row before
     // it is read
     std::memmove(vc + int64_t(keep) * row_bytes_, vc + int64_t(keep + n_discard) * row_bytes_,

@@ -5,11 +5,10 @@
 #pragma once
 
 #include <cstdint>
-#include <cstdlib>
-#include <memory>
 #include <vector>
 
 #include "cpu/ops.h"
+#include "cpu/scratch.h"
 #include "pyllm/model.h"
 #include "pyllm/qtype.h"
 
@@ -27,8 +26,8 @@ class KVCache {
   int n_layer() const { return static_cast<int>(k_.size()); }
   // A layer's storage (counted from the stage's first layer): n_seq * n_ctx rows of
   // row_bytes(); the row of position pos of sequence seq is seq * n_ctx + pos.
-  uint8_t* k(int layer) { return k_[layer].get(); }
-  uint8_t* v(int layer) { return v_[layer].get(); }
+  uint8_t* k(int layer) { return k_[layer].data(); }
+  uint8_t* v(int layer) { return v_[layer].data(); }
 
   // Converts one row of dim() floats into the cache's element type at dst.
   void store(const OpsTable& op, const float* src, uint8_t* dst) const;
@@ -52,13 +51,10 @@ class KVCache {
   int64_t row_bytes_;
   int64_t head_bytes_;
   int64_t n_ctx_;  // rows per sequence
-  struct FreeDeleter {
-    void operator()(uint8_t* p) const { std::free(p); }
-  };
-  // Per layer, from calloc: a large block comes from the kernel as zero pages that become
-  // memory when first written, so a context costs the positions it uses rather than all of
-  // n_ctx at creation (a cold start does not wait for the whole cache to be zeroed).
-  std::vector<std::unique_ptr<uint8_t, FreeDeleter>> k_, v_;
+  // Per layer, zeroed pages from calloc (ZeroedBuf): a context costs the positions it uses
+  // rather than all of n_ctx at creation (a cold start does not wait for the whole cache to be
+  // zeroed).
+  std::vector<ZeroedBuf<uint8_t>> k_, v_;
 };
 
 }  // namespace pyllm

@@ -1,9 +1,10 @@
-// ScratchBuf: a zeroed float buffer that costs memory only where it is written.
+// ZeroedBuf: a zeroed buffer that costs memory only where it is written.
 //
-// Scratch activations are sized for a whole n_batch chunk (and attention scratch for n_ctx),
-// but a decode step or a short prompt writes a few rows of them. std::vector<float>(n) writes
-// every element, making all of it resident at once (12 MB for a 135M model's context); calloc
-// gets a large block from the kernel as zero pages that become memory only when first written.
+// Buffers sized for the worst case -- scratch activations for a whole n_batch chunk, the KV
+// cache for all n_ctx positions -- are mostly never written by a decode step or a short prompt.
+// std::vector<T>(n) writes every element, making all of it resident at once (12 MB of scratch
+// for a 135M model's context); calloc gets a large block from the kernel as zero pages that
+// become memory only when first written.
 #pragma once
 
 #include <cstddef>
@@ -13,28 +14,31 @@
 
 namespace pyllm {
 
-class ScratchBuf {
+template <typename T>
+class ZeroedBuf {
  public:
-  // n zeroed floats; the previous contents are dropped
+  // n zeroed elements; the previous contents are dropped
   void resize(size_t n) {
-    float* p = nullptr;
+    T* p = nullptr;
     if (n) {
-      p = static_cast<float*>(std::calloc(n, sizeof(float)));
+      p = static_cast<T*>(std::calloc(n, sizeof(T)));
       if (!p) throw std::bad_alloc();
     }
     p_.reset(p);
     n_ = n;
   }
-  float* data() { return p_.get(); }
-  const float* data() const { return p_.get(); }
+  T* data() { return p_.get(); }
+  const T* data() const { return p_.get(); }
   size_t size() const { return n_; }
 
  private:
   struct FreeDeleter {
-    void operator()(float* p) const { std::free(p); }
+    void operator()(T* p) const { std::free(p); }
   };
-  std::unique_ptr<float, FreeDeleter> p_;
+  std::unique_ptr<T, FreeDeleter> p_;
   size_t n_ = 0;
 };
+
+using ScratchBuf = ZeroedBuf<float>;
 
 }  // namespace pyllm

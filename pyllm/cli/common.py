@@ -324,9 +324,6 @@ def grammar_from_args(parser: argparse.ArgumentParser,
                       args: argparse.Namespace) -> Grammar | None:
     """The Grammar of the flags, checked now: an invalid grammar, schema or pattern is a usage
     error (exit 2) quoting the parser; a missing llguidance or an unreadable file exit 1."""
-    if all(getattr(args, name) is None for name in (
-            "grammar", "grammar_file", "json_schema", "json_schema_file", "regex")):
-        return None  # (the grammar module, numpy with it, stays unimported)
     from pyllm.runtime.grammar import Grammar, llguidance
 
     made: Grammar | None = None

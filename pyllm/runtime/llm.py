@@ -243,19 +243,24 @@ class LLM:
         return arr.astype(np.int32, copy=False)
 
     def _decode(self, arr: np.ndarray, logits: str) -> np.ndarray | None:
+        return self._forward(arr.tolist(), lambda: self._ctx.decode(arr, logits))  # type: ignore[no-any-return]
+
+    def _forward(self, new: list[int], call: Any) -> Any:
+        """``call()`` (one forward of the tokens ``new`` after the cached ones) with the checks
+        and error words every forward shares; the tokens are cached after it."""
         if self._ctx is None:
             raise ModelError("this LLM has been closed")
-        if len(self._tokens) + arr.size > self.n_ctx:
-            raise ContextError(f"{len(self._tokens)} cached + {arr.size} new tokens exceed the "
+        if len(self._tokens) + len(new) > self.n_ctx:
+            raise ContextError(f"{len(self._tokens)} cached + {len(new)} new tokens exceed the "
                                f"context size n_ctx={self.n_ctx}")
         with self._lock:
             try:
-                out = self._ctx.decode(arr, logits)
+                out = call()
             except IndexError as e:
                 raise ContextError(str(e)) from None
             except ValueError as e:
                 raise ModelError(str(e)) from None
-        self._tokens.extend(arr.tolist())
+        self._tokens.extend(new)
         return out
 
     def eval(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -299,45 +304,25 @@ class LLM:
 
     def _prompt_logits(self, tokens: list[int]) -> Any:
         """:meth:`eval_prompt` for the decode loop (see above)."""
-        if not tokens:
-            raise ModelError("the prompt is empty")
-        if getattr(self._ctx, "decode_list", None) is None or not self._plain_ids(tokens):
-            return self.eval_prompt(tokens)  # an MPI pipeline's context; numpy integers
-        keep = min(common_prefix(self._tokens, tokens), len(tokens) - 1)
-        self._truncate(keep)
-        return self._decode_list(tokens[keep:])
+        if not tokens or not self._fast_ids(tokens):  # (eval_prompt words what is wrong)
+            return self.eval_prompt(tokens)
+        return self._decode_list(tokens[self._reuse_prefix(tokens):])
 
     def _token_logits(self, token: int) -> Any:
         """:meth:`eval_token` for the decode loop (see above)."""
-        if getattr(self._ctx, "decode_list", None) is None or not self._plain_ids([token]):
+        if not self._fast_ids((token,)):
             return self.eval_token(token)
         return self._decode_list([token])
 
-    def _plain_ids(self, tokens: list[int]) -> bool:
-        """Whether every token is a Python int (else the numpy path checks them); ModelError
-        for one outside the vocabulary."""
+    def _fast_ids(self, tokens: Sequence[int]) -> bool:
+        """Whether the context decodes lists (not an MPI pipeline's) and every token is a
+        Python int in the vocabulary (else the numpy path checks and words them)."""
         n_vocab = self.n_vocab
-        if all(type(t) is int and 0 <= t < n_vocab for t in tokens):
-            return True
-        if any(type(t) is not int for t in tokens):
-            return False
-        bad = next(t for t in tokens if not 0 <= t < n_vocab)
-        raise ModelError(f"token id {bad} is outside the vocabulary (n_vocab {n_vocab})")
+        return getattr(self._ctx, "decode_list", None) is not None and all(
+            type(t) is int and 0 <= t < n_vocab for t in tokens)
 
     def _decode_list(self, new: list[int]) -> memoryview:
-        if self._ctx is None:
-            raise ModelError("this LLM has been closed")
-        if len(self._tokens) + len(new) > self.n_ctx:
-            raise ContextError(f"{len(self._tokens)} cached + {len(new)} new tokens exceed the "
-                               f"context size n_ctx={self.n_ctx}")
-        with self._lock:
-            try:
-                out = memoryview(self._ctx.decode_list(new)).cast("f")
-            except IndexError as e:
-                raise ContextError(str(e)) from None
-            except ValueError as e:
-                raise ModelError(str(e)) from None
-        self._tokens.extend(new)
+        out = memoryview(self._forward(new, lambda: self._ctx.decode_list(new))).cast("f")
         self._last_logits = out
         return out
 
@@ -372,10 +357,14 @@ class LLM:
         arr = self._check_tokens(tokens)
         if arr.size == 0:
             raise ModelError("the prompt is empty")
-        # always evaluate at least one token to get its logits
-        keep = min(common_prefix(self._tokens, arr.tolist()), arr.size - 1)
+        return self.eval(arr[self._reuse_prefix(arr.tolist()):])
+
+    def _reuse_prefix(self, tokens: list[int]) -> int:
+        """Drops the cached tokens after the longest common prefix with ``tokens`` (but the
+        last token is always evaluated again, for its logits); returns how many are kept."""
+        keep = min(common_prefix(self._tokens, tokens), len(tokens) - 1)
         self._truncate(keep)
-        return self.eval(arr[keep:])
+        return keep
 
     def logits(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
         """Teacher-forced logits for every position: float32 array (n_tokens, n_vocab).
