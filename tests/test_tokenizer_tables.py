@@ -19,7 +19,7 @@ core = pytest.importorskip("pyllm._core")
 
 
 def tables(model: BpeModel) -> tuple[dict[int, int], list[int], dict[int, str], int]:
-    return dict(model._pairs), model._byte_id, model._extra, model._stride
+    return dict(model._pairs.items()), model._byte_id, model._extra, model._stride
 
 
 def python_model(md: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> BpeModel:
@@ -92,9 +92,7 @@ def _python_tokenizer(md: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> To
     ids=["no space", "empty right", "space first only", "one bad of two"])
 def test_malformed_merges_raise_the_python_error(merges: list[str]) -> None:
     md = tiny_bpe(merges)
-    fill: dict[int, int] = {}
-    assert core.bpe_pair_table(md["tokenizer.ggml.tokens"], merges, BYTE_TO_CHAR, fill) is None
-    assert fill == {}  # declined before anything was written
+    assert core.bpe_pair_table(md["tokenizer.ggml.tokens"], merges, BYTE_TO_CHAR) is None
     with pytest.raises(TokenizerError, match="is not 'left right'"):
         Tokenizer.from_metadata(md)
 
@@ -103,7 +101,7 @@ def test_surrogate_escaped_tokens_take_the_python_path(monkeypatch: pytest.Monke
     # bytes of a file that are not UTF-8 come through the reader as lone surrogates
     odd = b"\xff\xfe".decode("utf-8", errors="surrogateescape")
     md = tiny_bpe(["a b"], extra_tokens=[odd])
-    assert core.bpe_pair_table(md["tokenizer.ggml.tokens"], ["a b"], BYTE_TO_CHAR, {}) is None
+    assert core.bpe_pair_table(md["tokenizer.ggml.tokens"], ["a b"], BYTE_TO_CHAR) is None
     assert tables(BpeModel(vocab_from_metadata(md))) == tables(python_model(md, monkeypatch))
 
 
@@ -118,3 +116,123 @@ def test_the_fast_path_is_the_one_taken(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(bpe, "_fast_pair_table", lambda: counting)
     BpeModel(vocab_from_metadata(tiny_bpe(["a b"])))
     assert calls == [1]
+
+
+def _gguf_md(path: Path) -> dict[str, Any]:
+    from pyllm.formats.gguf import GGUFReader
+
+    return GGUFReader(path).fields  # type: ignore[return-value]
+
+
+def test_merges_are_read_from_the_file(smollm2_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A GGUF file's merges reach the extension as the file's bytes (no str made): the same
+    # tables as from the list of their texts, and as the Python path's.
+    from pyllm.formats.gguf import StringArray
+
+    fields = _gguf_md(smollm2_path)
+    texts = fields["tokenizer.ggml.merges"]
+    assert isinstance(texts, StringArray)
+    vocab = vocab_from_metadata(fields)
+    assert vocab.merge_texts is texts
+    from_file = core.bpe_pair_table(vocab.tokens, texts.location, BYTE_TO_CHAR)
+    from_list = core.bpe_pair_table(vocab.tokens, texts.tolist(), BYTE_TO_CHAR)
+    assert from_file is not None and from_list is not None
+    assert dict(from_file[0].items()) == dict(from_list[0].items())
+    assert from_file[1:] == from_list[1:]
+    assert tables(BpeModel(vocab)) == tables(python_model(fields, monkeypatch))
+
+
+def test_merges_not_utf8_take_the_python_path(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two halves that are not UTF-8 alone but are joined ("\xc3" + "\xa9" = "é"): Python joins
+    # their surrogate escapes, not the bytes, so the extension must leave such a file to it.
+    from pyllm.formats.gguf import GGUFWriter, ValueType
+
+    md = tiny_bpe(["a b"])
+    esc = b"\xc3 \xa9".decode("utf-8", errors="surrogateescape")
+    path = tmp_path / "v.gguf"
+    w = GGUFWriter(path)
+    w.add_kv("tokenizer.ggml.model", "gpt2", ValueType.STRING)
+    w.add_kv("tokenizer.ggml.pre", "gpt-2", ValueType.STRING)
+    w.add_kv("tokenizer.ggml.tokens", md["tokenizer.ggml.tokens"], ValueType.ARRAY,
+             ValueType.STRING)
+    w.add_kv("tokenizer.ggml.merges", ["a b", esc], ValueType.ARRAY, ValueType.STRING)
+    w.write()
+    fields = _gguf_md(path)
+    loc = fields["tokenizer.ggml.merges"].location
+    assert core.bpe_pair_table(md["tokenizer.ggml.tokens"], loc, BYTE_TO_CHAR) is None
+    # control: the valid first merge alone is taken
+    assert core.bpe_pair_table(md["tokenizer.ggml.tokens"], (loc[0], loc[1], 1),
+                               BYTE_TO_CHAR) is not None
+    fast = BpeModel(vocab_from_metadata(fields))
+    assert isinstance(fast._pairs, bpe.PairTable)  # the Python path built it
+    assert tables(fast) == tables(python_model(fields, monkeypatch))
+
+
+@pytest.mark.parametrize("name", ["llama-bpe", "gpt-2"])
+def test_short_merge_equals_python(name: str, vocab_dir: Path) -> None:
+    # The extension's merge of a short pre-token against bpe.py's list scan over the same
+    # table: the same symbols and the same work counted, on random words of the vocabulary's
+    # own pieces and of random bytes.
+    import random
+
+    fields = _gguf_md(vocab_dir / f"ggml-vocab-{name}.gguf")
+    model = BpeModel(vocab_from_metadata(fields))
+    pairs = model._pairs
+    assert not isinstance(pairs, dict)
+    rng = random.Random(3)
+    pieces = [t for t in model._vocab.tokens[:5000] if t.isascii()]
+    words = ["".join(rng.choices(pieces, k=rng.randint(1, 6))).replace("Ġ", " ")
+             for _ in range(300)]
+    words += [bytes(rng.randrange(256) for _ in range(rng.randint(1, 48))).decode(
+        "utf-8", errors="replace") for _ in range(300)]
+    for word in words:
+        raw = word.encode("utf-8")
+        ours, theirs = [0], [0]
+        got = pairs.merge_short(raw, ours)
+        sym = [model._byte_id[b] for b in raw]
+        model.merge_steps, saved = theirs, model.merge_steps
+        if len(sym) > 1:
+            model._merge_short(sym)
+        model.merge_steps = saved
+        assert list(got) == sym and ours == theirs, word
+    assert sum(len(pairs.merge_short(w.encode(), [0])) < len(w.encode()) for w in words) > 250
+
+
+def test_pair_table_lookups(smollm2_path: Path) -> None:
+    model = BpeModel(vocab_from_metadata(_gguf_md(smollm2_path)))
+    pairs, stride = model._pairs, model._stride
+    items = pairs.items()
+    assert len(items) == len(pairs) > 40_000
+    key, value = items[0]
+    assert pairs[key] == pairs.get(key) == value and value % stride < stride
+    missing = stride * stride - 1  # ids below the stride: no real pair has this key
+    assert pairs[missing] == -1 and pairs.get(missing) is None and pairs.get(missing, 7) == 7
+    assert pairs[-5] == -1
+
+
+def test_a_gguf_tokenizer_holds_no_merge_strings(smollm2_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # What a model's process keeps of its tokenizer (Python allocations, tracemalloc; the
+    # extension's table, ~2 MB, is not among them): SmolLM2's 49k token strings and a few
+    # lists, ~4.8 MB. Negative control: the Python path also holds the merges as strings and
+    # the pair dict, ~22 MB.
+    import gc
+    import tracemalloc
+
+    from pyllm.tokenizer import Tokenizer
+
+    def retained() -> float:
+        Tokenizer.from_gguf(smollm2_path)  # imports and caches warmed
+        tracemalloc.start()
+        try:
+            tok = Tokenizer.from_gguf(smollm2_path)
+            assert tok.encode("Hello world", add_special=False) == [19556, 905]
+            gc.collect()
+            return tracemalloc.get_traced_memory()[0] / 2**20
+        finally:
+            tracemalloc.stop()
+
+    assert retained() < 6.0
+    monkeypatch.setattr(bpe, "_fast_pair_table", lambda: None)
+    assert retained() > 15.0

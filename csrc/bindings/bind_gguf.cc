@@ -1,6 +1,7 @@
-// Bindings for reading GGUF files faster than Python can: the string arrays of a vocabulary
-// (pyllm/formats/gguf/reader.py uses this when the extension is there, and its own loop, which
-// also words every error, when it is not or when this finds a problem).
+// Bindings for reading GGUF files faster than Python can: the string arrays of a vocabulary,
+// walked at parse time and decoded when read (pyllm/formats/gguf/reader.py uses these when the
+// extension is there, and its own loops, which also word every error, when it is not or when
+// these find a problem).
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -41,6 +42,26 @@ py::object gguf_string_array(const py::buffer& buf, int64_t pos, int64_t count) 
   return py::make_tuple(out, static_cast<int64_t>(at));
 }
 
+// The end position of count strings from byte pos of buf (their lengths walked, nothing
+// decoded), or None when one would run past the end.
+py::object gguf_string_array_end(const py::buffer& buf, int64_t pos, int64_t count) {
+  py::buffer_info info = buf.request();
+  if (info.ndim != 1 || info.itemsize != 1 || pos < 0 || count < 0) return py::none();
+  const auto* data = static_cast<const uint8_t*>(info.ptr);
+  const auto size = static_cast<uint64_t>(info.size);
+  auto at = static_cast<uint64_t>(pos);
+  if (at > size || static_cast<uint64_t>(count) > (size - at) / 8) return py::none();
+  for (int64_t i = 0; i < count; ++i) {
+    if (size - at < 8) return py::none();
+    uint64_t length;
+    std::memcpy(&length, data + at, 8);
+    at += 8;
+    if (length > size - at) return py::none();
+    at += length;
+  }
+  return py::int_(at);
+}
+
 }  // namespace
 
 void register_gguf(py::module_& m) {
@@ -48,6 +69,10 @@ void register_gguf(py::module_& m) {
         py::arg("count"),
         "count GGUF strings (u64 length, then UTF-8 bytes; others with surrogateescape) from "
         "byte pos of buf: (list of str, end position), or None when one runs past the end.");
+  m.def("gguf_string_array_end", &gguf_string_array_end, py::arg("buf"), py::arg("pos"),
+        py::arg("count"),
+        "The end position of count GGUF strings from byte pos of buf (nothing decoded), or "
+        "None when one runs past the end.");
 }
 
 }  // namespace pyllm::bindings

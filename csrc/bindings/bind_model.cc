@@ -12,6 +12,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
 #include "backend/backend.h"
 #include "bindings/register.h"
 #include "pyllm/activation_stats.h"
@@ -179,6 +183,19 @@ void register_model(py::module_& m) {
   m.attr("DEFAULT_KV_TYPE") = ContextParams{}.kv_type;
   m.attr("STATE_HEADER_BYTES") = Context::state_header_bytes();
   m.def("backends", &backend_names, "The backends this build has (\"cpu\" always).");
+  m.def(
+      "trim_heap",
+      [] {
+#if defined(__GLIBC__)
+        // Loading leaves freed blocks between live ones (the tokenizer's build tables, the
+        // parse's lists): still resident until malloc is told to hand whole free pages back.
+        return malloc_trim(0) != 0;
+#else
+        return false;
+#endif
+      },
+      "Hand the allocator's free pages back to the system (glibc's malloc_trim); True when "
+      "some were. pyllm.runtime.loaded calls it once a load's temporary tables are gone.");
   m.def(
       "devices",
       [] {

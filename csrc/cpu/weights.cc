@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 
 #if defined(__unix__) || defined(__APPLE__)
@@ -43,7 +44,44 @@ class CpuWeights final : public WeightStore {
   const RepackImage* repack_image() const override { return &image; }
   std::unique_ptr<uint8_t, FreeDeleter> arena;
   RepackImage image;
+  std::vector<float> vectors;  // the layers' norm weights and biases (own_vectors)
 };
+
+// Norm weights and biases are read on every token: a few KB each, spread over the file, and
+// each first read maps the 64 KB of file around it into the process (the kernel's fault-
+// around) -- ~4 MB of a small model's file resident for ~140 KB of floats. With release_source
+// they are copied here and their pages dropped, so of the file only the header and the
+// embedding rows of the tokens seen are ever resident.
+void own_vectors(ModelWeights& weights, const std::vector<LayerRange>& ranges, bool head,
+                 std::vector<float>& out) {
+  std::vector<WeightView*> views;
+  auto consider = [&](WeightView& w) {
+    if (w.present() && w.type == QType::F32 && w.rows == 1 &&
+        w.nbytes == w.cols * static_cast<int64_t>(sizeof(float))) {
+      views.push_back(&w);
+    }
+  };
+  for (const LayerRange& r : ranges) {
+    for (int il = r.first; il < r.last; ++il) {
+      LayerWeights& l = weights.layers[il];
+      for (WeightView* w : {&l.attn_norm, &l.ffn_norm, &l.bq, &l.bk, &l.bv, &l.bo, &l.b_gate,
+                            &l.b_up, &l.b_down}) {
+        consider(*w);
+      }
+    }
+  }
+  if (head) consider(weights.output_norm);
+  size_t total = 0;
+  for (const WeightView* w : views) total += static_cast<size_t>(w->cols);
+  out.resize(total);  // sized once: the views below point into it
+  float* dst = out.data();
+  for (WeightView* w : views) {
+    std::memcpy(dst, w->data, static_cast<size_t>(w->nbytes));
+    release_pages(w->data, w->nbytes);
+    w->data = dst;
+    dst += w->cols;
+  }
+}
 
 // FNV-1a over 64-bit words: the plan's fingerprint (not a security boundary: the image's file
 // name already binds it to one model file; this catches another layout or tensor set).
@@ -61,6 +99,9 @@ std::unique_ptr<WeightStore> prepare_cpu_weights(ModelWeights& weights,
                                                  const std::vector<LayerRange>& ranges,
                                                  const ModelOptions& options) {
   auto store = std::make_unique<CpuWeights>();
+  bool head = false;
+  for (const LayerRange& r : ranges) head = head || r.head;
+  if (options.release_source) own_vectors(weights, ranges, head, store->vectors);
   if (!options.repack) return store;
   std::vector<WeightView*> todo;
   auto consider = [&](WeightView& w) {
@@ -69,9 +110,7 @@ std::unique_ptr<WeightStore> prepare_cpu_weights(ModelWeights& weights,
       todo.push_back(&w);
     }
   };
-  bool head = false;
   for (const LayerRange& r : ranges) {
-    head = head || r.head;
     for (int il = r.first; il < r.last; ++il) {
       LayerWeights& l = weights.layers[il];
       for (WeightView* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) consider(*w);

@@ -46,7 +46,7 @@ class Conversation:
         self._pending: list[int] = []  # tokens after llm.tokens that belong to the conversation
 
     def _template(self) -> Any:
-        return self.chat_format or self.llm.metadata.get("tokenizer.chat_template") or "llama-2"
+        return self.chat_format or self.llm.chat_template or "llama-2"
 
     def _render(self, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
         from pyllm import chat

@@ -289,7 +289,7 @@ class PromptTarget(Protocol):
     @property
     def n_ctx(self) -> int: ...
     @property
-    def metadata(self) -> Mapping[str, Any]: ...
+    def chat_template(self) -> str | None: ...
 
 
 def prompt_tokens(llm: PromptTarget, prompt: str | Sequence[int]) -> list[int]:
@@ -309,7 +309,7 @@ def chat_prompt(llm: PromptTarget, messages: Sequence[Mapping[str, Any]],
     from pyllm import chat
 
     tok = llm.tokenizer
-    template = chat_format or llm.metadata.get("tokenizer.chat_template") or "llama-2"
+    template = chat_format or llm.chat_template or "llama-2"
     extra: dict[str, Any] = {} if tools is None else {"tools": tools}
     ids = chat.render_ids(list(messages), template, tok, add_generation_prompt=True, **extra)
     if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):

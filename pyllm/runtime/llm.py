@@ -163,6 +163,11 @@ class LLM:
         return self.model.metadata
 
     @property
+    def chat_template(self) -> str | None:
+        """The model file's Jinja chat template (``tokenizer.chat_template``), if it has one."""
+        return self.model.chat_template
+
+    @property
     def hparams(self) -> HParams:
         return self.model.hparams
 

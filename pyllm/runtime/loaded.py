@@ -180,6 +180,8 @@ class LoadedModel:
                                         repack_image=image.view if image else None,
                                         repack_image_plan=image.plan if image else 0)
             self._save_repack_image(image)
+            # parsed and copied: of the file, only what the forward reads maps back in
+            self._reader.release_pages()
         except ValueError as e:
             self._fail()
             raise ModelError(f"{self.model_path}: {e}") from None
@@ -331,6 +333,8 @@ class LoadedModel:
 
             # the parsed fields (arrays as memoryviews): no numpy needed to build it
             self._tokenizer = Tokenizer.from_metadata(self._reader.fields)
+            self._reader.release_pages(header_only=True)  # it read the numeric arrays
+            core_module().trim_heap()  # the build's temporary tables, freed between live blocks
         return self._tokenizer
 
     @property

@@ -76,7 +76,7 @@ def chat_with_tools(target: PromptTarget, messages: Sequence[Mapping[str, Any]],
     if not checked and not _uses_tools(messages):
         tokens, stops = chat_prompt(target, messages, chat_format)
         return tokens, stops, None
-    template = chat_format or target.metadata.get("tokenizer.chat_template") or "llama-2"
+    template = chat_format or target.chat_template or "llama-2"
     jinja = not is_format_name(template) and looks_like_template(template)
     syntax = detect_syntax(template if jinja else None, None if jinja else template)
     native = jinja and template_handles_tools(template)

@@ -382,9 +382,9 @@ class Engine:
         return self.model.n_embd
 
     @property
-    def metadata(self) -> dict[str, Any]:
-        """The model's GGUF metadata (its chat template among them)."""
-        return self.model.metadata
+    def chat_template(self) -> str | None:
+        """The model file's Jinja chat template, if it has one."""
+        return self.model.chat_template
 
     def submit_embedding(self, tokens: Sequence[int],
                          on_done: Callable[[np.ndarray | None, str | None], None]) -> Handle:

@@ -18,6 +18,7 @@ from itertools import chain, pairwise
 from typing import Any
 
 from pyllm._native import optional_core
+from pyllm.formats.gguf.strings import StringArray
 from pyllm.tokenizer.runmerge import merge_runs
 from pyllm.tokenizer.vocab import Vocab
 
@@ -102,22 +103,29 @@ class BpeModel:
     def __init__(self, vocab: Vocab) -> None:
         assert vocab.pre is not None
         self._pre = vocab.pre
-        self._token_to_id = vocab.token_to_id
+        self._vocab = vocab  # its token_to_id is built on first use: rarely needed here
         self._ignore_merges = vocab.ignore_merges
         self._n_vocab = vocab.n_vocab
         self._cache: dict[str, tuple[int, ...]] = {}
         # Heap entries popped while merging long pre-tokens, summed over calls: the merge work,
         # which tests read to check it grows linearly with the input.
         self.merge_steps = [0]
-        self._pairs = PairTable()
-        fast = _fast_pair_table()
-        built = None if fast is None else fast(vocab.tokens, vocab.merge_texts, BYTE_TO_CHAR,
-                                               self._pairs)
+        # The extension's table (_core.BpePairs: the same keys and values, a fraction of a
+        # dict's memory, and the short merge in C++), or this module's own PairTable.
+        self._pairs: Any
+        self._merge_fast: Any = None
+        fast, texts, built = _fast_pair_table(), vocab.merge_texts, None
+        if fast is not None:
+            # a file's string array is read from its bytes: no str is made for any merge
+            merges = texts.location if isinstance(texts, StringArray) else list(texts)
+            built = fast(vocab.tokens, merges, BYTE_TO_CHAR)
         if built is not None:
-            byte_id, extra_texts, self._stride = built
+            self._pairs, byte_id, extra_texts, self._stride = built
             self._byte_id: list[int] = byte_id
             self._extra = dict(enumerate(extra_texts, start=vocab.n_vocab))
+            self._merge_fast = self._pairs.merge_short
         else:
+            self._pairs = PairTable()
             self._build_pairs(vocab)
 
     def _build_pairs(self, vocab: Vocab) -> None:
@@ -172,7 +180,7 @@ class BpeModel:
     def _encode_word(self, word: str) -> tuple[int, ...]:
         raw = word.encode("utf-8")
         if self._ignore_merges:
-            whole = self._token_to_id.get(bytes_to_token_text(raw))
+            whole = self._vocab.token_to_id.get(bytes_to_token_text(raw))
             if whole is not None:
                 return (whole,)
         byte_id = self._byte_id
@@ -184,6 +192,8 @@ class BpeModel:
                 self._stride,
                 self.merge_steps,
             )
+        elif self._merge_fast is not None:
+            sym = self._merge_fast(raw, self.merge_steps)
         else:
             sym = [byte_id[b] for b in raw]
             if len(sym) > 1:
@@ -264,7 +274,7 @@ class BpeModel:
         return [s for s in sym if s >= 0]
 
     def _with_fallback(self, sym: list[int]) -> list[int]:
-        token_to_id = self._token_to_id
+        token_to_id = self._vocab.token_to_id
         ids: list[int] = []
         for s in sym:
             if s < self._n_vocab:

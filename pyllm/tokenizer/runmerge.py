@@ -36,23 +36,26 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable
 from itertools import groupby
-from typing import Any
+from typing import Any, Protocol
 
-# Pair tables map ``left * stride + right`` to ``rank * stride + merged`` (or -1 when the pair
-# does not merge).
-PairTable = dict[int, int]
+
+class PairLookup(Protocol):
+    """Maps ``left * stride + right`` to ``rank * stride + merged``, or -1 when the pair does
+    not merge (a dict with ``__missing__``, or the extension's ``BpePairs``)."""
+
+    def __getitem__(self, key: int, /) -> int: ...
 
 
 def merge_runs(
     sym: Iterable[int],
     n: int,
-    pairs: PairTable,
+    pairs: PairLookup,
     stride: int,
     counter: list[int],
 ) -> list[int]:
     """Merge ``sym`` (``n`` initial symbol ids, one unit each); return the final ids in order.
 
-    ``pairs[key]`` must return -1 for a pair that does not merge (a dict with ``__missing__``).
+    ``pairs[key]`` must return -1 for a pair that does not merge.
     ``counter[0]`` is increased by the number of heap entries popped (the work done).
     """
     if n == 0:

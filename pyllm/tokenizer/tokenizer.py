@@ -43,11 +43,10 @@ class Tokenizer:
         self._model: SpmModel | BpeModel = (
             SpmModel(vocab) if vocab.model == "llama" else BpeModel(vocab)
         )
-        n = vocab.n_vocab
-        # Pieces are computed on first use: building 128k of them up front costs more than most
-        # programs will ever decode.
-        self._pieces: list[bytes | None] = [None] * n  # control tokens rendered
-        self._pieces_plain: list[bytes | None] = [None] * n  # control tokens rendered as ""
+        # Pieces are computed on first use and kept by id: building 128k of them up front (or
+        # a list with a slot for each) costs more than most programs will ever decode.
+        self._pieces: dict[int, bytes] = {}  # control tokens rendered
+        self._pieces_plain: dict[int, bytes] = {}  # control tokens rendered as ""
         self._max_token_bytes: int | None = None
 
     # ---- construction ------------------------------------------------------------------------
@@ -79,7 +78,8 @@ class Tokenizer:
 
         reader = open_gguf(path)
         try:
-            return cls.from_metadata(reader.metadata)
+            # the parsed fields: no numpy, and the merges are read from the file's bytes
+            return cls.from_metadata(reader.fields)
         finally:
             reader.close()
 
@@ -414,7 +414,7 @@ class Tokenizer:
         """
         tid = self._check_id(token_id)
         cache = self._pieces if special else self._pieces_plain
-        piece = cache[tid]
+        piece = cache.get(tid)
         if piece is None:
             piece = cache[tid] = self._make_piece(tid, special)
         return piece
@@ -457,7 +457,7 @@ class Tokenizer:
         chunks: list[bytes] = []
         for token_id in ids:
             tid = self._check_id(token_id)
-            piece = cache[tid]
+            piece = cache.get(tid)
             if piece is None:
                 piece = cache[tid] = self._make_piece(tid, special)
             if piece or not skip_special:

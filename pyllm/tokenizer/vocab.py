@@ -22,6 +22,7 @@ from itertools import repeat
 from typing import Any
 
 from pyllm.errors import TokenizerError
+from pyllm.formats.gguf.strings import StringArray
 from pyllm.tokenizer.pretokenize import PreTokenizer, get_pretokenizer
 
 KEY = "tokenizer.ggml."
@@ -83,10 +84,10 @@ class Vocab:
     tokens: list[str]
     scores: list[float]
     types: list[int]  # TokenType values, after llama.cpp's EOG-name fix-up
-    token_to_id: dict[str, int]
     # The merges as stored, "left right" in rank order (empty for "llama"): split on first use
-    # (:attr:`merges`), since the extension builds the BPE pair table from these texts directly.
-    merge_texts: list[str]
+    # (:attr:`merges`), since the extension builds the BPE pair table from these texts directly
+    # (a GGUF file's StringArray: from the file's bytes, no str made).
+    merge_texts: Sequence[str]
     pre: PreTokenizer | None  # None for "llama"
     special_ids: dict[str, int]  # "bos", "eos", "unk", "pad", ... -> id (absent when none)
     eog_ids: frozenset[int]
@@ -105,6 +106,12 @@ class Vocab:
     @property
     def n_vocab(self) -> int:
         return len(self.tokens)
+
+    @functools.cached_property
+    def token_to_id(self) -> dict[str, int]:
+        """Token text -> id, built on first use: a byte-level BPE vocabulary encodes without it
+        (the extension's merge table), and 100k+ entries are megabytes."""
+        return dict(zip(self.tokens, range(self.n_vocab), strict=True))
 
     @functools.cached_property
     def merges(self) -> list[tuple[str, str]]:
@@ -192,10 +199,12 @@ def _token_list(md: Mapping[str, Any]) -> list[str]:
     return tokens
 
 
-def _merge_texts(md: Mapping[str, Any]) -> list[str]:
+def _merge_texts(md: Mapping[str, Any]) -> Sequence[str]:
     raw = md.get(KEY + "merges")
     if raw is None:
         raise TokenizerError("BPE vocabulary (model gpt2) has no tokenizer.ggml.merges array")
+    if isinstance(raw, StringArray):
+        return raw  # strings by construction, kept in the file until read
     if not isinstance(raw, Sequence) or isinstance(raw, (str, bytes)):
         raise TokenizerError("tokenizer.ggml.merges must be an array of strings")
     raw = list(raw)
@@ -205,7 +214,8 @@ def _merge_texts(md: Mapping[str, Any]) -> list[str]:
     return raw
 
 
-def _split_merges(raw: list[str]) -> list[tuple[str, str]]:
+def _split_merges(texts: Sequence[str]) -> list[tuple[str, str]]:
+    raw = list(texts)  # decoded once (a StringArray decodes each time it is read)
     if not raw:
         return []
     # Fast path, all C-level passes: when every merge has exactly one space and no newline
@@ -299,7 +309,7 @@ def vocab_from_metadata(md: Mapping[str, Any]) -> Vocab:
         byte_to_id[int(m.group(1), 16)] = i
 
     pre_name = _get_str(md, KEY + "pre")
-    merge_texts: list[str] = []
+    merge_texts: Sequence[str] = []
     pre: PreTokenizer | None = None
     if model == "gpt2":
         merge_texts = _merge_texts(md)
@@ -355,12 +365,11 @@ def vocab_from_metadata(md: Mapping[str, Any]) -> Vocab:
 
     lstrip, rstrip = _strip_attributes(md, pre_name, token_to_id, partition)
 
-    return Vocab(
+    vocab = Vocab(
         model=model,
         tokens=tokens,
         scores=scores,
         types=types,
-        token_to_id=token_to_id,
         merge_texts=merge_texts,
         pre=pre,
         special_ids=special,
@@ -375,6 +384,9 @@ def vocab_from_metadata(md: Mapping[str, Any]) -> Vocab:
         lstrip_ids=lstrip,
         rstrip_ids=rstrip,
     )
+    if model == "llama":  # SentencePiece merges by text: it needs the table, built already
+        vocab.__dict__["token_to_id"] = token_to_id
+    return vocab
 
 
 def _strip_attributes(

@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 from pyllm.formats.gguf.constants import GGMLType, ValueType
 from pyllm.formats.gguf.reader import GGUFReader, TensorInfo
+from pyllm.formats.gguf.strings import StringArray
 
 if TYPE_CHECKING:
     from pyllm.formats.gguf.writer import GGUFWriter
 
-__all__ = ["GGMLType", "GGUFReader", "GGUFWriter", "TensorInfo", "ValueType"]
+__all__ = ["GGMLType", "GGUFReader", "GGUFWriter", "StringArray", "TensorInfo", "ValueType"]
 
 
 def __getattr__(name: str) -> Any:

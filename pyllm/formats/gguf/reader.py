@@ -3,12 +3,14 @@
 The whole file is mapped read-only (``mmap``); metadata is parsed with bounds checks on every
 read, and tensor data is exposed as zero-copy views. Parsing needs no numpy: numeric arrays and
 tensor data are memoryviews of the mapping (:attr:`GGUFReader.fields`, :attr:`TensorInfo.view`),
-and numpy views of them are made on first use (:attr:`GGUFReader.metadata`,
-:attr:`TensorInfo.raw`), so that loading a model to run it never imports numpy (~45-90 ms of a
-cold start). Every way a file can be malformed
-raises :class:`~pyllm.errors.GGUFError` naming what is wrong and where. Counts and lengths read
-from the header are checked against the bytes actually left in the file *before* anything is
-allocated for them, so a hostile header cannot make the reader allocate more than the file size.
+with numpy views of them made on first use (:attr:`GGUFReader.metadata`, :attr:`TensorInfo.raw`),
+so that loading a model to run it never imports numpy (~45-90 ms of a cold start); string arrays
+are walked at parse time and decoded when used (:class:`~pyllm.formats.gguf.StringArray`), so a
+vocabulary's 100k+ merges never become Python strings in a process that runs the model. Every
+way a file can be malformed raises :class:`~pyllm.errors.GGUFError` naming what is wrong and
+where. Counts and lengths read from the header are checked against the bytes actually left in the
+file *before* anything is allocated for them, so a hostile header cannot make the reader allocate
+more than the file size.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pyllm.formats.gguf.constants import (
     GGMLType,
     ValueType,
 )
+from pyllm.formats.gguf.strings import StringArray, decode_string
 
 if TYPE_CHECKING:
     import numpy as np
@@ -129,29 +132,31 @@ class _Cursor:
         self.need(length, f"{what} (declared length {length})")
         raw = bytes(self.buf[self.pos : self.pos + length])
         self.pos += length
-        # Vocabularies occasionally hold byte sequences that are not valid UTF-8; surrogateescape
-        # keeps them lossless (the writer encodes them back to the same bytes).
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            if what.startswith("key"):
+        if what.startswith("key"):
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
                 raise self.fail(f"{what} is not valid UTF-8", at=start) from None
-            return raw.decode("utf-8", errors="surrogateescape")
+        return decode_string(raw)
 
     def string_array(self, count: int, what: str) -> list[str]:
-        """``count`` strings; the hot loop of vocabulary loading (100k+ tokens and merges).
-        The compiled extension reads them ~5x faster where it is there; this loop runs
-        otherwise, and words the error where that finds one."""
-        fast = _fast_string_array()
-        if fast is not None:
-            got = fast(self.buf, self.pos, count)
-            if got is not None:
-                out, self.pos = got
-                return out  # type: ignore[no-any-return]
+        """``count`` strings, decoded (a nested array's; the top-level ones become
+        :class:`StringArray`)."""
+        start = self.pos
+        self.skip_strings(count, what)
+        return StringArray(self.buf, start, count).tolist()
+
+    def skip_strings(self, count: int, what: str) -> None:
+        """Move past ``count`` strings, checking each lies inside the file; the hot loop of
+        vocabulary loading (100k+ tokens and merges). The extension walks them ~10x faster
+        where it is there; this loop runs otherwise, and words the error where that finds one."""
+        walk = optional_core("gguf_string_array_end")
+        end = None if walk is None else walk(self.buf, self.pos, count)
+        if end is not None:
+            self.pos = end
+            return
         view, size, pos = self.buf, self.size, self.pos
         unpack = struct.unpack_from
-        out: list[str] = []
-        append = out.append
         for i in range(count):
             if size - pos < 8:
                 self.pos = pos
@@ -162,14 +167,8 @@ class _Cursor:
                 self.pos = pos
                 raise self.fail(f"element {i} of {what} (declared length {length}) runs past "
                                 f"the end of the file")
-            raw = view[pos : pos + length].tobytes()
             pos += length
-            try:
-                append(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                append(raw.decode("utf-8", errors="surrogateescape"))
         self.pos = pos
-        return out
 
     def array_view(self, fmt: str, count: int, what: str) -> memoryview:
         """``count`` elements of struct format ``fmt`` (little-endian, as GGUF and every
@@ -200,11 +199,6 @@ def _shortest_float32(value: float) -> float:
     return value
 
 
-def _fast_string_array() -> Any:
-    """The extension's string-array reader, or None (the reader works without it)."""
-    return optional_core("gguf_string_array")
-
-
 def _value_type(raw: int, cur: _Cursor, where: str) -> ValueType:
     try:
         return ValueType(raw)
@@ -217,13 +211,16 @@ _Reader = TypeVar("_Reader", bound="TensorLookup")
 
 def _numpy_value(value: Any) -> Any:
     """A :attr:`GGUFReader.fields` value as :attr:`GGUFReader.metadata` gives it: numeric arrays
-    as read-only numpy arrays (zero-copy; bools normalised to True/False), the rest as is."""
+    as read-only numpy arrays (zero-copy; bools normalised to True/False), string arrays as
+    lists, the rest as is."""
     if isinstance(value, memoryview):
         import numpy as np
 
         if value.format == "?":
             return np.asarray(value.cast("B")).astype(bool)
         return np.asarray(value)
+    if isinstance(value, StringArray):
+        return value.tolist()
     if _holds_arrays(value):
         return [_numpy_value(v) for v in value]
     return value
@@ -265,6 +262,8 @@ class TensorLookup:
         if key not in self.fields:
             return default
         value = self.fields[key]
+        if isinstance(value, StringArray):
+            return value.tolist()  # not via metadata, which would decode every array
         return self.metadata[key] if isinstance(value, memoryview) or _holds_arrays(value) \
             else value
 
@@ -290,9 +289,12 @@ class GGUFReader(TensorLookup):
         path: the file path.
         version: GGUF version (2 or 3).
         fields: key -> value as parsed. Scalars are Python ``int``/``float``/``bool``, strings
-            ``str``, arrays of strings ``list[str]``, numeric arrays typed read-only memoryviews
-            of the file (format ``"?"`` for bools), arrays of arrays Python lists.
-        metadata: as ``fields``, with numeric arrays as read-only numpy arrays (zero-copy).
+            ``str``, arrays of strings :class:`~pyllm.formats.gguf.StringArray` (read from
+            the file when used; ``list[str]`` inside arrays of arrays), numeric arrays typed
+            read-only memoryviews of the file (format ``"?"`` for bools), arrays of arrays
+            Python lists.
+        metadata: as ``fields``, with numeric arrays as read-only numpy arrays (zero-copy) and
+            string arrays as ``list[str]``.
         value_types: key -> (value type, element type or None for non-arrays), for round trips.
         tensors: list of :class:`TensorInfo` in file order.
         alignment: data alignment in bytes.
@@ -329,6 +331,19 @@ class GGUFReader(TensorLookup):
     @property
     def file_size(self) -> int:
         return len(self._buf)
+
+    def release_pages(self, *, header_only: bool = False) -> None:
+        """Hand this file's pages back to the page cache: they leave the process's resident
+        memory and are read from the cache again when a view of them is next used. After a
+        load, nothing of the file needs to stay resident -- the header is parsed into Python
+        objects, and the weights come back page by page as the forward reads them (a small
+        model's file is otherwise a few MB of header, norm vectors and whatever the kernel
+        mapped around them). ``header_only``: just the metadata and tensor infos."""
+        if not hasattr(self._map, "madvise"):  # no madvise on this platform
+            return
+        end = self.data_offset // mmap.PAGESIZE * mmap.PAGESIZE if header_only else len(self._map)
+        if end:
+            self._map.madvise(mmap.MADV_DONTNEED, 0, end)
 
     # ---- parsing ------------------------------------------------------------------------------
 
@@ -405,7 +420,11 @@ class GGUFReader(TensorLookup):
                     f"{key!r}: array of {count} strings cannot fit in the {cur.remaining()} "
                     "bytes left"
                 )
-            return cur.string_array(count, repr(key)), elem_type
+            if depth:
+                return cur.string_array(count, repr(key)), elem_type
+            start = cur.pos
+            cur.skip_strings(count, repr(key))
+            return StringArray(cur.buf, start, count), elem_type
         if elem_type == ValueType.ARRAY:
             if count > cur.remaining() // _MIN_ARRAY_BYTES:
                 raise cur.fail(

@@ -77,6 +77,10 @@ class SplitGGUFReader(TensorLookup):
     def file_size(self) -> int:
         return sum(s.file_size for s in self.shards)
 
+    def release_pages(self, *, header_only: bool = False) -> None:
+        for s in self.shards:
+            s.release_pages(header_only=header_only)
+
     def close(self) -> None:
         for s in self.shards:
             s.close()
