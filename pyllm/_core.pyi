@@ -293,6 +293,8 @@ def quant_type_ids() -> list[int]: ...
 def gguf_string_array(buf: _BufferLike, pos: int, count: int) -> tuple[list[str], int] | None: ...
 # ... the end position of count strings (nothing decoded), or None past the end
 def gguf_string_array_end(buf: _BufferLike, pos: int, count: int) -> int | None: ...
+# ... the position of each string (bytes of u64), or None past the end
+def gguf_string_offsets(buf: _BufferLike, pos: int, count: int) -> bytes | None: ...
 
 class BpePairs:
     """A byte-level BPE merge table: left * stride + right -> rank * stride + merged."""
@@ -304,10 +306,10 @@ class BpePairs:
     # a pre-token's symbol ids after merging its UTF-8 bytes; the work is added to counter[0]
     def merge_short(self, raw: bytes, counter: list[int]) -> tuple[int, ...]: ...
 
-# BPE: the merge table from the tokens and merges (a list, or a GGUF string array's
+# BPE: the merge table from the tokens and merges (each a list, or a GGUF string array's
 # (buffer, pos, count)): (table, byte ids, extra texts, stride), or None (the Python path)
 def bpe_pair_table(
-    tokens: list[str],
+    tokens: list[str] | tuple[_BufferLike, int, int],
     merges: list[str] | tuple[_BufferLike, int, int],
     byte_chars: list[str],
 ) -> tuple[BpePairs, list[int], list[str], int] | None: ...

@@ -125,17 +125,17 @@ def _gguf_md(path: Path) -> dict[str, Any]:
 
 
 def test_merges_are_read_from_the_file(smollm2_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A GGUF file's merges reach the extension as the file's bytes (no str made): the same
-    # tables as from the list of their texts, and as the Python path's.
+    # A GGUF file's tokens and merges reach the extension as the file's bytes (no str made):
+    # the same tables as from lists of their texts, and as the Python path's.
     from pyllm.formats.gguf import StringArray
 
     fields = _gguf_md(smollm2_path)
-    texts = fields["tokenizer.ggml.merges"]
-    assert isinstance(texts, StringArray)
+    tokens, texts = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.merges"]
+    assert isinstance(tokens, StringArray) and isinstance(texts, StringArray)
     vocab = vocab_from_metadata(fields)
-    assert vocab.merge_texts is texts
-    from_file = core.bpe_pair_table(vocab.tokens, texts.location, BYTE_TO_CHAR)
-    from_list = core.bpe_pair_table(vocab.tokens, texts.tolist(), BYTE_TO_CHAR)
+    assert vocab.tokens is tokens and vocab.merge_texts is texts
+    from_file = core.bpe_pair_table(tokens.location, texts.location, BYTE_TO_CHAR)
+    from_list = core.bpe_pair_table(tokens.tolist(), texts.tolist(), BYTE_TO_CHAR)
     assert from_file is not None and from_list is not None
     assert dict(from_file[0].items()) == dict(from_list[0].items())
     assert from_file[1:] == from_list[1:]

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "bindings/register.h"
 
@@ -62,6 +63,28 @@ py::object gguf_string_array_end(const py::buffer& buf, int64_t pos, int64_t cou
   return py::int_(at);
 }
 
+// The byte position of each of count strings from byte pos of buf, as bytes of little-endian
+// u64 (what StringArray indexes by), or None when one would run past the end.
+py::object gguf_string_offsets(const py::buffer& buf, int64_t pos, int64_t count) {
+  py::buffer_info info = buf.request();
+  if (info.ndim != 1 || info.itemsize != 1 || pos < 0 || count < 0) return py::none();
+  const auto* data = static_cast<const uint8_t*>(info.ptr);
+  const auto size = static_cast<uint64_t>(info.size);
+  auto at = static_cast<uint64_t>(pos);
+  if (at > size || static_cast<uint64_t>(count) > (size - at) / 8) return py::none();
+  std::vector<uint64_t> offsets(static_cast<size_t>(count));
+  for (uint64_t& offset : offsets) {
+    if (size - at < 8) return py::none();
+    offset = at;
+    uint64_t length;
+    std::memcpy(&length, data + at, 8);
+    at += 8;
+    if (length > size - at) return py::none();
+    at += length;
+  }
+  return py::bytes(reinterpret_cast<const char*>(offsets.data()), offsets.size() * 8);
+}
+
 }  // namespace
 
 void register_gguf(py::module_& m) {
@@ -73,6 +96,10 @@ void register_gguf(py::module_& m) {
         py::arg("count"),
         "The end position of count GGUF strings from byte pos of buf (nothing decoded), or "
         "None when one runs past the end.");
+  m.def("gguf_string_offsets", &gguf_string_offsets, py::arg("buf"), py::arg("pos"),
+        py::arg("count"),
+        "The byte position of each of count GGUF strings from byte pos of buf (bytes of u64), "
+        "or None when one runs past the end.");
 }
 
 }  // namespace pyllm::bindings

@@ -55,23 +55,23 @@ class Utf8Arena {
   std::deque<std::string> store_;  // a deque never moves its strings
 };
 
-// The merges' texts, from a list of str or read straight from a GGUF string array (buffer,
-// position, count: the reader's StringArray.location) without making a str of any. False when
-// the Python path must take them: an element that is no str, lone surrogates, bytes that are
-// not UTF-8 (Python would decode those with surrogateescape, and the merged texts of two
-// escaped halves need not be the halves' bytes joined).
-bool merge_texts(const py::object& merges, Utf8Arena& arena, std::vector<std::string_view>& out,
-                 std::unique_ptr<py::buffer_info>& keep) {
-  if (py::isinstance<py::list>(merges)) {
-    const py::list list = merges.cast<py::list>();
+// Texts (tokens, merges) from a list of str or read straight from a GGUF string array (buffer,
+// position, count: the reader's StringArray.location) without making a str of any; `keep`
+// holds the buffer while they are read. False when the Python path must take them: an element
+// that is no str, lone surrogates, bytes that are not UTF-8 (Python would decode those with
+// surrogateescape, and the merged text of two escaped halves need not be their bytes joined).
+bool read_texts(const py::object& texts, Utf8Arena& arena, std::vector<std::string_view>& out,
+                std::unique_ptr<py::buffer_info>& keep) {
+  if (py::isinstance<py::list>(texts)) {
+    const py::list list = texts.cast<py::list>();
     out.resize(list.size());
     for (size_t i = 0; i < out.size(); ++i) {
       if (!arena.view(list[i].ptr(), out[i])) return false;
     }
     return true;
   }
-  const py::tuple loc = merges.cast<py::tuple>();
-  if (loc.size() != 3) throw std::invalid_argument("merges: a list of str or (buffer, pos, count)");
+  const py::tuple loc = texts.cast<py::tuple>();
+  if (loc.size() != 3) throw std::invalid_argument("texts: a list of str or (buffer, pos, count)");
   keep = std::make_unique<py::buffer_info>(loc[0].cast<py::buffer>().request());
   const auto pos = loc[1].cast<int64_t>();
   const auto count = loc[2].cast<int64_t>();
@@ -276,18 +276,19 @@ class BpePairs {
 };
 
 // The pair table of a vocabulary: (BpePairs, byte ids, extra texts in id order, stride), or
-// None when the Python path must build it: a token or merge it cannot take (merge_texts), a
+// None when the Python path must build it: a token or merge it cannot take (read_texts), a
 // merge that is not "left right".
-py::object bpe_pair_table(const py::list& tokens, const py::object& merges,
+py::object bpe_pair_table(const py::object& tokens, const py::object& merges,
                           const py::list& byte_chars) {
-  const size_t n_vocab = tokens.size();
   Utf8Arena arena;
+  std::vector<std::string_view> token_texts, texts;
+  std::unique_ptr<py::buffer_info> keep_tokens, keep_merges;  // the file stays exported
+  if (!read_texts(tokens, arena, token_texts, keep_tokens)) return py::none();
+  if (!read_texts(merges, arena, texts, keep_merges)) return py::none();
+  const size_t n_vocab = token_texts.size();
   SymbolIds ids(n_vocab);
+  for (size_t i = 0; i < n_vocab; ++i) ids.add_token(token_texts[i], static_cast<int64_t>(i));
   std::string_view text;
-  for (size_t i = 0; i < n_vocab; ++i) {
-    if (!arena.view(tokens[i].ptr(), text)) return py::none();
-    ids.add_token(text, static_cast<int64_t>(i));
-  }
   std::vector<int64_t> byte_ids;
   byte_ids.reserve(byte_chars.size());
   for (const auto& c : byte_chars) {
@@ -295,9 +296,6 @@ py::object bpe_pair_table(const py::list& tokens, const py::object& merges,
     byte_ids.push_back(ids.intern(text));
   }
   if (byte_ids.size() != 256) throw std::invalid_argument("byte_chars must have 256 entries");
-  std::vector<std::string_view> texts;
-  std::unique_ptr<py::buffer_info> keep;  // the file's bytes stay exported while read
-  if (!merge_texts(merges, arena, texts, keep)) return py::none();
   // A merge splits at its first space after position 0 (a left part may itself be a space
   // where spaces are not byte-encoded); the right part must not be empty.
   const size_t n_merges = texts.size();
@@ -357,9 +355,9 @@ void register_tokenizer(py::module_& m) {
            "the lowest rank first, the leftmost on ties); adds the scan's work to counter[0].");
   m.def("bpe_pair_table", &bpe_pair_table, py::arg("tokens"), py::arg("merges"),
         py::arg("byte_chars"),
-        "A byte-level BPE vocabulary's merge table from its tokens and its merges (a list of "
-        "str, or (buffer, pos, count) of a GGUF string array): (BpePairs, byte ids, texts of "
-        "the ids past the vocabulary, stride), or None when the Python path must build it.");
+        "A byte-level BPE vocabulary's merge table from its tokens and its merges (each a list "
+        "of str, or (buffer, pos, count) of a GGUF string array): (BpePairs, byte ids, texts "
+        "of the ids past the vocabulary, stride), or None when the Python path must build it.");
 }
 
 }  // namespace pyllm::bindings

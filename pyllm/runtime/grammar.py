@@ -323,16 +323,16 @@ class _VocabView:
         vocab = tokenizer.vocab
         tokens: list[bytes] = []
         special: list[int] = []
-        for i in range(tokenizer.n_vocab):
-            ttype = vocab.types[i]
-            text = vocab.tokens[i]
+        # one pass over the vocabulary (a byte-level one reads each text from its file)
+        pieces = tokenizer.token_pieces(special=False)
+        for i, (ttype, text) in enumerate(zip(vocab.types, list(vocab.tokens), strict=True)):
             looks_special = ttype == TokenType.USER_DEFINED and text.startswith("<") \
                 and text.endswith(">") and len(text) > 2
             if ttype == TokenType.CONTROL or looks_special:
                 tokens.append(b"\xff" + text.encode("utf-8"))
                 special.append(i)
             else:
-                tokens.append(tokenizer.token_to_bytes(i, special=False))
+                tokens.append(pieces[i])
         tokens += [b""] * (n_vocab - len(tokens))  # output rows beyond the vocabulary
         self.tokens = tokens
         self.special_token_ids = special

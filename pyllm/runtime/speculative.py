@@ -230,7 +230,7 @@ def check_compatible(target: LLM, draft: LLM) -> None:
         what = f"vocabulary sizes differ by more than {MAX_VOCAB_DIFFERENCE} ({a.n_vocab} / " \
                f"{b.n_vocab})"
     else:
-        ta, tb = a.vocab.tokens, b.vocab.tokens
+        ta, tb = list(a.vocab.tokens), list(b.vocab.tokens)  # each decoded in one pass
         for i in range(min(len(ta), len(tb))):
             if ta[i] != tb[i]:
                 what = f"token {i} differs ({ta[i]!r} / {tb[i]!r})"

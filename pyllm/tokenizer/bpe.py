@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import heapq
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from itertools import chain, pairwise
 from typing import Any
 
@@ -72,6 +72,14 @@ def _fast_pair_table() -> Any:
     return optional_core("bpe_pair_table")
 
 
+def _texts_arg(texts: Sequence[str]) -> Any:
+    """What the extension's table builder reads texts from: a GGUF string array's location
+    in the file, or a list."""
+    if isinstance(texts, StringArray):
+        return texts.location
+    return texts if isinstance(texts, list) else list(texts)
+
+
 def bytes_to_token_text(data: bytes) -> str:
     """Spell raw bytes in the byte alphabet, the form tokens and merges are stored in."""
     return data.decode("latin-1").translate(_LATIN1_TO_ALPHABET)
@@ -114,11 +122,10 @@ class BpeModel:
         # dict's memory, and the short merge in C++), or this module's own PairTable.
         self._pairs: Any
         self._merge_fast: Any = None
-        fast, texts, built = _fast_pair_table(), vocab.merge_texts, None
+        fast, built = _fast_pair_table(), None
         if fast is not None:
-            # a file's string array is read from its bytes: no str is made for any merge
-            merges = texts.location if isinstance(texts, StringArray) else list(texts)
-            built = fast(vocab.tokens, merges, BYTE_TO_CHAR)
+            # a file's string arrays are read from its bytes: no str is made for any merge
+            built = fast(_texts_arg(vocab.tokens), _texts_arg(vocab.merge_texts), BYTE_TO_CHAR)
         if built is not None:
             self._pairs, byte_id, extra_texts, self._stride = built
             self._byte_id: list[int] = byte_id

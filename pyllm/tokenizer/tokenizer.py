@@ -48,6 +48,9 @@ class Tokenizer:
         self._pieces: dict[int, bytes] = {}  # control tokens rendered
         self._pieces_plain: dict[int, bytes] = {}  # control tokens rendered as ""
         self._max_token_bytes: int | None = None
+        # (id, text) of the tokens cut out of raw text, in partition order, looked up once (a
+        # byte-level vocabulary reads each token from its file when asked)
+        self._special_texts = [(tid, vocab.tokens[tid]) for tid in vocab.special_tokens]
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -168,8 +171,7 @@ class Tokenizer:
             # Every token covers its piece's bytes of the text (a SentencePiece leading space
             # is one more byte to cover, so it only adds tokens); hand-made BPE vocabularies
             # that lack part of the byte alphabet can drop bytes, the one exception.
-            longest = max(len(self._make_piece(t, True)) for t in range(self.vocab.n_vocab))
-            self._max_token_bytes = max(1, longest)
+            self._max_token_bytes = max(1, max(map(len, self.token_pieces(True))))
         return self._max_token_bytes
 
     def is_eog(self, token_id: int) -> bool:
@@ -341,12 +343,11 @@ class Tokenizer:
     def _partition(self, text: str, parse_special: bool) -> list[str | int]:
         """Cut special tokens out of ``text``: a list of raw-text fragments and token ids."""
         vocab = self.vocab
-        tokens, types = vocab.tokens, vocab.types
+        types = vocab.types
         fragments: list[str | int] = [text]
-        for tid in vocab.special_tokens:
+        for tid, tok in self._special_texts:
             if not parse_special and types[tid] in _SPECIAL_TYPES:
                 continue
-            tok = tokens[tid]
             if tok not in text:  # cheap C-level scan that rejects almost every token
                 continue
             lstrip, rstrip = tid in vocab.lstrip_ids, tid in vocab.rstrip_ids
@@ -385,9 +386,10 @@ class Tokenizer:
         return tid
 
     def _make_piece(self, tid: int, special: bool) -> bytes:
+        return self._piece_of(self.vocab.tokens[tid], self.vocab.types[tid], special)
+
+    def _piece_of(self, text: str, ttype: int, special: bool) -> bytes:
         vocab = self.vocab
-        ttype = vocab.types[tid]
-        text = vocab.tokens[tid]
         if ttype in _SPECIAL_TYPES:
             return text.encode("utf-8") if special else b""
         if ttype == TokenType.USER_DEFINED:
@@ -400,6 +402,20 @@ class Tokenizer:
             return bytes([int(text[3:5], 16)])  # validated as <0xNN> when the vocab was built
         # Unused/undefined tokens (and byte tokens in a BPE vocabulary) render as nothing.
         return b""
+
+    def token_pieces(self, special: bool = True) -> list[bytes]:
+        """:meth:`token_to_bytes` of every id, in id order (one pass over the vocabulary; not
+        kept: the caller holds what it needs).
+
+        Args:
+            special: Give control tokens their text.
+
+        Returns:
+            The bytes of each token.
+        """
+        vocab = self.vocab
+        return [self._piece_of(text, ttype, special)
+                for text, ttype in zip(list(vocab.tokens), vocab.types, strict=True)]
 
     def token_to_bytes(self, token_id: int, special: bool = True) -> bytes:
         """The bytes ``token_id`` contributes to decoded text (control tokens: their text when

@@ -81,7 +81,9 @@ class Vocab:
     """A validated vocabulary.  Build with :func:`vocab_from_metadata`."""
 
     model: str  # "llama" (SentencePiece-style) or "gpt2" (byte-level BPE)
-    tokens: list[str]
+    # A GGUF file's StringArray for byte-level BPE (each token read from the file when used: its
+    # strings would be megabytes held for the process's life), else a list.
+    tokens: Sequence[str]
     scores: list[float]
     types: list[int]  # TokenType values, after llama.cpp's EOG-name fix-up
     # The merges as stored, "left right" in rank order (empty for "llama"): split on first use
@@ -175,7 +177,8 @@ def _number_array(md: Mapping[str, Any], key: str, n: int, kind: type) -> list[A
     return np.array(arr, dtype=np.float64 if kind is float else np.int64).tolist()  # type: ignore[no-any-return]
 
 
-def _token_list(md: Mapping[str, Any]) -> list[str]:
+def _token_list(md: Mapping[str, Any]) -> tuple[list[str], bool]:
+    """The tokens, checked, and whether empty ones were renamed."""
     raw = md.get(KEY + "tokens")
     if raw is None:
         raise TokenizerError("metadata has no tokenizer.ggml.tokens array")
@@ -195,8 +198,8 @@ def _token_list(md: Mapping[str, Any]) -> list[str]:
     if "" in tokens:
         # llama.cpp renames empty tokens rather than failing; an empty key would otherwise make
         # every text match it.
-        tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
-    return tokens
+        return [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)], True
+    return tokens, False
 
 
 def _merge_texts(md: Mapping[str, Any]) -> Sequence[str]:
@@ -271,7 +274,7 @@ def vocab_from_metadata(md: Mapping[str, Any]) -> Vocab:
         raise TokenizerError(
             f"unsupported tokenizer model {model!r} (supported: 'llama' SentencePiece, 'gpt2' BPE)"
         )
-    tokens = _token_list(md)
+    tokens, renamed = _token_list(md)  # checked; the vocabulary may keep the file's array
     n = len(tokens)
     score_list = _number_array(md, KEY + "scores", n, float)
     if score_list is not None and any(x != x for x in score_list):  # NaN: no merge order
@@ -365,9 +368,15 @@ def vocab_from_metadata(md: Mapping[str, Any]) -> Vocab:
 
     lstrip, rstrip = _strip_attributes(md, pre_name, token_to_id, partition)
 
+    raw_tokens = md.get(KEY + "tokens")
+    # BPE encodes and decodes by id (the extension's merge table reads the file's bytes), so
+    # the file's array serves unless empty tokens were renamed; SentencePiece merges by text.
+    kept: Sequence[str] = raw_tokens if (
+        model == "gpt2" and isinstance(raw_tokens, StringArray) and not renamed
+    ) else tokens
     vocab = Vocab(
         model=model,
-        tokens=tokens,
+        tokens=kept,
         scores=scores,
         types=types,
         merge_texts=merge_texts,

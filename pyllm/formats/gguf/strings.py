@@ -41,7 +41,7 @@ class StringArray(Sequence[str]):
         self._buf = buf
         self._pos = pos
         self._count = count
-        self._offsets: array[int] | None = None  # each string's start, on first indexing
+        self._offsets: Sequence[int] | None = None  # each string's start, on first indexing
 
     @property
     def location(self) -> tuple[memoryview, int, int]:
@@ -77,14 +77,22 @@ class StringArray(Sequence[str]):
         if not -self._count <= i < self._count:
             raise IndexError("string array index out of range")
         if self._offsets is None:
-            offsets, pos = array("Q"), self._pos
-            for _ in range(self._count):
-                offsets.append(pos)
-                pos += 8 + struct.unpack_from("<Q", self._buf, pos)[0]
-            self._offsets = offsets
+            self._offsets = self._find_offsets()
         pos = self._offsets[i % self._count]
         (length,) = struct.unpack_from("<Q", self._buf, pos)
         return decode_string(self._buf[pos + 8 : pos + 8 + length].tobytes())
+
+    def _find_offsets(self) -> Sequence[int]:
+        """Where each string starts (8 bytes a string: a vocabulary's ids index by these)."""
+        fast = optional_core("gguf_string_offsets")
+        got = None if fast is None else fast(self._buf, self._pos, self._count)
+        if got is not None:
+            return memoryview(got).cast("Q")
+        offsets, pos = array("Q"), self._pos
+        for _ in range(self._count):
+            offsets.append(pos)
+            pos += 8 + struct.unpack_from("<Q", self._buf, pos)[0]
+        return offsets
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, StringArray):
