@@ -100,3 +100,15 @@ def test_a_truncated_array_fails_at_parse(tmp_path: Path) -> None:
     with pytest.raises(GGUFError, match=r"element 6 of 'words' \(declared length 300\) runs "
                                         r"past the end of the file"):
         GGUFReader(cut)
+
+
+def test_find_and_first_duplicate(reader: GGUFReader, tmp_path: Path) -> None:
+    arr = reader.fields["words"]
+    assert [arr.find(w) for w in WORDS] == list(range(len(WORDS)))
+    assert arr.find("b") == -1 and arr.find("é a") == -1 and arr.find("\ud800") == -1
+    assert arr.first_duplicate() is None
+    w = GGUFWriter(tmp_path / "d.gguf")
+    w.add_kv("d", ["x", "y", ODD, "y", ODD], ValueType.ARRAY, ValueType.STRING)
+    w.write()
+    dup = GGUFReader(tmp_path / "d.gguf").fields["d"]
+    assert dup.first_duplicate() == (1, 3) and dup.find("y") == 1 and dup.find(ODD) == 2

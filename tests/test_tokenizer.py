@@ -858,3 +858,16 @@ def test_encode_continuation_does_not_parse_control_tokens(smol: Tokenizer) -> N
     im_start = smol.token_to_id("<|im_start|>")
     assert smol.encode("<|im_start|>", add_special=False, parse_special=True) == [im_start]
     assert im_start not in smol.encode_continuation("<|im_start|>")
+
+
+@pytest.mark.parametrize("name", ["smollm2", "llama-spm"])
+def test_token_pieces_are_token_to_bytes_of_every_id(
+    name: str, smol: Tokenizer, vocab_dir: Path
+) -> None:
+    tok = _tokenizer(name, vocab_dir, smol)
+    for special in (True, False):
+        pieces = tok.token_pieces(special)
+        assert pieces == [tok.token_to_bytes(i, special) for i in range(tok.n_vocab)]
+        # control tokens differ between the two (negative control of the flag)
+        assert any(p == b"" and tok.token_to_bytes(i, True) for i, p in enumerate(pieces)) \
+            is not special

@@ -236,3 +236,64 @@ def test_a_gguf_tokenizer_holds_no_merge_strings(smollm2_path: Path,
     assert retained() < 6.0
     monkeypatch.setattr(bpe, "_fast_pair_table", lambda: None)
     assert retained() > 15.0
+
+
+def _write_vocab(path: Path, md: dict[str, Any]) -> Path:
+    from pyllm.formats.gguf import GGUFWriter, ValueType
+
+    w = GGUFWriter(path)
+    for key, value in md.items():
+        if isinstance(value, list):
+            w.add_kv(key, value, ValueType.ARRAY, ValueType.STRING)
+        else:
+            w.add_kv(key, value, ValueType.STRING)
+    w.write()
+    return path
+
+
+@pytest.mark.parametrize("name", ["smollm2", "llama-bpe", "gpt-2"])
+def test_vocab_from_the_file_equals_the_vocab_from_lists(name: str, smollm2_path: Path,
+                                                         vocab_dir: Path) -> None:
+    # Tokens checked and looked up in the file (no str made) give the vocabulary that lists
+    # of the same texts give: every field.
+    import dataclasses
+
+    from pyllm.formats.gguf import GGUFReader, StringArray
+
+    path = smollm2_path if name == "smollm2" else vocab_dir / f"ggml-vocab-{name}.gguf"
+    fields = GGUFReader(path).fields
+    lists = {k: v.tolist() if isinstance(v, StringArray) else v for k, v in fields.items()}
+    from_file, from_lists = vocab_from_metadata(fields), vocab_from_metadata(lists)
+    assert isinstance(from_file.tokens, StringArray) and type(from_lists.tokens) is list
+    for f in dataclasses.fields(from_file):
+        assert getattr(from_file, f.name) == getattr(from_lists, f.name), f.name
+    assert from_file.token_to_id == from_lists.token_to_id
+    assert from_file.eog_ids and from_file.special_tokens  # names were found in the file
+
+
+@pytest.mark.parametrize("extension", [True, False])
+def test_a_token_twice_in_the_file_is_named(tmp_path: Path, extension: bool,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyllm.formats.gguf import GGUFReader
+    from pyllm.formats.gguf import strings as strings_module
+
+    md = tiny_bpe(["a b"], extra_tokens=["xy", "Ġa"])
+    n = len(md["tokenizer.ggml.tokens"])
+    fields = GGUFReader(_write_vocab(tmp_path / "v.gguf", md)).fields
+    if not extension:
+        monkeypatch.setattr(strings_module, "optional_core", lambda name: None)
+    message = rf"token 'Ġa' appears twice in tokenizer.ggml.tokens \(ids {n - 3} and {n - 1}\)"
+    with pytest.raises(TokenizerError, match=message):
+        vocab_from_metadata(fields)
+    with pytest.raises(TokenizerError, match=message):  # the list path words it the same
+        vocab_from_metadata(md)
+
+
+def test_an_empty_token_in_the_file_is_renamed(tmp_path: Path) -> None:
+    from pyllm.formats.gguf import GGUFReader
+
+    md = tiny_bpe(["a b"], extra_tokens=[""])
+    n = len(md["tokenizer.ggml.tokens"])
+    vocab = vocab_from_metadata(GGUFReader(_write_vocab(tmp_path / "v.gguf", md)).fields)
+    assert type(vocab.tokens) is list and vocab.tokens[n - 1] == f"[EMPTY_{n - 1}]"
+    assert Tokenizer(vocab).encode("ab", add_special=False) == [vocab.token_to_id["ab"]]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import functools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any
@@ -177,8 +177,7 @@ def _number_array(md: Mapping[str, Any], key: str, n: int, kind: type) -> list[A
     return np.array(arr, dtype=np.float64 if kind is float else np.int64).tolist()  # type: ignore[no-any-return]
 
 
-def _token_list(md: Mapping[str, Any]) -> tuple[list[str], bool]:
-    """The tokens, checked, and whether empty ones were renamed."""
+def _token_list(md: Mapping[str, Any]) -> list[str]:
     raw = md.get(KEY + "tokens")
     if raw is None:
         raise TokenizerError("metadata has no tokenizer.ggml.tokens array")
@@ -198,8 +197,8 @@ def _token_list(md: Mapping[str, Any]) -> tuple[list[str], bool]:
     if "" in tokens:
         # llama.cpp renames empty tokens rather than failing; an empty key would otherwise make
         # every text match it.
-        return [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)], True
-    return tokens, False
+        tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+    return tokens
 
 
 def _merge_texts(md: Mapping[str, Any]) -> Sequence[str]:
@@ -274,7 +273,18 @@ def vocab_from_metadata(md: Mapping[str, Any]) -> Vocab:
         raise TokenizerError(
             f"unsupported tokenizer model {model!r} (supported: 'llama' SentencePiece, 'gpt2' BPE)"
         )
-    tokens, renamed = _token_list(md)  # checked; the vocabulary may keep the file's array
+    raw_tokens = md.get(KEY + "tokens")
+    token_to_id: Mapping[str, int]
+    tokens: Sequence[str]
+    if model == "gpt2" and isinstance(raw_tokens, StringArray) and len(raw_tokens) \
+            and raw_tokens.find("") < 0:
+        # A byte-level BPE vocabulary encodes and decodes by id (the extension's merge table
+        # reads the file's bytes), so it keeps the file's array: checked and looked up in place,
+        # with no str made for its 100k+ tokens.
+        tokens, token_to_id = raw_tokens, _FileTokens(raw_tokens)
+    else:
+        tokens = _token_list(md)
+        token_to_id = dict(zip(tokens, range(len(tokens)), strict=True))
     n = len(tokens)
     score_list = _number_array(md, KEY + "scores", n, float)
     if score_list is not None and any(x != x for x in score_list):  # NaN: no merge order
@@ -290,16 +300,14 @@ def vocab_from_metadata(md: Mapping[str, Any]) -> Vocab:
     scores: list[float] = score_list if score_list is not None else [0.0] * n
     types: list[int] = type_list if type_list is not None else [int(TokenType.NORMAL)] * n
 
-    token_to_id = dict(zip(tokens, range(n), strict=True))
-    if len(token_to_id) != n:
-        seen: dict[str, int] = {}
-        for i, tok in enumerate(tokens):
-            if tok in seen:
-                raise TokenizerError(
-                    f"token {tok!r} appears twice in tokenizer.ggml.tokens "
-                    f"(ids {seen[tok]} and {i})"
-                )
-            seen[tok] = i
+    if isinstance(tokens, StringArray):
+        twice = tokens.first_duplicate()
+    else:
+        twice = _first_duplicate(tokens) if len(token_to_id) != n else None
+    if twice is not None:
+        i, j = twice
+        raise TokenizerError(
+            f"token {tokens[j]!r} appears twice in tokenizer.ggml.tokens (ids {i} and {j})")
 
     # SentencePiece byte-fallback tokens must spell their byte.  (Byte-level BPE vocabularies
     # do not use BYTE tokens -- they render as nothing there, as in llama.cpp.)
@@ -368,15 +376,9 @@ def vocab_from_metadata(md: Mapping[str, Any]) -> Vocab:
 
     lstrip, rstrip = _strip_attributes(md, pre_name, token_to_id, partition)
 
-    raw_tokens = md.get(KEY + "tokens")
-    # BPE encodes and decodes by id (the extension's merge table reads the file's bytes), so
-    # the file's array serves unless empty tokens were renamed; SentencePiece merges by text.
-    kept: Sequence[str] = raw_tokens if (
-        model == "gpt2" and isinstance(raw_tokens, StringArray) and not renamed
-    ) else tokens
     vocab = Vocab(
         model=model,
-        tokens=kept,
+        tokens=tokens,
         scores=scores,
         types=types,
         merge_texts=merge_texts,
@@ -398,8 +400,39 @@ def vocab_from_metadata(md: Mapping[str, Any]) -> Vocab:
     return vocab
 
 
+def _first_duplicate(tokens: Sequence[str]) -> tuple[int, int] | None:
+    seen: dict[str, int] = {}
+    for j, tok in enumerate(tokens):
+        i = seen.setdefault(tok, j)
+        if i != j:
+            return i, j
+    return None
+
+
+class _FileTokens(Mapping[str, int]):
+    """A GGUF file's token array as the text -> id lookup that :func:`vocab_from_metadata`
+    checks and reads a few names from: searched in the file (StringArray.find), never
+    decoded whole."""
+
+    def __init__(self, array: StringArray) -> None:
+        self.array = array
+
+    def __getitem__(self, text: str) -> int:  # type: ignore[override]
+        i = self.array.find(text) if isinstance(text, str) else -1
+        if i < 0:
+            raise KeyError(text)
+        return i
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.array)
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+
 def _strip_attributes(
-    md: Mapping[str, Any], pre_name: str | None, token_to_id: dict[str, int], partition: list[int]
+    md: Mapping[str, Any], pre_name: str | None, token_to_id: Mapping[str, int],
+    partition: list[int]
 ) -> tuple[frozenset[int], frozenset[int]]:
     """llama.cpp's per-model whitespace-stripping attributes, keyed on names as it does: Phi-3's
     special tokens eat the whitespace after them (its template puts "\n" after "<|user|>" that

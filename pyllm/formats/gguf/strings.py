@@ -60,6 +60,36 @@ class StringArray(Sequence[str]):
             pos += 8 + length
         return out
 
+    def find(self, text: str) -> int:
+        """The index of the first string equal to ``text``, or -1 (nothing is decoded where the
+        extension is there: the bytes are compared)."""
+        try:
+            raw = text.encode("utf-8", errors="surrogateescape")
+        except UnicodeEncodeError:  # a surrogate no decoded string of a file can hold
+            return -1
+        fast = optional_core("gguf_string_find")
+        got = None if fast is None else fast(self._buf, self._pos, self._count, raw)
+        if got is not None:
+            return got  # type: ignore[no-any-return]
+        try:
+            return self.tolist().index(text)
+        except ValueError:
+            return -1
+
+    def first_duplicate(self) -> tuple[int, int] | None:
+        """``(i, j)``, ``i < j``, of the first string ``j`` equal to an earlier one ``i``; None
+        when all differ (compared as bytes where the extension is there)."""
+        fast = optional_core("gguf_string_duplicate")
+        got = None if fast is None else fast(self._buf, self._pos, self._count)
+        if got is not None or fast is not None:
+            return got  # type: ignore[no-any-return]
+        seen: dict[str, int] = {}
+        for j, text in enumerate(self.tolist()):
+            i = seen.setdefault(text, j)
+            if i != j:
+                return i, j
+        return None
+
     def __len__(self) -> int:
         return self._count
 
