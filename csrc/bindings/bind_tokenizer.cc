@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
-#include <cstring>
 #include <deque>
 #include <memory>
 #include <stdexcept>
@@ -19,6 +18,7 @@
 #include <string_view>
 #include <vector>
 
+#include "bindings/gguf_strings.h"
 #include "bindings/register.h"
 
 namespace py = pybind11;
@@ -73,34 +73,22 @@ bool read_texts(const py::object& texts, Utf8Arena& arena, std::vector<std::stri
   const py::tuple loc = texts.cast<py::tuple>();
   if (loc.size() != 3) throw std::invalid_argument("texts: a list of str or (buffer, pos, count)");
   keep = std::make_unique<py::buffer_info>(loc[0].cast<py::buffer>().request());
-  const auto pos = loc[1].cast<int64_t>();
   const auto count = loc[2].cast<int64_t>();
-  if (keep->ndim != 1 || keep->itemsize != 1 || pos < 0 || count < 0) return false;
-  const auto* data = static_cast<const char*>(keep->ptr);
-  const auto size = static_cast<uint64_t>(keep->size);
-  auto at = static_cast<uint64_t>(pos);
-  if (at > size || static_cast<uint64_t>(count) > (size - at) / 8) return false;
-  out.resize(static_cast<size_t>(count));
-  for (auto& text : out) {
-    if (size - at < 8) return false;
-    uint64_t length;
-    std::memcpy(&length, data + at, 8);  // little-endian, as GGUF and every supported host
-    at += 8;
-    if (length > size - at) return false;
-    text = std::string_view(data + at, static_cast<size_t>(length));
-    at += length;
-    if (std::any_of(text.begin(), text.end(), [](char c) { return c & 0x80; })) {
+  out.resize(static_cast<size_t>(count < 0 ? 0 : count));
+  bool utf8 = true;
+  const int64_t end = walk_gguf_strings(*keep, loc[1].cast<int64_t>(), count,
+                                        [&](int64_t i, uint64_t, std::string_view text) {
+    out[static_cast<size_t>(i)] = text;
+    if (utf8 && std::any_of(text.begin(), text.end(), [](char c) { return c & 0x80; })) {
       // Python's own strict decoder says what is UTF-8
       PyObject* s = PyUnicode_DecodeUTF8(text.data(), static_cast<Py_ssize_t>(text.size()),
                                          "strict");
-      if (s == nullptr) {
-        PyErr_Clear();
-        return false;
-      }
-      Py_DECREF(s);
+      if (s == nullptr) PyErr_Clear();
+      utf8 = s != nullptr;
+      Py_XDECREF(s);
     }
-  }
-  return true;
+  });
+  return end >= 0 && utf8;
 }
 
 // Symbol ids of a BPE vocabulary: a token's text has its token id; other texts (alphabet
