@@ -417,7 +417,7 @@ class _FileTokens(Mapping[str, int]):
     def __init__(self, array: StringArray) -> None:
         self.array = array
 
-    def __getitem__(self, text: str) -> int:  # type: ignore[override]
+    def __getitem__(self, text: str) -> int:
         i = self.array.find(text) if isinstance(text, str) else -1
         if i < 0:
             raise KeyError(text)
