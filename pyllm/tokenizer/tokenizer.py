@@ -69,7 +69,8 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str | os.PathLike[str]) -> Tokenizer:
         """From a GGUF file (a full model, any shard of a split one, or a vocab-only file;
-        tensor data is never read).
+        tensor data is never read). A byte-level BPE tokenizer reads its tokens from the file
+        when it needs them, so it keeps the file mapped (not resident) while it lives.
 
         Args:
             path: The GGUF file.
