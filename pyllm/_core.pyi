@@ -109,6 +109,7 @@ class Model:
         placement: Sequence[_Range] = [],
         repack_image: _BufferLike | None = None,
         repack_image_plan: int = 0,
+        embedding_file: tuple[int, int] | None = None,
     ) -> None: ...
     @property
     def placement(self) -> list[_Range]: ...

@@ -55,6 +55,17 @@ def test_a_split_model_loads_from_any_shard(smollm2_path: Path, smol_split: list
         mapping = np.frombuffer(reader.shards[-1]._buf, np.uint8)
         assert last.raw.ctypes.data == mapping.ctypes.data + last.offset
         assert np.array_equal(last.raw, whole.tensor(last.name).raw)
+        # a tensor's file is its own shard's, the bytes there the view's
+        opened = reader.open_tensor_file(last.name)
+        assert opened is not None
+        fd, offset = opened
+        try:
+            assert os.fstat(fd).st_ino == os.stat(smol_split[-1]).st_ino
+            assert os.pread(fd, 256, offset) == bytes(last.view[:256])
+        finally:
+            os.close(fd)
+        with pytest.raises(GGUFError, match="no tensor named"):
+            reader.open_tensor_file("nope.weight")
     # each shard alone is a GGUF holding its run of tensors and the split keys
     counts = [len(GGUFReader(p).tensors) for p in smol_split]
     assert sum(counts) == len(GGUFReader(smollm2_path).tensors) and min(counts) > 0

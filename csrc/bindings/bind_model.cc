@@ -105,7 +105,8 @@ Placement placement_tuples(const std::vector<PlacedLayers>& placement) {
 
 PyModel make_model(const HParams& hp, const py::dict& tensors, const py::list& layers,
                    bool repack, bool release_source, int n_threads, const Placement& placement,
-                   const py::object& repack_image, uint64_t repack_image_plan) {
+                   const py::object& repack_image, uint64_t repack_image_plan,
+                   const std::optional<std::pair<int, int64_t>>& embedding_file) {
   if (static_cast<int64_t>(py::len(layers)) != hp.n_layer) {
     throw std::invalid_argument("hparams.n_layer is " + std::to_string(hp.n_layer) + " but " +
                                 std::to_string(py::len(layers)) + " layers were given");
@@ -121,6 +122,7 @@ PyModel make_model(const HParams& hp, const py::dict& tensors, const py::list& l
   ModelOptions opt;
   opt.repack = repack;
   opt.release_source = release_source;
+  if (embedding_file) std::tie(opt.embedding_fd, opt.embedding_offset) = *embedding_file;
   opt.n_threads = n_threads;
   for (const auto& [backend, first, last] : placement) {
     opt.placement.push_back(PlacedLayers{backend, first, last});
@@ -244,7 +246,7 @@ void register_model(py::module_& m) {
       .def(py::init(&make_model), py::arg("hparams"), py::arg("tensors"), py::arg("layers"),
            py::arg("repack") = false, py::arg("release_source") = false, py::arg("n_threads") = 0,
            py::arg("placement") = Placement{}, py::arg("repack_image") = py::none(),
-           py::arg("repack_image_plan") = 0,
+           py::arg("repack_image_plan") = 0, py::arg("embedding_file") = py::none(),
            "hparams: HParams; tensors: model slot (MODEL_WEIGHT_SLOTS) -> (ggml type id, flat "
            "uint8 buffer, cols, rows, name in the file); layers: one dict per layer, layer slot "
            "(LAYER_WEIGHT_SLOTS) -> the same tuples. repack: copy the matrices into the rows16 layout where the CPU has "
@@ -254,7 +256,10 @@ void register_model(py::module_& m) {
            "the head with the last (which may be empty); [] = all on the CPU; see backends(). "
            "repack_image, repack_image_plan: the bytes of an earlier load's rows16 copies "
            "(repack_image() of a model of the same file) and their plan; used instead of "
-           "repacking when the plan is this load's, else ignored. Kept referenced.")
+           "repacking when the plan is this load's, else ignored. Kept referenced. "
+           "embedding_file: (fd, offset) of the file the embedding table's view maps, the table "
+           "at offset; with release_source the rows a forward looks up are read from it "
+           "(the model keeps a duplicate of fd), so they are never mapped in.")
       .def_property_readonly(
           "placement", [](const PyModel& m) { return placement_tuples(m.model->placement()); },
           "The resolved (backend, first, last) layer ranges; the head is with the last.")

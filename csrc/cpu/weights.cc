@@ -50,8 +50,8 @@ class CpuWeights final : public WeightStore {
 // Norm weights and biases are read on every token: a few KB each, spread over the file, and
 // each first read maps the 64 KB of file around it into the process (the kernel's fault-
 // around) -- ~4 MB of a small model's file resident for ~140 KB of floats. With release_source
-// they are copied here and their pages dropped, so of the file only the header and the
-// embedding rows of the tokens seen are ever resident.
+// they are copied here and their pages dropped, so nothing of the file stays resident (the
+// context reads the embedding rows it looks up from the file: model/embedding_file.h).
 void own_vectors(ModelWeights& weights, const std::vector<LayerRange>& ranges, bool head,
                  std::vector<float>& out) {
   std::vector<WeightView*> views;
@@ -117,8 +117,8 @@ std::unique_ptr<WeightStore> prepare_cpu_weights(ModelWeights& weights,
     }
   }
   // A tied output (no output.weight) is also the embedding table, which is read by rows: the
-  // output matmul gets its own rows16 copy and the lookups keep reading the GGUF rows (with
-  // release_source only the rows of tokens actually seen come back into memory).
+  // output matmul gets its own rows16 copy and the lookups keep reading the GGUF's rows (from
+  // the file, not the mapping, when the model has an EmbeddingFile).
   if (head) {
     if (!weights.output.present() && weights.tok_embd.rows % kRepackRows == 0 &&
         matmul_has_rows16_kernel(weights.tok_embd.type)) {

@@ -20,6 +20,7 @@
 #include "cpu/ops.h"
 #include "cpu/scratch.h"
 #include "model/attention_schedule.h"
+#include "model/embedding_file.h"
 #include "model/placement.h"
 #include "model/rope.h"
 #include "pyllm/model.h"
@@ -33,6 +34,7 @@ struct Context::Impl {
   AttentionSchedule schedule;
   std::vector<float> rope_buf;                       // chunk plan
   ScratchBuf hidden;                                 // [n_batch][n_embd] rows
+  std::vector<uint8_t> row_buf;  // an embedding row read from the file (Model::embedding_file)
   std::vector<std::unique_ptr<Device>> devices;      // one per backend the placement names
   std::vector<std::unique_ptr<Stage>> stages;        // in layer order; the last has the head
   // Per-call bookkeeping, kept here so a decode step allocates nothing once warmed up.
@@ -126,8 +128,11 @@ struct Context::Impl {
     const int64_t d = model.hparams().n_embd;
     const TypeTraits& et = type_traits(emb.type);
     const int64_t erow = row_size(emb.type, d);
+    const EmbeddingFile* file = model.embedding_file();
+    if (file != nullptr) row_buf.resize(static_cast<size_t>(erow));
     for (int t = 0; t < n; ++t) {
       const uint8_t* row = static_cast<const uint8_t*>(emb.data) + erow * tokens[t];
+      if (file != nullptr && file->read(tokens[t], row_buf.data())) row = row_buf.data();
       et.to_float(row, hidden.data() + t * d, d);
     }
   }

@@ -1,13 +1,15 @@
 // Model: checks the hyper-parameters and every weight view against each other before any
 // forward pass may read them (defence in depth behind the Python-side GGUF validation), resolves
 // the placement of its layers and has each backend prepare its share of the weights (the CPU's
-// rows16 copies: csrc/cpu/weights.cc), which the model then owns.
+// rows16 copies: csrc/cpu/weights.cc), which the model then owns, with the descriptor its
+// embedding rows are read through (model/embedding_file.h).
 #include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <utility>
 
 #include "backend/backend.h"
+#include "model/embedding_file.h"
 #include "model/placement.h"
 #include "pyllm/model.h"
 #include "pyllm/quant.h"
@@ -107,6 +109,16 @@ Model::Model(const HParams& hp, ModelWeights weights, const ModelOptions& option
     }
     stores_.emplace_back(p.backend, find_backend(p.backend).prepare(hp_, w_, ranges, options));
     if (p.backend == "cpu") repacked_bytes_ = stores_.back().second->bytes();
+  }
+  // An output matrix read from the table's own bytes (tied, left in the file's layout) streams
+  // the whole table every token: it is mapped anyway, and the lookups read it there.
+  const bool table_is_output =
+      head && (!w_.output.present() || w_.output.data == w_.tok_embd.data);
+  if (options.release_source && options.embedding_fd >= 0 && embeds && !table_is_output &&
+      w_.tok_embd.layout == WeightLayout::Gguf) {
+    auto file = std::make_unique<EmbeddingFile>(options.embedding_fd, options.embedding_offset,
+                                                row_size(w_.tok_embd.type, d));
+    if (file->open()) embedding_file_ = std::move(file);
   }
 }
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds and runs the C++ tests (csrc/tests: test_threadpool, test_matmul, test_placement,
-# test_forward_isa) twice: a plain Release build and an AddressSanitizer +
+# test_forward_isa, test_embedding_file) twice: a plain Release build and an AddressSanitizer +
 # UndefinedBehaviorSanitizer build. Only the test
 # targets are built (-j2 by default), in build folders outside the source tree. Exits non-zero
 # on any build error, test failure, sanitizer report or hang.
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/../.."
 root=${1:-build/cxx-tests}
 jobs=${PYLLM_TEST_JOBS:-2}
 limit=${PYLLM_TEST_TIMEOUT:-600}
-tests=(test_threadpool test_matmul test_placement test_forward_isa)
+tests=(test_threadpool test_matmul test_placement test_forward_isa test_embedding_file)
 
 if ! command -v cmake >/dev/null 2>&1 && [ -n "${VIRTUAL_ENV:-}" ]; then
   # CI's fresh virtual environment: the package build got cmake in an isolated environment only.

@@ -172,13 +172,21 @@ class LoadedModel:
             image = self._open_repack_image(core, repack_cache, placement, layer_range) \
                 if repack else None
             # The tensors are views of the reader's read-only file mapping, so the pages of
-            # the matrices copied into the rows16 layout can be handed back to the page cache.
-            self.core: Any = core.Model(self.hparams.to_core(core), tensors.model,
-                                        tensors.layers, repack=bool(repack),
-                                        release_source=True, n_threads=self.n_threads or 0,
-                                        placement=list(placement),
-                                        repack_image=image.view if image else None,
-                                        repack_image_plan=image.plan if image else 0)
+            # the matrices copied into the rows16 layout can be handed back to the page cache,
+            # and the embedding rows are read from the file rather than mapped in.
+            embedding = self._reader.open_tensor_file(tensors.model["tok_embd"][4]) \
+                if "tok_embd" in tensors.model else None
+            try:
+                self.core: Any = core.Model(self.hparams.to_core(core), tensors.model,
+                                            tensors.layers, repack=bool(repack),
+                                            release_source=True, n_threads=self.n_threads or 0,
+                                            placement=list(placement),
+                                            repack_image=image.view if image else None,
+                                            repack_image_plan=image.plan if image else 0,
+                                            embedding_file=embedding)
+            finally:
+                if embedding is not None:
+                    os.close(embedding[0])  # the model keeps its own duplicate
             self._save_repack_image(image)
             # parsed and copied: of the file, only what the forward reads maps back in
             self._reader.release_pages()

@@ -20,6 +20,7 @@ namespace pyllm {
 struct ActivationStats;
 
 class WeightStore;  // csrc/backend/backend.h
+class EmbeddingFile;  // csrc/model/embedding_file.h
 
 enum class RopeScaling { None = 0, Linear = 1, Yarn = 2, Dynamic = 3 };
 
@@ -107,6 +108,13 @@ struct ModelOptions {
   // for weights in a read-only file mapping: the pages then return to the page cache, so peak
   // and steady RSS stay ~1x the model instead of 2x. Never for anonymous memory.
   bool release_source = false;
+  // A descriptor of the file whose read-only mapping holds the embedding table's view, and the
+  // table's offset in that file (-1: none). With release_source, when the CPU reads the table
+  // only by rows (not also as a tied output matrix left in the file's layout), the context
+  // reads the rows it looks up from the file (model/embedding_file.h), so a generation maps
+  // none of the table into the process. The model keeps its own duplicate of the descriptor.
+  int embedding_fd = -1;
+  int64_t embedding_offset = 0;
   int n_threads = 0;  // repacking threads (<= 0: physical cores)
   // The image of an earlier load's rows16 arena (a repack cache file, mapped read-only by
   // pyllm/runtime/repack_cache.py): used in place of repacking when its plan is this load's
@@ -151,6 +159,9 @@ class Model {
   const std::vector<PlacedLayers>& placement() const { return placement_; }
   // What backend `name` prepared at load (nullptr when no layer is placed on it).
   const WeightStore* weight_store(const std::string& name) const;
+  // Where the context reads embedding rows from (ModelOptions::embedding_fd); nullptr: the
+  // table's view.
+  const EmbeddingFile* embedding_file() const { return embedding_file_.get(); }
 
  private:
   HParams hp_;
@@ -159,6 +170,7 @@ class Model {
   // each backend's prepared weights, by the backend's name
   std::vector<std::pair<std::string, std::unique_ptr<WeightStore>>> stores_;
   int64_t repacked_bytes_ = 0;
+  std::unique_ptr<EmbeddingFile> embedding_file_;
 };
 
 enum class KVType { F16 = 0, Q8_0 = 1, F32 = 2 };

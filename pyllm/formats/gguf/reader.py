@@ -48,6 +48,7 @@ _MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dim, type
 _MIN_ARRAY_BYTES = 4 + 8  # element type + count
 _MAX_DIM = 1 << 62  # dimensions are u64 on disk but int64 in ggml; anything larger is bogus
 _MAX_NESTING = 8  # nested arrays deeper than this are not something a real file does
+_FOLIO_MAX = 2 << 20  # largest page-cache folio a fault maps at once (one PMD on x86-64 / arm64 4K)
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,11 @@ class _Cursor:
         return view
 
 
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells one file's contents from another's at a path: device, inode, size, mtime."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _shortest_float32(value: float) -> float:
     """The shortest decimal that reads back as the same float32 (1e-05, not 9.99999974e-06):
     the number the file's writer meant. The correctly rounded value of the fewest digits that
@@ -315,6 +321,7 @@ class GGUFReader(TensorLookup):
         try:
             with open(self.path, "rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._identity = _identity(os.fstat(f.fileno()))
         except (OSError, ValueError) as e:
             raise GGUFError(f"{self.path}: cannot map file: {e}") from None
         # every view handed out (tensors, arrays) is a slice of this one; the mapping lives as
@@ -332,16 +339,47 @@ class GGUFReader(TensorLookup):
     def file_size(self) -> int:
         return len(self._buf)
 
+    def open_tensor_file(self, name: str) -> tuple[int, int] | None:
+        """A new read-only descriptor of this file and the offset of tensor ``name`` in it, for
+        reading the tensor's bytes without mapping them (a model reads its embedding rows so:
+        csrc/model/embedding_file.h). The caller closes the descriptor.
+
+        Args:
+            name: A tensor of this file.
+
+        Returns:
+            (descriptor, offset), or None when the file cannot be opened again or is no longer
+            the one mapped (replaced or written since).
+
+        Raises:
+            GGUFError: No tensor ``name``.
+        """
+        info = self.tensor(name)
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None
+        if _identity(os.fstat(fd)) != self._identity:
+            os.close(fd)
+            return None
+        return fd, info.offset
+
     def release_pages(self, *, header_only: bool = False) -> None:
         """Hand this file's pages back to the page cache: they leave the process's resident
         memory and are read from the cache again when a view of them is next used. After a
         load, nothing of the file needs to stay resident -- the header is parsed into Python
         objects, and the weights come back page by page as the forward reads them (a small
         model's file is otherwise a few MB of header, norm vectors and whatever the kernel
-        mapped around them). ``header_only``: just the metadata and tensor infos."""
+        mapped around them). ``header_only``: the metadata and tensor infos, and whatever
+        reading them mapped beyond: a fault maps the pages around it (64 KB of fault-around,
+        or a whole page-cache folio, which is naturally aligned and at most 2 MiB), so the
+        range runs to the 2 MiB boundary after the header. Data pages dropped with it are
+        read from the cache again when used."""
         if not hasattr(self._map, "madvise"):  # no madvise on this platform
             return
-        end = self.data_offset // mmap.PAGESIZE * mmap.PAGESIZE if header_only else len(self._map)
+        end = len(self._map)
+        if header_only:
+            end = min(end, -(-self.data_offset // _FOLIO_MAX) * _FOLIO_MAX)
         if end:
             self._map.madvise(mmap.MADV_DONTNEED, 0, end)
 

@@ -77,6 +77,14 @@ class SplitGGUFReader(TensorLookup):
     def file_size(self) -> int:
         return sum(s.file_size for s in self.shards)
 
+    def open_tensor_file(self, name: str) -> tuple[int, int] | None:
+        """:meth:`GGUFReader.open_tensor_file` of the shard holding ``name``."""
+        for shard in self.shards:
+            if shard.has_tensor(name):
+                return shard.open_tensor_file(name)
+        self.tensor(name)  # raises GGUFError naming it
+        return None
+
     def release_pages(self, *, header_only: bool = False) -> None:
         for s in self.shards:
             s.release_pages(header_only=header_only)
