@@ -367,14 +367,17 @@ class GGUFReader(TensorLookup):
     def release_pages(self, *, header_only: bool = False) -> None:
         """Hand this file's pages back to the page cache: they leave the process's resident
         memory and are read from the cache again when a view of them is next used. After a
-        load, nothing of the file needs to stay resident -- the header is parsed into Python
-        objects, and the weights come back page by page as the forward reads them (a small
-        model's file is otherwise a few MB of header, norm vectors and whatever the kernel
-        mapped around them). ``header_only``: the metadata and tensor infos, and whatever
-        reading them mapped beyond: a fault maps the pages around it (64 KB of fault-around,
-        or a whole page-cache folio, which is naturally aligned and at most 2 MiB), so the
-        range runs to the 2 MiB boundary after the header. Data pages dropped with it are
-        read from the cache again when used."""
+        load, nothing of the file needs to stay resident: the header is parsed into Python
+        objects and the model holds or reads what it needs (a small model's file is otherwise
+        a few MB of header, norm vectors and whatever the kernel mapped around them). With
+        ``header_only``, what reading the header mapped: a fault maps the pages around it
+        (64 KB of fault-around, or a whole page-cache folio, naturally aligned and at most
+        2 MiB), so the range runs to the 2 MiB boundary after the header; data pages dropped
+        with it come back from the cache when used.
+
+        Args:
+            header_only: Only the metadata and tensor infos (and what reading them mapped).
+        """
         if not hasattr(self._map, "madvise"):  # no madvise on this platform
             return
         end = len(self._map)

@@ -33,6 +33,11 @@ class StringArray(Sequence[str]):
 
     The reader checked at parse time that every string lies inside the file, so reading cannot
     fail. ``location`` is (buffer, byte position, count), what the extension's readers take.
+
+    Args:
+        buf: The file's mapping (or any buffer holding the array).
+        pos: Byte position of the first string (its u64 length) in ``buf``.
+        count: Number of strings.
     """
 
     __slots__ = ("_buf", "_count", "_offsets", "_pos")
@@ -48,6 +53,11 @@ class StringArray(Sequence[str]):
         return self._buf, self._pos, self._count
 
     def tolist(self) -> list[str]:
+        """Every string, decoded.
+
+        Returns:
+            A new list of the array's strings, in order.
+        """
         fast = optional_core("gguf_string_array")
         got = None if fast is None else fast(self._buf, self._pos, self._count)
         if got is not None:
@@ -61,8 +71,15 @@ class StringArray(Sequence[str]):
         return out
 
     def find(self, text: str) -> int:
-        """The index of the first string equal to ``text``, or -1 (nothing is decoded where the
-        extension is there: the bytes are compared)."""
+        """Where ``text`` first occurs (nothing is decoded where the extension is there: the
+        bytes are compared).
+
+        Args:
+            text: The string to look for.
+
+        Returns:
+            The index of the first string equal to ``text``, or -1.
+        """
         try:
             raw = text.encode("utf-8", errors="surrogateescape")
         except UnicodeEncodeError:  # a surrogate no decoded string of a file can hold
@@ -77,8 +94,12 @@ class StringArray(Sequence[str]):
             return -1
 
     def first_duplicate(self) -> tuple[int, int] | None:
-        """``(i, j)``, ``i < j``, of the first string ``j`` equal to an earlier one ``i``; None
-        when all differ (compared as bytes where the extension is there)."""
+        """The first repeated string (compared as bytes where the extension is there).
+
+        Returns:
+            ``(i, j)``, ``i < j``, of the first string ``j`` equal to an earlier one ``i``;
+            None when all differ.
+        """
         fast = optional_core("gguf_string_duplicate")
         got = None if fast is None else fast(self._buf, self._pos, self._count)
         if got is not None or fast is not None:
