@@ -174,8 +174,8 @@ class LoadedModel:
             # The tensors are views of the reader's read-only file mapping, so the pages of
             # the matrices copied into the rows16 layout can be handed back to the page cache,
             # and the embedding rows are read from the file rather than mapped in.
-            embedding = self._reader.open_tensor_file(tensors.model["tok_embd"][4]) \
-                if "tok_embd" in tensors.model else None
+            table = tensors.model.get("tok_embd")  # (type, view, cols, rows, name in the file)
+            embedding = self._reader.open_tensor_file(table[4]) if table else None
             try:
                 self.core: Any = core.Model(self.hparams.to_core(core), tensors.model,
                                             tensors.layers, repack=bool(repack),
@@ -188,7 +188,7 @@ class LoadedModel:
                 if embedding is not None:
                     os.close(embedding[0])  # the model keeps its own duplicate
             self._save_repack_image(image)
-            # parsed and copied: of the file, only what the forward reads maps back in
+            # parsed, copied or read from the file: nothing of the mapping needs to stay
             self._reader.release_pages()
         except ValueError as e:
             self._fail()
