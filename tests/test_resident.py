@@ -107,7 +107,7 @@ def test_rows_read_from_the_file_equal_the_mapped_rows(
     # a file that changed on disk since it was mapped is not read: the rows come from the
     # mapping, and give the same logits bit for bit
     calls = itertools.count()
-    monkeypatch.setattr(reader_module, "_identity", lambda st: next(calls))
+    monkeypatch.setattr(reader_module, "file_identity", lambda st: next(calls))
     with LLM(smollm2_path, n_ctx=256) as llm:
         assert llm.model._reader.open_tensor_file("token_embd.weight") is None
         assert open_fds(path) == before + 1  # the mapping's only

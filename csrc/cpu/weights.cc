@@ -48,8 +48,9 @@ class CpuWeights final : public WeightStore {
 };
 
 // Norm weights and biases are read on every token: a few KB each, spread over the file, and
-// each first read maps the 64 KB of file around it into the process (the kernel's fault-
-// around) -- ~4 MB of a small model's file resident for ~140 KB of floats. With release_source
+// each first read maps at least the 64 KB of file around it into the process (the kernel's
+// fault-around; a whole page-cache folio, up to 2 MiB, where the kernel maps folios whole) --
+// ~4 MB or more of a small model's file resident for ~140 KB of floats. With release_source
 // they are copied here and their pages dropped, so nothing of the file stays resident (the
 // context reads the embedding rows it looks up from the file: model/embedding_file.h).
 void own_vectors(ModelWeights& weights, const std::vector<LayerRange>& ranges, bool head,

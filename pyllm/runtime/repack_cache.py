@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from pyllm.atomic import remove_stale_temp_files, temp_name
+from pyllm.formats.gguf.reader import file_identity
 
 MAGIC = b"PYLLMRPK"
 FORMAT_VERSION = 1
@@ -100,9 +101,8 @@ def cache_key(paths: Sequence[str], *, isa: str, version: str, placement: Sequen
     """The image name for these model files and this load (see the module doc)."""
     h = _sha256(f"pyllm-repack {FORMAT_VERSION} {version} {isa}".encode())
     for p in paths:
-        st = os.stat(p)
-        h.update(f"|{os.path.realpath(p)}|{st.st_dev}|{st.st_ino}|{st.st_size}|"
-                 f"{st.st_mtime_ns}".encode())
+        identity = "|".join(map(str, file_identity(os.stat(p))))
+        h.update(f"|{os.path.realpath(p)}|{identity}".encode())
     h.update(repr((list(placement), layer_range)).encode())
     return h.hexdigest()
 

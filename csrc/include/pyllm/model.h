@@ -104,9 +104,11 @@ struct ModelOptions {
   // kernels (AVX-512 VNNI; Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K). Costs one pass over those
   // weights at load; decode then streams them at the memory wall.
   bool repack = true;
-  // After repacking a tensor, drop its source pages from this process (madvise DONTNEED). Only
-  // for weights in a read-only file mapping: the pages then return to the page cache, so peak
-  // and steady RSS stay ~1x the model instead of 2x. Never for anonymous memory.
+  // The weights are views of a read-only file mapping that need not stay resident: after
+  // repacking a tensor, drop its source pages from this process (madvise DONTNEED), copy the
+  // norm vectors and biases out of the file (cpu/weights.cc), and read embedding rows through
+  // embedding_fd when given. The pages return to the page cache, so peak and steady RSS stay
+  // ~1x the model instead of 2x. Never for anonymous memory.
   bool release_source = false;
   // A descriptor of the file whose read-only mapping holds the embedding table's view, and the
   // table's offset in that file (-1: none). With release_source, when the CPU reads the table

@@ -186,8 +186,9 @@ class _Cursor:
         return view
 
 
-def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    """What tells one file's contents from another's at a path: device, inode, size, mtime."""
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells one file's contents from another's at a path: device, inode, size, mtime
+    (the reader's check that a file opened again is the one mapped; the repack cache's key)."""
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
@@ -321,7 +322,7 @@ class GGUFReader(TensorLookup):
         try:
             with open(self.path, "rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                self._identity = _identity(os.fstat(f.fileno()))
+                self._identity = file_identity(os.fstat(f.fileno()))
         except (OSError, ValueError) as e:
             raise GGUFError(f"{self.path}: cannot map file: {e}") from None
         # every view handed out (tensors, arrays) is a slice of this one; the mapping lives as
@@ -359,7 +360,7 @@ class GGUFReader(TensorLookup):
             fd = os.open(self.path, os.O_RDONLY)
         except OSError:
             return None
-        if _identity(os.fstat(fd)) != self._identity:
+        if file_identity(os.fstat(fd)) != self._identity:
             os.close(fd)
             return None
         return fd, info.offset

@@ -79,11 +79,8 @@ class SplitGGUFReader(TensorLookup):
 
     def open_tensor_file(self, name: str) -> tuple[int, int] | None:
         """:meth:`GGUFReader.open_tensor_file` of the shard holding ``name``."""
-        for shard in self.shards:
-            if shard.has_tensor(name):
-                return shard.open_tensor_file(name)
-        self.tensor(name)  # raises GGUFError naming it
-        return None
+        self.tensor(name)  # raises GGUFError naming it when no shard has it
+        return next(s for s in self.shards if s.has_tensor(name)).open_tensor_file(name)
 
     def release_pages(self, *, header_only: bool = False) -> None:
         for s in self.shards:
